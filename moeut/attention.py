@@ -1,0 +1,227 @@
+"""Attention for MoEUT: SwitchHead (mixture-of-experts V and O projections) with RoPE, and the shared
+masking / rotary / KV-cache machinery also used by the dense baseline.
+
+SwitchHead (Csordás et al. 2023): Q and K are dense. Each head has `n_experts` value and output
+projections; a sigmoid router per head picks the top `moe_k` for V (router reads the normalised
+input) and for O (router reads the normalised query input). With n_experts == 1 it is plain
+multi-head attention whose per-head output is multiplied by a sigmoid gate of the input.
+
+Shapes: B batch, T query time, S key time (cache + T), D d_model, H heads, Dh d_head,
+E experts per head, K top-k, R rows.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .expert_mm import combine, expert_mm, route
+
+KVCache = Optional[Dict[str, Tensor]]
+
+
+@dataclass
+class AttentionMask:
+    """Boolean masks, True where attention is removed (the official release's convention).
+
+    src_length_mask: [B, S] padding mask over keys. position_mask: [T, S'] (S' <= S; left-padded
+    with "keep" when a cache makes S longer). `is_causal` is ours: a causal mask aligned to the end of
+    the keys, without materialising it (lets attention use its fused causal kernels).
+    """
+    src_length_mask: Optional[Tensor]
+    position_mask: Optional[Tensor]
+    is_causal: bool = False
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, n_rotate: int, offset: int, base: float) -> Tensor:
+    """RoPE on the first `n_rotate` channels of x [B, H, T, Dh], for positions offset..offset+T-1."""
+    if n_rotate == 0:
+        return x
+    T = x.shape[-2]
+    inv_freq = 1.0 / (base ** (torch.arange(0, n_rotate, 2, device=x.device, dtype=torch.float32) / n_rotate))
+    pos = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    rot = x[..., :n_rotate].float()
+    rot = rot * emb.cos() + rotate_half(rot) * emb.sin()
+    return torch.cat((rot.to(x.dtype), x[..., n_rotate:]), dim=-1)
+
+
+def build_mask(mask: Optional[AttentionMask], B: int, T: int, S: int, device) -> Tuple[Optional[Tensor], bool]:
+    """(boolean keep-mask broadcastable to [B, H, T, S] or None, use SDPA's is_causal)."""
+    if mask is None:
+        return None, False
+    if mask.src_length_mask is None and mask.position_mask is None:
+        if not mask.is_causal or T == 1:
+            return None, False
+        if T == S:
+            return None, True
+    drop = None
+    if mask.is_causal and T > 1:
+        q = torch.arange(S - T, S, device=device)
+        drop = torch.arange(S, device=device)[None, :] > q[:, None]
+    if mask.position_mask is not None:
+        pm = mask.position_mask
+        if pm.shape[-1] < S:
+            pm = F.pad(pm, (S - pm.shape[-1], 0), value=False)
+        drop = pm if drop is None else drop | pm
+    if mask.src_length_mask is not None:
+        sm = mask.src_length_mask[:, None, None, :]
+        drop = sm if drop is None else drop | sm
+    # A query that may see no key at all would give NaN (and NaN * 0 spreads through later layers);
+    # let such rows (e.g. padding) see every key instead: their outputs are then finite and unused.
+    drop = drop & ~drop.all(-1, keepdim=True)
+    return ~drop, False
+
+
+def check_mask(mask: Optional[AttentionMask], B: int, T: int, S: int) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, AttentionMask):
+        raise TypeError(f"mask must be an AttentionMask, got {type(mask).__name__}")
+    if mask.src_length_mask is not None:
+        m = mask.src_length_mask
+        if m.dtype != torch.bool or tuple(m.shape) != (B, S):
+            raise ValueError(f"mask.src_length_mask must be a bool tensor of shape [batch, keys] = {[B, S]}, "
+                             f"got {m.dtype} {list(m.shape)}")
+    if mask.position_mask is not None:
+        m = mask.position_mask
+        if m.dtype != torch.bool or m.dim() != 2 or m.shape[0] != T or m.shape[1] > S:
+            raise ValueError(f"mask.position_mask must be a bool tensor of shape [queries, keys] with "
+                             f"{T} rows and at most {S} columns, got {m.dtype} {list(m.shape)}")
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask], kv_cache: KVCache,
+           n_rotate: int, rope_base: float) -> Tuple[Tensor, KVCache]:
+    """RoPE + KV cache + masked SDPA on q, k, v [B, H, T, Dh] (already scaled). Returns [B, H, T, Dh].
+
+    The cache stores keys after rotation, so new queries are rotated at their true positions
+    (the official release rotated them from 0, which broke cached decoding).
+    """
+    offset = 0
+    if kv_cache is not None and "k" in kv_cache:
+        offset = kv_cache["k"].shape[-2]
+    q = apply_rope(q, n_rotate, offset, rope_base)
+    k = apply_rope(k, n_rotate, offset, rope_base)
+    if kv_cache is not None:
+        if "k" in kv_cache:
+            k = torch.cat([kv_cache["k"].to(k.dtype), k], dim=-2)
+            v = torch.cat([kv_cache["v"].to(v.dtype), v], dim=-2)
+        kv_cache = {"k": k, "v": v}
+    B, _, T, _ = q.shape
+    keep, causal = build_mask(mask, B, T, k.shape[-2], q.device)
+    if q.dtype != v.dtype:
+        q, k = q.to(v.dtype), k.to(v.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=causal, scale=1.0)
+    return out, kv_cache
+
+
+class SwitchHeadRope(torch.nn.Module):
+    def __init__(self, state_size: int, n_heads: int, n_experts: int, dropout: float = 0.0,
+                 projection_size: Optional[int] = None, expert_dropout: float = 0.0, moe_k: int = 2,
+                 rotate_fraction: float = 0.5, rope_base: float = 10000):
+        super().__init__()
+        self.input_size = self.output_size = state_size
+        self.n_heads = n_heads
+        self.n_experts = n_experts
+        self.moe_k = moe_k
+        self.expert_dropout = expert_dropout
+        self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else torch.nn.Identity()
+        self.projection_size = projection_size or state_size // n_heads
+        # RoPE needs pairs of channels: an odd rotary width (e.g. 41 of the 44M model's 82) is rounded
+        # down, as the paper's training code does (the official release crashed on it).
+        n_rotate = int(rotate_fraction * self.projection_size)
+        self.n_rotate = n_rotate - n_rotate % 2
+        self.rope_base = rope_base
+
+        H, Dh, D, E = n_heads, self.projection_size, state_size, n_experts
+        self.q = torch.nn.Linear(D, H * Dh, bias=False)
+        self.k = torch.nn.Linear(D, H * Dh, bias=False)
+        if E > 1:
+            self.v = torch.nn.Parameter(torch.empty(H * E, D, Dh))
+            self.o = torch.nn.Parameter(torch.empty(H * E, Dh, D))
+            self.sel_v = torch.nn.Parameter(torch.empty(H * E, D))
+        else:
+            self.v = torch.nn.Parameter(torch.empty(H * Dh, D))
+            self.o = torch.nn.Parameter(torch.empty(D, H * Dh))
+        self.sel_o = torch.nn.Parameter(torch.empty(H * E, D))
+
+    @torch.no_grad()
+    def reset_parameters(self, std_scale: float) -> None:
+        if self.n_experts > 1:
+            torch.nn.init.normal_(self.sel_v, 0, std_scale / math.sqrt(self.input_size))
+            self._renorm_rows(self.sel_v)
+        torch.nn.init.normal_(self.sel_o, 0, std_scale / math.sqrt(self.input_size))
+        self._renorm_rows(self.sel_o)
+        torch.nn.init.normal_(self.k.weight, 0, std_scale / math.sqrt(self.input_size))
+        torch.nn.init.normal_(self.q.weight, 0, std_scale / math.sqrt(self.input_size))
+        torch.nn.init.normal_(self.v, 0, std_scale / math.sqrt(self.input_size))
+        torch.nn.init.normal_(self.o, 0, std_scale / math.sqrt(self.n_heads * self.projection_size))
+
+    @staticmethod
+    def _renorm_rows(x: Tensor) -> None:
+        std_rows = x.std(dim=-1, keepdim=True)
+        x.div_(x.norm(dim=-1, keepdim=True))
+        x.mul_(std_rows / x.std())
+
+    def _select(self, x: Tensor, w: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Per-head router: (logits [B, T, H, E], gates [B, T, H, K], expert ids offset by head)."""
+        logits = F.linear(x, w).float()
+        logits = logits.view(*logits.shape[:-1], self.n_heads, self.n_experts)
+        scores = logits.sigmoid()
+        with torch.no_grad():
+            ranked = scores
+            if self.training and self.expert_dropout > 0:
+                ranked = scores.masked_fill(torch.rand_like(scores) < self.expert_dropout, float("-inf"))
+            expert = ranked.topk(self.moe_k, dim=-1, sorted=False).indices
+        gate = scores.gather(-1, expert)
+        head_base = torch.arange(self.n_heads, device=x.device).unsqueeze(-1) * self.n_experts
+        return logits, gate, expert + head_base
+
+    def forward_with_logits(self, q_src: Tensor, k_src: Tensor, v_src: Tensor, mask: Optional[AttentionMask],
+                            kv_cache: KVCache = None):
+        """(output [B, T, D], new cache, router logits (o, v) or None)."""
+        B, T, D = q_src.shape
+        H, Dh, E, K = self.n_heads, self.projection_size, self.n_experts, self.moe_k
+        scale = math.sqrt(1.0 / math.sqrt(Dh))  # d_head^-0.25 on each of q and k
+        q = (self.q(q_src) * scale).view(B, T, H, Dh).transpose(1, 2)
+        k = (self.k(k_src) * scale).view(B, T, H, Dh).transpose(1, 2)
+
+        logits = None
+        if E > 1:
+            v_logits, v_gate, v_expert = self._select(k_src, self.sel_v)
+            o_logits, o_gate, o_expert = self._select(q_src, self.sel_o)
+            logits = (o_logits, v_logits)
+            v_routing = route(v_expert.reshape(B * T, H * K), H * E)
+            v_rows = expert_mm(v_src.reshape(B * T, D), self.v, v_routing)
+            v = combine(v_rows, v_routing.choice_RK.view(B * T * H, K), v_gate.reshape(B * T * H, K))
+            v = v.view(B, T, H, Dh).transpose(1, 2)
+        else:
+            o_gate = torch.sigmoid(F.linear(q_src, self.sel_o))
+            v = F.linear(v_src, self.v).view(B, T, H, Dh).transpose(1, 2)
+
+        res, kv_cache = attend(self.dropout(q), k, v, mask, kv_cache, self.n_rotate, self.rope_base)
+        res = res.transpose(1, 2)  # [B, T, H, Dh]
+
+        if E > 1:
+            o_routing = route(o_expert.reshape(B * T * H, K), H * E)
+            o_rows = expert_mm(res.reshape(B * T * H, Dh), self.o, o_routing)
+            out = combine(o_rows, o_routing.choice_RK.view(B * T, H * K), o_gate.reshape(B * T, H * K))
+            out = out.view(B, T, D)
+        else:
+            out = F.linear((res * o_gate[..., None].to(res.dtype)).reshape(B, T, H * Dh), self.o)
+        return out, kv_cache, logits
+
+    def forward(self, q_src: Tensor, k_src: Tensor, v_src: Tensor, mask: Optional[AttentionMask],
+                kv_cache: KVCache = None) -> Tuple[Tensor, KVCache]:
+        out, kv_cache, _ = self.forward_with_logits(q_src, k_src, v_src, mask, kv_cache)
+        return out, kv_cache

@@ -1,0 +1,91 @@
+"""The paper's dense baseline: a pre-LayerNorm Transformer LM with RoPE attention and a ReLU FFN.
+
+Same interface as `MoEUTLM` (forward(tokens, mask, kv_cache) -> MoEUTOutput, reg_loss always 0), so
+the trainer, generator and evaluator treat both alike. Parameter-matched sizes: `profiles.Dense_*`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .attention import AttentionMask, KVCache, attend, check_mask
+from .model import MoEUTOutput, MultilayerKVCache, _cache_length, _require, check_tokens
+
+
+class DenseLayer(torch.nn.Module):
+    def __init__(self, d_model: int, n_heads: int, d_head: int, d_ff: int, dropout: float,
+                 rotate_fraction: float = 0.5, rope_base: float = 10000):
+        super().__init__()
+        self.n_heads, self.d_head = n_heads, d_head
+        n_rotate = int(rotate_fraction * d_head)
+        self.n_rotate = n_rotate - n_rotate % 2
+        self.rope_base = rope_base
+        self.ln1 = torch.nn.LayerNorm(d_model)
+        self.qkv = torch.nn.Linear(d_model, 3 * n_heads * d_head, bias=False)
+        self.o = torch.nn.Linear(n_heads * d_head, d_model, bias=False)
+        self.ln2 = torch.nn.LayerNorm(d_model)
+        self.ff1 = torch.nn.Linear(d_model, d_ff)
+        self.ff2 = torch.nn.Linear(d_ff, d_model)
+        self.drop = torch.nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, mask: Optional[AttentionMask], kv_cache: KVCache):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
+        att, kv_cache = attend(q * self.d_head ** -0.5, k, v, mask, kv_cache, self.n_rotate, self.rope_base)
+        x = x + self.drop(self.o(att.transpose(1, 2).reshape(B, T, -1)))
+        x = x + self.drop(self.ff2(F.relu(self.ff1(self.ln2(x)))))
+        return x, kv_cache
+
+
+class DenseLM(torch.nn.Module):
+    def __init__(self, n_tokens: int, d_model: int, n_layers: int, n_heads: int, d_ff: int,
+                 d_head: Optional[int] = None, dropout: float = 0.0):
+        super().__init__()
+        for name, v in dict(n_tokens=n_tokens, d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=d_ff).items():
+            _require(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
+        _require(d_head is not None or d_model % n_heads == 0,
+                 f"n_heads ({n_heads}) must divide d_model ({d_model}) when d_head is None")
+        d_head = d_head or d_model // n_heads
+        self.n_tokens = n_tokens
+        self.n_layers = n_layers
+        self.embedding = torch.nn.Embedding(n_tokens, d_model)
+        self.layers = torch.nn.ModuleList(DenseLayer(d_model, n_heads, d_head, d_ff, dropout) for _ in range(n_layers))
+        self.out_norm = torch.nn.LayerNorm(d_model)
+        self.lm_head = torch.nn.Linear(d_model, n_tokens)
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        torch.nn.init.kaiming_normal_(self.embedding.weight, mode="fan_in", nonlinearity="linear")
+        depth_scale = math.sqrt(2 / len(self.layers))
+        for layer in self.layers:
+            for lin in (layer.qkv, layer.ff1):
+                torch.nn.init.normal_(lin.weight, 0, 1 / math.sqrt(lin.in_features))
+            for lin in (layer.o, layer.ff2):
+                torch.nn.init.normal_(lin.weight, 0, depth_scale / math.sqrt(lin.in_features))
+            torch.nn.init.zeros_(layer.ff1.bias)
+            torch.nn.init.zeros_(layer.ff2.bias)
+
+    def forward(self, x: Tensor, mask: Optional[AttentionMask] = None,
+                kv_cache: MultilayerKVCache = None) -> MoEUTOutput:
+        check_tokens(x, self.n_tokens)
+        B, T = x.shape
+        past = _cache_length(kv_cache, B, self.n_layers)
+        if mask is None:
+            mask = AttentionMask(None, None, is_causal=True)
+        check_mask(mask, B, T, past + T)
+        h = self.embedding(x.long())
+        new_cache = {}
+        for i, layer in enumerate(self.layers):
+            cache = kv_cache.get(i, {}) if kv_cache is not None else None
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                h, new_cache[i] = torch.utils.checkpoint.checkpoint(layer, h, mask, cache, use_reentrant=False)
+            else:
+                h, new_cache[i] = layer(h, mask, cache)
+        logits = self.lm_head(self.out_norm(h))
+        return MoEUTOutput(logits, h.new_zeros((), dtype=torch.float32), new_cache if kv_cache is not None else None)

@@ -1,0 +1,240 @@
+"""MoEUT: the shared-layer Universal Transformer with σ-MoE feed-forward and SwitchHead attention.
+
+`group_size` G distinct layers are applied in the order A B A B ... for n_layers / G repeats.
+Peri-layernorm: the residual path has no LayerNorm; attention's LayerNorm feeds Q, K and the routers
+(V reads the raw residual); the FFN's LayerNorm feeds only the expert router.
+LM: embedding -> MoEUT -> LayerNorm -> linear head (with bias).
+
+The public API (names, constructor and forward signatures, `MoEUTOutput`, the KV-cache dict) is the
+official release's; see README.md for the differences (its defects, fixed here).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from .attention import AttentionMask, KVCache, SwitchHeadRope, check_mask
+from .moe import SigmaMoE, selection_entropy_loss
+
+MultilayerKVCache = Optional[Dict[int, KVCache]]
+
+
+@dataclass
+class MoEUTOutput:
+    outputs: Tensor                 # logits [B, T, V] (MoEUTLM) or hidden states [B, T, D] (MoEUT)
+    reg_loss: Tensor                # 0-dim; entropy regularisation, 0 in eval mode
+    cache: MultilayerKVCache        # updated KV cache when one was passed in, else None
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def validate_config(d_model: int, n_layers: int, n_heads: int, ff_expert_size: int, ff_n_experts: int,
+                    att_n_experts: int, d_head: Optional[int], att_k: int, ff_k: int,
+                    ff_expert_dropout: float, att_expert_dropout: float, dropout: float,
+                    group_size: int) -> None:
+    """Reject inconsistent configurations at construction, naming the argument."""
+    for name, v in dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads, ff_expert_size=ff_expert_size,
+                        ff_n_experts=ff_n_experts, att_n_experts=att_n_experts, att_k=att_k, ff_k=ff_k,
+                        group_size=group_size).items():
+        _require(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
+    _require(d_head is None or (isinstance(d_head, int) and d_head > 0),
+             f"d_head must be a positive integer or None, got {d_head!r}")
+    _require(n_layers % group_size == 0,
+             f"n_layers ({n_layers}) must be a multiple of group_size ({group_size}); the official release "
+             f"silently dropped the remainder")
+    _require(d_head is not None or d_model % n_heads == 0,
+             f"n_heads ({n_heads}) must divide d_model ({d_model}) when d_head is None")
+    _require(ff_k <= ff_n_experts, f"ff_k ({ff_k}) must not exceed ff_n_experts ({ff_n_experts})")
+    _require(att_n_experts == 1 or att_k <= att_n_experts,
+             f"att_k ({att_k}) must not exceed att_n_experts ({att_n_experts})")
+    for name, p in dict(ff_expert_dropout=ff_expert_dropout, att_expert_dropout=att_expert_dropout,
+                        dropout=dropout).items():
+        _require(0.0 <= p < 1.0, f"{name} must be in [0, 1), got {p!r}")
+
+
+class MoEUTLayer(torch.nn.Module):
+    def __init__(self, d_model: int, n_heads: int, ff_expert_size: int, ff_n_experts: int,
+                 att_n_experts: int, d_head: Optional[int] = None, att_k: int = 2,
+                 ff_k: int = 8, ff_expert_dropout: float = 0.0, att_expert_dropout: float = 0.0,
+                 dropout: float = 0.0, attention=SwitchHeadRope):
+        super().__init__()
+        self.attention = attention(d_model, n_heads, att_n_experts, projection_size=d_head, moe_k=att_k,
+                                   expert_dropout=att_expert_dropout)
+        self.ffn = SigmaMoE(d_model, ff_n_experts, ff_expert_size, k=ff_k, expert_dropout=ff_expert_dropout)
+        self.ln1 = torch.nn.LayerNorm(d_model)
+        self.ln2 = torch.nn.LayerNorm(d_model)
+        self.drop = torch.nn.Dropout(dropout)
+
+    def forward_with_logits(self, x: Tensor, mask: Optional[AttentionMask] = None, kv_cache: KVCache = None):
+        """(x, cache, ffn router logits, attention router logits or None)."""
+        xnorm = self.ln1(x)
+        if hasattr(self.attention, "forward_with_logits"):
+            att, kv_cache, att_logits = self.attention.forward_with_logits(xnorm, xnorm, x, mask, kv_cache)
+        else:  # a user-supplied attention class with the official interface
+            (att, kv_cache), att_logits = self.attention(xnorm, xnorm, x, mask, kv_cache=kv_cache), None
+        x = x + self.drop(att)
+        upd, ffn_logits = self.ffn.forward_with_logits(x, self.ln2(x))
+        return x + upd, kv_cache, ffn_logits, att_logits
+
+    def forward(self, x: Tensor, mask: Optional[AttentionMask] = None, kv_cache: KVCache = None) -> Tuple[Tensor, KVCache]:
+        x, kv_cache, _, _ = self.forward_with_logits(x, mask, kv_cache)
+        return x, kv_cache
+
+
+def _cache_length(kv_cache: MultilayerKVCache, batch: int, n_layers: int) -> int:
+    """Validate a multi-layer KV cache against the input and return its length (0 when empty)."""
+    if kv_cache is None:
+        return 0
+    if not isinstance(kv_cache, dict):
+        raise TypeError(f"kv_cache must be a dict (pass {{}} to start caching), got {type(kv_cache).__name__}")
+    if not kv_cache:
+        return 0
+    lengths = set()
+    for li, entry in kv_cache.items():
+        if not isinstance(li, int) or not 0 <= li < n_layers:
+            raise ValueError(f"kv_cache has an entry for layer {li!r}; this model has layers 0..{n_layers - 1}")
+        if not entry:
+            continue
+        k = entry.get("k")
+        if k is None or "v" not in entry:
+            raise ValueError(f"kv_cache entry for layer {li} must hold 'k' and 'v' tensors")
+        if k.shape[0] != batch:
+            raise ValueError(f"kv_cache was built for batch size {k.shape[0]}, but the input has batch size {batch}")
+        lengths.add(k.shape[-2])
+    if len(lengths) > 1:
+        raise ValueError(f"kv_cache layers have different lengths {sorted(lengths)}: the cache is inconsistent")
+    return lengths.pop() if lengths else 0
+
+
+class MoEUT(torch.nn.Module):
+    def __init__(self, d_model: int, n_layers: int, n_heads: int, ff_expert_size: int, ff_n_experts: int,
+                 att_n_experts: int, d_head: Optional[int] = None, att_k: int = 2,
+                 ff_k: int = 8, ff_expert_dropout: float = 0.0, att_expert_dropout: float = 0.0,
+                 dropout: float = 0.0, entropy_reg: float = 0.01, att_entropy_reg: float = 0.001,
+                 attention=SwitchHeadRope, group_size: int = 2):
+        super().__init__()
+        validate_config(d_model, n_layers, n_heads, ff_expert_size, ff_n_experts, att_n_experts, d_head,
+                        att_k, ff_k, ff_expert_dropout, att_expert_dropout, dropout, group_size)
+        self.d_model = d_model
+        self.entropy_reg = entropy_reg
+        self.att_entropy_reg = att_entropy_reg
+        self.n_repeats = n_layers // group_size
+        self.n_layers = n_layers
+        # Recompute each layer application in the backward pass instead of storing its activations.
+        self.activation_checkpointing = False
+        self.layers = torch.nn.ModuleList([
+            MoEUTLayer(d_model, n_heads, ff_expert_size, ff_n_experts, att_n_experts, d_head, att_k, ff_k,
+                       ff_expert_dropout, att_expert_dropout, dropout, attention)
+            for _ in range(group_size)
+        ])
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        scale = math.sqrt(2 / (self.n_repeats * len(self.layers)))
+        for m in self.modules():
+            if isinstance(m, (SwitchHeadRope, SigmaMoE)):
+                m.reset_parameters(scale)
+            elif isinstance(m, torch.nn.LayerNorm):
+                torch.nn.init.ones_(m.weight)
+                torch.nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor, mask: Optional[AttentionMask] = None,
+                kv_cache: MultilayerKVCache = None) -> MoEUTOutput:
+        if not torch.is_tensor(x) or x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"MoEUT input must be a [batch, time, d_model={self.d_model}] tensor, "
+                             f"got {tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"MoEUT input must be floating point, got {x.dtype}")
+        B, T, _ = x.shape
+        past = _cache_length(kv_cache, B, self.n_layers)
+        if mask is None:
+            mask = AttentionMask(None, None, is_causal=True)
+        check_mask(mask, B, T, past + T)
+
+        ffn_logits: List[List[Tensor]] = [[] for _ in self.layers]
+        att_logits: List[List[Tensor]] = [[] for _ in self.layers]
+        new_cache = {}
+        for r in range(self.n_repeats):
+            for li, layer in enumerate(self.layers):
+                li_abs = r * len(self.layers) + li
+                cache = kv_cache.get(li_abs, {}) if kv_cache is not None else None
+                if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                    x, new_cache[li_abs], f_log, a_log = checkpoint(
+                        layer.forward_with_logits, x, mask, cache, use_reentrant=False)
+                else:
+                    x, new_cache[li_abs], f_log, a_log = layer.forward_with_logits(x, mask, cache)
+                if self.training:
+                    ffn_logits[li].append(f_log)
+                    if a_log is not None:
+                        att_logits[li].append(a_log)
+
+        reg_loss = x.new_zeros((), dtype=torch.float32)
+        if self.training:
+            for li in range(len(self.layers)):
+                reg_loss = reg_loss + self.entropy_reg * selection_entropy_loss(ffn_logits[li])
+                if att_logits[li]:
+                    for which in range(2):  # output router, value router
+                        reg_loss = reg_loss + self.att_entropy_reg * selection_entropy_loss(
+                            [l[which] for l in att_logits[li]])
+        return MoEUTOutput(x, reg_loss, new_cache if kv_cache is not None else None)
+
+
+class MoEUTLM(torch.nn.Module):
+    def __init__(self, n_tokens: int, d_model: int, n_layers: int, n_heads: int,
+                 ff_n_experts: int, att_n_experts: int, d_head: Optional[int] = None,
+                 group_size: int = 2, ff_k: int = 8, att_k: int = 2, ff_expert_dropout: float = 0.0,
+                 att_expert_dropout: float = 0.0, ff_expert_size: int = 128, dropout: float = 0.0,
+                 entropy_reg: float = 0.01, att_entropy_reg: float = 0.001, attention=SwitchHeadRope):
+        super().__init__()
+        _require(isinstance(n_tokens, int) and n_tokens > 0, f"n_tokens must be a positive integer, got {n_tokens!r}")
+        self.transformer = MoEUT(d_model, n_layers, n_heads, ff_expert_size, ff_n_experts, att_n_experts,
+                                 d_head, att_k, ff_k, ff_expert_dropout, att_expert_dropout, dropout,
+                                 entropy_reg, att_entropy_reg, attention, group_size)
+        self.n_tokens = n_tokens
+        self.n_layers = n_layers
+        self.embedding = torch.nn.Embedding(n_tokens, d_model)
+        self.lm_head = torch.nn.Linear(d_model, n_tokens)
+        self.out_norm = torch.nn.LayerNorm(d_model)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        torch.nn.init.kaiming_normal_(self.embedding.weight, mode="fan_in", nonlinearity="linear")
+        self.transformer.reset_parameters()
+
+    def forward(self, x: Tensor, mask: Optional[AttentionMask] = None,
+                kv_cache: MultilayerKVCache = None) -> MoEUTOutput:
+        check_tokens(x, self.n_tokens)
+        if x.dtype != torch.int64 and x.dtype != torch.int32:
+            x = x.long()
+        out = self.transformer(self.embedding(x), mask, kv_cache)
+        out.outputs = self.lm_head(self.out_norm(out.outputs))
+        return out
+
+    def generate_causal_attention_mask(self, sz: int) -> Tensor:
+        return torch.triu(torch.ones(sz, sz, dtype=torch.bool, device=self.lm_head.weight.device), diagonal=1)
+
+
+def check_tokens(x: Tensor, n_tokens: int) -> None:
+    """Reject bad token input before it reaches an embedding (where CUDA would device-assert)."""
+    if not torch.is_tensor(x):
+        raise TypeError(f"tokens must be a tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"tokens must be an integer tensor (token ids), got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"tokens must have shape [batch, time], got {tuple(x.shape)}")
+    if x.numel() and not torch.compiler.is_compiling():
+        lo, hi = torch.aminmax(x)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= n_tokens:
+            raise ValueError(f"token id out of range: ids must be in [0, {n_tokens}), got min {lo} max {hi}")

@@ -1,0 +1,89 @@
+"""σ-MoE feed-forward block and the entropy regulariser shared by every MoE router in MoEUT.
+
+σ-MoE (Csordás et al. 2023): a linear selector (no bias) -> sigmoid -> top-k experts; each expert is
+a two-layer ReLU MLP of `expert_size` units; the output is the gate-weighted sum of the k experts:
+    y = sum_k gate_k * W2[e_k]^T relu(W1[e_k]^T x)
+The selector may read a different input (MoEUT feeds it the layer-normalised residual while the
+experts read the raw residual).
+
+Shapes: B batch, T time, D d_model, E experts, S expert_size, K top-k, R = B*T rows.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .expert_mm import combine, expert_mm, route
+
+
+def selection_entropy_loss(logits: List[Tensor]) -> Tensor:
+    """Negative entropy of the mean expert distribution of one router, averaged over the batch.
+
+    `logits` holds the router's selector logits from every application of the module in one
+    forward pass, each [B, T, E] or [B, T, H, E]. Per sequence, the softmax over experts is averaged
+    over all positions and applications (in log space), and the entropy of that mean is taken.
+    Minimising this loss pushes the router to use all experts (NOTES.md §1).
+    """
+    all_BPE = torch.cat([l.float() for l in logits], dim=1)  # positions of all applications
+    logp = F.log_softmax(all_BPE, dim=-1)
+    log_mean = torch.logsumexp(logp, dim=1) - math.log(all_BPE.shape[1])
+    return (log_mean.exp() * log_mean).sum(-1).mean()
+
+
+def renorm_keep_std(weight: Tensor, dim: int = 0) -> None:
+    """Give every slice along `dim` the same norm while keeping the tensor's overall std."""
+    std = weight.std()
+    weight.div_(weight.norm(dim=dim, keepdim=True))
+    weight.mul_(std / weight.std())
+
+
+class SigmaMoE(torch.nn.Module):
+    def __init__(self, dmodel: int, n_experts: int, expert_size: int, k: int,
+                 activation: Callable[[Tensor], Tensor] = F.relu, v_dim: Optional[int] = None,
+                 expert_dropout: float = 0.0):
+        super().__init__()
+        self.k_dim = dmodel
+        self.v_dim = v_dim if v_dim is not None else dmodel
+        self.n_experts = n_experts
+        self.expert_size = expert_size
+        self.n_heads = k  # name kept from the official code: the number of active experts
+        self.activation = activation
+        self.expert_dropout = expert_dropout
+
+        self.keys = torch.nn.Parameter(torch.empty(n_experts, dmodel, expert_size))         # W1 [E, D, S]
+        self.values = torch.nn.Parameter(torch.empty(n_experts, expert_size, self.v_dim))   # W2 [E, S, D]
+        self.expert_sel = torch.nn.Parameter(torch.empty(n_experts, dmodel))                # selector [E, D]
+
+    @torch.no_grad()
+    def reset_parameters(self, std_scale: float) -> None:
+        torch.nn.init.normal_(self.expert_sel, 0, std_scale / math.sqrt(self.k_dim))
+        torch.nn.init.normal_(self.keys, 0, std_scale / math.sqrt(self.k_dim))
+        torch.nn.init.normal_(self.values, 0, std_scale / math.sqrt(self.n_experts * self.expert_size))
+        renorm_keep_std(self.expert_sel, dim=1)
+
+    def select(self, sel_input: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Router: (logits [..., E], gates [..., K], expert ids [..., K])."""
+        logits = F.linear(sel_input, self.expert_sel)
+        scores = torch.sigmoid(logits)
+        if self.training and self.expert_dropout > 0:
+            drop = torch.rand_like(scores) < self.expert_dropout
+            scores = scores.masked_fill(drop, float("-inf"))
+        gate, expert = scores.topk(self.n_heads, dim=-1, sorted=False)
+        return logits, gate, expert
+
+    def forward_with_logits(self, input: Tensor, sel_input: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        logits, gate_BTK, expert_BTK = self.select(sel_input if sel_input is not None else input)
+        x_RD = input.reshape(-1, self.k_dim)
+        routing = route(expert_BTK.reshape(-1, self.n_heads), self.n_experts)
+        # The routing (sort by expert) is computed once and shared by both projections and their backward.
+        h_NS = self.activation(expert_mm(x_RD, self.keys, routing))
+        y_ND = expert_mm(h_NS, self.values, routing, gather=False)
+        out_RD = combine(y_ND, routing.choice_RK, gate_BTK.reshape(-1, self.n_heads))
+        return out_RD.view(*input.shape[:-1], self.v_dim), logits
+
+    def forward(self, input: Tensor, sel_input: Optional[Tensor] = None) -> Tensor:
+        return self.forward_with_logits(input, sel_input)[0]

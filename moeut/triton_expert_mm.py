@@ -1,0 +1,187 @@
+"""Triton kernels for `moeut::expert_mm` (forward and input gradient) and its weight gradient.
+
+Same contract as the plain-PyTorch version in `expert_mm.py` (the reference every test compares with):
+routed rows are sorted by expert, expert e owns rows offsets[e]:offsets[e+1].
+
+* `expert_mm_triton`: a grouped GEMM over row tiles that never straddle two experts. The tile ->
+  (expert, first row) table is built on the device without a host sync; the row gather is fused into
+  the operand load, so no gathered copy of x is ever written.
+* `expert_mm_weight_grad_triton`: one program per (expert, output tile) loops over that expert's rows
+  and writes its tile once: no atomics, so the result is bit-reproducible (the official kernel
+  accumulated with atomic adds).
+
+Both run under `TRITON_INTERPRET=1` on CPU tensors, which is how CI checks their logic.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the model works without Triton; only this fast path needs it
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available() -> bool:
+    return triton is not None and os.environ.get("MOEUT_DISABLE_TRITON", "0") != "1"
+
+
+if triton is not None:
+
+    def _mm_configs():
+        if INTERPRET:
+            return [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=4)]
+        return [
+            triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=8, num_stages=4),
+            triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
+            triton.Config({"BM": 64, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
+            triton.Config({"BM": 128, "BN": 64, "BK": 64}, num_warps=4, num_stages=4),
+            triton.Config({"BM": 128, "BN": 256, "BK": 64}, num_warps=8, num_stages=3),
+            triton.Config({"BM": 64, "BN": 64, "BK": 64}, num_warps=4, num_stages=3),
+        ]
+
+    def _wgrad_configs():
+        if INTERPRET:
+            return [triton.Config({"BI": 16, "BO": 16, "BK": 16}, num_warps=4)]
+        return [
+            triton.Config({"BI": 128, "BO": 128, "BK": 64}, num_warps=8, num_stages=4),
+            triton.Config({"BI": 128, "BO": 128, "BK": 32}, num_warps=4, num_stages=4),
+            triton.Config({"BI": 64, "BO": 128, "BK": 64}, num_warps=4, num_stages=4),
+            triton.Config({"BI": 128, "BO": 64, "BK": 64}, num_warps=4, num_stages=4),
+            triton.Config({"BI": 64, "BO": 64, "BK": 64}, num_warps=4, num_stages=3),
+        ]
+
+    @triton.jit
+    def _find_tile(offsets_ptr, pid, E, EP: tl.constexpr, BM: tl.constexpr):
+        # Row tiles never straddle experts: expert e owns cdiv(count_e, BM) tiles. Every program
+        # recomputes the (tiny) prefix sum over experts, so no host-side table or sync is needed.
+        eids = tl.arange(0, EP)
+        in_range = eids < E
+        lo = tl.load(offsets_ptr + eids, mask=in_range, other=0)
+        hi = tl.load(offsets_ptr + eids + 1, mask=in_range, other=0)
+        tiles = (hi - lo + BM - 1) // BM
+        cum = tl.cumsum(tiles, 0)
+        total = tl.sum(tiles, 0)
+        e = tl.sum((cum <= pid).to(tl.int32), 0)
+        mine = eids == e
+        first_tile = tl.sum(tl.where(mine, cum - tiles, 0), 0)
+        row0 = tl.sum(tl.where(mine, lo, 0), 0) + (pid - first_tile) * BM
+        row_end = tl.sum(tl.where(mine, hi, 0), 0)
+        return e, row0, row_end, pid < total
+
+    @triton.autotune(configs=_mm_configs(), key=["I", "O", "GATHER", "FP32"])
+    @triton.jit
+    def _expert_mm_kernel(x_ptr, w_ptr, out_ptr, offsets_ptr, rows_ptr,
+                          E, I, O,
+                          sxr, sxi, swe, swi, swo, sor, soo,
+                          GATHER: tl.constexpr, FP32: tl.constexpr, EP: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e, row0, row_end, live = _find_tile(offsets_ptr, pid_m, E, EP, BM)
+        if not live:
+            return
+        rows = row0 + tl.arange(0, BM)
+        row_ok = rows < row_end
+        if GATHER:
+            src = tl.load(rows_ptr + rows, mask=row_ok, other=0)
+        else:
+            src = rows
+        cols = pid_n * BN + tl.arange(0, BN)
+        col_ok = cols < O
+        ks = tl.arange(0, BK)
+        a_ptrs = x_ptr + src[:, None].to(tl.int64) * sxr + ks[None, :] * sxi
+        b_ptrs = w_ptr + e.to(tl.int64) * swe + ks[:, None] * swi + cols[None, :] * swo
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, I, BK):
+            k_ok = (k0 + ks) < I
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if FP32:
+                acc += tl.dot(a, b, input_precision="ieee")
+            else:
+                acc += tl.dot(a, b)
+            a_ptrs += BK * sxi
+            b_ptrs += BK * swi
+        o_ptrs = out_ptr + rows[:, None].to(tl.int64) * sor + cols[None, :] * soo
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.autotune(configs=_wgrad_configs(), key=["I", "O", "GATHER", "FP32"])
+    @triton.jit
+    def _weight_grad_kernel(x_ptr, g_ptr, out_ptr, offsets_ptr, rows_ptr,
+                            I, O,
+                            sxr, sxi, sgr, sgo, soe, soi, soo,
+                            GATHER: tl.constexpr, FP32: tl.constexpr,
+                            BI: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr):
+        e = tl.program_id(0)
+        pid = tl.program_id(1)
+        n_o = tl.cdiv(O, BO)
+        ii = (pid // n_o) * BI + tl.arange(0, BI)
+        oo = (pid % n_o) * BO + tl.arange(0, BO)
+        i_ok = ii < I
+        o_ok = oo < O
+        lo = tl.load(offsets_ptr + e)
+        hi = tl.load(offsets_ptr + e + 1)
+        ks = tl.arange(0, BK)
+        acc = tl.zeros((BI, BO), dtype=tl.float32)
+        for r0 in range(lo, hi, BK):
+            rows = r0 + ks
+            r_ok = rows < hi
+            if GATHER:
+                src = tl.load(rows_ptr + rows, mask=r_ok, other=0)
+            else:
+                src = rows
+            a = tl.load(x_ptr + src[None, :].to(tl.int64) * sxr + ii[:, None] * sxi,
+                        mask=i_ok[:, None] & r_ok[None, :], other=0.0)
+            b = tl.load(g_ptr + rows[:, None].to(tl.int64) * sgr + oo[None, :] * sgo,
+                        mask=r_ok[:, None] & o_ok[None, :], other=0.0)
+            if FP32:
+                acc += tl.dot(a, b, input_precision="ieee")
+            else:
+                acc += tl.dot(a, b)
+        o_ptrs = out_ptr + e.to(tl.int64) * soe + ii[:, None] * soi + oo[None, :] * soo
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & o_ok[None, :])
+
+
+def expert_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor]) -> Tensor:
+    N = x_RI.shape[0] if rows_N is None else rows_N.shape[0]
+    E, I, O = w_EIO.shape
+    out_NO = torch.empty(N, O, device=x_RI.device, dtype=x_RI.dtype)
+    if N == 0:
+        return out_NO
+    rows_arg = rows_N if rows_N is not None else offsets_E1  # never read when GATHER is off
+
+    def grid(meta):
+        # Upper bound on the number of row tiles; programs past the real count return at once.
+        return (triton.cdiv(N, meta["BM"]) + E, triton.cdiv(O, meta["BN"]))
+
+    _expert_mm_kernel[grid](x_RI, w_EIO, out_NO, offsets_E1, rows_arg, E, I, O,
+                            x_RI.stride(0), x_RI.stride(1), w_EIO.stride(0), w_EIO.stride(1), w_EIO.stride(2),
+                            out_NO.stride(0), out_NO.stride(1),
+                            GATHER=rows_N is not None, FP32=x_RI.dtype == torch.float32,
+                            EP=triton.next_power_of_2(E))
+    return out_NO
+
+
+def expert_mm_weight_grad_triton(x_RI: Tensor, grad_NO: Tensor, offsets_E1: Tensor,
+                                 rows_N: Optional[Tensor]) -> Tensor:
+    E = offsets_E1.numel() - 1
+    I, O = x_RI.shape[1], grad_NO.shape[1]
+    out_EIO = torch.empty(E, I, O, device=x_RI.device, dtype=x_RI.dtype)
+    rows_arg = rows_N if rows_N is not None else offsets_E1
+
+    def grid(meta):
+        return (E, triton.cdiv(I, meta["BI"]) * triton.cdiv(O, meta["BO"]))
+
+    _weight_grad_kernel[grid](x_RI, grad_NO, out_EIO, offsets_E1, rows_arg, I, O,
+                              x_RI.stride(0), x_RI.stride(1), grad_NO.stride(0), grad_NO.stride(1),
+                              out_EIO.stride(0), out_EIO.stride(1), out_EIO.stride(2),
+                              GATHER=rows_N is not None, FP32=x_RI.dtype == torch.float32)
+    return out_EIO
