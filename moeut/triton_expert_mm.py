@@ -34,6 +34,7 @@ def available() -> bool:
 
 
 if triton is not None:
+    _INTERPRET = tl.constexpr(INTERPRET)  # jit functions may only read constexpr globals
 
     def _mm_configs():
         if INTERPRET:
@@ -57,6 +58,16 @@ if triton is not None:
             triton.Config({"BI": 128, "BO": 64, "BK": 64}, num_warps=4, num_stages=4),
             triton.Config({"BI": 64, "BO": 64, "BK": 64}, num_warps=4, num_stages=3),
         ]
+
+    @triton.jit
+    def _dot(a, b, acc, FP32: tl.constexpr):
+        if FP32:
+            return acc + tl.dot(a, b, input_precision="ieee")
+        elif _INTERPRET:
+            # Triton's CPU interpreter computes garbage for bf16 dots (3.9); upcast there only.
+            return acc + tl.dot(a.to(tl.float32), b.to(tl.float32))
+        else:
+            return acc + tl.dot(a, b)
 
     @triton.jit
     def _find_tile(offsets_ptr, pid, E, EP: tl.constexpr, BM: tl.constexpr):
@@ -104,10 +115,7 @@ if triton is not None:
             k_ok = (k0 + ks) < I
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            if FP32:
-                acc += tl.dot(a, b, input_precision="ieee")
-            else:
-                acc += tl.dot(a, b)
+            acc = _dot(a, b, acc, FP32)
             a_ptrs += BK * sxi
             b_ptrs += BK * swi
         o_ptrs = out_ptr + rows[:, None].to(tl.int64) * sor + cols[None, :] * soo
@@ -142,10 +150,7 @@ if triton is not None:
                         mask=i_ok[:, None] & r_ok[None, :], other=0.0)
             b = tl.load(g_ptr + rows[:, None].to(tl.int64) * sgr + oo[None, :] * sgo,
                         mask=r_ok[:, None] & o_ok[None, :], other=0.0)
-            if FP32:
-                acc += tl.dot(a, b, input_precision="ieee")
-            else:
-                acc += tl.dot(a, b)
+            acc = _dot(a, b, acc, FP32)
         o_ptrs = out_ptr + e.to(tl.int64) * soe + ii[:, None] * soi + oo[None, :] * soo
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & o_ok[None, :])
 

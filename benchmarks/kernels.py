@@ -1,0 +1,164 @@
+"""Kernel benchmark and GPU parity check for the σ-MoE expert projections (`moeut::expert_mm`).
+
+For the 44M, 244M and 1B FFN shapes (tokens x d_model, E experts of 128 units, top-k), on random
+routing: checks each pass (forward, input gradient, weight gradient) against the gather + einsum
+reference in fp32 and bf16, then times each pass, the whole FFN forward and forward+backward, and
+`torch._grouped_mm` (on a pre-gathered copy) as a second baseline. Prints TFLOP/s of useful work and
+the roofline bound (max of compute time at the measured matmul rate and memory time at the
+measured copy bandwidth).
+
+    python benchmarks/kernels.py [--json out.json] [--tokens 16384]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from moeut.expert_mm import expert_mm, reference_expert_mm, route  # noqa: E402
+from moeut.moe import SigmaMoE  # noqa: E402
+
+SHAPES = {  # d_model, experts, k
+    "44M": (412, 155, 12),
+    "244M": (1024, 387, 16),
+    "1B": (1536, 565, 24),
+}
+S = 128
+
+
+def bench(fn, warmup=5, rep=30):
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def ceilings():
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = bench(lambda: a @ b)
+    mm_tflops = 2 * 8192 ** 3 / ms / 1e9
+    src = torch.empty(2 * 1024 ** 3, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    bw = 2 * src.numel() / ms / 1e9  # TB/s (read + write)
+    return mm_tflops, bw
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def parity(D, E, K, T, dtype):
+    """Max relative error of forward, input grad and weight grad vs the einsum reference (fp64)."""
+    x = torch.randn(T, D, device="cuda", dtype=dtype, requires_grad=True)
+    w = (torch.randn(E, D, S, device="cuda", dtype=dtype) / D ** 0.5).requires_grad_()
+    expert = torch.randint(0, E, (T, K), device="cuda")
+    expert[: T // 4] = 0   # a crowded expert
+    expert[expert == E - 1] = E - 2  # and an empty one
+    r = route(expert, E)
+    y = expert_mm(x, w, r)
+    g = torch.randn_like(y)
+    y.backward(g)
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = reference_expert_mm(xd, wd, expert)  # [T, K, S]
+    ref.backward(g.double()[r.choice_RK])
+    return dict(fwd=rel(y[r.choice_RK], ref), dx=rel(x.grad, xd.grad), dw=rel(w.grad, wd.grad),
+                empty_expert_grad_zero=bool((w.grad[E - 1] == 0).all()))
+
+
+def time_shape(name, D, E, K, T, mm_tflops, bw):
+    dt = torch.bfloat16
+    x = torch.randn(T, D, device="cuda", dtype=dt)
+    w1 = torch.randn(E, D, S, device="cuda", dtype=dt) / D ** 0.5
+    w2 = torch.randn(E, S, D, device="cuda", dtype=dt) / S ** 0.5
+    expert = torch.rand(T, E, device="cuda").topk(K, dim=-1).indices
+    r = route(expert, E)
+    N = T * K
+    h = torch.randn(N, S, device="cuda", dtype=dt)
+    gy = torch.randn(N, D, device="cuda", dtype=dt)
+    gh = torch.randn(N, S, device="cuda", dtype=dt)
+    op, wgrad = torch.ops.moeut.expert_mm, torch.ops.moeut.expert_mm_weight_grad
+    flops = 2 * N * D * S
+    rows = []
+
+    def add(pass_name, ms, bytes_moved):
+        bound = max(flops / mm_tflops / 1e9, bytes_moved / bw / 1e9)
+        rows.append(dict(shape=name, pass_=pass_name, ms=ms, tflops=flops / ms / 1e9,
+                         roofline_ms=bound, roofline_tflops=flops / bound / 1e9))
+
+    add("up fwd (gather)", bench(lambda: op(x, w1, r.offsets_E1, r.rows_N, r.choice_RK)),
+        2 * (T * D + E * D * S + N * S))
+    add("down fwd", bench(lambda: op(h, w2, r.offsets_E1, None, None)), 2 * (N * S + E * S * D + N * D))
+    add("down dx", bench(lambda: op(gy, w2.transpose(1, 2), r.offsets_E1, None, None)),
+        2 * (N * D + E * S * D + N * S))
+    add("up dx", bench(lambda: op(gh, w1.transpose(1, 2), r.offsets_E1, None, None)),
+        2 * (N * S + E * S * D + N * D))
+    add("up dW (gather)", bench(lambda: wgrad(x, gh, r.offsets_E1, r.rows_N)), 2 * (T * D + N * S + E * D * S))
+    add("down dW", bench(lambda: wgrad(h, gy, r.offsets_E1, None)), 2 * (N * S + N * D + E * S * D))
+    try:
+        xs = x[r.rows_N]
+        offs = r.offsets_E1[1:].to(torch.int32)
+        ms = bench(lambda: torch._grouped_mm(xs, w1.transpose(1, 2).contiguous().transpose(1, 2), offs=offs))
+        add("torch._grouped_mm up fwd (pre-gathered)", ms, 2 * (N * D + E * D * S + N * S))
+    except Exception as e:  # not every build has it
+        print(f"  torch._grouped_mm unavailable: {type(e).__name__}: {str(e)[:120]}")
+
+    moe = SigmaMoE(D, E, S, K).cuda()
+    moe.reset_parameters(1.0)
+    xin = torch.randn(T, D, device="cuda", requires_grad=True)
+
+    def ffn_fwd():
+        with torch.autocast("cuda", torch.bfloat16):
+            return moe(xin)
+
+    def ffn_fwd_bwd():
+        with torch.autocast("cuda", torch.bfloat16):
+            y = moe(xin)
+        y.backward(torch.ones_like(y))
+
+    fwd_ms = bench(ffn_fwd)
+    fb_ms = bench(ffn_fwd_bwd)
+    ffn_flops = 2 * flops
+    return rows, dict(shape=name, ffn_fwd_ms=fwd_ms, ffn_fwd_tflops=ffn_flops / fwd_ms / 1e9,
+                      ffn_fwd_bwd_ms=fb_ms, ffn_fwd_bwd_tflops=3 * ffn_flops / fb_ms / 1e9)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--shapes", default="44M,244M,1B")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    mm_tflops, bw = ceilings()
+    print(f"ceilings: bf16 matmul {mm_tflops:.0f} TFLOP/s, device copy {bw:.2f} TB/s")
+    out = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, ceilings=dict(mm_tflops=mm_tflops, copy_tbs=bw),
+               parity={}, passes=[], ffn=[])
+    for name in args.shapes.split(","):
+        D, E, K = SHAPES[name]
+        for dt in (torch.float32, torch.bfloat16):
+            p = parity(D, E, K, 4096, dt)
+            out["parity"][f"{name}/{dt}"] = p
+            print(f"parity {name:5s} {str(dt):15s} fwd {p['fwd']:.2e} dx {p['dx']:.2e} dw {p['dw']:.2e} "
+                  f"empty-expert grad zero: {p['empty_expert_grad_zero']}")
+    for name in args.shapes.split(","):
+        D, E, K = SHAPES[name]
+        rows, ffn = time_shape(name, D, E, K, args.tokens, mm_tflops, bw)
+        out["passes"] += rows
+        out["ffn"].append(ffn)
+    print(f"\n{'shape':6s} {'pass':42s} {'ms':>8s} {'TFLOP/s':>8s} {'roofline TFLOP/s':>17s}")
+    for r in out["passes"]:
+        print(f"{r['shape']:6s} {r['pass_']:42s} {r['ms']:8.3f} {r['tflops']:8.1f} {r['roofline_tflops']:17.1f}")
+    print(f"\n{'shape':6s} {'FFN fwd ms':>10s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s}")
+    for f in out["ffn"]:
+        print(f"{f['shape']:6s} {f['ffn_fwd_ms']:10.3f} {f['ffn_fwd_tflops']:8.1f} {f['ffn_fwd_bwd_ms']:11.3f} {f['ffn_fwd_bwd_tflops']:8.1f}")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
