@@ -92,8 +92,9 @@ def test_torch_compile_fullgraph(cfg):
     assert rel(out.outputs.float(), ref.outputs.float()) < 2e-2
 
 
-def test_training_step_is_deterministic():
-    def run():
+def _two_steps(deterministic_algorithms: bool):
+    torch.use_deterministic_algorithms(deterministic_algorithms)
+    try:
         torch.manual_seed(0)
         m = moeut.MoEUTLM(8000, **profiles.MoEUT_44M).cuda()
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
@@ -106,6 +107,17 @@ def test_training_step_is_deterministic():
             (loss + out.reg_loss).backward()
             opt.step()
             opt.zero_grad()
-        return [p.detach().clone() for p in m.parameters()]
-    a, b = run(), run()
-    assert all(torch.equal(p, q) for p, q in zip(a, b))
+        return {n: p.detach().clone() for n, p in m.named_parameters()}
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_training_step_is_deterministic():
+    """Our kernels never use atomics. PyTorch's fused attention backward does unless PyTorch's
+    deterministic mode is on (`moeut train --deterministic`), so the bitwise check runs in that mode;
+    the differing parameters without it are printed for the record."""
+    a, b = _two_steps(False), _two_steps(False)
+    print("differing without deterministic mode:", [n for n in a if not torch.equal(a[n], b[n])])
+    a, b = _two_steps(True), _two_steps(True)
+    differing = [n for n in a if not torch.equal(a[n], b[n])]
+    assert not differing, differing
