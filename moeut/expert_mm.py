@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Routing", "route", "expert_mm", "expert_mm_weight_grad", "combine", "reference_expert_mm"]
+__all__ = ["Routing", "route", "expert_mm", "expert_mm_weight_grad", "combine", "reference_expert_mm", "fp64_reference"]
 
 
 @dataclass
@@ -185,6 +185,16 @@ def expert_mm(x_RI: Tensor, w_EIO: Tensor, routing: Routing, gather: bool = True
 
 def expert_mm_weight_grad(x_RI: Tensor, grad_NO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor]) -> Tensor:
     return _weight_grad_op(x_RI, grad_NO, offsets_E1, rows_N)
+
+
+def fp64_reference(x_RI: Tensor, w_EIO: Tensor, grad_NO: Tensor, routing: Routing):
+    """(out, grad_x, grad_w) of `expert_mm` in float64 via the per-expert PyTorch path: a light
+    reference for large shapes, where the einsum one would materialise R*K weight copies."""
+    x, w, g = x_RI.detach().double(), w_EIO.detach().double(), grad_NO.detach().double()
+    out = _expert_mm_torch(x, w, routing.offsets_E1, routing.rows_N)
+    grad_x = _expert_mm_torch(g, w.transpose(1, 2), routing.offsets_E1, None)[routing.choice_RK].sum(1)
+    grad_w = _weight_grad_torch(x, g, routing.offsets_E1, routing.rows_N)
+    return out, grad_x, grad_w
 
 
 def reference_expert_mm(x_RI: Tensor, w_EIO: Tensor, expert_RK: Tensor) -> Tensor:
