@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .expert_mm import combine, expert_mm, route
+from .expert_mm import expert_mm_combine, route
 
 KVCache = Optional[Dict[str, Tensor]]
 
@@ -202,8 +202,7 @@ class SwitchHeadRope(torch.nn.Module):
             o_logits, o_gate, o_expert = self._select(q_src, self.sel_o)
             logits = (o_logits, v_logits)
             v_routing = route(v_expert.reshape(B * T, H * K), H * E)
-            v_rows = expert_mm(v_src.reshape(B * T, D), self.v, v_routing)
-            v = combine(v_rows, v_routing.choice_RK.view(B * T * H, K), v_gate.reshape(B * T * H, K))
+            v = expert_mm_combine(v_src.reshape(B * T, D), self.v, v_routing, v_gate.reshape(B * T * H, K))
             v = v.view(B, T, H, Dh).transpose(1, 2)
         else:
             o_gate = torch.sigmoid(F.linear(q_src, self.sel_o))
@@ -214,8 +213,7 @@ class SwitchHeadRope(torch.nn.Module):
 
         if E > 1:
             o_routing = route(o_expert.reshape(B * T * H, K), H * E)
-            o_rows = expert_mm(res.reshape(B * T * H, Dh), self.o, o_routing)
-            out = combine(o_rows, o_routing.choice_RK.view(B * T, H * K), o_gate.reshape(B * T, H * K))
+            out = expert_mm_combine(res.reshape(B * T * H, Dh), self.o, o_routing, o_gate.reshape(B * T, H * K))
             out = out.view(B, T, D)
         else:
             out = F.linear((res * o_gate[..., None].to(res.dtype)).reshape(B, T, H * Dh), self.o)

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Routing", "route", "expert_mm", "expert_mm_weight_grad", "combine", "reference_expert_mm", "fp64_reference"]
+__all__ = ["Routing", "route", "expert_mm", "expert_mm_combine", "expert_mm_weight_grad", "combine", "reference_expert_mm", "fp64_reference"]
 
 
 @dataclass
@@ -181,6 +181,58 @@ def expert_mm(x_RI: Tensor, w_EIO: Tensor, routing: Routing, gather: bool = True
     if gather:
         return _expert_mm_op(x_RI.contiguous(), w_EIO, routing.offsets_E1, routing.rows_N, routing.choice_RK)
     return _expert_mm_op(x_RI.contiguous(), w_EIO, routing.offsets_E1, None, None)
+
+
+class _ExpertMMCombine(torch.autograd.Function):
+    """out[x] = sum_c gate[x, c] * (x_in[rows[n]] @ w[expert of n]) with n = choice[x, c].
+
+    Same value as `combine(expert_mm(...), choice, gate)`, but the [N, O] routed outputs are a
+    transient of the forward only: backward recomputes what it needs from the inputs (the gate
+    gradient is <d out / d y_n, y_n> = <(grad_out @ w^T)_n, x_n>), which saves N*O activations per
+    call (0.5 GB per layer application for MoEUT_244M at 16k tokens).
+    """
+
+    @staticmethod
+    def forward(ctx, x_RI, w_EIO, gate_XC, offsets_E1, rows_N, choice_RK, choice_XC):
+        y_NO = _expert_mm_op(x_RI, w_EIO, offsets_E1, rows_N, choice_RK)
+        out = combine(y_NO, choice_XC, gate_XC)
+        ctx.save_for_backward(x_RI, w_EIO, gate_XC, offsets_E1, rows_N, choice_RK, choice_XC)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_XO):
+        x_RI, w_EIO, gate_XC, offsets_E1, rows_N, choice_RK, choice_XC = ctx.saved_tensors
+        X, C = choice_XC.shape
+        N = choice_XC.numel()
+        # Which output group and which gate each routed row belongs to.
+        group_N = torch.empty(N, dtype=torch.long, device=grad_XO.device)
+        group_N[choice_XC.reshape(-1)] = torch.arange(X, device=grad_XO.device).repeat_interleave(C)
+        gate_N = torch.empty(N, dtype=gate_XC.dtype, device=gate_XC.device)
+        gate_N[choice_XC.reshape(-1)] = gate_XC.reshape(-1)
+        grad_NO = grad_XO.to(x_RI.dtype)[group_N]                        # d out / d y_n, before the gate
+        grad_in_NI = _expert_mm_op(grad_NO, w_EIO.transpose(1, 2), offsets_E1, None, None)
+        x_NI = x_RI if rows_N is None else x_RI.index_select(0, rows_N)
+        grad_gate = (grad_in_NI.float() * x_NI.float()).sum(-1)[choice_XC].to(gate_XC.dtype)
+        gate_col = gate_N.to(x_RI.dtype).unsqueeze(1)
+        grad_x = grad_in_NI * gate_col
+        if rows_N is not None:
+            grad_x = grad_x[choice_RK].sum(1)
+        grad_w = _weight_grad_op(x_RI, grad_NO * gate_col, offsets_E1, rows_N)
+        return grad_x, grad_w, grad_gate, None, None, None, None
+
+
+def expert_mm_combine(x_RI: Tensor, w_EIO: Tensor, routing: Routing, gate_XC: Tensor, gather: bool = True) -> Tensor:
+    """`combine(expert_mm(x, w, routing, gather), choice, gate)` with less saved memory; the grouping
+    [X, C] of the choices is given by `gate_XC`'s shape (choice = routing.choice_RK viewed as [X, C])."""
+    if torch.is_autocast_enabled(x_RI.device.type):
+        dt = torch.get_autocast_dtype(x_RI.device.type)
+        x_RI, w_EIO = x_RI.to(dt), w_EIO.to(dt)
+    elif x_RI.dtype != w_EIO.dtype:
+        raise TypeError(f"expert_mm: input dtype {x_RI.dtype} differs from weight dtype {w_EIO.dtype}")
+    choice_XC = routing.choice_RK.view(gate_XC.shape)
+    rows = routing.rows_N if gather else None
+    choice = routing.choice_RK if gather else None
+    return _ExpertMMCombine.apply(x_RI.contiguous(), w_EIO, gate_XC, routing.offsets_E1, rows, choice, choice_XC)
 
 
 def expert_mm_weight_grad(x_RI: Tensor, grad_NO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor]) -> Tensor:

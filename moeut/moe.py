@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .expert_mm import combine, expert_mm, route
+from .expert_mm import expert_mm, expert_mm_combine, route
 
 
 def selection_entropy_loss(logits: List[Tensor]) -> Tensor:
@@ -81,8 +81,7 @@ class SigmaMoE(torch.nn.Module):
         routing = route(expert_BTK.reshape(-1, self.n_heads), self.n_experts)
         # The routing (sort by expert) is computed once and shared by both projections and their backward.
         h_NS = self.activation(expert_mm(x_RD, self.keys, routing))
-        y_ND = expert_mm(h_NS, self.values, routing, gather=False)
-        out_RD = combine(y_ND, routing.choice_RK, gate_BTK.reshape(-1, self.n_heads))
+        out_RD = expert_mm_combine(h_NS, self.values, routing, gate_BTK.reshape(-1, self.n_heads), gather=False)
         return out_RD.view(*input.shape[:-1], self.v_dim), logits
 
     def forward(self, input: Tensor, sel_input: Optional[Tensor] = None) -> Tensor:

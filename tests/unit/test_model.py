@@ -1,0 +1,215 @@
+"""The model: official API, exact computation, KV cache, masks, configuration and input checks."""
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moeut
+from moeut import AttentionMask, MoEUT, MoEUTLM, profiles
+from moeut.moe import selection_entropy_loss
+
+
+def small(**over):
+    cfg = dict(d_model=32, n_layers=4, n_heads=2, ff_n_experts=8, att_n_experts=3, d_head=12, ff_k=2,
+               group_size=2, ff_expert_size=8)
+    cfg.update(over)
+    return cfg
+
+
+def test_public_api_and_signatures_match_official():
+    for name in ["MoEUTLM", "MoEUT", "AttentionMask", "MoEUTOutput", "KVCache", "MultilayerKVCache",
+                 "SwitchHeadRope", "profiles"]:
+        assert hasattr(moeut, name), name
+    params = list(inspect.signature(MoEUTLM.__init__).parameters)
+    assert params == ["self", "n_tokens", "d_model", "n_layers", "n_heads", "ff_n_experts", "att_n_experts",
+                      "d_head", "group_size", "ff_k", "att_k", "ff_expert_dropout", "att_expert_dropout",
+                      "ff_expert_size", "dropout", "entropy_reg", "att_entropy_reg", "attention"]
+    defaults = {k: v.default for k, v in inspect.signature(MoEUTLM.__init__).parameters.items()}
+    assert defaults["group_size"] == 2 and defaults["ff_k"] == 8 and defaults["att_k"] == 2
+    assert defaults["ff_expert_size"] == 128 and defaults["entropy_reg"] == 0.01 and defaults["att_entropy_reg"] == 0.001
+    assert defaults["attention"] is moeut.SwitchHeadRope
+    assert list(inspect.signature(MoEUTLM.forward).parameters) == ["self", "x", "mask", "kv_cache"]
+    assert list(inspect.signature(MoEUT.__init__).parameters)[1:6] == ["d_model", "n_layers", "n_heads",
+                                                                       "ff_expert_size", "ff_n_experts"]
+    import profiles as root_profiles  # the official example does `import profiles`
+    assert root_profiles.MoEUT_244M == profiles.MoEUT_244M
+
+
+def test_state_dict_names_and_shapes_are_the_official_ones():
+    m = MoEUTLM(50, **small())
+    sd = m.state_dict()
+    H, E, D, Dh = 2, 3, 32, 12
+    expected = {"embedding.weight": (50, D), "lm_head.weight": (50, D), "lm_head.bias": (50,),
+                "out_norm.weight": (D,), "out_norm.bias": (D,)}
+    for i in range(2):
+        p = f"transformer.layers.{i}."
+        expected.update({p + "attention.q.weight": (H * Dh, D), p + "attention.k.weight": (H * Dh, D),
+                         p + "attention.v": (H * E, D, Dh), p + "attention.o": (H * E, Dh, D),
+                         p + "attention.sel_v": (H * E, D), p + "attention.sel_o": (H * E, D),
+                         p + "ffn.keys": (8, D, 8), p + "ffn.values": (8, 8, D), p + "ffn.expert_sel": (8, D),
+                         p + "ln1.weight": (D,), p + "ln1.bias": (D,), p + "ln2.weight": (D,), p + "ln2.bias": (D,)})
+    assert {k: tuple(v.shape) for k, v in sd.items()} == expected
+    m2 = MoEUTLM(50, **small())
+    m2.load_state_dict(sd, strict=True)
+
+
+@pytest.mark.parametrize("name,count", [("44M", 44.3), ("126M", 125.7), ("244M", 243.3), ("318M", 318.1),
+                                        ("727M", 727.4), ("1B", 1040.3)])
+def test_profiles_construct_with_paper_parameter_counts(name, count):
+    with torch.device("meta"):
+        m = MoEUTLM(8000, **profiles.MOEUT_PROFILES[name])
+    assert round(sum(p.numel() for p in m.parameters()) / 1e6, 1) == count
+
+
+def test_44M_profile_runs_despite_odd_rotary_width():
+    torch.manual_seed(0)
+    m = MoEUTLM(100, **{**profiles.MoEUT_44M, "n_layers": 2, "ff_n_experts": 16})
+    assert m.transformer.layers[0].attention.n_rotate == 40  # 41 rounded down to pairs
+    assert m(torch.randint(0, 100, (1, 9))).outputs.shape == (1, 9, 100)
+
+
+@pytest.mark.parametrize("cfg", [small(), small(att_n_experts=1), small(d_head=9), small(d_head=18, n_heads=3)])
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_kv_cache_decoding_equals_full_forward(cfg, chunk):
+    torch.manual_seed(chunk)
+    m = MoEUTLM(60, **cfg).eval()
+    x = torch.randint(0, 60, (3, 17))
+    with torch.no_grad():
+        full = m(x).outputs
+        cache, outs = {}, []
+        for t in range(0, 17, chunk):
+            o = m(x[:, t:t + chunk], kv_cache=cache)
+            cache = o.cache
+            outs.append(o.outputs)
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-4, atol=1e-5)
+    assert set(cache) == set(range(4)) and cache[0]["k"].shape[-2] == 17
+
+
+def test_no_cache_returned_unless_asked():
+    m = MoEUTLM(20, **small()).eval()
+    assert m(torch.randint(0, 20, (1, 4))).cache is None
+
+
+def test_attention_mask_none_none_disables_masking():
+    torch.manual_seed(0)
+    m = MoEUTLM(40, **small()).eval()
+    x = torch.randint(0, 40, (2, 8))
+    x2 = x.clone()
+    x2[:, -1] = (x2[:, -1] + 1) % 40
+    with torch.no_grad():
+        causal_a, causal_b = m(x).outputs, m(x2).outputs
+        open_a, open_b = m(x, AttentionMask(None, None)).outputs, m(x2, AttentionMask(None, None)).outputs
+    assert torch.allclose(causal_a[:, :-1], causal_b[:, :-1])            # the future is invisible...
+    assert not torch.allclose(open_a[:, 0], open_b[:, 0], atol=1e-6)      # ...unless masking is off
+    explicit = AttentionMask(None, m.generate_causal_attention_mask(8))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, explicit).outputs, causal_a)
+
+
+def test_left_padding_with_src_length_mask_matches_unpadded():
+    torch.manual_seed(0)
+    m = MoEUTLM(40, **small()).eval()
+    x = torch.randint(1, 40, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), x], 1)
+    pad = torch.tensor([[True] * 3 + [False] * 6])
+    mask = AttentionMask(pad, m.generate_causal_attention_mask(9))
+    with torch.no_grad():
+        ref = m(x).outputs
+        got = m(padded, mask).outputs
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[:, 3:], ref, rtol=1e-4, atol=1e-5)  # RoPE is relative: shifts don't matter
+
+
+def test_reg_loss_is_a_scalar_and_zero_in_eval():
+    torch.manual_seed(0)
+    m = MoEUTLM(30, **small())
+    out = m(torch.randint(0, 30, (2, 5)))
+    assert out.reg_loss.dim() == 0 and out.reg_loss.item() != 0
+    m.eval()
+    assert m(torch.randint(0, 30, (2, 5))).reg_loss.item() == 0
+
+
+def test_selection_entropy_loss_formula():
+    logits = torch.randn(3, 5, 7)
+    p = logits.softmax(-1).mean(1)             # mean distribution per sequence
+    expected = (p * p.log()).sum(-1).mean()    # negative entropy, batch mean
+    torch.testing.assert_close(selection_entropy_loss([logits[:, :2], logits[:, 2:]]), expected)
+
+
+def test_activation_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    m = MoEUTLM(30, **small())
+    x = torch.randint(0, 30, (2, 9))
+    grads = []
+    for ckpt in (False, True):
+        m.zero_grad()
+        m.transformer.activation_checkpointing = ckpt
+        out = m(x)
+        (F.cross_entropy(out.outputs.flatten(0, 1), x.flatten()) + out.reg_loss).backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_compiles_without_graph_breaks():
+    torch.manual_seed(0)
+    m = MoEUTLM(30, **small())
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    x = torch.randint(0, 30, (2, 6))
+    out = compiled(x)
+    (out.outputs.mean() + out.reg_loss).backward()
+    torch.testing.assert_close(out.outputs, m(x).outputs, rtol=1e-5, atol=1e-5)
+
+
+def test_moeut_backbone_and_n_layers_grouping():
+    torch.manual_seed(0)
+    m = MoEUT(32, 6, 2, 8, 8, 3, d_head=12, ff_k=2, group_size=3)
+    assert m.n_repeats == 2 and len(m.layers) == 3
+    h = torch.randn(2, 5, 32)
+    assert m(h).outputs.shape == (2, 5, 32)
+
+
+@pytest.mark.parametrize("over,word", [
+    (dict(n_layers=5), "n_layers"), (dict(ff_k=9), "ff_k"), (dict(att_k=4), "att_k"),
+    (dict(d_head=None, d_model=30, n_heads=4), "n_heads"), (dict(d_model=0), "d_model"),
+    (dict(ff_expert_size=-1), "ff_expert_size"), (dict(dropout=1.5), "dropout")])
+def test_inconsistent_configuration_is_rejected(over, word):
+    with pytest.raises(ValueError, match=word):
+        MoEUTLM(10, **small(**over))
+
+
+def test_bad_inputs_raise_named_errors():
+    m = MoEUTLM(10, **small()).eval()
+    with pytest.raises(TypeError, match="token"):
+        m(torch.rand(1, 4))
+    with pytest.raises(ValueError, match="token"):
+        m(torch.tensor([[1, 10]]))
+    with pytest.raises(ValueError, match="token"):
+        m(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="tokens"):
+        m(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="mask"):
+        m(torch.tensor([[1, 2, 3]]), AttentionMask(torch.zeros(2, 3, dtype=torch.bool), None))
+    with pytest.raises(ValueError, match="mask"):
+        m(torch.tensor([[1, 2, 3]]), AttentionMask(None, torch.zeros(4, 4, dtype=torch.bool)))
+    cache = m(torch.tensor([[1, 2]]), kv_cache={}).cache
+    with pytest.raises(ValueError, match="cache"):
+        m(torch.tensor([[1], [2]]), kv_cache=cache)
+    with pytest.raises(ValueError, match="d_model"):
+        m.transformer(torch.randn(1, 3, 7))
+
+
+def test_dense_baseline_interface_and_cache():
+    torch.manual_seed(0)
+    d = moeut.DenseLM(40, **profiles.Dense_tiny).eval()
+    x = torch.randint(0, 40, (2, 11))
+    with torch.no_grad():
+        full = d(x)
+        assert full.reg_loss.dim() == 0 and full.outputs.shape == (2, 11, 40)
+        cache, outs = {}, []
+        for t in range(0, 11, 4):
+            o = d(x[:, t:t + 4], kv_cache=cache)
+            cache = o.cache
+            outs.append(o.outputs)
+    torch.testing.assert_close(torch.cat(outs, 1), full.outputs, rtol=1e-4, atol=1e-5)
