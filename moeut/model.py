@@ -30,6 +30,9 @@ class MoEUTOutput:
     outputs: Tensor                 # logits [B, T, V] (MoEUTLM) or hidden states [B, T, D] (MoEUT)
     reg_loss: Tensor                # 0-dim; entropy regularisation, 0 in eval mode
     cache: MultilayerKVCache        # updated KV cache when one was passed in, else None
+    # Ours: detached FFN router logits per layer application ([B, T, E] each), only when the backbone's
+    # `collect_router_logits` is set (the trainer's router statistics).
+    router_logits: Optional[List[Tensor]] = None
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -131,6 +134,7 @@ class MoEUT(torch.nn.Module):
         self.n_layers = n_layers
         # Recompute each layer application in the backward pass instead of storing its activations.
         self.activation_checkpointing = False
+        self.collect_router_logits = False
         self.layers = torch.nn.ModuleList([
             MoEUTLayer(d_model, n_heads, ff_expert_size, ff_n_experts, att_n_experts, d_head, att_k, ff_k,
                        ff_expert_dropout, att_expert_dropout, dropout, attention)
@@ -164,6 +168,7 @@ class MoEUT(torch.nn.Module):
         ffn_logits: List[List[Tensor]] = [[] for _ in self.layers]
         att_logits: List[List[Tensor]] = [[] for _ in self.layers]
         new_cache = {}
+        router_logits = [] if self.collect_router_logits else None
         for r in range(self.n_repeats):
             for li, layer in enumerate(self.layers):
                 li_abs = r * len(self.layers) + li
@@ -173,6 +178,8 @@ class MoEUT(torch.nn.Module):
                         layer.forward_with_logits, x, mask, cache, use_reentrant=False)
                 else:
                     x, new_cache[li_abs], f_log, a_log = layer.forward_with_logits(x, mask, cache)
+                if router_logits is not None:
+                    router_logits.append(f_log.detach())
                 if self.training:
                     ffn_logits[li].append(f_log)
                     if a_log is not None:
@@ -186,7 +193,7 @@ class MoEUT(torch.nn.Module):
                     for which in range(2):  # output router, value router
                         reg_loss = reg_loss + self.att_entropy_reg * selection_entropy_loss(
                             [l[which] for l in att_logits[li]])
-        return MoEUTOutput(x, reg_loss, new_cache if kv_cache is not None else None)
+        return MoEUTOutput(x, reg_loss, new_cache if kv_cache is not None else None, router_logits)
 
 
 class MoEUTLM(torch.nn.Module):

@@ -1,0 +1,162 @@
+"""Training data: find documents, hold out a validation split, tokenize once into memory-mapped arrays
+cached by content, and serve batches that depend only on (seed, step), so resuming is exact.
+
+Sources (`--data`, repeatable): a text file, a directory (every text/source file below it), or a JSONL
+file with a "text" field. Default: the Python standard library source of the running interpreter, a
+real code corpus on every machine.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".java", ".js", ".ts",
+                 ".go", ".rs", ".sh", ".toml", ".cfg", ".ini", ".yaml", ".yml", ".html", ".css", ".tex", ".json"}
+VALID_FRACTION = 0.02
+
+
+def default_corpus_paths() -> List[Path]:
+    """The .py files of the running Python's standard library (site-packages excluded)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "__pycache__"}
+    return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.parts) and p.is_file())
+
+
+def _read_source(path: Path) -> List[str]:
+    if path.suffix == ".jsonl":
+        docs = []
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise ValueError(f"{path}:{i}: each JSONL line needs a string field 'text'")
+                docs.append(obj["text"])
+        return docs
+    return [path.read_text(encoding="utf-8", errors="replace")]
+
+
+def collect_documents(sources: Optional[Sequence[str]]) -> List[Tuple[str, str]]:
+    """[(name, text)] for every document of the given sources, in a stable order."""
+    paths: List[Path] = []
+    if not sources:
+        paths = default_corpus_paths()
+    else:
+        for s in sources:
+            p = Path(s)
+            if p.is_dir():
+                paths += sorted(q for q in p.rglob("*") if q.is_file() and (q.suffix in TEXT_SUFFIXES or q.suffix == ".jsonl"))
+            elif p.is_file():
+                paths.append(p)
+            else:
+                raise FileNotFoundError(f"--data {s}: no such file or directory")
+    docs = []
+    for p in paths:
+        for j, text in enumerate(_read_source(p)):
+            if text.strip():
+                docs.append((f"{p}#{j}", text))
+    if not docs:
+        raise ValueError(f"no text found in {list(sources) if sources else 'the default corpus'}")
+    return docs
+
+
+def split_documents(docs: List[Tuple[str, str]]) -> Tuple[List[str], List[str]]:
+    """Deterministic train/validation split by a hash of each document's name (~2% validation)."""
+    train, valid = [], []
+    for name, text in docs:
+        h = int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        (valid if h < VALID_FRACTION else train).append(text)
+    if not valid:  # tiny corpora: hold out the last document
+        valid.append(train.pop())
+    if not train:
+        raise ValueError("the corpus is too small: need at least two documents (one for validation)")
+    return train, valid
+
+
+def content_key(texts: Sequence[str], tokenizer_bytes: bytes) -> str:
+    h = hashlib.sha256(tokenizer_bytes)
+    for t in texts:
+        h.update(hashlib.sha256(t.encode("utf-8", errors="replace")).digest())
+    return h.hexdigest()[:24]
+
+
+def tokenize_to_file(texts: Sequence[str], tokenizer, path: Path, progress: bool = True) -> np.ndarray:
+    """Token ids of all texts, each followed by end-of-text, as a uint16 memmap at `path` (cached)."""
+    if path.exists():
+        return np.memmap(path, dtype=np.uint16, mode="r")
+    if tokenizer.vocab_size > 65535:
+        raise ValueError("vocabularies above 65535 pieces are not supported by the uint16 token cache")
+    from tqdm import tqdm
+    chunks = []
+    for i in tqdm(range(0, len(texts), 256), desc=f"tokenizing {path.name}", disable=not progress, unit="x256 docs"):
+        for ids in tokenizer.encode_batch(texts[i:i + 256]):
+            ids.append(tokenizer.eot_id)
+            chunks.append(np.asarray(ids, dtype=np.uint16))
+    arr = np.concatenate(chunks) if chunks else np.zeros(0, np.uint16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    arr.tofile(tmp)
+    tmp.replace(path)
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+@dataclass
+class Batches:
+    """Non-overlapping windows of `context + 1` tokens, reshuffled every epoch by (seed, epoch).
+
+    `batch(step, rank, world)` returns this rank's share of the global batch of optimizer step
+    `step`, as [micro_batches, micro_batch_size, context + 1]; it depends on nothing else, so a run
+    resumed at step s sees exactly the data the uninterrupted run saw.
+    """
+    tokens: np.ndarray
+    context: int
+    global_batch: int
+    seed: int
+
+    def __post_init__(self):
+        self.n_windows = (len(self.tokens) - 1) // self.context
+        if self.n_windows < 1:
+            raise ValueError(f"the training data has {len(self.tokens)} tokens, fewer than one context of {self.context}")
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if getattr(self, "_perm_epoch", None) != epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def _window_ids(self, start: int, count: int) -> np.ndarray:
+        out = np.empty(count, dtype=np.int64)
+        for i in range(count):
+            epoch, pos = divmod(start + i, self.n_windows)
+            out[i] = self._permutation(epoch)[pos]
+        return out
+
+    def batch(self, step: int, rank: int = 0, world: int = 1, micro_batches: int = 1) -> torch.Tensor:
+        per_rank = self.global_batch // world
+        ids = self._window_ids(step * self.global_batch + rank * per_rank, per_rank)
+        rows = [np.asarray(self.tokens[i * self.context: i * self.context + self.context + 1], dtype=np.int64) for i in ids]
+        x = torch.from_numpy(np.stack(rows))
+        return x.view(micro_batches, per_rank // micro_batches, self.context + 1)
+
+
+def eval_windows(tokens: np.ndarray, context: int, max_windows: Optional[int] = None) -> Iterator[torch.Tensor]:
+    """Non-overlapping `context + 1` windows of held-out text (the last partial one included)."""
+    n = len(tokens)
+    starts = list(range(0, max(n - 1, 0), context))
+    if max_windows is not None:
+        starts = starts[:max_windows]
+    for s in starts:
+        w = np.asarray(tokens[s: s + context + 1], dtype=np.int64)
+        if len(w) >= 2:
+            yield torch.from_numpy(w)
