@@ -1,0 +1,29 @@
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from moeut.data import default_corpus_paths
+
+SMALL_MODEL = ["--set", "d_model=32", "--set", "n_layers=2", "--set", "n_heads=2", "--set", "d_head=16",
+               "--set", "ff_n_experts=8", "--set", "ff_k=2", "--set", "att_n_experts=2", "--set", "ff_expert_size=16"]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A small real code corpus: 40 standard-library files."""
+    d = tmp_path_factory.mktemp("corpus")
+    for p in default_corpus_paths()[:40]:
+        shutil.copy(p, d / p.name)
+    return d
+
+
+def train_args(corpus: Path, out: Path, cache: Path, steps: int = 8, extra=()):
+    return ["train", "--data", str(corpus), "--out", str(out), "--steps", str(steps), "--batch-size", "4",
+            "--context", "32", "--vocab-size", "400", "--log-interval", "1", "--eval-interval", "4",
+            "--eval-windows", "4", "--ckpt-interval", "3", "--cache-dir", str(cache), "--no-progress",
+            "--no-tensorboard", *SMALL_MODEL, *extra]
+
+
+PY = sys.executable

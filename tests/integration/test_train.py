@@ -1,0 +1,130 @@
+"""The trainer end to end on CPU: metrics, checkpoints, resume after SIGTERM, bad checkpoints, DDP."""
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeut import checkpoint as ckpt_lib
+from moeut.cli import main
+from moeut.runs import load_run
+
+from .conftest import PY, train_args
+
+pytestmark = pytest.mark.slow
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
+
+def losses(run: Path):
+    recs = [json.loads(l) for l in open(run / "metrics.jsonl")]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def test_train_writes_metrics_checkpoints_and_run(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(corpus, out, tmp_path / "cache", steps=8)) == 0
+    text = capsys.readouterr().out
+    assert "validation perplexity" in text and "unigram" in text and "greedy sample" in text
+    recs = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    steps = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert any("val_ppl" in r for r in recs)
+    assert any(k.startswith("router/") for k in steps[-1])
+    names = [p.name for p in ckpt_lib.list_checkpoints(out)]
+    assert names == ["step_00000003.pt", "step_00000006.pt", "step_00000008.pt"]
+    model, tok, meta = load_run(out)
+    assert meta["model"] == "moeut-tiny" and tok.vocab_size == 400
+    # a second run into the same directory is refused rather than overwriting it
+    assert main(train_args(corpus, out, tmp_path / "cache", steps=8)) == 2
+
+
+def test_sigterm_then_resume_logs_the_same_losses(corpus, tmp_path):
+    cache = tmp_path / "cache"
+    full = tmp_path / "full"
+    assert main(train_args(corpus, full, cache, steps=10)) == 0
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([PY, "-m", "moeut", *train_args(corpus, cut, cache, steps=10)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (cut / "metrics.jsonl").exists() and len(losses(cut)) >= 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert "stopped by signal" in output
+    stopped_at = max(losses(cut))
+    assert stopped_at < 10
+    assert main(["train", "--resume", str(cut), "--no-progress"]) == 0
+    assert losses(cut) == losses(full)
+
+
+def test_corrupt_and_incompatible_checkpoints_are_refused(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_args(corpus, out, tmp_path / "cache", steps=3)) == 0
+    latest = ckpt_lib.latest_checkpoint(out)
+    data = latest.read_bytes()
+    state = torch.load(latest, weights_only=False)
+    latest.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt_lib.CheckpointError, match="corrupt or truncated"):
+        load_run(out)
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 2
+    # incompatible: a checkpoint of another shape
+    state["model"]["embedding.weight"] = torch.zeros(3, 3)
+    torch.save(state, latest)
+    with pytest.raises(ckpt_lib.CheckpointError, match="incompatible"):
+        load_run(out)
+    # not a checkpoint at all
+    torch.save({"hello": 1}, latest)
+    with pytest.raises(ckpt_lib.CheckpointError, match="not a moeut training checkpoint"):
+        load_run(out)
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    good = ckpt_lib.save_checkpoint(tmp_path, 1, {"model": {"w": torch.ones(2)}})
+    before = good.read_bytes()
+
+    def disk_full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        ckpt_lib.save_checkpoint(tmp_path, 2, {"model": {"w": torch.zeros(2)}}, keep=1)
+    assert good.read_bytes() == before
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [good.name]  # no temp file left
+    assert ckpt_lib.load_checkpoint(good)["step"] == 1
+
+
+def test_gradient_accumulation_matches_full_batch(corpus, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(train_args(corpus, a, tmp_path / "cache", steps=3)) == 0
+    assert main(train_args(corpus, b, tmp_path / "cache", steps=3, extra=["--micro-batch-size", "2"])) == 0
+    wa = load_run(a)[0].state_dict()
+    wb = load_run(b)[0].state_dict()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_two_process_ddp_matches_single_process(corpus, tmp_path):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    cache = tmp_path / "cache"
+    assert main(train_args(corpus, single, cache, steps=3)) == 0
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29631", "-m",
+                        "moeut", *train_args(corpus, ddp, cache, steps=3)], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ws = load_run(single)[0].state_dict()
+    wd = load_run(ddp)[0].state_dict()
+    for k in ws:
+        torch.testing.assert_close(wd[k], ws[k], rtol=1e-4, atol=1e-5)
+    ls, ld = losses(single), losses(ddp)
+    assert ls.keys() == ld.keys()
+    for s in ls:
+        assert abs(ls[s] - ld[s]) < 1e-4
