@@ -167,7 +167,8 @@ def cmd_eval(args) -> int:
         print("nothing to evaluate: give --tasks and/or --text", file=sys.stderr)
         return 2
     model, tok, _ = load_run(args.checkpoint, _device(args.device))
-    results = run_eval(model, tok, tasks, args.data_dir, args.text, args.limit or None, args.batch_size, args.context)
+    results = run_eval(model, tok, tasks, args.data_dir, args.text, args.limit or None, args.batch_size, args.context,
+                       skip_missing=args.tasks == "all")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

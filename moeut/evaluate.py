@@ -142,14 +142,15 @@ def eval_blimp(model, tok, data_dir, limit, batch_size):
     if not files:
         raise MissingData(f"blimp: no .jsonl files in {folder}")
     per_paradigm, fields = {}, {}
-    for fpath in files:
+    from tqdm import tqdm
+    for fpath in tqdm(files, desc="blimp", unit="paradigm", leave=False):
         items = [json.loads(l) for l in open(fpath, encoding="utf-8") if l.strip()]
         items = items[:limit] if limit else items
         reqs = []
         for it in items:  # summed log-probability of each whole sentence, no length normalisation
             reqs += [Request([tok.eot_id], tok.encode(it["sentence_good"])),
                      Request([tok.eot_id], tok.encode(it["sentence_bad"]))]
-        sc = score_requests(model, reqs, batch_size, progress=f"blimp/{fpath.stem}")
+        sc = score_requests(model, reqs, batch_size)
         acc = sum(sc[2 * i].logprob > sc[2 * i + 1].logprob for i in range(len(items))) / max(len(items), 1)
         per_paradigm[fpath.stem] = acc
         fields.setdefault(items[0].get("field", "unknown") if items else "unknown", []).append(acc)
@@ -249,7 +250,8 @@ def text_perplexity(model, tok, paths: Sequence[str], context: int = 1024) -> Di
 
 
 def run_eval(model, tok, tasks: Sequence[str], data_dir: str, texts: Sequence[str], limit: Optional[int],
-             batch_size: int, context: int = 1024, printer=print) -> Dict[str, dict]:
+             batch_size: int, context: int = 1024, printer=print, skip_missing: bool = False) -> Dict[str, dict]:
+    """Evaluate; with skip_missing (used for `--tasks all`) a task whose data is absent is reported and skipped."""
     unknown = [t for t in tasks if t not in TASK_FNS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
@@ -262,7 +264,13 @@ def run_eval(model, tok, tasks: Sequence[str], data_dir: str, texts: Sequence[st
         results["text"] = {**text_perplexity(model, tok, texts, context), "seconds": round(time.time() - t0, 2)}
     for t in tasks:
         t0 = time.time()
-        results[t] = TASK_FNS[t](model, tok, Path(data_dir), limit, batch_size)
+        try:
+            results[t] = TASK_FNS[t](model, tok, Path(data_dir), limit, batch_size)
+        except MissingData as e:
+            if not skip_missing:
+                raise
+            printer(f"skipped {e}")
+            continue
         results[t]["seconds"] = round(time.time() - t0, 2)
     printer(f"\n{'task':16s} {'score':>10s} {'items':>7s} {'seconds':>8s}")
     for name, r in results.items():
