@@ -1,0 +1,79 @@
+"""The `moeut` command: help texts, and generate / eval on a freshly trained tiny run."""
+import json
+import subprocess
+
+import pytest
+
+from moeut.cli import build_parser, main
+
+from .conftest import PY, train_args
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("cmd,flags", [
+    ("train", ["--model", "--data", "--steps", "--out", "--seed", "--resume", "--batch-size", "--context", "--lr",
+               "--warmup", "--clip", "--precision", "--eval-interval", "--ckpt-interval", "--compile",
+               "--activation-checkpointing", "--micro-batch-size", "--set"]),
+    ("generate", ["--checkpoint", "--prompt", "--prompt-file", "--max-new-tokens", "--seed", "--temperature",
+                  "--top-k", "--top-p"]),
+    ("eval", ["--checkpoint", "--tasks", "--data-dir", "--limit", "--json", "--text"]),
+])
+def test_help_explains_every_flag(cmd, flags, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for f in flags:
+        assert f in text, f
+
+
+def test_console_entry_point_runs():
+    r = subprocess.run([PY, "-m", "moeut", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "train" in r.stdout and "generate" in r.stdout and "eval" in r.stdout
+
+
+def test_unknown_model_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--model", "moeut-2T"])
+    assert "moeut-2T" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def run_dir(corpus, tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    out = d / "run"
+    assert main(train_args(corpus, out, d / "cache", steps=4)) == 0
+    return out
+
+
+def test_generate_is_reproducible_and_batched(run_dir, capsys, tmp_path):
+    args = ["generate", "--checkpoint", str(run_dir), "--prompt", "def ", "--max-new-tokens", "8",
+            "--temperature", "1.0", "--seed", "7"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first and first.startswith("def ")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("import os\nclass A:\n")
+    assert main(["generate", "--checkpoint", str(run_dir), "--prompt-file", str(prompts), "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "import os" in out and "class A:" in out
+
+
+def test_eval_text_and_tasks_write_json(run_dir, tmp_path, capsys):
+    text = tmp_path / "held.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 20)
+    (tmp_path / "piqa").mkdir()
+    (tmp_path / "piqa" / "valid.jsonl").write_text(json.dumps({"goal": "open a door", "sol1": "push it", "sol2": "eat it"}) + "\n")
+    (tmp_path / "piqa" / "valid-labels.lst").write_text("0\n")
+    out_json = tmp_path / "scores.json"
+    assert main(["eval", "--checkpoint", str(run_dir), "--text", str(text), "--tasks", "piqa", "--data-dir",
+                 str(tmp_path), "--json", str(out_json)]) == 0
+    res = json.loads(out_json.read_text())
+    assert res["text"]["perplexity"] > 1 and res["text"]["tokens"] > 100
+    assert res["piqa"]["items"] == 1 and res["piqa"]["accuracy"] in (0.0, 1.0)
+    assert "piqa" in capsys.readouterr().out
+    # a task whose data is missing: named, with its source
+    assert main(["eval", "--checkpoint", str(run_dir), "--tasks", "lambada", "--data-dir", str(tmp_path)]) == 2
+    assert "lambada_test.jsonl" in capsys.readouterr().err
