@@ -61,7 +61,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     was_training = model.training
     model.eval()
     out_tokens: List[List[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    done = [False] * B
     cache = {} if use_cache else None
     seq, seq_pad = x, pad
     step_in = x
@@ -73,17 +73,16 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
             else:
                 out = model(seq, AttentionMask(seq_pad, None, is_causal=True))
             nxt = pick_next(out.outputs[:, -1].float(), temperature, top_k, top_p, gen)
-            for i in range(B):
+            for i, t in enumerate(nxt.tolist()):  # one device sync per step
                 if done[i]:
                     continue
-                t = int(nxt[i])
                 if eos_id is not None and t == eos_id:
                     done[i] = True
                     continue
                 out_tokens[i].append(t)
                 if on_token is not None:
                     on_token(i, t)
-            if bool(done.all()):
+            if all(done):
                 break
             step_in = nxt[:, None]
             seq = torch.cat([seq, step_in], 1)

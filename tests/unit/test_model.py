@@ -213,3 +213,18 @@ def test_dense_baseline_interface_and_cache():
             cache = o.cache
             outs.append(o.outputs)
     torch.testing.assert_close(torch.cat(outs, 1), full.outputs, rtol=1e-4, atol=1e-5)
+
+
+def test_runs_without_triton_installed():
+    """Importing and running on a CPU needs neither CUDA nor Triton."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, moeut\n"
+            "m = moeut.MoEUTLM(50, **moeut.profiles.MoEUT_tiny)\n"
+            "out = m(torch.randint(0, 50, (2, 7)))\n"
+            "(out.outputs.mean() + out.reg_loss).backward()\n"
+            "assert 'moeut.triton_expert_mm' not in sys.modules\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
