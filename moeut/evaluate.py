@@ -20,10 +20,13 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .data import eval_windows
 
 SOURCES = {
     "lambada": ("lambada/lambada_test.jsonl", "the OpenAI LAMBADA test file (github cybertronai/bflm)"),
@@ -232,21 +235,28 @@ TASK_FNS: Dict[str, Callable] = {"lambada": eval_lambada, "blimp": eval_blimp, "
                                  "arc_challenge": _eval_arc("arc_challenge"), "cbt": eval_cbt}
 
 
-def text_perplexity(model, tok, paths: Sequence[str], context: int = 1024) -> Dict[str, float]:
-    """exp(mean token NLL) over non-overlapping `context`-token windows of the given files."""
+@torch.no_grad()
+def windows_perplexity(model, windows: Iterable[torch.Tensor]) -> Tuple[float, int]:
+    """(exp(mean token NLL), tokens scored) over 1-D token windows, each scored on its own."""
     device = next(model.parameters()).device
     nll, count = 0.0, 0
-    for p in paths:
-        ids = tok.encode(Path(p).read_text(encoding="utf-8", errors="replace")) + [tok.eot_id]
-        for s in range(0, len(ids) - 1, context):
-            w = torch.tensor(ids[s:s + context + 1], device=device)[None]
-            if w.shape[1] < 2:
-                continue
-            with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(w[:, :-1]).outputs
-            nll += F.cross_entropy(logits.float()[0], w[0, 1:], reduction="sum").item()
-            count += w.shape[1] - 1
-    return {"perplexity": math.exp(nll / max(count, 1)), "tokens": count}
+    for w in windows:
+        w = w.to(device)[None]
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(w[:, :-1]).outputs
+        nll += F.cross_entropy(logits.float()[0], w[0, 1:], reduction="sum").item()
+        count += w.shape[1] - 1
+    return math.exp(nll / max(count, 1)), count
+
+
+def text_perplexity(model, tok, paths: Sequence[str], context: int = 1024) -> Dict[str, float]:
+    """Perplexity over non-overlapping `context`-token windows of the given files."""
+    def windows():
+        for p in paths:
+            ids = np.asarray(tok.encode(Path(p).read_text(encoding="utf-8", errors="replace")) + [tok.eot_id])
+            yield from eval_windows(ids, context)
+    ppl, count = windows_perplexity(model, windows())
+    return {"perplexity": ppl, "tokens": count}
 
 
 def run_eval(model, tok, tasks: Sequence[str], data_dir: str, texts: Sequence[str], limit: Optional[int],

@@ -168,16 +168,22 @@ def _backward(ctx, grad_NO):
 _expert_mm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _autocast_operands(x: Tensor, w: Tensor) -> tuple:
+    """Custom ops are not autocast by PyTorch: cast both operands to the autocast dtype, like F.linear."""
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        return x.to(dt), w.to(dt)
+    if x.dtype != w.dtype:
+        raise TypeError(f"expert_mm: input dtype {x.dtype} differs from weight dtype {w.dtype}")
+    return x, w
+
+
 def expert_mm(x_RI: Tensor, w_EIO: Tensor, routing: Routing, gather: bool = True) -> Tensor:
     """Routed rows [N, O]: row n is x[rows[n]] @ w[expert of n] (gather=False: x is already routed).
 
     Under autocast the operands are cast to the autocast dtype, like `F.linear`.
     """
-    if torch.is_autocast_enabled(x_RI.device.type):
-        dt = torch.get_autocast_dtype(x_RI.device.type)
-        x_RI, w_EIO = x_RI.to(dt), w_EIO.to(dt)
-    elif x_RI.dtype != w_EIO.dtype:
-        raise TypeError(f"expert_mm: input dtype {x_RI.dtype} differs from weight dtype {w_EIO.dtype}")
+    x_RI, w_EIO = _autocast_operands(x_RI, w_EIO)
     if gather:
         return _expert_mm_op(x_RI.contiguous(), w_EIO, routing.offsets_E1, routing.rows_N, routing.choice_RK)
     return _expert_mm_op(x_RI.contiguous(), w_EIO, routing.offsets_E1, None, None)
@@ -224,11 +230,7 @@ class _ExpertMMCombine(torch.autograd.Function):
 def expert_mm_combine(x_RI: Tensor, w_EIO: Tensor, routing: Routing, gate_XC: Tensor, gather: bool = True) -> Tensor:
     """`combine(expert_mm(x, w, routing, gather), choice, gate)` with less saved memory; the grouping
     [X, C] of the choices is given by `gate_XC`'s shape (choice = routing.choice_RK viewed as [X, C])."""
-    if torch.is_autocast_enabled(x_RI.device.type):
-        dt = torch.get_autocast_dtype(x_RI.device.type)
-        x_RI, w_EIO = x_RI.to(dt), w_EIO.to(dt)
-    elif x_RI.dtype != w_EIO.dtype:
-        raise TypeError(f"expert_mm: input dtype {x_RI.dtype} differs from weight dtype {w_EIO.dtype}")
+    x_RI, w_EIO = _autocast_operands(x_RI, w_EIO)
     choice_XC = routing.choice_RK.view(gate_XC.shape)
     rows = routing.rows_N if gather else None
     choice = routing.choice_RK if gather else None

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt_lib
 from .data import Batches, collect_documents, content_key, eval_windows, split_documents, tokenize_to_file
+from .evaluate import windows_perplexity
 from .runs import build_model, model_kwargs
 from .tokenizer import Tokenizer, train_tokenizer
 
@@ -145,20 +146,13 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, rank: int, world: int):
 # Evaluation and statistics.
 # ------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def validation_perplexity(model, tokens: np.ndarray, context: int, device, autocast_dtype, max_windows=None) -> float:
-    """exp(mean token NLL) over non-overlapping windows of held-out text."""
+def validation_perplexity(model, tokens: np.ndarray, context: int, max_windows=None) -> float:
+    """exp(mean token NLL) over non-overlapping windows of held-out text (bf16 autocast on GPU)."""
     was_training = model.training
     model.eval()
-    nll, count = 0.0, 0
-    for w in eval_windows(tokens, context, max_windows or None):
-        w = w.to(device)[None]
-        with torch.autocast(device.type, autocast_dtype, enabled=autocast_dtype != torch.float32):
-            logits = model(w[:, :-1]).outputs
-        nll += F.cross_entropy(logits.float()[0], w[0, 1:], reduction="sum").item()
-        count += w.shape[1] - 1
+    ppl, _ = windows_perplexity(model, eval_windows(tokens, context, max_windows or None))
     model.train(was_training)
-    return math.exp(nll / max(count, 1))
+    return ppl
 
 
 def unigram_perplexity(train: np.ndarray, valid: np.ndarray, vocab: int) -> float:
@@ -363,7 +357,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
             bar.update(1)
             if step % cfg.eval_interval == 0 or step == cfg.steps:
                 if rank == 0:
-                    ppl = validation_perplexity(model, valid_tokens, cfg.context, device, amp, cfg.eval_windows)
+                    ppl = validation_perplexity(model, valid_tokens, cfg.context, cfg.eval_windows)
                     log({"step": step, "val_ppl": round(ppl, 4)})
                     bar.write(f"step {step}: validation perplexity {ppl:.2f}")
                 barrier(world)
@@ -392,7 +386,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
         backbone.collect_router_logits = False
     result = {"stopped": False, "step": step, "run_dir": str(run_dir)}
     if rank == 0:
-        result["val_ppl"] = validation_perplexity(model, valid_tokens, cfg.context, device, amp, cfg.eval_windows)
+        result["val_ppl"] = validation_perplexity(model, valid_tokens, cfg.context, cfg.eval_windows)
         result["unigram_ppl"] = unigram_perplexity(train_tokens, valid_tokens, tok.vocab_size)
         from .generate import generate
         sample_ids = generate(model, [tok.encode(cfg.sample_prompt)], max_new_tokens=60, temperature=0.0,
