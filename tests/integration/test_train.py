@@ -42,6 +42,15 @@ def test_train_writes_metrics_checkpoints_and_run(corpus, tmp_path, capsys):
     assert main(train_args(corpus, out, tmp_path / "cache", steps=8)) == 2
 
 
+def test_tensorboard_logs_are_written(corpus, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    args = [a for a in train_args(corpus, out, tmp_path / "cache", steps=2) if a != "--no-tensorboard"]
+    assert main(args) == 0
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
 def test_sigterm_then_resume_logs_the_same_losses(corpus, tmp_path):
     cache = tmp_path / "cache"
     full = tmp_path / "full"
