@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 import os
 import random
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -305,8 +307,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
                                  keep=cfg.keep_checkpoints)
 
     stop = _StopFlag()
+    # Signal handlers can only be installed from the main thread (a notebook or test runner may not be).
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} \
-        if threading_is_main() else {}
+        if threading.current_thread() is threading.main_thread() else {}
     from tqdm import tqdm
     bar = tqdm(total=cfg.steps, initial=start_step, disable=rank != 0 or not cfg.progress, dynamic_ncols=True,
                unit="step", file=sys.stdout)
@@ -323,7 +326,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
             router_logits = None
             for m in range(accum):
                 x = batch[m].to(device, non_blocking=True)
-                sync_ctx = fwd.no_sync() if (world > 1 and m < accum - 1 and hasattr(fwd, "no_sync")) else _null()
+                sync_ctx = fwd.no_sync() if (world > 1 and m < accum - 1 and hasattr(fwd, "no_sync")) else nullcontext()
                 with sync_ctx:
                     with torch.autocast(device.type, amp, enabled=amp != torch.float32):
                         out = fwd(x[:, :-1])
@@ -393,16 +396,3 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
                               eos_id=tok.eot_id)[0]
         result["sample"] = cfg.sample_prompt + tok.decode(sample_ids)
     return result
-
-
-def threading_is_main() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
