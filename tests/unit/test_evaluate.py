@@ -130,3 +130,18 @@ def test_tasks_on_fixtures(tmp_path):
 def test_missing_file_names_it_and_its_source(tmp_path):
     with pytest.raises(FileNotFoundError, match="lambada_test.jsonl.*cybertronai"):
         run_eval(TableModel(uniform_table()), CharTokenizer(), ["lambada"], str(tmp_path), [], None, 4)
+
+
+def test_cbt_reads_the_official_format_and_averages_subsets(tmp_path):
+    (tmp_path / "cbt").mkdir()
+    context = "".join(f"{i} a a .\n" for i in range(1, 21))
+    for kind in ("CN", "NE", "P", "V"):
+        # question 1: gold 'b' (likelier after ' ') wins; question 2: gold 'c' loses to 'b'
+        block1 = context + "21 a XXXXX\tb\t\tb|c|d\n\n"
+        block2 = context + "21 a XXXXX\tc\t\tb|c|d\n\n"
+        (tmp_path / "cbt" / f"cbtest_{kind}_test_2500ex.txt").write_text(block1 + block2)
+    res = run_eval(TableModel(fixture_table()), CharTokenizer(), ["cbt"], str(tmp_path), [], None, 4,
+                   printer=lambda *a: None)
+    assert res["cbt"]["items"] == 8
+    assert res["cbt"]["subsets"] == {"CN": 0.5, "NE": 0.5, "P": 0.5, "V": 0.5}
+    assert res["cbt"]["accuracy"] == 0.5
