@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Routing", "route", "expert_mm", "expert_mm_combine", "expert_mm_weight_grad", "combine", "reference_expert_mm", "fp64_reference"]
+__all__ = ["Routing", "route", "expert_mm", "expert_mm_combine", "combine", "reference_expert_mm", "fp64_reference"]
 
 
 @dataclass
@@ -38,10 +38,6 @@ class Routing:
     offsets_E1: Tensor   # int64 [E+1]: expert e owns routed rows offsets[e]:offsets[e+1]
     rows_N: Tensor       # int64 [N]: the input row each routed row reads
     choice_RK: Tensor    # int64 [R, K]: routed position of choice k of row r (inverse of the sort)
-
-    @property
-    def n_experts(self) -> int:
-        return self.offsets_E1.numel() - 1
 
 
 def route(expert_RK: Tensor, n_experts: int) -> Routing:
@@ -69,7 +65,7 @@ def combine(y_NO: Tensor, choice_XC: Tensor, gate_XC: Tensor) -> Tensor:
     return (gate_XC.to(y_XCO.dtype).unsqueeze(1) @ y_XCO).squeeze(1)
 
 
-def _check(x: Tensor, w: Tensor, offsets: Tensor, rows: Optional[Tensor]) -> None:
+def _check(x: Tensor, w: Tensor, offsets: Tensor) -> None:
     torch._check(x.dim() == 2, lambda: f"expert_mm: x must be 2-D [rows, in], got {tuple(x.shape)}")
     torch._check(w.dim() == 3, lambda: f"expert_mm: weight must be 3-D [experts, in, out], got {tuple(w.shape)}")
     torch._check(x.shape[1] == w.shape[1], lambda: f"expert_mm: x has {x.shape[1]} columns, weight expects {w.shape[1]}")
@@ -119,7 +115,7 @@ def _use_triton(t: Tensor) -> bool:
 @torch.library.custom_op("moeut::expert_mm", mutates_args=())
 def _expert_mm_op(x: Tensor, weight: Tensor, offsets: Tensor, rows: Optional[Tensor],
                   choice: Optional[Tensor]) -> Tensor:
-    _check(x, weight, offsets, rows)
+    _check(x, weight, offsets)
     if _use_triton(x):
         from .triton_expert_mm import expert_mm_triton
         return expert_mm_triton(x, weight, offsets, rows)
@@ -235,10 +231,6 @@ def expert_mm_combine(x_RI: Tensor, w_EIO: Tensor, routing: Routing, gate_XC: Te
     rows = routing.rows_N if gather else None
     choice = routing.choice_RK if gather else None
     return _ExpertMMCombine.apply(x_RI.contiguous(), w_EIO, gate_XC, routing.offsets_E1, rows, choice, choice_XC)
-
-
-def expert_mm_weight_grad(x_RI: Tensor, grad_NO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor]) -> Tensor:
-    return _weight_grad_op(x_RI, grad_NO, offsets_E1, rows_N)
 
 
 def fp64_reference(x_RI: Tensor, w_EIO: Tensor, grad_NO: Tensor, routing: Routing):

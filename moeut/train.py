@@ -276,6 +276,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
         fwd = torch.compile(fwd)
     amp = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     batches = Batches(train_tokens, cfg.context, cfg.batch_size, cfg.seed)
+    has_router = hasattr(backbone, "collect_router_logits")  # MoEUT; the dense baseline has none
     k_ffn = getattr(getattr(backbone, "layers", [None])[0], "ffn", None)
     k_ffn = k_ffn.n_heads if k_ffn is not None else 0
 
@@ -320,7 +321,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
     try:
         while step < cfg.steps:
             batch = batches.batch(step, rank, world, accum)
-            backbone.collect_router_logits = (step + 1) % cfg.log_interval == 0 and hasattr(backbone, "collect_router_logits")
+            if has_router:
+                backbone.collect_router_logits = (step + 1) % cfg.log_interval == 0
             loss_sum = torch.zeros((), device=device)
             reg_sum = torch.zeros((), device=device)
             router_logits = None
@@ -386,7 +388,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
             metrics_f.close()
         if writer:
             writer.close()
-        backbone.collect_router_logits = False
+        if has_router:
+            backbone.collect_router_logits = False
     result = {"stopped": False, "step": step, "run_dir": str(run_dir)}
     if rank == 0:
         result["val_ppl"] = validation_perplexity(model, valid_tokens, cfg.context, cfg.eval_windows)
