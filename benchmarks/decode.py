@@ -1,5 +1,7 @@
-"""Decode speed: new tokens per second of KV-cached greedy generation (`moeut.generate.generate`) for
-MoEUT and the dense baseline, bf16, at several batch sizes.
+"""Decode speed: new tokens per second of greedy generation (`moeut.generate.generate`) for MoEUT and
+the dense baseline, bf16, at several batch sizes, for each cache mode: the official-style growing
+dict ("dynamic"), the preallocated cache run eagerly ("static") and replayed from CUDA graphs
+("static+graph"). Prefill is timed separately from the decoding steps.
 
     python benchmarks/decode.py [--models moeut-244M,dense-244M] [--batches 1,32] [--json out.json]
 """
@@ -17,16 +19,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moeut.generate import generate  # noqa: E402
 from moeut.runs import build_model, model_kwargs  # noqa: E402
 
+MODES = {"dynamic": dict(cache="dynamic"), "static": dict(cache="static", cuda_graph=False),
+         "static+graph": dict(cache="static", cuda_graph=True)}
+
+
+def timed(fn, device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="moeut-244M,dense-244M")
     ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--modes", default="dynamic,static,static+graph")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    modes = [m for m in args.modes.split(",") if device == "cuda" or m != "static+graph"]
     rows = []
     for name in args.models.split(","):
         torch.manual_seed(0)
@@ -35,16 +52,16 @@ def main():
             model = model.to(torch.bfloat16)
         for b in map(int, args.batches.split(",")):
             prompts = torch.randint(0, 8000, (b, args.prompt_len)).tolist()
-            generate(model, prompts, 4)  # warm-up: kernels compiled / autotuned
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            generate(model, prompts, args.new_tokens)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t
-            rows.append(dict(model=name, batch=b, new_tokens_per_s=b * args.new_tokens / dt, seconds=dt))
-            print(f"{name:12s} batch {b:3d}  {rows[-1]['new_tokens_per_s']:9.1f} new tokens/s", flush=True)
+            for mode in modes:
+                kw = MODES[mode]
+                generate(model, prompts, 12, **kw)  # warm-up: kernels compiled / autotuned
+                prefill = timed(lambda: generate(model, prompts, 1, **{**kw, "cuda_graph": False}), device)
+                total = timed(lambda: generate(model, prompts, args.new_tokens + 1, **kw), device)
+                per_step = (total - prefill) / args.new_tokens
+                rows.append(dict(model=name, batch=b, mode=mode, prefill_ms=prefill * 1e3, step_ms=per_step * 1e3,
+                                 new_tokens_per_s=b / per_step))
+                print(f"{name:12s} batch {b:3d}  {mode:13s} prefill {prefill * 1e3:7.1f} ms  "
+                      f"step {per_step * 1e3:7.2f} ms  {b / per_step:9.1f} new tokens/s", flush=True)
         del model
     if args.json:
         args.json.write_text(json.dumps(dict(device=device, torch=torch.__version__, results=rows), indent=2))

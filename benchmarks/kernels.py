@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moeut.expert_mm import expert_mm, fp64_reference, route  # noqa: E402
+from moeut.expert_mm import expert_mm, expert_mm_combine, fp64_reference, route  # noqa: E402
 from moeut.moe import SigmaMoE  # noqa: E402
 
 SHAPES = {  # d_model, experts, k
@@ -69,6 +69,28 @@ def parity(D, E, K, T, dtype):
                 empty_expert_grad_zero=bool((w.grad[E - 1] == 0).all()))
 
 
+def parity_combine(D, E, K, T, dtype):
+    """The fused down projection + gated top-k sum (Triton: gate and scatter in the epilogue, gathered
+    and scaled gradient rows in the backward) against the same function on the per-expert PyTorch path
+    in fp64. Max relative error of out, d h, d w, d gate."""
+    h = torch.randn(T * K, S, device="cuda", dtype=dtype, requires_grad=True)
+    w = (torch.randn(E, S, D, device="cuda", dtype=dtype) / S ** 0.5).requires_grad_()
+    gate = torch.rand(T, K, device="cuda", dtype=dtype, requires_grad=True)
+    expert = torch.randint(0, E - 1, (T, K), device="cuda")
+    r = route(expert, E)
+    out = expert_mm_combine(h, w, r, gate, gather=False)
+    g = torch.randn_like(out)
+    got = (out, *torch.autograd.grad(out, (h, w, gate), g))
+    os.environ["MOEUT_DISABLE_TRITON"] = "1"
+    try:
+        hd, wd, gd = (t.detach().double().requires_grad_() for t in (h, w, gate))
+        ref = expert_mm_combine(hd, wd, r, gd, gather=False)
+        want = (ref, *torch.autograd.grad(ref, (hd, wd, gd), g.double()))
+    finally:
+        del os.environ["MOEUT_DISABLE_TRITON"]
+    return {k: rel(a, b) for k, a, b in zip(("out", "dh", "dw", "dgate"), got, want)}
+
+
 def time_shape(name, D, E, K, T, mm_tflops, bw):
     dt = torch.bfloat16
     x = torch.randn(T, D, device="cuda", dtype=dt)
@@ -80,7 +102,10 @@ def time_shape(name, D, E, K, T, mm_tflops, bw):
     h = torch.randn(N, S, device="cuda", dtype=dt)
     gy = torch.randn(N, D, device="cuda", dtype=dt)
     gh = torch.randn(N, S, device="cuda", dtype=dt)
-    op, wgrad = torch.ops.moeut.expert_mm, torch.ops.moeut.expert_mm_weight_grad
+    op, wgrad = torch.ops.moeut.grouped_mm, torch.ops.moeut.grouped_mm_weight_grad
+    gate = torch.rand(N, device="cuda")
+    group = r.slot_N // K
+    gy_T = torch.randn(T, D, device="cuda", dtype=dt)   # d out of the combine, one row per token
     flops = 2 * N * D * S
     rows = []
 
@@ -89,22 +114,28 @@ def time_shape(name, D, E, K, T, mm_tflops, bw):
         rows.append(dict(shape=name, pass_=pass_name, ms=ms, tflops=flops / ms / 1e9,
                          roofline_ms=bound, roofline_tflops=flops / bound / 1e9))
 
-    add("up fwd (gather)", bench(lambda: op(x, w1, r.offsets_E1, r.rows_N, r.choice_RK)),
+    # The passes exactly as the σ-MoE FFN runs them (see expert_mm.py): bytes are the compulsory traffic.
+    add("up fwd (gather x)", bench(lambda: op(x, w1, r.offsets_E1, r.rows_N, None, None)),
         2 * (T * D + E * D * S + N * S))
-    add("down fwd", bench(lambda: op(h, w2, r.offsets_E1, None, None)), 2 * (N * S + E * S * D + N * D))
-    add("down dx", bench(lambda: op(gy, w2.transpose(1, 2), r.offsets_E1, None, None)),
-        2 * (N * D + E * S * D + N * S))
-    add("up dx", bench(lambda: op(gh, w1.transpose(1, 2), r.offsets_E1, None, None)),
+    add("down fwd (gate, scatter)", bench(lambda: op(h, w2, r.offsets_E1, None, gate, r.slot_N)),
         2 * (N * S + E * S * D + N * D))
-    add("up dW (gather)", bench(lambda: wgrad(x, gh, r.offsets_E1, r.rows_N)), 2 * (T * D + N * S + E * D * S))
-    add("down dW", bench(lambda: wgrad(h, gy, r.offsets_E1, None)), 2 * (N * S + N * D + E * S * D))
-    try:
-        xs = x[r.rows_N]
-        offs = r.offsets_E1[1:].to(torch.int32)
-        ms = bench(lambda: torch._grouped_mm(xs, w1.transpose(1, 2).contiguous().transpose(1, 2), offs=offs))
-        add("torch._grouped_mm up fwd (pre-gathered)", ms, 2 * (N * D + E * D * S + N * S))
-    except Exception as e:  # not every build has it
-        print(f"  torch._grouped_mm unavailable: {type(e).__name__}: {str(e)[:120]}")
+    add("down dx (gather dy)", bench(lambda: op(gy_T, w2.transpose(1, 2), r.offsets_E1, group, None, None)),
+        2 * (T * D + E * S * D + N * S))
+    add("up dx (scatter)", bench(lambda: op(gh, w1.transpose(1, 2), r.offsets_E1, None, None, r.slot_N)),
+        2 * (N * S + E * S * D + N * D))
+    add("up dW (gather x)", bench(lambda: wgrad(x, gh, r.offsets_E1, r.rows_N, None, None)),
+        2 * (T * D + N * S + E * D * S))
+    add("down dW (gather, gate dy)", bench(lambda: wgrad(h, gy_T, r.offsets_E1, None, group, gate)),
+        2 * (N * S + T * D + E * S * D))
+    xs = x[r.rows_N]
+    offs = r.offsets_E1[1:].to(torch.int32)
+    for layout, wb in (("row-major", w1), ("column-major", w1.transpose(1, 2).contiguous().transpose(1, 2))):
+        try:
+            ms = bench(lambda: torch._grouped_mm(xs, wb, offs=offs))
+            add(f"torch._grouped_mm up fwd (pre-gathered, {layout} B)", ms, 2 * (N * D + E * D * S + N * S))
+            break
+        except Exception as e:  # not every build or layout has it
+            print(f"  torch._grouped_mm ({layout}) unavailable: {type(e).__name__}: {str(e)[:120]}")
 
     moe = SigmaMoE(D, E, S, K).cuda()
     moe.reset_parameters(1.0)
@@ -144,6 +175,9 @@ def main():
             out["parity"][f"{name}/{dt}"] = p
             print(f"parity {name:5s} {str(dt):15s} fwd {p['fwd']:.2e} dx {p['dx']:.2e} dw {p['dw']:.2e} "
                   f"empty-expert grad zero: {p['empty_expert_grad_zero']}")
+            c = parity_combine(D, E, K, 2048, dt)
+            out["parity"][f"{name}/{dt}/combine"] = c
+            print(f"parity {name:5s} {str(dt):15s} combine " + " ".join(f"{k} {v:.2e}" for k, v in c.items()))
     for name in args.shapes.split(","):
         D, E, K = SHAPES[name]
         rows, ffn = time_shape(name, D, E, K, args.tokens, mm_tflops, bw)

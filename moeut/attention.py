@@ -18,10 +18,12 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .expert_mm import expert_mm_combine, route
 
 KVCache = Optional[Dict[str, Tensor]]
+_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -42,13 +44,17 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x: Tensor, n_rotate: int, offset: int, base: float) -> Tensor:
-    """RoPE on the first `n_rotate` channels of x [B, H, T, Dh], for positions offset..offset+T-1."""
+def apply_rope(x: Tensor, n_rotate: int, offset, base: float) -> Tensor:
+    """RoPE on the first `n_rotate` channels of x [B, H, T, Dh], for positions offset..offset+T-1
+    (`offset` an int, or a tensor of the T positions)."""
     if n_rotate == 0:
         return x
     T = x.shape[-2]
     inv_freq = 1.0 / (base ** (torch.arange(0, n_rotate, 2, device=x.device, dtype=torch.float32) / n_rotate))
-    pos = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)
+    if torch.is_tensor(offset):
+        pos = offset.to(torch.float32)
+    else:
+        pos = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)
     freqs = torch.outer(pos, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     rot = x[..., :n_rotate].float()
@@ -100,13 +106,64 @@ def check_mask(mask: Optional[AttentionMask], B: int, T: int, S: int) -> None:
                              f"{T} rows and at most {S} columns, got {m.dtype} {list(m.shape)}")
 
 
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], causal: bool, fixed_shape: bool) -> Tensor:
+    if q.dtype != v.dtype:
+        q, k = q.to(v.dtype), k.to(v.dtype)
+    if q.is_cuda and not fixed_shape:
+        # cuDNN attention builds a new execution plan for every new shape (tens of ms): fine for
+        # training's fixed shapes, ruinous for decoding or length-sorted scoring where shapes change.
+        with sdpa_kernel(_NO_CUDNN):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=causal, scale=1.0)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=causal, scale=1.0)
+
+
+def new_static_cache(capacity: int) -> Dict[str, Tensor]:
+    """A per-layer entry for a preallocated KV cache of `capacity` positions (generation's fast path).
+
+    The key and value buffers [B, H, capacity, Dh] are allocated by the first forward pass that uses
+    the entry; `pos` (a device tensor) counts the filled positions, so a decoding step has fixed
+    shapes and can be captured in a CUDA graph. With such a cache, attention is causal by absolute
+    position and `src_length_mask` covers all `capacity` key slots. Writing past `capacity` is the
+    caller's error (`generate` sizes the cache exactly).
+    """
+    return {"capacity": torch.tensor(capacity)}
+
+
+def _attend_static(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask], kv_cache: Dict[str, Tensor],
+                   n_rotate: int, rope_base: float) -> Tuple[Tensor, KVCache]:
+    B, H, T, _ = q.shape
+    if "k" not in kv_cache:
+        C = int(kv_cache["capacity"])
+        kv_cache["k"] = k.new_zeros(B, H, C, k.shape[-1])
+        kv_cache["v"] = v.new_zeros(B, H, C, v.shape[-1])
+        kv_cache["pos"] = torch.zeros((), dtype=torch.long, device=q.device)
+    positions = kv_cache["pos"] + torch.arange(T, device=q.device)
+    q = apply_rope(q, n_rotate, positions, rope_base)
+    k = apply_rope(k, n_rotate, positions, rope_base)
+    kv_cache["k"].index_copy_(2, positions, k.to(kv_cache["k"].dtype))
+    kv_cache["v"].index_copy_(2, positions, v.to(kv_cache["v"].dtype))
+    kv_cache["pos"].add_(T)
+    S = kv_cache["k"].shape[-2]
+    drop = torch.arange(S, device=q.device)[None, :] > positions[:, None]   # [T, S]: future and empty slots
+    if mask is not None and mask.position_mask is not None:
+        raise ValueError("a preallocated KV cache supports src_length_mask only (attention is causal by position)")
+    if mask is not None and mask.src_length_mask is not None:
+        drop = drop | mask.src_length_mask[:, None, None, :]
+    keep = ~(drop & ~drop.all(-1, keepdim=True))
+    out = _sdpa(q, kv_cache["k"], kv_cache["v"], keep, False, fixed_shape=False)
+    return out, kv_cache
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask], kv_cache: KVCache,
            n_rotate: int, rope_base: float) -> Tuple[Tensor, KVCache]:
     """RoPE + KV cache + masked SDPA on q, k, v [B, H, T, Dh] (already scaled). Returns [B, H, T, Dh].
 
     The cache stores keys after rotation, so new queries are rotated at their true positions
-    (the official release rotated them from 0, which broke cached decoding).
+    (the official release rotated them from 0, which broke cached decoding). A cache entry made by
+    `new_static_cache` is preallocated and filled in place.
     """
+    if kv_cache is not None and "capacity" in kv_cache:
+        return _attend_static(q, k, v, mask, kv_cache, n_rotate, rope_base)
     offset = 0
     if kv_cache is not None and "k" in kv_cache:
         offset = kv_cache["k"].shape[-2]
@@ -119,9 +176,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask], kv_ca
         kv_cache = {"k": k, "v": v}
     B, _, T, _ = q.shape
     keep, causal = build_mask(mask, B, T, k.shape[-2], q.device)
-    if q.dtype != v.dtype:
-        q, k = q.to(v.dtype), k.to(v.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=causal, scale=1.0)
+    out = _sdpa(q, k, v, keep, causal, fixed_shape=kv_cache is None and keep is None)
     return out, kv_cache
 
 

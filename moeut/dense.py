@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import AttentionMask, KVCache, attend, check_mask
-from .model import MoEUTOutput, MultilayerKVCache, _cache_length, _require, check_tokens
+from .model import MoEUTOutput, MultilayerKVCache, _key_length, _require, check_tokens
 
 
 class DenseLayer(torch.nn.Module):
@@ -75,10 +75,10 @@ class DenseLM(torch.nn.Module):
                 kv_cache: MultilayerKVCache = None) -> MoEUTOutput:
         check_tokens(x, self.n_tokens)
         B, T = x.shape
-        past = _cache_length(kv_cache, B, self.n_layers)
+        S = _key_length(kv_cache, B, self.n_layers, T)
         if mask is None:
             mask = AttentionMask(None, None, is_causal=True)
-        check_mask(mask, B, T, past + T)
+        check_mask(mask, B, T, S)
         h = self.embedding(x.long())
         new_cache = {}
         for i, layer in enumerate(self.layers):

@@ -4,20 +4,23 @@ Shape legend used throughout the MoE code:
     R  input rows (tokens, or token-heads for SwitchHead's output projection)
     K  experts chosen per input row (top-k)
     N  routed rows = R * K, sorted by expert
+    X, C  an output grouping of the N choices (X groups of C), e.g. FFN: X = R, C = K
     E  experts
     I  input width of a projection, O output width
 
 A routing (`Routing`, built once per layer application by `route`) sorts the R*K choices by expert.
 Every projection then reads its rows in that order, so one expert's rows are contiguous and each
-expert's product is one dense matmul over a segment:
+expert's product is one dense matmul over a segment. One primitive does all the work:
 
-    expert_mm(x_RI, w_EIO, offsets_E1, rows_N, choice_RK)[n] = x_RI[rows_N[n]] @ w_EIO[expert of n]
+    grouped_mm(x, w, offsets, rows, scale, dst):  out[dst[n]] = scale[n] * (x[rows[n]] @ w[expert of n])
 
-`rows_N` gathers input rows (None: x is already in routed order, N == R). `choice_RK` holds, for
-every (row, choice), its position in routed order; the backward pass uses it to sum the K copies of
-each input row's gradient without atomics, so gradients are bit-reproducible.
+`rows` gathers input rows (None: x is already in routed order), `scale` multiplies a row in fp32
+before rounding (the router gate), `dst` scatters the result to (row, choice) order, where a
+top-k sum is a contiguous `[X, C, O].sum(1)`. So neither the forward combine nor any backward pass
+materialises a gathered or gate-scaled [N, D] copy, and no sum needs atomics: results are
+bit-reproducible.
 
-Two implementations sit behind one operator: the plain-PyTorch one below (one matmul per expert
+Two implementations sit behind each operator: the plain-PyTorch one below (one matmul per expert
 segment; CPU, and the reference) and the Triton one in `triton_expert_mm.py` (CUDA). The naive
 gather + einsum `reference_expert_mm` is the ground truth tests compare both against.
 """
@@ -36,30 +39,30 @@ __all__ = ["Routing", "route", "expert_mm", "expert_mm_combine", "combine", "ref
 class Routing:
     """Where each top-k choice goes once choices are sorted by expert."""
     offsets_E1: Tensor   # int64 [E+1]: expert e owns routed rows offsets[e]:offsets[e+1]
-    rows_N: Tensor       # int64 [N]: the input row each routed row reads
-    choice_RK: Tensor    # int64 [R, K]: routed position of choice k of row r (inverse of the sort)
+    rows_N: Tensor       # int64 [N]: the input row each routed row reads (= slot_N // K)
+    slot_N: Tensor       # int64 [N]: flat (row, choice) index r*K + k of each routed row (the sort order)
+    choice_RK: Tensor    # int64 [R, K]: routed position of choice k of row r (inverse of slot_N)
 
 
 def route(expert_RK: Tensor, n_experts: int) -> Routing:
     """Sort the (row, choice) pairs by expert. Stable, so ties keep row order (deterministic)."""
     R, K = expert_RK.shape
     flat_N = expert_RK.reshape(-1).long()
-    _, order_N = torch.sort(flat_N, stable=True)
+    _, slot_N = torch.sort(flat_N, stable=True)
     # scatter_add rather than bincount: a fixed output size keeps torch.compile free of graph breaks.
     counts_E = torch.zeros(n_experts, dtype=torch.long, device=flat_N.device)
     counts_E.scatter_add_(0, flat_N, torch.ones_like(flat_N))
     offsets_E1 = torch.zeros(n_experts + 1, dtype=torch.long, device=flat_N.device)
     offsets_E1[1:] = torch.cumsum(counts_E, 0)
-    choice_N = torch.empty_like(order_N)
-    choice_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
-    return Routing(offsets_E1, order_N // K, choice_N.view(R, K))
+    choice_N = torch.empty_like(slot_N)
+    choice_N[slot_N] = torch.arange(slot_N.numel(), device=slot_N.device)
+    return Routing(offsets_E1, slot_N // K, slot_N, choice_N.view(R, K))
 
 
 def combine(y_NO: Tensor, choice_XC: Tensor, gate_XC: Tensor) -> Tensor:
     """Gate-weighted sum of routed rows: out[x] = sum_c gate[x, c] * y[choice[x, c]]  -> [X, O].
 
-    `choice_XC` is `Routing.choice_RK` viewed as any [X, C] grouping (e.g. SwitchHead sums a token's
-    H*K choices at once). Gates are cast to y's dtype first, as the official code does.
+    The plain (unfused) form of what `expert_mm_combine` computes; the tests' reference for it.
     """
     y_XCO = y_NO[choice_XC]
     return (gate_XC.to(y_XCO.dtype).unsqueeze(1) @ y_XCO).squeeze(1)
@@ -73,6 +76,19 @@ def _check(x: Tensor, w: Tensor, offsets: Tensor) -> None:
     torch._check(x.dtype == w.dtype, lambda: f"expert_mm: x is {x.dtype} but weight is {w.dtype}")
 
 
+def _acc(t: Tensor) -> Tensor:
+    """t in its accumulation precision: fp32, or fp64 for fp64 inputs."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _scale_rows(t_NO: Tensor, scale_N: Tensor) -> Tensor:
+    return (_acc(t_NO) * _acc(scale_N).unsqueeze(1)).to(t_NO.dtype)
+
+
+def _routed_count(x: Tensor, rows: Optional[Tensor]) -> int:
+    return x.shape[0] if rows is None else rows.shape[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Plain-PyTorch implementation (CPU and any device without Triton).
 # ---------------------------------------------------------------------------------------------
@@ -84,20 +100,29 @@ def _segments(offsets_E1: Tensor):
             yield e, bounds[e], bounds[e + 1]
 
 
-def _expert_mm_torch(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor]) -> Tensor:
+def _grouped_mm_torch(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
+                      scale_N: Optional[Tensor] = None, dst_N: Optional[Tensor] = None) -> Tensor:
     x_NI = x_RI if rows_N is None else x_RI.index_select(0, rows_N)
     out_NO = x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
     for e, lo, hi in _segments(offsets_E1):
         torch.mm(x_NI[lo:hi], w_EIO[e], out=out_NO[lo:hi])
+    if scale_N is not None:
+        out_NO = _scale_rows(out_NO, scale_N)
+    if dst_N is not None:
+        out_NO = torch.empty_like(out_NO).index_copy_(0, dst_N, out_NO)
     return out_NO
 
 
-def _weight_grad_torch(x_RI: Tensor, grad_NO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor]) -> Tensor:
+def _weight_grad_torch(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
+                       grad_rows_N: Optional[Tensor] = None, grad_scale_N: Optional[Tensor] = None) -> Tensor:
     x_NI = x_RI if rows_N is None else x_RI.index_select(0, rows_N)
+    g_NO = grad_MO if grad_rows_N is None else grad_MO.index_select(0, grad_rows_N)
+    if grad_scale_N is not None:
+        g_NO = _scale_rows(g_NO, grad_scale_N)
     E = offsets_E1.numel() - 1
-    grad_EIO = grad_NO.new_zeros(E, x_RI.shape[1], grad_NO.shape[1])
+    grad_EIO = g_NO.new_zeros(E, x_RI.shape[1], g_NO.shape[1])
     for e, lo, hi in _segments(offsets_E1):
-        torch.mm(x_NI[lo:hi].t(), grad_NO[lo:hi], out=grad_EIO[e])
+        torch.mm(x_NI[lo:hi].t(), g_NO[lo:hi], out=grad_EIO[e])
     return grad_EIO
 
 
@@ -109,59 +134,122 @@ def _use_triton(t: Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# The operators.
+# The operators: plain functions of tensors (no autograd), so torch.compile sees them as opaque
+# nodes with known output shapes. Autograd is defined by the two Functions below.
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("moeut::expert_mm", mutates_args=())
-def _expert_mm_op(x: Tensor, weight: Tensor, offsets: Tensor, rows: Optional[Tensor],
-                  choice: Optional[Tensor]) -> Tensor:
+@torch.library.custom_op("moeut::grouped_mm", mutates_args=())
+def grouped_mm(x: Tensor, weight: Tensor, offsets: Tensor, rows: Optional[Tensor], scale: Optional[Tensor],
+               dst: Optional[Tensor]) -> Tensor:
+    """[N, O]: out[dst[n]] = scale[n] * (x[rows[n]] @ weight[expert of n]); None skips a step."""
     _check(x, weight, offsets)
     if _use_triton(x):
-        from .triton_expert_mm import expert_mm_triton
-        return expert_mm_triton(x, weight, offsets, rows)
-    return _expert_mm_torch(x, weight, offsets, rows)
+        from .triton_expert_mm import grouped_mm_triton
+        return grouped_mm_triton(x, weight, offsets, rows, scale, dst)
+    return _grouped_mm_torch(x, weight, offsets, rows, scale, dst)
 
 
-@_expert_mm_op.register_fake
-def _(x, weight, offsets, rows, choice):
-    n = x.shape[0] if rows is None else rows.shape[0]
-    return x.new_empty(n, weight.shape[2])
+@grouped_mm.register_fake
+def _(x, weight, offsets, rows, scale, dst):
+    return x.new_empty(_routed_count(x, rows), weight.shape[2])
 
 
-@torch.library.custom_op("moeut::expert_mm_weight_grad", mutates_args=())
-def _weight_grad_op(x: Tensor, grad: Tensor, offsets: Tensor, rows: Optional[Tensor]) -> Tensor:
+@torch.library.custom_op("moeut::grouped_mm_weight_grad", mutates_args=())
+def grouped_mm_weight_grad(x: Tensor, grad: Tensor, offsets: Tensor, rows: Optional[Tensor],
+                           grad_rows: Optional[Tensor], grad_scale: Optional[Tensor]) -> Tensor:
+    """[E, I, O]: out[e] = sum over e's routed rows n of x[rows[n]]^T (grad_scale[n] * grad[grad_rows[n]])."""
     if _use_triton(x):
-        from .triton_expert_mm import expert_mm_weight_grad_triton
-        return expert_mm_weight_grad_triton(x, grad, offsets, rows)
-    return _weight_grad_torch(x, grad, offsets, rows)
+        from .triton_expert_mm import grouped_mm_weight_grad_triton
+        return grouped_mm_weight_grad_triton(x, grad, offsets, rows, grad_rows, grad_scale)
+    return _weight_grad_torch(x, grad, offsets, rows, grad_rows, grad_scale)
 
 
-@_weight_grad_op.register_fake
-def _(x, grad, offsets, rows):
+@grouped_mm_weight_grad.register_fake
+def _(x, grad, offsets, rows, grad_rows, grad_scale):
     return grad.new_empty(offsets.shape[0] - 1, x.shape[1], grad.shape[1])
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, offsets, rows, choice = inputs
-    ctx.save_for_backward(x, weight, offsets, rows, choice)
+def _sum_choices(out_SO: Tensor, n_groups: int) -> Tensor:
+    """[X*C, O] rows in (group, choice) order -> [X, O] sums (fp32 accumulation inside `sum`)."""
+    if n_groups == 0:
+        return out_SO.new_zeros(0, out_SO.shape[1])
+    return out_SO.view(n_groups, -1, out_SO.shape[1]).sum(1)
 
 
-def _backward(ctx, grad_NO):
-    x, weight, offsets, rows, choice = ctx.saved_tensors
-    grad_x = grad_w = None
-    if ctx.needs_input_grad[0]:
-        grad_NI = _expert_mm_op(grad_NO.contiguous(), weight.transpose(1, 2), offsets, None, None)
-        if rows is None:
-            grad_x = grad_NI
+class _ExpertMM(torch.autograd.Function):
+    """y[n] = x[rows[n]] @ w[expert of n], in routed order."""
+
+    @staticmethod
+    def forward(ctx, x_RI, w_EIO, offsets_E1, rows_N, slot_N):
+        ctx.save_for_backward(x_RI, w_EIO, offsets_E1, rows_N, slot_N)
+        return grouped_mm(x_RI, w_EIO, offsets_E1, rows_N, None, None)
+
+    @staticmethod
+    def backward(ctx, grad_NO):
+        x_RI, w_EIO, offsets_E1, rows_N, slot_N = ctx.saved_tensors
+        grad_NO = grad_NO.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            if rows_N is None:
+                grad_x = grouped_mm(grad_NO, w_EIO.transpose(1, 2), offsets_E1, None, None, None)
+            else:  # written in (row, choice) order, so summing a row's K copies is contiguous
+                grad_x = _sum_choices(grouped_mm(grad_NO, w_EIO.transpose(1, 2), offsets_E1, None, None, slot_N),
+                                      x_RI.shape[0])
+        if ctx.needs_input_grad[1]:
+            grad_w = grouped_mm_weight_grad(x_RI, grad_NO, offsets_E1, rows_N, None, None)
+        return grad_x, grad_w, None, None, None
+
+
+class _ExpertMMCombine(torch.autograd.Function):
+    """out[x] = sum_c gate[x, c] * (x_in[rows[n]] @ w[expert of n]) with n = choice[x, c].
+
+    The forward writes gate-scaled rows in (group, choice) order and sums them; nothing of size
+    [N, O] is saved. The backward gathers output-gradient rows inside the kernels (never as a copy)
+    and gets the gate gradient <d out[x], y_n> from whichever side of the projection is narrower:
+    the unscaled input gradient (I <= O, e.g. the FFN's down projection) or a recomputed y (I > O,
+    e.g. SwitchHead's value projection).
+    """
+
+    @staticmethod
+    def forward(ctx, x_RI, w_EIO, gate_XC, offsets_E1, rows_N, slot_N):
+        gate_N = _acc(gate_XC.reshape(-1)).index_select(0, slot_N)
+        out_SO = grouped_mm(x_RI, w_EIO, offsets_E1, rows_N, gate_N, slot_N)
+        ctx.save_for_backward(x_RI, w_EIO, gate_XC, offsets_E1, rows_N, slot_N)
+        return _sum_choices(out_SO, gate_XC.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_XO):
+        x_RI, w_EIO, gate_XC, offsets_E1, rows_N, slot_N = ctx.saved_tensors
+        X, C = gate_XC.shape
+        N, I, O = slot_N.shape[0], w_EIO.shape[1], w_EIO.shape[2]
+        grad_XO = grad_XO.to(x_RI.dtype).contiguous()
+        group_N = slot_N // C                      # the output row each routed row adds into
+        gate_N = _acc(gate_XC.reshape(-1)).index_select(0, slot_N)
+        w_T = w_EIO.transpose(1, 2)
+        grad_x = None
+        if I <= O:
+            grad_in_NI = grouped_mm(grad_XO, w_T, offsets_E1, group_N, None, None)
+            x_NI = x_RI if rows_N is None else x_RI.index_select(0, rows_N)
+            grad_gate_N = (_acc(grad_in_NI) * _acc(x_NI)).sum(-1)
+            if ctx.needs_input_grad[0]:
+                grad_x_NI = _scale_rows(grad_in_NI, gate_N)
+                if rows_N is None:
+                    grad_x = grad_x_NI
+                else:
+                    grad_x = _sum_choices(torch.empty_like(grad_x_NI).index_copy_(0, slot_N, grad_x_NI), x_RI.shape[0])
         else:
-            torch._check(choice is not None, lambda: "expert_mm: backward through a gather needs `choice`")
-            grad_x = grad_NI[choice].sum(1)
-    if ctx.needs_input_grad[1]:
-        grad_w = _weight_grad_op(x, grad_NO.contiguous(), offsets, rows)
-    return grad_x, grad_w, None, None, None
-
-
-_expert_mm_op.register_autograd(_backward, setup_context=_setup_context)
+            y_NO = grouped_mm(x_RI, w_EIO, offsets_E1, rows_N, None, None)
+            grad_gate_N = (_acc(y_NO) * _acc(grad_XO.index_select(0, group_N))).sum(-1)
+            if ctx.needs_input_grad[0]:
+                if rows_N is None:
+                    grad_x = grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_N, None)
+                else:
+                    grad_x = _sum_choices(grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_N, slot_N), x_RI.shape[0])
+        grad_gate = grad_gate_N.new_empty(N).index_copy_(0, slot_N, grad_gate_N).view(X, C).to(gate_XC.dtype)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = grouped_mm_weight_grad(x_RI, grad_XO, offsets_E1, rows_N, group_N, gate_N)
+        return grad_x, grad_w, grad_gate, None, None, None
 
 
 def _autocast_operands(x: Tensor, w: Tensor) -> tuple:
@@ -180,65 +268,26 @@ def expert_mm(x_RI: Tensor, w_EIO: Tensor, routing: Routing, gather: bool = True
     Under autocast the operands are cast to the autocast dtype, like `F.linear`.
     """
     x_RI, w_EIO = _autocast_operands(x_RI, w_EIO)
-    if gather:
-        return _expert_mm_op(x_RI.contiguous(), w_EIO, routing.offsets_E1, routing.rows_N, routing.choice_RK)
-    return _expert_mm_op(x_RI.contiguous(), w_EIO, routing.offsets_E1, None, None)
-
-
-class _ExpertMMCombine(torch.autograd.Function):
-    """out[x] = sum_c gate[x, c] * (x_in[rows[n]] @ w[expert of n]) with n = choice[x, c].
-
-    Same value as `combine(expert_mm(...), choice, gate)`, but the [N, O] routed outputs are a
-    transient of the forward only: backward recomputes what it needs from the inputs (the gate
-    gradient is <d out / d y_n, y_n> = <(grad_out @ w^T)_n, x_n>), which saves N*O activations per
-    call (0.5 GB per layer application for MoEUT_244M at 16k tokens).
-    """
-
-    @staticmethod
-    def forward(ctx, x_RI, w_EIO, gate_XC, offsets_E1, rows_N, choice_RK, choice_XC):
-        y_NO = _expert_mm_op(x_RI, w_EIO, offsets_E1, rows_N, choice_RK)
-        out = combine(y_NO, choice_XC, gate_XC)
-        ctx.save_for_backward(x_RI, w_EIO, gate_XC, offsets_E1, rows_N, choice_RK, choice_XC)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_XO):
-        x_RI, w_EIO, gate_XC, offsets_E1, rows_N, choice_RK, choice_XC = ctx.saved_tensors
-        X, C = choice_XC.shape
-        N = choice_XC.numel()
-        # Which output group and which gate each routed row belongs to.
-        group_N = torch.empty(N, dtype=torch.long, device=grad_XO.device)
-        group_N[choice_XC.reshape(-1)] = torch.arange(X, device=grad_XO.device).repeat_interleave(C)
-        gate_N = torch.empty(N, dtype=gate_XC.dtype, device=gate_XC.device)
-        gate_N[choice_XC.reshape(-1)] = gate_XC.reshape(-1)
-        grad_NO = grad_XO.to(x_RI.dtype)[group_N]                        # d out / d y_n, before the gate
-        grad_in_NI = _expert_mm_op(grad_NO, w_EIO.transpose(1, 2), offsets_E1, None, None)
-        x_NI = x_RI if rows_N is None else x_RI.index_select(0, rows_N)
-        grad_gate = (grad_in_NI.float() * x_NI.float()).sum(-1)[choice_XC].to(gate_XC.dtype)
-        gate_col = gate_N.to(x_RI.dtype).unsqueeze(1)
-        grad_x = grad_in_NI * gate_col
-        if rows_N is not None:
-            grad_x = grad_x[choice_RK].sum(1)
-        grad_w = _weight_grad_op(x_RI, grad_NO * gate_col, offsets_E1, rows_N)
-        return grad_x, grad_w, grad_gate, None, None, None, None
+    rows = routing.rows_N if gather else None
+    return _ExpertMM.apply(x_RI.contiguous(), w_EIO, routing.offsets_E1, rows, routing.slot_N)
 
 
 def expert_mm_combine(x_RI: Tensor, w_EIO: Tensor, routing: Routing, gate_XC: Tensor, gather: bool = True) -> Tensor:
-    """`combine(expert_mm(x, w, routing, gather), choice, gate)` with less saved memory; the grouping
-    [X, C] of the choices is given by `gate_XC`'s shape (choice = routing.choice_RK viewed as [X, C])."""
+    """`combine(expert_mm(x, w, routing, gather), choice, gate)`, fused: [X, O] with the grouping of
+    the choices given by `gate_XC`'s shape (group x holds flat choices x*C .. x*C + C-1)."""
     x_RI, w_EIO = _autocast_operands(x_RI, w_EIO)
-    choice_XC = routing.choice_RK.view(gate_XC.shape)
+    if gate_XC.numel() != routing.slot_N.numel():
+        raise ValueError(f"expert_mm_combine: {gate_XC.numel()} gates for {routing.slot_N.numel()} routed rows")
     rows = routing.rows_N if gather else None
-    choice = routing.choice_RK if gather else None
-    return _ExpertMMCombine.apply(x_RI.contiguous(), w_EIO, gate_XC, routing.offsets_E1, rows, choice, choice_XC)
+    return _ExpertMMCombine.apply(x_RI.contiguous(), w_EIO, gate_XC, routing.offsets_E1, rows, routing.slot_N)
 
 
 def fp64_reference(x_RI: Tensor, w_EIO: Tensor, grad_NO: Tensor, routing: Routing):
     """(out, grad_x, grad_w) of `expert_mm` in float64 via the per-expert PyTorch path: a light
     reference for large shapes, where the einsum one would materialise R*K weight copies."""
     x, w, g = x_RI.detach().double(), w_EIO.detach().double(), grad_NO.detach().double()
-    out = _expert_mm_torch(x, w, routing.offsets_E1, routing.rows_N)
-    grad_x = _expert_mm_torch(g, w.transpose(1, 2), routing.offsets_E1, None)[routing.choice_RK].sum(1)
+    out = _grouped_mm_torch(x, w, routing.offsets_E1, routing.rows_N)
+    grad_x = _grouped_mm_torch(g, w.transpose(1, 2), routing.offsets_E1, None)[routing.choice_RK].sum(1)
     grad_w = _weight_grad_torch(x, g, routing.offsets_E1, routing.rows_N)
     return out, grad_x, grad_w
 

@@ -1,6 +1,7 @@
 """Text generation with the KV cache: batched prompts of different lengths (left-padded, padding
 masked; RoPE is relative, so padding does not shift anything), greedy or temperature / top-k /
-top-p sampling, stop at end of text, reproducible with a seed.
+top-p sampling, stop at end of text, reproducible with a seed. On CUDA the cache is preallocated and
+each decoding step is replayed from a CUDA graph (one launch instead of thousands of small kernels).
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .attention import AttentionMask
+from .attention import AttentionMask, new_static_cache
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -34,20 +35,63 @@ def pick_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class _DecodeStep:
+    """One decoding step (token [B, 1] -> last-position logits [B, V]) against a preallocated cache,
+    replayed from a CUDA graph after one eager warm-up step; eager on other devices."""
+
+    def __init__(self, model, mask: AttentionMask, cache, use_graph: bool):
+        self.model, self.mask, self.cache = model, mask, cache
+        self.use_graph, self.graph, self.warm = use_graph, None, False
+
+    def _eager(self, tok: torch.Tensor) -> torch.Tensor:
+        return self.model(tok, self.mask, kv_cache=self.cache).outputs[:, -1]
+
+    def __call__(self, tok: torch.Tensor) -> torch.Tensor:
+        if not self.use_graph:
+            return self._eager(tok)
+        if not self.warm:  # first step: eager on a side stream (lazy inits and Triton autotuning happen here)
+            self.warm = True
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = self._eager(tok)
+            torch.cuda.current_stream().wait_stream(side)
+            return logits
+        if self.graph is None:
+            self.tok = tok.clone()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):   # recorded, not run: the replay below runs it
+                self.logits = self._eager(self.tok)
+        else:
+            self.tok.copy_(tok)
+        self.graph.replay()
+        return self.logits
+
+
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None, eos_id: Optional[int] = None,
-             on_token: Optional[Callable[[int, int], None]] = None, use_cache: bool = True) -> List[List[int]]:
+             on_token: Optional[Callable[[int, int], None]] = None, cache: str = "static",
+             cuda_graph: Optional[bool] = None) -> List[List[int]]:
     """New tokens for each prompt (without the prompt; stops after eos_id, which is not returned).
 
-    `on_token(row, token)` is called for every produced token (streaming). `use_cache=False`
-    recomputes the whole sequence every step: slow, the reference the cached path is tested against.
+    `on_token(row, token)` is called for every produced token (streaming). `cache`: "static" (a
+    preallocated KV cache of prompt + max_new_tokens positions: fixed shapes, no copies), "dynamic"
+    (the official growing dict cache) or "none" (recompute the whole sequence every step: slow, the
+    reference the cached paths are tested against). `cuda_graph` (default: on CUDA with the static
+    cache and at least 8 new tokens) replays each decoding step from a CUDA graph.
     """
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
+    if cache not in ("static", "dynamic", "none"):
+        raise ValueError(f"cache must be 'static', 'dynamic' or 'none', got {cache!r}")
     if not prompts:
         return []
     device = next(model.parameters()).device
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda" and cache == "static" and max_new_tokens >= 8
+    if cuda_graph and (device.type != "cuda" or cache != "static"):
+        raise ValueError("cuda_graph needs a CUDA model and cache='static'")
     prompts = [list(p) if len(p) else [eos_id if eos_id is not None else 0] for p in prompts]
     B, L = len(prompts), max(len(p) for p in prompts)
     x = torch.zeros(B, L, dtype=torch.long, device=device)
@@ -62,17 +106,29 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     model.eval()
     out_tokens: List[List[int]] = [[] for _ in range(B)]
     done = [False] * B
-    cache = {} if use_cache else None
+    kv = None
+    if cache == "static":
+        capacity = L + max_new_tokens
+        kv = {i: new_static_cache(capacity) for i in range(model.n_layers)}
+        pad = torch.cat([pad, torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)], 1)
+        step = _DecodeStep(model, AttentionMask(pad, None, is_causal=True), kv, cuda_graph)
+    elif cache == "dynamic":
+        kv = {}
     seq, seq_pad = x, pad
-    step_in = x
     try:
-        for _ in range(max_new_tokens):
-            if use_cache:
-                out = model(step_in, AttentionMask(seq_pad, None, is_causal=True), kv_cache=cache)
-                cache = out.cache
+        for i_step in range(max_new_tokens):
+            if cache == "static":
+                if i_step == 0:
+                    logits = model(x, AttentionMask(pad, None, is_causal=True), kv_cache=kv).outputs[:, -1]
+                else:
+                    logits = step(nxt[:, None])
+            elif cache == "dynamic":
+                step_in = x if i_step == 0 else nxt[:, None]
+                out = model(step_in, AttentionMask(seq_pad, None, is_causal=True), kv_cache=kv)
+                kv, logits = out.cache, out.outputs[:, -1]
             else:
-                out = model(seq, AttentionMask(seq_pad, None, is_causal=True))
-            nxt = pick_next(out.outputs[:, -1].float(), temperature, top_k, top_p, gen)
+                logits = model(seq, AttentionMask(seq_pad, None, is_causal=True)).outputs[:, -1]
+            nxt = pick_next(logits.float(), temperature, top_k, top_p, gen)
             for i, t in enumerate(nxt.tolist()):  # one device sync per step
                 if done[i]:
                     continue
@@ -84,9 +140,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
                     on_token(i, t)
             if all(done):
                 break
-            step_in = nxt[:, None]
-            seq = torch.cat([seq, step_in], 1)
-            seq_pad = torch.cat([seq_pad, torch.zeros(B, 1, dtype=torch.bool, device=device)], 1)
+            if cache != "static":
+                seq = torch.cat([seq, nxt[:, None]], 1)
+                seq_pad = torch.cat([seq_pad, torch.zeros(B, 1, dtype=torch.bool, device=device)], 1)
     finally:
         model.train(was_training)
     return out_tokens

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionMask, KVCache, SwitchHeadRope, check_mask
-from .moe import SigmaMoE, selection_entropy_loss
+from .moe import SigmaMoE, negative_entropy, selection_probability_sum
 
 MultilayerKVCache = Optional[Dict[int, KVCache]]
 
@@ -93,19 +93,23 @@ class MoEUTLayer(torch.nn.Module):
         return x, kv_cache
 
 
-def _cache_length(kv_cache: MultilayerKVCache, batch: int, n_layers: int) -> int:
-    """Validate a multi-layer KV cache against the input and return its length (0 when empty)."""
+def _key_length(kv_cache: MultilayerKVCache, batch: int, n_layers: int, T: int) -> int:
+    """Validate a multi-layer KV cache against the input; return the number of keys attention sees
+    (cache length + T, or the capacity of a preallocated cache)."""
     if kv_cache is None:
-        return 0
+        return T
     if not isinstance(kv_cache, dict):
         raise TypeError(f"kv_cache must be a dict (pass {{}} to start caching), got {type(kv_cache).__name__}")
-    if not kv_cache:
-        return 0
-    lengths = set()
+    lengths, capacities = set(), set()
     for li, entry in kv_cache.items():
         if not isinstance(li, int) or not 0 <= li < n_layers:
             raise ValueError(f"kv_cache has an entry for layer {li!r}; this model has layers 0..{n_layers - 1}")
         if not entry:
+            continue
+        if "capacity" in entry:   # preallocated (attention.new_static_cache)
+            capacities.add(int(entry["capacity"]))
+            if "k" in entry and entry["k"].shape[0] != batch:
+                raise ValueError(f"kv_cache was built for batch size {entry['k'].shape[0]}, but the input has batch size {batch}")
             continue
         k = entry.get("k")
         if k is None or "v" not in entry:
@@ -113,9 +117,13 @@ def _cache_length(kv_cache: MultilayerKVCache, batch: int, n_layers: int) -> int
         if k.shape[0] != batch:
             raise ValueError(f"kv_cache was built for batch size {k.shape[0]}, but the input has batch size {batch}")
         lengths.add(k.shape[-2])
+    if capacities:
+        if lengths or len(capacities) > 1 or len(kv_cache) != n_layers:
+            raise ValueError("a preallocated kv_cache needs one entry of the same capacity for every layer")
+        return capacities.pop()
     if len(lengths) > 1:
         raise ValueError(f"kv_cache layers have different lengths {sorted(lengths)}: the cache is inconsistent")
-    return lengths.pop() if lengths else 0
+    return (lengths.pop() if lengths else 0) + T
 
 
 class MoEUT(torch.nn.Module):
@@ -160,13 +168,15 @@ class MoEUT(torch.nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"MoEUT input must be floating point, got {x.dtype}")
         B, T, _ = x.shape
-        past = _cache_length(kv_cache, B, self.n_layers)
+        S = _key_length(kv_cache, B, self.n_layers, T)
         if mask is None:
             mask = AttentionMask(None, None, is_causal=True)
-        check_mask(mask, B, T, past + T)
+        check_mask(mask, B, T, S)
 
-        ffn_logits: List[List[Tensor]] = [[] for _ in self.layers]
-        att_logits: List[List[Tensor]] = [[] for _ in self.layers]
+        # Entropy regularisation, streamed: per distinct layer, the router's softmax summed over the
+        # positions of all its applications ([ffn, att-output, att-value] sums and the position count).
+        prob_sums: List[List[Optional[Tensor]]] = [[None, None, None] for _ in self.layers]
+        n_positions = [0 for _ in self.layers]
         new_cache = {}
         router_logits = [] if self.collect_router_logits else None
         for r in range(self.n_repeats):
@@ -181,18 +191,19 @@ class MoEUT(torch.nn.Module):
                 if router_logits is not None:
                     router_logits.append(f_log.detach())
                 if self.training:
-                    ffn_logits[li].append(f_log)
-                    if a_log is not None:
-                        att_logits[li].append(a_log)
+                    n_positions[li] += f_log.shape[1]
+                    for which, logits in enumerate([f_log] + list(a_log or ())):
+                        s = selection_probability_sum(logits)
+                        prev = prob_sums[li][which]
+                        prob_sums[li][which] = s if prev is None else prev + s
 
         reg_loss = x.new_zeros((), dtype=torch.float32)
         if self.training:
             for li in range(len(self.layers)):
-                reg_loss = reg_loss + self.entropy_reg * selection_entropy_loss(ffn_logits[li])
-                if att_logits[li]:
-                    for which in range(2):  # output router, value router
-                        reg_loss = reg_loss + self.att_entropy_reg * selection_entropy_loss(
-                            [l[which] for l in att_logits[li]])
+                for which, p_sum in enumerate(prob_sums[li]):
+                    if p_sum is not None:
+                        weight = self.entropy_reg if which == 0 else self.att_entropy_reg
+                        reg_loss = reg_loss + weight * negative_entropy(p_sum / n_positions[li])
         return MoEUTOutput(x, reg_loss, new_cache if kv_cache is not None else None, router_logits)
 
 
@@ -240,7 +251,8 @@ def check_tokens(x: Tensor, n_tokens: int) -> None:
         raise TypeError(f"tokens must be an integer tensor (token ids), got {x.dtype}")
     if x.dim() != 2:
         raise ValueError(f"tokens must have shape [batch, time], got {tuple(x.shape)}")
-    if x.numel() and not torch.compiler.is_compiling():
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()  # a CUDA graph allows no sync
+    if x.numel() and not torch.compiler.is_compiling() and not capturing:
         lo, hi = torch.aminmax(x)
         lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= n_tokens:

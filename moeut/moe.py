@@ -20,18 +20,28 @@ from torch import Tensor
 from .expert_mm import expert_mm, expert_mm_combine, route
 
 
+def selection_probability_sum(logits: Tensor) -> Tensor:
+    """Softmax over experts summed over positions: [B, T, E] -> [B, E] (or [B, T, H, E] -> [B, H, E])."""
+    return F.softmax(logits.float(), dim=-1).sum(1)
+
+
+def negative_entropy(mean_p: Tensor) -> Tensor:
+    """Negative entropy of distributions over the last dim, averaged over the rest."""
+    return (mean_p * mean_p.clamp_min(torch.finfo(mean_p.dtype).tiny).log()).sum(-1).mean()
+
+
 def selection_entropy_loss(logits: List[Tensor]) -> Tensor:
     """Negative entropy of the mean expert distribution of one router, averaged over the batch.
 
     `logits` holds the router's selector logits from every application of the module in one
     forward pass, each [B, T, E] or [B, T, H, E]. Per sequence, the softmax over experts is averaged
-    over all positions and applications (in log space), and the entropy of that mean is taken.
-    Minimising this loss pushes the router to use all experts (NOTES.md §1).
+    over all positions and applications, and the entropy of that mean is taken. Minimising this
+    loss pushes the router to use all experts (NOTES.md §1). The official code takes the mean in log
+    space over the concatenated logits; summing probabilities per application gives the same value
+    without keeping an fp32 copy of every application's logits (`MoEUT.forward` streams it).
     """
-    all_BPE = torch.cat([l.float() for l in logits], dim=1)  # positions of all applications
-    logp = F.log_softmax(all_BPE, dim=-1)
-    log_mean = torch.logsumexp(logp, dim=1) - math.log(all_BPE.shape[1])
-    return (log_mean.exp() * log_mean).sum(-1).mean()
+    total = sum(selection_probability_sum(l) for l in logits)
+    return negative_entropy(total / sum(l.shape[1] for l in logits))
 
 
 def renorm_keep_std(weight: Tensor, dim: int = 0) -> None:

@@ -3,12 +3,13 @@
 Same contract as the plain-PyTorch version in `expert_mm.py` (the reference every test compares with):
 routed rows are sorted by expert, expert e owns rows offsets[e]:offsets[e+1].
 
-* `expert_mm_triton`: a grouped GEMM over row tiles that never straddle two experts. The tile ->
+* `grouped_mm_triton`: a grouped GEMM over row tiles that never straddle two experts. The tile ->
   (expert, first row) table is built on the device without a host sync; the row gather is fused into
-  the operand load, so no gathered copy of x is ever written.
-* `expert_mm_weight_grad_triton`: one program per (expert, output tile) loops over that expert's rows
+  the operand load, the gate scale and the scatter to (row, choice) order into the epilogue, so no
+  gathered, scaled or permuted copy is ever written.
+* `grouped_mm_weight_grad_triton`: one program per (expert, output tile) loops over that expert's rows
   and writes its tile once: no atomics, so the result is bit-reproducible (the official kernel
-  accumulated with atomic adds).
+  accumulated with atomic adds). Both operands may be gathered; the gradient rows may be scaled.
 
 Both run under `TRITON_INTERPRET=1` on CPU tensors, which is how CI checks their logic.
 """
@@ -27,6 +28,8 @@ except ImportError:  # the model works without Triton; only this fast path needs
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# MOEUT_AUTOTUNE=0 uses the first config of each list (GPU tests: compile once instead of ~6 times).
+AUTOTUNE = os.environ.get("MOEUT_AUTOTUNE", "1") != "0"
 
 
 def available() -> bool:
@@ -46,7 +49,7 @@ if triton is not None:
             triton.Config({"BM": 128, "BN": 64, "BK": 64}, num_warps=4, num_stages=4),
             triton.Config({"BM": 128, "BN": 256, "BK": 64}, num_warps=8, num_stages=3),
             triton.Config({"BM": 64, "BN": 64, "BK": 64}, num_warps=4, num_stages=3),
-        ]
+        ][:None if AUTOTUNE else 1]
 
     def _wgrad_configs():
         if INTERPRET:
@@ -57,7 +60,7 @@ if triton is not None:
             triton.Config({"BI": 64, "BO": 128, "BK": 64}, num_warps=4, num_stages=4),
             triton.Config({"BI": 128, "BO": 64, "BK": 64}, num_warps=4, num_stages=4),
             triton.Config({"BI": 64, "BO": 64, "BK": 64}, num_warps=4, num_stages=3),
-        ]
+        ][:None if AUTOTUNE else 1]
 
     @triton.jit
     def _dot(a, b, acc, FP32: tl.constexpr):
@@ -87,12 +90,13 @@ if triton is not None:
         row_end = tl.sum(tl.where(mine, hi, 0), 0)
         return e, row0, row_end, pid < total
 
-    @triton.autotune(configs=_mm_configs(), key=["I", "O", "GATHER", "FP32"])
+    @triton.autotune(configs=_mm_configs(), key=["I", "O", "GATHER", "SCALE", "SCATTER", "FP32"])
     @triton.jit
-    def _expert_mm_kernel(x_ptr, w_ptr, out_ptr, offsets_ptr, rows_ptr,
+    def _expert_mm_kernel(x_ptr, w_ptr, out_ptr, offsets_ptr, rows_ptr, scale_ptr, dst_ptr,
                           E, I, O,
                           sxr, sxi, swe, swi, swo, sor, soo,
-                          GATHER: tl.constexpr, FP32: tl.constexpr, EP: tl.constexpr,
+                          GATHER: tl.constexpr, SCALE: tl.constexpr, SCATTER: tl.constexpr,
+                          FP32: tl.constexpr, EP: tl.constexpr,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -118,15 +122,22 @@ if triton is not None:
             acc = _dot(a, b, acc, FP32)
             a_ptrs += BK * sxi
             b_ptrs += BK * swi
-        o_ptrs = out_ptr + rows[:, None].to(tl.int64) * sor + cols[None, :] * soo
+        if SCALE:  # the router gate, applied in fp32 before rounding
+            acc = acc * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        if SCATTER:
+            dst = tl.load(dst_ptr + rows, mask=row_ok, other=0)
+        else:
+            dst = rows
+        o_ptrs = out_ptr + dst[:, None].to(tl.int64) * sor + cols[None, :] * soo
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
-    @triton.autotune(configs=_wgrad_configs(), key=["I", "O", "GATHER", "FP32"])
+    @triton.autotune(configs=_wgrad_configs(), key=["I", "O", "GATHER", "GGATHER", "GSCALE", "FP32"])
     @triton.jit
-    def _weight_grad_kernel(x_ptr, g_ptr, out_ptr, offsets_ptr, rows_ptr,
+    def _weight_grad_kernel(x_ptr, g_ptr, out_ptr, offsets_ptr, rows_ptr, grows_ptr, gscale_ptr,
                             I, O,
                             sxr, sxi, sgr, sgo, soe, soi, soo,
-                            GATHER: tl.constexpr, FP32: tl.constexpr,
+                            GATHER: tl.constexpr, GGATHER: tl.constexpr, GSCALE: tl.constexpr,
+                            FP32: tl.constexpr,
                             BI: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr):
         e = tl.program_id(0)
         pid = tl.program_id(1)
@@ -146,47 +157,65 @@ if triton is not None:
                 src = tl.load(rows_ptr + rows, mask=r_ok, other=0)
             else:
                 src = rows
+            if GGATHER:
+                gsrc = tl.load(grows_ptr + rows, mask=r_ok, other=0)
+            else:
+                gsrc = rows
             a = tl.load(x_ptr + src[None, :].to(tl.int64) * sxr + ii[:, None] * sxi,
                         mask=i_ok[:, None] & r_ok[None, :], other=0.0)
-            b = tl.load(g_ptr + rows[:, None].to(tl.int64) * sgr + oo[None, :] * sgo,
+            b = tl.load(g_ptr + gsrc[:, None].to(tl.int64) * sgr + oo[None, :] * sgo,
                         mask=r_ok[:, None] & o_ok[None, :], other=0.0)
+            if GSCALE:  # same rounding as scaling the gradient rows before the product
+                s = tl.load(gscale_ptr + rows, mask=r_ok, other=0.0)
+                b = (b.to(tl.float32) * s[:, None]).to(g_ptr.dtype.element_ty)
             acc = _dot(a, b, acc, FP32)
         o_ptrs = out_ptr + e.to(tl.int64) * soe + ii[:, None] * soi + oo[None, :] * soo
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & o_ok[None, :])
 
 
-def expert_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor]) -> Tensor:
+def grouped_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
+                      scale_N: Optional[Tensor] = None, dst_N: Optional[Tensor] = None) -> Tensor:
     N = x_RI.shape[0] if rows_N is None else rows_N.shape[0]
     E, I, O = w_EIO.shape
     out_NO = torch.empty(N, O, device=x_RI.device, dtype=x_RI.dtype)
     if N == 0:
         return out_NO
-    rows_arg = rows_N if rows_N is not None else offsets_E1  # never read when GATHER is off
+    unused = offsets_E1  # pointer for the arguments a constexpr flag switches off (never read)
+    scale = scale_N.float().contiguous() if scale_N is not None else None
 
     def grid(meta):
         # Upper bound on the number of row tiles; programs past the real count return at once.
         return (triton.cdiv(N, meta["BM"]) + E, triton.cdiv(O, meta["BN"]))
 
-    _expert_mm_kernel[grid](x_RI, w_EIO, out_NO, offsets_E1, rows_arg, E, I, O,
+    _expert_mm_kernel[grid](x_RI, w_EIO, out_NO, offsets_E1, _or(rows_N, unused), _or(scale, unused),
+                            _or(dst_N, unused), E, I, O,
                             x_RI.stride(0), x_RI.stride(1), w_EIO.stride(0), w_EIO.stride(1), w_EIO.stride(2),
                             out_NO.stride(0), out_NO.stride(1),
-                            GATHER=rows_N is not None, FP32=x_RI.dtype == torch.float32,
-                            EP=triton.next_power_of_2(E))
+                            GATHER=rows_N is not None, SCALE=scale_N is not None, SCATTER=dst_N is not None,
+                            FP32=x_RI.dtype == torch.float32, EP=triton.next_power_of_2(E))
     return out_NO
 
 
-def expert_mm_weight_grad_triton(x_RI: Tensor, grad_NO: Tensor, offsets_E1: Tensor,
-                                 rows_N: Optional[Tensor]) -> Tensor:
+def grouped_mm_weight_grad_triton(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
+                                  grad_rows_N: Optional[Tensor] = None,
+                                  grad_scale_N: Optional[Tensor] = None) -> Tensor:
     E = offsets_E1.numel() - 1
-    I, O = x_RI.shape[1], grad_NO.shape[1]
+    I, O = x_RI.shape[1], grad_MO.shape[1]
     out_EIO = torch.empty(E, I, O, device=x_RI.device, dtype=x_RI.dtype)
-    rows_arg = rows_N if rows_N is not None else offsets_E1
+    unused = offsets_E1
+    scale = grad_scale_N.float().contiguous() if grad_scale_N is not None else None
 
     def grid(meta):
         return (E, triton.cdiv(I, meta["BI"]) * triton.cdiv(O, meta["BO"]))
 
-    _weight_grad_kernel[grid](x_RI, grad_NO, out_EIO, offsets_E1, rows_arg, I, O,
-                              x_RI.stride(0), x_RI.stride(1), grad_NO.stride(0), grad_NO.stride(1),
+    _weight_grad_kernel[grid](x_RI, grad_MO, out_EIO, offsets_E1, _or(rows_N, unused), _or(grad_rows_N, unused),
+                              _or(scale, unused), I, O,
+                              x_RI.stride(0), x_RI.stride(1), grad_MO.stride(0), grad_MO.stride(1),
                               out_EIO.stride(0), out_EIO.stride(1), out_EIO.stride(2),
-                              GATHER=rows_N is not None, FP32=x_RI.dtype == torch.float32)
+                              GATHER=rows_N is not None, GGATHER=grad_rows_N is not None,
+                              GSCALE=grad_scale_N is not None, FP32=x_RI.dtype == torch.float32)
     return out_EIO
+
+
+def _or(t: Optional[Tensor], default: Tensor) -> Tensor:
+    return default if t is None else t

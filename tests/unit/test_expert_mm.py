@@ -27,6 +27,7 @@ def test_route_is_consistent():
     sorted_experts = flat[torch.argsort(flat, stable=True)]
     assert torch.equal(sorted_experts[r.choice_RK], e)
     assert torch.equal(r.rows_N[r.choice_RK], torch.arange(50)[:, None].expand(50, 3))
+    assert torch.equal(r.slot_N[r.choice_RK].view(-1), torch.arange(150))   # slot is the inverse of choice
 
 
 @pytest.mark.parametrize("kind", ["random", "one_expert", "empty_experts"])
@@ -102,26 +103,55 @@ def test_expert_mm_rejects_mismatched_dtypes():
 
 
 def test_opcheck():
+    from moeut.expert_mm import grouped_mm, grouped_mm_weight_grad
     gen = torch.Generator().manual_seed(5)
     expert = torch.randint(0, 4, (10, 2), generator=gen)
     r = route(expert, 4)
-    x = torch.randn(10, 6, generator=gen, requires_grad=True)
-    w = torch.randn(4, 6, 5, generator=gen, requires_grad=True)
-    torch.library.opcheck(torch.ops.moeut.expert_mm.default, (x, w, r.offsets_E1, r.rows_N, r.choice_RK))
-    h = torch.randn(20, 6, generator=gen, requires_grad=True)
-    torch.library.opcheck(torch.ops.moeut.expert_mm.default, (h, w, r.offsets_E1, None, None))
+    x = torch.randn(10, 6, generator=gen)
+    w = torch.randn(4, 6, 5, generator=gen)
+    scale = torch.rand(20, generator=gen)
+    for rows, inp in ((r.rows_N, x), (None, torch.randn(20, 6, generator=gen))):
+        for sc, dst in ((None, None), (scale, None), (scale, r.slot_N), (None, r.slot_N)):
+            torch.library.opcheck(grouped_mm, (inp, w, r.offsets_E1, rows, sc, dst))
     g = torch.randn(20, 5, generator=gen)
-    torch.library.opcheck(torch.ops.moeut.expert_mm_weight_grad.default, (x.detach(), g, r.offsets_E1, r.rows_N))
+    torch.library.opcheck(grouped_mm_weight_grad, (x, g, r.offsets_E1, r.rows_N, None, None))
+    g_rows = torch.randn(10, 5, generator=gen)
+    torch.library.opcheck(grouped_mm_weight_grad, (x, g_rows, r.offsets_E1, r.rows_N, r.rows_N, scale))
+
+
+def test_grouped_mm_scale_and_scatter_match_reference():
+    """out[dst[n]] = scale[n] * x[rows[n]] @ w[e(n)]: with dst = slot, row r*K+k holds choice (r, k)."""
+    from moeut.expert_mm import grouped_mm, grouped_mm_weight_grad
+    gen = torch.Generator().manual_seed(8)
+    R, K, E, I, O = 30, 3, 7, 9, 11
+    expert = 2 * torch.randint(0, 3, (R, K), generator=gen)   # odd experts stay empty
+    r = route(expert, E)
+    x = torch.randn(R, I, generator=gen, dtype=torch.float64)
+    w = torch.randn(E, I, O, generator=gen, dtype=torch.float64)
+    gate = torch.rand(R, K, generator=gen, dtype=torch.float64)
+    ref_RKO = reference_expert_mm(x, w, expert) * gate[..., None]
+    out = grouped_mm(x, w, r.offsets_E1, r.rows_N, gate.view(-1)[r.slot_N], r.slot_N)
+    torch.testing.assert_close(out.view(R, K, O), ref_RKO)
+    # weight gradient with gathered, gate-scaled gradient rows: rows of g_RO are per input row
+    g_RO = torch.randn(R, O, generator=gen, dtype=torch.float64)
+    got = grouped_mm_weight_grad(x, g_RO, r.offsets_E1, r.rows_N, r.rows_N, gate.view(-1)[r.slot_N])
+    want = torch.zeros(E, I, O, dtype=torch.float64)
+    for rr in range(R):
+        for k in range(K):
+            want[expert[rr, k]] += gate[rr, k] * torch.outer(x[rr], g_RO[rr])
+    torch.testing.assert_close(got, want)
+    assert (got[1::2] == 0).all()
 
 
 @pytest.mark.parametrize("gather", [True, False])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_expert_mm_combine_matches_unfused(gather, groups):
-    """The memory-saving fused projection+combine equals combine(expert_mm(...)) in value and gradients."""
+@pytest.mark.parametrize("I,O", [(10, 7), (5, 12)])   # both ways of getting the gate gradient
+def test_expert_mm_combine_matches_unfused(gather, groups, I, O):
+    """The fused projection+combine equals combine(expert_mm(...)) in value and gradients."""
     from moeut.expert_mm import expert_mm_combine
-    gen = torch.Generator().manual_seed(6)
-    R, K, E, I, O = 24, 4, 6, 10, 7
-    expert = torch.randint(0, E, (R, K), generator=gen)
+    gen = torch.Generator().manual_seed(6 + I)
+    R, K, E = 24, 4, 6
+    expert = torch.randint(0, E - 1, (R, K), generator=gen)   # the last expert stays empty
     expert[:, 0] = 0
     r = route(expert, E)
     x = torch.randn(R if gather else R * K, I, generator=gen, requires_grad=True)
@@ -133,3 +163,29 @@ def test_expert_mm_combine_matches_unfused(gather, groups):
     gy = torch.randn(fused.shape, generator=gen)
     for a, b in zip(torch.autograd.grad(fused, (x, w, gate), gy), torch.autograd.grad(plain, (x, w, gate), gy)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("I,O", [(16, 40), (40, 16)])
+def test_expert_mm_combine_bf16_autocast(I, O):
+    """Under bf16 autocast the fused combine stays close to the fp64 reference, values and gradients."""
+    from moeut.expert_mm import expert_mm_combine
+    gen = torch.Generator().manual_seed(9)
+    R, K, E = 40, 4, 6
+    expert = torch.randint(0, E, (R, K), generator=gen)
+    r = route(expert, E)
+    x = torch.randn(R, I, generator=gen, requires_grad=True)
+    w = torch.randn(E, I, O, generator=gen, requires_grad=True)
+    gate = torch.rand(R, K, generator=gen, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = expert_mm_combine(x, w, r, gate)
+    gy = torch.randn(out.shape, generator=gen)
+    got = torch.autograd.grad(out.float(), (x, w, gate), gy)
+    xd, wd, gd = (t.detach().double().requires_grad_() for t in (x, w, gate))
+    ref = torch.einsum("rk,ri,rkio->ro", gd, xd, wd[expert])
+    want = torch.autograd.grad(ref, (xd, wd, gd), gy.double())
+
+    def rel(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+    assert out.dtype == torch.bfloat16 and rel(out, ref) < 1e-2
+    for a, b in zip(got, want):
+        assert rel(a, b) < 2e-2

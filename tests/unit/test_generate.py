@@ -15,12 +15,33 @@ def model():
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [7]]
 
 
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
 @pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, top_k=8, top_p=0.9, seed=5)])
-def test_cached_generation_equals_recomputation(model, sampling):
-    cached = generate(model, PROMPTS, 15, **sampling)
-    full = generate(model, PROMPTS, 15, use_cache=False, **sampling)
+def test_cached_generation_equals_recomputation(model, sampling, cache):
+    cached = generate(model, PROMPTS, 15, cache=cache, **sampling)
+    full = generate(model, PROMPTS, 15, cache="none", **sampling)
     assert cached == full
     assert all(len(c) == 15 for c in cached)
+
+
+def test_static_cache_logits_match_full_forward():
+    """Prefill + steps through a preallocated cache give the logits of one full causal forward."""
+    from moeut.attention import new_static_cache
+    torch.manual_seed(1)
+    for m in (moeut.MoEUTLM(64, **moeut.profiles.MoEUT_tiny).eval(), moeut.DenseLM(64, **moeut.profiles.Dense_tiny).eval()):
+        x = torch.randint(0, 64, (2, 9))
+        full = m(x).outputs
+        kv = {i: new_static_cache(12) for i in range(m.n_layers)}
+        parts = [m(x[:, :5], kv_cache=kv).outputs] + [m(x[:, t:t + 1], kv_cache=kv).outputs for t in range(5, 9)]
+        torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-4)
+        assert int(kv[0]["pos"]) == 9
+
+
+def test_bad_generation_options(model):
+    with pytest.raises(ValueError, match="cache"):
+        generate(model, PROMPTS, 3, cache="paged")
+    with pytest.raises(ValueError, match="cuda_graph"):
+        generate(model, PROMPTS, 3, cuda_graph=True)
 
 
 def test_batched_equals_one_by_one(model):

@@ -8,8 +8,8 @@ triton = pytest.importorskip("triton")
 if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("interpreter tests are for CPU-only machines (GPU runs use tests/gpu)", allow_module_level=True)
 
-from moeut.expert_mm import _expert_mm_torch, _weight_grad_torch, reference_expert_mm, route  # noqa: E402
-from moeut.triton_expert_mm import expert_mm_triton, expert_mm_weight_grad_triton  # noqa: E402
+from moeut.expert_mm import _grouped_mm_torch, _weight_grad_torch, reference_expert_mm, route  # noqa: E402
+from moeut.triton_expert_mm import grouped_mm_triton, grouped_mm_weight_grad_triton  # noqa: E402
 
 
 @pytest.mark.parametrize("kind", ["random", "one_expert", "empty_experts"])
@@ -28,21 +28,31 @@ def test_triton_matches_reference(kind, R, K, E, I, O, dtype):
     w = torch.randn(E, I, O, generator=gen).to(dtype)
     tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
 
-    out = expert_mm_triton(x, w, r.offsets_E1, r.rows_N)
+    out = grouped_mm_triton(x, w, r.offsets_E1, r.rows_N)
     ref = reference_expert_mm(x.float(), w.float(), expert)
     torch.testing.assert_close(out[r.choice_RK].float(), ref, **tol)
 
     h = torch.randn(R * K, I, generator=gen).to(dtype)   # no gather: rows already routed
-    torch.testing.assert_close(expert_mm_triton(h, w, r.offsets_E1, None).float(),
-                               _expert_mm_torch(h.float(), w.float(), r.offsets_E1, None), **tol)
+    torch.testing.assert_close(grouped_mm_triton(h, w, r.offsets_E1, None).float(),
+                               _grouped_mm_torch(h.float(), w.float(), r.offsets_E1, None), **tol)
     # input-gradient form: a transposed (non-contiguous) weight view
     g = torch.randn(R * K, O, generator=gen).to(dtype)
-    torch.testing.assert_close(expert_mm_triton(g, w.transpose(1, 2), r.offsets_E1, None).float(),
-                               _expert_mm_torch(g.float(), w.float().transpose(1, 2), r.offsets_E1, None), **tol)
+    torch.testing.assert_close(grouped_mm_triton(g, w.transpose(1, 2), r.offsets_E1, None).float(),
+                               _grouped_mm_torch(g.float(), w.float().transpose(1, 2), r.offsets_E1, None), **tol)
     # weight gradient, with and without gather; unused experts get exact zeros
     for rows, inp in ((r.rows_N, x), (None, h)):
-        got = expert_mm_weight_grad_triton(inp, g, r.offsets_E1, rows)
+        got = grouped_mm_weight_grad_triton(inp, g, r.offsets_E1, rows)
         want = _weight_grad_torch(inp.float(), g.float(), r.offsets_E1, rows)
         torch.testing.assert_close(got.float(), want, **tol)
         counts = r.offsets_E1[1:] - r.offsets_E1[:-1]
         assert (got[counts == 0] == 0).all()
+
+    # epilogue: gate scale in fp32 and scatter to (row, choice) order
+    gate = torch.rand(R * K, generator=gen)
+    got = grouped_mm_triton(x, w, r.offsets_E1, r.rows_N, gate[r.slot_N], r.slot_N)
+    torch.testing.assert_close(got.float().view(R, K, O), ref * gate.view(R, K, 1), **tol)
+    # weight gradient reading gathered, gate-scaled gradient rows (one row per input row)
+    g_R = torch.randn(R, O, generator=gen).to(dtype)
+    got = grouped_mm_weight_grad_triton(x, g_R, r.offsets_E1, r.rows_N, r.rows_N, gate[r.slot_N])
+    want = _weight_grad_torch(x.float(), g_R.float(), r.offsets_E1, r.rows_N, r.rows_N, gate[r.slot_N])
+    torch.testing.assert_close(got.float(), want, **tol)
