@@ -251,9 +251,11 @@ def check_tokens(x: Tensor, n_tokens: int) -> None:
         raise TypeError(f"tokens must be an integer tensor (token ids), got {x.dtype}")
     if x.dim() != 2:
         raise ValueError(f"tokens must have shape [batch, time], got {tuple(x.shape)}")
-    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()  # a CUDA graph allows no sync
-    if x.numel() and not torch.compiler.is_compiling() and not capturing:
-        lo, hi = torch.aminmax(x)
-        lo, hi = int(lo), int(hi)
-        if lo < 0 or hi >= n_tokens:
-            raise ValueError(f"token id out of range: ids must be in [0, {n_tokens}), got min {lo} max {hi}")
+    if not x.numel() or torch.compiler.is_compiling():
+        return
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():  # a CUDA graph allows no host sync
+        return
+    lo, hi = torch.aminmax(x)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= n_tokens:
+        raise ValueError(f"token id out of range: ids must be in [0, {n_tokens}), got min {lo} max {hi}")

@@ -43,12 +43,10 @@ if triton is not None:
         if INTERPRET:
             return [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=4)]
         return [
+            # Few configs on purpose: every kernel variant compiles each of them once per process.
             triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=8, num_stages=4),
-            triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
             triton.Config({"BM": 64, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
             triton.Config({"BM": 128, "BN": 64, "BK": 64}, num_warps=4, num_stages=4),
-            triton.Config({"BM": 128, "BN": 256, "BK": 64}, num_warps=8, num_stages=3),
-            triton.Config({"BM": 64, "BN": 64, "BK": 64}, num_warps=4, num_stages=3),
         ][:None if AUTOTUNE else 1]
 
     def _wgrad_configs():
@@ -56,10 +54,8 @@ if triton is not None:
             return [triton.Config({"BI": 16, "BO": 16, "BK": 16}, num_warps=4)]
         return [
             triton.Config({"BI": 128, "BO": 128, "BK": 64}, num_warps=8, num_stages=4),
-            triton.Config({"BI": 128, "BO": 128, "BK": 32}, num_warps=4, num_stages=4),
             triton.Config({"BI": 64, "BO": 128, "BK": 64}, num_warps=4, num_stages=4),
             triton.Config({"BI": 128, "BO": 64, "BK": 64}, num_warps=4, num_stages=4),
-            triton.Config({"BI": 64, "BO": 64, "BK": 64}, num_warps=4, num_stages=3),
         ][:None if AUTOTUNE else 1]
 
     @triton.jit
