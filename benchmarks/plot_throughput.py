@@ -10,12 +10,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-# (parameters in millions, tokens/s in thousands), 2026-11-28, one H200
+# (parameters in millions, tokens/s in thousands), 2026-11-28, one H200 (RESULTS.md A.2; the 44M
+# points are the first session's single-GPU batch-16 figures, RESULTS.md §4)
 SERIES = {
-    "moeut (this library)": [(44.3, 79.9), (243.3, 64.1), (1040.3, 15.5)],
+    "moeut (this library)": [(44.3, 79.9), (243.3, 81.8), (1040.3, 19.7)],
     "official MoEUT release (NOTES.md §6)": [(243.3, 45.6), (1040.3, 11.2)],
-    "dense baseline (this library)": [(44.5, 228.8), (243.6, 122.7), (1044.3, 49.2)],
-    "Llama (transformers, SDPA)": [(243.4, 96.3)],
+    "dense baseline (this library)": [(44.5, 228.8), (243.6, 123.3), (1044.3, 49.0)],
+    "Llama (transformers, SDPA)": [(243.4, 96.4)],
 }
 
 

@@ -124,9 +124,9 @@ def main():
                   f"peak {r['peak_gib']:6.1f} GiB  {r['params_m']:7.1f}M params", flush=True)
         del model
         torch.cuda.empty_cache()
-    if args.json:
-        args.json.write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                                             results=results), indent=2))
+        if args.json:  # after every model: a run cut short by a time limit keeps what it measured
+            args.json.write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                                                 results=results), indent=2))
 
 
 if __name__ == "__main__":

@@ -106,10 +106,10 @@ def check_mask(mask: Optional[AttentionMask], B: int, T: int, S: int) -> None:
                              f"{T} rows and at most {S} columns, got {m.dtype} {list(m.shape)}")
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], causal: bool, fixed_shape: bool) -> Tensor:
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], causal: bool, allow_cudnn: bool) -> Tensor:
     if q.dtype != v.dtype:
         q, k = q.to(v.dtype), k.to(v.dtype)
-    if q.is_cuda and not fixed_shape:
+    if q.is_cuda and not allow_cudnn:
         # cuDNN attention builds a new execution plan for every new shape (tens of ms): fine for
         # training's fixed shapes, ruinous for decoding or length-sorted scoring where shapes change.
         with sdpa_kernel(_NO_CUDNN):
@@ -150,7 +150,7 @@ def _attend_static(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask
     if mask is not None and mask.src_length_mask is not None:
         drop = drop | mask.src_length_mask[:, None, None, :]
     keep = ~(drop & ~drop.all(-1, keepdim=True))
-    out = _sdpa(q, kv_cache["k"], kv_cache["v"], keep, False, fixed_shape=False)
+    out = _sdpa(q, kv_cache["k"], kv_cache["v"], keep, False, allow_cudnn=False)
     return out, kv_cache
 
 
@@ -176,7 +176,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask], kv_ca
         kv_cache = {"k": k, "v": v}
     B, _, T, _ = q.shape
     keep, causal = build_mask(mask, B, T, k.shape[-2], q.device)
-    out = _sdpa(q, k, v, keep, causal, fixed_shape=kv_cache is None and keep is None)
+    # Training (gradients on, no mask, no cache) has fixed shapes; inference generally does not.
+    out = _sdpa(q, k, v, keep, causal, allow_cudnn=torch.is_grad_enabled() and kv_cache is None and keep is None)
     return out, kv_cache
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 
@@ -167,11 +168,16 @@ def cmd_eval(args) -> int:
         print("nothing to evaluate: give --tasks and/or --text", file=sys.stderr)
         return 2
     model, tok, _ = load_run(args.checkpoint, _device(args.device))
-    results = run_eval(model, tok, tasks, args.data_dir, args.text, args.limit or None, args.batch_size, args.context,
-                       skip_missing=args.tasks == "all")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+
+    def write_json(results):  # after every task, atomically: an interrupted run keeps what it finished
+        if args.json:
+            tmp = f"{args.json}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(results, f, indent=2)
+            os.replace(tmp, args.json)
+
+    run_eval(model, tok, tasks, args.data_dir, args.text, args.limit or None, args.batch_size, args.context,
+             skip_missing=args.tasks == "all", on_result=write_json)
     return 0
 
 
