@@ -15,6 +15,7 @@ timeout 110 python3 -m pytest -q tests/gpu -p no:cacheprovider 2>&1 | grep -v Wa
 echo "[tests $((SECONDS - t0)) s]"; t0=$SECONDS
 timeout 110 python3 benchmarks/kernels.py --json "$OUT/kernels.json" 2>&1 | grep -v Warn | tee "$OUT/kernels.txt"
 echo "[kernels $((SECONDS - t0)) s]"; t0=$SECONDS
+timeout 40 python3 benchmarks/attention_block.py --json "$OUT/attention_block.json" 2>&1 | grep -v Warn | tee "$OUT/attention_block.txt"
 timeout 40 python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 25 2>&1 | grep -v Warn | tee "$OUT/profile_244M.txt"
 echo "[profile $((SECONDS - t0)) s]"; t0=$SECONDS
 timeout 120 python3 benchmarks/train_throughput.py --steps 6 \

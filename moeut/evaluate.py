@@ -242,13 +242,15 @@ TASK_FNS: Dict[str, Callable] = {"lambada": eval_lambada, "blimp": eval_blimp, "
 
 
 @torch.no_grad()
-def windows_perplexity(model, windows: Iterable[torch.Tensor]) -> Tuple[float, int]:
-    """(exp(mean token NLL), tokens scored) over 1-D token windows, each scored on its own."""
+def windows_perplexity(model, windows: Iterable[torch.Tensor], bf16: Optional[bool] = None) -> Tuple[float, int]:
+    """(exp(mean token NLL), tokens scored) over 1-D token windows, each scored on its own.
+    `bf16`: autocast (default: on CUDA only)."""
     device = next(model.parameters()).device
+    amp = device.type == "cuda" if bf16 is None else bf16
     nll, count = 0.0, 0
     for w in windows:
         w = w.to(device)[None]
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             logits = model(w[:, :-1]).outputs
         nll += F.cross_entropy(logits.float()[0], w[0, 1:], reduction="sum").item()
         count += w.shape[1] - 1

@@ -148,11 +148,11 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, rank: int, world: int):
 # Evaluation and statistics.
 # ------------------------------------------------------------------------------------------------
 
-def validation_perplexity(model, tokens: np.ndarray, context: int, max_windows=None) -> float:
-    """exp(mean token NLL) over non-overlapping windows of held-out text (bf16 autocast on GPU)."""
+def validation_perplexity(model, tokens: np.ndarray, context: int, max_windows=None, bf16: bool = False) -> float:
+    """exp(mean token NLL) over non-overlapping windows of held-out text, in the training precision."""
     was_training = model.training
     model.eval()
-    ppl, _ = windows_perplexity(model, eval_windows(tokens, context, max_windows or None))
+    ppl, _ = windows_perplexity(model, eval_windows(tokens, context, max_windows or None), bf16=bf16)
     model.train(was_training)
     return ppl
 
@@ -362,7 +362,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
             bar.update(1)
             if step % cfg.eval_interval == 0 or step == cfg.steps:
                 if rank == 0:
-                    ppl = validation_perplexity(model, valid_tokens, cfg.context, cfg.eval_windows)
+                    ppl = validation_perplexity(model, valid_tokens, cfg.context, cfg.eval_windows, amp == torch.bfloat16)
                     log({"step": step, "val_ppl": round(ppl, 4)})
                     bar.write(f"step {step}: validation perplexity {ppl:.2f}")
                 barrier(world)
@@ -392,7 +392,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
             backbone.collect_router_logits = False
     result = {"stopped": False, "step": step, "run_dir": str(run_dir)}
     if rank == 0:
-        result["val_ppl"] = validation_perplexity(model, valid_tokens, cfg.context, cfg.eval_windows)
+        result["val_ppl"] = validation_perplexity(model, valid_tokens, cfg.context, cfg.eval_windows,
+                                                    cfg.precision == "bf16")
         result["unigram_ppl"] = unigram_perplexity(train_tokens, valid_tokens, tok.vocab_size)
         from .generate import generate
         sample_ids = generate(model, [tok.encode(cfg.sample_prompt)], max_new_tokens=60, temperature=0.0,
