@@ -123,9 +123,9 @@ def time_shape(name, D, E, K, T, mm_tflops, bw):
         2 * (T * D + E * S * D + N * S))
     add("up dx (scatter)", bench(lambda: op(gh, w1.transpose(1, 2), r.offsets_E1, None, None, r.slot_N)),
         2 * (N * S + E * S * D + N * D))
-    add("up dW (gather x)", bench(lambda: wgrad(x, gh, r.offsets_E1, r.rows_N, None, None)),
+    add("up dW (gather x)", bench(lambda: wgrad(x, gh, r.offsets_E1, r.rows_N, None, None, torch.float32)),
         2 * (T * D + N * S + E * D * S))
-    add("down dW (gather, gate dy)", bench(lambda: wgrad(h, gy_T, r.offsets_E1, None, group, gate)),
+    add("down dW (gather, gate dy)", bench(lambda: wgrad(h, gy_T, r.offsets_E1, None, group, gate, torch.float32)),
         2 * (N * S + T * D + E * S * D))
     xs = x[r.rows_N]
     offs = r.offsets_E1[1:].to(torch.int32)

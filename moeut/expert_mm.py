@@ -114,11 +114,15 @@ def _grouped_mm_torch(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: O
 
 
 def _weight_grad_torch(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
-                       grad_rows_N: Optional[Tensor] = None, grad_scale_N: Optional[Tensor] = None) -> Tensor:
+                       grad_rows_N: Optional[Tensor] = None, grad_scale_N: Optional[Tensor] = None,
+                       out_dtype: Optional[torch.dtype] = None) -> Tensor:
     x_NI = x_RI if rows_N is None else x_RI.index_select(0, rows_N)
     g_NO = grad_MO if grad_rows_N is None else grad_MO.index_select(0, grad_rows_N)
     if grad_scale_N is not None:
         g_NO = _scale_rows(g_NO, grad_scale_N)
+    out_dtype = out_dtype or x_RI.dtype
+    if out_dtype != x_NI.dtype:  # accumulate in the output precision (the kernel accumulates in fp32)
+        x_NI, g_NO = x_NI.to(out_dtype), g_NO.to(out_dtype)
     E = offsets_E1.numel() - 1
     grad_EIO = g_NO.new_zeros(E, x_RI.shape[1], g_NO.shape[1])
     for e, lo, hi in _segments(offsets_E1):
@@ -156,17 +160,18 @@ def _(x, weight, offsets, rows, scale, dst):
 
 @torch.library.custom_op("moeut::grouped_mm_weight_grad", mutates_args=())
 def grouped_mm_weight_grad(x: Tensor, grad: Tensor, offsets: Tensor, rows: Optional[Tensor],
-                           grad_rows: Optional[Tensor], grad_scale: Optional[Tensor]) -> Tensor:
-    """[E, I, O]: out[e] = sum over e's routed rows n of x[rows[n]]^T (grad_scale[n] * grad[grad_rows[n]])."""
+                           grad_rows: Optional[Tensor], grad_scale: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """[E, I, O] in `out_dtype`: out[e] = sum over e's routed rows n of
+    x[rows[n]]^T (grad_scale[n] * grad[grad_rows[n]]), accumulated in fp32 (fp64 for fp64 inputs)."""
     if _use_triton(x):
         from .triton_expert_mm import grouped_mm_weight_grad_triton
-        return grouped_mm_weight_grad_triton(x, grad, offsets, rows, grad_rows, grad_scale)
-    return _weight_grad_torch(x, grad, offsets, rows, grad_rows, grad_scale)
+        return grouped_mm_weight_grad_triton(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype)
+    return _weight_grad_torch(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype)
 
 
 @grouped_mm_weight_grad.register_fake
-def _(x, grad, offsets, rows, grad_rows, grad_scale):
-    return grad.new_empty(offsets.shape[0] - 1, x.shape[1], grad.shape[1])
+def _(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype):
+    return grad.new_empty(offsets.shape[0] - 1, x.shape[1], grad.shape[1], dtype=out_dtype)
 
 
 def _sum_choices(out_SO: Tensor, n_groups: int) -> Tensor:
@@ -177,16 +182,24 @@ def _sum_choices(out_SO: Tensor, n_groups: int) -> Tensor:
 
 
 class _ExpertMM(torch.autograd.Function):
-    """y[n] = x[rows[n]] @ w[expert of n], in routed order."""
+    """y[n] = x[rows[n]] @ w[expert of n], in routed order.
+
+    The weight may be stored in higher precision than x (fp32 parameters under bf16 autocast): it is
+    rounded to x's dtype inside forward and again inside backward, so no low-precision copy of the
+    weights is saved per layer application (a shared MoEUT layer is applied n_layers/group_size
+    times per step), and the weight gradient comes out of the kernel in the weight's own dtype,
+    accumulated in fp32.
+    """
 
     @staticmethod
-    def forward(ctx, x_RI, w_EIO, offsets_E1, rows_N, slot_N):
-        ctx.save_for_backward(x_RI, w_EIO, offsets_E1, rows_N, slot_N)
-        return grouped_mm(x_RI, w_EIO, offsets_E1, rows_N, None, None)
+    def forward(ctx, x_RI, w_master, offsets_E1, rows_N, slot_N):
+        ctx.save_for_backward(x_RI, w_master, offsets_E1, rows_N, slot_N)
+        return grouped_mm(x_RI, w_master.to(x_RI.dtype), offsets_E1, rows_N, None, None)
 
     @staticmethod
     def backward(ctx, grad_NO):
-        x_RI, w_EIO, offsets_E1, rows_N, slot_N = ctx.saved_tensors
+        x_RI, w_master, offsets_E1, rows_N, slot_N = ctx.saved_tensors
+        w_EIO = w_master.to(x_RI.dtype)
         grad_NO = grad_NO.contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
@@ -196,7 +209,7 @@ class _ExpertMM(torch.autograd.Function):
                 grad_x = _sum_choices(grouped_mm(grad_NO, w_EIO.transpose(1, 2), offsets_E1, None, None, slot_N),
                                       x_RI.shape[0])
         if ctx.needs_input_grad[1]:
-            grad_w = grouped_mm_weight_grad(x_RI, grad_NO, offsets_E1, rows_N, None, None)
+            grad_w = grouped_mm_weight_grad(x_RI, grad_NO, offsets_E1, rows_N, None, None, w_master.dtype)
         return grad_x, grad_w, None, None, None
 
 
@@ -207,19 +220,20 @@ class _ExpertMMCombine(torch.autograd.Function):
     [N, O] is saved. The backward gathers output-gradient rows inside the kernels (never as a copy)
     and gets the gate gradient <d out[x], y_n> from whichever side of the projection is narrower:
     the unscaled input gradient (I <= O, e.g. the FFN's down projection) or a recomputed y (I > O,
-    e.g. SwitchHead's value projection).
+    e.g. SwitchHead's value projection). Weights of higher precision than x: as in `_ExpertMM`.
     """
 
     @staticmethod
-    def forward(ctx, x_RI, w_EIO, gate_XC, offsets_E1, rows_N, slot_N):
+    def forward(ctx, x_RI, w_master, gate_XC, offsets_E1, rows_N, slot_N):
         gate_N = _acc(gate_XC.reshape(-1)).index_select(0, slot_N)
-        out_SO = grouped_mm(x_RI, w_EIO, offsets_E1, rows_N, gate_N, slot_N)
-        ctx.save_for_backward(x_RI, w_EIO, gate_XC, offsets_E1, rows_N, slot_N)
+        out_SO = grouped_mm(x_RI, w_master.to(x_RI.dtype), offsets_E1, rows_N, gate_N, slot_N)
+        ctx.save_for_backward(x_RI, w_master, gate_XC, offsets_E1, rows_N, slot_N)
         return _sum_choices(out_SO, gate_XC.shape[0])
 
     @staticmethod
     def backward(ctx, grad_XO):
-        x_RI, w_EIO, gate_XC, offsets_E1, rows_N, slot_N = ctx.saved_tensors
+        x_RI, w_master, gate_XC, offsets_E1, rows_N, slot_N = ctx.saved_tensors
+        w_EIO = w_master.to(x_RI.dtype)
         X, C = gate_XC.shape
         N, I, O = slot_N.shape[0], w_EIO.shape[1], w_EIO.shape[2]
         grad_XO = grad_XO.to(x_RI.dtype).contiguous()
@@ -248,15 +262,15 @@ class _ExpertMMCombine(torch.autograd.Function):
         grad_gate = grad_gate_N.new_empty(N).index_copy_(0, slot_N, grad_gate_N).view(X, C).to(gate_XC.dtype)
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = grouped_mm_weight_grad(x_RI, grad_XO, offsets_E1, rows_N, group_N, gate_N)
+            grad_w = grouped_mm_weight_grad(x_RI, grad_XO, offsets_E1, rows_N, group_N, gate_N, w_master.dtype)
         return grad_x, grad_w, grad_gate, None, None, None
 
 
 def _autocast_operands(x: Tensor, w: Tensor) -> tuple:
-    """Custom ops are not autocast by PyTorch: cast both operands to the autocast dtype, like F.linear."""
+    """Custom ops are not autocast by PyTorch: compute in the autocast dtype, like F.linear. x is cast
+    here; the weight is rounded inside the autograd Functions (see `_ExpertMM`)."""
     if torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
-        return x.to(dt), w.to(dt)
+        return x.to(torch.get_autocast_dtype(x.device.type)), w
     if x.dtype != w.dtype:
         raise TypeError(f"expert_mm: input dtype {x.dtype} differs from weight dtype {w.dtype}")
     return x, w

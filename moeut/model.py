@@ -80,6 +80,10 @@ class MoEUTLayer(torch.nn.Module):
     def forward_with_logits(self, x: Tensor, mask: Optional[AttentionMask] = None, kv_cache: KVCache = None):
         """(x, cache, ffn router logits, attention router logits or None)."""
         xnorm = self.ln1(x)
+        if torch.is_autocast_enabled(x.device.type):
+            # One low-precision copy for Q, K and both routers (autocast would make, and autograd
+            # save, one per consumer).
+            xnorm = xnorm.to(torch.get_autocast_dtype(x.device.type))
         if hasattr(self.attention, "forward_with_logits"):
             att, kv_cache, att_logits = self.attention.forward_with_logits(xnorm, xnorm, x, mask, kv_cache)
         else:  # a user-supplied attention class with the official interface

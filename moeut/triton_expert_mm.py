@@ -194,10 +194,11 @@ def grouped_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: O
 
 def grouped_mm_weight_grad_triton(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
                                   grad_rows_N: Optional[Tensor] = None,
-                                  grad_scale_N: Optional[Tensor] = None) -> Tensor:
+                                  grad_scale_N: Optional[Tensor] = None,
+                                  out_dtype: Optional[torch.dtype] = None) -> Tensor:
     E = offsets_E1.numel() - 1
     I, O = x_RI.shape[1], grad_MO.shape[1]
-    out_EIO = torch.empty(E, I, O, device=x_RI.device, dtype=x_RI.dtype)
+    out_EIO = torch.empty(E, I, O, device=x_RI.device, dtype=out_dtype or x_RI.dtype)
     unused = offsets_E1
     scale = grad_scale_N.float().contiguous() if grad_scale_N is not None else None
 

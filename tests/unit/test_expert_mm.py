@@ -114,9 +114,10 @@ def test_opcheck():
         for sc, dst in ((None, None), (scale, None), (scale, r.slot_N), (None, r.slot_N)):
             torch.library.opcheck(grouped_mm, (inp, w, r.offsets_E1, rows, sc, dst))
     g = torch.randn(20, 5, generator=gen)
-    torch.library.opcheck(grouped_mm_weight_grad, (x, g, r.offsets_E1, r.rows_N, None, None))
+    torch.library.opcheck(grouped_mm_weight_grad, (x, g, r.offsets_E1, r.rows_N, None, None, torch.float32))
     g_rows = torch.randn(10, 5, generator=gen)
-    torch.library.opcheck(grouped_mm_weight_grad, (x, g_rows, r.offsets_E1, r.rows_N, r.rows_N, scale))
+    torch.library.opcheck(grouped_mm_weight_grad, (x, g_rows, r.offsets_E1, r.rows_N, r.rows_N, scale, torch.float32))
+    torch.library.opcheck(grouped_mm_weight_grad, (x.bfloat16(), g.bfloat16(), r.offsets_E1, r.rows_N, None, None, torch.float32))
 
 
 def test_grouped_mm_scale_and_scatter_match_reference():
@@ -134,7 +135,7 @@ def test_grouped_mm_scale_and_scatter_match_reference():
     torch.testing.assert_close(out.view(R, K, O), ref_RKO)
     # weight gradient with gathered, gate-scaled gradient rows: rows of g_RO are per input row
     g_RO = torch.randn(R, O, generator=gen, dtype=torch.float64)
-    got = grouped_mm_weight_grad(x, g_RO, r.offsets_E1, r.rows_N, r.rows_N, gate.view(-1)[r.slot_N])
+    got = grouped_mm_weight_grad(x, g_RO, r.offsets_E1, r.rows_N, r.rows_N, gate.view(-1)[r.slot_N], torch.float64)
     want = torch.zeros(E, I, O, dtype=torch.float64)
     for rr in range(R):
         for k in range(K):

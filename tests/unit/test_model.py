@@ -228,3 +228,31 @@ def test_runs_without_triton_installed():
             "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_no_per_application_weight_copies_saved():
+    """Under bf16 autocast a shared layer applied many times must not keep a low-precision copy of
+    its expert weights per application (they were 4 GiB of a 244M training step): only parameters
+    and activations are saved for backward."""
+    torch.manual_seed(0)
+    cfg = {**profiles.MoEUT_tiny, "n_layers": 8}   # each of the 2 layers applied 4 times
+    m = moeut.MoEUTLM(100, **cfg).train()
+    weight_shapes = {tuple(p.shape) for n, p in m.named_parameters() if p.dim() == 3}
+    saved, rows_D = [], set()
+
+    def pack(t):
+        if not (t.is_leaf and t.requires_grad):
+            saved.append(tuple(t.shape))
+            if tuple(t.shape) == (32, cfg["d_model"]) and t.dtype == torch.bfloat16:
+                rows_D.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", torch.bfloat16):
+            out = m(torch.randint(0, 100, (2, 16)))
+    assert not [s for s in saved if s in weight_shapes]
+    # bf16 [tokens, d_model] copies per application: the normalised attention input once (not once
+    # per consumer: Q, K and two routers), V's input, the FFN's input and its router's input; +1 LM head.
+    assert len(rows_D) <= 4 * cfg["n_layers"] + 1
+    (out.outputs.float().sum() + out.reg_loss).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters() if p.requires_grad)

@@ -53,6 +53,6 @@ def test_triton_matches_reference(kind, R, K, E, I, O, dtype):
     torch.testing.assert_close(got.float().view(R, K, O), ref * gate.view(R, K, 1), **tol)
     # weight gradient reading gathered, gate-scaled gradient rows (one row per input row)
     g_R = torch.randn(R, O, generator=gen).to(dtype)
-    got = grouped_mm_weight_grad_triton(x, g_R, r.offsets_E1, r.rows_N, r.rows_N, gate[r.slot_N])
+    got = grouped_mm_weight_grad_triton(x, g_R, r.offsets_E1, r.rows_N, r.rows_N, gate[r.slot_N], torch.float32)
     want = _weight_grad_torch(x.float(), g_R.float(), r.offsets_E1, r.rows_N, r.rows_N, gate[r.slot_N])
     torch.testing.assert_close(got.float(), want, **tol)
