@@ -126,14 +126,14 @@ def new_static_cache(capacity: int) -> Dict[str, Tensor]:
     position and `src_length_mask` covers all `capacity` key slots. Writing past `capacity` is the
     caller's error (`generate` sizes the cache exactly).
     """
-    return {"capacity": torch.tensor(capacity)}
+    return {"capacity": capacity}  # a Python int: a constant for torch.compile, not a tensor to read
 
 
 def _attend_static(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask], kv_cache: Dict[str, Tensor],
                    n_rotate: int, rope_base: float) -> Tuple[Tensor, KVCache]:
     B, H, T, _ = q.shape
     if "k" not in kv_cache:
-        C = int(kv_cache["capacity"])
+        C = kv_cache["capacity"]
         kv_cache["k"] = k.new_zeros(B, H, C, k.shape[-1])
         kv_cache["v"] = v.new_zeros(B, H, C, v.shape[-1])
         kv_cache["pos"] = torch.zeros((), dtype=torch.long, device=q.device)

@@ -101,6 +101,8 @@ def _add_generate(sub):
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoding step (pays a one-time compile; for long outputs)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -133,7 +135,7 @@ def cmd_generate(args) -> int:
     if stream:
         sys.stdout.write(prompts[0])
     outs = generate(model, encoded, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                    tok.eot_id, on_token)
+                    tok.eot_id, on_token, compile=args.compile)
     if stream:
         sys.stdout.write("\n")
     else:

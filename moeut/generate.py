@@ -37,10 +37,12 @@ def pick_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
 
 class _DecodeStep:
     """One decoding step (token [B, 1] -> last-position logits [B, V]) against a preallocated cache,
-    replayed from a CUDA graph after one eager warm-up step; eager on other devices."""
+    replayed from a CUDA graph after one warm-up step; optionally through torch.compile, which fuses
+    the small elementwise kernels around the matmuls (the step's shapes never change)."""
 
-    def __init__(self, model, mask: AttentionMask, cache, use_graph: bool):
-        self.model, self.mask, self.cache = model, mask, cache
+    def __init__(self, model, mask: AttentionMask, cache, use_graph: bool, compile_step: bool):
+        self.model = torch.compile(model, dynamic=False) if compile_step else model
+        self.mask, self.cache = mask, cache
         self.use_graph, self.graph, self.warm = use_graph, None, False
 
     def _eager(self, tok: torch.Tensor) -> torch.Tensor:
@@ -72,14 +74,15 @@ class _DecodeStep:
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None, eos_id: Optional[int] = None,
              on_token: Optional[Callable[[int, int], None]] = None, cache: str = "static",
-             cuda_graph: Optional[bool] = None) -> List[List[int]]:
+             cuda_graph: Optional[bool] = None, compile: bool = False) -> List[List[int]]:
     """New tokens for each prompt (without the prompt; stops after eos_id, which is not returned).
 
     `on_token(row, token)` is called for every produced token (streaming). `cache`: "static" (a
     preallocated KV cache of prompt + max_new_tokens positions: fixed shapes, no copies), "dynamic"
     (the official growing dict cache) or "none" (recompute the whole sequence every step: slow, the
     reference the cached paths are tested against). `cuda_graph` (default: on CUDA with the static
-    cache and at least 8 new tokens) replays each decoding step from a CUDA graph.
+    cache and at least 8 new tokens) replays each decoding step from a CUDA graph. `compile` runs the
+    decoding step through torch.compile (static cache only; worth its compile time for long outputs).
     """
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
@@ -92,6 +95,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
         cuda_graph = device.type == "cuda" and cache == "static" and max_new_tokens >= 8
     if cuda_graph and (device.type != "cuda" or cache != "static"):
         raise ValueError("cuda_graph needs a CUDA model and cache='static'")
+    if compile and cache != "static":
+        raise ValueError("compile needs cache='static' (fixed shapes)")
     prompts = [list(p) if len(p) else [eos_id if eos_id is not None else 0] for p in prompts]
     B, L = len(prompts), max(len(p) for p in prompts)
     x = torch.zeros(B, L, dtype=torch.long, device=device)
@@ -111,7 +116,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
         capacity = L + max_new_tokens
         kv = {i: new_static_cache(capacity) for i in range(model.n_layers)}
         pad = torch.cat([pad, torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)], 1)
-        step = _DecodeStep(model, AttentionMask(pad, None, is_causal=True), kv, cuda_graph)
+        step = _DecodeStep(model, AttentionMask(pad, None, is_causal=True), kv, cuda_graph, compile)
     elif cache == "dynamic":
         kv = {}
     seq, seq_pad = x, pad

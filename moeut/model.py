@@ -111,7 +111,7 @@ def _key_length(kv_cache: MultilayerKVCache, batch: int, n_layers: int, T: int) 
         if not entry:
             continue
         if "capacity" in entry:   # preallocated (attention.new_static_cache)
-            capacities.add(int(entry["capacity"]))
+            capacities.add(entry["capacity"])
             if "k" in entry and entry["k"].shape[0] != batch:
                 raise ValueError(f"kv_cache was built for batch size {entry['k'].shape[0]}, but the input has batch size {batch}")
             continue

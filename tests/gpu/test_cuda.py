@@ -106,6 +106,7 @@ def test_cuda_graph_generation_equals_recomputation(kind):
     graphed = generate(m, prompts, 20, cuda_graph=True)
     assert graphed == generate(m, prompts, 20, cache="none")
     assert graphed == generate(m, prompts, 20, cache="dynamic")
+    assert graphed == generate(m, prompts, 20, cuda_graph=True, compile=True)
 
 
 def test_cuda_bad_tokens_raise_cleanly():

@@ -1,4 +1,6 @@
 """Generation: the KV-cached path produces exactly the tokens of full recomputation."""
+import shutil
+
 import pytest
 import torch
 
@@ -37,11 +39,20 @@ def test_static_cache_logits_match_full_forward():
         assert int(kv[0]["pos"]) == 9
 
 
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_decoding_equals_recomputation(model):
+    """The torch.compile'd decoding step (one graph, no breaks) gives the tokens of recomputation."""
+    assert generate(model, PROMPTS, 6, compile=True) == generate(model, PROMPTS, 6, cache="none")
+
+
 def test_bad_generation_options(model):
     with pytest.raises(ValueError, match="cache"):
         generate(model, PROMPTS, 3, cache="paged")
     with pytest.raises(ValueError, match="cuda_graph"):
         generate(model, PROMPTS, 3, cuda_graph=True)
+    with pytest.raises(ValueError, match="compile"):
+        generate(model, PROMPTS, 3, cache="dynamic", compile=True)
 
 
 def test_batched_equals_one_by_one(model):
