@@ -162,13 +162,15 @@ def main():
     ap.add_argument("--json", type=Path)
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--shapes", default="44M,244M,1B")
+    ap.add_argument("--parity", choices=["yes", "no", "only"], default="yes",
+                    help="parity checks (run them under MOEUT_AUTOTUNE=0 to skip autotune compiles)")
     args = ap.parse_args()
     torch.manual_seed(0)
     mm_tflops, bw = ceilings()
     print(f"ceilings: bf16 matmul {mm_tflops:.0f} TFLOP/s, device copy {bw:.2f} TB/s")
     out = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, ceilings=dict(mm_tflops=mm_tflops, copy_tbs=bw),
                parity={}, passes=[], ffn=[])
-    for name in args.shapes.split(","):
+    for name in args.shapes.split(",") if args.parity != "no" else []:
         D, E, K = SHAPES[name]
         for dt in (torch.float32, torch.bfloat16):
             p = parity(D, E, K, 4096, dt)
@@ -178,7 +180,7 @@ def main():
             c = parity_combine(D, E, K, 2048, dt)
             out["parity"][f"{name}/{dt}/combine"] = c
             print(f"parity {name:5s} {str(dt):15s} combine " + " ".join(f"{k} {v:.2e}" for k, v in c.items()))
-    for name in args.shapes.split(","):
+    for name in args.shapes.split(",") if args.parity != "only" else []:
         D, E, K = SHAPES[name]
         rows, ffn = time_shape(name, D, E, K, args.tokens, mm_tflops, bw)
         out["passes"] += rows

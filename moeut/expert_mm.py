@@ -48,14 +48,11 @@ def route(expert_RK: Tensor, n_experts: int) -> Routing:
     """Sort the (row, choice) pairs by expert. Stable, so ties keep row order (deterministic)."""
     R, K = expert_RK.shape
     flat_N = expert_RK.reshape(-1).long()
-    _, slot_N = torch.sort(flat_N, stable=True)
-    # scatter_add rather than bincount: a fixed output size keeps torch.compile free of graph breaks.
-    counts_E = torch.zeros(n_experts, dtype=torch.long, device=flat_N.device)
-    counts_E.scatter_add_(0, flat_N, torch.ones_like(flat_N))
-    offsets_E1 = torch.zeros(n_experts + 1, dtype=torch.long, device=flat_N.device)
-    offsets_E1[1:] = torch.cumsum(counts_E, 0)
-    choice_N = torch.empty_like(slot_N)
-    choice_N[slot_N] = torch.arange(slot_N.numel(), device=slot_N.device)
+    sorted_N, slot_N = torch.sort(flat_N, stable=True)
+    # Expert e's rows start at the number of choices below e. A fixed output size (E + 1) keeps
+    # torch.compile free of graph breaks, and it costs two small kernels.
+    offsets_E1 = torch.searchsorted(sorted_N, torch.arange(n_experts + 1, device=flat_N.device))
+    choice_N = torch.empty_like(slot_N).scatter_(0, slot_N, torch.arange(slot_N.numel(), device=slot_N.device))
     return Routing(offsets_E1, slot_N // K, slot_N, choice_N.view(R, K))
 
 
