@@ -179,25 +179,27 @@ def _sum_choices(out_SO: Tensor, n_groups: int) -> Tensor:
 
 
 class _ExpertMM(torch.autograd.Function):
-    """y[n] = x[rows[n]] @ w[expert of n], in routed order.
+    """y[n] = x[rows[n]] @ w[expert of n] in `dtype`, in routed order.
 
-    The weight may be stored in higher precision than x (fp32 parameters under bf16 autocast): it is
-    rounded to x's dtype inside forward and again inside backward, so no low-precision copy of the
-    weights is saved per layer application (a shared MoEUT layer is applied n_layers/group_size
-    times per step), and the weight gradient comes out of the kernel in the weight's own dtype,
-    accumulated in fp32.
+    x and w may be stored in higher precision than `dtype` (fp32 residual and parameters under bf16
+    autocast). They are rounded inside forward and again inside backward instead of being saved as
+    rounded copies: a shared MoEUT layer is applied n_layers/group_size times per step, and a
+    saved bf16 copy of its expert weights per application cost 4 GiB at 244M; the fp32 input is
+    kept alive by the LayerNorm next to it anyway. The weight gradient comes out of the kernel in
+    the weight's own dtype, accumulated in fp32.
     """
 
     @staticmethod
-    def forward(ctx, x_RI, w_master, offsets_E1, rows_N, slot_N):
+    def forward(ctx, x_RI, w_master, offsets_E1, rows_N, slot_N, dtype):
         ctx.save_for_backward(x_RI, w_master, offsets_E1, rows_N, slot_N)
-        return grouped_mm(x_RI, w_master.to(x_RI.dtype), offsets_E1, rows_N, None, None)
+        ctx.dtype = dtype
+        return grouped_mm(x_RI.to(dtype), w_master.to(dtype), offsets_E1, rows_N, None, None)
 
     @staticmethod
     def backward(ctx, grad_NO):
-        x_RI, w_master, offsets_E1, rows_N, slot_N = ctx.saved_tensors
-        w_EIO = w_master.to(x_RI.dtype)
-        grad_NO = grad_NO.contiguous()
+        x_master, w_master, offsets_E1, rows_N, slot_N = ctx.saved_tensors
+        x_RI, w_EIO = x_master.to(ctx.dtype), w_master.to(ctx.dtype)
+        grad_NO = grad_NO.to(ctx.dtype).contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             if rows_N is None:
@@ -205,9 +207,10 @@ class _ExpertMM(torch.autograd.Function):
             else:  # written in (row, choice) order, so summing a row's K copies is contiguous
                 grad_x = _sum_choices(grouped_mm(grad_NO, w_EIO.transpose(1, 2), offsets_E1, None, None, slot_N),
                                       x_RI.shape[0])
+            grad_x = grad_x.to(x_master.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = grouped_mm_weight_grad(x_RI, grad_NO, offsets_E1, rows_N, None, None, w_master.dtype)
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, None, None
 
 
 class _ExpertMMCombine(torch.autograd.Function):
@@ -217,20 +220,21 @@ class _ExpertMMCombine(torch.autograd.Function):
     [N, O] is saved. The backward gathers output-gradient rows inside the kernels (never as a copy)
     and gets the gate gradient <d out[x], y_n> from whichever side of the projection is narrower:
     the unscaled input gradient (I <= O, e.g. the FFN's down projection) or a recomputed y (I > O,
-    e.g. SwitchHead's value projection). Weights of higher precision than x: as in `_ExpertMM`.
+    e.g. SwitchHead's value projection). Inputs of higher precision than `dtype`: as in `_ExpertMM`.
     """
 
     @staticmethod
-    def forward(ctx, x_RI, w_master, gate_XC, offsets_E1, rows_N, slot_N):
+    def forward(ctx, x_RI, w_master, gate_XC, offsets_E1, rows_N, slot_N, dtype):
         gate_N = _acc(gate_XC.reshape(-1)).index_select(0, slot_N)
-        out_SO = grouped_mm(x_RI, w_master.to(x_RI.dtype), offsets_E1, rows_N, gate_N, slot_N)
+        out_SO = grouped_mm(x_RI.to(dtype), w_master.to(dtype), offsets_E1, rows_N, gate_N, slot_N)
         ctx.save_for_backward(x_RI, w_master, gate_XC, offsets_E1, rows_N, slot_N)
+        ctx.dtype = dtype
         return _sum_choices(out_SO, gate_XC.shape[0])
 
     @staticmethod
     def backward(ctx, grad_XO):
-        x_RI, w_master, gate_XC, offsets_E1, rows_N, slot_N = ctx.saved_tensors
-        w_EIO = w_master.to(x_RI.dtype)
+        x_master, w_master, gate_XC, offsets_E1, rows_N, slot_N = ctx.saved_tensors
+        x_RI, w_EIO = x_master.to(ctx.dtype), w_master.to(ctx.dtype)
         X, C = gate_XC.shape
         N, I, O = slot_N.shape[0], w_EIO.shape[1], w_EIO.shape[2]
         grad_XO = grad_XO.to(x_RI.dtype).contiguous()
@@ -260,37 +264,39 @@ class _ExpertMMCombine(torch.autograd.Function):
         grad_w = None
         if ctx.needs_input_grad[1]:
             grad_w = grouped_mm_weight_grad(x_RI, grad_XO, offsets_E1, rows_N, group_N, gate_N, w_master.dtype)
-        return grad_x, grad_w, grad_gate, None, None, None
+        if grad_x is not None:
+            grad_x = grad_x.to(x_master.dtype)
+        return grad_x, grad_w, grad_gate, None, None, None, None
 
 
-def _autocast_operands(x: Tensor, w: Tensor) -> tuple:
-    """Custom ops are not autocast by PyTorch: compute in the autocast dtype, like F.linear. x is cast
-    here; the weight is rounded inside the autograd Functions (see `_ExpertMM`)."""
+def _compute_dtype(x: Tensor, w: Tensor) -> torch.dtype:
+    """Custom ops are not autocast by PyTorch: compute in the autocast dtype when autocast is on (like
+    F.linear; the operands are rounded inside the autograd Functions), else x and w must agree."""
     if torch.is_autocast_enabled(x.device.type):
-        return x.to(torch.get_autocast_dtype(x.device.type)), w
+        return torch.get_autocast_dtype(x.device.type)
     if x.dtype != w.dtype:
         raise TypeError(f"expert_mm: input dtype {x.dtype} differs from weight dtype {w.dtype}")
-    return x, w
+    return x.dtype
 
 
 def expert_mm(x_RI: Tensor, w_EIO: Tensor, routing: Routing, gather: bool = True) -> Tensor:
     """Routed rows [N, O]: row n is x[rows[n]] @ w[expert of n] (gather=False: x is already routed).
 
-    Under autocast the operands are cast to the autocast dtype, like `F.linear`.
+    Under autocast the product is computed in the autocast dtype, like `F.linear`.
     """
-    x_RI, w_EIO = _autocast_operands(x_RI, w_EIO)
+    dtype = _compute_dtype(x_RI, w_EIO)
     rows = routing.rows_N if gather else None
-    return _ExpertMM.apply(x_RI.contiguous(), w_EIO, routing.offsets_E1, rows, routing.slot_N)
+    return _ExpertMM.apply(x_RI.contiguous(), w_EIO, routing.offsets_E1, rows, routing.slot_N, dtype)
 
 
 def expert_mm_combine(x_RI: Tensor, w_EIO: Tensor, routing: Routing, gate_XC: Tensor, gather: bool = True) -> Tensor:
     """`combine(expert_mm(x, w, routing, gather), choice, gate)`, fused: [X, O] with the grouping of
     the choices given by `gate_XC`'s shape (group x holds flat choices x*C .. x*C + C-1)."""
-    x_RI, w_EIO = _autocast_operands(x_RI, w_EIO)
+    dtype = _compute_dtype(x_RI, w_EIO)
     if gate_XC.numel() != routing.slot_N.numel():
         raise ValueError(f"expert_mm_combine: {gate_XC.numel()} gates for {routing.slot_N.numel()} routed rows")
     rows = routing.rows_N if gather else None
-    return _ExpertMMCombine.apply(x_RI.contiguous(), w_EIO, gate_XC, routing.offsets_E1, rows, routing.slot_N)
+    return _ExpertMMCombine.apply(x_RI.contiguous(), w_EIO, gate_XC, routing.offsets_E1, rows, routing.slot_N, dtype)
 
 
 def fp64_reference(x_RI: Tensor, w_EIO: Tensor, grad_NO: Tensor, routing: Routing):
