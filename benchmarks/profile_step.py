@@ -11,11 +11,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_throughput import VOCAB, build  # noqa: E402
+from train_throughput import build, training_step  # noqa: E402
 
 
 def main():
@@ -27,17 +26,7 @@ def main():
     ap.add_argument("--trace", type=Path, help="also write a Chrome trace")
     args = ap.parse_args()
     torch.manual_seed(0)
-    model = build(args.model, None).cuda().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    tokens = torch.randint(0, VOCAB, (args.batch, 1025), device="cuda")
-
-    def step():
-        with torch.autocast("cuda", torch.bfloat16):
-            out = model(tokens[:, :-1])
-            loss = F.cross_entropy(out.outputs.float().view(-1, VOCAB), tokens[:, 1:].reshape(-1))
-        (loss + out.reg_loss.sum()).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = training_step(build(args.model, None), args.batch)
 
     for _ in range(3):
         step()

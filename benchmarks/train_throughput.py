@@ -59,7 +59,9 @@ def build(name: str, official):
     raise ValueError(name)
 
 
-def measure(model, batch, steps, compile_):
+def training_step(model, batch: int, compile_: bool = False):
+    """A closure running one training step (forward, backward, fused AdamW; bf16 autocast, context
+    1024) of `model` (moved to the GPU) on a fixed random batch."""
     model = model.cuda().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     fwd = torch.compile(model) if compile_ else model
@@ -72,6 +74,11 @@ def measure(model, batch, steps, compile_):
         (loss + out.reg_loss.sum()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return step
+
+
+def measure(model, batch, steps, compile_):
+    step = training_step(model, batch, compile_)
 
     for _ in range(3):
         step()
