@@ -2,7 +2,7 @@
 # Device calls: GPU tests, kernel parity + pass timings, attention block, a step profile, training
 # throughput (ours, dense, Llama; the official release if its checkout is at $OFFICIAL) and decode.
 # All stages take ~12 min: run them as two calls, e.g.
-#   bash benchmarks/gpu_check_and_bench.sh tests parity kernels attention profile train   (~8 min)
+#   bash benchmarks/gpu_check_and_bench.sh tests parity kernels attention train profile   (~9 min)
 #   bash benchmarks/gpu_check_and_bench.sh train_small official decode               (~5.5 min)
 # Results under $OUT; every script writes its JSON as it goes, so a time limit keeps what finished.
 set -u
