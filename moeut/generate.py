@@ -70,6 +70,14 @@ class _DecodeStep:
         return self.logits
 
 
+def _supports_static_cache(model) -> bool:
+    """Our attention modules understand preallocated caches; a user-supplied attention class with the
+    official interface only knows the growing dict."""
+    from .attention import SwitchHeadRope
+    from .model import MoEUTLayer
+    return all(isinstance(m.attention, SwitchHeadRope) for m in model.modules() if isinstance(m, MoEUTLayer))
+
+
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None, eos_id: Optional[int] = None,
@@ -79,8 +87,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
 
     `on_token(row, token)` is called for every produced token (streaming). `cache`: "static" (a
     preallocated KV cache of prompt + max_new_tokens positions: fixed shapes, no copies), "dynamic"
-    (the official growing dict cache) or "none" (recompute the whole sequence every step: slow, the
-    reference the cached paths are tested against). `cuda_graph` (default: on CUDA with the static
+    (the official growing dict cache; used for models with a user-supplied attention class) or "none"
+    (recompute the whole sequence every step: slow, the reference the cached paths are tested against). `cuda_graph` (default: on CUDA with the static
     cache and at least 8 new tokens) replays each decoding step from a CUDA graph. `compile` runs the
     decoding step through torch.compile (static cache only; worth its compile time for long outputs).
     """
@@ -91,6 +99,11 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     if not prompts:
         return []
     device = next(model.parameters()).device
+    if cache == "static" and not _supports_static_cache(model):
+        if cuda_graph or compile:
+            raise ValueError("cuda_graph and compile need a preallocated cache, which this model's attention "
+                             "modules do not support")
+        cache = "dynamic"
     if cuda_graph is None:
         cuda_graph = device.type == "cuda" and cache == "static" and max_new_tokens >= 8
     if cuda_graph and (device.type != "cuda" or cache != "static"):

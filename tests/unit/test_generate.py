@@ -83,3 +83,25 @@ def test_top_k_top_p_filters():
     p = logits.softmax(-1)[0]
     kept = ~torch.isinf(_filter_logits(logits, 0, float(p[0]) + 1e-3))[0]
     assert kept.tolist() == [True, True, False, False]
+
+
+class _OfficialInterfaceAttention(torch.nn.Module):
+    """A user-supplied attention class with only the official interface (no preallocated caches)."""
+
+    def __init__(self, state_size, n_heads, n_experts, projection_size=None, moe_k=2, expert_dropout=0.0):
+        super().__init__()
+        self.inner = moeut.SwitchHeadRope(state_size, n_heads, n_experts, projection_size=projection_size,
+                                          moe_k=moe_k, expert_dropout=expert_dropout)
+
+    def forward(self, q_src, k_src, v_src, mask, kv_cache=None):
+        if kv_cache and set(kv_cache) != {"k", "v"}:   # knows only the official growing dict
+            raise RuntimeError(f"unknown cache entry {sorted(kv_cache)}")
+        return self.inner(q_src, k_src, v_src, mask, kv_cache)
+
+
+def test_user_attention_class_falls_back_to_the_dict_cache():
+    torch.manual_seed(2)
+    m = moeut.MoEUTLM(64, **moeut.profiles.MoEUT_tiny, attention=_OfficialInterfaceAttention).eval()
+    assert generate(m, PROMPTS, 8) == generate(m, PROMPTS, 8, cache="none")
+    with pytest.raises(ValueError, match="preallocated"):
+        generate(m, PROMPTS, 8, compile=True)
