@@ -113,8 +113,11 @@ def test_tasks_on_fixtures(tmp_path):
     write_fixtures(tmp_path)
     t = fixture_table()
     m, tok = TableModel(t), CharTokenizer()
+    snapshots = []   # what an interrupted run would have kept: results after each finished task
     res = run_eval(m, tok, ["lambada", "blimp", "piqa", "arc_easy", "hellaswag"], str(tmp_path), [], None, 4,
-                   printer=lambda *a: None)
+                   printer=lambda *a: None, on_result=lambda r: snapshots.append(list(r)))
+    assert snapshots == [["lambada"], ["lambada", "blimp"], ["lambada", "blimp", "piqa"],
+                         ["lambada", "blimp", "piqa", "arc_easy"], ["lambada", "blimp", "piqa", "arc_easy", "hellaswag"]]
     assert res["lambada"]["accuracy"] == 0.5 and res["lambada"]["items"] == 2
     # last-word perplexity: exp(-mean of summed word log-probs)
     lp1 = t[1, 0] + t[0, 2] + t[2, 3]
