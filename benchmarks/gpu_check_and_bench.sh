@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Device calls: GPU tests, kernel parity + pass timings, attention block, a step profile, training
 # throughput (ours, dense, Llama; the official release if its checkout is at $OFFICIAL) and decode.
-# All stages take ~12 min: run them as two calls, e.g.
+# All stages take ~20 min: run them as three calls (each under the 10 min limit), e.g.
 #   bash benchmarks/gpu_check_and_bench.sh tests parity kernels attention train profile   (~9 min)
-#   bash benchmarks/gpu_check_and_bench.sh train_small official decode               (~5.5 min)
+#   bash benchmarks/gpu_check_and_bench.sh train_small decode decode_compile              (~8 min)
+#   bash benchmarks/gpu_check_and_bench.sh official                                       (~3 min)
 # Results under $OUT; every script writes its JSON as it goes, so a time limit keeps what finished.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 OFFICIAL=${OFFICIAL:-.official}
-STAGES=${*:-tests parity kernels attention profile train train_small official decode}
+STAGES=${*:-tests parity kernels attention train profile train_small official decode decode_compile}
 export PYTHONUNBUFFERED=1
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -34,4 +35,7 @@ run train_small 90 python3 benchmarks/train_throughput.py --steps 6 \
 # The official release autotunes its kernel for minutes on first use: a long slot, one model at a time.
 [ -d "$OFFICIAL" ] && run official 150 python3 benchmarks/train_throughput.py --steps 6 --official "$OFFICIAL" \
   --models official-244M:16,official-126M:16,official-318M:16 --json "$OUT/train_official.json"
-run decode 90 python3 benchmarks/decode.py --new-tokens 64 --json "$OUT/decode.json"
+run decode 90 python3 benchmarks/decode.py --new-tokens 64 --modes dynamic,static,static+graph --json "$OUT/decode.json"
+# torch.compile of a 244M decoding step takes minutes on the device's host CPU (18 unrolled layers).
+run decode_compile 300 python3 benchmarks/decode.py --new-tokens 64 --modes static+graph+compile \
+  --json "$OUT/decode_compile.json"
