@@ -152,7 +152,9 @@ def eval_blimp(model, tok, data_dir, limit, batch_size):
     for fpath in files:
         items = [json.loads(l) for l in open(fpath, encoding="utf-8") if l.strip()]
         items = items[:limit] if limit else items
-        spans.append((fpath.stem, items[0].get("field", "unknown") if items else "unknown", len(reqs), len(items)))
+        # one paradigm file of the BLiMP release spells its field "syntax/semantics"; the rest "syntax_semantics"
+        field = items[0].get("field", "unknown").replace("/", "_") if items else "unknown"
+        spans.append((fpath.stem, field, len(reqs), len(items)))
         for it in items:  # summed log-probability of each whole sentence, no length normalisation
             reqs += [Request([tok.eot_id], tok.encode(it["sentence_good"])),
                      Request([tok.eot_id], tok.encode(it["sentence_bad"]))]

@@ -85,6 +85,11 @@ def write_fixtures(d):
     with open(d / "blimp" / "p1.jsonl", "w") as f:
         f.write(json.dumps({"sentence_good": "ab", "sentence_bad": "ac", "field": "syntax"}) + "\n")
         f.write(json.dumps({"sentence_good": "ac", "sentence_bad": "ab", "field": "syntax"}) + "\n")
+    # the real BLiMP spells one paradigm's field "syntax/semantics", the others "syntax_semantics"
+    with open(d / "blimp" / "p2.jsonl", "w") as f:
+        f.write(json.dumps({"sentence_good": "ab", "sentence_bad": "ac", "field": "syntax/semantics"}) + "\n")
+    with open(d / "blimp" / "p3.jsonl", "w") as f:
+        f.write(json.dumps({"sentence_good": "ac", "sentence_bad": "ab", "field": "syntax_semantics"}) + "\n")
     (d / "piqa").mkdir()
     with open(d / "piqa" / "valid.jsonl", "w") as f:
         f.write(json.dumps({"goal": "g", "sol1": "b", "sol2": "c"}) + "\n")
@@ -123,8 +128,10 @@ def test_tasks_on_fixtures(tmp_path):
     lp1 = t[1, 0] + t[0, 2] + t[2, 3]
     lp2 = t[1, 0] + t[0, 2] + t[2, 4]
     assert res["lambada"]["last_word_perplexity"] == pytest.approx(math.exp(-(lp1 + lp2) / 2), rel=1e-5)
-    # BLiMP sums whole-sentence log-probs (eot-conditioned): 'ab' (0.3) beats 'ac' (0.2) -> 1 of 2 right
-    assert res["blimp"]["accuracy"] == 0.5 and res["blimp"]["fields"] == {"syntax": 0.5}
+    # BLiMP sums whole-sentence log-probs (eot-conditioned): 'ab' (0.3) beats 'ac' (0.2) -> p1 1 of 2
+    # right, p2 right, p3 wrong; the mean is over paradigms, and both field spellings are one field
+    assert res["blimp"]["accuracy"] == pytest.approx(0.5) and res["blimp"]["items"] == 3
+    assert res["blimp"]["fields"] == {"syntax": 0.5, "syntax_semantics": 0.5}
     assert res["piqa"]["accuracy"] == 1.0
     assert res["arc_easy"]["items"] == 2 and res["arc_easy"]["accuracy"] == 0.5
     assert res["hellaswag"]["accuracy"] == 1.0  # ' b' is the best ending, gold index 1
