@@ -117,7 +117,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], causal: bool,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=causal, scale=1.0)
 
 
-def new_static_cache(capacity: int) -> Dict[str, Tensor]:
+def new_static_cache(capacity: int) -> dict:
     """A per-layer entry for a preallocated KV cache of `capacity` positions (generation's fast path).
 
     The key and value buffers [B, H, capacity, Dh] are allocated by the first forward pass that uses
@@ -131,6 +131,8 @@ def new_static_cache(capacity: int) -> Dict[str, Tensor]:
 
 def _attend_static(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask], kv_cache: Dict[str, Tensor],
                    n_rotate: int, rope_base: float) -> Tuple[Tensor, KVCache]:
+    if mask is not None and mask.position_mask is not None:   # checked before the cache is touched
+        raise ValueError("a preallocated KV cache supports src_length_mask only (attention is causal by position)")
     B, H, T, _ = q.shape
     if "k" not in kv_cache:
         C = kv_cache["capacity"]
@@ -145,8 +147,6 @@ def _attend_static(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask
     kv_cache["pos"].add_(T)
     S = kv_cache["k"].shape[-2]
     drop = torch.arange(S, device=q.device)[None, :] > positions[:, None]   # [T, S]: future and empty slots
-    if mask is not None and mask.position_mask is not None:
-        raise ValueError("a preallocated KV cache supports src_length_mask only (attention is causal by position)")
     if mask is not None and mask.src_length_mask is not None:
         drop = drop | mask.src_length_mask[:, None, None, :]
     keep = ~(drop & ~drop.all(-1, keepdim=True))
