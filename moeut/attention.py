@@ -44,22 +44,39 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x: Tensor, n_rotate: int, offset, base: float) -> Tensor:
-    """RoPE on the first `n_rotate` channels of x [B, H, T, Dh], for positions offset..offset+T-1
-    (`offset` an int, or a tensor of the T positions)."""
-    if n_rotate == 0:
-        return x
-    T = x.shape[-2]
-    inv_freq = 1.0 / (base ** (torch.arange(0, n_rotate, 2, device=x.device, dtype=torch.float32) / n_rotate))
+def rope_tables(n_rotate: int, offset, T: int, base: float, device) -> Tuple[Tensor, Tensor]:
+    """(cos, sin) [T, n_rotate] in fp32 for positions offset..offset+T-1 (`offset` an int, or a
+    tensor of the T positions). Computed once per attention call and shared by q and k."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, n_rotate, 2, device=device, dtype=torch.float32) / n_rotate))
     if torch.is_tensor(offset):
         pos = offset.to(torch.float32)
     else:
-        pos = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)
+        pos = torch.arange(offset, offset + T, device=device, dtype=torch.float32)
     freqs = torch.outer(pos, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE with precomputed tables on the first cos.shape[-1] channels of x [B, H, T, Dh] (in fp32)."""
+    n_rotate = cos.shape[-1]
     rot = x[..., :n_rotate].float()
-    rot = rot * emb.cos() + rotate_half(rot) * emb.sin()
+    rot = rot * cos + rotate_half(rot) * sin
     return torch.cat((rot.to(x.dtype), x[..., n_rotate:]), dim=-1)
+
+
+def apply_rope(x: Tensor, n_rotate: int, offset, base: float) -> Tensor:
+    """RoPE on the first `n_rotate` channels of x [B, H, T, Dh], for positions offset..offset+T-1."""
+    if n_rotate == 0:
+        return x
+    return rotate(x, *rope_tables(n_rotate, offset, x.shape[-2], base, x.device))
+
+
+def _rope_qk(q: Tensor, k: Tensor, n_rotate: int, offset, base: float) -> Tuple[Tensor, Tensor]:
+    if n_rotate == 0:
+        return q, k
+    cos, sin = rope_tables(n_rotate, offset, q.shape[-2], base, q.device)
+    return rotate(q, cos, sin), rotate(k, cos, sin)
 
 
 def build_mask(mask: Optional[AttentionMask], B: int, T: int, S: int, device) -> Tuple[Optional[Tensor], bool]:
@@ -140,8 +157,7 @@ def _attend_static(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask
         kv_cache["v"] = v.new_zeros(B, H, C, v.shape[-1])
         kv_cache["pos"] = torch.zeros((), dtype=torch.long, device=q.device)
     positions = kv_cache["pos"] + torch.arange(T, device=q.device)
-    q = apply_rope(q, n_rotate, positions, rope_base)
-    k = apply_rope(k, n_rotate, positions, rope_base)
+    q, k = _rope_qk(q, k, n_rotate, positions, rope_base)
     kv_cache["k"].index_copy_(2, positions, k.to(kv_cache["k"].dtype))
     kv_cache["v"].index_copy_(2, positions, v.to(kv_cache["v"].dtype))
     kv_cache["pos"].add_(T)
@@ -167,8 +183,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask], kv_ca
     offset = 0
     if kv_cache is not None and "k" in kv_cache:
         offset = kv_cache["k"].shape[-2]
-    q = apply_rope(q, n_rotate, offset, rope_base)
-    k = apply_rope(k, n_rotate, offset, rope_base)
+    q, k = _rope_qk(q, k, n_rotate, offset, rope_base)
     if kv_cache is not None:
         if "k" in kv_cache:
             k = torch.cat([kv_cache["k"].to(k.dtype), k], dim=-2)
