@@ -46,6 +46,17 @@ def test_compiled_decoding_equals_recomputation(model):
     assert generate(model, PROMPTS, 6, compile=True) == generate(model, PROMPTS, 6, cache="none")
 
 
+def test_static_cache_rejects_position_masks_before_writing():
+    from moeut.attention import new_static_cache
+    m = moeut.MoEUTLM(64, **moeut.profiles.MoEUT_tiny).eval()
+    kv = {i: new_static_cache(8) for i in range(m.n_layers)}
+    m(torch.randint(0, 64, (1, 3)), kv_cache=kv)
+    bad = moeut.AttentionMask(None, torch.zeros(1, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="src_length_mask only"):
+        m(torch.randint(0, 64, (1, 1)), bad, kv_cache=kv)
+    assert int(kv[0]["pos"]) == 3   # the failed call left the cache as it was
+
+
 def test_bad_generation_options(model):
     with pytest.raises(ValueError, match="cache"):
         generate(model, PROMPTS, 3, cache="paged")
