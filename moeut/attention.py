@@ -65,13 +65,6 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((rot.to(x.dtype), x[..., n_rotate:]), dim=-1)
 
 
-def apply_rope(x: Tensor, n_rotate: int, offset, base: float) -> Tensor:
-    """RoPE on the first `n_rotate` channels of x [B, H, T, Dh], for positions offset..offset+T-1."""
-    if n_rotate == 0:
-        return x
-    return rotate(x, *rope_tables(n_rotate, offset, x.shape[-2], base, x.device))
-
-
 def _rope_qk(q: Tensor, k: Tensor, n_rotate: int, offset, base: float) -> Tuple[Tensor, Tensor]:
     if n_rotate == 0:
         return q, k
