@@ -5,11 +5,12 @@
 #   bash benchmarks/gpu_check_and_bench.sh tests parity kernels attention train profile   (~9 min)
 #   bash benchmarks/gpu_check_and_bench.sh train_small decode decode_compile              (~8 min)
 #   bash benchmarks/gpu_check_and_bench.sh official                                       (~3 min)
+# or, on a machine of several GPUs, as parallel lanes (one GPU each): benchmarks/gpu_lanes.sh.
 # Results under $OUT; every script writes its JSON as it goes, so a time limit keeps what finished.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 OFFICIAL=${OFFICIAL:-.official}
-STAGES=${*:-tests parity kernels attention train profile train_small official decode decode_compile}
+STAGES=${*:-tests parity kernels attention train profile train_small train_compile official decode decode_compile}
 export PYTHONUNBUFFERED=1
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -32,9 +33,13 @@ run train 130 python3 benchmarks/train_throughput.py --steps 6 \
 run profile 60 python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 30
 run train_small 90 python3 benchmarks/train_throughput.py --steps 6 \
   --models moeut-126M:16,dense-126M:16,moeut-318M:16,dense-319M:16 --json "$OUT/train_small.json"
+# torch.compile (default mode) of the model's forward, for MoEUT and dense alike (issue 3: same care).
+run train_compile 280 python3 benchmarks/train_throughput.py --steps 6 --compile \
+  --models moeut-44M:32,dense-44M:32,moeut-244M:16,dense-244M:16 --json "$OUT/train_compile.json"
 # The official release autotunes its kernel for minutes on first use: a long slot, one model at a time.
-[ -d "$OFFICIAL" ] && run official 150 python3 benchmarks/train_throughput.py --steps 6 --official "$OFFICIAL" \
-  --models official-244M:16,official-126M:16,official-318M:16 --json "$OUT/train_official.json"
+[ -d "$OFFICIAL" ] && run official "${OFFICIAL_LIMIT:-150}" python3 benchmarks/train_throughput.py --steps 6 \
+  --official "$OFFICIAL" --models "${OFFICIAL_MODELS:-official-244M:16,official-126M:16,official-318M:16}" \
+  --json "$OUT/train_official.json"
 run decode 90 python3 benchmarks/decode.py --new-tokens 64 --modes dynamic,static,static+graph --json "$OUT/decode.json"
 # torch.compile of a 244M decoding step takes minutes on the device's host CPU (18 unrolled layers).
 run decode_compile 300 python3 benchmarks/decode.py --new-tokens 64 --modes static+graph+compile \
