@@ -11,6 +11,8 @@ import torch
 
 from .attention import AttentionMask, new_static_cache
 
+COMPILE_CAPACITY_STEP = 256  # with compile=True the KV cache holds a multiple of this many positions
+
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_k and top_k < logits.shape[-1]:
@@ -127,8 +129,10 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     kv = None
     if cache == "static":
         capacity = L + max_new_tokens
+        if compile:  # compiled code is specialised on the cache size: let calls of similar lengths share it
+            capacity = -(-capacity // COMPILE_CAPACITY_STEP) * COMPILE_CAPACITY_STEP
         kv = {i: new_static_cache(capacity) for i in range(model.n_layers)}
-        pad = torch.cat([pad, torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)], 1)
+        pad = torch.cat([pad, torch.zeros(B, capacity - L, dtype=torch.bool, device=device)], 1)
         step = _DecodeStep(model, AttentionMask(pad, None, is_causal=True), kv, cuda_graph, compile)
     elif cache == "dynamic":
         kv = {}
