@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from profile_step import busy_ms, kernel_times, print_table  # noqa: E402
 from moeut import profiles  # noqa: E402
 from moeut.attention import AttentionMask, SwitchHeadRope  # noqa: E402
 
@@ -26,7 +28,7 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median")
 
 
-def time_block(att: SwitchHeadRope, x: torch.Tensor):
+def time_block(att: SwitchHeadRope, x: torch.Tensor, top: int):
     mask = AttentionMask(None, None, is_causal=True)
 
     def fwd():
@@ -36,17 +38,23 @@ def time_block(att: SwitchHeadRope, x: torch.Tensor):
     def fwd_bwd():
         fwd().backward(torch.ones_like(x))
 
-    return bench(fwd), bench(fwd_bwd)
+    wall = bench(fwd), bench(fwd_bwd)
+    fwd_k, fb_k = kernel_times(fwd, 5), kernel_times(fwd_bwd, 5)
+    if top:
+        print_table(fb_k, 5, top, unit="call")
+    return wall + (busy_ms(fwd_k, 5), busy_ms(fb_k, 5))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="244M,1B")
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--kernels", type=int, default=0, help="print this many top kernels per block")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     rows = []
-    print(f"{'size':5s} {'block':28s} {'fwd ms':>8s} {'fwd+bwd ms':>11s}")
+    head = f"{'size':5s} {'block':32s} {'fwd ms':>8s} {'fwd+bwd ms':>11s} {'GPU fwd':>8s} {'GPU fwd+bwd':>12s}"
+    print(head)
     for size in args.sizes.split(","):
         p = getattr(profiles, f"MoEUT_{size}")
         D, H, Dh = p["d_model"], p["n_heads"], p["d_head"]
@@ -56,9 +64,9 @@ def main():
             torch.manual_seed(0)
             att = SwitchHeadRope(D, H, E, projection_size=Dh, moe_k=2).cuda()
             att.reset_parameters(1.0)
-            f, fb = time_block(att, x)
-            rows.append(dict(size=size, block=name, fwd_ms=f, fwd_bwd_ms=fb))
-            print(f"{size:5s} {name:28s} {f:8.3f} {fb:11.3f}", flush=True)
+            f, fb, gf, gfb = time_block(att, x, args.kernels)
+            rows.append(dict(size=size, block=name, fwd_ms=f, fwd_bwd_ms=fb, gpu_fwd_ms=gf, gpu_fwd_bwd_ms=gfb))
+            print(f"{size:5s} {name:32s} {f:8.3f} {fb:11.3f} {gf:8.3f} {gfb:12.3f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), indent=2))
 

@@ -10,7 +10,7 @@
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 OFFICIAL=${OFFICIAL:-.official}
-STAGES=${*:-tests parity kernels attention train profile train_small train_compile official decode decode_compile}
+STAGES=${*:-tests parity kernels attention train profile train_small train_graph train_compile official decode decode_compile}
 export PYTHONUNBUFFERED=1
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -23,16 +23,20 @@ run() {  # stage name, time limit, command...
   timeout "$limit" "$@" 2>&1 | grep -v Warn | tee "$OUT/$name.txt" | tail -40
   echo "[$name: $((SECONDS - t0)) s]"
 }
-run tests 110 python3 -m pytest -q tests/gpu -p no:cacheprovider
+run tests 240 python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=8
 run parity 60 env MOEUT_AUTOTUNE=0 python3 benchmarks/kernels.py --parity only --json "$OUT/parity.json"
 run kernels 120 python3 benchmarks/kernels.py --parity no --json "$OUT/kernels.json"
-run attention 40 python3 benchmarks/attention_block.py --json "$OUT/attention_block.json"
+run attention 60 python3 benchmarks/attention_block.py --kernels 25 --json "$OUT/attention_block.json"
 run train 130 python3 benchmarks/train_throughput.py --steps 6 \
   --models moeut-244M:16,dense-244M:16,llama-244M:16,moeut-1B:8,dense-1B:8,moeut-44M:32,dense-44M:32 --json "$OUT/train.json"
 # after `train`: Triton's disk cache then holds every compiled kernel variant
 run profile 60 python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 30
 run train_small 90 python3 benchmarks/train_throughput.py --steps 6 \
   --models moeut-126M:16,dense-126M:16,moeut-318M:16,dense-319M:16 --json "$OUT/train_small.json"
+# The whole training step (optimizer included) captured in a CUDA graph and replayed, MoEUT and dense alike.
+run train_graph 150 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-44M:32,dense-44M:32,moeut-126M:16,dense-126M:16,moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8 \
+  --json "$OUT/train_graph.json"
 # torch.compile (default mode) of the model's forward, for MoEUT and dense alike (issue 3: same care).
 run train_compile 280 python3 benchmarks/train_throughput.py --steps 6 --compile \
   --models moeut-44M:32,dense-44M:32,moeut-244M:16,dense-244M:16 --json "$OUT/train_compile.json"

@@ -3,7 +3,7 @@ bf16 autocast, context 1024) for MoEUT, the paper's dense baselines, a parameter
 `transformers` (if installed), and the official release (if `--official PATH` is given). All models
 are measured in the same run, the median of `--steps` steps after warm-up.
 
-    python benchmarks/train_throughput.py [--models moeut-244M,dense-244M,...] [--compile] [--json out.json]
+    python benchmarks/train_throughput.py [--models moeut-244M,dense-244M,...] [--compile] [--cuda-graph] [--json out.json]
 """
 from __future__ import annotations
 
@@ -59,11 +59,12 @@ def build(name: str, official):
     raise ValueError(name)
 
 
-def training_step(model, batch: int, compile_: bool = False):
+def training_step(model, batch: int, compile_: bool = False, cuda_graph: bool = False):
     """A closure running one training step (forward, backward, fused AdamW; bf16 autocast, context
-    1024) of `model` (moved to the GPU) on a fixed random batch."""
+    1024) of `model` (moved to the GPU) on a fixed random batch. With `cuda_graph`, the whole step
+    (optimizer included) is captured once and replayed: no per-kernel launch cost on the host."""
     model = model.cuda().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=cuda_graph)
     fwd = torch.compile(model) if compile_ else model
     tokens = torch.randint(0, VOCAB, (batch, 1025), device="cuda")
 
@@ -74,11 +75,22 @@ def training_step(model, batch: int, compile_: bool = False):
         (loss + out.reg_loss.sum()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return step
+    if not cuda_graph:
+        return step
+    side = torch.cuda.Stream()  # warm-up off the capture stream: autotuning, lazy state, optimizer moments
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # gradients are allocated from the graph's pool and rewritten each replay
+        step()
+    return graph.replay
 
 
-def measure(model, batch, steps, compile_):
-    step = training_step(model, batch, compile_)
+def measure(model, batch, steps, compile_, cuda_graph=False):
+    step = training_step(model, batch, compile_, cuda_graph)
 
     for _ in range(3):
         step()
@@ -101,6 +113,8 @@ def main():
     ap.add_argument("--models", default=DEFAULT_MODELS, help="comma list of name:batch")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--compile", action="store_true", help="torch.compile every model (official excluded)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="capture each model's whole training step in a CUDA graph (official excluded)")
     ap.add_argument("--official", type=Path, help="checkout of the official release, for the side-by-side")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -120,11 +134,13 @@ def main():
         if model is None:
             continue
         try:
-            r = measure(model, int(batch), args.steps, args.compile and not name.startswith("official"))
+            ours = not name.startswith("official")
+            r = measure(model, int(batch), args.steps, args.compile and ours, args.cuda_graph and ours)
         except Exception as e:
             print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}")
             r = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
-        r.update(model=name, batch=int(batch), compiled=args.compile and not name.startswith("official"))
+        r.update(model=name, batch=int(batch), compiled=args.compile and not name.startswith("official"),
+                 cuda_graph=args.cuda_graph and not name.startswith("official"))
         results.append(r)
         if "error" not in r:
             print(f"{name:16s} batch {batch:>3s}  {r['tokens_per_s'] / 1e3:8.1f}k tok/s  {r['step_ms']:8.1f} ms/step  "
