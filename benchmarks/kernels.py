@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from profile_step import busy_ms, kernel_times  # noqa: E402
 from moeut.expert_mm import expert_mm, expert_mm_combine, fp64_reference, route  # noqa: E402
 from moeut.moe import SigmaMoE  # noqa: E402
 
@@ -123,6 +125,16 @@ def time_shape(name, D, E, K, T, mm_tflops, bw):
         2 * (T * D + E * S * D + N * S))
     add("up dx (scatter)", bench(lambda: op(gh, w1.transpose(1, 2), r.offsets_E1, None, None, r.slot_N)),
         2 * (N * S + E * S * D + N * D))
+    # The narrow passes (I = 128) in the other grouped-GEMM form too, to keep the faster one as default.
+    from moeut import triton_expert_mm
+    forced = triton_expert_mm.use_loop_n(S, D)
+    triton_expert_mm.LOOP_N_OVERRIDE = not forced
+    form = "loop over N" if not forced else "column blocks"
+    add(f"down fwd [{form}]", bench(lambda: op(h, w2, r.offsets_E1, None, gate, r.slot_N)),
+        2 * (N * S + E * S * D + N * D))
+    add(f"up dx [{form}]", bench(lambda: op(gh, w1.transpose(1, 2), r.offsets_E1, None, None, r.slot_N)),
+        2 * (N * S + E * S * D + N * D))
+    triton_expert_mm.LOOP_N_OVERRIDE = None
     add("up dW (gather x)", bench(lambda: wgrad(x, gh, r.offsets_E1, r.rows_N, None, None, torch.float32)),
         2 * (T * D + N * S + E * D * S))
     add("down dW (gather, gate dy)", bench(lambda: wgrad(h, gy_T, r.offsets_E1, None, group, gate, torch.float32)),
@@ -152,9 +164,15 @@ def time_shape(name, D, E, K, T, mm_tflops, bw):
 
     fwd_ms = bench(ffn_fwd)
     fb_ms = bench(ffn_fwd_bwd)
+    # GPU busy time (sum of kernel durations): what the FFN costs inside a GPU-bound training step,
+    # where the host runs ahead; wall time on the device's slow host is launch-bound for one FFN.
+    gpu_fwd = busy_ms(kernel_times(ffn_fwd, 5), 5)
+    gpu_fb = busy_ms(kernel_times(ffn_fwd_bwd, 5), 5)
     ffn_flops = 2 * flops
     return rows, dict(shape=name, ffn_fwd_ms=fwd_ms, ffn_fwd_tflops=ffn_flops / fwd_ms / 1e9,
-                      ffn_fwd_bwd_ms=fb_ms, ffn_fwd_bwd_tflops=3 * ffn_flops / fb_ms / 1e9)
+                      ffn_fwd_bwd_ms=fb_ms, ffn_fwd_bwd_tflops=3 * ffn_flops / fb_ms / 1e9,
+                      gpu_fwd_ms=gpu_fwd, gpu_fwd_tflops=ffn_flops / gpu_fwd / 1e9,
+                      gpu_fwd_bwd_ms=gpu_fb, gpu_fwd_bwd_tflops=3 * ffn_flops / gpu_fb / 1e9)
 
 
 def main():
@@ -188,9 +206,12 @@ def main():
     print(f"\n{'shape':6s} {'pass':42s} {'ms':>8s} {'TFLOP/s':>8s} {'roofline TFLOP/s':>17s}")
     for r in out["passes"]:
         print(f"{r['shape']:6s} {r['pass_']:42s} {r['ms']:8.3f} {r['tflops']:8.1f} {r['roofline_tflops']:17.1f}")
-    print(f"\n{'shape':6s} {'FFN fwd ms':>10s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s}")
+    print(f"\n{'shape':6s} {'FFN fwd ms':>10s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s}"
+          f"  | GPU busy: {'fwd ms':>7s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s}")
     for f in out["ffn"]:
-        print(f"{f['shape']:6s} {f['ffn_fwd_ms']:10.3f} {f['ffn_fwd_tflops']:8.1f} {f['ffn_fwd_bwd_ms']:11.3f} {f['ffn_fwd_bwd_tflops']:8.1f}")
+        print(f"{f['shape']:6s} {f['ffn_fwd_ms']:10.3f} {f['ffn_fwd_tflops']:8.1f} {f['ffn_fwd_bwd_ms']:11.3f} "
+              f"{f['ffn_fwd_bwd_tflops']:8.1f}  |           {f['gpu_fwd_ms']:7.3f} {f['gpu_fwd_tflops']:8.1f} "
+              f"{f['gpu_fwd_bwd_ms']:11.3f} {f['gpu_fwd_bwd_tflops']:8.1f}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
 

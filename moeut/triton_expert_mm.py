@@ -6,10 +6,14 @@ routed rows are sorted by expert, expert e owns rows offsets[e]:offsets[e+1].
 * `grouped_mm_triton`: a grouped GEMM over row tiles that never straddle two experts. The tile ->
   (expert, first row) table is built on the device without a host sync; the row gather is fused into
   the operand load, the gate scale and the scatter to (row, choice) order into the epilogue, so no
-  gathered, scaled or permuted copy is ever written.
+  gathered, scaled or permuted copy is ever written. A row tile's column blocks are adjacent programs,
+  so they run together and read the tile's input rows once from memory. For narrow inputs (I <= 128,
+  e.g. the FFN down projection: 128 -> d_model), the "loop over N" form loads the input tile once and
+  walks all output columns in one program (`use_loop_n`).
 * `grouped_mm_weight_grad_triton`: one program per (expert, output tile) loops over that expert's rows
   and writes its tile once: no atomics, so the result is bit-reproducible (the official kernel
-  accumulated with atomic adds). Both operands may be gathered; the gradient rows may be scaled.
+  accumulated with atomic adds). Both operands may be gathered; the gradient rows may be scaled. One
+  expert's tiles are adjacent programs, so they share that expert's rows in L2.
 
 Both run under `TRITON_INTERPRET=1` on CPU tensors, which is how CI checks their logic.
 """
@@ -30,6 +34,19 @@ except ImportError:  # the model works without Triton; only this fast path needs
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # MOEUT_AUTOTUNE=0 uses the first config of each list (GPU tests: compile once instead of ~6 times).
 AUTOTUNE = os.environ.get("MOEUT_AUTOTUNE", "1") != "0"
+
+
+# The "loop over N" form for narrow inputs: None = automatic (I <= 128 and O wider than one block);
+# True / False force it (tests and benchmarks/kernels.py compare both forms).
+LOOP_N_OVERRIDE = None
+
+
+def use_loop_n(I: int, O: int) -> bool:
+    if I > 128:  # the input tile stays in registers for the whole program
+        return False
+    if LOOP_N_OVERRIDE is not None:
+        return LOOP_N_OVERRIDE
+    return O > 128
 
 
 def available() -> bool:
@@ -86,16 +103,22 @@ if triton is not None:
         row_end = tl.sum(tl.where(mine, hi, 0), 0)
         return e, row0, row_end, pid < total
 
-    @triton.autotune(configs=_mm_configs(), key=["I", "O", "GATHER", "SCALE", "SCATTER", "FP32"])
+    @triton.autotune(configs=_mm_configs(), key=["I", "O", "GATHER", "SCALE", "SCATTER", "FP32", "LOOP_N"])
     @triton.jit
     def _expert_mm_kernel(x_ptr, w_ptr, out_ptr, offsets_ptr, rows_ptr, scale_ptr, dst_ptr,
                           E, I, O,
                           sxr, sxi, swe, swi, swo, sor, soo,
                           GATHER: tl.constexpr, SCALE: tl.constexpr, SCATTER: tl.constexpr,
-                          FP32: tl.constexpr, EP: tl.constexpr,
+                          FP32: tl.constexpr, LOOP_N: tl.constexpr, EP: tl.constexpr, IP: tl.constexpr,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        pid = tl.program_id(0)
+        if LOOP_N:
+            pid_m = pid
+            pid_n = 0
+        else:
+            n_col_blocks = tl.cdiv(O, BN)
+            pid_m = pid // n_col_blocks
+            pid_n = pid % n_col_blocks
         e, row0, row_end, live = _find_tile(offsets_ptr, pid_m, E, EP, BM)
         if not live:
             return
@@ -105,27 +128,46 @@ if triton is not None:
             src = tl.load(rows_ptr + rows, mask=row_ok, other=0)
         else:
             src = rows
-        cols = pid_n * BN + tl.arange(0, BN)
-        col_ok = cols < O
-        ks = tl.arange(0, BK)
-        a_ptrs = x_ptr + src[:, None].to(tl.int64) * sxr + ks[None, :] * sxi
-        b_ptrs = w_ptr + e.to(tl.int64) * swe + ks[:, None] * swi + cols[None, :] * swo
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, I, BK):
-            k_ok = (k0 + ks) < I
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = _dot(a, b, acc, FP32)
-            a_ptrs += BK * sxi
-            b_ptrs += BK * swi
         if SCALE:  # the router gate, applied in fp32 before rounding
-            acc = acc * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
+            gate = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
         if SCATTER:
             dst = tl.load(dst_ptr + rows, mask=row_ok, other=0)
         else:
             dst = rows
-        o_ptrs = out_ptr + dst[:, None].to(tl.int64) * sor + cols[None, :] * soo
-        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        out_rows = out_ptr + dst[:, None].to(tl.int64) * sor
+        if LOOP_N:  # I <= IP: one input tile, every output column block
+            ks = tl.arange(0, IP)
+            k_ok = ks < I
+            a = tl.load(x_ptr + src[:, None].to(tl.int64) * sxr + ks[None, :] * sxi,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w_rows = w_ptr + e.to(tl.int64) * swe + ks[:, None] * swi
+            for n0 in range(0, O, BN):
+                cols = n0 + tl.arange(0, BN)
+                col_ok = cols < O
+                b = tl.load(w_rows + cols[None, :] * swo, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                acc = _dot(a, b, tl.zeros((BM, BN), dtype=tl.float32), FP32)
+                if SCALE:
+                    acc = acc * gate[:, None]
+                tl.store(out_rows + cols[None, :] * soo, acc.to(out_ptr.dtype.element_ty),
+                         mask=row_ok[:, None] & col_ok[None, :])
+        else:
+            cols = pid_n * BN + tl.arange(0, BN)
+            col_ok = cols < O
+            ks = tl.arange(0, BK)
+            a_ptrs = x_ptr + src[:, None].to(tl.int64) * sxr + ks[None, :] * sxi
+            b_ptrs = w_ptr + e.to(tl.int64) * swe + ks[:, None] * swi + cols[None, :] * swo
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k0 in range(0, I, BK):
+                k_ok = (k0 + ks) < I
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                acc = _dot(a, b, acc, FP32)
+                a_ptrs += BK * sxi
+                b_ptrs += BK * swi
+            if SCALE:
+                acc = acc * gate[:, None]
+            tl.store(out_rows + cols[None, :] * soo, acc.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.autotune(configs=_wgrad_configs(), key=["I", "O", "GATHER", "GGATHER", "GSCALE", "FP32"])
     @triton.jit
@@ -135,9 +177,10 @@ if triton is not None:
                             GATHER: tl.constexpr, GGATHER: tl.constexpr, GSCALE: tl.constexpr,
                             FP32: tl.constexpr,
                             BI: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr):
-        e = tl.program_id(0)
-        pid = tl.program_id(1)
         n_o = tl.cdiv(O, BO)
+        n_tiles = tl.cdiv(I, BI) * n_o
+        e = tl.program_id(0) // n_tiles
+        pid = tl.program_id(0) % n_tiles
         ii = (pid // n_o) * BI + tl.arange(0, BI)
         oo = (pid % n_o) * BO + tl.arange(0, BO)
         i_ok = ii < I
@@ -179,16 +222,20 @@ def grouped_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: O
     unused = offsets_E1  # pointer for the arguments a constexpr flag switches off (never read)
     scale = scale_N.float().contiguous() if scale_N is not None else None
 
+    loop_n = use_loop_n(I, O)
+
     def grid(meta):
         # Upper bound on the number of row tiles; programs past the real count return at once.
-        return (triton.cdiv(N, meta["BM"]) + E, triton.cdiv(O, meta["BN"]))
+        row_tiles = triton.cdiv(N, meta["BM"]) + E
+        return (row_tiles if loop_n else row_tiles * triton.cdiv(O, meta["BN"]),)
 
     _expert_mm_kernel[grid](x_RI, w_EIO, out_NO, offsets_E1, _or(rows_N, unused), _or(scale, unused),
                             _or(dst_N, unused), E, I, O,
                             x_RI.stride(0), x_RI.stride(1), w_EIO.stride(0), w_EIO.stride(1), w_EIO.stride(2),
                             out_NO.stride(0), out_NO.stride(1),
                             GATHER=rows_N is not None, SCALE=scale_N is not None, SCATTER=dst_N is not None,
-                            FP32=x_RI.dtype == torch.float32, EP=triton.next_power_of_2(E))
+                            FP32=x_RI.dtype == torch.float32, LOOP_N=loop_n, EP=triton.next_power_of_2(E),
+                            IP=max(16, triton.next_power_of_2(I)))
     return out_NO
 
 
@@ -203,7 +250,7 @@ def grouped_mm_weight_grad_triton(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Ten
     scale = grad_scale_N.float().contiguous() if grad_scale_N is not None else None
 
     def grid(meta):
-        return (E, triton.cdiv(I, meta["BI"]) * triton.cdiv(O, meta["BO"]))
+        return (E * triton.cdiv(I, meta["BI"]) * triton.cdiv(O, meta["BO"]),)
 
     _weight_grad_kernel[grid](x_RI, grad_MO, out_EIO, offsets_E1, _or(rows_N, unused), _or(grad_rows_N, unused),
                               _or(scale, unused), I, O,

@@ -39,10 +39,14 @@ def test_triton_expert_mm_matches_reference(dtype, tol, D, E, K):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("I,O,gather", [(128, 1024, False), (128, 1024, True), (1024, 128, True)])
-def test_triton_combine_matches_torch_path(dtype, tol, I, O, gather, monkeypatch):
+@pytest.mark.parametrize("loop_n", [None, False], ids=["auto", "column_blocks"])
+def test_triton_combine_matches_torch_path(dtype, tol, I, O, gather, loop_n, monkeypatch):
     """Fused projection + gated sum (scale/scatter epilogue, gathered and scaled gradient rows) on the
-    Triton path against the per-expert PyTorch path in fp64, values and all gradients."""
+    Triton path against the per-expert PyTorch path in fp64, values and all gradients; I = 128 runs
+    the "loop over N" grouped GEMM by default, `column_blocks` forces the other form."""
+    from moeut import triton_expert_mm
     from moeut.expert_mm import expert_mm_combine
+    monkeypatch.setattr(triton_expert_mm, "LOOP_N_OVERRIDE", loop_n)
     torch.manual_seed(1)
     R, K, E = 1500, 4, 10
     expert = torch.randint(0, E - 1, (R, K), device="cuda")  # the last expert gets no rows

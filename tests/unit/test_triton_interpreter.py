@@ -9,13 +9,18 @@ if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("interpreter tests are for CPU-only machines (GPU runs use tests/gpu)", allow_module_level=True)
 
 from moeut.expert_mm import _grouped_mm_torch, _weight_grad_torch, reference_expert_mm, route  # noqa: E402
+from moeut import triton_expert_mm  # noqa: E402
 from moeut.triton_expert_mm import grouped_mm_triton, grouped_mm_weight_grad_triton  # noqa: E402
 
 
 @pytest.mark.parametrize("kind", ["random", "one_expert", "empty_experts"])
 @pytest.mark.parametrize("R,K,E,I,O", [(37, 3, 5, 20, 33), (16, 1, 3, 16, 16), (9, 2, 17, 40, 7)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_matches_reference(kind, R, K, E, I, O, dtype):
+@pytest.mark.parametrize("loop_n", [False, True], ids=["column_blocks", "loop_n"])
+def test_triton_matches_reference(kind, R, K, E, I, O, dtype, loop_n, monkeypatch):
+    # Both forms of the grouped GEMM: one program per (row tile, column block), or per row tile
+    # walking every column block (what narrow inputs such as the FFN down projection use).
+    monkeypatch.setattr(triton_expert_mm, "LOOP_N_OVERRIDE", loop_n)
     gen = torch.Generator().manual_seed(R + 7 * E)
     if kind == "random":
         expert = torch.randint(0, E, (R, K), generator=gen)
