@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .expert_mm import expert_mm_combine, route
+from .router import sigmoid_topk
 
 KVCache = Optional[Dict[str, Tensor]]
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -241,13 +242,14 @@ class SwitchHeadRope(torch.nn.Module):
         """Per-head router: (logits [B, T, H, E], gates [B, T, H, K], expert ids offset by head)."""
         logits = F.linear(x, w).float()
         logits = logits.view(*logits.shape[:-1], self.n_heads, self.n_experts)
-        scores = logits.sigmoid()
-        with torch.no_grad():
-            ranked = scores
-            if self.training and self.expert_dropout > 0:
+        if self.training and self.expert_dropout > 0:
+            scores = logits.sigmoid()
+            with torch.no_grad():
                 ranked = scores.masked_fill(torch.rand_like(scores) < self.expert_dropout, float("-inf"))
-            expert = ranked.topk(self.moe_k, dim=-1, sorted=False).indices
-        gate = scores.gather(-1, expert)
+                expert = ranked.topk(self.moe_k, dim=-1, sorted=False).indices
+            gate = scores.gather(-1, expert)
+        else:
+            gate, expert = sigmoid_topk(logits, self.moe_k)  # one kernel on CUDA
         head_base = torch.arange(self.n_heads, device=x.device).unsqueeze(-1) * self.n_experts
         return logits, gate, expert + head_base
 

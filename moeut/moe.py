@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .expert_mm import expert_mm, expert_mm_combine, route
+from .router import sigmoid_topk
 
 
 def selection_probability_sum(logits: Tensor) -> Tensor:
@@ -78,11 +79,12 @@ class SigmaMoE(torch.nn.Module):
     def select(self, sel_input: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Router: (logits [..., E], gates [..., K], expert ids [..., K])."""
         logits = F.linear(sel_input, self.expert_sel)
-        scores = torch.sigmoid(logits)
         if self.training and self.expert_dropout > 0:
+            scores = torch.sigmoid(logits)
             drop = torch.rand_like(scores) < self.expert_dropout
-            scores = scores.masked_fill(drop, float("-inf"))
-        gate, expert = scores.topk(self.n_heads, dim=-1, sorted=False)
+            gate, expert = scores.masked_fill(drop, float("-inf")).topk(self.n_heads, dim=-1, sorted=False)
+            return logits, gate, expert
+        gate, expert = sigmoid_topk(logits, self.n_heads)  # one kernel on CUDA
         return logits, gate, expert
 
     def forward_with_logits(self, input: Tensor, sel_input: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:

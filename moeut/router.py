@@ -1,0 +1,79 @@
+"""The σ-MoE router's selection: sigmoid scores, the top-k experts per row and their gates.
+
+    gate[r], expert[r] = top-k over e of sigmoid(logits[r, e])      (k largest, descending)
+
+`sigmoid_topk` is one operator. On CUDA it is a single Triton kernel (`triton_router.py`): it reads
+the [R, E] logits once and writes [R, K] gates and expert ids, where the plain PyTorch form runs a
+sigmoid, a top-k and a gather (three kernels, an [R, E] score tensor in between). Its backward
+scatters d gate * s * (1 - s) into a zero [R, E] gradient, which is what autograd computes for the
+plain form.
+
+Ties: scores are ranked after rounding to the logits' dtype, exactly as `torch.topk` on the rounded
+sigmoid sees them. `torch.topk` breaks ties in an unspecified order; the kernel takes the lowest
+expert id, so its choice is reproducible. The plain form (CPU, and any device without Triton) is
+the reference the tests compare the kernel with.
+
+Shapes: R rows (tokens, or token-heads), E experts, K chosen per row.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+
+def sigmoid_topk_reference(logits_RE: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """(gate [R, K] in the logits' dtype, expert [R, K] int64), plain PyTorch, differentiable."""
+    return torch.sigmoid(logits_RE).topk(k, dim=-1, sorted=True)
+
+
+def _use_triton(t: Tensor) -> bool:
+    if t.device.type != "cuda":
+        return False
+    from . import triton_expert_mm
+    return triton_expert_mm.available()
+
+
+@torch.library.custom_op("moeut::sigmoid_topk", mutates_args=())
+def _sigmoid_topk_op(logits: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    if _use_triton(logits):
+        from .triton_router import sigmoid_topk_triton
+        return sigmoid_topk_triton(logits, k)
+    with torch.no_grad():
+        return sigmoid_topk_reference(logits, k)
+
+
+@_sigmoid_topk_op.register_fake
+def _(logits, k):
+    R = logits.shape[0]
+    return logits.new_empty(R, k), logits.new_empty(R, k, dtype=torch.long)
+
+
+class _SigmoidTopK(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_RE, k):
+        gate_RK, expert_RK = _sigmoid_topk_op(logits_RE, k)
+        ctx.save_for_backward(gate_RK, expert_RK)
+        ctx.shape = logits_RE.shape
+        ctx.mark_non_differentiable(expert_RK)
+        return gate_RK, expert_RK
+
+    @staticmethod
+    def backward(ctx, grad_gate_RK, _grad_expert):
+        gate_RK, expert_RK = ctx.saved_tensors
+        s = gate_RK.float()
+        grad = (grad_gate_RK.float() * ((1 - s) * s)).to(gate_RK.dtype)
+        return torch.zeros(ctx.shape, dtype=gate_RK.dtype, device=gate_RK.device).scatter_(1, expert_RK, grad), None
+
+
+def sigmoid_topk(logits: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """(gate [..., K], expert [..., K]) of the k largest sigmoid(logits) over the last dim, descending."""
+    E = logits.shape[-1]
+    if not 0 < k <= E:
+        raise ValueError(f"sigmoid_topk: k={k} must be in 1..{E} (the number of experts)")
+    if not logits.is_floating_point():
+        raise TypeError(f"sigmoid_topk: logits must be floating point, got {logits.dtype}")
+    lead = logits.shape[:-1]
+    gate, expert = _SigmoidTopK.apply(logits.reshape(-1, E).contiguous(), k)
+    return gate.view(*lead, k), expert.view(*lead, k)

@@ -1,0 +1,56 @@
+"""Triton kernel of `moeut::sigmoid_topk` (see `router.py` for the contract and the reference).
+
+One program takes BR rows: it loads their logits once, rounds sigmoid to the logits' dtype (the
+values `torch.topk` would rank), then picks the maximum K times, taking the lowest expert id among
+equal scores and masking it out. Runs under `TRITON_INTERPRET=1` on CPU tensors (CI).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+from .triton_expert_mm import INTERPRET
+
+
+@triton.jit
+def _sigmoid_topk_kernel(logits_ptr, gate_ptr, expert_ptr, R, E, slr, sle,
+                         K: tl.constexpr, EP: tl.constexpr, BR: tl.constexpr,
+                         ROUND_BF16: tl.constexpr):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.arange(0, EP)
+    row_ok = rows < R
+    valid = row_ok[:, None] & (cols[None, :] < E)
+    x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * slr + cols[None, :] * sle, mask=valid, other=0.0)
+    score = tl.sigmoid(x.to(tl.float32))
+    if ROUND_BF16:  # round to nearest even by hand: the interpreter's cast truncates
+        bits = score.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        score = bits.to(tl.float32, bitcast=True)
+    else:
+        score = score.to(x.dtype).to(tl.float32)
+    score = tl.where(valid, score, -1.0)          # below every sigmoid value
+    for k in tl.static_range(K):
+        best = tl.max(score, axis=1)
+        pick = tl.min(tl.where(score == best[:, None], cols[None, :], EP), axis=1)
+        tl.store(gate_ptr + rows * K + k, best.to(gate_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(expert_ptr + rows * K + k, pick.to(tl.int64), mask=row_ok)
+        score = tl.where(cols[None, :] == pick[:, None], -2.0, score)
+
+
+def sigmoid_topk_triton(logits_RE: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    R, E = logits_RE.shape
+    gate = torch.empty(R, k, device=logits_RE.device, dtype=logits_RE.dtype)
+    expert = torch.empty(R, k, device=logits_RE.device, dtype=torch.long)
+    if R == 0:
+        return gate, expert
+    EP = max(16, triton.next_power_of_2(E))
+    BR = 4 if INTERPRET else max(1, min(32, 4096 // EP))   # about 4096 scores per program
+    _sigmoid_topk_kernel[(triton.cdiv(R, BR),)](logits_RE, gate, expert, R, E, logits_RE.stride(0),
+                                                 logits_RE.stride(1), K=k, EP=EP, BR=BR,
+                                                 ROUND_BF16=logits_RE.dtype == torch.bfloat16, num_warps=4)
+    return gate, expert

@@ -1,0 +1,56 @@
+"""The fused router (`moeut.router.sigmoid_topk`) against sigmoid + topk: values, choices, gradients,
+and, through the Triton interpreter on CPU, the kernel itself (ties included)."""
+import os
+
+import pytest
+import torch
+
+from moeut.router import sigmoid_topk, sigmoid_topk_reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sigmoid_topk_matches_plain_pytorch_with_gradients(dtype):
+    torch.manual_seed(0)
+    logits = torch.randn(50, 3, 37, dtype=torch.float32).to(dtype).requires_grad_()
+    gate, expert = sigmoid_topk(logits, 5)
+    assert gate.shape == expert.shape == (50, 3, 5) and expert.dtype == torch.long
+    ref_logits = logits.detach().clone().requires_grad_()
+    ref_gate, ref_expert = torch.sigmoid(ref_logits).topk(5, dim=-1)
+    torch.testing.assert_close(gate, ref_gate)
+    assert (gate == torch.sigmoid(logits.detach()).gather(-1, expert)).all()
+    g = torch.randn_like(gate)
+    (gate * g).sum().backward()
+    (ref_gate * g).sum().backward()
+    torch.testing.assert_close(logits.grad, ref_logits.grad)
+
+
+def test_sigmoid_topk_rejects_bad_k():
+    with pytest.raises(ValueError, match="k=9"):
+        sigmoid_topk(torch.randn(4, 8), 9)
+    with pytest.raises(TypeError, match="floating point"):
+        sigmoid_topk(torch.ones(4, 8, dtype=torch.long), 2)
+
+
+triton = pytest.importorskip("triton")
+interpreted = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(not interpreted, reason="the interpreter test is for CPU-only machines")
+@pytest.mark.parametrize("R,E,K", [(37, 10, 2), (9, 387, 16), (5, 3, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_router_kernel_matches_reference(R, E, K, dtype):
+    from moeut.triton_router import sigmoid_topk_triton
+    gen = torch.Generator().manual_seed(R * E)
+    logits = (3 * torch.randn(R, E, generator=gen)).to(dtype)
+    logits[0] = 0.5   # a row of exact ties: the lowest expert ids win
+    logits[1, 1::2] = 20.0   # saturated scores (1.0 in every dtype) tie too
+    gate, expert = sigmoid_topk_triton(logits, K)
+    ref_gate, _ = sigmoid_topk_reference(logits, K)
+    torch.testing.assert_close(gate, ref_gate, rtol=1e-6, atol=1e-6)
+    scores = torch.sigmoid(logits)
+    torch.testing.assert_close(scores.gather(1, expert), gate, rtol=1e-6, atol=1e-7)  # each gate is its expert's
+    assert (expert.sort(1).values.diff(dim=1) > 0).all()    # K distinct experts per row
+    assert expert[0].tolist() == list(range(K))
+    if R > 1:
+        n_tied = min(K, len(range(1, E, 2)))
+        assert expert[1, :n_tied].tolist() == list(range(1, E, 2))[:n_tied]
