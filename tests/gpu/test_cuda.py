@@ -176,7 +176,8 @@ def test_router_kernel_matches_sigmoid_topk(dtype, R, E, K):
     gate, expert = sigmoid_topk(logits, K)
     ref_logits = logits.detach().clone().requires_grad_()
     ref_gate, _ = sigmoid_topk_reference(ref_logits, K)
-    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=0, atol=0)
+    # The kernel's fp32 sigmoid may differ from torch's by an ulp, which can flip a bf16 rounding.
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -8, atol=0)
     torch.testing.assert_close(gate, ref_gate, **tol)
     torch.testing.assert_close(torch.sigmoid(logits.detach()).gather(1, expert), gate, **tol)
     # Gradient: autograd through sigmoid + gather at the kernel's choices (bf16 scores tie often, and
