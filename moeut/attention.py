@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .expert_mm import expert_mm_combine, route
+from .rope import rope_tables, rotate
 from .router import sigmoid_topk
 
 KVCache = Optional[Dict[str, Tensor]]
@@ -38,32 +39,6 @@ class AttentionMask:
     src_length_mask: Optional[Tensor]
     position_mask: Optional[Tensor]
     is_causal: bool = False
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def rope_tables(n_rotate: int, offset, T: int, base: float, device) -> Tuple[Tensor, Tensor]:
-    """(cos, sin) [T, n_rotate] in fp32 for positions offset..offset+T-1 (`offset` an int, or a
-    tensor of the T positions). Computed once per attention call and shared by q and k."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, n_rotate, 2, device=device, dtype=torch.float32) / n_rotate))
-    if torch.is_tensor(offset):
-        pos = offset.to(torch.float32)
-    else:
-        pos = torch.arange(offset, offset + T, device=device, dtype=torch.float32)
-    freqs = torch.outer(pos, inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE with precomputed tables on the first cos.shape[-1] channels of x [B, H, T, Dh] (in fp32)."""
-    n_rotate = cos.shape[-1]
-    rot = x[..., :n_rotate].float()
-    rot = rot * cos + rotate_half(rot) * sin
-    return torch.cat((rot.to(x.dtype), x[..., n_rotate:]), dim=-1)
 
 
 def _rope_qk(q: Tensor, k: Tensor, n_rotate: int, offset, base: float) -> Tuple[Tensor, Tensor]:

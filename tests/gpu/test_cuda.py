@@ -186,3 +186,22 @@ def test_router_kernel_matches_sigmoid_topk(dtype, R, E, K):
     (gate * g).sum().backward()
     (torch.sigmoid(ref_logits).gather(1, expert) * g).sum().backward()
     torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D,n_rot", [(128, 64), (82, 40)])
+def test_fused_rope_matches_reference(dtype, D, n_rot):
+    from moeut.rope import rope_tables, rotate, rotate_reference
+    torch.manual_seed(3)
+    B, T, H = 4, 1000, 4
+    x = torch.randn(B, T, H, D, device="cuda").to(dtype).transpose(1, 2).requires_grad_()
+    cos, sin = rope_tables(n_rot, 17, T, 10000.0, "cuda")
+    y = rotate(x, cos, sin)
+    ref_x = x.detach().clone().requires_grad_()
+    ref = rotate_reference(ref_x, cos, sin)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(y, ref, **tol)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, ref_x.grad, **tol)

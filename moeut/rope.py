@@ -1,0 +1,81 @@
+"""Rotary position embedding (RoPE) on the first `n_rotate` channels of each head.
+
+    y[:half] = x[:half] * cos - x[half:n_rotate] * sin        (half = n_rotate / 2)
+    y[half:n_rotate] = x[half:n_rotate] * cos + x[:half] * sin,    channels past n_rotate unchanged
+
+computed in fp32 and rounded to x's dtype. `rotate_reference` is the plain PyTorch form (CPU, and the
+reference). On CUDA, `rotate` is one Triton kernel per call (`moeut::rope`) instead of about eight
+elementwise kernels with fp32 intermediates; its backward is the same kernel rotating by -angle.
+"""
+from __future__ import annotations
+
+import os
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+
+def rope_tables(n_rotate: int, offset, T: int, base: float, device) -> Tuple[Tensor, Tensor]:
+    """(cos, sin) [T, n_rotate] in fp32 for positions offset..offset+T-1 (`offset` an int, or a
+    tensor of the T positions). Computed once per attention call and shared by q and k."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, n_rotate, 2, device=device, dtype=torch.float32) / n_rotate))
+    if torch.is_tensor(offset):
+        pos = offset.to(torch.float32)
+    else:
+        pos = torch.arange(offset, offset + T, device=device, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotate_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE with precomputed tables [T, n_rotate] on x [B, H, T, Dh], plain PyTorch."""
+    n_rotate = cos.shape[-1]
+    rot = x[..., :n_rotate].float()
+    rot = rot * cos + rotate_half(rot) * sin
+    return torch.cat((rot.to(x.dtype), x[..., n_rotate:]), dim=-1)
+
+
+def _use_triton(x: Tensor) -> bool:
+    if x.device.type != "cuda" or os.environ.get("MOEUT_FUSED_ROPE", "1") == "0":
+        return False
+    from . import triton_expert_mm
+    return triton_expert_mm.available()
+
+
+@torch.library.custom_op("moeut::rope", mutates_args=())
+def _rope_op(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
+    if _use_triton(x):
+        from .triton_rope import rope_triton
+        return rope_triton(x, cos, sin, inverse)
+    return rotate_reference(x, cos, -sin if inverse else sin)
+
+
+@_rope_op.register_fake
+def _(x, cos, sin, inverse):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rope_op(x, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        cos, sin = ctx.saved_tensors
+        return _rope_op(grad_y, cos, sin, True), None, None
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE with precomputed tables [T, n_rotate] (fp32) on x [B, H, T, Dh]; one kernel on CUDA."""
+    if not _use_triton(x):
+        return rotate_reference(x, cos, sin)
+    return _Rope.apply(x, cos, sin)
