@@ -47,11 +47,14 @@ class Routing:
 def route(expert_RK: Tensor, n_experts: int) -> Routing:
     """Sort the (row, choice) pairs by expert. Stable, so ties keep row order (deterministic)."""
     R, K = expert_RK.shape
-    flat_N = expert_RK.reshape(-1).long()
+    # The narrowest key type that holds every id: a GPU radix sort makes one pass per key byte
+    # (2 for int16, 8 for int64).
+    key_dtype = torch.int16 if n_experts < 2 ** 15 else torch.int32
+    flat_N = expert_RK.reshape(-1).to(key_dtype)
     sorted_N, slot_N = torch.sort(flat_N, stable=True)
     # Expert e's rows start at the number of choices below e. A fixed output size (E + 1) keeps
     # torch.compile free of graph breaks, and it costs two small kernels.
-    offsets_E1 = torch.searchsorted(sorted_N, torch.arange(n_experts + 1, device=flat_N.device))
+    offsets_E1 = torch.searchsorted(sorted_N, torch.arange(n_experts + 1, device=flat_N.device, dtype=key_dtype))
     choice_N = torch.empty_like(slot_N).scatter_(0, slot_N, torch.arange(slot_N.numel(), device=slot_N.device))
     return Routing(offsets_E1, slot_N // K, slot_N, choice_N.view(R, K))
 
