@@ -11,12 +11,13 @@ plain form.
 Ties: scores are ranked after rounding to the logits' dtype, exactly as `torch.topk` on the rounded
 sigmoid sees them. `torch.topk` breaks ties in an unspecified order; the kernel takes the lowest
 expert id, so its choice is reproducible. The plain form (CPU, and any device without Triton) is
-the reference the tests compare the kernel with.
+the reference the tests compare the kernel with. `MOEUT_FUSED_ROUTER=0` turns the kernel off.
 
 Shapes: R rows (tokens, or token-heads), E experts, K chosen per row.
 """
 from __future__ import annotations
 
+import os
 from typing import Tuple
 
 import torch
@@ -29,7 +30,7 @@ def sigmoid_topk_reference(logits_RE: Tensor, k: int) -> Tuple[Tensor, Tensor]:
 
 
 def _use_triton(t: Tensor) -> bool:
-    if t.device.type != "cuda":
+    if t.device.type != "cuda" or os.environ.get("MOEUT_FUSED_ROUTER", "1") == "0":
         return False
     from . import triton_expert_mm
     return triton_expert_mm.available()

@@ -37,8 +37,8 @@ AUTOTUNE = os.environ.get("MOEUT_AUTOTUNE", "1") != "0"
 
 
 # The "loop over N" form for narrow inputs: None = automatic (I <= 128 and O wider than one block);
-# True / False force it (tests and benchmarks/kernels.py compare both forms).
-LOOP_N_OVERRIDE = None
+# True / False force it (tests and benchmarks/kernels.py compare both forms; MOEUT_LOOP_N=0 turns it off).
+LOOP_N_OVERRIDE = False if os.environ.get("MOEUT_LOOP_N", "1") == "0" else None
 
 
 def use_loop_n(I: int, O: int) -> bool:

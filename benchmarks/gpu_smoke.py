@@ -1,0 +1,50 @@
+"""Before a device call's benchmarks: check each fused GPU path once against its reference and print
+`export MOEUT_...=0` for any that fails or raises, so the rest of the call still measures something
+(`eval "$(python3 benchmarks/gpu_smoke.py)"`). Messages go to stderr; the GPU tests give the detail.
+"""
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def router():
+    from moeut.router import sigmoid_topk, sigmoid_topk_reference
+    x = torch.randn(4096, 387, device="cuda", dtype=torch.bfloat16)
+    gate, _ = sigmoid_topk(x, 16)
+    torch.testing.assert_close(gate, sigmoid_topk_reference(x, 16)[0], rtol=2 ** -8, atol=0)
+
+
+def rope():
+    from moeut.rope import rope_tables, rotate, rotate_reference
+    x = torch.randn(2, 100, 4, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    cos, sin = rope_tables(64, 0, 100, 10000.0, "cuda")
+    torch.testing.assert_close(rotate(x, cos, sin), rotate_reference(x, cos, sin), rtol=1e-2, atol=1e-2)
+
+
+def loop_n():
+    from moeut import triton_expert_mm
+    from moeut.expert_mm import _grouped_mm_torch, route
+    from moeut.triton_expert_mm import grouped_mm_triton
+    r = route(torch.randint(0, 50, (2048, 4), device="cuda"), 50)
+    h = torch.randn(2048 * 4, 128, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(50, 128, 1024, device="cuda", dtype=torch.bfloat16) / 11
+    triton_expert_mm.LOOP_N_OVERRIDE = True
+    got = grouped_mm_triton(h, w, r.offsets_E1, None, None, r.slot_N)
+    triton_expert_mm.LOOP_N_OVERRIDE = None
+    want = torch.empty_like(got).index_copy_(0, r.slot_N, _grouped_mm_torch(h.float(), w.float(), r.offsets_E1, None).to(got.dtype))
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+for name, check, var in (("fused router", router, "MOEUT_FUSED_ROUTER"), ("fused RoPE", rope, "MOEUT_FUSED_ROPE"),
+                         ("loop-over-N grouped GEMM", loop_n, "MOEUT_LOOP_N")):
+    try:
+        check()
+        torch.cuda.synchronize()
+        print(f"smoke: {name} OK", file=sys.stderr)
+    except Exception as e:  # report and turn it off for the rest of the call
+        print(f"smoke: {name} FAILED ({type(e).__name__}: {str(e)[:300]}); {var}=0 for this call", file=sys.stderr)
+        print(f"export {var}=0")
