@@ -39,7 +39,18 @@ def loop_n():
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
-for name, check, var in (("fused router", router, "MOEUT_FUSED_ROUTER"), ("fused RoPE", rope, "MOEUT_FUSED_ROPE"),
+def row_dot():
+    from moeut.triton_expert_mm import row_dot_triton
+    a = torch.randn(5000, 128, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(700, 128, device="cuda", dtype=torch.bfloat16)
+    rows = torch.randint(0, 700, (5000,), device="cuda")
+    s = torch.rand(5000, device="cuda")
+    dot, scaled = row_dot_triton(a, b, rows, s)
+    torch.testing.assert_close(dot, (a.float() * b[rows].float()).sum(-1), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(scaled, (a.float() * s[:, None]).to(a.dtype), rtol=1e-2, atol=1e-2)
+
+
+for name, check, var in (("row dot", row_dot, "MOEUT_FUSED_ROW_DOT"), ("fused router", router, "MOEUT_FUSED_ROUTER"), ("fused RoPE", rope, "MOEUT_FUSED_ROPE"),
                          ("loop-over-N grouped GEMM", loop_n, "MOEUT_LOOP_N")):
     try:
         check()

@@ -26,13 +26,15 @@ gather + einsum `reference_expert_mm` is the ground truth tests compare both aga
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["Routing", "route", "expert_mm", "expert_mm_combine", "combine", "reference_expert_mm", "fp64_reference"]
+__all__ = ["Routing", "route", "expert_mm", "expert_mm_combine", "combine", "reference_expert_mm", "fp64_reference",
+           "row_dot"]
 
 
 @dataclass
@@ -174,6 +176,26 @@ def _(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype):
     return grad.new_empty(offsets.shape[0] - 1, x.shape[1], grad.shape[1], dtype=out_dtype)
 
 
+@torch.library.custom_op("moeut::row_dot", mutates_args=())
+def row_dot(a: Tensor, b: Tensor, b_rows: Optional[Tensor], scale: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """(dot [N] fp32, scaled [N, I] or [0, I]): dot[n] = <a[n], b[b_rows[n]]> accumulated in fp32 (fp64
+    for fp64 inputs); scaled[n] = scale[n] * a[n] rounded to a's dtype (empty when scale is None).
+    The gate gradient of a combine and the gate-scaled input gradient in one pass over a."""
+    if _use_triton(a) and a.dtype != torch.float64 and os.environ.get("MOEUT_FUSED_ROW_DOT", "1") != "0":
+        from .triton_expert_mm import row_dot_triton
+        return row_dot_triton(a, b, b_rows, scale)
+    b_NI = b if b_rows is None else b.index_select(0, b_rows)
+    dot = (_acc(a) * _acc(b_NI)).sum(-1)
+    scaled = _scale_rows(a, scale) if scale is not None else a.new_empty(0, a.shape[1])
+    return dot, scaled
+
+
+@row_dot.register_fake
+def _(a, b, b_rows, scale):
+    acc = torch.promote_types(a.dtype, torch.float32)
+    return a.new_empty(a.shape[0], dtype=acc), a.new_empty(a.shape[0] if scale is not None else 0, a.shape[1])
+
+
 def _sum_choices(out_SO: Tensor, n_groups: int) -> Tensor:
     """[X*C, O] rows in (group, choice) order -> [X, O] sums (fp32 accumulation inside `sum`)."""
     if n_groups == 0:
@@ -247,17 +269,16 @@ class _ExpertMMCombine(torch.autograd.Function):
         grad_x = None
         if I <= O:
             grad_in_NI = grouped_mm(grad_XO, w_T, offsets_E1, group_N, None, None)
-            x_NI = x_RI if rows_N is None else x_RI.index_select(0, rows_N)
-            grad_gate_N = (_acc(grad_in_NI) * _acc(x_NI)).sum(-1)
+            grad_gate_N, grad_x_NI = row_dot(grad_in_NI, x_RI, rows_N,
+                                             gate_N if ctx.needs_input_grad[0] else None)
             if ctx.needs_input_grad[0]:
-                grad_x_NI = _scale_rows(grad_in_NI, gate_N)
                 if rows_N is None:
                     grad_x = grad_x_NI
                 else:
                     grad_x = _sum_choices(torch.empty_like(grad_x_NI).index_copy_(0, slot_N, grad_x_NI), x_RI.shape[0])
         else:
             y_NO = grouped_mm(x_RI, w_EIO, offsets_E1, rows_N, None, None)
-            grad_gate_N = (_acc(y_NO) * _acc(grad_XO.index_select(0, group_N))).sum(-1)
+            grad_gate_N, _ = row_dot(y_NO, grad_XO, group_N, None)
             if ctx.needs_input_grad[0]:
                 if rows_N is None:
                     grad_x = grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_N, None)

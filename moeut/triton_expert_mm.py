@@ -212,6 +212,46 @@ if triton is not None:
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & o_ok[None, :])
 
 
+if triton is not None:
+    @triton.jit
+    def _row_dot_kernel(a_ptr, b_ptr, rows_ptr, scale_ptr, dot_ptr, scaled_ptr, N, I,
+                        sar, sai, sbr, sbi, ssr,
+                        GATHER: tl.constexpr, SCALE: tl.constexpr, IP: tl.constexpr, BR: tl.constexpr):
+        n = tl.program_id(0) * BR + tl.arange(0, BR)
+        n_ok = n < N
+        i = tl.arange(0, IP)
+        m = n_ok[:, None] & (i < I)[None, :]
+        if GATHER:
+            src = tl.load(rows_ptr + n, mask=n_ok, other=0)
+        else:
+            src = n
+        a = tl.load(a_ptr + n[:, None].to(tl.int64) * sar + i[None, :] * sai, mask=m, other=0.0)
+        b = tl.load(b_ptr + src[:, None].to(tl.int64) * sbr + i[None, :] * sbi, mask=m, other=0.0)
+        tl.store(dot_ptr + n, tl.sum(a.to(tl.float32) * b.to(tl.float32), axis=1), mask=n_ok)
+        if SCALE:
+            s = tl.load(scale_ptr + n, mask=n_ok, other=0.0)
+            tl.store(scaled_ptr + n[:, None].to(tl.int64) * ssr + i[None, :],
+                     (a.to(tl.float32) * s[:, None]).to(scaled_ptr.dtype.element_ty), mask=m)
+
+
+def row_dot_triton(a_NI: Tensor, b_MI: Tensor, b_rows_N: Optional[Tensor], scale_N: Optional[Tensor]):
+    N, I = a_NI.shape
+    dot = torch.empty(N, device=a_NI.device, dtype=torch.float32)
+    scaled = torch.empty(N if scale_N is not None else 0, I, device=a_NI.device, dtype=a_NI.dtype)
+    if N == 0:
+        return dot, scaled
+    IP = max(16, triton.next_power_of_2(I))
+    BR = 4 if INTERPRET else max(1, min(64, 8192 // IP))
+    scale = scale_N.float().contiguous() if scale_N is not None else None
+    _row_dot_kernel[(triton.cdiv(N, BR),)](a_NI, b_MI, _or(b_rows_N, dot), _or(scale, dot), dot,
+                                           scaled if scale_N is not None else dot, N, I,
+                                           a_NI.stride(0), a_NI.stride(1), b_MI.stride(0), b_MI.stride(1),
+                                           scaled.stride(0) if scale_N is not None else 0,
+                                           GATHER=b_rows_N is not None, SCALE=scale_N is not None,
+                                           IP=IP, BR=BR, num_warps=4)
+    return dot, scaled
+
+
 def grouped_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
                       scale_N: Optional[Tensor] = None, dst_N: Optional[Tensor] = None) -> Tensor:
     N = x_RI.shape[0] if rows_N is None else rows_N.shape[0]

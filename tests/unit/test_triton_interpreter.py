@@ -61,3 +61,24 @@ def test_triton_matches_reference(kind, R, K, E, I, O, dtype, loop_n, monkeypatc
     got = grouped_mm_weight_grad_triton(x, g_R, r.offsets_E1, r.rows_N, r.rows_N, gate[r.slot_N], torch.float32)
     want = _weight_grad_torch(x.float(), g_R.float(), r.offsets_E1, r.rows_N, r.rows_N, gate[r.slot_N])
     torch.testing.assert_close(got.float(), want, **tol)
+
+
+@pytest.mark.parametrize("gather,scale", [(False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_row_dot_matches_reference(gather, scale, dtype):
+    """Row dot products (the combine's gate gradient) with optional gathered rows of b and a gate-scaled
+    copy of a, against the plain form."""
+    from moeut.triton_expert_mm import row_dot_triton
+    gen = torch.Generator().manual_seed(3)
+    N, M, I = 23, 9, 40
+    a = torch.randn(N, I, generator=gen).to(dtype)
+    b = torch.randn(M if gather else N, I, generator=gen).to(dtype)
+    rows = torch.randint(0, M, (N,), generator=gen) if gather else None
+    s = torch.rand(N, generator=gen) if scale else None
+    dot, scaled = row_dot_triton(a, b, rows, s)
+    b_N = b[rows] if gather else b
+    torch.testing.assert_close(dot, (a.float() * b_N.float()).sum(-1), rtol=1e-5, atol=1e-5)
+    if scale:
+        torch.testing.assert_close(scaled.float(), (a.float() * s[:, None]), rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-2 if dtype != torch.float32 else 1e-6)
+    else:
+        assert scaled.shape == (0, I)
