@@ -69,7 +69,8 @@ def training_step(model, batch: int, compile_: bool = False, cuda_graph: bool = 
     tokens = torch.randint(0, VOCAB, (batch, 1025), device="cuda")
 
     def step():
-        with torch.autocast("cuda", torch.bfloat16):
+        # Autocast's cast cache must be off under CUDA-graph capture (its entries would not survive it).
+        with torch.autocast("cuda", torch.bfloat16, cache_enabled=not cuda_graph):
             out = fwd(tokens[:, :-1])
             loss = F.cross_entropy(out.outputs.float().view(-1, VOCAB), tokens[:, 1:].reshape(-1))
         (loss + out.reg_loss.sum()).backward()
