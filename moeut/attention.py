@@ -125,16 +125,18 @@ def _attend_static(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask
         kv_cache["k"] = k.new_zeros(B, H, C, k.shape[-1])
         kv_cache["v"] = v.new_zeros(B, H, C, v.shape[-1])
         kv_cache["pos"] = torch.zeros((), dtype=torch.long, device=q.device)
-    positions = kv_cache["pos"] + torch.arange(T, device=q.device)
+    # One decoding step reads its position as a view of the counter (no kernel): used before `add_`.
+    positions = kv_cache["pos"].reshape(1) if T == 1 else kv_cache["pos"] + torch.arange(T, device=q.device)
     q, k = _rope_qk(q, k, n_rotate, positions, rope_base)
     kv_cache["k"].index_copy_(2, positions, k.to(kv_cache["k"].dtype))
     kv_cache["v"].index_copy_(2, positions, v.to(kv_cache["v"].dtype))
-    kv_cache["pos"].add_(T)
     S = kv_cache["k"].shape[-2]
     drop = torch.arange(S, device=q.device)[None, :] > positions[:, None]   # [T, S]: future and empty slots
     if mask is not None and mask.src_length_mask is not None:
         drop = drop | mask.src_length_mask[:, None, None, :]
-    keep = ~(drop & ~drop.all(-1, keepdim=True))
+    # A new token always sees itself; only prompt rows (e.g. left padding) can lose every key.
+    keep = ~drop if T == 1 else ~(drop & ~drop.all(-1, keepdim=True))
+    kv_cache["pos"].add_(T)
     out = _sdpa(q, kv_cache["k"], kv_cache["v"], keep, False, allow_cudnn=False)
     return out, kv_cache
 
@@ -194,6 +196,8 @@ class SwitchHeadRope(torch.nn.Module):
             self.v = torch.nn.Parameter(torch.empty(H * Dh, D))
             self.o = torch.nn.Parameter(torch.empty(D, H * Dh))
         self.sel_o = torch.nn.Parameter(torch.empty(H * E, D))
+        # Head h's experts are numbered h*E .. h*E+E-1 in the routing (not saved in state dicts).
+        self.register_buffer("head_base", torch.arange(H).unsqueeze(-1) * E, persistent=False)
 
     @torch.no_grad()
     def reset_parameters(self, std_scale: float) -> None:
@@ -225,8 +229,7 @@ class SwitchHeadRope(torch.nn.Module):
             gate = scores.gather(-1, expert)
         else:
             gate, expert = sigmoid_topk(logits, self.moe_k)  # one kernel on CUDA
-        head_base = torch.arange(self.n_heads, device=x.device).unsqueeze(-1) * self.n_experts
-        return logits, gate, expert + head_base
+        return logits, gate, expert + self.head_base
 
     def forward_with_logits(self, q_src: Tensor, k_src: Tensor, v_src: Tensor, mask: Optional[AttentionMask],
                             kv_cache: KVCache = None):

@@ -17,17 +17,30 @@ import torch
 from torch import Tensor
 
 
+_INV_FREQ: dict = {}
+
+
+def _inv_freq(n_rotate: int, base: float, device) -> Tensor:
+    """base^(-2i/n_rotate) for i < n_rotate/2, fp32; kept per (n_rotate, base, device) outside torch.compile."""
+    key = (n_rotate, base, str(device))
+    cached = None if torch.compiler.is_compiling() else _INV_FREQ.get(key)
+    if cached is None:
+        cached = 1.0 / (base ** (torch.arange(0, n_rotate, 2, device=device, dtype=torch.float32) / n_rotate))
+        if not torch.compiler.is_compiling():
+            _INV_FREQ[key] = cached
+    return cached
+
+
 def rope_tables(n_rotate: int, offset, T: int, base: float, device) -> Tuple[Tensor, Tensor]:
-    """(cos, sin) [T, n_rotate] in fp32 for positions offset..offset+T-1 (`offset` an int, or a
-    tensor of the T positions). Computed once per attention call and shared by q and k."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, n_rotate, 2, device=device, dtype=torch.float32) / n_rotate))
+    """(cos, sin) [T, n_rotate / 2] in fp32 for positions offset..offset+T-1 (`offset` an int, or a
+    tensor of the T positions); both halves of the rotated channels use the same angles. Computed
+    once per attention call and shared by q and k."""
     if torch.is_tensor(offset):
         pos = offset.to(torch.float32)
     else:
         pos = torch.arange(offset, offset + T, device=device, dtype=torch.float32)
-    freqs = torch.outer(pos, inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    freqs = pos[:, None] * _inv_freq(n_rotate, base, device)[None, :]
+    return freqs.cos(), freqs.sin()
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -36,8 +49,9 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def rotate_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE with precomputed tables [T, n_rotate] on x [B, H, T, Dh], plain PyTorch."""
-    n_rotate = cos.shape[-1]
+    """RoPE with the tables of `rope_tables` on x [B, H, T, Dh], plain PyTorch."""
+    n_rotate = 2 * cos.shape[-1]
+    cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
     rot = x[..., :n_rotate].float()
     rot = rot * cos + rotate_half(rot) * sin
     return torch.cat((rot.to(x.dtype), x[..., n_rotate:]), dim=-1)
@@ -76,7 +90,7 @@ class _Rope(torch.autograd.Function):
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE with precomputed tables [T, n_rotate] (fp32) on x [B, H, T, Dh]; one kernel on CUDA."""
+    """RoPE with the tables of `rope_tables` on x [B, H, T, Dh]; one kernel on CUDA."""
     if not _use_triton(x):
         return rotate_reference(x, cos, sin)
     return _Rope.apply(x, cos, sin)

@@ -44,7 +44,7 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, T, HALF, REST,
 
 def rope_triton(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
     B, H, T, D = x.shape
-    n_rotate = cos.shape[-1]
+    n_rotate = 2 * cos.shape[-1]   # half-width tables: both halves use the same angles
     out = torch.empty(B, H, T, D, device=x.device, dtype=x.dtype)
     if out.numel() == 0:
         return out
