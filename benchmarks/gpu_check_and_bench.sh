@@ -25,7 +25,7 @@ run() {  # stage name, time limit, command...
   timeout "$limit" "$@" 2>&1 | grep -v Warn | tee "$OUT/$name.txt" | tail -40
   echo "[$name: $((SECONDS - t0)) s]"
 }
-run tests 240 env -u MOEUT_FUSED_ROUTER -u MOEUT_FUSED_ROPE -u MOEUT_LOOP_N -u MOEUT_FUSED_ROW_DOT python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=8
+run tests 240 env -u MOEUT_FUSED_ROUTER -u MOEUT_FUSED_ROPE -u MOEUT_LOOP_N -u MOEUT_FUSED_ROW_DOT -u MOEUT_FUSED_ROUTE python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=8
 run parity 60 env MOEUT_AUTOTUNE=0 python3 benchmarks/kernels.py --parity only --json "$OUT/parity.json"
 run kernels 120 python3 benchmarks/kernels.py --parity no --json "$OUT/kernels.json"
 run attention 60 python3 benchmarks/attention_block.py --kernels 25 --json "$OUT/attention_block.json"

@@ -50,7 +50,19 @@ def row_dot():
     torch.testing.assert_close(scaled, (a.float() * s[:, None]).to(a.dtype), rtol=1e-2, atol=1e-2)
 
 
-for name, check, var in (("row dot", row_dot, "MOEUT_FUSED_ROW_DOT"), ("fused router", router, "MOEUT_FUSED_ROUTER"), ("fused RoPE", rope, "MOEUT_FUSED_ROPE"),
+def route_small():
+    from moeut.expert_mm import route
+    from moeut.triton_route import route_small_triton
+    expert = torch.randint(0, 387, (32, 16), device="cuda")
+    os.environ["MOEUT_FUSED_ROUTE"] = "0"
+    want = route(expert, 387)
+    del os.environ["MOEUT_FUSED_ROUTE"]
+    got = route_small_triton(expert, 387)
+    for a, b in zip(got, (want.offsets_E1, want.rows_N, want.slot_N, want.choice_RK)):
+        assert torch.equal(a, b), "route_small differs from the torch sort path"
+
+
+for name, check, var in (("small-input routing", route_small, "MOEUT_FUSED_ROUTE"), ("row dot", row_dot, "MOEUT_FUSED_ROW_DOT"), ("fused router", router, "MOEUT_FUSED_ROUTER"), ("fused RoPE", rope, "MOEUT_FUSED_ROPE"),
                          ("loop-over-N grouped GEMM", loop_n, "MOEUT_LOOP_N")):
     try:
         check()

@@ -46,9 +46,36 @@ class Routing:
     choice_RK: Tensor    # int64 [R, K]: routed position of choice k of row r (inverse of slot_N)
 
 
+def _route_kernel_applies(expert_RK: Tensor, n_experts: int) -> bool:
+    if not expert_RK.is_cuda or os.environ.get("MOEUT_FUSED_ROUTE", "1") == "0" or not _use_triton(expert_RK):
+        return False
+    from .triton_route import MAX_EXPERTS, MAX_N
+    return expert_RK.numel() <= MAX_N and n_experts <= MAX_EXPERTS
+
+
+@torch.library.custom_op("moeut::route_small", mutates_args=())
+def route_small(expert_RK: Tensor, n_experts: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`route` in one Triton kernel (CUDA, small inputs): (offsets, rows, slot, choice)."""
+    from .triton_route import route_small_triton
+    return route_small_triton(expert_RK, n_experts)
+
+
+@route_small.register_fake
+def _(expert_RK, n_experts):
+    N = expert_RK.numel()
+    new = lambda *shape: expert_RK.new_empty(*shape, dtype=torch.long)  # noqa: E731
+    return new(n_experts + 1), new(N), new(N), new(*expert_RK.shape)
+
+
 def route(expert_RK: Tensor, n_experts: int) -> Routing:
-    """Sort the (row, choice) pairs by expert. Stable, so ties keep row order (deterministic)."""
+    """Sort the (row, choice) pairs by expert. Stable, so ties keep row order (deterministic).
+
+    Small inputs on CUDA (decoding) take one Triton kernel (`triton_route.py`, MOEUT_FUSED_ROUTE=0
+    turns it off); the rest sort with torch.
+    """
     R, K = expert_RK.shape
+    if _route_kernel_applies(expert_RK, n_experts):
+        return Routing(*route_small(expert_RK, n_experts))
     # The narrowest key type that holds every id: a GPU radix sort makes one pass per key byte
     # (2 for int16, 8 for int64).
     key_dtype = torch.int16 if n_experts < 2 ** 15 else torch.int32

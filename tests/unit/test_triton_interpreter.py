@@ -82,3 +82,19 @@ def test_triton_row_dot_matches_reference(gather, scale, dtype):
         torch.testing.assert_close(scaled.float(), (a.float() * s[:, None]), rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-2 if dtype != torch.float32 else 1e-6)
     else:
         assert scaled.shape == (0, I)
+
+
+@pytest.mark.parametrize("R,K,E", [(1, 16, 387), (32, 16, 387), (5, 3, 4), (64, 2, 40), (7, 1, 1)])
+def test_triton_route_small_matches_route(R, K, E):
+    """The one-kernel routing of small inputs (decoding) against the torch sort path, exactly."""
+    from moeut.expert_mm import route
+    from moeut.triton_route import route_small_triton
+    gen = torch.Generator().manual_seed(R * K + E)
+    expert = torch.randint(0, E, (R, K), generator=gen)
+    expert[0, 0] = E - 1
+    want = route(expert, E)
+    offsets, rows, slot, choice = route_small_triton(expert, E)
+    assert torch.equal(offsets, want.offsets_E1)
+    assert torch.equal(slot, want.slot_N)
+    assert torch.equal(rows, want.rows_N)
+    assert torch.equal(choice, want.choice_RK)
