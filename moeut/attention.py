@@ -41,11 +41,13 @@ class AttentionMask:
     is_causal: bool = False
 
 
-def _rope_qk(q: Tensor, k: Tensor, n_rotate: int, offset, base: float) -> Tuple[Tensor, Tensor]:
+def _rope_qk(q: Tensor, k: Tensor, n_rotate: int, offset, base: float, q_scale: float = 1.0,
+             k_scale: float = 1.0) -> Tuple[Tensor, Tensor]:
+    """q_scale * RoPE(q), k_scale * RoPE(k) (the scales fused into the RoPE kernel on CUDA)."""
     if n_rotate == 0:
-        return q, k
+        return (q if q_scale == 1.0 else q * q_scale), (k if k_scale == 1.0 else k * k_scale)
     cos, sin = rope_tables(n_rotate, offset, q.shape[-2], base, q.device)
-    return rotate(q, cos, sin), rotate(k, cos, sin)
+    return rotate(q, cos, sin, q_scale), rotate(k, cos, sin, k_scale)
 
 
 def build_mask(mask: Optional[AttentionMask], B: int, T: int, S: int, device) -> Tuple[Optional[Tensor], bool]:
@@ -116,7 +118,7 @@ def new_static_cache(capacity: int) -> dict:
 
 
 def _attend_static(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask], kv_cache: Dict[str, Tensor],
-                   n_rotate: int, rope_base: float) -> Tuple[Tensor, KVCache]:
+                   n_rotate: int, rope_base: float, q_scale: float, k_scale: float) -> Tuple[Tensor, KVCache]:
     if mask is not None and mask.position_mask is not None:   # checked before the cache is touched
         raise ValueError("a preallocated KV cache supports src_length_mask only (attention is causal by position)")
     B, H, T, _ = q.shape
@@ -127,7 +129,7 @@ def _attend_static(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask
         kv_cache["pos"] = torch.zeros((), dtype=torch.long, device=q.device)
     # One decoding step reads its position as a view of the counter (no kernel): used before `add_`.
     positions = kv_cache["pos"].reshape(1) if T == 1 else kv_cache["pos"] + torch.arange(T, device=q.device)
-    q, k = _rope_qk(q, k, n_rotate, positions, rope_base)
+    q, k = _rope_qk(q, k, n_rotate, positions, rope_base, q_scale, k_scale)
     kv_cache["k"].index_copy_(2, positions, k.to(kv_cache["k"].dtype))
     kv_cache["v"].index_copy_(2, positions, v.to(kv_cache["v"].dtype))
     S = kv_cache["k"].shape[-2]
@@ -142,19 +144,20 @@ def _attend_static(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask], kv_cache: KVCache,
-           n_rotate: int, rope_base: float) -> Tuple[Tensor, KVCache]:
-    """RoPE + KV cache + masked SDPA on q, k, v [B, H, T, Dh] (already scaled). Returns [B, H, T, Dh].
+           n_rotate: int, rope_base: float, q_scale: float = 1.0, k_scale: float = 1.0) -> Tuple[Tensor, KVCache]:
+    """RoPE + KV cache + masked SDPA on q, k, v [B, H, T, Dh]; attention logits are
+    (q_scale q) . (k_scale k) with no further scaling. Returns [B, H, T, Dh].
 
     The cache stores keys after rotation, so new queries are rotated at their true positions
     (the official release rotated them from 0, which broke cached decoding). A cache entry made by
     `new_static_cache` is preallocated and filled in place.
     """
     if kv_cache is not None and "capacity" in kv_cache:
-        return _attend_static(q, k, v, mask, kv_cache, n_rotate, rope_base)
+        return _attend_static(q, k, v, mask, kv_cache, n_rotate, rope_base, q_scale, k_scale)
     offset = 0
     if kv_cache is not None and "k" in kv_cache:
         offset = kv_cache["k"].shape[-2]
-    q, k = _rope_qk(q, k, n_rotate, offset, rope_base)
+    q, k = _rope_qk(q, k, n_rotate, offset, rope_base, q_scale, k_scale)
     if kv_cache is not None:
         if "k" in kv_cache:
             k = torch.cat([kv_cache["k"].to(k.dtype), k], dim=-2)
@@ -237,8 +240,8 @@ class SwitchHeadRope(torch.nn.Module):
         B, T, D = q_src.shape
         H, Dh, E, K = self.n_heads, self.projection_size, self.n_experts, self.moe_k
         scale = math.sqrt(1.0 / math.sqrt(Dh))  # d_head^-0.25 on each of q and k
-        q = (self.q(q_src) * scale).view(B, T, H, Dh).transpose(1, 2)
-        k = (self.k(k_src) * scale).view(B, T, H, Dh).transpose(1, 2)
+        q = self.q(q_src).view(B, T, H, Dh).transpose(1, 2)   # scaled inside `attend`, with RoPE
+        k = self.k(k_src).view(B, T, H, Dh).transpose(1, 2)
 
         logits = None
         if E > 1:
@@ -252,7 +255,7 @@ class SwitchHeadRope(torch.nn.Module):
             o_gate = torch.sigmoid(F.linear(q_src, self.sel_o))
             v = F.linear(v_src, self.v).view(B, T, H, Dh).transpose(1, 2)
 
-        res, kv_cache = attend(self.dropout(q), k, v, mask, kv_cache, self.n_rotate, self.rope_base)
+        res, kv_cache = attend(self.dropout(q), k, v, mask, kv_cache, self.n_rotate, self.rope_base, scale, scale)
         res = res.transpose(1, 2)  # [B, T, H, Dh]
 
         if E > 1:

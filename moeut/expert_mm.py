@@ -13,6 +13,7 @@ Every projection then reads its rows in that order, so one expert's rows are con
 expert's product is one dense matmul over a segment. One primitive does all the work:
 
     grouped_mm(x, w, offsets, rows, scale, dst):  out[dst[n]] = scale[n] * (x[rows[n]] @ w[expert of n])
+    (with scale_at_dst, the scale is read as scale[dst[n]]: a gate tensor in (row, choice) order)
 
 `rows` gathers input rows (None: x is already in routed order), `scale` multiplies a row in fp32
 before rounding (the router gate), `dst` scatters the result to (row, choice) order, where a
@@ -130,13 +131,14 @@ def _segments(offsets_E1: Tensor):
 
 
 def _grouped_mm_torch(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
-                      scale_N: Optional[Tensor] = None, dst_N: Optional[Tensor] = None) -> Tensor:
+                      scale_N: Optional[Tensor] = None, dst_N: Optional[Tensor] = None,
+                      scale_at_dst: bool = False) -> Tensor:
     x_NI = x_RI if rows_N is None else x_RI.index_select(0, rows_N)
     out_NO = x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
     for e, lo, hi in _segments(offsets_E1):
         torch.mm(x_NI[lo:hi], w_EIO[e], out=out_NO[lo:hi])
     if scale_N is not None:
-        out_NO = _scale_rows(out_NO, scale_N)
+        out_NO = _scale_rows(out_NO, scale_N.index_select(0, dst_N) if scale_at_dst else scale_N)
     if dst_N is not None:
         out_NO = torch.empty_like(out_NO).index_copy_(0, dst_N, out_NO)
     return out_NO
@@ -173,17 +175,19 @@ def _use_triton(t: Tensor) -> bool:
 
 @torch.library.custom_op("moeut::grouped_mm", mutates_args=())
 def grouped_mm(x: Tensor, weight: Tensor, offsets: Tensor, rows: Optional[Tensor], scale: Optional[Tensor],
-               dst: Optional[Tensor]) -> Tensor:
-    """[N, O]: out[dst[n]] = scale[n] * (x[rows[n]] @ weight[expert of n]); None skips a step."""
+               dst: Optional[Tensor], scale_at_dst: bool = False) -> Tensor:
+    """[N, O]: out[dst[n]] = scale[n] * (x[rows[n]] @ weight[expert of n]); None skips a step.
+    scale_at_dst: the scale of routed row n is scale[dst[n]] (needs dst)."""
     _check(x, weight, offsets)
+    torch._check(not scale_at_dst or dst is not None, lambda: "grouped_mm: scale_at_dst needs dst")
     if _use_triton(x):
         from .triton_expert_mm import grouped_mm_triton
-        return grouped_mm_triton(x, weight, offsets, rows, scale, dst)
-    return _grouped_mm_torch(x, weight, offsets, rows, scale, dst)
+        return grouped_mm_triton(x, weight, offsets, rows, scale, dst, scale_at_dst)
+    return _grouped_mm_torch(x, weight, offsets, rows, scale, dst, scale_at_dst)
 
 
 @grouped_mm.register_fake
-def _(x, weight, offsets, rows, scale, dst):
+def _(x, weight, offsets, rows, scale, dst, scale_at_dst=False):
     return x.new_empty(_routed_count(x, rows), weight.shape[2])
 
 
@@ -277,8 +281,9 @@ class _ExpertMMCombine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_RI, w_master, gate_XC, offsets_E1, rows_N, slot_N, dtype):
-        gate_N = _acc(gate_XC.reshape(-1)).index_select(0, slot_N)
-        out_SO = grouped_mm(x_RI.to(dtype), w_master.to(dtype), offsets_E1, rows_N, gate_N, slot_N)
+        # The gates are read in (group, choice) order at each row's destination: no permuted copy.
+        out_SO = grouped_mm(x_RI.to(dtype), w_master.to(dtype), offsets_E1, rows_N, gate_XC.reshape(-1), slot_N,
+                            scale_at_dst=True)
         ctx.save_for_backward(x_RI, w_master, gate_XC, offsets_E1, rows_N, slot_N)
         ctx.dtype = dtype
         return _sum_choices(out_SO, gate_XC.shape[0])

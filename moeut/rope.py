@@ -48,13 +48,16 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rotate_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE with the tables of `rope_tables` on x [B, H, T, Dh], plain PyTorch."""
+def rotate_reference(x: Tensor, cos: Tensor, sin: Tensor, scale: float = 1.0) -> Tensor:
+    """scale * RoPE(x) with the tables of `rope_tables` on x [B, H, T, Dh], plain PyTorch."""
     n_rotate = 2 * cos.shape[-1]
     cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
     rot = x[..., :n_rotate].float()
     rot = rot * cos + rotate_half(rot) * sin
-    return torch.cat((rot.to(x.dtype), x[..., n_rotate:]), dim=-1)
+    rest = x[..., n_rotate:]
+    if scale != 1.0:
+        rot, rest = rot * scale, (rest.float() * scale).to(x.dtype)
+    return torch.cat((rot.to(x.dtype), rest), dim=-1)
 
 
 def _use_triton(x: Tensor) -> bool:
@@ -65,32 +68,34 @@ def _use_triton(x: Tensor) -> bool:
 
 
 @torch.library.custom_op("moeut::rope", mutates_args=())
-def _rope_op(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
+def _rope_op(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool, scale: float) -> Tensor:
     if _use_triton(x):
         from .triton_rope import rope_triton
-        return rope_triton(x, cos, sin, inverse)
-    return rotate_reference(x, cos, -sin if inverse else sin)
+        return rope_triton(x, cos, sin, inverse, scale)
+    return rotate_reference(x, cos, -sin if inverse else sin, scale)
 
 
 @_rope_op.register_fake
-def _(x, cos, sin, inverse):
+def _(x, cos, sin, inverse, scale):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 class _Rope(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, cos, sin):
+    def forward(ctx, x, cos, sin, scale):
         ctx.save_for_backward(cos, sin)
-        return _rope_op(x, cos, sin, False)
+        ctx.scale = scale
+        return _rope_op(x, cos, sin, False, scale)
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y):  # rotation and scaling commute: the adjoint is scale * rotation by -angle
         cos, sin = ctx.saved_tensors
-        return _rope_op(grad_y, cos, sin, True), None, None
+        return _rope_op(grad_y, cos, sin, True, ctx.scale), None, None, None
 
 
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE with the tables of `rope_tables` on x [B, H, T, Dh]; one kernel on CUDA."""
+def rotate(x: Tensor, cos: Tensor, sin: Tensor, scale: float = 1.0) -> Tensor:
+    """scale * RoPE(x) with the tables of `rope_tables` on x [B, H, T, Dh]; one kernel on CUDA (the
+    attention scale rides along for free)."""
     if not _use_triton(x):
-        return rotate_reference(x, cos, sin)
-    return _Rope.apply(x, cos, sin)
+        return rotate_reference(x, cos, sin, scale)
+    return _Rope.apply(x, cos, sin, float(scale))

@@ -103,13 +103,15 @@ if triton is not None:
         row_end = tl.sum(tl.where(mine, hi, 0), 0)
         return e, row0, row_end, pid < total
 
-    @triton.autotune(configs=_mm_configs(), key=["I", "O", "GATHER", "SCALE", "SCATTER", "FP32", "LOOP_N"])
+    @triton.autotune(configs=_mm_configs(), key=["I", "O", "GATHER", "SCALE", "SCATTER", "FP32", "LOOP_N",
+                                                 "SCALE_AT_DST"])
     @triton.jit
     def _expert_mm_kernel(x_ptr, w_ptr, out_ptr, offsets_ptr, rows_ptr, scale_ptr, dst_ptr,
                           E, I, O,
                           sxr, sxi, swe, swi, swo, sor, soo,
                           GATHER: tl.constexpr, SCALE: tl.constexpr, SCATTER: tl.constexpr,
-                          FP32: tl.constexpr, LOOP_N: tl.constexpr, EP: tl.constexpr, IP: tl.constexpr,
+                          FP32: tl.constexpr, LOOP_N: tl.constexpr, SCALE_AT_DST: tl.constexpr,
+                          EP: tl.constexpr, IP: tl.constexpr,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         pid = tl.program_id(0)
         if LOOP_N:
@@ -128,12 +130,15 @@ if triton is not None:
             src = tl.load(rows_ptr + rows, mask=row_ok, other=0)
         else:
             src = rows
-        if SCALE:  # the router gate, applied in fp32 before rounding
-            gate = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
         if SCATTER:
             dst = tl.load(dst_ptr + rows, mask=row_ok, other=0)
         else:
             dst = rows
+        if SCALE:  # the router gate, applied in fp32 before rounding
+            if SCALE_AT_DST:
+                gate = tl.load(scale_ptr + dst, mask=row_ok, other=0.0).to(tl.float32)
+            else:
+                gate = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         out_rows = out_ptr + dst[:, None].to(tl.int64) * sor
         if LOOP_N:  # I <= IP: one input tile, every output column block
             ks = tl.arange(0, IP)
@@ -253,14 +258,15 @@ def row_dot_triton(a_NI: Tensor, b_MI: Tensor, b_rows_N: Optional[Tensor], scale
 
 
 def grouped_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
-                      scale_N: Optional[Tensor] = None, dst_N: Optional[Tensor] = None) -> Tensor:
+                      scale_N: Optional[Tensor] = None, dst_N: Optional[Tensor] = None,
+                      scale_at_dst: bool = False) -> Tensor:
     N = x_RI.shape[0] if rows_N is None else rows_N.shape[0]
     E, I, O = w_EIO.shape
     out_NO = torch.empty(N, O, device=x_RI.device, dtype=x_RI.dtype)
     if N == 0:
         return out_NO
     unused = offsets_E1  # pointer for the arguments a constexpr flag switches off (never read)
-    scale = scale_N.float().contiguous() if scale_N is not None else None
+    scale = scale_N.contiguous() if scale_N is not None else None   # any float dtype: read as fp32
 
     loop_n = use_loop_n(I, O)
 
@@ -274,7 +280,8 @@ def grouped_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: O
                             x_RI.stride(0), x_RI.stride(1), w_EIO.stride(0), w_EIO.stride(1), w_EIO.stride(2),
                             out_NO.stride(0), out_NO.stride(1),
                             GATHER=rows_N is not None, SCALE=scale_N is not None, SCATTER=dst_N is not None,
-                            FP32=x_RI.dtype == torch.float32, LOOP_N=loop_n, EP=triton.next_power_of_2(E),
+                            FP32=x_RI.dtype == torch.float32, LOOP_N=loop_n, SCALE_AT_DST=scale_at_dst,
+                            EP=triton.next_power_of_2(E),
                             IP=max(16, triton.next_power_of_2(I)))
     return out_NO
 

@@ -2,7 +2,8 @@
 
 One program rotates BT positions of one (batch, head): it loads the two rotated halves and the
 unrotated rest of each row, combines them in fp32 with the position's (cos, sin), and writes a
-contiguous [B, H, T, Dh] result. `inverse` rotates by -angle, which is the backward pass.
+contiguous [B, H, T, Dh] result, times `scale` (the attention scale). `inverse` rotates by -angle,
+which is the backward pass.
 Runs under `TRITON_INTERPRET=1` on CPU tensors (CI).
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, T, HALF, REST,
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, T, HALF, REST, scale,
                  sxb, sxh, sxt, sxd, sct, sst,
                  SIGN: tl.constexpr, HP: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr):
     bh = tl.program_id(0)
@@ -31,18 +32,18 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, T, HALF, REST,
     o_row = out_ptr + (bh.to(tl.int64) * T + t[:, None].to(tl.int64)) * D
     x1 = tl.load(x_row + c[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + (c[None, :] + HALF) * sxd, mask=m, other=0.0).to(tl.float32)
-    cs = tl.load(cos_ptr + t[:, None] * sct + c[None, :], mask=m, other=0.0)
-    sn = SIGN * tl.load(sin_ptr + t[:, None] * sst + c[None, :], mask=m, other=0.0)
+    cs = scale * tl.load(cos_ptr + t[:, None] * sct + c[None, :], mask=m, other=0.0)
+    sn = (SIGN * scale) * tl.load(sin_ptr + t[:, None] * sst + c[None, :], mask=m, other=0.0)
     tl.store(o_row + c[None, :], (x1 * cs - x2 * sn).to(out_ptr.dtype.element_ty), mask=m)
     tl.store(o_row + c[None, :] + HALF, (x2 * cs + x1 * sn).to(out_ptr.dtype.element_ty), mask=m)
     if RP > 0:
         r = tl.arange(0, RP)
         mr = t_ok[:, None] & (r < REST)[None, :]
-        rest = tl.load(x_row + (r[None, :] + 2 * HALF) * sxd, mask=mr, other=0.0)
-        tl.store(o_row + 2 * HALF + r[None, :], rest, mask=mr)
+        rest = tl.load(x_row + (r[None, :] + 2 * HALF) * sxd, mask=mr, other=0.0).to(tl.float32)
+        tl.store(o_row + 2 * HALF + r[None, :], (rest * scale).to(out_ptr.dtype.element_ty), mask=mr)
 
 
-def rope_triton(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+def rope_triton(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False, scale: float = 1.0) -> Tensor:
     B, H, T, D = x.shape
     n_rotate = 2 * cos.shape[-1]   # half-width tables: both halves use the same angles
     out = torch.empty(B, H, T, D, device=x.device, dtype=x.dtype)
@@ -52,7 +53,7 @@ def rope_triton(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> T
     half, rest = n_rotate // 2, D - n_rotate
     BT = 16
     _rope_kernel[(B * H, triton.cdiv(T, BT))](
-        x, cos, sin, out, H, T, half, rest, *x.stride(), cos.stride(0), sin.stride(0),
+        x, cos, sin, out, H, T, half, rest, float(scale), *x.stride(), cos.stride(0), sin.stride(0),
         SIGN=-1.0 if inverse else 1.0, HP=max(16, triton.next_power_of_2(half)),
         RP=0 if rest == 0 else max(16, triton.next_power_of_2(rest)), BT=BT, num_warps=4)
     return out

@@ -196,9 +196,9 @@ def test_fused_rope_matches_reference(dtype, D, n_rot):
     B, T, H = 4, 1000, 4
     x = torch.randn(B, T, H, D, device="cuda").to(dtype).transpose(1, 2).requires_grad_()
     cos, sin = rope_tables(n_rot, 17, T, 10000.0, "cuda")
-    y = rotate(x, cos, sin)
+    y = rotate(x, cos, sin, 0.3)
     ref_x = x.detach().clone().requires_grad_()
-    ref = rotate_reference(ref_x, cos, sin)
+    ref = rotate_reference(ref_x, cos, sin, 0.3)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(y, ref, **tol)
     g = torch.randn_like(y)

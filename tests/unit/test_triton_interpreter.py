@@ -56,6 +56,8 @@ def test_triton_matches_reference(kind, R, K, E, I, O, dtype, loop_n, monkeypatc
     gate = torch.rand(R * K, generator=gen)
     got = grouped_mm_triton(x, w, r.offsets_E1, r.rows_N, gate[r.slot_N], r.slot_N)
     torch.testing.assert_close(got.float().view(R, K, O), ref * gate.view(R, K, 1), **tol)
+    # the same gates read unpermuted, at each row's destination (what the combine forward passes)
+    assert torch.equal(grouped_mm_triton(x, w, r.offsets_E1, r.rows_N, gate, r.slot_N, scale_at_dst=True), got)
     # weight gradient reading gathered, gate-scaled gradient rows (one row per input row)
     g_R = torch.randn(R, O, generator=gen).to(dtype)
     got = grouped_mm_weight_grad_triton(x, g_R, r.offsets_E1, r.rows_N, r.rows_N, gate[r.slot_N], torch.float32)
