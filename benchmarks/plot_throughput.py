@@ -1,8 +1,13 @@
-"""Plot training tokens/s against model size for MoEUT (ours, official) and dense, from the figures
-recorded in benchmarks/RESULTS.md (H200, bf16, context 1024). Writes benchmarks/results/throughput.png.
+"""Plot training tokens/s against model size from `train_throughput.py` JSON files: one line per model
+family (MoEUT, dense, official release, Llama) and mode (eager, --cuda-graph, --compile).
 
-    python benchmarks/plot_throughput.py
+    python benchmarks/plot_throughput.py results/train.json results/train_small.json ... [--out results/throughput.png]
 """
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
@@ -10,31 +15,45 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-# (parameters in millions, tokens/s in thousands), 2026-11-28, one H200 (RESULTS.md A.2; the 44M
-# points are the first session's single-GPU batch-16 figures, RESULTS.md §4)
-SERIES = {
-    "moeut (this library)": [(44.3, 79.9), (243.3, 81.8), (1040.3, 19.7)],
-    "official MoEUT release (NOTES.md §6)": [(243.3, 45.6), (1040.3, 11.2)],
-    "dense baseline (this library)": [(44.5, 228.8), (243.6, 123.3), (1044.3, 49.0)],
-    "Llama (transformers, SDPA)": [(243.4, 96.4)],
-}
+LABELS = {"moeut": "MoEUT (this library)", "dense": "dense baseline (this library)",
+          "official": "official MoEUT release", "llama": "Llama (transformers, SDPA)"}
+
+
+def series(paths):
+    """{(family, mode): sorted [(params M, tokens/s k)]} from the results of train_throughput.py."""
+    out = defaultdict(list)
+    for path in paths:
+        for r in json.loads(Path(path).read_text())["results"]:
+            if "error" in r:
+                continue
+            family = r["model"].split("-")[0]
+            mode = "CUDA graph" if r.get("cuda_graph") else "compiled" if r.get("compiled") else "eager"
+            out[(family, mode)].append((r["params_m"], r["tokens_per_s"] / 1e3))
+    return {k: sorted(set(v)) for k, v in out.items()}
 
 
 def main():
-    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
-    for (name, pts), marker in zip(SERIES.items(), "osD^"):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("json", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "throughput.png")
+    ap.add_argument("--title", default="Training throughput on one H200 (bf16, context 1024)")
+    args = ap.parse_args()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    colors = {"moeut": "C0", "dense": "C1", "official": "C2", "llama": "C3"}
+    styles = {"eager": "-", "CUDA graph": "--", "compiled": ":"}
+    for (family, mode), pts in sorted(series(args.json).items()):
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker=marker, label=name)
+        ax.plot(xs, ys, styles[mode], marker="o", color=colors.get(family, "k"),
+                label=f"{LABELS.get(family, family)}, {mode}")
     ax.set_xscale("log")
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel("training tokens/s (thousands)")
-    ax.set_title("Training throughput on one H200 (bf16, context 1024)")
+    ax.set_title(args.title)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    out = Path(__file__).parent / "results" / "throughput.png"
-    fig.savefig(out)
-    print(out)
+    fig.savefig(args.out)
+    print(args.out)
 
 
 if __name__ == "__main__":
