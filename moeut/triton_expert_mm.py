@@ -64,7 +64,28 @@ if triton is not None:
             triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=8, num_stages=4),
             triton.Config({"BM": 64, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
             triton.Config({"BM": 128, "BN": 64, "BK": 64}, num_warps=4, num_stages=4),
-        ][:None if AUTOTUNE else 1]
+            # Fallback for variants none of the above fits in shared memory (fp32 "loop over N").
+            triton.Config({"BM": 64, "BN": 64, "BK": 32}, num_warps=4, num_stages=2),
+        ]
+
+    def _smem_estimate(cfg, kw) -> int:
+        """Bytes of shared memory a config's pipelined operand tiles take (num_stages - 1 in flight)."""
+        es = 4 if kw.get("FP32") else 2
+        m, buffers = cfg.kwargs, max(1, cfg.num_stages - 1)
+        if kw.get("LOOP_N"):
+            return (m["BM"] * kw["IP"] + buffers * kw["IP"] * m["BN"]) * es
+        return buffers * (m["BM"] * m["BK"] + m["BK"] * m["BN"]) * es
+
+    def _smem_limit() -> int:
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return int(0.9 * getattr(props, "shared_memory_per_block_optin", 232448))
+
+    def _prune_mm_configs(configs, named_args, **kwargs):
+        """Configs that fit in shared memory (the fallback only when none of the others does); with
+        MOEUT_AUTOTUNE=0 the first of them, so short runs compile one config per variant."""
+        limit = _smem_limit()
+        fit = [c for c in configs[:-1] if _smem_estimate(c, kwargs) <= limit] or configs[-1:]
+        return fit if AUTOTUNE else fit[:1]
 
     def _wgrad_configs():
         if INTERPRET:
@@ -104,7 +125,8 @@ if triton is not None:
         return e, row0, row_end, pid < total
 
     @triton.autotune(configs=_mm_configs(), key=["I", "O", "GATHER", "SCALE", "SCATTER", "FP32", "LOOP_N",
-                                                 "SCALE_AT_DST"])
+                                                 "SCALE_AT_DST"],
+                     prune_configs_by={"early_config_prune": _prune_mm_configs})
     @triton.jit
     def _expert_mm_kernel(x_ptr, w_ptr, out_ptr, offsets_ptr, rows_ptr, scale_ptr, dst_ptr,
                           E, I, O,
