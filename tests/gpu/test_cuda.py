@@ -185,7 +185,10 @@ def test_router_kernel_matches_sigmoid_topk(dtype, R, E, K):
     g = torch.randn_like(gate)
     (gate * g).sum().backward()
     (torch.sigmoid(ref_logits).gather(1, expert) * g).sum().backward()
-    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-5)
+    # bf16: the kernel's s (its gate) can be one ulp off torch's sigmoid, and s * (1 - s) is then
+    # rounded in another order: on the H200 the gradients differed by at most 2 bf16 ulps.
+    gtol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -6, atol=1e-5)
+    torch.testing.assert_close(logits.grad, ref_logits.grad, **gtol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
