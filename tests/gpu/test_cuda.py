@@ -186,7 +186,8 @@ def test_router_kernel_matches_sigmoid_topk(dtype, R, E, K):
     (gate * g).sum().backward()
     (torch.sigmoid(ref_logits).gather(1, expert) * g).sum().backward()
     # bf16: the kernel's s (its gate) can be one ulp off torch's sigmoid, and s * (1 - s) is then
-    # rounded in another order: on the H200 the gradients differed by at most 2 bf16 ulps.
+    # rounded in another order: on the H200 the gradients differed by about 2 bf16 ulps at most
+    # (relative difference <= 0.009 on 0.5-4% of the elements).
     gtol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -6, atol=1e-5)
     torch.testing.assert_close(logits.grad, ref_logits.grad, **gtol)
 
