@@ -127,7 +127,7 @@ def time_shape(name, D, E, K, T, mm_tflops, bw):
         2 * (N * S + E * S * D + N * D))
     # The narrow passes (I = 128) in the other grouped-GEMM form too, to keep the faster one as default.
     from moeut import triton_expert_mm
-    forced = triton_expert_mm.use_loop_n(S, D)
+    forced = triton_expert_mm.use_loop_n(S, D, N, E)
     triton_expert_mm.LOOP_N_OVERRIDE = not forced
     form = "loop over N" if not forced else "column blocks"
     add(f"down fwd [{form}]", bench(lambda: op(h, w2, r.offsets_E1, None, gate, r.slot_N)),

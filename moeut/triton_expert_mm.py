@@ -36,17 +36,25 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("MOEUT_AUTOTUNE", "1") != "0"
 
 
-# The "loop over N" form for narrow inputs: None = automatic (I <= 128 and O wider than one block);
-# True / False force it (tests and benchmarks/kernels.py compare both forms; MOEUT_LOOP_N=0 turns it off).
+# The "loop over N" form for narrow inputs: None = automatic (see `use_loop_n`); True / False force
+# it (tests and benchmarks/kernels.py compare both forms; MOEUT_LOOP_N=0 turns it off).
 LOOP_N_OVERRIDE = False if os.environ.get("MOEUT_LOOP_N", "1") == "0" else None
 
 
-def use_loop_n(I: int, O: int) -> bool:
+def use_loop_n(I: int, O: int, N: int, E: int) -> bool:
+    """Narrow inputs (I <= 128) with many rows per expert: one program per row tile walking all of O.
+
+    Measured on the H200 (RESULTS.md B): 2.2-2.4x faster than one program per (row tile, column
+    block) for the 244M/1B FFN's down projection and up input-gradient (about 700 rows per expert).
+    With few rows per expert (decoding: N = 512 rows over 387 experts) it serialises each expert's
+    weight reads in one program, and batch-32 decoding became 2x slower: there the column blocks
+    keep the parallelism.
+    """
     if I > 128:  # the input tile stays in registers for the whole program
         return False
     if LOOP_N_OVERRIDE is not None:
         return LOOP_N_OVERRIDE
-    return O > 128
+    return O > 128 and N >= 128 * E
 
 
 def available() -> bool:
@@ -290,7 +298,7 @@ def grouped_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: O
     unused = offsets_E1  # pointer for the arguments a constexpr flag switches off (never read)
     scale = scale_N.contiguous() if scale_N is not None else None   # any float dtype: read as fp32
 
-    loop_n = use_loop_n(I, O)
+    loop_n = use_loop_n(I, O, N, E)
 
     def grid(meta):
         # Upper bound on the number of row tiles; programs past the real count return at once.

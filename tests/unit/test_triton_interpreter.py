@@ -100,3 +100,13 @@ def test_triton_route_small_matches_route(R, K, E):
     assert torch.equal(slot, want.slot_N)
     assert torch.equal(rows, want.rows_N)
     assert torch.equal(choice, want.choice_RK)
+
+
+def test_loop_over_n_only_with_many_rows_per_expert():
+    """The one-program-per-row-tile form pays with hundreds of rows per expert (training) and cost 2x
+    at batch-32 decoding (512 rows over 387 experts) on the H200; the policy keeps them apart."""
+    from moeut.triton_expert_mm import use_loop_n
+    assert use_loop_n(128, 1024, 16384 * 16, 387)         # 244M FFN down projection, training
+    assert not use_loop_n(128, 1024, 32 * 16, 387)        # the same at batch-32 decoding
+    assert not use_loop_n(1024, 128, 16384 * 16, 387)     # wide input: the input tile would not fit
+    assert not use_loop_n(128, 128, 16384 * 16, 387)      # one column block: nothing to loop over
