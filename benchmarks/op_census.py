@@ -10,7 +10,6 @@ Bytes on the GPU scale with the batch; op counts do not.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import sys
 import traceback
@@ -22,7 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moeut.runs import build_model, model_kwargs  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from saved_activations import model_from_args  # noqa: E402
 
 VIEW_OPS = {"view", "_unsafe_view", "reshape", "transpose", "permute", "expand", "unsqueeze", "squeeze",
             "select", "slice", "t", "alias", "as_strided", "detach", "split", "unbind", "narrow", "lift_fresh"}
@@ -45,11 +45,8 @@ class Census(TorchDispatchMode):
         if name in VIEW_OPS:
             return out
         node = torch._C._current_autograd_node()
-        if node is not None:
-            tb = node.metadata.get("traceback_", [])
-            frames = traceback.extract_stack() if not tb else [
-                traceback.FrameSummary(*l.rsplit(",", 2)[0:1], 0, "") for l in []]
-            site = f"bwd {type(node).__name__} {self._site_from_anomaly(tb)}"
+        if node is not None:  # anomaly mode keeps the forward traceback of every autograd node
+            site = f"bwd {type(node).__name__} {self._site_from_anomaly(node.metadata.get('traceback_', []))}"
         else:
             site = "fwd " + _moeut_site(traceback.extract_stack())
         moved = sum(t.nbytes for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor))
@@ -70,17 +67,7 @@ class Census(TorchDispatchMode):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="moeut-244M")
-    ap.add_argument("--tokens", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=2, help="build with this many layers (0: the profile's)")
-    ap.add_argument("--top", type=int, default=40)
-    args = ap.parse_args()
-    kw = model_kwargs(args.model)
-    if args.layers:
-        kw["n_layers"] = args.layers
-    torch.manual_seed(0)
-    model = build_model(args.model, 8000, kw).train()
+    args, model, kw = model_from_args(__doc__, layers=2, top=40)
     tokens = torch.randint(0, 8000, (1, args.tokens + 1))
     census = Census()
     with torch.autograd.set_detect_anomaly(True, check_nan=False), census:

@@ -39,18 +39,23 @@ def saved_bytes(model, tokens: torch.Tensor, device_type: str = "cpu"):
     return sum(by_site.values()), by_site
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_from_args(description: str, layers: int, top: int):
+    """(args, model, model kwargs) for the CPU studies: --model, --tokens, --layers, --top."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="moeut-244M")
     ap.add_argument("--tokens", type=int, default=1024, help="one sequence of this many tokens")
-    ap.add_argument("--layers", type=int, default=0, help="build with this many layers (0: the profile's)")
-    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--layers", type=int, default=layers, help="build with this many layers (0: the profile's)")
+    ap.add_argument("--top", type=int, default=top)
     args = ap.parse_args()
     kw = model_kwargs(args.model)
     if args.layers:
         kw["n_layers"] = args.layers
     torch.manual_seed(0)
-    model = build_model(args.model, 8000, kw).train()
+    return args, build_model(args.model, 8000, kw).train(), kw
+
+
+def main():
+    args, model, kw = model_from_args(__doc__, layers=0, top=25)
     total, by_site = saved_bytes(model, torch.randint(0, 8000, (1, args.tokens)))
     print(f"{args.model} ({kw.get('n_layers')} layer applications), {args.tokens} tokens: "
           f"{total / 2**20:.1f} MiB saved for backward ({total / 2**20 / args.tokens * 1024:.1f} MiB per 1024 tokens)")
