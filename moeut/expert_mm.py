@@ -27,12 +27,13 @@ gather + einsum `reference_expert_mm` is the ground truth tests compare both aga
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from .fused import use_fused
 
 __all__ = ["Routing", "route", "expert_mm", "expert_mm_combine", "combine", "reference_expert_mm", "fp64_reference",
            "row_dot"]
@@ -48,7 +49,7 @@ class Routing:
 
 
 def _route_kernel_applies(expert_RK: Tensor, n_experts: int) -> bool:
-    if not expert_RK.is_cuda or os.environ.get("MOEUT_FUSED_ROUTE", "1") == "0" or not _use_triton(expert_RK):
+    if not use_fused(expert_RK, "MOEUT_FUSED_ROUTE"):
         return False
     from .triton_route import MAX_EXPERTS, MAX_N
     return expert_RK.numel() <= MAX_N and n_experts <= MAX_EXPERTS
@@ -161,13 +162,6 @@ def _weight_grad_torch(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Tensor, rows_N
     return grad_EIO
 
 
-def _use_triton(t: Tensor) -> bool:
-    if t.device.type != "cuda":
-        return False
-    from . import triton_expert_mm
-    return triton_expert_mm.available()
-
-
 # ---------------------------------------------------------------------------------------------
 # The operators: plain functions of tensors (no autograd), so torch.compile sees them as opaque
 # nodes with known output shapes. Autograd is defined by the two Functions below.
@@ -180,7 +174,7 @@ def grouped_mm(x: Tensor, weight: Tensor, offsets: Tensor, rows: Optional[Tensor
     scale_at_dst: the scale of routed row n is scale[dst[n]] (needs dst)."""
     _check(x, weight, offsets)
     torch._check(not scale_at_dst or dst is not None, lambda: "grouped_mm: scale_at_dst needs dst")
-    if _use_triton(x):
+    if use_fused(x):
         from .triton_expert_mm import grouped_mm_triton
         return grouped_mm_triton(x, weight, offsets, rows, scale, dst, scale_at_dst)
     return _grouped_mm_torch(x, weight, offsets, rows, scale, dst, scale_at_dst)
@@ -196,7 +190,7 @@ def grouped_mm_weight_grad(x: Tensor, grad: Tensor, offsets: Tensor, rows: Optio
                            grad_rows: Optional[Tensor], grad_scale: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
     """[E, I, O] in `out_dtype`: out[e] = sum over e's routed rows n of
     x[rows[n]]^T (grad_scale[n] * grad[grad_rows[n]]), accumulated in fp32 (fp64 for fp64 inputs)."""
-    if _use_triton(x):
+    if use_fused(x):
         from .triton_expert_mm import grouped_mm_weight_grad_triton
         return grouped_mm_weight_grad_triton(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype)
     return _weight_grad_torch(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype)
@@ -212,7 +206,7 @@ def row_dot(a: Tensor, b: Tensor, b_rows: Optional[Tensor], scale: Optional[Tens
     """(dot [N] fp32, scaled [N, I] or [0, I]): dot[n] = <a[n], b[b_rows[n]]> accumulated in fp32 (fp64
     for fp64 inputs); scaled[n] = scale[n] * a[n] rounded to a's dtype (empty when scale is None).
     The gate gradient of a combine and the gate-scaled input gradient in one pass over a."""
-    if _use_triton(a) and a.dtype != torch.float64 and os.environ.get("MOEUT_FUSED_ROW_DOT", "1") != "0":
+    if a.dtype != torch.float64 and use_fused(a, "MOEUT_FUSED_ROW_DOT"):
         from .triton_expert_mm import row_dot_triton
         return row_dot_triton(a, b, b_rows, scale)
     b_NI = b if b_rows is None else b.index_select(0, b_rows)

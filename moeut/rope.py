@@ -10,11 +10,12 @@ elementwise kernels with fp32 intermediates; its backward is the same kernel rot
 """
 from __future__ import annotations
 
-import os
 from typing import Tuple
 
 import torch
 from torch import Tensor
+
+from .fused import use_fused
 
 
 _INV_FREQ: dict = {}
@@ -60,16 +61,9 @@ def rotate_reference(x: Tensor, cos: Tensor, sin: Tensor, scale: float = 1.0) ->
     return torch.cat((rot.to(x.dtype), rest), dim=-1)
 
 
-def _use_triton(x: Tensor) -> bool:
-    if x.device.type != "cuda" or os.environ.get("MOEUT_FUSED_ROPE", "1") == "0":
-        return False
-    from . import triton_expert_mm
-    return triton_expert_mm.available()
-
-
 @torch.library.custom_op("moeut::rope", mutates_args=())
 def _rope_op(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool, scale: float) -> Tensor:
-    if _use_triton(x):
+    if use_fused(x, "MOEUT_FUSED_ROPE"):
         from .triton_rope import rope_triton
         return rope_triton(x, cos, sin, inverse, scale)
     return rotate_reference(x, cos, -sin if inverse else sin, scale)
@@ -96,6 +90,6 @@ class _Rope(torch.autograd.Function):
 def rotate(x: Tensor, cos: Tensor, sin: Tensor, scale: float = 1.0) -> Tensor:
     """scale * RoPE(x) with the tables of `rope_tables` on x [B, H, T, Dh]; one kernel on CUDA (the
     attention scale rides along for free)."""
-    if not _use_triton(x):
+    if not use_fused(x, "MOEUT_FUSED_ROPE"):
         return rotate_reference(x, cos, sin, scale)
     return _Rope.apply(x, cos, sin, float(scale))

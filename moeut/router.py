@@ -17,11 +17,12 @@ Shapes: R rows (tokens, or token-heads), E experts, K chosen per row.
 """
 from __future__ import annotations
 
-import os
 from typing import Tuple
 
 import torch
 from torch import Tensor
+
+from .fused import use_fused
 
 
 def sigmoid_topk_reference(logits_RE: Tensor, k: int) -> Tuple[Tensor, Tensor]:
@@ -29,16 +30,9 @@ def sigmoid_topk_reference(logits_RE: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     return torch.sigmoid(logits_RE).topk(k, dim=-1, sorted=True)
 
 
-def _use_triton(t: Tensor) -> bool:
-    if t.device.type != "cuda" or os.environ.get("MOEUT_FUSED_ROUTER", "1") == "0":
-        return False
-    from . import triton_expert_mm
-    return triton_expert_mm.available()
-
-
 @torch.library.custom_op("moeut::sigmoid_topk", mutates_args=())
 def _sigmoid_topk_op(logits: Tensor, k: int) -> Tuple[Tensor, Tensor]:
-    if _use_triton(logits):
+    if use_fused(logits, "MOEUT_FUSED_ROUTER"):
         from .triton_router import sigmoid_topk_triton
         return sigmoid_topk_triton(logits, k)
     with torch.no_grad():
