@@ -32,7 +32,7 @@ except ImportError:  # the model works without Triton; only this fast path needs
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# MOEUT_AUTOTUNE=0 uses the first config of each list (GPU tests: compile once instead of ~6 times).
+# MOEUT_AUTOTUNE=0 uses one config per kernel variant, the first that fits (GPU tests, short runs).
 AUTOTUNE = os.environ.get("MOEUT_AUTOTUNE", "1") != "0"
 
 
