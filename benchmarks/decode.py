@@ -5,11 +5,16 @@ dict ("dynamic"), the preallocated cache run eagerly ("static") and replayed fro
 compile time, which is reported apart). Prefill is timed separately from the decoding steps.
 
     python benchmarks/decode.py [--models moeut-244M,dense-244M] [--batches 1,32] [--json out.json]
+                                [--variants default,sorted]
+
+Variant "sorted" turns off the per-choice expert kernels of decoding (MOEUT_EXPERT_GEMV=0), so each
+step routes by sorting as training does: the baseline of `moeut/expert_gemv.py`.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,6 +47,7 @@ def main():
     ap.add_argument("--modes", default="dynamic,static,static+graph,static+graph+compile")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--variants", default="default", help="default and/or sorted (MOEUT_EXPERT_GEMV=0)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -54,7 +60,11 @@ def main():
             model = model.to(torch.bfloat16)
         for b in map(int, args.batches.split(",")):
             prompts = torch.randint(0, 8000, (b, args.prompt_len)).tolist()
-            for mode in modes:
+            for variant, mode in [(v, m) for v in args.variants.split(",") for m in modes]:
+                if variant == "sorted" and not name.startswith("moeut"):
+                    continue
+                os.environ["MOEUT_EXPERT_GEMV"] = "0" if variant == "sorted" else "1"
+                torch._dynamo.reset()   # compiled steps do not guard on the variable
                 kw = MODES[mode]
                 # Same lengths as the timed call: kernels autotuned, CUDA graph and compiled step built
                 # for these shapes (a different cache size would recompile inside the timed call).
@@ -62,9 +72,9 @@ def main():
                 prefill = timed(lambda: generate(model, prompts, 1, **{**kw, "cuda_graph": False}), device)
                 total = timed(lambda: generate(model, prompts, args.new_tokens + 1, **kw), device)
                 per_step = (total - prefill) / args.new_tokens
-                rows.append(dict(model=name, batch=b, mode=mode, prefill_ms=prefill * 1e3, step_ms=per_step * 1e3,
+                rows.append(dict(model=name, batch=b, mode=mode, variant=variant, prefill_ms=prefill * 1e3, step_ms=per_step * 1e3,
                                  new_tokens_per_s=b / per_step, warmup_s=warm))
-                print(f"{name:12s} batch {b:3d}  {mode:21s} prefill {prefill * 1e3:7.1f} ms  "
+                print(f"{name:12s} {variant:8s} batch {b:3d}  {mode:21s} prefill {prefill * 1e3:7.1f} ms  "
                       f"step {per_step * 1e3:7.2f} ms  {b / per_step:9.1f} new tokens/s  (warm-up {warm:.1f} s)",
                       flush=True)
                 if args.json:  # after every row: a time limit keeps what was measured

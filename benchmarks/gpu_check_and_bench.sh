@@ -11,7 +11,7 @@
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 OFFICIAL=${OFFICIAL:-.official}
-STAGES=${*:-tests parity kernels attention train profile train_small train_graph train_compile official decode decode_compile}
+STAGES=${*:-tests parity kernels attention train profile train_small train_graph train_compile official decode decode_compile trainer}
 export PYTHONUNBUFFERED=1
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -26,7 +26,12 @@ run() {  # stage name, time limit, command...
   timeout "$limit" "$@" 2>&1 | grep -v Warn | tee "$OUT/$name.txt" | tail -40
   echo "[$name: $((SECONDS - t0)) s]"
 }
-run tests 300 env -u MOEUT_FUSED_ROUTER -u MOEUT_FUSED_ROPE -u MOEUT_LOOP_N -u MOEUT_FUSED_ROW_DOT -u MOEUT_FUSED_ROUTE python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=8
+TEST_ENV="env -u MOEUT_FUSED_ROUTER -u MOEUT_FUSED_ROPE -u MOEUT_LOOP_N -u MOEUT_FUSED_ROW_DOT -u MOEUT_FUSED_ROUTE -u MOEUT_EXPERT_GEMV"
+run tests 300 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=8
+# The same tests as two halves (kernels / whole models), for two lanes: the whole module outlasts 300 s.
+KERNEL_TESTS="triton or combine or router or rope or route or gemv"
+run tests_kernels 480 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=5 -k "$KERNEL_TESTS"
+run tests_models 480 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=5 -k "not ($KERNEL_TESTS)"
 run parity 50 env MOEUT_AUTOTUNE=0 python3 benchmarks/kernels.py --parity only --json "$OUT/parity.json"
 run kernels 120 python3 benchmarks/kernels.py --parity no --json "$OUT/kernels.json"
 run attention 60 python3 benchmarks/attention_block.py --kernels 25 --json "$OUT/attention_block.json"
@@ -47,7 +52,11 @@ run train_compile "${TRAIN_COMPILE_LIMIT:-280}" python3 benchmarks/train_through
 [ -d "$OFFICIAL" ] && run official "${OFFICIAL_LIMIT:-150}" python3 benchmarks/train_throughput.py --steps 6 \
   --official "$OFFICIAL" --models "${OFFICIAL_MODELS:-official-244M:16,official-126M:16,official-318M:16}" \
   --json "$OUT/train_official.json"
-run decode 150 python3 benchmarks/decode.py --new-tokens 64 --modes dynamic,static,static+graph --json "$OUT/decode.json"
+run decode 200 python3 benchmarks/decode.py --new-tokens 64 --modes static,static+graph --variants default,sorted \
+  --json "$OUT/decode.json"
+# `moeut train` itself, eager against --cuda-graph (needs a tokenizer carried as .gpuassets/tokenizer.model)
+run trainer 400 python3 benchmarks/trainer_speed.py --models moeut-126M,moeut-244M,dense-244M --steps 50 \
+  --tokenizer .gpuassets/tokenizer.model --json "$OUT/trainer.json"
 # torch.compile of a 244M decoding step takes minutes on the device's host CPU (18 unrolled layers).
 run decode_compile 300 python3 benchmarks/decode.py --new-tokens 64 --modes static+graph+compile \
   --json "$OUT/decode_compile.json"

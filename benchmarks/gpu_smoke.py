@@ -62,7 +62,18 @@ def route_small():
         assert torch.equal(a, b), "route_small differs from the torch sort path"
 
 
-for name, check, var in (("small-input routing", route_small, "MOEUT_FUSED_ROUTE"), ("row dot", row_dot, "MOEUT_FUSED_ROW_DOT"), ("fused router", router, "MOEUT_FUSED_ROUTER"), ("fused RoPE", rope, "MOEUT_FUSED_ROPE"),
+def expert_gemv():
+    from moeut.expert_gemv import expert_gemv_reference
+    from moeut.triton_expert_gemv import expert_gemv_triton
+    x = torch.randn(32 * 16, 128, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(387, 128, 1024, device="cuda", dtype=torch.bfloat16) / 11
+    expert = torch.randint(0, 387, (32 * 16,), device="cuda")
+    gate = torch.rand(32 * 16, device="cuda")
+    got = expert_gemv_triton(x, w, expert, gate, 1, 16, 1, 1, 0, False)
+    torch.testing.assert_close(got, expert_gemv_reference(x, w, expert, gate, 1, 16), rtol=2e-2, atol=2e-2)
+
+
+for name, check, var in (("expert gemv (decoding)", expert_gemv, "MOEUT_EXPERT_GEMV"), ("small-input routing", route_small, "MOEUT_FUSED_ROUTE"), ("row dot", row_dot, "MOEUT_FUSED_ROW_DOT"), ("fused router", router, "MOEUT_FUSED_ROUTER"), ("fused RoPE", rope, "MOEUT_FUSED_ROPE"),
                          ("loop-over-N grouped GEMM", loop_n, "MOEUT_LOOP_N")):
     try:
         check()

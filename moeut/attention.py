@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .expert_gemv import gemv_applies, project
 from .expert_mm import expert_mm_combine, route
 from .rope import rope_tables, rotate
 from .router import sigmoid_topk
@@ -117,29 +118,69 @@ def new_static_cache(capacity: int) -> dict:
     return {"capacity": capacity}  # a Python int: a constant for torch.compile, not a tensor to read
 
 
-def _attend_static(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask], kv_cache: Dict[str, Tensor],
-                   n_rotate: int, rope_base: float, q_scale: float, k_scale: float) -> Tuple[Tensor, KVCache]:
+def _check_static_mask(mask: Optional[AttentionMask]) -> None:
     if mask is not None and mask.position_mask is not None:   # checked before the cache is touched
         raise ValueError("a preallocated KV cache supports src_length_mask only (attention is causal by position)")
-    B, H, T, _ = q.shape
-    if "k" not in kv_cache:
-        C = kv_cache["capacity"]
-        kv_cache["k"] = k.new_zeros(B, H, C, k.shape[-1])
-        kv_cache["v"] = v.new_zeros(B, H, C, v.shape[-1])
-        kv_cache["pos"] = torch.zeros((), dtype=torch.long, device=q.device)
-    # One decoding step reads its position as a view of the counter (no kernel): used before `add_`.
-    positions = kv_cache["pos"].reshape(1) if T == 1 else kv_cache["pos"] + torch.arange(T, device=q.device)
-    q, k = _rope_qk(q, k, n_rotate, positions, rope_base, q_scale, k_scale)
-    kv_cache["k"].index_copy_(2, positions, k.to(kv_cache["k"].dtype))
-    kv_cache["v"].index_copy_(2, positions, v.to(kv_cache["v"].dtype))
-    S = kv_cache["k"].shape[-2]
-    drop = torch.arange(S, device=q.device)[None, :] > positions[:, None]   # [T, S]: future and empty slots
+
+
+def _static_step(pos: Tensor, capacity: int, mask: Optional[AttentionMask], T: int) -> Dict[str, Tensor]:
+    """Positions [T] of the new tokens and the keep mask over the cache's key slots."""
+    # One decoding step reads its position as a view of the counter (no kernel).
+    positions = pos.reshape(1) if T == 1 else pos + torch.arange(T, device=pos.device)
+    drop = torch.arange(capacity, device=pos.device)[None, :] > positions[:, None]   # [T, S]: future and empty slots
     if mask is not None and mask.src_length_mask is not None:
         drop = drop | mask.src_length_mask[:, None, None, :]
     # A new token always sees itself; only prompt rows (e.g. left padding) can lose every key.
     keep = ~drop if T == 1 else ~(drop & ~drop.all(-1, keepdim=True))
-    kv_cache["pos"].add_(T)
-    out = _sdpa(q, kv_cache["k"], kv_cache["v"], keep, False, allow_cudnn=False)
+    return {"positions": positions, "keep": keep}
+
+
+def begin_static_step(kv_cache: Optional[Dict[int, dict]], mask: Optional[AttentionMask], T: int, device) -> bool:
+    """Before the layers of one forward pass with a preallocated cache: compute the new tokens'
+    positions and the key mask once for all layers (every layer's counter holds the same position,
+    as they advance together). Returns whether it did (then call `end_static_step` after the last
+    layer); caches of other kinds are left alone."""
+    entries = list(kv_cache.values()) if kv_cache else []
+    if not entries or not all("capacity" in e for e in entries):
+        return False
+    _check_static_mask(mask)
+    for e in entries:
+        if "pos" not in e:   # one counter per layer: torch.compile guards would tie a shared one to one call
+            e["pos"] = torch.zeros((), dtype=torch.long, device=device)
+    step = _static_step(entries[0]["pos"], entries[0]["capacity"], mask, T)
+    for e in entries:
+        e["step"] = step
+    return True
+
+
+def end_static_step(kv_cache: Dict[int, dict], T: int) -> None:
+    """Advance every layer's position counter by T (one kernel on CUDA)."""
+    for e in kv_cache.values():
+        del e["step"]
+    torch._foreach_add_([e["pos"] for e in kv_cache.values()], T)
+
+
+def _attend_static(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask], kv_cache: Dict[str, Tensor],
+                   n_rotate: int, rope_base: float, q_scale: float, k_scale: float) -> Tuple[Tensor, KVCache]:
+    _check_static_mask(mask)
+    B, H, T, _ = q.shape
+    C = kv_cache["capacity"]
+    if "k" not in kv_cache:
+        kv_cache["k"] = k.new_zeros(B, H, C, k.shape[-1])
+        kv_cache["v"] = v.new_zeros(B, H, C, v.shape[-1])
+    step = kv_cache.get("step")   # shared by all layers (`begin_static_step`), else computed here
+    own_step = step is None
+    if own_step:
+        if "pos" not in kv_cache:
+            kv_cache["pos"] = torch.zeros((), dtype=torch.long, device=q.device)
+        step = _static_step(kv_cache["pos"], C, mask, T)
+    positions = step["positions"]
+    q, k = _rope_qk(q, k, n_rotate, positions, rope_base, q_scale, k_scale)
+    kv_cache["k"].index_copy_(2, positions, k.to(kv_cache["k"].dtype))
+    kv_cache["v"].index_copy_(2, positions, v.to(kv_cache["v"].dtype))
+    if own_step:
+        kv_cache["pos"].add_(T)
+    out = _sdpa(q, kv_cache["k"], kv_cache["v"], step["keep"], False, allow_cudnn=False)
     return out, kv_cache
 
 
@@ -221,7 +262,7 @@ class SwitchHeadRope(torch.nn.Module):
         x.mul_(std_rows / x.std())
 
     def _select(self, x: Tensor, w: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """Per-head router: (logits [B, T, H, E], gates [B, T, H, K], expert ids offset by head)."""
+        """Per-head router: (logits [B, T, H, E], gates [B, T, H, K], expert ids 0..E-1 within the head)."""
         logits = F.linear(x, w).float()
         logits = logits.view(*logits.shape[:-1], self.n_heads, self.n_experts)
         if self.training and self.expert_dropout > 0:
@@ -232,7 +273,7 @@ class SwitchHeadRope(torch.nn.Module):
             gate = scores.gather(-1, expert)
         else:
             gate, expert = sigmoid_topk(logits, self.moe_k)  # one kernel on CUDA
-        return logits, gate, expert + self.head_base
+        return logits, gate, expert
 
     def forward_with_logits(self, q_src: Tensor, k_src: Tensor, v_src: Tensor, mask: Optional[AttentionMask],
                             kv_cache: KVCache = None):
@@ -248,8 +289,12 @@ class SwitchHeadRope(torch.nn.Module):
             v_logits, v_gate, v_expert = self._select(k_src, self.sel_v)
             o_logits, o_gate, o_expert = self._select(q_src, self.sel_o)
             logits = (o_logits, v_logits)
-            v_routing = route(v_expert.reshape(B * T, H * K), H * E)
-            v = expert_mm_combine(v_src.reshape(B * T, D), self.v, v_routing, v_gate.reshape(B * T * H, K))
+            heads = dict(head_k=K, n_heads=H, head_experts=E)   # head h's experts are h*E .. h*E+E-1
+            if gemv_applies(v_src, B * T * H * K, H * E):   # decoding: a few tokens, no sort
+                v = project(v_src.reshape(B * T, D), self.v, v_expert, v_gate, per_x=H * K, per_out=K, **heads)
+            else:
+                v_routing = route((v_expert + self.head_base).reshape(B * T, H * K), H * E)
+                v = expert_mm_combine(v_src.reshape(B * T, D), self.v, v_routing, v_gate.reshape(B * T * H, K))
             v = v.view(B, T, H, Dh).transpose(1, 2)
         else:
             o_gate = torch.sigmoid(F.linear(q_src, self.sel_o))
@@ -259,8 +304,11 @@ class SwitchHeadRope(torch.nn.Module):
         res = res.transpose(1, 2)  # [B, T, H, Dh]
 
         if E > 1:
-            o_routing = route(o_expert.reshape(B * T * H, K), H * E)
-            out = expert_mm_combine(res.reshape(B * T * H, Dh), self.o, o_routing, o_gate.reshape(B * T, H * K))
+            if gemv_applies(res, B * T * H * K, H * E):
+                out = project(res.reshape(B * T * H, Dh), self.o, o_expert, o_gate, per_x=K, per_out=H * K, **heads)
+            else:
+                o_routing = route((o_expert + self.head_base).reshape(B * T * H, K), H * E)
+                out = expert_mm_combine(res.reshape(B * T * H, Dh), self.o, o_routing, o_gate.reshape(B * T, H * K))
             out = out.view(B, T, D)
         else:
             out = F.linear((res * o_gate[..., None].to(res.dtype)).reshape(B, T, H * Dh), self.o)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import AttentionMask, KVCache, attend, check_mask
+from .attention import AttentionMask, KVCache, attend, begin_static_step, check_mask, end_static_step
 from .model import MoEUTOutput, MultilayerKVCache, _key_length, _require, check_tokens
 
 
@@ -81,11 +81,14 @@ class DenseLM(torch.nn.Module):
         check_mask(mask, B, T, S)
         h = self.embedding(x.long())
         new_cache = {}
+        shared_step = begin_static_step(kv_cache, mask, T, x.device)
         for i, layer in enumerate(self.layers):
             cache = kv_cache.get(i, {}) if kv_cache is not None else None
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 h, new_cache[i] = torch.utils.checkpoint.checkpoint(layer, h, mask, cache, use_reentrant=False)
             else:
                 h, new_cache[i] = layer(h, mask, cache)
+        if shared_step:
+            end_static_step(kv_cache, T)
         logits = self.lm_head(self.out_norm(h))
         return MoEUTOutput(logits, h.new_zeros((), dtype=torch.float32), new_cache if kv_cache is not None else None)

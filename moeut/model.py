@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .attention import AttentionMask, KVCache, SwitchHeadRope, check_mask
+from .attention import AttentionMask, KVCache, SwitchHeadRope, begin_static_step, check_mask, end_static_step
 from .moe import SigmaMoE, negative_entropy, selection_probability_sum
 
 MultilayerKVCache = Optional[Dict[int, KVCache]]
@@ -179,6 +179,7 @@ class MoEUT(torch.nn.Module):
 
         # Entropy regularisation, streamed: per distinct layer, the router's softmax summed over the
         # positions of all its applications ([ffn, att-output, att-value] sums and the position count).
+        shared_step = begin_static_step(kv_cache, mask, T, x.device)
         prob_sums: List[List[Optional[Tensor]]] = [[None, None, None] for _ in self.layers]
         n_positions = [0 for _ in self.layers]
         new_cache = {}
@@ -201,6 +202,8 @@ class MoEUT(torch.nn.Module):
                         prev = prob_sums[li][which]
                         prob_sums[li][which] = s if prev is None else prev + s
 
+        if shared_step:
+            end_static_step(kv_cache, T)
         reg_loss = x.new_zeros((), dtype=torch.float32)
         if self.training:
             for li in range(len(self.layers)):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .expert_gemv import gemv_applies, project
 from .expert_mm import expert_mm, expert_mm_combine, route
 from .router import sigmoid_topk
 
@@ -90,6 +91,14 @@ class SigmaMoE(torch.nn.Module):
     def forward_with_logits(self, input: Tensor, sel_input: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         logits, gate_BTK, expert_BTK = self.select(sel_input if sel_input is not None else input)
         x_RD = input.reshape(-1, self.k_dim)
+        K = self.n_heads
+        if gemv_applies(x_RD, expert_BTK.numel(), self.n_experts):  # decoding: a few tokens, no sort
+            fuse_relu = self.activation is F.relu
+            h_NS = project(x_RD, self.keys, expert_BTK, None, per_x=K, per_out=1, relu=fuse_relu)
+            if not fuse_relu:
+                h_NS = self.activation(h_NS)
+            out_RD = project(h_NS, self.values, expert_BTK, gate_BTK, per_x=1, per_out=K)
+            return out_RD.view(*input.shape[:-1], self.v_dim), logits
         routing = route(expert_BTK.reshape(-1, self.n_heads), self.n_experts)
         # The routing (sort by expert) is computed once and shared by both projections and their backward.
         h_NS = self.activation(expert_mm(x_RD, self.keys, routing))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import nullcontext
 import os
 import random
 import signal
@@ -22,12 +21,12 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from . import checkpoint as ckpt_lib
 from .data import Batches, collect_documents, content_key, eval_windows, split_documents, tokenize_to_file
 from .evaluate import windows_perplexity
 from .runs import build_model, model_kwargs
+from .train_step import GraphedTrainStep, collect_router_logits, step_body
 from .tokenizer import Tokenizer, train_tokenizer
 
 
@@ -55,6 +54,7 @@ class TrainConfig:
     ckpt_interval: int = 0               # steps between checkpoints (0: steps/10)
     keep_checkpoints: int = 3
     compile: bool = False                # torch.compile the model
+    cuda_graph: bool = False             # replay each whole step (fwd, bwd, AdamW) from a CUDA graph: one GPU
     activation_checkpointing: bool = False
     deterministic: bool = False          # PyTorch deterministic algorithms (bitwise reproducible on GPU)
     cache_dir: str = ""                  # tokenized-data cache (default ~/.cache/moeut)
@@ -228,6 +228,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
     if per_rank % micro:
         raise ValueError(f"--micro-batch-size {micro} must divide the per-process batch {per_rank}")
     accum = per_rank // micro
+    if cfg.cuda_graph:
+        reasons = {"a CUDA device": device.type != "cuda", "one process (not DDP)": world > 1,
+                   "no --compile": cfg.compile, "no --activation-checkpointing": cfg.activation_checkpointing}
+        missing = [need for need, bad in reasons.items() if bad]
+        if missing:
+            raise ValueError("--cuda-graph needs " + ", ".join(missing))
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -252,7 +258,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999),
-                            fused=device.type == "cuda")
+                            fused=device.type == "cuda", capturable=cfg.cuda_graph)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     start_step = 0
     if resume_dir is not None:
@@ -263,6 +269,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
         ckpt_lib.check_compatible(model, state["model"], str(path))
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        for g in opt.param_groups:   # a saved run may have used the other step mode
+            g["capturable"] = cfg.cuda_graph
         sched.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
         start_step = state["step"]
@@ -275,6 +283,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
     if cfg.compile:
         fwd = torch.compile(fwd)
     amp = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    graphed = GraphedTrainStep(fwd, model, opt, amp, cfg.clip) if cfg.cuda_graph else None
     batches = Batches(train_tokens, cfg.context, cfg.batch_size, cfg.seed)
     has_router = hasattr(backbone, "collect_router_logits")  # MoEUT; the dense baseline has none
     k_ffn = getattr(getattr(backbone, "layers", [None])[0], "ffn", None)
@@ -321,29 +330,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
     try:
         while step < cfg.steps:
             batch = batches.batch(step, rank, world, accum)
-            if has_router:
-                backbone.collect_router_logits = (step + 1) % cfg.log_interval == 0
-            loss_sum = torch.zeros((), device=device)
-            reg_sum = torch.zeros((), device=device)
+            log_step = (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.steps
             router_logits = None
-            for m in range(accum):
-                x = batch[m].to(device, non_blocking=True)
-                sync_ctx = fwd.no_sync() if (world > 1 and m < accum - 1 and hasattr(fwd, "no_sync")) else nullcontext()
-                with sync_ctx:
-                    with torch.autocast(device.type, amp, enabled=amp != torch.float32):
-                        out = fwd(x[:, :-1])
-                        loss = F.cross_entropy(out.outputs.float().reshape(-1, out.outputs.shape[-1]), x[:, 1:].reshape(-1))
-                    ((loss + out.reg_loss) / accum).backward()
-                loss_sum += loss.detach() / accum
-                reg_sum += out.reg_loss.detach() / accum
-                router_logits = out.router_logits if getattr(out, "router_logits", None) else router_logits
-            if cfg.clip > 0:
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            if graphed is not None:
+                loss_sum, reg_sum, gnorm = graphed(batch)
+                if log_step and has_router and k_ffn:
+                    router_logits = collect_router_logits(model, backbone, batch[-1].to(device), amp)
             else:
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-            opt.step()
+                if has_router:
+                    backbone.collect_router_logits = log_step
+                loss_sum, reg_sum, gnorm, router_logits = step_body(fwd, model, opt, batch.to(device, non_blocking=True),
+                                                                    amp, cfg.clip, world)
             sched.step()
-            opt.zero_grad(set_to_none=True)
             step += 1
             steps_since += 1
             if step % cfg.log_interval == 0 or step == cfg.steps:

@@ -137,3 +137,10 @@ def test_two_process_ddp_matches_single_process(corpus, tmp_path):
     assert ls.keys() == ld.keys()
     for s in ls:
         assert abs(ls[s] - ld[s]) < 1e-4
+
+
+def test_cuda_graph_needs_a_gpu_and_says_so(corpus, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU (tests/gpu covers --cuda-graph there)")
+    assert main(train_args(corpus, tmp_path / "run", tmp_path / "cache", steps=2) + ["--cuda-graph"]) == 2
+    assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err

@@ -1,0 +1,100 @@
+"""Expert projections for a handful of tokens (decoding): each choice reads its expert's weights
+directly, with no routing (sort) at all.
+
+`expert_mm` sorts the top-k choices by expert so that each expert is one dense matmul over its rows:
+the right dataflow when experts get many rows. A decoding step has one row per sequence, so each
+expert gets one or two rows, and the sort, the offsets and the separate top-k sum are a string of
+tiny kernels that cost more than the products. Here one kernel walks the choices directly:
+
+    out[j] = act( sum over choices c of output row j:  gate[c] * x[c // per_x] @ w[expert_of(c)] )
+    choices c = j * per_out .. j * per_out + per_out - 1
+    expert_of(c) = expert[c] + ((c // head_k) % n_heads) * head_experts
+
+`expert` is the flat [C] tensor of the router's picks in (row, head, choice) order. The four uses in
+MoEUT (B*T = R tokens, K picks, H heads with E experts each in SwitchHead):
+
+    FFN up      x [R, D]      per_x = K      per_out = 1      -> [R*K, S], ReLU fused
+    FFN down    x [R*K, S]    per_x = 1      per_out = K      -> [R, D], gated sum over the K picks
+    value       x [R, D]      per_x = H*K    per_out = K      -> [R*H, Dh], heads offset by h*E
+    output      x [R*H, Dh]   per_x = K      per_out = H*K    -> [R, D], heads offset by h*E
+
+Inference only (no autograd). On CUDA it is one Triton kernel (`triton_expert_gemv.py`); the plain
+PyTorch form below (gathers the chosen weights) is the reference its tests compare with.
+`MOEUT_EXPERT_GEMV=0` turns the path off (the sorted path then runs for decoding too).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .fused import use_fused
+
+# Use this path while there are at most this many choices per expert on average: then nearly every
+# choice has its expert to itself and reading weights per choice costs no more than per expert.
+MAX_CHOICES_PER_EXPERT = 2
+
+
+def gemv_applies(x: Tensor, n_choices: int, n_experts: int) -> bool:
+    """Whether an expert projection of `n_choices` picks over `n_experts` experts takes this path."""
+    return (not torch.is_grad_enabled() and n_choices <= MAX_CHOICES_PER_EXPERT * n_experts
+            and use_fused(x, "MOEUT_EXPERT_GEMV"))
+
+
+def _expert_ids(expert_C: Tensor, head_k: int, n_heads: int, head_experts: int) -> Tensor:
+    c = torch.arange(expert_C.numel(), device=expert_C.device)
+    return expert_C.reshape(-1) + (c // head_k) % n_heads * head_experts
+
+
+def expert_gemv_reference(x_RI: Tensor, w_EIO: Tensor, expert_C: Tensor, gate_C: Optional[Tensor], per_x: int,
+                          per_out: int, head_k: int = 1, n_heads: int = 1, head_experts: int = 0,
+                          relu: bool = False) -> Tensor:
+    """The contract above in plain PyTorch, accumulated in fp32 (fp64 for fp64 inputs), rounded to x's dtype."""
+    C = expert_C.numel()
+    acc = torch.promote_types(x_RI.dtype, torch.float32)
+    c = torch.arange(C, device=x_RI.device)
+    w_CIO = w_EIO[_expert_ids(expert_C, head_k, n_heads, head_experts)].to(acc)
+    y_CO = torch.bmm(x_RI[c // per_x].to(acc).unsqueeze(1), w_CIO).squeeze(1)
+    if gate_C is not None:
+        y_CO = y_CO * gate_C.reshape(-1, 1).to(acc)
+    out = y_CO.view(C // per_out, per_out, -1).sum(1)
+    return (out.relu() if relu else out).to(x_RI.dtype)
+
+
+def _check(x_RI: Tensor, w_EIO: Tensor, expert_C: Tensor, gate_C: Optional[Tensor], per_x: int, per_out: int) -> None:
+    C = expert_C.numel()
+    torch._check(x_RI.dim() == 2 and w_EIO.dim() == 3 and x_RI.shape[1] == w_EIO.shape[1],
+                 lambda: f"expert_gemv: x {tuple(x_RI.shape)} does not fit weight {tuple(w_EIO.shape)}")
+    torch._check(x_RI.dtype == w_EIO.dtype, lambda: f"expert_gemv: x is {x_RI.dtype} but weight is {w_EIO.dtype}")
+    torch._check(C % per_out == 0 and C == x_RI.shape[0] * per_x,
+                 lambda: f"expert_gemv: {C} choices do not match {x_RI.shape[0]} rows x {per_x} / groups of {per_out}")
+    torch._check(gate_C is None or gate_C.numel() == C, lambda: "expert_gemv: one gate per choice")
+
+
+@torch.library.custom_op("moeut::expert_gemv", mutates_args=())
+def expert_gemv(x: Tensor, weight: Tensor, expert: Tensor, gate: Optional[Tensor], per_x: int, per_out: int,
+                head_k: int = 1, n_heads: int = 1, head_experts: int = 0, relu: bool = False) -> Tensor:
+    """[C / per_out, O]: see the module docstring. No autograd."""
+    _check(x, weight, expert, gate, per_x, per_out)
+    if use_fused(x):
+        from .triton_expert_gemv import expert_gemv_triton
+        return expert_gemv_triton(x, weight, expert, gate, per_x, per_out, head_k, n_heads, head_experts, relu)
+    return expert_gemv_reference(x, weight, expert, gate, per_x, per_out, head_k, n_heads, head_experts, relu)
+
+
+@expert_gemv.register_fake
+def _(x, weight, expert, gate, per_x, per_out, head_k=1, n_heads=1, head_experts=0, relu=False):
+    return x.new_empty(expert.numel() // per_out, weight.shape[2])
+
+
+def project(x_RI: Tensor, w_EIO: Tensor, expert: Tensor, gate: Optional[Tensor], per_x: int, per_out: int,
+            head_k: int = 1, n_heads: int = 1, head_experts: int = 0, relu: bool = False) -> Tensor:
+    """`expert_gemv` in the autocast dtype when autocast is on (like `F.linear`), else in x's dtype."""
+    dtype = x_RI.dtype
+    if torch.is_autocast_enabled(x_RI.device.type):
+        dtype = torch.get_autocast_dtype(x_RI.device.type)
+    elif w_EIO.dtype != dtype:
+        raise TypeError(f"expert_gemv: input dtype {x_RI.dtype} differs from weight dtype {w_EIO.dtype}")
+    return expert_gemv(x_RI.to(dtype), w_EIO.to(dtype), expert.reshape(-1), gate, per_x, per_out,
+                       head_k, n_heads, head_experts, relu)

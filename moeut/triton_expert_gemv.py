@@ -1,0 +1,80 @@
+"""Triton kernel of `moeut::expert_gemv` (see `expert_gemv.py` for the contract and the reference).
+
+One program computes BO columns of one output row: for each of the row's choices it streams the
+chosen expert's [I, BO] weight slice in [BI, BO] tiles, multiplies by the input row and reduces over
+I in fp32, scales by the gate and adds into the row's sum, so the top-k sum needs no second kernel
+and no atomics. Decoding is bound by weight reads, so BO is picked to give at least ~128 programs
+(one per SM) while keeping the weight rows read in 32-byte pieces or longer. Runs under
+`TRITON_INTERPRET=1` on CPU tensors (CI).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+from .triton_expert_mm import INTERPRET
+
+
+@triton.jit
+def _expert_gemv_kernel(x_ptr, w_ptr, expert_ptr, gate_ptr, out_ptr, I, O, per_x, per_out, head_k, n_heads,
+                        head_experts, sxr, sxi, swe, swi, swo, sor,
+                        HAS_GATE: tl.constexpr, RELU: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr):
+    j = tl.program_id(0)
+    cols = tl.program_id(1) * BO + tl.arange(0, BO)
+    col_ok = cols < O
+    acc = tl.zeros([BO], dtype=tl.float32)
+    for g in range(0, per_out):
+        c = j * per_out + g
+        e = tl.load(expert_ptr + c).to(tl.int64) + ((c // head_k) % n_heads) * head_experts
+        x_row = x_ptr + (c // per_x).to(tl.int64) * sxr
+        w_e = w_ptr + e * swe
+        part = tl.zeros([BO], dtype=tl.float32)
+        for i0 in range(0, I, BI):
+            ii = i0 + tl.arange(0, BI)
+            i_ok = ii < I
+            xv = tl.load(x_row + ii * sxi, mask=i_ok, other=0.0).to(tl.float32)
+            wv = tl.load(w_e + ii[:, None] * swi + cols[None, :] * swo, mask=i_ok[:, None] & col_ok[None, :],
+                         other=0.0).to(tl.float32)
+            part += tl.sum(xv[:, None] * wv, axis=0)
+        if HAS_GATE:
+            part = part * tl.load(gate_ptr + c).to(tl.float32)
+        acc += part
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    tl.store(out_ptr + j.to(tl.int64) * sor + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+def _block_o(n_rows: int, O: int, elem_bytes: int) -> int:
+    if INTERPRET:
+        return 16
+    smallest = max(16, 32 // elem_bytes)
+    bo = min(128, triton.next_power_of_2(O))
+    while bo > smallest and n_rows * triton.cdiv(O, bo) < 128:
+        bo //= 2
+    return bo
+
+
+def expert_gemv_triton(x_RI: Tensor, w_EIO: Tensor, expert_C: Tensor, gate_C: Optional[Tensor], per_x: int,
+                       per_out: int, head_k: int, n_heads: int, head_experts: int, relu: bool) -> Tensor:
+    I, O = w_EIO.shape[1], w_EIO.shape[2]
+    n_rows = expert_C.numel() // per_out
+    out = torch.empty(n_rows, O, device=x_RI.device, dtype=x_RI.dtype)
+    if n_rows == 0 or O == 0:
+        return out
+    if I == 0:
+        return out.zero_()
+    expert_C = expert_C.reshape(-1)
+    has_gate = gate_C is not None
+    gate_C = gate_C.reshape(-1) if has_gate else expert_C   # a placeholder pointer, never read
+    BO = _block_o(n_rows, O, x_RI.element_size())
+    BI = 16 if INTERPRET else max(16, min(triton.next_power_of_2(I), 4096 // BO))
+    _expert_gemv_kernel[(n_rows, triton.cdiv(O, BO))](
+        x_RI, w_EIO, expert_C, gate_C, out, I, O, per_x, per_out, head_k, n_heads, head_experts,
+        x_RI.stride(0), x_RI.stride(1), w_EIO.stride(0), w_EIO.stride(1), w_EIO.stride(2), out.stride(0),
+        HAS_GATE=has_gate, RELU=relu, BI=BI, BO=BO, num_warps=4)
+    return out
