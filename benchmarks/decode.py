@@ -8,7 +8,8 @@ compile time, which is reported apart). Prefill is timed separately from the dec
                                 [--variants default,sorted]
 
 Variant "sorted" turns off the per-choice expert kernels of decoding (MOEUT_EXPERT_GEMV=0), so each
-step routes by sorting as training does: the baseline of `moeut/expert_gemv.py`.
+step routes by sorting as training does: the baseline of `moeut/expert_gemv.py`. Variant "gemv-all"
+uses them however many choices each expert gets (the policy's threshold lifted).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from moeut import expert_gemv  # noqa: E402
 from moeut.generate import generate  # noqa: E402
 from moeut.runs import build_model, model_kwargs  # noqa: E402
 
@@ -47,12 +49,13 @@ def main():
     ap.add_argument("--modes", default="dynamic,static,static+graph,static+graph+compile")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--variants", default="default", help="default and/or sorted (MOEUT_EXPERT_GEMV=0)")
+    ap.add_argument("--variants", default="default", help="default, sorted (MOEUT_EXPERT_GEMV=0), gemv-all")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     modes = [m for m in args.modes.split(",") if device == "cuda" or "graph" not in m]
     rows = []
+    default_max = expert_gemv.MAX_CHOICES_PER_EXPERT
     for name in args.models.split(","):
         torch.manual_seed(0)
         model = build_model(name, 8000, model_kwargs(name)).to(device).eval()
@@ -61,9 +64,10 @@ def main():
         for b in map(int, args.batches.split(",")):
             prompts = torch.randint(0, 8000, (b, args.prompt_len)).tolist()
             for variant, mode in [(v, m) for v in args.variants.split(",") for m in modes]:
-                if variant == "sorted" and not name.startswith("moeut"):
+                if variant != "default" and not name.startswith("moeut"):
                     continue
                 os.environ["MOEUT_EXPERT_GEMV"] = "0" if variant == "sorted" else "1"
+                expert_gemv.MAX_CHOICES_PER_EXPERT = float("inf") if variant == "gemv-all" else default_max
                 torch._dynamo.reset()   # compiled steps do not guard on the variable
                 kw = MODES[mode]
                 # Same lengths as the timed call: kernels autotuned, CUDA graph and compiled step built

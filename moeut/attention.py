@@ -43,12 +43,27 @@ class AttentionMask:
 
 
 def _rope_qk(q: Tensor, k: Tensor, n_rotate: int, offset, base: float, q_scale: float = 1.0,
-             k_scale: float = 1.0) -> Tuple[Tensor, Tensor]:
-    """q_scale * RoPE(q), k_scale * RoPE(k) (the scales fused into the RoPE kernel on CUDA)."""
+             k_scale: float = 1.0, step: Optional[dict] = None) -> Tuple[Tensor, Tensor]:
+    """q_scale * RoPE(q), k_scale * RoPE(k) (the scales fused into the RoPE kernel on CUDA). With a
+    shared decoding step (`begin_static_step`), the first layer's tables serve all layers."""
     if n_rotate == 0:
         return (q if q_scale == 1.0 else q * q_scale), (k if k_scale == 1.0 else k * k_scale)
-    cos, sin = rope_tables(n_rotate, offset, q.shape[-2], base, q.device)
+    key = ("rope", n_rotate, base)
+    tables = step.get(key) if step is not None else None
+    if tables is None:
+        tables = rope_tables(n_rotate, offset, q.shape[-2], base, q.device)
+        if step is not None:
+            step[key] = tables
+    cos, sin = tables
     return rotate(q, cos, sin, q_scale), rotate(k, cos, sin, k_scale)
+
+
+def _additive_mask(keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean keep mask as 0 / -inf in `dtype`, stored with its rows padded to 16 elements: what the
+    memory-efficient SDPA kernel wants, so it neither converts nor pads it on every call."""
+    S = keep.shape[-1]
+    padded = keep.new_zeros(*keep.shape[:-1], -(-S // 16) * 16, dtype=dtype)[..., :S]
+    return padded.masked_fill_(~keep, float("-inf"))
 
 
 def build_mask(mask: Optional[AttentionMask], B: int, T: int, S: int, device) -> Tuple[Optional[Tensor], bool]:
@@ -175,12 +190,15 @@ def _attend_static(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask
             kv_cache["pos"] = torch.zeros((), dtype=torch.long, device=q.device)
         step = _static_step(kv_cache["pos"], C, mask, T)
     positions = step["positions"]
-    q, k = _rope_qk(q, k, n_rotate, positions, rope_base, q_scale, k_scale)
+    q, k = _rope_qk(q, k, n_rotate, positions, rope_base, q_scale, k_scale, step)
     kv_cache["k"].index_copy_(2, positions, k.to(kv_cache["k"].dtype))
     kv_cache["v"].index_copy_(2, positions, v.to(kv_cache["v"].dtype))
     if own_step:
         kv_cache["pos"].add_(T)
-    out = _sdpa(q, kv_cache["k"], kv_cache["v"], step["keep"], False, allow_cudnn=False)
+    key = ("additive_mask", kv_cache["v"].dtype)   # converted once per step, not by SDPA in every layer
+    if key not in step:
+        step[key] = _additive_mask(step["keep"], kv_cache["v"].dtype)
+    out = _sdpa(q, kv_cache["k"], kv_cache["v"], step[key], False, allow_cudnn=False)
     return out, kv_cache
 
 

@@ -15,7 +15,9 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-MAX_N = 1024      # larger inputs (training) use torch.sort
+# Larger inputs use torch.sort. The N^2 rank loop in one program measured 122 µs at N = 256 on the H200
+# (batch-32 decoding's SwitchHead routing), where the sort's ~8 kernels take ~25 µs.
+MAX_N = 64
 MAX_EXPERTS = 4096
 
 
