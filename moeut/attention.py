@@ -281,16 +281,16 @@ class SwitchHeadRope(torch.nn.Module):
 
     def _select(self, x: Tensor, w: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Per-head router: (logits [B, T, H, E], gates [B, T, H, K], expert ids 0..E-1 within the head)."""
-        logits = F.linear(x, w).float()
+        logits = F.linear(x, w)   # the router ranks in fp32 (without an fp32 copy of the logits)
         logits = logits.view(*logits.shape[:-1], self.n_heads, self.n_experts)
         if self.training and self.expert_dropout > 0:
-            scores = logits.sigmoid()
+            scores = logits.float().sigmoid()
             with torch.no_grad():
                 ranked = scores.masked_fill(torch.rand_like(scores) < self.expert_dropout, float("-inf"))
                 expert = ranked.topk(self.moe_k, dim=-1, sorted=False).indices
             gate = scores.gather(-1, expert)
         else:
-            gate, expert = sigmoid_topk(logits, self.moe_k)  # one kernel on CUDA
+            gate, expert = sigmoid_topk(logits, self.moe_k, fp32=True)  # one kernel on CUDA
         return logits, gate, expert
 
     def forward_with_logits(self, q_src: Tensor, k_src: Tensor, v_src: Tensor, mask: Optional[AttentionMask],

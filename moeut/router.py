@@ -9,7 +9,7 @@ scatters d gate * s * (1 - s) into a zero [R, E] gradient, which is what autogra
 plain form.
 
 Ties: scores are ranked after rounding to the logits' dtype, exactly as `torch.topk` on the rounded
-sigmoid sees them. `torch.topk` breaks ties in an unspecified order; the kernel takes the lowest
+sigmoid sees them (with fp32=True: in fp32, as for the logits' float copy). `torch.topk` breaks ties in an unspecified order; the kernel takes the lowest
 expert id, so its choice is reproducible. The plain form (CPU, and any device without Triton) is
 the reference the tests compare the kernel with. `MOEUT_FUSED_ROUTER=0` turns the kernel off.
 
@@ -31,26 +31,27 @@ def sigmoid_topk_reference(logits_RE: Tensor, k: int) -> Tuple[Tensor, Tensor]:
 
 
 @torch.library.custom_op("moeut::sigmoid_topk", mutates_args=())
-def _sigmoid_topk_op(logits: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+def _sigmoid_topk_op(logits: Tensor, k: int, fp32: bool = False) -> Tuple[Tensor, Tensor]:
     if use_fused(logits, "MOEUT_FUSED_ROUTER"):
         from .triton_router import sigmoid_topk_triton
-        return sigmoid_topk_triton(logits, k)
+        return sigmoid_topk_triton(logits, k, fp32)
     with torch.no_grad():
-        return sigmoid_topk_reference(logits, k)
+        return sigmoid_topk_reference(logits.float() if fp32 else logits, k)
 
 
 @_sigmoid_topk_op.register_fake
-def _(logits, k):
+def _(logits, k, fp32=False):
     R = logits.shape[0]
-    return logits.new_empty(R, k), logits.new_empty(R, k, dtype=torch.long)
+    return (logits.new_empty(R, k, dtype=torch.float32 if fp32 else logits.dtype),
+            logits.new_empty(R, k, dtype=torch.long))
 
 
 class _SigmoidTopK(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits_RE, k):
-        gate_RK, expert_RK = _sigmoid_topk_op(logits_RE, k)
+    def forward(ctx, logits_RE, k, fp32):
+        gate_RK, expert_RK = _sigmoid_topk_op(logits_RE, k, fp32)
         ctx.save_for_backward(gate_RK, expert_RK)
-        ctx.shape = logits_RE.shape
+        ctx.shape, ctx.logits_dtype = logits_RE.shape, logits_RE.dtype
         ctx.mark_non_differentiable(expert_RK)
         return gate_RK, expert_RK
 
@@ -58,17 +59,20 @@ class _SigmoidTopK(torch.autograd.Function):
     def backward(ctx, grad_gate_RK, _grad_expert):
         gate_RK, expert_RK = ctx.saved_tensors
         s = gate_RK.float()
-        grad = (grad_gate_RK.float() * ((1 - s) * s)).to(gate_RK.dtype)
-        return torch.zeros(ctx.shape, dtype=gate_RK.dtype, device=gate_RK.device).scatter_(1, expert_RK, grad), None
+        grad = (grad_gate_RK.float() * ((1 - s) * s)).to(ctx.logits_dtype)
+        return torch.zeros(ctx.shape, dtype=ctx.logits_dtype, device=gate_RK.device).scatter_(1, expert_RK, grad), None, None
 
 
-def sigmoid_topk(logits: Tensor, k: int) -> Tuple[Tensor, Tensor]:
-    """(gate [..., K], expert [..., K]) of the k largest sigmoid(logits) over the last dim, descending."""
+def sigmoid_topk(logits: Tensor, k: int, fp32: bool = False) -> Tuple[Tensor, Tensor]:
+    """(gate [..., K], expert [..., K]) of the k largest sigmoid(logits) over the last dim, descending.
+
+    fp32=True ranks and returns the gates in float32 whatever the logits' dtype: the result of
+    `sigmoid_topk(logits.float(), k)` without the float copy of the logits."""
     E = logits.shape[-1]
     if not 0 < k <= E:
         raise ValueError(f"sigmoid_topk: k={k} must be in 1..{E} (the number of experts)")
     if not logits.is_floating_point():
         raise TypeError(f"sigmoid_topk: logits must be floating point, got {logits.dtype}")
     lead = logits.shape[:-1]
-    gate, expert = _SigmoidTopK.apply(logits.reshape(-1, E).contiguous(), k)
+    gate, expert = _SigmoidTopK.apply(logits.reshape(-1, E).contiguous(), k, fp32)
     return gate.view(*lead, k), expert.view(*lead, k)

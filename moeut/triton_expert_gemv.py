@@ -52,9 +52,16 @@ def _expert_gemv_kernel(x_ptr, w_ptr, expert_ptr, gate_ptr, out_ptr, O, per_x, h
     tl.store(out_ptr + j.to(tl.int64) * sor + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
+# Overrides for benchmarks/gemv_sweep.py (None: the heuristic below / 4 warps).
+BLOCK_O_OVERRIDE = None
+NUM_WARPS = 4
+
+
 def _block_o(n_rows: int, O: int, elem_bytes: int) -> int:
     if INTERPRET:
         return 16
+    if BLOCK_O_OVERRIDE is not None:
+        return BLOCK_O_OVERRIDE
     smallest = max(16, 32 // elem_bytes)
     bo = min(128, triton.next_power_of_2(O))
     while bo > smallest and n_rows * triton.cdiv(O, bo) < 256:
@@ -79,5 +86,5 @@ def expert_gemv_triton(x_RI: Tensor, w_EIO: Tensor, expert_C: Tensor, gate_C: Op
     _expert_gemv_kernel[(n_rows, triton.cdiv(O, BO))](
         x_RI, w_EIO, expert_C, gate_C, out, O, per_x, head_k, n_heads, head_experts,
         x_RI.stride(0), x_RI.stride(1), w_EIO.stride(0), w_EIO.stride(1), w_EIO.stride(2), out.stride(0),
-        I=I, PER_OUT=per_out, HAS_GATE=has_gate, RELU=relu, BI=BI, BO=BO, num_warps=4)
+        I=I, PER_OUT=per_out, HAS_GATE=has_gate, RELU=relu, BI=BI, BO=BO, num_warps=NUM_WARPS)
     return out

@@ -20,18 +20,18 @@ from .triton_expert_mm import INTERPRET
 @triton.jit
 def _sigmoid_topk_kernel(logits_ptr, gate_ptr, expert_ptr, R, E, slr, sle,
                          K: tl.constexpr, EP: tl.constexpr, BR: tl.constexpr,
-                         ROUND_BF16: tl.constexpr):
+                         ROUND: tl.constexpr):
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.arange(0, EP)
     row_ok = rows < R
     valid = row_ok[:, None] & (cols[None, :] < E)
     x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * slr + cols[None, :] * sle, mask=valid, other=0.0)
     score = tl.sigmoid(x.to(tl.float32))
-    if ROUND_BF16:  # round to nearest even by hand: the interpreter's cast truncates
+    if ROUND == 1:  # to bf16, to nearest even, by hand: the interpreter's cast truncates
         bits = score.to(tl.int32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
         score = bits.to(tl.float32, bitcast=True)
-    else:
+    elif ROUND == 2:  # to the logits' dtype (ROUND == 0: ranked in fp32)
         score = score.to(x.dtype).to(tl.float32)
     score = tl.where(valid, score, -1.0)          # below every sigmoid value
     for k in tl.static_range(K):
@@ -42,9 +42,10 @@ def _sigmoid_topk_kernel(logits_ptr, gate_ptr, expert_ptr, R, E, slr, sle,
         score = tl.where(cols[None, :] == pick[:, None], -2.0, score)
 
 
-def sigmoid_topk_triton(logits_RE: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+def sigmoid_topk_triton(logits_RE: Tensor, k: int, fp32: bool = False) -> Tuple[Tensor, Tensor]:
+    """fp32: rank and return gates in float32 (as for logits.float()), else in the logits' dtype."""
     R, E = logits_RE.shape
-    gate = torch.empty(R, k, device=logits_RE.device, dtype=logits_RE.dtype)
+    gate = torch.empty(R, k, device=logits_RE.device, dtype=torch.float32 if fp32 else logits_RE.dtype)
     expert = torch.empty(R, k, device=logits_RE.device, dtype=torch.long)
     if R == 0:
         return gate, expert
@@ -57,5 +58,6 @@ def sigmoid_topk_triton(logits_RE: Tensor, k: int) -> Tuple[Tensor, Tensor]:
         BR, warps = 1, 1
     _sigmoid_topk_kernel[(triton.cdiv(R, BR),)](logits_RE, gate, expert, R, E, logits_RE.stride(0),
                                                  logits_RE.stride(1), K=k, EP=EP, BR=BR,
-                                                 ROUND_BF16=logits_RE.dtype == torch.bfloat16, num_warps=warps)
+                                                 ROUND=0 if fp32 or logits_RE.dtype == torch.float32 else
+                                                 1 if logits_RE.dtype == torch.bfloat16 else 2, num_warps=warps)
     return gate, expert

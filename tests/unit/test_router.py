@@ -24,6 +24,20 @@ def test_sigmoid_topk_matches_plain_pytorch_with_gradients(dtype):
     torch.testing.assert_close(logits.grad, ref_logits.grad)
 
 
+def test_fp32_ranking_of_bf16_logits_equals_ranking_their_float_copy():
+    # SwitchHead's router: bf16 logits, ranked and gated in fp32 (the official code's `.float()`), gradient in bf16
+    torch.manual_seed(1)
+    logits = (2 * torch.randn(40, 10)).to(torch.bfloat16).requires_grad_()
+    gate, expert = sigmoid_topk(logits, 2, fp32=True)
+    ref_logits = logits.detach().clone().requires_grad_()
+    ref_gate, ref_expert = sigmoid_topk(ref_logits.float(), 2)
+    assert gate.dtype == torch.float32 and torch.equal(gate, ref_gate) and torch.equal(expert, ref_expert)
+    g = torch.randn_like(gate)
+    (gate * g).sum().backward()
+    (ref_gate * g).sum().backward()
+    assert logits.grad.dtype == torch.bfloat16 and torch.equal(logits.grad, ref_logits.grad)
+
+
 def test_sigmoid_topk_rejects_bad_k():
     with pytest.raises(ValueError, match="k=9"):
         sigmoid_topk(torch.randn(4, 8), 9)
@@ -54,3 +68,10 @@ def test_triton_router_kernel_matches_reference(R, E, K, dtype):
     if R > 1:
         n_tied = min(K, len(range(1, E, 2)))
         assert expert[1, :n_tied].tolist() == list(range(1, E, 2))[:n_tied]
+    # fp32 ranking of the same logits: the choices and gates of the reference on their float copy
+    gate32, expert32 = sigmoid_topk_triton(logits, K, fp32=True)
+    ref_gate32, ref_expert32 = sigmoid_topk_reference(logits.float(), K)
+    assert gate32.dtype == torch.float32
+    torch.testing.assert_close(gate32, ref_gate32, rtol=1e-6, atol=1e-7)
+    # bf16 logits repeat values, so compare choices through their scores (torch.topk orders ties arbitrarily)
+    torch.testing.assert_close(torch.sigmoid(logits.float()).gather(1, expert32), gate32, rtol=1e-6, atol=1e-7)
