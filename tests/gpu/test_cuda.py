@@ -250,12 +250,15 @@ def test_expert_gemv_kernel_matches_reference(dtype, tol, R, layout):
     assert rel(got.double(), want) < tol
 
 
-def test_decoding_step_gemv_matches_sorted_path(monkeypatch):
-    """MoEUT_244M in bf16: a batch-4 decoding step through the per-choice kernels gives the logits of
-    the sorted (grouped GEMM) path."""
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-2), (torch.bfloat16, 6e-2)])
+def test_decoding_step_gemv_matches_sorted_path(dtype, tol, monkeypatch):
+    """MoEUT_244M: a batch-4 prefill and decoding step through the per-choice kernels gives the logits
+    of the sorted (grouped GEMM) path. (bf16: 18 layers of rounding in two summation orders; a wrong
+    expert or gate would be off by O(1).)"""
     from moeut.attention import AttentionMask, new_static_cache
     torch.manual_seed(0)
-    m = moeut.MoEUTLM(8000, **profiles.MoEUT_244M).cuda().to(torch.bfloat16).eval()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    m = moeut.MoEUTLM(8000, **profiles.MoEUT_244M).cuda().to(dtype).eval()
     prompt = torch.randint(0, 8000, (4, 16), device="cuda")
     nxt = torch.randint(0, 8000, (4, 1), device="cuda")
     mask = AttentionMask(torch.zeros(4, 24, dtype=torch.bool, device="cuda"), None, is_causal=True)
@@ -267,7 +270,8 @@ def test_decoding_step_gemv_matches_sorted_path(monkeypatch):
             return m(nxt, mask, kv_cache=kv).outputs.float()
     fast = step()
     monkeypatch.setenv("MOEUT_EXPERT_GEMV", "0")
-    assert rel(fast, step()) < 2e-2
+    err = rel(fast, step())
+    assert err < tol, f"relative difference {err:.3g}"
 
 
 @pytest.mark.parametrize("accum", [1, 2])
