@@ -173,3 +173,16 @@ def test_decoding_through_expert_gemv_matches_sorted_path(monkeypatch):
     got = step()
     assert len(calls) == 2 * 3 * model.n_layers      # prefill and step; FFN, value, output per layer
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_aligned_copies_keep_values_and_fix_row_strides():
+    from moeut.triton_expert_mm import ALIGN, aligned
+    x = torch.randn(7, 412)
+    w = torch.randn(3, 128, 82)
+    for t in (x, w, w.transpose(1, 2), x[:, 1:]):
+        a = aligned(t)
+        assert torch.equal(a, t) and a.shape == t.shape
+        order = sorted(range(a.dim()), key=lambda d: -a.stride(d))
+        assert all(a.stride(d) % ALIGN == 0 for d in order[:-1]) and a.stride(order[-1]) == 1
+    ok = torch.randn(5, 128)
+    assert aligned(ok) is ok   # already aligned: no copy
