@@ -305,3 +305,32 @@ def test_graphed_train_step_matches_eager(accum):
         assert abs(a - b) < 1e-3 * abs(b) and abs(ga - gb) < 1e-2 * abs(gb)
     for p, q in zip(graph_params, eager_params):
         assert rel(p, q) < 1e-4
+
+
+def test_train_with_cuda_graph_stops_and_resumes_to_the_same_losses(tmp_path):
+    """`moeut train --cuda-graph` end to end: checkpoint at a stop, resume (eager warm-up steps, a new
+    capture), and the losses of an uninterrupted run."""
+    import json
+    import shutil
+    from moeut.data import default_corpus_paths
+    from moeut.train import TrainConfig, config_of_run, train
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for p in default_corpus_paths()[:30]:
+        shutil.copy(p, corpus / p.name)
+    common = dict(model="moeut-tiny", data=[str(corpus)], steps=8, batch_size=4, context=64, vocab_size=300,
+                  log_interval=1, eval_interval=100, eval_windows=2, ckpt_interval=100,
+                  cache_dir=str(tmp_path / "cache"), tensorboard=False, progress=False, cuda_graph=True)
+    train(TrainConfig(out=str(tmp_path / "full"), **common))
+    cut = train(TrainConfig(out=str(tmp_path / "cut"), stop_after=3, **common))
+    assert cut["stopped"] and cut["step"] == 3
+    cfg = config_of_run(tmp_path / "cut")
+    cfg.stop_after = 0
+    assert train(cfg, resume=True)["step"] == 8
+
+    def losses(run):
+        return {r["step"]: r["loss"] for r in map(json.loads, open(tmp_path / run / "metrics.jsonl")) if "loss" in r}
+    full, resumed = losses("full"), losses("cut")
+    assert sorted(resumed) == sorted(full) == list(range(1, 9))
+    for step in full:
+        assert abs(resumed[step] - full[step]) <= 1e-3 * abs(full[step]), (step, resumed[step], full[step])
