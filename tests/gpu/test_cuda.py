@@ -318,7 +318,7 @@ def test_train_with_cuda_graph_stops_and_resumes_to_the_same_losses(tmp_path):
     corpus.mkdir()
     for p in default_corpus_paths()[:30]:
         shutil.copy(p, corpus / p.name)
-    common = dict(model="moeut-tiny", data=[str(corpus)], steps=8, batch_size=4, context=64, vocab_size=300,
+    common = dict(model="moeut-tiny", data=[str(corpus)], steps=8, batch_size=4, context=64, vocab_size=1000,
                   log_interval=1, eval_interval=100, eval_windows=2, ckpt_interval=100,
                   cache_dir=str(tmp_path / "cache"), tensorboard=False, progress=False, cuda_graph=True)
     train(TrainConfig(out=str(tmp_path / "full"), **common))
