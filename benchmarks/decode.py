@@ -55,7 +55,7 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     modes = [m for m in args.modes.split(",") if device == "cuda" or "graph" not in m]
     rows = []
-    default_max = expert_gemv.MAX_CHOICES_PER_EXPERT
+    default_max = expert_gemv.MAX_CHOICES_PER_EXPERT, expert_gemv.MAX_CHOICES_PER_EXPERT_PAST_L2
     for name in args.models.split(","):
         torch.manual_seed(0)
         model = build_model(name, 8000, model_kwargs(name)).to(device).eval()
@@ -67,7 +67,8 @@ def main():
                 if variant != "default" and not name.startswith("moeut"):
                     continue
                 os.environ["MOEUT_EXPERT_GEMV"] = "0" if variant == "sorted" else "1"
-                expert_gemv.MAX_CHOICES_PER_EXPERT = float("inf") if variant == "gemv-all" else default_max
+                expert_gemv.MAX_CHOICES_PER_EXPERT = float("inf") if variant == "gemv-all" else default_max[0]
+                expert_gemv.MAX_CHOICES_PER_EXPERT_PAST_L2 = float("inf") if variant == "gemv-all" else default_max[1]
                 torch._dynamo.reset()   # compiled steps do not guard on the variable
                 kw = MODES[mode]
                 # Same lengths as the timed call: kernels autotuned, CUDA graph and compiled step built

@@ -26,11 +26,11 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--gemv-max-choices", type=float, help="override expert_gemv.MAX_CHOICES_PER_EXPERT")
+    ap.add_argument("--gemv-max-choices", type=float, help="override both of expert_gemv's choices-per-expert limits")
     args = ap.parse_args()
     if args.gemv_max_choices is not None:
         from moeut import expert_gemv
-        expert_gemv.MAX_CHOICES_PER_EXPERT = args.gemv_max_choices
+        expert_gemv.MAX_CHOICES_PER_EXPERT = expert_gemv.MAX_CHOICES_PER_EXPERT_PAST_L2 = args.gemv_max_choices
     for name in args.models.split(","):
         torch.manual_seed(0)
         model = build_model(name, 8000, model_kwargs(name)).cuda().to(torch.bfloat16).eval()

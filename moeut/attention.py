@@ -308,7 +308,7 @@ class SwitchHeadRope(torch.nn.Module):
             o_logits, o_gate, o_expert = self._select(q_src, self.sel_o)
             logits = (o_logits, v_logits)
             heads = dict(head_k=K, n_heads=H, head_experts=E)   # head h's experts are h*E .. h*E+E-1
-            if gemv_applies(v_src, B * T * H * K, H * E):   # decoding: a few tokens, no sort
+            if gemv_applies(v_src, B * T * H * K, self.v):   # decoding: a few tokens, no sort
                 v = project(v_src.reshape(B * T, D), self.v, v_expert, v_gate, per_x=H * K, per_out=K, **heads)
             else:
                 v_routing = route((v_expert + self.head_base).reshape(B * T, H * K), H * E)
@@ -322,7 +322,7 @@ class SwitchHeadRope(torch.nn.Module):
         res = res.transpose(1, 2)  # [B, T, H, Dh]
 
         if E > 1:
-            if gemv_applies(res, B * T * H * K, H * E):
+            if gemv_applies(res, B * T * H * K, self.o):
                 out = project(res.reshape(B * T * H, Dh), self.o, o_expert, o_gate, per_x=K, per_out=H * K, **heads)
             else:
                 o_routing = route((o_expert + self.head_base).reshape(B * T * H, K), H * E)

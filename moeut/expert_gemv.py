@@ -31,17 +31,25 @@ from torch import Tensor
 
 from .fused import use_fused
 
-# Use this path while there are at most this many choices per expert on average. Reading weights per
-# choice re-reads an expert picked several times, but from L2, and skips the sort. Measured on the
-# H200 at 244M, batch-32 decoding (RESULTS.md C): SwitchHead's 256 choices over 40 experts (6.4 each)
-# run faster here (whole step 4.11 against 5.50 ms); training-size inputs never come close.
-MAX_CHOICES_PER_EXPERT = 8
+# Use this path while experts get few choices on average. Reading weights per choice re-reads an
+# expert picked several times; that is cheap while all experts' weights fit in L2 (50 MB on the H200),
+# as SwitchHead's do (10 MB at 244M). Measured on the H200 at 244M, batch-32 decoding (RESULTS.md C):
+# SwitchHead's 256 choices over 40 experts (6.4 each) run faster here (step 4.11 against 5.50 ms), and
+# so do the FFN's 512 choices over 387 experts (1.3 each; 99 MB of weights). Between 2 and 8 choices
+# per expert for weights past L2 nothing was measured; the re-reads would come from memory, so the
+# sorted path keeps that range.
+MAX_CHOICES_PER_EXPERT = 8            # experts whose weights fit in L2
+MAX_CHOICES_PER_EXPERT_PAST_L2 = 2    # larger expert sets
+L2_BYTES = 32 * 2 ** 20
 
 
-def gemv_applies(x: Tensor, n_choices: int, n_experts: int) -> bool:
-    """Whether an expert projection of `n_choices` picks over `n_experts` experts takes this path."""
-    return (not torch.is_grad_enabled() and n_choices <= MAX_CHOICES_PER_EXPERT * n_experts
-            and use_fused(x, "MOEUT_EXPERT_GEMV"))
+def gemv_applies(x: Tensor, n_choices: int, w_EIO: Tensor) -> bool:
+    """Whether an expert projection of `n_choices` picks over the experts of `w_EIO` takes this path."""
+    if torch.is_grad_enabled() or not use_fused(x, "MOEUT_EXPERT_GEMV"):
+        return False
+    E = w_EIO.shape[0]
+    fits = w_EIO.numel() * x.element_size() <= L2_BYTES
+    return n_choices <= (MAX_CHOICES_PER_EXPERT if fits else MAX_CHOICES_PER_EXPERT_PAST_L2) * E
 
 
 def _expert_ids(expert_C: Tensor, head_k: int, n_heads: int, head_experts: int) -> Tensor:

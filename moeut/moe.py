@@ -92,7 +92,7 @@ class SigmaMoE(torch.nn.Module):
         logits, gate_BTK, expert_BTK = self.select(sel_input if sel_input is not None else input)
         x_RD = input.reshape(-1, self.k_dim)
         K = self.n_heads
-        if gemv_applies(x_RD, expert_BTK.numel(), self.n_experts):  # decoding: a few tokens, no sort
+        if gemv_applies(x_RD, expert_BTK.numel(), self.keys):  # decoding: a few tokens, no sort
             fuse_relu = self.activation is F.relu
             h_NS = project(x_RD, self.keys, expert_BTK, None, per_x=K, per_out=1, relu=fuse_relu)
             if not fuse_relu:

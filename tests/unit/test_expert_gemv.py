@@ -51,3 +51,18 @@ def test_switchhead_value_and_output_layouts(H, K, E):
     o = expert_gemv_reference(res, wo, expert, gate, per_x=K, per_out=H * K, **heads)
     ro = route((expert + offset).reshape(R * H, K), H * E)
     torch.testing.assert_close(o, expert_mm_combine(res, wo, ro, gate.reshape(R, H * K).double()))
+
+
+def test_policy_takes_the_measured_cases_and_leaves_training_alone(monkeypatch):
+    """Which projections take the per-choice path, at the MoEUT_244M shapes (RESULTS.md C)."""
+    from moeut import expert_gemv
+    monkeypatch.setattr(expert_gemv, "use_fused", lambda t, switch=None: True)
+    x = torch.empty(1, dtype=torch.bfloat16)
+    ffn = torch.empty(387, 1024, 128, dtype=torch.bfloat16, device="meta")      # 99 MB: past L2
+    value = torch.empty(4 * 10, 1024, 128, dtype=torch.bfloat16, device="meta")  # 10 MB: fits
+    with torch.no_grad():
+        assert expert_gemv.gemv_applies(x, 1 * 16, ffn) and expert_gemv.gemv_applies(x, 32 * 16, ffn)
+        assert expert_gemv.gemv_applies(x, 32 * 4 * 2, value)       # 6.4 choices per expert: measured faster
+        assert not expert_gemv.gemv_applies(x, 128 * 16, ffn)      # a 128-token prefill: sorted
+        assert not expert_gemv.gemv_applies(x, 128 * 4 * 2, value)
+    assert not expert_gemv.gemv_applies(x, 16, ffn)                # gradients on: training never takes it

@@ -164,7 +164,7 @@ def test_decoding_through_expert_gemv_matches_sorted_path(monkeypatch):
     want = step()
     calls = []
 
-    def applies(x, n_choices, n_experts):
+    def applies(x, n_choices, w):
         calls.append(n_choices)
         return not torch.is_grad_enabled()
     monkeypatch.setattr(expert_gemv, "use_fused", lambda t, switch=None: True)   # the Triton kernel, interpreted
