@@ -2,7 +2,11 @@
 the dense baseline, bf16, at several batch sizes, for each cache mode: the official-style growing
 dict ("dynamic"), the preallocated cache run eagerly ("static") and replayed from CUDA graphs
 ("static+graph"), optionally with the step compiled ("static+graph+compile"; the warm-up call pays the
-compile time, which is reported apart). Prefill is timed separately from the decoding steps.
+compile time, which is reported apart). Prefill is timed separately. The step time is the steady
+state (the difference of a call of n and one of 2n new tokens, over n); the per-call overhead (the
+eager first step and the CUDA-graph capture that every `generate` call pays) is reported beside it.
+Results of the session before this method (RESULTS.md C.2 first rows) averaged that overhead into
+the steps.
 
     python benchmarks/decode.py [--models moeut-244M,dense-244M] [--batches 1,32] [--json out.json]
                                 [--variants default,sorted]
@@ -71,16 +75,23 @@ def main():
                 expert_gemv.MAX_CHOICES_PER_EXPERT_PAST_L2 = float("inf") if variant == "gemv-all" else default_max[1]
                 torch._dynamo.reset()   # compiled steps do not guard on the variable
                 kw = MODES[mode]
-                # Same lengths as the timed call: kernels autotuned, CUDA graph and compiled step built
-                # for these shapes (a different cache size would recompile inside the timed call).
-                warm = timed(lambda: generate(model, prompts, args.new_tokens + 1, **kw), device)
+                # Steady-state step time from two calls of n and 2n new tokens: their difference holds
+                # n replayed steps and none of the per-call costs (prefill, the eager first step, graph
+                # capture), which a single call's average would spread over its steps. Both lengths
+                # are warmed up first (autotuning; compiled steps per cache-size bucket).
+                n = args.new_tokens
+                warm = sum(timed(lambda: generate(model, prompts, m + 1, **kw), device) for m in (2 * n, n))
                 prefill = timed(lambda: generate(model, prompts, 1, **{**kw, "cuda_graph": False}), device)
-                total = timed(lambda: generate(model, prompts, args.new_tokens + 1, **kw), device)
-                per_step = (total - prefill) / args.new_tokens
-                rows.append(dict(model=name, batch=b, mode=mode, variant=variant, prefill_ms=prefill * 1e3, step_ms=per_step * 1e3,
-                                 new_tokens_per_s=b / per_step, warmup_s=warm))
+                t_short = timed(lambda: generate(model, prompts, n + 1, **kw), device)
+                t_long = timed(lambda: generate(model, prompts, 2 * n + 1, **kw), device)
+                per_step = (t_long - t_short) / n
+                overhead = t_short - n * per_step - prefill   # first step, capture / compile lookup
+                rows.append(dict(model=name, batch=b, mode=mode, variant=variant, prefill_ms=prefill * 1e3,
+                                 step_ms=per_step * 1e3, new_tokens_per_s=b / per_step,
+                                 call_overhead_ms=overhead * 1e3, warmup_s=warm))
                 print(f"{name:12s} {variant:8s} batch {b:3d}  {mode:21s} prefill {prefill * 1e3:7.1f} ms  "
-                      f"step {per_step * 1e3:7.2f} ms  {b / per_step:9.1f} new tokens/s  (warm-up {warm:.1f} s)",
+                      f"step {per_step * 1e3:7.2f} ms  {b / per_step:9.1f} new tokens/s  "
+                      f"per-call overhead {overhead * 1e3:6.1f} ms  (warm-up {warm:.1f} s)",
                       flush=True)
                 if args.json:  # after every row: a time limit keeps what was measured
                     args.json.write_text(json.dumps(dict(device=device, torch=torch.__version__, results=rows),
