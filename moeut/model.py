@@ -177,9 +177,9 @@ class MoEUT(torch.nn.Module):
             mask = AttentionMask(None, None, is_causal=True)
         check_mask(mask, B, T, S)
 
+        shared_step = begin_static_step(kv_cache, mask, T, x.device)   # decoding: per-step tables for all layers
         # Entropy regularisation, streamed: per distinct layer, the router's softmax summed over the
         # positions of all its applications ([ffn, att-output, att-value] sums and the position count).
-        shared_step = begin_static_step(kv_cache, mask, T, x.device)
         prob_sums: List[List[Optional[Tensor]]] = [[None, None, None] for _ in self.layers]
         n_positions = [0 for _ in self.layers]
         new_cache = {}
