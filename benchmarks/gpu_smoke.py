@@ -73,8 +73,13 @@ def expert_gemv():
     torch.testing.assert_close(got, expert_gemv_reference(x, w, expert, gate, 1, 16), rtol=2e-2, atol=2e-2)
 
 
-for name, check, var in (("expert gemv (decoding)", expert_gemv, "MOEUT_EXPERT_GEMV"), ("small-input routing", route_small, "MOEUT_FUSED_ROUTE"), ("row dot", row_dot, "MOEUT_FUSED_ROW_DOT"), ("fused router", router, "MOEUT_FUSED_ROUTER"), ("fused RoPE", rope, "MOEUT_FUSED_ROPE"),
-                         ("loop-over-N grouped GEMM", loop_n, "MOEUT_LOOP_N")):
+CHECKS = (("expert gemv (decoding)", expert_gemv, "MOEUT_EXPERT_GEMV"),
+          ("small-input routing", route_small, "MOEUT_FUSED_ROUTE"),
+          ("row dot", row_dot, "MOEUT_FUSED_ROW_DOT"),
+          ("fused router", router, "MOEUT_FUSED_ROUTER"),
+          ("fused RoPE", rope, "MOEUT_FUSED_ROPE"),
+          ("loop-over-N grouped GEMM", loop_n, "MOEUT_LOOP_N"))
+for name, check, var in CHECKS:
     try:
         check()
         torch.cuda.synchronize()

@@ -9,8 +9,8 @@ scatters d gate * s * (1 - s) into a zero [R, E] gradient, which is what autogra
 plain form.
 
 Ties: scores are ranked after rounding to the logits' dtype, exactly as `torch.topk` on the rounded
-sigmoid sees them (with fp32=True: in fp32, as for the logits' float copy). `torch.topk` breaks ties in an unspecified order; the kernel takes the lowest
-expert id, so its choice is reproducible. The plain form (CPU, and any device without Triton) is
+sigmoid sees them (with fp32=True: in fp32, as for the logits' float copy). `torch.topk` breaks ties
+in an unspecified order; the kernel takes the lowest expert id, so its choice is reproducible. The plain form (CPU, and any device without Triton) is
 the reference the tests compare the kernel with. `MOEUT_FUSED_ROUTER=0` turns the kernel off.
 
 Shapes: R rows (tokens, or token-heads), E experts, K chosen per row.
@@ -60,7 +60,8 @@ class _SigmoidTopK(torch.autograd.Function):
         gate_RK, expert_RK = ctx.saved_tensors
         s = gate_RK.float()
         grad = (grad_gate_RK.float() * ((1 - s) * s)).to(ctx.logits_dtype)
-        return torch.zeros(ctx.shape, dtype=ctx.logits_dtype, device=gate_RK.device).scatter_(1, expert_RK, grad), None, None
+        grad_logits = torch.zeros(ctx.shape, dtype=ctx.logits_dtype, device=gate_RK.device)
+        return grad_logits.scatter_(1, expert_RK, grad), None, None
 
 
 def sigmoid_topk(logits: Tensor, k: int, fp32: bool = False) -> Tuple[Tensor, Tensor]:

@@ -64,6 +64,9 @@ class GraphedTrainStep:
         for g in opt.param_groups:   # also after loading an optimizer state saved by an eager run
             g["capturable"] = True
 
+    def _body(self):
+        return step_body(self.fwd, self.model, self.opt, self.static_batch, self.amp, self.clip, 1, cast_cache=False)
+
     def _with_tensor_lr(self, fn):
         floats = [g["lr"] for g in self.opt.param_groups]
         for g, t in zip(self.opt.param_groups, self.lr):
@@ -82,20 +85,18 @@ class GraphedTrainStep:
                 raise ValueError("GraphedTrainStep: the batch shape changed after capture")
             self.static_batch = torch.empty(batch_AMT.shape, dtype=batch_AMT.dtype, device=self.lr[0].device)
         self.static_batch.copy_(batch_AMT, non_blocking=True)
-        body = lambda: step_body(self.fwd, self.model, self.opt, self.static_batch, self.amp,  # noqa: E731
-                                 self.clip, 1, cast_cache=False)
         if self.steps_run < self.warmup:   # real steps, off the capture stream
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                out = self._with_tensor_lr(body)
+                out = self._with_tensor_lr(self._body)
             torch.cuda.current_stream().wait_stream(side)
             self.steps_run += 1
             return out[:3]
         if self.graph is None:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):   # recorded, not run: the replay below runs this step
-                self.outputs = self._with_tensor_lr(body)[:3]
+                self.outputs = self._with_tensor_lr(self._body)[:3]
         self.graph.replay()
         self.steps_run += 1
         return self.outputs
