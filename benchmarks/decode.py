@@ -11,9 +11,12 @@ the steps.
     python benchmarks/decode.py [--models moeut-244M,dense-244M] [--batches 1,32] [--json out.json]
                                 [--variants default,sorted]
 
-Variant "sorted" turns off the per-choice expert kernels of decoding (MOEUT_EXPERT_GEMV=0), so each
-step routes by sorting as training does: the baseline of `moeut/expert_gemv.py`. Variant "gemv-all"
-uses them however many choices each expert gets (the policy's threshold lifted).
+Variants (each measured beside "default" in the same run, to see what one change is worth):
+"sorted" turns off the per-choice expert kernels of decoding (MOEUT_EXPERT_GEMV=0), so each step routes
+by sorting as training does; "gemv-all" uses them however many choices each expert gets (the policy's
+threshold lifted); "separate-qk" computes SwitchHead's Q, K and selectors in four matmuls and rotates q
+and k apart (MOEUT_JOINT_QK=0); "no-overlap" reads each step's tokens before launching the next
+(`generate.OVERLAP_HOST = False`; MoEUT and dense). The others apply to MoEUT only.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moeut import expert_gemv  # noqa: E402
+from moeut import generate as generate_module  # noqa: E402
 from moeut.generate import generate  # noqa: E402
 from moeut.runs import build_model, model_kwargs  # noqa: E402
 
@@ -53,7 +57,7 @@ def main():
     ap.add_argument("--modes", default="dynamic,static,static+graph,static+graph+compile")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--variants", default="default", help="default, sorted (MOEUT_EXPERT_GEMV=0), gemv-all")
+    ap.add_argument("--variants", default="default", help="default, sorted, gemv-all, separate-qk, no-overlap")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,9 +72,11 @@ def main():
         for b in map(int, args.batches.split(",")):
             prompts = torch.randint(0, 8000, (b, args.prompt_len)).tolist()
             for variant, mode in [(v, m) for v in args.variants.split(",") for m in modes]:
-                if variant != "default" and not name.startswith("moeut"):
+                if variant not in ("default", "no-overlap") and not name.startswith("moeut"):
                     continue
                 os.environ["MOEUT_EXPERT_GEMV"] = "0" if variant == "sorted" else "1"
+                os.environ["MOEUT_JOINT_QK"] = "0" if variant == "separate-qk" else "1"
+                generate_module.OVERLAP_HOST = variant != "no-overlap"
                 expert_gemv.MAX_CHOICES_PER_EXPERT = float("inf") if variant == "gemv-all" else default_max[0]
                 expert_gemv.MAX_CHOICES_PER_EXPERT_PAST_L2 = float("inf") if variant == "gemv-all" else default_max[1]
                 torch._dynamo.reset()   # compiled steps do not guard on the variable

@@ -12,6 +12,7 @@ E experts per head, K top-k, R rows.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -55,7 +56,22 @@ def _rope_qk(q: Tensor, k: Tensor, n_rotate: int, offset, base: float, q_scale: 
         if step is not None:
             step[key] = tables
     cos, sin = tables
+    if q_scale == k_scale and _heads_adjacent(q, k):   # one launch for both
+        H = q.shape[1]
+        qk = rotate(q.as_strided((q.shape[0], 2 * H, *q.shape[2:]), q.stride(), q.storage_offset()),
+                    cos, sin, q_scale)
+        return qk[:, :H], qk[:, H:]
     return rotate(q, cos, sin, q_scale), rotate(k, cos, sin, k_scale)
+
+
+def _heads_adjacent(q: Tensor, k: Tensor) -> bool:
+    """Whether k's heads follow q's in memory with the same strides, as when both are slices of one
+    inference projection (`SwitchHeadRope._project_inference`): then [q; k] is one strided tensor.
+    Without gradients only (autograd of `as_strided` is slow)."""
+    H = q.shape[1]
+    return (not torch.is_grad_enabled() and q.shape == k.shape and q.stride() == k.stride()
+            and q.dtype == k.dtype and q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+            and k.storage_offset() == q.storage_offset() + H * q.stride(1))
 
 
 def _additive_mask(keep: Tensor, dtype: torch.dtype) -> Tensor:
@@ -260,6 +276,7 @@ class SwitchHeadRope(torch.nn.Module):
         self.sel_o = torch.nn.Parameter(torch.empty(H * E, D))
         # Head h's experts are numbered h*E .. h*E+E-1 in the routing (not saved in state dicts).
         self.register_buffer("head_base", torch.arange(H).unsqueeze(-1) * E, persistent=False)
+        self._inference_weight: Optional[Tuple[tuple, Tensor]] = None   # see `_project_inference`
 
     @torch.no_grad()
     def reset_parameters(self, std_scale: float) -> None:
@@ -279,9 +296,24 @@ class SwitchHeadRope(torch.nn.Module):
         x.div_(x.norm(dim=-1, keepdim=True))
         x.mul_(std_rows / x.std())
 
-    def _select(self, x: Tensor, w: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """Per-head router: (logits [B, T, H, E], gates [B, T, H, K], expert ids 0..E-1 within the head)."""
-        logits = F.linear(x, w)   # the router ranks in fp32 (without an fp32 copy of the logits)
+    def _project_inference(self, x: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+        """(q, k [B, T, H*Dh], V- and O-selector logits [B, T, H*E]) of one input in one matmul, on
+        the weights concatenated once and kept until a parameter changes (no gradients: decoding
+        and scoring, where the four small matmuls were four launches reading the same input)."""
+        parts = [self.q.weight, self.k.weight] + ([self.sel_v] if self.n_experts > 1 else []) + [self.sel_o]
+        # The parameters themselves are held, so a data_ptr cannot be reused while the key lives.
+        key = tuple((p, p.data_ptr(), p._version) for p in parts)
+        cached = self._inference_weight
+        if cached is None or len(cached[0]) != len(key) or any(
+                a[0] is not b[0] or a[1:] != b[1:] for a, b in zip(cached[0], key)):
+            cached = self._inference_weight = (key, torch.cat([p.detach() for p in parts]))
+        out = F.linear(x, cached[1]).split([p.shape[0] for p in parts], dim=-1)
+        return out[0], out[1], (out[2] if self.n_experts > 1 else None), out[-1]
+
+    def _select(self, logits: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Per-head router on selector logits [B, T, H*E]: (logits [B, T, H, E], gates [B, T, H, K],
+        expert ids 0..E-1 within the head)."""
+        # the router ranks in fp32 (without an fp32 copy of the logits)
         logits = logits.view(*logits.shape[:-1], self.n_heads, self.n_experts)
         if self.training and self.expert_dropout > 0:
             scores = logits.float().sigmoid()
@@ -299,13 +331,20 @@ class SwitchHeadRope(torch.nn.Module):
         B, T, D = q_src.shape
         H, Dh, E, K = self.n_heads, self.projection_size, self.n_experts, self.moe_k
         scale = math.sqrt(1.0 / math.sqrt(Dh))  # d_head^-0.25 on each of q and k
-        q = self.q(q_src).view(B, T, H, Dh).transpose(1, 2)   # scaled inside `attend`, with RoPE
-        k = self.k(k_src).view(B, T, H, Dh).transpose(1, 2)
+        if (q_src is k_src and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and os.environ.get("MOEUT_JOINT_QK", "1") != "0"):
+            q, k, sel_v_logits, sel_o_logits = self._project_inference(q_src)
+        else:
+            q, k = self.q(q_src), self.k(k_src)
+            sel_v_logits = F.linear(k_src, self.sel_v) if E > 1 else None
+            sel_o_logits = F.linear(q_src, self.sel_o)
+        q = q.view(B, T, H, Dh).transpose(1, 2)   # scaled inside `attend`, with RoPE
+        k = k.view(B, T, H, Dh).transpose(1, 2)
 
         logits = None
         if E > 1:
-            v_logits, v_gate, v_expert = self._select(k_src, self.sel_v)
-            o_logits, o_gate, o_expert = self._select(q_src, self.sel_o)
+            v_logits, v_gate, v_expert = self._select(sel_v_logits)
+            o_logits, o_gate, o_expert = self._select(sel_o_logits)
             logits = (o_logits, v_logits)
             heads = dict(head_k=K, n_heads=H, head_experts=E)   # head h's experts are h*E .. h*E+E-1
             if gemv_applies(v_src, B * T * H * K, self.v):   # decoding: a few tokens, no sort
@@ -315,7 +354,7 @@ class SwitchHeadRope(torch.nn.Module):
                 v = expert_mm_combine(v_src.reshape(B * T, D), self.v, v_routing, v_gate.reshape(B * T * H, K))
             v = v.view(B, T, H, Dh).transpose(1, 2)
         else:
-            o_gate = torch.sigmoid(F.linear(q_src, self.sel_o))
+            o_gate = torch.sigmoid(sel_o_logits)
             v = F.linear(v_src, self.v).view(B, T, H, Dh).transpose(1, 2)
 
         res, kv_cache = attend(self.dropout(q), k, v, mask, kv_cache, self.n_rotate, self.rope_base, scale, scale)

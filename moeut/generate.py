@@ -1,7 +1,8 @@
 """Text generation with the KV cache: batched prompts of different lengths (left-padded, padding
 masked; RoPE is relative, so padding does not shift anything), greedy or temperature / top-k /
-top-p sampling, stop at end of text, reproducible with a seed. On CUDA the cache is preallocated and
-each decoding step is replayed from a CUDA graph (one launch instead of thousands of small kernels).
+top-p sampling, stop at end of text, reproducible with a seed. On CUDA the cache is preallocated,
+each decoding step is replayed from a CUDA graph (one launch instead of hundreds of small kernels),
+and the next step is launched before the host reads the current step's tokens.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from .attention import AttentionMask, new_static_cache
 
 COMPILE_CAPACITY_STEP = 256  # with compile=True the KV cache holds a multiple of this many positions
+OVERLAP_HOST = True   # launch the next decoding step before reading this one's tokens (False: benchmarks' baseline)
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -136,33 +138,56 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
         step = _DecodeStep(model, AttentionMask(pad, None, is_causal=True), kv, cuda_graph, compile)
     elif cache == "dynamic":
         kv = {}
+
+    def take(tokens: List[int]) -> bool:
+        """Record one step's tokens; whether every row is finished."""
+        for i, t in enumerate(tokens):
+            if done[i]:
+                continue
+            if eos_id is not None and t == eos_id:
+                done[i] = True
+                continue
+            out_tokens[i].append(t)
+            if on_token is not None:
+                on_token(i, t)
+        return all(done)
+
     seq, seq_pad = x, pad
     try:
-        for i_step in range(max_new_tokens):
-            if cache == "static":
-                if i_step == 0:
-                    logits = model(x, AttentionMask(pad, None, is_causal=True), kv_cache=kv).outputs[:, -1]
-                else:
-                    logits = step(nxt[:, None])
-            elif cache == "dynamic":
-                step_in = x if i_step == 0 else nxt[:, None]
-                out = model(step_in, AttentionMask(seq_pad, None, is_causal=True), kv_cache=kv)
-                kv, logits = out.cache, out.outputs[:, -1]
-            else:
-                logits = model(seq, AttentionMask(seq_pad, None, is_causal=True)).outputs[:, -1]
+        if cache == "static" and max_new_tokens > 0:
+            logits = model(x, AttentionMask(pad, None, is_causal=True), kv_cache=kv).outputs[:, -1]   # prefill
             nxt = pick_next(logits.float(), temperature, top_k, top_p, gen)
-            for i, t in enumerate(nxt.tolist()):  # one device sync per step
-                if done[i]:
-                    continue
-                if eos_id is not None and t == eos_id:
-                    done[i] = True
-                    continue
-                out_tokens[i].append(t)
-                if on_token is not None:
-                    on_token(i, t)
-            if all(done):
-                break
-            if cache != "static":
+            on_gpu = device.type == "cuda"
+            host = torch.empty(B, dtype=torch.long, pin_memory=on_gpu)
+            for i_step in range(max_new_tokens):
+                host.copy_(nxt, non_blocking=on_gpu)
+                if on_gpu:
+                    copied = torch.cuda.Event()
+                    copied.record()
+                last = i_step + 1 == max_new_tokens
+                following = None
+                if OVERLAP_HOST and not last:
+                    # Launched before this step's tokens reach the host, so the device computes the
+                    # next step while the host streams and checks these (at worst one step for nothing).
+                    following = pick_next(step(nxt[:, None]).float(), temperature, top_k, top_p, gen)
+                if on_gpu:
+                    copied.synchronize()
+                if take(host.tolist()) or last:
+                    break
+                if following is None:
+                    following = pick_next(step(nxt[:, None]).float(), temperature, top_k, top_p, gen)
+                nxt = following
+        elif cache != "static":
+            for i_step in range(max_new_tokens):
+                if cache == "dynamic":
+                    step_in = x if i_step == 0 else nxt[:, None]
+                    out = model(step_in, AttentionMask(seq_pad, None, is_causal=True), kv_cache=kv)
+                    kv, logits = out.cache, out.outputs[:, -1]
+                else:
+                    logits = model(seq, AttentionMask(seq_pad, None, is_causal=True)).outputs[:, -1]
+                nxt = pick_next(logits.float(), temperature, top_k, top_p, gen)
+                if take(nxt.tolist()):   # one device sync per step
+                    break
                 seq = torch.cat([seq, nxt[:, None]], 1)
                 seq_pad = torch.cat([seq_pad, torch.zeros(B, 1, dtype=torch.bool, device=device)], 1)
     finally:

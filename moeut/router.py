@@ -13,7 +13,8 @@ sigmoid sees them (with fp32=True: in fp32, as for the logits' float copy). `tor
 in an unspecified order; the kernel takes the lowest expert id, so its choice is reproducible. The plain form (CPU, and any device without Triton) is
 the reference the tests compare the kernel with. `MOEUT_FUSED_ROUTER=0` turns the kernel off.
 
-Shapes: R rows (tokens, or token-heads), E experts, K chosen per row.
+Shapes: R rows (tokens, or token-heads), E experts, K chosen per row; the operator sees the rows as
+[R0, G, E] (R = R0 * G, e.g. tokens x heads) so that strided slices need no copy.
 """
 from __future__ import annotations
 
@@ -32,16 +33,19 @@ def sigmoid_topk_reference(logits_RE: Tensor, k: int) -> Tuple[Tensor, Tensor]:
 
 @torch.library.custom_op("moeut::sigmoid_topk", mutates_args=())
 def _sigmoid_topk_op(logits: Tensor, k: int, fp32: bool = False) -> Tuple[Tensor, Tensor]:
+    """logits [R0, G, E], any strides (e.g. heads x experts sliced out of a wider projection): rows
+    r = r0 * G + g."""
     if use_fused(logits, "MOEUT_FUSED_ROUTER"):
         from .triton_router import sigmoid_topk_triton
         return sigmoid_topk_triton(logits, k, fp32)
     with torch.no_grad():
-        return sigmoid_topk_reference(logits.float() if fp32 else logits, k)
+        flat = logits.reshape(-1, logits.shape[-1])
+        return sigmoid_topk_reference(flat.float() if fp32 else flat, k)
 
 
 @_sigmoid_topk_op.register_fake
 def _(logits, k, fp32=False):
-    R = logits.shape[0]
+    R = logits.shape[0] * logits.shape[1]
     return (logits.new_empty(R, k, dtype=torch.float32 if fp32 else logits.dtype),
             logits.new_empty(R, k, dtype=torch.long))
 
@@ -61,7 +65,8 @@ class _SigmoidTopK(torch.autograd.Function):
         s = gate_RK.float()
         grad = (grad_gate_RK.float() * ((1 - s) * s)).to(ctx.logits_dtype)
         grad_logits = torch.zeros(ctx.shape, dtype=ctx.logits_dtype, device=gate_RK.device)
-        return grad_logits.scatter_(1, expert_RK, grad), None, None
+        grad_logits.view(-1, ctx.shape[-1]).scatter_(1, expert_RK, grad)
+        return grad_logits, None, None
 
 
 def sigmoid_topk(logits: Tensor, k: int, fp32: bool = False) -> Tuple[Tensor, Tensor]:
@@ -75,5 +80,9 @@ def sigmoid_topk(logits: Tensor, k: int, fp32: bool = False) -> Tuple[Tensor, Te
     if not logits.is_floating_point():
         raise TypeError(f"sigmoid_topk: logits must be floating point, got {logits.dtype}")
     lead = logits.shape[:-1]
-    gate, expert = _SigmoidTopK.apply(logits.reshape(-1, E).contiguous(), k, fp32)
+    try:   # [rows, G, E] without a copy: the kernel takes any strides, also those of a sliced projection
+        logits_3d = logits.view(-1, *logits.shape[-2:]) if logits.dim() >= 3 else logits.reshape(-1, 1, E)
+    except RuntimeError:
+        logits_3d = logits.reshape(-1, 1, E)
+    gate, expert = _SigmoidTopK.apply(logits_3d, k, fp32)
     return gate.view(*lead, k), expert.view(*lead, k)

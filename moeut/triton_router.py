@@ -18,14 +18,15 @@ from .triton_expert_mm import INTERPRET
 
 
 @triton.jit
-def _sigmoid_topk_kernel(logits_ptr, gate_ptr, expert_ptr, R, E, slr, sle,
+def _sigmoid_topk_kernel(logits_ptr, gate_ptr, expert_ptr, R, G, E, s_outer, s_inner, sle,
                          K: tl.constexpr, EP: tl.constexpr, BR: tl.constexpr,
                          ROUND: tl.constexpr):
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.arange(0, EP)
     row_ok = rows < R
     valid = row_ok[:, None] & (cols[None, :] < E)
-    x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * slr + cols[None, :] * sle, mask=valid, other=0.0)
+    row_at = (rows // G).to(tl.int64) * s_outer + (rows % G).to(tl.int64) * s_inner
+    x = tl.load(logits_ptr + row_at[:, None] + cols[None, :] * sle, mask=valid, other=0.0)
     score = tl.sigmoid(x.to(tl.float32))
     if ROUND == 1:  # to bf16, to nearest even, by hand: the interpreter's cast truncates
         bits = score.to(tl.int32, bitcast=True)
@@ -43,8 +44,12 @@ def _sigmoid_topk_kernel(logits_ptr, gate_ptr, expert_ptr, R, E, slr, sle,
 
 
 def sigmoid_topk_triton(logits_RE: Tensor, k: int, fp32: bool = False) -> Tuple[Tensor, Tensor]:
-    """fp32: rank and return gates in float32 (as for logits.float()), else in the logits' dtype."""
-    R, E = logits_RE.shape
+    """logits [R, E] or [R0, G, E] (any strides; row r0 * G + g). fp32: rank and return gates in float32
+    (as for logits.float()), else in the logits' dtype."""
+    if logits_RE.dim() == 2:
+        logits_RE = logits_RE.unsqueeze(1)
+    R0, G, E = logits_RE.shape
+    R = R0 * G
     gate = torch.empty(R, k, device=logits_RE.device, dtype=torch.float32 if fp32 else logits_RE.dtype)
     expert = torch.empty(R, k, device=logits_RE.device, dtype=torch.long)
     if R == 0:
@@ -56,8 +61,8 @@ def sigmoid_topk_triton(logits_RE: Tensor, k: int, fp32: bool = False) -> Tuple[
         # Few rows (decoding): one warp per row, so each of the K max-reductions is warp shuffles only,
         # not a round trip through shared memory (6 µs per call for 387 experts with 4 warps).
         BR, warps = 1, 1
-    _sigmoid_topk_kernel[(triton.cdiv(R, BR),)](logits_RE, gate, expert, R, E, logits_RE.stride(0),
-                                                 logits_RE.stride(1), K=k, EP=EP, BR=BR,
+    _sigmoid_topk_kernel[(triton.cdiv(R, BR),)](logits_RE, gate, expert, R, G, E, *logits_RE.stride(),
+                                                 K=k, EP=EP, BR=BR,
                                                  ROUND=0 if fp32 or logits_RE.dtype == torch.float32 else
                                                  1 if logits_RE.dtype == torch.bfloat16 else 2, num_warps=warps)
     return gate, expert

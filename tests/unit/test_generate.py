@@ -26,6 +26,20 @@ def test_cached_generation_equals_recomputation(model, sampling, cache):
     assert all(len(c) == 15 for c in cached)
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+def test_overlapped_step_launch_changes_no_token(model, overlap, monkeypatch):
+    """The static path launches step i+1 before reading step i's tokens; with or without that, the
+    tokens, their count (1 and 0 new tokens included) and the stop at end of text are unchanged."""
+    monkeypatch.setattr(moeut.generate, "OVERLAP_HOST", overlap)
+    full = generate(model, PROMPTS, 9, cache="none", temperature=1.0, seed=2)
+    assert generate(model, PROMPTS, 9, temperature=1.0, seed=2) == full
+    assert generate(model, PROMPTS, 1, temperature=1.0, seed=2) == [t[:1] for t in full]
+    assert generate(model, PROMPTS, 0) == [[], [], []]
+    eos = full[0][3]
+    stopped = generate(model, PROMPTS, 9, temperature=1.0, seed=2, eos_id=eos)
+    assert stopped == [t[:t.index(eos)] if eos in t else t for t in full]
+
+
 def test_static_cache_logits_match_full_forward():
     """Prefill + steps through a preallocated cache give the logits of one full causal forward."""
     from moeut.attention import new_static_cache

@@ -86,6 +86,39 @@ def test_kv_cache_decoding_equals_full_forward(cfg, chunk):
     assert set(cache) == set(range(4)) and cache[0]["k"].shape[-2] == 17
 
 
+@pytest.mark.parametrize("cfg", [small(), small(att_n_experts=1), small(d_head=9)])
+def test_inference_projection_equals_training_path_and_follows_weight_updates(cfg, monkeypatch):
+    """Without gradients SwitchHead computes Q, K and both selectors in one matmul on a kept
+    concatenated weight and rotates q and k in one call; outputs (and the routers' logits) equal the
+    separate projections of the gradient-enabled path, also after the weights change in place."""
+    torch.manual_seed(1)
+    m = MoEUTLM(50, **cfg).eval()
+    x = torch.randint(0, 50, (2, 11))
+    att = m.transformer.layers[0].attention
+    import moeut.attention as attention
+    calls = []
+    monkeypatch.setattr(attention, "rotate", lambda x, *a: calls.append(x.shape[1]) or real_rotate(x, *a))
+    real_rotate = moeut.rope.rotate
+    for update in range(2):
+        calls.clear()
+        with torch.no_grad():
+            fast = m(x).outputs
+        assert att._inference_weight is not None
+        assert calls == [2 * cfg["n_heads"]] * cfg["n_layers"]   # q and k rotated in one call per layer
+        ref = m(x).outputs          # gradients on: the separate projections
+        torch.testing.assert_close(fast, ref.detach(), rtol=1e-5, atol=1e-5)
+        with torch.no_grad():       # an optimizer-like in-place update must invalidate the kept weight
+            for p in (att.q.weight, att.k.weight, att.sel_o):
+                p.add_(0.5 * torch.randn_like(p))
+    q_src = torch.randn(2, 5, cfg["d_model"])
+    with torch.no_grad():
+        q, k, sel_v, sel_o = att._project_inference(q_src)
+    torch.testing.assert_close(q, att.q(q_src).detach())
+    torch.testing.assert_close(k, att.k(q_src).detach())
+    torch.testing.assert_close(sel_o, F.linear(q_src, att.sel_o).detach())
+    assert (sel_v is None) == (cfg["att_n_experts"] == 1)
+
+
 def test_no_cache_returned_unless_asked():
     m = MoEUTLM(20, **small()).eval()
     assert m(torch.randint(0, 20, (1, 4))).cache is None

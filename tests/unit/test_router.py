@@ -38,6 +38,26 @@ def test_fp32_ranking_of_bf16_logits_equals_ranking_their_float_copy():
     assert logits.grad.dtype == torch.bfloat16 and torch.equal(logits.grad, ref_logits.grad)
 
 
+@pytest.mark.parametrize("fp32", [False, True])
+def test_strided_head_slices_route_like_their_contiguous_copy(fp32):
+    """Selector logits sliced out of a wider projection ([B, T, H*E] with a row stride past H*E) are
+    read in place as [rows, H, E]; choices, gates and gradients equal those of a contiguous copy."""
+    torch.manual_seed(3)
+    B, T, H, E, K = 2, 5, 3, 7, 2
+    wide = torch.randn(B, T, 4 + H * E + 6, requires_grad=True)
+    sliced = wide[..., 4:4 + H * E].view(B, T, H, E)
+    gate, expert = sigmoid_topk(sliced, K, fp32=fp32)
+    copy = sliced.detach().clone().requires_grad_()
+    ref_gate, ref_expert = sigmoid_topk(copy, K, fp32=fp32)
+    assert gate.shape == (B, T, H, K) and torch.equal(expert, ref_expert)
+    torch.testing.assert_close(gate, ref_gate, rtol=0, atol=0)
+    weights = torch.randn_like(gate)
+    (gate * weights).sum().backward()
+    (ref_gate * weights).sum().backward()
+    torch.testing.assert_close(wide.grad[..., 4:4 + H * E].view(B, T, H, E), copy.grad)
+    assert wide.grad[..., :4].abs().sum() == 0 and wide.grad[..., 4 + H * E:].abs().sum() == 0
+
+
 def test_sigmoid_topk_rejects_bad_k():
     with pytest.raises(ValueError, match="k=9"):
         sigmoid_topk(torch.randn(4, 8), 9)
@@ -75,3 +95,10 @@ def test_triton_router_kernel_matches_reference(R, E, K, dtype):
     torch.testing.assert_close(gate32, ref_gate32, rtol=1e-6, atol=1e-7)
     # bf16 logits repeat values, so compare choices through their scores (torch.topk orders ties arbitrarily)
     torch.testing.assert_close(torch.sigmoid(logits.float()).gather(1, expert32), gate32, rtol=1e-6, atol=1e-7)
+    # [R0, G, E] rows read in place from a strided slice (heads x experts of a wider projection)
+    if E > 3:
+        wide = torch.randn(R, 3 * E + 5, generator=gen).to(dtype)
+        sliced = wide[:, 5:].view(R, 3, E)
+        gate3, expert3 = sigmoid_topk_triton(sliced, K)
+        ref_gate3, ref_expert3 = sigmoid_topk_triton(sliced.reshape(-1, E).contiguous(), K)
+        assert torch.equal(expert3, ref_expert3) and torch.equal(gate3, ref_gate3)
