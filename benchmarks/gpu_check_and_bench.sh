@@ -32,6 +32,8 @@ run tests 300 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --dur
 KERNEL_TESTS="triton or combine or router or rope or route or gemv"
 run tests_kernels 480 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=5 -k "$KERNEL_TESTS"
 run tests_models 480 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=5 -k "not ($KERNEL_TESTS)"
+# Everything but the torch.compile tests (~160 s of the ~6 min), for a quick check after a change.
+run tests_fast 300 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=5 -k "not compile"
 run parity 50 env MOEUT_AUTOTUNE=0 python3 benchmarks/kernels.py --parity only --json "$OUT/parity.json"
 run kernels 120 python3 benchmarks/kernels.py --parity no --json "$OUT/kernels.json"
 run attention 60 python3 benchmarks/attention_block.py --kernels 25 --json "$OUT/attention_block.json"
@@ -52,8 +54,9 @@ run train_compile "${TRAIN_COMPILE_LIMIT:-280}" python3 benchmarks/train_through
 [ -d "$OFFICIAL" ] && run official "${OFFICIAL_LIMIT:-150}" python3 benchmarks/train_throughput.py --steps 6 \
   --official "$OFFICIAL" --models "${OFFICIAL_MODELS:-official-244M:16,official-126M:16,official-318M:16}" \
   --json "$OUT/train_official.json"
-run decode 200 python3 benchmarks/decode.py --new-tokens 64 --modes static,static+graph --variants default,sorted \
-  --json "$OUT/decode.json"
+run decode 200 python3 benchmarks/decode.py --new-tokens 128 --modes static+graph \
+  --variants default,separate-qk,no-overlap --json "$OUT/decode.json"
+run decode_profile 120 python3 benchmarks/decode_profile.py --top 16
 # `moeut train` itself, eager against --cuda-graph (needs a tokenizer carried as .gpuassets/tokenizer.model)
 run trainer 400 python3 benchmarks/trainer_speed.py --models moeut-126M,moeut-244M,dense-244M --steps 50 \
   --tokenizer .gpuassets/tokenizer.model --json "$OUT/trainer.json"

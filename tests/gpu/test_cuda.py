@@ -84,6 +84,22 @@ def test_cuda_model_matches_cpu(att_n_experts):
         assert rel(q.grad.cpu(), p.grad) < 1e-4, n
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 6e-2)])
+def test_inference_projection_matches_gradient_path(dtype, tol):
+    """No-grad SwitchHead (one Q/K/selector matmul, one RoPE launch, the router reading strided head
+    slices) against the gradient-enabled path, on the 244M attention shapes, batch 1 and 32."""
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = {**profiles.MoEUT_244M, "n_layers": 2}
+    m = moeut.MoEUTLM(300, **cfg).cuda().to(dtype).eval()
+    for B in (1, 32):
+        x = torch.randint(0, 300, (B, 9), device="cuda")
+        with torch.no_grad():
+            fast = m(x).outputs.float()
+        ref = m(x).outputs.detach().float()
+        assert rel(fast, ref) < tol, (B, rel(fast, ref))
+
+
 def test_cuda_kv_cache_matches_full_forward():
     torch.manual_seed(0)
     m = moeut.MoEUTLM(300, **profiles.MoEUT_tiny).cuda().eval()
