@@ -135,6 +135,18 @@ def time_shape(name, D, E, K, T, mm_tflops, bw):
     add(f"up dx [{form}]", bench(lambda: op(gh, w1.transpose(1, 2), r.offsets_E1, None, None, r.slot_N)),
         2 * (N * S + E * S * D + N * D))
     triton_expert_mm.LOOP_N_OVERRIDE = None
+    # fp32 master weights (training under autocast): rounded tile by tile in the kernel, against a
+    # cast to bf16 followed by the bf16 kernel (what every application did before).
+    w1_32, w2_32 = w1.float(), w2.float()
+    add("up fwd, fp32 weight rounded in kernel", bench(lambda: op(x, w1_32, r.offsets_E1, r.rows_N, None, None)),
+        2 * (T * D + 2 * E * D * S + N * S))
+    add("up fwd, fp32 weight cast first", bench(lambda: op(x, w1_32.to(dt), r.offsets_E1, r.rows_N, None, None)),
+        2 * (T * D + 2 * E * D * S + N * S))
+    add("down dx, fp32 weight rounded in kernel",
+        bench(lambda: op(gy_T, w2_32.transpose(1, 2), r.offsets_E1, group, None, None)), 2 * (T * D + 2 * E * S * D + N * S))
+    add("down dx, fp32 weight cast first",
+        bench(lambda: op(gy_T, w2_32.to(dt).transpose(1, 2), r.offsets_E1, group, None, None)),
+        2 * (T * D + 2 * E * S * D + N * S))
     add("up dW (gather x)", bench(lambda: wgrad(x, gh, r.offsets_E1, r.rows_N, None, None, torch.float32)),
         2 * (T * D + N * S + E * D * S))
     add("down dW (gather, gate dy)", bench(lambda: wgrad(h, gy_T, r.offsets_E1, None, group, gate, torch.float32)),
@@ -162,17 +174,26 @@ def time_shape(name, D, E, K, T, mm_tflops, bw):
             y = moe(xin)
         y.backward(torch.ones_like(y))
 
-    fwd_ms = bench(ffn_fwd)
-    fb_ms = bench(ffn_fwd_bwd)
-    # GPU busy time (sum of kernel durations): what the FFN costs inside a GPU-bound training step,
-    # where the host runs ahead; wall time on the device's slow host is launch-bound for one FFN.
-    gpu_fwd = busy_ms(kernel_times(ffn_fwd, 5), 5)
-    gpu_fb = busy_ms(kernel_times(ffn_fwd_bwd, 5), 5)
+    from moeut import expert_mm as expert_mm_module
     ffn_flops = 2 * flops
-    return rows, dict(shape=name, ffn_fwd_ms=fwd_ms, ffn_fwd_tflops=ffn_flops / fwd_ms / 1e9,
-                      ffn_fwd_bwd_ms=fb_ms, ffn_fwd_bwd_tflops=3 * ffn_flops / fb_ms / 1e9,
-                      gpu_fwd_ms=gpu_fwd, gpu_fwd_tflops=ffn_flops / gpu_fwd / 1e9,
-                      gpu_fwd_bwd_ms=gpu_fb, gpu_fwd_bwd_tflops=3 * ffn_flops / gpu_fb / 1e9)
+    ffn = []
+    # The whole FFN with fp32 parameters under autocast, its weights rounded in the kernels (default)
+    # and cast before them (MOEUT_WEIGHT_CAST=0), in the same run.
+    for cast_in_kernel in (True, False):
+        expert_mm_module.CAST_IN_KERNEL = cast_in_kernel
+        fwd_ms = bench(ffn_fwd)
+        fb_ms = bench(ffn_fwd_bwd)
+        # GPU busy time (sum of kernel durations): what the FFN costs inside a GPU-bound training step,
+        # where the host runs ahead; wall time on the device's slow host is launch-bound for one FFN.
+        gpu_fwd = busy_ms(kernel_times(ffn_fwd, 5), 5)
+        gpu_fb = busy_ms(kernel_times(ffn_fwd_bwd, 5), 5)
+        ffn.append(dict(shape=name + ("" if cast_in_kernel else " cast"), weights_rounded_in_kernel=cast_in_kernel,
+                        ffn_fwd_ms=fwd_ms, ffn_fwd_tflops=ffn_flops / fwd_ms / 1e9,
+                        ffn_fwd_bwd_ms=fb_ms, ffn_fwd_bwd_tflops=3 * ffn_flops / fb_ms / 1e9,
+                        gpu_fwd_ms=gpu_fwd, gpu_fwd_tflops=ffn_flops / gpu_fwd / 1e9,
+                        gpu_fwd_bwd_ms=gpu_fb, gpu_fwd_bwd_tflops=3 * ffn_flops / gpu_fb / 1e9))
+    expert_mm_module.CAST_IN_KERNEL = True
+    return rows, ffn
 
 
 def main():
@@ -202,14 +223,14 @@ def main():
         D, E, K = SHAPES[name]
         rows, ffn = time_shape(name, D, E, K, args.tokens, mm_tflops, bw)
         out["passes"] += rows
-        out["ffn"].append(ffn)
+        out["ffn"] += ffn
     print(f"\n{'shape':6s} {'pass':42s} {'ms':>8s} {'TFLOP/s':>8s} {'roofline TFLOP/s':>17s}")
     for r in out["passes"]:
         print(f"{r['shape']:6s} {r['pass_']:42s} {r['ms']:8.3f} {r['tflops']:8.1f} {r['roofline_tflops']:17.1f}")
-    print(f"\n{'shape':6s} {'FFN fwd ms':>10s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s}"
+    print(f"\n{'shape':11s} {'FFN fwd ms':>10s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s}"
           f"  | GPU busy: {'fwd ms':>7s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s}")
     for f in out["ffn"]:
-        print(f"{f['shape']:6s} {f['ffn_fwd_ms']:10.3f} {f['ffn_fwd_tflops']:8.1f} {f['ffn_fwd_bwd_ms']:11.3f} "
+        print(f"{f['shape']:11s} {f['ffn_fwd_ms']:10.3f} {f['ffn_fwd_tflops']:8.1f} {f['ffn_fwd_bwd_ms']:11.3f} "
               f"{f['ffn_fwd_bwd_tflops']:8.1f}  |           {f['gpu_fwd_ms']:7.3f} {f['gpu_fwd_tflops']:8.1f} "
               f"{f['gpu_fwd_bwd_ms']:11.3f} {f['gpu_fwd_bwd_tflops']:8.1f}")
     if args.json:

@@ -27,6 +27,7 @@ gather + einsum `reference_expert_mm` is the ground truth tests compare both aga
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -104,7 +105,9 @@ def _check(x: Tensor, w: Tensor, offsets: Tensor) -> None:
     torch._check(w.dim() == 3, lambda: f"expert_mm: weight must be 3-D [experts, in, out], got {tuple(w.shape)}")
     torch._check(x.shape[1] == w.shape[1], lambda: f"expert_mm: x has {x.shape[1]} columns, weight expects {w.shape[1]}")
     torch._check(offsets.numel() == w.shape[0] + 1, lambda: "expert_mm: offsets must have n_experts + 1 entries")
-    torch._check(x.dtype == w.dtype, lambda: f"expert_mm: x is {x.dtype} but weight is {w.dtype}")
+    torch._check(x.dtype == w.dtype or (w.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)),
+                 lambda: f"expert_mm: x is {x.dtype} but weight is {w.dtype} (a weight may only be fp32 "
+                         f"for bf16 / fp16 inputs)")
 
 
 def _acc(t: Tensor) -> Tensor:
@@ -135,6 +138,7 @@ def _grouped_mm_torch(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: O
                       scale_N: Optional[Tensor] = None, dst_N: Optional[Tensor] = None,
                       scale_at_dst: bool = False) -> Tensor:
     x_NI = x_RI if rows_N is None else x_RI.index_select(0, rows_N)
+    w_EIO = w_EIO.to(x_NI.dtype)
     out_NO = x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
     for e, lo, hi in _segments(offsets_E1):
         torch.mm(x_NI[lo:hi], w_EIO[e], out=out_NO[lo:hi])
@@ -171,7 +175,8 @@ def _weight_grad_torch(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Tensor, rows_N
 def grouped_mm(x: Tensor, weight: Tensor, offsets: Tensor, rows: Optional[Tensor], scale: Optional[Tensor],
                dst: Optional[Tensor], scale_at_dst: bool = False) -> Tensor:
     """[N, O]: out[dst[n]] = scale[n] * (x[rows[n]] @ weight[expert of n]); None skips a step.
-    scale_at_dst: the scale of routed row n is scale[dst[n]] (needs dst)."""
+    scale_at_dst: the scale of routed row n is scale[dst[n]] (needs dst). An fp32 weight with bf16 / fp16
+    x is rounded to x's dtype first (the Triton kernel rounds each tile as it loads it: no copy)."""
     _check(x, weight, offsets)
     torch._check(not scale_at_dst or dst is not None, lambda: "grouped_mm: scale_at_dst needs dst")
     if use_fused(x):
@@ -228,6 +233,20 @@ def _sum_choices(out_SO: Tensor, n_groups: int) -> Tensor:
     return out_SO.view(n_groups, -1, out_SO.shape[1]).sum(1)
 
 
+# MOEUT_WEIGHT_CAST=0: cast fp32 weights to the compute dtype before the kernels (one copy per use)
+# instead of rounding their tiles inside them; benchmarks/kernels.py compares the two.
+CAST_IN_KERNEL = os.environ.get("MOEUT_WEIGHT_CAST", "1") != "0"
+
+
+def _weight_operand(w_master: Tensor, dtype: torch.dtype) -> Tensor:
+    """The weight as the kernels take it: fp32 master weights stay fp32 for the Triton kernels, which
+    round each tile to `dtype` as they load it (a shared MoEUT layer's weights were otherwise cast at
+    every one of its applications, forward and backward: 8.7% of a 244M step's GPU time)."""
+    if w_master.dtype == dtype or not (CAST_IN_KERNEL and use_fused(w_master) and w_master.dtype == torch.float32):
+        return w_master.to(dtype)
+    return w_master
+
+
 class _ExpertMM(torch.autograd.Function):
     """y[n] = x[rows[n]] @ w[expert of n] in `dtype`, in routed order.
 
@@ -243,12 +262,12 @@ class _ExpertMM(torch.autograd.Function):
     def forward(ctx, x_RI, w_master, offsets_E1, rows_N, slot_N, dtype):
         ctx.save_for_backward(x_RI, w_master, offsets_E1, rows_N, slot_N)
         ctx.dtype = dtype
-        return grouped_mm(x_RI.to(dtype), w_master.to(dtype), offsets_E1, rows_N, None, None)
+        return grouped_mm(x_RI.to(dtype), _weight_operand(w_master, dtype), offsets_E1, rows_N, None, None)
 
     @staticmethod
     def backward(ctx, grad_NO):
         x_master, w_master, offsets_E1, rows_N, slot_N = ctx.saved_tensors
-        x_RI, w_EIO = x_master.to(ctx.dtype), w_master.to(ctx.dtype)
+        x_RI, w_EIO = x_master.to(ctx.dtype), _weight_operand(w_master, ctx.dtype)
         grad_NO = grad_NO.to(ctx.dtype).contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
@@ -276,7 +295,7 @@ class _ExpertMMCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_RI, w_master, gate_XC, offsets_E1, rows_N, slot_N, dtype):
         # The gates are read in (group, choice) order at each row's destination: no permuted copy.
-        out_SO = grouped_mm(x_RI.to(dtype), w_master.to(dtype), offsets_E1, rows_N, gate_XC.reshape(-1), slot_N,
+        out_SO = grouped_mm(x_RI.to(dtype), _weight_operand(w_master, dtype), offsets_E1, rows_N, gate_XC.reshape(-1), slot_N,
                             scale_at_dst=True)
         ctx.save_for_backward(x_RI, w_master, gate_XC, offsets_E1, rows_N, slot_N)
         ctx.dtype = dtype
@@ -285,7 +304,7 @@ class _ExpertMMCombine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_XO):
         x_master, w_master, gate_XC, offsets_E1, rows_N, slot_N = ctx.saved_tensors
-        x_RI, w_EIO = x_master.to(ctx.dtype), w_master.to(ctx.dtype)
+        x_RI, w_EIO = x_master.to(ctx.dtype), _weight_operand(w_master, ctx.dtype)
         X, C = gate_XC.shape
         N, I, O = slot_N.shape[0], w_EIO.shape[1], w_EIO.shape[2]
         grad_XO = grad_XO.to(x_RI.dtype).contiguous()

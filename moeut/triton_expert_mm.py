@@ -76,13 +76,15 @@ if triton is not None:
             triton.Config({"BM": 64, "BN": 64, "BK": 32}, num_warps=4, num_stages=2),
         ]
 
-    def _smem_estimate(cfg, kw) -> int:
-        """Bytes of shared memory a config's pipelined operand tiles take (num_stages - 1 in flight)."""
+    def _smem_estimate(cfg, kw, w_size: int = 0) -> int:
+        """Bytes of shared memory a config's pipelined operand tiles take (num_stages - 1 in flight);
+        w_size: bytes per weight element when the weight is wider than x (fp32 rounded on load)."""
         es = 4 if kw.get("FP32") else 2
+        ws = max(es, w_size)
         m, buffers = cfg.kwargs, max(1, cfg.num_stages - 1)
         if kw.get("LOOP_N"):
-            return (m["BM"] * kw["IP"] + buffers * kw["IP"] * m["BN"]) * es
-        return buffers * (m["BM"] * m["BK"] + m["BK"] * m["BN"]) * es
+            return m["BM"] * kw["IP"] * es + buffers * kw["IP"] * m["BN"] * ws
+        return buffers * (m["BM"] * m["BK"] * es + m["BK"] * m["BN"] * ws)
 
     def _smem_limit() -> int:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
@@ -92,7 +94,9 @@ if triton is not None:
         """Configs that fit in shared memory (the fallback only when none of the others does); with
         MOEUT_AUTOTUNE=0 the first of them, so short runs compile one config per variant."""
         limit = _smem_limit()
-        fit = [c for c in configs[:-1] if _smem_estimate(c, kwargs) <= limit] or configs[-1:]
+        w = named_args.get("w_ptr")
+        w_size = w.element_size() if w is not None and hasattr(w, "element_size") else 0
+        fit = [c for c in configs[:-1] if _smem_estimate(c, kwargs, w_size) <= limit] or configs[-1:]
         return fit if AUTOTUNE else fit[:1]
 
     def _wgrad_configs():
@@ -180,6 +184,7 @@ if triton is not None:
                 cols = n0 + tl.arange(0, BN)
                 col_ok = cols < O
                 b = tl.load(w_rows + cols[None, :] * swo, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                b = b.to(x_ptr.dtype.element_ty)   # an fp32 master weight, rounded as it is loaded
                 acc = _dot(a, b, tl.zeros((BM, BN), dtype=tl.float32), FP32)
                 if SCALE:
                     acc = acc * gate[:, None]
@@ -195,7 +200,7 @@ if triton is not None:
             for k0 in range(0, I, BK):
                 k_ok = (k0 + ks) < I
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(x_ptr.dtype.element_ty)
                 acc = _dot(a, b, acc, FP32)
                 a_ptrs += BK * sxi
                 b_ptrs += BK * swi
@@ -291,8 +296,9 @@ ALIGN = 16   # elements: Triton specialises integer arguments divisible by 16 an
 ALIGN_OPERANDS = os.environ.get("MOEUT_ALIGN", "1") != "0"   # MOEUT_ALIGN=0: no padded copies (benchmarks)
 
 
-def aligned(t: Tensor) -> Tensor:
-    """t, or a copy of it whose row strides are multiples of ALIGN elements (same shape and dim order).
+def aligned(t: Tensor, copy_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """t, or a copy of it whose row strides are multiples of ALIGN elements (same shape and dim order);
+    a copy is made in `copy_dtype` if given (an fp32 weight is then rounded in the same pass).
 
     A row stride such as 412 (MoEUT_44M's d_model) or 82 (its d_head) makes Triton load element by
     element: on the H200 the 44M down projection's input gradient ran at 17 TFLOP/s against 323 at
@@ -309,7 +315,7 @@ def aligned(t: Tensor) -> Tensor:
             and t.data_ptr() % 16 == 0:
         return t
     inner = phys.shape[-1]
-    buf = phys.new_empty(*phys.shape[:-1], -(-inner // ALIGN) * ALIGN)[..., :inner]
+    buf = phys.new_empty(*phys.shape[:-1], -(-inner // ALIGN) * ALIGN, dtype=copy_dtype or t.dtype)[..., :inner]
     buf.copy_(phys)
     return buf.permute([order.index(d) for d in range(t.dim())])
 
@@ -322,7 +328,7 @@ def grouped_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: O
     out_NO = torch.empty(N, O, device=x_RI.device, dtype=x_RI.dtype)
     if N == 0:
         return out_NO
-    x_RI, w_EIO = aligned(x_RI), aligned(w_EIO)
+    x_RI, w_EIO = aligned(x_RI), aligned(w_EIO, copy_dtype=x_RI.dtype)
     unused = offsets_E1  # pointer for the arguments a constexpr flag switches off (never read)
     scale = scale_N.contiguous() if scale_N is not None else None   # any float dtype: read as fp32
 

@@ -66,6 +66,29 @@ def test_triton_combine_matches_torch_path(dtype, tol, I, O, gather, loop_n, mon
     assert (got[2][E - 1] == 0).all()
 
 
+@pytest.mark.parametrize("D,E,K", [(1024, 387, 16), (412, 155, 12)])
+def test_triton_fp32_weights_rounded_in_kernel_equal_cast_first(D, E, K, monkeypatch):
+    """A σ-MoE FFN with fp32 parameters under bf16 autocast: its weights rounded tile by tile inside
+    the kernels give the outputs and gradients of casting them to bf16 first (MOEUT_WEIGHT_CAST=0),
+    including at 44M, whose misaligned weight is copied (and rounded) into a padded buffer."""
+    from moeut import expert_mm as expert_mm_module
+    from moeut.moe import SigmaMoE
+    torch.manual_seed(2)
+    moe = SigmaMoE(D, E, 128, K).cuda()
+    moe.reset_parameters(1.0)
+    x = torch.randn(2048, D, device="cuda")
+    results = []
+    for in_kernel in (True, False):
+        monkeypatch.setattr(expert_mm_module, "CAST_IN_KERNEL", in_kernel)
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cuda", torch.bfloat16):
+            y = moe(xx)
+        grads = torch.autograd.grad(y.float().square().sum(), (xx, moe.keys, moe.values, moe.expert_sel))
+        results.append((y, *grads))
+    for name, a, b in zip(("y", "dx", "dkeys", "dvalues", "dsel"), *results):
+        assert rel(a, b) < 2e-3, (name, rel(a, b))
+
+
 @pytest.mark.parametrize("att_n_experts", [1, 4])
 def test_cuda_model_matches_cpu(att_n_experts):
     torch.manual_seed(0)

@@ -37,6 +37,16 @@ def test_triton_matches_reference(kind, R, K, E, I, O, dtype, loop_n, monkeypatc
     ref = reference_expert_mm(x.float(), w.float(), expert)
     torch.testing.assert_close(out[r.choice_RK].float(), ref, **tol)
 
+    if dtype == torch.bfloat16:   # an fp32 master weight, rounded tile by tile as the kernel loads it
+        gen32 = torch.Generator().manual_seed(R * E)
+        w32 = torch.randn(E, I, O, generator=gen32)   # (the interpreter truncates: one more bf16 ulp of slack)
+        tol32 = dict(rtol=2e-2, atol=6e-2)
+        torch.testing.assert_close(grouped_mm_triton(x, w32, r.offsets_E1, r.rows_N)[r.choice_RK].float(),
+                                   reference_expert_mm(x.float(), w32.to(dtype).float(), expert), **tol32)
+        g32 = torch.randn(R * K, O, generator=gen32).to(dtype)
+        torch.testing.assert_close(grouped_mm_triton(g32, w32.transpose(1, 2), r.offsets_E1, None).float(),
+                                   _grouped_mm_torch(g32, w32.transpose(1, 2), r.offsets_E1, None).float(), **tol32)
+
     h = torch.randn(R * K, I, generator=gen).to(dtype)   # no gather: rows already routed
     torch.testing.assert_close(grouped_mm_triton(h, w, r.offsets_E1, None).float(),
                                _grouped_mm_torch(h.float(), w.float(), r.offsets_E1, None), **tol)
