@@ -54,13 +54,15 @@ run train_compile "${TRAIN_COMPILE_LIMIT:-280}" python3 benchmarks/train_through
 [ -d "$OFFICIAL" ] && run official "${OFFICIAL_LIMIT:-150}" python3 benchmarks/train_throughput.py --steps 6 \
   --official "$OFFICIAL" --models "${OFFICIAL_MODELS:-official-244M:16,official-126M:16,official-318M:16}" \
   --json "$OUT/train_official.json"
-# fp32 master weights rounded inside the expert kernels against cast first (MOEUT_WEIGHT_CAST=0), same call.
+# fp32 master weights cast before the expert kernels (default) against rounded inside them
+# (MOEUT_WEIGHT_CAST=1), same call (RESULTS.md D.2).
 run train_cast 360 bash -c "python3 benchmarks/train_throughput.py --steps 6 \
-  --models moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8,moeut-44M:32 --json $OUT/train_cast_on.json && \
-  MOEUT_WEIGHT_CAST=0 python3 benchmarks/train_throughput.py --steps 6 --models moeut-244M:16,moeut-1B:8,moeut-44M:32 \
-  --json $OUT/train_cast_off.json && python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
-  --models moeut-244M:16,dense-244M:16 --json $OUT/train_cast_graph_on.json && MOEUT_WEIGHT_CAST=0 \
-  python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16 --json $OUT/train_cast_graph_off.json"
+  --models moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8,moeut-44M:32 --json $OUT/train_cast_default.json && \
+  MOEUT_WEIGHT_CAST=1 python3 benchmarks/train_throughput.py --steps 6 --models moeut-244M:16,moeut-1B:8,moeut-44M:32 \
+  --json $OUT/train_cast_in_kernel.json && python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:16,dense-244M:16 --json $OUT/train_cast_graph_default.json && MOEUT_WEIGHT_CAST=1 \
+  python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16 \
+  --json $OUT/train_cast_graph_in_kernel.json"
 run decode 200 python3 benchmarks/decode.py --new-tokens 128 --modes static+graph \
   --variants default,separate-qk,no-overlap --json "$OUT/decode.json"
 run decode_profile 120 python3 benchmarks/decode_profile.py --top 16

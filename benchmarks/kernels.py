@@ -177,9 +177,10 @@ def time_shape(name, D, E, K, T, mm_tflops, bw):
     from moeut import expert_mm as expert_mm_module
     ffn_flops = 2 * flops
     ffn = []
-    # The whole FFN with fp32 parameters under autocast, its weights rounded in the kernels (default)
-    # and cast before them (MOEUT_WEIGHT_CAST=0), in the same run.
-    for cast_in_kernel in (True, False):
+    # The whole FFN with fp32 parameters under autocast, its weights cast before the kernels (default)
+    # and rounded inside them (MOEUT_WEIGHT_CAST=1), in the same run.
+    default = expert_mm_module.CAST_IN_KERNEL
+    for cast_in_kernel in (False, True):
         expert_mm_module.CAST_IN_KERNEL = cast_in_kernel
         fwd_ms = bench(ffn_fwd)
         fb_ms = bench(ffn_fwd_bwd)
@@ -187,12 +188,12 @@ def time_shape(name, D, E, K, T, mm_tflops, bw):
         # where the host runs ahead; wall time on the device's slow host is launch-bound for one FFN.
         gpu_fwd = busy_ms(kernel_times(ffn_fwd, 5), 5)
         gpu_fb = busy_ms(kernel_times(ffn_fwd_bwd, 5), 5)
-        ffn.append(dict(shape=name + ("" if cast_in_kernel else " cast"), weights_rounded_in_kernel=cast_in_kernel,
+        ffn.append(dict(shape=name + (" in-kernel" if cast_in_kernel else ""), weights_rounded_in_kernel=cast_in_kernel,
                         ffn_fwd_ms=fwd_ms, ffn_fwd_tflops=ffn_flops / fwd_ms / 1e9,
                         ffn_fwd_bwd_ms=fb_ms, ffn_fwd_bwd_tflops=3 * ffn_flops / fb_ms / 1e9,
                         gpu_fwd_ms=gpu_fwd, gpu_fwd_tflops=ffn_flops / gpu_fwd / 1e9,
                         gpu_fwd_bwd_ms=gpu_fb, gpu_fwd_bwd_tflops=3 * ffn_flops / gpu_fb / 1e9))
-    expert_mm_module.CAST_IN_KERNEL = True
+    expert_mm_module.CAST_IN_KERNEL = default
     return rows, ffn
 
 
@@ -227,10 +228,10 @@ def main():
     print(f"\n{'shape':6s} {'pass':42s} {'ms':>8s} {'TFLOP/s':>8s} {'roofline TFLOP/s':>17s}")
     for r in out["passes"]:
         print(f"{r['shape']:6s} {r['pass_']:42s} {r['ms']:8.3f} {r['tflops']:8.1f} {r['roofline_tflops']:17.1f}")
-    print(f"\n{'shape':11s} {'FFN fwd ms':>10s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s}"
+    print(f"\n{'shape':14s} {'FFN fwd ms':>10s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s}"
           f"  | GPU busy: {'fwd ms':>7s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s}")
     for f in out["ffn"]:
-        print(f"{f['shape']:11s} {f['ffn_fwd_ms']:10.3f} {f['ffn_fwd_tflops']:8.1f} {f['ffn_fwd_bwd_ms']:11.3f} "
+        print(f"{f['shape']:14s} {f['ffn_fwd_ms']:10.3f} {f['ffn_fwd_tflops']:8.1f} {f['ffn_fwd_bwd_ms']:11.3f} "
               f"{f['ffn_fwd_bwd_tflops']:8.1f}  |           {f['gpu_fwd_ms']:7.3f} {f['gpu_fwd_tflops']:8.1f} "
               f"{f['gpu_fwd_bwd_ms']:11.3f} {f['gpu_fwd_bwd_tflops']:8.1f}")
     if args.json:

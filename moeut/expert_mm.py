@@ -233,18 +233,24 @@ def _sum_choices(out_SO: Tensor, n_groups: int) -> Tensor:
     return out_SO.view(n_groups, -1, out_SO.shape[1]).sum(1)
 
 
-# MOEUT_WEIGHT_CAST=0: cast fp32 weights to the compute dtype before the kernels (one copy per use)
-# instead of rounding their tiles inside them; benchmarks/kernels.py compares the two.
-CAST_IN_KERNEL = os.environ.get("MOEUT_WEIGHT_CAST", "1") != "0"
+# MOEUT_WEIGHT_CAST=1: hand fp32 master weights to the Triton kernels, which round each tile as they
+# load it, instead of casting them first. Measured slower on the H200 (RESULTS.md D.2: 244M FFN
+# forward+backward 3.82 against 3.49 ms of GPU time; the fp32 operand breaks the kernels' bf16
+# pipelining), so off by default; kept for other GPUs and as the benchmarks' comparison.
+CAST_IN_KERNEL = os.environ.get("MOEUT_WEIGHT_CAST", "0") == "1"
 
 
-def _weight_operand(w_master: Tensor, dtype: torch.dtype) -> Tensor:
-    """The weight as the kernels take it: fp32 master weights stay fp32 for the Triton kernels, which
-    round each tile to `dtype` as they load it (a shared MoEUT layer's weights were otherwise cast at
-    every one of its applications, forward and backward: 8.7% of a 244M step's GPU time)."""
-    if w_master.dtype == dtype or not (CAST_IN_KERNEL and use_fused(w_master) and w_master.dtype == torch.float32):
-        return w_master.to(dtype)
-    return w_master
+def _operand(t: Tensor, dtype: torch.dtype, weight: bool = False) -> Tensor:
+    """An input or weight as the kernels take it: in `dtype` (a shared MoEUT layer's fp32 weights are
+    cast at each application, forward and backward), cast straight into a padded buffer when its rows
+    are misaligned for the kernels (MoEUT_44M: one copy instead of a cast and a padded copy), or a
+    weight left in fp32 with CAST_IN_KERNEL."""
+    if t.dtype == dtype or not use_fused(t):
+        return t.to(dtype)
+    if weight and CAST_IN_KERNEL and t.dtype == torch.float32:
+        return t
+    from .triton_expert_mm import aligned
+    return aligned(t, copy_dtype=dtype, always_copy=True)
 
 
 class _ExpertMM(torch.autograd.Function):
@@ -262,12 +268,13 @@ class _ExpertMM(torch.autograd.Function):
     def forward(ctx, x_RI, w_master, offsets_E1, rows_N, slot_N, dtype):
         ctx.save_for_backward(x_RI, w_master, offsets_E1, rows_N, slot_N)
         ctx.dtype = dtype
-        return grouped_mm(x_RI.to(dtype), _weight_operand(w_master, dtype), offsets_E1, rows_N, None, None)
+        return grouped_mm(_operand(x_RI, dtype), _operand(w_master, dtype, weight=True), offsets_E1, rows_N,
+                          None, None)
 
     @staticmethod
     def backward(ctx, grad_NO):
         x_master, w_master, offsets_E1, rows_N, slot_N = ctx.saved_tensors
-        x_RI, w_EIO = x_master.to(ctx.dtype), _weight_operand(w_master, ctx.dtype)
+        x_RI, w_EIO = _operand(x_master, ctx.dtype), _operand(w_master, ctx.dtype, weight=True)
         grad_NO = grad_NO.to(ctx.dtype).contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
@@ -295,8 +302,8 @@ class _ExpertMMCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_RI, w_master, gate_XC, offsets_E1, rows_N, slot_N, dtype):
         # The gates are read in (group, choice) order at each row's destination: no permuted copy.
-        out_SO = grouped_mm(x_RI.to(dtype), _weight_operand(w_master, dtype), offsets_E1, rows_N, gate_XC.reshape(-1), slot_N,
-                            scale_at_dst=True)
+        out_SO = grouped_mm(_operand(x_RI, dtype), _operand(w_master, dtype, weight=True), offsets_E1, rows_N,
+                            gate_XC.reshape(-1), slot_N, scale_at_dst=True)
         ctx.save_for_backward(x_RI, w_master, gate_XC, offsets_E1, rows_N, slot_N)
         ctx.dtype = dtype
         return _sum_choices(out_SO, gate_XC.shape[0])
@@ -304,7 +311,7 @@ class _ExpertMMCombine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_XO):
         x_master, w_master, gate_XC, offsets_E1, rows_N, slot_N = ctx.saved_tensors
-        x_RI, w_EIO = x_master.to(ctx.dtype), _weight_operand(w_master, ctx.dtype)
+        x_RI, w_EIO = _operand(x_master, ctx.dtype), _operand(w_master, ctx.dtype, weight=True)
         X, C = gate_XC.shape
         N, I, O = slot_N.shape[0], w_EIO.shape[1], w_EIO.shape[2]
         grad_XO = grad_XO.to(x_RI.dtype).contiguous()

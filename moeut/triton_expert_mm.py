@@ -296,24 +296,34 @@ ALIGN = 16   # elements: Triton specialises integer arguments divisible by 16 an
 ALIGN_OPERANDS = os.environ.get("MOEUT_ALIGN", "1") != "0"   # MOEUT_ALIGN=0: no padded copies (benchmarks)
 
 
-def aligned(t: Tensor, copy_dtype: Optional[torch.dtype] = None) -> Tensor:
+def _padding_order(t: Tensor) -> Optional[list]:
+    """The memory order of t's dims (outermost first) if a padded copy would align its rows, else None."""
+    if t.dim() < 2 or t.numel() == 0 or not ALIGN_OPERANDS:
+        return None
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    phys = t.permute(order)
+    if phys.stride(-1) != 1:
+        return None   # no unit-stride dim: the kernels read any strides, just slowly
+    if all(st % ALIGN == 0 or size == 1 for st, size in zip(phys.stride()[:-1], phys.shape[:-1])) \
+            and t.data_ptr() % 16 == 0:
+        return None
+    return order
+
+
+def aligned(t: Tensor, copy_dtype: Optional[torch.dtype] = None, always_copy: bool = False) -> Tensor:
     """t, or a copy of it whose row strides are multiples of ALIGN elements (same shape and dim order);
-    a copy is made in `copy_dtype` if given (an fp32 weight is then rounded in the same pass).
+    a copy is made in `copy_dtype` if given (an fp32 weight is then rounded in the same pass), and
+    made even of an aligned t with `always_copy` (a cast that pads when it has to).
 
     A row stride such as 412 (MoEUT_44M's d_model) or 82 (its d_head) makes Triton load element by
     element: on the H200 the 44M down projection's input gradient ran at 17 TFLOP/s against 323 at
     244M. The copy goes into a buffer whose innermost dim is padded (412 -> 416, never read), a few µs
     against milliseconds saved per pass. Operands only; outputs keep the operators' contiguous layout.
     """
-    if t.dim() < 2 or t.numel() == 0 or not ALIGN_OPERANDS:
-        return t
-    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))   # memory order, outermost first
+    order = _padding_order(t)
+    if order is None:
+        return t.to(copy_dtype) if always_copy and copy_dtype is not None else t
     phys = t.permute(order)
-    if phys.stride(-1) != 1:
-        return t   # no unit-stride dim: the kernels read any strides, just slowly
-    if all(st % ALIGN == 0 or size == 1 for st, size in zip(phys.stride()[:-1], phys.shape[:-1])) \
-            and t.data_ptr() % 16 == 0:
-        return t
     inner = phys.shape[-1]
     buf = phys.new_empty(*phys.shape[:-1], -(-inner // ALIGN) * ALIGN, dtype=copy_dtype or t.dtype)[..., :inner]
     buf.copy_(phys)

@@ -69,8 +69,8 @@ def test_triton_combine_matches_torch_path(dtype, tol, I, O, gather, loop_n, mon
 @pytest.mark.parametrize("D,E,K", [(1024, 387, 16), (412, 155, 12)])
 def test_triton_fp32_weights_rounded_in_kernel_equal_cast_first(D, E, K, monkeypatch):
     """A σ-MoE FFN with fp32 parameters under bf16 autocast: its weights rounded tile by tile inside
-    the kernels give the outputs and gradients of casting them to bf16 first (MOEUT_WEIGHT_CAST=0),
-    including at 44M, whose misaligned weight is copied (and rounded) into a padded buffer."""
+    the kernels (MOEUT_WEIGHT_CAST=1) give the outputs and gradients of casting them to bf16 first
+    (the default), including at 44M, whose misaligned operands are cast straight into padded buffers."""
     from moeut import expert_mm as expert_mm_module
     from moeut.moe import SigmaMoE
     torch.manual_seed(2)

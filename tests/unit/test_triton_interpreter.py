@@ -196,3 +196,9 @@ def test_aligned_copies_keep_values_and_fix_row_strides():
         assert all(a.stride(d) % ALIGN == 0 for d in order[:-1]) and a.stride(order[-1]) == 1
     ok = torch.randn(5, 128)
     assert aligned(ok) is ok   # already aligned: no copy
+    # a cast that pads only when it has to: one copy in the target dtype either way
+    for t, padded in ((w.transpose(1, 2), True), (ok, False)):
+        a = aligned(t, copy_dtype=torch.bfloat16, always_copy=True)
+        assert a.dtype == torch.bfloat16 and torch.equal(a, t.to(torch.bfloat16))
+        assert (a.stride() != t.stride()) == padded
+    assert aligned(ok, copy_dtype=torch.bfloat16) is ok   # aligned and no copy asked for
