@@ -16,7 +16,9 @@ Variants (each measured beside "default" in the same run, to see what one change
 by sorting as training does; "gemv-all" uses them however many choices each expert gets (the policy's
 threshold lifted); "separate-qk" computes SwitchHead's Q, K and selectors in four matmuls and rotates q
 and k apart (MOEUT_JOINT_QK=0); "no-overlap" reads each step's tokens before launching the next
-(`generate.OVERLAP_HOST = False`; MoEUT and dense). The others apply to MoEUT only.
+(`generate.OVERLAP_HOST = False`; MoEUT and dense); "no-reuse" captures a new CUDA graph in every
+call (`reuse_graph=False`; its per-call overhead shows what keeping the graph saves; MoEUT and dense).
+The others apply to MoEUT only.
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ def main():
     ap.add_argument("--modes", default="dynamic,static,static+graph,static+graph+compile")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--variants", default="default", help="default, sorted, gemv-all, separate-qk, no-overlap")
+    ap.add_argument("--variants", default="default", help="default, sorted, gemv-all, separate-qk, no-overlap, no-reuse")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,7 +74,7 @@ def main():
         for b in map(int, args.batches.split(",")):
             prompts = torch.randint(0, 8000, (b, args.prompt_len)).tolist()
             for variant, mode in [(v, m) for v in args.variants.split(",") for m in modes]:
-                if variant not in ("default", "no-overlap") and not name.startswith("moeut"):
+                if variant not in ("default", "no-overlap", "no-reuse") and not name.startswith("moeut"):
                     continue
                 os.environ["MOEUT_EXPERT_GEMV"] = "0" if variant == "sorted" else "1"
                 os.environ["MOEUT_JOINT_QK"] = "0" if variant == "separate-qk" else "1"
@@ -80,7 +82,7 @@ def main():
                 expert_gemv.MAX_CHOICES_PER_EXPERT = float("inf") if variant == "gemv-all" else default_max[0]
                 expert_gemv.MAX_CHOICES_PER_EXPERT_PAST_L2 = float("inf") if variant == "gemv-all" else default_max[1]
                 torch._dynamo.reset()   # compiled steps do not guard on the variable
-                kw = MODES[mode]
+                kw = dict(MODES[mode], reuse_graph=variant != "no-reuse")
                 # Steady-state step time from two calls of n and 2n new tokens: their difference holds
                 # n replayed steps and none of the per-call costs (prefill, the eager first step, graph
                 # capture), which a single call's average would spread over its steps. Both lengths

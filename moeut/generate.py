@@ -6,6 +6,7 @@ and the next step is launched before the host reads the current step's tokens.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -45,12 +46,14 @@ class _DecodeStep:
     the small elementwise kernels around the matmuls (the step's shapes never change)."""
 
     def __init__(self, model, mask: AttentionMask, cache, use_graph: bool, compile_step: bool):
-        self.model = torch.compile(model, dynamic=False) if compile_step else model
+        # A kept step (`_KEPT_STEPS`) must not keep its model alive: a weak reference unless compiled.
+        compiled = torch.compile(model, dynamic=False) if compile_step else None
+        self.model = (lambda: compiled) if compiled is not None else weakref.ref(model)
         self.mask, self.cache = mask, cache
         self.use_graph, self.graph, self.warm = use_graph, None, False
 
     def _eager(self, tok: torch.Tensor) -> torch.Tensor:
-        return self.model(tok, self.mask, kv_cache=self.cache).outputs[:, -1]
+        return self.model()(tok, self.mask, kv_cache=self.cache).outputs[:, -1]
 
     def __call__(self, tok: torch.Tensor) -> torch.Tensor:
         if not self.use_graph:
@@ -74,6 +77,27 @@ class _DecodeStep:
         return self.logits
 
 
+# The last captured decoding step of each model, for the next call of the same batch size and cache
+# size (capturing costs an eager step and a graph capture: tens to hundreds of ms at 244M). Weakly
+# keyed: it never keeps a model alive, and it is not part of the model (deepcopy, pickling).
+_KEPT_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _state_signature(model) -> tuple:
+    """Changes whenever a parameter or buffer is replaced or updated in place; a graph reads tensors by
+    address, and SwitchHead's kept inference weight is only rebuilt outside the graph."""
+    return tuple((t.data_ptr(), t._version, t.dtype) for t in (*model.parameters(), *model.buffers()))
+
+
+def release_decode_graphs(model=None) -> None:
+    """Drop the decoding step (CUDA graph, KV cache) that `generate` keeps for `model` (all models if
+    None), returning its memory to PyTorch's allocator."""
+    if model is None:
+        _KEPT_STEPS.clear()
+    else:
+        _KEPT_STEPS.pop(model, None)
+
+
 def _supports_static_cache(model) -> bool:
     """Our attention modules understand preallocated caches; a user-supplied attention class with the
     official interface only knows the growing dict."""
@@ -86,7 +110,7 @@ def _supports_static_cache(model) -> bool:
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None, eos_id: Optional[int] = None,
              on_token: Optional[Callable[[int, int], None]] = None, cache: str = "static",
-             cuda_graph: Optional[bool] = None, compile: bool = False) -> List[List[int]]:
+             cuda_graph: Optional[bool] = None, compile: bool = False, reuse_graph: bool = True) -> List[List[int]]:
     """New tokens for each prompt (without the prompt; stops after eos_id, which is not returned).
 
     `on_token(row, token)` is called for every produced token (streaming). `cache`: "static" (a
@@ -95,6 +119,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     (recompute the whole sequence every step: slow, the reference the cached paths are tested against). `cuda_graph` (default: on CUDA with the static
     cache and at least 8 new tokens) replays each decoding step from a CUDA graph. `compile` runs the
     decoding step through torch.compile (static cache only; worth its compile time for long outputs).
+    `reuse_graph`: keep the captured step and its KV cache (not with `compile`) for the next call with
+    the same batch size and cache size (prompt length + max_new_tokens) while the weights are
+    unchanged; `release_decode_graphs(model)` frees them.
     """
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
@@ -128,14 +155,26 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     model.eval()
     out_tokens: List[List[int]] = [[] for _ in range(B)]
     done = [False] * B
-    kv = None
+    kv, key = None, None
     if cache == "static":
         capacity = L + max_new_tokens
         if compile:  # compiled code is specialised on the cache size: let calls of similar lengths share it
             capacity = -(-capacity // COMPILE_CAPACITY_STEP) * COMPILE_CAPACITY_STEP
-        kv = {i: new_static_cache(capacity) for i in range(model.n_layers)}
         pad = torch.cat([pad, torch.zeros(B, capacity - L, dtype=torch.bool, device=device)], 1)
-        step = _DecodeStep(model, AttentionMask(pad, None, is_causal=True), kv, cuda_graph, compile)
+        # Compiled steps are not kept (the compiled module holds the model); dynamo caches their code.
+        key = (B, capacity, _state_signature(model)) if cuda_graph and reuse_graph and not compile else None
+        kept = _KEPT_STEPS.get(model) if key is not None else None
+        if kept is not None and kept[0] == key:   # same shapes, same weights: replay the captured step
+            step = kept[1]
+            kv = step.cache
+            step.mask.src_length_mask.copy_(pad)   # the graph reads the padding mask in place
+            torch._foreach_zero_([e["pos"] for e in kv.values()])
+            pad = step.mask.src_length_mask
+        else:
+            if key is not None:
+                _KEPT_STEPS.pop(model, None)   # its memory is free before this call allocates
+            kv = {i: new_static_cache(capacity) for i in range(model.n_layers)}
+            step = _DecodeStep(model, AttentionMask(pad, None, is_causal=True), kv, cuda_graph, compile)
     elif cache == "dynamic":
         kv = {}
 
@@ -192,4 +231,6 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
                 seq_pad = torch.cat([seq_pad, torch.zeros(B, 1, dtype=torch.bool, device=device)], 1)
     finally:
         model.train(was_training)
+    if key is not None and step.graph is not None:
+        _KEPT_STEPS[model] = (key, step)
     return out_tokens

@@ -152,6 +152,36 @@ def test_cuda_graph_generation_equals_recomputation(kind):
     assert graphed == generate(m, prompts, 20, cuda_graph=True, compile=True)
 
 
+def test_kept_decoding_graph_is_reused_only_while_valid():
+    """A second call of the same batch and cache size replays the first call's graph (new prompts,
+    new padding); an in-place weight update makes the next call capture afresh; the kept step never
+    keeps its model alive, and the model still deep-copies."""
+    import gc
+    import weakref
+    from moeut import generate as gen_module
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    m = moeut.MoEUTLM(300, **profiles.MoEUT_tiny).cuda().eval()
+    first = [[1, 2, 3], list(range(5, 15))]
+    second = [list(range(20, 30)), [9, 8]]          # same longest prompt (10): same cache size
+    out = gen_module.generate(m, first, 12, cuda_graph=True)
+    assert out == gen_module.generate(m, first, 12, cache="none")
+    kept = gen_module._KEPT_STEPS[m][1]
+    out = gen_module.generate(m, second, 12, cuda_graph=True)
+    assert gen_module._KEPT_STEPS[m][1] is kept
+    assert out == gen_module.generate(m, second, 12, cache="none")
+    with torch.no_grad():
+        m.transformer.layers[0].attention.q.weight.mul_(3.0)
+    out = gen_module.generate(m, second, 12, cuda_graph=True)
+    assert gen_module._KEPT_STEPS[m][1] is not kept
+    assert out == gen_module.generate(m, second, 12, cache="none")
+    copy.deepcopy(m)
+    ref = weakref.ref(m)
+    del m, kept
+    gc.collect()
+    assert ref() is None and len(gen_module._KEPT_STEPS) == 0
+
+
 def test_cuda_bad_tokens_raise_cleanly():
     m = moeut.MoEUTLM(100, **profiles.MoEUT_tiny).cuda()
     with pytest.raises(ValueError, match="token"):
