@@ -69,7 +69,7 @@ def _heads_adjacent(q: Tensor, k: Tensor) -> bool:
     inference projection (`SwitchHeadRope._project_inference`): then [q; k] is one strided tensor.
     Without gradients only (autograd of `as_strided` is slow)."""
     H = q.shape[1]
-    return (not torch.is_grad_enabled() and q.shape == k.shape and q.stride() == k.stride()
+    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and q.shape == k.shape and q.stride() == k.stride()
             and q.dtype == k.dtype and q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
             and k.storage_offset() == q.storage_offset() + H * q.stride(1))
 

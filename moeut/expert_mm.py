@@ -245,7 +245,7 @@ def _operand(t: Tensor, dtype: torch.dtype, weight: bool = False) -> Tensor:
     cast at each application, forward and backward), cast straight into a padded buffer when its rows
     are misaligned for the kernels (MoEUT_44M: one copy instead of a cast and a padded copy), or a
     weight left in fp32 with CAST_IN_KERNEL."""
-    if t.dtype == dtype or not use_fused(t):
+    if t.dtype == dtype or not use_fused(t) or torch.compiler.is_compiling():   # (no data_ptr under compile)
         return t.to(dtype)
     if weight and CAST_IN_KERNEL and t.dtype == torch.float32:
         return t

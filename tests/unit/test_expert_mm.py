@@ -190,3 +190,17 @@ def test_expert_mm_combine_bf16_autocast(I, O):
     assert out.dtype == torch.bfloat16 and rel(out, ref) < 1e-2
     for a, b in zip(got, want):
         assert rel(a, b) < 2e-2
+
+
+def test_operand_cast_traces_without_graph_breaks(monkeypatch):
+    """The autograd Functions' operand cast runs inside torch.compile's trace (fullgraph): on the
+    fused path it must not touch data pointers (it leaves the padding to the operator there)."""
+    from moeut import expert_mm as expert_mm_module
+    monkeypatch.setattr(expert_mm_module, "use_fused", lambda t, switch=None: True)
+    w = torch.randn(3, 128, 82)   # misaligned rows: eagerly a padded copy
+    eager = expert_mm_module._operand(w, torch.bfloat16, weight=True)
+    assert eager.dtype == torch.bfloat16 and eager.stride(1) % 16 == 0
+    torch._dynamo.reset()
+    # an intermediate tensor (like the residual stream) has no real storage while tracing
+    traced = torch.compile(lambda t: expert_mm_module._operand(t * 2, torch.bfloat16), fullgraph=True)(w)
+    assert torch.equal(traced, (w * 2).to(torch.bfloat16))
