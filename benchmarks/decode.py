@@ -3,8 +3,9 @@ the dense baseline, bf16, at several batch sizes, for each cache mode: the offic
 dict ("dynamic"), the preallocated cache run eagerly ("static") and replayed from CUDA graphs
 ("static+graph"), optionally with the step compiled ("static+graph+compile"; the warm-up call pays the
 compile time, which is reported apart). Prefill is timed separately. The step time is the steady
-state (the difference of a call of n and one of 2n new tokens, over n); the per-call overhead (the
-eager first step and the CUDA-graph capture that every `generate` call pays) is reported beside it.
+state (the difference of a call of n and one of 2n new tokens, over n, both capturing their own
+graph); beside it the per-call overhead of a first call (the eager first step and the CUDA-graph
+capture) and of a repeated call of the same shapes (which replays the graph `generate` kept).
 Results of the session before this method (RESULTS.md C.2 first rows) averaged that overhead into
 the steps.
 
@@ -16,9 +17,7 @@ Variants (each measured beside "default" in the same run, to see what one change
 by sorting as training does; "gemv-all" uses them however many choices each expert gets (the policy's
 threshold lifted); "separate-qk" computes SwitchHead's Q, K and selectors in four matmuls and rotates q
 and k apart (MOEUT_JOINT_QK=0); "no-overlap" reads each step's tokens before launching the next
-(`generate.OVERLAP_HOST = False`; MoEUT and dense); "no-reuse" captures a new CUDA graph in every
-call (`reuse_graph=False`; its per-call overhead shows what keeping the graph saves; MoEUT and dense).
-The others apply to MoEUT only.
+(`generate.OVERLAP_HOST = False`; MoEUT and dense). The others apply to MoEUT only.
 """
 from __future__ import annotations
 
@@ -59,7 +58,7 @@ def main():
     ap.add_argument("--modes", default="dynamic,static,static+graph,static+graph+compile")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--variants", default="default", help="default, sorted, gemv-all, separate-qk, no-overlap, no-reuse")
+    ap.add_argument("--variants", default="default", help="default, sorted, gemv-all, separate-qk, no-overlap")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,7 +73,7 @@ def main():
         for b in map(int, args.batches.split(",")):
             prompts = torch.randint(0, 8000, (b, args.prompt_len)).tolist()
             for variant, mode in [(v, m) for v in args.variants.split(",") for m in modes]:
-                if variant not in ("default", "no-overlap", "no-reuse") and not name.startswith("moeut"):
+                if variant not in ("default", "no-overlap") and not name.startswith("moeut"):
                     continue
                 os.environ["MOEUT_EXPERT_GEMV"] = "0" if variant == "sorted" else "1"
                 os.environ["MOEUT_JOINT_QK"] = "0" if variant == "separate-qk" else "1"
@@ -82,24 +81,30 @@ def main():
                 expert_gemv.MAX_CHOICES_PER_EXPERT = float("inf") if variant == "gemv-all" else default_max[0]
                 expert_gemv.MAX_CHOICES_PER_EXPERT_PAST_L2 = float("inf") if variant == "gemv-all" else default_max[1]
                 torch._dynamo.reset()   # compiled steps do not guard on the variable
-                kw = dict(MODES[mode], reuse_graph=variant != "no-reuse")
+                kw = MODES[mode]
+                fresh = dict(kw, reuse_graph=False) if "graph" in mode else kw
                 # Steady-state step time from two calls of n and 2n new tokens: their difference holds
                 # n replayed steps and none of the per-call costs (prefill, the eager first step, graph
                 # capture), which a single call's average would spread over its steps. Both lengths
                 # are warmed up first (autotuning; compiled steps per cache-size bucket).
                 n = args.new_tokens
-                warm = sum(timed(lambda: generate(model, prompts, m + 1, **kw), device) for m in (2 * n, n))
+                warm = sum(timed(lambda: generate(model, prompts, m + 1, **fresh), device) for m in (2 * n, n))
                 prefill = timed(lambda: generate(model, prompts, 1, **{**kw, "cuda_graph": False}), device)
-                t_short = timed(lambda: generate(model, prompts, n + 1, **kw), device)
-                t_long = timed(lambda: generate(model, prompts, 2 * n + 1, **kw), device)
+                t_short = timed(lambda: generate(model, prompts, n + 1, **fresh), device)
+                t_long = timed(lambda: generate(model, prompts, 2 * n + 1, **fresh), device)
                 per_step = (t_long - t_short) / n
                 overhead = t_short - n * per_step - prefill   # first step, capture / compile lookup
+                generate(model, prompts, n + 1, **kw)          # captures the graph `generate` keeps
+                t_repeat = timed(lambda: generate(model, prompts, n + 1, **kw), device)
+                repeat_overhead = t_repeat - n * per_step - prefill
                 rows.append(dict(model=name, batch=b, mode=mode, variant=variant, prefill_ms=prefill * 1e3,
                                  step_ms=per_step * 1e3, new_tokens_per_s=b / per_step,
-                                 call_overhead_ms=overhead * 1e3, warmup_s=warm))
+                                 call_overhead_ms=overhead * 1e3, repeat_call_overhead_ms=repeat_overhead * 1e3,
+                                 warmup_s=warm))
                 print(f"{name:12s} {variant:8s} batch {b:3d}  {mode:21s} prefill {prefill * 1e3:7.1f} ms  "
                       f"step {per_step * 1e3:7.2f} ms  {b / per_step:9.1f} new tokens/s  "
-                      f"per-call overhead {overhead * 1e3:6.1f} ms  (warm-up {warm:.1f} s)",
+                      f"per-call overhead {overhead * 1e3:6.1f} ms, repeated call {repeat_overhead * 1e3:6.1f} ms  "
+                      f"(warm-up {warm:.1f} s)",
                       flush=True)
                 if args.json:  # after every row: a time limit keeps what was measured
                     args.json.write_text(json.dumps(dict(device=device, torch=torch.__version__, results=rows),
