@@ -77,9 +77,10 @@ class _DecodeStep:
         return self.logits
 
 
-# The last captured decoding step of each model, for the next call of the same batch size and cache
-# size (capturing costs an eager step and a graph capture: tens to hundreds of ms at 244M). Weakly
-# keyed: it never keeps a model alive, and it is not part of the model (deepcopy, pickling).
+# The last decoding step (CUDA graph, KV cache) of each model, for the next call of the same batch
+# size and cache size (capturing costs an eager step and a graph capture: 30-50 ms at 244M on the
+# H200's host). Weakly keyed: it never keeps a model alive, and it is not part of the model
+# (deepcopy, pickling).
 _KEPT_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -119,9 +120,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     (recompute the whole sequence every step: slow, the reference the cached paths are tested against). `cuda_graph` (default: on CUDA with the static
     cache and at least 8 new tokens) replays each decoding step from a CUDA graph. `compile` runs the
     decoding step through torch.compile (static cache only; worth its compile time for long outputs).
-    `reuse_graph`: keep the captured step and its KV cache (not with `compile`) for the next call with
-    the same batch size and cache size (prompt length + max_new_tokens) while the weights are
-    unchanged; `release_decode_graphs(model)` frees them.
+    `reuse_graph`: keep the decoding step (its CUDA graph once captured) and its preallocated KV cache
+    (not with `compile`) for the next call with the same batch size and cache size (prompt length +
+    max_new_tokens) while the weights are unchanged; `release_decode_graphs(model)` frees them.
     """
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
@@ -162,8 +163,10 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
             capacity = -(-capacity // COMPILE_CAPACITY_STEP) * COMPILE_CAPACITY_STEP
         pad = torch.cat([pad, torch.zeros(B, capacity - L, dtype=torch.bool, device=device)], 1)
         # Compiled steps are not kept (the compiled module holds the model); dynamo caches their code.
-        key = (B, capacity, _state_signature(model)) if cuda_graph and reuse_graph and not compile else None
-        kept = _KEPT_STEPS.get(model) if key is not None else None
+        key = (B, capacity, cuda_graph, _state_signature(model)) if reuse_graph and not compile else None
+        # Taken out while in use (a nested call, e.g. from `on_token`, captures its own) and put back
+        # after a successful call.
+        kept = _KEPT_STEPS.pop(model, None) if key is not None else None
         if kept is not None and kept[0] == key:   # same shapes, same weights: replay the captured step
             step = kept[1]
             kv = step.cache
@@ -171,8 +174,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
             torch._foreach_zero_([e["pos"] for e in kv.values()])
             pad = step.mask.src_length_mask
         else:
-            if key is not None:
-                _KEPT_STEPS.pop(model, None)   # its memory is free before this call allocates
+            kept = None   # a kept step of other shapes is dropped: its memory is free before this call allocates
             kv = {i: new_static_cache(capacity) for i in range(model.n_layers)}
             step = _DecodeStep(model, AttentionMask(pad, None, is_causal=True), kv, cuda_graph, compile)
     elif cache == "dynamic":
@@ -231,6 +233,6 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
                 seq_pad = torch.cat([seq_pad, torch.zeros(B, 1, dtype=torch.bool, device=device)], 1)
     finally:
         model.train(was_training)
-    if key is not None and step.graph is not None:
+    if key is not None and max_new_tokens > 0:   # (with 0 new tokens the cache was never filled)
         _KEPT_STEPS[model] = (key, step)
     return out_tokens

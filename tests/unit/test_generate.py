@@ -40,6 +40,43 @@ def test_overlapped_step_launch_changes_no_token(model, overlap, monkeypatch):
     assert stopped == [t[:t.index(eos)] if eos in t else t for t in full]
 
 
+def test_kept_step_is_reused_only_while_valid():
+    """The static path keeps its step and cache per model: a call of the same batch and cache size
+    reuses them (new prompts and padding, stale cache slots masked), a nested call from `on_token`
+    gets its own, an in-place weight update or a new shape starts afresh, and the kept step neither
+    keeps its model alive nor stops it from being deep-copied."""
+    import copy
+    import gc
+    import weakref
+    from moeut import generate as gen_module
+    torch.manual_seed(1)
+    m = moeut.MoEUTLM(64, **moeut.profiles.MoEUT_tiny).eval()
+    first, second = [[1, 2, 3], list(range(5, 15))], [list(range(20, 30)), [9, 8]]   # both: longest 10
+    assert generate(m, first, 8) == generate(m, first, 8, cache="none")
+    kept = gen_module._KEPT_STEPS[m][1]
+    nested = []
+    inner = lambda row, t: nested or nested.append(generate(m, first, 8))   # noqa: E731
+    assert generate(m, second, 8, on_token=inner) == generate(m, second, 8, cache="none")
+    assert nested == [generate(m, first, 8, cache="none")]
+    assert gen_module._KEPT_STEPS[m][1] is kept   # the outer call's (reused) step is kept again
+    assert generate(m, second, 8) == generate(m, second, 8, cache="none")
+    assert gen_module._KEPT_STEPS[m][1] is kept
+    with torch.no_grad():
+        m.transformer.layers[0].attention.q.weight.mul_(3.0)
+    assert generate(m, second, 8) == generate(m, second, 8, cache="none")
+    assert gen_module._KEPT_STEPS[m][1] is not kept
+    assert generate(m, second, 9) == generate(m, second, 9, cache="none")   # another cache size
+    assert generate(m, second, 0) == [[], []]
+    copy.deepcopy(m)
+    gen_module.release_decode_graphs(m)
+    assert m not in gen_module._KEPT_STEPS
+    generate(m, first, 4)
+    ref = weakref.ref(m)
+    del m, kept
+    gc.collect()
+    assert ref() is None
+
+
 def test_static_cache_logits_match_full_forward():
     """Prefill + steps through a preallocated cache give the logits of one full causal forward."""
     from moeut.attention import new_static_cache
