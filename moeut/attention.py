@@ -69,8 +69,10 @@ def _heads_adjacent(q: Tensor, k: Tensor) -> bool:
     inference projection (`SwitchHeadRope._project_inference`): then [q; k] is one strided tensor.
     Without gradients only (autograd of `as_strided` is slow)."""
     H = q.shape[1]
-    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and q.shape == k.shape and q.stride() == k.stride()
-            and q.dtype == k.dtype and q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():   # (no storage to compare while tracing)
+        return False
+    return (q.shape == k.shape and q.stride() == k.stride() and q.dtype == k.dtype
+            and q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
             and k.storage_offset() == q.storage_offset() + H * q.stride(1))
 
 
@@ -313,7 +315,6 @@ class SwitchHeadRope(torch.nn.Module):
     def _select(self, logits: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Per-head router on selector logits [B, T, H*E]: (logits [B, T, H, E], gates [B, T, H, K],
         expert ids 0..E-1 within the head)."""
-        # the router ranks in fp32 (without an fp32 copy of the logits)
         logits = logits.view(*logits.shape[:-1], self.n_heads, self.n_experts)
         if self.training and self.expert_dropout > 0:
             scores = logits.float().sigmoid()
@@ -322,7 +323,8 @@ class SwitchHeadRope(torch.nn.Module):
                 expert = ranked.topk(self.moe_k, dim=-1, sorted=False).indices
             gate = scores.gather(-1, expert)
         else:
-            gate, expert = sigmoid_topk(logits, self.moe_k, fp32=True)  # one kernel on CUDA
+            # one kernel on CUDA; it ranks in fp32 without an fp32 copy of the logits
+            gate, expert = sigmoid_topk(logits, self.moe_k, fp32=True)
         return logits, gate, expert
 
     def forward_with_logits(self, q_src: Tensor, k_src: Tensor, v_src: Tensor, mask: Optional[AttentionMask],

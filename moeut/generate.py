@@ -117,9 +117,10 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     `on_token(row, token)` is called for every produced token (streaming). `cache`: "static" (a
     preallocated KV cache of prompt + max_new_tokens positions: fixed shapes, no copies), "dynamic"
     (the official growing dict cache; used for models with a user-supplied attention class) or "none"
-    (recompute the whole sequence every step: slow, the reference the cached paths are tested against). `cuda_graph` (default: on CUDA with the static
-    cache and at least 8 new tokens) replays each decoding step from a CUDA graph. `compile` runs the
-    decoding step through torch.compile (static cache only; worth its compile time for long outputs).
+    (recompute the whole sequence every step: slow, the reference the cached paths are tested
+    against). `cuda_graph` (default: on CUDA with the static cache and at least 8 new tokens) replays
+    each decoding step from a CUDA graph. `compile` runs the decoding step through torch.compile
+    (static cache only; worth its compile time for long outputs).
     `reuse_graph`: keep the decoding step (its CUDA graph once captured) and its preallocated KV cache
     (not with `compile`) for the next call with the same batch size and cache size (prompt length +
     max_new_tokens) while the weights are unchanged; `release_decode_graphs(model)` frees them.
