@@ -66,7 +66,7 @@ def _rope_qk(q: Tensor, k: Tensor, n_rotate: int, offset, base: float, q_scale: 
 
 def _heads_adjacent(q: Tensor, k: Tensor) -> bool:
     """Whether k's heads follow q's in memory with the same strides, as when both are slices of one
-    inference projection (`SwitchHeadRope._project_inference`): then [q; k] is one strided tensor.
+    projection (dense's QKV, `SwitchHeadRope._project_inference`): then [q; k] is one strided tensor.
     Without gradients only (autograd of `as_strided` is slow)."""
     H = q.shape[1]
     if torch.is_grad_enabled() or torch.compiler.is_compiling():   # (no storage to compare while tracing)
@@ -278,7 +278,6 @@ class SwitchHeadRope(torch.nn.Module):
         self.sel_o = torch.nn.Parameter(torch.empty(H * E, D))
         # Head h's experts are numbered h*E .. h*E+E-1 in the routing (not saved in state dicts).
         self.register_buffer("head_base", torch.arange(H).unsqueeze(-1) * E, persistent=False)
-        self._inference_weight: Optional[Tuple[tuple, Tensor]] = None   # see `_project_inference`
 
     @torch.no_grad()
     def reset_parameters(self, std_scale: float) -> None:
@@ -299,17 +298,12 @@ class SwitchHeadRope(torch.nn.Module):
         x.mul_(std_rows / x.std())
 
     def _project_inference(self, x: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
-        """(q, k [B, T, H*Dh], V- and O-selector logits [B, T, H*E]) of one input in one matmul, on
-        the weights concatenated once and kept until a parameter changes (no gradients: decoding
-        and scoring, where the four small matmuls were four launches reading the same input)."""
+        """(q, k [B, T, H*Dh], V- and O-selector logits [B, T, H*E]) of one input in one matmul (no
+        gradients: decoding and scoring, where the four small matmuls were four launches reading the
+        same input). The weights are concatenated at every call, not kept: a kept copy would miss
+        in-place updates made through `.data`, which no version counter records (a ~1 MB copy)."""
         parts = [self.q.weight, self.k.weight] + ([self.sel_v] if self.n_experts > 1 else []) + [self.sel_o]
-        # The parameters themselves are held, so a data_ptr cannot be reused while the key lives.
-        key = tuple((p, p.data_ptr(), p._version) for p in parts)
-        cached = self._inference_weight
-        if cached is None or len(cached[0]) != len(key) or any(
-                a[0] is not b[0] or a[1:] != b[1:] for a, b in zip(cached[0], key)):
-            cached = self._inference_weight = (key, torch.cat([p.detach() for p in parts]))
-        out = F.linear(x, cached[1]).split([p.shape[0] for p in parts], dim=-1)
+        out = F.linear(x, torch.cat(parts)).split([p.shape[0] for p in parts], dim=-1)
         return out[0], out[1], (out[2] if self.n_experts > 1 else None), out[-1]
 
     def _select(self, logits: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

@@ -85,9 +85,10 @@ _KEPT_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _state_signature(model) -> tuple:
-    """Changes whenever a parameter or buffer is replaced or updated in place; a graph reads tensors by
-    address, and SwitchHead's kept inference weight is only rebuilt outside the graph."""
-    return tuple((t.data_ptr(), t._version, t.dtype) for t in (*model.parameters(), *model.buffers()))
+    """Where and how the parameters and buffers are stored. A graph reads them by address, so values
+    updated in place (an optimizer step, even through `.data`) need no new capture; a moved,
+    converted or replaced tensor does."""
+    return tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in (*model.parameters(), *model.buffers()))
 
 
 def release_decode_graphs(model=None) -> None:
@@ -123,7 +124,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     (static cache only; worth its compile time for long outputs).
     `reuse_graph`: keep the decoding step (its CUDA graph once captured) and its preallocated KV cache
     (not with `compile`) for the next call with the same batch size and cache size (prompt length +
-    max_new_tokens) while the weights are unchanged; `release_decode_graphs(model)` frees them.
+    max_new_tokens) while the weights stay where they are (values updated in place are read anew);
+    `release_decode_graphs(model)` frees them.
     """
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")

@@ -154,8 +154,9 @@ def test_cuda_graph_generation_equals_recomputation(kind):
 
 def test_kept_decoding_graph_is_reused_only_while_valid():
     """A second call of the same batch and cache size replays the first call's graph (new prompts,
-    new padding); an in-place weight update makes the next call capture afresh; the kept step never
-    keeps its model alive, and the model still deep-copies."""
+    new padding), also after weights change in place (even through `.data`: the graph reads them);
+    a replaced weight makes the next call capture afresh; the kept step never keeps its model alive,
+    and the model still deep-copies."""
     import gc
     import weakref
     from moeut import generate as gen_module
@@ -170,8 +171,14 @@ def test_kept_decoding_graph_is_reused_only_while_valid():
     out = gen_module.generate(m, second, 12, cuda_graph=True)
     assert gen_module._KEPT_STEPS[m][1] is kept
     assert out == gen_module.generate(m, second, 12, cache="none")
+    att = m.transformer.layers[0].attention
     with torch.no_grad():
-        m.transformer.layers[0].attention.q.weight.mul_(3.0)
+        att.q.weight.mul_(3.0)
+    att.sel_o.data.mul_(-2.0)
+    out = gen_module.generate(m, second, 12, cuda_graph=True)
+    assert gen_module._KEPT_STEPS[m][1] is kept
+    assert out == gen_module.generate(m, second, 12, cache="none")
+    att.k.weight.data = att.k.weight.data * 2
     out = gen_module.generate(m, second, 12, cuda_graph=True)
     assert gen_module._KEPT_STEPS[m][1] is not kept
     assert out == gen_module.generate(m, second, 12, cache="none")

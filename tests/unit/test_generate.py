@@ -42,9 +42,9 @@ def test_overlapped_step_launch_changes_no_token(model, overlap, monkeypatch):
 
 def test_kept_step_is_reused_only_while_valid():
     """The static path keeps its step and cache per model: a call of the same batch and cache size
-    reuses them (new prompts and padding, stale cache slots masked), a nested call from `on_token`
-    gets its own, an in-place weight update or a new shape starts afresh, and the kept step neither
-    keeps its model alive nor stops it from being deep-copied."""
+    reuses them (new prompts and padding, stale cache slots masked) and sees weights updated in place,
+    a nested call from `on_token` gets its own, a replaced weight or a new shape starts afresh, and
+    the kept step neither keeps its model alive nor stops it from being deep-copied."""
     import copy
     import gc
     import weakref
@@ -61,8 +61,13 @@ def test_kept_step_is_reused_only_while_valid():
     assert gen_module._KEPT_STEPS[m][1] is kept   # the outer call's (reused) step is kept again
     assert generate(m, second, 8) == generate(m, second, 8, cache="none")
     assert gen_module._KEPT_STEPS[m][1] is kept
+    att = m.transformer.layers[0].attention
     with torch.no_grad():
-        m.transformer.layers[0].attention.q.weight.mul_(3.0)
+        att.q.weight.mul_(3.0)
+    att.sel_o.data.mul_(-2.0)   # unseen by version counters
+    assert generate(m, second, 8) == generate(m, second, 8, cache="none")
+    assert gen_module._KEPT_STEPS[m][1] is kept
+    att.k.weight.data = att.k.weight.data * 2   # replaced: another address
     assert generate(m, second, 8) == generate(m, second, 8, cache="none")
     assert gen_module._KEPT_STEPS[m][1] is not kept
     assert generate(m, second, 9) == generate(m, second, 9, cache="none")   # another cache size
