@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -247,6 +248,23 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask], kv_ca
     return out, kv_cache
 
 
+@contextmanager
+def frozen_inference_weights(model: torch.nn.Module):
+    """For a stretch of inference in which the weights do not change (one `generate` call): every
+    SwitchHead concatenates its Q/K/selector weights once on entry instead of at every forward. The
+    concatenation keeps its address from one stretch to the next, so a CUDA graph captured in an
+    earlier stretch reads the refreshed values."""
+    modules = [m for m in model.modules() if isinstance(m, SwitchHeadRope)]
+    before = [m._inference_weight_frozen for m in modules]
+    for m in modules:
+        m._freeze_inference_weight()
+    try:
+        yield
+    finally:
+        for m, was in zip(modules, before):
+            m._inference_weight_frozen = was
+
+
 class SwitchHeadRope(torch.nn.Module):
     def __init__(self, state_size: int, n_heads: int, n_experts: int, dropout: float = 0.0,
                  projection_size: Optional[int] = None, expert_dropout: float = 0.0, moe_k: int = 2,
@@ -278,6 +296,8 @@ class SwitchHeadRope(torch.nn.Module):
         self.sel_o = torch.nn.Parameter(torch.empty(H * E, D))
         # Head h's experts are numbered h*E .. h*E+E-1 in the routing (not saved in state dicts).
         self.register_buffer("head_base", torch.arange(H).unsqueeze(-1) * E, persistent=False)
+        self._inference_weight: Optional[Tensor] = None   # see `frozen_inference_weights`
+        self._inference_weight_frozen = False
 
     @torch.no_grad()
     def reset_parameters(self, std_scale: float) -> None:
@@ -297,14 +317,30 @@ class SwitchHeadRope(torch.nn.Module):
         x.div_(x.norm(dim=-1, keepdim=True))
         x.mul_(std_rows / x.std())
 
+    def _inference_parts(self):
+        return [self.q.weight, self.k.weight] + ([self.sel_v] if self.n_experts > 1 else []) + [self.sel_o]
+
     def _project_inference(self, x: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
         """(q, k [B, T, H*Dh], V- and O-selector logits [B, T, H*E]) of one input in one matmul (no
         gradients: decoding and scoring, where the four small matmuls were four launches reading the
-        same input). The weights are concatenated at every call, not kept: a kept copy would miss
-        in-place updates made through `.data`, which no version counter records (a ~1 MB copy)."""
-        parts = [self.q.weight, self.k.weight] + ([self.sel_v] if self.n_experts > 1 else []) + [self.sel_o]
-        out = F.linear(x, torch.cat(parts)).split([p.shape[0] for p in parts], dim=-1)
+        same input). The weights are concatenated at every call, except inside
+        `frozen_inference_weights`: a copy kept otherwise would miss in-place updates made through
+        `.data`, which no version counter records."""
+        parts = self._inference_parts()
+        w = self._inference_weight if self._inference_weight_frozen else torch.cat(parts)
+        out = F.linear(x, w).split([p.shape[0] for p in parts], dim=-1)
         return out[0], out[1], (out[2] if self.n_experts > 1 else None), out[-1]
+
+    @torch.no_grad()
+    def _freeze_inference_weight(self) -> None:
+        """Refresh the concatenated weight in place (its address survives, for kept CUDA graphs)."""
+        parts = self._inference_parts()
+        shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
+        w = self._inference_weight
+        if w is None or w.shape != shape or w.dtype != parts[0].dtype or w.device != parts[0].device:
+            w = self._inference_weight = parts[0].new_empty(shape)
+        torch.cat(parts, out=w)
+        self._inference_weight_frozen = True
 
     def _select(self, logits: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Per-head router on selector logits [B, T, H*E]: (logits [B, T, H, E], gates [B, T, H, K],

@@ -11,7 +11,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .attention import AttentionMask, new_static_cache
+from .attention import AttentionMask, frozen_inference_weights, new_static_cache
 
 COMPILE_CAPACITY_STEP = 256  # with compile=True the KV cache holds a multiple of this many positions
 OVERLAP_HOST = True   # launch the next decoding step before reading this one's tokens (False: benchmarks' baseline)
@@ -100,6 +100,70 @@ def release_decode_graphs(model=None) -> None:
         _KEPT_STEPS.pop(model, None)
 
 
+def _static_decode_step(model, pad, cuda_graph: bool, compile: bool, reuse_graph: bool):
+    """(step, key): the step kept from an earlier call if it has the same batch size, cache size
+    (pad [B, capacity]) and weight storage, with its cache rewound and `pad` copied into the mask it
+    reads; else a new step with a new cache. `key` (None: not to be kept) goes with it into
+    `_KEPT_STEPS` after a successful call."""
+    B, capacity = pad.shape
+    # Compiled steps are not kept (the compiled module holds the model); dynamo caches their code.
+    key = (B, capacity, cuda_graph, _state_signature(model)) if reuse_graph and not compile else None
+    # Taken out while in use (a nested call, e.g. from `on_token`, makes its own) and put back after.
+    kept = _KEPT_STEPS.pop(model, None) if key is not None else None
+    if kept is not None and kept[0] == key:
+        step = kept[1]
+        step.mask.src_length_mask.copy_(pad)   # a captured graph reads the padding mask in place
+        torch._foreach_zero_([e["pos"] for e in step.cache.values()])
+        return step, key
+    del kept   # one of other shapes: its memory is free before this call allocates
+    kv = {i: new_static_cache(capacity) for i in range(model.n_layers)}
+    return _DecodeStep(model, AttentionMask(pad, None, is_causal=True), kv, cuda_graph, compile), key
+
+
+def _decode_static(model, x, pad, kv, step: _DecodeStep, sample, take, max_new_tokens: int) -> None:
+    """Prefill, then one `step` per new token until `take` (which records a step's tokens) says all
+    rows are done. Step i+1 is launched before step i's tokens are read on the host."""
+    if max_new_tokens == 0:
+        return
+    nxt = sample(model(x, AttentionMask(pad, None, is_causal=True), kv_cache=kv).outputs[:, -1])
+    on_gpu = x.device.type == "cuda"
+    host = torch.empty(x.shape[0], dtype=torch.long, pin_memory=on_gpu)
+    for i_step in range(max_new_tokens):
+        host.copy_(nxt, non_blocking=on_gpu)
+        if on_gpu:
+            copied = torch.cuda.Event()
+            copied.record()
+        last = i_step + 1 == max_new_tokens
+        following = None
+        if OVERLAP_HOST and not last:
+            # Launched before this step's tokens reach the host, so the device computes the next step
+            # while the host streams and checks these (at worst one step for nothing).
+            following = sample(step(nxt[:, None]))
+        if on_gpu:
+            copied.synchronize()
+        if take(host.tolist()) or last:
+            return
+        nxt = following if following is not None else sample(step(nxt[:, None]))
+
+
+def _decode_recomputing(model, x, pad, kv: Optional[dict], sample, take, max_new_tokens: int) -> None:
+    """The official growing dict cache (kv = {}) or, with kv None, the whole sequence recomputed at
+    every step (the reference the cached paths are tested against)."""
+    seq, seq_pad = x, pad
+    for i_step in range(max_new_tokens):
+        if kv is not None:
+            out = model(x if i_step == 0 else nxt[:, None], AttentionMask(seq_pad, None, is_causal=True),
+                        kv_cache=kv)
+            kv, logits = out.cache, out.outputs[:, -1]
+        else:
+            logits = model(seq, AttentionMask(seq_pad, None, is_causal=True)).outputs[:, -1]
+        nxt = sample(logits)
+        if take(nxt.tolist()):   # one device sync per step
+            return
+        seq = torch.cat([seq, nxt[:, None]], 1)
+        seq_pad = torch.cat([seq_pad, torch.zeros(x.shape[0], 1, dtype=torch.bool, device=x.device)], 1)
+
+
 def _supports_static_cache(model) -> bool:
     """Our attention modules understand preallocated caches; a user-supplied attention class with the
     official interface only knows the growing dict."""
@@ -165,21 +229,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
         if compile:  # compiled code is specialised on the cache size: let calls of similar lengths share it
             capacity = -(-capacity // COMPILE_CAPACITY_STEP) * COMPILE_CAPACITY_STEP
         pad = torch.cat([pad, torch.zeros(B, capacity - L, dtype=torch.bool, device=device)], 1)
-        # Compiled steps are not kept (the compiled module holds the model); dynamo caches their code.
-        key = (B, capacity, cuda_graph, _state_signature(model)) if reuse_graph and not compile else None
-        # Taken out while in use (a nested call, e.g. from `on_token`, captures its own) and put back
-        # after a successful call.
-        kept = _KEPT_STEPS.pop(model, None) if key is not None else None
-        if kept is not None and kept[0] == key:   # same shapes, same weights: replay the captured step
-            step = kept[1]
-            kv = step.cache
-            step.mask.src_length_mask.copy_(pad)   # the graph reads the padding mask in place
-            torch._foreach_zero_([e["pos"] for e in kv.values()])
-            pad = step.mask.src_length_mask
-        else:
-            kept = None   # a kept step of other shapes is dropped: its memory is free before this call allocates
-            kv = {i: new_static_cache(capacity) for i in range(model.n_layers)}
-            step = _DecodeStep(model, AttentionMask(pad, None, is_causal=True), kv, cuda_graph, compile)
+        step, key = _static_decode_step(model, pad, cuda_graph, compile, reuse_graph)
+        kv, pad = step.cache, step.mask.src_length_mask
     elif cache == "dynamic":
         kv = {}
 
@@ -196,44 +247,13 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
                 on_token(i, t)
         return all(done)
 
-    seq, seq_pad = x, pad
+    sample = lambda logits: pick_next(logits.float(), temperature, top_k, top_p, gen)   # noqa: E731
     try:
-        if cache == "static" and max_new_tokens > 0:
-            logits = model(x, AttentionMask(pad, None, is_causal=True), kv_cache=kv).outputs[:, -1]   # prefill
-            nxt = pick_next(logits.float(), temperature, top_k, top_p, gen)
-            on_gpu = device.type == "cuda"
-            host = torch.empty(B, dtype=torch.long, pin_memory=on_gpu)
-            for i_step in range(max_new_tokens):
-                host.copy_(nxt, non_blocking=on_gpu)
-                if on_gpu:
-                    copied = torch.cuda.Event()
-                    copied.record()
-                last = i_step + 1 == max_new_tokens
-                following = None
-                if OVERLAP_HOST and not last:
-                    # Launched before this step's tokens reach the host, so the device computes the
-                    # next step while the host streams and checks these (at worst one step for nothing).
-                    following = pick_next(step(nxt[:, None]).float(), temperature, top_k, top_p, gen)
-                if on_gpu:
-                    copied.synchronize()
-                if take(host.tolist()) or last:
-                    break
-                if following is None:
-                    following = pick_next(step(nxt[:, None]).float(), temperature, top_k, top_p, gen)
-                nxt = following
-        elif cache != "static":
-            for i_step in range(max_new_tokens):
-                if cache == "dynamic":
-                    step_in = x if i_step == 0 else nxt[:, None]
-                    out = model(step_in, AttentionMask(seq_pad, None, is_causal=True), kv_cache=kv)
-                    kv, logits = out.cache, out.outputs[:, -1]
-                else:
-                    logits = model(seq, AttentionMask(seq_pad, None, is_causal=True)).outputs[:, -1]
-                nxt = pick_next(logits.float(), temperature, top_k, top_p, gen)
-                if take(nxt.tolist()):   # one device sync per step
-                    break
-                seq = torch.cat([seq, nxt[:, None]], 1)
-                seq_pad = torch.cat([seq_pad, torch.zeros(B, 1, dtype=torch.bool, device=device)], 1)
+        with frozen_inference_weights(model):   # the weights are constant during one call
+            if cache == "static":
+                _decode_static(model, x, pad, kv, step, sample, take, max_new_tokens)
+            else:
+                _decode_recomputing(model, x, pad, kv, sample, take, max_new_tokens)
     finally:
         model.train(was_training)
     if key is not None and max_new_tokens > 0:   # (with 0 new tokens the cache was never filled)

@@ -67,6 +67,7 @@ def test_kept_step_is_reused_only_while_valid():
     att.sel_o.data.mul_(-2.0)   # unseen by version counters
     assert generate(m, second, 8) == generate(m, second, 8, cache="none")
     assert gen_module._KEPT_STEPS[m][1] is kept
+    assert torch.equal(att._inference_weight, torch.cat(att._inference_parts()))   # refreshed per call
     att.k.weight.data = att.k.weight.data * 2   # replaced: another address
     assert generate(m, second, 8) == generate(m, second, 8, cache="none")
     assert gen_module._KEPT_STEPS[m][1] is not kept

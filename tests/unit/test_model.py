@@ -111,6 +111,16 @@ def test_inference_projection_equals_training_path_and_follows_weight_updates(cf
             for p in (att.q.weight, att.k.weight):
                 p.add_(0.5 * torch.randn_like(p))
         att.sel_o.data.mul_(-2.0)
+    # inside `frozen_inference_weights` the concatenation is made once on entry, and again on the
+    # next entry after any update
+    from moeut.attention import frozen_inference_weights
+    for update in range(2):
+        with torch.no_grad(), frozen_inference_weights(m):
+            frozen = m(x).outputs
+            assert att._inference_weight_frozen
+        assert not att._inference_weight_frozen
+        torch.testing.assert_close(frozen, m(x).outputs.detach(), rtol=1e-5, atol=1e-5)
+        att.sel_o.data.mul_(-2.0)
     q_src = torch.randn(2, 5, cfg["d_model"])
     with torch.no_grad():
         q, k, sel_v, sel_o = att._project_inference(q_src)
