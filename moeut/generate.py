@@ -120,12 +120,13 @@ def _static_decode_step(model, pad, cuda_graph: bool, compile: bool, reuse_graph
     return _DecodeStep(model, AttentionMask(pad, None, is_causal=True), kv, cuda_graph, compile), key
 
 
-def _decode_static(model, x, pad, kv, step: _DecodeStep, sample, take, max_new_tokens: int) -> None:
-    """Prefill, then one `step` per new token until `take` (which records a step's tokens) says all
-    rows are done. Step i+1 is launched before step i's tokens are read on the host."""
+def _decode_static(model, x, step: _DecodeStep, sample, take, max_new_tokens: int) -> None:
+    """Prefill into the step's cache, then one `step` per new token until `take` (which records a
+    step's tokens) says all rows are done. Step i+1 is launched before step i's tokens are read on
+    the host."""
     if max_new_tokens == 0:
         return
-    nxt = sample(model(x, AttentionMask(pad, None, is_causal=True), kv_cache=kv).outputs[:, -1])
+    nxt = sample(model(x, step.mask, kv_cache=step.cache).outputs[:, -1])
     on_gpu = x.device.type == "cuda"
     host = torch.empty(x.shape[0], dtype=torch.long, pin_memory=on_gpu)
     for i_step in range(max_new_tokens):
@@ -230,7 +231,6 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
             capacity = -(-capacity // COMPILE_CAPACITY_STEP) * COMPILE_CAPACITY_STEP
         pad = torch.cat([pad, torch.zeros(B, capacity - L, dtype=torch.bool, device=device)], 1)
         step, key = _static_decode_step(model, pad, cuda_graph, compile, reuse_graph)
-        kv, pad = step.cache, step.mask.src_length_mask
     elif cache == "dynamic":
         kv = {}
 
@@ -251,7 +251,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     try:
         with frozen_inference_weights(model):   # the weights are constant during one call
             if cache == "static":
-                _decode_static(model, x, pad, kv, step, sample, take, max_new_tokens)
+                _decode_static(model, x, step, sample, take, max_new_tokens)
             else:
                 _decode_recomputing(model, x, pad, kv, sample, take, max_new_tokens)
     finally:
