@@ -63,6 +63,19 @@ run train_cast 360 bash -c "python3 benchmarks/train_throughput.py --steps 6 \
   --models moeut-244M:16,dense-244M:16 --json $OUT/train_cast_graph_default.json && MOEUT_WEIGHT_CAST=1 \
   python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16 \
   --json $OUT/train_cast_graph_in_kernel.json"
+# One bf16 copy per expert weight and forward, gradients summed in the kernel (default) against a
+# cast per application and autograd's sums (MOEUT_SHARE_WEIGHTS=0), eager and graphed, same call.
+run train_share 420 bash -c "python3 benchmarks/train_throughput.py --steps 6 \
+  --models moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8 --json $OUT/train_share.json && \
+  MOEUT_SHARE_WEIGHTS=0 python3 benchmarks/train_throughput.py --steps 6 --models moeut-244M:16,moeut-1B:8 \
+  --json $OUT/train_noshare.json && python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8 --json $OUT/train_share_graph.json && \
+  MOEUT_SHARE_WEIGHTS=0 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16,moeut-1B:8 \
+  --json $OUT/train_noshare_graph.json"
+run profile_1B 90 python3 benchmarks/profile_step.py --model moeut-1B --batch 8 --top 30
+# The tests of what changed most recently (edit the -k expression to suit).
+run tests_recent 300 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=5 \
+  -k "${RECENT_TESTS:-shared or triton or deterministic or graphed or compile}"
 run decode 200 python3 benchmarks/decode.py --new-tokens 128 --modes static+graph \
   --variants default,separate-qk,no-overlap --json "$OUT/decode.json"
 run decode_profile 120 python3 benchmarks/decode_profile.py --top 16

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .fused import use_fused
+from .shared_weights import GradSink, shared_operand
 
 __all__ = ["Routing", "route", "expert_mm", "expert_mm_combine", "combine", "reference_expert_mm", "fp64_reference",
            "row_dot"]
@@ -206,6 +207,33 @@ def _(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype):
     return grad.new_empty(offsets.shape[0] - 1, x.shape[1], grad.shape[1], dtype=out_dtype)
 
 
+@torch.library.custom_op("moeut::grouped_mm_weight_grad_add", mutates_args=("acc",))
+def grouped_mm_weight_grad_add(acc: Tensor, x: Tensor, grad: Tensor, offsets: Tensor, rows: Optional[Tensor],
+                               grad_rows: Optional[Tensor], grad_scale: Optional[Tensor]) -> None:
+    """acc += grouped_mm_weight_grad(x, grad, ..., acc.dtype): the Triton kernel adds its fp32 tile to
+    acc's in its epilogue (one pass over acc instead of a separate add); the same rounding as the add."""
+    torch._check(acc.shape == (offsets.shape[0] - 1, x.shape[1], grad.shape[1]),
+                 lambda: f"grouped_mm_weight_grad_add: accumulator of shape {tuple(acc.shape)}")
+    if use_fused(x):
+        from .triton_expert_mm import grouped_mm_weight_grad_triton
+        grouped_mm_weight_grad_triton(x, grad, offsets, rows, grad_rows, grad_scale, acc.dtype, accumulate_into=acc)
+    else:
+        acc.add_(_weight_grad_torch(x, grad, offsets, rows, grad_rows, grad_scale, acc.dtype))
+
+
+def _weight_grad(sink: Optional[GradSink], x: Tensor, grad: Tensor, offsets: Tensor, rows: Optional[Tensor],
+                 grad_rows: Optional[Tensor], grad_scale: Optional[Tensor], out_dtype: torch.dtype) -> Optional[Tensor]:
+    """The weight gradient of one application: returned, or (a weight shared within the forward pass,
+    see `shared_weights.py`) added into its sink, and None returned."""
+    if sink is None:
+        return grouped_mm_weight_grad(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype)
+    if sink.grad is None:
+        sink.grad = grouped_mm_weight_grad(x, grad, offsets, rows, grad_rows, grad_scale, sink.dtype)
+    else:
+        grouped_mm_weight_grad_add(sink.grad, x, grad, offsets, rows, grad_rows, grad_scale)
+    return None
+
+
 @torch.library.custom_op("moeut::row_dot", mutates_args=())
 def row_dot(a: Tensor, b: Tensor, b_rows: Optional[Tensor], scale: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """(dot [N] fp32, scaled [N, I] or [0, I]): dot[n] = <a[n], b[b_rows[n]]> accumulated in fp32 (fp64
@@ -265,9 +293,9 @@ class _ExpertMM(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_RI, w_master, offsets_E1, rows_N, slot_N, dtype):
+    def forward(ctx, x_RI, w_master, offsets_E1, rows_N, slot_N, dtype, sink):
         ctx.save_for_backward(x_RI, w_master, offsets_E1, rows_N, slot_N)
-        ctx.dtype = dtype
+        ctx.dtype, ctx.sink = dtype, sink
         return grouped_mm(_operand(x_RI, dtype), _operand(w_master, dtype, weight=True), offsets_E1, rows_N,
                           None, None)
 
@@ -285,8 +313,8 @@ class _ExpertMM(torch.autograd.Function):
                                       x_RI.shape[0])
             grad_x = grad_x.to(x_master.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = grouped_mm_weight_grad(x_RI, grad_NO, offsets_E1, rows_N, None, None, w_master.dtype)
-        return grad_x, grad_w, None, None, None, None
+            grad_w = _weight_grad(ctx.sink, x_RI, grad_NO, offsets_E1, rows_N, None, None, w_master.dtype)
+        return grad_x, grad_w, None, None, None, None, None
 
 
 class _ExpertMMCombine(torch.autograd.Function):
@@ -300,12 +328,12 @@ class _ExpertMMCombine(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_RI, w_master, gate_XC, offsets_E1, rows_N, slot_N, dtype):
+    def forward(ctx, x_RI, w_master, gate_XC, offsets_E1, rows_N, slot_N, dtype, sink):
         # The gates are read in (group, choice) order at each row's destination: no permuted copy.
         out_SO = grouped_mm(_operand(x_RI, dtype), _operand(w_master, dtype, weight=True), offsets_E1, rows_N,
                             gate_XC.reshape(-1), slot_N, scale_at_dst=True)
         ctx.save_for_backward(x_RI, w_master, gate_XC, offsets_E1, rows_N, slot_N)
-        ctx.dtype = dtype
+        ctx.dtype, ctx.sink = dtype, sink
         return _sum_choices(out_SO, gate_XC.shape[0])
 
     @staticmethod
@@ -339,10 +367,10 @@ class _ExpertMMCombine(torch.autograd.Function):
         grad_gate = grad_gate_N.new_empty(N).index_copy_(0, slot_N, grad_gate_N).view(X, C).to(gate_XC.dtype)
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = grouped_mm_weight_grad(x_RI, grad_XO, offsets_E1, rows_N, group_N, gate_N, w_master.dtype)
+            grad_w = _weight_grad(ctx.sink, x_RI, grad_XO, offsets_E1, rows_N, group_N, gate_N, w_master.dtype)
         if grad_x is not None:
             grad_x = grad_x.to(x_master.dtype)
-        return grad_x, grad_w, grad_gate, None, None, None, None
+        return grad_x, grad_w, grad_gate, None, None, None, None, None
 
 
 def _compute_dtype(x: Tensor, w: Tensor) -> torch.dtype:
@@ -355,14 +383,21 @@ def _compute_dtype(x: Tensor, w: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _weight_operand(w_EIO: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Optional[GradSink]]:
+    """The forward pass's shared copy of w and its gradient sink inside `share_weights`, else w itself."""
+    shared, sink = shared_operand(w_EIO, dtype)
+    return (w_EIO, None) if shared is None else (shared, sink)
+
+
 def expert_mm(x_RI: Tensor, w_EIO: Tensor, routing: Routing, gather: bool = True) -> Tensor:
     """Routed rows [N, O]: row n is x[rows[n]] @ w[expert of n] (gather=False: x is already routed).
 
     Under autocast the product is computed in the autocast dtype, like `F.linear`.
     """
     dtype = _compute_dtype(x_RI, w_EIO)
+    w_EIO, sink = _weight_operand(w_EIO, dtype)
     rows = routing.rows_N if gather else None
-    return _ExpertMM.apply(x_RI.contiguous(), w_EIO, routing.offsets_E1, rows, routing.slot_N, dtype)
+    return _ExpertMM.apply(x_RI.contiguous(), w_EIO, routing.offsets_E1, rows, routing.slot_N, dtype, sink)
 
 
 def expert_mm_combine(x_RI: Tensor, w_EIO: Tensor, routing: Routing, gate_XC: Tensor, gather: bool = True) -> Tensor:
@@ -371,8 +406,10 @@ def expert_mm_combine(x_RI: Tensor, w_EIO: Tensor, routing: Routing, gate_XC: Te
     dtype = _compute_dtype(x_RI, w_EIO)
     if gate_XC.numel() != routing.slot_N.numel():
         raise ValueError(f"expert_mm_combine: {gate_XC.numel()} gates for {routing.slot_N.numel()} routed rows")
+    w_EIO, sink = _weight_operand(w_EIO, dtype)
     rows = routing.rows_N if gather else None
-    return _ExpertMMCombine.apply(x_RI.contiguous(), w_EIO, gate_XC, routing.offsets_E1, rows, routing.slot_N, dtype)
+    return _ExpertMMCombine.apply(x_RI.contiguous(), w_EIO, gate_XC, routing.offsets_E1, rows, routing.slot_N, dtype,
+                                  sink)
 
 
 def fp64_reference(x_RI: Tensor, w_EIO: Tensor, grad_NO: Tensor, routing: Routing):

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionMask, KVCache, SwitchHeadRope, begin_static_step, check_mask, end_static_step
 from .moe import SigmaMoE, negative_entropy, selection_probability_sum
+from .shared_weights import begin_share, end_share
 
 MultilayerKVCache = Optional[Dict[int, KVCache]]
 
@@ -184,23 +185,31 @@ class MoEUT(torch.nn.Module):
         n_positions = [0 for _ in self.layers]
         new_cache = {}
         router_logits = [] if self.collect_router_logits else None
-        for r in range(self.n_repeats):
-            for li, layer in enumerate(self.layers):
-                li_abs = r * len(self.layers) + li
-                cache = kv_cache.get(li_abs, {}) if kv_cache is not None else None
-                if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                    x, new_cache[li_abs], f_log, a_log = checkpoint(
-                        layer.forward_with_logits, x, mask, cache, use_reentrant=False)
-                else:
-                    x, new_cache[li_abs], f_log, a_log = layer.forward_with_logits(x, mask, cache)
-                if router_logits is not None:
-                    router_logits.append(f_log.detach())
-                if self.training:
-                    n_positions[li] += f_log.shape[1]
-                    for which, logits in enumerate([f_log] + list(a_log or ())):
-                        s = selection_probability_sum(logits)
-                        prev = prob_sums[li][which]
-                        prob_sums[li][which] = s if prev is None else prev + s
+        checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        # Under autocast, one low-precision copy of each expert weight serves all of this forward's
+        # layer applications, and their weight gradients are summed in place (`shared_weights.py`).
+        autocast = torch.is_autocast_enabled(x.device.type)
+        share = begin_share(torch.get_autocast_dtype(x.device.type) if autocast and not checkpointing else None)
+        try:
+            for r in range(self.n_repeats):
+                for li, layer in enumerate(self.layers):
+                    li_abs = r * len(self.layers) + li
+                    cache = kv_cache.get(li_abs, {}) if kv_cache is not None else None
+                    if checkpointing:
+                        x, new_cache[li_abs], f_log, a_log = checkpoint(
+                            layer.forward_with_logits, x, mask, cache, use_reentrant=False)
+                    else:
+                        x, new_cache[li_abs], f_log, a_log = layer.forward_with_logits(x, mask, cache)
+                    if router_logits is not None:
+                        router_logits.append(f_log.detach())
+                    if self.training:
+                        n_positions[li] += f_log.shape[1]
+                        for which, logits in enumerate([f_log] + list(a_log or ())):
+                            s = selection_probability_sum(logits)
+                            prev = prob_sums[li][which]
+                            prob_sums[li][which] = s if prev is None else prev + s
+        finally:
+            end_share(share)
 
         if shared_step:
             end_static_step(kv_cache, T)

@@ -209,13 +209,14 @@ if triton is not None:
             tl.store(out_rows + cols[None, :] * soo, acc.to(out_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & col_ok[None, :])
 
-    @triton.autotune(configs=_wgrad_configs(), key=["I", "O", "GATHER", "GGATHER", "GSCALE", "FP32"])
+    @triton.autotune(configs=_wgrad_configs(), key=["I", "O", "GATHER", "GGATHER", "GSCALE", "FP32", "ACCUMULATE"],
+                     restore_value=["out_ptr"])   # benchmark runs must not add into an accumulator twice
     @triton.jit
     def _weight_grad_kernel(x_ptr, g_ptr, out_ptr, offsets_ptr, rows_ptr, grows_ptr, gscale_ptr,
                             I, O,
                             sxr, sxi, sgr, sgo, soe, soi, soo,
                             GATHER: tl.constexpr, GGATHER: tl.constexpr, GSCALE: tl.constexpr,
-                            FP32: tl.constexpr,
+                            FP32: tl.constexpr, ACCUMULATE: tl.constexpr,
                             BI: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr):
         n_o = tl.cdiv(O, BO)
         n_tiles = tl.cdiv(I, BI) * n_o
@@ -249,6 +250,8 @@ if triton is not None:
                 b = (b.to(tl.float32) * s[:, None]).to(g_ptr.dtype.element_ty)
             acc = _dot(a, b, acc, FP32)
         o_ptrs = out_ptr + e.to(tl.int64) * soe + ii[:, None] * soi + oo[None, :] * soo
+        if ACCUMULATE:  # out += this tile: one rounding, as a separate add would do
+            acc += tl.load(o_ptrs, mask=i_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & o_ok[None, :])
 
 
@@ -363,10 +366,14 @@ def grouped_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: O
 def grouped_mm_weight_grad_triton(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
                                   grad_rows_N: Optional[Tensor] = None,
                                   grad_scale_N: Optional[Tensor] = None,
-                                  out_dtype: Optional[torch.dtype] = None) -> Tensor:
+                                  out_dtype: Optional[torch.dtype] = None,
+                                  accumulate_into: Optional[Tensor] = None) -> Tensor:
+    """The weight gradient [E, I, O], or (accumulate_into) that tensor with the gradient added to it."""
     E = offsets_E1.numel() - 1
     I, O = x_RI.shape[1], grad_MO.shape[1]
-    out_EIO = torch.empty(E, I, O, device=x_RI.device, dtype=out_dtype or x_RI.dtype)
+    out_EIO = accumulate_into
+    if out_EIO is None:
+        out_EIO = torch.empty(E, I, O, device=x_RI.device, dtype=out_dtype or x_RI.dtype)
     x_RI, grad_MO = aligned(x_RI), aligned(grad_MO)
     unused = offsets_E1
     scale = grad_scale_N.float().contiguous() if grad_scale_N is not None else None
@@ -379,7 +386,8 @@ def grouped_mm_weight_grad_triton(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Ten
                               x_RI.stride(0), x_RI.stride(1), grad_MO.stride(0), grad_MO.stride(1),
                               out_EIO.stride(0), out_EIO.stride(1), out_EIO.stride(2),
                               GATHER=rows_N is not None, GGATHER=grad_rows_N is not None,
-                              GSCALE=grad_scale_N is not None, FP32=x_RI.dtype == torch.float32)
+                              GSCALE=grad_scale_N is not None, FP32=x_RI.dtype == torch.float32,
+                              ACCUMULATE=accumulate_into is not None)
     return out_EIO
 
 

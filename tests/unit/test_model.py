@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import moeut
-from moeut import AttentionMask, MoEUT, MoEUTLM, profiles
+from moeut import AttentionMask, MoEUT, MoEUTLM, profiles, shared_weights
 from moeut.moe import selection_entropy_loss
 
 
@@ -196,6 +196,61 @@ def test_activation_checkpointing_gives_same_gradients():
         torch.testing.assert_close(a, b)
 
 
+def _autocast_grads(model, x, share, monkeypatch):
+    monkeypatch.setattr(shared_weights, "ENABLED", share)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = model(x)
+        loss = F.cross_entropy(out.outputs.float().flatten(0, 1), x.flatten()) + out.reg_loss
+    loss.backward()
+    return out.outputs.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_weight_copies_give_the_per_application_gradients(checkpointing, monkeypatch):
+    """One bf16 copy per expert weight and forward, with the applications' weight gradients summed
+    in place (`shared_weights.py`), computes exactly what casting at every application and letting
+    autograd sum did: same outputs, bit-identical fp32 gradients, and every parameter's gradient
+    delivered once, as an ordinary `.grad` (what DDP's hooks and clipping see)."""
+    torch.manual_seed(0)
+    m = MoEUTLM(30, **small(n_layers=6)).train()    # each layer applied 3 times
+    m.transformer.activation_checkpointing = checkpointing
+    x = torch.randint(0, 30, (2, 9))
+    out_ref, ref = _autocast_grads(m, x, False, monkeypatch)
+    hook_calls = {}
+    handles = [p.register_post_accumulate_grad_hook(lambda p, n=n: hook_calls.__setitem__(n, hook_calls.get(n, 0) + 1))
+               for n, p in m.named_parameters()]
+    out, got = _autocast_grads(m, x, True, monkeypatch)
+    for h in handles:
+        h.remove()
+    assert torch.equal(out, out_ref)
+    for n in ref:
+        assert got[n].dtype == torch.float32 and torch.equal(got[n], ref[n]), n
+    assert hook_calls == {n: 1 for n in ref}
+    # gradients accumulate across backward passes (micro-batches) as usual
+    with torch.autocast("cpu", torch.bfloat16):
+        out2 = m(x)
+    (F.cross_entropy(out2.outputs.float().flatten(0, 1), x.flatten()) + out2.reg_loss).backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * ref[n], rtol=1e-6, atol=1e-9)
+
+
+def test_shared_weight_copy_with_another_consumer():
+    """A shared copy that something other than an expert projection also reads gets both gradients."""
+    w = torch.randn(3, 4, 5, requires_grad=True)
+    with shared_weights.share_weights(torch.bfloat16):
+        copy, sink = shared_weights.shared_operand(w, torch.bfloat16)
+        again, _ = shared_weights.shared_operand(w, torch.bfloat16)
+        assert again is copy and copy.dtype == torch.bfloat16 and torch.equal(copy, w.detach().bfloat16())
+        sink.grad = torch.full((3, 4, 5), 2.0)           # what an expert projection's backward adds
+        (copy.float() * 3).sum().backward()              # an ordinary consumer
+    assert torch.equal(w.grad, torch.full((3, 4, 5), 5.0))
+    assert shared_weights.shared_operand(w, torch.bfloat16) == (None, None)   # scope closed
+    with shared_weights.share_weights(torch.bfloat16), torch.no_grad():
+        copy, sink = shared_weights.shared_operand(w, torch.bfloat16)
+        assert sink is None and not copy.requires_grad
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_compiles_without_graph_breaks(autocast):
     """fullgraph: the whole training forward and backward is one graph, also under bf16 autocast
@@ -281,27 +336,34 @@ def test_runs_without_triton_installed():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
-def test_no_per_application_weight_copies_saved():
+@pytest.mark.parametrize("share", [True, False], ids=["shared", "per_application"])
+def test_no_per_application_weight_copies_saved(share, monkeypatch):
     """Under bf16 autocast a shared layer applied many times must not keep a low-precision copy of
     its expert weights per application (they were 4 GiB of a 244M training step), nor rounded copies
-    of inputs that are saved in fp32 anyway: only parameters and needed activations are saved."""
+    of inputs that are saved in fp32 anyway: only parameters, needed activations and (shared weights,
+    `shared_weights.py`) one bf16 copy of each expert weight for all applications are saved."""
+    monkeypatch.setattr(shared_weights, "ENABLED", share)
     torch.manual_seed(0)
     cfg = {**profiles.MoEUT_tiny, "n_layers": 8}   # each of the 2 layers applied 4 times
     m = moeut.MoEUTLM(100, **cfg).train()
     weight_shapes = {tuple(p.shape) for n, p in m.named_parameters() if p.dim() == 3}
-    saved, rows_D = [], set()
+    saved, rows_D, weight_copies = [], set(), set()
 
     def pack(t):
         if not (t.is_leaf and t.requires_grad):
             saved.append(tuple(t.shape))
             if tuple(t.shape) == (32, cfg["d_model"]) and t.dtype == torch.bfloat16:
                 rows_D.add(t.untyped_storage().data_ptr())
+            if tuple(t.shape) in weight_shapes:
+                assert t.dtype == torch.bfloat16
+                weight_copies.add(t.untyped_storage().data_ptr())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast("cpu", torch.bfloat16):
             out = m(torch.randint(0, 100, (2, 16)))
-    assert not [s for s in saved if s in weight_shapes]
+    n_expert_weights = sum(1 for p in m.parameters() if p.dim() == 3)
+    assert len(weight_copies) == (n_expert_weights if share else 0)
     # bf16 [tokens, d_model] copies per application: the normalised attention input once (not once
     # per consumer: Q, K and two routers) and the FFN router's input; +1 for the LM head. The expert
     # projections keep no rounded copy of their fp32 inputs (LayerNorm saves those anyway).

@@ -202,3 +202,49 @@ def test_aligned_copies_keep_values_and_fix_row_strides():
         assert a.dtype == torch.bfloat16 and torch.equal(a, t.to(torch.bfloat16))
         assert (a.stride() != t.stride()) == padded
     assert aligned(ok, copy_dtype=torch.bfloat16) is ok   # aligned and no copy asked for
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_weight_grad_accumulates_in_place(dtype):
+    """accumulate_into: the kernel adds its fp32 tile into the accumulator (a shared weight's gradient
+    summed over applications): equal to a separate add, and experts without rows keep their sums."""
+    R, K, E, I, O = 23, 2, 6, 20, 24
+    gen = torch.Generator().manual_seed(5)
+    expert = 2 * torch.randint(0, E // 2, (R, K), generator=gen)     # odd experts get no rows
+    r = route(expert, E)
+    x = torch.randn(R, I, generator=gen).to(dtype)
+    g_R = torch.randn(R, O, generator=gen).to(dtype)
+    gate = torch.rand(R * K, generator=gen)
+    acc0 = torch.randn(E, I, O, generator=gen)
+    for args in ((x, g_R.repeat_interleave(K, 0)[r.slot_N], r.offsets_E1, r.rows_N),
+                 (x, g_R, r.offsets_E1, r.rows_N, r.rows_N, gate[r.slot_N])):
+        acc = acc0.clone()
+        out = grouped_mm_weight_grad_triton(*args, out_dtype=torch.float32, accumulate_into=acc)
+        assert out is acc
+        fresh = grouped_mm_weight_grad_triton(*args, out_dtype=torch.float32)
+        assert torch.equal(acc, acc0 + fresh)
+        assert torch.equal(acc[1::2], acc0[1::2])
+
+
+def test_shared_weights_through_the_kernels_match_per_application(monkeypatch):
+    """A training step's gradients with one shared bf16 copy per weight, summed by the weight-gradient
+    kernel in place, equal those of casting per application and summing with autograd."""
+    from moeut import MoEUTLM, expert_mm, fused, shared_weights
+    import torch.nn.functional as F
+    monkeypatch.setattr(expert_mm, "use_fused", lambda t, switch=None: switch is None)   # kernels, interpreted
+    monkeypatch.setattr(fused, "use_fused", lambda t, switch=None: switch is None)
+    torch.manual_seed(0)
+    model = MoEUTLM(40, d_model=32, n_layers=4, n_heads=2, ff_n_experts=6, att_n_experts=3, d_head=8,
+                    ff_k=2, group_size=2, ff_expert_size=16).train()
+    x = torch.randint(0, 40, (2, 8))
+    grads = []
+    for share in (False, True):
+        monkeypatch.setattr(shared_weights, "ENABLED", share)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", torch.bfloat16):
+            out = model(x)
+            loss = F.cross_entropy(out.outputs.float().flatten(0, 1), x.flatten()) + out.reg_loss
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n in grads[0]:
+        assert torch.equal(grads[0][n], grads[1][n]), n

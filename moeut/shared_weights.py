@@ -1,0 +1,126 @@
+"""One low-precision copy of each shared expert weight per forward pass, and its gradient summed in place.
+
+A MoEUT layer is applied n_layers / group_size times per forward pass (9 at 244M and 1B). Left to
+themselves, the expert projections would cast their fp32 master weights to bf16 at every application,
+forward and backward, and autograd would sum the applications' fp32 weight gradients with one
+full-size add each. At 1B (8192 tokens per step, 222M expert parameters per layer) that weight traffic
+is about as large as the projections' own.
+
+Inside `share_weights(dtype)` (`begin_share` / `end_share` in `MoEUT.forward`, under autocast):
+  - `shared_operand(w, dtype)` returns one cast copy of `w` per forward (padded if its rows are
+    misaligned for the kernels), made by `_CastOnce`, and the `GradSink` that collects its gradient;
+  - each application's backward adds its weight gradient into the sink's fp32 buffer inside the
+    weight-gradient kernel (`grouped_mm_weight_grad_acc_`), in backward order: sequential, so the
+    sum is deterministic (no atomics), and the same fp32 sums autograd would have formed;
+  - `_CastOnce.backward` hands the finished sum to the master weight's `.grad` once, so DDP's
+    per-parameter hooks and gradient clipping see an ordinary gradient.
+Costs: the cast copies live from the forward to the backward (0.4 GiB at 244M).
+
+Not used under torch.compile (the sink is Python state the compiler cannot trace) nor with activation
+checkpointing (the recomputed forward runs after the scope has closed); those take the per-application
+path. `MOEUT_SHARE_WEIGHTS=0` turns it off (benchmarks compare both).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+ENABLED = os.environ.get("MOEUT_SHARE_WEIGHTS", "1") != "0"
+
+_local = threading.local()
+
+
+class GradSink:
+    """The fp32 gradient of one master weight, summed over the applications of one forward pass."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype             # the master weight's dtype: the gradient's
+        self.grad: Optional[Tensor] = None
+
+    def take(self) -> Optional[Tensor]:
+        g, self.grad = self.grad, None
+        return g
+
+
+class _CastOnce(torch.autograd.Function):
+    """copy = w rounded to `dtype`; the gradient of w is what the consumers added into `sink`, plus
+    any ordinary gradient of the copy (a consumer that is not an expert projection)."""
+
+    @staticmethod
+    def forward(ctx, w_master: Tensor, dtype: torch.dtype, sink: GradSink) -> Tensor:
+        ctx.sink = sink
+        ctx.set_materialize_grads(False)
+        return _cast_copy(w_master, dtype)
+
+    @staticmethod
+    def backward(ctx, grad_copy: Optional[Tensor]):
+        grad = ctx.sink.take()
+        if grad_copy is not None:
+            grad_copy = grad_copy.to(ctx.sink.dtype)
+            grad = grad_copy if grad is None else grad + grad_copy
+        return grad, None, None
+
+
+def _cast_copy(w: Tensor, dtype: torch.dtype) -> Tensor:
+    from .fused import use_fused
+    if use_fused(w):
+        from .triton_expert_mm import aligned
+        return aligned(w, copy_dtype=dtype, always_copy=True)
+    return w.to(dtype)
+
+
+class _Scope:
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.outer: Optional[_Scope] = None
+        self.copies: Dict[Tuple[int, bool], Tuple[Tensor, Tensor, Optional[GradSink]]] = {}
+
+
+def begin_share(dtype: Optional[torch.dtype]) -> Optional[_Scope]:
+    """Open a scope (None when `dtype` is None, sharing is off, or under torch.compile): expert
+    projections computing in `dtype` then share one copy of each weight. Close it with `end_share`."""
+    if dtype is None or not ENABLED or torch.compiler.is_compiling():
+        return None
+    scope = _Scope(dtype)
+    scope.outer = getattr(_local, "scope", None)
+    _local.scope = scope
+    return scope
+
+
+def end_share(scope: Optional[_Scope]) -> None:
+    if scope is not None:
+        _local.scope = scope.outer
+
+
+@contextmanager
+def share_weights(dtype: Optional[torch.dtype]):
+    """`begin_share` / `end_share` as a context manager."""
+    scope = begin_share(dtype)
+    try:
+        yield
+    finally:
+        end_share(scope)
+
+
+def shared_operand(w: Tensor, dtype: torch.dtype) -> Tuple[Optional[Tensor], Optional[GradSink]]:
+    """(the forward's shared copy of w in `dtype`, its gradient sink or None without autograd), or
+    (None, None) outside a scope or when w is not a master weight to be cast."""
+    scope = getattr(_local, "scope", None)
+    if scope is None or dtype != scope.dtype or w.dtype == dtype or torch.compiler.is_compiling():
+        return None, None
+    grad = w.requires_grad and torch.is_grad_enabled()
+    key = (id(w), grad)
+    entry = scope.copies.get(key)
+    if entry is None or entry[0] is not w:   # (the master is kept in the entry, so its id stays unique)
+        if grad:
+            sink = GradSink(w.dtype)
+            entry = (w, _CastOnce.apply(w, dtype, sink), sink)
+        else:
+            entry = (w, _cast_copy(w.detach(), dtype), None)
+        scope.copies[key] = entry
+    return entry[1], entry[2]
