@@ -22,8 +22,28 @@ from .expert_mm import expert_mm, expert_mm_combine, route
 from .router import sigmoid_topk
 
 
+class _ProbabilitySum(torch.autograd.Function):
+    """softmax(logits in fp32, over experts).sum(1), saving the (bf16) logits instead of the fp32
+    probabilities: the backward recomputes them. The probabilities of every layer application would
+    otherwise stay alive until the backward (0.45 GiB at 244M, batch 16)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor) -> Tensor:
+        ctx.save_for_backward(logits)
+        return F.softmax(logits.float(), dim=-1).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad_sum: Tensor) -> Tensor:
+        logits, = ctx.saved_tensors
+        p = F.softmax(logits.float(), dim=-1)
+        g = grad_sum.unsqueeze(1)   # the same upstream gradient at every position
+        return (p * (g - (p * g).sum(-1, keepdim=True))).to(logits.dtype)
+
+
 def selection_probability_sum(logits: Tensor) -> Tensor:
     """Softmax over experts summed over positions: [B, T, E] -> [B, E] (or [B, T, H, E] -> [B, H, E])."""
+    if logits.requires_grad and logits.dtype != torch.float32 and not torch.compiler.is_compiling():
+        return _ProbabilitySum.apply(logits)
     return F.softmax(logits.float(), dim=-1).sum(1)
 
 

@@ -370,3 +370,19 @@ def test_no_per_application_weight_copies_saved(share, monkeypatch):
     assert len(rows_D) <= 2 * cfg["n_layers"] + 1
     (out.outputs.float().sum() + out.reg_loss).backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 5), (3, 4, 2, 6)])
+def test_probability_sum_recomputing_backward_matches_autograd(shape):
+    """The entropy regulariser's softmax sum saves bf16 logits and recomputes the probabilities in
+    backward: the same value and gradient as autograd through the fp32 softmax."""
+    from moeut.moe import _ProbabilitySum
+    logits = (3 * torch.randn(shape)).bfloat16().requires_grad_()
+    grad_out = torch.randn(shape[0], *shape[2:])
+    got = _ProbabilitySum.apply(logits)
+    (g_got,) = torch.autograd.grad(got, logits, grad_out)
+    want = F.softmax(logits.float(), dim=-1).sum(1)
+    (g_want,) = torch.autograd.grad(want, logits, grad_out)
+    assert torch.equal(got, want)
+    assert g_got.dtype == torch.bfloat16
+    torch.testing.assert_close(g_got.float(), g_want.float(), rtol=1e-2, atol=1e-3)
