@@ -26,7 +26,7 @@ run() {  # stage name, time limit, command...
   timeout "$limit" "$@" 2>&1 | grep -v Warn | tee "$OUT/$name.txt" | tail -40
   echo "[$name: $((SECONDS - t0)) s]"
 }
-TEST_ENV="env -u MOEUT_FUSED_ROUTER -u MOEUT_FUSED_ROPE -u MOEUT_LOOP_N -u MOEUT_FUSED_ROW_DOT -u MOEUT_FUSED_ROUTE -u MOEUT_EXPERT_GEMV"
+TEST_ENV="env -u MOEUT_FUSED_SUM -u MOEUT_FUSED_ROUTER -u MOEUT_FUSED_ROPE -u MOEUT_LOOP_N -u MOEUT_FUSED_ROW_DOT -u MOEUT_FUSED_ROUTE -u MOEUT_EXPERT_GEMV"
 run tests 300 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=8
 # The same tests as two halves (kernels / whole models), for two lanes: the whole module outlasts 300 s.
 KERNEL_TESTS="triton or combine or router or rope or route or gemv"
@@ -76,6 +76,14 @@ run profile_1B 90 python3 benchmarks/profile_step.py --model moeut-1B --batch 8 
 # The tests of what changed most recently (edit the -k expression to suit).
 run tests_recent 300 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=5 \
   -k "${RECENT_TESTS:-shared or triton or deterministic or graphed or compile}"
+# The top-k sum kernel (default) against torch.sum (MOEUT_FUSED_SUM=0), graphed steps, same call; and
+# the same-batch comparison at twice the batch (the paper's batch is 64 x 1024 tokens per step).
+run train_sum 420 bash -c "python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8 --json $OUT/train_sum_graph.json && \
+  MOEUT_FUSED_SUM=0 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16,moeut-1B:8 \
+  --json $OUT/train_nosum_graph.json && python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:32,dense-244M:32,moeut-1B:16,dense-1B:16 --json $OUT/train_batch2x_graph.json && \
+  python3 benchmarks/train_throughput.py --steps 6 --models moeut-244M:16,dense-244M:16 --json $OUT/train_eager.json"
 run decode 200 python3 benchmarks/decode.py --new-tokens 128 --modes static+graph \
   --variants default,separate-qk,no-overlap --json "$OUT/decode.json"
 run decode_profile 120 python3 benchmarks/decode_profile.py --top 16

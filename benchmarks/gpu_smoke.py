@@ -73,7 +73,15 @@ def expert_gemv():
     torch.testing.assert_close(got, expert_gemv_reference(x, w, expert, gate, 1, 16), rtol=2e-2, atol=2e-2)
 
 
+def sum_choices():
+    from moeut.triton_sum import sum_choices_triton
+    y = torch.randn(4096 * 16, 1024, device="cuda", dtype=torch.bfloat16)
+    got = sum_choices_triton(y, 4096, torch.float32)
+    torch.testing.assert_close(got, y.view(4096, 16, 1024).sum(1, dtype=torch.float32), rtol=1e-5, atol=1e-4)
+
+
 CHECKS = (("expert gemv (decoding)", expert_gemv, "MOEUT_EXPERT_GEMV"),
+          ("top-k sum", sum_choices, "MOEUT_FUSED_SUM"),
           ("small-input routing", route_small, "MOEUT_FUSED_ROUTE"),
           ("row dot", row_dot, "MOEUT_FUSED_ROW_DOT"),
           ("fused router", router, "MOEUT_FUSED_ROUTER"),

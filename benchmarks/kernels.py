@@ -161,6 +161,20 @@ def time_shape(name, D, E, K, T, mm_tflops, bw):
         except Exception as e:  # not every build or layout has it
             print(f"  torch._grouped_mm ({layout}) unavailable: {type(e).__name__}: {str(e)[:120]}")
 
+    # The top-k sum over the [T, K, D] scatter buffer: bandwidth-bound, reported as TB/s.
+    from moeut.expert_mm import _sum_choices_torch
+    from moeut.triton_sum import sum_choices_triton
+    y_ND = torch.randn(N, D, device="cuda", dtype=dt)
+    for label, fn, out_size in (("top-k sum, torch.sum -> bf16", lambda: _sum_choices_torch(y_ND, T, dt), 2),
+                                ("top-k sum, torch.sum -> bf16 -> fp32",
+                                 lambda: _sum_choices_torch(y_ND, T, dt).float(), 2 + 4 + 4),
+                                ("top-k sum, kernel -> bf16", lambda: sum_choices_triton(y_ND, T, dt), 2),
+                                ("top-k sum, kernel -> fp32", lambda: sum_choices_triton(y_ND, T, torch.float32), 4)):
+        ms = bench(fn)
+        moved = 2 * N * D + out_size * T * D
+        rows.append(dict(shape=name, pass_=label, ms=ms, tflops=0.0, tb_per_s=moved / ms / 1e9,
+                         roofline_ms=moved / bw / 1e9, roofline_tflops=0.0))
+
     moe = SigmaMoE(D, E, S, K).cuda()
     moe.reset_parameters(1.0)
     xin = torch.randn(T, D, device="cuda", requires_grad=True)
@@ -227,6 +241,9 @@ def main():
         out["ffn"] += ffn
     print(f"\n{'shape':6s} {'pass':42s} {'ms':>8s} {'TFLOP/s':>8s} {'roofline TFLOP/s':>17s}")
     for r in out["passes"]:
+        if "tb_per_s" in r:   # bandwidth-bound passes: TB/s against the copy bandwidth
+            print(f"{r['shape']:6s} {r['pass_']:42s} {r['ms']:8.3f} {r['tb_per_s']:6.2f} TB/s (copy {bw:.2f})")
+            continue
         print(f"{r['shape']:6s} {r['pass_']:42s} {r['ms']:8.3f} {r['tflops']:8.1f} {r['roofline_tflops']:17.1f}")
     print(f"\n{'shape':14s} {'FFN fwd ms':>10s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s}"
           f"  | GPU busy: {'fwd ms':>7s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s}")

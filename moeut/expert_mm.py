@@ -254,11 +254,32 @@ def _(a, b, b_rows, scale):
     return a.new_empty(a.shape[0], dtype=acc), a.new_empty(a.shape[0] if scale is not None else 0, a.shape[1])
 
 
-def _sum_choices(out_SO: Tensor, n_groups: int) -> Tensor:
-    """[X*C, O] rows in (group, choice) order -> [X, O] sums (fp32 accumulation inside `sum`)."""
+def _sum_choices_torch(y_SO: Tensor, n_groups: int, out_dtype: torch.dtype) -> Tensor:
     if n_groups == 0:
-        return out_SO.new_zeros(0, out_SO.shape[1])
-    return out_SO.view(n_groups, -1, out_SO.shape[1]).sum(1)
+        return y_SO.new_zeros(0, y_SO.shape[1], dtype=out_dtype)
+    acc = torch.promote_types(y_SO.dtype, torch.float32)
+    return y_SO.view(n_groups, -1, y_SO.shape[1]).sum(1, dtype=acc).to(out_dtype)
+
+
+@torch.library.custom_op("moeut::sum_choices", mutates_args=())
+def sum_choices(y: Tensor, n_groups: int, out_dtype: torch.dtype) -> Tensor:
+    """[X*C, O] rows in (group, choice) order -> [X, O] sums in `out_dtype`, accumulated in fp32 (fp64
+    for fp64 inputs) and rounded once (`triton_sum.py` on CUDA)."""
+    torch._check(y.dim() == 2 and (n_groups == 0 or y.shape[0] % n_groups == 0),
+                 lambda: f"sum_choices: {tuple(y.shape)} rows do not split into {n_groups} groups")
+    if y.dtype != torch.float64 and use_fused(y, "MOEUT_FUSED_SUM"):
+        from .triton_sum import sum_choices_triton
+        return sum_choices_triton(y, n_groups, out_dtype)
+    return _sum_choices_torch(y, n_groups, out_dtype)
+
+
+@sum_choices.register_fake
+def _(y, n_groups, out_dtype):
+    return y.new_empty(n_groups, y.shape[1], dtype=out_dtype)
+
+
+def _sum_choices(y_SO: Tensor, n_groups: int, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    return sum_choices(y_SO, n_groups, out_dtype or y_SO.dtype)
 
 
 # MOEUT_WEIGHT_CAST=1: hand fp32 master weights to the Triton kernels, which round each tile as they
@@ -310,7 +331,7 @@ class _ExpertMM(torch.autograd.Function):
                 grad_x = grouped_mm(grad_NO, w_EIO.transpose(1, 2), offsets_E1, None, None, None)
             else:  # written in (row, choice) order, so summing a row's K copies is contiguous
                 grad_x = _sum_choices(grouped_mm(grad_NO, w_EIO.transpose(1, 2), offsets_E1, None, None, slot_N),
-                                      x_RI.shape[0])
+                                      x_RI.shape[0], x_master.dtype)
             grad_x = grad_x.to(x_master.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = _weight_grad(ctx.sink, x_RI, grad_NO, offsets_E1, rows_N, None, None, w_master.dtype)
@@ -355,7 +376,8 @@ class _ExpertMMCombine(torch.autograd.Function):
                 if rows_N is None:
                     grad_x = grad_x_NI
                 else:
-                    grad_x = _sum_choices(torch.empty_like(grad_x_NI).index_copy_(0, slot_N, grad_x_NI), x_RI.shape[0])
+                    grad_x = _sum_choices(torch.empty_like(grad_x_NI).index_copy_(0, slot_N, grad_x_NI), x_RI.shape[0],
+                                          x_master.dtype)
         else:
             y_NO = grouped_mm(x_RI, w_EIO, offsets_E1, rows_N, None, None)
             grad_gate_N, _ = row_dot(y_NO, grad_XO, group_N, None)
@@ -363,7 +385,8 @@ class _ExpertMMCombine(torch.autograd.Function):
                 if rows_N is None:
                     grad_x = grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_N, None)
                 else:
-                    grad_x = _sum_choices(grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_N, slot_N), x_RI.shape[0])
+                    grad_x = _sum_choices(grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_N, slot_N), x_RI.shape[0],
+                                          x_master.dtype)
         grad_gate = grad_gate_N.new_empty(N).index_copy_(0, slot_N, grad_gate_N).view(X, C).to(gate_XC.dtype)
         grad_w = None
         if ctx.needs_input_grad[1]:

@@ -257,6 +257,18 @@ def test_shared_weight_copies_match_per_application_casts(cfg, monkeypatch):
     assert not differing, differing
 
 
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("X,C,O", [(16384, 16, 1024), (8192, 24, 1536), (5, 3, 412), (0, 2, 64)])
+def test_sum_choices_kernel_matches_torch(out_dtype, X, C, O):
+    from moeut.expert_mm import _sum_choices_torch
+    from moeut.triton_sum import sum_choices_triton
+    y = torch.randn(X * C, O, device="cuda", dtype=torch.bfloat16)
+    got = sum_choices_triton(y, X, out_dtype)
+    want = _sum_choices_torch(y, X, out_dtype)
+    assert got.dtype == out_dtype and got.shape == (X, O)
+    torch.testing.assert_close(got, want, rtol=1e-5 if out_dtype == torch.float32 else 8e-3, atol=1e-4)
+
+
 def test_training_step_is_deterministic():
     """Our kernels never use atomics. PyTorch's fused attention backward does unless PyTorch's
     deterministic mode is on (`moeut train --deterministic`), so the bitwise check runs in that mode;

@@ -118,6 +118,16 @@ def test_opcheck():
     g_rows = torch.randn(10, 5, generator=gen)
     torch.library.opcheck(grouped_mm_weight_grad, (x, g_rows, r.offsets_E1, r.rows_N, r.rows_N, scale, torch.float32))
     torch.library.opcheck(grouped_mm_weight_grad, (x.bfloat16(), g.bfloat16(), r.offsets_E1, r.rows_N, None, None, torch.float32))
+    from moeut.expert_mm import grouped_mm_weight_grad_add, sum_choices
+    acc = torch.randn(4, 6, 5, generator=gen)
+    torch.library.opcheck(grouped_mm_weight_grad_add, (acc, x, g_rows, r.offsets_E1, r.rows_N, r.rows_N, scale))
+    want = acc + grouped_mm_weight_grad(x, g, r.offsets_E1, r.rows_N, None, None, torch.float32)
+    grouped_mm_weight_grad_add(acc, x, g, r.offsets_E1, r.rows_N, None, None)
+    assert torch.equal(acc, want)
+    y = torch.randn(20, 5, generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.library.opcheck(sum_choices, (y.to(dtype), 10, torch.float32))
+    assert torch.equal(sum_choices(y, 10, torch.float32), y.view(10, 2, 5).sum(1))
 
 
 def test_grouped_mm_scale_and_scatter_match_reference():

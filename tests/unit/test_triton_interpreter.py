@@ -248,3 +248,24 @@ def test_shared_weights_through_the_kernels_match_per_application(monkeypatch):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for n in grads[0]:
         assert torch.equal(grads[0][n], grads[1][n]), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [None, torch.float32])
+@pytest.mark.parametrize("X,C,O", [(13, 3, 37), (5, 1, 16), (0, 4, 8), (9, 24, 20)])
+def test_triton_sum_choices_matches_torch(dtype, out_dtype, X, C, O):
+    """The top-k sum: fp32 accumulation, one rounding to the requested dtype (fp32 gradients are not
+    rounded to bf16 on the way), for any number of choices, an empty input, and a strided row view."""
+    from moeut.expert_mm import _sum_choices_torch
+    from moeut.triton_sum import sum_choices_triton
+    out_dtype = out_dtype or dtype
+    gen = torch.Generator().manual_seed(X * 31 + C)
+    y = torch.randn(X * C, O + 3, generator=gen).to(dtype)[:, 2:O + 2]   # rows with a stride > O
+    got = sum_choices_triton(y, X, out_dtype)
+    want = _sum_choices_torch(y, X, out_dtype)
+    assert got.shape == (X, O) and got.dtype == out_dtype
+    torch.testing.assert_close(got, want, rtol=1e-6 if out_dtype == torch.float32 else 8e-3, atol=1e-5)
+    if X:
+        exact = y.double().view(X, C, O).sum(1)
+        tol = 1e-5 if out_dtype == torch.float32 else 8e-3
+        torch.testing.assert_close(got.double(), exact, rtol=tol, atol=tol)
