@@ -84,6 +84,13 @@ run train_sum 420 bash -c "python3 benchmarks/train_throughput.py --steps 6 --cu
   --json $OUT/train_nosum_graph.json && python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
   --models moeut-244M:32,dense-244M:32,moeut-1B:16,dense-1B:16 --json $OUT/train_batch2x_graph.json && \
   python3 benchmarks/train_throughput.py --steps 6 --models moeut-244M:16,dense-244M:16 --json $OUT/train_eager.json"
+# Matmul widths padded to multiples of 8 (MoEUT's router, dense's d_ff 4110; default) against their
+# own widths (MOEUT_ALIGN_MATMULS=0), graphed steps, same call; eager pair for peak memory.
+run train_align 330 bash -c "python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8 --json $OUT/train_align_graph.json && \
+  MOEUT_ALIGN_MATMULS=0 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8 --json $OUT/train_noalign_graph.json && \
+  python3 benchmarks/train_throughput.py --steps 6 --models moeut-244M:16,dense-244M:16 --json $OUT/train_align_eager.json"
 run decode 200 python3 benchmarks/decode.py --new-tokens 128 --modes static+graph \
   --variants default,separate-qk,no-overlap --json "$OUT/decode.json"
 run decode_profile 120 python3 benchmarks/decode_profile.py --top 16

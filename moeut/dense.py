@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .attention import AttentionMask, KVCache, attend, begin_static_step, check_mask, end_static_step
 from .model import MoEUTOutput, MultilayerKVCache, _key_length, _require, check_tokens
+from .moe import aligned_width_padding
 
 
 class DenseLayer(torch.nn.Module):
@@ -39,8 +40,18 @@ class DenseLayer(torch.nn.Module):
         scale = self.d_head ** -0.25
         att, kv_cache = attend(q, k, v, mask, kv_cache, self.n_rotate, self.rope_base, q_scale=scale, k_scale=scale)
         x = x + self.drop(self.o(att.transpose(1, 2).reshape(B, T, -1)))
-        x = x + self.drop(self.ff2(F.relu(self.ff1(self.ln2(x)))))
+        x = x + self.drop(self.ffn(self.ln2(x)))
         return x, kv_cache
+
+    def ffn(self, x: Tensor) -> Tensor:
+        """ReLU MLP. A hidden width that is not a multiple of 8 (4110 at 244M) is zero-padded for the
+        product (the extra units are relu(0) = 0 and get no gradient): the same alignment care as
+        MoEUT's router gets (`SigmaMoE.selector_logits`)."""
+        pad = aligned_width_padding(self.ff1.out_features, x)
+        if not pad:
+            return self.ff2(F.relu(self.ff1(x)))
+        h = F.relu(F.linear(x, F.pad(self.ff1.weight, (0, 0, 0, pad)), F.pad(self.ff1.bias, (0, pad))))
+        return F.linear(h, F.pad(self.ff2.weight, (0, pad)), self.ff2.bias)
 
 
 class DenseLM(torch.nn.Module):

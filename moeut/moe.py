@@ -11,6 +11,7 @@ Shapes: B batch, T time, D d_model, E experts, S expert_size, K top-k, R = B*T r
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -38,6 +39,17 @@ class _ProbabilitySum(torch.autograd.Function):
         p = F.softmax(logits.float(), dim=-1)
         g = grad_sum.unsqueeze(1)   # the same upstream gradient at every position
         return (p * (g - (p * g).sum(-1, keepdim=True))).to(logits.dtype)
+
+
+# MOEUT_ALIGN_MATMULS=0: matmuls keep their own (possibly misaligned) output widths (benchmarks).
+ALIGN_MATMULS = os.environ.get("MOEUT_ALIGN_MATMULS", "1") != "0"
+
+
+def aligned_width_padding(width: int, x: Tensor, multiple: int = 8) -> int:
+    """Columns to add so that a product of x with `width` outputs has 16-byte aligned rows: 0 when
+    already aligned, switched off, or x has few rows (decoding, where the copy costs more than it saves)."""
+    pad = -width % multiple
+    return pad if pad and ALIGN_MATMULS and x.numel() >= 1024 * x.shape[-1] else 0
 
 
 def selection_probability_sum(logits: Tensor) -> Tensor:
@@ -97,9 +109,21 @@ class SigmaMoE(torch.nn.Module):
         torch.nn.init.normal_(self.values, 0, std_scale / math.sqrt(self.n_experts * self.expert_size))
         renorm_keep_std(self.expert_sel, dim=1)
 
+    def selector_logits(self, sel_input: Tensor) -> Tensor:
+        """[..., E] router logits. For many rows and E not a multiple of 8 (387 at 244M, 565 at 1B) the
+        selector is zero-padded to the next multiple of 8 and the logits are a view of the wider
+        product: with a row stride of E elements cuBLAS falls back to slow unaligned kernels (measured
+        on the H200: 7 ms of a 244M training step for this small matmul, forward and backward). The
+        padded columns are never read; the gradient of the parameter is that of its own rows."""
+        E = self.n_experts
+        pad = aligned_width_padding(E, sel_input)
+        if pad:
+            return F.linear(sel_input, F.pad(self.expert_sel, (0, 0, 0, pad)))[..., :E]
+        return F.linear(sel_input, self.expert_sel)
+
     def select(self, sel_input: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Router: (logits [..., E], gates [..., K], expert ids [..., K])."""
-        logits = F.linear(sel_input, self.expert_sel)
+        logits = self.selector_logits(sel_input)
         if self.training and self.expert_dropout > 0:
             scores = torch.sigmoid(logits)
             drop = torch.rand_like(scores) < self.expert_dropout

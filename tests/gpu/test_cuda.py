@@ -269,6 +269,28 @@ def test_sum_choices_kernel_matches_torch(out_dtype, X, C, O):
     torch.testing.assert_close(got, want, rtol=1e-5 if out_dtype == torch.float32 else 8e-3, atol=1e-4)
 
 
+def test_aligned_router_and_dense_ffn_match_unpadded(monkeypatch):
+    """The 244M router (387 experts) and dense FFN (d_ff 4110), padded to aligned widths for cuBLAS,
+    against their unpadded products under bf16 autocast: outputs and weight gradients agree."""
+    from moeut import moe
+    from moeut.dense import DenseLayer
+    torch.manual_seed(0)
+    sel = moe.SigmaMoE(1024, 387, 128, 16).cuda()
+    sel.reset_parameters(1.0)
+    ffn = DenseLayer(1024, 16, 64, 4110, 0.0).cuda()
+    x = torch.randn(4096, 1024, device="cuda")
+    for fn, weight in ((sel.selector_logits, sel.expert_sel), (ffn.ffn, ffn.ff1.weight)):
+        runs = []
+        for align in (False, True):
+            monkeypatch.setattr(moe, "ALIGN_MATMULS", align)
+            with torch.autocast("cuda", torch.bfloat16):
+                y = fn(x)
+            (g,) = torch.autograd.grad(y.float().square().sum(), weight)
+            runs.append((y.float(), g))
+        assert runs[1][0].shape == runs[0][0].shape
+        assert rel(runs[1][0], runs[0][0]) < 1e-2 and rel(runs[1][1], runs[0][1]) < 1e-2
+
+
 def test_training_step_is_deterministic():
     """Our kernels never use atomics. PyTorch's fused attention backward does unless PyTorch's
     deterministic mode is on (`moeut train --deterministic`), so the bitwise check runs in that mode;

@@ -386,3 +386,27 @@ def test_probability_sum_recomputing_backward_matches_autograd(shape):
     assert torch.equal(got, want)
     assert g_got.dtype == torch.bfloat16
     torch.testing.assert_close(g_got.float(), g_want.float(), rtol=1e-2, atol=1e-3)
+
+
+def test_aligned_matmul_padding_keeps_outputs_and_gradients(monkeypatch):
+    """MoEUT's router (387 experts) and dense's FFN (d_ff 4110) pad their widths to a multiple of 8
+    for cuBLAS when there are many rows; the function and the parameters' gradients are unchanged."""
+    from moeut import moe
+    from moeut.dense import DenseLM
+    torch.manual_seed(0)
+    models = [MoEUTLM(50, **small(ff_n_experts=13, d_model=24)), DenseLM(50, d_model=24, n_layers=2, n_heads=2, d_ff=37)]
+    x = torch.randint(0, 50, (2, 600))   # 1200 rows: over the threshold
+    for m in models:
+        runs = []
+        for align in (False, True):
+            monkeypatch.setattr(moe, "ALIGN_MATMULS", align)
+            m.zero_grad(set_to_none=True)
+            out = m(x)
+            (F.cross_entropy(out.outputs.flatten(0, 1), x.flatten()) + out.reg_loss).backward()
+            runs.append((out.outputs.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+        torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-5)
+        for n in runs[0][1]:
+            torch.testing.assert_close(runs[1][1][n], runs[0][1][n], rtol=1e-4, atol=1e-6)
+    assert moe.aligned_width_padding(13, torch.zeros(1200, 4)) == 3
+    assert moe.aligned_width_padding(16, torch.zeros(1200, 4)) == 0
+    assert moe.aligned_width_padding(13, torch.zeros(8, 4)) == 0     # decoding: no copy
