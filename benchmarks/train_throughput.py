@@ -23,7 +23,7 @@ from moeut import profiles  # noqa: E402
 
 VOCAB = 8000
 DEFAULT_MODELS = "moeut-244M:16,dense-244M:16,llama-244M:16,official-244M:16,moeut-1B:8,dense-1B:8,llama-1B:8,official-1B:8"
-LLAMA = {"244M": dict(hidden_size=1024, num_hidden_layers=18, num_attention_heads=16, intermediate_size=2740),
+LLAMA = {"244M": dict(hidden_size=1024, num_hidden_layers=18, num_attention_heads=16, intermediate_size=2736),
          "1B": dict(hidden_size=1536, num_hidden_layers=36, num_attention_heads=24, intermediate_size=4096),
          "44M": dict(hidden_size=412, num_hidden_layers=16, num_attention_heads=4, head_dim=103, intermediate_size=1369)}
 
