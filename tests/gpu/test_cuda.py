@@ -236,21 +236,13 @@ def test_shared_weight_copies_match_per_application_casts(cfg, monkeypatch):
     epilogue (`shared_weights.py`), against a cast per application and autograd's sums: bit-identical
     gradients (44M: misaligned rows, the copy padded once; 244M: the real shapes, 4 applications).
     Autotuning is off in tests/gpu, so both runs use the same kernel configs."""
-    from moeut import shared_weights
+    from tests.helpers import shared_and_per_application_grads
     torch.manual_seed(0)
     m = moeut.MoEUTLM(8000, **{**getattr(profiles, cfg), "n_layers": 8}).cuda().train()
     x = torch.randint(0, 8000, (2, 512), device="cuda")
-    grads = []
     torch.use_deterministic_algorithms(True)   # (cuDNN's attention backward is otherwise not)
     try:
-        for share in (False, True):
-            monkeypatch.setattr(shared_weights, "ENABLED", share)
-            m.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", torch.bfloat16):
-                out = m(x)
-                loss = F.cross_entropy(out.outputs.float().flatten(0, 1), x.flatten()) + out.reg_loss
-            loss.backward()
-            grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+        grads = [g for _, g in shared_and_per_application_grads(m, x, monkeypatch, "cuda")]
     finally:
         torch.use_deterministic_algorithms(False)
     differing = [n for n in grads[0] if not torch.equal(grads[0][n], grads[1][n])]

@@ -120,23 +120,28 @@ def test_gradient_accumulation_matches_full_batch(corpus, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
 
 
-def test_two_process_ddp_matches_single_process(corpus, tmp_path):
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-4), ("bf16", 3e-3)])
+def test_two_process_ddp_matches_single_process(corpus, tmp_path, precision, tol):
+    """bf16 runs autocast on CPU (shared expert weights on). Adam turns the last-bit differences of
+    near-zero bf16 gradients into whole steps of the learning rate (1e-3) on a few elements, with or
+    without shared weights, hence the looser bound; `test_ddp.py` compares the gradients themselves."""
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     cache = tmp_path / "cache"
-    assert main(train_args(corpus, single, cache, steps=3)) == 0
+    args = lambda out: train_args(corpus, out, cache, steps=3, extra=["--precision", precision])  # noqa: E731
+    assert main(args(single)) == 0
     env = {**ENV, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29631", "-m",
-                        "moeut", *train_args(corpus, ddp, cache, steps=3)], env=env, capture_output=True, text=True,
-                       timeout=600)
+    port = {"fp32": "29631", "bf16": "29632"}[precision]
+    r = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m",
+                        "moeut", *args(ddp)], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ws = load_run(single)[0].state_dict()
     wd = load_run(ddp)[0].state_dict()
     for k in ws:
-        torch.testing.assert_close(wd[k], ws[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(wd[k], ws[k], rtol=tol, atol=tol if precision == "bf16" else tol / 10)
     ls, ld = losses(single), losses(ddp)
     assert ls.keys() == ld.keys()
     for s in ls:
-        assert abs(ls[s] - ld[s]) < 1e-4
+        assert abs(ls[s] - ld[s]) < tol
 
 
 def test_cuda_graph_needs_a_gpu_and_says_so(corpus, tmp_path, capsys):

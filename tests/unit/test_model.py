@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import moeut
 from moeut import AttentionMask, MoEUT, MoEUTLM, profiles, shared_weights
 from moeut.moe import selection_entropy_loss
+from tests.helpers import shared_and_per_application_grads
 
 
 def small(**over):
@@ -196,16 +197,6 @@ def test_activation_checkpointing_gives_same_gradients():
         torch.testing.assert_close(a, b)
 
 
-def _autocast_grads(model, x, share, monkeypatch):
-    monkeypatch.setattr(shared_weights, "ENABLED", share)
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", torch.bfloat16):
-        out = model(x)
-        loss = F.cross_entropy(out.outputs.float().flatten(0, 1), x.flatten()) + out.reg_loss
-    loss.backward()
-    return out.outputs.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_shared_weight_copies_give_the_per_application_gradients(checkpointing, monkeypatch):
     """One bf16 copy per expert weight and forward, with the applications' weight gradients summed
@@ -216,17 +207,16 @@ def test_shared_weight_copies_give_the_per_application_gradients(checkpointing, 
     m = MoEUTLM(30, **small(n_layers=6)).train()    # each layer applied 3 times
     m.transformer.activation_checkpointing = checkpointing
     x = torch.randint(0, 30, (2, 9))
-    out_ref, ref = _autocast_grads(m, x, False, monkeypatch)
     hook_calls = {}
     handles = [p.register_post_accumulate_grad_hook(lambda p, n=n: hook_calls.__setitem__(n, hook_calls.get(n, 0) + 1))
                for n, p in m.named_parameters()]
-    out, got = _autocast_grads(m, x, True, monkeypatch)
+    (out_ref, ref), (out, got) = shared_and_per_application_grads(m, x, monkeypatch)
     for h in handles:
         h.remove()
     assert torch.equal(out, out_ref)
     for n in ref:
         assert got[n].dtype == torch.float32 and torch.equal(got[n], ref[n]), n
-    assert hook_calls == {n: 1 for n in ref}
+    assert hook_calls == {n: 2 for n in ref}   # one gradient per parameter and backward pass
     # gradients accumulate across backward passes (micro-batches) as usual
     with torch.autocast("cpu", torch.bfloat16):
         out2 = m(x)

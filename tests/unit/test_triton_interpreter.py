@@ -229,23 +229,15 @@ def test_triton_weight_grad_accumulates_in_place(dtype):
 def test_shared_weights_through_the_kernels_match_per_application(monkeypatch):
     """A training step's gradients with one shared bf16 copy per weight, summed by the weight-gradient
     kernel in place, equal those of casting per application and summing with autograd."""
-    from moeut import MoEUTLM, expert_mm, fused, shared_weights
-    import torch.nn.functional as F
+    from moeut import MoEUTLM, expert_mm, fused
+    from tests.helpers import shared_and_per_application_grads
     monkeypatch.setattr(expert_mm, "use_fused", lambda t, switch=None: switch is None)   # kernels, interpreted
     monkeypatch.setattr(fused, "use_fused", lambda t, switch=None: switch is None)
     torch.manual_seed(0)
     model = MoEUTLM(40, d_model=32, n_layers=4, n_heads=2, ff_n_experts=6, att_n_experts=3, d_head=8,
                     ff_k=2, group_size=2, ff_expert_size=16).train()
     x = torch.randint(0, 40, (2, 8))
-    grads = []
-    for share in (False, True):
-        monkeypatch.setattr(shared_weights, "ENABLED", share)
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", torch.bfloat16):
-            out = model(x)
-            loss = F.cross_entropy(out.outputs.float().flatten(0, 1), x.flatten()) + out.reg_loss
-        loss.backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    grads = [g for _, g in shared_and_per_application_grads(model, x, monkeypatch)]
     for n in grads[0]:
         assert torch.equal(grads[0][n], grads[1][n]), n
 

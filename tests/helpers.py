@@ -1,0 +1,23 @@
+"""Helpers shared by the unit, interpreter and GPU tests."""
+import torch
+import torch.nn.functional as F
+
+
+def autocast_step_grads(model, x, device_type: str = "cpu"):
+    """(logits, {name: fp32 gradient}) of one bf16-autocast LM loss (+ reg loss) on tokens x."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(device_type, torch.bfloat16):
+        out = model(x)
+        loss = F.cross_entropy(out.outputs.float().flatten(0, 1), x.flatten()) + out.reg_loss
+    loss.backward()
+    return out.outputs.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def shared_and_per_application_grads(model, x, monkeypatch, device_type: str = "cpu"):
+    """`autocast_step_grads` with shared expert weights off, then on (`shared_weights.ENABLED`)."""
+    from moeut import shared_weights
+    runs = []
+    for share in (False, True):
+        monkeypatch.setattr(shared_weights, "ENABLED", share)
+        runs.append(autocast_step_grads(model, x, device_type))
+    return runs
