@@ -10,7 +10,7 @@ Inside `share_weights(dtype)` (`begin_share` / `end_share` in `MoEUT.forward`, u
   - `shared_operand(w, dtype)` returns one cast copy of `w` per forward (padded if its rows are
     misaligned for the kernels), made by `_CastOnce`, and the `GradSink` that collects its gradient;
   - each application's backward adds its weight gradient into the sink's fp32 buffer inside the
-    weight-gradient kernel (`grouped_mm_weight_grad_acc_`), in backward order: sequential, so the
+    weight-gradient kernel (`expert_mm.grouped_mm_weight_grad_add`), in backward order: sequential, so the
     sum is deterministic (no atomics), and the same fp32 sums autograd would have formed;
   - `_CastOnce.backward` hands the finished sum to the master weight's `.grad` once, so DDP's
     per-parameter hooks and gradient clipping see an ordinary gradient.
