@@ -91,6 +91,11 @@ run train_align 330 bash -c "python3 benchmarks/train_throughput.py --steps 6 --
   MOEUT_ALIGN_MATMULS=0 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
   --models moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8 --json $OUT/train_noalign_graph.json && \
   python3 benchmarks/train_throughput.py --steps 6 --models moeut-244M:16,dense-244M:16 --json $OUT/train_align_eager.json"
+# Dense decoding with its FFN padded to an aligned width once per call (default) against its own
+# width (MOEUT_ALIGN_DECODE=0): is the decode baseline, too, faster than measured until now?
+run decode_align 150 bash -c "python3 benchmarks/decode.py --models dense-244M --new-tokens 128 --modes static+graph \
+  --json $OUT/decode_dense_aligned.json && MOEUT_ALIGN_DECODE=0 python3 benchmarks/decode.py --models dense-244M \
+  --new-tokens 128 --modes static+graph --json $OUT/decode_dense_unaligned.json"
 run decode 200 python3 benchmarks/decode.py --new-tokens 128 --modes static+graph \
   --variants default,separate-qk,no-overlap --json "$OUT/decode.json"
 run decode_profile 120 python3 benchmarks/decode_profile.py --top 16

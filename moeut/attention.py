@@ -251,10 +251,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask], kv_ca
 @contextmanager
 def frozen_inference_weights(model: torch.nn.Module):
     """For a stretch of inference in which the weights do not change (one `generate` call): every
-    SwitchHead concatenates its Q/K/selector weights once on entry instead of at every forward. The
-    concatenation keeps its address from one stretch to the next, so a CUDA graph captured in an
-    earlier stretch reads the refreshed values."""
-    modules = [m for m in model.modules() if isinstance(m, SwitchHeadRope)]
+    module with a `_freeze_inference_weight` method prepares its inference weights once on entry
+    instead of at every forward (SwitchHead concatenates its Q/K/selector weights; the dense
+    baseline pads its FFN to an aligned width). The prepared tensors keep their addresses from one
+    stretch to the next, so a CUDA graph captured in an earlier stretch reads the refreshed values."""
+    modules = [m for m in model.modules() if hasattr(m, "_freeze_inference_weight")]
     before = [m._inference_weight_frozen for m in modules]
     for m in modules:
         m._freeze_inference_weight()

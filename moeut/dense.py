@@ -6,7 +6,8 @@ the trainer, generator and evaluator treat both alike. Parameter-matched sizes: 
 from __future__ import annotations
 
 import math
-from typing import Optional
+import os
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,9 @@ from torch import Tensor
 from .attention import AttentionMask, KVCache, attend, begin_static_step, check_mask, end_static_step
 from .model import MoEUTOutput, MultilayerKVCache, _key_length, _require, check_tokens
 from .moe import aligned_width_padding
+
+# MOEUT_ALIGN_DECODE=0: decoding keeps dense's own FFN width (the benchmarks' comparison).
+ALIGN_MATMULS_AT_DECODE = os.environ.get("MOEUT_ALIGN_DECODE", "1") != "0"
 
 
 class DenseLayer(torch.nn.Module):
@@ -32,6 +36,8 @@ class DenseLayer(torch.nn.Module):
         self.ff1 = torch.nn.Linear(d_model, d_ff)
         self.ff2 = torch.nn.Linear(d_ff, d_model)
         self.drop = torch.nn.Dropout(dropout)
+        self._inference_weight: Optional[Tuple[Tensor, Tensor, Tensor]] = None   # see `_freeze_inference_weight`
+        self._inference_weight_frozen = False
 
     def forward(self, x: Tensor, mask: Optional[AttentionMask], kv_cache: KVCache):
         B, T, _ = x.shape
@@ -47,11 +53,31 @@ class DenseLayer(torch.nn.Module):
         """ReLU MLP. A hidden width that is not a multiple of 8 (4110 at 244M) is zero-padded for the
         product (the extra units are relu(0) = 0 and get no gradient): the same alignment care as
         MoEUT's router gets (`SigmaMoE.selector_logits`)."""
+        if self._inference_weight_frozen and not torch.is_grad_enabled():   # decoding: padded once per call
+            w1, b1, w2 = self._inference_weight
+            return F.linear(F.relu(F.linear(x, w1, b1)), w2, self.ff2.bias)
         pad = aligned_width_padding(self.ff1.out_features, x)
         if not pad:
             return self.ff2(F.relu(self.ff1(x)))
         h = F.relu(F.linear(x, F.pad(self.ff1.weight, (0, 0, 0, pad)), F.pad(self.ff1.bias, (0, pad))))
         return F.linear(h, F.pad(self.ff2.weight, (0, pad)), self.ff2.bias)
+
+    @torch.no_grad()
+    def _freeze_inference_weight(self) -> None:
+        """For `attention.frozen_inference_weights` (one `generate` call): the FFN weights padded to an
+        aligned hidden width once, refreshed in place (kept CUDA graphs read them), for any number of
+        rows, where the per-forward padding only pays for many rows."""
+        pad = -self.ff1.out_features % 8 if ALIGN_MATMULS_AT_DECODE else 0
+        w1, b1, w2 = self.ff1.weight, self.ff1.bias, self.ff2.weight
+        shapes = ((w1.shape[0] + pad, w1.shape[1]), (b1.shape[0] + pad,), (w2.shape[0], w2.shape[1] + pad))
+        kept = self._inference_weight
+        if kept is None or [t.shape for t in kept] != [torch.Size(s) for s in shapes] or kept[0].dtype != w1.dtype \
+                or kept[0].device != w1.device:
+            kept = self._inference_weight = tuple(w1.new_zeros(s) for s in shapes)
+        kept[0][:w1.shape[0]].copy_(w1)
+        kept[1][:b1.shape[0]].copy_(b1)
+        kept[2][:, :w2.shape[1]].copy_(w2)
+        self._inference_weight_frozen = True
 
 
 class DenseLM(torch.nn.Module):

@@ -93,11 +93,15 @@ def _state_signature(model) -> tuple:
 
 def release_decode_graphs(model=None) -> None:
     """Drop the decoding step (CUDA graph, KV cache) that `generate` keeps for `model` (all models if
-    None), returning its memory to PyTorch's allocator."""
+    None), returning its memory to PyTorch's allocator; for a given model also the inference weights
+    its modules prepared (`attention.frozen_inference_weights`)."""
     if model is None:
         _KEPT_STEPS.clear()
-    else:
-        _KEPT_STEPS.pop(model, None)
+        return
+    _KEPT_STEPS.pop(model, None)
+    for m in model.modules():
+        if hasattr(m, "_freeze_inference_weight") and not m._inference_weight_frozen:
+            m._inference_weight = None
 
 
 def _static_decode_step(model, pad, cuda_graph: bool, compile: bool, reuse_graph: bool):

@@ -179,3 +179,13 @@ def test_user_attention_class_falls_back_to_the_dict_cache():
     assert generate(m, PROMPTS, 8) == generate(m, PROMPTS, 8, cache="none")
     with pytest.raises(ValueError, match="preallocated"):
         generate(m, PROMPTS, 8, compile=True)
+
+
+def test_dense_generation_with_padded_ffn_equals_recomputation():
+    """The dense baseline decodes with its FFN padded to an aligned width (prepared once per call)."""
+    from moeut.dense import DenseLM
+    torch.manual_seed(0)
+    dense = DenseLM(64, d_model=32, n_layers=2, n_heads=4, d_ff=37).eval()
+    for sampling in (dict(temperature=0.0), dict(temperature=1.0, top_k=8, seed=3)):
+        assert generate(dense, PROMPTS, 12, **sampling) == generate(dense, PROMPTS, 12, cache="none", **sampling)
+    assert dense.layers[0]._inference_weight[0].shape[0] == 40

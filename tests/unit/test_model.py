@@ -400,3 +400,31 @@ def test_aligned_matmul_padding_keeps_outputs_and_gradients(monkeypatch):
     assert moe.aligned_width_padding(13, torch.zeros(1200, 4)) == 3
     assert moe.aligned_width_padding(16, torch.zeros(1200, 4)) == 0
     assert moe.aligned_width_padding(13, torch.zeros(8, 4)) == 0     # decoding: no copy
+
+
+def test_dense_frozen_padded_ffn_follows_weight_updates_and_is_released():
+    """Inside `frozen_inference_weights` (one `generate` call) the dense FFN reads weights padded to an
+    aligned width once on entry: the same logits as the plain path, refreshed in place on the next
+    entry (same storage, for kept CUDA graphs), and dropped by `release_decode_graphs`."""
+    from moeut.attention import frozen_inference_weights
+    from moeut.dense import DenseLM
+    from moeut.generate import release_decode_graphs
+    torch.manual_seed(0)
+    m = DenseLM(40, d_model=16, n_layers=2, n_heads=2, d_ff=37).eval()
+    x = torch.randint(0, 40, (2, 5))
+    layer = m.layers[0]
+    with torch.no_grad():
+        want = m(x).outputs
+        with frozen_inference_weights(m):
+            w1, b1, w2 = layer._inference_weight
+            assert w1.shape == (40, 16) and b1.shape == (40,) and w2.shape == (16, 40)
+            assert not w1[37:].any() and not b1[37:].any() and not w2[:, 37:].any()
+            torch.testing.assert_close(m(x).outputs, want, rtol=1e-5, atol=1e-6)
+        assert not layer._inference_weight_frozen
+        layer.ff2.weight.data.mul_(2)                 # an update no version counter sees
+        want2 = m(x).outputs
+        with frozen_inference_weights(m):
+            assert layer._inference_weight[2] is w2   # refreshed in place
+            torch.testing.assert_close(m(x).outputs, want2, rtol=1e-5, atol=1e-6)
+    release_decode_graphs(m)
+    assert layer._inference_weight is None
