@@ -228,12 +228,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
     if per_rank % micro:
         raise ValueError(f"--micro-batch-size {micro} must divide the per-process batch {per_rank}")
     accum = per_rank // micro
-    if cfg.cuda_graph:
-        reasons = {"a CUDA device": device.type != "cuda", "one process (not DDP)": world > 1,
-                   "no --compile": cfg.compile, "no --activation-checkpointing": cfg.activation_checkpointing}
-        missing = [need for need, bad in reasons.items() if bad]
-        if missing:
-            raise ValueError("--cuda-graph needs " + ", ".join(missing))
+    reasons = {"a CUDA device": device.type != "cuda", "one process (not DDP)": world > 1,
+               "no --compile": cfg.compile, "no --activation-checkpointing": cfg.activation_checkpointing}
+    missing = [need for need, bad in reasons.items() if bad]
+    if cfg.cuda_graph and missing:
+        raise ValueError("--cuda-graph needs " + ", ".join(missing))
+    if not cfg.cuda_graph and not missing:
+        # Eager MoEUT steps wait on kernel launches; off by default because the graph keeps the step's
+        # memory reserved between steps (validation and sampling then need room beside it).
+        print("tip: --cuda-graph replays each training step from one CUDA graph: 1.5-2.2x the tokens/s "
+              "of eager steps for MoEUT_126M-244M on an H200 (benchmarks/RESULTS.md C.3)", flush=True)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
