@@ -13,9 +13,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def router():
     from moeut.router import sigmoid_topk, sigmoid_topk_reference
-    x = torch.randn(4096, 387, device="cuda", dtype=torch.bfloat16)
-    gate, _ = sigmoid_topk(x, 16)
+    x = torch.randn(4096, 387, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gate, expert = sigmoid_topk(x, 16)
     torch.testing.assert_close(gate, sigmoid_topk_reference(x, 16)[0], rtol=2 ** -8, atol=0)
+    g = torch.randn_like(gate)
+    (grad,) = torch.autograd.grad(gate, x, g)
+    s = gate.float()
+    want = torch.zeros_like(x).scatter_(1, expert, (g.float() * ((1 - s) * s)).to(x.dtype))
+    torch.testing.assert_close(grad, want, rtol=2 ** -8, atol=0)
 
 
 def rope():

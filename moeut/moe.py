@@ -31,14 +31,17 @@ class _ProbabilitySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor) -> Tensor:
         ctx.save_for_backward(logits)
-        return F.softmax(logits.float(), dim=-1).sum(1)
+        return F.softmax(logits, dim=-1, dtype=torch.float32).sum(1)
 
     @staticmethod
     def backward(ctx, grad_sum: Tensor) -> Tensor:
+        # Few ops on purpose (eager steps are launch-bound): on CUDA the fp32 softmax of bf16 logits
+        # is one kernel, and so is its backward, which returns the logits' dtype.
         logits, = ctx.saved_tensors
-        p = F.softmax(logits.float(), dim=-1)
-        g = grad_sum.unsqueeze(1)   # the same upstream gradient at every position
-        return (p * (g - (p * g).sum(-1, keepdim=True))).to(logits.dtype)
+        p = F.softmax(logits, dim=-1, dtype=torch.float32)
+        g = grad_sum.unsqueeze(1).expand_as(p)   # the same upstream gradient at every position
+        in_dtype = logits.dtype if logits.is_cuda else p.dtype
+        return torch._softmax_backward_data(g, p, -1, in_dtype).to(logits.dtype)
 
 
 # MOEUT_ALIGN_MATMULS=0: matmuls keep their own (possibly misaligned) output widths (benchmarks).

@@ -6,7 +6,7 @@
 the [R, E] logits once and writes [R, K] gates and expert ids, where the plain PyTorch form runs a
 sigmoid, a top-k and a gather (three kernels, an [R, E] score tensor in between). Its backward
 scatters d gate * s * (1 - s) into a zero [R, E] gradient, which is what autograd computes for the
-plain form.
+plain form; on CUDA that is one kernel too (`moeut::sigmoid_topk_backward`).
 
 Ties: scores are ranked after rounding to the logits' dtype, exactly as `torch.topk` on the rounded
 sigmoid sees them (with fp32=True: in fp32, as for the logits' float copy). `torch.topk` breaks ties
@@ -50,6 +50,24 @@ def _(logits, k, fp32=False):
             logits.new_empty(R, k, dtype=torch.long))
 
 
+@torch.library.custom_op("moeut::sigmoid_topk_backward", mutates_args=())
+def _sigmoid_topk_backward_op(grad_gate: Tensor, gate: Tensor, expert: Tensor, n_experts: int,
+                              dtype: torch.dtype) -> Tensor:
+    """[R, E] gradient of the logits: d gate * s * (1 - s) (in fp32, rounded to `dtype`) scattered
+    to the chosen experts' columns, zeros elsewhere."""
+    if use_fused(gate, "MOEUT_FUSED_ROUTER"):
+        from .triton_router import sigmoid_topk_backward_triton
+        return sigmoid_topk_backward_triton(grad_gate, gate, expert, n_experts, dtype)
+    s = gate.float()
+    grad = (grad_gate.float() * ((1 - s) * s)).to(dtype)
+    return torch.zeros(gate.shape[0], n_experts, dtype=dtype, device=gate.device).scatter_(1, expert, grad)
+
+
+@_sigmoid_topk_backward_op.register_fake
+def _(grad_gate, gate, expert, n_experts, dtype):
+    return gate.new_empty(gate.shape[0], n_experts, dtype=dtype)
+
+
 class _SigmoidTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_RE, k, fp32):
@@ -62,11 +80,8 @@ class _SigmoidTopK(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_gate_RK, _grad_expert):
         gate_RK, expert_RK = ctx.saved_tensors
-        s = gate_RK.float()
-        grad = (grad_gate_RK.float() * ((1 - s) * s)).to(ctx.logits_dtype)
-        grad_logits = torch.zeros(ctx.shape, dtype=ctx.logits_dtype, device=gate_RK.device)
-        grad_logits.view(-1, ctx.shape[-1]).scatter_(1, expert_RK, grad)
-        return grad_logits, None, None
+        grad_RE = _sigmoid_topk_backward_op(grad_gate_RK, gate_RK, expert_RK, ctx.shape[-1], ctx.logits_dtype)
+        return grad_RE.view(ctx.shape), None, None
 
 
 def sigmoid_topk(logits: Tensor, k: int, fp32: bool = False) -> Tuple[Tensor, Tensor]:

@@ -321,6 +321,41 @@ def test_router_kernel_matches_sigmoid_topk(dtype, R, E, K):
     torch.testing.assert_close(logits.grad, ref_logits.grad, **gtol)
 
 
+@pytest.mark.parametrize("dtype,gate_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                              (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("R,E,K", [(16384, 387, 16), (65536, 10, 2), (3, 565, 24)])
+def test_router_backward_kernel_matches_torch_form(dtype, gate_dtype, R, E, K, monkeypatch):
+    """The router's backward kernel against its PyTorch form (MOEUT_FUSED_ROUTER=0) on the same
+    inputs: identical in fp32, within one rounding in bf16."""
+    from moeut.router import _sigmoid_topk_backward_op
+    torch.manual_seed(3)
+    expert = torch.rand(R, E, device="cuda").topk(K, dim=-1).indices
+    gate = torch.rand(R, K, device="cuda").to(gate_dtype)
+    grad_gate = torch.randn(R, K, device="cuda").to(gate_dtype)
+    got = _sigmoid_topk_backward_op(grad_gate, gate, expert, E, dtype)
+    monkeypatch.setenv("MOEUT_FUSED_ROUTER", "0")
+    want = _sigmoid_topk_backward_op(grad_gate, gate, expert, E, dtype)
+    assert got.dtype == dtype and got.shape == (R, E)
+    torch.testing.assert_close(got, want, rtol=0 if dtype == torch.float32 else 2 ** -8, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(16, 1024, 387), (16, 1024, 4, 10)])
+def test_probability_sum_on_cuda_matches_autograd(shape):
+    """The entropy regulariser's softmax sum (bf16 logits, fp32 softmax in one kernel, its backward in
+    one kernel) against autograd through the fp32 softmax of a float copy."""
+    from moeut.moe import _ProbabilitySum
+    torch.manual_seed(4)
+    logits = (3 * torch.randn(shape, device="cuda")).bfloat16().requires_grad_()
+    grad_out = torch.randn(shape[0], *shape[2:], device="cuda")
+    got = _ProbabilitySum.apply(logits)
+    (g_got,) = torch.autograd.grad(got, logits, grad_out)
+    want = torch.softmax(logits.float(), dim=-1).sum(1)
+    (g_want,) = torch.autograd.grad(want, logits, grad_out)
+    assert g_got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(g_got.float(), g_want.float(), rtol=2 ** -7, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("D,n_rot", [(128, 64), (82, 40)])
 def test_fused_rope_matches_reference(dtype, D, n_rot):

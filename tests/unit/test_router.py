@@ -102,3 +102,35 @@ def test_triton_router_kernel_matches_reference(R, E, K, dtype):
         gate3, expert3 = sigmoid_topk_triton(sliced, K)
         ref_gate3, ref_expert3 = sigmoid_topk_triton(sliced.reshape(-1, E).contiguous(), K)
         assert torch.equal(expert3, ref_expert3) and torch.equal(gate3, ref_gate3)
+
+
+@pytest.mark.skipif(not interpreted, reason="the interpreter test is for CPU-only machines")
+@pytest.mark.parametrize("R,E,K", [(37, 10, 2), (9, 387, 16), (5, 3, 3), (0, 8, 2)])
+@pytest.mark.parametrize("dtype,gate_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                              (torch.bfloat16, torch.float32)])
+def test_triton_router_backward_kernel_matches_reference(R, E, K, dtype, gate_dtype):
+    """One launch writes the logits' whole gradient: d gate * s * (1 - s) at the chosen experts (any
+    order of choices), exact zeros elsewhere, in the logits' dtype; gates in their own dtype (fp32
+    for SwitchHead's fp32 ranking)."""
+    from moeut.router import _sigmoid_topk_backward_op
+    from moeut.triton_router import sigmoid_topk_backward_triton
+    gen = torch.Generator().manual_seed(R + E)
+    expert = torch.rand(R, E, generator=gen).argsort(1)[:, :K]
+    gate = torch.rand(R, K, generator=gen).to(gate_dtype)
+    grad_gate = torch.randn(R, K, generator=gen).to(gate_dtype)
+    got = sigmoid_topk_backward_triton(grad_gate, gate, expert, E, dtype)
+    want = _sigmoid_topk_backward_op(grad_gate, gate, expert, E, dtype)   # the PyTorch form on CPU
+    assert got.shape == (R, E) and got.dtype == dtype
+    # (the interpreter truncates fp32 -> bf16 where the GPU rounds: one bf16 ulp)
+    torch.testing.assert_close(got.float(), want.float(), rtol=0 if dtype == torch.float32 else 2 ** -7, atol=0)
+    chosen = torch.zeros(R, E, dtype=torch.bool).scatter_(1, expert, True)
+    assert (got[~chosen] == 0).all()
+
+
+def test_router_backward_opcheck():
+    from moeut.router import _sigmoid_topk_backward_op
+    gen = torch.Generator().manual_seed(0)
+    expert = torch.rand(6, 9, generator=gen).argsort(1)[:, :3].contiguous()
+    gate, grad = torch.rand(6, 3, generator=gen), torch.randn(6, 3, generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.library.opcheck(_sigmoid_topk_backward_op, (grad, gate, expert, 9, dtype))
