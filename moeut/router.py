@@ -75,10 +75,13 @@ class _SigmoidTopK(torch.autograd.Function):
         ctx.save_for_backward(gate_RK, expert_RK)
         ctx.shape, ctx.logits_dtype = logits_RE.shape, logits_RE.dtype
         ctx.mark_non_differentiable(expert_RK)
+        ctx.set_materialize_grads(False)   # no zero tensor for the expert ids' (absent) gradient
         return gate_RK, expert_RK
 
     @staticmethod
     def backward(ctx, grad_gate_RK, _grad_expert):
+        if grad_gate_RK is None:
+            return None, None, None
         gate_RK, expert_RK = ctx.saved_tensors
         grad_RE = _sigmoid_topk_backward_op(grad_gate_RK, gate_RK, expert_RK, ctx.shape[-1], ctx.logits_dtype)
         return grad_RE.view(ctx.shape), None, None
