@@ -261,3 +261,32 @@ def test_triton_sum_choices_matches_torch(dtype, out_dtype, X, C, O):
         exact = y.double().view(X, C, O).sum(1)
         tol = 1e-5 if out_dtype == torch.float32 else 8e-3
         torch.testing.assert_close(got.double(), exact, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("gather", [True, False])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("I,O", [(10, 7), (5, 12)])   # both ways of getting the gate gradient
+def test_combine_through_the_kernels_matches_the_torch_path(gather, groups, I, O, monkeypatch):
+    """`expert_mm` and the fused `expert_mm_combine`, forward and backward, with every kernel on
+    (grouped GEMM, weight gradient, row dot, top-k sum) against the same autograd Functions on the
+    PyTorch path: values and the gradients of x, w and the gates."""
+    from moeut import expert_mm as em
+    gen = torch.Generator().manual_seed(6 + I + groups)
+    R, K, E = 24, 4, 6
+    expert = torch.randint(0, E - 1, (R, K), generator=gen)   # the last expert stays empty
+    expert[:, 0] = 0
+    r = route(expert, E)
+    x = torch.randn(R if gather else R * K, I, generator=gen, requires_grad=True)
+    w = torch.randn(E, I, O, generator=gen, requires_grad=True)
+    gate = torch.rand(R * groups, K // groups, generator=gen, requires_grad=True)
+    gy = torch.randn(R * groups, O, generator=gen)
+    gh = torch.randn(R * K, O, generator=gen)
+    runs = []
+    for kernels in (False, True):
+        monkeypatch.setattr(em, "use_fused", lambda t, switch=None, on=kernels: on)
+        fused = em.expert_mm_combine(x, w, r, gate, gather=gather)
+        routed = em.expert_mm(x, w, r, gather=gather)
+        grads = torch.autograd.grad((fused, routed), (x, w, gate), (gy, gh), allow_unused=True)
+        runs.append((fused, routed, *[g for g in grads if g is not None]))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
