@@ -152,9 +152,11 @@ def _grouped_mm_torch(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: O
 
 def _weight_grad_torch(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
                        grad_rows_N: Optional[Tensor] = None, grad_scale_N: Optional[Tensor] = None,
-                       out_dtype: Optional[torch.dtype] = None) -> Tensor:
+                       out_dtype: Optional[torch.dtype] = None, scale_dst_N: Optional[Tensor] = None) -> Tensor:
     x_NI = x_RI if rows_N is None else x_RI.index_select(0, rows_N)
     g_NO = grad_MO if grad_rows_N is None else grad_MO.index_select(0, grad_rows_N)
+    if grad_scale_N is not None and scale_dst_N is not None:
+        grad_scale_N = grad_scale_N.index_select(0, scale_dst_N)
     if grad_scale_N is not None:
         g_NO = _scale_rows(g_NO, grad_scale_N)
     out_dtype = out_dtype or x_RI.dtype
@@ -193,63 +195,75 @@ def _(x, weight, offsets, rows, scale, dst, scale_at_dst=False):
 
 @torch.library.custom_op("moeut::grouped_mm_weight_grad", mutates_args=())
 def grouped_mm_weight_grad(x: Tensor, grad: Tensor, offsets: Tensor, rows: Optional[Tensor],
-                           grad_rows: Optional[Tensor], grad_scale: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+                           grad_rows: Optional[Tensor], grad_scale: Optional[Tensor], out_dtype: torch.dtype,
+                           scale_dst: Optional[Tensor] = None) -> Tensor:
     """[E, I, O] in `out_dtype`: out[e] = sum over e's routed rows n of
-    x[rows[n]]^T (grad_scale[n] * grad[grad_rows[n]]), accumulated in fp32 (fp64 for fp64 inputs)."""
+    x[rows[n]]^T (grad_scale[n] * grad[grad_rows[n]]), accumulated in fp32 (fp64 for fp64 inputs).
+    scale_dst: the scale of routed row n is grad_scale[scale_dst[n]] (gates in (row, choice) order)."""
     if use_fused(x):
         from .triton_expert_mm import grouped_mm_weight_grad_triton
-        return grouped_mm_weight_grad_triton(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype)
-    return _weight_grad_torch(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype)
+        return grouped_mm_weight_grad_triton(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype,
+                                             scale_dst_N=scale_dst)
+    return _weight_grad_torch(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype, scale_dst)
 
 
 @grouped_mm_weight_grad.register_fake
-def _(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype):
+def _(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype, scale_dst=None):
     return grad.new_empty(offsets.shape[0] - 1, x.shape[1], grad.shape[1], dtype=out_dtype)
 
 
 @torch.library.custom_op("moeut::grouped_mm_weight_grad_add", mutates_args=("acc",))
 def grouped_mm_weight_grad_add(acc: Tensor, x: Tensor, grad: Tensor, offsets: Tensor, rows: Optional[Tensor],
-                               grad_rows: Optional[Tensor], grad_scale: Optional[Tensor]) -> None:
-    """acc += grouped_mm_weight_grad(x, grad, ..., acc.dtype): the Triton kernel adds its fp32 tile to
-    acc's in its epilogue (one pass over acc instead of a separate add); the same rounding as the add."""
+                               grad_rows: Optional[Tensor], grad_scale: Optional[Tensor],
+                               scale_dst: Optional[Tensor] = None) -> None:
+    """acc += grouped_mm_weight_grad(x, grad, ..., acc.dtype, scale_dst): the Triton kernel adds its fp32
+    tile to acc's in its epilogue (one pass over acc instead of a separate add); the same rounding."""
     torch._check(acc.shape == (offsets.shape[0] - 1, x.shape[1], grad.shape[1]),
                  lambda: f"grouped_mm_weight_grad_add: accumulator of shape {tuple(acc.shape)}")
     if use_fused(x):
         from .triton_expert_mm import grouped_mm_weight_grad_triton
-        grouped_mm_weight_grad_triton(x, grad, offsets, rows, grad_rows, grad_scale, acc.dtype, accumulate_into=acc)
+        grouped_mm_weight_grad_triton(x, grad, offsets, rows, grad_rows, grad_scale, acc.dtype, accumulate_into=acc,
+                                      scale_dst_N=scale_dst)
     else:
-        acc.add_(_weight_grad_torch(x, grad, offsets, rows, grad_rows, grad_scale, acc.dtype))
+        acc.add_(_weight_grad_torch(x, grad, offsets, rows, grad_rows, grad_scale, acc.dtype, scale_dst))
 
 
 def _weight_grad(sink: Optional[GradSink], x: Tensor, grad: Tensor, offsets: Tensor, rows: Optional[Tensor],
-                 grad_rows: Optional[Tensor], grad_scale: Optional[Tensor], out_dtype: torch.dtype) -> Optional[Tensor]:
+                 grad_rows: Optional[Tensor], grad_scale: Optional[Tensor], out_dtype: torch.dtype,
+                 scale_dst: Optional[Tensor] = None) -> Optional[Tensor]:
     """The weight gradient of one application: returned, or (a weight shared within the forward pass,
     see `shared_weights.py`) added into its sink, and None returned."""
     if sink is None:
-        return grouped_mm_weight_grad(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype)
+        return grouped_mm_weight_grad(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype, scale_dst)
     if sink.grad is None:
-        sink.grad = grouped_mm_weight_grad(x, grad, offsets, rows, grad_rows, grad_scale, sink.dtype)
+        sink.grad = grouped_mm_weight_grad(x, grad, offsets, rows, grad_rows, grad_scale, sink.dtype, scale_dst)
     else:
-        grouped_mm_weight_grad_add(sink.grad, x, grad, offsets, rows, grad_rows, grad_scale)
+        grouped_mm_weight_grad_add(sink.grad, x, grad, offsets, rows, grad_rows, grad_scale, scale_dst)
     return None
 
 
 @torch.library.custom_op("moeut::row_dot", mutates_args=())
-def row_dot(a: Tensor, b: Tensor, b_rows: Optional[Tensor], scale: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+def row_dot(a: Tensor, b: Tensor, b_rows: Optional[Tensor], scale: Optional[Tensor],
+            dst: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """(dot [N] fp32, scaled [N, I] or [0, I]): dot[n] = <a[n], b[b_rows[n]]> accumulated in fp32 (fp64
     for fp64 inputs); scaled[n] = scale[n] * a[n] rounded to a's dtype (empty when scale is None).
-    The gate gradient of a combine and the gate-scaled input gradient in one pass over a."""
+    The gate gradient of a combine and the gate-scaled input gradient in one pass over a. With dst
+    (a permutation of 0..N-1): scale is read as scale[dst[n]] and the dot is written to dot[dst[n]],
+    so gates and their gradient stay in (row, choice) order with no gather or scatter of their own."""
     if a.dtype != torch.float64 and use_fused(a, "MOEUT_FUSED_ROW_DOT"):
         from .triton_expert_mm import row_dot_triton
-        return row_dot_triton(a, b, b_rows, scale)
+        return row_dot_triton(a, b, b_rows, scale, dst)
     b_NI = b if b_rows is None else b.index_select(0, b_rows)
     dot = (_acc(a) * _acc(b_NI)).sum(-1)
+    if dst is not None:
+        dot = torch.empty_like(dot).index_copy_(0, dst, dot)
+        scale = scale.index_select(0, dst) if scale is not None else None
     scaled = _scale_rows(a, scale) if scale is not None else a.new_empty(0, a.shape[1])
     return dot, scaled
 
 
 @row_dot.register_fake
-def _(a, b, b_rows, scale):
+def _(a, b, b_rows, scale, dst=None):
     acc = torch.promote_types(a.dtype, torch.float32)
     return a.new_empty(a.shape[0], dtype=acc), a.new_empty(a.shape[0] if scale is not None else 0, a.shape[1])
 
@@ -362,16 +376,18 @@ class _ExpertMMCombine(torch.autograd.Function):
         x_master, w_master, gate_XC, offsets_E1, rows_N, slot_N = ctx.saved_tensors
         x_RI, w_EIO = _operand(x_master, ctx.dtype), _operand(w_master, ctx.dtype, weight=True)
         X, C = gate_XC.shape
-        N, I, O = slot_N.shape[0], w_EIO.shape[1], w_EIO.shape[2]
+        I, O = w_EIO.shape[1], w_EIO.shape[2]
         grad_XO = grad_XO.to(x_RI.dtype).contiguous()
         group_N = slot_N // C                      # the output row each routed row adds into
-        gate_N = _acc(gate_XC.reshape(-1)).index_select(0, slot_N)
+        # Gates stay in (group, choice) order: the kernels read routed row n's gate at slot[n] and write
+        # its gradient there, so neither a permuted gate copy nor a scatter of the gradient is made.
+        gate_S = gate_XC.reshape(-1)
         w_T = w_EIO.transpose(1, 2)
         grad_x = None
         if I <= O:
             grad_in_NI = grouped_mm(grad_XO, w_T, offsets_E1, group_N, None, None)
-            grad_gate_N, grad_x_NI = row_dot(grad_in_NI, x_RI, rows_N,
-                                             gate_N if ctx.needs_input_grad[0] else None)
+            grad_gate_S, grad_x_NI = row_dot(grad_in_NI, x_RI, rows_N,
+                                             gate_S if ctx.needs_input_grad[0] else None, slot_N)
             if ctx.needs_input_grad[0]:
                 if rows_N is None:
                     grad_x = grad_x_NI
@@ -380,17 +396,18 @@ class _ExpertMMCombine(torch.autograd.Function):
                                           x_master.dtype)
         else:
             y_NO = grouped_mm(x_RI, w_EIO, offsets_E1, rows_N, None, None)
-            grad_gate_N, _ = row_dot(y_NO, grad_XO, group_N, None)
+            grad_gate_S, _ = row_dot(y_NO, grad_XO, group_N, None, slot_N)
             if ctx.needs_input_grad[0]:
                 if rows_N is None:
-                    grad_x = grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_N, None)
+                    grad_x = grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_S.index_select(0, slot_N), None)
                 else:
-                    grad_x = _sum_choices(grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_N, slot_N), x_RI.shape[0],
-                                          x_master.dtype)
-        grad_gate = grad_gate_N.new_empty(N).index_copy_(0, slot_N, grad_gate_N).view(X, C).to(gate_XC.dtype)
+                    grad_x = _sum_choices(grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_S, slot_N,
+                                                     scale_at_dst=True), x_RI.shape[0], x_master.dtype)
+        grad_gate = grad_gate_S.view(X, C).to(gate_XC.dtype)
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = _weight_grad(ctx.sink, x_RI, grad_XO, offsets_E1, rows_N, group_N, gate_N, w_master.dtype)
+            grad_w = _weight_grad(ctx.sink, x_RI, grad_XO, offsets_E1, rows_N, group_N, gate_S, w_master.dtype,
+                                  scale_dst=slot_N)
         if grad_x is not None:
             grad_x = grad_x.to(x_master.dtype)
         return grad_x, grad_w, grad_gate, None, None, None, None, None

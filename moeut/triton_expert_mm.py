@@ -209,14 +209,15 @@ if triton is not None:
             tl.store(out_rows + cols[None, :] * soo, acc.to(out_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & col_ok[None, :])
 
-    @triton.autotune(configs=_wgrad_configs(), key=["I", "O", "GATHER", "GGATHER", "GSCALE", "FP32", "ACCUMULATE"],
+    @triton.autotune(configs=_wgrad_configs(), key=["I", "O", "GATHER", "GGATHER", "GSCALE", "FP32", "ACCUMULATE",
+                                                    "SCALE_AT_DST"],
                      restore_value=["out_ptr"])   # benchmark runs must not add into an accumulator twice
     @triton.jit
-    def _weight_grad_kernel(x_ptr, g_ptr, out_ptr, offsets_ptr, rows_ptr, grows_ptr, gscale_ptr,
+    def _weight_grad_kernel(x_ptr, g_ptr, out_ptr, offsets_ptr, rows_ptr, grows_ptr, gscale_ptr, sdst_ptr,
                             I, O,
                             sxr, sxi, sgr, sgo, soe, soi, soo,
                             GATHER: tl.constexpr, GGATHER: tl.constexpr, GSCALE: tl.constexpr,
-                            FP32: tl.constexpr, ACCUMULATE: tl.constexpr,
+                            FP32: tl.constexpr, ACCUMULATE: tl.constexpr, SCALE_AT_DST: tl.constexpr,
                             BI: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr):
         n_o = tl.cdiv(O, BO)
         n_tiles = tl.cdiv(I, BI) * n_o
@@ -246,7 +247,11 @@ if triton is not None:
             b = tl.load(g_ptr + gsrc[:, None].to(tl.int64) * sgr + oo[None, :] * sgo,
                         mask=r_ok[:, None] & o_ok[None, :], other=0.0)
             if GSCALE:  # same rounding as scaling the gradient rows before the product
-                s = tl.load(gscale_ptr + rows, mask=r_ok, other=0.0)
+                if SCALE_AT_DST:   # gates in (row, choice) order: routed row n's is at sdst[n]
+                    sat = tl.load(sdst_ptr + rows, mask=r_ok, other=0)
+                else:
+                    sat = rows
+                s = tl.load(gscale_ptr + sat, mask=r_ok, other=0.0).to(tl.float32)
                 b = (b.to(tl.float32) * s[:, None]).to(g_ptr.dtype.element_ty)
             acc = _dot(a, b, acc, FP32)
         o_ptrs = out_ptr + e.to(tl.int64) * soe + ii[:, None] * soi + oo[None, :] * soo
@@ -257,9 +262,10 @@ if triton is not None:
 
 if triton is not None:
     @triton.jit
-    def _row_dot_kernel(a_ptr, b_ptr, rows_ptr, scale_ptr, dot_ptr, scaled_ptr, N, I,
+    def _row_dot_kernel(a_ptr, b_ptr, rows_ptr, scale_ptr, dst_ptr, dot_ptr, scaled_ptr, N, I,
                         sar, sai, sbr, sbi, ssr,
-                        GATHER: tl.constexpr, SCALE: tl.constexpr, IP: tl.constexpr, BR: tl.constexpr):
+                        GATHER: tl.constexpr, SCALE: tl.constexpr, DST: tl.constexpr,
+                        IP: tl.constexpr, BR: tl.constexpr):
         n = tl.program_id(0) * BR + tl.arange(0, BR)
         n_ok = n < N
         i = tl.arange(0, IP)
@@ -268,16 +274,21 @@ if triton is not None:
             src = tl.load(rows_ptr + n, mask=n_ok, other=0)
         else:
             src = n
+        if DST:   # gate and its gradient in (row, choice) order: routed row n's slot is dst[n]
+            at = tl.load(dst_ptr + n, mask=n_ok, other=0)
+        else:
+            at = n
         a = tl.load(a_ptr + n[:, None].to(tl.int64) * sar + i[None, :] * sai, mask=m, other=0.0)
         b = tl.load(b_ptr + src[:, None].to(tl.int64) * sbr + i[None, :] * sbi, mask=m, other=0.0)
-        tl.store(dot_ptr + n, tl.sum(a.to(tl.float32) * b.to(tl.float32), axis=1), mask=n_ok)
+        tl.store(dot_ptr + at, tl.sum(a.to(tl.float32) * b.to(tl.float32), axis=1), mask=n_ok)
         if SCALE:
-            s = tl.load(scale_ptr + n, mask=n_ok, other=0.0)
+            s = tl.load(scale_ptr + at, mask=n_ok, other=0.0).to(tl.float32)
             tl.store(scaled_ptr + n[:, None].to(tl.int64) * ssr + i[None, :],
                      (a.to(tl.float32) * s[:, None]).to(scaled_ptr.dtype.element_ty), mask=m)
 
 
-def row_dot_triton(a_NI: Tensor, b_MI: Tensor, b_rows_N: Optional[Tensor], scale_N: Optional[Tensor]):
+def row_dot_triton(a_NI: Tensor, b_MI: Tensor, b_rows_N: Optional[Tensor], scale_N: Optional[Tensor],
+                   dst_N: Optional[Tensor] = None):
     N, I = a_NI.shape
     dot = torch.empty(N, device=a_NI.device, dtype=torch.float32)
     scaled = torch.empty(N if scale_N is not None else 0, I, device=a_NI.device, dtype=a_NI.dtype)
@@ -285,13 +296,13 @@ def row_dot_triton(a_NI: Tensor, b_MI: Tensor, b_rows_N: Optional[Tensor], scale
         return dot, scaled
     IP = max(16, triton.next_power_of_2(I))
     BR = 4 if INTERPRET else max(1, min(64, 8192 // IP))
-    scale = scale_N.float().contiguous() if scale_N is not None else None
-    _row_dot_kernel[(triton.cdiv(N, BR),)](a_NI, b_MI, _or(b_rows_N, dot), _or(scale, dot), dot,
+    scale = scale_N.contiguous() if scale_N is not None else None   # any float dtype: read as fp32
+    _row_dot_kernel[(triton.cdiv(N, BR),)](a_NI, b_MI, _or(b_rows_N, dot), _or(scale, dot), _or(dst_N, dot), dot,
                                            scaled if scale_N is not None else dot, N, I,
                                            a_NI.stride(0), a_NI.stride(1), b_MI.stride(0), b_MI.stride(1),
                                            scaled.stride(0) if scale_N is not None else 0,
                                            GATHER=b_rows_N is not None, SCALE=scale_N is not None,
-                                           IP=IP, BR=BR, num_warps=4)
+                                           DST=dst_N is not None, IP=IP, BR=BR, num_warps=4)
     return dot, scaled
 
 
@@ -367,8 +378,10 @@ def grouped_mm_weight_grad_triton(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Ten
                                   grad_rows_N: Optional[Tensor] = None,
                                   grad_scale_N: Optional[Tensor] = None,
                                   out_dtype: Optional[torch.dtype] = None,
-                                  accumulate_into: Optional[Tensor] = None) -> Tensor:
-    """The weight gradient [E, I, O], or (accumulate_into) that tensor with the gradient added to it."""
+                                  accumulate_into: Optional[Tensor] = None,
+                                  scale_dst_N: Optional[Tensor] = None) -> Tensor:
+    """The weight gradient [E, I, O], or (accumulate_into) that tensor with the gradient added to it.
+    scale_dst_N: routed row n's scale is grad_scale[scale_dst_N[n]]."""
     E = offsets_E1.numel() - 1
     I, O = x_RI.shape[1], grad_MO.shape[1]
     out_EIO = accumulate_into
@@ -376,18 +389,18 @@ def grouped_mm_weight_grad_triton(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Ten
         out_EIO = torch.empty(E, I, O, device=x_RI.device, dtype=out_dtype or x_RI.dtype)
     x_RI, grad_MO = aligned(x_RI), aligned(grad_MO)
     unused = offsets_E1
-    scale = grad_scale_N.float().contiguous() if grad_scale_N is not None else None
+    scale = grad_scale_N.contiguous() if grad_scale_N is not None else None   # any float dtype: read as fp32
 
     def grid(meta):
         return (E * triton.cdiv(I, meta["BI"]) * triton.cdiv(O, meta["BO"]),)
 
     _weight_grad_kernel[grid](x_RI, grad_MO, out_EIO, offsets_E1, _or(rows_N, unused), _or(grad_rows_N, unused),
-                              _or(scale, unused), I, O,
+                              _or(scale, unused), _or(scale_dst_N, unused), I, O,
                               x_RI.stride(0), x_RI.stride(1), grad_MO.stride(0), grad_MO.stride(1),
                               out_EIO.stride(0), out_EIO.stride(1), out_EIO.stride(2),
                               GATHER=rows_N is not None, GGATHER=grad_rows_N is not None,
                               GSCALE=grad_scale_N is not None, FP32=x_RI.dtype == torch.float32,
-                              ACCUMULATE=accumulate_into is not None)
+                              ACCUMULATE=accumulate_into is not None, SCALE_AT_DST=scale_dst_N is not None)
     return out_EIO
 
 

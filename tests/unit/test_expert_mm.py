@@ -124,6 +124,14 @@ def test_opcheck():
     want = acc + grouped_mm_weight_grad(x, g, r.offsets_E1, r.rows_N, None, None, torch.float32)
     grouped_mm_weight_grad_add(acc, x, g, r.offsets_E1, r.rows_N, None, None)
     assert torch.equal(acc, want)
+    torch.library.opcheck(grouped_mm_weight_grad, (x, g_rows, r.offsets_E1, r.rows_N, r.rows_N, scale,
+                                                   torch.float32, r.slot_N))
+    torch.library.opcheck(grouped_mm_weight_grad_add, (acc, x, g_rows, r.offsets_E1, r.rows_N, r.rows_N, scale, r.slot_N))
+    from moeut.expert_mm import row_dot
+    a20 = torch.randn(20, 6, generator=gen)
+    torch.library.opcheck(row_dot, (a20, x, r.rows_N, scale, r.slot_N))
+    dot, _ = row_dot(a20, x, r.rows_N, None, r.slot_N)
+    assert torch.equal(dot[r.slot_N], row_dot(a20, x, r.rows_N, None)[0])
     y = torch.randn(20, 5, generator=gen)
     for dtype in (torch.float32, torch.bfloat16):
         torch.library.opcheck(sum_choices, (y.to(dtype), 10, torch.float32))

@@ -94,6 +94,14 @@ def test_triton_row_dot_matches_reference(gather, scale, dtype):
         torch.testing.assert_close(scaled.float(), (a.float() * s[:, None]), rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-2 if dtype != torch.float32 else 1e-6)
     else:
         assert scaled.shape == (0, I)
+    # dst (a permutation): the scale read at dst[n] (bf16 gates too), the dot written to dot[dst[n]]
+    dst = torch.randperm(N, generator=gen)
+    s_dst = s.to(dtype) if scale else None
+    dot2, scaled2 = row_dot_triton(a, b, rows, s_dst, dst)
+    assert torch.equal(dot2[dst], dot)
+    if scale:
+        want = (a.float() * s_dst.float()[dst][:, None]).to(dtype)
+        torch.testing.assert_close(scaled2, want, rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("R,K,E", [(1, 16, 387), (32, 16, 387), (5, 3, 4), (64, 2, 40), (7, 1, 1)])
@@ -224,6 +232,10 @@ def test_triton_weight_grad_accumulates_in_place(dtype):
         fresh = grouped_mm_weight_grad_triton(*args, out_dtype=torch.float32)
         assert torch.equal(acc, acc0 + fresh)
         assert torch.equal(acc[1::2], acc0[1::2])
+    # gates read at each routed row's destination (scale_dst) instead of a permuted copy: same result
+    at_dst = grouped_mm_weight_grad_triton(x, g_R, r.offsets_E1, r.rows_N, r.rows_N, gate, torch.float32,
+                                           scale_dst_N=r.slot_N)
+    assert torch.equal(at_dst, fresh)
 
 
 def test_shared_weights_through_the_kernels_match_per_application(monkeypatch):
