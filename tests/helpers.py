@@ -21,3 +21,18 @@ def shared_and_per_application_grads(model, x, monkeypatch, device_type: str = "
         monkeypatch.setattr(shared_weights, "ENABLED", share)
         runs.append(autocast_step_grads(model, x, device_type))
     return runs
+
+
+def combine_case(gather: bool, groups: int, I: int, O: int, seed: int):
+    """(routing, x, w, gate) of a small fused-combine problem: 24 rows, 4 choices, 6 experts of which
+    the last gets no row, gates grouped `groups` per row; all leaves require grad."""
+    from moeut.expert_mm import route
+    gen = torch.Generator().manual_seed(seed)
+    R, K, E = 24, 4, 6
+    expert = torch.randint(0, E - 1, (R, K), generator=gen)
+    expert[:, 0] = 0
+    r = route(expert, E)
+    x = torch.randn(R if gather else R * K, I, generator=gen, requires_grad=True)
+    w = torch.randn(E, I, O, generator=gen, requires_grad=True)
+    gate = torch.rand(R * groups, K // groups, generator=gen, requires_grad=True)
+    return r, x, w, gate

@@ -168,14 +168,9 @@ def test_grouped_mm_scale_and_scatter_match_reference():
 def test_expert_mm_combine_matches_unfused(gather, groups, I, O):
     """The fused projection+combine equals combine(expert_mm(...)) in value and gradients."""
     from moeut.expert_mm import expert_mm_combine
-    gen = torch.Generator().manual_seed(6 + I)
-    R, K, E = 24, 4, 6
-    expert = torch.randint(0, E - 1, (R, K), generator=gen)   # the last expert stays empty
-    expert[:, 0] = 0
-    r = route(expert, E)
-    x = torch.randn(R if gather else R * K, I, generator=gen, requires_grad=True)
-    w = torch.randn(E, I, O, generator=gen, requires_grad=True)
-    gate = torch.rand(R * groups, K // groups, generator=gen, requires_grad=True)
+    from tests.helpers import combine_case
+    r, x, w, gate = combine_case(gather, groups, I, O, seed=6 + I)
+    gen = torch.Generator().manual_seed(7)
     fused = expert_mm_combine(x, w, r, gate, gather=gather)
     plain = combine(expert_mm(x, w, r, gather=gather), r.choice_RK.view(gate.shape), gate)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)

@@ -283,16 +283,11 @@ def test_combine_through_the_kernels_matches_the_torch_path(gather, groups, I, O
     (grouped GEMM, weight gradient, row dot, top-k sum) against the same autograd Functions on the
     PyTorch path: values and the gradients of x, w and the gates."""
     from moeut import expert_mm as em
-    gen = torch.Generator().manual_seed(6 + I + groups)
-    R, K, E = 24, 4, 6
-    expert = torch.randint(0, E - 1, (R, K), generator=gen)   # the last expert stays empty
-    expert[:, 0] = 0
-    r = route(expert, E)
-    x = torch.randn(R if gather else R * K, I, generator=gen, requires_grad=True)
-    w = torch.randn(E, I, O, generator=gen, requires_grad=True)
-    gate = torch.rand(R * groups, K // groups, generator=gen, requires_grad=True)
-    gy = torch.randn(R * groups, O, generator=gen)
-    gh = torch.randn(R * K, O, generator=gen)
+    from tests.helpers import combine_case
+    r, x, w, gate = combine_case(gather, groups, I, O, seed=6 + I + groups)
+    gen = torch.Generator().manual_seed(1)
+    gy = torch.randn(gate.shape[0], O, generator=gen)
+    gh = torch.randn(r.slot_N.numel(), O, generator=gen)
     runs = []
     for kernels in (False, True):
         monkeypatch.setattr(em, "use_fused", lambda t, switch=None, on=kernels: on)
