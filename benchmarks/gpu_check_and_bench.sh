@@ -96,6 +96,17 @@ run train_align 330 bash -c "python3 benchmarks/train_throughput.py --steps 6 --
 run decode_align 150 bash -c "python3 benchmarks/decode.py --models dense-244M --new-tokens 128 --modes static+graph \
   --json $OUT/decode_dense_aligned.json && MOEUT_ALIGN_DECODE=0 python3 benchmarks/decode.py --models dense-244M \
   --new-tokens 128 --modes static+graph --json $OUT/decode_dense_unaligned.json"
+# The sixth session's last launch cuts, off by default until tests/gpu passes with them: the router's
+# backward kernel and the combine backward's gates read at their destination. Tests first, then
+# eager (launch-bound) and graphed steps with them on against off, same call.
+NEW_PATHS="env MOEUT_ROUTER_BACKWARD_KERNEL=1 MOEUT_GATES_AT_DST=1"
+run tests_new_paths 300 $NEW_PATHS python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=5 \
+  -k "router or combine or probability or shared or deterministic or graphed"
+run train_launches 400 bash -c "python3 benchmarks/train_throughput.py --steps 6 --models moeut-244M:16,moeut-1B:8 \
+  --json $OUT/train_launches_off.json && $NEW_PATHS python3 benchmarks/train_throughput.py --steps 6 \
+  --models moeut-244M:16,moeut-1B:8 --json $OUT/train_launches_on.json && python3 benchmarks/train_throughput.py \
+  --steps 6 --cuda-graph --models moeut-244M:16 --json $OUT/train_launches_off_graph.json && $NEW_PATHS \
+  python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16 --json $OUT/train_launches_on_graph.json"
 run decode 200 python3 benchmarks/decode.py --new-tokens 128 --modes static+graph \
   --variants default,separate-qk,no-overlap --json "$OUT/decode.json"
 run decode_profile 120 python3 benchmarks/decode_profile.py --top 16

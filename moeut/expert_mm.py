@@ -296,6 +296,11 @@ def _sum_choices(y_SO: Tensor, n_groups: int, out_dtype: Optional[torch.dtype] =
     return sum_choices(y_SO, n_groups, out_dtype or y_SO.dtype)
 
 
+# MOEUT_GATES_AT_DST=1: the combine's backward reads gates, and writes their gradient, in (row, choice)
+# order inside the kernels (3 fewer launches per combine). Tested against the PyTorch path in the Triton
+# interpreter, not yet on a GPU (sixth session): off until tests/gpu passes with it.
+GATES_AT_DST = os.environ.get("MOEUT_GATES_AT_DST", "0") == "1"
+
 # MOEUT_WEIGHT_CAST=1: hand fp32 master weights to the Triton kernels, which round each tile as they
 # load it, instead of casting them first. Measured slower on the H200 (RESULTS.md D.2: 244M FFN
 # forward+backward 3.82 against 3.49 ms of GPU time; the fp32 operand breaks the kernels' bf16
@@ -379,15 +384,17 @@ class _ExpertMMCombine(torch.autograd.Function):
         I, O = w_EIO.shape[1], w_EIO.shape[2]
         grad_XO = grad_XO.to(x_RI.dtype).contiguous()
         group_N = slot_N // C                      # the output row each routed row adds into
-        # Gates stay in (group, choice) order: the kernels read routed row n's gate at slot[n] and write
-        # its gradient there, so neither a permuted gate copy nor a scatter of the gradient is made.
+        # GATES_AT_DST: gates stay in (group, choice) order, the kernels read routed row n's gate at
+        # slot[n] and write its gradient there; else a permuted fp32 copy and a scattered gradient.
         gate_S = gate_XC.reshape(-1)
+        dst = slot_N if GATES_AT_DST else None
+        gate_n = gate_S if GATES_AT_DST else _acc(gate_S).index_select(0, slot_N)   # routed row n's: gate_n[dst[n] or n]
         w_T = w_EIO.transpose(1, 2)
         grad_x = None
         if I <= O:
             grad_in_NI = grouped_mm(grad_XO, w_T, offsets_E1, group_N, None, None)
-            grad_gate_S, grad_x_NI = row_dot(grad_in_NI, x_RI, rows_N,
-                                             gate_S if ctx.needs_input_grad[0] else None, slot_N)
+            grad_gate_n, grad_x_NI = row_dot(grad_in_NI, x_RI, rows_N,
+                                             gate_n if ctx.needs_input_grad[0] else None, dst)
             if ctx.needs_input_grad[0]:
                 if rows_N is None:
                     grad_x = grad_x_NI
@@ -396,18 +403,21 @@ class _ExpertMMCombine(torch.autograd.Function):
                                           x_master.dtype)
         else:
             y_NO = grouped_mm(x_RI, w_EIO, offsets_E1, rows_N, None, None)
-            grad_gate_S, _ = row_dot(y_NO, grad_XO, group_N, None, slot_N)
+            grad_gate_n, _ = row_dot(y_NO, grad_XO, group_N, None, dst)
             if ctx.needs_input_grad[0]:
                 if rows_N is None:
-                    grad_x = grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_S.index_select(0, slot_N), None)
+                    grad_x = grouped_mm(grad_XO, w_T, offsets_E1, group_N,
+                                        gate_n.index_select(0, slot_N) if GATES_AT_DST else gate_n, None)
                 else:
-                    grad_x = _sum_choices(grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_S, slot_N,
-                                                     scale_at_dst=True), x_RI.shape[0], x_master.dtype)
-        grad_gate = grad_gate_S.view(X, C).to(gate_XC.dtype)
+                    grad_x = _sum_choices(grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_n, slot_N,
+                                                     scale_at_dst=GATES_AT_DST), x_RI.shape[0], x_master.dtype)
+        if not GATES_AT_DST:
+            grad_gate_n = torch.empty_like(grad_gate_n).index_copy_(0, slot_N, grad_gate_n)
+        grad_gate = grad_gate_n.view(X, C).to(gate_XC.dtype)
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = _weight_grad(ctx.sink, x_RI, grad_XO, offsets_E1, rows_N, group_N, gate_S, w_master.dtype,
-                                  scale_dst=slot_N)
+            grad_w = _weight_grad(ctx.sink, x_RI, grad_XO, offsets_E1, rows_N, group_N, gate_n, w_master.dtype,
+                                  scale_dst=dst)
         if grad_x is not None:
             grad_x = grad_x.to(x_master.dtype)
         return grad_x, grad_w, grad_gate, None, None, None, None, None

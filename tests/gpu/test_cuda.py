@@ -40,13 +40,16 @@ def test_triton_expert_mm_matches_reference(dtype, tol, D, E, K):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("I,O,gather", [(128, 1024, False), (128, 1024, True), (1024, 128, True)])
 @pytest.mark.parametrize("loop_n", [None, False], ids=["auto", "column_blocks"])
-def test_triton_combine_matches_torch_path(dtype, tol, I, O, gather, loop_n, monkeypatch):
+@pytest.mark.parametrize("gates_at_dst", [False, True], ids=["gates_permuted", "gates_at_dst"])
+def test_triton_combine_matches_torch_path(dtype, tol, I, O, gather, loop_n, gates_at_dst, monkeypatch):
     """Fused projection + gated sum (scale/scatter epilogue, gathered and scaled gradient rows) on the
     Triton path against the per-expert PyTorch path in fp64, values and all gradients; I = 128 runs
-    the "loop over N" grouped GEMM by default, `column_blocks` forces the other form."""
-    from moeut import triton_expert_mm
+    the "loop over N" grouped GEMM by default, `column_blocks` forces the other form; the backward
+    with gates permuted or read at their destination (`MOEUT_GATES_AT_DST`)."""
+    from moeut import expert_mm as em, triton_expert_mm
     from moeut.expert_mm import expert_mm_combine
     monkeypatch.setattr(triton_expert_mm, "LOOP_N_OVERRIDE", loop_n)
+    monkeypatch.setattr(em, "GATES_AT_DST", gates_at_dst)
     torch.manual_seed(1)
     R, K, E = 1500, 4, 10
     expert = torch.randint(0, E - 1, (R, K), device="cuda")  # the last expert gets no rows
@@ -332,8 +335,10 @@ def test_router_backward_kernel_matches_torch_form(dtype, gate_dtype, R, E, K, m
     expert = torch.rand(R, E, device="cuda").topk(K, dim=-1).indices
     gate = torch.rand(R, K, device="cuda").to(gate_dtype)
     grad_gate = torch.randn(R, K, device="cuda").to(gate_dtype)
+    from moeut import router
+    monkeypatch.setattr(router, "BACKWARD_KERNEL", True)
     got = _sigmoid_topk_backward_op(grad_gate, gate, expert, E, dtype)
-    monkeypatch.setenv("MOEUT_FUSED_ROUTER", "0")
+    monkeypatch.setattr(router, "BACKWARD_KERNEL", False)
     want = _sigmoid_topk_backward_op(grad_gate, gate, expert, E, dtype)
     assert got.dtype == dtype and got.shape == (R, E)
     torch.testing.assert_close(got, want, rtol=0 if dtype == torch.float32 else 2 ** -8, atol=0)

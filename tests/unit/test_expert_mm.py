@@ -165,9 +165,13 @@ def test_grouped_mm_scale_and_scatter_match_reference():
 @pytest.mark.parametrize("gather", [True, False])
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("I,O", [(10, 7), (5, 12)])   # both ways of getting the gate gradient
-def test_expert_mm_combine_matches_unfused(gather, groups, I, O):
-    """The fused projection+combine equals combine(expert_mm(...)) in value and gradients."""
+@pytest.mark.parametrize("gates_at_dst", [False, True])
+def test_expert_mm_combine_matches_unfused(gather, groups, I, O, gates_at_dst, monkeypatch):
+    """The fused projection+combine equals combine(expert_mm(...)) in value and gradients (its backward
+    with gates read in permuted copies, or at each routed row's destination)."""
+    from moeut import expert_mm as em
     from moeut.expert_mm import expert_mm_combine
+    monkeypatch.setattr(em, "GATES_AT_DST", gates_at_dst)
     from tests.helpers import combine_case
     r, x, w, gate = combine_case(gather, groups, I, O, seed=6 + I)
     gen = torch.Generator().manual_seed(7)
