@@ -39,7 +39,7 @@ class _ProbabilitySum(torch.autograd.Function):
         # is one kernel, and so is its backward, which returns the logits' dtype.
         logits, = ctx.saved_tensors
         p = F.softmax(logits, dim=-1, dtype=torch.float32)
-        g = grad_sum.unsqueeze(1).expand_as(p)   # the same upstream gradient at every position
+        g = grad_sum.unsqueeze(1).expand_as(p).contiguous()   # the same upstream gradient at every position
         in_dtype = logits.dtype if logits.is_cuda else p.dtype
         return torch._softmax_backward_data(g, p, -1, in_dtype).to(logits.dtype)
 
