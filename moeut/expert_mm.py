@@ -47,7 +47,18 @@ class Routing:
     offsets_E1: Tensor   # int64 [E+1]: expert e owns routed rows offsets[e]:offsets[e+1]
     rows_N: Tensor       # int64 [N]: the input row each routed row reads (= slot_N // K)
     slot_N: Tensor       # int64 [N]: flat (row, choice) index r*K + k of each routed row (the sort order)
-    choice_RK: Tensor    # int64 [R, K]: routed position of choice k of row r (inverse of slot_N)
+    # int64 [R, K]: routed position of choice k of row r (the inverse of slot_N). Only references and
+    # tests read it, so the sort path computes it on first use (two launches fewer per routing).
+    _choice_RK: Optional[Tensor] = None
+    k: int = 0           # choices per row (for computing choice_RK)
+
+    @property
+    def choice_RK(self) -> Tensor:
+        if self._choice_RK is None:
+            N = self.slot_N.numel()
+            inverse = torch.empty_like(self.slot_N).scatter_(0, self.slot_N, torch.arange(N, device=self.slot_N.device))
+            self._choice_RK = inverse.view(-1, self.k)
+        return self._choice_RK
 
 
 def _route_kernel_applies(expert_RK: Tensor, n_experts: int) -> bool:
@@ -77,7 +88,7 @@ def route(expert_RK: Tensor, n_experts: int) -> Routing:
     Small inputs on CUDA (decoding) take one Triton kernel (`triton_route.py`, MOEUT_FUSED_ROUTE=0
     turns it off); the rest sort with torch.
     """
-    R, K = expert_RK.shape
+    K = expert_RK.shape[1]
     if _route_kernel_applies(expert_RK, n_experts):
         return Routing(*route_small(expert_RK, n_experts))
     # The narrowest key type that holds every id: a GPU radix sort makes one pass per key byte
@@ -88,8 +99,7 @@ def route(expert_RK: Tensor, n_experts: int) -> Routing:
     # Expert e's rows start at the number of choices below e. A fixed output size (E + 1) keeps
     # torch.compile free of graph breaks, and it costs two small kernels.
     offsets_E1 = torch.searchsorted(sorted_N, torch.arange(n_experts + 1, device=flat_N.device, dtype=key_dtype))
-    choice_N = torch.empty_like(slot_N).scatter_(0, slot_N, torch.arange(slot_N.numel(), device=slot_N.device))
-    return Routing(offsets_E1, slot_N // K, slot_N, choice_N.view(R, K))
+    return Routing(offsets_E1, slot_N // K, slot_N, k=K)
 
 
 def combine(y_NO: Tensor, choice_XC: Tensor, gate_XC: Tensor) -> Tensor:
