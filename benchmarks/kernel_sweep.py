@@ -1,0 +1,145 @@
+"""Tile-config sweep for the σ-MoE grouped-GEMM kernels (`triton_expert_mm.py`), one pass at a time.
+
+The kernels autotune over a deliberately short config list (every config compiles once per kernel
+variant and process). This script times a wider list per pass, exactly as the FFN calls each pass,
+checks each config's output against the default's, and prints a table per pass: which configs earn
+a place in `_mm_configs` / `_wgrad_configs`. GPU only.
+
+    python benchmarks/kernel_sweep.py [--shapes 244M,1B] [--json sweep.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from moeut import triton_expert_mm as tem  # noqa: E402
+from moeut.expert_mm import route  # noqa: E402
+
+SHAPES = {"244M": (1024, 387, 16), "1B": (1536, 565, 24), "44M": (412, 155, 12)}   # d_model, experts, k
+S = 128   # expert width
+
+# (BM or BI, BN or BO, BK, warps, stages)
+MM = [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 5), (128, 128, 128, 8, 3),
+      (128, 128, 64, 4, 4), (128, 128, 32, 8, 5), (64, 128, 64, 4, 4), (64, 128, 128, 4, 3),
+      (64, 128, 64, 4, 5), (128, 64, 64, 4, 4), (128, 64, 128, 4, 3), (256, 128, 64, 8, 3),
+      (256, 128, 64, 8, 4), (256, 64, 64, 8, 4)]
+LOOP_N = [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 2), (128, 64, 64, 4, 4),
+          (128, 64, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3),
+          (64, 128, 64, 4, 3), (256, 128, 64, 8, 3), (256, 64, 64, 8, 4), (256, 128, 64, 8, 2)]
+WGRAD = [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 128, 32, 8, 5),
+         (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+         (64, 256, 64, 8, 4), (128, 128, 64, 4, 4)]
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # cpu: TRITON_INTERPRET=1, a logic check only
+
+
+def bench(fn):
+    if DEVICE == "cpu":
+        import time
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def _config(c, wgrad: bool):
+    import triton
+    a, b, k, warps, stages = c
+    names = ("BI", "BO", "BK") if wgrad else ("BM", "BN", "BK")
+    return triton.Config(dict(zip(names, (a, b, k))), num_warps=warps, num_stages=stages)
+
+
+def sweep_pass(name, kernel, configs, fn, flops, wgrad=False, top=None):
+    """Time fn() with each config forced on `kernel`; rows sorted fastest first."""
+    saved = kernel.configs, dict(kernel.cache)
+    kernel.cache.clear()
+    ref = fn().float()   # the default (autotuned) config's output
+    default_cfg = kernel.best_config
+    rows = []
+    try:
+        for c in configs[:top] if top else configs:
+            kernel.configs = [_config(c, wgrad)]
+            kernel.cache.clear()
+            try:
+                out = fn().float()
+                err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+                ms = bench(fn)
+                rows.append(dict(pass_=name, config=list(c), ms=ms, tflops=flops / ms / 1e9, rel_err=err))
+            except Exception as e:   # out of shared memory / registers: not a candidate
+                rows.append(dict(pass_=name, config=list(c), ms=float("inf"), tflops=0.0, error=str(e)[:100]))
+    finally:
+        kernel.configs, kernel.cache = saved[0], saved[1]
+    rows.sort(key=lambda r: r["ms"])
+    d = default_cfg.kwargs if default_cfg is not None else {}
+    print(f"\n{name}  (autotuned default: {d}, warps {getattr(default_cfg, 'num_warps', '?')}, "
+          f"stages {getattr(default_cfg, 'num_stages', '?')})")
+    print(f"  {'config (tile a, b, k, warps, stages)':40s} {'ms':>8s} {'TFLOP/s':>8s} {'rel err':>9s}")
+    for r in rows:
+        if "error" in r:
+            print(f"  {str(tuple(r['config'])):40s} failed: {r['error']}")
+        else:
+            print(f"  {str(tuple(r['config'])):40s} {r['ms']:8.3f} {r['tflops']:8.1f} {r['rel_err']:9.1e}")
+    return rows
+
+
+def sweep_shape(name, D, E, K, T, top=None):
+    dt = torch.bfloat16
+    x = torch.randn(T, D, device=DEVICE, dtype=dt)
+    w1 = torch.randn(E, D, S, device=DEVICE, dtype=dt) / D ** 0.5
+    w2 = torch.randn(E, S, D, device=DEVICE, dtype=dt) / S ** 0.5
+    expert = torch.rand(T, E, device=DEVICE).topk(K, dim=-1).indices
+    r = route(expert, E)
+    N = T * K
+    h = torch.randn(N, S, device=DEVICE, dtype=dt)
+    gh = torch.randn(N, S, device=DEVICE, dtype=dt)
+    gate = torch.rand(N, device=DEVICE)
+    group = r.slot_N // K
+    gy_T = torch.randn(T, D, device=DEVICE, dtype=dt)
+    flops = 2 * N * D * S
+    mm, wg = tem._expert_mm_kernel, tem._weight_grad_kernel
+    f32 = torch.float32
+    passes = [
+        ("up fwd (gather x)", mm, MM, lambda: tem.grouped_mm_triton(x, w1, r.offsets_E1, r.rows_N), False),
+        ("down dx (gather dy)", mm, MM,
+         lambda: tem.grouped_mm_triton(gy_T, w2.transpose(1, 2), r.offsets_E1, group), False),
+        ("down fwd (gate, scatter; loop over N)", mm, LOOP_N,
+         lambda: tem.grouped_mm_triton(h, w2, r.offsets_E1, None, gate, r.slot_N), False),
+        ("up dx (scatter; loop over N)", mm, LOOP_N,
+         lambda: tem.grouped_mm_triton(gh, w1.transpose(1, 2), r.offsets_E1, None, None, r.slot_N), False),
+        ("up dW (gather x)", wg, WGRAD,
+         lambda: tem.grouped_mm_weight_grad_triton(x, gh, r.offsets_E1, r.rows_N, out_dtype=f32), True),
+        ("down dW (gather, gate dy)", wg, WGRAD,
+         lambda: tem.grouped_mm_weight_grad_triton(h, gy_T, r.offsets_E1, None, group, gate, out_dtype=f32), True),
+    ]
+    rows = []
+    for pname, kernel, configs, fn, is_wgrad in passes:
+        for row in sweep_pass(f"{name} {pname}", kernel, configs, fn, flops, is_wgrad, top):
+            rows.append(dict(shape=name, **row))
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="244M,1B")
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--top", type=int, default=None, help="only the first N configs of each list")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    out = dict(gpu=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (interpreter)", torch=torch.__version__, rows=[])
+    for name in args.shapes.split(","):
+        D, E, K = SHAPES[name]
+        out["rows"] += sweep_shape(name, D, E, K, args.tokens, args.top)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
