@@ -36,11 +36,12 @@ class _ProbabilitySum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_sum: Tensor) -> Tensor:
         # Few ops on purpose (eager steps are launch-bound): on CUDA the fp32 softmax of bf16 logits
-        # is one kernel, and so is its backward, which returns the logits' dtype.
+        # is one kernel, and so is its backward. That backward can return fp16 from fp32 gradients,
+        # but not bf16 (CUDA: "input to be at::Half and grad to be at::Float"): bf16 takes one cast.
         logits, = ctx.saved_tensors
         p = F.softmax(logits, dim=-1, dtype=torch.float32)
         g = grad_sum.unsqueeze(1).expand_as(p).contiguous()   # the same upstream gradient at every position
-        in_dtype = logits.dtype if logits.is_cuda else p.dtype
+        in_dtype = logits.dtype if logits.is_cuda and logits.dtype == torch.float16 else p.dtype
         return torch._softmax_backward_data(g, p, -1, in_dtype).to(logits.dtype)
 
 

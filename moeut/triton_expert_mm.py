@@ -69,9 +69,12 @@ if triton is not None:
             return [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=4)]
         return [
             # Few configs on purpose: every kernel variant compiles each of them once per process.
-            triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=8, num_stages=4),
-            triton.Config({"BM": 64, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
-            triton.Config({"BM": 128, "BN": 64, "BK": 64}, num_warps=4, num_stages=4),
+            # Chosen by benchmarks/kernel_sweep.py on the H200 (RESULTS.md F): the first two are the
+            # fastest wide-input passes at 244M (up fwd 386, down dx 391 TFLOP/s), the third the
+            # fastest "loop over N" one (down fwd, up dx: 269-271 TFLOP/s).
+            triton.Config({"BM": 128, "BN": 128, "BK": 32}, num_warps=8, num_stages=5),
+            triton.Config({"BM": 256, "BN": 128, "BK": 64}, num_warps=8, num_stages=4),
+            triton.Config({"BM": 128, "BN": 64, "BK": 64}, num_warps=8, num_stages=4),
             # Fallback for variants none of the above fits in shared memory (fp32 "loop over N").
             triton.Config({"BM": 64, "BN": 64, "BK": 32}, num_warps=4, num_stages=2),
         ]
@@ -102,10 +105,10 @@ if triton is not None:
     def _wgrad_configs():
         if INTERPRET:
             return [triton.Config({"BI": 16, "BO": 16, "BK": 16}, num_warps=4)]
-        return [
-            triton.Config({"BI": 128, "BO": 128, "BK": 64}, num_warps=8, num_stages=4),
+        return [   # kernel_sweep.py: down dW 242 TFLOP/s with the first (190 before), up dW 292 with the second
+            triton.Config({"BI": 128, "BO": 128, "BK": 32}, num_warps=8, num_stages=5),
             triton.Config({"BI": 64, "BO": 128, "BK": 64}, num_warps=4, num_stages=4),
-            triton.Config({"BI": 128, "BO": 64, "BK": 64}, num_warps=4, num_stages=4),
+            triton.Config({"BI": 128, "BO": 128, "BK": 64}, num_warps=4, num_stages=4),
         ][:None if AUTOTUNE else 1]
 
     @triton.jit

@@ -345,18 +345,20 @@ def test_router_backward_kernel_matches_torch_form(dtype, gate_dtype, R, E, K, m
 
 
 @pytest.mark.parametrize("shape", [(16, 1024, 387), (16, 1024, 4, 10)])
-def test_probability_sum_on_cuda_matches_autograd(shape):
-    """The entropy regulariser's softmax sum (bf16 logits, fp32 softmax in one kernel, its backward in
-    one kernel) against autograd through the fp32 softmax of a float copy."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_probability_sum_on_cuda_matches_autograd(shape, dtype):
+    """The entropy regulariser's softmax sum (half-precision logits, fp32 softmax in one kernel, its
+    backward in one kernel: CUDA's returns fp16 but not bf16 from fp32 gradients) against autograd
+    through the fp32 softmax of a float copy."""
     from moeut.moe import _ProbabilitySum
     torch.manual_seed(4)
-    logits = (3 * torch.randn(shape, device="cuda")).bfloat16().requires_grad_()
+    logits = (3 * torch.randn(shape, device="cuda")).to(dtype).requires_grad_()
     grad_out = torch.randn(shape[0], *shape[2:], device="cuda")
     got = _ProbabilitySum.apply(logits)
     (g_got,) = torch.autograd.grad(got, logits, grad_out)
     want = torch.softmax(logits.float(), dim=-1).sum(1)
     (g_want,) = torch.autograd.grad(want, logits, grad_out)
-    assert g_got.dtype == torch.bfloat16
+    assert g_got.dtype == dtype
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(g_got.float(), g_want.float(), rtol=2 ** -7, atol=1e-5)
 
