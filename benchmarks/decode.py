@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from moeut import attention as attention_module  # noqa: E402
 from moeut import expert_gemv  # noqa: E402
 from moeut import generate as generate_module  # noqa: E402
 from moeut.generate import generate  # noqa: E402
@@ -76,7 +77,7 @@ def main():
                 if variant not in ("default", "no-overlap") and not name.startswith("moeut"):
                     continue
                 os.environ["MOEUT_EXPERT_GEMV"] = "0" if variant == "sorted" else "1"
-                os.environ["MOEUT_JOINT_QK"] = "0" if variant == "separate-qk" else "1"
+                attention_module.JOINT_QK = variant != "separate-qk"
                 generate_module.OVERLAP_HOST = variant != "no-overlap"
                 expert_gemv.MAX_CHOICES_PER_EXPERT = float("inf") if variant == "gemv-all" else default_max[0]
                 expert_gemv.MAX_CHOICES_PER_EXPERT_PAST_L2 = float("inf") if variant == "gemv-all" else default_max[1]

@@ -29,6 +29,8 @@ from .router import sigmoid_topk
 
 KVCache = Optional[Dict[str, Tensor]]
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# MOEUT_JOINT_QK=0: Q, K and the two selectors as four matmuls (benchmarks compare the forms).
+JOINT_QK = os.environ.get("MOEUT_JOINT_QK", "1") != "0"
 
 
 @dataclass
@@ -67,7 +69,7 @@ def _rope_qk(q: Tensor, k: Tensor, n_rotate: int, offset, base: float, q_scale: 
 
 def _heads_adjacent(q: Tensor, k: Tensor) -> bool:
     """Whether k's heads follow q's in memory with the same strides, as when both are slices of one
-    projection (dense's QKV, `SwitchHeadRope._project_inference`): then [q; k] is one strided tensor.
+    projection (dense's QKV, `SwitchHeadRope._project_joint`): then [q; k] is one strided tensor.
     Without gradients only (autograd of `as_strided` is slow)."""
     H = q.shape[1]
     if torch.is_grad_enabled() or torch.compiler.is_compiling():   # (no storage to compare while tracing)
@@ -321,16 +323,31 @@ class SwitchHeadRope(torch.nn.Module):
     def _inference_parts(self):
         return [self.q.weight, self.k.weight] + ([self.sel_v] if self.n_experts > 1 else []) + [self.sel_o]
 
-    def _project_inference(self, x: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
-        """(q, k [B, T, H*Dh], V- and O-selector logits [B, T, H*E]) of one input in one matmul (no
-        gradients: decoding and scoring, where the four small matmuls were four launches reading the
-        same input). The weights are concatenated at every call, except inside
-        `frozen_inference_weights`: a copy kept otherwise would miss in-place updates made through
-        `.data`, which no version counter records."""
+    def _project_joint(self, x: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+        """(q, k [B, T, H*Dh], V- and O-selector logits [B, T, H*E]) of one input in one matmul.
+
+        Q, K and both selectors read the same normalised input, so one product with their
+        concatenated weights replaces four. In training this is one GEMM for the input gradient
+        (accumulated in fp32 and rounded once, where four bf16 gradients were summed), one input
+        cast under autocast instead of four, and one saved bf16 copy of the input instead of four.
+        In decoding and scoring it is one launch instead of four. The weights are concatenated at
+        every call, except inside `frozen_inference_weights` (no gradients): a copy kept otherwise
+        would miss in-place updates made through `.data`, which no version counter records."""
         parts = self._inference_parts()
-        w = self._inference_weight if self._inference_weight_frozen else torch.cat(parts)
-        out = F.linear(x, w).split([p.shape[0] for p in parts], dim=-1)
-        return out[0], out[1], (out[2] if self.n_experts > 1 else None), out[-1]
+        sizes = [p.shape[0] for p in parts]
+        if self._inference_weight_frozen and not torch.is_grad_enabled():
+            w = self._inference_weight
+        else:
+            w = torch.cat(parts)
+        out = F.linear(x, w)
+        if torch.is_grad_enabled():
+            # The selector logits are kept until the backward (entropy regulariser): a small copy of
+            # their own, so that they do not keep the whole [B, T, 2*H*Dh + ...] output alive.
+            q, k, sel = out.split([sizes[0], sizes[1], sum(sizes[2:])], dim=-1)
+            sels = sel.contiguous().split(sizes[2:], dim=-1)
+        else:
+            q, k, *sels = out.split(sizes, dim=-1)
+        return q, k, (sels[0] if self.n_experts > 1 else None), sels[-1]
 
     @torch.no_grad()
     def _freeze_inference_weight(self) -> None:
@@ -364,9 +381,8 @@ class SwitchHeadRope(torch.nn.Module):
         B, T, D = q_src.shape
         H, Dh, E, K = self.n_heads, self.projection_size, self.n_experts, self.moe_k
         scale = math.sqrt(1.0 / math.sqrt(Dh))  # d_head^-0.25 on each of q and k
-        if (q_src is k_src and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and os.environ.get("MOEUT_JOINT_QK", "1") != "0"):
-            q, k, sel_v_logits, sel_o_logits = self._project_inference(q_src)
+        if q_src is k_src and JOINT_QK and (torch.is_grad_enabled() or not torch.compiler.is_compiling()):
+            q, k, sel_v_logits, sel_o_logits = self._project_joint(q_src)
         else:
             q, k = self.q(q_src), self.k(k_src)
             sel_v_logits = F.linear(k_src, self.sel_v) if E > 1 else None

@@ -106,7 +106,9 @@ def test_inference_projection_equals_training_path_and_follows_weight_updates(cf
         with torch.no_grad():
             fast = m(x).outputs
         assert calls == [2 * cfg["n_heads"]] * cfg["n_layers"]   # q and k rotated in one call per layer
-        ref = m(x).outputs          # gradients on: the separate projections
+        monkeypatch.setattr(attention, "JOINT_QK", False)
+        ref = m(x).outputs          # the four separate projections
+        monkeypatch.setattr(attention, "JOINT_QK", True)
         torch.testing.assert_close(fast, ref.detach(), rtol=1e-5, atol=1e-5)
         with torch.no_grad():
             for p in (att.q.weight, att.k.weight):
@@ -124,11 +126,41 @@ def test_inference_projection_equals_training_path_and_follows_weight_updates(cf
         att.sel_o.data.mul_(-2.0)
     q_src = torch.randn(2, 5, cfg["d_model"])
     with torch.no_grad():
-        q, k, sel_v, sel_o = att._project_inference(q_src)
+        q, k, sel_v, sel_o = att._project_joint(q_src)
     torch.testing.assert_close(q, att.q(q_src).detach())
     torch.testing.assert_close(k, att.k(q_src).detach())
     torch.testing.assert_close(sel_o, F.linear(q_src, att.sel_o).detach())
     assert (sel_v is None) == (cfg["att_n_experts"] == 1)
+
+
+@pytest.mark.parametrize("att_n_experts", [1, 3])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_joint_projection_trains_like_four_matmuls(monkeypatch, att_n_experts, autocast):
+    """Training with Q, K and both selectors as one matmul on their concatenated weights: the same
+    loss and gradients (every parameter, the input embedding) as the four separate matmuls, fp32
+    exactly up to summation order, bf16 autocast within its rounding."""
+    import moeut.attention as attention
+    torch.manual_seed(2)
+    m = MoEUTLM(50, **small(att_n_experts=att_n_experts))
+    x = torch.randint(0, 50, (2, 13))
+
+    def loss_and_grads(joint):
+        monkeypatch.setattr(attention, "JOINT_QK", joint)
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out = m(x)
+            loss = out.outputs.float().logsumexp(-1).mean() + out.reg_loss.sum()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    loss_joint, g_joint = loss_and_grads(True)
+    loss_sep, g_sep = loss_and_grads(False)
+    assert g_joint.keys() == g_sep.keys() and any(".q." in n for n in g_joint)
+    tol = 2e-2 if autocast else 1e-5   # relative (norm) error; bf16 rounds at 4e-3
+    torch.testing.assert_close(loss_joint, loss_sep, rtol=tol, atol=0)
+    for n in g_sep:
+        err = ((g_joint[n] - g_sep[n]).norm() / g_sep[n].norm().clamp_min(1e-30)).item()
+        assert err < tol, f"{n}: relative gradient error {err:.2e}"
 
 
 def test_no_cache_returned_unless_asked():
