@@ -147,12 +147,14 @@ def _segments(offsets_E1: Tensor):
 
 def _grouped_mm_torch(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
                       scale_N: Optional[Tensor] = None, dst_N: Optional[Tensor] = None,
-                      scale_at_dst: bool = False) -> Tensor:
+                      scale_at_dst: bool = False, relu: bool = False) -> Tensor:
     x_NI = x_RI if rows_N is None else x_RI.index_select(0, rows_N)
     w_EIO = w_EIO.to(x_NI.dtype)
     out_NO = x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
     for e, lo, hi in _segments(offsets_E1):
         torch.mm(x_NI[lo:hi], w_EIO[e], out=out_NO[lo:hi])
+    if relu:
+        out_NO.relu_()
     if scale_N is not None:
         out_NO = _scale_rows(out_NO, scale_N.index_select(0, dst_N) if scale_at_dst else scale_N)
     if dst_N is not None:
@@ -186,20 +188,21 @@ def _weight_grad_torch(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Tensor, rows_N
 
 @torch.library.custom_op("moeut::grouped_mm", mutates_args=())
 def grouped_mm(x: Tensor, weight: Tensor, offsets: Tensor, rows: Optional[Tensor], scale: Optional[Tensor],
-               dst: Optional[Tensor], scale_at_dst: bool = False) -> Tensor:
-    """[N, O]: out[dst[n]] = scale[n] * (x[rows[n]] @ weight[expert of n]); None skips a step.
-    scale_at_dst: the scale of routed row n is scale[dst[n]] (needs dst). An fp32 weight with bf16 / fp16
-    x is rounded to x's dtype first (the Triton kernel rounds each tile as it loads it: no copy)."""
+               dst: Optional[Tensor], scale_at_dst: bool = False, relu: bool = False) -> Tensor:
+    """[N, O]: out[dst[n]] = scale[n] * act(x[rows[n]] @ weight[expert of n]); None skips a step, act is
+    ReLU with `relu`, else the identity. scale_at_dst: the scale of routed row n is scale[dst[n]] (needs
+    dst). An fp32 weight with bf16 / fp16 x is rounded to x's dtype first (the Triton kernel rounds
+    each tile as it loads it: no copy)."""
     _check(x, weight, offsets)
     torch._check(not scale_at_dst or dst is not None, lambda: "grouped_mm: scale_at_dst needs dst")
     if use_fused(x):
         from .triton_expert_mm import grouped_mm_triton
-        return grouped_mm_triton(x, weight, offsets, rows, scale, dst, scale_at_dst)
-    return _grouped_mm_torch(x, weight, offsets, rows, scale, dst, scale_at_dst)
+        return grouped_mm_triton(x, weight, offsets, rows, scale, dst, scale_at_dst, relu)
+    return _grouped_mm_torch(x, weight, offsets, rows, scale, dst, scale_at_dst, relu)
 
 
 @grouped_mm.register_fake
-def _(x, weight, offsets, rows, scale, dst, scale_at_dst=False):
+def _(x, weight, offsets, rows, scale, dst, scale_at_dst=False, relu=False):
     return x.new_empty(_routed_count(x, rows), weight.shape[2])
 
 
@@ -254,26 +257,30 @@ def _weight_grad(sink: Optional[GradSink], x: Tensor, grad: Tensor, offsets: Ten
 
 @torch.library.custom_op("moeut::row_dot", mutates_args=())
 def row_dot(a: Tensor, b: Tensor, b_rows: Optional[Tensor], scale: Optional[Tensor],
-            dst: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+            dst: Optional[Tensor] = None, relu_mask: bool = False) -> Tuple[Tensor, Tensor]:
     """(dot [N] fp32, scaled [N, I] or [0, I]): dot[n] = <a[n], b[b_rows[n]]> accumulated in fp32 (fp64
     for fp64 inputs); scaled[n] = scale[n] * a[n] rounded to a's dtype (empty when scale is None).
     The gate gradient of a combine and the gate-scaled input gradient in one pass over a. With dst
     (a permutation of 0..N-1): scale is read as scale[dst[n]] and the dot is written to dot[dst[n]],
-    so gates and their gradient stay in (row, choice) order with no gather or scatter of their own."""
+    so gates and their gradient stay in (row, choice) order with no gather or scatter of their own.
+    relu_mask: scaled[n] is zero where b[b_rows[n]] is not positive (b is a ReLU's output: scaled is then
+    the gradient of the ReLU's input)."""
     if a.dtype != torch.float64 and use_fused(a, "MOEUT_FUSED_ROW_DOT"):
         from .triton_expert_mm import row_dot_triton
-        return row_dot_triton(a, b, b_rows, scale, dst)
+        return row_dot_triton(a, b, b_rows, scale, dst, relu_mask)
     b_NI = b if b_rows is None else b.index_select(0, b_rows)
     dot = (_acc(a) * _acc(b_NI)).sum(-1)
     if dst is not None:
         dot = torch.empty_like(dot).index_copy_(0, dst, dot)
         scale = scale.index_select(0, dst) if scale is not None else None
     scaled = _scale_rows(a, scale) if scale is not None else a.new_empty(0, a.shape[1])
+    if relu_mask and scale is not None:
+        scaled = torch.where(b_NI > 0, scaled, scaled.new_zeros(()))
     return dot, scaled
 
 
 @row_dot.register_fake
-def _(a, b, b_rows, scale, dst=None):
+def _(a, b, b_rows, scale, dst=None, relu_mask=False):
     acc = torch.promote_types(a.dtype, torch.float32)
     return a.new_empty(a.shape[0], dtype=acc), a.new_empty(a.shape[0] if scale is not None else 0, a.shape[1])
 

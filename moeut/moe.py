@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .expert_gemv import gemv_applies, project
+from .expert_mlp import expert_mlp
 from .expert_mm import expert_mm, expert_mm_combine, route
 from .router import sigmoid_topk
 
@@ -44,6 +45,9 @@ class _ProbabilitySum(torch.autograd.Function):
         in_dtype = logits.dtype if logits.is_cuda and logits.dtype == torch.float16 else p.dtype
         return torch._softmax_backward_data(g, p, -1, in_dtype).to(logits.dtype)
 
+
+# MOEUT_FUSED_MLP=0: the expert MLP as two operators and a separate ReLU (benchmarks, tests compare them).
+FUSED_MLP = os.environ.get("MOEUT_FUSED_MLP", "1") != "0"
 
 # MOEUT_ALIGN_MATMULS=0: matmuls keep their own (possibly misaligned) output widths (benchmarks).
 ALIGN_MATMULS = os.environ.get("MOEUT_ALIGN_MATMULS", "1") != "0"
@@ -149,8 +153,12 @@ class SigmaMoE(torch.nn.Module):
             return out_RD.view(*input.shape[:-1], self.v_dim), logits
         routing = route(expert_BTK.reshape(-1, self.n_heads), self.n_experts)
         # The routing (sort by expert) is computed once and shared by both projections and their backward.
-        h_NS = self.activation(expert_mm(x_RD, self.keys, routing))
-        out_RD = expert_mm_combine(h_NS, self.values, routing, gate_BTK.reshape(-1, self.n_heads), gather=False)
+        gate_RK = gate_BTK.reshape(-1, self.n_heads)
+        if self.activation is F.relu and FUSED_MLP:   # the ReLU and its backward ride on the kernels
+            out_RD = expert_mlp(x_RD, self.keys, self.values, routing, gate_RK)
+        else:
+            h_NS = self.activation(expert_mm(x_RD, self.keys, routing))
+            out_RD = expert_mm_combine(h_NS, self.values, routing, gate_RK, gather=False)
         return out_RD.view(*input.shape[:-1], self.v_dim), logits
 
     def forward(self, input: Tensor, sel_input: Optional[Tensor] = None) -> Tensor:

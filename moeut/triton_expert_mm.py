@@ -5,7 +5,7 @@ routed rows are sorted by expert, expert e owns rows offsets[e]:offsets[e+1].
 
 * `grouped_mm_triton`: a grouped GEMM over row tiles that never straddle two experts. The tile ->
   (expert, first row) table is built on the device without a host sync; the row gather is fused into
-  the operand load, the gate scale and the scatter to (row, choice) order into the epilogue, so no
+  the operand load, a ReLU, the gate scale and the scatter to (row, choice) order into the epilogue, so no
   gathered, scaled or permuted copy is ever written. A row tile's column blocks are adjacent programs,
   so they run together and read the tile's input rows once from memory. For narrow inputs (I <= 128,
   e.g. the FFN down projection: 128 -> d_model), the "loop over N" form loads the input tile once and
@@ -140,7 +140,7 @@ if triton is not None:
         return e, row0, row_end, pid < total
 
     @triton.autotune(configs=_mm_configs(), key=["I", "O", "GATHER", "SCALE", "SCATTER", "FP32", "LOOP_N",
-                                                 "SCALE_AT_DST"],
+                                                 "SCALE_AT_DST", "RELU"],
                      prune_configs_by={"early_config_prune": _prune_mm_configs})
     @triton.jit
     def _expert_mm_kernel(x_ptr, w_ptr, out_ptr, offsets_ptr, rows_ptr, scale_ptr, dst_ptr,
@@ -148,7 +148,7 @@ if triton is not None:
                           sxr, sxi, swe, swi, swo, sor, soo,
                           GATHER: tl.constexpr, SCALE: tl.constexpr, SCATTER: tl.constexpr,
                           FP32: tl.constexpr, LOOP_N: tl.constexpr, SCALE_AT_DST: tl.constexpr,
-                          EP: tl.constexpr, IP: tl.constexpr,
+                          RELU: tl.constexpr, EP: tl.constexpr, IP: tl.constexpr,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         pid = tl.program_id(0)
         if LOOP_N:
@@ -189,6 +189,8 @@ if triton is not None:
                 b = tl.load(w_rows + cols[None, :] * swo, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 b = b.to(x_ptr.dtype.element_ty)   # an fp32 master weight, rounded as it is loaded
                 acc = _dot(a, b, tl.zeros((BM, BN), dtype=tl.float32), FP32)
+                if RELU:
+                    acc = tl.maximum(acc, 0.0)
                 if SCALE:
                     acc = acc * gate[:, None]
                 tl.store(out_rows + cols[None, :] * soo, acc.to(out_ptr.dtype.element_ty),
@@ -207,6 +209,8 @@ if triton is not None:
                 acc = _dot(a, b, acc, FP32)
                 a_ptrs += BK * sxi
                 b_ptrs += BK * swi
+            if RELU:
+                acc = tl.maximum(acc, 0.0)
             if SCALE:
                 acc = acc * gate[:, None]
             tl.store(out_rows + cols[None, :] * soo, acc.to(out_ptr.dtype.element_ty),
@@ -267,7 +271,7 @@ if triton is not None:
     @triton.jit
     def _row_dot_kernel(a_ptr, b_ptr, rows_ptr, scale_ptr, dst_ptr, dot_ptr, scaled_ptr, N, I,
                         sar, sai, sbr, sbi, ssr,
-                        GATHER: tl.constexpr, SCALE: tl.constexpr, DST: tl.constexpr,
+                        GATHER: tl.constexpr, SCALE: tl.constexpr, DST: tl.constexpr, RELU_MASK: tl.constexpr,
                         IP: tl.constexpr, BR: tl.constexpr):
         n = tl.program_id(0) * BR + tl.arange(0, BR)
         n_ok = n < N
@@ -286,12 +290,15 @@ if triton is not None:
         tl.store(dot_ptr + at, tl.sum(a.to(tl.float32) * b.to(tl.float32), axis=1), mask=n_ok)
         if SCALE:
             s = tl.load(scale_ptr + at, mask=n_ok, other=0.0).to(tl.float32)
+            scaled = a.to(tl.float32) * s[:, None]
+            if RELU_MASK:   # b is a ReLU's output: the gradient of its input is zero where b is
+                scaled = tl.where(b > 0, scaled, 0.0)
             tl.store(scaled_ptr + n[:, None].to(tl.int64) * ssr + i[None, :],
-                     (a.to(tl.float32) * s[:, None]).to(scaled_ptr.dtype.element_ty), mask=m)
+                     scaled.to(scaled_ptr.dtype.element_ty), mask=m)
 
 
 def row_dot_triton(a_NI: Tensor, b_MI: Tensor, b_rows_N: Optional[Tensor], scale_N: Optional[Tensor],
-                   dst_N: Optional[Tensor] = None):
+                   dst_N: Optional[Tensor] = None, relu_mask: bool = False):
     N, I = a_NI.shape
     dot = torch.empty(N, device=a_NI.device, dtype=torch.float32)
     scaled = torch.empty(N if scale_N is not None else 0, I, device=a_NI.device, dtype=a_NI.dtype)
@@ -305,7 +312,7 @@ def row_dot_triton(a_NI: Tensor, b_MI: Tensor, b_rows_N: Optional[Tensor], scale
                                            a_NI.stride(0), a_NI.stride(1), b_MI.stride(0), b_MI.stride(1),
                                            scaled.stride(0) if scale_N is not None else 0,
                                            GATHER=b_rows_N is not None, SCALE=scale_N is not None,
-                                           DST=dst_N is not None, IP=IP, BR=BR, num_warps=4)
+                                           DST=dst_N is not None, RELU_MASK=relu_mask, IP=IP, BR=BR, num_warps=4)
     return dot, scaled
 
 
@@ -349,7 +356,7 @@ def aligned(t: Tensor, copy_dtype: Optional[torch.dtype] = None, always_copy: bo
 
 def grouped_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
                       scale_N: Optional[Tensor] = None, dst_N: Optional[Tensor] = None,
-                      scale_at_dst: bool = False) -> Tensor:
+                      scale_at_dst: bool = False, relu: bool = False) -> Tensor:
     N = x_RI.shape[0] if rows_N is None else rows_N.shape[0]
     E, I, O = w_EIO.shape
     out_NO = torch.empty(N, O, device=x_RI.device, dtype=x_RI.dtype)
@@ -371,7 +378,7 @@ def grouped_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: O
                             x_RI.stride(0), x_RI.stride(1), w_EIO.stride(0), w_EIO.stride(1), w_EIO.stride(2),
                             out_NO.stride(0), out_NO.stride(1),
                             GATHER=rows_N is not None, SCALE=scale_N is not None, SCATTER=dst_N is not None,
-                            FP32=x_RI.dtype == torch.float32, LOOP_N=loop_n, SCALE_AT_DST=scale_at_dst,
+                            FP32=x_RI.dtype == torch.float32, LOOP_N=loop_n, SCALE_AT_DST=scale_at_dst, RELU=relu,
                             EP=triton.next_power_of_2(E),
                             IP=max(16, triton.next_power_of_2(I)))
     return out_NO

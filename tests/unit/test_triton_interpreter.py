@@ -36,6 +36,8 @@ def test_triton_matches_reference(kind, R, K, E, I, O, dtype, loop_n, monkeypatc
     out = grouped_mm_triton(x, w, r.offsets_E1, r.rows_N)
     ref = reference_expert_mm(x.float(), w.float(), expert)
     torch.testing.assert_close(out[r.choice_RK].float(), ref, **tol)
+    # ReLU in the epilogue (before rounding; rounding keeps signs, so it equals a ReLU after it)
+    assert torch.equal(grouped_mm_triton(x, w, r.offsets_E1, r.rows_N, relu=True), out.relu())
 
     if dtype == torch.bfloat16:   # an fp32 master weight, rounded tile by tile as the kernel loads it
         gen32 = torch.Generator().manual_seed(R * E)
@@ -92,6 +94,12 @@ def test_triton_row_dot_matches_reference(gather, scale, dtype):
     torch.testing.assert_close(dot, (a.float() * b_N.float()).sum(-1), rtol=1e-5, atol=1e-5)
     if scale:
         torch.testing.assert_close(scaled.float(), (a.float() * s[:, None]), rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-2 if dtype != torch.float32 else 1e-6)
+        # b a ReLU's output: the scaled rows are zero where b is (the gradient of the ReLU's input)
+        b_relu = b.relu()
+        dot_r, scaled_r = row_dot_triton(a, b_relu, rows, s, relu_mask=True)
+        b_N_relu = b_relu[rows] if gather else b_relu
+        assert torch.equal(scaled_r, torch.where(b_N_relu > 0, scaled, torch.zeros((), dtype=dtype)))
+        assert (scaled_r == 0).any() and (scaled_r != 0).any()
     else:
         assert scaled.shape == (0, I)
     # dst (a permutation): the scale read at dst[n] (bf16 gates too), the dot written to dot[dst[n]]
@@ -299,3 +307,26 @@ def test_combine_through_the_kernels_matches_the_torch_path(gather, groups, I, O
         runs.append((fused, routed, *[g for g in grads if g is not None]))
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gates_at_dst", [False, True])
+def test_expert_mlp_through_the_kernels_matches_the_torch_path(dtype, gates_at_dst, monkeypatch):
+    """The fused σ-MoE expert MLP (ReLU in the up projection's epilogue, its backward in the row dot),
+    forward and backward, with every kernel on against the PyTorch path."""
+    from moeut import expert_mlp as mlp_module, expert_mm as em
+    from tests.unit.test_expert_mlp import mlp_case
+    monkeypatch.setattr(em, "GATES_AT_DST", gates_at_dst)
+    monkeypatch.setattr(mlp_module, "GATES_AT_DST", gates_at_dst)
+    r, x, w1, w2, gate, gy = mlp_case(dtype, seed=11)
+    runs = []
+    for kernels in (False, True):
+        monkeypatch.setattr(em, "use_fused", lambda t, switch=None, on=kernels: on)
+        out = mlp_module.expert_mlp(x, w1, w2, r, gate)
+        runs.append((out, *torch.autograd.grad(out, (x, w1, w2, gate), gy)))
+    # relative (norm) error: bf16 values here reach ~100, and the interpreter truncates where CUDA rounds
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for name, a, b in zip(("out", "dx", "dw1", "dw2", "dgate"), *runs):
+        assert a.dtype == b.dtype
+        err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        assert err < tol, f"{name}: relative error {err:.2e}"

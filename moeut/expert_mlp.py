@@ -1,0 +1,89 @@
+"""The σ-MoE expert MLP as one autograd Function: up projection, ReLU, gated down projection, top-k sum.
+
+    out[r] = sum_k gate[r, k] * relu(x[r] @ W1[e_rk]) @ W2[e_rk]
+
+It computes exactly what `expert_mm_combine(relu(expert_mm(x, W1, routing)), W2, routing, gate)`
+computes, with the same kernels, and two elementwise passes fewer per application: the ReLU runs in
+the up projection's epilogue, and its backward (zero the gradient where h = 0) rides on the pass
+that already reads h and the gradient of h: the row dot that gives the gates' gradient. Composing
+the two operators cannot do that: the combine does not know that its input is a ReLU's output.
+
+Shapes (legend of `expert_mm.py`): R rows, K choices per row, N = R*K routed rows sorted by expert,
+D model width, S expert width, E experts.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .expert_mm import (GATES_AT_DST, Routing, _acc, _compute_dtype, _operand, _sum_choices, _weight_grad,
+                        _weight_operand, grouped_mm, row_dot)
+from .shared_weights import GradSink
+
+__all__ = ["expert_mlp"]
+
+
+class _ExpertMLP(torch.autograd.Function):
+    """Inputs of higher precision than `dtype` (the fp32 residual and parameters under autocast) are
+    rounded in forward and again in backward, as in `expert_mm._ExpertMM`. Saved: x and the weights
+    (alive anyway), h [N, S] (needed by the down projection's weight gradient) and the routing."""
+
+    @staticmethod
+    def forward(ctx, x_RD: Tensor, w1_master: Tensor, w2_master: Tensor, gate_RK: Tensor, offsets_E1: Tensor,
+                rows_N: Tensor, slot_N: Tensor, dtype: torch.dtype, sink1: Optional[GradSink],
+                sink2: Optional[GradSink]) -> Tensor:
+        h_NS = grouped_mm(_operand(x_RD, dtype), _operand(w1_master, dtype, weight=True), offsets_E1, rows_N,
+                          None, None, relu=True)
+        out_SD = grouped_mm(h_NS, _operand(w2_master, dtype, weight=True), offsets_E1, None,
+                            gate_RK.reshape(-1), slot_N, scale_at_dst=True)
+        ctx.save_for_backward(x_RD, w1_master, w2_master, gate_RK, h_NS, offsets_E1, rows_N, slot_N)
+        ctx.dtype, ctx.sinks = dtype, (sink1, sink2)
+        return _sum_choices(out_SD, gate_RK.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_RD: Tensor):
+        x_master, w1_master, w2_master, gate_RK, h_NS, offsets_E1, rows_N, slot_N = ctx.saved_tensors
+        sink1, sink2 = ctx.sinks
+        dtype = ctx.dtype
+        x_RD = _operand(x_master, dtype)
+        w1, w2 = _operand(w1_master, dtype, weight=True), _operand(w2_master, dtype, weight=True)
+        R, K = gate_RK.shape
+        grad_RD = grad_RD.to(dtype).contiguous()
+        group_N = rows_N   # the FFN's output row of routed row n is its input row
+        gate_S = gate_RK.reshape(-1)
+        dst = slot_N if GATES_AT_DST else None
+        gate_n = gate_S if GATES_AT_DST else _acc(gate_S).index_select(0, slot_N)
+
+        # Down projection: d h (unscaled) from d out, then the gate gradient <d h, h> and the
+        # gradient of the ReLU's input, gate * d h where h > 0, in one pass over d h and h.
+        grad_h_NS = grouped_mm(grad_RD, w2.transpose(1, 2), offsets_E1, group_N, None, None)
+        grad_gate_n, grad_pre_NS = row_dot(grad_h_NS, h_NS, None, gate_n, dst, relu_mask=True)
+        if not GATES_AT_DST:
+            grad_gate_n = torch.empty_like(grad_gate_n).index_copy_(0, slot_N, grad_gate_n)
+        grad_gate = grad_gate_n.view(R, K).to(gate_RK.dtype)
+        grad_w2 = grad_w1 = grad_x = None
+        if ctx.needs_input_grad[2]:
+            grad_w2 = _weight_grad(sink2, h_NS, grad_RD, offsets_E1, None, group_N, gate_n, w2_master.dtype,
+                                   scale_dst=dst)
+        # Up projection: d x (written in (row, choice) order and summed over the K choices), d W1.
+        if ctx.needs_input_grad[0]:
+            grad_x = _sum_choices(grouped_mm(grad_pre_NS, w1.transpose(1, 2), offsets_E1, None, None, slot_N), R,
+                                  x_master.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w1 = _weight_grad(sink1, x_RD, grad_pre_NS, offsets_E1, rows_N, None, None, w1_master.dtype)
+        return grad_x, grad_w1, grad_w2, grad_gate, None, None, None, None, None, None
+
+
+def expert_mlp(x_RD: Tensor, w1_EDS: Tensor, w2_ESD: Tensor, routing: Routing, gate_RK: Tensor) -> Tensor:
+    """[R, D]: sum over each row's K chosen experts of gate * relu(x @ W1[e]) @ W2[e]. Under autocast
+    the products are computed in the autocast dtype, like `F.linear`."""
+    dtype = _compute_dtype(x_RD, w1_EDS)
+    if gate_RK.numel() != routing.slot_N.numel() or gate_RK.shape[0] != x_RD.shape[0]:
+        raise ValueError(f"expert_mlp: gates of shape {tuple(gate_RK.shape)} for {x_RD.shape[0]} rows and "
+                         f"{routing.slot_N.numel()} routed rows")
+    w1, sink1 = _weight_operand(w1_EDS, dtype)
+    w2, sink2 = _weight_operand(w2_ESD, dtype)
+    return _ExpertMLP.apply(x_RD.contiguous(), w1, w2, gate_RK, routing.offsets_E1, routing.rows_N, routing.slot_N,
+                            dtype, sink1, sink2)

@@ -1,0 +1,104 @@
+"""The fused σ-MoE expert MLP (`expert_mlp.py`) against the two operators and a ReLU it replaces."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeut import expert_mlp as mlp_module
+from moeut import expert_mm as em
+from moeut.expert_mm import route
+
+
+def mlp_case(dtype: torch.dtype, seed: int, R: int = 24, K: int = 3, E: int = 7, D: int = 20, S: int = 12):
+    """(routing, x, w1, w2, gate, d out) of a small expert MLP: one crowded expert, one that gets no
+    row; leaves require grad. Half the hidden units are pushed negative so the ReLU cuts."""
+    gen = torch.Generator().manual_seed(seed)
+    expert = torch.randint(0, E - 1, (R, K), generator=gen)
+    expert[: R // 2, 0] = 0
+    r = route(expert, E)
+    x = torch.randn(R, D, generator=gen).to(dtype).requires_grad_()
+    w1 = torch.randn(E, D, S, generator=gen).to(dtype).requires_grad_()
+    w2 = torch.randn(E, S, D, generator=gen).to(dtype).requires_grad_()
+    gate = torch.rand(R, K, generator=gen).to(dtype).requires_grad_()
+    gy = torch.randn(R, D, generator=gen).to(dtype)
+    return r, x, w1, w2, gate, gy
+
+
+def _composed(x, w1, w2, r, gate):
+    return em.expert_mm_combine(F.relu(em.expert_mm(x, w1, r)), w2, r, gate, gather=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("gates_at_dst", [False, True])
+def test_expert_mlp_equals_the_composed_operators(dtype, gates_at_dst, monkeypatch):
+    """Same kernels, same rounding: the fused Function gives bit-identical outputs and gradients of
+    x, both weights and the gates; the expert without rows gets exact zero weight gradients."""
+    monkeypatch.setattr(em, "GATES_AT_DST", gates_at_dst)
+    monkeypatch.setattr(mlp_module, "GATES_AT_DST", gates_at_dst)
+    r, x, w1, w2, gate, gy = mlp_case(dtype, seed=3)
+    leaves = (x, w1, w2, gate)
+    fused = mlp_module.expert_mlp(x, w1, w2, r, gate)
+    got = (fused, *torch.autograd.grad(fused, leaves, gy))
+    composed = _composed(x, w1, w2, r, gate)
+    want = (composed, *torch.autograd.grad(composed, leaves, gy))
+    for name, a, b in zip(("out", "dx", "dw1", "dw2", "dgate"), got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert (got[2][-1] == 0).all() and (got[3][-1] == 0).all()
+    # and it is the σ-MoE MLP: against an fp64 loop over rows and choices
+    ref = torch.zeros(x.shape, dtype=torch.float64)
+    expert_RK = torch.empty(r.slot_N.numel(), dtype=torch.long)
+    expert_RK[r.slot_N] = torch.repeat_interleave(torch.arange(w1.shape[0]), r.offsets_E1.diff())
+    expert_RK = expert_RK.view(gate.shape)
+    for i in range(x.shape[0]):
+        for k in range(gate.shape[1]):
+            e = expert_RK[i, k]
+            h = (x[i].double() @ w1[e].double()).relu()
+            ref[i] += gate[i, k].double() * (h @ w2[e].double())
+    tol = 1e-10 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(fused.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def test_expert_mlp_under_autocast_matches_composed(monkeypatch):
+    """fp32 leaves under bf16 autocast (training): computed in bf16, gradients in fp32, as composed."""
+    r, x, w1, w2, gate, gy = mlp_case(torch.float32, seed=5)
+    leaves = (x, w1, w2, gate)
+    with torch.autocast("cpu", torch.bfloat16):
+        fused = mlp_module.expert_mlp(x, w1, w2, r, gate)
+        composed = _composed(x, w1, w2, r, gate)
+    assert fused.dtype == composed.dtype == torch.bfloat16
+    g_fused = torch.autograd.grad(fused, leaves, gy.bfloat16())
+    g_comp = torch.autograd.grad(composed, leaves, gy.bfloat16())
+    assert torch.equal(fused, composed)
+    for a, b in zip(g_fused, g_comp):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_expert_mlp_rejects_mismatched_gates():
+    r, x, w1, w2, gate, _ = mlp_case(torch.float32, seed=1)
+    with pytest.raises(ValueError, match="expert_mlp: gates of shape"):
+        mlp_module.expert_mlp(x, w1, w2, r, gate[:, :2])
+
+
+def test_sigma_moe_uses_the_fused_mlp_with_identical_gradients(monkeypatch):
+    """SigmaMoE with ReLU takes the fused Function; switching it off (MOEUT_FUSED_MLP=0) changes nothing
+    in outputs or gradients; another activation still takes the composed path."""
+    from moeut import moe
+    from moeut.moe import SigmaMoE
+    torch.manual_seed(0)
+    m = SigmaMoE(16, 9, 8, 3)
+    m.reset_parameters(1.0)
+    x = torch.randn(2, 11, 16, requires_grad=True)
+    calls = []
+    real = mlp_module.expert_mlp
+    monkeypatch.setattr(moe, "expert_mlp", lambda *a: calls.append(1) or real(*a))
+    runs = []
+    for fused in (True, False):
+        monkeypatch.setattr(moe, "FUSED_MLP", fused)
+        y = m(x)
+        runs.append((y, *torch.autograd.grad(y.square().sum(), (x, m.keys, m.values, m.expert_sel))))
+    assert calls == [1]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    m.activation = F.gelu
+    calls.clear()
+    m(x)
+    assert calls == []
