@@ -107,6 +107,14 @@ run train_launches 400 bash -c "python3 benchmarks/train_throughput.py --steps 6
   --models moeut-244M:16,moeut-1B:8 --json $OUT/train_launches_on.json && python3 benchmarks/train_throughput.py \
   --steps 6 --cuda-graph --models moeut-244M:16 --json $OUT/train_launches_off_graph.json && $NEW_PATHS \
   python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16 --json $OUT/train_launches_on_graph.json"
+# Seventh session: the fused expert MLP and the joint Q/K/selector projection (default) against the
+# composed operators and four matmuls (MOEUT_FUSED_MLP=0 MOEUT_JOINT_QK=0), graphed, same call; the
+# Llama baseline graphed too; an eager pair for peak memory.
+run train_fused 420 bash -c "python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8,llama-244M:16 --json $OUT/train_graph.json && \
+  MOEUT_FUSED_MLP=0 MOEUT_JOINT_QK=0 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:16,moeut-1B:8 --json $OUT/train_graph_unfused.json && \
+  python3 benchmarks/train_throughput.py --steps 6 --models moeut-244M:16,dense-244M:16 --json $OUT/train_eager.json"
 run decode 200 python3 benchmarks/decode.py --new-tokens 128 --modes static+graph \
   --variants default,separate-qk,no-overlap --json "$OUT/decode.json"
 run decode_profile 120 python3 benchmarks/decode_profile.py --top 16
