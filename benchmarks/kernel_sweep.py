@@ -61,7 +61,7 @@ def sweep_pass(name, kernel, configs, fn, flops, wgrad=False, top=None):
     """Time fn() with each config forced on `kernel`; rows sorted fastest first."""
     saved = kernel.configs, dict(kernel.cache)
     kernel.cache.clear()
-    ref = fn().float()   # the default config's output
+    ref = fn().float()   # the default (autotuned) config's output
     default_cfg = kernel.best_config
     rows = []
     try:
@@ -79,7 +79,7 @@ def sweep_pass(name, kernel, configs, fn, flops, wgrad=False, top=None):
         kernel.configs, kernel.cache = saved[0], saved[1]
     rows.sort(key=lambda r: r["ms"])
     d = default_cfg.kwargs if default_cfg is not None else {}
-    print(f"\n{name}  (default: {d}, warps {getattr(default_cfg, 'num_warps', '?')}, "
+    print(f"\n{name}  (autotuned default: {d}, warps {getattr(default_cfg, 'num_warps', '?')}, "
           f"stages {getattr(default_cfg, 'num_stages', '?')})")
     print(f"  {'config (tile a, b, k, warps, stages)':40s} {'ms':>8s} {'TFLOP/s':>8s} {'rel err':>9s}")
     for r in rows:

@@ -217,7 +217,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--shapes", default="44M,244M,1B")
     ap.add_argument("--parity", choices=["yes", "no", "only"], default="yes",
-                    help="parity checks")
+                    help="parity checks (run them under MOEUT_AUTOTUNE=0 to skip autotune compiles)")
     args = ap.parse_args()
     torch.manual_seed(0)
     mm_tflops, bw = ceilings()

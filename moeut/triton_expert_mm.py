@@ -32,10 +32,8 @@ except ImportError:  # the model works without Triton; only this fast path needs
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# By default each kernel variant runs the config measured fastest for its kind of pass on the H200
-# (`_preferred_mm_config`): one compile per variant, and no autotuning noise. MOEUT_AUTOTUNE=1
-# autotunes over every config that fits instead (other GPUs).
-AUTOTUNE = os.environ.get("MOEUT_AUTOTUNE", "0") == "1"
+# MOEUT_AUTOTUNE=0 uses one config per kernel variant, the first that fits (GPU tests, short runs).
+AUTOTUNE = os.environ.get("MOEUT_AUTOTUNE", "1") != "0"
 
 
 # The "loop over N" form for narrow inputs: None = automatic (see `use_loop_n`); True / False force
@@ -69,24 +67,17 @@ if triton is not None:
     def _mm_configs():
         if INTERPRET:
             return [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=4)]
-        # The fastest config of each kind of pass at both the 244M and 1B FFN shapes, measured by
-        # benchmarks/kernel_sweep.py on the H200 (RESULTS.md F), in `_preferred_mm_config`'s order.
         return [
-            # weight read along its rows (up projection forward): 397 / 436 TFLOP/s at 244M / 1B
-            triton.Config({"BM": 128, "BN": 128, "BK": 32}, num_warps=4, num_stages=5),
-            # transposed weight (input gradients, e.g. the down projection's): 370 / 398 TFLOP/s
+            # Few configs on purpose: every kernel variant compiles each of them once per process.
+            # Chosen by benchmarks/kernel_sweep.py on the H200 (RESULTS.md F): the first two are the
+            # fastest wide-input passes at 244M (up fwd 386, down dx 391 TFLOP/s), the third the
+            # fastest "loop over N" one (down fwd, up dx: 269-271 TFLOP/s).
+            triton.Config({"BM": 128, "BN": 128, "BK": 32}, num_warps=8, num_stages=5),
             triton.Config({"BM": 256, "BN": 128, "BK": 64}, num_warps=8, num_stages=4),
-            # "loop over N" (down projection forward, up projection input gradient): 272 / 288 TFLOP/s
             triton.Config({"BM": 128, "BN": 64, "BK": 64}, num_warps=8, num_stages=4),
             # Fallback for variants none of the above fits in shared memory (fp32 "loop over N").
             triton.Config({"BM": 64, "BN": 64, "BK": 32}, num_warps=4, num_stages=2),
         ]
-
-    def _preferred_mm_config(named_args, kwargs) -> int:
-        """Index in `_mm_configs()` of the measured-fastest config for this kind of pass."""
-        if kwargs.get("LOOP_N"):
-            return 2
-        return 1 if named_args.get("swi") == 1 else 0
 
     def _smem_estimate(cfg, kw, w_size: int = 0) -> int:
         """Bytes of shared memory a config's pipelined operand tiles take (num_stages - 1 in flight);
@@ -103,23 +94,18 @@ if triton is not None:
         return int(0.9 * getattr(props, "shared_memory_per_block_optin", 232448))
 
     def _prune_mm_configs(configs, named_args, **kwargs):
-        """Configs that fit in shared memory (the fallback only when none of the others does): all of
-        them with MOEUT_AUTOTUNE=1, else the preferred one for the pass if it fits, else the first."""
+        """Configs that fit in shared memory (the fallback only when none of the others does); with
+        MOEUT_AUTOTUNE=0 the first of them, so short runs compile one config per variant."""
         limit = _smem_limit()
         w = named_args.get("w_ptr")
         w_size = w.element_size() if w is not None and hasattr(w, "element_size") else 0
-        fits = [_smem_estimate(c, kwargs, w_size) <= limit for c in configs[:-1]]
-        fit = [c for c, ok in zip(configs, fits) if ok] or configs[-1:]
-        if AUTOTUNE:
-            return fit
-        preferred = _preferred_mm_config(named_args, kwargs)
-        return [configs[preferred]] if preferred < len(fits) and fits[preferred] else fit[:1]
+        fit = [c for c in configs[:-1] if _smem_estimate(c, kwargs, w_size) <= limit] or configs[-1:]
+        return fit if AUTOTUNE else fit[:1]
 
     def _wgrad_configs():
         if INTERPRET:
             return [triton.Config({"BI": 16, "BO": 16, "BK": 16}, num_warps=4)]
-        return [   # kernel_sweep.py: the first is fastest for both FFN weight gradients at 244M and 1B
-            # (down dW 244 / 248 TFLOP/s, up dW 293 / 301), so it is the one used without MOEUT_AUTOTUNE=1
+        return [   # kernel_sweep.py: down dW 242 TFLOP/s with the first (190 before), up dW 292 with the second
             triton.Config({"BI": 128, "BO": 128, "BK": 32}, num_warps=8, num_stages=5),
             triton.Config({"BI": 64, "BO": 128, "BK": 64}, num_warps=4, num_stages=4),
             triton.Config({"BI": 128, "BO": 128, "BK": 64}, num_warps=4, num_stages=4),
@@ -153,8 +139,7 @@ if triton is not None:
         row_end = tl.sum(tl.where(mine, hi, 0), 0)
         return e, row0, row_end, pid < total
 
-    # swi is in the key: a transposed weight (swi == 1, the input gradients) prefers another config
-    @triton.autotune(configs=_mm_configs(), key=["I", "O", "swi", "GATHER", "SCALE", "SCATTER", "FP32", "LOOP_N",
+    @triton.autotune(configs=_mm_configs(), key=["I", "O", "GATHER", "SCALE", "SCATTER", "FP32", "LOOP_N",
                                                  "SCALE_AT_DST", "RELU"],
                      prune_configs_by={"early_config_prune": _prune_mm_configs})
     @triton.jit

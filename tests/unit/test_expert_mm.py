@@ -221,32 +221,3 @@ def test_operand_cast_traces_without_graph_breaks(monkeypatch):
     # an intermediate tensor (like the residual stream) has no real storage while tracing
     traced = torch.compile(lambda t: expert_mm_module._operand(t * 2, torch.bfloat16), fullgraph=True)(w)
     assert torch.equal(traced, (w * 2).to(torch.bfloat16))
-
-
-def test_grouped_mm_config_choice_per_kind_of_pass(monkeypatch):
-    """Without MOEUT_AUTOTUNE=1 each pass gets the config measured fastest for its kind: row-major
-    weight, transposed weight (input gradients), "loop over N"; one that does not fit in shared
-    memory falls back to the first that does; with autotuning every fitting config is a candidate."""
-    tem = pytest.importorskip("moeut.triton_expert_mm")
-    if tem.triton is None:
-        pytest.skip("needs triton")
-    monkeypatch.setattr(tem, "INTERPRET", False)
-    monkeypatch.setattr(tem, "_smem_limit", lambda: 200 * 1024)
-    configs = tem._mm_configs()
-    w = torch.empty(3, 1024, 128, dtype=torch.bfloat16)
-    common = dict(FP32=False, IP=1024)
-
-    def chosen(swi, **kw):
-        return tem._prune_mm_configs(configs, {"w_ptr": w, "swi": swi}, **{**common, **kw})
-
-    assert chosen(128, LOOP_N=False) == [configs[0]]
-    assert chosen(1, LOOP_N=False) == [configs[1]]
-    assert chosen(1024, LOOP_N=True, IP=128) == [configs[2]]
-    # fp32 "loop over N" on a GPU of less shared memory: the preferred config (160 KB) does not fit,
-    # nor do the other two; the small fallback does
-    monkeypatch.setattr(tem, "_smem_limit", lambda: 150 * 1024)
-    fp32 = tem._prune_mm_configs(configs, {"w_ptr": w.float(), "swi": 1024}, FP32=True, LOOP_N=True, IP=128)
-    assert fp32 == [configs[-1]]
-    assert tem._prune_mm_configs(configs, {"w_ptr": w, "swi": 1024}, FP32=False, LOOP_N=True, IP=128) == [configs[2]]
-    monkeypatch.setattr(tem, "AUTOTUNE", True)
-    assert len(chosen(128, LOOP_N=False)) >= 2
