@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .expert_gemv import gemv_applies, project
 from .expert_mm import expert_mm_combine, route
+from .moe import aligned_width_padding
 from .rope import rope_tables, rotate
 from .router import sigmoid_topk
 
@@ -339,7 +340,12 @@ class SwitchHeadRope(torch.nn.Module):
             w = self._inference_weight
         else:
             w = torch.cat(parts)
-        out = F.linear(x, w)
+            # e.g. 2 * 512 + 4 outputs with one expert per head: zero rows up to a multiple of 8, as
+            # the FFN router does (misaligned output rows put cuBLAS on slow kernels)
+            pad = aligned_width_padding(w.shape[0], x)
+            if pad:
+                w = F.pad(w, (0, 0, 0, pad))
+        out = F.linear(x, w)[..., :sum(sizes)]
         if torch.is_grad_enabled():
             # The selector logits are kept until the backward (entropy regulariser): a small copy of
             # their own, so that they do not keep the whole [B, T, 2*H*Dh + ...] output alive.

@@ -135,14 +135,17 @@ def test_inference_projection_equals_training_path_and_follows_weight_updates(cf
 
 @pytest.mark.parametrize("att_n_experts", [1, 3])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_joint_projection_trains_like_four_matmuls(monkeypatch, att_n_experts, autocast):
+@pytest.mark.parametrize("T", [13, 520])   # 1040 rows: the joint width is padded to a multiple of 8
+def test_joint_projection_trains_like_four_matmuls(monkeypatch, att_n_experts, autocast, T):
     """Training with Q, K and both selectors as one matmul on their concatenated weights: the same
     loss and gradients (every parameter, the input embedding) as the four separate matmuls, fp32
     exactly up to summation order, bf16 autocast within its rounding."""
     import moeut.attention as attention
     torch.manual_seed(2)
     m = MoEUTLM(50, **small(att_n_experts=att_n_experts))
-    x = torch.randint(0, 50, (2, 13))
+    x = torch.randint(0, 50, (2, T))
+    width = sum(p.shape[0] for p in m.transformer.layers[0].attention._inference_parts())
+    assert width % 8   # misaligned: with 1040 rows the joint weight is zero-padded for the product
 
     def loss_and_grads(joint):
         monkeypatch.setattr(attention, "JOINT_QK", joint)
