@@ -36,14 +36,15 @@ class _ProbabilitySum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_sum: Tensor) -> Tensor:
-        # Few ops on purpose (eager steps are launch-bound): on CUDA the fp32 softmax of bf16 logits
-        # is one kernel, and so is its backward. That backward can return fp16 from fp32 gradients,
-        # but not bf16 (CUDA: "input to be at::Half and grad to be at::Float"): bf16 takes one cast.
+        # Few ops on purpose (eager steps are launch-bound): the fp32 softmax of half-precision logits
+        # is one kernel, its backward another, and one cast. The backward returns fp32: CUDA's can
+        # return fp16 from fp32 gradients but not bf16 ("input to be at::Half and grad to be
+        # at::Float"), and asking for bf16 crashed every GPU training step (RESULTS F.1). One code
+        # path for every device and dtype, so the CPU tests cover what the GPU runs.
         logits, = ctx.saved_tensors
         p = F.softmax(logits, dim=-1, dtype=torch.float32)
         g = grad_sum.unsqueeze(1).expand_as(p).contiguous()   # the same upstream gradient at every position
-        in_dtype = logits.dtype if logits.is_cuda and logits.dtype == torch.float16 else p.dtype
-        return torch._softmax_backward_data(g, p, -1, in_dtype).to(logits.dtype)
+        return torch._softmax_backward_data(g, p, -1, p.dtype).to(logits.dtype)
 
 
 # MOEUT_FUSED_MLP=0: the expert MLP as two operators and a separate ReLU (benchmarks, tests compare them).
