@@ -328,10 +328,11 @@ class SwitchHeadRope(torch.nn.Module):
         """(q, k [B, T, H*Dh], V- and O-selector logits [B, T, H*E]) of one input in one matmul.
 
         Q, K and both selectors read the same normalised input, so one product with their
-        concatenated weights replaces four. In training this is one GEMM for the input gradient
-        (accumulated in fp32 and rounded once, where four bf16 gradients were summed), one input
-        cast under autocast instead of four, and one saved bf16 copy of the input instead of four.
-        In decoding and scoring it is one launch instead of four. The weights are concatenated at
+        concatenated weights replaces four: in training one GEMM each for the output, the input
+        gradient (accumulated in fp32 and rounded once, where four bf16 gradients were summed) and
+        the weight gradient, instead of four (+3.9% at 244M with the fused expert MLP, RESULTS F.2);
+        in decoding and scoring one launch instead of four. Saved activations are unchanged: autocast's
+        bf16 copy of the input was already saved once (`benchmarks/saved_activations.py`). The weights are concatenated at
         every call, except inside `frozen_inference_weights` (no gradients): a copy kept otherwise
         would miss in-place updates made through `.data`, which no version counter records."""
         parts = self._inference_parts()
