@@ -20,7 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moeut import triton_expert_mm as tem  # noqa: E402
 from moeut.expert_mm import route  # noqa: E402
 
-SHAPES = {"244M": (1024, 387, 16), "1B": (1536, 565, 24), "44M": (412, 155, 12)}   # d_model, experts, k
+# d_model, experts, choices per token. The "-att" shapes are SwitchHead's V / O projections (heads x
+# experts per head, heads x top-k), run through the FFN's passes: the same kernels at the attention's
+# expert counts (the O projection's input is gathered in the model, not here).
+SHAPES = {"244M": (1024, 387, 16), "1B": (1536, 565, 24), "44M": (412, 155, 12),
+          "244M-att": (1024, 40, 8), "1B-att": (1536, 72, 12)}
 S = 128   # expert width
 
 # (BM or BI, BN or BO, BK, warps, stages)
