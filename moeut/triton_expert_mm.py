@@ -140,8 +140,12 @@ if triton is not None:
         row_end = tl.sum(tl.where(mine, hi, 0), 0)
         return e, row0, row_end, pid < total
 
+    # MOEUT_AUTOTUNE_BY_LAYOUT=1 adds the weight's stride along I to the key, so that passes differing
+    # only in the weight's layout (e.g. SwitchHead's recomputed V product and the FFN's down dx) are
+    # tuned apart. Not yet measured (PERF_NOTES), so off.
     @triton.autotune(configs=_mm_configs(), key=["I", "O", "GATHER", "SCALE", "SCATTER", "FP32", "LOOP_N",
-                                                 "SCALE_AT_DST", "RELU"],
+                                                 "SCALE_AT_DST", "RELU"]
+                     + (["swi"] if os.environ.get("MOEUT_AUTOTUNE_BY_LAYOUT", "0") == "1" else []),
                      prune_configs_by={"early_config_prune": _prune_mm_configs})
     @triton.jit
     def _expert_mm_kernel(x_ptr, w_ptr, out_ptr, offsets_ptr, rows_ptr, scale_ptr, dst_ptr,
