@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .expert_mm import (GATES_AT_DST, Routing, _acc, _compute_dtype, _operand, _sum_choices, _weight_grad,
-                        _weight_operand, grouped_mm, row_dot)
+from .expert_mm import (Routing, _compute_dtype, _gate_grad_in_choice_order, _operand, _routed_gates, _sum_choices,
+                        _weight_grad, _weight_operand, grouped_mm, row_dot)
 from .shared_weights import GradSink
 
 __all__ = ["expert_mlp"]
@@ -52,17 +52,13 @@ class _ExpertMLP(torch.autograd.Function):
         R, K = gate_RK.shape
         grad_RD = grad_RD.to(dtype).contiguous()
         group_N = rows_N   # the FFN's output row of routed row n is its input row
-        gate_S = gate_RK.reshape(-1)
-        dst = slot_N if GATES_AT_DST else None
-        gate_n = gate_S if GATES_AT_DST else _acc(gate_S).index_select(0, slot_N)
+        gate_n, dst = _routed_gates(gate_RK.reshape(-1), slot_N)
 
         # Down projection: d h (unscaled) from d out, then the gate gradient <d h, h> and the
         # gradient of the ReLU's input, gate * d h where h > 0, in one pass over d h and h.
         grad_h_NS = grouped_mm(grad_RD, w2.transpose(1, 2), offsets_E1, group_N, None, None)
         grad_gate_n, grad_pre_NS = row_dot(grad_h_NS, h_NS, None, gate_n, dst, relu_mask=True)
-        if not GATES_AT_DST:
-            grad_gate_n = torch.empty_like(grad_gate_n).index_copy_(0, slot_N, grad_gate_n)
-        grad_gate = grad_gate_n.view(R, K).to(gate_RK.dtype)
+        grad_gate = _gate_grad_in_choice_order(grad_gate_n, slot_N).view(R, K).to(gate_RK.dtype)
         grad_w2 = grad_w1 = grad_x = None
         if ctx.needs_input_grad[2]:
             grad_w2 = _weight_grad(sink2, h_NS, grad_RD, offsets_E1, None, group_N, gate_n, w2_master.dtype,

@@ -338,6 +338,21 @@ def _operand(t: Tensor, dtype: torch.dtype, weight: bool = False) -> Tensor:
     return aligned(t, copy_dtype=dtype, always_copy=True)
 
 
+def _routed_gates(gate_S: Tensor, slot_N: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+    """(gate_n, dst) for a combine's backward kernels: with GATES_AT_DST the gates stay in (group, choice)
+    order and routed row n's is read at dst[n] = slot[n]; else a permuted fp32 copy, read at n."""
+    if GATES_AT_DST:
+        return gate_S, slot_N
+    return _acc(gate_S).index_select(0, slot_N), None
+
+
+def _gate_grad_in_choice_order(grad_gate_n: Tensor, slot_N: Tensor) -> Tensor:
+    """The gate gradient from `row_dot` in (group, choice) order (with GATES_AT_DST it already is)."""
+    if GATES_AT_DST:
+        return grad_gate_n
+    return torch.empty_like(grad_gate_n).index_copy_(0, slot_N, grad_gate_n)
+
+
 class _ExpertMM(torch.autograd.Function):
     """y[n] = x[rows[n]] @ w[expert of n] in `dtype`, in routed order.
 
@@ -401,11 +416,7 @@ class _ExpertMMCombine(torch.autograd.Function):
         I, O = w_EIO.shape[1], w_EIO.shape[2]
         grad_XO = grad_XO.to(x_RI.dtype).contiguous()
         group_N = slot_N // C                      # the output row each routed row adds into
-        # GATES_AT_DST: gates stay in (group, choice) order, the kernels read routed row n's gate at
-        # slot[n] and write its gradient there; else a permuted fp32 copy and a scattered gradient.
-        gate_S = gate_XC.reshape(-1)
-        dst = slot_N if GATES_AT_DST else None
-        gate_n = gate_S if GATES_AT_DST else _acc(gate_S).index_select(0, slot_N)   # routed row n's: gate_n[dst[n] or n]
+        gate_n, dst = _routed_gates(gate_XC.reshape(-1), slot_N)   # routed row n's gate: gate_n[dst[n] or n]
         w_T = w_EIO.transpose(1, 2)
         grad_x = None
         if I <= O:
@@ -428,9 +439,7 @@ class _ExpertMMCombine(torch.autograd.Function):
                 else:
                     grad_x = _sum_choices(grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_n, slot_N,
                                                      scale_at_dst=GATES_AT_DST), x_RI.shape[0], x_master.dtype)
-        if not GATES_AT_DST:
-            grad_gate_n = torch.empty_like(grad_gate_n).index_copy_(0, slot_N, grad_gate_n)
-        grad_gate = grad_gate_n.view(X, C).to(gate_XC.dtype)
+        grad_gate = _gate_grad_in_choice_order(grad_gate_n, slot_N).view(X, C).to(gate_XC.dtype)
         grad_w = None
         if ctx.needs_input_grad[1]:
             grad_w = _weight_grad(ctx.sink, x_RI, grad_XO, offsets_E1, rows_N, group_N, gate_n, w_master.dtype,

@@ -33,7 +33,6 @@ def test_expert_mlp_equals_the_composed_operators(dtype, gates_at_dst, monkeypat
     """Same kernels, same rounding: the fused Function gives bit-identical outputs and gradients of
     x, both weights and the gates; the expert without rows gets exact zero weight gradients."""
     monkeypatch.setattr(em, "GATES_AT_DST", gates_at_dst)
-    monkeypatch.setattr(mlp_module, "GATES_AT_DST", gates_at_dst)
     r, x, w1, w2, gate, gy = mlp_case(dtype, seed=3)
     leaves = (x, w1, w2, gate)
     fused = mlp_module.expert_mlp(x, w1, w2, r, gate)
