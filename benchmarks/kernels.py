@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from profile_step import busy_ms, kernel_times  # noqa: E402
+from profile_step import busy_ms, kernel_times, print_table  # noqa: E402
 from moeut.expert_mm import expert_mm, expert_mm_combine, fp64_reference, route  # noqa: E402
 from moeut.moe import SigmaMoE  # noqa: E402
 
@@ -93,7 +93,7 @@ def parity_combine(D, E, K, T, dtype):
     return {k: rel(a, b) for k, a, b in zip(("out", "dh", "dw", "dgate"), got, want)}
 
 
-def time_shape(name, D, E, K, T, mm_tflops, bw):
+def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
     dt = torch.bfloat16
     x = torch.randn(T, D, device="cuda", dtype=dt)
     w1 = torch.randn(E, D, S, device="cuda", dtype=dt) / D ** 0.5
@@ -179,30 +179,41 @@ def time_shape(name, D, E, K, T, mm_tflops, bw):
     moe.reset_parameters(1.0)
     xin = torch.randn(T, D, device="cuda", requires_grad=True)
 
+    current = [moe]
+
     def ffn_fwd():
         with torch.autocast("cuda", torch.bfloat16):
-            return moe(xin)
+            return current[0](xin)
 
     def ffn_fwd_bwd():
         with torch.autocast("cuda", torch.bfloat16):
-            y = moe(xin)
+            y = current[0](xin)
         y.backward(torch.ones_like(y))
 
     from moeut import expert_mm as expert_mm_module
     ffn_flops = 2 * flops
     ffn = []
-    # The whole FFN with fp32 parameters under autocast, its weights cast before the kernels (default)
-    # and rounded inside them (MOEUT_WEIGHT_CAST=1), in the same run.
+    # The whole FFN under autocast: fp32 parameters with their weights cast before the kernels (the
+    # default, as the official figure was taken), rounded inside them (MOEUT_WEIGHT_CAST=1), and bf16
+    # parameters (no cast: what an application costs in a training step, where the shared weights are
+    # cast once per forward pass), in the same run.
     default = expert_mm_module.CAST_IN_KERNEL
-    for cast_in_kernel in (False, True):
+    moe_bf16 = SigmaMoE(D, E, S, K).cuda().to(dt)
+    moe_bf16.load_state_dict(moe.state_dict())
+    for label, module, cast_in_kernel in (("", moe, False), (" in-kernel", moe, True), (" bf16 params", moe_bf16, False)):
         expert_mm_module.CAST_IN_KERNEL = cast_in_kernel
+        current[0] = module
         fwd_ms = bench(ffn_fwd)
         fb_ms = bench(ffn_fwd_bwd)
         # GPU busy time (sum of kernel durations): what the FFN costs inside a GPU-bound training step,
         # where the host runs ahead; wall time on the device's slow host is launch-bound for one FFN.
-        gpu_fwd = busy_ms(kernel_times(ffn_fwd, 5), 5)
-        gpu_fb = busy_ms(kernel_times(ffn_fwd_bwd, 5), 5)
-        ffn.append(dict(shape=name + (" in-kernel" if cast_in_kernel else ""), weights_rounded_in_kernel=cast_in_kernel,
+        fwd_k, fb_k = kernel_times(ffn_fwd, 5), kernel_times(ffn_fwd_bwd, 5)
+        gpu_fwd, gpu_fb = busy_ms(fwd_k, 5), busy_ms(fb_k, 5)
+        if top and not label:
+            print(f"\n{name}: whole FFN forward + backward, fp32 parameters, GPU kernels per call")
+            print_table(fb_k, 5, top, unit="call")
+        ffn.append(dict(shape=name + label, weights_rounded_in_kernel=cast_in_kernel,
+                        params=str(next(module.parameters()).dtype),
                         ffn_fwd_ms=fwd_ms, ffn_fwd_tflops=ffn_flops / fwd_ms / 1e9,
                         ffn_fwd_bwd_ms=fb_ms, ffn_fwd_bwd_tflops=3 * ffn_flops / fb_ms / 1e9,
                         gpu_fwd_ms=gpu_fwd, gpu_fwd_tflops=ffn_flops / gpu_fwd / 1e9,
@@ -236,7 +247,7 @@ def main():
             print(f"parity {name:5s} {str(dt):15s} combine " + " ".join(f"{k} {v:.2e}" for k, v in c.items()))
     for name in args.shapes.split(",") if args.parity != "only" else []:
         D, E, K = SHAPES[name]
-        rows, ffn = time_shape(name, D, E, K, args.tokens, mm_tflops, bw)
+        rows, ffn = time_shape(name, D, E, K, args.tokens, mm_tflops, bw, args.kernels)
         out["passes"] += rows
         out["ffn"] += ffn
     print(f"\n{'shape':6s} {'pass':42s} {'ms':>8s} {'TFLOP/s':>8s} {'roofline TFLOP/s':>17s}")
@@ -245,10 +256,10 @@ def main():
             print(f"{r['shape']:6s} {r['pass_']:42s} {r['ms']:8.3f} {r['tb_per_s']:6.2f} TB/s (copy {bw:.2f})")
             continue
         print(f"{r['shape']:6s} {r['pass_']:42s} {r['ms']:8.3f} {r['tflops']:8.1f} {r['roofline_tflops']:17.1f}")
-    print(f"\n{'shape':14s} {'FFN fwd ms':>10s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s}"
+    print(f"\n{'shape':18s} {'FFN fwd ms':>10s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s}"
           f"  | GPU busy: {'fwd ms':>7s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s}")
     for f in out["ffn"]:
-        print(f"{f['shape']:14s} {f['ffn_fwd_ms']:10.3f} {f['ffn_fwd_tflops']:8.1f} {f['ffn_fwd_bwd_ms']:11.3f} "
+        print(f"{f['shape']:18s} {f['ffn_fwd_ms']:10.3f} {f['ffn_fwd_tflops']:8.1f} {f['ffn_fwd_bwd_ms']:11.3f} "
               f"{f['ffn_fwd_bwd_tflops']:8.1f}  |           {f['gpu_fwd_ms']:7.3f} {f['gpu_fwd_tflops']:8.1f} "
               f"{f['gpu_fwd_bwd_ms']:11.3f} {f['gpu_fwd_bwd_tflops']:8.1f}")
     if args.json:
