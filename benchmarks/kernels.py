@@ -7,7 +7,7 @@ reference in fp32 and bf16, then times each pass, the whole FFN forward and forw
 the roofline bound (max of compute time at the measured matmul rate and memory time at the
 measured copy bandwidth).
 
-    python benchmarks/kernels.py [--json out.json] [--tokens 16384]
+    python benchmarks/kernels.py [--json out.json] [--tokens 16384] [--shapes 244M] [--kernels 30]
 """
 from __future__ import annotations
 
@@ -210,8 +210,9 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
         fwd_k, fb_k = kernel_times(ffn_fwd, 5), kernel_times(ffn_fwd_bwd, 5)
         gpu_fwd, gpu_fb = busy_ms(fwd_k, 5), busy_ms(fb_k, 5)
         if top and not label:
-            print(f"\n{name}: whole FFN forward + backward, fp32 parameters, GPU kernels per call")
-            print_table(fb_k, 5, top, unit="call")
+            for what, per_kernel in (("forward", fwd_k), ("forward + backward", fb_k)):
+                print(f"\n{name}: whole FFN {what}, fp32 parameters, GPU kernels per call")
+                print_table(per_kernel, 5, top, unit="call")
         ffn.append(dict(shape=name + label, weights_rounded_in_kernel=cast_in_kernel,
                         params=str(next(module.parameters()).dtype),
                         ffn_fwd_ms=fwd_ms, ffn_fwd_tflops=ffn_flops / fwd_ms / 1e9,
@@ -229,6 +230,9 @@ def main():
     ap.add_argument("--shapes", default="44M,244M,1B")
     ap.add_argument("--parity", choices=["yes", "no", "only"], default="yes",
                     help="parity checks (run them under MOEUT_AUTOTUNE=0 to skip autotune compiles)")
+    ap.add_argument("--kernels", type=int, default=0, metavar="N",
+                    help="also print the N costliest GPU kernels of the whole FFN (fp32 parameters), "
+                         "forward and forward+backward")
     args = ap.parse_args()
     torch.manual_seed(0)
     mm_tflops, bw = ceilings()
