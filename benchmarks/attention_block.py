@@ -36,6 +36,11 @@ def time_block(att: SwitchHeadRope, x: torch.Tensor, top: int):
             return att(x, x, x, mask)[0]
 
     def fwd_bwd():
+        # Gradients start from None as in a training step: accumulating into the last call's would
+        # time an fp32 add per parameter that a step never runs.
+        x.grad = None
+        for p in att.parameters():
+            p.grad = None
         fwd().backward(torch.ones_like(x))
 
     wall = bench(fwd), bench(fwd_bwd)

@@ -175,6 +175,18 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
         rows.append(dict(shape=name, pass_=label, ms=ms, tflops=0.0, tb_per_s=moved / ms / 1e9,
                          roofline_ms=moved / bw / 1e9, roofline_tflops=0.0))
 
+    # The router (sigmoid + top-k in one kernel) on bf16 logits, for a few launch shapes
+    # (rows per program, warps); "rule" is what `sigmoid_topk_triton` picks.
+    from moeut import triton_router
+    logits = torch.randn(T, E, device="cuda", dtype=dt)
+    for launch in (None, (8, 4), (4, 4), (4, 2), (2, 1), (1, 1)):
+        triton_router.LAUNCH_OVERRIDE = launch
+        ms = bench(lambda: triton_router.sigmoid_topk_triton(logits, K))
+        moved = 2 * T * E + (2 + 8) * T * K
+        rows.append(dict(shape=name, pass_=f"router sigmoid+top-{K}, launch {launch or 'rule'}", ms=ms, tflops=0.0,
+                         tb_per_s=moved / ms / 1e9, roofline_ms=moved / bw / 1e9, roofline_tflops=0.0))
+    triton_router.LAUNCH_OVERRIDE = None
+
     moe = SigmaMoE(D, E, S, K).cuda()
     moe.reset_parameters(1.0)
     xin = torch.randn(T, D, device="cuda", requires_grad=True)
@@ -186,6 +198,11 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
             return current[0](xin)
 
     def ffn_fwd_bwd():
+        # Gradients start from None as in a training step (zero_grad(set_to_none=True)): accumulating
+        # into the last call's would time an fp32 add per parameter that a step never runs.
+        xin.grad = None
+        for p in current[0].parameters():
+            p.grad = None
         with torch.autocast("cuda", torch.bfloat16):
             y = current[0](xin)
         y.backward(torch.ones_like(y))

@@ -9,7 +9,7 @@ takes six (zeros, casts, products, scatter). Both run under `TRITON_INTERPRET=1`
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -19,11 +19,15 @@ import triton.language as tl
 
 from .triton_expert_mm import INTERPRET
 
+# (rows per program, warps) in place of the rule in `sigmoid_topk_triton`: for benchmarks/kernels.py's
+# comparison of launch shapes, not for use.
+LAUNCH_OVERRIDE: Optional[Tuple[int, int]] = None
+
 
 @triton.jit
 def _sigmoid_topk_kernel(logits_ptr, gate_ptr, expert_ptr, R, G, E, s_outer, s_inner, sle,
                          K: tl.constexpr, EP: tl.constexpr, BR: tl.constexpr,
-                         ROUND: tl.constexpr):
+                         ROUND: tl.constexpr, PACK32: tl.constexpr):
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.arange(0, EP)
     row_ok = rows < R
@@ -37,13 +41,25 @@ def _sigmoid_topk_kernel(logits_ptr, gate_ptr, expert_ptr, R, G, E, s_outer, s_i
         score = bits.to(tl.float32, bitcast=True)
     elif ROUND == 2:  # to the logits' dtype (ROUND == 0: ranked in fp32)
         score = score.to(x.dtype).to(tl.float32)
-    score = tl.where(valid, score, -1.0)          # below every sigmoid value
+    # One max-reduction per choice finds both the best score and, among equal scores, the lowest
+    # expert id: sigmoid scores are >= 0, so their float bits order like the scores as integers, and
+    # (bits, EP - 1 - col) packed into one integer orders like (score, -col). Rounded to bf16 the low
+    # 16 bits are zero and the pair fits an int32; otherwise it takes an int64.
+    if PACK32:
+        key = score.to(tl.int32, bitcast=True) | (EP - 1 - cols[None, :])
+    else:
+        key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (EP - 1 - cols[None, :]).to(tl.int64)
+    key = tl.where(valid, key, -1)          # below every score's key
     for k in tl.static_range(K):
-        best = tl.max(score, axis=1)
-        pick = tl.min(tl.where(score == best[:, None], cols[None, :], EP), axis=1)
-        tl.store(gate_ptr + rows * K + k, best.to(gate_ptr.dtype.element_ty), mask=row_ok)
+        best = tl.max(key, axis=1)
+        pick = EP - 1 - (best & (EP - 1)).to(tl.int32)
+        if PACK32:
+            best_score = (best & -65536).to(tl.float32, bitcast=True)
+        else:
+            best_score = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        tl.store(gate_ptr + rows * K + k, best_score.to(gate_ptr.dtype.element_ty), mask=row_ok)
         tl.store(expert_ptr + rows * K + k, pick.to(tl.int64), mask=row_ok)
-        score = tl.where(cols[None, :] == pick[:, None], -2.0, score)
+        key = tl.where(key == best[:, None], -1, key)
 
 
 def sigmoid_topk_triton(logits_RE: Tensor, k: int, fp32: bool = False) -> Tuple[Tensor, Tensor]:
@@ -64,10 +80,14 @@ def sigmoid_topk_triton(logits_RE: Tensor, k: int, fp32: bool = False) -> Tuple[
         # Few rows (decoding): one warp per row, so each of the K max-reductions is warp shuffles only,
         # not a round trip through shared memory (6 µs per call for 387 experts with 4 warps).
         BR, warps = 1, 1
+    if LAUNCH_OVERRIDE is not None:
+        BR, warps = LAUNCH_OVERRIDE
     _sigmoid_topk_kernel[(triton.cdiv(R, BR),)](logits_RE, gate, expert, R, G, E, *logits_RE.stride(),
                                                  K=k, EP=EP, BR=BR,
                                                  ROUND=0 if fp32 or logits_RE.dtype == torch.float32 else
-                                                 1 if logits_RE.dtype == torch.bfloat16 else 2, num_warps=warps)
+                                                 1 if logits_RE.dtype == torch.bfloat16 else 2,
+                                                 PACK32=not fp32 and logits_RE.dtype == torch.bfloat16 and EP <= 65536,
+                                                 num_warps=warps)
     return gate, expert
 
 
