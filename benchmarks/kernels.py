@@ -54,6 +54,20 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+# The passes one FFN application runs, by their row names in `time_shape` (the rows' rooflines summed:
+# the kernels run one after another, so this dataflow's time cannot fall below the sum).
+FFN_FWD_PASSES = ("up fwd (gather x)", "down fwd (gate, scatter)", "top-k sum, kernel -> bf16")
+FFN_BWD_PASSES = ("down dx (gather dy)", "up dx (scatter)", "top-k sum, kernel -> fp32",
+                  "up dW (gather x)", "down dW (gather, gate dy)")
+
+
+def ffn_roofline_ms(rows, shape):
+    """(forward, forward + backward) roofline ms of the whole FFN: the sums of its passes' bounds."""
+    bound = {r["pass_"]: r["roofline_ms"] for r in rows if r["shape"] == shape}
+    fwd = sum(bound[p] for p in FFN_FWD_PASSES)
+    return fwd, fwd + sum(bound[p] for p in FFN_BWD_PASSES)
+
+
 def parity(D, E, K, T, dtype):
     """Max relative error of forward, input grad and weight grad vs the einsum reference (fp64)."""
     x = torch.randn(T, D, device="cuda", dtype=dtype, requires_grad=True)
@@ -148,9 +162,9 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
         bench(lambda: op(gy_T, w2_32.to(dt).transpose(1, 2), r.offsets_E1, group, None, None)),
         2 * (T * D + 2 * E * S * D + N * S))
     add("up dW (gather x)", bench(lambda: wgrad(x, gh, r.offsets_E1, r.rows_N, None, None, torch.float32)),
-        2 * (T * D + N * S + E * D * S))
+        2 * (T * D + N * S) + 4 * E * D * S)
     add("down dW (gather, gate dy)", bench(lambda: wgrad(h, gy_T, r.offsets_E1, None, group, gate, torch.float32)),
-        2 * (N * S + T * D + E * S * D))
+        2 * (N * S + T * D) + 4 * E * S * D)
     xs = x[r.rows_N]
     offs = r.offsets_E1[1:].to(torch.int32)
     for layout, wb in (("row-major", w1), ("column-major", w1.transpose(1, 2).contiguous().transpose(1, 2))):
@@ -209,6 +223,7 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
 
     from moeut import expert_mm as expert_mm_module
     ffn_flops = 2 * flops
+    roof_fwd, roof_fb = ffn_roofline_ms(rows, name)
     ffn = []
     # The whole FFN under autocast: fp32 parameters with their weights cast before the kernels (the
     # default, as the official figure was taken), rounded inside them (MOEUT_WEIGHT_CAST=1), and bf16
@@ -235,7 +250,9 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
                         ffn_fwd_ms=fwd_ms, ffn_fwd_tflops=ffn_flops / fwd_ms / 1e9,
                         ffn_fwd_bwd_ms=fb_ms, ffn_fwd_bwd_tflops=3 * ffn_flops / fb_ms / 1e9,
                         gpu_fwd_ms=gpu_fwd, gpu_fwd_tflops=ffn_flops / gpu_fwd / 1e9,
-                        gpu_fwd_bwd_ms=gpu_fb, gpu_fwd_bwd_tflops=3 * ffn_flops / gpu_fb / 1e9))
+                        gpu_fwd_bwd_ms=gpu_fb, gpu_fwd_bwd_tflops=3 * ffn_flops / gpu_fb / 1e9,
+                        roofline_fwd_tflops=ffn_flops / roof_fwd / 1e9,
+                        roofline_fwd_bwd_tflops=3 * ffn_flops / roof_fb / 1e9))
     expert_mm_module.CAST_IN_KERNEL = default
     return rows, ffn
 
@@ -278,11 +295,15 @@ def main():
             continue
         print(f"{r['shape']:6s} {r['pass_']:42s} {r['ms']:8.3f} {r['tflops']:8.1f} {r['roofline_tflops']:17.1f}")
     print(f"\n{'shape':18s} {'FFN fwd ms':>10s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s}"
-          f"  | GPU busy: {'fwd ms':>7s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s}")
+          f"  | GPU busy: {'fwd ms':>7s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s}"
+          f"  | roofline TFLOP/s: {'fwd':>5s} {'fwd+bwd':>8s}")
     for f in out["ffn"]:
         print(f"{f['shape']:18s} {f['ffn_fwd_ms']:10.3f} {f['ffn_fwd_tflops']:8.1f} {f['ffn_fwd_bwd_ms']:11.3f} "
               f"{f['ffn_fwd_bwd_tflops']:8.1f}  |           {f['gpu_fwd_ms']:7.3f} {f['gpu_fwd_tflops']:8.1f} "
-              f"{f['gpu_fwd_bwd_ms']:11.3f} {f['gpu_fwd_bwd_tflops']:8.1f}")
+              f"{f['gpu_fwd_bwd_ms']:11.3f} {f['gpu_fwd_bwd_tflops']:8.1f}  |                   "
+              f"{f['roofline_fwd_tflops']:5.0f} {f['roofline_fwd_bwd_tflops']:8.0f}")
+    print("(roofline: the sum of the passes' bounds above, top-k sums included; the router, casts and "
+          "the gate's row dot not counted)")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
 
