@@ -6,8 +6,8 @@
 the [R, E] logits once and writes [R, K] gates and expert ids, where the plain PyTorch form runs a
 sigmoid, a top-k and a gather (three kernels, an [R, E] score tensor in between). Its backward
 scatters d gate * s * (1 - s) into a zero [R, E] gradient, which is what autograd computes for the
-plain form; on CUDA that can be one kernel too (`moeut::sigmoid_topk_backward`, not yet GPU-verified:
-off unless MOEUT_ROUTER_BACKWARD_KERNEL=1).
+plain form; on CUDA that can be one kernel too (`moeut::sigmoid_topk_backward`: correct on the GPU
+but slower in graphed steps, RESULTS F.2, so off unless MOEUT_ROUTER_BACKWARD_KERNEL=1).
 
 Ties: scores are ranked after rounding to the logits' dtype, exactly as `torch.topk` on the rounded
 sigmoid sees them (with fp32=True: in fp32, as for the logits' float copy). `torch.topk` breaks ties

@@ -3,7 +3,8 @@ the reference).
 
 Forward: one program takes BR rows: it loads their logits once, rounds sigmoid to the logits' dtype
 (the values `torch.topk` would rank), then picks the maximum K times, taking the lowest expert id
-among equal scores and masking it out. Backward: one program writes BR whole rows of the logits'
+among equal scores and masking it out: one integer max-reduction per pick, over (score bits, expert
+id) packed into one key. Backward: one program writes BR whole rows of the logits'
 gradient, zeros except d gate * s * (1 - s) at the chosen experts: one launch where the PyTorch form
 takes six (zeros, casts, products, scatter). Both run under `TRITON_INTERPRET=1` on CPU tensors (CI).
 """
