@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from profile_step import busy_ms, kernel_times, print_table  # noqa: E402
+from profile_step import busy_ms, clear_grads, kernel_times, print_table  # noqa: E402
 from moeut import profiles  # noqa: E402
 from moeut.attention import AttentionMask, SwitchHeadRope  # noqa: E402
 
@@ -36,11 +36,7 @@ def time_block(att: SwitchHeadRope, x: torch.Tensor, top: int):
             return att(x, x, x, mask)[0]
 
     def fwd_bwd():
-        # Gradients start from None as in a training step: accumulating into the last call's would
-        # time an fp32 add per parameter that a step never runs.
-        x.grad = None
-        for p in att.parameters():
-            p.grad = None
+        clear_grads(att, x)
         fwd().backward(torch.ones_like(x))
 
     wall = bench(fwd), bench(fwd_bwd)

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from profile_step import busy_ms, kernel_times, print_table  # noqa: E402
+from profile_step import busy_ms, clear_grads, kernel_times, print_table  # noqa: E402
 from moeut.expert_mm import expert_mm, expert_mm_combine, fp64_reference, route  # noqa: E402
 from moeut.moe import SigmaMoE  # noqa: E402
 
@@ -116,7 +116,6 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
     r = route(expert, E)
     N = T * K
     h = torch.randn(N, S, device="cuda", dtype=dt)
-    gy = torch.randn(N, D, device="cuda", dtype=dt)
     gh = torch.randn(N, S, device="cuda", dtype=dt)
     op, wgrad = torch.ops.moeut.grouped_mm, torch.ops.moeut.grouped_mm_weight_grad
     gate = torch.rand(N, device="cuda")
@@ -129,6 +128,10 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
         bound = max(flops / mm_tflops / 1e9, bytes_moved / bw / 1e9)
         rows.append(dict(shape=name, pass_=pass_name, ms=ms, tflops=flops / ms / 1e9,
                          roofline_ms=bound, roofline_tflops=flops / bound / 1e9))
+
+    def add_bandwidth_bound(pass_name, ms, bytes_moved):   # reported as TB/s against the copy bandwidth
+        rows.append(dict(shape=name, pass_=pass_name, ms=ms, tflops=0.0, tb_per_s=bytes_moved / ms / 1e9,
+                         roofline_ms=bytes_moved / bw / 1e9, roofline_tflops=0.0))
 
     # The passes exactly as the σ-MoE FFN runs them (see expert_mm.py): bytes are the compulsory traffic.
     add("up fwd (gather x)", bench(lambda: op(x, w1, r.offsets_E1, r.rows_N, None, None)),
@@ -185,9 +188,7 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
                                 ("top-k sum, kernel -> bf16", lambda: sum_choices_triton(y_ND, T, dt), 2),
                                 ("top-k sum, kernel -> fp32", lambda: sum_choices_triton(y_ND, T, torch.float32), 4)):
         ms = bench(fn)
-        moved = 2 * N * D + out_size * T * D
-        rows.append(dict(shape=name, pass_=label, ms=ms, tflops=0.0, tb_per_s=moved / ms / 1e9,
-                         roofline_ms=moved / bw / 1e9, roofline_tflops=0.0))
+        add_bandwidth_bound(label, ms, 2 * N * D + out_size * T * D)
 
     # The router (sigmoid + top-k in one kernel) on bf16 logits, for a few launch shapes
     # (rows per program, warps); "rule" is what `sigmoid_topk_triton` picks.
@@ -196,9 +197,7 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
     for launch in (None, (8, 4), (4, 4), (4, 2), (2, 1), (1, 1)):
         triton_router.LAUNCH_OVERRIDE = launch
         ms = bench(lambda: triton_router.sigmoid_topk_triton(logits, K))
-        moved = 2 * T * E + (2 + 8) * T * K
-        rows.append(dict(shape=name, pass_=f"router sigmoid+top-{K}, launch {launch or 'rule'}", ms=ms, tflops=0.0,
-                         tb_per_s=moved / ms / 1e9, roofline_ms=moved / bw / 1e9, roofline_tflops=0.0))
+        add_bandwidth_bound(f"router sigmoid+top-{K}, launch {launch or 'rule'}", ms, 2 * T * E + (2 + 8) * T * K)
     triton_router.LAUNCH_OVERRIDE = None
 
     moe = SigmaMoE(D, E, S, K).cuda()
@@ -212,11 +211,7 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
             return current[0](xin)
 
     def ffn_fwd_bwd():
-        # Gradients start from None as in a training step (zero_grad(set_to_none=True)): accumulating
-        # into the last call's would time an fp32 add per parameter that a step never runs.
-        xin.grad = None
-        for p in current[0].parameters():
-            p.grad = None
+        clear_grads(current[0], xin)
         with torch.autocast("cuda", torch.bfloat16):
             y = current[0](xin)
         y.backward(torch.ones_like(y))

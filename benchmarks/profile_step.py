@@ -37,6 +37,14 @@ def kernel_times(fn, iters: int, trace: Path = None):
     return per_kernel
 
 
+def clear_grads(module, *tensors) -> None:
+    """Gradients back to None before a timed backward, as a training step's zero_grad(set_to_none=True)
+    leaves them: accumulating into the last call's would time an fp32 add per parameter that a step
+    never runs."""
+    for t in (*module.parameters(), *tensors):
+        t.grad = None
+
+
 def busy_ms(per_kernel, iters: int) -> float:
     return sum(v[0] for v in per_kernel.values()) / iters / 1e3
 
