@@ -1,12 +1,14 @@
 """The σ-MoE expert MLP as one autograd Function: up projection, ReLU, gated down projection, top-k sum.
 
-    out[r] = sum_k gate[r, k] * relu(x[r] @ W1[e_rk]) @ W2[e_rk]
+    out[r] = sum_k gate[r, k] * relu(x[r] @ W1[e_rk]) @ W2[e_rk]      (+ x[r] with `residual`)
 
 It computes exactly what `expert_mm_combine(relu(expert_mm(x, W1, routing)), W2, routing, gate)`
 computes, with the same kernels, and two elementwise passes fewer per application: the ReLU runs in
 the up projection's epilogue, and its backward (zero the gradient where h = 0) rides on the pass
 that already reads h and the gradient of h: the row dot that gives the gates' gradient. Composing
 the two operators cannot do that: the combine does not know that its input is a ReLU's output.
+With `residual` (MoEUT's FFN block, x + FFN(x)) the top-k sum also adds x, and in the backward the
+sum of the K input gradients also adds the output's gradient: two [R, D] fp32 add kernels fewer.
 
 Shapes (legend of `expert_mm.py`): R rows, K choices per row, N = R*K routed rows sorted by expert,
 D model width, S expert width, E experts.
@@ -33,13 +35,15 @@ class _ExpertMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_RD: Tensor, w1_master: Tensor, w2_master: Tensor, gate_RK: Tensor, offsets_E1: Tensor,
                 rows_N: Tensor, slot_N: Tensor, dtype: torch.dtype, sink1: Optional[GradSink],
-                sink2: Optional[GradSink]) -> Tensor:
+                sink2: Optional[GradSink], residual: bool) -> Tensor:
         h_NS = grouped_mm(_operand(x_RD, dtype), _operand(w1_master, dtype, weight=True), offsets_E1, rows_N,
                           None, None, relu=True)
         out_SD = grouped_mm(h_NS, _operand(w2_master, dtype, weight=True), offsets_E1, None,
                             gate_RK.reshape(-1), slot_N, scale_at_dst=True)
         ctx.save_for_backward(x_RD, w1_master, w2_master, gate_RK, h_NS, offsets_E1, rows_N, slot_N)
-        ctx.dtype, ctx.sinks = dtype, (sink1, sink2)
+        ctx.dtype, ctx.sinks, ctx.residual = dtype, (sink1, sink2), residual
+        if residual:
+            return _sum_choices(out_SD, gate_RK.shape[0], x_RD.dtype, init_XO=x_RD)
         return _sum_choices(out_SD, gate_RK.shape[0])
 
     @staticmethod
@@ -50,6 +54,7 @@ class _ExpertMLP(torch.autograd.Function):
         x_RD = _operand(x_master, dtype)
         w1, w2 = _operand(w1_master, dtype, weight=True), _operand(w2_master, dtype, weight=True)
         R, K = gate_RK.shape
+        grad_out_RD = grad_RD if ctx.residual else None   # x's gradient through the residual path
         grad_RD = grad_RD.to(dtype).contiguous()
         group_N = rows_N   # the FFN's output row of routed row n is its input row
         gate_n, dst = _routed_gates(gate_RK.reshape(-1), slot_N)
@@ -66,20 +71,25 @@ class _ExpertMLP(torch.autograd.Function):
         # Up projection: d x (written in (row, choice) order and summed over the K choices), d W1.
         if ctx.needs_input_grad[0]:
             grad_x = _sum_choices(grouped_mm(grad_pre_NS, w1.transpose(1, 2), offsets_E1, None, None, slot_N), R,
-                                  x_master.dtype)
+                                  x_master.dtype, init_XO=grad_out_RD)
         if ctx.needs_input_grad[1]:
             grad_w1 = _weight_grad(sink1, x_RD, grad_pre_NS, offsets_E1, rows_N, None, None, w1_master.dtype)
-        return grad_x, grad_w1, grad_w2, grad_gate, None, None, None, None, None, None
+        return grad_x, grad_w1, grad_w2, grad_gate, None, None, None, None, None, None, None
 
 
-def expert_mlp(x_RD: Tensor, w1_EDS: Tensor, w2_ESD: Tensor, routing: Routing, gate_RK: Tensor) -> Tensor:
-    """[R, D]: sum over each row's K chosen experts of gate * relu(x @ W1[e]) @ W2[e]. Under autocast
+def expert_mlp(x_RD: Tensor, w1_EDS: Tensor, w2_ESD: Tensor, routing: Routing, gate_RK: Tensor,
+               residual: bool = False) -> Tensor:
+    """[R, D]: sum over each row's K chosen experts of gate * relu(x @ W1[e]) @ W2[e]; with `residual`,
+    x plus that sum, in x's dtype (the sum is not rounded to the compute dtype first). Under autocast
     the products are computed in the autocast dtype, like `F.linear`."""
     dtype = _compute_dtype(x_RD, w1_EDS)
+    if residual and w2_ESD.shape[2] != x_RD.shape[1]:
+        raise ValueError(f"expert_mlp: residual needs an output as wide as the input ({x_RD.shape[1]}), "
+                         f"the experts give {w2_ESD.shape[2]}")
     if gate_RK.numel() != routing.slot_N.numel() or gate_RK.shape[0] != x_RD.shape[0]:
         raise ValueError(f"expert_mlp: gates of shape {tuple(gate_RK.shape)} for {x_RD.shape[0]} rows and "
                          f"{routing.slot_N.numel()} routed rows")
     w1, sink1 = _weight_operand(w1_EDS, dtype)
     w2, sink2 = _weight_operand(w2_ESD, dtype)
     return _ExpertMLP.apply(x_RD.contiguous(), w1, w2, gate_RK, routing.offsets_E1, routing.rows_N, routing.slot_N,
-                            dtype, sink1, sink2)
+                            dtype, sink1, sink2, residual)

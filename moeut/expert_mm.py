@@ -162,6 +162,13 @@ def _grouped_mm_torch(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: O
     return out_NO
 
 
+# Which operand of a weight gradient carries the gate, sum_n x_n^T (s_n g_n) = sum_n (s_n x_n)^T g_n,
+# each scaled in fp32 and rounded: the input rows x_n (default), or the gradient rows g_n
+# (MOEUT_WGRAD_SCALE=grad). On Hopper the kernel's left operand may come from registers and its right
+# one must be staged in shared memory, so scaling x costs no extra pass through shared memory.
+WGRAD_SCALE_X = os.environ.get("MOEUT_WGRAD_SCALE", "x") != "grad"
+
+
 def _weight_grad_torch(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
                        grad_rows_N: Optional[Tensor] = None, grad_scale_N: Optional[Tensor] = None,
                        out_dtype: Optional[torch.dtype] = None, scale_dst_N: Optional[Tensor] = None) -> Tensor:
@@ -169,7 +176,9 @@ def _weight_grad_torch(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Tensor, rows_N
     g_NO = grad_MO if grad_rows_N is None else grad_MO.index_select(0, grad_rows_N)
     if grad_scale_N is not None and scale_dst_N is not None:
         grad_scale_N = grad_scale_N.index_select(0, scale_dst_N)
-    if grad_scale_N is not None:
+    if grad_scale_N is not None and WGRAD_SCALE_X:
+        x_NI = _scale_rows(x_NI, grad_scale_N)
+    elif grad_scale_N is not None:
         g_NO = _scale_rows(g_NO, grad_scale_N)
     out_dtype = out_dtype or x_RI.dtype
     if out_dtype != x_NI.dtype:  # accumulate in the output precision (the kernel accumulates in fp32)
@@ -211,7 +220,8 @@ def grouped_mm_weight_grad(x: Tensor, grad: Tensor, offsets: Tensor, rows: Optio
                            grad_rows: Optional[Tensor], grad_scale: Optional[Tensor], out_dtype: torch.dtype,
                            scale_dst: Optional[Tensor] = None) -> Tensor:
     """[E, I, O] in `out_dtype`: out[e] = sum over e's routed rows n of
-    x[rows[n]]^T (grad_scale[n] * grad[grad_rows[n]]), accumulated in fp32 (fp64 for fp64 inputs).
+    (grad_scale[n] * x[rows[n]])^T grad[grad_rows[n]], accumulated in fp32 (fp64 for fp64 inputs); the
+    scaled row is rounded to x's dtype (`WGRAD_SCALE_X`).
     scale_dst: the scale of routed row n is grad_scale[scale_dst[n]] (gates in (row, choice) order)."""
     if use_fused(x):
         from .triton_expert_mm import grouped_mm_weight_grad_triton
@@ -285,32 +295,38 @@ def _(a, b, b_rows, scale, dst=None, relu_mask=False):
     return a.new_empty(a.shape[0], dtype=acc), a.new_empty(a.shape[0] if scale is not None else 0, a.shape[1])
 
 
-def _sum_choices_torch(y_SO: Tensor, n_groups: int, out_dtype: torch.dtype) -> Tensor:
+def _sum_choices_torch(y_SO: Tensor, n_groups: int, out_dtype: torch.dtype, init_XO: Optional[Tensor] = None) -> Tensor:
     if n_groups == 0:
         return y_SO.new_zeros(0, y_SO.shape[1], dtype=out_dtype)
     acc = torch.promote_types(y_SO.dtype, torch.float32)
-    return y_SO.view(n_groups, -1, y_SO.shape[1]).sum(1, dtype=acc).to(out_dtype)
+    total = y_SO.view(n_groups, -1, y_SO.shape[1]).sum(1, dtype=acc)
+    if init_XO is not None:
+        total = total + init_XO.to(acc)
+    return total.to(out_dtype)
 
 
 @torch.library.custom_op("moeut::sum_choices", mutates_args=())
-def sum_choices(y: Tensor, n_groups: int, out_dtype: torch.dtype) -> Tensor:
+def sum_choices(y: Tensor, n_groups: int, out_dtype: torch.dtype, init: Optional[Tensor] = None) -> Tensor:
     """[X*C, O] rows in (group, choice) order -> [X, O] sums in `out_dtype`, accumulated in fp32 (fp64
-    for fp64 inputs) and rounded once (`triton_sum.py` on CUDA)."""
+    for fp64 inputs), plus `init` [X, O] if given, and rounded once (`triton_sum.py` on CUDA)."""
     torch._check(y.dim() == 2 and (n_groups == 0 or y.shape[0] % n_groups == 0),
                  lambda: f"sum_choices: {tuple(y.shape)} rows do not split into {n_groups} groups")
-    if y.dtype != torch.float64 and use_fused(y, "MOEUT_FUSED_SUM"):
+    torch._check(init is None or tuple(init.shape) == (n_groups, y.shape[1]),
+                 lambda: f"sum_choices: init of shape {tuple(init.shape)} for {n_groups} sums of width {y.shape[1]}")
+    if y.dtype != torch.float64 and (init is None or init.dtype != torch.float64) and use_fused(y, "MOEUT_FUSED_SUM"):
         from .triton_sum import sum_choices_triton
-        return sum_choices_triton(y, n_groups, out_dtype)
-    return _sum_choices_torch(y, n_groups, out_dtype)
+        return sum_choices_triton(y, n_groups, out_dtype, init)
+    return _sum_choices_torch(y, n_groups, out_dtype, init)
 
 
 @sum_choices.register_fake
-def _(y, n_groups, out_dtype):
+def _(y, n_groups, out_dtype, init=None):
     return y.new_empty(n_groups, y.shape[1], dtype=out_dtype)
 
 
-def _sum_choices(y_SO: Tensor, n_groups: int, out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    return sum_choices(y_SO, n_groups, out_dtype or y_SO.dtype)
+def _sum_choices(y_SO: Tensor, n_groups: int, out_dtype: Optional[torch.dtype] = None,
+                 init_XO: Optional[Tensor] = None) -> Tensor:
+    return sum_choices(y_SO, n_groups, out_dtype or y_SO.dtype, init_XO)
 
 
 # MOEUT_GATES_AT_DST=1: the combine's backward reads gates, and writes their gradient, in (row, choice)

@@ -90,8 +90,8 @@ class MoEUTLayer(torch.nn.Module):
         else:  # a user-supplied attention class with the official interface
             (att, kv_cache), att_logits = self.attention(xnorm, xnorm, x, mask, kv_cache=kv_cache), None
         x = x + self.drop(att)
-        upd, ffn_logits = self.ffn.forward_with_logits(x, self.ln2(x))
-        return x + upd, kv_cache, ffn_logits, att_logits
+        x, ffn_logits = self.ffn.forward_with_logits(x, self.ln2(x), add_input=True)   # x + FFN(x)
+        return x, kv_cache, ffn_logits, att_logits
 
     def forward(self, x: Tensor, mask: Optional[AttentionMask] = None, kv_cache: KVCache = None) -> Tuple[Tensor, KVCache]:
         x, kv_cache, _, _ = self.forward_with_logits(x, mask, kv_cache)

@@ -50,6 +50,9 @@ class _ProbabilitySum(torch.autograd.Function):
 # MOEUT_FUSED_MLP=0: the expert MLP as two operators and a separate ReLU (benchmarks, tests compare them).
 FUSED_MLP = os.environ.get("MOEUT_FUSED_MLP", "1") != "0"
 
+# MOEUT_FOLD_RESIDUAL=0: the FFN block's residual add as its own kernel, not inside the top-k sums (benchmarks).
+FOLD_RESIDUAL = os.environ.get("MOEUT_FOLD_RESIDUAL", "1") != "0"
+
 # MOEUT_ALIGN_MATMULS=0: matmuls keep their own (possibly misaligned) output widths (benchmarks).
 ALIGN_MATMULS = os.environ.get("MOEUT_ALIGN_MATMULS", "1") != "0"
 
@@ -141,7 +144,12 @@ class SigmaMoE(torch.nn.Module):
         gate, expert = sigmoid_topk(logits, self.n_heads)  # one kernel on CUDA
         return logits, gate, expert
 
-    def forward_with_logits(self, input: Tensor, sel_input: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    def forward_with_logits(self, input: Tensor, sel_input: Optional[Tensor] = None,
+                            add_input: bool = False) -> Tuple[Tensor, Tensor]:
+        """(output, router logits); with `add_input` the output is input + FFN(input) (a residual block:
+        the fused path adds it inside its top-k sums, forward and backward)."""
+        if add_input and self.v_dim != self.k_dim:
+            raise ValueError(f"SigmaMoE: add_input needs v_dim == dmodel, got {self.v_dim} and {self.k_dim}")
         logits, gate_BTK, expert_BTK = self.select(sel_input if sel_input is not None else input)
         x_RD = input.reshape(-1, self.k_dim)
         K = self.n_heads
@@ -151,16 +159,19 @@ class SigmaMoE(torch.nn.Module):
             if not fuse_relu:
                 h_NS = self.activation(h_NS)
             out_RD = project(h_NS, self.values, expert_BTK, gate_BTK, per_x=1, per_out=K)
-            return out_RD.view(*input.shape[:-1], self.v_dim), logits
+            out = out_RD.view(*input.shape[:-1], self.v_dim)
+            return (input + out if add_input else out), logits
         routing = route(expert_BTK.reshape(-1, self.n_heads), self.n_experts)
         # The routing (sort by expert) is computed once and shared by both projections and their backward.
         gate_RK = gate_BTK.reshape(-1, self.n_heads)
         if self.activation is F.relu and FUSED_MLP:   # the ReLU and its backward ride on the kernels
-            out_RD = expert_mlp(x_RD, self.keys, self.values, routing, gate_RK)
-        else:
-            h_NS = self.activation(expert_mm(x_RD, self.keys, routing))
-            out_RD = expert_mm_combine(h_NS, self.values, routing, gate_RK, gather=False)
-        return out_RD.view(*input.shape[:-1], self.v_dim), logits
+            fold = add_input and FOLD_RESIDUAL
+            out = expert_mlp(x_RD, self.keys, self.values, routing, gate_RK, residual=fold)
+            out = out.view(*input.shape[:-1], self.v_dim)
+            return (input + out if add_input and not fold else out), logits
+        h_NS = self.activation(expert_mm(x_RD, self.keys, routing))
+        out = expert_mm_combine(h_NS, self.values, routing, gate_RK, gather=False).view(*input.shape[:-1], self.v_dim)
+        return (input + out if add_input else out), logits
 
     def forward(self, input: Tensor, sel_input: Optional[Tensor] = None) -> Tensor:
         return self.forward_with_logits(input, sel_input)[0]

@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import expert_mm as _operators   # (the operator definitions: the weight gradient's scaling side)
+
 try:
     import triton
     import triton.language as tl
@@ -222,7 +224,7 @@ if triton is not None:
                      mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.autotune(configs=_wgrad_configs(), key=["I", "O", "GATHER", "GGATHER", "GSCALE", "FP32", "ACCUMULATE",
-                                                    "SCALE_AT_DST"],
+                                                    "SCALE_AT_DST", "SCALE_X"],
                      restore_value=["out_ptr"])   # benchmark runs must not add into an accumulator twice
     @triton.jit
     def _weight_grad_kernel(x_ptr, g_ptr, out_ptr, offsets_ptr, rows_ptr, grows_ptr, gscale_ptr, sdst_ptr,
@@ -230,7 +232,7 @@ if triton is not None:
                             sxr, sxi, sgr, sgo, soe, soi, soo,
                             GATHER: tl.constexpr, GGATHER: tl.constexpr, GSCALE: tl.constexpr,
                             FP32: tl.constexpr, ACCUMULATE: tl.constexpr, SCALE_AT_DST: tl.constexpr,
-                            BI: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr):
+                            SCALE_X: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr):
         n_o = tl.cdiv(O, BO)
         n_tiles = tl.cdiv(I, BI) * n_o
         e = tl.program_id(0) // n_tiles
@@ -258,13 +260,16 @@ if triton is not None:
                         mask=i_ok[:, None] & r_ok[None, :], other=0.0)
             b = tl.load(g_ptr + gsrc[:, None].to(tl.int64) * sgr + oo[None, :] * sgo,
                         mask=r_ok[:, None] & o_ok[None, :], other=0.0)
-            if GSCALE:  # same rounding as scaling the gradient rows before the product
+            if GSCALE:  # same rounding as scaling the rows before the product (see SCALE_X)
                 if SCALE_AT_DST:   # gates in (row, choice) order: routed row n's is at sdst[n]
                     sat = tl.load(sdst_ptr + rows, mask=r_ok, other=0)
                 else:
                     sat = rows
                 s = tl.load(gscale_ptr + sat, mask=r_ok, other=0.0).to(tl.float32)
-                b = (b.to(tl.float32) * s[:, None]).to(g_ptr.dtype.element_ty)
+                if SCALE_X:
+                    a = (a.to(tl.float32) * s[None, :]).to(x_ptr.dtype.element_ty)
+                else:
+                    b = (b.to(tl.float32) * s[:, None]).to(g_ptr.dtype.element_ty)
             acc = _dot(a, b, acc, FP32)
         o_ptrs = out_ptr + e.to(tl.int64) * soe + ii[:, None] * soi + oo[None, :] * soo
         if ACCUMULATE:  # out += this tile: one rounding, as a separate add would do
@@ -415,7 +420,8 @@ def grouped_mm_weight_grad_triton(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Ten
                               out_EIO.stride(0), out_EIO.stride(1), out_EIO.stride(2),
                               GATHER=rows_N is not None, GGATHER=grad_rows_N is not None,
                               GSCALE=grad_scale_N is not None, FP32=x_RI.dtype == torch.float32,
-                              ACCUMULATE=accumulate_into is not None, SCALE_AT_DST=scale_dst_N is not None)
+                              ACCUMULATE=accumulate_into is not None, SCALE_AT_DST=scale_dst_N is not None,
+                              SCALE_X=_operators.WGRAD_SCALE_X)
     return out_EIO
 
 

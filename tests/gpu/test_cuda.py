@@ -294,6 +294,9 @@ def test_sum_choices_kernel_matches_torch(out_dtype, X, C, O):
     want = _sum_choices_torch(y, X, out_dtype)
     assert got.dtype == out_dtype and got.shape == (X, O)
     torch.testing.assert_close(got, want, rtol=1e-5 if out_dtype == torch.float32 else 8e-3, atol=1e-4)
+    init = torch.randn(X, O, device="cuda")   # the residual stream, added before the one rounding
+    torch.testing.assert_close(sum_choices_triton(y, X, out_dtype, init), _sum_choices_torch(y, X, out_dtype, init),
+                               rtol=1e-5 if out_dtype == torch.float32 else 8e-3, atol=1e-4)
 
 
 def test_aligned_router_and_dense_ffn_match_unpadded(monkeypatch):

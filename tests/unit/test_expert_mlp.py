@@ -88,7 +88,7 @@ def test_sigma_moe_uses_the_fused_mlp_with_identical_gradients(monkeypatch):
     x = torch.randn(2, 11, 16, requires_grad=True)
     calls = []
     real = mlp_module.expert_mlp
-    monkeypatch.setattr(moe, "expert_mlp", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(moe, "expert_mlp", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     runs = []
     for fused in (True, False):
         monkeypatch.setattr(moe, "FUSED_MLP", fused)
@@ -101,3 +101,43 @@ def test_sigma_moe_uses_the_fused_mlp_with_identical_gradients(monkeypatch):
     calls.clear()
     m(x)
     assert calls == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_folded_into_the_sums_matches_a_separate_add(dtype, monkeypatch):
+    """SigmaMoE(add_input=True), x + FFN(x), with the residual added inside the fused MLP's top-k sums
+    (forward) and its gradient inside the input-gradient sum (backward), against the separate add
+    (MOEUT_FOLD_RESIDUAL=0) and the composed operators: outputs and gradients of x, both weights and
+    the selector; under bf16 autocast the folded sum skips one rounding, so it is the closer one to fp64."""
+    from moeut import moe
+    from moeut.moe import SigmaMoE
+    torch.manual_seed(0)
+    m = SigmaMoE(16, 9, 8, 3)
+    m.reset_parameters(1.0)
+    x = torch.randn(2, 11, 16, requires_grad=True)
+    params = (x, m.keys, m.values, m.expert_sel)
+    gy = torch.randn(2, 11, 16)
+
+    def run(fold, fused=True):
+        monkeypatch.setattr(moe, "FOLD_RESIDUAL", fold)
+        monkeypatch.setattr(moe, "FUSED_MLP", fused)
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y = m.forward_with_logits(x, add_input=True)[0]
+        return (y, *torch.autograd.grad(y, params, gy))
+
+    folded, separate, composed = run(True), run(False), run(False, fused=False)
+    assert folded[0].dtype == x.dtype
+    for name, a, b, c in zip(("out", "dx", "dw1", "dw2", "dsel"), folded, separate, composed):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+        else:
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=name)
+        assert torch.equal(b, c), name
+    if dtype == torch.bfloat16:   # the fold is the more accurate: no bf16 rounding of the sum before x is added
+        m64 = SigmaMoE(16, 9, 8, 3).double()
+        m64.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
+        want = m64.forward_with_logits(x.detach().double(), add_input=True)[0]
+        err = lambda t: (t.double() - want).norm().item()  # noqa: E731
+        assert err(folded[0]) <= err(separate[0])
+    with pytest.raises(ValueError, match="v_dim"):
+        SigmaMoE(16, 9, 8, 3, v_dim=12).forward_with_logits(x, add_input=True)

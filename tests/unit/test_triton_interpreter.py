@@ -1,5 +1,6 @@
 """The Triton kernels, run on CPU tensors through TRITON_INTERPRET=1, agree with the reference."""
 import os
+import sys
 
 import pytest
 import torch
@@ -70,11 +71,17 @@ def test_triton_matches_reference(kind, R, K, E, I, O, dtype, loop_n, monkeypatc
     torch.testing.assert_close(got.float().view(R, K, O), ref * gate.view(R, K, 1), **tol)
     # the same gates read unpermuted, at each row's destination (what the combine forward passes)
     assert torch.equal(grouped_mm_triton(x, w, r.offsets_E1, r.rows_N, gate, r.slot_N, scale_at_dst=True), got)
-    # weight gradient reading gathered, gate-scaled gradient rows (one row per input row)
+    # weight gradient reading gathered gradient rows (one row per input row), the gate applied to the
+    # input rows or to the gradient rows; against the reference with the same operands and rounding
     g_R = torch.randn(R, O, generator=gen).to(dtype)
-    got = grouped_mm_weight_grad_triton(x, g_R, r.offsets_E1, r.rows_N, r.rows_N, gate[r.slot_N], torch.float32)
-    want = _weight_grad_torch(x.float(), g_R.float(), r.offsets_E1, r.rows_N, r.rows_N, gate[r.slot_N])
-    torch.testing.assert_close(got.float(), want, **tol)
+    expert_mm_module = sys.modules["moeut.expert_mm"]
+    for scale_x in (True, False):
+        monkeypatch.setattr(expert_mm_module, "WGRAD_SCALE_X", scale_x)
+        got = grouped_mm_weight_grad_triton(x, g_R, r.offsets_E1, r.rows_N, r.rows_N, gate[r.slot_N], torch.float32)
+        want = _weight_grad_torch(x, g_R, r.offsets_E1, r.rows_N, r.rows_N, gate[r.slot_N], torch.float32)
+        # (norm-relative: the interpreter truncates the scaled bf16 rows where the reference rounds them)
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < (1e-6 if dtype == torch.float32 else 1e-2), f"scale on x={scale_x}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("gather,scale", [(False, True), (True, False), (True, True)])
@@ -281,6 +288,13 @@ def test_triton_sum_choices_matches_torch(dtype, out_dtype, X, C, O):
         exact = y.double().view(X, C, O).sum(1)
         tol = 1e-5 if out_dtype == torch.float32 else 8e-3
         torch.testing.assert_close(got.double(), exact, rtol=tol, atol=tol)
+    # plus a tensor of the output's shape (the residual stream or its gradient), fp32 and strided
+    init = torch.randn(X, O + 1, generator=gen)[:, 1:]
+    got = sum_choices_triton(y, X, out_dtype, init)
+    torch.testing.assert_close(got, _sum_choices_torch(y, X, out_dtype, init), rtol=1e-6 if out_dtype == torch.float32
+                               else 8e-3, atol=1e-5)
+    if X:
+        torch.testing.assert_close(got.double(), exact + init.double(), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("gather", [True, False])
