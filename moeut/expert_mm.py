@@ -215,6 +215,45 @@ def _(x, weight, offsets, rows, scale, dst, scale_at_dst=False, relu=False):
     return x.new_empty(_routed_count(x, rows), weight.shape[2])
 
 
+@torch.library.custom_op("moeut::grouped_mm_dot", mutates_args=())
+def grouped_mm_dot(x: Tensor, weight: Tensor, offsets: Tensor, rows: Optional[Tensor], scale: Optional[Tensor],
+                   dst: Optional[Tensor], scale_at_dst: bool, dot_x: Tensor, dot_rows: Tensor,
+                   dot_dst: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """(grouped_mm(x, weight, offsets, rows, scale, dst, scale_at_dst), dot [N] fp32) where dot[n] is
+    <x[rows[n]] @ weight[expert of n], dot_x[dot_rows[n]]>, the product taken before the scale and, on
+    the kernel path, before rounding; written at dot_dst[n] if given, else at n.
+
+    The gate gradient of a combine whose input is wider than its output (SwitchHead's value projection,
+    1024 -> 128) is <d out, y> with y that projection's output, which is not saved. As
+    <d out @ W^T, x>, it comes out of the input-gradient GEMM's epilogue, when one program holds whole
+    output rows ("loop over N"); elsewhere y is recomputed (one more GEMM) and dotted in a second pass."""
+    _check(x, weight, offsets)
+    if use_fused(x):
+        from .triton_expert_mm import grouped_mm_triton, row_dot_triton, use_loop_n
+        N, (E, I, O) = _routed_count(x, rows), weight.shape
+        if use_loop_n(I, O, N, E):
+            return grouped_mm_triton(x, weight, offsets, rows, scale, dst, scale_at_dst, dot_x_MO=dot_x,
+                                     dot_rows_N=dot_rows, dot_dst_N=dot_dst)
+        out = grouped_mm_triton(x, weight, offsets, rows, scale, dst, scale_at_dst)
+        y = grouped_mm_triton(dot_x, weight.transpose(1, 2), offsets, dot_rows)
+        return out, row_dot_triton(y, x, rows, None, dot_dst)[0]
+    plain = _grouped_mm_torch(x, weight, offsets, rows)
+    dot = (_acc(plain) * _acc(dot_x.index_select(0, dot_rows))).sum(-1)
+    if dot_dst is not None:
+        dot = torch.empty_like(dot).index_copy_(0, dot_dst, dot)
+    if scale is not None:
+        plain = _scale_rows(plain, scale.index_select(0, dst) if scale_at_dst else scale)
+    if dst is not None:
+        plain = torch.empty_like(plain).index_copy_(0, dst, plain)
+    return plain, dot
+
+
+@grouped_mm_dot.register_fake
+def _(x, weight, offsets, rows, scale, dst, scale_at_dst, dot_x, dot_rows, dot_dst):
+    N = _routed_count(x, rows)
+    return x.new_empty(N, weight.shape[2]), x.new_empty(N, dtype=torch.promote_types(x.dtype, torch.float32))
+
+
 @torch.library.custom_op("moeut::grouped_mm_weight_grad", mutates_args=())
 def grouped_mm_weight_grad(x: Tensor, grad: Tensor, offsets: Tensor, rows: Optional[Tensor],
                            grad_rows: Optional[Tensor], grad_scale: Optional[Tensor], out_dtype: torch.dtype,
@@ -334,6 +373,10 @@ def _sum_choices(y_SO: Tensor, n_groups: int, out_dtype: Optional[torch.dtype] =
 # interpreter, not yet on a GPU (sixth session): off until tests/gpu passes with it.
 GATES_AT_DST = os.environ.get("MOEUT_GATES_AT_DST", "0") == "1"
 
+# MOEUT_EPILOGUE_DOT=0: a combine wider in than out (SwitchHead's V) recomputes its forward product for the
+# gate gradient instead of taking it from the input-gradient GEMM (`grouped_mm_dot`; benchmarks compare).
+EPILOGUE_DOT = os.environ.get("MOEUT_EPILOGUE_DOT", "1") != "0"
+
 # MOEUT_WEIGHT_CAST=1: hand fp32 master weights to the Triton kernels, which round each tile as they
 # load it, instead of casting them first. Measured slower on the H200 (RESULTS.md D.2: 244M FFN
 # forward+backward 3.82 against 3.49 ms of GPU time; the fp32 operand breaks the kernels' bf16
@@ -445,16 +488,17 @@ class _ExpertMMCombine(torch.autograd.Function):
                 else:
                     grad_x = _sum_choices(torch.empty_like(grad_x_NI).index_copy_(0, slot_N, grad_x_NI), x_RI.shape[0],
                                           x_master.dtype)
+        elif ctx.needs_input_grad[0] and rows_N is not None and EPILOGUE_DOT:
+            # the gate gradient <d out, x W> as <d out W^T, x>, from the input gradient's product
+            grad_x_SI, grad_gate_n = grouped_mm_dot(grad_XO, w_T, offsets_E1, group_N, gate_n, slot_N, GATES_AT_DST,
+                                                    x_RI, rows_N, dst)
+            grad_x = _sum_choices(grad_x_SI, x_RI.shape[0], x_master.dtype)
         else:
             y_NO = grouped_mm(x_RI, w_EIO, offsets_E1, rows_N, None, None)
             grad_gate_n, _ = row_dot(y_NO, grad_XO, group_N, None, dst)
             if ctx.needs_input_grad[0]:
-                if rows_N is None:
-                    grad_x = grouped_mm(grad_XO, w_T, offsets_E1, group_N,
-                                        gate_n.index_select(0, slot_N) if GATES_AT_DST else gate_n, None)
-                else:
-                    grad_x = _sum_choices(grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_n, slot_N,
-                                                     scale_at_dst=GATES_AT_DST), x_RI.shape[0], x_master.dtype)
+                grad_x = grouped_mm(grad_XO, w_T, offsets_E1, group_N,
+                                    gate_n.index_select(0, slot_N) if GATES_AT_DST else gate_n, None)
         grad_gate = _gate_grad_in_choice_order(grad_gate_n, slot_N).view(X, C).to(gate_XC.dtype)
         grad_w = None
         if ctx.needs_input_grad[1]:

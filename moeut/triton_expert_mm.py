@@ -146,16 +146,18 @@ if triton is not None:
     # only in the weight's layout (e.g. SwitchHead's recomputed V product and the FFN's down dx) are
     # tuned apart. Not yet measured (PERF_NOTES), so off.
     @triton.autotune(configs=_mm_configs(), key=["I", "O", "GATHER", "SCALE", "SCATTER", "FP32", "LOOP_N",
-                                                 "SCALE_AT_DST", "RELU"]
+                                                 "SCALE_AT_DST", "RELU", "ROW_DOT"]
                      + (["swi"] if os.environ.get("MOEUT_AUTOTUNE_BY_LAYOUT", "0") == "1" else []),
                      prune_configs_by={"early_config_prune": _prune_mm_configs})
     @triton.jit
     def _expert_mm_kernel(x_ptr, w_ptr, out_ptr, offsets_ptr, rows_ptr, scale_ptr, dst_ptr,
+                          dotx_ptr, dotrows_ptr, dotdst_ptr, dot_ptr,
                           E, I, O,
-                          sxr, sxi, swe, swi, swo, sor, soo,
+                          sxr, sxi, swe, swi, swo, sor, soo, sdr, sdc,
                           GATHER: tl.constexpr, SCALE: tl.constexpr, SCATTER: tl.constexpr,
                           FP32: tl.constexpr, LOOP_N: tl.constexpr, SCALE_AT_DST: tl.constexpr,
-                          RELU: tl.constexpr, EP: tl.constexpr, IP: tl.constexpr,
+                          RELU: tl.constexpr, ROW_DOT: tl.constexpr, DOT_AT_DST: tl.constexpr,
+                          EP: tl.constexpr, IP: tl.constexpr,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         pid = tl.program_id(0)
         if LOOP_N:
@@ -190,18 +192,31 @@ if triton is not None:
             a = tl.load(x_ptr + src[:, None].to(tl.int64) * sxr + ks[None, :] * sxi,
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w_rows = w_ptr + e.to(tl.int64) * swe + ks[:, None] * swi
+            if ROW_DOT:   # a program holds whole output rows: it can dot them with another tensor's rows
+                dot_src = tl.load(dotrows_ptr + rows, mask=row_ok, other=0)
+                dot_rows = dotx_ptr + dot_src[:, None].to(tl.int64) * sdr
+                row_dot = tl.zeros((BM,), dtype=tl.float32)
             for n0 in range(0, O, BN):
                 cols = n0 + tl.arange(0, BN)
                 col_ok = cols < O
                 b = tl.load(w_rows + cols[None, :] * swo, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 b = b.to(x_ptr.dtype.element_ty)   # an fp32 master weight, rounded as it is loaded
                 acc = _dot(a, b, tl.zeros((BM, BN), dtype=tl.float32), FP32)
+                if ROW_DOT:   # the product before activation, scale and rounding
+                    other = tl.load(dot_rows + cols[None, :] * sdc, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                    row_dot += tl.sum(acc * other.to(tl.float32), axis=1)
                 if RELU:
                     acc = tl.maximum(acc, 0.0)
                 if SCALE:
                     acc = acc * gate[:, None]
                 tl.store(out_rows + cols[None, :] * soo, acc.to(out_ptr.dtype.element_ty),
                          mask=row_ok[:, None] & col_ok[None, :])
+            if ROW_DOT:
+                if DOT_AT_DST:
+                    dot_at = tl.load(dotdst_ptr + rows, mask=row_ok, other=0)
+                else:
+                    dot_at = rows
+                tl.store(dot_ptr + dot_at, row_dot, mask=row_ok)
         else:
             cols = pid_n * BN + tl.arange(0, BN)
             col_ok = cols < O
@@ -366,17 +381,28 @@ def aligned(t: Tensor, copy_dtype: Optional[torch.dtype] = None, always_copy: bo
 
 def grouped_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
                       scale_N: Optional[Tensor] = None, dst_N: Optional[Tensor] = None,
-                      scale_at_dst: bool = False, relu: bool = False) -> Tensor:
+                      scale_at_dst: bool = False, relu: bool = False,
+                      dot_x_MO: Optional[Tensor] = None, dot_rows_N: Optional[Tensor] = None,
+                      dot_dst_N: Optional[Tensor] = None):
+    """The grouped GEMM [N, O]; with dot_x (needs `loop_n_dot_applies`), also (out, dot): dot [N] fp32 is
+    <routed row n's product before activation and scale, dot_x[dot_rows[n]]>, written at dot_dst[n] if
+    given, else at n."""
     N = x_RI.shape[0] if rows_N is None else rows_N.shape[0]
     E, I, O = w_EIO.shape
     out_NO = torch.empty(N, O, device=x_RI.device, dtype=x_RI.dtype)
+    row_dot = dot_x_MO is not None
+    dot_N = torch.empty(N if row_dot else 0, device=x_RI.device, dtype=torch.float32)
     if N == 0:
-        return out_NO
+        return (out_NO, dot_N) if row_dot else out_NO
     x_RI, w_EIO = aligned(x_RI), aligned(w_EIO, copy_dtype=x_RI.dtype)
     unused = offsets_E1  # pointer for the arguments a constexpr flag switches off (never read)
     scale = scale_N.contiguous() if scale_N is not None else None   # any float dtype: read as fp32
 
     loop_n = use_loop_n(I, O, N, E)
+    if row_dot:
+        torch._check(loop_n, lambda: "grouped_mm_triton: a row dot needs the loop-over-N form")
+        torch._check(dot_rows_N is not None and dot_x_MO.shape[1] == O, lambda: "grouped_mm_triton: dot_x [M, O] and dot_rows")
+        dot_x_MO = aligned(dot_x_MO)
 
     def grid(meta):
         # Upper bound on the number of row tiles; programs past the real count return at once.
@@ -384,14 +410,17 @@ def grouped_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: O
         return (row_tiles if loop_n else row_tiles * triton.cdiv(O, meta["BN"]),)
 
     _expert_mm_kernel[grid](x_RI, w_EIO, out_NO, offsets_E1, _or(rows_N, unused), _or(scale, unused),
-                            _or(dst_N, unused), E, I, O,
+                            _or(dst_N, unused), _or(dot_x_MO, unused), _or(dot_rows_N, unused),
+                            _or(dot_dst_N, unused), dot_N, E, I, O,
                             x_RI.stride(0), x_RI.stride(1), w_EIO.stride(0), w_EIO.stride(1), w_EIO.stride(2),
                             out_NO.stride(0), out_NO.stride(1),
+                            dot_x_MO.stride(0) if row_dot else 0, dot_x_MO.stride(1) if row_dot else 0,
                             GATHER=rows_N is not None, SCALE=scale_N is not None, SCATTER=dst_N is not None,
                             FP32=x_RI.dtype == torch.float32, LOOP_N=loop_n, SCALE_AT_DST=scale_at_dst, RELU=relu,
+                            ROW_DOT=row_dot, DOT_AT_DST=dot_dst_N is not None,
                             EP=triton.next_power_of_2(E),
                             IP=max(16, triton.next_power_of_2(I)))
-    return out_NO
+    return (out_NO, dot_N) if row_dot else out_NO
 
 
 def grouped_mm_weight_grad_triton(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],

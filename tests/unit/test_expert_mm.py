@@ -138,6 +138,31 @@ def test_opcheck():
     assert torch.equal(sum_choices(y, 10, torch.float32), y.view(10, 2, 5).sum(1))
 
 
+def test_grouped_mm_dot_matches_reference():
+    """grouped_mm_dot: the grouped GEMM (gathered, scaled, scattered) and the dot of each routed row's
+    unscaled product with a gathered row of another tensor, written at dot_dst or in routed order.
+    This is how SwitchHead's value projection gets its gate gradient <d v, x W> as <d v W^T, x>."""
+    from moeut.expert_mm import grouped_mm, grouped_mm_dot
+    gen = torch.Generator().manual_seed(9)
+    R, K, E, I, O = 13, 2, 5, 7, 9
+    expert = 2 * torch.randint(0, 3, (R, K), generator=gen)   # odd experts stay empty
+    r = route(expert, E)
+    g = torch.randn(R, I, generator=gen, dtype=torch.float64)     # d out, one row per output row
+    w = torch.randn(E, I, O, generator=gen, dtype=torch.float64)  # (the transposed projection weight)
+    x = torch.randn(R, O, generator=gen, dtype=torch.float64)     # the projection's input
+    gate = torch.rand(R * K, generator=gen, dtype=torch.float64)
+    for dot_dst in (None, r.slot_N):
+        out, dot = grouped_mm_dot(g, w, r.offsets_E1, r.rows_N, gate[r.slot_N], r.slot_N, False, x, r.rows_N, dot_dst)
+        assert torch.equal(out, grouped_mm(g, w, r.offsets_E1, r.rows_N, gate[r.slot_N], r.slot_N))
+        ref_RK = torch.einsum("ri,rkio,ro->rk", g, w[expert], x)   # <g_r W[e_rk], x_r>
+        dot_slot = dot if dot_dst is not None else torch.empty_like(dot).index_copy_(0, r.slot_N, dot)
+        torch.testing.assert_close(dot_slot.view(R, K), ref_RK)
+    torch.library.opcheck(grouped_mm_dot, (g.float(), w.float(), r.offsets_E1, r.rows_N, gate[r.slot_N].float(),
+                                           r.slot_N, False, x.float(), r.rows_N, None))
+    torch.library.opcheck(grouped_mm_dot, (g.float(), w.float(), r.offsets_E1, r.rows_N, gate.float(), r.slot_N, True,
+                                           x.float(), r.rows_N, r.slot_N))
+
+
 def test_grouped_mm_scale_and_scatter_match_reference():
     """out[dst[n]] = scale[n] * x[rows[n]] @ w[e(n)]: with dst = slot, row r*K+k holds choice (r, k)."""
     from moeut.expert_mm import grouped_mm, grouped_mm_weight_grad

@@ -84,6 +84,39 @@ def test_triton_matches_reference(kind, R, K, E, I, O, dtype, loop_n, monkeypatc
         assert err < (1e-6 if dtype == torch.float32 else 1e-2), f"scale on x={scale_x}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("loop_n", [True, False], ids=["epilogue_dot", "recomputed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_grouped_mm_dot_matches_torch(loop_n, dtype, monkeypatch):
+    """The input-gradient GEMM with the row dot in its epilogue (loop over N), and the fallback that
+    recomputes the forward product, against the PyTorch path: output bitwise, dot within rounding."""
+    from moeut.expert_mm import _grouped_mm_torch
+    from moeut.triton_expert_mm import row_dot_triton
+    monkeypatch.setattr(triton_expert_mm, "LOOP_N_OVERRIDE", loop_n)
+    gen = torch.Generator().manual_seed(4)
+    R, K, E, I, O = 19, 2, 6, 12, 40
+    expert = 2 * torch.randint(0, E // 2, (R, K), generator=gen)   # odd experts stay empty
+    r = route(expert, E)
+    g = torch.randn(R, I, generator=gen).to(dtype)
+    w = torch.randn(E, I, O, generator=gen).to(dtype)
+    x = torch.randn(R, O, generator=gen).to(dtype)
+    gate = torch.rand(R * K, generator=gen)
+    for dot_dst in (None, r.slot_N):
+        if loop_n:
+            out, dot = grouped_mm_triton(g, w, r.offsets_E1, r.rows_N, gate, r.slot_N, True, dot_x_MO=x,
+                                         dot_rows_N=r.rows_N, dot_dst_N=dot_dst)
+        else:   # what moeut::grouped_mm_dot runs where the loop-over-N form does not apply
+            out = grouped_mm_triton(g, w, r.offsets_E1, r.rows_N, gate, r.slot_N, True)
+            y = grouped_mm_triton(x, w.transpose(1, 2), r.offsets_E1, r.rows_N)
+            dot = row_dot_triton(y, g, r.rows_N, None, dot_dst)[0]
+        assert torch.equal(out, grouped_mm_triton(g, w, r.offsets_E1, r.rows_N, gate, r.slot_N, True))
+        plain = _grouped_mm_torch(g.double(), w.double(), r.offsets_E1, r.rows_N)
+        want = (plain * x.double()[r.rows_N]).sum(-1)
+        if dot_dst is not None:
+            want = torch.empty_like(want).index_copy_(0, dot_dst, want)
+        err = ((dot.double() - want).norm() / want.norm()).item()
+        assert err < (1e-6 if dtype == torch.float32 else 1e-2), err
+
+
 @pytest.mark.parametrize("gather,scale", [(False, True), (True, False), (True, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_row_dot_matches_reference(gather, scale, dtype):
