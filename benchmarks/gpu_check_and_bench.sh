@@ -124,3 +124,13 @@ run trainer 400 python3 benchmarks/trainer_speed.py --models moeut-126M,moeut-24
 # torch.compile of a 244M decoding step takes minutes on the device's host CPU (18 unrolled layers).
 run decode_compile 300 python3 benchmarks/decode.py --new-tokens 64 --modes static+graph+compile \
   --json "$OUT/decode_compile.json"
+# Ninth session: the weight gradient's gate on its register operand, the FFN residual inside the top-k
+# sums, SwitchHead V's gate gradient from the input-gradient GEMM (defaults) against all three off;
+# graphed steps, the attention block both ways, and a profile of the new step. Same call.
+OLD_S9="env MOEUT_WGRAD_SCALE=grad MOEUT_FOLD_RESIDUAL=0 MOEUT_EPILOGUE_DOT=0"
+run ab_s9 420 bash -c "python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:16,dense-244M:16 --json $OUT/train_graph_s9.json && $OLD_S9 python3 benchmarks/train_throughput.py \
+  --steps 6 --cuda-graph --models moeut-244M:16 --json $OUT/train_graph_s9_off.json && \
+  python3 benchmarks/attention_block.py --json $OUT/attention_s9.json && \
+  $OLD_S9 python3 benchmarks/attention_block.py --json $OUT/attention_s9_off.json && \
+  python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 40"
