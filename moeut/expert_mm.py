@@ -497,8 +497,12 @@ class _ExpertMMCombine(torch.autograd.Function):
             y_NO = grouped_mm(x_RI, w_EIO, offsets_E1, rows_N, None, None)
             grad_gate_n, _ = row_dot(y_NO, grad_XO, group_N, None, dst)
             if ctx.needs_input_grad[0]:
-                grad_x = grouped_mm(grad_XO, w_T, offsets_E1, group_N,
-                                    gate_n.index_select(0, slot_N) if GATES_AT_DST else gate_n, None)
+                if rows_N is None:
+                    grad_x = grouped_mm(grad_XO, w_T, offsets_E1, group_N,
+                                        gate_n.index_select(0, slot_N) if GATES_AT_DST else gate_n, None)
+                else:
+                    grad_x = _sum_choices(grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_n, slot_N,
+                                                     scale_at_dst=GATES_AT_DST), x_RI.shape[0], x_master.dtype)
         grad_gate = _gate_grad_in_choice_order(grad_gate_n, slot_N).view(X, C).to(gate_XC.dtype)
         grad_w = None
         if ctx.needs_input_grad[1]:

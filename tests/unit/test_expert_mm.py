@@ -191,12 +191,14 @@ def test_grouped_mm_scale_and_scatter_match_reference():
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("I,O", [(10, 7), (5, 12)])   # both ways of getting the gate gradient
 @pytest.mark.parametrize("gates_at_dst", [False, True])
-def test_expert_mm_combine_matches_unfused(gather, groups, I, O, gates_at_dst, monkeypatch):
+@pytest.mark.parametrize("epilogue_dot", [True, False])   # I > O: gate gradient from the dx GEMM, or recomputed
+def test_expert_mm_combine_matches_unfused(gather, groups, I, O, gates_at_dst, epilogue_dot, monkeypatch):
     """The fused projection+combine equals combine(expert_mm(...)) in value and gradients (its backward
     with gates read in permuted copies, or at each routed row's destination)."""
     from moeut import expert_mm as em
     from moeut.expert_mm import expert_mm_combine
     monkeypatch.setattr(em, "GATES_AT_DST", gates_at_dst)
+    monkeypatch.setattr(em, "EPILOGUE_DOT", epilogue_dot)
     from tests.helpers import combine_case
     r, x, w, gate = combine_case(gather, groups, I, O, seed=6 + I)
     gen = torch.Generator().manual_seed(7)

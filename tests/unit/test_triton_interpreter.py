@@ -334,13 +334,15 @@ def test_triton_sum_choices_matches_torch(dtype, out_dtype, X, C, O):
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("I,O", [(10, 7), (5, 12)])   # both ways of getting the gate gradient
 @pytest.mark.parametrize("gates_at_dst", [False, True])
-def test_combine_through_the_kernels_matches_the_torch_path(gather, groups, I, O, gates_at_dst, monkeypatch):
+@pytest.mark.parametrize("epilogue_dot", [True, False])   # I > O: gate gradient from the dx GEMM, or recomputed
+def test_combine_through_the_kernels_matches_the_torch_path(gather, groups, I, O, gates_at_dst, epilogue_dot, monkeypatch):
     """`expert_mm` and the fused `expert_mm_combine`, forward and backward, with every kernel on
     (grouped GEMM, weight gradient, row dot, top-k sum) against the same autograd Functions on the
     PyTorch path: values and the gradients of x, w and the gates."""
     from moeut import expert_mm as em
     from tests.helpers import combine_case
     monkeypatch.setattr(em, "GATES_AT_DST", gates_at_dst)
+    monkeypatch.setattr(em, "EPILOGUE_DOT", epilogue_dot)
     r, x, w, gate = combine_case(gather, groups, I, O, seed=6 + I + groups)
     gen = torch.Generator().manual_seed(1)
     gy = torch.randn(gate.shape[0], O, generator=gen)
@@ -364,6 +366,7 @@ def test_expert_mlp_through_the_kernels_matches_the_torch_path(dtype, gates_at_d
     from moeut import expert_mlp as mlp_module, expert_mm as em
     from tests.unit.test_expert_mlp import mlp_case
     monkeypatch.setattr(em, "GATES_AT_DST", gates_at_dst)
+    monkeypatch.setattr(em, "EPILOGUE_DOT", epilogue_dot)
     r, x, w1, w2, gate, gy = mlp_case(dtype, seed=11)
     runs = []
     for kernels in (False, True):
