@@ -306,17 +306,19 @@ def _weight_grad(sink: Optional[GradSink], x: Tensor, grad: Tensor, offsets: Ten
 
 @torch.library.custom_op("moeut::row_dot", mutates_args=())
 def row_dot(a: Tensor, b: Tensor, b_rows: Optional[Tensor], scale: Optional[Tensor],
-            dst: Optional[Tensor] = None, relu_mask: bool = False) -> Tuple[Tensor, Tensor]:
+            dst: Optional[Tensor] = None, relu_mask: bool = False,
+            scaled_dst: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """(dot [N] fp32, scaled [N, I] or [0, I]): dot[n] = <a[n], b[b_rows[n]]> accumulated in fp32 (fp64
     for fp64 inputs); scaled[n] = scale[n] * a[n] rounded to a's dtype (empty when scale is None).
     The gate gradient of a combine and the gate-scaled input gradient in one pass over a. With dst
     (a permutation of 0..N-1): scale is read as scale[dst[n]] and the dot is written to dot[dst[n]],
     so gates and their gradient stay in (row, choice) order with no gather or scatter of their own.
     relu_mask: scaled[n] is zero where b[b_rows[n]] is not positive (b is a ReLU's output: scaled is then
-    the gradient of the ReLU's input)."""
+    the gradient of the ReLU's input). scaled_dst (a permutation of 0..N-1): scaled row n is written at
+    row scaled_dst[n] (e.g. straight into (row, choice) order for a top-k sum, no permuting copy)."""
     if a.dtype != torch.float64 and use_fused(a, "MOEUT_FUSED_ROW_DOT"):
         from .triton_expert_mm import row_dot_triton
-        return row_dot_triton(a, b, b_rows, scale, dst, relu_mask)
+        return row_dot_triton(a, b, b_rows, scale, dst, relu_mask, scaled_dst)
     b_NI = b if b_rows is None else b.index_select(0, b_rows)
     dot = (_acc(a) * _acc(b_NI)).sum(-1)
     if dst is not None:
@@ -325,11 +327,13 @@ def row_dot(a: Tensor, b: Tensor, b_rows: Optional[Tensor], scale: Optional[Tens
     scaled = _scale_rows(a, scale) if scale is not None else a.new_empty(0, a.shape[1])
     if relu_mask and scale is not None:
         scaled = torch.where(b_NI > 0, scaled, scaled.new_zeros(()))
+    if scaled_dst is not None and scale is not None:
+        scaled = torch.empty_like(scaled).index_copy_(0, scaled_dst, scaled)
     return dot, scaled
 
 
 @row_dot.register_fake
-def _(a, b, b_rows, scale, dst=None, relu_mask=False):
+def _(a, b, b_rows, scale, dst=None, relu_mask=False, scaled_dst=None):
     acc = torch.promote_types(a.dtype, torch.float32)
     return a.new_empty(a.shape[0], dtype=acc), a.new_empty(a.shape[0] if scale is not None else 0, a.shape[1])
 
@@ -480,14 +484,11 @@ class _ExpertMMCombine(torch.autograd.Function):
         grad_x = None
         if I <= O:
             grad_in_NI = grouped_mm(grad_XO, w_T, offsets_E1, group_N, None, None)
-            grad_gate_n, grad_x_NI = row_dot(grad_in_NI, x_RI, rows_N,
-                                             gate_n if ctx.needs_input_grad[0] else None, dst)
+            # the scaled rows (d x per choice) go straight to (row, choice) order when they are to be summed
+            grad_gate_n, grad_x_NI = row_dot(grad_in_NI, x_RI, rows_N, gate_n if ctx.needs_input_grad[0] else None,
+                                             dst, scaled_dst=slot_N if rows_N is not None else None)
             if ctx.needs_input_grad[0]:
-                if rows_N is None:
-                    grad_x = grad_x_NI
-                else:
-                    grad_x = _sum_choices(torch.empty_like(grad_x_NI).index_copy_(0, slot_N, grad_x_NI), x_RI.shape[0],
-                                          x_master.dtype)
+                grad_x = grad_x_NI if rows_N is None else _sum_choices(grad_x_NI, x_RI.shape[0], x_master.dtype)
         elif ctx.needs_input_grad[0] and rows_N is not None and EPILOGUE_DOT:
             # the gate gradient <d out, x W> as <d out W^T, x>, from the input gradient's product
             grad_x_SI, grad_gate_n = grouped_mm_dot(grad_XO, w_T, offsets_E1, group_N, gate_n, slot_N, GATES_AT_DST,

@@ -294,10 +294,10 @@ if triton is not None:
 
 if triton is not None:
     @triton.jit
-    def _row_dot_kernel(a_ptr, b_ptr, rows_ptr, scale_ptr, dst_ptr, dot_ptr, scaled_ptr, N, I,
+    def _row_dot_kernel(a_ptr, b_ptr, rows_ptr, scale_ptr, dst_ptr, sdst_ptr, dot_ptr, scaled_ptr, N, I,
                         sar, sai, sbr, sbi, ssr,
                         GATHER: tl.constexpr, SCALE: tl.constexpr, DST: tl.constexpr, RELU_MASK: tl.constexpr,
-                        IP: tl.constexpr, BR: tl.constexpr):
+                        SCALED_DST: tl.constexpr, IP: tl.constexpr, BR: tl.constexpr):
         n = tl.program_id(0) * BR + tl.arange(0, BR)
         n_ok = n < N
         i = tl.arange(0, IP)
@@ -318,12 +318,16 @@ if triton is not None:
             scaled = a.to(tl.float32) * s[:, None]
             if RELU_MASK:   # b is a ReLU's output: the gradient of its input is zero where b is
                 scaled = tl.where(b > 0, scaled, 0.0)
-            tl.store(scaled_ptr + n[:, None].to(tl.int64) * ssr + i[None, :],
+            if SCALED_DST:   # written in (row, choice) order, ready for a top-k sum
+                s_at = tl.load(sdst_ptr + n, mask=n_ok, other=0)
+            else:
+                s_at = n
+            tl.store(scaled_ptr + s_at[:, None].to(tl.int64) * ssr + i[None, :],
                      scaled.to(scaled_ptr.dtype.element_ty), mask=m)
 
 
 def row_dot_triton(a_NI: Tensor, b_MI: Tensor, b_rows_N: Optional[Tensor], scale_N: Optional[Tensor],
-                   dst_N: Optional[Tensor] = None, relu_mask: bool = False):
+                   dst_N: Optional[Tensor] = None, relu_mask: bool = False, scaled_dst_N: Optional[Tensor] = None):
     N, I = a_NI.shape
     dot = torch.empty(N, device=a_NI.device, dtype=torch.float32)
     scaled = torch.empty(N if scale_N is not None else 0, I, device=a_NI.device, dtype=a_NI.dtype)
@@ -332,12 +336,14 @@ def row_dot_triton(a_NI: Tensor, b_MI: Tensor, b_rows_N: Optional[Tensor], scale
     IP = max(16, triton.next_power_of_2(I))
     BR = 4 if INTERPRET else max(1, min(64, 8192 // IP))
     scale = scale_N.contiguous() if scale_N is not None else None   # any float dtype: read as fp32
-    _row_dot_kernel[(triton.cdiv(N, BR),)](a_NI, b_MI, _or(b_rows_N, dot), _or(scale, dot), _or(dst_N, dot), dot,
+    _row_dot_kernel[(triton.cdiv(N, BR),)](a_NI, b_MI, _or(b_rows_N, dot), _or(scale, dot), _or(dst_N, dot),
+                                           _or(scaled_dst_N, dot), dot,
                                            scaled if scale_N is not None else dot, N, I,
                                            a_NI.stride(0), a_NI.stride(1), b_MI.stride(0), b_MI.stride(1),
                                            scaled.stride(0) if scale_N is not None else 0,
                                            GATHER=b_rows_N is not None, SCALE=scale_N is not None,
-                                           DST=dst_N is not None, RELU_MASK=relu_mask, IP=IP, BR=BR, num_warps=4)
+                                           DST=dst_N is not None, RELU_MASK=relu_mask,
+                                           SCALED_DST=scaled_dst_N is not None, IP=IP, BR=BR, num_warps=4)
     return dot, scaled
 
 

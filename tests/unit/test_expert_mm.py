@@ -132,6 +132,10 @@ def test_opcheck():
     torch.library.opcheck(row_dot, (a20, x, r.rows_N, scale, r.slot_N))
     dot, _ = row_dot(a20, x, r.rows_N, None, r.slot_N)
     assert torch.equal(dot[r.slot_N], row_dot(a20, x, r.rows_N, None)[0])
+    torch.library.opcheck(row_dot, (a20, x, r.rows_N, scale, None, False, r.slot_N))
+    dot_s, scaled_s = row_dot(a20, x, r.rows_N, scale, None, False, r.slot_N)   # scaled rows written at slot[n]
+    dot_p, scaled_p = row_dot(a20, x, r.rows_N, scale)
+    assert torch.equal(dot_s, dot_p) and torch.equal(scaled_s[r.slot_N], scaled_p)
     y = torch.randn(20, 5, generator=gen)
     for dtype in (torch.float32, torch.bfloat16):
         torch.library.opcheck(sum_choices, (y.to(dtype), 10, torch.float32))

@@ -150,6 +150,10 @@ def test_triton_row_dot_matches_reference(gather, scale, dtype):
     if scale:
         want = (a.float() * s_dst.float()[dst][:, None]).to(dtype)
         torch.testing.assert_close(scaled2, want, rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-6)
+        # scaled_dst: the scaled rows written at scaled_dst[n] (a permutation), the dot unchanged
+        perm = torch.randperm(N, generator=gen)
+        dot3, scaled3 = row_dot_triton(a, b, rows, s, scaled_dst_N=perm)
+        assert torch.equal(dot3, dot) and torch.equal(scaled3[perm], scaled)
 
 
 @pytest.mark.parametrize("R,K,E", [(1, 16, 387), (32, 16, 387), (5, 3, 4), (64, 2, 40), (7, 1, 1)])
