@@ -239,21 +239,18 @@ if triton is not None:
                      mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.autotune(configs=_wgrad_configs(), key=["I", "O", "GATHER", "GGATHER", "GSCALE", "FP32", "ACCUMULATE",
-                                                    "SCALE_AT_DST", "SCALE_X", "SPLIT"],
+                                                    "SCALE_AT_DST", "SCALE_X"],
                      restore_value=["out_ptr"])   # benchmark runs must not add into an accumulator twice
     @triton.jit
-    def _weight_grad_kernel(x_ptr, g_ptr, out_ptr, ws_ptr, offsets_ptr, rows_ptr, grows_ptr, gscale_ptr, sdst_ptr,
-                            I, O, E, n_split,
+    def _weight_grad_kernel(x_ptr, g_ptr, out_ptr, offsets_ptr, rows_ptr, grows_ptr, gscale_ptr, sdst_ptr,
+                            I, O,
                             sxr, sxi, sgr, sgo, soe, soi, soo,
                             GATHER: tl.constexpr, GGATHER: tl.constexpr, GSCALE: tl.constexpr,
                             FP32: tl.constexpr, ACCUMULATE: tl.constexpr, SCALE_AT_DST: tl.constexpr,
-                            SCALE_X: tl.constexpr, SPLIT: tl.constexpr,
-                            BI: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr):
+                            SCALE_X: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr):
         n_o = tl.cdiv(O, BO)
         n_tiles = tl.cdiv(I, BI) * n_o
-        es = tl.program_id(0) // n_tiles     # expert-major, then split: one expert's programs are adjacent
-        e = es // n_split
-        split = es % n_split
+        e = tl.program_id(0) // n_tiles
         pid = tl.program_id(0) % n_tiles
         ii = (pid // n_o) * BI + tl.arange(0, BI)
         oo = (pid % n_o) * BO + tl.arange(0, BO)
@@ -261,10 +258,6 @@ if triton is not None:
         o_ok = oo < O
         lo = tl.load(offsets_ptr + e)
         hi = tl.load(offsets_ptr + e + 1)
-        if SPLIT:   # this program's share of the expert's rows: whole BK blocks, the last share shorter
-            share = tl.cdiv(tl.cdiv(hi - lo, n_split), BK) * BK
-            lo = lo + split * share
-            hi = tl.minimum(hi, lo + share)
         ks = tl.arange(0, BK)
         acc = tl.zeros((BI, BO), dtype=tl.float32)
         for r0 in range(lo, hi, BK):
@@ -293,27 +286,10 @@ if triton is not None:
                 else:
                     b = (b.to(tl.float32) * s[:, None]).to(g_ptr.dtype.element_ty)
             acc = _dot(a, b, acc, FP32)
-        if SPLIT:   # a partial sum, [n_split, E, I, O] fp32; `_split_sum_kernel` adds them in order
-            w_ptrs = ws_ptr + ((split * E + e).to(tl.int64) * I + ii[:, None]) * O + oo[None, :]
-            tl.store(w_ptrs, acc, mask=i_ok[:, None] & o_ok[None, :])
-            return
         o_ptrs = out_ptr + e.to(tl.int64) * soe + ii[:, None] * soi + oo[None, :] * soo
         if ACCUMULATE:  # out += this tile: one rounding, as a separate add would do
             acc += tl.load(o_ptrs, mask=i_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & o_ok[None, :])
-
-
-    @triton.jit
-    def _split_sum_kernel(ws_ptr, out_ptr, total, n_split, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr):
-        # out = sum of the partials in split order (+ out): a fixed order, so the result is bit-reproducible
-        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        ok = idx < total
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in range(0, n_split):
-            acc += tl.load(ws_ptr + s * total + idx, mask=ok, other=0.0)
-        if ACCUMULATE:
-            acc += tl.load(out_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + idx, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 if triton is not None:
@@ -469,51 +445,19 @@ def grouped_mm_weight_grad_triton(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Ten
     x_RI, grad_MO = aligned(x_RI), aligned(grad_MO)
     unused = offsets_E1
     scale = grad_scale_N.contiguous() if grad_scale_N is not None else None   # any float dtype: read as fp32
-    n_rows = rows_N.shape[0] if rows_N is not None else x_RI.shape[0]
-    n_split = wgrad_split(E, I, O, n_rows) if out_EIO.is_contiguous() else 1
-    # the partial sums of a split reduction (fp32), summed in a fixed order by `_split_sum_kernel`
-    ws = torch.empty(n_split, E, I, O, device=x_RI.device, dtype=torch.float32) if n_split > 1 else unused
 
     def grid(meta):
-        return (E * n_split * triton.cdiv(I, meta["BI"]) * triton.cdiv(O, meta["BO"]),)
+        return (E * triton.cdiv(I, meta["BI"]) * triton.cdiv(O, meta["BO"]),)
 
-    _weight_grad_kernel[grid](x_RI, grad_MO, out_EIO, ws, offsets_E1, _or(rows_N, unused), _or(grad_rows_N, unused),
-                              _or(scale, unused), _or(scale_dst_N, unused), I, O, E, n_split,
+    _weight_grad_kernel[grid](x_RI, grad_MO, out_EIO, offsets_E1, _or(rows_N, unused), _or(grad_rows_N, unused),
+                              _or(scale, unused), _or(scale_dst_N, unused), I, O,
                               x_RI.stride(0), x_RI.stride(1), grad_MO.stride(0), grad_MO.stride(1),
                               out_EIO.stride(0), out_EIO.stride(1), out_EIO.stride(2),
                               GATHER=rows_N is not None, GGATHER=grad_rows_N is not None,
                               GSCALE=grad_scale_N is not None, FP32=x_RI.dtype == torch.float32,
                               ACCUMULATE=accumulate_into is not None, SCALE_AT_DST=scale_dst_N is not None,
-                              SCALE_X=_operators.WGRAD_SCALE_X, SPLIT=n_split > 1)
-    if n_split > 1:
-        total = E * I * O
-        BLOCK = 64 if INTERPRET else 1024
-        _split_sum_kernel[(triton.cdiv(total, BLOCK),)](ws, out_EIO, total, n_split,
-                                                        ACCUMULATE=accumulate_into is not None, BLOCK=BLOCK,
-                                                        num_warps=4)
+                              SCALE_X=_operators.WGRAD_SCALE_X)
     return out_EIO
-
-
-# The weight gradient's split over rows: None = automatic (`wgrad_split`), an int forces it (tests,
-# benchmarks; MOEUT_WGRAD_SPLIT=1 turns it off).
-WGRAD_SPLIT_OVERRIDE = int(os.environ["MOEUT_WGRAD_SPLIT"]) if os.environ.get("MOEUT_WGRAD_SPLIT") else None
-
-
-def wgrad_split(E: int, I: int, O: int, n_rows: int) -> int:
-    """How many programs share each weight-gradient tile's rows.
-
-    One program per (expert, 128 x 128 output tile) is 320 programs for SwitchHead's 40 value experts
-    at 244M (1024 x 128 each): with two resident per SM, 1.2 waves on the H200's 132 SMs, the second
-    nearly empty. Splitting each expert's ~3300 rows four ways gives ~5 waves; the partial tiles
-    (fp32, 21 MB per split there) are summed in a fixed order, so the result stays bit-reproducible
-    (no atomics). The FFN (387 experts, 3096 tiles) needs no split. Each share keeps >= 512 rows."""
-    if WGRAD_SPLIT_OVERRIDE is not None:
-        return max(1, WGRAD_SPLIT_OVERRIDE)
-    if INTERPRET or not torch.cuda.is_available():
-        return 1
-    tiles = E * -(-I // 128) * -(-O // 128)
-    programs_wanted = 8 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    return max(1, min(-(-programs_wanted // max(tiles, 1)), 8, n_rows // max(E, 1) // 512))
 
 
 def _or(t: Optional[Tensor], default: Tensor) -> Tensor:

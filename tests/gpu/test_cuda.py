@@ -284,31 +284,6 @@ def test_shared_weight_copies_match_per_application_casts(cfg, monkeypatch):
     assert not differing, differing
 
 
-@pytest.mark.parametrize("E,I,O", [(40, 1024, 128), (40, 128, 1024), (72, 1536, 128)])
-def test_triton_weight_grad_split_matches_one_pass_and_is_reproducible(E, I, O, monkeypatch):
-    """SwitchHead's value / output weight gradients at 244M and 1B, split over rows (automatic choice)
-    against one program per tile; twice the same bits; accumulation into an fp32 buffer."""
-    from moeut import triton_expert_mm
-    from moeut.triton_expert_mm import grouped_mm_weight_grad_triton, wgrad_split
-    torch.manual_seed(0)
-    R, K = 16384, 8   # 8 choices per token: heads x top-k, as SwitchHead routes them
-    expert = torch.randint(0, E - 1, (R, K), device="cuda")   # the last expert gets no rows
-    r = route(expert, E)
-    x = torch.randn(R, I, device="cuda", dtype=torch.bfloat16)
-    g = torch.randn(R, O, device="cuda", dtype=torch.bfloat16)
-    gate = torch.rand(R * K, device="cuda")
-    args = (x, g, r.offsets_E1, r.rows_N, r.rows_N, gate[r.slot_N])
-    assert wgrad_split(E, I, O, R * K) > 1
-    split = grouped_mm_weight_grad_triton(*args, out_dtype=torch.float32)
-    assert torch.equal(split, grouped_mm_weight_grad_triton(*args, out_dtype=torch.float32))
-    acc = torch.randn_like(split)
-    split_acc = grouped_mm_weight_grad_triton(*args, out_dtype=torch.float32, accumulate_into=acc.clone())
-    monkeypatch.setattr(triton_expert_mm, "WGRAD_SPLIT_OVERRIDE", 1)
-    one = grouped_mm_weight_grad_triton(*args, out_dtype=torch.float32)
-    assert rel(split, one) < 1e-5 and (split[E - 1] == 0).all()
-    assert rel(split_acc, acc + one) < 1e-5
-
-
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("X,C,O", [(16384, 16, 1024), (8192, 24, 1536), (5, 3, 412), (0, 2, 64)])
 def test_sum_choices_kernel_matches_torch(out_dtype, X, C, O):

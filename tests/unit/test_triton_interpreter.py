@@ -290,34 +290,6 @@ def test_triton_weight_grad_accumulates_in_place(dtype):
     assert torch.equal(at_dst, fresh)
 
 
-@pytest.mark.parametrize("n_split", [2, 3, 7])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_weight_grad_split_over_rows_matches_one_pass(n_split, dtype, monkeypatch):
-    """Each expert's rows split among n_split programs, their fp32 partial tiles summed in a fixed order
-    by a second kernel: the same gradient as one program per tile (up to fp32 summation order), with
-    gathers, gates and accumulation; shares past an expert's last row (7 splits of few rows) add zeros."""
-    R, K, E, I, O = 29, 2, 5, 24, 20
-    gen = torch.Generator().manual_seed(12)
-    expert = 2 * torch.randint(0, (E + 1) // 2, (R, K), generator=gen)   # odd experts get no rows
-    r = route(expert, E)
-    x = torch.randn(R, I, generator=gen).to(dtype)
-    g_R = torch.randn(R, O, generator=gen).to(dtype)
-    gate = torch.rand(R * K, generator=gen)
-    acc0 = torch.randn(E, I, O, generator=gen)
-    for args in ((x, g_R.repeat_interleave(K, 0)[r.slot_N], r.offsets_E1, r.rows_N),
-                 (x, g_R, r.offsets_E1, r.rows_N, r.rows_N, gate[r.slot_N])):
-        monkeypatch.setattr(triton_expert_mm, "WGRAD_SPLIT_OVERRIDE", 1)
-        one = grouped_mm_weight_grad_triton(*args, out_dtype=torch.float32)
-        one_acc = grouped_mm_weight_grad_triton(*args, out_dtype=torch.float32, accumulate_into=acc0.clone())
-        monkeypatch.setattr(triton_expert_mm, "WGRAD_SPLIT_OVERRIDE", n_split)
-        split = grouped_mm_weight_grad_triton(*args, out_dtype=torch.float32)
-        split_acc = grouped_mm_weight_grad_triton(*args, out_dtype=torch.float32, accumulate_into=acc0.clone())
-        torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(split_acc, one_acc, rtol=1e-5, atol=1e-5)
-        assert (split[1::2] == 0).all() and torch.equal(split_acc[1::2], acc0[1::2])
-        assert torch.equal(grouped_mm_weight_grad_triton(*args, out_dtype=torch.float32), split)   # reproducible
-
-
 def test_shared_weights_through_the_kernels_match_per_application(monkeypatch):
     """A training step's gradients with one shared bf16 copy per weight, summed by the weight-gradient
     kernel in place, equal those of casting per application and summing with autograd."""
