@@ -134,11 +134,3 @@ run ab_s9 420 bash -c "python3 benchmarks/train_throughput.py --steps 6 --cuda-g
   python3 benchmarks/attention_block.py --json $OUT/attention_s9.json && \
   $OLD_S9 python3 benchmarks/attention_block.py --json $OUT/attention_s9_off.json && \
   python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 40"
-# Ninth session, second change set: the weight gradient split over rows (SwitchHead) against one
-# program per tile (MOEUT_WGRAD_SPLIT=1); the attention block both ways, graphed steps at 244M and 1B.
-run ab_s9_split 480 bash -c "python3 benchmarks/attention_block.py --json $OUT/attention_s9_split.json && \
-  MOEUT_WGRAD_SPLIT=1 python3 benchmarks/attention_block.py --json $OUT/attention_s9_nosplit.json && \
-  python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
-  --models moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8 --json $OUT/train_graph_s9_split.json && \
-  MOEUT_WGRAD_SPLIT=1 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16,moeut-1B:8 \
-  --json $OUT/train_graph_s9_nosplit.json"
