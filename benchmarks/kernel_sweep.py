@@ -5,7 +5,7 @@ variant and process). This script times a wider list per pass, exactly as the FF
 checks each config's output against the default's, and prints a table per pass: which configs earn
 a place in `_mm_configs` / `_wgrad_configs`. GPU only.
 
-    python benchmarks/kernel_sweep.py [--shapes 244M,1B] [--json sweep.json]
+    python benchmarks/kernel_sweep.py [--shapes 244M,1B,244M-att] [--passes dW] [--json sweep.json]
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ LOOP_N = [(128, 64, 64, 8, 4), (128, 64, 64, 8, 5), (128, 64, 64, 8, 3), (128, 3
           (128, 128, 64, 8, 4), (64, 64, 64, 4, 5)]
 WGRAD = [(128, 128, 32, 8, 5), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4), (128, 128, 32, 8, 6),
          (128, 128, 32, 4, 5), (64, 128, 32, 4, 6), (128, 64, 32, 4, 6), (256, 128, 32, 8, 4),
-         (128, 128, 16, 8, 8), (64, 128, 64, 4, 5)]
+         (128, 128, 16, 8, 8), (64, 128, 64, 4, 5), (128, 128, 64, 8, 4), (128, 256, 32, 8, 4)]
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # cpu: TRITON_INTERPRET=1, a logic check only
@@ -94,7 +94,7 @@ def sweep_pass(name, kernel, configs, fn, flops, wgrad=False, top=None):
     return rows
 
 
-def sweep_shape(name, D, E, K, T, top=None):
+def sweep_shape(name, D, E, K, T, top=None, passes_filter=()):
     dt = torch.bfloat16
     x = torch.randn(T, D, device=DEVICE, dtype=dt)
     w1 = torch.randn(E, D, S, device=DEVICE, dtype=dt) / D ** 0.5
@@ -123,8 +123,15 @@ def sweep_shape(name, D, E, K, T, top=None):
         ("down dW (gather, gate dy)", wg, WGRAD,
          lambda: tem.grouped_mm_weight_grad_triton(h, gy_T, r.offsets_E1, None, group, gate, out_dtype=f32), True),
     ]
+    if name.endswith("-att"):   # SwitchHead's value weight gradient: x and d v gathered, gate on x
+        gv = torch.randn(N // 2, S, device=DEVICE, dtype=dt)   # one row per (token, head): top-2 per head
+        passes.append(("value dW (gather x, gather dv, gate)", wg, WGRAD,
+                       lambda: tem.grouped_mm_weight_grad_triton(x, gv, r.offsets_E1, r.rows_N, r.slot_N // 2, gate,
+                                                                 out_dtype=f32), True))
     rows = []
     for pname, kernel, configs, fn, is_wgrad in passes:
+        if passes_filter and not any(p in pname for p in passes_filter):
+            continue
         for row in sweep_pass(f"{name} {pname}", kernel, configs, fn, flops, is_wgrad, top):
             rows.append(dict(shape=name, **row))
     return rows
@@ -135,13 +142,14 @@ def main():
     ap.add_argument("--shapes", default="244M,1B")
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--top", type=int, default=None, help="only the first N configs of each list")
+    ap.add_argument("--passes", default="", help="comma-separated substrings: only the passes whose names hold one")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.manual_seed(0)
     out = dict(gpu=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (interpreter)", torch=torch.__version__, rows=[])
     for name in args.shapes.split(","):
         D, E, K = SHAPES[name]
-        out["rows"] += sweep_shape(name, D, E, K, args.tokens, args.top)
+        out["rows"] += sweep_shape(name, D, E, K, args.tokens, args.top, [p for p in args.passes.split(",") if p])
         if args.json:
             args.json.write_text(json.dumps(out, indent=1, default=str))
 

@@ -370,7 +370,6 @@ def test_expert_mlp_through_the_kernels_matches_the_torch_path(dtype, gates_at_d
     from moeut import expert_mlp as mlp_module, expert_mm as em
     from tests.unit.test_expert_mlp import mlp_case
     monkeypatch.setattr(em, "GATES_AT_DST", gates_at_dst)
-    monkeypatch.setattr(em, "EPILOGUE_DOT", epilogue_dot)
     r, x, w1, w2, gate, gy = mlp_case(dtype, seed=11)
     runs = []
     for kernels in (False, True):
