@@ -21,6 +21,9 @@ top-k sum is a contiguous `[X, C, O].sum(1)`. So neither the forward combine nor
 materialises a gathered or gate-scaled [N, D] copy, and no sum needs atomics: results are
 bit-reproducible.
 
+`grouped_mm_dot` is the same product returning also a row dot taken in its epilogue (one gate
+gradient); `row_dot` and `sum_choices` are the small passes around the products.
+
 Two implementations sit behind each operator: the plain-PyTorch one below (one matmul per expert
 segment; CPU, and the reference) and the Triton one in `triton_expert_mm.py` (CUDA). The naive
 gather + einsum `reference_expert_mm` is the ground truth tests compare both against.

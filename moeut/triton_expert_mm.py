@@ -9,10 +9,14 @@ routed rows are sorted by expert, expert e owns rows offsets[e]:offsets[e+1].
   gathered, scaled or permuted copy is ever written. A row tile's column blocks are adjacent programs,
   so they run together and read the tile's input rows once from memory. For narrow inputs (I <= 128,
   e.g. the FFN down projection: 128 -> d_model), the "loop over N" form loads the input tile once and
-  walks all output columns in one program (`use_loop_n`).
+  walks all output columns in one program (`use_loop_n`). That form can also dot each output row,
+  before scale and rounding, with a gathered row of another tensor (`ROW_DOT`: SwitchHead's value
+  gate gradient, see `expert_mm.grouped_mm_dot`).
 * `grouped_mm_weight_grad_triton`: one program per (expert, output tile) loops over that expert's rows
   and writes its tile once: no atomics, so the result is bit-reproducible (the official kernel
-  accumulated with atomic adds). Both operands may be gathered; the gradient rows may be scaled. One
+  accumulated with atomic adds). Both operands may be gathered; a gate scales the input rows, the
+  MMA's left operand, which Hopper reads from registers (scaling the right one cost a pass through
+  shared memory: the down projection's weight gradient ran 8% slower, RESULTS H.4). One
   expert's tiles are adjacent programs, so they share that expert's rows in L2.
 
 Both run under `TRITON_INTERPRET=1` on CPU tensors, which is how CI checks their logic.
