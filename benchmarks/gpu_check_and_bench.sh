@@ -134,3 +134,14 @@ run ab_s9 420 bash -c "python3 benchmarks/train_throughput.py --steps 6 --cuda-g
   python3 benchmarks/attention_block.py --json $OUT/attention_s9.json && \
   $OLD_S9 python3 benchmarks/attention_block.py --json $OUT/attention_s9_off.json && \
   python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 40"
+# For the next session (PERF_NOTES, "First device calls"): where the weight-gradient kernel's step time
+# goes (shared weights' fp32 accumulators on against off, graphed, with a profile of each), the
+# autotune key with the weight's layout, and the FFN's passes at 1B. ~8 min on one GPU.
+run next_s10 560 bash -c "python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:16,moeut-1B:8 --json $OUT/train_graph_share.json && MOEUT_SHARE_WEIGHTS=0 \
+  python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16,moeut-1B:8 \
+  --json $OUT/train_graph_noshare.json && MOEUT_AUTOTUNE_BY_LAYOUT=1 python3 benchmarks/train_throughput.py \
+  --steps 6 --cuda-graph --models moeut-244M:16,moeut-1B:8 --json $OUT/train_graph_by_layout.json && \
+  python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 25 && MOEUT_SHARE_WEIGHTS=0 \
+  python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 25 && \
+  python3 benchmarks/kernels.py --parity no --shapes 1B --json $OUT/kernels_1B.json"
