@@ -166,14 +166,19 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
         2 * (T * D + 2 * E * S * D + N * S))
     add("up dW (gather x)", bench(lambda: wgrad(x, gh, r.offsets_E1, r.rows_N, None, None, torch.float32)),
         2 * (T * D + N * S) + 4 * E * D * S)
-    add("down dW (gather, gate dy)", bench(lambda: wgrad(h, gy_T, r.offsets_E1, None, group, gate, torch.float32)),
-        2 * (N * S + T * D) + 4 * E * S * D)
-    # The gate applied to the gradient rows (the kernel's shared-memory operand) instead of h's.
+    def down_dw():
+        return wgrad(h, gy_T, r.offsets_E1, None, group, gate, torch.float32)
+
+    down_dw_bytes = 2 * (N * S + T * D) + 4 * E * S * D
+    add("down dW (gather, gate dy)", bench(down_dw), down_dw_bytes)
+    # The gate on the other operand: the gradient rows (the kernel's shared-memory operand) instead of h's.
     from moeut import expert_mm as operators
-    operators.WGRAD_SCALE_X = not operators.WGRAD_SCALE_X
-    add(f"down dW, gate on {'h' if operators.WGRAD_SCALE_X else 'dy'}",
-        bench(lambda: wgrad(h, gy_T, r.offsets_E1, None, group, gate, torch.float32)), 2 * (N * S + T * D) + 4 * E * S * D)
-    operators.WGRAD_SCALE_X = not operators.WGRAD_SCALE_X
+    default_side = operators.WGRAD_SCALE_X
+    operators.WGRAD_SCALE_X = not default_side
+    try:
+        add(f"down dW, gate on {'h' if operators.WGRAD_SCALE_X else 'dy'}", bench(down_dw), down_dw_bytes)
+    finally:
+        operators.WGRAD_SCALE_X = default_side
     xs = x[r.rows_N]
     offs = r.offsets_E1[1:].to(torch.int32)
     for layout, wb in (("row-major", w1), ("column-major", w1.transpose(1, 2).contiguous().transpose(1, 2))):

@@ -153,25 +153,25 @@ class SigmaMoE(torch.nn.Module):
         logits, gate_BTK, expert_BTK = self.select(sel_input if sel_input is not None else input)
         x_RD = input.reshape(-1, self.k_dim)
         K = self.n_heads
+        folded = False   # whether out_RD already holds input + FFN(input)
         if gemv_applies(x_RD, expert_BTK.numel(), self.keys):  # decoding: a few tokens, no sort
             fuse_relu = self.activation is F.relu
             h_NS = project(x_RD, self.keys, expert_BTK, None, per_x=K, per_out=1, relu=fuse_relu)
             if not fuse_relu:
                 h_NS = self.activation(h_NS)
             out_RD = project(h_NS, self.values, expert_BTK, gate_BTK, per_x=1, per_out=K)
-            out = out_RD.view(*input.shape[:-1], self.v_dim)
-            return (input + out if add_input else out), logits
-        routing = route(expert_BTK.reshape(-1, self.n_heads), self.n_experts)
-        # The routing (sort by expert) is computed once and shared by both projections and their backward.
-        gate_RK = gate_BTK.reshape(-1, self.n_heads)
-        if self.activation is F.relu and FUSED_MLP:   # the ReLU and its backward ride on the kernels
-            fold = add_input and FOLD_RESIDUAL
-            out = expert_mlp(x_RD, self.keys, self.values, routing, gate_RK, residual=fold)
-            out = out.view(*input.shape[:-1], self.v_dim)
-            return (input + out if add_input and not fold else out), logits
-        h_NS = self.activation(expert_mm(x_RD, self.keys, routing))
-        out = expert_mm_combine(h_NS, self.values, routing, gate_RK, gather=False).view(*input.shape[:-1], self.v_dim)
-        return (input + out if add_input else out), logits
+        else:
+            # The routing (sort by expert) is computed once and shared by both projections and their backward.
+            routing = route(expert_BTK.reshape(-1, self.n_heads), self.n_experts)
+            gate_RK = gate_BTK.reshape(-1, self.n_heads)
+            if self.activation is F.relu and FUSED_MLP:   # the ReLU and its backward ride on the kernels
+                folded = add_input and FOLD_RESIDUAL
+                out_RD = expert_mlp(x_RD, self.keys, self.values, routing, gate_RK, residual=folded)
+            else:
+                h_NS = self.activation(expert_mm(x_RD, self.keys, routing))
+                out_RD = expert_mm_combine(h_NS, self.values, routing, gate_RK, gather=False)
+        out = out_RD.view(*input.shape[:-1], self.v_dim)
+        return (input + out if add_input and not folded else out), logits
 
     def forward(self, input: Tensor, sel_input: Optional[Tensor] = None) -> Tensor:
         return self.forward_with_logits(input, sel_input)[0]
