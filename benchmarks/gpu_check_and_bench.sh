@@ -145,3 +145,16 @@ run next_s10 560 bash -c "python3 benchmarks/train_throughput.py --steps 6 --cud
   python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 25 && MOEUT_SHARE_WEIGHTS=0 \
   python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 25 && \
   python3 benchmarks/kernels.py --parity no --shapes 1B --json $OUT/kernels_1B.json"
+# Tenth session: a shared weight's gradients summed over MOEUT_WGRAD_DEFER applications per launch
+# (default 3) against one launch per application (1); graphed steps at 244M and 1B for 1-4, the dense
+# pair in the default's run, eager peak memory both ways, the new kernel rows and a profile. ~9 min.
+run s10_defer 590 bash -c "$TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider -x --durations=5 \
+  -k 'weight_grad or shared or deterministic or graphed'; \
+  python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8 --json $OUT/train_graph_defer3.json && \
+  for d in 1 2 4; do MOEUT_WGRAD_DEFER=\$d python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:16,moeut-1B:8 --json $OUT/train_graph_defer\$d.json; done && \
+  python3 benchmarks/train_throughput.py --steps 6 --models moeut-244M:16,dense-244M:16 --json $OUT/train_eager.json && \
+  MOEUT_WGRAD_DEFER=1 python3 benchmarks/train_throughput.py --steps 6 --models moeut-244M:16 \
+  --json $OUT/train_eager_defer1.json && python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 25 && \
+  python3 benchmarks/kernels.py --parity no --shapes 244M --json $OUT/kernels_244M.json"

@@ -179,6 +179,16 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
         add(f"down dW, gate on {'h' if operators.WGRAD_SCALE_X else 'dy'}", bench(down_dw), down_dw_bytes)
     finally:
         operators.WGRAD_SCALE_X = default_side
+    # A shared weight's gradient summed over its applications (shared_weights.py): each launch adds into
+    # the fp32 sum, reading and writing it; with WGRAD_DEFER one launch sums several applications.
+    from moeut.triton_expert_mm import weight_grad_segments_triton
+    for label, seg, io_bytes in (("up dW", (x, gh, r.offsets_E1, r.rows_N, None, None, None), 2 * (T * D + N * S)),
+                                 ("down dW", (h, gy_T, r.offsets_E1, None, group, gate, None), 2 * (N * S + T * D))):
+        acc = torch.zeros(E, seg[0].shape[1], seg[1].shape[1], device="cuda")
+        for n in (1, 2, 3):
+            ms = bench(lambda: weight_grad_segments_triton([seg] * n, accumulate_into=acc)) / n
+            add(f"{label}, {n} application{'s' if n > 1 else ''} per launch, added to fp32 (per application)", ms,
+                io_bytes + 8 * E * D * S / n)
     xs = x[r.rows_N]
     offs = r.offsets_E1[1:].to(torch.int32)
     for layout, wb in (("row-major", w1), ("column-major", w1.transpose(1, 2).contiguous().transpose(1, 2))):

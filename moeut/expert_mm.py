@@ -293,18 +293,50 @@ def grouped_mm_weight_grad_add(acc: Tensor, x: Tensor, grad: Tensor, offsets: Te
         acc.add_(_weight_grad_torch(x, grad, offsets, rows, grad_rows, grad_scale, acc.dtype, scale_dst))
 
 
+# How many applications of a shared weight one weight-gradient launch sums (1: one launch each; at
+# most `triton_expert_mm.MAX_SEGMENTS`). Deferring an application's gradient to a later launch keeps
+# its inputs alive until then, and saves reading and writing the fp32 sum (0.4 GB per FFN weight and
+# application at 244M) for all but one of them. CUDA only: the PyTorch path computes each at once.
+WGRAD_DEFER = int(os.environ.get("MOEUT_WGRAD_DEFER", "3"))
+
+
 def _weight_grad(sink: Optional[GradSink], x: Tensor, grad: Tensor, offsets: Tensor, rows: Optional[Tensor],
                  grad_rows: Optional[Tensor], grad_scale: Optional[Tensor], out_dtype: torch.dtype,
                  scale_dst: Optional[Tensor] = None) -> Optional[Tensor]:
     """The weight gradient of one application: returned, or (a weight shared within the forward pass,
-    see `shared_weights.py`) added into its sink, and None returned."""
+    see `shared_weights.py`) added into its sink, and None returned. With `WGRAD_DEFER` > 1 on CUDA
+    the sink keeps the application's operands and computes the gradients of several applications in
+    one launch (`flush_weight_grads`; `GradSink.take` computes what is left)."""
     if sink is None:
         return grouped_mm_weight_grad(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype, scale_dst)
+    sink.pending.append((x, grad, offsets, rows, grad_rows, grad_scale, scale_dst))
+    if len(sink.pending) >= _defer_count(x):
+        flush_weight_grads(sink)
+    return None
+
+
+def _defer_count(x: Tensor) -> int:
+    if WGRAD_DEFER <= 1 or not use_fused(x):
+        return 1
+    from .triton_expert_mm import MAX_SEGMENTS
+    return min(WGRAD_DEFER, MAX_SEGMENTS)
+
+
+def flush_weight_grads(sink: GradSink) -> None:
+    """Add the weight gradients of the sink's pending applications into `sink.grad`, in the order they
+    came (deterministic): on CUDA in one launch, elsewhere one application at a time."""
+    segments, sink.pending = sink.pending, []
+    if not segments:
+        return
+    if len(segments) > 1:
+        from .triton_expert_mm import weight_grad_segments_triton
+        sink.grad = weight_grad_segments_triton(segments, sink.dtype, accumulate_into=sink.grad)
+        return
+    x, grad, offsets, rows, grad_rows, grad_scale, scale_dst = segments[0]
     if sink.grad is None:
         sink.grad = grouped_mm_weight_grad(x, grad, offsets, rows, grad_rows, grad_scale, sink.dtype, scale_dst)
     else:
         grouped_mm_weight_grad_add(sink.grad, x, grad, offsets, rows, grad_rows, grad_scale, scale_dst)
-    return None
 
 
 @torch.library.custom_op("moeut::row_dot", mutates_args=())

@@ -11,7 +11,9 @@ Inside `share_weights(dtype)` (`begin_share` / `end_share` in `MoEUT.forward`, u
     misaligned for the kernels), made by `_CastOnce`, and the `GradSink` that collects its gradient;
   - each application's backward adds its weight gradient into the sink's fp32 buffer inside the
     weight-gradient kernel (`expert_mm.grouped_mm_weight_grad_add`), in backward order: sequential, so the
-    sum is deterministic (no atomics), and the same fp32 sums autograd would have formed;
+    sum is deterministic (no atomics). On CUDA the sink holds up to `expert_mm.WGRAD_DEFER`
+    applications' operands and one launch sums their gradients in one fp32 accumulator per tile, so
+    the buffer is read and written once per group, not once per application;
   - `_CastOnce.backward` hands the finished sum to the master weight's `.grad` once, so DDP's
     per-parameter hooks and gradient clipping see an ordinary gradient.
 Costs: the cast copies live from the forward to the backward (0.4 GiB at 244M).
@@ -25,7 +27,7 @@ from __future__ import annotations
 import os
 import threading
 from contextlib import contextmanager
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -41,8 +43,13 @@ class GradSink:
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype             # the master weight's dtype: the gradient's
         self.grad: Optional[Tensor] = None
+        # applications whose weight gradients are still to be computed (`expert_mm._weight_grad`)
+        self.pending: List[tuple] = []
 
     def take(self) -> Optional[Tensor]:
+        if self.pending:
+            from .expert_mm import flush_weight_grads
+            flush_weight_grads(self)
         g, self.grad = self.grad, None
         return g
 

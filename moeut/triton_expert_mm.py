@@ -244,28 +244,15 @@ if triton is not None:
             tl.store(out_rows + cols[None, :] * soo, acc.to(out_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & col_ok[None, :])
 
-    @triton.autotune(configs=_wgrad_configs(), key=["I", "O", "GATHER", "GGATHER", "GSCALE", "FP32", "ACCUMULATE",
-                                                    "SCALE_AT_DST", "SCALE_X"],
-                     restore_value=["out_ptr"])   # benchmark runs must not add into an accumulator twice
     @triton.jit
-    def _weight_grad_kernel(x_ptr, g_ptr, out_ptr, offsets_ptr, rows_ptr, grows_ptr, gscale_ptr, sdst_ptr,
-                            I, O,
-                            sxr, sxi, sgr, sgo, soe, soi, soo,
-                            GATHER: tl.constexpr, GGATHER: tl.constexpr, GSCALE: tl.constexpr,
-                            FP32: tl.constexpr, ACCUMULATE: tl.constexpr, SCALE_AT_DST: tl.constexpr,
-                            SCALE_X: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr):
-        n_o = tl.cdiv(O, BO)
-        n_tiles = tl.cdiv(I, BI) * n_o
-        e = tl.program_id(0) // n_tiles
-        pid = tl.program_id(0) % n_tiles
-        ii = (pid // n_o) * BI + tl.arange(0, BI)
-        oo = (pid % n_o) * BO + tl.arange(0, BO)
-        i_ok = ii < I
-        o_ok = oo < O
+    def _wgrad_segment(acc, x_ptr, g_ptr, offsets_ptr, rows_ptr, grows_ptr, gscale_ptr, sdst_ptr,
+                       sxr, sxi, sgr, sgo, e, ii, oo, i_ok, o_ok,
+                       GATHER: tl.constexpr, GGATHER: tl.constexpr, GSCALE: tl.constexpr, FP32: tl.constexpr,
+                       SCALE_AT_DST: tl.constexpr, SCALE_X: tl.constexpr, BK: tl.constexpr):
+        # acc += (one application's) sum over expert e's routed rows of x_row^T g_row for this tile
         lo = tl.load(offsets_ptr + e)
         hi = tl.load(offsets_ptr + e + 1)
         ks = tl.arange(0, BK)
-        acc = tl.zeros((BI, BO), dtype=tl.float32)
         for r0 in range(lo, hi, BK):
             rows = r0 + ks
             r_ok = rows < hi
@@ -292,6 +279,43 @@ if triton is not None:
                 else:
                     b = (b.to(tl.float32) * s[:, None]).to(g_ptr.dtype.element_ty)
             acc = _dot(a, b, acc, FP32)
+        return acc
+
+    @triton.autotune(configs=_wgrad_configs(), key=["I", "O", "N_SEG", "GATHER", "GGATHER", "GSCALE", "FP32",
+                                                    "ACCUMULATE", "SCALE_AT_DST", "SCALE_X"],
+                     restore_value=["out_ptr"])   # benchmark runs must not add into an accumulator twice
+    @triton.jit
+    def _weight_grad_kernel(out_ptr, I, O, soe, soi, soo,
+                            x0, g0, off0, rows0, grows0, gs0, sdst0, sxr0, sxi0, sgr0, sgo0,
+                            x1, g1, off1, rows1, grows1, gs1, sdst1, sxr1, sxi1, sgr1, sgo1,
+                            x2, g2, off2, rows2, grows2, gs2, sdst2, sxr2, sxi2, sgr2, sgo2,
+                            x3, g3, off3, rows3, grows3, gs3, sdst3, sxr3, sxi3, sgr3, sgo3,
+                            N_SEG: tl.constexpr, GATHER: tl.constexpr, GGATHER: tl.constexpr,
+                            GSCALE: tl.constexpr, FP32: tl.constexpr, ACCUMULATE: tl.constexpr,
+                            SCALE_AT_DST: tl.constexpr, SCALE_X: tl.constexpr,
+                            BI: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr):
+        # N_SEG segments (applications of one shared weight, each with its own rows and routing) summed
+        # in one accumulator: the output tile is read and written once for all of them.
+        n_o = tl.cdiv(O, BO)
+        n_tiles = tl.cdiv(I, BI) * n_o
+        e = tl.program_id(0) // n_tiles
+        pid = tl.program_id(0) % n_tiles
+        ii = (pid // n_o) * BI + tl.arange(0, BI)
+        oo = (pid % n_o) * BO + tl.arange(0, BO)
+        i_ok = ii < I
+        o_ok = oo < O
+        acc = tl.zeros((BI, BO), dtype=tl.float32)
+        acc = _wgrad_segment(acc, x0, g0, off0, rows0, grows0, gs0, sdst0, sxr0, sxi0, sgr0, sgo0, e, ii, oo,
+                             i_ok, o_ok, GATHER, GGATHER, GSCALE, FP32, SCALE_AT_DST, SCALE_X, BK)
+        if N_SEG > 1:
+            acc = _wgrad_segment(acc, x1, g1, off1, rows1, grows1, gs1, sdst1, sxr1, sxi1, sgr1, sgo1, e, ii, oo,
+                                 i_ok, o_ok, GATHER, GGATHER, GSCALE, FP32, SCALE_AT_DST, SCALE_X, BK)
+        if N_SEG > 2:
+            acc = _wgrad_segment(acc, x2, g2, off2, rows2, grows2, gs2, sdst2, sxr2, sxi2, sgr2, sgo2, e, ii, oo,
+                                 i_ok, o_ok, GATHER, GGATHER, GSCALE, FP32, SCALE_AT_DST, SCALE_X, BK)
+        if N_SEG > 3:
+            acc = _wgrad_segment(acc, x3, g3, off3, rows3, grows3, gs3, sdst3, sxr3, sxi3, sgr3, sgo3, e, ii, oo,
+                                 i_ok, o_ok, GATHER, GGATHER, GSCALE, FP32, SCALE_AT_DST, SCALE_X, BK)
         o_ptrs = out_ptr + e.to(tl.int64) * soe + ii[:, None] * soi + oo[None, :] * soo
         if ACCUMULATE:  # out += this tile: one rounding, as a separate add would do
             acc += tl.load(o_ptrs, mask=i_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
@@ -435,6 +459,10 @@ def grouped_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: O
     return (out_NO, dot_N) if row_dot else out_NO
 
 
+# The most applications one weight-gradient launch sums (`_weight_grad_kernel`'s segment arguments).
+MAX_SEGMENTS = 4
+
+
 def grouped_mm_weight_grad_triton(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
                                   grad_rows_N: Optional[Tensor] = None,
                                   grad_scale_N: Optional[Tensor] = None,
@@ -443,27 +471,53 @@ def grouped_mm_weight_grad_triton(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Ten
                                   scale_dst_N: Optional[Tensor] = None) -> Tensor:
     """The weight gradient [E, I, O], or (accumulate_into) that tensor with the gradient added to it.
     scale_dst_N: routed row n's scale is grad_scale[scale_dst_N[n]]."""
-    E = offsets_E1.numel() - 1
-    I, O = x_RI.shape[1], grad_MO.shape[1]
+    return weight_grad_segments_triton([(x_RI, grad_MO, offsets_E1, rows_N, grad_rows_N, grad_scale_N, scale_dst_N)],
+                                       out_dtype, accumulate_into)
+
+
+def weight_grad_segments_triton(segments, out_dtype: Optional[torch.dtype] = None,
+                                accumulate_into: Optional[Tensor] = None) -> Tensor:
+    """The sum of several weight gradients of one weight in one launch (at most MAX_SEGMENTS): each
+    segment is (x, grad, offsets, rows, grad_rows, grad_scale, scale_dst) as in
+    `grouped_mm_weight_grad_triton`, with the same layout flags (which operands are gathered or scaled).
+    Summed in segment order in one fp32 accumulator per tile, then (accumulate_into) added to it."""
+    if not 1 <= len(segments) <= MAX_SEGMENTS:
+        raise ValueError(f"weight_grad_segments_triton: {len(segments)} segments (1 to {MAX_SEGMENTS})")
+    x0, g0, off0 = segments[0][:3]
+    E = off0.numel() - 1
+    I, O = x0.shape[1], g0.shape[1]
+    flags = _segment_flags(segments[0])
+    args = []
+    for seg in segments:
+        x_RI, grad_MO, offsets_E1, rows_N, grad_rows_N, grad_scale_N, scale_dst_N = seg
+        if (x_RI.shape[1], grad_MO.shape[1], offsets_E1.numel() - 1, x_RI.dtype, grad_MO.dtype) != \
+                (I, O, E, x0.dtype, g0.dtype) or _segment_flags(seg) != flags:
+            raise ValueError("weight_grad_segments_triton: segments of one launch must share shapes, dtypes and "
+                             "which operands are gathered or scaled")
+        x_RI, grad_MO = aligned(x_RI), aligned(grad_MO)
+        unused = offsets_E1
+        scale = grad_scale_N.contiguous() if grad_scale_N is not None else None   # any float dtype: read as fp32
+        args += [x_RI, grad_MO, offsets_E1, _or(rows_N, unused), _or(grad_rows_N, unused), _or(scale, unused),
+                 _or(scale_dst_N, unused), x_RI.stride(0), x_RI.stride(1), grad_MO.stride(0), grad_MO.stride(1)]
+    args += args[:11] * (MAX_SEGMENTS - len(segments))   # unread placeholders for the unused segments
     out_EIO = accumulate_into
     if out_EIO is None:
-        out_EIO = torch.empty(E, I, O, device=x_RI.device, dtype=out_dtype or x_RI.dtype)
-    x_RI, grad_MO = aligned(x_RI), aligned(grad_MO)
-    unused = offsets_E1
-    scale = grad_scale_N.contiguous() if grad_scale_N is not None else None   # any float dtype: read as fp32
+        out_EIO = torch.empty(E, I, O, device=x0.device, dtype=out_dtype or x0.dtype)
 
     def grid(meta):
         return (E * triton.cdiv(I, meta["BI"]) * triton.cdiv(O, meta["BO"]),)
 
-    _weight_grad_kernel[grid](x_RI, grad_MO, out_EIO, offsets_E1, _or(rows_N, unused), _or(grad_rows_N, unused),
-                              _or(scale, unused), _or(scale_dst_N, unused), I, O,
-                              x_RI.stride(0), x_RI.stride(1), grad_MO.stride(0), grad_MO.stride(1),
-                              out_EIO.stride(0), out_EIO.stride(1), out_EIO.stride(2),
-                              GATHER=rows_N is not None, GGATHER=grad_rows_N is not None,
-                              GSCALE=grad_scale_N is not None, FP32=x_RI.dtype == torch.float32,
-                              ACCUMULATE=accumulate_into is not None, SCALE_AT_DST=scale_dst_N is not None,
-                              SCALE_X=_operators.WGRAD_SCALE_X)
+    gather, ggather, gscale, scale_at_dst = flags
+    _weight_grad_kernel[grid](out_EIO, I, O, out_EIO.stride(0), out_EIO.stride(1), out_EIO.stride(2), *args,
+                              N_SEG=len(segments), GATHER=gather, GGATHER=ggather, GSCALE=gscale,
+                              FP32=x0.dtype == torch.float32, ACCUMULATE=accumulate_into is not None,
+                              SCALE_AT_DST=scale_at_dst, SCALE_X=_operators.WGRAD_SCALE_X)
     return out_EIO
+
+
+def _segment_flags(segment):
+    _, _, _, rows_N, grad_rows_N, grad_scale_N, scale_dst_N = segment
+    return rows_N is not None, grad_rows_N is not None, grad_scale_N is not None, scale_dst_N is not None
 
 
 def _or(t: Optional[Tensor], default: Tensor) -> Tensor:

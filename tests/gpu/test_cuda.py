@@ -265,23 +265,63 @@ def _two_steps(deterministic_algorithms: bool):
         torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-5)])
+@pytest.mark.parametrize("n_seg", [2, 3, 4])
+@pytest.mark.parametrize("I,O,gated", [(1024, 128, False), (128, 1024, True)])
+def test_triton_weight_grad_segments_match_sum_of_applications(dtype, tol, n_seg, I, O, gated):
+    """Several applications' weight gradients in one launch (the FFN's up and gated down shapes at
+    244M, 4096 tokens each): the fp32 sum of each application's gradient (bf16 operands exact in fp32),
+    added to the accumulator; an expert no application routes to keeps its values."""
+    from moeut.expert_mm import _weight_grad_torch
+    from moeut.triton_expert_mm import weight_grad_segments_triton
+    torch.manual_seed(n_seg)
+    E, K, T = 387, 16, 4096
+    segments, want = [], torch.zeros(E, I, O, device="cuda", dtype=torch.float64)
+    for _ in range(n_seg):
+        expert = torch.randint(0, E, (T, K), device="cuda")
+        expert[expert == 5] = 6
+        r = route(expert, E)
+        x = torch.randn(T, I, device="cuda").to(dtype)
+        if gated:
+            seg = (x, torch.randn(T, O, device="cuda").to(dtype), r.offsets_E1, r.rows_N, r.rows_N,
+                   torch.rand(T * K, device="cuda"), r.slot_N)
+        else:
+            seg = (x, torch.randn(T * K, O, device="cuda").to(dtype), r.offsets_E1, r.rows_N, None, None, None)
+        segments.append(seg)
+        want += _weight_grad_torch(*seg[:6], torch.float32, seg[6]).double()
+    acc0 = torch.randn(E, I, O, device="cuda")
+    acc = weight_grad_segments_triton(segments, accumulate_into=acc0.clone())
+    assert rel(acc, acc0.double() + want) < tol
+    assert torch.equal(acc[5], acc0[5])
+
+
+@pytest.mark.parametrize("defer", [1, 3])
 @pytest.mark.parametrize("cfg", ["MoEUT_44M", "MoEUT_244M"])
-def test_shared_weight_copies_match_per_application_casts(cfg, monkeypatch):
-    """One bf16 copy per expert weight and forward, gradients summed in the weight-gradient kernel's
-    epilogue (`shared_weights.py`), against a cast per application and autograd's sums: bit-identical
-    gradients (44M: misaligned rows, the copy padded once; 244M: the real shapes, 4 applications).
-    Autotuning is off in tests/gpu, so both runs use the same kernel configs."""
+def test_shared_weight_copies_match_per_application_casts(cfg, defer, monkeypatch):
+    """One bf16 copy per expert weight and forward, gradients summed in the weight-gradient kernel
+    (`shared_weights.py`), against a cast per application and autograd's sums (44M: misaligned rows,
+    the copy padded once; 244M: the real shapes, 4 applications). One application per launch:
+    bit-identical gradients. Three per launch (`WGRAD_DEFER`): the same sums in another order, equal to
+    fp32 rounding, and bit-identical between two runs. Autotuning is off in tests/gpu, so all runs use
+    the same kernel configs."""
+    from moeut import expert_mm
     from tests.helpers import shared_and_per_application_grads
+    monkeypatch.setattr(expert_mm, "WGRAD_DEFER", defer)
     torch.manual_seed(0)
     m = moeut.MoEUTLM(8000, **{**getattr(profiles, cfg), "n_layers": 8}).cuda().train()
     x = torch.randint(0, 8000, (2, 512), device="cuda")
     torch.use_deterministic_algorithms(True)   # (cuDNN's attention backward is otherwise not)
     try:
         grads = [g for _, g in shared_and_per_application_grads(m, x, monkeypatch, "cuda")]
+        again = shared_and_per_application_grads(m, x, monkeypatch, "cuda")[1][1]
     finally:
         torch.use_deterministic_algorithms(False)
-    differing = [n for n in grads[0] if not torch.equal(grads[0][n], grads[1][n])]
-    assert not differing, differing
+    assert all(torch.equal(grads[1][n], again[n]) for n in again)
+    if defer == 1:
+        differing = [n for n in grads[0] if not torch.equal(grads[0][n], grads[1][n])]
+        assert not differing, differing
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6 * grads[0][n].abs().max().item())
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])

@@ -290,20 +290,87 @@ def test_triton_weight_grad_accumulates_in_place(dtype):
     assert torch.equal(at_dst, fresh)
 
 
-def test_shared_weights_through_the_kernels_match_per_application(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["gather_x", "gated"])
+@pytest.mark.parametrize("n_seg", [1, 2, 3, 4])
+def test_triton_weight_grad_segments_sum_applications(n_seg, layout, dtype):
+    """One launch over several applications of a weight (each its own rows, routing and operands)
+    equals the sum of their weight gradients, added to the accumulator; experts that no application
+    routes to keep the accumulator's values exactly."""
+    from moeut.triton_expert_mm import weight_grad_segments_triton
+    E, I, O, K = 7, 20, 24, 2
+    gen = torch.Generator().manual_seed(11 * n_seg + len(layout))
+    segments, want = [], torch.zeros(E, I, O)
+    for s in range(n_seg):
+        R = 9 + 6 * s   # applications of different sizes
+        expert = 2 * torch.randint(0, (E + 1) // 2, (R, K), generator=gen)   # odd experts: no rows
+        r = route(expert, E)
+        x = torch.randn(R, I, generator=gen).to(dtype)
+        if layout == "gather_x":   # the FFN's up projection: x gathered, gradient rows already routed
+            g = torch.randn(R * K, O, generator=gen).to(dtype)
+            seg = (x, g, r.offsets_E1, r.rows_N, None, None, None)
+        else:   # a gated down projection: both gathered, gates read at each row's destination
+            g = torch.randn(R, O, generator=gen).to(dtype)
+            seg = (x, g, r.offsets_E1, r.rows_N, r.rows_N, torch.rand(R * K, generator=gen), r.slot_N)
+        segments.append(seg)
+        want += _weight_grad_torch(*seg[:6], torch.float32, seg[6])
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(weight_grad_segments_triton(segments, torch.float32), want, **tol)
+    acc0 = torch.randn(E, I, O, generator=gen)
+    acc = acc0.clone()
+    assert weight_grad_segments_triton(segments, accumulate_into=acc) is acc
+    torch.testing.assert_close(acc, acc0 + want, **tol)
+    assert torch.equal(acc[1::2], acc0[1::2])
+    if n_seg == 1:   # the single-application entry point is the same launch
+        single = grouped_mm_weight_grad_triton(*segments[0][:6], torch.float32, scale_dst_N=segments[0][6])
+        assert torch.equal(single, weight_grad_segments_triton(segments, torch.float32))
+
+
+def test_triton_weight_grad_segments_reject_mixed_launches():
+    from moeut.triton_expert_mm import MAX_SEGMENTS, weight_grad_segments_triton
+    r = route(torch.tensor([[0, 1], [1, 2]]), 3)
+    x, g = torch.randn(2, 8), torch.randn(4, 8)
+    seg = (x, g, r.offsets_E1, r.rows_N, None, None, None)
+    with pytest.raises(ValueError, match="segments"):
+        weight_grad_segments_triton([])
+    with pytest.raises(ValueError, match="segments"):
+        weight_grad_segments_triton([seg] * (MAX_SEGMENTS + 1))
+    with pytest.raises(ValueError, match="gathered or scaled"):   # one gathers x, the other does not
+        weight_grad_segments_triton([seg, (torch.randn(4, 8), g, r.offsets_E1, None, None, None, None)])
+    with pytest.raises(ValueError, match="shapes"):
+        weight_grad_segments_triton([seg, (torch.randn(2, 16), g, r.offsets_E1, r.rows_N, None, None, None)])
+
+
+@pytest.mark.parametrize("defer", [1, 2, 3])
+def test_shared_weights_through_the_kernels_match_per_application(defer, monkeypatch):
     """A training step's gradients with one shared bf16 copy per weight, summed by the weight-gradient
-    kernel in place, equal those of casting per application and summing with autograd."""
-    from moeut import MoEUTLM, expert_mm, fused
-    from tests.helpers import shared_and_per_application_grads
+    kernel, against casting per application and summing with autograd. One application per launch
+    (defer 1) gives the same fp32 sums bit for bit; deferred applications (three per weight here)
+    are summed in one launch, in a different order: equal to fp32 rounding."""
+    from moeut import MoEUTLM, expert_mm, fused, shared_weights, triton_expert_mm
+    from tests.helpers import autocast_step_grads
     monkeypatch.setattr(expert_mm, "use_fused", lambda t, switch=None: switch is None)   # kernels, interpreted
     monkeypatch.setattr(fused, "use_fused", lambda t, switch=None: switch is None)
+    monkeypatch.setattr(expert_mm, "WGRAD_DEFER", defer)
     torch.manual_seed(0)
-    model = MoEUTLM(40, d_model=32, n_layers=4, n_heads=2, ff_n_experts=6, att_n_experts=3, d_head=8,
+    model = MoEUTLM(40, d_model=32, n_layers=6, n_heads=2, ff_n_experts=6, att_n_experts=3, d_head=8,
                     ff_k=2, group_size=2, ff_expert_size=16).train()
     x = torch.randint(0, 40, (2, 8))
-    grads = [g for _, g in shared_and_per_application_grads(model, x, monkeypatch)]
-    for n in grads[0]:
-        assert torch.equal(grads[0][n], grads[1][n]), n
+    monkeypatch.setattr(shared_weights, "ENABLED", False)
+    _, want = autocast_step_grads(model, x)
+    launches = []
+    segments_triton = triton_expert_mm.weight_grad_segments_triton
+    monkeypatch.setattr(triton_expert_mm, "weight_grad_segments_triton",
+                        lambda segments, *a, **kw: launches.append(len(segments)) or segments_triton(segments, *a, **kw))
+    monkeypatch.setattr(shared_weights, "ENABLED", True)
+    _, got = autocast_step_grads(model, x)
+    # 8 shared expert weights (FFN up and down, SwitchHead's V and O, in 2 layers), 3 applications each
+    assert sorted(launches) == sorted({1: [1, 1, 1], 2: [2, 1], 3: [3]}[defer] * 8)
+    for n in want:
+        if defer == 1:
+            assert torch.equal(got[n], want[n]), n
+        else:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7 * want[n].abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
