@@ -158,3 +158,14 @@ run s10_defer 590 bash -c "$TEST_ENV python3 -m pytest -q tests/gpu -p no:cachep
   MOEUT_WGRAD_DEFER=1 python3 benchmarks/train_throughput.py --steps 6 --models moeut-244M:16 \
   --json $OUT/train_eager_defer1.json && python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 25 && \
   python3 benchmarks/kernels.py --parity no --shapes 244M --json $OUT/kernels_244M.json"
+# Tenth session, last call: the attention residual inside SwitchHead's output sum (default) against
+# MOEUT_FOLD_ATTENTION_RESIDUAL=0, graphed; the final code's 244M/1B pair with dense, the smaller
+# profiles, and a profile; GPU tests of what changed first. ~7 min.
+run s10_final 560 bash -c "$TEST_ENV timeout 200 python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=5 \
+  -k 'combine or graphed or cuda_graph or deterministic or matches_cpu or kv_cache or generation or fullgraph and tiny'; \
+  python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8 --json $OUT/train_graph_final.json && \
+  MOEUT_FOLD_ATTENTION_RESIDUAL=0 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:16 --json $OUT/train_graph_nofold.json && \
+  python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-44M:32,moeut-126M:16,moeut-318M:16 \
+  --json $OUT/train_graph_small.json && python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 25"

@@ -384,8 +384,10 @@ class SwitchHeadRope(torch.nn.Module):
         return logits, gate, expert
 
     def forward_with_logits(self, q_src: Tensor, k_src: Tensor, v_src: Tensor, mask: Optional[AttentionMask],
-                            kv_cache: KVCache = None):
-        """(output [B, T, D], new cache, router logits (o, v) or None)."""
+                            kv_cache: KVCache = None, residual: Optional[Tensor] = None):
+        """(output [B, T, D], new cache, router logits (o, v) or None). With `residual` [B, T, D] the
+        output is residual + attention in the residual's dtype; the routed output projection adds it
+        inside its top-k sum, with no add kernel and no rounding of the attention output first."""
         B, T, D = q_src.shape
         H, Dh, E, K = self.n_heads, self.projection_size, self.n_experts, self.moe_k
         scale = math.sqrt(1.0 / math.sqrt(Dh))  # d_head^-0.25 on each of q and k
@@ -422,10 +424,14 @@ class SwitchHeadRope(torch.nn.Module):
                 out = project(res.reshape(B * T * H, Dh), self.o, o_expert, o_gate, per_x=K, per_out=H * K, **heads)
             else:
                 o_routing = route((o_expert + self.head_base).reshape(B * T * H, K), H * E)
-                out = expert_mm_combine(res.reshape(B * T * H, Dh), self.o, o_routing, o_gate.reshape(B * T, H * K))
+                out = expert_mm_combine(res.reshape(B * T * H, Dh), self.o, o_routing, o_gate.reshape(B * T, H * K),
+                                        residual_XO=None if residual is None else residual.reshape(B * T, D))
+                residual = None   # (added)
             out = out.view(B, T, D)
         else:
             out = F.linear((res * o_gate[..., None].to(res.dtype)).reshape(B, T, H * Dh), self.o)
+        if residual is not None:
+            out = residual + out
         return out, kv_cache, logits
 
     def forward(self, q_src: Tensor, k_src: Tensor, v_src: Tensor, mask: Optional[AttentionMask],

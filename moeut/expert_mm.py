@@ -498,17 +498,20 @@ class _ExpertMMCombine(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_RI, w_master, gate_XC, offsets_E1, rows_N, slot_N, dtype, sink):
+    def forward(ctx, x_RI, w_master, gate_XC, offsets_E1, rows_N, slot_N, dtype, sink, residual_XO):
         # The gates are read in (group, choice) order at each row's destination: no permuted copy.
         out_SO = grouped_mm(_operand(x_RI, dtype), _operand(w_master, dtype, weight=True), offsets_E1, rows_N,
                             gate_XC.reshape(-1), slot_N, scale_at_dst=True)
         ctx.save_for_backward(x_RI, w_master, gate_XC, offsets_E1, rows_N, slot_N)
         ctx.dtype, ctx.sink = dtype, sink
+        if residual_XO is not None:   # residual + the sums, in the residual's dtype, rounded once
+            return _sum_choices(out_SO, gate_XC.shape[0], residual_XO.dtype, init_XO=residual_XO)
         return _sum_choices(out_SO, gate_XC.shape[0])
 
     @staticmethod
     def backward(ctx, grad_XO):
         x_master, w_master, gate_XC, offsets_E1, rows_N, slot_N = ctx.saved_tensors
+        grad_residual = grad_XO if ctx.needs_input_grad[8] else None
         x_RI, w_EIO = _operand(x_master, ctx.dtype), _operand(w_master, ctx.dtype, weight=True)
         X, C = gate_XC.shape
         I, O = w_EIO.shape[1], w_EIO.shape[2]
@@ -546,7 +549,7 @@ class _ExpertMMCombine(torch.autograd.Function):
                                   scale_dst=dst)
         if grad_x is not None:
             grad_x = grad_x.to(x_master.dtype)
-        return grad_x, grad_w, grad_gate, None, None, None, None, None
+        return grad_x, grad_w, grad_gate, None, None, None, None, None, grad_residual
 
 
 def _compute_dtype(x: Tensor, w: Tensor) -> torch.dtype:
@@ -576,16 +579,22 @@ def expert_mm(x_RI: Tensor, w_EIO: Tensor, routing: Routing, gather: bool = True
     return _ExpertMM.apply(x_RI.contiguous(), w_EIO, routing.offsets_E1, rows, routing.slot_N, dtype, sink)
 
 
-def expert_mm_combine(x_RI: Tensor, w_EIO: Tensor, routing: Routing, gate_XC: Tensor, gather: bool = True) -> Tensor:
+def expert_mm_combine(x_RI: Tensor, w_EIO: Tensor, routing: Routing, gate_XC: Tensor, gather: bool = True,
+                      residual_XO: Optional[Tensor] = None) -> Tensor:
     """`combine(expert_mm(x, w, routing, gather), choice, gate)`, fused: [X, O] with the grouping of
-    the choices given by `gate_XC`'s shape (group x holds flat choices x*C .. x*C + C-1)."""
+    the choices given by `gate_XC`'s shape (group x holds flat choices x*C .. x*C + C-1). With
+    `residual_XO` it returns residual + that, in the residual's dtype: the add happens inside the top-k
+    sum, before any rounding (a residual block's add, with no kernel of its own)."""
     dtype = _compute_dtype(x_RI, w_EIO)
     if gate_XC.numel() != routing.slot_N.numel():
         raise ValueError(f"expert_mm_combine: {gate_XC.numel()} gates for {routing.slot_N.numel()} routed rows")
+    if residual_XO is not None and tuple(residual_XO.shape) != (gate_XC.shape[0], w_EIO.shape[2]):
+        raise ValueError(f"expert_mm_combine: residual of shape {tuple(residual_XO.shape)} for an output of shape "
+                         f"{(gate_XC.shape[0], w_EIO.shape[2])}")
     w_EIO, sink = _weight_operand(w_EIO, dtype)
     rows = routing.rows_N if gather else None
     return _ExpertMMCombine.apply(x_RI.contiguous(), w_EIO, gate_XC, routing.offsets_E1, rows, routing.slot_N, dtype,
-                                  sink)
+                                  sink, residual_XO)
 
 
 def fp64_reference(x_RI: Tensor, w_EIO: Tensor, grad_NO: Tensor, routing: Routing):

@@ -11,6 +11,7 @@ official release's; see README.md for the differences (its defects, fixed here).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -24,6 +25,10 @@ from .moe import SigmaMoE, negative_entropy, selection_probability_sum
 from .shared_weights import begin_share, end_share
 
 MultilayerKVCache = Optional[Dict[int, KVCache]]
+
+# MOEUT_FOLD_ATTENTION_RESIDUAL=0: the attention block's residual add as its own kernel, not inside the
+# output projection's top-k sum (benchmarks compare; the FFN block's has MOEUT_FOLD_RESIDUAL).
+FOLD_ATTENTION_RESIDUAL = os.environ.get("MOEUT_FOLD_ATTENTION_RESIDUAL", "1") != "0"
 
 
 @dataclass
@@ -85,11 +90,15 @@ class MoEUTLayer(torch.nn.Module):
             # One low-precision copy for Q, K and both routers (autocast would make, and autograd
             # save, one per consumer).
             xnorm = xnorm.to(torch.get_autocast_dtype(x.device.type))
-        if hasattr(self.attention, "forward_with_logits"):
-            att, kv_cache, att_logits = self.attention.forward_with_logits(xnorm, xnorm, x, mask, kv_cache)
-        else:  # a user-supplied attention class with the official interface
-            (att, kv_cache), att_logits = self.attention(xnorm, xnorm, x, mask, kv_cache=kv_cache), None
-        x = x + self.drop(att)
+        if FOLD_ATTENTION_RESIDUAL and isinstance(self.attention, SwitchHeadRope) and \
+                not (self.training and self.drop.p > 0):   # x + attention, added inside its output's top-k sum
+            x, kv_cache, att_logits = self.attention.forward_with_logits(xnorm, xnorm, x, mask, kv_cache, residual=x)
+        else:
+            if hasattr(self.attention, "forward_with_logits"):
+                att, kv_cache, att_logits = self.attention.forward_with_logits(xnorm, xnorm, x, mask, kv_cache)
+            else:  # a user-supplied attention class with the official interface
+                (att, kv_cache), att_logits = self.attention(xnorm, xnorm, x, mask, kv_cache=kv_cache), None
+            x = x + self.drop(att)
         x, ffn_logits = self.ffn.forward_with_logits(x, self.ln2(x), add_input=True)   # x + FFN(x)
         return x, kv_cache, ffn_logits, att_logits
 

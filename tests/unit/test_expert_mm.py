@@ -252,3 +252,13 @@ def test_operand_cast_traces_without_graph_breaks(monkeypatch):
     # an intermediate tensor (like the residual stream) has no real storage while tracing
     traced = torch.compile(lambda t: expert_mm_module._operand(t * 2, torch.bfloat16), fullgraph=True)(w)
     assert torch.equal(traced, (w * 2).to(torch.bfloat16))
+
+
+def test_combine_residual_of_the_wrong_shape_is_rejected():
+    from moeut.expert_mm import expert_mm_combine
+    r = route(torch.tensor([[0, 1], [1, 2]]), 3)
+    x, w, gate = torch.randn(2, 4), torch.randn(3, 4, 5), torch.rand(2, 2)
+    with pytest.raises(ValueError, match="residual of shape"):
+        expert_mm_combine(x, w, r, gate, residual_XO=torch.randn(2, 4))
+    out = expert_mm_combine(x, w, r, gate, residual_XO=torch.zeros(2, 5, dtype=torch.float64))
+    assert out.dtype == torch.float64   # the residual's dtype

@@ -463,3 +463,50 @@ def test_dense_frozen_padded_ffn_follows_weight_updates_and_is_released():
             torch.testing.assert_close(m(x).outputs, want2, rtol=1e-5, atol=1e-6)
     release_decode_graphs(m)
     assert layer._inference_weight is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_residual_folded_into_the_output_sum_matches_a_separate_add(dtype, monkeypatch):
+    """MoEUTLayer adds x + attention inside SwitchHead's output top-k sum (forward; the backward passes
+    the gradient through), against the separate add (MOEUT_FOLD_ATTENTION_RESIDUAL=0): outputs and every
+    gradient agree; under bf16 autocast the folded sum skips rounding the attention output to bf16, so
+    it is the closer one to fp64. With dropout in training the add stays separate."""
+    from moeut import expert_mm, model as model_module
+    from moeut.model import MoEUTLayer
+    torch.manual_seed(0)
+    layer = MoEUTLayer(32, 2, 8, 6, att_n_experts=3, d_head=8, ff_k=2).train()
+    for mod in (layer.attention, layer.ffn):
+        mod.reset_parameters(1.0)
+    x = torch.randn(2, 7, 32, requires_grad=True)
+    gy = torch.randn(2, 7, 32)
+    params = [x] + list(layer.parameters())
+    residuals = []
+    combine = expert_mm.expert_mm_combine
+    from moeut import attention as attention_module
+    monkeypatch.setattr(attention_module, "expert_mm_combine",
+                        lambda *a, residual_XO=None, **kw: residuals.append(residual_XO is not None) or
+                        combine(*a, residual_XO=residual_XO, **kw))
+
+    def run(fold, module=layer):
+        monkeypatch.setattr(model_module, "FOLD_ATTENTION_RESIDUAL", fold)
+        residuals.clear()
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y = module(x)[0]
+        folded_here = residuals[-1]   # (V's combine first, O's last)
+        return folded_here, (y, *torch.autograd.grad(y, params, gy))
+
+    (on, folded), (off, separate) = run(True), run(False)
+    assert on and not off and folded[0].dtype == x.dtype
+    for a, b in zip(folded, separate):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
+    if dtype == torch.bfloat16:
+        layer64 = MoEUTLayer(32, 2, 8, 6, att_n_experts=3, d_head=8, ff_k=2).double().train()
+        layer64.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
+        want = layer64(x.detach().double())[0]
+        err = lambda t: (t.double() - want).norm().item()  # noqa: E731
+        assert err(folded[0]) <= err(separate[0])
+    layer.drop.p = 0.1   # dropout on the attention output: the add cannot go inside the sum
+    assert run(True)[0] is False

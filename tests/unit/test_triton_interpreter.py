@@ -429,6 +429,27 @@ def test_combine_through_the_kernels_matches_the_torch_path(gather, groups, I, O
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("I,O", [(10, 7), (5, 12)])
+def test_combine_with_residual_through_the_kernels_matches_the_torch_path(I, O, monkeypatch):
+    """`expert_mm_combine(..., residual_XO=r)`: r added inside the top-k sum kernel, its gradient passed
+    through, against the PyTorch path and against a separate add."""
+    from moeut import expert_mm as em
+    from tests.helpers import combine_case
+    r, x, w, gate = combine_case(True, 1, I, O, seed=3 + I)
+    gen = torch.Generator().manual_seed(2)
+    res = torch.randn(gate.shape[0], O, generator=gen, requires_grad=True)
+    gy = torch.randn(gate.shape[0], O, generator=gen)
+    runs = []
+    for kernels in (False, True):
+        monkeypatch.setattr(em, "use_fused", lambda t, switch=None, on=kernels: on)
+        out = em.expert_mm_combine(x, w, r, gate, residual_XO=res)
+        runs.append((out, *torch.autograd.grad(out, (x, w, gate, res), gy)))
+        torch.testing.assert_close(out, res + em.expert_mm_combine(x, w, r, gate), rtol=1e-5, atol=1e-5)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(runs[1][-1], gy)   # the residual's gradient is the output's
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gates_at_dst", [False, True])
 def test_expert_mlp_through_the_kernels_matches_the_torch_path(dtype, gates_at_dst, monkeypatch):
