@@ -136,7 +136,8 @@ run ab_s9 420 bash -c "python3 benchmarks/train_throughput.py --steps 6 --cuda-g
   python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 40"
 # For the next session (PERF_NOTES, "First device calls"): where the weight-gradient kernel's step time
 # goes (shared weights' fp32 accumulators on against off, graphed, with a profile of each), the
-# autotune key with the weight's layout, and the FFN's passes at 1B. ~8 min on one GPU.
+# autotune key with the weight's layout (a switch removed after this call: no change, RESULTS I.2), and
+# the FFN's passes at 1B. ~8 min on one GPU.
 run next_s10 560 bash -c "python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
   --models moeut-244M:16,moeut-1B:8 --json $OUT/train_graph_share.json && MOEUT_SHARE_WEIGHTS=0 \
   python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16,moeut-1B:8 \

@@ -17,7 +17,9 @@ routed rows are sorted by expert, expert e owns rows offsets[e]:offsets[e+1].
   accumulated with atomic adds). Both operands may be gathered; a gate scales the input rows, the
   MMA's left operand, which Hopper reads from registers (scaling the right one cost a pass through
   shared memory: the down projection's weight gradient ran 8% slower, RESULTS H.4). One
-  expert's tiles are adjacent programs, so they share that expert's rows in L2.
+  expert's tiles are adjacent programs, so they share that expert's rows in L2. One launch can sum
+  the gradients of up to four applications of a shared weight (`weight_grad_segments_triton`): each
+  tile reads and writes the fp32 sum once for all of them (RESULTS I.3).
 
 Both run under `TRITON_INTERPRET=1` on CPU tensors, which is how CI checks their logic.
 """
@@ -148,12 +150,10 @@ if triton is not None:
         row_end = tl.sum(tl.where(mine, hi, 0), 0)
         return e, row0, row_end, pid < total
 
-    # MOEUT_AUTOTUNE_BY_LAYOUT=1 adds the weight's stride along I to the key, so that passes differing
-    # only in the weight's layout (e.g. SwitchHead's recomputed V product and the FFN's down dx) are
-    # tuned apart. Not yet measured (PERF_NOTES), so off.
+    # Passes that differ only in the weight's layout share a key, and so a config. Keying on the
+    # weight's stride as well changed no graphed step (RESULTS I.2), so it is not done.
     @triton.autotune(configs=_mm_configs(), key=["I", "O", "GATHER", "SCALE", "SCATTER", "FP32", "LOOP_N",
-                                                 "SCALE_AT_DST", "RELU", "ROW_DOT"]
-                     + (["swi"] if os.environ.get("MOEUT_AUTOTUNE_BY_LAYOUT", "0") == "1" else []),
+                                                 "SCALE_AT_DST", "RELU", "ROW_DOT"],
                      prune_configs_by={"early_config_prune": _prune_mm_configs})
     @triton.jit
     def _expert_mm_kernel(x_ptr, w_ptr, out_ptr, offsets_ptr, rows_ptr, scale_ptr, dst_ptr,

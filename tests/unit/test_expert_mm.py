@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from moeut.expert_mm import Routing, combine, expert_mm, reference_expert_mm, route
+from moeut.expert_mm import combine, expert_mm, reference_expert_mm, route
 
 
 def _routing_case(kind, R, K, E, gen):
