@@ -297,7 +297,15 @@ def grouped_mm_weight_grad_add(acc: Tensor, x: Tensor, grad: Tensor, offsets: Te
 # most `triton_expert_mm.MAX_SEGMENTS`). Deferring an application's gradient to a later launch keeps
 # its inputs alive until then, and saves reading and writing the fp32 sum (0.4 GB per FFN weight and
 # application at 244M) for all but one of them. CUDA only: the PyTorch path computes each at once.
-WGRAD_DEFER = int(os.environ.get("MOEUT_WGRAD_DEFER", "3"))
+def _env_count(name: str, default: int) -> int:
+    raw = os.environ.get(name, str(default))
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number (applications per launch), got {raw!r}") from None
+
+
+WGRAD_DEFER = _env_count("MOEUT_WGRAD_DEFER", 3)
 
 
 def _weight_grad(sink: Optional[GradSink], x: Tensor, grad: Tensor, offsets: Tensor, rows: Optional[Tensor],

@@ -262,3 +262,14 @@ def test_combine_residual_of_the_wrong_shape_is_rejected():
         expert_mm_combine(x, w, r, gate, residual_XO=torch.randn(2, 4))
     out = expert_mm_combine(x, w, r, gate, residual_XO=torch.zeros(2, 5, dtype=torch.float64))
     assert out.dtype == torch.float64   # the residual's dtype
+
+
+def test_a_malformed_count_in_the_environment_is_named(monkeypatch):
+    from moeut.expert_mm import _env_count
+    monkeypatch.setenv("MOEUT_WGRAD_DEFER", "three")
+    with pytest.raises(ValueError, match="MOEUT_WGRAD_DEFER must be a whole number.*'three'"):
+        _env_count("MOEUT_WGRAD_DEFER", 3)
+    monkeypatch.setenv("MOEUT_WGRAD_DEFER", "2")
+    assert _env_count("MOEUT_WGRAD_DEFER", 3) == 2
+    monkeypatch.delenv("MOEUT_WGRAD_DEFER")
+    assert _env_count("MOEUT_WGRAD_DEFER", 3) == 3
