@@ -401,6 +401,7 @@ class SwitchHeadRope(torch.nn.Module):
         k = k.view(B, T, H, Dh).transpose(1, 2)
 
         logits = None
+        folded = False   # whether `out` already holds residual + attention
         if E > 1:
             v_logits, v_gate, v_expert = self._select(sel_v_logits)
             o_logits, o_gate, o_expert = self._select(sel_o_logits)
@@ -424,13 +425,13 @@ class SwitchHeadRope(torch.nn.Module):
                 out = project(res.reshape(B * T * H, Dh), self.o, o_expert, o_gate, per_x=K, per_out=H * K, **heads)
             else:
                 o_routing = route((o_expert + self.head_base).reshape(B * T * H, K), H * E)
+                folded = residual is not None
                 out = expert_mm_combine(res.reshape(B * T * H, Dh), self.o, o_routing, o_gate.reshape(B * T, H * K),
-                                        residual_XO=None if residual is None else residual.reshape(B * T, D))
-                residual = None   # (added)
+                                        residual_XO=residual.reshape(B * T, D) if folded else None)
             out = out.view(B, T, D)
         else:
             out = F.linear((res * o_gate[..., None].to(res.dtype)).reshape(B, T, H * Dh), self.o)
-        if residual is not None:
+        if residual is not None and not folded:
             out = residual + out
         return out, kv_cache, logits
 

@@ -293,10 +293,6 @@ def grouped_mm_weight_grad_add(acc: Tensor, x: Tensor, grad: Tensor, offsets: Te
         acc.add_(_weight_grad_torch(x, grad, offsets, rows, grad_rows, grad_scale, acc.dtype, scale_dst))
 
 
-# How many applications of a shared weight one weight-gradient launch sums (1: one launch each; at
-# most `triton_expert_mm.MAX_SEGMENTS`). Deferring an application's gradient to a later launch keeps
-# its inputs alive until then, and saves reading and writing the fp32 sum (0.4 GB per FFN weight and
-# application at 244M) for all but one of them. CUDA only: the PyTorch path computes each at once.
 def _env_count(name: str, default: int) -> int:
     raw = os.environ.get(name, str(default))
     try:
@@ -305,6 +301,11 @@ def _env_count(name: str, default: int) -> int:
         raise ValueError(f"{name} must be a whole number (applications per launch), got {raw!r}") from None
 
 
+# MOEUT_WGRAD_DEFER: how many applications of a shared weight one weight-gradient launch sums (1: one
+# launch each; at most `triton_expert_mm.MAX_SEGMENTS`). Deferring an application's gradient to a later
+# launch keeps its operands alive until then, and saves reading and writing the fp32 sum (0.4 GB per
+# FFN weight and application at 244M) for all but one of them: 3 measured best (RESULTS I.3). CUDA
+# only: the PyTorch path computes each at once.
 WGRAD_DEFER = _env_count("MOEUT_WGRAD_DEFER", 3)
 
 

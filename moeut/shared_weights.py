@@ -17,8 +17,9 @@ Inside `share_weights(dtype)` (`begin_share` / `end_share` in `MoEUT.forward`, u
   - `_CastOnce.backward` hands the finished sum to the master weight's `.grad` once, so DDP's
     per-parameter hooks and gradient clipping see an ordinary gradient.
 Costs: the cast copies live from the forward to the backward (0.4 GiB at 244M), and a sink holds up to
-two pending applications' operands (an input copy, an output gradient; ~0.1-0.2 GB per weight at 244M)
-until the launch that computes them: the measured peak of a 244M step did not change (RESULTS I.3).
+WGRAD_DEFER - 1 pending applications' operands (an input copy, an output gradient; ~0.1-0.2 GB per
+weight and application at 244M) until the launch that computes them: the measured peak of a 244M step
+did not change (RESULTS I.3).
 
 Not used under torch.compile (the sink is Python state the compiler cannot trace) nor with activation
 checkpointing (the recomputed forward runs after the scope has closed); those take the per-application
