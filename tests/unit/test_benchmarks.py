@@ -25,3 +25,35 @@ def test_ffn_roofline_sums_its_passes_of_one_shape():
     n = len(kernels.FFN_FWD_PASSES)
     assert fwd == sum(range(1, n + 1))
     assert fwd_bwd == sum(range(1, len(passes) + 1))
+
+
+def test_profile_categories_cover_a_real_step_and_keep_its_total():
+    """Kernel names as a 244M step's profile printed them (RESULTS I): each lands in the category
+    PERF_NOTES reasons with, and the categories' times add up to the kernels'."""
+    import profile_step
+    names = {
+        "_expert_mm_kernel": "expert GEMMs",
+        "_weight_grad_kernel": "expert weight gradients",
+        "_sum_choices_kernel": "top-k sums",
+        "_row_dot_kernel": "row dots",
+        "_sigmoid_topk_kernel": "router top-k",
+        "_rope_kernel": "RoPE",
+        "void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda(at": "bf16 casts",
+        "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::Tenso": "other copies",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>, std:": "fp32 adds",
+        "void at::native::(anonymous namespace)::GammaBetaBackwardCUDAKernelTemplate<float, float, ": "LayerNorm",
+        "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float, false>(": "LayerNorm",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x128_1x4x1_cga1x1": "attention core",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous n": "AdamW",
+        "void at_cuda_detail::cub::detail::radix_sort::DeviceRadixSortOnesweepKernel<at_cuda_detail": "sort and index glue",
+        "void at::native::_scatter_gather_elementwise_kernel<128, 8, at::native::_cuda_scatter_gath": "sort and index glue",
+        "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT": "dense GEMMs (cuBLAS)",
+        "some_kernel_nobody_named": "other",
+    }
+    for name, want in names.items():
+        assert profile_step.category(name) == want, name
+    per_kernel = {name: [float(i + 1), 2 * i + 1] for i, name in enumerate(names)}
+    cats = profile_step.by_category(per_kernel)
+    assert sum(v[0] for v in cats.values()) == sum(v[0] for v in per_kernel.values())
+    assert sum(v[1] for v in cats.values()) == sum(v[1] for v in per_kernel.values())
+    assert cats["LayerNorm"] == [10.0 + 11.0, 19 + 21]
