@@ -170,3 +170,8 @@ run s10_final 560 bash -c "$TEST_ENV timeout 200 python3 -m pytest -q tests/gpu 
   --models moeut-244M:16 --json $OUT/train_graph_nofold.json && \
   python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-44M:32,moeut-126M:16,moeut-318M:16 \
   --json $OUT/train_graph_small.json && python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 25"
+# For the next session (PERF_NOTES, "First device calls"): step profiles by category at 244M and 1B
+# (the 1B one has not been taken since the sixth session), and the FFN passes at 244M. ~4 min.
+run next_s11 300 bash -c "python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 25 \
+  --json $OUT/profile_244M.json && python3 benchmarks/profile_step.py --model moeut-1B --batch 8 --top 25 \
+  --json $OUT/profile_1B.json && python3 benchmarks/kernels.py --parity no --shapes 244M --json $OUT/kernels_244M.json"
