@@ -499,7 +499,8 @@ def weight_grad_segments_triton(segments, out_dtype: Optional[torch.dtype] = Non
         scale = grad_scale_N.contiguous() if grad_scale_N is not None else None   # any float dtype: read as fp32
         args += [x_RI, grad_MO, offsets_E1, _or(rows_N, unused), _or(grad_rows_N, unused), _or(scale, unused),
                  _or(scale_dst_N, unused), x_RI.stride(0), x_RI.stride(1), grad_MO.stride(0), grad_MO.stride(1)]
-    args += args[:11] * (MAX_SEGMENTS - len(segments))   # unread placeholders for the unused segments
+    per_segment = len(args) // len(segments)
+    args += args[:per_segment] * (MAX_SEGMENTS - len(segments))   # unread placeholders for the unused segments
     out_EIO = accumulate_into
     if out_EIO is None:
         out_EIO = torch.empty(E, I, O, device=x0.device, dtype=out_dtype or x0.dtype)
