@@ -175,3 +175,8 @@ run s10_final 560 bash -c "$TEST_ENV timeout 200 python3 -m pytest -q tests/gpu 
 run next_s11 300 bash -c "python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 25 \
   --json $OUT/profile_244M.json && python3 benchmarks/profile_step.py --model moeut-1B --batch 8 --top 25 \
   --json $OUT/profile_1B.json && python3 benchmarks/kernels.py --parity no --shapes 244M --json $OUT/kernels_244M.json"
+# Eleventh session, call 2: which moeut line (or autograd node) launches each glue kernel (casts, copies,
+# adds, sort and index glue), MoEUT 244M; the dense 244M by category beside it. ~2 min.
+run s11_sites 400 bash -c "python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 10 --sites 70 \
+  --json $OUT/profile_244M_sites.json && python3 benchmarks/profile_step.py --model dense-244M --batch 16 --top 25 \
+  --sites 30 --json $OUT/profile_dense_244M.json"

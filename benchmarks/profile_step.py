@@ -1,9 +1,12 @@
 """Where the time of one training step goes: torch.profiler over a few steps of a model, printed as
 a table of kernel categories (expert GEMMs, weight gradients, top-k sums, casts, LayerNorm, ...: the
 rows PERF_NOTES reasons with) and a table of GPU kernels (total time per step, share, calls) grouped
-by name.
+by name. With --sites, a third table: the glue kernels (everything but the expert GEMMs, weight
+gradients, top-k sums, attention core and AdamW) by the line of moeut code that launched them, or for
+backward kernels the autograd node they ran in, to say which casts, copies and adds to remove.
 
-    python benchmarks/profile_step.py --model moeut-244M --batch 16 [--top 30] [--trace trace.json] [--json out.json]
+    python benchmarks/profile_step.py --model moeut-244M --batch 16 [--top 30] [--trace trace.json] \
+        [--json out.json] [--sites 40]
 """
 from __future__ import annotations
 
@@ -20,12 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train_throughput import build, training_step  # noqa: E402
 
 
-def kernel_times(fn, iters: int, trace: Path = None):
-    """{kernel name: [total us, calls]} of the GPU kernels `iters` calls of fn run (after one warm call)."""
+def kernel_times(fn, iters: int, trace: Path = None, sites: bool = False):
+    """{kernel name: [total us, calls]} of the GPU kernels `iters` calls of fn run (after one warm call);
+    with `sites`, also `site_times` of the same profile."""
     fn()
     torch.cuda.synchronize()
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
+    with torch.profiler.profile(activities=acts, with_stack=sites) as prof:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
@@ -40,7 +44,60 @@ def kernel_times(fn, iters: int, trace: Path = None):
             name = ev.name[:90]
             per_kernel[name][0] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
             per_kernel[name][1] += 1
+    if sites:
+        return per_kernel, site_times(prof.events(), iters)
     return per_kernel
+
+
+# Categories --sites leaves out: the kernels themselves, not the glue around them.
+NOT_GLUE = ("expert GEMMs", "expert weight gradients", "top-k sums", "attention core", "AdamW")
+
+
+def _site(ev) -> str:
+    """Where an op ran: the two innermost moeut functions above it ("file(def line): name", from the
+    Python tracer's events that enclose it), and the autograd node when it ran in the backward."""
+    node, frames = "", []
+    e = ev
+    while e is not None:
+        if e.name.startswith("moeut/") and len(frames) < 2:
+            frames.append(e.name[len("moeut/"):])
+        if not node and e.name.startswith("autograd::engine::evaluate_function: "):
+            node = e.name.split(": ", 1)[1]
+        e = e.cpu_parent
+    site = " < ".join(frames) or "?"
+    return f"{site} [{node}]" if node else site
+
+
+def site_times(events, iters: int, use_kernels: bool = True):
+    """{(category, site, op, kernel): [total us, calls]} for the glue kernels of a profile taken with
+    with_stack=True. On a machine without CUDA (tests), leaf CPU ops stand in for kernels."""
+    out = defaultdict(lambda: [0.0, 0])
+    for ev in events:
+        if use_kernels:
+            launched = [(k.name, k.duration) for k in getattr(ev, "kernels", [])]
+        else:
+            launched = [(ev.name, ev.self_cpu_time_total)] if not ev.cpu_children and ev.name.startswith("aten::") else []
+        if not launched:
+            continue
+        op = ev   # the runtime's launch call -> the aten op above it (none for a Triton launch)
+        while op is not None and not op.name.startswith("aten::"):
+            op = op.cpu_parent
+        for name, us in launched:
+            cat = category(name) if use_kernels else "cpu op"
+            if cat in NOT_GLUE:
+                continue
+            key = (cat, _site(ev), op.name if op is not None else "-", name[:48])
+            out[key][0] += us
+            out[key][1] += 1
+    return out
+
+
+def print_sites(per_site, iters: int, top: int) -> None:
+    total = sum(v[0] for v in per_site.values())
+    print(f"glue kernels by site: {total / iters / 1e3:.2f} ms per step")
+    print(f"{'ms/step':>8s} {'calls':>6s}  {'category':20s} {'site':60s} {'op':28s} kernel")
+    for (cat, site, op, name), (us, n) in sorted(per_site.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"{us / iters / 1e3:8.3f} {n // iters:6d}  {cat:20s} {site[:60]:60s} {op[:28]:28s} {name}")
 
 
 def clear_grads(module, *tensors) -> None:
@@ -106,6 +163,9 @@ def main():
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--trace", type=Path, help="also write a Chrome trace")
     ap.add_argument("--json", type=Path, help="also write the categories and kernels (ms per step, calls per step)")
+    ap.add_argument("--sites", type=int, default=0, metavar="N",
+                    help="also print the N costliest glue kernels by the moeut line (or autograd node) that "
+                         "launched them (a second, slower profile with Python stacks)")
     args = ap.parse_args()
     torch.manual_seed(0)
     step = training_step(build(args.model, None), args.batch)
@@ -117,6 +177,10 @@ def main():
     print_table(by_category(per_kernel), args.steps, len(CATEGORIES) + 1, what="category")
     print()
     print_table(per_kernel, args.steps, args.top)
+    if args.sites:
+        print()
+        _, per_site = kernel_times(step, args.steps, sites=True)
+        print_sites(per_site, args.steps, args.sites)
     if args.json:
         rows = lambda d: {k: dict(ms=us / args.steps / 1e3, calls=n / args.steps) for k, (us, n) in d.items()}  # noqa: E731
         args.json.write_text(json.dumps(dict(model=args.model, batch=args.batch, gpu=torch.cuda.get_device_name(),

@@ -1,6 +1,7 @@
 """The GPU benchmark `benchmarks/kernels.py` can only run on a GPU; what it computes from its rows can be
 checked here: every pass its whole-FFN roofline sums is a row the script produces, and the sum is right."""
 import re
+import torch
 import sys
 from pathlib import Path
 
@@ -57,3 +58,25 @@ def test_profile_categories_cover_a_real_step_and_keep_its_total():
     assert sum(v[0] for v in cats.values()) == sum(v[0] for v in per_kernel.values())
     assert sum(v[1] for v in cats.values()) == sum(v[1] for v in per_kernel.values())
     assert cats["LayerNorm"] == [10.0 + 11.0, 19 + 21]
+
+
+def test_profile_sites_name_the_moeut_function_and_the_backward_node():
+    """--sites on a CPU profile of MoEUT_tiny (leaf CPU ops standing in for kernels): the forward's
+    glue is attributed to moeut functions, the backward's to the autograd node it ran in, and every
+    op's time is counted once."""
+    import profile_step
+    import moeut
+    from moeut import profiles
+    torch.manual_seed(0)
+    model = moeut.MoEUTLM(64, **profiles.MOEUT_PROFILES["tiny"])
+    tokens = torch.randint(0, 64, (2, 16))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_stack=True) as prof:
+        out = model(tokens)
+        (out.outputs.float().sum() + out.reg_loss.sum()).backward()
+    per_site = profile_step.site_times(prof.events(), 1, use_kernels=False)
+    sites = {site for (_, site, _, _) in per_site}
+    assert any(s.startswith("router.py(") for s in sites), sites
+    assert any("expert_mm.py(" in s and "[" not in s for s in sites), sites
+    assert any(s.endswith("Backward]") for s in sites), sites
+    leaves = [e for e in prof.events() if not e.cpu_children and e.name.startswith("aten::")]
+    assert sum(v[1] for v in per_site.values()) == len(leaves)
