@@ -26,10 +26,10 @@ run() {  # stage name, time limit, command...
   timeout "$limit" "$@" 2>&1 | grep -v Warn | tee "$OUT/$name.txt" | tail -40
   echo "[$name: $((SECONDS - t0)) s]"
 }
-TEST_ENV="env -u MOEUT_FUSED_SUM -u MOEUT_FUSED_ROUTER -u MOEUT_FUSED_ROPE -u MOEUT_LOOP_N -u MOEUT_FUSED_ROW_DOT -u MOEUT_FUSED_ROUTE -u MOEUT_EXPERT_GEMV"
+TEST_ENV="env -u MOEUT_FUSED_ENTROPY -u MOEUT_FUSED_SUM -u MOEUT_FUSED_ROUTER -u MOEUT_FUSED_ROPE -u MOEUT_LOOP_N -u MOEUT_FUSED_ROW_DOT -u MOEUT_FUSED_ROUTE -u MOEUT_EXPERT_GEMV"
 run tests 300 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=8
 # The same tests as two halves (kernels / whole models), for two lanes: the whole module outlasts 300 s.
-KERNEL_TESTS="triton or combine or router or rope or route or gemv"
+KERNEL_TESTS="triton or combine or router or rope or route or gemv or probability"
 run tests_kernels 480 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=5 -k "$KERNEL_TESTS"
 run tests_models 480 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=5 -k "not ($KERNEL_TESTS)"
 # Everything but the torch.compile tests (~160 s of the ~6 min), for a quick check after a change.

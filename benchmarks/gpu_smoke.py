@@ -85,12 +85,23 @@ def sum_choices():
     torch.testing.assert_close(got, y.view(4096, 16, 1024).sum(1, dtype=torch.float32), rtol=1e-5, atol=1e-4)
 
 
+def entropy():
+    from moeut.triton_entropy import prob_sum_backward_triton, prob_sum_triton
+    x = (3 * torch.randn(16, 1024, 387, device="cuda")).to(torch.bfloat16)
+    g = torch.randn(16, 387, device="cuda")
+    p = torch.softmax(x.float(), -1)
+    torch.testing.assert_close(prob_sum_triton(x), p.sum(1), rtol=1e-5, atol=1e-4)
+    want = (p * (g[:, None] - (p * g[:, None]).sum(-1, keepdim=True))).to(x.dtype)
+    torch.testing.assert_close(prob_sum_backward_triton(g, x), want, rtol=2 ** -7, atol=1e-5)
+
+
 CHECKS = (("expert gemv (decoding)", expert_gemv, "MOEUT_EXPERT_GEMV"),
           ("top-k sum", sum_choices, "MOEUT_FUSED_SUM"),
           ("small-input routing", route_small, "MOEUT_FUSED_ROUTE"),
           ("row dot", row_dot, "MOEUT_FUSED_ROW_DOT"),
           ("fused router", router, "MOEUT_FUSED_ROUTER"),
           ("fused RoPE", rope, "MOEUT_FUSED_ROPE"),
+          ("entropy regulariser's softmax sums", entropy, "MOEUT_FUSED_ENTROPY"),
           ("loop-over-N grouped GEMM", loop_n, "MOEUT_LOOP_N"))
 for name, check, var in CHECKS:
     try:

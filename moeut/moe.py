@@ -21,17 +21,22 @@ from torch import Tensor
 from .expert_gemv import gemv_applies, project
 from .expert_mlp import expert_mlp
 from .expert_mm import expert_mm, expert_mm_combine, route
+from .fused import use_fused
 from .router import sigmoid_topk
 
 
 class _ProbabilitySum(torch.autograd.Function):
     """softmax(logits in fp32, over experts).sum(1), saving the (bf16) logits instead of the fp32
     probabilities: the backward recomputes them. The probabilities of every layer application would
-    otherwise stay alive until the backward (0.45 GiB at 244M, batch 16)."""
+    otherwise stay alive until the backward (0.45 GiB at 244M, batch 16). On CUDA each direction is
+    one Triton kernel (`triton_entropy.py`; MOEUT_FUSED_ENTROPY=0 runs the PyTorch form below)."""
 
     @staticmethod
     def forward(ctx, logits: Tensor) -> Tensor:
         ctx.save_for_backward(logits)
+        if use_fused(logits, "MOEUT_FUSED_ENTROPY"):
+            from .triton_entropy import prob_sum_triton
+            return prob_sum_triton(logits)
         return F.softmax(logits, dim=-1, dtype=torch.float32).sum(1)
 
     @staticmethod
@@ -39,9 +44,11 @@ class _ProbabilitySum(torch.autograd.Function):
         # Few ops on purpose (eager steps are launch-bound): the fp32 softmax of half-precision logits
         # is one kernel, its backward another, and one cast. The backward returns fp32: CUDA's can
         # return fp16 from fp32 gradients but not bf16 ("input to be at::Half and grad to be
-        # at::Float"), and asking for bf16 crashed every GPU training step (RESULTS F.1). One code
-        # path for every device and dtype, so the CPU tests cover what the GPU runs.
+        # at::Float"), and asking for bf16 crashed every GPU training step (RESULTS F.1).
         logits, = ctx.saved_tensors
+        if use_fused(logits, "MOEUT_FUSED_ENTROPY"):
+            from .triton_entropy import prob_sum_backward_triton
+            return prob_sum_backward_triton(grad_sum, logits)
         p = F.softmax(logits, dim=-1, dtype=torch.float32)
         g = grad_sum.unsqueeze(1).expand_as(p).contiguous()   # the same upstream gradient at every position
         return torch._softmax_backward_data(g, p, -1, p.dtype).to(logits.dtype)

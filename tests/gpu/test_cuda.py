@@ -419,16 +419,23 @@ def test_router_backward_kernel_matches_torch_form(dtype, gate_dtype, R, E, K, m
     torch.testing.assert_close(got, want, rtol=0 if dtype == torch.float32 else 2 ** -8, atol=0)
 
 
-@pytest.mark.parametrize("shape", [(16, 1024, 387), (16, 1024, 4, 10)])
+@pytest.mark.parametrize("shape", [(16, 1024, 387), (16, 1024, 4, 10), "sliced"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_probability_sum_on_cuda_matches_autograd(shape, dtype):
-    """The entropy regulariser's softmax sum (half-precision logits, fp32 softmax in one kernel, its
-    backward in one kernel: CUDA's returns fp16 but not bf16 from fp32 gradients) against autograd
-    through the fp32 softmax of a float copy."""
+@pytest.mark.parametrize("fused", ["1", "0"], ids=["kernels", "pytorch"])
+def test_probability_sum_on_cuda_matches_autograd(shape, dtype, fused, monkeypatch):
+    """The entropy regulariser's softmax sum (half-precision logits, fp32 softmax), forward and
+    backward: the Triton kernels (`triton_entropy.py`) and the PyTorch form (CUDA's softmax backward
+    returns fp16 but not bf16 from fp32 gradients), against autograd through the fp32 softmax of a
+    float copy. "sliced": SwitchHead's selector logits, a strided view of a wider projection."""
     from moeut.moe import _ProbabilitySum
+    monkeypatch.setenv("MOEUT_FUSED_ENTROPY", fused)
     torch.manual_seed(4)
-    logits = (3 * torch.randn(shape, device="cuda")).to(dtype).requires_grad_()
-    grad_out = torch.randn(shape[0], *shape[2:], device="cuda")
+    if shape == "sliced":
+        logits = (3 * torch.randn(16, 1024, 3 + 40 + 5, device="cuda")).to(dtype)[..., 3:43].view(16, 1024, 4, 10)
+        logits.requires_grad_()
+    else:
+        logits = (3 * torch.randn(shape, device="cuda")).to(dtype).requires_grad_()
+    grad_out = torch.randn(logits.shape[0], *logits.shape[2:], device="cuda")
     got = _ProbabilitySum.apply(logits)
     (g_got,) = torch.autograd.grad(got, logits, grad_out)
     want = torch.softmax(logits.float(), dim=-1).sum(1)
@@ -436,6 +443,7 @@ def test_probability_sum_on_cuda_matches_autograd(shape, dtype):
     assert g_got.dtype == dtype
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(g_got.float(), g_want.float(), rtol=2 ** -7, atol=1e-5)
+    assert torch.equal(_ProbabilitySum.apply(logits), got)   # reproducible: no atomics
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
