@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .expert_gemv import gemv_applies, project
-from .expert_mm import expert_mm_combine, route
+from .expert_mm import ResidualGradRelay, expert_mm_combine, route
 from .moe import aligned_width_padding
 from .rope import rope_tables, rotate
 from .router import sigmoid_topk
@@ -32,6 +32,11 @@ KVCache = Optional[Dict[str, Tensor]]
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # MOEUT_JOINT_QK=0: Q, K and the two selectors as four matmuls (benchmarks compare the forms).
 JOINT_QK = os.environ.get("MOEUT_JOINT_QK", "1") != "0"
+
+# MOEUT_RELAY_RESIDUAL_GRAD=0: with the residual folded into the output projection's sum, its gradient
+# is returned to the residual and autograd adds it to the value projection's (an [R, D] fp32 add per
+# application) instead of being summed inside the value projection's backward (`ResidualGradRelay`).
+RELAY_RESIDUAL_GRAD = os.environ.get("MOEUT_RELAY_RESIDUAL_GRAD", "1") != "0"
 
 
 @dataclass
@@ -402,6 +407,7 @@ class SwitchHeadRope(torch.nn.Module):
 
         logits = None
         folded = False   # whether `out` already holds residual + attention
+        relay = None
         if E > 1:
             v_logits, v_gate, v_expert = self._select(sel_v_logits)
             o_logits, o_gate, o_expert = self._select(sel_o_logits)
@@ -411,7 +417,11 @@ class SwitchHeadRope(torch.nn.Module):
                 v = project(v_src.reshape(B * T, D), self.v, v_expert, v_gate, per_x=H * K, per_out=K, **heads)
             else:
                 v_routing = route((v_expert + self.head_base).reshape(B * T, H * K), H * E)
-                v = expert_mm_combine(v_src.reshape(B * T, D), self.v, v_routing, v_gate.reshape(B * T * H, K))
+                if residual is v_src and RELAY_RESIDUAL_GRAD and residual.requires_grad and torch.is_grad_enabled() \
+                        and not torch.compiler.is_compiling():
+                    relay = ResidualGradRelay()   # x's gradient through the residual, summed in V's backward
+                v = expert_mm_combine(v_src.reshape(B * T, D), self.v, v_routing, v_gate.reshape(B * T * H, K),
+                                      receive_grad=relay)
             v = v.view(B, T, H, Dh).transpose(1, 2)
         else:
             o_gate = torch.sigmoid(sel_o_logits)
@@ -427,7 +437,8 @@ class SwitchHeadRope(torch.nn.Module):
                 o_routing = route((o_expert + self.head_base).reshape(B * T * H, K), H * E)
                 folded = residual is not None
                 out = expert_mm_combine(res.reshape(B * T * H, Dh), self.o, o_routing, o_gate.reshape(B * T, H * K),
-                                        residual_XO=residual.reshape(B * T, D) if folded else None)
+                                        residual_XO=residual.reshape(B * T, D) if folded else None,
+                                        send_residual_grad=relay if folded else None)
             out = out.view(B, T, D)
         else:
             out = F.linear((res * o_gate[..., None].to(res.dtype)).reshape(B, T, H * Dh), self.o)

@@ -510,3 +510,65 @@ def test_attention_residual_folded_into_the_output_sum_matches_a_separate_add(dt
         assert err(folded[0]) <= err(separate[0])
     layer.drop.p = 0.1   # dropout on the attention output: the add cannot go inside the sum
     assert run(True)[0] is False
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["pytorch", "kernels"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_gradient_relayed_into_the_value_projection_matches_autograd_sum(dtype, kernels, monkeypatch):
+    """With the attention residual folded into SwitchHead's output sum, x's gradient through the residual
+    is summed inside the value projection's backward (`ResidualGradRelay`) instead of by autograd
+    (MOEUT_RELAY_RESIDUAL_GRAD=0): every gradient agrees, and the backward runs one [R, D] fp32 add
+    fewer. "kernels": the Triton kernels, through the interpreter."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from moeut import attention as attention_module, expert_mm, fused
+    from moeut.model import MoEUTLayer
+    if kernels:
+        pytest.importorskip("triton")
+        monkeypatch.setattr(expert_mm, "use_fused", lambda t, switch=None: switch is None)
+        monkeypatch.setattr(fused, "use_fused", lambda t, switch=None: switch is None)
+    torch.manual_seed(1)
+    layer = MoEUTLayer(32, 2, 8, 6, att_n_experts=3, d_head=8, ff_k=2).train()
+    for mod in (layer.attention, layer.ffn):
+        mod.reset_parameters(1.0)
+    x = torch.randn(2, 7, 32, requires_grad=True)
+    gy = torch.randn(2, 7, 32)
+    params = [x] + list(layer.parameters())
+
+    class CountAdds(TorchDispatchMode):   # fp32 adds of x's shape ([B*T, D] or [B, T, D])
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__.startswith("add") and torch.is_tensor(out) and out.dtype == torch.float32 \
+                    and out.numel() == x.numel():
+                CountAdds.n += 1
+            return out
+
+    def run(relay):
+        monkeypatch.setattr(attention_module, "RELAY_RESIDUAL_GRAD", relay)
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y = layer(x)[0]
+        CountAdds.n = 0
+        with CountAdds():
+            grads = torch.autograd.grad(y, params, gy)
+        return CountAdds.n, (y, *grads)
+
+    (adds_on, on), (adds_off, off) = run(True), run(False)
+    assert adds_on == adds_off - 1, (adds_on, adds_off)
+    for a, b in zip(on, off):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:   # the same sums in another order
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+
+
+def test_residual_grad_relay_refuses_a_gradient_it_was_not_given():
+    from moeut.expert_mm import ResidualGradRelay
+    relay = ResidualGradRelay()
+    with pytest.raises(RuntimeError, match="ran before"):
+        relay.take()
+    g = torch.ones(2)
+    relay.put(g)
+    assert relay.take() is g
+    with pytest.raises(RuntimeError, match="ran before"):
+        relay.take()
