@@ -180,3 +180,20 @@ run next_s11 300 bash -c "python3 benchmarks/profile_step.py --model moeut-244M 
 run s11_sites 400 bash -c "python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 10 --sites 70 \
   --json $OUT/profile_244M_sites.json && python3 benchmarks/profile_step.py --model dense-244M --batch 16 --top 25 \
   --sites 30 --json $OUT/profile_dense_244M.json"
+# Eleventh session, call 3: GPU tests of what changed, then graphed 244M/1B steps with the dense pair;
+# the three changes off together (244M, 1B: the tenth session's code path) and one at a time (244M):
+# the regulariser's kernels (MOEUT_FUSED_ENTROPY), the relayed residual gradient
+# (MOEUT_RELAY_RESIDUAL_GRAD), the sums' bf16 copies (MOEUT_LOWP_COPY). ~7.5 min.
+S11_OFF="MOEUT_FUSED_ENTROPY=0 MOEUT_RELAY_RESIDUAL_GRAD=0 MOEUT_LOWP_COPY=0"
+run s11_ab 540 bash -c "$TEST_ENV timeout 200 python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=5 \
+  -k 'probability or relay or residual_copies or sum_choices or deterministic or graphed or cuda_graph or combine or fullgraph and tiny'; \
+  python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8 --json $OUT/train_graph_s11.json && \
+  env $S11_OFF python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16,moeut-1B:8 \
+  --json $OUT/train_graph_s11_off.json && \
+  MOEUT_FUSED_ENTROPY=0 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16 \
+  --json $OUT/train_graph_s11_noentropy.json && \
+  MOEUT_RELAY_RESIDUAL_GRAD=0 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16 \
+  --json $OUT/train_graph_s11_norelay.json && \
+  MOEUT_LOWP_COPY=0 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16 \
+  --json $OUT/train_graph_s11_nocopy.json"
