@@ -183,7 +183,8 @@ run s11_sites 400 bash -c "python3 benchmarks/profile_step.py --model moeut-244M
 # Eleventh session, call 3: GPU tests of what changed, then graphed 244M/1B steps with the dense pair;
 # the three changes off together (244M, 1B: the tenth session's code path) and one at a time (244M):
 # the regulariser's kernels (MOEUT_FUSED_ENTROPY), the relayed residual gradient
-# (MOEUT_RELAY_RESIDUAL_GRAD), the sums' bf16 copies (MOEUT_LOWP_COPY). ~7.5 min.
+# (MOEUT_RELAY_RESIDUAL_GRAD), the sums' bf16 copies (MOEUT_LOWP_COPY; measured +0.06%, removed after
+# this call, RESULTS J.3). ~7.5 min.
 S11_OFF="MOEUT_FUSED_ENTROPY=0 MOEUT_RELAY_RESIDUAL_GRAD=0 MOEUT_LOWP_COPY=0"
 run s11_ab 540 bash -c "$TEST_ENV timeout 200 python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=5 \
   -k 'probability or relay or residual_copies or sum_choices or deterministic or graphed or cuda_graph or combine or fullgraph and tiny'; \
@@ -197,3 +198,12 @@ run s11_ab 540 bash -c "$TEST_ENV timeout 200 python3 -m pytest -q tests/gpu -p 
   --json $OUT/train_graph_s11_norelay.json && \
   MOEUT_LOWP_COPY=0 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16 \
   --json $OUT/train_graph_s11_nocopy.json"
+# Eleventh session, last call: GPU tests of the final code's changes, graphed 244M/1B steps with the
+# dense pair, the smaller profiles, and the 244M step's glue by site. ~6 min.
+run s11_final 500 bash -c "$TEST_ENV timeout 150 python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=5 \
+  -k 'relay or probability or sum_choices or deterministic or shared or fullgraph and 244M'; \
+  python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8 --json $OUT/train_graph_final.json && \
+  python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-44M:32,moeut-126M:16,moeut-318M:16 \
+  --json $OUT/train_graph_small.json && python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 12 \
+  --sites 45 --json $OUT/profile_244M.json"

@@ -203,13 +203,11 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
     from moeut.expert_mm import _sum_choices_torch
     from moeut.triton_sum import sum_choices_triton
     y_ND = torch.randn(N, D, device="cuda", dtype=dt)
-    for label, fn, out_size in (("top-k sum, torch.sum -> bf16", lambda: _sum_choices_torch(y_ND, T, dt)[0], 2),
+    for label, fn, out_size in (("top-k sum, torch.sum -> bf16", lambda: _sum_choices_torch(y_ND, T, dt), 2),
                                 ("top-k sum, torch.sum -> bf16 -> fp32",
-                                 lambda: _sum_choices_torch(y_ND, T, dt)[0].float(), 2 + 4 + 4),
+                                 lambda: _sum_choices_torch(y_ND, T, dt).float(), 2 + 4 + 4),
                                 ("top-k sum, kernel -> bf16", lambda: sum_choices_triton(y_ND, T, dt), 2),
-                                ("top-k sum, kernel -> fp32", lambda: sum_choices_triton(y_ND, T, torch.float32), 4),
-                                ("top-k sum, kernel -> fp32 + bf16 copy",
-                                 lambda: sum_choices_triton(y_ND, T, torch.float32, None, dt), 4 + 2)):
+                                ("top-k sum, kernel -> fp32", lambda: sum_choices_triton(y_ND, T, torch.float32), 4)):
         ms = bench(fn)
         add_bandwidth_bound(label, ms, 2 * N * D + out_size * T * D)
 

@@ -43,7 +43,7 @@ class _ExpertMLP(torch.autograd.Function):
         ctx.save_for_backward(x_RD, w1_master, w2_master, gate_RK, h_NS, offsets_E1, rows_N, slot_N)
         ctx.dtype, ctx.sinks, ctx.residual = dtype, (sink1, sink2), residual
         if residual:
-            return _sum_choices(out_SD, gate_RK.shape[0], x_RD.dtype, init_XO=x_RD, copy_for=dtype)
+            return _sum_choices(out_SD, gate_RK.shape[0], x_RD.dtype, init_XO=x_RD)
         return _sum_choices(out_SD, gate_RK.shape[0])
 
     @staticmethod

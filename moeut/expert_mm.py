@@ -37,7 +37,6 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import lowp_copy
 from .fused import use_fused
 from .shared_weights import GradSink, shared_operand
 
@@ -383,55 +382,38 @@ def _(a, b, b_rows, scale, dst=None, relu_mask=False, scaled_dst=None):
     return a.new_empty(a.shape[0], dtype=acc), a.new_empty(a.shape[0] if scale is not None else 0, a.shape[1])
 
 
-def _sum_choices_torch(y_SO: Tensor, n_groups: int, out_dtype: torch.dtype, init_XO: Optional[Tensor] = None,
-                      copy_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
-    acc = torch.promote_types(y_SO.dtype, torch.float32)
+def _sum_choices_torch(y_SO: Tensor, n_groups: int, out_dtype: torch.dtype, init_XO: Optional[Tensor] = None) -> Tensor:
     if n_groups == 0:
-        total = y_SO.new_zeros(0, y_SO.shape[1], dtype=acc)
-    else:
-        total = y_SO.view(n_groups, -1, y_SO.shape[1]).sum(1, dtype=acc)
+        return y_SO.new_zeros(0, y_SO.shape[1], dtype=out_dtype)
+    acc = torch.promote_types(y_SO.dtype, torch.float32)
+    total = y_SO.view(n_groups, -1, y_SO.shape[1]).sum(1, dtype=acc)
     if init_XO is not None:
         total = total + init_XO.to(acc)
-    out = total.to(out_dtype)
-    return out, (out.to(copy_dtype) if copy_dtype is not None else out.new_empty(0))
+    return total.to(out_dtype)
 
 
 @torch.library.custom_op("moeut::sum_choices", mutates_args=())
-def sum_choices(y: Tensor, n_groups: int, out_dtype: torch.dtype, init: Optional[Tensor] = None,
-                copy_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
-    """[X*C, O] rows in (group, choice) order -> ([X, O] sums in `out_dtype`, accumulated in fp32 (fp64
-    for fp64 inputs), plus `init` [X, O] if given, and rounded once (`triton_sum.py` on CUDA); the
-    same sums rounded to `copy_dtype`, or an empty tensor). The copy is the rounding of the output
-    (`lowp_copy.py`): written in the same pass, it saves a cast kernel."""
+def sum_choices(y: Tensor, n_groups: int, out_dtype: torch.dtype, init: Optional[Tensor] = None) -> Tensor:
+    """[X*C, O] rows in (group, choice) order -> [X, O] sums in `out_dtype`, accumulated in fp32 (fp64
+    for fp64 inputs), plus `init` [X, O] if given, and rounded once (`triton_sum.py` on CUDA)."""
     torch._check(y.dim() == 2 and (n_groups == 0 or y.shape[0] % n_groups == 0),
                  lambda: f"sum_choices: {tuple(y.shape)} rows do not split into {n_groups} groups")
     torch._check(init is None or tuple(init.shape) == (n_groups, y.shape[1]),
                  lambda: f"sum_choices: init of shape {tuple(init.shape)} for {n_groups} sums of width {y.shape[1]}")
     if y.dtype != torch.float64 and (init is None or init.dtype != torch.float64) and use_fused(y, "MOEUT_FUSED_SUM"):
         from .triton_sum import sum_choices_triton
-        return sum_choices_triton(y, n_groups, out_dtype, init, copy_dtype)
-    return _sum_choices_torch(y, n_groups, out_dtype, init, copy_dtype)
+        return sum_choices_triton(y, n_groups, out_dtype, init)
+    return _sum_choices_torch(y, n_groups, out_dtype, init)
 
 
 @sum_choices.register_fake
-def _(y, n_groups, out_dtype, init=None, copy_dtype=None):
-    out = y.new_empty(n_groups, y.shape[1], dtype=out_dtype)
-    return out, (y.new_empty(n_groups, y.shape[1], dtype=copy_dtype) if copy_dtype is not None
-                 else y.new_empty(0, dtype=out_dtype))
+def _(y, n_groups, out_dtype, init=None):
+    return y.new_empty(n_groups, y.shape[1], dtype=out_dtype)
 
 
 def _sum_choices(y_SO: Tensor, n_groups: int, out_dtype: Optional[torch.dtype] = None,
-                 init_XO: Optional[Tensor] = None, copy_for: Optional[torch.dtype] = None) -> Tensor:
-    """`sum_choices`' sums; with `copy_for` (a compute dtype) the sum also writes its rounding to that
-    dtype when `lowp_copy` wants one, for the next expert projection that reads the result."""
-    out_dtype = out_dtype or y_SO.dtype
-    copy_dtype = None
-    if copy_for is not None:
-        copy_dtype = lowp_copy.wanted(out_dtype, copy_for)
-    out, copy = sum_choices(y_SO, n_groups, out_dtype, init_XO, copy_dtype)
-    if copy_dtype is not None:
-        lowp_copy.remember(out, copy)
-    return out
+                 init_XO: Optional[Tensor] = None) -> Tensor:
+    return sum_choices(y_SO, n_groups, out_dtype or y_SO.dtype, init_XO)
 
 
 # MOEUT_GATES_AT_DST=1: the combine's backward reads gates, and writes their gradient, in (row, choice)
@@ -455,13 +437,7 @@ def _operand(t: Tensor, dtype: torch.dtype, weight: bool = False) -> Tensor:
     cast at each application, forward and backward), cast straight into a padded buffer when its rows
     are misaligned for the kernels (MoEUT_44M: one copy instead of a cast and a padded copy), or a
     weight left in fp32 with CAST_IN_KERNEL."""
-    if t.dtype == dtype or torch.compiler.is_compiling():   # (no data_ptr under compile)
-        return t.to(dtype)
-    if not weight:
-        copy = lowp_copy.recall(t, dtype)   # written by the top-k sum that produced t
-        if copy is not None:
-            return copy
-    if not use_fused(t):
+    if t.dtype == dtype or not use_fused(t) or torch.compiler.is_compiling():   # (no data_ptr under compile)
         return t.to(dtype)
     if weight and CAST_IN_KERNEL and t.dtype == torch.float32:
         return t
@@ -561,7 +537,7 @@ class _ExpertMMCombine(torch.autograd.Function):
         ctx.save_for_backward(x_RI, w_master, gate_XC, offsets_E1, rows_N, slot_N)
         ctx.dtype, ctx.sink, ctx.send_grad, ctx.receive_grad = dtype, sink, send_grad, receive_grad
         if residual_XO is not None:   # residual + the sums, in the residual's dtype, rounded once
-            return _sum_choices(out_SO, gate_XC.shape[0], residual_XO.dtype, init_XO=residual_XO, copy_for=dtype)
+            return _sum_choices(out_SO, gate_XC.shape[0], residual_XO.dtype, init_XO=residual_XO)
         return _sum_choices(out_SO, gate_XC.shape[0])
 
     @staticmethod

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from . import lowp_copy
 from .attention import AttentionMask, KVCache, SwitchHeadRope, begin_static_step, check_mask, end_static_step
 from .moe import SigmaMoE, negative_entropy, selection_probability_sum
 from .shared_weights import begin_share, end_share
@@ -219,7 +218,6 @@ class MoEUT(torch.nn.Module):
                             prob_sums[li][which] = s if prev is None else prev + s
         finally:
             end_share(share)
-            lowp_copy.forget()   # the last sum's rounded copy (`lowp_copy.py`) is not needed past the forward
 
         if shared_step:
             end_static_step(kv_cache, T)

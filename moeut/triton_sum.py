@@ -7,13 +7,11 @@ input's dtype, after which the backward converted the bf16 sum to the fp32 resid
 more kernel. This kernel walks the C rows of a block of outputs with contiguous loads, accumulates in
 fp32 and writes the result once, in the dtype the caller wants (fp32 gradients are not rounded to
 bf16 on the way). It can add a tensor of the output's shape to the sums (the residual stream in the
-forward, the residual's gradient in the backward), saving an elementwise pass over [X, O] fp32, and
-write its result a second time rounded to the compute dtype (`lowp_copy.py`), saving a cast kernel.
-Reference: `expert_mm._sum_choices_torch`.
+forward, the residual's gradient in the backward), saving an elementwise pass over [X, O] fp32. Reference: `expert_mm._sum_choices_torch`.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -24,8 +22,8 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _sum_choices_kernel(y_ptr, init_ptr, out_ptr, copy_ptr, X, C, O, syr, sir, sxr,
-                            INIT: tl.constexpr, COPY: tl.constexpr, BX: tl.constexpr, BO: tl.constexpr):
+    def _sum_choices_kernel(y_ptr, init_ptr, out_ptr, X, C, O, syr, sir, sxr,
+                            INIT: tl.constexpr, BX: tl.constexpr, BO: tl.constexpr):
         xs = tl.program_id(0) * BX + tl.arange(0, BX)
         os_ = tl.program_id(1) * BO + tl.arange(0, BO)
         mask = (xs < X)[:, None] & (os_ < O)[None, :]
@@ -36,32 +34,24 @@ if triton is not None:
             ptrs += syr
         if INIT:   # added after the choices, as `_sum_choices_torch` does
             acc += tl.load(init_ptr + xs[:, None].to(tl.int64) * sir + os_[None, :], mask=mask, other=0.0).to(tl.float32)
-        out = acc.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + xs[:, None].to(tl.int64) * sxr + os_[None, :], out, mask=mask)
-        if COPY:   # the output rounded again (as `out.to(copy dtype)` would round it), contiguous
-            tl.store(copy_ptr + xs[:, None].to(tl.int64) * O + os_[None, :], out.to(copy_ptr.dtype.element_ty),
-                     mask=mask)
+        tl.store(out_ptr + xs[:, None].to(tl.int64) * sxr + os_[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=mask)
 
 
-def sum_choices_triton(y_SO: Tensor, n_groups: int, out_dtype: torch.dtype, init_XO: Optional[Tensor] = None,
-                       copy_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+def sum_choices_triton(y_SO: Tensor, n_groups: int, out_dtype: torch.dtype, init_XO: Optional[Tensor] = None) -> Tensor:
     """init_XO (any float dtype, read as fp32): added to each sum before it is rounded, e.g. the residual
-    stream, which then needs no add kernel of its own. copy_dtype: the output is also written rounded
-    to it (second result; else an empty tensor)."""
+    stream, which then needs no add kernel of its own."""
     S, O = y_SO.shape
     out = torch.empty(n_groups, O, device=y_SO.device, dtype=out_dtype)
-    copy = torch.empty((n_groups, O) if copy_dtype is not None else (0,), device=y_SO.device,
-                       dtype=copy_dtype or out_dtype)
     if n_groups == 0 or O == 0:
-        return out, copy
+        return out
     y_SO = y_SO if y_SO.stride(1) == 1 else y_SO.contiguous()
     if init_XO is not None and init_XO.stride(1) != 1:
         init_XO = init_XO.contiguous()
     C = S // n_groups
     BX, BO = (4, 16) if INTERPRET else (8, 256)
     grid = (triton.cdiv(n_groups, BX), triton.cdiv(O, BO))
-    _sum_choices_kernel[grid](y_SO, y_SO if init_XO is None else init_XO, out, out if copy_dtype is None else copy,
-                              n_groups, C, O, y_SO.stride(0), 0 if init_XO is None else init_XO.stride(0),
-                              out.stride(0), INIT=init_XO is not None, COPY=copy_dtype is not None, BX=BX, BO=BO,
-                              num_warps=4)
-    return out, copy
+    _sum_choices_kernel[grid](y_SO, y_SO if init_XO is None else init_XO, out, n_groups, C, O, y_SO.stride(0),
+                              0 if init_XO is None else init_XO.stride(0), out.stride(0),
+                              INIT=init_XO is not None, BX=BX, BO=BO, num_warps=4)
+    return out

@@ -139,10 +139,7 @@ def test_opcheck():
     y = torch.randn(20, 5, generator=gen)
     for dtype in (torch.float32, torch.bfloat16):
         torch.library.opcheck(sum_choices, (y.to(dtype), 10, torch.float32))
-        torch.library.opcheck(sum_choices, (y.to(dtype), 10, torch.float32, None, torch.bfloat16))
-    out, copy = sum_choices(y, 10, torch.float32, None, torch.bfloat16)
-    assert torch.equal(out, y.view(10, 2, 5).sum(1)) and torch.equal(copy, out.bfloat16())
-    assert sum_choices(y, 10, torch.float32)[1].numel() == 0
+    assert torch.equal(sum_choices(y, 10, torch.float32), y.view(10, 2, 5).sum(1))
 
 
 def test_grouped_mm_dot_matches_reference():
