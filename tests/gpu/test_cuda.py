@@ -590,11 +590,11 @@ def test_train_with_cuda_graph_stops_and_resumes_to_the_same_losses(tmp_path):
         assert abs(resumed[step] - full[step]) <= 1e-3 * abs(full[step]), (step, resumed[step], full[step])
 
 
-@pytest.mark.parametrize("relay", [True, False])
-def test_relayed_residual_gradient_matches_autograd_sum_at_244M_shapes(relay, monkeypatch):
+def test_relayed_residual_gradient_matches_autograd_sum_at_244M_shapes(monkeypatch):
     """The attention residual's gradient summed inside SwitchHead's value projection backward
-    (`ResidualGradRelay`, default) or by autograd (MOEUT_RELAY_RESIDUAL_GRAD=0), 244M layer shapes under
-    bf16 autocast: both against the fp64 gradients of the same layer."""
+    (`ResidualGradRelay`, default) against autograd's sum (MOEUT_RELAY_RESIDUAL_GRAD=0), 244M layer
+    shapes under bf16 autocast: the same sums in another order (fp32 rounding apart), and both as
+    close to the fp64 gradients as bf16 allows (2.8% for x's gradient, measured on the H200)."""
     from moeut import attention as attention_module
     from moeut.model import MoEUTLayer
     torch.manual_seed(5)
@@ -603,13 +603,16 @@ def test_relayed_residual_gradient_matches_autograd_sum_at_244M_shapes(relay, mo
         mod.reset_parameters(1.0)
     x = torch.randn(4, 512, 1024, device="cuda", requires_grad=True)
     gy = torch.randn_like(x)
-    monkeypatch.setattr(attention_module, "RELAY_RESIDUAL_GRAD", relay)
-    with torch.autocast("cuda", torch.bfloat16):
-        y = layer(x)[0]
-    got = torch.autograd.grad(y, [x, layer.attention.v, layer.attention.o], gy)
+    got = {}
+    for relay in (True, False):
+        monkeypatch.setattr(attention_module, "RELAY_RESIDUAL_GRAD", relay)
+        with torch.autocast("cuda", torch.bfloat16):
+            y = layer(x)[0]
+        got[relay] = torch.autograd.grad(y, [x, layer.attention.v, layer.attention.o], gy)
     monkeypatch.setenv("MOEUT_DISABLE_TRITON", "1")   # the fp64 reference through the PyTorch paths
     layer64 = copy.deepcopy(layer).double()
     x64 = x.detach().double().requires_grad_()
     want = torch.autograd.grad(layer64(x64)[0], [x64, layer64.attention.v, layer64.attention.o], gy.double())
-    for g, w in zip(got, want):
-        assert rel(g, w) < 2e-2
+    for on, off, w in zip(got[True], got[False], want):
+        assert rel(on, off) < 1e-5
+        assert rel(on, w) < 5e-2 and rel(off, w) < 5e-2
