@@ -594,7 +594,7 @@ def test_relayed_residual_gradient_matches_autograd_sum_at_244M_shapes(monkeypat
     """The attention residual's gradient summed inside SwitchHead's value projection backward
     (`ResidualGradRelay`, default) against autograd's sum (MOEUT_RELAY_RESIDUAL_GRAD=0), 244M layer
     shapes under bf16 autocast: the same sums in another order (fp32 rounding apart), and both as
-    close to the fp64 gradients as bf16 allows (2.8% for x's gradient, measured on the H200)."""
+    close to the fp64 gradients as bf16 allows (H200: x 2.8%, V and O 9.5%, equal for both)."""
     from moeut import attention as attention_module
     from moeut.model import MoEUTLayer
     torch.manual_seed(5)
@@ -616,6 +616,6 @@ def test_relayed_residual_gradient_matches_autograd_sum_at_244M_shapes(monkeypat
     same = [rel(on, off) for on, off in zip(got[True], got[False])]
     to_fp64 = [(rel(on, w), rel(off, w)) for on, off, w in zip(got[True], got[False], want)]
     print("relay vs autograd sum:", same, "against fp64 (relay, autograd):", to_fp64)
-    assert max(same) < 1e-5
+    assert max(same) < 3e-5   # (5.6e-6 measured: x's gradient; the weights' are bit-identical)
     for (a, b), tol in zip(to_fp64, (5e-2, 0.2, 0.2)):   # bf16 end to end through the layer
         assert a < tol and b < tol
