@@ -152,6 +152,15 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
     add(f"up dx [{form}]", bench(lambda: op(gh, w1.transpose(1, 2), r.offsets_E1, None, None, r.slot_N)),
         2 * (N * S + E * S * D + N * D))
     triton_expert_mm.LOOP_N_OVERRIDE = None
+    # The scattered outputs with the streaming store hint (MOEUT_STREAM_STORES=1), to decide its default.
+    stream = triton_expert_mm.STREAM_STORES
+    triton_expert_mm.STREAM_STORES = not stream
+    hint = "streaming stores" if not stream else "plain stores"
+    add(f"down fwd (gate, scatter) [{hint}]", bench(lambda: op(h, w2, r.offsets_E1, None, gate, r.slot_N)),
+        2 * (N * S + E * S * D + N * D))
+    add(f"up dx (scatter) [{hint}]", bench(lambda: op(gh, w1.transpose(1, 2), r.offsets_E1, None, None, r.slot_N)),
+        2 * (N * S + E * S * D + N * D))
+    triton_expert_mm.STREAM_STORES = stream
     # fp32 master weights (training under autocast): rounded tile by tile in the kernel, against a
     # cast to bf16 followed by the bf16 kernel (what every application did before).
     w1_32, w2_32 = w1.float(), w2.float()
