@@ -142,24 +142,23 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
         2 * (T * D + E * S * D + N * S))
     add("up dx (scatter)", bench(lambda: op(gh, w1.transpose(1, 2), r.offsets_E1, None, None, r.slot_N)),
         2 * (N * S + E * S * D + N * D))
+    def add_scatter_passes(down_name, up_name):   # the two passes that write (row, choice) order
+        add(down_name, bench(lambda: op(h, w2, r.offsets_E1, None, gate, r.slot_N)), 2 * (N * S + E * S * D + N * D))
+        add(up_name, bench(lambda: op(gh, w1.transpose(1, 2), r.offsets_E1, None, None, r.slot_N)),
+            2 * (N * S + E * S * D + N * D))
+
     # The narrow passes (I = 128) in the other grouped-GEMM form too, to keep the faster one as default.
     from moeut import triton_expert_mm
     forced = triton_expert_mm.use_loop_n(S, D, N, E)
     triton_expert_mm.LOOP_N_OVERRIDE = not forced
     form = "loop over N" if not forced else "column blocks"
-    add(f"down fwd [{form}]", bench(lambda: op(h, w2, r.offsets_E1, None, gate, r.slot_N)),
-        2 * (N * S + E * S * D + N * D))
-    add(f"up dx [{form}]", bench(lambda: op(gh, w1.transpose(1, 2), r.offsets_E1, None, None, r.slot_N)),
-        2 * (N * S + E * S * D + N * D))
+    add_scatter_passes(f"down fwd [{form}]", f"up dx [{form}]")
     triton_expert_mm.LOOP_N_OVERRIDE = None
     # The scattered outputs with the streaming store hint (MOEUT_STREAM_STORES=1), to decide its default.
     stream = triton_expert_mm.STREAM_STORES
     triton_expert_mm.STREAM_STORES = not stream
     hint = "streaming stores" if not stream else "plain stores"
-    add(f"down fwd (gate, scatter) [{hint}]", bench(lambda: op(h, w2, r.offsets_E1, None, gate, r.slot_N)),
-        2 * (N * S + E * S * D + N * D))
-    add(f"up dx (scatter) [{hint}]", bench(lambda: op(gh, w1.transpose(1, 2), r.offsets_E1, None, None, r.slot_N)),
-        2 * (N * S + E * S * D + N * D))
+    add_scatter_passes(f"down fwd (gate, scatter) [{hint}]", f"up dx (scatter) [{hint}]")
     triton_expert_mm.STREAM_STORES = stream
     # fp32 master weights (training under autocast): rounded tile by tile in the kernel, against a
     # cast to bf16 followed by the bf16 kernel (what every application did before).

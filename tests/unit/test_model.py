@@ -465,6 +465,18 @@ def test_dense_frozen_padded_ffn_follows_weight_updates_and_is_released():
     assert layer._inference_weight is None
 
 
+def _small_switchhead_layer(seed: int):
+    """(layer, x, gy, [x] + parameters): a MoEUTLayer with SwitchHead of 3 experts, initialised at unit
+    scale (alone, a layer's experts are not initialised: its model does that), input and output gradient."""
+    from moeut.model import MoEUTLayer
+    torch.manual_seed(seed)
+    layer = MoEUTLayer(32, 2, 8, 6, att_n_experts=3, d_head=8, ff_k=2).train()
+    for mod in (layer.attention, layer.ffn):
+        mod.reset_parameters(1.0)
+    x = torch.randn(2, 7, 32, requires_grad=True)
+    return layer, x, torch.randn(2, 7, 32), [x] + list(layer.parameters())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_residual_folded_into_the_output_sum_matches_a_separate_add(dtype, monkeypatch):
     """MoEUTLayer adds x + attention inside SwitchHead's output top-k sum (forward; the backward passes
@@ -473,13 +485,7 @@ def test_attention_residual_folded_into_the_output_sum_matches_a_separate_add(dt
     it is the closer one to fp64. With dropout in training the add stays separate."""
     from moeut import expert_mm, model as model_module
     from moeut.model import MoEUTLayer
-    torch.manual_seed(0)
-    layer = MoEUTLayer(32, 2, 8, 6, att_n_experts=3, d_head=8, ff_k=2).train()
-    for mod in (layer.attention, layer.ffn):
-        mod.reset_parameters(1.0)
-    x = torch.randn(2, 7, 32, requires_grad=True)
-    gy = torch.randn(2, 7, 32)
-    params = [x] + list(layer.parameters())
+    layer, x, gy, params = _small_switchhead_layer(0)
     residuals = []
     combine = expert_mm.expert_mm_combine
     from moeut import attention as attention_module
@@ -521,18 +527,11 @@ def test_residual_gradient_relayed_into_the_value_projection_matches_autograd_su
     fewer. "kernels": the Triton kernels, through the interpreter."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from moeut import attention as attention_module, expert_mm, fused
-    from moeut.model import MoEUTLayer
     if kernels:
         pytest.importorskip("triton")
         monkeypatch.setattr(expert_mm, "use_fused", lambda t, switch=None: switch is None)
         monkeypatch.setattr(fused, "use_fused", lambda t, switch=None: switch is None)
-    torch.manual_seed(1)
-    layer = MoEUTLayer(32, 2, 8, 6, att_n_experts=3, d_head=8, ff_k=2).train()
-    for mod in (layer.attention, layer.ffn):
-        mod.reset_parameters(1.0)
-    x = torch.randn(2, 7, 32, requires_grad=True)
-    gy = torch.randn(2, 7, 32)
-    params = [x] + list(layer.parameters())
+    layer, x, gy, params = _small_switchhead_layer(1)
 
     class CountAdds(TorchDispatchMode):   # fp32 adds of x's shape ([B*T, D] or [B, T, D])
         n = 0
