@@ -636,10 +636,10 @@ def expert_mm_combine(x_RI: Tensor, w_EIO: Tensor, routing: Routing, gate_XC: Te
     if residual_XO is not None and tuple(residual_XO.shape) != (gate_XC.shape[0], w_EIO.shape[2]):
         raise ValueError(f"expert_mm_combine: residual of shape {tuple(residual_XO.shape)} for an output of shape "
                          f"{(gate_XC.shape[0], w_EIO.shape[2])}")
-    w_EIO, sink = _weight_operand(w_EIO, dtype)
-    rows = routing.rows_N if gather else None
     if send_residual_grad is not None and residual_XO is None:
         raise ValueError("expert_mm_combine: send_residual_grad needs residual_XO")
+    w_EIO, sink = _weight_operand(w_EIO, dtype)
+    rows = routing.rows_N if gather else None
     return _ExpertMMCombine.apply(x_RI.contiguous(), w_EIO, gate_XC, routing.offsets_E1, rows, routing.slot_N, dtype,
                                   sink, residual_XO, send_residual_grad, receive_grad)
 

@@ -562,8 +562,11 @@ def test_residual_gradient_relayed_into_the_value_projection_matches_autograd_su
 
 
 def test_residual_grad_relay_refuses_a_gradient_it_was_not_given():
-    from moeut.expert_mm import ResidualGradRelay
+    from moeut.expert_mm import ResidualGradRelay, expert_mm_combine, route
     relay = ResidualGradRelay()
+    r = route(torch.randint(0, 3, (4, 2)), 3)
+    with pytest.raises(ValueError, match="send_residual_grad needs residual_XO"):
+        expert_mm_combine(torch.randn(4, 5), torch.randn(3, 5, 6), r, torch.rand(4, 2), send_residual_grad=relay)
     with pytest.raises(RuntimeError, match="ran before"):
         relay.take()
     g = torch.ones(2)
