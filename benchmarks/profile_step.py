@@ -47,7 +47,7 @@ def kernel_times(fn, iters: int, trace: Path = None, sites: bool = False):
     if sites:
         py = sorted({e.name for e in prof.events() if ".py(" in e.name and "moeut" in e.name})
         print(f"({len(py)} Python functions of moeut in the profile, e.g. {py[:3]})")
-        return per_kernel, site_times(prof.events(), iters)
+        return per_kernel, site_times(prof.events())
     return per_kernel
 
 
@@ -70,7 +70,7 @@ def _site(ev) -> str:
     return f"{site} [{node}]" if node else site
 
 
-def site_times(events, iters: int, use_kernels: bool = True):
+def site_times(events, use_kernels: bool = True):
     """{(category, site, op, kernel): [total us, calls]} for the glue kernels of a profile taken with
     with_stack=True. On a machine without CUDA (tests), leaf CPU ops stand in for kernels."""
     out = defaultdict(lambda: [0.0, 0])
@@ -84,11 +84,12 @@ def site_times(events, iters: int, use_kernels: bool = True):
         op = ev   # the runtime's launch call -> the aten op above it (none for a Triton launch)
         while op is not None and not op.name.startswith("aten::"):
             op = op.cpu_parent
+        site, op_name = _site(ev), op.name if op is not None else "-"
         for name, us in launched:
             cat = category(name) if use_kernels else "cpu op"
             if cat in NOT_GLUE:
                 continue
-            key = (cat, _site(ev), op.name if op is not None else "-", name[:48])
+            key = (cat, site, op_name, name[:48])
             out[key][0] += us
             out[key][1] += 1
     return out
