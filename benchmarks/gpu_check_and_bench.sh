@@ -207,17 +207,12 @@ run s11_final 500 bash -c "$TEST_ENV timeout 150 python3 -m pytest -q tests/gpu 
   python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-44M:32,moeut-126M:16,moeut-318M:16 \
   --json $OUT/train_graph_small.json && python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 12 \
   --sites 45 --json $OUT/profile_244M.json"
-# For the next session (PERF_NOTES, "First device calls"): the two candidates that are off by default,
-# each against the default in one call: the streaming store hint on the scattered outputs
-# (MOEUT_STREAM_STORES=1: kernels.py prints its rows beside the plain ones) and the router's backward
-# kernel alone (MOEUT_ROUTER_BACKWARD_KERNEL=1; F.2 measured it only together with MOEUT_GATES_AT_DST).
-# Their GPU tests first. ~6 min.
-run next_s12 520 bash -c "$TEST_ENV timeout 120 python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=3 \
-  -k 'streaming or router_backward or probability'; \
-  python3 benchmarks/kernels.py --parity no --shapes 244M --json $OUT/kernels_244M.json && \
-  python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16,moeut-1B:8 \
-  --json $OUT/train_graph_default.json && \
-  MOEUT_STREAM_STORES=1 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16,moeut-1B:8 \
-  --json $OUT/train_graph_stream.json && \
-  MOEUT_ROUTER_BACKWARD_KERNEL=1 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16 \
-  --json $OUT/train_graph_router_bwd.json"
+# Twelfth session: the whole GPU test module on one commit, then peak memory of an eager 244M step
+# (MoEUT and dense at the same batch). ~7 min.
+run s12_verify 570 bash -c "$TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=8 --tb=short; \
+  python3 benchmarks/train_throughput.py --steps 6 --models moeut-244M:16,dense-244M:16 --json $OUT/train_eager_244M.json"
+# Twelfth session: graphed steps of MoEUT and dense at several batch sizes each (the paper trains at
+# batch 64 x 1024 tokens; earlier tables use 16 at 244M and 8 at 1B). ~6 min.
+run s12_batch 560 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:16,dense-244M:16,moeut-244M:32,dense-244M:32,moeut-244M:64,dense-244M:64,moeut-1B:8,dense-1B:8,moeut-1B:16,dense-1B:16,moeut-1B:32,dense-1B:32 \
+  --json "$OUT/train_graph_batches.json"

@@ -44,11 +44,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("MOEUT_AUTOTUNE", "1") != "0"
 
 
-# MOEUT_STREAM_STORES=1: the scattered outputs (rows in (row, choice) order, read once by the top-k sum)
-# are stored with the streaming cache hint (".cs": evict first), so they do not push the expert weights,
-# re-read by every row tile, out of L2. Not yet measured on a GPU (eleventh session): off until it is.
-STREAM_STORES = os.environ.get("MOEUT_STREAM_STORES", "0") == "1"
-
 # The "loop over N" form for narrow inputs: None = automatic (see `use_loop_n`); True / False force
 # it (tests and benchmarks/kernels.py compare both forms; MOEUT_LOOP_N=0 turns it off).
 LOOP_N_OVERRIDE = False if os.environ.get("MOEUT_LOOP_N", "1") == "0" else None
@@ -138,13 +133,6 @@ if triton is not None:
             return acc + tl.dot(a, b)
 
     @triton.jit
-    def _store_out(ptrs, value, mask, STREAM: tl.constexpr):
-        if STREAM:
-            tl.store(ptrs, value, mask=mask, cache_modifier=".cs")
-        else:
-            tl.store(ptrs, value, mask=mask)
-
-    @triton.jit
     def _find_tile(offsets_ptr, pid, E, EP: tl.constexpr, BM: tl.constexpr):
         # Row tiles never straddle experts: expert e owns cdiv(count_e, BM) tiles. Every program
         # recomputes the (tiny) prefix sum over experts, so no host-side table or sync is needed.
@@ -175,7 +163,7 @@ if triton is not None:
                           GATHER: tl.constexpr, SCALE: tl.constexpr, SCATTER: tl.constexpr,
                           FP32: tl.constexpr, LOOP_N: tl.constexpr, SCALE_AT_DST: tl.constexpr,
                           RELU: tl.constexpr, ROW_DOT: tl.constexpr, DOT_AT_DST: tl.constexpr,
-                          STREAM_OUT: tl.constexpr, EP: tl.constexpr, IP: tl.constexpr,
+                          EP: tl.constexpr, IP: tl.constexpr,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         pid = tl.program_id(0)
         if LOOP_N:
@@ -227,8 +215,8 @@ if triton is not None:
                     acc = tl.maximum(acc, 0.0)
                 if SCALE:
                     acc = acc * gate[:, None]
-                _store_out(out_rows + cols[None, :] * soo, acc.to(out_ptr.dtype.element_ty),
-                           row_ok[:, None] & col_ok[None, :], STREAM_OUT)
+                tl.store(out_rows + cols[None, :] * soo, acc.to(out_ptr.dtype.element_ty),
+                         mask=row_ok[:, None] & col_ok[None, :])
             if ROW_DOT:
                 if DOT_AT_DST:
                     dot_at = tl.load(dotdst_ptr + rows, mask=row_ok, other=0)
@@ -253,8 +241,8 @@ if triton is not None:
                 acc = tl.maximum(acc, 0.0)
             if SCALE:
                 acc = acc * gate[:, None]
-            _store_out(out_rows + cols[None, :] * soo, acc.to(out_ptr.dtype.element_ty),
-                       row_ok[:, None] & col_ok[None, :], STREAM_OUT)
+            tl.store(out_rows + cols[None, :] * soo, acc.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit
     def _wgrad_segment(acc, x_ptr, g_ptr, offsets_ptr, rows_ptr, grows_ptr, gscale_ptr, sdst_ptr,
@@ -466,7 +454,7 @@ def grouped_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: O
                             GATHER=rows_N is not None, SCALE=scale_N is not None, SCATTER=dst_N is not None,
                             FP32=x_RI.dtype == torch.float32, LOOP_N=loop_n, SCALE_AT_DST=scale_at_dst, RELU=relu,
                             ROW_DOT=row_dot, DOT_AT_DST=dot_dst_N is not None,
-                            STREAM_OUT=STREAM_STORES and dst_N is not None, EP=triton.next_power_of_2(E),
+                            EP=triton.next_power_of_2(E),
                             IP=max(16, triton.next_power_of_2(I)))
     return (out_NO, dot_N) if row_dot else out_NO
 

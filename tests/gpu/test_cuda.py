@@ -620,21 +620,3 @@ def test_relayed_residual_gradient_matches_autograd_sum_at_244M_shapes(monkeypat
     for (a, b), tol in zip(to_fp64, (5e-2, 0.2, 0.2)):   # bf16 end to end through the layer
         assert a < tol and b < tol
 
-
-@pytest.mark.parametrize("loop_n", [None, False])
-def test_triton_streaming_stores_change_no_value(loop_n, monkeypatch):
-    """MOEUT_STREAM_STORES=1 (the scattered outputs stored with the ".cs" hint) at the 244M FFN's down
-    projection: bit-identical to plain stores."""
-    from moeut import triton_expert_mm
-    from moeut.triton_expert_mm import grouped_mm_triton
-    monkeypatch.setattr(triton_expert_mm, "LOOP_N_OVERRIDE", loop_n)
-    torch.manual_seed(8)
-    r = route(torch.randint(0, 387, (4096, 16), device="cuda"), 387)
-    h = torch.randn(4096 * 16, 128, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(387, 128, 1024, device="cuda", dtype=torch.bfloat16) / 11
-    gate = torch.rand(4096 * 16, device="cuda")
-    outs = []
-    for stream in (False, True):
-        monkeypatch.setattr(triton_expert_mm, "STREAM_STORES", stream)
-        outs.append(grouped_mm_triton(h, w, r.offsets_E1, None, gate, r.slot_N, scale_at_dst=True))
-    assert torch.equal(outs[0], outs[1])

@@ -471,21 +471,3 @@ def test_expert_mlp_through_the_kernels_matches_the_torch_path(dtype, gates_at_d
         err = ((a.float() - b.float()).norm() / b.float().norm()).item()
         assert err < tol, f"{name}: relative error {err:.2e}"
 
-
-@pytest.mark.parametrize("loop_n", [False, True], ids=["column_blocks", "loop_n"])
-def test_streaming_stores_change_no_value(loop_n, monkeypatch):
-    """MOEUT_STREAM_STORES=1 only adds a cache hint to the scattered output's stores: the same bits."""
-    from moeut.expert_mm import route
-    monkeypatch.setattr(triton_expert_mm, "LOOP_N_OVERRIDE", loop_n)
-    gen = torch.Generator().manual_seed(7)
-    r = route(torch.randint(0, 5, (19, 3), generator=gen), 5)
-    h = torch.randn(19 * 3, 16, generator=gen).bfloat16()
-    w = torch.randn(5, 16, 40, generator=gen).bfloat16()
-    gate = torch.rand(19 * 3, generator=gen)
-    outs = []
-    for stream in (False, True):
-        monkeypatch.setattr(triton_expert_mm, "STREAM_STORES", stream)
-        outs.append(grouped_mm_triton(h, w, r.offsets_E1, None, gate, r.slot_N, scale_at_dst=True))
-    assert torch.equal(outs[0], outs[1])
-    want = _grouped_mm_torch(h.float(), w.float(), r.offsets_E1, None)
-    assert (outs[0].float()[r.slot_N] - want * gate[r.slot_N, None]).abs().max() < 0.1
