@@ -136,20 +136,21 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
     # The passes exactly as the σ-MoE FFN runs them (see expert_mm.py): bytes are the compulsory traffic.
     add("up fwd (gather x)", bench(lambda: op(x, w1, r.offsets_E1, r.rows_N, None, None)),
         2 * (T * D + E * D * S + N * S))
-    def add_scatter_passes(down_name, up_name):   # the two passes that write (row, choice) order
-        add(down_name, bench(lambda: op(h, w2, r.offsets_E1, None, gate, r.slot_N)), 2 * (N * S + E * S * D + N * D))
-        add(up_name, bench(lambda: op(gh, w1.transpose(1, 2), r.offsets_E1, None, None, r.slot_N)),
-            2 * (N * S + E * S * D + N * D))
-
-    add_scatter_passes("down fwd (gate, scatter)", "up dx (scatter)")
+    add("down fwd (gate, scatter)", bench(lambda: op(h, w2, r.offsets_E1, None, gate, r.slot_N)),
+        2 * (N * S + E * S * D + N * D))
     add("down dx (gather dy)", bench(lambda: op(gy_T, w2.transpose(1, 2), r.offsets_E1, group, None, None)),
         2 * (T * D + E * S * D + N * S))
+    add("up dx (scatter)", bench(lambda: op(gh, w1.transpose(1, 2), r.offsets_E1, None, None, r.slot_N)),
+        2 * (N * S + E * S * D + N * D))
     # The narrow passes (I = 128) in the other grouped-GEMM form too, to keep the faster one as default.
     from moeut import triton_expert_mm
     forced = triton_expert_mm.use_loop_n(S, D, N, E)
     triton_expert_mm.LOOP_N_OVERRIDE = not forced
     form = "loop over N" if not forced else "column blocks"
-    add_scatter_passes(f"down fwd [{form}]", f"up dx [{form}]")
+    add(f"down fwd [{form}]", bench(lambda: op(h, w2, r.offsets_E1, None, gate, r.slot_N)),
+        2 * (N * S + E * S * D + N * D))
+    add(f"up dx [{form}]", bench(lambda: op(gh, w1.transpose(1, 2), r.offsets_E1, None, None, r.slot_N)),
+        2 * (N * S + E * S * D + N * D))
     triton_expert_mm.LOOP_N_OVERRIDE = None
     # fp32 master weights (training under autocast): rounded tile by tile in the kernel, against a
     # cast to bf16 followed by the bf16 kernel (what every application did before).
