@@ -91,12 +91,18 @@ def training_step(model, batch: int, compile_: bool = False, cuda_graph: bool = 
 
 
 def measure(model, batch, steps, compile_, cuda_graph=False):
+    # A graphed step allocates its tensors once, in the graph's pool during capture, so its peak is
+    # counted from before the warm-up (which also runs the eager steps). An eager step's peak is
+    # counted after the first steps, leaving out one-off autotuning buffers.
+    if cuda_graph:
+        torch.cuda.reset_peak_memory_stats()
     step = training_step(model, batch, compile_, cuda_graph)
 
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    if not cuda_graph:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
         t = time.perf_counter()

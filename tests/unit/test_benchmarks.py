@@ -1,8 +1,12 @@
 """The GPU benchmark `benchmarks/kernels.py` can only run on a GPU; what it computes from its rows can be
-checked here: every pass its whole-FFN roofline sums is a row the script produces, and the sum is right."""
+checked here: every pass its whole-FFN roofline sums is a row the script produces, and the sum is right.
+Also the other benchmark scripts' CPU-side logic (profile_step.py's tables, plot_throughput.py's lines)."""
+import json
 import re
-import torch
 import sys
+
+import pytest
+import torch
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -80,3 +84,23 @@ def test_profile_sites_name_the_moeut_function_and_the_backward_node():
     assert any(s.endswith("Backward]") for s in sites), sites
     leaves = [e for e in prof.events() if not e.cpu_children and e.name.startswith("aten::")]
     assert sum(v[1] for v in per_site.values()) == len(leaves)
+
+
+def test_throughput_series_by_size_and_by_batch(tmp_path):
+    """plot_throughput.py: one line per family and mode against parameters; with by_batch, one line per
+    model size against the batch (a 244M and a 1B run of one family are not joined)."""
+    pytest.importorskip("matplotlib")
+    import plot_throughput
+    rows = [dict(model="moeut-244M", batch=16, tokens_per_s=180e3, params_m=243.3, cuda_graph=True),
+            dict(model="moeut-244M", batch=64, tokens_per_s=200e3, params_m=243.3, cuda_graph=True),
+            dict(model="moeut-1B", batch=8, tokens_per_s=44e3, params_m=1040.3, cuda_graph=True),
+            dict(model="dense-1B", batch=8, tokens_per_s=60e3, params_m=1044.3, cuda_graph=True),
+            dict(model="dense-1B", batch=16, error="OutOfMemoryError")]
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(dict(results=rows)))
+    by_batch = plot_throughput.series([path], by_batch=True)
+    assert by_batch == {("moeut", "CUDA graph", "244M"): [(16, 180.0), (64, 200.0)],
+                        ("moeut", "CUDA graph", "1B"): [(8, 44.0)],
+                        ("dense", "CUDA graph", "1B"): [(8, 60.0)]}
+    by_size = plot_throughput.series([path])
+    assert by_size[("moeut", "CUDA graph")] == [(243.3, 180.0), (243.3, 200.0), (1040.3, 44.0)]
