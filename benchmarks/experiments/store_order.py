@@ -6,24 +6,22 @@ Times the σ-MoE down projection (I = 128 -> d_model, gate in the epilogue) writ
 bandwidth. Answer on the H200 (RESULTS.md K.2, results/s12_call2_exp_store_order.txt): no. Both orders
 take 0.252 ms at 244M, while writing the same bytes alone takes 0.162.
 
-    python benchmarks/experiments/store_order.py      (CUDA)
+    python benchmarks/experiments/store_order.py      (CUDA; on CPU the tiny shape, interpreted)
 """
-import sys
-from pathlib import Path
 import torch
+
+from common import DEVICE, bench, ffn_problem, shapes, try_variant
 import triton
 import triton.language as tl
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from moeut.expert_mm import route  # noqa: E402
-from moeut.triton_sum import sum_choices_triton  # noqa: E402
+from moeut.triton_sum import sum_choices_triton
 
-
-def bench(fn):
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+SUM_LAUNCHES = [(8, 256, 4), (4, 512, 4), (16, 128, 4), (8, 512, 8), (2, 1024, 4)] if DEVICE == "cuda" \
+    else [(4, 16, 4)]   # rows, columns per program; warps
 
 
 @triton.jit
 def _sum_gathered(y_ptr, idx_ptr, out_ptr, X, C, O, syr, sxr, BX: tl.constexpr, BO: tl.constexpr):
+    # out[x] = sum over c of y[idx[x * C + c]]: the top-k sum reading rows through a permutation
     xs = tl.program_id(0) * BX + tl.arange(0, BX)
     os_ = tl.program_id(1) * BO + tl.arange(0, BO)
     xok = xs < X
@@ -43,35 +41,33 @@ def sum_gathered(y, idx, X, C, dtype, BX=8, BO=256, warps=4):
     return out
 
 
-def main():
-    for name, (D, E, K, T) in {"244M": (1024, 387, 16, 16384), "1B": (1536, 565, 24, 8192)}.items():
-        dt = torch.bfloat16
-        S = 128
-        N = T * K
-        expert = torch.rand(T, E, device="cuda").topk(K, dim=-1).indices
-        r = route(expert, E)
-        h = torch.randn(N, S, device="cuda", dtype=dt)
-        w2 = torch.randn(E, S, D, device="cuda", dtype=dt) / S ** 0.5
-        gate = torch.rand(N, device="cuda")
+def main(names=None):
+    results = []
+    for name in shapes(names):
+        p = ffn_problem(name)
+        N, S, D, T, K, r = p.N, p.S, p.D, p.T, p.K, p.r
         op = torch.ops.moeut.grouped_mm
-        inv = r.choice_RK.reshape(-1).contiguous()
-        y_sorted = op(h, w2, r.offsets_E1, None, gate, None)
-        y_scat = op(h, w2, r.offsets_E1, None, gate, r.slot_N)
-        gb = 2 * (N * S + N * D) / 1e9
-        rows = [("down fwd scatter", bench(lambda: op(h, w2, r.offsets_E1, None, gate, r.slot_N)), gb),
-                ("down fwd contiguous", bench(lambda: op(h, w2, r.offsets_E1, None, gate, None)), gb)]
-        big = torch.empty(N, D, device="cuda", dtype=dt)
-        rows.append(("fill [N, D] (write only)", bench(lambda: big.fill_(1.0)), 2 * N * D / 1e9))
-        rows.append(("copy [N, D]", bench(lambda: big.copy_(y_scat)), 4 * N * D / 1e9))
-        ref = sum_choices_triton(y_scat, T, dt)
-        got = sum_gathered(y_sorted, inv, T, K, dt)
-        print(name, "gathered sum matches:", torch.equal(ref, got))
-        sgb = (2 * N * D + 2 * T * D) / 1e9
-        rows.append(("sum (row, choice) order", bench(lambda: sum_choices_triton(y_scat, T, dt)), sgb))
-        for BX, BO, wp in ((8, 256, 4), (4, 512, 4), (16, 128, 4), (8, 512, 8), (2, 1024, 4)):
-            rows.append((f"sum gathered BX{BX} BO{BO} w{wp}", bench(lambda: sum_gathered(y_sorted, inv, T, K, dt, BX, BO, wp)), sgb))
-        for label, ms, g in rows:
-            print(f"{name}  {label:36s} {ms:7.3f} ms  {g / ms:6.2f} TB/s")
+        inverse = r.choice_RK.reshape(-1).contiguous()   # (row, choice) -> routed position
+        y_sorted = op(p.h, p.w2, r.offsets_E1, None, p.gate, None)
+        y_scattered = op(p.h, p.w2, r.offsets_E1, None, p.gate, r.slot_N)
+        assert torch.equal(y_sorted[inverse], y_scattered), "the two orders hold different rows"
+        big = torch.empty(N, D, device=DEVICE, dtype=p.h.dtype)
+        proj_gb, sum_gb = 2 * (N * S + N * D) / 1e9, (2 * N * D + 2 * T * D) / 1e9
+        rows = [("down fwd scatter", bench(lambda: op(p.h, p.w2, r.offsets_E1, None, p.gate, r.slot_N)), proj_gb),
+                ("down fwd contiguous", bench(lambda: op(p.h, p.w2, r.offsets_E1, None, p.gate, None)), proj_gb),
+                ("fill [N, D] (write only)", bench(lambda: big.fill_(1.0)), 2 * N * D / 1e9),
+                ("copy [N, D]", bench(lambda: big.copy_(y_scattered)), 4 * N * D / 1e9),
+                ("sum (row, choice) order", bench(lambda: sum_choices_triton(y_scattered, T, p.h.dtype)), sum_gb)]
+        for label, ms, gb in rows:
+            print(f"{name}  {label:36s} {ms:7.3f} ms  {gb / ms:6.2f} TB/s")
+        want = sum_choices_triton(y_scattered, T, p.h.dtype)
+        for BX, BO, warps in SUM_LAUNCHES:
+            got = []
+            results.append(try_variant(
+                f"{name}  sum gathered BX{BX} BO{BO} w{warps}",
+                lambda: got.__setitem__(slice(None), [sum_gathered(y_sorted, inverse, T, K, p.h.dtype, BX, BO, warps)]),
+                lambda: (got[0].float() - want.float()).abs().max().item()))
+    return results
 
 
 if __name__ == "__main__":

@@ -104,3 +104,17 @@ def test_throughput_series_by_size_and_by_batch(tmp_path):
                         ("dense", "CUDA graph", "1B"): [(8, 60.0)]}
     by_size = plot_throughput.series([path])
     assert by_size[("moeut", "CUDA graph")] == [(243.3, 180.0), (243.3, 200.0), (1040.3, 44.0)]
+
+
+@pytest.mark.parametrize("experiment", ["store_order", "tma_store", "warp_specialize"])
+def test_kernel_experiments_agree_with_moeut_on_the_tiny_shape(experiment):
+    """benchmarks/experiments/: each variant of each experiment's kernel, run through the interpreter on
+    the tiny shape (row tiles straddling experts), computes what moeut's kernel computes."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the experiments time the real shapes instead")
+    pytest.importorskip("triton")
+    import importlib
+    sys.path.insert(0, str(BENCHMARKS / "experiments"))
+    results = importlib.import_module(experiment).main(["tiny"])
+    assert results and not [r for r in results if "failed" in r]
+    assert max(r["error"] for r in results) < 1e-5
