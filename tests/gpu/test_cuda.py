@@ -148,7 +148,8 @@ def test_inference_projection_matches_gradient_path(B):
     slices) against the gradient-enabled path, on the 244M attention shapes: equal in fp32; in bf16
     (where the two paths' roundings can flip a routing choice) no further from the fp32 model's
     output than the gradient path is. (A fixed 6% bound between the two bf16 paths failed once at
-    batch 1 with 9.7%, twelfth session: autotuning picks differ between processes.)"""
+    batch 1 with 9.7% in the twelfth session; likely a different autotuning pick, which varies
+    between processes, rounding differently.)"""
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = False
     m = moeut.MoEUTLM(300, **{**profiles.MoEUT_244M, "n_layers": 2}).cuda().eval()
