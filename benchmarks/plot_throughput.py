@@ -12,12 +12,6 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
-import matplotlib.ticker
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 LABELS = {"moeut": "MoEUT (this library)", "dense": "dense baseline (this library)",
           "official": "official MoEUT release", "llama": "Llama (transformers, SDPA)"}
 
@@ -40,6 +34,10 @@ def series(paths, by_batch: bool = False):
 
 
 def main():
+    import matplotlib   # here, not at the top: `series` is used (and tested) without matplotlib
+    import matplotlib.ticker
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("json", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "throughput.png")

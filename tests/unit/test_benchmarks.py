@@ -89,7 +89,6 @@ def test_profile_sites_name_the_moeut_function_and_the_backward_node():
 def test_throughput_series_by_size_and_by_batch(tmp_path):
     """plot_throughput.py: one line per family and mode against parameters; with by_batch, one line per
     model size against the batch (a 244M and a 1B run of one family are not joined)."""
-    pytest.importorskip("matplotlib")
     import plot_throughput
     rows = [dict(model="moeut-244M", batch=16, tokens_per_s=180e3, params_m=243.3, cuda_graph=True),
             dict(model="moeut-244M", batch=64, tokens_per_s=200e3, params_m=243.3, cuda_graph=True),
