@@ -63,10 +63,11 @@ def main(names=None):
         want = sum_choices_triton(y_scattered, T, p.h.dtype)
         for BX, BO, warps in SUM_LAUNCHES:
             got = []
-            results.append(try_variant(
-                f"{name}  sum gathered BX{BX} BO{BO} w{warps}",
-                lambda: got.__setitem__(slice(None), [sum_gathered(y_sorted, inverse, T, K, p.h.dtype, BX, BO, warps)]),
-                lambda: (got[0].float() - want.float()).abs().max().item()))
+
+            def run():
+                got[:] = [sum_gathered(y_sorted, inverse, T, K, p.h.dtype, BX, BO, warps)]
+            results.append(try_variant(f"{name}  sum gathered BX{BX} BO{BO} w{warps}", run,
+                                       lambda: (got[0].float() - want.float()).abs().max().item()))
     return results
 
 
