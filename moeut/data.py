@@ -48,24 +48,29 @@ def _read_source(path: Path) -> List[str]:
 
 
 def collect_documents(sources: Optional[Sequence[str]]) -> List[Tuple[str, str]]:
-    """[(name, text)] for every document of the given sources, in a stable order."""
-    paths: List[Path] = []
+    """[(name, text)] for every document of the given sources, in a stable order. A document's name is
+    its path relative to the directory given (a file given by itself: its file name; the default
+    corpus: relative to the standard library), with "#j" for the j-th document of a file. The names
+    decide the validation split, so it does not change when the data moves to another path or machine."""
+    named: List[Tuple[Path, str]] = []
     if not sources:
-        paths = default_corpus_paths()
+        root = Path(sysconfig.get_paths()["stdlib"])
+        named = [(p, p.relative_to(root).as_posix()) for p in default_corpus_paths()]
     else:
         for s in sources:
             p = Path(s)
             if p.is_dir():
-                paths += sorted(q for q in p.rglob("*") if q.is_file() and (q.suffix in TEXT_SUFFIXES or q.suffix == ".jsonl"))
+                named += [(q, q.relative_to(p).as_posix()) for q in
+                          sorted(q for q in p.rglob("*") if q.is_file() and (q.suffix in TEXT_SUFFIXES or q.suffix == ".jsonl"))]
             elif p.is_file():
-                paths.append(p)
+                named.append((p, p.name))
             else:
                 raise FileNotFoundError(f"--data {s}: no such file or directory")
     docs = []
-    for p in paths:
+    for p, name in named:
         for j, text in enumerate(_read_source(p)):
             if text.strip():
-                docs.append((f"{p}#{j}", text))
+                docs.append((f"{name}#{j}", text))
     if not docs:
         raise ValueError(f"no text found in {list(sources) if sources else 'the default corpus'}")
     return docs

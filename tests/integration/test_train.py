@@ -114,9 +114,10 @@ def assert_same_training(got, want, rtol, atol, steps=3, lr=1e-3, max_off=0.01):
     """Weights after a few AdamW steps of two runs whose gradients should differ only in summation
     order. AdamW divides by the root of the squared gradients' average, so a near-zero gradient whose
     last bits differ can move its element by a sizeable part of the learning rate: a few elements may
-    be off. (One full-suite run found 46 of 2048 elements of one expert tensor off by up to 1.1e-4,
-    where the test alone passes; likely the CPU BLAS, whose rounding can depend on the memory
-    alignment that earlier tests leave.) A real difference in the gradients moves most elements:
+    be off. (One full-suite run found 46 of 2048 elements of one expert tensor off by up to 1.1e-4.
+    The validation split then hashed absolute paths, so each session's temporary corpus directory
+    gave other training data, and some of it such gradients; see
+    `test_split_does_not_depend_on_where_the_data_lives`.) A real difference in the gradients moves most elements:
     training on half the batch instead put 76% of all elements, and at least 20% of each tensor of 16
     or more elements, outside these bounds."""
     off = total = 0

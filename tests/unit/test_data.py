@@ -50,6 +50,25 @@ def test_split_is_deterministic_and_nonempty():
         split_documents([("only", "x")])
 
 
+def test_split_does_not_depend_on_where_the_data_lives(tmp_path):
+    """The split hashes names relative to the source: the same corpus at two paths (another machine,
+    a moved directory) gives the same training and validation documents. (With absolute paths it did
+    not, and the trainer's tokenizer, data and weights changed with the directory.)"""
+    texts = {f"pkg/m{i}.py": f"def f{i}():\n    return {i}\n" for i in range(120)}
+    splits = []
+    for where in ("a", "b/deeper"):
+        root = tmp_path / where / "corpus"
+        for rel, text in texts.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(text)
+        docs = collect_documents([str(root)])
+        assert [name for name, _ in docs] == [f"{rel}#0" for rel in sorted(texts)]
+        splits.append(split_documents(docs))
+    assert splits[0] == splits[1] and splits[0][1]
+    single = tmp_path / "a" / "corpus" / "pkg" / "m7.py"
+    assert collect_documents([str(single)]) == [("m7.py#0", texts["pkg/m7.py"])]
+
+
 def test_batches_depend_only_on_step_and_cover_windows():
     tokens = np.arange(1000, dtype=np.uint16)
     b = Batches(tokens, context=9, global_batch=4, seed=3)
