@@ -121,21 +121,31 @@ def barrier(world: int) -> None:
 # Data preparation (rank 0 builds, the others wait and load).
 # ------------------------------------------------------------------------------------------------
 
-def prepare_data(cfg: TrainConfig, run_dir: Path, rank: int, world: int):
+def prepare_data(cfg: TrainConfig, run_dir: Path, rank: int, world: int, resume: bool = False):
+    """The run's tokenizer and its tokenized training and validation data (rank 0 builds, the others
+    wait). A resumed run reads the data it started on (recorded in data.json) while they are cached, so
+    files changed under --data since then do not change it; otherwise it rebuilds from --data and says
+    when that gives other data than the run started on."""
     tok_path = run_dir / "tokenizer.model"
+    record = run_dir / "data.json"
     if rank == 0:
-        docs = collect_documents(cfg.data)
-        train_docs, valid_docs = split_documents(docs)
-        if not tok_path.exists():
-            print(f"training a {cfg.vocab_size}-piece tokenizer on {len(train_docs)} documents", flush=True)
-            train_tokenizer(train_docs, tok_path, cfg.vocab_size, seed=cfg.seed)
-        tok = Tokenizer(tok_path)
-        key = content_key(train_docs + ["\0valid\0"] + valid_docs, tok.model_bytes())
-        cache = Path(cfg.cache_dir) / key
-        tokenize_to_file(train_docs, tok, cache / "train.bin", cfg.progress)
-        tokenize_to_file(valid_docs, tok, cache / "valid.bin", cfg.progress)
-        (run_dir / "data.json").write_text(json.dumps({"cache": str(cache), "train_documents": len(train_docs),
-                                                       "valid_documents": len(valid_docs)}))
+        started_on = Path(json.loads(record.read_text())["cache"]) if resume and record.exists() else None
+        if started_on is None or not all((started_on / f).is_file() for f in ("train.bin", "valid.bin")):
+            docs = collect_documents(cfg.data)
+            train_docs, valid_docs = split_documents(docs)
+            if not tok_path.exists():
+                print(f"training a {cfg.vocab_size}-piece tokenizer on {len(train_docs)} documents", flush=True)
+                train_tokenizer(train_docs, tok_path, cfg.vocab_size, seed=cfg.seed)
+            tok = Tokenizer(tok_path)
+            key = content_key(train_docs + ["\0valid\0"] + valid_docs, tok.model_bytes())
+            cache = Path(cfg.cache_dir) / key
+            if started_on is not None and started_on.name != key:
+                print(f"warning: the data under --data are not those this run started on (its cache {started_on} "
+                      "is gone): resuming on the new data", flush=True)
+            tokenize_to_file(train_docs, tok, cache / "train.bin", cfg.progress)
+            tokenize_to_file(valid_docs, tok, cache / "valid.bin", cfg.progress)
+            record.write_text(json.dumps({"cache": str(cache), "train_documents": len(train_docs),
+                                          "valid_documents": len(valid_docs)}))
     barrier(world)
     tok = Tokenizer(tok_path)
     cache = Path(json.loads((run_dir / "data.json").read_text())["cache"])
@@ -245,7 +255,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier(world)
 
-    tok, train_tokens, valid_tokens = prepare_data(cfg, run_dir, rank, world)
+    tok, train_tokens, valid_tokens = prepare_data(cfg, run_dir, rank, world, resume=resume_dir is not None)
     kwargs = model_kwargs(cfg.model, cfg.overrides)
     if rank == 0:
         meta = {"model": cfg.model, "model_kwargs": kwargs, "vocab_size": tok.vocab_size,

@@ -74,6 +74,29 @@ def test_sigterm_then_resume_logs_the_same_losses(corpus, tmp_path):
     assert losses(cut) == losses(full)
 
 
+def test_resume_reads_the_data_the_run_started_on(corpus, tmp_path, capsys):
+    """Files changed under --data after a run started do not change it when resumed (the tokenized
+    data it started on are still cached); with that cache gone, it says it resumes on other data."""
+    import shutil
+    data, cache, run = tmp_path / "data", tmp_path / "cache", tmp_path / "run"
+    shutil.copytree(corpus, data)
+    args = train_args(data, run, cache, steps=6)
+    assert main(args) == 0
+    want = losses(run)
+    for path in (data / sorted(p.name for p in data.iterdir())[0], data / "extra.py"):
+        path.write_text("changed = True\n" * 200)
+    (run / "checkpoints" / "step_00000006.pt").unlink()   # resume from step 3
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert losses(run) == want
+    assert "warning" not in capsys.readouterr().out
+    (run / "checkpoints" / "step_00000006.pt").unlink()
+    shutil.rmtree(cache)
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert "are not those this run started on" in capsys.readouterr().out
+    assert losses(run)[6] != want[6]
+
+
 def test_corrupt_and_incompatible_checkpoints_are_refused(corpus, tmp_path):
     out = tmp_path / "run"
     assert main(train_args(corpus, out, tmp_path / "cache", steps=3)) == 0
