@@ -121,6 +121,13 @@ def barrier(world: int) -> None:
 # Data preparation (rank 0 builds, the others wait and load).
 # ------------------------------------------------------------------------------------------------
 
+def _write_json(path: Path, obj) -> None:
+    """Written whole or not at all (a crash mid-write must not leave a run that cannot be resumed)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
 def prepare_data(cfg: TrainConfig, run_dir: Path, rank: int, world: int, resume: bool = False):
     """The run's tokenizer and its tokenized training and validation data (rank 0 builds, the others
     wait). A resumed run reads the data it started on (recorded in data.json) while they are cached, so
@@ -144,8 +151,8 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, rank: int, world: int, resume:
                       "is gone): resuming on the new data", flush=True)
             tokenize_to_file(train_docs, tok, cache / "train.bin", cfg.progress)
             tokenize_to_file(valid_docs, tok, cache / "valid.bin", cfg.progress)
-            record.write_text(json.dumps({"cache": str(cache), "train_documents": len(train_docs),
-                                          "valid_documents": len(valid_docs)}))
+            _write_json(record, {"cache": str(cache), "train_documents": len(train_docs),
+                                 "valid_documents": len(valid_docs)})
     barrier(world)
     tok = Tokenizer(tok_path)
     cache = Path(json.loads((run_dir / "data.json").read_text())["cache"])
@@ -260,7 +267,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
     if rank == 0:
         meta = {"model": cfg.model, "model_kwargs": kwargs, "vocab_size": tok.vocab_size,
                 "config": {k: v for k, v in asdict(cfg).items()}}
-        (run_dir / "run.json").write_text(json.dumps(meta, indent=2))
+        _write_json(run_dir / "run.json", meta)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
