@@ -216,3 +216,10 @@ run s12_verify 570 bash -c "$TEST_ENV python3 -m pytest -q tests/gpu -p no:cache
 run s12_batch 560 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
   --models moeut-244M:16,dense-244M:16,moeut-244M:32,dense-244M:32,moeut-244M:64,dense-244M:64,moeut-1B:8,dense-1B:8,moeut-1B:16,dense-1B:16,moeut-1B:32,dense-1B:32 \
   --json "$OUT/train_graph_batches.json"
+# For the next session's first call (PERF_NOTES, "First device calls"): what could build kernels besides
+# Triton, the rewritten experiment scripts once on the GPU, and graphed steps with the new peak-memory
+# count. ~4 min.
+run next_s13 300 bash -c "nvcc --version 2>&1 | tail -2; python3 -c 'import cutlass; print(\"cutlass\", cutlass.__version__)' 2>&1 | tail -1; \
+  ls -d /usr/local/cuda*/include/cute 2>&1 | head -2; \
+  for e in store_order tma_store warp_specialize; do python3 benchmarks/experiments/\$e.py 2>&1 | grep -E '^(244M|1B)' | head -12; done; \
+  python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16,dense-244M:16 --json $OUT/train_graph_peak.json"
