@@ -22,9 +22,13 @@ TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".pyi", ".c", ".h", ".cc", ".cpp"
 VALID_FRACTION = 0.02
 
 
+def _stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
 def default_corpus_paths() -> List[Path]:
     """The .py files of the running Python's standard library (site-packages excluded)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = _stdlib_root()
     skip = {"site-packages", "dist-packages", "__pycache__"}
     return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.parts) and p.is_file())
 
@@ -54,8 +58,7 @@ def collect_documents(sources: Optional[Sequence[str]]) -> List[Tuple[str, str]]
     decide the validation split, so it does not change when the data moves to another path or machine."""
     named: List[Tuple[Path, str]] = []
     if not sources:
-        root = Path(sysconfig.get_paths()["stdlib"])
-        named = [(p, p.relative_to(root).as_posix()) for p in default_corpus_paths()]
+        named = [(p, p.relative_to(_stdlib_root()).as_posix()) for p in default_corpus_paths()]
     else:
         for s in sources:
             p = Path(s)

@@ -155,7 +155,7 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, rank: int, world: int, resume:
                                  "valid_documents": len(valid_docs)})
     barrier(world)
     tok = Tokenizer(tok_path)
-    cache = Path(json.loads((run_dir / "data.json").read_text())["cache"])
+    cache = Path(json.loads(record.read_text())["cache"])
     train = np.memmap(cache / "train.bin", dtype=np.uint16, mode="r")
     valid = np.memmap(cache / "valid.bin", dtype=np.uint16, mode="r")
     return tok, train, valid
