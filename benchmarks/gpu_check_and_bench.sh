@@ -223,3 +223,13 @@ run next_s13 300 bash -c "nvcc --version 2>&1 | tail -2; python3 -c 'import cutl
   ls -d /usr/local/cuda*/include/cute 2>&1 | head -2; \
   for e in store_order tma_store warp_specialize; do python3 benchmarks/experiments/\$e.py 2>&1 | grep -E '^(244M|1B)' | head -12; done; \
   python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16,dense-244M:16 --json $OUT/train_graph_peak.json"
+# Thirteenth session. s13_verify: the whole tests/gpu module after expert_mm.py's split and the narrow
+# epilogue dot (~7 min), then the kernel rows at 244M (down dx + gate gradient: epilogue against the
+# row-dot pass). s13_ab: graphed 244M/1B steps with MOEUT_EPILOGUE_DOT_NARROW on, off, on (~5 min).
+run s13_verify 580 bash -c "$TEST_ENV timeout 470 python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=8 --tb=short; \
+  python3 benchmarks/kernels.py --parity no --shapes 244M --json $OUT/kernels_244M.json 2>&1 | grep -E 'down dx|up dx|FFN|ffn' | head -20"
+run s13_ab 560 bash -c "python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8 --json $OUT/train_graph_on.json && \
+  MOEUT_EPILOGUE_DOT_NARROW=0 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16,moeut-1B:8 \
+  --json $OUT/train_graph_off.json && \
+  python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16,moeut-1B:8 --json $OUT/train_graph_on2.json"

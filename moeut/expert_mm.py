@@ -1,4 +1,4 @@
-"""Conditional (per-expert) matrix multiplication: the `moeut::` operators behind every MoE projection.
+"""Conditional (per-expert) matrix multiplication: routing, and the autograd Functions of every MoE projection.
 
 Shape legend used throughout the MoE code:
     R  input rows (tokens, or token-heads for SwitchHead's output projection)
@@ -10,7 +10,8 @@ Shape legend used throughout the MoE code:
 
 A routing (`Routing`, built once per layer application by `route`) sorts the R*K choices by expert.
 Every projection then reads its rows in that order, so one expert's rows are contiguous and each
-expert's product is one dense matmul over a segment. One primitive does all the work:
+expert's product is one dense matmul over a segment. One primitive (`expert_ops.grouped_mm`) does
+all the work:
 
     grouped_mm(x, w, offsets, rows, scale, dst):  out[dst[n]] = scale[n] * (x[rows[n]] @ w[expert of n])
     (with scale_at_dst, the scale is read as scale[dst[n]]: a gate tensor in (row, choice) order)
@@ -21,12 +22,10 @@ top-k sum is a contiguous `[X, C, O].sum(1)`. So neither the forward combine nor
 materialises a gathered or gate-scaled [N, D] copy, and no sum needs atomics: results are
 bit-reproducible.
 
-`grouped_mm_dot` is the same product returning also a row dot taken in its epilogue (one gate
-gradient); `row_dot` and `sum_choices` are the small passes around the products.
-
-Two implementations sit behind each operator: the plain-PyTorch one below (one matmul per expert
-segment; CPU, and the reference) and the Triton one in `triton_expert_mm.py` (CUDA). The naive
-gather + einsum `reference_expert_mm` is the ground truth tests compare both against.
+The operators themselves (and their plain-PyTorch forms) are in `expert_ops.py`, their Triton kernels
+in `triton_expert_mm.py`; this file composes them into `expert_mm` and `expert_mm_combine` with their
+backward passes (the FFN's whole expert MLP is `expert_mlp.py`). The naive gather + einsum
+`reference_expert_mm` is the ground truth tests compare both implementations against.
 """
 from __future__ import annotations
 
@@ -37,8 +36,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .expert_ops import (_acc, _grouped_mm_torch, _sum_choices, _weight_grad_torch, grouped_mm, grouped_mm_dot,
+                         row_dot)
 from .fused import use_fused
-from .shared_weights import GradSink, shared_operand
+from .shared_weights import GradSink, shared_operand, weight_grad
 
 __all__ = ["Routing", "route", "expert_mm", "expert_mm_combine", "combine", "reference_expert_mm", "fp64_reference",
            "row_dot"]
@@ -114,308 +115,6 @@ def combine(y_NO: Tensor, choice_XC: Tensor, gate_XC: Tensor) -> Tensor:
     return (gate_XC.to(y_XCO.dtype).unsqueeze(1) @ y_XCO).squeeze(1)
 
 
-def _check(x: Tensor, w: Tensor, offsets: Tensor) -> None:
-    torch._check(x.dim() == 2, lambda: f"expert_mm: x must be 2-D [rows, in], got {tuple(x.shape)}")
-    torch._check(w.dim() == 3, lambda: f"expert_mm: weight must be 3-D [experts, in, out], got {tuple(w.shape)}")
-    torch._check(x.shape[1] == w.shape[1], lambda: f"expert_mm: x has {x.shape[1]} columns, weight expects {w.shape[1]}")
-    torch._check(offsets.numel() == w.shape[0] + 1, lambda: "expert_mm: offsets must have n_experts + 1 entries")
-    torch._check(x.dtype == w.dtype or (w.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)),
-                 lambda: f"expert_mm: x is {x.dtype} but weight is {w.dtype} (a weight may only be fp32 "
-                         f"for bf16 / fp16 inputs)")
-
-
-def _acc(t: Tensor) -> Tensor:
-    """t in its accumulation precision: fp32, or fp64 for fp64 inputs."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def _scale_rows(t_NO: Tensor, scale_N: Tensor) -> Tensor:
-    return (_acc(t_NO) * _acc(scale_N).unsqueeze(1)).to(t_NO.dtype)
-
-
-def _routed_count(x: Tensor, rows: Optional[Tensor]) -> int:
-    return x.shape[0] if rows is None else rows.shape[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# Plain-PyTorch implementation (CPU and any device without Triton).
-# ---------------------------------------------------------------------------------------------
-
-def _segments(offsets_E1: Tensor):
-    bounds = offsets_E1.tolist()
-    for e in range(len(bounds) - 1):
-        if bounds[e + 1] > bounds[e]:
-            yield e, bounds[e], bounds[e + 1]
-
-
-def _grouped_mm_torch(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
-                      scale_N: Optional[Tensor] = None, dst_N: Optional[Tensor] = None,
-                      scale_at_dst: bool = False, relu: bool = False) -> Tensor:
-    x_NI = x_RI if rows_N is None else x_RI.index_select(0, rows_N)
-    w_EIO = w_EIO.to(x_NI.dtype)
-    out_NO = x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
-    for e, lo, hi in _segments(offsets_E1):
-        torch.mm(x_NI[lo:hi], w_EIO[e], out=out_NO[lo:hi])
-    if relu:
-        out_NO.relu_()
-    if scale_N is not None:
-        out_NO = _scale_rows(out_NO, scale_N.index_select(0, dst_N) if scale_at_dst else scale_N)
-    if dst_N is not None:
-        out_NO = torch.empty_like(out_NO).index_copy_(0, dst_N, out_NO)
-    return out_NO
-
-
-# Which operand of a weight gradient carries the gate, sum_n x_n^T (s_n g_n) = sum_n (s_n x_n)^T g_n,
-# each scaled in fp32 and rounded: the input rows x_n (default), or the gradient rows g_n
-# (MOEUT_WGRAD_SCALE=grad). On Hopper the kernel's left operand may come from registers and its right
-# one must be staged in shared memory, so scaling x costs no extra pass through shared memory.
-WGRAD_SCALE_X = os.environ.get("MOEUT_WGRAD_SCALE", "x") != "grad"
-
-
-def _weight_grad_torch(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
-                       grad_rows_N: Optional[Tensor] = None, grad_scale_N: Optional[Tensor] = None,
-                       out_dtype: Optional[torch.dtype] = None, scale_dst_N: Optional[Tensor] = None) -> Tensor:
-    x_NI = x_RI if rows_N is None else x_RI.index_select(0, rows_N)
-    g_NO = grad_MO if grad_rows_N is None else grad_MO.index_select(0, grad_rows_N)
-    if grad_scale_N is not None and scale_dst_N is not None:
-        grad_scale_N = grad_scale_N.index_select(0, scale_dst_N)
-    if grad_scale_N is not None and WGRAD_SCALE_X:
-        x_NI = _scale_rows(x_NI, grad_scale_N)
-    elif grad_scale_N is not None:
-        g_NO = _scale_rows(g_NO, grad_scale_N)
-    out_dtype = out_dtype or x_RI.dtype
-    if out_dtype != x_NI.dtype:  # accumulate in the output precision (the kernel accumulates in fp32)
-        x_NI, g_NO = x_NI.to(out_dtype), g_NO.to(out_dtype)
-    E = offsets_E1.numel() - 1
-    grad_EIO = g_NO.new_zeros(E, x_RI.shape[1], g_NO.shape[1])
-    for e, lo, hi in _segments(offsets_E1):
-        torch.mm(x_NI[lo:hi].t(), g_NO[lo:hi], out=grad_EIO[e])
-    return grad_EIO
-
-
-# ---------------------------------------------------------------------------------------------
-# The operators: plain functions of tensors (no autograd), so torch.compile sees them as opaque
-# nodes with known output shapes. Autograd is defined by the two Functions below.
-# ---------------------------------------------------------------------------------------------
-
-@torch.library.custom_op("moeut::grouped_mm", mutates_args=())
-def grouped_mm(x: Tensor, weight: Tensor, offsets: Tensor, rows: Optional[Tensor], scale: Optional[Tensor],
-               dst: Optional[Tensor], scale_at_dst: bool = False, relu: bool = False) -> Tensor:
-    """[N, O]: out[dst[n]] = scale[n] * act(x[rows[n]] @ weight[expert of n]); None skips a step, act is
-    ReLU with `relu`, else the identity. scale_at_dst: the scale of routed row n is scale[dst[n]] (needs
-    dst). An fp32 weight with bf16 / fp16 x is rounded to x's dtype first (the Triton kernel rounds
-    each tile as it loads it: no copy)."""
-    _check(x, weight, offsets)
-    torch._check(not scale_at_dst or dst is not None, lambda: "grouped_mm: scale_at_dst needs dst")
-    if use_fused(x):
-        from .triton_expert_mm import grouped_mm_triton
-        return grouped_mm_triton(x, weight, offsets, rows, scale, dst, scale_at_dst, relu)
-    return _grouped_mm_torch(x, weight, offsets, rows, scale, dst, scale_at_dst, relu)
-
-
-@grouped_mm.register_fake
-def _(x, weight, offsets, rows, scale, dst, scale_at_dst=False, relu=False):
-    return x.new_empty(_routed_count(x, rows), weight.shape[2])
-
-
-@torch.library.custom_op("moeut::grouped_mm_dot", mutates_args=())
-def grouped_mm_dot(x: Tensor, weight: Tensor, offsets: Tensor, rows: Optional[Tensor], scale: Optional[Tensor],
-                   dst: Optional[Tensor], scale_at_dst: bool, dot_x: Tensor, dot_rows: Tensor,
-                   dot_dst: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """(grouped_mm(x, weight, offsets, rows, scale, dst, scale_at_dst), dot [N] fp32) where dot[n] is
-    <x[rows[n]] @ weight[expert of n], dot_x[dot_rows[n]]>, the product taken before the scale and, on
-    the kernel path, before rounding; written at dot_dst[n] if given, else at n.
-
-    The gate gradient of a combine whose input is wider than its output (SwitchHead's value projection,
-    1024 -> 128) is <d out, y> with y that projection's output, which is not saved. As
-    <d out @ W^T, x>, it comes out of the input-gradient GEMM's epilogue, when one program holds whole
-    output rows ("loop over N"); elsewhere y is recomputed (one more GEMM) and dotted in a second pass."""
-    _check(x, weight, offsets)
-    if use_fused(x):
-        from .triton_expert_mm import grouped_mm_triton, row_dot_triton, use_loop_n
-        N, (E, I, O) = _routed_count(x, rows), weight.shape
-        if use_loop_n(I, O, N, E):
-            return grouped_mm_triton(x, weight, offsets, rows, scale, dst, scale_at_dst, dot_x_MO=dot_x,
-                                     dot_rows_N=dot_rows, dot_dst_N=dot_dst)
-        out = grouped_mm_triton(x, weight, offsets, rows, scale, dst, scale_at_dst)
-        y = grouped_mm_triton(dot_x, weight.transpose(1, 2), offsets, dot_rows)
-        return out, row_dot_triton(y, x, rows, None, dot_dst)[0]
-    plain = _grouped_mm_torch(x, weight, offsets, rows)
-    dot = (_acc(plain) * _acc(dot_x.index_select(0, dot_rows))).sum(-1)
-    if dot_dst is not None:
-        dot = torch.empty_like(dot).index_copy_(0, dot_dst, dot)
-    if scale is not None:
-        plain = _scale_rows(plain, scale.index_select(0, dst) if scale_at_dst else scale)
-    if dst is not None:
-        plain = torch.empty_like(plain).index_copy_(0, dst, plain)
-    return plain, dot
-
-
-@grouped_mm_dot.register_fake
-def _(x, weight, offsets, rows, scale, dst, scale_at_dst, dot_x, dot_rows, dot_dst):
-    N = _routed_count(x, rows)
-    return x.new_empty(N, weight.shape[2]), x.new_empty(N, dtype=torch.promote_types(x.dtype, torch.float32))
-
-
-@torch.library.custom_op("moeut::grouped_mm_weight_grad", mutates_args=())
-def grouped_mm_weight_grad(x: Tensor, grad: Tensor, offsets: Tensor, rows: Optional[Tensor],
-                           grad_rows: Optional[Tensor], grad_scale: Optional[Tensor], out_dtype: torch.dtype,
-                           scale_dst: Optional[Tensor] = None) -> Tensor:
-    """[E, I, O] in `out_dtype`: out[e] = sum over e's routed rows n of
-    (grad_scale[n] * x[rows[n]])^T grad[grad_rows[n]], accumulated in fp32 (fp64 for fp64 inputs); the
-    scaled row is rounded to x's dtype (`WGRAD_SCALE_X`).
-    scale_dst: the scale of routed row n is grad_scale[scale_dst[n]] (gates in (row, choice) order)."""
-    if use_fused(x):
-        from .triton_expert_mm import grouped_mm_weight_grad_triton
-        return grouped_mm_weight_grad_triton(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype,
-                                             scale_dst_N=scale_dst)
-    return _weight_grad_torch(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype, scale_dst)
-
-
-@grouped_mm_weight_grad.register_fake
-def _(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype, scale_dst=None):
-    return grad.new_empty(offsets.shape[0] - 1, x.shape[1], grad.shape[1], dtype=out_dtype)
-
-
-@torch.library.custom_op("moeut::grouped_mm_weight_grad_add", mutates_args=("acc",))
-def grouped_mm_weight_grad_add(acc: Tensor, x: Tensor, grad: Tensor, offsets: Tensor, rows: Optional[Tensor],
-                               grad_rows: Optional[Tensor], grad_scale: Optional[Tensor],
-                               scale_dst: Optional[Tensor] = None) -> None:
-    """acc += grouped_mm_weight_grad(x, grad, ..., acc.dtype, scale_dst): the Triton kernel adds its fp32
-    tile to acc's in its epilogue (one pass over acc instead of a separate add); the same rounding."""
-    torch._check(acc.shape == (offsets.shape[0] - 1, x.shape[1], grad.shape[1]),
-                 lambda: f"grouped_mm_weight_grad_add: accumulator of shape {tuple(acc.shape)}")
-    if use_fused(x):
-        from .triton_expert_mm import grouped_mm_weight_grad_triton
-        grouped_mm_weight_grad_triton(x, grad, offsets, rows, grad_rows, grad_scale, acc.dtype, accumulate_into=acc,
-                                      scale_dst_N=scale_dst)
-    else:
-        acc.add_(_weight_grad_torch(x, grad, offsets, rows, grad_rows, grad_scale, acc.dtype, scale_dst))
-
-
-def _env_count(name: str, default: int) -> int:
-    raw = os.environ.get(name, str(default))
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a whole number (applications per launch), got {raw!r}") from None
-
-
-# MOEUT_WGRAD_DEFER: how many applications of a shared weight one weight-gradient launch sums (1: one
-# launch each; at most `triton_expert_mm.MAX_SEGMENTS`). Deferring an application's gradient to a later
-# launch keeps its operands alive until then, and saves reading and writing the fp32 sum (0.4 GB per
-# FFN weight and application at 244M) for all but one of them: 3 measured best (RESULTS I.3). CUDA
-# only: the PyTorch path computes each at once.
-WGRAD_DEFER = _env_count("MOEUT_WGRAD_DEFER", 3)
-
-
-def _weight_grad(sink: Optional[GradSink], x: Tensor, grad: Tensor, offsets: Tensor, rows: Optional[Tensor],
-                 grad_rows: Optional[Tensor], grad_scale: Optional[Tensor], out_dtype: torch.dtype,
-                 scale_dst: Optional[Tensor] = None) -> Optional[Tensor]:
-    """The weight gradient of one application: returned, or (a weight shared within the forward pass,
-    see `shared_weights.py`) added into its sink, and None returned. With `WGRAD_DEFER` > 1 on CUDA
-    the sink keeps the application's operands and computes the gradients of several applications in
-    one launch (`flush_weight_grads`; `GradSink.take` computes what is left)."""
-    if sink is None:
-        return grouped_mm_weight_grad(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype, scale_dst)
-    sink.pending.append((x, grad, offsets, rows, grad_rows, grad_scale, scale_dst))
-    if len(sink.pending) >= _defer_count(x):
-        flush_weight_grads(sink)
-    return None
-
-
-def _defer_count(x: Tensor) -> int:
-    if WGRAD_DEFER <= 1 or not use_fused(x):
-        return 1
-    from .triton_expert_mm import MAX_SEGMENTS
-    return min(WGRAD_DEFER, MAX_SEGMENTS)
-
-
-def flush_weight_grads(sink: GradSink) -> None:
-    """Add the weight gradients of the sink's pending applications into `sink.grad`, in the order they
-    came (deterministic): on CUDA in one launch, elsewhere one application at a time."""
-    segments, sink.pending = sink.pending, []
-    if not segments:
-        return
-    if len(segments) > 1:
-        from .triton_expert_mm import weight_grad_segments_triton
-        sink.grad = weight_grad_segments_triton(segments, sink.dtype, accumulate_into=sink.grad)
-        return
-    x, grad, offsets, rows, grad_rows, grad_scale, scale_dst = segments[0]
-    if sink.grad is None:
-        sink.grad = grouped_mm_weight_grad(x, grad, offsets, rows, grad_rows, grad_scale, sink.dtype, scale_dst)
-    else:
-        grouped_mm_weight_grad_add(sink.grad, x, grad, offsets, rows, grad_rows, grad_scale, scale_dst)
-
-
-@torch.library.custom_op("moeut::row_dot", mutates_args=())
-def row_dot(a: Tensor, b: Tensor, b_rows: Optional[Tensor], scale: Optional[Tensor],
-            dst: Optional[Tensor] = None, relu_mask: bool = False,
-            scaled_dst: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """(dot [N] fp32, scaled [N, I] or [0, I]): dot[n] = <a[n], b[b_rows[n]]> accumulated in fp32 (fp64
-    for fp64 inputs); scaled[n] = scale[n] * a[n] rounded to a's dtype (empty when scale is None).
-    The gate gradient of a combine and the gate-scaled input gradient in one pass over a. With dst
-    (a permutation of 0..N-1): scale is read as scale[dst[n]] and the dot is written to dot[dst[n]],
-    so gates and their gradient stay in (row, choice) order with no gather or scatter of their own.
-    relu_mask: scaled[n] is zero where b[b_rows[n]] is not positive (b is a ReLU's output: scaled is then
-    the gradient of the ReLU's input). scaled_dst (a permutation of 0..N-1): scaled row n is written at
-    row scaled_dst[n] (e.g. straight into (row, choice) order for a top-k sum, no permuting copy)."""
-    if a.dtype != torch.float64 and use_fused(a, "MOEUT_FUSED_ROW_DOT"):
-        from .triton_expert_mm import row_dot_triton
-        return row_dot_triton(a, b, b_rows, scale, dst, relu_mask, scaled_dst)
-    b_NI = b if b_rows is None else b.index_select(0, b_rows)
-    dot = (_acc(a) * _acc(b_NI)).sum(-1)
-    if dst is not None:
-        dot = torch.empty_like(dot).index_copy_(0, dst, dot)
-        scale = scale.index_select(0, dst) if scale is not None else None
-    scaled = _scale_rows(a, scale) if scale is not None else a.new_empty(0, a.shape[1])
-    if relu_mask and scale is not None:
-        scaled = torch.where(b_NI > 0, scaled, scaled.new_zeros(()))
-    if scaled_dst is not None and scale is not None:
-        scaled = torch.empty_like(scaled).index_copy_(0, scaled_dst, scaled)
-    return dot, scaled
-
-
-@row_dot.register_fake
-def _(a, b, b_rows, scale, dst=None, relu_mask=False, scaled_dst=None):
-    acc = torch.promote_types(a.dtype, torch.float32)
-    return a.new_empty(a.shape[0], dtype=acc), a.new_empty(a.shape[0] if scale is not None else 0, a.shape[1])
-
-
-def _sum_choices_torch(y_SO: Tensor, n_groups: int, out_dtype: torch.dtype, init_XO: Optional[Tensor] = None) -> Tensor:
-    if n_groups == 0:
-        return y_SO.new_zeros(0, y_SO.shape[1], dtype=out_dtype)
-    acc = torch.promote_types(y_SO.dtype, torch.float32)
-    total = y_SO.view(n_groups, -1, y_SO.shape[1]).sum(1, dtype=acc)
-    if init_XO is not None:
-        total = total + init_XO.to(acc)
-    return total.to(out_dtype)
-
-
-@torch.library.custom_op("moeut::sum_choices", mutates_args=())
-def sum_choices(y: Tensor, n_groups: int, out_dtype: torch.dtype, init: Optional[Tensor] = None) -> Tensor:
-    """[X*C, O] rows in (group, choice) order -> [X, O] sums in `out_dtype`, accumulated in fp32 (fp64
-    for fp64 inputs), plus `init` [X, O] if given, and rounded once (`triton_sum.py` on CUDA)."""
-    torch._check(y.dim() == 2 and (n_groups == 0 or y.shape[0] % n_groups == 0),
-                 lambda: f"sum_choices: {tuple(y.shape)} rows do not split into {n_groups} groups")
-    torch._check(init is None or tuple(init.shape) == (n_groups, y.shape[1]),
-                 lambda: f"sum_choices: init of shape {tuple(init.shape)} for {n_groups} sums of width {y.shape[1]}")
-    if y.dtype != torch.float64 and (init is None or init.dtype != torch.float64) and use_fused(y, "MOEUT_FUSED_SUM"):
-        from .triton_sum import sum_choices_triton
-        return sum_choices_triton(y, n_groups, out_dtype, init)
-    return _sum_choices_torch(y, n_groups, out_dtype, init)
-
-
-@sum_choices.register_fake
-def _(y, n_groups, out_dtype, init=None):
-    return y.new_empty(n_groups, y.shape[1], dtype=out_dtype)
-
-
-def _sum_choices(y_SO: Tensor, n_groups: int, out_dtype: Optional[torch.dtype] = None,
-                 init_XO: Optional[Tensor] = None) -> Tensor:
-    return sum_choices(y_SO, n_groups, out_dtype or y_SO.dtype, init_XO)
-
-
 # MOEUT_GATES_AT_DST=1: the combine's backward reads gates, and writes their gradient, in (row, choice)
 # order inside the kernels (3 fewer launches per combine). Tested against the PyTorch path in the Triton
 # interpreter, not yet on a GPU (sixth session): off until tests/gpu passes with it.
@@ -424,6 +123,11 @@ GATES_AT_DST = os.environ.get("MOEUT_GATES_AT_DST", "0") == "1"
 # MOEUT_EPILOGUE_DOT=0: a combine wider in than out (SwitchHead's V) recomputes its forward product for the
 # gate gradient instead of taking it from the input-gradient GEMM (`grouped_mm_dot`; benchmarks compare).
 EPILOGUE_DOT = os.environ.get("MOEUT_EPILOGUE_DOT", "1") != "0"
+
+# MOEUT_EPILOGUE_DOT_NARROW=0: a combine narrower in than out (the FFN's down projection, SwitchHead's output
+# projection) and the expert MLP take the gate gradient from a second pass over the input gradient
+# (`row_dot`) instead of the input-gradient GEMM's epilogue (`grouped_mm_dot`, column-block form).
+EPILOGUE_DOT_NARROW = os.environ.get("MOEUT_EPILOGUE_DOT_NARROW", "1") != "0"
 
 # MOEUT_WEIGHT_CAST=1: hand fp32 master weights to the Triton kernels, which round each tile as they
 # load it, instead of casting them first. Measured slower on the H200 (RESULTS.md D.2: 244M FFN
@@ -451,6 +155,11 @@ def _routed_gates(gate_S: Tensor, slot_N: Tensor) -> Tuple[Tensor, Optional[Tens
     if GATES_AT_DST:
         return gate_S, slot_N
     return _acc(gate_S).index_select(0, slot_N), None
+
+
+def _gates_in_routed_order(gate_n: Tensor, slot_N: Tensor) -> Tensor:
+    """`_routed_gates`' gate_n read in routed order (for a kernel that does not scatter its output)."""
+    return gate_n.index_select(0, slot_N) if GATES_AT_DST else gate_n
 
 
 def _gate_grad_in_choice_order(grad_gate_n: Tensor, slot_N: Tensor) -> Tensor:
@@ -492,7 +201,7 @@ class _ExpertMM(torch.autograd.Function):
                                       x_RI.shape[0], x_master.dtype)
             grad_x = grad_x.to(x_master.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = _weight_grad(ctx.sink, x_RI, grad_NO, offsets_E1, rows_N, None, None, w_master.dtype)
+            grad_w = weight_grad(ctx.sink, x_RI, grad_NO, offsets_E1, rows_N, None, None, w_master.dtype)
         return grad_x, grad_w, None, None, None, None, None
 
 
@@ -556,7 +265,16 @@ class _ExpertMMCombine(torch.autograd.Function):
         gate_n, dst = _routed_gates(gate_XC.reshape(-1), slot_N)   # routed row n's gate: gate_n[dst[n] or n]
         w_T = w_EIO.transpose(1, 2)
         grad_x = None
-        if I <= O:
+        epilogue_dot = ctx.needs_input_grad[0] and (EPILOGUE_DOT if I > O else EPILOGUE_DOT_NARROW)
+        if epilogue_dot and rows_N is not None:
+            # the gate gradient <d out, x W> as <d out W^T, x>, from the input gradient's product
+            grad_x_SI, grad_gate_n = grouped_mm_dot(grad_XO, w_T, offsets_E1, group_N, gate_n, slot_N, GATES_AT_DST,
+                                                    x_RI, rows_N, dst)
+            grad_x = _sum_choices(grad_x_SI, x_RI.shape[0], x_master.dtype, init_XO=received)
+        elif epilogue_dot and I <= O:   # x in routed order: so is its gradient
+            grad_x, grad_gate_n = grouped_mm_dot(grad_XO, w_T, offsets_E1, group_N, _gates_in_routed_order(gate_n, slot_N),
+                                                 None, False, x_RI, None, dst)
+        elif I <= O:
             grad_in_NI = grouped_mm(grad_XO, w_T, offsets_E1, group_N, None, None)
             # the scaled rows (d x per choice) go straight to (row, choice) order when they are to be summed
             grad_gate_n, grad_x_NI = row_dot(grad_in_NI, x_RI, rows_N, gate_n if ctx.needs_input_grad[0] else None,
@@ -564,18 +282,12 @@ class _ExpertMMCombine(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = grad_x_NI if rows_N is None else _sum_choices(grad_x_NI, x_RI.shape[0], x_master.dtype,
                                                                        init_XO=received)
-        elif ctx.needs_input_grad[0] and rows_N is not None and EPILOGUE_DOT:
-            # the gate gradient <d out, x W> as <d out W^T, x>, from the input gradient's product
-            grad_x_SI, grad_gate_n = grouped_mm_dot(grad_XO, w_T, offsets_E1, group_N, gate_n, slot_N, GATES_AT_DST,
-                                                    x_RI, rows_N, dst)
-            grad_x = _sum_choices(grad_x_SI, x_RI.shape[0], x_master.dtype, init_XO=received)
         else:
             y_NO = grouped_mm(x_RI, w_EIO, offsets_E1, rows_N, None, None)
             grad_gate_n, _ = row_dot(y_NO, grad_XO, group_N, None, dst)
             if ctx.needs_input_grad[0]:
                 if rows_N is None:
-                    grad_x = grouped_mm(grad_XO, w_T, offsets_E1, group_N,
-                                        gate_n.index_select(0, slot_N) if GATES_AT_DST else gate_n, None)
+                    grad_x = grouped_mm(grad_XO, w_T, offsets_E1, group_N, _gates_in_routed_order(gate_n, slot_N), None)
                 else:
                     grad_x = _sum_choices(grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_n, slot_N,
                                                      scale_at_dst=GATES_AT_DST), x_RI.shape[0], x_master.dtype,
@@ -583,7 +295,7 @@ class _ExpertMMCombine(torch.autograd.Function):
         grad_gate = _gate_grad_in_choice_order(grad_gate_n, slot_N).view(X, C).to(gate_XC.dtype)
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = _weight_grad(ctx.sink, x_RI, grad_XO, offsets_E1, rows_N, group_N, gate_n, w_master.dtype,
+            grad_w = weight_grad(ctx.sink, x_RI, grad_XO, offsets_E1, rows_N, group_N, gate_n, w_master.dtype,
                                   scale_dst=dst)
         if grad_x is not None:
             grad_x = grad_x.to(x_master.dtype)

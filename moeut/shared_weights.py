@@ -10,8 +10,8 @@ Inside `share_weights(dtype)` (`begin_share` / `end_share` in `MoEUT.forward`, u
   - `shared_operand(w, dtype)` returns one cast copy of `w` per forward (padded if its rows are
     misaligned for the kernels), made by `_CastOnce`, and the `GradSink` that collects its gradient;
   - each application's backward adds its weight gradient into the sink's fp32 buffer inside the
-    weight-gradient kernel (`expert_mm.grouped_mm_weight_grad_add`), in backward order: sequential, so the
-    sum is deterministic (no atomics). On CUDA the sink holds up to `expert_mm.WGRAD_DEFER`
+    weight-gradient kernel (`expert_ops.grouped_mm_weight_grad_add`), in backward order: sequential, so the
+    sum is deterministic (no atomics). On CUDA the sink holds up to `WGRAD_DEFER`
     applications' operands and one launch sums their gradients in one fp32 accumulator per tile, so
     the buffer is read and written once per group, not once per application;
   - `_CastOnce.backward` hands the finished sum to the master weight's `.grad` once, so DDP's
@@ -35,7 +35,25 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .expert_ops import grouped_mm_weight_grad, grouped_mm_weight_grad_add
+
 ENABLED = os.environ.get("MOEUT_SHARE_WEIGHTS", "1") != "0"
+
+
+def _env_count(name: str, default: int) -> int:
+    raw = os.environ.get(name, str(default))
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number (applications per launch), got {raw!r}") from None
+
+
+# MOEUT_WGRAD_DEFER: how many applications of a shared weight one weight-gradient launch sums (1: one
+# launch each; at most `triton_expert_mm.MAX_SEGMENTS`). Deferring an application's gradient to a later
+# launch keeps its operands alive until then, and saves reading and writing the fp32 sum (0.4 GB per
+# FFN weight and application at 244M) for all but one of them: 3 measured best (RESULTS I.3). CUDA
+# only: the PyTorch path computes each at once.
+WGRAD_DEFER = _env_count("MOEUT_WGRAD_DEFER", 3)
 
 _local = threading.local()
 
@@ -46,15 +64,52 @@ class GradSink:
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype             # the master weight's dtype: the gradient's
         self.grad: Optional[Tensor] = None
-        # applications whose weight gradients are still to be computed (`expert_mm._weight_grad`)
+        # applications whose weight gradients are still to be computed (`weight_grad`)
         self.pending: List[tuple] = []
 
+    def flush(self) -> None:
+        """Add the weight gradients of the pending applications into `grad`, in the order they came
+        (deterministic): on CUDA in one launch, elsewhere one application at a time."""
+        segments, self.pending = self.pending, []
+        if not segments:
+            return
+        if len(segments) > 1:
+            from .triton_expert_mm import weight_grad_segments_triton
+            self.grad = weight_grad_segments_triton(segments, self.dtype, accumulate_into=self.grad)
+            return
+        x, grad, offsets, rows, grad_rows, grad_scale, scale_dst = segments[0]
+        if self.grad is None:
+            self.grad = grouped_mm_weight_grad(x, grad, offsets, rows, grad_rows, grad_scale, self.dtype, scale_dst)
+        else:
+            grouped_mm_weight_grad_add(self.grad, x, grad, offsets, rows, grad_rows, grad_scale, scale_dst)
+
     def take(self) -> Optional[Tensor]:
-        if self.pending:
-            from .expert_mm import flush_weight_grads
-            flush_weight_grads(self)
+        self.flush()
         g, self.grad = self.grad, None
         return g
+
+
+def weight_grad(sink: Optional[GradSink], x: Tensor, grad: Tensor, offsets: Tensor, rows: Optional[Tensor],
+                grad_rows: Optional[Tensor], grad_scale: Optional[Tensor], out_dtype: torch.dtype,
+                scale_dst: Optional[Tensor] = None) -> Optional[Tensor]:
+    """The weight gradient of one expert projection's application (`expert_ops.grouped_mm_weight_grad`):
+    returned, or, for a weight shared within the forward pass, added into its sink and None returned.
+    With `WGRAD_DEFER` > 1 on CUDA the sink keeps the application's operands and computes the
+    gradients of several applications in one launch (`GradSink.flush`; `take` computes what is left)."""
+    if sink is None:
+        return grouped_mm_weight_grad(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype, scale_dst)
+    sink.pending.append((x, grad, offsets, rows, grad_rows, grad_scale, scale_dst))
+    if len(sink.pending) >= _defer_count(x):
+        sink.flush()
+    return None
+
+
+def _defer_count(x: Tensor) -> int:
+    from .fused import use_fused   # (looked up at call time: tests switch the kernels on in `fused`)
+    if WGRAD_DEFER <= 1 or not use_fused(x):
+        return 1
+    from .triton_expert_mm import MAX_SEGMENTS
+    return min(WGRAD_DEFER, MAX_SEGMENTS)
 
 
 class _CastOnce(torch.autograd.Function):

@@ -23,6 +23,20 @@ def shared_and_per_application_grads(model, x, monkeypatch, device_type: str = "
     return runs
 
 
+def switch_kernels(monkeypatch, rule) -> None:
+    """Patch `use_fused` to rule(t, switch) -> bool in every loaded moeut module that imported it (each
+    holds its own reference: the operators in `expert_ops`, the operand casts in `expert_mm`, ...), so
+    no operator keeps the real test. `lambda t, switch=None: switch is None` turns the unswitched
+    kernels on (through the interpreter on CPU) and leaves the switched ones off."""
+    import sys
+    import moeut  # noqa: F401  (loads the modules)
+    patched = [name for name, module in list(sys.modules.items())
+               if (name == "moeut" or name.startswith("moeut.")) and hasattr(module, "use_fused")]
+    for name in patched:
+        monkeypatch.setattr(sys.modules[name], "use_fused", rule)
+    assert {"moeut.fused", "moeut.expert_ops", "moeut.expert_mm"} <= set(patched), patched
+
+
 def combine_case(gather: bool, groups: int, I: int, O: int, seed: int):
     """(routing, x, w, gate) of a small fused-combine problem: 24 rows, 4 choices, 6 experts of which
     the last gets no row, gates grouped `groups` per row; all leaves require grad."""

@@ -41,15 +41,19 @@ def test_triton_expert_mm_matches_reference(dtype, tol, D, E, K):
 @pytest.mark.parametrize("I,O,gather", [(128, 1024, False), (128, 1024, True), (1024, 128, True)])
 @pytest.mark.parametrize("loop_n", [None, False], ids=["auto", "column_blocks"])
 @pytest.mark.parametrize("gates_at_dst", [False, True], ids=["gates_permuted", "gates_at_dst"])
-def test_triton_combine_matches_torch_path(dtype, tol, I, O, gather, loop_n, gates_at_dst, monkeypatch):
+@pytest.mark.parametrize("epilogue_dot", [True, False], ids=["epilogue_dot", "row_dot_pass"])
+def test_triton_combine_matches_torch_path(dtype, tol, I, O, gather, loop_n, gates_at_dst, epilogue_dot, monkeypatch):
     """Fused projection + gated sum (scale/scatter epilogue, gathered and scaled gradient rows) on the
     Triton path against the per-expert PyTorch path in fp64, values and all gradients; I = 128 runs
     the "loop over N" grouped GEMM by default, `column_blocks` forces the other form; the backward
-    with gates permuted or read at their destination (`MOEUT_GATES_AT_DST`)."""
+    with gates permuted or read at their destination (`MOEUT_GATES_AT_DST`), the gate gradient from
+    the input-gradient GEMM's epilogue or from a second pass (`MOEUT_EPILOGUE_DOT[_NARROW]`)."""
     from moeut import expert_mm as em, triton_expert_mm
     from moeut.expert_mm import expert_mm_combine
     monkeypatch.setattr(triton_expert_mm, "LOOP_N_OVERRIDE", loop_n)
     monkeypatch.setattr(em, "GATES_AT_DST", gates_at_dst)
+    monkeypatch.setattr(em, "EPILOGUE_DOT", epilogue_dot)
+    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW", epilogue_dot)
     torch.manual_seed(1)
     R, K, E = 1500, 4, 10
     expert = torch.randint(0, E - 1, (R, K), device="cuda")  # the last expert gets no rows
@@ -71,12 +75,16 @@ def test_triton_combine_matches_torch_path(dtype, tol, I, O, gather, loop_n, gat
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("D,E,K", [(1024, 387, 16), (412, 155, 12)])
-def test_triton_expert_mlp_matches_torch_path(dtype, tol, D, E, K, monkeypatch):
-    """The fused σ-MoE expert MLP (ReLU in the up projection's epilogue, its backward in the row dot)
-    on the Triton path against the per-expert PyTorch path in fp64, values and all gradients; and
+@pytest.mark.parametrize("epilogue_dot", [True, False], ids=["epilogue_dot", "row_dot_pass"])
+def test_triton_expert_mlp_matches_torch_path(dtype, tol, D, E, K, epilogue_dot, monkeypatch):
+    """The fused σ-MoE expert MLP (ReLU in the up projection's epilogue, its backward and the gate
+    gradient in the down projection's input-gradient GEMM's epilogue, or in a row-dot pass) on the
+    Triton path against the per-expert PyTorch path in fp64, values and all gradients; and
     bit-identical to the composed operators on the GPU too."""
+    from moeut import expert_mm as em
     from moeut.expert_mlp import expert_mlp
     from moeut.expert_mm import expert_mm, expert_mm_combine
+    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW", epilogue_dot)
     torch.manual_seed(5)
     R = 2048
     expert = torch.randint(0, E - 1, (R, K), device="cuda")  # the last expert gets no rows
@@ -282,7 +290,7 @@ def test_triton_weight_grad_segments_match_sum_of_applications(dtype, tol, n_seg
     """Several applications' weight gradients in one launch (the FFN's up and gated down shapes at
     244M, 4096 tokens each): the fp32 sum of each application's gradient (bf16 operands exact in fp32),
     added to the accumulator; an expert no application routes to keeps its values."""
-    from moeut.expert_mm import _weight_grad_torch
+    from moeut.expert_ops import _weight_grad_torch
     from moeut.triton_expert_mm import weight_grad_segments_triton
     torch.manual_seed(n_seg)
     E, K, T = 387, 16, 4096
@@ -314,9 +322,9 @@ def test_shared_weight_copies_match_per_application_casts(cfg, defer, monkeypatc
     bit-identical gradients. Three per launch (`WGRAD_DEFER`): the same sums in another order, equal to
     fp32 rounding, and bit-identical between two runs. Autotuning is off in tests/gpu, so all runs use
     the same kernel configs."""
-    from moeut import expert_mm
+    from moeut import shared_weights
     from tests.helpers import shared_and_per_application_grads
-    monkeypatch.setattr(expert_mm, "WGRAD_DEFER", defer)
+    monkeypatch.setattr(shared_weights, "WGRAD_DEFER", defer)
     torch.manual_seed(0)
     m = moeut.MoEUTLM(8000, **{**getattr(profiles, cfg), "n_layers": 8}).cuda().train()
     x = torch.randint(0, 8000, (2, 512), device="cuda")
@@ -337,7 +345,7 @@ def test_shared_weight_copies_match_per_application_casts(cfg, defer, monkeypatc
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("X,C,O", [(16384, 16, 1024), (8192, 24, 1536), (5, 3, 412), (0, 2, 64)])
 def test_sum_choices_kernel_matches_torch(out_dtype, X, C, O):
-    from moeut.expert_mm import _sum_choices_torch
+    from moeut.expert_ops import _sum_choices_torch
     from moeut.triton_sum import sum_choices_triton
     y = torch.randn(X * C, O, device="cuda", dtype=torch.bfloat16)
     got = sum_choices_triton(y, X, out_dtype)

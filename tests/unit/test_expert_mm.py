@@ -103,7 +103,7 @@ def test_expert_mm_rejects_mismatched_dtypes():
 
 
 def test_opcheck():
-    from moeut.expert_mm import grouped_mm, grouped_mm_weight_grad
+    from moeut.expert_ops import grouped_mm, grouped_mm_weight_grad
     gen = torch.Generator().manual_seed(5)
     expert = torch.randint(0, 4, (10, 2), generator=gen)
     r = route(expert, 4)
@@ -118,7 +118,7 @@ def test_opcheck():
     g_rows = torch.randn(10, 5, generator=gen)
     torch.library.opcheck(grouped_mm_weight_grad, (x, g_rows, r.offsets_E1, r.rows_N, r.rows_N, scale, torch.float32))
     torch.library.opcheck(grouped_mm_weight_grad, (x.bfloat16(), g.bfloat16(), r.offsets_E1, r.rows_N, None, None, torch.float32))
-    from moeut.expert_mm import grouped_mm_weight_grad_add, sum_choices
+    from moeut.expert_ops import grouped_mm_weight_grad_add, sum_choices
     acc = torch.randn(4, 6, 5, generator=gen)
     torch.library.opcheck(grouped_mm_weight_grad_add, (acc, x, g_rows, r.offsets_E1, r.rows_N, r.rows_N, scale))
     want = acc + grouped_mm_weight_grad(x, g, r.offsets_E1, r.rows_N, None, None, torch.float32)
@@ -127,7 +127,7 @@ def test_opcheck():
     torch.library.opcheck(grouped_mm_weight_grad, (x, g_rows, r.offsets_E1, r.rows_N, r.rows_N, scale,
                                                    torch.float32, r.slot_N))
     torch.library.opcheck(grouped_mm_weight_grad_add, (acc, x, g_rows, r.offsets_E1, r.rows_N, r.rows_N, scale, r.slot_N))
-    from moeut.expert_mm import row_dot
+    from moeut.expert_ops import row_dot
     a20 = torch.randn(20, 6, generator=gen)
     torch.library.opcheck(row_dot, (a20, x, r.rows_N, scale, r.slot_N))
     dot, _ = row_dot(a20, x, r.rows_N, None, r.slot_N)
@@ -146,7 +146,7 @@ def test_grouped_mm_dot_matches_reference():
     """grouped_mm_dot: the grouped GEMM (gathered, scaled, scattered) and the dot of each routed row's
     unscaled product with a gathered row of another tensor, written at dot_dst or in routed order.
     This is how SwitchHead's value projection gets its gate gradient <d v, x W> as <d v W^T, x>."""
-    from moeut.expert_mm import grouped_mm, grouped_mm_dot
+    from moeut.expert_ops import grouped_mm, grouped_mm_dot
     gen = torch.Generator().manual_seed(9)
     R, K, E, I, O = 13, 2, 5, 7, 9
     expert = 2 * torch.randint(0, 3, (R, K), generator=gen)   # odd experts stay empty
@@ -167,9 +167,34 @@ def test_grouped_mm_dot_matches_reference():
                                            x.float(), r.rows_N, r.slot_N))
 
 
+def test_grouped_mm_dot_with_routed_dot_rows_and_relu_mask_matches_reference():
+    """grouped_mm_dot as the expert MLP's backward uses it: d h = d out W2^T per routed row, dotted with
+    h (already in routed order: no dot rows) for the gate gradient, written in (row, choice) order;
+    the output is gate * d h where h > 0 (the gradient of the ReLU's input), in routed order."""
+    from moeut.expert_ops import grouped_mm_dot
+    gen = torch.Generator().manual_seed(10)
+    R, K, E, D, S = 11, 3, 5, 6, 8
+    expert = torch.randint(0, E - 1, (R, K), generator=gen)   # the last expert gets no rows
+    r = route(expert, E)
+    gy = torch.randn(R, D, generator=gen, dtype=torch.float64)
+    w2 = torch.randn(E, S, D, generator=gen, dtype=torch.float64)
+    h = torch.randn(R * K, S, generator=gen, dtype=torch.float64).relu()   # routed rows of a ReLU's output
+    gate = torch.rand(R, K, generator=gen, dtype=torch.float64)
+    gate_n = gate.reshape(-1)[r.slot_N]
+    out, dot = grouped_mm_dot(gy, w2.transpose(1, 2), r.offsets_E1, r.rows_N, gate_n, None, False, h, None,
+                              r.slot_N, relu_mask=True)
+    expert_N = expert.reshape(-1)[r.slot_N]
+    grad_h = torch.einsum("nd,nsd->ns", gy[r.rows_N], w2[expert_N])
+    torch.testing.assert_close(out, torch.where(h > 0, gate_n[:, None] * grad_h, 0.0))
+    torch.testing.assert_close(dot[r.slot_N], (grad_h * h).sum(-1))
+    assert (h == 0).any() and (out[h == 0] == 0).all()
+    torch.library.opcheck(grouped_mm_dot, (gy.float(), w2.transpose(1, 2).float(), r.offsets_E1, r.rows_N,
+                                           gate_n.float(), None, False, h.float(), None, r.slot_N, True))
+
+
 def test_grouped_mm_scale_and_scatter_match_reference():
     """out[dst[n]] = scale[n] * x[rows[n]] @ w[e(n)]: with dst = slot, row r*K+k holds choice (r, k)."""
-    from moeut.expert_mm import grouped_mm, grouped_mm_weight_grad
+    from moeut.expert_ops import grouped_mm, grouped_mm_weight_grad
     gen = torch.Generator().manual_seed(8)
     R, K, E, I, O = 30, 3, 7, 9, 11
     expert = 2 * torch.randint(0, 3, (R, K), generator=gen)   # odd experts stay empty
@@ -195,7 +220,7 @@ def test_grouped_mm_scale_and_scatter_match_reference():
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("I,O", [(10, 7), (5, 12)])   # both ways of getting the gate gradient
 @pytest.mark.parametrize("gates_at_dst", [False, True])
-@pytest.mark.parametrize("epilogue_dot", [True, False])   # I > O: gate gradient from the dx GEMM, or recomputed
+@pytest.mark.parametrize("epilogue_dot", [True, False])   # gate gradient from the dx GEMM, or a second pass
 def test_expert_mm_combine_matches_unfused(gather, groups, I, O, gates_at_dst, epilogue_dot, monkeypatch):
     """The fused projection+combine equals combine(expert_mm(...)) in value and gradients (its backward
     with gates read in permuted copies, or at each routed row's destination)."""
@@ -203,6 +228,7 @@ def test_expert_mm_combine_matches_unfused(gather, groups, I, O, gates_at_dst, e
     from moeut.expert_mm import expert_mm_combine
     monkeypatch.setattr(em, "GATES_AT_DST", gates_at_dst)
     monkeypatch.setattr(em, "EPILOGUE_DOT", epilogue_dot)
+    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW", epilogue_dot)
     from tests.helpers import combine_case
     r, x, w, gate = combine_case(gather, groups, I, O, seed=6 + I)
     gen = torch.Generator().manual_seed(7)
@@ -265,7 +291,7 @@ def test_combine_residual_of_the_wrong_shape_is_rejected():
 
 
 def test_a_malformed_count_in_the_environment_is_named(monkeypatch):
-    from moeut.expert_mm import _env_count
+    from moeut.shared_weights import _env_count
     monkeypatch.setenv("MOEUT_WGRAD_DEFER", "three")
     with pytest.raises(ValueError, match="MOEUT_WGRAD_DEFER must be a whole number.*'three'"):
         _env_count("MOEUT_WGRAD_DEFER", 3)

@@ -526,11 +526,11 @@ def test_residual_gradient_relayed_into_the_value_projection_matches_autograd_su
     (MOEUT_RELAY_RESIDUAL_GRAD=0): every gradient agrees, and the backward runs one [R, D] fp32 add
     fewer. "kernels": the Triton kernels, through the interpreter."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    from moeut import attention as attention_module, expert_mm, fused
+    from moeut import attention as attention_module
+    from tests.helpers import switch_kernels
     if kernels:
         pytest.importorskip("triton")
-        monkeypatch.setattr(expert_mm, "use_fused", lambda t, switch=None: switch is None)
-        monkeypatch.setattr(fused, "use_fused", lambda t, switch=None: switch is None)
+        switch_kernels(monkeypatch, lambda t, switch=None: switch is None)
     layer, x, gy, params = _small_switchhead_layer(1)
 
     class CountAdds(TorchDispatchMode):   # fp32 adds of x's shape ([B*T, D] or [B, T, D])

@@ -9,7 +9,8 @@ triton = pytest.importorskip("triton")
 if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("interpreter tests are for CPU-only machines (GPU runs use tests/gpu)", allow_module_level=True)
 
-from moeut.expert_mm import _grouped_mm_torch, _weight_grad_torch, reference_expert_mm, route  # noqa: E402
+from moeut.expert_mm import reference_expert_mm, route  # noqa: E402
+from moeut.expert_ops import _grouped_mm_torch, _weight_grad_torch  # noqa: E402
 from moeut import triton_expert_mm  # noqa: E402
 from moeut.triton_expert_mm import grouped_mm_triton, grouped_mm_weight_grad_triton  # noqa: E402
 
@@ -74,9 +75,9 @@ def test_triton_matches_reference(kind, R, K, E, I, O, dtype, loop_n, monkeypatc
     # weight gradient reading gathered gradient rows (one row per input row), the gate applied to the
     # input rows or to the gradient rows; against the reference with the same operands and rounding
     g_R = torch.randn(R, O, generator=gen).to(dtype)
-    expert_mm_module = sys.modules["moeut.expert_mm"]
+    expert_ops = sys.modules["moeut.expert_ops"]
     for scale_x in (True, False):
-        monkeypatch.setattr(expert_mm_module, "WGRAD_SCALE_X", scale_x)
+        monkeypatch.setattr(expert_ops, "WGRAD_SCALE_X", scale_x)
         got = grouped_mm_weight_grad_triton(x, g_R, r.offsets_E1, r.rows_N, r.rows_N, gate[r.slot_N], torch.float32)
         want = _weight_grad_torch(x, g_R, r.offsets_E1, r.rows_N, r.rows_N, gate[r.slot_N], torch.float32)
         # (norm-relative: the interpreter truncates the scaled bf16 rows where the reference rounds them)
@@ -89,7 +90,7 @@ def test_triton_matches_reference(kind, R, K, E, I, O, dtype, loop_n, monkeypatc
 def test_triton_grouped_mm_dot_matches_torch(loop_n, dtype, monkeypatch):
     """The input-gradient GEMM with the row dot in its epilogue (loop over N), and the fallback that
     recomputes the forward product, against the PyTorch path: output bitwise, dot within rounding."""
-    from moeut.expert_mm import _grouped_mm_torch
+    from moeut.expert_ops import _grouped_mm_torch
     from moeut.triton_expert_mm import row_dot_triton
     monkeypatch.setattr(triton_expert_mm, "LOOP_N_OVERRIDE", loop_n)
     gen = torch.Generator().manual_seed(4)
@@ -115,6 +116,48 @@ def test_triton_grouped_mm_dot_matches_torch(loop_n, dtype, monkeypatch):
             want = torch.empty_like(want).index_copy_(0, dot_dst, want)
         err = ((dot.double() - want).norm() / want.norm()).item()
         assert err < (1e-6 if dtype == torch.float32 else 1e-2), err
+
+
+@pytest.mark.parametrize("O", [16, 40])   # one column block (BN 16 here), or a program walking three
+@pytest.mark.parametrize("dot_gather,relu_mask", [(True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("scatter", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_row_dot_in_column_block_form_matches_torch(O, dot_gather, relu_mask, scatter, dtype, monkeypatch):
+    """The row dot in the column-block form's epilogue (narrow outputs: the FFN down projection's and
+    SwitchHead's output projection's input gradient; `ROW_DOT_MAX_O`): one program per row tile walks
+    every column block. Against the fp64 PyTorch form (`expert_ops._finish_dot`): the gate-scaled,
+    optionally ReLU-masked and scattered output, and the dot of the unscaled product with dot_x's rows
+    (gathered, or in routed order), written at dot_dst or in routed order. Unmasked, the output is
+    bit-identical to the plain GEMM's (the same K loop)."""
+    from moeut.expert_ops import _finish_dot
+    from moeut.triton_expert_mm import row_dot_applies
+    monkeypatch.setattr(triton_expert_mm, "LOOP_N_OVERRIDE", False)
+    gen = torch.Generator().manual_seed(O + 3 * relu_mask + 7 * scatter)
+    R, K, E, I = 21, 3, 7, 24
+    expert = 2 * torch.randint(0, 3, (R, K), generator=gen)   # odd experts (and the last) stay empty
+    r = route(expert, E)
+    N = R * K
+    assert row_dot_applies(I, O, N, E) and not triton_expert_mm.use_loop_n(I, O, N, E)
+    g = torch.randn(R, I, generator=gen).to(dtype)                       # d out, gathered by rows
+    w = torch.randn(E, I, O, generator=gen).to(dtype)
+    x = torch.randn(R if dot_gather else N, O, generator=gen).to(dtype)  # the dot's partner
+    dot_rows = r.rows_N if dot_gather else None
+    gate = torch.rand(N, generator=gen)
+    scale, dst, at_dst = (gate, r.slot_N, True) if scatter else (gate[r.slot_N], None, False)
+    plain = _grouped_mm_torch(g.double(), w.double(), r.offsets_E1, r.rows_N)
+    for dot_dst in (None, r.slot_N):
+        out, dot = grouped_mm_triton(g, w, r.offsets_E1, r.rows_N, scale, dst, at_dst, dot_x_MO=x,
+                                     dot_rows_N=dot_rows, dot_dst_N=dot_dst, dot_mask=relu_mask)
+        want_out, want_dot = _finish_dot(plain, scale.double(), dst, at_dst, x.double(), dot_rows, dot_dst, relu_mask)
+        assert out.dtype == dtype and dot.dtype == torch.float32
+        for got, want in ((out, want_out), (dot, want_dot)):
+            err = ((got.double() - want).norm() / want.norm()).item()
+            assert err < (1e-6 if dtype == torch.float32 else 1e-2), err
+        if relu_mask:
+            masked = (x if dot_rows is None else x[dot_rows]) <= 0
+            assert masked.any() and (out[dst] if scatter else out)[masked].eq(0).all()
+        else:
+            assert torch.equal(out, grouped_mm_triton(g, w, r.offsets_E1, r.rows_N, scale, dst, at_dst))
 
 
 @pytest.mark.parametrize("gather,scale", [(False, True), (True, False), (True, True)])
@@ -347,11 +390,10 @@ def test_shared_weights_through_the_kernels_match_per_application(defer, monkeyp
     kernel, against casting per application and summing with autograd. One application per launch
     (defer 1) gives the same fp32 sums bit for bit; deferred applications (three per weight here)
     are summed in one launch, in a different order: equal to fp32 rounding."""
-    from moeut import MoEUTLM, expert_mm, fused, shared_weights, triton_expert_mm
-    from tests.helpers import autocast_step_grads
-    monkeypatch.setattr(expert_mm, "use_fused", lambda t, switch=None: switch is None)   # kernels, interpreted
-    monkeypatch.setattr(fused, "use_fused", lambda t, switch=None: switch is None)
-    monkeypatch.setattr(expert_mm, "WGRAD_DEFER", defer)
+    from moeut import MoEUTLM, shared_weights, triton_expert_mm
+    from tests.helpers import autocast_step_grads, switch_kernels
+    switch_kernels(monkeypatch, lambda t, switch=None: switch is None)   # kernels, interpreted
+    monkeypatch.setattr(shared_weights, "WGRAD_DEFER", defer)
     torch.manual_seed(0)
     model = MoEUTLM(40, d_model=32, n_layers=6, n_heads=2, ff_n_experts=6, att_n_experts=3, d_head=8,
                     ff_k=2, group_size=2, ff_expert_size=16).train()
@@ -379,7 +421,7 @@ def test_shared_weights_through_the_kernels_match_per_application(defer, monkeyp
 def test_triton_sum_choices_matches_torch(dtype, out_dtype, X, C, O):
     """The top-k sum: fp32 accumulation, one rounding to the requested dtype (fp32 gradients are not
     rounded to bf16 on the way), for any number of choices, an empty input, and a strided row view."""
-    from moeut.expert_mm import _sum_choices_torch
+    from moeut.expert_ops import _sum_choices_torch
     from moeut.triton_sum import sum_choices_triton
     out_dtype = out_dtype or dtype
     gen = torch.Generator().manual_seed(X * 31 + C)
@@ -405,22 +447,23 @@ def test_triton_sum_choices_matches_torch(dtype, out_dtype, X, C, O):
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("I,O", [(10, 7), (5, 12)])   # both ways of getting the gate gradient
 @pytest.mark.parametrize("gates_at_dst", [False, True])
-@pytest.mark.parametrize("epilogue_dot", [True, False])   # I > O: gate gradient from the dx GEMM, or recomputed
+@pytest.mark.parametrize("epilogue_dot", [True, False])   # gate gradient from the dx GEMM, or a second pass
 def test_combine_through_the_kernels_matches_the_torch_path(gather, groups, I, O, gates_at_dst, epilogue_dot, monkeypatch):
     """`expert_mm` and the fused `expert_mm_combine`, forward and backward, with every kernel on
     (grouped GEMM, weight gradient, row dot, top-k sum) against the same autograd Functions on the
     PyTorch path: values and the gradients of x, w and the gates."""
     from moeut import expert_mm as em
-    from tests.helpers import combine_case
+    from tests.helpers import combine_case, switch_kernels
     monkeypatch.setattr(em, "GATES_AT_DST", gates_at_dst)
     monkeypatch.setattr(em, "EPILOGUE_DOT", epilogue_dot)
+    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW", epilogue_dot)
     r, x, w, gate = combine_case(gather, groups, I, O, seed=6 + I + groups)
     gen = torch.Generator().manual_seed(1)
     gy = torch.randn(gate.shape[0], O, generator=gen)
     gh = torch.randn(r.slot_N.numel(), O, generator=gen)
     runs = []
     for kernels in (False, True):
-        monkeypatch.setattr(em, "use_fused", lambda t, switch=None, on=kernels: on)
+        switch_kernels(monkeypatch, lambda t, switch=None, on=kernels: on)
         fused = em.expert_mm_combine(x, w, r, gate, gather=gather)
         routed = em.expert_mm(x, w, r, gather=gather)
         grads = torch.autograd.grad((fused, routed), (x, w, gate), (gy, gh), allow_unused=True)
@@ -434,14 +477,14 @@ def test_combine_with_residual_through_the_kernels_matches_the_torch_path(I, O, 
     """`expert_mm_combine(..., residual_XO=r)`: r added inside the top-k sum kernel, its gradient passed
     through, against the PyTorch path and against a separate add."""
     from moeut import expert_mm as em
-    from tests.helpers import combine_case
+    from tests.helpers import combine_case, switch_kernels
     r, x, w, gate = combine_case(True, 1, I, O, seed=3 + I)
     gen = torch.Generator().manual_seed(2)
     res = torch.randn(gate.shape[0], O, generator=gen, requires_grad=True)
     gy = torch.randn(gate.shape[0], O, generator=gen)
     runs = []
     for kernels in (False, True):
-        monkeypatch.setattr(em, "use_fused", lambda t, switch=None, on=kernels: on)
+        switch_kernels(monkeypatch, lambda t, switch=None, on=kernels: on)
         out = em.expert_mm_combine(x, w, r, gate, residual_XO=res)
         runs.append((out, *torch.autograd.grad(out, (x, w, gate, res), gy)))
         torch.testing.assert_close(out, res + em.expert_mm_combine(x, w, r, gate), rtol=1e-5, atol=1e-5)
@@ -452,16 +495,19 @@ def test_combine_with_residual_through_the_kernels_matches_the_torch_path(I, O, 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gates_at_dst", [False, True])
-def test_expert_mlp_through_the_kernels_matches_the_torch_path(dtype, gates_at_dst, monkeypatch):
+@pytest.mark.parametrize("epilogue_dot", [True, False])
+def test_expert_mlp_through_the_kernels_matches_the_torch_path(dtype, gates_at_dst, epilogue_dot, monkeypatch):
     """The fused σ-MoE expert MLP (ReLU in the up projection's epilogue, its backward in the row dot),
     forward and backward, with every kernel on against the PyTorch path."""
     from moeut import expert_mlp as mlp_module, expert_mm as em
+    from tests.helpers import switch_kernels
     from tests.unit.test_expert_mlp import mlp_case
     monkeypatch.setattr(em, "GATES_AT_DST", gates_at_dst)
+    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW", epilogue_dot)
     r, x, w1, w2, gate, gy = mlp_case(dtype, seed=11)
     runs = []
     for kernels in (False, True):
-        monkeypatch.setattr(em, "use_fused", lambda t, switch=None, on=kernels: on)
+        switch_kernels(monkeypatch, lambda t, switch=None, on=kernels: on)
         out = mlp_module.expert_mlp(x, w1, w2, r, gate)
         runs.append((out, *torch.autograd.grad(out, (x, w1, w2, gate), gy)))
     # relative (norm) error: bf16 values here reach ~100, and the interpreter truncates where CUDA rounds
