@@ -233,3 +233,11 @@ run s13_ab 560 bash -c "python3 benchmarks/train_throughput.py --steps 6 --cuda-
   MOEUT_EPILOGUE_DOT_NARROW=0 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16,moeut-1B:8 \
   --json $OUT/train_graph_off.json && \
   python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16,moeut-1B:8 --json $OUT/train_graph_on2.json"
+# s13_verify's pytest ran out of its 470 s at 144 of 160 tests (all passed): the file's last tests, then s13_ab.
+run s13_rest_ab 590 bash -c "$TEST_ENV timeout 200 python3 -m pytest -q tests/gpu -p no:cacheprovider --tb=short \
+  -k 'relay or graphed_train or train_with_cuda_graph or decoding_step or expert_gemv or small_route or fused_rope'; \
+  python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8 --json $OUT/train_graph_on.json && \
+  MOEUT_EPILOGUE_DOT_NARROW=0 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16,moeut-1B:8 \
+  --json $OUT/train_graph_off.json && \
+  python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16,moeut-1B:8 --json $OUT/train_graph_on2.json"
