@@ -241,3 +241,12 @@ run s13_rest_ab 590 bash -c "$TEST_ENV timeout 200 python3 -m pytest -q tests/gp
   MOEUT_EPILOGUE_DOT_NARROW=0 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16,moeut-1B:8 \
   --json $OUT/train_graph_off.json && \
   python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16,moeut-1B:8 --json $OUT/train_graph_on2.json"
+# s13_rest_ab measured the epilogue dot slower (244M 178.6k/178.7k on against 181.6k off): now the expert MLP's
+# alone (default) against none, and the combine's added.
+run s13_ab2 560 bash -c "python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:16,moeut-1B:8 --json $OUT/train_graph_mlp.json && \
+  MOEUT_EPILOGUE_DOT_NARROW=0 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16,moeut-1B:8 \
+  --json $OUT/train_graph_none.json && \
+  MOEUT_EPILOGUE_DOT_NARROW_COMBINE=1 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16 \
+  --json $OUT/train_graph_both.json && \
+  python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16,moeut-1B:8 --json $OUT/train_graph_mlp2.json"

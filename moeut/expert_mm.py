@@ -124,10 +124,12 @@ GATES_AT_DST = os.environ.get("MOEUT_GATES_AT_DST", "0") == "1"
 # gate gradient instead of taking it from the input-gradient GEMM (`grouped_mm_dot`; benchmarks compare).
 EPILOGUE_DOT = os.environ.get("MOEUT_EPILOGUE_DOT", "1") != "0"
 
-# MOEUT_EPILOGUE_DOT_NARROW=0: a combine narrower in than out (the FFN's down projection, SwitchHead's output
-# projection) and the expert MLP take the gate gradient from a second pass over the input gradient
-# (`row_dot`) instead of the input-gradient GEMM's epilogue (`grouped_mm_dot`, column-block form).
+# MOEUT_EPILOGUE_DOT_NARROW=0: the expert MLP takes its gate gradient from a second pass over the down
+# projection's input gradient (`row_dot`) instead of that GEMM's epilogue (`grouped_mm_dot`, column-block
+# form). MOEUT_EPILOGUE_DOT_NARROW_COMBINE=1 does the same for a combine narrower in than out (SwitchHead's
+# output projection, the unfused FFN): off, it was slower in graphed steps (RESULTS L).
 EPILOGUE_DOT_NARROW = os.environ.get("MOEUT_EPILOGUE_DOT_NARROW", "1") != "0"
+EPILOGUE_DOT_NARROW_COMBINE = os.environ.get("MOEUT_EPILOGUE_DOT_NARROW_COMBINE", "0") == "1"
 
 # MOEUT_WEIGHT_CAST=1: hand fp32 master weights to the Triton kernels, which round each tile as they
 # load it, instead of casting them first. Measured slower on the H200 (RESULTS.md D.2: 244M FFN
@@ -265,7 +267,7 @@ class _ExpertMMCombine(torch.autograd.Function):
         gate_n, dst = _routed_gates(gate_XC.reshape(-1), slot_N)   # routed row n's gate: gate_n[dst[n] or n]
         w_T = w_EIO.transpose(1, 2)
         grad_x = None
-        epilogue_dot = ctx.needs_input_grad[0] and (EPILOGUE_DOT if I > O else EPILOGUE_DOT_NARROW)
+        epilogue_dot = ctx.needs_input_grad[0] and (EPILOGUE_DOT if I > O else EPILOGUE_DOT_NARROW_COMBINE)
         if epilogue_dot and rows_N is not None:
             # the gate gradient <d out, x W> as <d out W^T, x>, from the input gradient's product
             grad_x_SI, grad_gate_n = grouped_mm_dot(grad_XO, w_T, offsets_E1, group_N, gate_n, slot_N, GATES_AT_DST,

@@ -54,6 +54,7 @@ def test_triton_combine_matches_torch_path(dtype, tol, I, O, gather, loop_n, gat
     monkeypatch.setattr(em, "GATES_AT_DST", gates_at_dst)
     monkeypatch.setattr(em, "EPILOGUE_DOT", epilogue_dot)
     monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW", epilogue_dot)
+    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW_COMBINE", epilogue_dot)
     torch.manual_seed(1)
     R, K, E = 1500, 4, 10
     expert = torch.randint(0, E - 1, (R, K), device="cuda")  # the last expert gets no rows
@@ -85,6 +86,7 @@ def test_triton_expert_mlp_matches_torch_path(dtype, tol, D, E, K, epilogue_dot,
     from moeut.expert_mlp import expert_mlp
     from moeut.expert_mm import expert_mm, expert_mm_combine
     monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW", epilogue_dot)
+    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW_COMBINE", epilogue_dot)
     torch.manual_seed(5)
     R = 2048
     expert = torch.randint(0, E - 1, (R, K), device="cuda")  # the last expert gets no rows

@@ -35,6 +35,7 @@ def test_expert_mlp_equals_the_composed_operators(dtype, gates_at_dst, epilogue_
     x, both weights and the gates; the expert without rows gets exact zero weight gradients."""
     monkeypatch.setattr(em, "GATES_AT_DST", gates_at_dst)
     monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW", epilogue_dot)
+    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW_COMBINE", epilogue_dot)
     r, x, w1, w2, gate, gy = mlp_case(dtype, seed=3)
     leaves = (x, w1, w2, gate)
     fused = mlp_module.expert_mlp(x, w1, w2, r, gate)
@@ -62,6 +63,7 @@ def test_expert_mlp_equals_the_composed_operators(dtype, gates_at_dst, epilogue_
 def test_expert_mlp_under_autocast_matches_composed(epilogue_dot, monkeypatch):
     """fp32 leaves under bf16 autocast (training): computed in bf16, gradients in fp32, as composed."""
     monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW", epilogue_dot)
+    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW_COMBINE", epilogue_dot)
     r, x, w1, w2, gate, gy = mlp_case(torch.float32, seed=5)
     leaves = (x, w1, w2, gate)
     with torch.autocast("cpu", torch.bfloat16):

@@ -229,6 +229,7 @@ def test_expert_mm_combine_matches_unfused(gather, groups, I, O, gates_at_dst, e
     monkeypatch.setattr(em, "GATES_AT_DST", gates_at_dst)
     monkeypatch.setattr(em, "EPILOGUE_DOT", epilogue_dot)
     monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW", epilogue_dot)
+    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW_COMBINE", epilogue_dot)
     from tests.helpers import combine_case
     r, x, w, gate = combine_case(gather, groups, I, O, seed=6 + I)
     gen = torch.Generator().manual_seed(7)

@@ -457,6 +457,7 @@ def test_combine_through_the_kernels_matches_the_torch_path(gather, groups, I, O
     monkeypatch.setattr(em, "GATES_AT_DST", gates_at_dst)
     monkeypatch.setattr(em, "EPILOGUE_DOT", epilogue_dot)
     monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW", epilogue_dot)
+    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW_COMBINE", epilogue_dot)
     r, x, w, gate = combine_case(gather, groups, I, O, seed=6 + I + groups)
     gen = torch.Generator().manual_seed(1)
     gy = torch.randn(gate.shape[0], O, generator=gen)
@@ -504,6 +505,7 @@ def test_expert_mlp_through_the_kernels_matches_the_torch_path(dtype, gates_at_d
     from tests.unit.test_expert_mlp import mlp_case
     monkeypatch.setattr(em, "GATES_AT_DST", gates_at_dst)
     monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW", epilogue_dot)
+    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW_COMBINE", epilogue_dot)
     r, x, w1, w2, gate, gy = mlp_case(dtype, seed=11)
     runs = []
     for kernels in (False, True):
