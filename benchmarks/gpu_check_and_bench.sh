@@ -223,6 +223,8 @@ run next_s13 300 bash -c "nvcc --version 2>&1 | tail -2; python3 -c 'import cutl
   ls -d /usr/local/cuda*/include/cute 2>&1 | head -2; \
   for e in store_order tma_store warp_specialize; do python3 benchmarks/experiments/\$e.py 2>&1 | grep -E '^(244M|1B)' | head -12; done; \
   python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16,dense-244M:16 --json $OUT/train_graph_peak.json"
+# Thirteenth session. s13_verify ran at 45d8b4e, s13_rest_ab at 76250d0, s13_ab2 at 41c06d5; the narrow epilogue
+# dot they measure (MOEUT_EPILOGUE_DOT_NARROW[_COMBINE]) was slower in graphed steps and is gone (RESULTS L).
 # Thirteenth session. s13_verify: the whole tests/gpu module after expert_mm.py's split and the narrow
 # epilogue dot (~7 min), then the kernel rows at 244M (down dx + gate gradient: epilogue against the
 # row-dot pass). s13_ab: graphed 244M/1B steps with MOEUT_EPILOGUE_DOT_NARROW on, off, on (~5 min).
@@ -250,3 +252,6 @@ run s13_ab2 560 bash -c "python3 benchmarks/train_throughput.py --steps 6 --cuda
   MOEUT_EPILOGUE_DOT_NARROW_COMBINE=1 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16 \
   --json $OUT/train_graph_both.json && \
   python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16,moeut-1B:8 --json $OUT/train_graph_mlp2.json"
+# s13_final: after the epilogue dot was removed again, the expert-projection tests on the final code (~3 min).
+run s13_final 230 bash -c "$TEST_ENV timeout 190 python3 -m pytest -q tests/gpu -p no:cacheprovider --tb=short \
+  -k 'combine or expert_mlp or shared_weight or deterministic'"

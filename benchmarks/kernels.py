@@ -142,15 +142,6 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
         2 * (T * D + E * S * D + N * S))
     add("up dx (scatter)", bench(lambda: op(gh, w1.transpose(1, 2), r.offsets_E1, None, None, r.slot_N)),
         2 * (N * S + E * S * D + N * D))
-    # The down projection's input gradient with the gate gradient and the ReLU's backward: in the GEMM's
-    # epilogue (`grouped_mm_dot`, the default), or the GEMM then a row-dot pass (MOEUT_EPILOGUE_DOT_NARROW=0).
-    dot_op, row_dot_op = torch.ops.moeut.grouped_mm_dot, torch.ops.moeut.row_dot
-    add("down dx + gate grad (epilogue)", bench(lambda: dot_op(gy_T, w2.transpose(1, 2), r.offsets_E1, group, gate,
-                                                               None, False, h, None, r.slot_N, True)),
-        2 * (T * D + E * S * D + 3 * N * S))
-    add("down dx + gate grad (row-dot pass)",
-        bench(lambda: row_dot_op(op(gy_T, w2.transpose(1, 2), r.offsets_E1, group, None, None), h, None, gate,
-                                 None, True)), 2 * (T * D + E * S * D + 3 * N * S))
     # The narrow passes (I = 128) in the other grouped-GEMM form too, to keep the faster one as default.
     from moeut import triton_expert_mm
     forced = triton_expert_mm.use_loop_n(S, D, N, E)

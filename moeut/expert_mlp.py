@@ -20,10 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import expert_mm as em
-from .expert_mm import (Routing, _compute_dtype, _gate_grad_in_choice_order, _gates_in_routed_order, _operand,
-                        _routed_gates, _weight_operand)
-from .expert_ops import _sum_choices, grouped_mm, grouped_mm_dot, row_dot
+from .expert_mm import Routing, _compute_dtype, _gate_grad_in_choice_order, _operand, _routed_gates, _weight_operand
+from .expert_ops import _sum_choices, grouped_mm, row_dot
 from .shared_weights import GradSink, weight_grad
 
 __all__ = ["expert_mlp"]
@@ -61,21 +59,15 @@ class _ExpertMLP(torch.autograd.Function):
         group_N = rows_N   # the FFN's output row of routed row n is its input row
         gate_n, dst = _routed_gates(gate_RK.reshape(-1), slot_N)
 
-        # Down projection: d h (unscaled) from d out, the gate gradient <d h, h> and the gradient of
-        # the ReLU's input, gate * d h where h > 0: in the GEMM's epilogue, or in one pass over d h and h.
-        if em.EPILOGUE_DOT_NARROW:
-            grad_pre_NS, grad_gate_S = grouped_mm_dot(grad_RD, w2.transpose(1, 2), offsets_E1, group_N,
-                                                      _gates_in_routed_order(gate_n, slot_N), None, False, h_NS, None,
-                                                      slot_N, relu_mask=True)
-            grad_gate = grad_gate_S.view(R, K).to(gate_RK.dtype)
-        else:
-            grad_h_NS = grouped_mm(grad_RD, w2.transpose(1, 2), offsets_E1, group_N, None, None)
-            grad_gate_n, grad_pre_NS = row_dot(grad_h_NS, h_NS, None, gate_n, dst, relu_mask=True)
-            grad_gate = _gate_grad_in_choice_order(grad_gate_n, slot_N).view(R, K).to(gate_RK.dtype)
+        # Down projection: d h (unscaled) from d out, then the gate gradient <d h, h> and the
+        # gradient of the ReLU's input, gate * d h where h > 0, in one pass over d h and h.
+        grad_h_NS = grouped_mm(grad_RD, w2.transpose(1, 2), offsets_E1, group_N, None, None)
+        grad_gate_n, grad_pre_NS = row_dot(grad_h_NS, h_NS, None, gate_n, dst, relu_mask=True)
+        grad_gate = _gate_grad_in_choice_order(grad_gate_n, slot_N).view(R, K).to(gate_RK.dtype)
         grad_w2 = grad_w1 = grad_x = None
         if ctx.needs_input_grad[2]:
             grad_w2 = weight_grad(sink2, h_NS, grad_RD, offsets_E1, None, group_N, gate_n, w2_master.dtype,
-                                   scale_dst=dst)
+                                  scale_dst=dst)
         # Up projection: d x (written in (row, choice) order and summed over the K choices), d W1.
         if ctx.needs_input_grad[0]:
             grad_x = _sum_choices(grouped_mm(grad_pre_NS, w1.transpose(1, 2), offsets_E1, None, None, slot_N), R,

@@ -124,13 +124,6 @@ GATES_AT_DST = os.environ.get("MOEUT_GATES_AT_DST", "0") == "1"
 # gate gradient instead of taking it from the input-gradient GEMM (`grouped_mm_dot`; benchmarks compare).
 EPILOGUE_DOT = os.environ.get("MOEUT_EPILOGUE_DOT", "1") != "0"
 
-# MOEUT_EPILOGUE_DOT_NARROW=0: the expert MLP takes its gate gradient from a second pass over the down
-# projection's input gradient (`row_dot`) instead of that GEMM's epilogue (`grouped_mm_dot`, column-block
-# form). MOEUT_EPILOGUE_DOT_NARROW_COMBINE=1 does the same for a combine narrower in than out (SwitchHead's
-# output projection, the unfused FFN): off, it was slower in graphed steps (RESULTS L).
-EPILOGUE_DOT_NARROW = os.environ.get("MOEUT_EPILOGUE_DOT_NARROW", "1") != "0"
-EPILOGUE_DOT_NARROW_COMBINE = os.environ.get("MOEUT_EPILOGUE_DOT_NARROW_COMBINE", "0") == "1"
-
 # MOEUT_WEIGHT_CAST=1: hand fp32 master weights to the Triton kernels, which round each tile as they
 # load it, instead of casting them first. Measured slower on the H200 (RESULTS.md D.2: 244M FFN
 # forward+backward 3.82 against 3.49 ms of GPU time; the fp32 operand breaks the kernels' bf16
@@ -157,11 +150,6 @@ def _routed_gates(gate_S: Tensor, slot_N: Tensor) -> Tuple[Tensor, Optional[Tens
     if GATES_AT_DST:
         return gate_S, slot_N
     return _acc(gate_S).index_select(0, slot_N), None
-
-
-def _gates_in_routed_order(gate_n: Tensor, slot_N: Tensor) -> Tensor:
-    """`_routed_gates`' gate_n read in routed order (for a kernel that does not scatter its output)."""
-    return gate_n.index_select(0, slot_N) if GATES_AT_DST else gate_n
 
 
 def _gate_grad_in_choice_order(grad_gate_n: Tensor, slot_N: Tensor) -> Tensor:
@@ -267,16 +255,7 @@ class _ExpertMMCombine(torch.autograd.Function):
         gate_n, dst = _routed_gates(gate_XC.reshape(-1), slot_N)   # routed row n's gate: gate_n[dst[n] or n]
         w_T = w_EIO.transpose(1, 2)
         grad_x = None
-        epilogue_dot = ctx.needs_input_grad[0] and (EPILOGUE_DOT if I > O else EPILOGUE_DOT_NARROW_COMBINE)
-        if epilogue_dot and rows_N is not None:
-            # the gate gradient <d out, x W> as <d out W^T, x>, from the input gradient's product
-            grad_x_SI, grad_gate_n = grouped_mm_dot(grad_XO, w_T, offsets_E1, group_N, gate_n, slot_N, GATES_AT_DST,
-                                                    x_RI, rows_N, dst)
-            grad_x = _sum_choices(grad_x_SI, x_RI.shape[0], x_master.dtype, init_XO=received)
-        elif epilogue_dot and I <= O:   # x in routed order: so is its gradient
-            grad_x, grad_gate_n = grouped_mm_dot(grad_XO, w_T, offsets_E1, group_N, _gates_in_routed_order(gate_n, slot_N),
-                                                 None, False, x_RI, None, dst)
-        elif I <= O:
+        if I <= O:
             grad_in_NI = grouped_mm(grad_XO, w_T, offsets_E1, group_N, None, None)
             # the scaled rows (d x per choice) go straight to (row, choice) order when they are to be summed
             grad_gate_n, grad_x_NI = row_dot(grad_in_NI, x_RI, rows_N, gate_n if ctx.needs_input_grad[0] else None,
@@ -284,12 +263,18 @@ class _ExpertMMCombine(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = grad_x_NI if rows_N is None else _sum_choices(grad_x_NI, x_RI.shape[0], x_master.dtype,
                                                                        init_XO=received)
+        elif ctx.needs_input_grad[0] and rows_N is not None and EPILOGUE_DOT:
+            # the gate gradient <d out, x W> as <d out W^T, x>, from the input gradient's product
+            grad_x_SI, grad_gate_n = grouped_mm_dot(grad_XO, w_T, offsets_E1, group_N, gate_n, slot_N, GATES_AT_DST,
+                                                    x_RI, rows_N, dst)
+            grad_x = _sum_choices(grad_x_SI, x_RI.shape[0], x_master.dtype, init_XO=received)
         else:
             y_NO = grouped_mm(x_RI, w_EIO, offsets_E1, rows_N, None, None)
             grad_gate_n, _ = row_dot(y_NO, grad_XO, group_N, None, dst)
             if ctx.needs_input_grad[0]:
                 if rows_N is None:
-                    grad_x = grouped_mm(grad_XO, w_T, offsets_E1, group_N, _gates_in_routed_order(gate_n, slot_N), None)
+                    grad_x = grouped_mm(grad_XO, w_T, offsets_E1, group_N,
+                                        gate_n.index_select(0, slot_N) if GATES_AT_DST else gate_n, None)
                 else:
                     grad_x = _sum_choices(grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_n, slot_N,
                                                      scale_at_dst=GATES_AT_DST), x_RI.shape[0], x_master.dtype,

@@ -130,48 +130,30 @@ def _(x, weight, offsets, rows, scale, dst, scale_at_dst=False, relu=False):
 
 @torch.library.custom_op("moeut::grouped_mm_dot", mutates_args=())
 def grouped_mm_dot(x: Tensor, weight: Tensor, offsets: Tensor, rows: Optional[Tensor], scale: Optional[Tensor],
-                   dst: Optional[Tensor], scale_at_dst: bool, dot_x: Tensor, dot_rows: Optional[Tensor],
-                   dot_dst: Optional[Tensor], relu_mask: bool = False) -> Tuple[Tensor, Tensor]:
+                   dst: Optional[Tensor], scale_at_dst: bool, dot_x: Tensor, dot_rows: Tensor,
+                   dot_dst: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """(grouped_mm(x, weight, offsets, rows, scale, dst, scale_at_dst), dot [N] fp32) where dot[n] is
-    <x[rows[n]] @ weight[expert of n], dot_x[dot_rows[n]]> (dot_rows None: dot_x[n]), the product taken
-    before the scale and, on the kernel path, before rounding; written at dot_dst[n] if given, else at n.
-    relu_mask: the output row is zero where dot_x's row is not positive (dot_x is a ReLU's output).
+    <x[rows[n]] @ weight[expert of n], dot_x[dot_rows[n]]>, the product taken before the scale and, on
+    the kernel path, before rounding; written at dot_dst[n] if given, else at n.
 
-    This is the backward of a gated combine: with x the output gradient and weight the projection's
-    transpose, the output is the gate-scaled input gradient and the dot the gate's gradient,
-    <d out, y_n> = <d out @ W^T, x_n>, taken in the GEMM's epilogue instead of a second pass over
-    [N, I]. The kernel does that when one program holds whole output rows: the "loop over N" form, or
-    outputs of at most `ROW_DOT_MAX_O` columns (the FFN's down projection: d out [*, 1024] -> [*, 128]).
-    Elsewhere a wide product y = x_n @ W is recomputed and dotted in a second pass (without
-    relu_mask; with it, the plain product is dotted and masked in PyTorch)."""
+    The gate gradient of a combine whose input is wider than its output (SwitchHead's value projection,
+    1024 -> 128) is <d out, y> with y that projection's output, which is not saved. As
+    <d out @ W^T, x>, it comes out of the input-gradient GEMM's epilogue, when one program holds whole
+    output rows ("loop over N"); elsewhere y is recomputed (one more GEMM) and dotted in a second pass."""
     _check(x, weight, offsets)
-    torch._check(dot_x.shape[1] == weight.shape[2], lambda: f"grouped_mm_dot: dot_x has {dot_x.shape[1]} columns, "
-                                                         f"the product {weight.shape[2]}")
     if use_fused(x):
-        from .triton_expert_mm import grouped_mm_triton, row_dot_applies, row_dot_triton
+        from .triton_expert_mm import grouped_mm_triton, row_dot_triton, use_loop_n
         N, (E, I, O) = _routed_count(x, rows), weight.shape
-        if row_dot_applies(I, O, N, E):
+        if use_loop_n(I, O, N, E):
             return grouped_mm_triton(x, weight, offsets, rows, scale, dst, scale_at_dst, dot_x_MO=dot_x,
-                                     dot_rows_N=dot_rows, dot_dst_N=dot_dst, dot_mask=relu_mask)
-        if relu_mask:
-            return _finish_dot(grouped_mm_triton(x, weight, offsets, rows), scale, dst, scale_at_dst, dot_x,
-                               dot_rows, dot_dst, relu_mask)
+                                     dot_rows_N=dot_rows, dot_dst_N=dot_dst)
         out = grouped_mm_triton(x, weight, offsets, rows, scale, dst, scale_at_dst)
         y = grouped_mm_triton(dot_x, weight.transpose(1, 2), offsets, dot_rows)
         return out, row_dot_triton(y, x, rows, None, dot_dst)[0]
-    return _finish_dot(_grouped_mm_torch(x, weight, offsets, rows), scale, dst, scale_at_dst, dot_x, dot_rows,
-                       dot_dst, relu_mask)
-
-
-def _finish_dot(plain: Tensor, scale: Optional[Tensor], dst: Optional[Tensor], scale_at_dst: bool, dot_x: Tensor,
-                dot_rows: Optional[Tensor], dot_dst: Optional[Tensor], relu_mask: bool) -> Tuple[Tensor, Tensor]:
-    """`grouped_mm_dot` from the plain product [N, O] (routed order, unscaled), in PyTorch."""
-    other = dot_x if dot_rows is None else dot_x.index_select(0, dot_rows)
-    dot = (_acc(plain) * _acc(other)).sum(-1)
+    plain = _grouped_mm_torch(x, weight, offsets, rows)
+    dot = (_acc(plain) * _acc(dot_x.index_select(0, dot_rows))).sum(-1)
     if dot_dst is not None:
         dot = torch.empty_like(dot).index_copy_(0, dot_dst, dot)
-    if relu_mask:
-        plain = torch.where(other > 0, plain, plain.new_zeros(()))
     if scale is not None:
         plain = _scale_rows(plain, scale.index_select(0, dst) if scale_at_dst else scale)
     if dst is not None:
@@ -180,7 +162,7 @@ def _finish_dot(plain: Tensor, scale: Optional[Tensor], dst: Optional[Tensor], s
 
 
 @grouped_mm_dot.register_fake
-def _(x, weight, offsets, rows, scale, dst, scale_at_dst, dot_x, dot_rows, dot_dst, relu_mask=False):
+def _(x, weight, offsets, rows, scale, dst, scale_at_dst, dot_x, dot_rows, dot_dst):
     N = _routed_count(x, rows)
     return x.new_empty(N, weight.shape[2]), x.new_empty(N, dtype=torch.promote_types(x.dtype, torch.float32))
 

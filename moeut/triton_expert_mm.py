@@ -65,16 +65,6 @@ def use_loop_n(I: int, O: int, N: int, E: int) -> bool:
     return O > 128 and N >= 128 * E
 
 
-# A row dot in the column-block form: one program walks all O columns, so only for narrow outputs (the
-# FFN down projection's input gradient and SwitchHead's output projection's: 128 columns, one block).
-ROW_DOT_MAX_O = 256
-
-
-def row_dot_applies(I: int, O: int, N: int, E: int) -> bool:
-    """Whether the grouped GEMM can dot its output rows in its epilogue (`grouped_mm_triton(dot_x=...)`)."""
-    return use_loop_n(I, O, N, E) or O <= ROW_DOT_MAX_O
-
-
 def available() -> bool:
     return triton is not None and os.environ.get("MOEUT_DISABLE_TRITON", "0") != "1"
 
@@ -160,40 +150,6 @@ if triton is not None:
         row_end = tl.sum(tl.where(mine, hi, 0), 0)
         return e, row0, row_end, pid < total
 
-    @triton.jit
-    def _column_block(x_ptr, w_ptr, src, row_ok, e, cols, col_ok, I, sxr, sxi, swe, swi, swo,
-                      FP32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        # fp32 [BM, BN]: the row tile's (gathered) input rows times expert e's weight columns `cols`
-        ks = tl.arange(0, BK)
-        a_ptrs = x_ptr + src[:, None].to(tl.int64) * sxr + ks[None, :] * sxi
-        b_ptrs = w_ptr + e.to(tl.int64) * swe + ks[:, None] * swi + cols[None, :] * swo
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, I, BK):
-            k_ok = (k0 + ks) < I
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(x_ptr.dtype.element_ty)
-            acc = _dot(a, b, acc, FP32)
-            a_ptrs += BK * sxi
-            b_ptrs += BK * swi
-        return acc
-
-    @triton.jit
-    def _dot_rows(dotx_ptr, dotrows_ptr, rows, row_ok, sdr, DOT_GATHER: tl.constexpr):
-        # pointers to the rows of dot_x that the tile's routed rows are dotted with
-        if DOT_GATHER:
-            dot_src = tl.load(dotrows_ptr + rows, mask=row_ok, other=0)
-        else:
-            dot_src = rows
-        return dotx_ptr + dot_src[:, None].to(tl.int64) * sdr
-
-    @triton.jit
-    def _store_row_dot(dot_ptr, dotdst_ptr, row_dot, rows, row_ok, DOT_AT_DST: tl.constexpr):
-        if DOT_AT_DST:
-            dot_at = tl.load(dotdst_ptr + rows, mask=row_ok, other=0)
-        else:
-            dot_at = rows
-        tl.store(dot_ptr + dot_at, row_dot, mask=row_ok)
-
     # Passes that differ only in the weight's layout share a key, and so a config. Keying on the
     # weight's stride as well changed no graphed step (RESULTS I.2), so it is not done.
     @triton.autotune(configs=_mm_configs(), key=["I", "O", "GATHER", "SCALE", "SCATTER", "FP32", "LOOP_N",
@@ -207,11 +163,10 @@ if triton is not None:
                           GATHER: tl.constexpr, SCALE: tl.constexpr, SCATTER: tl.constexpr,
                           FP32: tl.constexpr, LOOP_N: tl.constexpr, SCALE_AT_DST: tl.constexpr,
                           RELU: tl.constexpr, ROW_DOT: tl.constexpr, DOT_AT_DST: tl.constexpr,
-                          DOT_GATHER: tl.constexpr, DOT_MASK: tl.constexpr,
                           EP: tl.constexpr, IP: tl.constexpr,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         pid = tl.program_id(0)
-        if LOOP_N or ROW_DOT:   # one program per row tile (a row dot needs whole output rows)
+        if LOOP_N:
             pid_m = pid
             pid_n = 0
         else:
@@ -244,7 +199,8 @@ if triton is not None:
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w_rows = w_ptr + e.to(tl.int64) * swe + ks[:, None] * swi
             if ROW_DOT:   # a program holds whole output rows: it can dot them with another tensor's rows
-                dot_rows = _dot_rows(dotx_ptr, dotrows_ptr, rows, row_ok, sdr, DOT_GATHER)
+                dot_src = tl.load(dotrows_ptr + rows, mask=row_ok, other=0)
+                dot_rows = dotx_ptr + dot_src[:, None].to(tl.int64) * sdr
                 row_dot = tl.zeros((BM,), dtype=tl.float32)
             for n0 in range(0, O, BN):
                 cols = n0 + tl.arange(0, BN)
@@ -253,11 +209,8 @@ if triton is not None:
                 b = b.to(x_ptr.dtype.element_ty)   # an fp32 master weight, rounded as it is loaded
                 acc = _dot(a, b, tl.zeros((BM, BN), dtype=tl.float32), FP32)
                 if ROW_DOT:   # the product before activation, scale and rounding
-                    other = tl.load(dot_rows + cols[None, :] * sdc, mask=row_ok[:, None] & col_ok[None, :],
-                                    other=0.0).to(tl.float32)   # (the interpreter compares bf16 as raw bits)
-                    row_dot += tl.sum(acc * other, axis=1)
-                    if DOT_MASK:
-                        acc = tl.where(other > 0, acc, 0.0)
+                    other = tl.load(dot_rows + cols[None, :] * sdc, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                    row_dot += tl.sum(acc * other.to(tl.float32), axis=1)
                 if RELU:
                     acc = tl.maximum(acc, 0.0)
                 if SCALE:
@@ -265,30 +218,25 @@ if triton is not None:
                 tl.store(out_rows + cols[None, :] * soo, acc.to(out_ptr.dtype.element_ty),
                          mask=row_ok[:, None] & col_ok[None, :])
             if ROW_DOT:
-                _store_row_dot(dot_ptr, dotdst_ptr, row_dot, rows, row_ok, DOT_AT_DST)
-        elif ROW_DOT:   # narrow outputs (O <= ROW_DOT_MAX_O): this program walks every column block
-            dot_rows = _dot_rows(dotx_ptr, dotrows_ptr, rows, row_ok, sdr, DOT_GATHER)
-            row_dot = tl.zeros((BM,), dtype=tl.float32)
-            for n0 in range(0, O, BN):
-                cols = n0 + tl.arange(0, BN)
-                col_ok = cols < O
-                acc = _column_block(x_ptr, w_ptr, src, row_ok, e, cols, col_ok, I, sxr, sxi, swe, swi, swo, FP32, BM, BN, BK)
-                other = tl.load(dot_rows + cols[None, :] * sdc, mask=row_ok[:, None] & col_ok[None, :],
-                                other=0.0).to(tl.float32)
-                row_dot += tl.sum(acc * other, axis=1)
-                if DOT_MASK:
-                    acc = tl.where(other > 0, acc, 0.0)
-                if RELU:
-                    acc = tl.maximum(acc, 0.0)
-                if SCALE:
-                    acc = acc * gate[:, None]
-                tl.store(out_rows + cols[None, :] * soo, acc.to(out_ptr.dtype.element_ty),
-                         mask=row_ok[:, None] & col_ok[None, :])
-            _store_row_dot(dot_ptr, dotdst_ptr, row_dot, rows, row_ok, DOT_AT_DST)
+                if DOT_AT_DST:
+                    dot_at = tl.load(dotdst_ptr + rows, mask=row_ok, other=0)
+                else:
+                    dot_at = rows
+                tl.store(dot_ptr + dot_at, row_dot, mask=row_ok)
         else:
             cols = pid_n * BN + tl.arange(0, BN)
             col_ok = cols < O
-            acc = _column_block(x_ptr, w_ptr, src, row_ok, e, cols, col_ok, I, sxr, sxi, swe, swi, swo, FP32, BM, BN, BK)
+            ks = tl.arange(0, BK)
+            a_ptrs = x_ptr + src[:, None].to(tl.int64) * sxr + ks[None, :] * sxi
+            b_ptrs = w_ptr + e.to(tl.int64) * swe + ks[:, None] * swi + cols[None, :] * swo
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k0 in range(0, I, BK):
+                k_ok = (k0 + ks) < I
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(x_ptr.dtype.element_ty)
+                acc = _dot(a, b, acc, FP32)
+                a_ptrs += BK * sxi
+                b_ptrs += BK * swi
             if RELU:
                 acc = tl.maximum(acc, 0.0)
             if SCALE:
@@ -471,11 +419,10 @@ def grouped_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: O
                       scale_N: Optional[Tensor] = None, dst_N: Optional[Tensor] = None,
                       scale_at_dst: bool = False, relu: bool = False,
                       dot_x_MO: Optional[Tensor] = None, dot_rows_N: Optional[Tensor] = None,
-                      dot_dst_N: Optional[Tensor] = None, dot_mask: bool = False):
-    """The grouped GEMM [N, O]; with dot_x (needs `row_dot_applies`), also (out, dot): dot [N] fp32 is
-    <routed row n's product before activation and scale, dot_x[dot_rows[n]]> (dot_rows None: row n),
-    written at dot_dst[n] if given, else at n. dot_mask: out is zero where that dot_x row is not
-    positive (dot_x a ReLU's output: out is then the gradient of the ReLU's input)."""
+                      dot_dst_N: Optional[Tensor] = None):
+    """The grouped GEMM [N, O]; with dot_x (needs `loop_n_dot_applies`), also (out, dot): dot [N] fp32 is
+    <routed row n's product before activation and scale, dot_x[dot_rows[n]]>, written at dot_dst[n] if
+    given, else at n."""
     N = x_RI.shape[0] if rows_N is None else rows_N.shape[0]
     E, I, O = w_EIO.shape
     out_NO = torch.empty(N, O, device=x_RI.device, dtype=x_RI.dtype)
@@ -489,16 +436,14 @@ def grouped_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: O
 
     loop_n = use_loop_n(I, O, N, E)
     if row_dot:
-        torch._check(row_dot_applies(I, O, N, E), lambda: "grouped_mm_triton: a row dot needs the loop-over-N "
-                     f"form or at most {ROW_DOT_MAX_O} output columns")
-        torch._check(dot_x_MO.shape[1] == O and (dot_rows_N is not None or dot_x_MO.shape[0] == N),
-                     lambda: "grouped_mm_triton: dot_x [M, O] with dot_rows [N], or [N, O]")
+        torch._check(loop_n, lambda: "grouped_mm_triton: a row dot needs the loop-over-N form")
+        torch._check(dot_rows_N is not None and dot_x_MO.shape[1] == O, lambda: "grouped_mm_triton: dot_x [M, O] and dot_rows")
         dot_x_MO = aligned(dot_x_MO)
 
     def grid(meta):
         # Upper bound on the number of row tiles; programs past the real count return at once.
         row_tiles = triton.cdiv(N, meta["BM"]) + E
-        return (row_tiles if loop_n or row_dot else row_tiles * triton.cdiv(O, meta["BN"]),)
+        return (row_tiles if loop_n else row_tiles * triton.cdiv(O, meta["BN"]),)
 
     _expert_mm_kernel[grid](x_RI, w_EIO, out_NO, offsets_E1, _or(rows_N, unused), _or(scale, unused),
                             _or(dst_N, unused), _or(dot_x_MO, unused), _or(dot_rows_N, unused),
@@ -509,7 +454,6 @@ def grouped_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: O
                             GATHER=rows_N is not None, SCALE=scale_N is not None, SCATTER=dst_N is not None,
                             FP32=x_RI.dtype == torch.float32, LOOP_N=loop_n, SCALE_AT_DST=scale_at_dst, RELU=relu,
                             ROW_DOT=row_dot, DOT_AT_DST=dot_dst_N is not None,
-                            DOT_GATHER=dot_rows_N is not None, DOT_MASK=dot_mask,
                             EP=triton.next_power_of_2(E),
                             IP=max(16, triton.next_power_of_2(I)))
     return (out_NO, dot_N) if row_dot else out_NO

@@ -41,20 +41,15 @@ def test_triton_expert_mm_matches_reference(dtype, tol, D, E, K):
 @pytest.mark.parametrize("I,O,gather", [(128, 1024, False), (128, 1024, True), (1024, 128, True)])
 @pytest.mark.parametrize("loop_n", [None, False], ids=["auto", "column_blocks"])
 @pytest.mark.parametrize("gates_at_dst", [False, True], ids=["gates_permuted", "gates_at_dst"])
-@pytest.mark.parametrize("epilogue_dot", [True, False], ids=["epilogue_dot", "row_dot_pass"])
-def test_triton_combine_matches_torch_path(dtype, tol, I, O, gather, loop_n, gates_at_dst, epilogue_dot, monkeypatch):
+def test_triton_combine_matches_torch_path(dtype, tol, I, O, gather, loop_n, gates_at_dst, monkeypatch):
     """Fused projection + gated sum (scale/scatter epilogue, gathered and scaled gradient rows) on the
     Triton path against the per-expert PyTorch path in fp64, values and all gradients; I = 128 runs
     the "loop over N" grouped GEMM by default, `column_blocks` forces the other form; the backward
-    with gates permuted or read at their destination (`MOEUT_GATES_AT_DST`), the gate gradient from
-    the input-gradient GEMM's epilogue or from a second pass (`MOEUT_EPILOGUE_DOT[_NARROW]`)."""
+    with gates permuted or read at their destination (`MOEUT_GATES_AT_DST`)."""
     from moeut import expert_mm as em, triton_expert_mm
     from moeut.expert_mm import expert_mm_combine
     monkeypatch.setattr(triton_expert_mm, "LOOP_N_OVERRIDE", loop_n)
     monkeypatch.setattr(em, "GATES_AT_DST", gates_at_dst)
-    monkeypatch.setattr(em, "EPILOGUE_DOT", epilogue_dot)
-    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW", epilogue_dot)
-    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW_COMBINE", epilogue_dot)
     torch.manual_seed(1)
     R, K, E = 1500, 4, 10
     expert = torch.randint(0, E - 1, (R, K), device="cuda")  # the last expert gets no rows
@@ -76,17 +71,12 @@ def test_triton_combine_matches_torch_path(dtype, tol, I, O, gather, loop_n, gat
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("D,E,K", [(1024, 387, 16), (412, 155, 12)])
-@pytest.mark.parametrize("epilogue_dot", [True, False], ids=["epilogue_dot", "row_dot_pass"])
-def test_triton_expert_mlp_matches_torch_path(dtype, tol, D, E, K, epilogue_dot, monkeypatch):
-    """The fused σ-MoE expert MLP (ReLU in the up projection's epilogue, its backward and the gate
-    gradient in the down projection's input-gradient GEMM's epilogue, or in a row-dot pass) on the
-    Triton path against the per-expert PyTorch path in fp64, values and all gradients; and
+def test_triton_expert_mlp_matches_torch_path(dtype, tol, D, E, K, monkeypatch):
+    """The fused σ-MoE expert MLP (ReLU in the up projection's epilogue, its backward in the row dot)
+    on the Triton path against the per-expert PyTorch path in fp64, values and all gradients; and
     bit-identical to the composed operators on the GPU too."""
-    from moeut import expert_mm as em
     from moeut.expert_mlp import expert_mlp
     from moeut.expert_mm import expert_mm, expert_mm_combine
-    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW", epilogue_dot)
-    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW_COMBINE", epilogue_dot)
     torch.manual_seed(5)
     R = 2048
     expert = torch.randint(0, E - 1, (R, K), device="cuda")  # the last expert gets no rows

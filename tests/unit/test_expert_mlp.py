@@ -29,13 +29,10 @@ def _composed(x, w1, w2, r, gate):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("gates_at_dst", [False, True])
-@pytest.mark.parametrize("epilogue_dot", [True, False])   # gate gradient in the GEMM's epilogue, or a row dot
-def test_expert_mlp_equals_the_composed_operators(dtype, gates_at_dst, epilogue_dot, monkeypatch):
+def test_expert_mlp_equals_the_composed_operators(dtype, gates_at_dst, monkeypatch):
     """Same kernels, same rounding: the fused Function gives bit-identical outputs and gradients of
     x, both weights and the gates; the expert without rows gets exact zero weight gradients."""
     monkeypatch.setattr(em, "GATES_AT_DST", gates_at_dst)
-    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW", epilogue_dot)
-    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW_COMBINE", epilogue_dot)
     r, x, w1, w2, gate, gy = mlp_case(dtype, seed=3)
     leaves = (x, w1, w2, gate)
     fused = mlp_module.expert_mlp(x, w1, w2, r, gate)
@@ -59,11 +56,8 @@ def test_expert_mlp_equals_the_composed_operators(dtype, gates_at_dst, epilogue_
     torch.testing.assert_close(fused.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("epilogue_dot", [True, False])
-def test_expert_mlp_under_autocast_matches_composed(epilogue_dot, monkeypatch):
+def test_expert_mlp_under_autocast_matches_composed(monkeypatch):
     """fp32 leaves under bf16 autocast (training): computed in bf16, gradients in fp32, as composed."""
-    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW", epilogue_dot)
-    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW_COMBINE", epilogue_dot)
     r, x, w1, w2, gate, gy = mlp_case(torch.float32, seed=5)
     leaves = (x, w1, w2, gate)
     with torch.autocast("cpu", torch.bfloat16):

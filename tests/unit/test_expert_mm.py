@@ -167,31 +167,6 @@ def test_grouped_mm_dot_matches_reference():
                                            x.float(), r.rows_N, r.slot_N))
 
 
-def test_grouped_mm_dot_with_routed_dot_rows_and_relu_mask_matches_reference():
-    """grouped_mm_dot as the expert MLP's backward uses it: d h = d out W2^T per routed row, dotted with
-    h (already in routed order: no dot rows) for the gate gradient, written in (row, choice) order;
-    the output is gate * d h where h > 0 (the gradient of the ReLU's input), in routed order."""
-    from moeut.expert_ops import grouped_mm_dot
-    gen = torch.Generator().manual_seed(10)
-    R, K, E, D, S = 11, 3, 5, 6, 8
-    expert = torch.randint(0, E - 1, (R, K), generator=gen)   # the last expert gets no rows
-    r = route(expert, E)
-    gy = torch.randn(R, D, generator=gen, dtype=torch.float64)
-    w2 = torch.randn(E, S, D, generator=gen, dtype=torch.float64)
-    h = torch.randn(R * K, S, generator=gen, dtype=torch.float64).relu()   # routed rows of a ReLU's output
-    gate = torch.rand(R, K, generator=gen, dtype=torch.float64)
-    gate_n = gate.reshape(-1)[r.slot_N]
-    out, dot = grouped_mm_dot(gy, w2.transpose(1, 2), r.offsets_E1, r.rows_N, gate_n, None, False, h, None,
-                              r.slot_N, relu_mask=True)
-    expert_N = expert.reshape(-1)[r.slot_N]
-    grad_h = torch.einsum("nd,nsd->ns", gy[r.rows_N], w2[expert_N])
-    torch.testing.assert_close(out, torch.where(h > 0, gate_n[:, None] * grad_h, 0.0))
-    torch.testing.assert_close(dot[r.slot_N], (grad_h * h).sum(-1))
-    assert (h == 0).any() and (out[h == 0] == 0).all()
-    torch.library.opcheck(grouped_mm_dot, (gy.float(), w2.transpose(1, 2).float(), r.offsets_E1, r.rows_N,
-                                           gate_n.float(), None, False, h.float(), None, r.slot_N, True))
-
-
 def test_grouped_mm_scale_and_scatter_match_reference():
     """out[dst[n]] = scale[n] * x[rows[n]] @ w[e(n)]: with dst = slot, row r*K+k holds choice (r, k)."""
     from moeut.expert_ops import grouped_mm, grouped_mm_weight_grad
@@ -220,7 +195,7 @@ def test_grouped_mm_scale_and_scatter_match_reference():
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("I,O", [(10, 7), (5, 12)])   # both ways of getting the gate gradient
 @pytest.mark.parametrize("gates_at_dst", [False, True])
-@pytest.mark.parametrize("epilogue_dot", [True, False])   # gate gradient from the dx GEMM, or a second pass
+@pytest.mark.parametrize("epilogue_dot", [True, False])   # I > O: gate gradient from the dx GEMM, or recomputed
 def test_expert_mm_combine_matches_unfused(gather, groups, I, O, gates_at_dst, epilogue_dot, monkeypatch):
     """The fused projection+combine equals combine(expert_mm(...)) in value and gradients (its backward
     with gates read in permuted copies, or at each routed row's destination)."""
@@ -228,8 +203,6 @@ def test_expert_mm_combine_matches_unfused(gather, groups, I, O, gates_at_dst, e
     from moeut.expert_mm import expert_mm_combine
     monkeypatch.setattr(em, "GATES_AT_DST", gates_at_dst)
     monkeypatch.setattr(em, "EPILOGUE_DOT", epilogue_dot)
-    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW", epilogue_dot)
-    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW_COMBINE", epilogue_dot)
     from tests.helpers import combine_case
     r, x, w, gate = combine_case(gather, groups, I, O, seed=6 + I)
     gen = torch.Generator().manual_seed(7)

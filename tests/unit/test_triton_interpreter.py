@@ -118,48 +118,6 @@ def test_triton_grouped_mm_dot_matches_torch(loop_n, dtype, monkeypatch):
         assert err < (1e-6 if dtype == torch.float32 else 1e-2), err
 
 
-@pytest.mark.parametrize("O", [16, 40])   # one column block (BN 16 here), or a program walking three
-@pytest.mark.parametrize("dot_gather,relu_mask", [(True, False), (False, True), (False, False)])
-@pytest.mark.parametrize("scatter", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_row_dot_in_column_block_form_matches_torch(O, dot_gather, relu_mask, scatter, dtype, monkeypatch):
-    """The row dot in the column-block form's epilogue (narrow outputs: the FFN down projection's and
-    SwitchHead's output projection's input gradient; `ROW_DOT_MAX_O`): one program per row tile walks
-    every column block. Against the fp64 PyTorch form (`expert_ops._finish_dot`): the gate-scaled,
-    optionally ReLU-masked and scattered output, and the dot of the unscaled product with dot_x's rows
-    (gathered, or in routed order), written at dot_dst or in routed order. Unmasked, the output is
-    bit-identical to the plain GEMM's (the same K loop)."""
-    from moeut.expert_ops import _finish_dot
-    from moeut.triton_expert_mm import row_dot_applies
-    monkeypatch.setattr(triton_expert_mm, "LOOP_N_OVERRIDE", False)
-    gen = torch.Generator().manual_seed(O + 3 * relu_mask + 7 * scatter)
-    R, K, E, I = 21, 3, 7, 24
-    expert = 2 * torch.randint(0, 3, (R, K), generator=gen)   # odd experts (and the last) stay empty
-    r = route(expert, E)
-    N = R * K
-    assert row_dot_applies(I, O, N, E) and not triton_expert_mm.use_loop_n(I, O, N, E)
-    g = torch.randn(R, I, generator=gen).to(dtype)                       # d out, gathered by rows
-    w = torch.randn(E, I, O, generator=gen).to(dtype)
-    x = torch.randn(R if dot_gather else N, O, generator=gen).to(dtype)  # the dot's partner
-    dot_rows = r.rows_N if dot_gather else None
-    gate = torch.rand(N, generator=gen)
-    scale, dst, at_dst = (gate, r.slot_N, True) if scatter else (gate[r.slot_N], None, False)
-    plain = _grouped_mm_torch(g.double(), w.double(), r.offsets_E1, r.rows_N)
-    for dot_dst in (None, r.slot_N):
-        out, dot = grouped_mm_triton(g, w, r.offsets_E1, r.rows_N, scale, dst, at_dst, dot_x_MO=x,
-                                     dot_rows_N=dot_rows, dot_dst_N=dot_dst, dot_mask=relu_mask)
-        want_out, want_dot = _finish_dot(plain, scale.double(), dst, at_dst, x.double(), dot_rows, dot_dst, relu_mask)
-        assert out.dtype == dtype and dot.dtype == torch.float32
-        for got, want in ((out, want_out), (dot, want_dot)):
-            err = ((got.double() - want).norm() / want.norm()).item()
-            assert err < (1e-6 if dtype == torch.float32 else 1e-2), err
-        if relu_mask:
-            masked = (x if dot_rows is None else x[dot_rows]) <= 0
-            assert masked.any() and (out[dst] if scatter else out)[masked].eq(0).all()
-        else:
-            assert torch.equal(out, grouped_mm_triton(g, w, r.offsets_E1, r.rows_N, scale, dst, at_dst))
-
-
 @pytest.mark.parametrize("gather,scale", [(False, True), (True, False), (True, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_row_dot_matches_reference(gather, scale, dtype):
@@ -447,7 +405,7 @@ def test_triton_sum_choices_matches_torch(dtype, out_dtype, X, C, O):
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("I,O", [(10, 7), (5, 12)])   # both ways of getting the gate gradient
 @pytest.mark.parametrize("gates_at_dst", [False, True])
-@pytest.mark.parametrize("epilogue_dot", [True, False])   # gate gradient from the dx GEMM, or a second pass
+@pytest.mark.parametrize("epilogue_dot", [True, False])   # I > O: gate gradient from the dx GEMM, or recomputed
 def test_combine_through_the_kernels_matches_the_torch_path(gather, groups, I, O, gates_at_dst, epilogue_dot, monkeypatch):
     """`expert_mm` and the fused `expert_mm_combine`, forward and backward, with every kernel on
     (grouped GEMM, weight gradient, row dot, top-k sum) against the same autograd Functions on the
@@ -456,8 +414,6 @@ def test_combine_through_the_kernels_matches_the_torch_path(gather, groups, I, O
     from tests.helpers import combine_case, switch_kernels
     monkeypatch.setattr(em, "GATES_AT_DST", gates_at_dst)
     monkeypatch.setattr(em, "EPILOGUE_DOT", epilogue_dot)
-    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW", epilogue_dot)
-    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW_COMBINE", epilogue_dot)
     r, x, w, gate = combine_case(gather, groups, I, O, seed=6 + I + groups)
     gen = torch.Generator().manual_seed(1)
     gy = torch.randn(gate.shape[0], O, generator=gen)
@@ -496,16 +452,13 @@ def test_combine_with_residual_through_the_kernels_matches_the_torch_path(I, O, 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gates_at_dst", [False, True])
-@pytest.mark.parametrize("epilogue_dot", [True, False])
-def test_expert_mlp_through_the_kernels_matches_the_torch_path(dtype, gates_at_dst, epilogue_dot, monkeypatch):
+def test_expert_mlp_through_the_kernels_matches_the_torch_path(dtype, gates_at_dst, monkeypatch):
     """The fused σ-MoE expert MLP (ReLU in the up projection's epilogue, its backward in the row dot),
     forward and backward, with every kernel on against the PyTorch path."""
     from moeut import expert_mlp as mlp_module, expert_mm as em
     from tests.helpers import switch_kernels
     from tests.unit.test_expert_mlp import mlp_case
     monkeypatch.setattr(em, "GATES_AT_DST", gates_at_dst)
-    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW", epilogue_dot)
-    monkeypatch.setattr(em, "EPILOGUE_DOT_NARROW_COMBINE", epilogue_dot)
     r, x, w1, w2, gate, gy = mlp_case(dtype, seed=11)
     runs = []
     for kernels in (False, True):
