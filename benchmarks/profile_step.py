@@ -7,6 +7,8 @@ backward kernels the autograd node they ran in, to say which casts, copies and a
 
     python benchmarks/profile_step.py --model moeut-244M --batch 16 [--top 30] [--trace trace.json] \
         [--json out.json] [--sites 40]
+
+Two --json files of the same model (a switch off and on) compare with `profile_diff.py`.
 """
 from __future__ import annotations
 

@@ -117,3 +117,34 @@ def test_kernel_experiments_agree_with_moeut_on_the_tiny_shape(experiment):
     results = importlib.import_module(experiment).main(["tiny"])
     assert results and not [r for r in results if "failed" in r]
     assert max(r["error"] for r in results) < 1e-5
+
+
+def test_profile_diff_names_the_kernels_a_change_moved(tmp_path, capsys):
+    """profile_diff.py on a real 244M step profile (J.4) and a copy where a change folded the FFN's row
+    dots (18 calls) into the expert GEMMs and made them slower by more than it saved: the busy time,
+    the categories and the kernels that moved, largest change first, with the calls that moved."""
+    import profile_diff
+    a = json.loads((BENCHMARKS / "results" / "s11d_profile_244M.json").read_text())
+    b = json.loads(json.dumps(a))
+    row_dot, gemm = b["kernels"]["_row_dot_kernel"], b["kernels"]["_expert_mm_kernel"]
+    row_dot["ms"], row_dot["calls"] = row_dot["ms"] / 2, row_dot["calls"] - 18
+    gemm["ms"] += 1.5
+    for cat, delta in (("row dots", -a["kernels"]["_row_dot_kernel"]["ms"] / 2), ("expert GEMMs", 1.5)):
+        b["categories"][cat]["ms"] += delta
+    b["categories"]["row dots"]["calls"] -= 18
+    b["busy_ms"] += 1.5 - a["kernels"]["_row_dot_kernel"]["ms"] / 2
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    profile_diff.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--top", "3"])
+    out = capsys.readouterr().out
+    assert f"B - A {1.5 - a['kernels']['_row_dot_kernel']['ms'] / 2:+.2f}" in out
+    kernel_rows = out.split("  kernel\n")[1].strip().splitlines()
+    assert len(kernel_rows) == 3
+    assert kernel_rows[0].endswith("_expert_mm_kernel") and "+1.500" in kernel_rows[0]
+    assert kernel_rows[1].endswith("_row_dot_kernel") and kernel_rows[1].split()[3] == "-18"
+    category_rows = out.split("  category\n")[1].split("\n\n")[0].splitlines()
+    assert category_rows[0].endswith("expert GEMMs") and category_rows[1].endswith("row dots")
+    # anything but a profile_step.py --json file is refused by name
+    (tmp_path / "c.json").write_text(json.dumps({"results": []}))
+    with pytest.raises(SystemExit, match="not a profile_step.py --json file"):
+        profile_diff.main([str(tmp_path / "a.json"), str(tmp_path / "c.json")])
