@@ -255,3 +255,8 @@ run s13_ab2 560 bash -c "python3 benchmarks/train_throughput.py --steps 6 --cuda
 # s13_final: after the epilogue dot was removed again, the expert-projection tests on the final code (~3 min).
 run s13_final 230 bash -c "$TEST_ENV timeout 190 python3 -m pytest -q tests/gpu -p no:cacheprovider --tb=short \
   -k 'combine or expert_mlp or shared_weight or deterministic'"
+# For the next session's first call (PERF_NOTES, "First device calls"): which config each autotuning key gets
+# in a 244M step and in two kernels.py processes (down dx took 0.311 ms against up fwd's 0.181, L.3). ~4 min.
+run next_s14 330 bash -c "python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 12 --json $OUT/profile_244M.json; \
+  for i in 1 2; do python3 benchmarks/kernels.py --parity no --shapes 244M --json $OUT/kernels_244M_\$i.json 2>&1 | \
+  grep -E '^244M +(up|down) (fwd|dx|dW) \\(|_expert_mm_kernel|_weight_grad_kernel'; done"

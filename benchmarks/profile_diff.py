@@ -10,8 +10,8 @@ step with the switch off and on, in the same device call, and diffing the two sa
     python benchmarks/profile_diff.py off.json on.json [--top 25]
 
 Triton names a kernel by its function, not by its constexpr variant or config: every expert GEMM is one
-`_expert_mm_kernel` row. `TRITON_PRINT_AUTOTUNING=1` on the profiling runs prints the config each
-autotuning key settled on.
+`_expert_mm_kernel` row. So the files also hold the config each autotuning key settled on
+(`triton_expert_mm.autotune_choices`), and the keys whose configs differ between the runs are listed.
 """
 from __future__ import annotations
 
@@ -38,6 +38,13 @@ def diff_rows(a: Dict[str, dict], b: Dict[str, dict]) -> List[Tuple[str, float, 
     return sorted(rows, key=lambda r: (-abs(r[3]), r[0]))
 
 
+def autotune_differences(a: list, b: list) -> List[Tuple[str, str, str]]:
+    """(kernel and key, config in a or "-", config in b or "-") for every key whose config differs."""
+    as_map = lambda rows: {f"{r['kernel']} {r['key']}": r["config"] for r in rows}  # noqa: E731
+    ma, mb = as_map(a), as_map(b)
+    return [(k, ma.get(k, "-"), mb.get(k, "-")) for k in sorted(set(ma) | set(mb)) if ma.get(k) != mb.get(k)]
+
+
 def print_rows(title: str, rows, top: int) -> None:
     print(f"{'A ms':>8s} {'B ms':>8s} {'B - A':>8s} {'calls':>6s}  {title}")
     for name, ms_a, ms_b, delta, calls in rows[:top]:
@@ -58,6 +65,11 @@ def main(argv=None):
     print_rows("category", diff_rows(a["categories"], b["categories"]), len(a["categories"]) + len(b["categories"]))
     print()
     print_rows("kernel", diff_rows(a["kernels"], b["kernels"]), args.top)
+    if "autotune" in a and "autotune" in b:
+        changed = autotune_differences(a["autotune"], b["autotune"])
+        print(f"\nautotuning keys whose config differs: {len(changed)}")
+        for key, config_a, config_b in changed:
+            print(f"  {key}\n    A: {config_a}\n    B: {config_b}")
 
 
 if __name__ == "__main__":

@@ -186,11 +186,17 @@ def main():
         print()
         _, per_site = kernel_times(step, args.steps, sites=True)
         print_sites(per_site, args.steps, args.sites)
+    from moeut.triton_expert_mm import autotune_choices   # (configs vary between processes: RESULTS H.4, L.3)
+    choices = autotune_choices()
+    print("\nautotuning in this process (key -> config):")
+    for kernel, key, config in choices:
+        print(f"  {kernel} {key} -> {config}")
     if args.json:
         rows = lambda d: {k: dict(ms=us / args.steps / 1e3, calls=n / args.steps) for k, (us, n) in d.items()}  # noqa: E731
         args.json.write_text(json.dumps(dict(model=args.model, batch=args.batch, gpu=torch.cuda.get_device_name(),
                                              torch=torch.__version__, busy_ms=busy_ms(per_kernel, args.steps),
-                                             categories=rows(by_category(per_kernel)), kernels=rows(per_kernel)),
+                                             categories=rows(by_category(per_kernel)), kernels=rows(per_kernel),
+                                             autotune=[dict(kernel=k, key=key, config=c) for k, key, c in choices]),
                                         indent=1))
 
 

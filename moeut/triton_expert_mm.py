@@ -523,3 +523,22 @@ def _segment_flags(segment):
 
 def _or(t: Optional[Tensor], default: Tensor) -> Tensor:
     return default if t is None else t
+
+
+def autotune_choices(kernels=None) -> list:
+    """[(kernel, {key argument: value}, config)]: the config each autotuning key of the expert GEMM and
+    weight-gradient kernels settled on in this process (a kernel with a single config: that config,
+    key None). Benchmarks print it beside their timings: the choice varies between processes and a
+    wrong one costs a third of a pass (RESULTS H.4, L.3). Empty without Triton."""
+    if triton is None:
+        return []
+    rows = []
+    for tuner in kernels if kernels is not None else (_expert_mm_kernel, _weight_grad_kernel):
+        name = getattr(tuner.fn, "__name__", str(tuner.fn))
+        if len(tuner.configs) == 1:
+            rows.append((name, None, str(tuner.configs[0])))
+            continue
+        names = list(tuner.keys)
+        for key, config in tuner.cache.items():   # key: the key arguments' values, then tensor dtypes
+            rows.append((name, dict(zip(names, key)), str(config)))
+    return rows

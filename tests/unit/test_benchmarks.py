@@ -144,7 +144,40 @@ def test_profile_diff_names_the_kernels_a_change_moved(tmp_path, capsys):
     assert kernel_rows[1].endswith("_row_dot_kernel") and kernel_rows[1].split()[3] == "-18"
     category_rows = out.split("  category\n")[1].split("\n\n")[0].splitlines()
     assert category_rows[0].endswith("expert GEMMs") and category_rows[1].endswith("row dots")
+    # the autotuning choices: a key only in B (a new kernel variant) and a key whose config changed
+    mm = "BM: 128, BN: 128, BK: 32, num_warps: 8, num_stages: 5"
+    a["autotune"] = [dict(kernel="_expert_mm_kernel", key={"I": 1024, "O": 128, "ROW_DOT": False}, config=mm),
+                     dict(kernel="_weight_grad_kernel", key={"I": 1024, "O": 128}, config="BI: 128")]
+    b["autotune"] = [dict(kernel="_expert_mm_kernel", key={"I": 1024, "O": 128, "ROW_DOT": False}, config=mm),
+                     dict(kernel="_expert_mm_kernel", key={"I": 1024, "O": 128, "ROW_DOT": True}, config=mm),
+                     dict(kernel="_weight_grad_kernel", key={"I": 1024, "O": 128}, config="BI: 64")]
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    profile_diff.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--top", "1"])
+    out = capsys.readouterr().out.split("autotuning keys whose config differs: ")[1].splitlines()
+    assert out[0] == "2"
+    assert out[1].strip() == "_expert_mm_kernel {'I': 1024, 'O': 128, 'ROW_DOT': True}" and out[2].strip() == "A: -"
+    assert out[4].strip() == "_weight_grad_kernel {'I': 1024, 'O': 128}" and out[6].strip() == "B: BI: 64"
     # anything but a profile_step.py --json file is refused by name
     (tmp_path / "c.json").write_text(json.dumps({"results": []}))
     with pytest.raises(SystemExit, match="not a profile_step.py --json file"):
         profile_diff.main([str(tmp_path / "a.json"), str(tmp_path / "c.json")])
+
+
+def test_autotune_choices_report_each_key_and_its_config():
+    """`triton_expert_mm.autotune_choices`: a kernel with several configs reports each autotuning key
+    it has met (named by the key arguments; Triton's appended dtypes dropped) with the chosen config;
+    a kernel with one config (the interpreter's) reports that config."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+    from moeut.triton_expert_mm import autotune_choices
+    tuned = SimpleNamespace(fn=SimpleNamespace(__name__="_expert_mm_kernel"), configs=["c1", "c2"], keys=["I", "O"],
+                            cache={(1024, 128, "torch.bfloat16"): "c2", (128, 1024, "torch.bfloat16"): "c1"})
+    single = SimpleNamespace(fn=SimpleNamespace(__name__="_weight_grad_kernel"), configs=["c0"], keys=["I"], cache={})
+    assert autotune_choices([tuned, single]) == [("_expert_mm_kernel", {"I": 1024, "O": 128}, "c2"),
+                                                 ("_expert_mm_kernel", {"I": 128, "O": 1024}, "c1"),
+                                                 ("_weight_grad_kernel", None, "c0")]
+    from moeut import triton_expert_mm
+    if triton_expert_mm.INTERPRET:   # the real kernels: one config each in the interpreter
+        assert [(name, key) for name, key, _ in autotune_choices()] == [("_expert_mm_kernel", None),
+                                                                      ("_weight_grad_kernel", None)]
