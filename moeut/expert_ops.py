@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .fused import use_fused
 
+
 def _check(x: Tensor, w: Tensor, offsets: Tensor) -> None:
     torch._check(x.dim() == 2, lambda: f"expert_mm: x must be 2-D [rows, in], got {tuple(x.shape)}")
     torch._check(w.dim() == 3, lambda: f"expert_mm: weight must be 3-D [experts, in, out], got {tuple(w.shape)}")
