@@ -181,3 +181,26 @@ def test_autotune_choices_report_each_key_and_its_config():
     if triton_expert_mm.INTERPRET:   # the real kernels: one config each in the interpreter
         assert [(name, key) for name, key, _ in autotune_choices()] == [("_expert_mm_kernel", None),
                                                                       ("_weight_grad_kernel", None)]
+
+
+def test_every_ffn_pass_compiles_to_hopper_wgmma_without_a_gpu(tmp_path):
+    """compile_sm90.py compiles each σ-MoE FFN pass (moeut's own launches at the 244M shapes, the first
+    tile config that fits) for sm_90 on this CPU machine: each dot must become Hopper's warp-group MMA
+    fed by asynchronous copies, within the shared memory a Hopper block may use. A kernel change that
+    falls back to mma.sync, loses its copy pipeline or outgrows shared memory fails here, before it
+    costs device time. (A subprocess: the tests run the kernels' interpreter, which compiles nothing.)"""
+    import os
+    import subprocess
+    pytest.importorskip("triton.backends.nvidia.driver")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "sm90.json"
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "compile_sm90.py"), "--first-config", "--json", str(out)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert {r["pass_"] for r in report["rows"]} == {"up fwd", "down fwd", "down dx", "up dx", "up dW", "down dW"}
+    for r in report["rows"]:
+        assert r["wgmma"] and not r["mma_sync"], r
+        assert r["async_copies"] + r["tma_copies"] > 0, r
+        assert 0 < r["shared_bytes"] <= report["shared_limit"], r
+        assert f"{r['pass_']:9s} {r['config']:28s} wgmma" in run.stdout   # and the table says so
