@@ -321,9 +321,10 @@ def main():
     print("(roofline: the sum of the passes' bounds above, top-k sums included; the router, casts and "
           "the gate's row dot not counted)")
     from moeut.triton_expert_mm import autotune_choices
-    out["autotune"] = [dict(kernel=k, key=key, config=c) for k, key, c in autotune_choices()]
+    choices = autotune_choices()
+    out["autotune"] = [dict(kernel=k, key=key, config=c) for k, key, c in choices]
     print("\nautotuning in this process (key -> config):")
-    for k, key, c in autotune_choices():
+    for k, key, c in choices:
         print(f"  {k} {key} -> {c}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

@@ -5,8 +5,6 @@ Also `python -m moeut ...` and, for several processes, `torchrun --nproc_per_nod
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from dataclasses import fields
 
@@ -170,7 +168,7 @@ def _add_eval(sub):
 
 def cmd_eval(args) -> int:
     from .evaluate import TASKS, run_eval
-    from .runs import load_run
+    from .runs import load_run, write_json_atomic
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks != "all" else list(TASKS)
     if not tasks and not args.text:
         print("nothing to evaluate: give --tasks and/or --text", file=sys.stderr)
@@ -179,10 +177,7 @@ def cmd_eval(args) -> int:
 
     def write_json(results):  # after every task, atomically: an interrupted run keeps what it finished
         if args.json:
-            tmp = f"{args.json}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(results, f, indent=2)
-            os.replace(tmp, args.json)
+            write_json_atomic(args.json, results)
 
     run_eval(model, tok, tasks, args.data_dir, args.text, args.limit or None, args.batch_size, args.context,
              skip_missing=args.tasks == "all", on_result=write_json)

@@ -6,6 +6,7 @@ metrics.jsonl, tensorboard/ and checkpoints/step_*.pt.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
@@ -16,6 +17,14 @@ from .checkpoint import CheckpointError, check_compatible, latest_checkpoint, lo
 from .dense import DenseLM
 from .model import MoEUTLM
 from .tokenizer import Tokenizer
+
+
+def write_json_atomic(path, obj) -> None:
+    """Written whole or not at all: a crash mid-write must not leave a run that cannot be resumed, nor
+    an evaluation report that cannot be read (a temporary file beside it, then renamed)."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
 
 
 def model_kwargs(name: str, overrides: Dict[str, Any] | None = None) -> Dict[str, Any]:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt_lib
 from .data import Batches, collect_documents, content_key, eval_windows, split_documents, tokenize_to_file
 from .evaluate import windows_perplexity
-from .runs import build_model, model_kwargs
+from .runs import build_model, model_kwargs, write_json_atomic
 from .train_step import GraphedTrainStep, collect_router_logits, step_body
 from .tokenizer import Tokenizer, train_tokenizer
 
@@ -121,13 +121,6 @@ def barrier(world: int) -> None:
 # Data preparation (rank 0 builds, the others wait and load).
 # ------------------------------------------------------------------------------------------------
 
-def _write_json(path: Path, obj) -> None:
-    """Written whole or not at all (a crash mid-write must not leave a run that cannot be resumed)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def prepare_data(cfg: TrainConfig, run_dir: Path, rank: int, world: int, resume: bool = False):
     """The run's tokenizer and its tokenized training and validation data (rank 0 builds, the others
     wait). A resumed run reads the data it started on (recorded in data.json) while they are cached, so
@@ -151,7 +144,7 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, rank: int, world: int, resume:
                       "is gone): resuming on the new data", flush=True)
             tokenize_to_file(train_docs, tok, cache / "train.bin", cfg.progress)
             tokenize_to_file(valid_docs, tok, cache / "valid.bin", cfg.progress)
-            _write_json(record, {"cache": str(cache), "train_documents": len(train_docs),
+            write_json_atomic(record, {"cache": str(cache), "train_documents": len(train_docs),
                                  "valid_documents": len(valid_docs)})
     barrier(world)
     tok = Tokenizer(tok_path)
@@ -267,7 +260,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
     if rank == 0:
         meta = {"model": cfg.model, "model_kwargs": kwargs, "vocab_size": tok.vocab_size,
                 "config": {k: v for k, v in asdict(cfg).items()}}
-        _write_json(run_dir / "run.json", meta)
+        write_json_atomic(run_dir / "run.json", meta)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
