@@ -26,7 +26,7 @@ run() {  # stage name, time limit, command...
   timeout "$limit" "$@" 2>&1 | grep -v Warn | tee "$OUT/$name.txt" | tail -40
   echo "[$name: $((SECONDS - t0)) s]"
 }
-TEST_ENV="env -u MOEUT_FUSED_ENTROPY -u MOEUT_FUSED_SUM -u MOEUT_FUSED_ROUTER -u MOEUT_FUSED_ROPE -u MOEUT_LOOP_N -u MOEUT_FUSED_ROW_DOT -u MOEUT_FUSED_ROUTE -u MOEUT_EXPERT_GEMV"
+TEST_ENV="env -u MOEUT_FUSED_ENTROPY -u MOEUT_FUSED_SUM -u MOEUT_FUSED_ROUTER -u MOEUT_FUSED_ROPE -u MOEUT_FUSED_NORM -u MOEUT_LOOP_N -u MOEUT_FUSED_ROW_DOT -u MOEUT_FUSED_ROUTE -u MOEUT_EXPERT_GEMV"
 run tests 300 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=8
 # The same tests as two halves (kernels / whole models), for two lanes: the whole module outlasts 300 s.
 KERNEL_TESTS="triton or combine or router or rope or route or gemv or probability"
@@ -260,3 +260,14 @@ run s13_final 230 bash -c "$TEST_ENV timeout 190 python3 -m pytest -q tests/gpu 
 run next_s14 330 bash -c "python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 12 --json $OUT/profile_244M.json; \
   for i in 1 2; do python3 benchmarks/kernels.py --parity no --shapes 244M --json $OUT/kernels_244M_\$i.json 2>&1 | \
   grep -E '^244M +(up|down) (fwd|dx|dW) \\(|_expert_mm_kernel|_weight_grad_kernel'; done"
+# Fourteenth session. s14_norm: the LayerNorm kernels (moeut/norm.py) on the GPU: their tests and the
+# model-level ones they touch, the standalone table, and a 244M step's profile (~4 min).
+run s14_norm 540 bash -c "$TEST_ENV timeout 300 python3 -m pytest -q tests/gpu -p no:cacheprovider --tb=short \
+  -k 'layer_norm or deterministic or matches_cpu or graphed_train_step or kv_cache or generation or fullgraph'; \
+  python3 benchmarks/norm.py --json $OUT/norm.json; \
+  python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 12 --json $OUT/profile_244M_norm.json 2>&1 | head -40"
+# s14_ab: graphed 244M/1B steps, MoEUT and dense, with torch's LayerNorm (MOEUT_FUSED_NORM=0) and with ours (~6 min).
+run s14_ab 580 bash -c "MOEUT_FUSED_NORM=0 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8 --json $OUT/train_graph_torch_norm.json && \
+  python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8 --json $OUT/train_graph_moeut_norm.json"

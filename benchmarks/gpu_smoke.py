@@ -96,6 +96,19 @@ def entropy():
     torch.testing.assert_close(prob_sum_backward_triton(g, x), want, rtol=2 ** -7, atol=1e-5)
 
 
+def layer_norm():
+    import torch.nn.functional as F
+    from moeut.norm import layer_norm as fused
+    x = torch.randn(4096, 1024, device="cuda", requires_grad=True)
+    w = torch.randn(1024, device="cuda", requires_grad=True)
+    b = torch.randn(1024, device="cuda", requires_grad=True)
+    g = torch.randn(4096, 1024, device="cuda")
+    got = torch.autograd.grad(fused(x, w, b), (x, w, b), g)
+    want = torch.autograd.grad(F.layer_norm(x, (1024,), w, b), (x, w, b), g)
+    for a, c in zip(got, want):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-3)
+
+
 CHECKS = (("expert gemv (decoding)", expert_gemv, "MOEUT_EXPERT_GEMV"),
           ("top-k sum", sum_choices, "MOEUT_FUSED_SUM"),
           ("small-input routing", route_small, "MOEUT_FUSED_ROUTE"),
@@ -103,7 +116,8 @@ CHECKS = (("expert gemv (decoding)", expert_gemv, "MOEUT_EXPERT_GEMV"),
           ("fused router", router, "MOEUT_FUSED_ROUTER"),
           ("fused RoPE", rope, "MOEUT_FUSED_ROPE"),
           ("entropy regulariser's softmax sums", entropy, "MOEUT_FUSED_ENTROPY"),
-          ("loop-over-N grouped GEMM", loop_n, "MOEUT_LOOP_N"))
+          ("loop-over-N grouped GEMM", loop_n, "MOEUT_LOOP_N"),
+          ("LayerNorm", layer_norm, "MOEUT_FUSED_NORM"))
 for name, check, var in CHECKS:
     try:
         check()

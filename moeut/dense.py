@@ -16,6 +16,7 @@ from torch import Tensor
 from .attention import AttentionMask, KVCache, attend, begin_static_step, check_mask, end_static_step
 from .model import MoEUTOutput, MultilayerKVCache, _key_length, _require, check_tokens
 from .moe import aligned_width_padding
+from .norm import LayerNorm
 
 # MOEUT_ALIGN_DECODE=0: decoding keeps dense's own FFN width (the benchmarks' comparison).
 ALIGN_MATMULS_AT_DECODE = os.environ.get("MOEUT_ALIGN_DECODE", "1") != "0"
@@ -29,10 +30,10 @@ class DenseLayer(torch.nn.Module):
         n_rotate = int(rotate_fraction * d_head)
         self.n_rotate = n_rotate - n_rotate % 2
         self.rope_base = rope_base
-        self.ln1 = torch.nn.LayerNorm(d_model)
+        self.ln1 = LayerNorm(d_model)
         self.qkv = torch.nn.Linear(d_model, 3 * n_heads * d_head, bias=False)
         self.o = torch.nn.Linear(n_heads * d_head, d_model, bias=False)
-        self.ln2 = torch.nn.LayerNorm(d_model)
+        self.ln2 = LayerNorm(d_model)
         self.ff1 = torch.nn.Linear(d_model, d_ff)
         self.ff2 = torch.nn.Linear(d_ff, d_model)
         self.drop = torch.nn.Dropout(dropout)
@@ -93,7 +94,7 @@ class DenseLM(torch.nn.Module):
         self.n_layers = n_layers
         self.embedding = torch.nn.Embedding(n_tokens, d_model)
         self.layers = torch.nn.ModuleList(DenseLayer(d_model, n_heads, d_head, d_ff, dropout) for _ in range(n_layers))
-        self.out_norm = torch.nn.LayerNorm(d_model)
+        self.out_norm = LayerNorm(d_model)
         self.lm_head = torch.nn.Linear(d_model, n_tokens)
         self.activation_checkpointing = False
         self.reset_parameters()

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionMask, KVCache, SwitchHeadRope, begin_static_step, check_mask, end_static_step
 from .moe import SigmaMoE, negative_entropy, selection_probability_sum
+from .norm import LayerNorm
 from .shared_weights import begin_share, end_share
 
 MultilayerKVCache = Optional[Dict[int, KVCache]]
@@ -78,8 +79,8 @@ class MoEUTLayer(torch.nn.Module):
         self.attention = attention(d_model, n_heads, att_n_experts, projection_size=d_head, moe_k=att_k,
                                    expert_dropout=att_expert_dropout)
         self.ffn = SigmaMoE(d_model, ff_n_experts, ff_expert_size, k=ff_k, expert_dropout=ff_expert_dropout)
-        self.ln1 = torch.nn.LayerNorm(d_model)
-        self.ln2 = torch.nn.LayerNorm(d_model)
+        self.ln1 = LayerNorm(d_model)
+        self.ln2 = LayerNorm(d_model)
         self.drop = torch.nn.Dropout(dropout)
 
     def forward_with_logits(self, x: Tensor, mask: Optional[AttentionMask] = None, kv_cache: KVCache = None):
@@ -87,7 +88,7 @@ class MoEUTLayer(torch.nn.Module):
         xnorm = self.ln1(x)
         if torch.is_autocast_enabled(x.device.type):
             # One low-precision copy for Q, K and both routers (autocast would make, and autograd
-            # save, one per consumer).
+            # save, one per consumer). The fused LayerNorm (CUDA) already wrote it: then a no-op.
             xnorm = xnorm.to(torch.get_autocast_dtype(x.device.type))
         if FOLD_ATTENTION_RESIDUAL and isinstance(self.attention, SwitchHeadRope) and \
                 not (self.training and self.drop.p > 0):   # x + attention, added inside its output's top-k sum
@@ -246,7 +247,7 @@ class MoEUTLM(torch.nn.Module):
         self.n_layers = n_layers
         self.embedding = torch.nn.Embedding(n_tokens, d_model)
         self.lm_head = torch.nn.Linear(d_model, n_tokens)
-        self.out_norm = torch.nn.LayerNorm(d_model)
+        self.out_norm = LayerNorm(d_model)
         self.reset_parameters()
 
     @torch.no_grad()

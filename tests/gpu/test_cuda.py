@@ -475,6 +475,48 @@ def test_fused_rope_matches_reference(dtype, D, n_rot):
     torch.testing.assert_close(x.grad, ref_x.grad, **tol)
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("autocast", [True, False])
+@pytest.mark.parametrize("D", [1024, 1536, 82, 4096])
+def test_layer_norm_kernels_match_torch(D, autocast, x_dtype):
+    """moeut's LayerNorm against torch's as a model uses it: under bf16 autocast its output is the
+    bf16 copy of torch's fp32 result (rounded once), the gradients agree to fp32 rounding, and the
+    weight gradient is the same bits when the backward runs again."""
+    from moeut.norm import LayerNorm
+    torch.manual_seed(D)
+    ours = LayerNorm(D).cuda().to(x_dtype)
+    with torch.no_grad():
+        ours.weight.normal_(1, 0.2)
+        ours.bias.normal_(0, 0.2)
+    theirs = torch.nn.LayerNorm(D).cuda().to(x_dtype)
+    theirs.load_state_dict(ours.state_dict())
+    x = (3 + 2 * torch.randn(4, 1001, D, device="cuda")).to(x_dtype).requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+        y, ref = ours(x), theirs(xr)
+    out_dtype = torch.bfloat16 if autocast else x_dtype
+    assert y.dtype == out_dtype and ref.to(out_dtype).dtype == out_dtype
+    ref = ref.to(out_dtype)   # the copy autocast's next matmul makes
+    if out_dtype == torch.bfloat16:
+        assert (y == ref).float().mean() > 0.99   # the same rounding but where fp32 sums differ in order
+        torch.testing.assert_close(y.float(), ref.float(), rtol=2 ** -7, atol=1e-6)
+    else:
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref.backward(g)
+    tol = dict(rtol=1e-4, atol=1e-4) if x_dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-2)
+    torch.testing.assert_close(x.grad, xr.grad, **tol)
+    for a, b in ((ours.weight, theirs.weight), (ours.bias, theirs.bias)):
+        scale = b.grad.float().abs().max().item()
+        torch.testing.assert_close(a.grad.float(), b.grad.float(), rtol=1e-3, atol=1e-4 * scale)
+    first = ours.weight.grad.clone()
+    ours.weight.grad = None
+    with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+        ours(x).backward(g)
+    assert torch.equal(ours.weight.grad, first)
+
+
 @pytest.mark.parametrize("R,K,E", [(1, 16, 387), (32, 16, 387), (32, 24, 565), (128, 8, 40), (3, 2, 1)])
 def test_small_route_kernel_matches_sort(R, K, E, monkeypatch):
     """Decoding's one-kernel routing equals the torch sort path exactly."""

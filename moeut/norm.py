@@ -1,0 +1,62 @@
+"""LayerNorm over the last dim that writes its output in the autocast dtype (one Triton kernel each way).
+
+Under bf16 autocast, torch's LayerNorm reads the fp32 residual and writes fp32; the matmul after it
+then makes a bf16 copy, and the backward turns the bf16 gradient back into fp32 before LayerNorm's own
+backward, whose weight/bias-gradient kernel alone took 79 µs of a [16384, 1024] step on the H200
+(RESULTS M). Here the forward writes the bf16 result directly (the same single rounding of the fp32
+result), and the backward reads the bf16 gradient, writes dx in x's dtype and sums the weight and bias
+gradients deterministically (`triton_norm.py`).
+
+`LayerNorm` is a `torch.nn.LayerNorm` (same parameters, state-dict keys, `isinstance`): the fused form
+runs on CUDA for a 1-D `normalized_shape` with weight and bias, outside torch.compile (which fuses
+LayerNorm itself); everything else, and `MOEUT_FUSED_NORM=0`, is torch's. Without autocast the output
+keeps x's dtype, as torch's does.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .fused import use_fused
+
+MAX_WIDTH = 16384   # the kernels hold a row in registers; wider rows take torch's LayerNorm
+
+
+class _LayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:
+        from .triton_norm import layer_norm_fwd
+        y, mean, rstd = layer_norm_fwd(x, weight, bias, eps, out_dtype)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        from .triton_norm import layer_norm_bwd
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = layer_norm_bwd(grad_y, x, weight, mean, rstd)
+        return dx, dw, db, None, None
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+    """F.layer_norm over the last dim with the Triton kernels; the output in the autocast dtype when
+    autocast is on for x's device, else in x's dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        out_dtype = torch.get_autocast_dtype(x.device.type)
+    else:
+        out_dtype = x.dtype
+    return _LayerNormFunction.apply(x, weight, bias, float(eps), out_dtype)
+
+
+def _fused_applies(norm: torch.nn.LayerNorm, x: Tensor) -> bool:
+    return (use_fused(x, "MOEUT_FUSED_NORM") and not torch.compiler.is_compiling()
+            and len(norm.normalized_shape) == 1 and norm.weight is not None and norm.bias is not None
+            and x.dim() > 0 and x.shape[-1] == norm.normalized_shape[0] <= MAX_WIDTH)
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    def forward(self, x: Tensor) -> Tensor:
+        if _fused_applies(self, x):
+            return layer_norm(x, self.weight, self.bias, self.eps)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)   # (its shape errors too)

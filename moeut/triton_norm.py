@@ -1,0 +1,123 @@
+"""Triton kernels of moeut's LayerNorm (contract in `norm.py`; the reference is `F.layer_norm`).
+
+Forward: one program normalises BR rows held whole in registers (D <= norm.MAX_WIDTH), in fp32, and writes
+them in the output dtype (the autocast dtype: the bf16 copy the next matmul would make), with each
+row's mean and 1/std for the backward.
+
+Backward: a fixed number of programs (a function of the shape only, never of the GPU) each walk a
+contiguous range of rows, writing dx and keeping their own running sums of dy·x̂ and dy. Those
+[programs, D] partial sums are added in a fixed order afterwards: the weight and bias gradients are
+bitwise reproducible, with no atomics.
+Runs under `TRITON_INTERPRET=1` on CPU tensors (CI).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+BACKWARD_PROGRAMS = 512   # partial-sum rows of the weight gradient (≈ 4 per SM of the H200's 132)
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, R, D, sxr, syr, eps,
+                           DP: tl.constexpr, BR: tl.constexpr):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.arange(0, DP)
+    row_ok = rows < R
+    col_ok = cols < D
+    m = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * sxr + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    mean = tl.sum(x, 1) / D
+    xc = tl.where(m, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / D + eps)
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(y_ptr + rows[:, None].to(tl.int64) * syr + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
+    tl.store(mean_ptr + rows, mean, mask=row_ok)
+    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
+                           R, D, sxr, sdyr, sdxr, rows_per_program,
+                           DP: tl.constexpr, BR: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, DP)
+    col_ok = cols < D
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([DP], dtype=tl.float32)
+    db_acc = tl.zeros([DP], dtype=tl.float32)
+    start = pid * rows_per_program
+    end = tl.minimum(start + rows_per_program, R)
+    for r0 in range(start, end, BR):
+        rows = r0 + tl.arange(0, BR)
+        row_ok = rows < end
+        m = row_ok[:, None] & col_ok[None, :]
+        r64 = rows[:, None].to(tl.int64)
+        x = tl.load(x_ptr + r64 * sxr + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + r64 * sdyr + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = dy * w[None, :]
+        c1 = tl.sum(xhat * wdy, 1) / D
+        c2 = tl.sum(wdy, 1) / D
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        tl.store(dx_ptr + r64 * sdxr + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
+        dw_acc += tl.sum(dy * xhat, 0)
+        db_acc += tl.sum(dy, 0)
+    tl.store(dw_part_ptr + pid.to(tl.int64) * D + cols, dw_acc, mask=col_ok)
+    tl.store(db_part_ptr + pid.to(tl.int64) * D + cols, db_acc, mask=col_ok)
+
+
+def _tiles(D: int) -> Tuple[int, int, int]:
+    """(DP, BR, num_warps): the padded row width, rows per tile (about 4096 elements), warps."""
+    DP = triton.next_power_of_2(D)
+    return DP, max(1, 4096 // DP), 8 if DP >= 4096 else 4
+
+
+def _rows(t: Tensor) -> Tensor:
+    """t as [rows, D] with unit column stride (a copy only when the last dim is strided)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def layer_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                   out_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    """(y in out_dtype shaped like x, mean [R] fp32, rstd [R] fp32) over x's last dim."""
+    x2 = _rows(x)
+    R, D = x2.shape
+    y = torch.empty(R, D, device=x.device, dtype=out_dtype)
+    mean = torch.empty(R, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(R, device=x.device, dtype=torch.float32)
+    if R:
+        DP, BR, warps = _tiles(D)
+        _layer_norm_fwd_kernel[(triton.cdiv(R, BR),)](
+            x2, weight, bias, y, mean, rstd, R, D, x2.stride(0), y.stride(0), float(eps),
+            DP=DP, BR=BR, num_warps=warps)
+    return y.view(x.shape), mean, rstd
+
+
+def layer_norm_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
+                   rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx in x's dtype, d weight, d bias in the weight's dtype) of `layer_norm_fwd`."""
+    x2, dy2 = _rows(x), _rows(grad_y)
+    R, D = x2.shape
+    dx = torch.empty(R, D, device=x.device, dtype=x.dtype)
+    DP, BR, warps = _tiles(D)
+    rows_per_program = BR * triton.cdiv(triton.cdiv(max(R, 1), BACKWARD_PROGRAMS), BR)
+    programs = triton.cdiv(R, rows_per_program)
+    dw_part = torch.zeros(max(programs, 1), D, device=x.device, dtype=torch.float32)
+    db_part = torch.zeros(max(programs, 1), D, device=x.device, dtype=torch.float32)
+    if R:
+        _layer_norm_bwd_kernel[(programs,)](
+            x2, dy2, weight, mean, rstd, dx, dw_part, db_part, R, D,
+            x2.stride(0), dy2.stride(0), dx.stride(0), rows_per_program,
+            DP=DP, BR=BR, num_warps=warps)
+    return dx.view(x.shape), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)

@@ -1,0 +1,131 @@
+"""moeut's LayerNorm: torch's on CPU (same parameters and state dict), and its Triton kernels through the
+interpreter against F.layer_norm, forward and backward (fp32 and bf16 inputs, outputs in the autocast
+dtype, strided rows, odd widths, rows that leave a program's last tile partial, no rows at all), with
+weight and bias gradients that are bitwise reproducible."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeut.norm import LayerNorm
+
+
+def test_module_is_torchs_layer_norm_on_cpu():
+    torch.manual_seed(0)
+    ours, theirs = LayerNorm(12), torch.nn.LayerNorm(12)
+    assert isinstance(ours, torch.nn.LayerNorm)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    with torch.no_grad():
+        ours.weight.normal_()
+        ours.bias.normal_()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 5, 12)
+    assert torch.equal(ours(x), theirs(x))
+    with pytest.raises(RuntimeError, match="normalized_shape"):
+        ours(torch.randn(3, 11))
+
+
+triton = pytest.importorskip("triton")
+interpreted = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(not interpreted, reason="the interpreter tests are for CPU-only machines")
+
+
+def _case(R, D, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = (3 + 2 * torch.randn(R, D + 5, generator=gen))[:, 2:D + 2].to(dtype)   # rows with a stride > D
+    w = 1 + 0.3 * torch.randn(D, generator=gen)
+    b = 0.5 * torch.randn(D, generator=gen)
+    g = torch.randn(R, D, generator=gen)
+    return x, w, b, g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("R,D,programs", [(37, 82, 512), (37, 1000, 3), (1, 16, 512), (300, 20, 2), (0, 24, 512)])
+def test_kernels_match_layer_norm(dtype, out_dtype, R, D, programs, monkeypatch):
+    """`programs` caps the backward's programs: 3 at D = 1000 gives each one several 4-row tiles and the
+    last a partial one; 2 at D = 20 gives two 128-row tiles, the second partial."""
+    from moeut import triton_norm
+    from moeut.norm import _LayerNormFunction
+    monkeypatch.setattr(triton_norm, "BACKWARD_PROGRAMS", programs)
+    x, w, b, g = _case(R, D, dtype, seed=R * 7 + D)
+    x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+    y = _LayerNormFunction.apply(x, w, b, 1e-5, out_dtype)
+    assert y.dtype == out_dtype and y.shape == x.shape
+    xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    ref = F.layer_norm(xr.float(), (D,), wr, br, 1e-5)
+    y.backward(g.to(out_dtype))
+    ref.backward(g.to(out_dtype).float())
+    # one rounding of the fp32 result to the output dtype (the interpreter truncates to bf16: 1 ulp)
+    torch.testing.assert_close(y.float(), ref.to(out_dtype).float(), rtol=1e-5 if out_dtype == torch.float32
+                               else 2 ** -7, atol=1e-5)
+    assert x.grad.dtype == dtype and w.grad.dtype == w.dtype
+    torch.testing.assert_close(x.grad.float(), xr.grad.to(dtype).float(), rtol=1e-5 if dtype == torch.float32
+                               else 2 ** -7, atol=1e-5)
+    torch.testing.assert_close(w.grad, wr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad, br.grad, rtol=1e-5, atol=1e-5)
+    if R:   # the sums against fp64: the kernels' error is fp32 rounding, not a wrong formula
+        x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+        ref64 = F.layer_norm(x64, (D,), w64, b64, 1e-5)
+        ref64.backward(g.to(out_dtype).double())
+        torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(b.grad.double(), b64.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_weight_gradient_is_bitwise_reproducible(monkeypatch):
+    from moeut import triton_norm
+    monkeypatch.setattr(triton_norm, "BACKWARD_PROGRAMS", 5)
+    x, w, b, g = _case(203, 40, torch.float32, seed=3)
+    mean_rstd = triton_norm.layer_norm_fwd(x, w, b, 1e-5, torch.float32)[1:]
+    first = triton_norm.layer_norm_bwd(g, x, w, *mean_rstd)
+    second = triton_norm.layer_norm_bwd(g, x, w, *mean_rstd)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_output_dtype_follows_autocast():
+    from moeut.norm import layer_norm
+    x, w, b, _ = _case(6, 24, torch.float32, seed=1)
+    assert layer_norm(x, w, b).dtype == torch.float32
+    with torch.autocast("cpu", torch.bfloat16):
+        y = layer_norm(x.view(2, 3, 24), w, b)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 24)
+    torch.testing.assert_close(y.float(), F.layer_norm(x, (24,), w, b).to(torch.bfloat16).float().view(2, 3, 24),
+                               rtol=2 ** -7, atol=1e-5)
+
+
+def test_model_step_with_the_norm_kernel_matches_torchs(monkeypatch):
+    """A MoEUT training step with only the LayerNorm kernel switched on (interpreted) against torch's
+    LayerNorm: the loss and every gradient, the LayerNorms' own included. In fp32: the interpreter
+    truncates to bf16 where the GPU rounds, and a flipped bf16 router input can change an expert choice."""
+    from moeut import MoEUTLM
+    torch.manual_seed(0)
+    model = MoEUTLM(40, d_model=32, n_layers=4, n_heads=2, ff_n_experts=6, att_n_experts=3, d_head=8,
+                    ff_k=2, group_size=2, ff_expert_size=16).train()
+    norms = [n for n, m in model.named_modules() if isinstance(m, LayerNorm)]
+    assert len(norms) == 2 * 2 + 1   # ln1 and ln2 of both layers, and the output norm
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.rsplit(".", 1)[0] in norms:
+                p.add_(0.2 * torch.randn_like(p))
+    x = torch.randint(0, 40, (2, 8))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = F.cross_entropy(out.outputs.flatten(0, 1), x.flatten()) + out.reg_loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    want_loss, want = step()
+    calls = []
+    from moeut import triton_norm
+    fwd = triton_norm.layer_norm_fwd
+    monkeypatch.setattr(triton_norm, "layer_norm_fwd", lambda *a: calls.append(1) or fwd(*a))
+    from tests.helpers import switch_kernels
+    switch_kernels(monkeypatch, lambda t, switch=None: switch == "MOEUT_FUSED_NORM")
+    got_loss, got = step()
+    assert len(calls) == 4 * 2 + 1   # two per layer application (4 layers), and the output norm
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-5 * want[n].abs().max().item(), msg=n)
