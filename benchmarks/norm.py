@@ -4,8 +4,10 @@ to fp32, LayerNorm's backward with its weight/bias gradient), on the fp32 residu
 
     python benchmarks/norm.py [--shapes 16384x1024,8192x1536] [--json out.json]
 
-Prints ms per call, the effective bandwidth of the fused form (its minimal bytes over its time), and the
-fused/torch time ratio.
+Prints GPU-busy ms per call (the sum of the kernels' times, from the profiler: the device's slow host
+makes the wall time of one small pass launch-bound, which a graphed step does not see), the wall
+time beside it, the fused form's effective bandwidth (its minimal bytes over its GPU time), and the
+fused/torch ratio of GPU time.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from profile_step import busy_ms, kernel_times  # noqa: E402
 from moeut.norm import layer_norm  # noqa: E402
 
 
@@ -32,7 +36,8 @@ def main():
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     rows = []
-    print(f"{'shape':12s} {'pass':8s} {'torch ms':>9s} {'moeut ms':>9s} {'moeut GB/s':>11s} {'ratio':>6s}")
+    print(f"{'shape':12s} {'pass':8s} {'torch GPU ms':>12s} {'moeut GPU ms':>12s} {'torch wall':>10s} "
+          f"{'moeut wall':>10s} {'moeut GB/s':>11s} {'ratio':>6s}")
     for shape in args.shapes.split(","):
         R, D = map(int, shape.split("x"))
         x = torch.randn(R, D, device="cuda", requires_grad=True)
@@ -56,11 +61,15 @@ def main():
 
         # bytes a fused pass must move: x read (fp32), y written (bf16); backward: x and dy read, dx written
         min_bytes = {"fwd": R * D * 6, "fwd+bwd": R * D * 6 + R * D * 10}
-        for name, t_torch, t_ours in (("fwd", bench(torch_fwd), bench(moeut_fwd)),
-                                      ("fwd+bwd", bench(fwd_bwd(torch_fwd)), bench(fwd_bwd(moeut_fwd)))):
-            gbs = min_bytes[name] / t_ours / 1e6
-            print(f"{shape:12s} {name:8s} {t_torch:9.3f} {t_ours:9.3f} {gbs:11.0f} {t_ours / t_torch:6.2f}")
-            rows.append(dict(shape=shape, pass_=name, torch_ms=t_torch, moeut_ms=t_ours, moeut_gbs=gbs))
+        for name, torch_fn, ours_fn in (("fwd", torch_fwd, moeut_fwd),
+                                        ("fwd+bwd", fwd_bwd(torch_fwd), fwd_bwd(moeut_fwd))):
+            gpu_torch, gpu_ours = (busy_ms(kernel_times(f, 20), 20) for f in (torch_fn, ours_fn))
+            wall_torch, wall_ours = bench(torch_fn), bench(ours_fn)
+            gbs = min_bytes[name] / gpu_ours / 1e6
+            print(f"{shape:12s} {name:8s} {gpu_torch:12.3f} {gpu_ours:12.3f} {wall_torch:10.3f} {wall_ours:10.3f} "
+                  f"{gbs:11.0f} {gpu_ours / gpu_torch:6.2f}")
+            rows.append(dict(shape=shape, pass_=name, torch_gpu_ms=gpu_torch, moeut_gpu_ms=gpu_ours,
+                             torch_wall_ms=wall_torch, moeut_wall_ms=wall_ours, moeut_gbs=gbs))
     if args.json:
         args.json.write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                                              rows=rows), indent=1))

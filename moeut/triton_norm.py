@@ -5,9 +5,9 @@ them in the output dtype (the autocast dtype: the bf16 copy the next matmul woul
 row's mean and 1/std for the backward.
 
 Backward: a fixed number of programs (a function of the shape only, never of the GPU) each walk a
-contiguous range of rows, writing dx and keeping their own running sums of dy·x̂ and dy. Those
-[programs, D] partial sums are added in a fixed order afterwards: the weight and bias gradients are
-bitwise reproducible, with no atomics.
+contiguous range of rows, writing dx and keeping their own running sums of dy·x̂ and dy. A second
+kernel adds those [programs, D] partial sums in a fixed order: the weight and bias gradients are
+bitwise reproducible, with no atomics (torch's column sums took 16 µs each for 2 MB on the H200).
 Runs under `TRITON_INTERPRET=1` on CPU tensors (CI).
 """
 from __future__ import annotations
@@ -76,6 +76,23 @@ def _layer_norm_bwd_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_
     tl.store(db_part_ptr + pid.to(tl.int64) * D + cols, db_acc, mask=col_ok)
 
 
+@triton.jit
+def _sum_partials_kernel(dw_part_ptr, db_part_ptr, dw_ptr, db_ptr, P, D,
+                         BP: tl.constexpr, BD: tl.constexpr):
+    cols = tl.program_id(0) * BD + tl.arange(0, BD)
+    col_ok = cols < D
+    dw = tl.zeros([BP, BD], dtype=tl.float32)
+    db = tl.zeros([BP, BD], dtype=tl.float32)
+    for p0 in range(0, P, BP):   # the same order every time: bitwise reproducible
+        ps = p0 + tl.arange(0, BP)
+        m = (ps < P)[:, None] & col_ok[None, :]
+        offs = ps[:, None].to(tl.int64) * D + cols[None, :]
+        dw += tl.load(dw_part_ptr + offs, mask=m, other=0.0)
+        db += tl.load(db_part_ptr + offs, mask=m, other=0.0)
+    tl.store(dw_ptr + cols, tl.sum(dw, 0).to(dw_ptr.dtype.element_ty), mask=col_ok)
+    tl.store(db_ptr + cols, tl.sum(db, 0).to(db_ptr.dtype.element_ty), mask=col_ok)
+
+
 def _tiles(D: int) -> Tuple[int, int, int]:
     """(DP, BR, num_warps): the padded row width, rows per tile (about 4096 elements), warps."""
     DP = triton.next_power_of_2(D)
@@ -113,11 +130,17 @@ def layer_norm_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
     DP, BR, warps = _tiles(D)
     rows_per_program = BR * triton.cdiv(triton.cdiv(max(R, 1), BACKWARD_PROGRAMS), BR)
     programs = triton.cdiv(R, rows_per_program)
-    dw_part = torch.zeros(max(programs, 1), D, device=x.device, dtype=torch.float32)
-    db_part = torch.zeros(max(programs, 1), D, device=x.device, dtype=torch.float32)
-    if R:
-        _layer_norm_bwd_kernel[(programs,)](
-            x2, dy2, weight, mean, rstd, dx, dw_part, db_part, R, D,
-            x2.stride(0), dy2.stride(0), dx.stride(0), rows_per_program,
-            DP=DP, BR=BR, num_warps=warps)
-    return dx.view(x.shape), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
+    dw = torch.empty(D, device=x.device, dtype=weight.dtype)
+    db = torch.empty(D, device=x.device, dtype=weight.dtype)
+    if not R:
+        return dx.view(x.shape), dw.zero_(), db.zero_()
+    # every program writes its whole row of partial sums: no zero fill
+    dw_part = torch.empty(programs, D, device=x.device, dtype=torch.float32)
+    db_part = torch.empty(programs, D, device=x.device, dtype=torch.float32)
+    _layer_norm_bwd_kernel[(programs,)](
+        x2, dy2, weight, mean, rstd, dx, dw_part, db_part, R, D,
+        x2.stride(0), dy2.stride(0), dx.stride(0), rows_per_program,
+        DP=DP, BR=BR, num_warps=warps)
+    BD = 64
+    _sum_partials_kernel[(triton.cdiv(D, BD),)](dw_part, db_part, dw, db, programs, D, BP=32, BD=BD, num_warps=4)
+    return dx.view(x.shape), dw, db

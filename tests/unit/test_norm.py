@@ -42,10 +42,12 @@ def _case(R, D, dtype, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("R,D,programs", [(37, 82, 512), (37, 1000, 3), (1, 16, 512), (300, 20, 2), (0, 24, 512)])
+@pytest.mark.parametrize("R,D,programs", [(37, 82, 512), (37, 1000, 3), (300, 1000, 512), (1, 16, 512),
+                                         (300, 20, 2), (0, 24, 512)])
 def test_kernels_match_layer_norm(dtype, out_dtype, R, D, programs, monkeypatch):
     """`programs` caps the backward's programs: 3 at D = 1000 gives each one several 4-row tiles and the
-    last a partial one; 2 at D = 20 gives two 128-row tiles, the second partial."""
+    last a partial one; 2 at D = 20 gives two 128-row tiles, the second partial; 300 rows of 1000 give
+    75 programs, whose partial sums the second kernel adds in three blocks of 32."""
     from moeut import triton_norm
     from moeut.norm import _LayerNormFunction
     monkeypatch.setattr(triton_norm, "BACKWARD_PROGRAMS", programs)
