@@ -26,7 +26,7 @@ run() {  # stage name, time limit, command...
   timeout "$limit" "$@" 2>&1 | grep -v Warn | tee "$OUT/$name.txt" | tail -40
   echo "[$name: $((SECONDS - t0)) s]"
 }
-TEST_ENV="env -u MOEUT_FUSED_ENTROPY -u MOEUT_FUSED_SUM -u MOEUT_FUSED_ROUTER -u MOEUT_FUSED_ROPE -u MOEUT_FUSED_NORM -u MOEUT_LOOP_N -u MOEUT_FUSED_ROW_DOT -u MOEUT_FUSED_ROUTE -u MOEUT_EXPERT_GEMV"
+TEST_ENV="env -u MOEUT_FUSED_ENTROPY -u MOEUT_FUSED_SUM -u MOEUT_FUSED_ROUTER -u MOEUT_FUSED_ROPE -u MOEUT_FUSED_NORM -u MOEUT_NORM_PASS -u MOEUT_LOOP_N -u MOEUT_FUSED_ROW_DOT -u MOEUT_FUSED_ROUTE -u MOEUT_EXPERT_GEMV"
 run tests 300 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=8
 # The same tests as two halves (kernels / whole models), for two lanes: the whole module outlasts 300 s.
 KERNEL_TESTS="triton or combine or router or rope or route or gemv or probability"
@@ -275,3 +275,13 @@ run s14_ab 590 bash -c "$TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprov
   --models moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8 --json $OUT/train_graph_torch_norm.json && \
   python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
   --models moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8 --json $OUT/train_graph_moeut_norm.json"
+# s14_pass: LayerNorm's pass-through output (x's other gradient added in its backward) on the GPU: the tests
+# it touches, then graphed 244M steps, MoEUT and dense, with it off (MOEUT_NORM_PASS=0) and on (~4 min).
+run s14_pass 400 bash -c "$TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --tb=short \
+  -k 'layer_norm or deterministic or graphed_train_step or matches_cpu or relayed or shared_weight'; \
+  MOEUT_NORM_PASS=0 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:16,dense-244M:16 --json $OUT/train_graph_pass_off.json && \
+  python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:16,dense-244M:16 --json $OUT/train_graph_pass_on.json"
+# s14_module: the whole tests/gpu module on the final code (~7 min).
+run s14_module 540 $TEST_ENV timeout 500 python3 -m pytest -q tests/gpu -p no:cacheprovider --tb=short --durations=5

@@ -42,12 +42,14 @@ class DenseLayer(torch.nn.Module):
 
     def forward(self, x: Tensor, mask: Optional[AttentionMask], kv_cache: KVCache):
         B, T, _ = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
+        h, x = self.ln1.normalize_and_pass(x)   # the residual's gradient is added in the LayerNorm's backward
+        q, k, v = self.qkv(h).view(B, T, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
         # d_head^-0.5 split over q and k, as MoEUT does: without gradients both rotate in one launch
         scale = self.d_head ** -0.25
         att, kv_cache = attend(q, k, v, mask, kv_cache, self.n_rotate, self.rope_base, q_scale=scale, k_scale=scale)
         x = x + self.drop(self.o(att.transpose(1, 2).reshape(B, T, -1)))
-        x = x + self.drop(self.ffn(self.ln2(x)))
+        h, x = self.ln2.normalize_and_pass(x)
+        x = x + self.drop(self.ffn(h))
         return x, kv_cache
 
     def ffn(self, x: Tensor) -> Tensor:

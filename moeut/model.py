@@ -85,7 +85,8 @@ class MoEUTLayer(torch.nn.Module):
 
     def forward_with_logits(self, x: Tensor, mask: Optional[AttentionMask] = None, kv_cache: KVCache = None):
         """(x, cache, ffn router logits, attention router logits or None)."""
-        xnorm = self.ln1(x)
+        # x's other uses take the pass-through copy: their gradient is added in the LayerNorm's backward
+        xnorm, x = self.ln1.normalize_and_pass(x)
         if torch.is_autocast_enabled(x.device.type):
             # One low-precision copy for Q, K and both routers (autocast would make, and autograd
             # save, one per consumer). The fused LayerNorm (CUDA) already wrote it: then a no-op.
@@ -99,7 +100,8 @@ class MoEUTLayer(torch.nn.Module):
             else:  # a user-supplied attention class with the official interface
                 (att, kv_cache), att_logits = self.attention(xnorm, xnorm, x, mask, kv_cache=kv_cache), None
             x = x + self.drop(att)
-        x, ffn_logits = self.ffn.forward_with_logits(x, self.ln2(x), add_input=True)   # x + FFN(x)
+        xnorm, x = self.ln2.normalize_and_pass(x)
+        x, ffn_logits = self.ffn.forward_with_logits(x, xnorm, add_input=True)   # x + FFN(x)
         return x, kv_cache, ffn_logits, att_logits
 
     def forward(self, x: Tensor, mask: Optional[AttentionMask] = None, kv_cache: KVCache = None) -> Tuple[Tensor, KVCache]:

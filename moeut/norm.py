@@ -14,6 +14,9 @@ keeps x's dtype, as torch's does.
 """
 from __future__ import annotations
 
+import os
+from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -22,31 +25,42 @@ from .fused import use_fused
 
 MAX_WIDTH = 16384   # the kernels hold a row in registers; wider rows take torch's LayerNorm
 
+# MOEUT_NORM_PASS=0: `normalize_and_pass` leaves the add of x's gradients to autograd (benchmarks compare).
+PASS_THROUGH = os.environ.get("MOEUT_NORM_PASS", "1") != "0"
+
 
 class _LayerNormFunction(torch.autograd.Function):
+    """y = LayerNorm(x) in out_dtype; with pass_through, (y, x): x's gradient through the second output
+    (its other uses) is added inside this backward's kernel, not by autograd's [R, D] add."""
+
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype,
+                pass_through: bool):
         from .triton_norm import layer_norm_fwd
         y, mean, rstd = layer_norm_fwd(x, weight, bias, eps, out_dtype)
         ctx.save_for_backward(x, weight, mean, rstd)
-        return y
+        ctx.set_materialize_grads(False)   # an unused output's gradient stays None: nothing to add
+        return (y, x) if pass_through else y   # x as is: autograd makes it a view whose gradient comes here
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor):
+    def backward(ctx, grad_y: Optional[Tensor], grad_x_out: Optional[Tensor] = None):
         from .triton_norm import layer_norm_bwd
+        if grad_y is None:
+            return grad_x_out, None, None, None, None, None
         x, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = layer_norm_bwd(grad_y, x, weight, mean, rstd)
-        return dx, dw, db, None, None
+        dx, dw, db = layer_norm_bwd(grad_y, x, weight, mean, rstd, grad_add=grad_x_out)
+        return dx, dw, db, None, None, None
 
 
-def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, pass_through: bool = False):
     """F.layer_norm over the last dim with the Triton kernels; the output in the autocast dtype when
-    autocast is on for x's device, else in x's dtype."""
+    autocast is on for x's device, else in x's dtype. With pass_through, (output, x): see
+    `LayerNorm.normalize_and_pass`."""
     if torch.is_autocast_enabled(x.device.type):
         out_dtype = torch.get_autocast_dtype(x.device.type)
     else:
         out_dtype = x.dtype
-    return _LayerNormFunction.apply(x, weight, bias, float(eps), out_dtype)
+    return _LayerNormFunction.apply(x, weight, bias, float(eps), out_dtype, pass_through)
 
 
 def _fused_applies(norm: torch.nn.LayerNorm, x: Tensor) -> bool:
@@ -60,3 +74,12 @@ class LayerNorm(torch.nn.LayerNorm):
         if _fused_applies(self, x):
             return layer_norm(x, self.weight, self.bias, self.eps)
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)   # (its shape errors too)
+
+    def normalize_and_pass(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """(LayerNorm(x), x), for a residual stream x that other ops read too: give them the second
+        output. With the kernels, x's gradient through them is then added inside this LayerNorm's
+        backward, one kernel instead of LayerNorm's dx and autograd's [R, D] fp32 add of x's gradients
+        (per layer, two of those adds at 244M: RESULTS M)."""
+        if PASS_THROUGH and _fused_applies(self, x):
+            return layer_norm(x, self.weight, self.bias, self.eps, pass_through=True)
+        return self(x), x

@@ -4,15 +4,17 @@ Forward: one program normalises BR rows held whole in registers (D <= norm.MAX_W
 them in the output dtype (the autocast dtype: the bf16 copy the next matmul would make), with each
 row's mean and 1/std for the backward.
 
-Backward: a fixed number of programs (a function of the shape only, never of the GPU) each walk a
-contiguous range of rows, writing dx and keeping their own running sums of dy·x̂ and dy. A second
-kernel adds those [programs, D] partial sums in a fixed order: the weight and bias gradients are
-bitwise reproducible, with no atomics (torch's column sums took 16 µs each for 2 MB on the H200).
+Backward: dx, plus x's gradient through its other uses when given (one kernel instead of dx and
+autograd's add of x's gradients). A fixed number of programs (a function of the shape only, never of
+the GPU) each walk a contiguous range of rows, writing dx and keeping their own running sums of dy·x̂
+and dy. A second kernel adds those [programs, D] partial sums in a fixed order: the weight and bias
+gradients are bitwise reproducible, with no atomics (torch's column sums took 16 µs each for 2 MB on
+the H200).
 Runs under `TRITON_INTERPRET=1` on CPU tensors (CI).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -44,9 +46,9 @@ def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, R, D,
 
 
 @triton.jit
-def _layer_norm_bwd_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
-                           R, D, sxr, sdyr, sdxr, rows_per_program,
-                           DP: tl.constexpr, BR: tl.constexpr):
+def _layer_norm_bwd_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr, add_ptr,
+                           R, D, sxr, sdyr, sdxr, sar, rows_per_program,
+                           ADD: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, DP)
     col_ok = cols < D
@@ -69,6 +71,8 @@ def _layer_norm_bwd_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_
         c1 = tl.sum(xhat * wdy, 1) / D
         c2 = tl.sum(wdy, 1) / D
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if ADD:   # x's gradient through its other uses (`layer_norm(..., pass_through=True)`)
+            dx += tl.load(add_ptr + r64 * sar + cols[None, :], mask=m, other=0.0).to(tl.float32)
         tl.store(dx_ptr + r64 * sdxr + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
         dw_acc += tl.sum(dy * xhat, 0)
         db_acc += tl.sum(dy, 0)
@@ -77,7 +81,7 @@ def _layer_norm_bwd_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_
 
 
 @triton.jit
-def _sum_partials_kernel(dw_part_ptr, db_part_ptr, dw_ptr, db_ptr, P, D,
+def _layer_norm_sum_partials_kernel(dw_part_ptr, db_part_ptr, dw_ptr, db_ptr, P, D,
                          BP: tl.constexpr, BD: tl.constexpr):
     cols = tl.program_id(0) * BD + tl.arange(0, BD)
     col_ok = cols < D
@@ -121,10 +125,12 @@ def layer_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
     return y.view(x.shape), mean, rstd
 
 
-def layer_norm_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
-                   rstd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dx in x's dtype, d weight, d bias in the weight's dtype) of `layer_norm_fwd`."""
+def layer_norm_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
+                   grad_add: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx in x's dtype, d weight, d bias in the weight's dtype) of `layer_norm_fwd`; dx plus grad_add
+    (x's shape) when given, added in fp32 before dx is rounded."""
     x2, dy2 = _rows(x), _rows(grad_y)
+    add2 = _rows(grad_add) if grad_add is not None else None
     R, D = x2.shape
     dx = torch.empty(R, D, device=x.device, dtype=x.dtype)
     DP, BR, warps = _tiles(D)
@@ -138,9 +144,10 @@ def layer_norm_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
     dw_part = torch.empty(programs, D, device=x.device, dtype=torch.float32)
     db_part = torch.empty(programs, D, device=x.device, dtype=torch.float32)
     _layer_norm_bwd_kernel[(programs,)](
-        x2, dy2, weight, mean, rstd, dx, dw_part, db_part, R, D,
-        x2.stride(0), dy2.stride(0), dx.stride(0), rows_per_program,
-        DP=DP, BR=BR, num_warps=warps)
+        x2, dy2, weight, mean, rstd, dx, dw_part, db_part, add2 if add2 is not None else dx, R, D,
+        x2.stride(0), dy2.stride(0), dx.stride(0), add2.stride(0) if add2 is not None else 0, rows_per_program,
+        ADD=add2 is not None, DP=DP, BR=BR, num_warps=warps)
     BD = 64
-    _sum_partials_kernel[(triton.cdiv(D, BD),)](dw_part, db_part, dw, db, programs, D, BP=32, BD=BD, num_warps=4)
+    _layer_norm_sum_partials_kernel[(triton.cdiv(D, BD),)](dw_part, db_part, dw, db, programs, D,
+                                                           BP=32, BD=BD, num_warps=4)
     return dx.view(x.shape), dw, db

@@ -518,6 +518,26 @@ def test_layer_norm_kernels_match_torch(D, autocast, x_dtype):
     assert torch.equal(ours.weight.grad, first)
 
 
+def test_layer_norm_pass_through_matches_autograd_sum():
+    """x's gradient through normalize_and_pass's second output is added inside the LayerNorm backward:
+    the same as autograd adding x's two gradients (bf16 autocast, the 244M width)."""
+    from moeut.norm import LayerNorm
+    torch.manual_seed(5)
+    norm = LayerNorm(1024).cuda()
+    x = torch.randn(8, 1000, 1024, device="cuda", requires_grad=True)
+    proj = torch.randn(1024, 1024, device="cuda") / 32
+    gy = torch.randn(8, 1000, 1024, device="cuda")
+
+    def grads(pass_through):
+        with torch.autocast("cuda", torch.bfloat16):
+            y, x_out = norm.normalize_and_pass(x) if pass_through else (norm(x), x)
+            loss = (y.float() * gy).sum() + (x_out @ proj).float().square().sum()
+        return torch.autograd.grad(loss, (x, norm.weight, norm.bias))
+
+    for got, want in zip(grads(True), grads(False)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("R,K,E", [(1, 16, 387), (32, 16, 387), (32, 24, 565), (128, 8, 40), (3, 2, 1)])
 def test_small_route_kernel_matches_sort(R, K, E, monkeypatch):
     """Decoding's one-kernel routing equals the torch sort path exactly."""

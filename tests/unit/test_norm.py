@@ -53,7 +53,7 @@ def test_kernels_match_layer_norm(dtype, out_dtype, R, D, programs, monkeypatch)
     monkeypatch.setattr(triton_norm, "BACKWARD_PROGRAMS", programs)
     x, w, b, g = _case(R, D, dtype, seed=R * 7 + D)
     x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
-    y = _LayerNormFunction.apply(x, w, b, 1e-5, out_dtype)
+    y = _LayerNormFunction.apply(x, w, b, 1e-5, out_dtype, False)
     assert y.dtype == out_dtype and y.shape == x.shape
     xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, w, b))
     ref = F.layer_norm(xr.float(), (D,), wr, br, 1e-5)
@@ -73,6 +73,42 @@ def test_kernels_match_layer_norm(dtype, out_dtype, R, D, programs, monkeypatch)
         ref64.backward(g.to(out_dtype).double())
         torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(b.grad.double(), b64.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use", ["both", "norm only", "pass only"])
+def test_pass_through_adds_the_other_gradient_inside_the_backward(dtype, use, monkeypatch):
+    """normalize_and_pass's second output is x: its gradient (from any other use of x) is added inside
+    the LayerNorm backward, equal to autograd summing x's two gradients; an unused output adds nothing."""
+    from moeut.norm import LayerNorm
+    from tests.helpers import switch_kernels
+    torch.manual_seed(2)
+    norm = LayerNorm(40).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.3)
+        norm.bias.normal_(0, 0.3)
+    x = (2 + torch.randn(3, 7, 40)).to(dtype).requires_grad_()
+    gy, gx = torch.randn(3, 7, 40).to(dtype), torch.randn(3, 7, 40).to(dtype)
+
+    def loss_of(y, x_out, g_y, g_x):
+        if use == "both":
+            return (y * g_y).sum() + (x_out * x_out * g_x).sum()
+        if use == "norm only":
+            return (y * g_y).sum()
+        return (x_out * x_out * g_x).sum() + 0 * y.sum()
+
+    switch_kernels(monkeypatch, lambda t, switch=None: switch == "MOEUT_FUSED_NORM")
+    y, x_out = norm.normalize_and_pass(x)
+    assert x_out.data_ptr() == x.data_ptr() and torch.equal(x_out, x)
+    got = torch.autograd.grad(loss_of(y, x_out, gy, gx), (x, norm.weight, norm.bias))
+    # autograd summing x's two gradients, in fp64
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, norm.weight, norm.bias))
+    want = torch.autograd.grad(loss_of(F.layer_norm(x64, (40,), w64, b64), x64, gy.double(), gx.double()),
+                               (x64, w64, b64))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2e-2)
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), b, **tol)
 
 
 def test_weight_gradient_is_bitwise_reproducible(monkeypatch):
