@@ -26,7 +26,7 @@ run() {  # stage name, time limit, command...
   timeout "$limit" "$@" 2>&1 | grep -v Warn | tee "$OUT/$name.txt" | tail -40
   echo "[$name: $((SECONDS - t0)) s]"
 }
-TEST_ENV="env -u MOEUT_FUSED_ENTROPY -u MOEUT_FUSED_SUM -u MOEUT_FUSED_ROUTER -u MOEUT_FUSED_ROPE -u MOEUT_FUSED_NORM -u MOEUT_NORM_PASS -u MOEUT_LOOP_N -u MOEUT_FUSED_ROW_DOT -u MOEUT_FUSED_ROUTE -u MOEUT_EXPERT_GEMV"
+TEST_ENV="env -u MOEUT_FUSED_ENTROPY -u MOEUT_FUSED_SUM -u MOEUT_FUSED_ROUTER -u MOEUT_FUSED_ROPE -u MOEUT_FUSED_NORM -u MOEUT_NORM_PASS -u MOEUT_ROUTE_LARGE -u MOEUT_LOOP_N -u MOEUT_FUSED_ROW_DOT -u MOEUT_FUSED_ROUTE -u MOEUT_EXPERT_GEMV"
 run tests 300 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=8
 # The same tests as two halves (kernels / whole models), for two lanes: the whole module outlasts 300 s.
 KERNEL_TESTS="triton or combine or router or rope or route or gemv or probability"
@@ -285,3 +285,9 @@ run s14_pass 400 bash -c "$TEST_ENV python3 -m pytest -q tests/gpu -p no:cachepr
   --models moeut-244M:16,dense-244M:16 --json $OUT/train_graph_pass_on.json"
 # s14_module: the whole tests/gpu module on the final code (~7 min).
 run s14_module 540 $TEST_ENV timeout 500 python3 -m pytest -q tests/gpu -p no:cacheprovider --tb=short --durations=5
+# For the fifteenth session's first call (PERF_NOTES "First device calls"): training's counting-sort routing
+# (MOEUT_ROUTE_LARGE=1, off until this measures it): its GPU tests, then graphed 244M/1B MoEUT steps with it
+# off, on, off (~5 min).
+run next_s15 580 bash -c "$TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --tb=short -k 'route'; \
+  for run in off:0 on:1 off_again:0; do MOEUT_ROUTE_LARGE=\${run#*:} python3 benchmarks/train_throughput.py --steps 6 \
+  --cuda-graph --models moeut-244M:16,moeut-1B:8 --json $OUT/train_graph_route_\${run%:*}.json 2>&1 | grep -E '^moeut'; done"

@@ -552,6 +552,37 @@ def test_small_route_kernel_matches_sort(R, K, E, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("R,K,E", [(16384, 16, 387), (8192, 24, 565), (16384, 8, 40), (65536, 16, 387),
+                                   (1000, 3, 4000), (300, 1, 1)])
+def test_large_route_kernel_matches_sort(R, K, E, monkeypatch):
+    """Training's counting-sort routing (MOEUT_ROUTE_LARGE=1) equals the torch sort path exactly: the
+    244M and 1B FFNs, SwitchHead's V at 244M, the paper's batch of 64, more experts than choices."""
+    from moeut import expert_mm
+    torch.manual_seed(R + E)
+    expert = torch.randint(0, E, (R, K), device="cuda")
+    want = expert_mm.route(expert, E)
+    monkeypatch.setattr(expert_mm, "LARGE_ROUTE_KERNEL", True)
+    got = expert_mm.route(expert, E)
+    for a, b in zip((got.offsets_E1, got.rows_N, got.slot_N), (want.offsets_E1, want.rows_N, want.slot_N)):
+        assert torch.equal(a, b)
+
+
+def test_training_step_with_the_large_route_kernel_matches(monkeypatch):
+    """A MoEUT_44M-shaped training step with the counting-sort routing: the same routing, so the same
+    loss and gradients (up to cuDNN attention's own run-to-run differences)."""
+    from moeut import MoEUTLM, expert_mm, profiles
+    from tests.helpers import autocast_step_grads
+    torch.manual_seed(0)
+    model = MoEUTLM(1000, **profiles.MoEUT_44M).cuda().train()
+    x = torch.randint(0, 1000, (4, 512), device="cuda")
+    want_logits, want = autocast_step_grads(model, x, "cuda")
+    monkeypatch.setattr(expert_mm, "LARGE_ROUTE_KERNEL", True)
+    got_logits, got = autocast_step_grads(model, x, "cuda")
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-2, atol=1e-2)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-2, atol=1e-3 * want[n].abs().max().item(), msg=n)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("R", [1, 32])
 @pytest.mark.parametrize("layout", ["ffn_up", "ffn_down", "value", "output"])

@@ -173,6 +173,68 @@ def test_triton_route_small_matches_route(R, K, E):
     assert torch.equal(choice, want.choice_RK)
 
 
+@pytest.mark.parametrize("R,K,E,block", [(300, 16, 387, None), (37, 3, 5, 16), (50, 2, 40, 32), (64, 1, 1, 16),
+                                         (0, 4, 6, None), (129, 4, 2000, 64)])
+def test_triton_route_large_matches_route(R, K, E, block):
+    """The counting-sort routing of large inputs against the torch sort path, exactly: blocks that end
+    mid-input, experts with no choice, one expert, no rows, and more experts than choices."""
+    from moeut.expert_mm import route
+    from moeut.triton_route import route_large_triton
+    gen = torch.Generator().manual_seed(R * K + E)
+    expert = torch.randint(0, max(1, E // 2), (R, K), generator=gen)   # the upper half of the experts unused
+    if R:
+        expert[0, 0] = E - 1
+        expert[:, 0] = torch.where(torch.rand(R, generator=gen) < 0.5, expert[:, 0], 0)   # a crowded expert
+    want = route(expert, E)
+    offsets, rows, slot = route_large_triton(expert, E, block)
+    assert torch.equal(offsets, want.offsets_E1)
+    assert torch.equal(slot, want.slot_N)
+    assert torch.equal(rows, want.rows_N)
+
+
+def test_route_takes_the_large_kernel_only_when_switched_on(monkeypatch):
+    """`route` on a large input: torch's sort by default; with MOEUT_ROUTE_LARGE=1 the counting sort
+    (the same routing), for inputs within its limits only."""
+    from moeut import expert_mm, triton_route
+    from tests.helpers import switch_kernels
+    switch_kernels(monkeypatch, lambda t, switch=None: True)
+    calls = []
+    large = triton_route.route_large_triton
+    monkeypatch.setattr(triton_route, "route_large_triton", lambda *a: calls.append(1) or large(*a))
+    expert = torch.randint(0, 20, (40, 4), generator=torch.Generator().manual_seed(0))
+    want = expert_mm.route(expert, 20)
+    assert not calls
+    monkeypatch.setattr(expert_mm, "LARGE_ROUTE_KERNEL", True)
+    got = expert_mm.route(expert, 20)
+    assert calls and torch.equal(got.slot_N, want.slot_N) and torch.equal(got.offsets_E1, want.offsets_E1)
+    assert torch.equal(got.choice_RK, want.choice_RK)
+    monkeypatch.setattr(triton_route, "MAX_LARGE_N", 100)
+    expert_mm.route(expert, 20)
+    assert len(calls) == 1
+
+
+def test_training_step_with_the_large_route_kernel_is_identical(monkeypatch):
+    """A MoEUT training step with every kernel on (interpreted): the counting-sort routing gives the
+    same routing as torch's sort, so the same logits and gradients, bit for bit."""
+    from moeut import MoEUTLM, expert_mm, triton_route
+    from tests.helpers import autocast_step_grads, switch_kernels
+    switch_kernels(monkeypatch, lambda t, switch=None: switch in (None, "MOEUT_FUSED_ROUTE"))
+    torch.manual_seed(0)
+    model = MoEUTLM(40, d_model=32, n_layers=2, n_heads=2, ff_n_experts=6, att_n_experts=3, d_head=8,
+                    ff_k=2, group_size=2, ff_expert_size=16).train()
+    x = torch.randint(0, 40, (2, 40))   # 160 FFN choices: above the one-program kernel's 64
+    want_logits, want = autocast_step_grads(model, x)
+    calls = []
+    large = triton_route.route_large_triton
+    monkeypatch.setattr(triton_route, "route_large_triton", lambda *a: calls.append(a[0].numel()) or large(*a))
+    monkeypatch.setattr(expert_mm, "LARGE_ROUTE_KERNEL", True)
+    got_logits, got = autocast_step_grads(model, x)
+    assert sorted(calls) == [160, 160, 320, 320, 320, 320]   # FFN, and SwitchHead's V and O, per layer
+    assert torch.equal(got_logits, want_logits)
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+
+
 def test_loop_over_n_only_with_many_rows_per_expert():
     """The one-program-per-row-tile form pays with hundreds of rows per expert (training) and cost 2x
     at batch-32 decoding (512 rows over 387 experts) on the H200; the policy keeps them apart."""
