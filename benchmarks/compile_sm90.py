@@ -13,7 +13,10 @@ A kernel change can be checked for Hopper code generation here before it costs d
 L.3 used it: the up projection and the down projection's input gradient both get wgmma and a 5-stage
 cp.async pipeline, but the latter's weight tile is stored transposed with a 64-byte swizzle.
 
-    python benchmarks/compile_sm90.py [--passes "up fwd,down dx"] [--first-config] [--ir-dir DIR] [--json F]
+    python benchmarks/compile_sm90.py [--passes "up fwd,down dx"] [--first-config] [--glue] [--ir-dir DIR] [--json F]
+
+`--glue` also compiles the LayerNorm and routing kernels (no dots: whether they compile for sm_90 at
+the 244M shapes, and their shared memory).
 
 The local Triton may differ from the device's (3.9 here, 3.6 on the H200). Read the IR as indicative,
 and nothing here is a timing.
@@ -149,12 +152,65 @@ def compile_passes(names=None, first_config: bool = False, ir_dir: Path = None) 
     return rows
 
 
+class _CompileJit:
+    """Stands in for a plain (not autotuned) kernel: `kernel[grid](*args, **flags)` compiles it for sm_90
+    and records one row."""
+
+    def __init__(self, fn, name: str, rows: list):
+        self.fn, self.name, self.rows = fn, name, rows
+
+    def __getitem__(self, grid):
+        def launch(*args, **flags):
+            compiled = self.fn.warmup(*args, grid=grid, **flags)
+            self.rows.append(dict(pass_=self.name, config=f"w{flags.get('num_warps', 4)}",
+                                  shared_bytes=compiled.metadata.shared, **ir_features(compiled.asm["ttgir"])))
+        return launch
+
+
+def glue_launches(D: int = 1024, E: int = 387, K: int = 16, T: int = 16384):
+    """{module: (kernel names, a call of moeut's wrapper that launches them)} for the kernels besides
+    the expert GEMMs that a 244M training step runs (or may run: the routing counting sort)."""
+    from moeut import triton_norm, triton_route
+    x, w = torch.empty(T, D), torch.empty(D)
+    mean, rstd, gy = torch.empty(T), torch.empty(T), torch.empty(T, D, dtype=torch.bfloat16)
+    expert = torch.zeros(T, K, dtype=torch.long)
+    return {
+        triton_norm: (("_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_layer_norm_sum_partials_kernel"),
+                      lambda: (triton_norm.layer_norm_fwd(x, w, w, 1e-5, torch.bfloat16),
+                               triton_norm.layer_norm_bwd(gy, x, w, mean, rstd, grad_add=x))),
+        triton_route: (("_route_block_counts_kernel", "_route_block_prefix_kernel", "_route_offsets_kernel",
+                        "_route_place_kernel"), lambda: triton_route.route_large_triton(expert, E)),
+    }
+
+
+def compile_glue() -> list:
+    """One row per glue kernel of `glue_launches`: `ir_features` of its sm_90 compile and its shared memory."""
+    from triton.runtime import driver
+    saved_driver = getattr(driver, "_active", None)
+    driver.set_active(_fake_hopper_driver())
+    rows = []
+    try:
+        for module, (names, run) in glue_launches().items():
+            saved = {n: getattr(module, n) for n in names}
+            try:
+                for n in names:
+                    setattr(module, n, _CompileJit(saved[n], n, rows))
+                run()
+            finally:
+                for n in names:
+                    setattr(module, n, saved[n])
+    finally:
+        driver._active = saved_driver
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--passes", help="comma-separated pass names (default: all): " + ", ".join(PASSES))
     ap.add_argument("--first-config", action="store_true", help="only the first config that fits (quick)")
     ap.add_argument("--ir-dir", type=Path, help="also write each compile's TTGIR and PTX there")
     ap.add_argument("--json", type=Path, help="also write the rows")
+    ap.add_argument("--glue", action="store_true", help="also the LayerNorm and routing kernels")
     args = ap.parse_args(argv)
     if os.environ.pop("TRITON_INTERPRET", "0") == "1" and "moeut.triton_expert_mm" in sys.modules:
         raise SystemExit("compile_sm90: moeut's kernels were imported for the interpreter; run this in a fresh process")
@@ -166,8 +222,13 @@ def main(argv=None):
         mma = "wgmma" if r["wgmma"] else "mma.sync" if r["mma_sync"] else "none"
         print(f"{r['pass_']:9s} {r['config']:28s} {mma:6s} {r['async_copies']:8d} {r['tma_copies']:4d} "
               f"{r['shared_bytes'] / 1024:9.1f}  {' '.join(r['shared_layouts'])}")
+    glue = compile_glue() if args.glue else []
+    if glue:
+        print(f"\n{'glue kernel':32s} {'warps':5s} {'shared KB':>9s}")
+        for r in glue:
+            print(f"{r['pass_']:32s} {r['config']:5s} {r['shared_bytes'] / 1024:9.1f}")
     if args.json:
-        args.json.write_text(json.dumps(dict(shared_limit=HOPPER_SMEM, rows=rows), indent=1))
+        args.json.write_text(json.dumps(dict(shared_limit=HOPPER_SMEM, rows=rows, glue=glue), indent=1))
     return rows
 
 

@@ -128,7 +128,8 @@ CATEGORIES = [
     ("LayerNorm", ("layer_norm", "GammaBeta")),
     ("attention core", ("sdpa", "flash", "fmha")),
     ("AdamW", ("AdamW", "multi_tensor_apply")),
-    ("sort and index glue", ("radix_sort", "RadixSort", "scatter_gather", "index", "searchsorted", "cub::")),
+    ("sort and index glue", ("radix_sort", "RadixSort", "scatter_gather", "index", "searchsorted", "cub::",
+                             "_route_")),
     ("dense GEMMs (cuBLAS)", ("nvjet", "gemm", "cutlass", "xmma")),
 ]
 

@@ -1,8 +1,8 @@
 """Triton kernels of moeut's LayerNorm (contract in `norm.py`; the reference is `F.layer_norm`).
 
-Forward: one program normalises BR rows held whole in registers (D <= norm.MAX_WIDTH), in fp32, and writes
-them in the output dtype (the autocast dtype: the bf16 copy the next matmul would make), with each
-row's mean and 1/std for the backward.
+Forward: one program normalises BR rows held whole in registers (D <= norm.MAX_WIDTH), in fp32, and
+writes them in the output dtype (the autocast dtype: the bf16 copy the next matmul would make), with
+each row's mean and 1/std for the backward.
 
 Backward: dx, plus x's gradient through its other uses when given (one kernel instead of dx and
 autograd's add of x's gradients). A fixed number of programs (a function of the shape only, never of
@@ -82,7 +82,7 @@ def _layer_norm_bwd_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_
 
 @triton.jit
 def _layer_norm_sum_partials_kernel(dw_part_ptr, db_part_ptr, dw_ptr, db_ptr, P, D,
-                         BP: tl.constexpr, BD: tl.constexpr):
+                                    BP: tl.constexpr, BD: tl.constexpr):
     cols = tl.program_id(0) * BD + tl.arange(0, BD)
     col_ok = cols < D
     dw = tl.zeros([BP, BD], dtype=tl.float32)

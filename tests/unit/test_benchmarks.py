@@ -53,6 +53,9 @@ def test_profile_categories_cover_a_real_step_and_keep_its_total():
         "void at_cuda_detail::cub::detail::radix_sort::DeviceRadixSortOnesweepKernel<at_cuda_detail": "sort and index glue",
         "void at::native::_scatter_gather_elementwise_kernel<128, 8, at::native::_cuda_scatter_gath": "sort and index glue",
         "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT": "dense GEMMs (cuBLAS)",
+        "_layer_norm_bwd_kernel": "LayerNorm",
+        "_layer_norm_sum_partials_kernel": "LayerNorm",
+        "_route_place_kernel": "sort and index glue",
         "some_kernel_nobody_named": "other",
     }
     for name, want in names.items():
@@ -61,7 +64,8 @@ def test_profile_categories_cover_a_real_step_and_keep_its_total():
     cats = profile_step.by_category(per_kernel)
     assert sum(v[0] for v in cats.values()) == sum(v[0] for v in per_kernel.values())
     assert sum(v[1] for v in cats.values()) == sum(v[1] for v in per_kernel.values())
-    assert cats["LayerNorm"] == [10.0 + 11.0, 19 + 21]
+    layer_norm = [per_kernel[n] for n, want in names.items() if want == "LayerNorm"]
+    assert len(layer_norm) == 4 and cats["LayerNorm"] == [sum(t for t, _ in layer_norm), sum(c for _, c in layer_norm)]
 
 
 def test_profile_sites_name_the_moeut_function_and_the_backward_node():
@@ -185,8 +189,9 @@ def test_autotune_choices_report_each_key_and_its_config():
 
 def test_every_ffn_pass_compiles_to_hopper_wgmma_without_a_gpu(tmp_path):
     """compile_sm90.py compiles each σ-MoE FFN pass (moeut's own launches at the 244M shapes, the first
-    tile config that fits) for sm_90 on this CPU machine: each dot must become Hopper's warp-group MMA
-    fed by asynchronous copies, within the shared memory a Hopper block may use. A kernel change that
+    tile config that fits), and the LayerNorm and routing kernels, for sm_90 on this CPU machine: each
+    dot must become Hopper's warp-group MMA fed by asynchronous copies, within the shared memory a
+    Hopper block may use. A kernel change that
     falls back to mma.sync, loses its copy pipeline or outgrows shared memory fails here, before it
     costs device time. (A subprocess: the tests run the kernels' interpreter, which compiles nothing.)"""
     import os
@@ -194,8 +199,8 @@ def test_every_ffn_pass_compiles_to_hopper_wgmma_without_a_gpu(tmp_path):
     pytest.importorskip("triton.backends.nvidia.driver")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "sm90.json"
-    run = subprocess.run([sys.executable, str(BENCHMARKS / "compile_sm90.py"), "--first-config", "--json", str(out)],
-                         env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "compile_sm90.py"), "--first-config", "--glue",
+                          "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
     assert {r["pass_"] for r in report["rows"]} == {"up fwd", "down fwd", "down dx", "up dx", "up dW", "down dW"}
@@ -204,3 +209,9 @@ def test_every_ffn_pass_compiles_to_hopper_wgmma_without_a_gpu(tmp_path):
         assert r["async_copies"] + r["tma_copies"] > 0, r
         assert 0 < r["shared_bytes"] <= report["shared_limit"], r
         assert f"{r['pass_']:9s} {r['config']:28s} wgmma" in run.stdout   # and the table says so
+    # the LayerNorm and routing kernels compile for sm_90 too, within shared memory
+    assert [r["pass_"] for r in report["glue"]] == [
+        "_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_layer_norm_sum_partials_kernel",
+        "_route_block_counts_kernel", "_route_block_prefix_kernel", "_route_offsets_kernel", "_route_place_kernel"]
+    for r in report["glue"]:
+        assert 0 < r["shared_bytes"] <= report["shared_limit"], r
