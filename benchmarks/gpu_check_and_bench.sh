@@ -286,8 +286,9 @@ run s14_pass 400 bash -c "$TEST_ENV python3 -m pytest -q tests/gpu -p no:cachepr
 # s14_module: the whole tests/gpu module on the final code (~7 min).
 run s14_module 540 $TEST_ENV timeout 500 python3 -m pytest -q tests/gpu -p no:cacheprovider --tb=short --durations=5
 # For the fifteenth session's first call (PERF_NOTES "First device calls"): training's counting-sort routing
-# (MOEUT_ROUTE_LARGE=1, off until this measures it): its GPU tests, then graphed 244M/1B MoEUT steps with it
-# off, on, off (~5 min).
+# (MOEUT_ROUTE_LARGE=1, off until this measures it): its GPU tests, its GPU time against torch's sort path
+# (benchmarks/route.py), then graphed 244M/1B MoEUT steps with it off, on, off (~6 min).
 run next_s15 580 bash -c "$TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --tb=short -k 'route'; \
+  python3 benchmarks/route.py --json $OUT/route.json; \
   for run in off:0 on:1 off_again:0; do MOEUT_ROUTE_LARGE=\${run#*:} python3 benchmarks/train_throughput.py --steps 6 \
   --cuda-graph --models moeut-244M:16,moeut-1B:8 --json $OUT/train_graph_route_\${run%:*}.json 2>&1 | grep -E '^moeut'; done"
