@@ -28,10 +28,9 @@ run() {  # stage name, time limit, command...
 }
 TEST_ENV="env -u MOEUT_FUSED_ENTROPY -u MOEUT_FUSED_SUM -u MOEUT_FUSED_ROUTER -u MOEUT_FUSED_ROPE -u MOEUT_FUSED_NORM -u MOEUT_NORM_PASS -u MOEUT_ROUTE_LARGE -u MOEUT_LOOP_N -u MOEUT_FUSED_ROW_DOT -u MOEUT_FUSED_ROUTE -u MOEUT_EXPERT_GEMV"
 run tests 300 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=8
-# The same tests as two halves (kernels / whole models), for two lanes: the whole module outlasts 300 s.
-KERNEL_TESTS="triton or combine or router or rope or route or gemv or probability"
-run tests_kernels 480 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=5 -k "$KERNEL_TESTS"
-run tests_models 480 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=5 -k "not ($KERNEL_TESTS)"
+# The same tests as two halves (each kernel / whole models), for two calls or lanes: together ~7 min.
+run tests_kernels 480 $TEST_ENV python3 -m pytest -q tests/gpu/test_kernels.py -p no:cacheprovider --durations=5
+run tests_models 480 $TEST_ENV python3 -m pytest -q tests/gpu/test_models.py -p no:cacheprovider --durations=5
 # Everything but the torch.compile tests (~160 s of the ~6 min), for a quick check after a change.
 run tests_fast 300 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=5 -k "not compile"
 run parity 50 env MOEUT_AUTOTUNE=0 python3 benchmarks/kernels.py --parity only --json "$OUT/parity.json"

@@ -3,6 +3,11 @@ import torch
 import torch.nn.functional as F
 
 
+def rel(a, b) -> float:
+    """Relative error of a against b, in fp64: ||a - b|| / ||b||."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 def autocast_step_grads(model, x, device_type: str = "cpu"):
     """(logits, {name: fp32 gradient}) of one bf16-autocast LM loss (+ reg loss) on tokens x."""
     model.zero_grad(set_to_none=True)
