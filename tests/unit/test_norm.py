@@ -132,16 +132,27 @@ def test_output_dtype_follows_autocast():
                                rtol=2 ** -7, atol=1e-5)
 
 
-def test_model_step_with_the_norm_kernel_matches_torchs(monkeypatch):
-    """A MoEUT training step with only the LayerNorm kernel switched on (interpreted) against torch's
-    LayerNorm: the loss and every gradient, the LayerNorms' own included. In fp32: the interpreter
-    truncates to bf16 where the GPU rounds, and a flipped bf16 router input can change an expert choice."""
-    from moeut import MoEUTLM
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("kind", ["moeut", "dense"])
+def test_model_step_with_the_norm_kernel_matches_torchs(kind, checkpointing, monkeypatch):
+    """A training step of MoEUT and of the dense baseline with only the LayerNorm kernels switched on
+    (interpreted, pass-through included) against torch's LayerNorm: the loss and every gradient, the
+    LayerNorms' own included, with and without activation checkpointing (which runs each layer's
+    forward again in the backward). In fp32: the interpreter truncates to bf16 where the GPU rounds,
+    and a flipped bf16 router input can change an expert choice."""
+    from moeut import DenseLM, MoEUTLM, triton_norm
+    from tests.helpers import switch_kernels
     torch.manual_seed(0)
-    model = MoEUTLM(40, d_model=32, n_layers=4, n_heads=2, ff_n_experts=6, att_n_experts=3, d_head=8,
-                    ff_k=2, group_size=2, ff_expert_size=16).train()
+    if kind == "moeut":
+        model = MoEUTLM(40, d_model=32, n_layers=4, n_heads=2, ff_n_experts=6, att_n_experts=3, d_head=8,
+                        ff_k=2, group_size=2, ff_expert_size=16)
+    else:
+        model = DenseLM(40, d_model=32, n_layers=4, n_heads=2, d_ff=64)
+    backbone = model.transformer if kind == "moeut" else model
+    model.train()
+    backbone.activation_checkpointing = checkpointing
     norms = [n for n, m in model.named_modules() if isinstance(m, LayerNorm)]
-    assert len(norms) == 2 * 2 + 1   # ln1 and ln2 of both layers, and the output norm
+    assert len(norms) == (2 * 2 if kind == "moeut" else 4 * 2) + 1   # ln1, ln2 of each distinct layer; out_norm
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.rsplit(".", 1)[0] in norms:
@@ -157,13 +168,12 @@ def test_model_step_with_the_norm_kernel_matches_torchs(monkeypatch):
 
     want_loss, want = step()
     calls = []
-    from moeut import triton_norm
     fwd = triton_norm.layer_norm_fwd
     monkeypatch.setattr(triton_norm, "layer_norm_fwd", lambda *a: calls.append(1) or fwd(*a))
-    from tests.helpers import switch_kernels
     switch_kernels(monkeypatch, lambda t, switch=None: switch == "MOEUT_FUSED_NORM")
     got_loss, got = step()
-    assert len(calls) == 4 * 2 + 1   # two per layer application (4 layers), and the output norm
+    # two per layer application (4 either way), twice with checkpointing; and the output norm
+    assert len(calls) == 4 * 2 * (2 if checkpointing else 1) + 1
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-5 * want[n].abs().max().item(), msg=n)
