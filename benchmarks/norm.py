@@ -21,13 +21,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from profile_step import busy_ms, kernel_times  # noqa: E402
+from profile_step import gpu_and_wall_ms  # noqa: E402
 from moeut.norm import layer_norm  # noqa: E402
-
-
-def bench(fn):
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
 def main():
@@ -63,8 +58,7 @@ def main():
         min_bytes = {"fwd": R * D * 6, "fwd+bwd": R * D * 6 + R * D * 10}
         for name, torch_fn, ours_fn in (("fwd", torch_fwd, moeut_fwd),
                                         ("fwd+bwd", fwd_bwd(torch_fwd), fwd_bwd(moeut_fwd))):
-            gpu_torch, gpu_ours = (busy_ms(kernel_times(f, 20), 20) for f in (torch_fn, ours_fn))
-            wall_torch, wall_ours = bench(torch_fn), bench(ours_fn)
+            (gpu_torch, _, wall_torch), (gpu_ours, _, wall_ours) = (gpu_and_wall_ms(f) for f in (torch_fn, ours_fn))
             gbs = min_bytes[name] / gpu_ours / 1e6
             print(f"{shape:12s} {name:8s} {gpu_torch:12.3f} {gpu_ours:12.3f} {wall_torch:10.3f} {wall_ours:10.3f} "
                   f"{gbs:11.0f} {gpu_ours / gpu_torch:6.2f}")

@@ -154,6 +154,16 @@ def busy_ms(per_kernel, iters: int) -> float:
     return sum(v[0] for v in per_kernel.values()) / iters / 1e3
 
 
+def gpu_and_wall_ms(fn, iters: int = 20):
+    """(GPU-busy ms per call, kernels per call, wall ms per call) of fn. The device's host is slow, so
+    the wall time of a small eager pass is launch-bound; a graphed step sees the GPU-busy time."""
+    import triton.testing
+    per_kernel = kernel_times(fn, iters)
+    kernels = sum(calls for _, calls in per_kernel.values()) // iters
+    wall = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+    return busy_ms(per_kernel, iters), kernels, wall
+
+
 def print_table(per_kernel, iters: int, top: int, unit: str = "step", what: str = "kernel") -> None:
     total = sum(v[0] for v in per_kernel.values())
     print(f"{'ms/' + unit:>8s} {'share':>6s} {'calls':>6s}  {what}")

@@ -19,13 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from profile_step import busy_ms, kernel_times  # noqa: E402
+from profile_step import gpu_and_wall_ms  # noqa: E402
 from moeut import expert_mm  # noqa: E402
-
-
-def bench(fn):
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
 def main():
@@ -42,10 +37,8 @@ def main():
         for name, large in (("torch sort", False), ("counting sort", True)):
             expert_mm.LARGE_ROUTE_KERNEL = large
             fn = lambda: expert_mm.route(expert, E)  # noqa: E731
-            per_kernel = kernel_times(fn, 20)
-            gpu_us = 1e3 * busy_ms(per_kernel, 20)
-            kernels = sum(calls for _, calls in per_kernel.values()) // 20
-            wall_us = 1e3 * bench(fn)
+            gpu_ms, kernels, wall_ms = gpu_and_wall_ms(fn)
+            gpu_us, wall_us = 1e3 * gpu_ms, 1e3 * wall_ms
             results[name] = fn()
             print(f"{shape:16s} {name:13s} {gpu_us:7.1f} {kernels:7d} {wall_us:8.1f}")
             rows.append(dict(shape=shape, path=name, gpu_us=gpu_us, kernels=kernels, wall_us=wall_us))
