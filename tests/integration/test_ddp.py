@@ -33,6 +33,9 @@ def _worker(rank, port, x, result_path):
         _grads(ddp, x.chunk(2)[rank])
         if rank == 0:
             torch.save({n: p.grad for n, p in model.named_parameters()}, result_path)
+        # Both ranks leave together: a rank tearing gloo down while its peer still works aborted the
+        # peer once in CI ("terminate called without an active exception", SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
