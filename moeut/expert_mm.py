@@ -75,7 +75,7 @@ def _large_route_kernel_applies(expert_RK: Tensor, n_experts: int) -> bool:
     if not LARGE_ROUTE_KERNEL or torch.compiler.is_compiling() or not use_fused(expert_RK, "MOEUT_FUSED_ROUTE"):
         return False
     from .triton_route import MAX_EXPERTS, MAX_LARGE_N
-    return expert_RK.numel() <= MAX_LARGE_N and n_experts <= MAX_EXPERTS
+    return expert_RK.numel() <= MAX_LARGE_N and n_experts < MAX_EXPERTS   # (a spare histogram bin)
 
 
 def _route_kernel_applies(expert_RK: Tensor, n_experts: int) -> bool:

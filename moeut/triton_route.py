@@ -134,7 +134,7 @@ def _route_place_kernel(expert_ptr, prefix_ptr, offsets_ptr, rows_ptr, slot_ptr,
 
 
 def route_large_triton(expert_RK: Tensor, n_experts: int, block: int = None):
-    """(offsets [E+1], rows [N], slot [N]) as int64, for N <= MAX_LARGE_N and E <= MAX_EXPERTS."""
+    """(offsets [E+1], rows [N], slot [N]) as int64, for N <= MAX_LARGE_N and E < MAX_EXPERTS."""
     block = block or BLOCK
     R, K = expert_RK.shape
     N = R * K
@@ -147,6 +147,9 @@ def route_large_triton(expert_RK: Tensor, n_experts: int, block: int = None):
         return offsets.zero_(), rows, slot
     EP = max(16, triton.next_power_of_2(n_experts + 1))
     NB = triton.cdiv(N, block)
+    if NB > MAX_BLOCKS or EP > MAX_EXPERTS:
+        raise ValueError(f"route_large_triton: {N} choices in blocks of {block} ({NB} blocks; at most "
+                         f"{MAX_BLOCKS}) over {n_experts} experts (at most {MAX_EXPERTS - 1}): use torch's sort")
     NBP = max(16, triton.next_power_of_2(NB))
     BE = max(1, min(EP, 16384 // NBP))
     counts = torch.empty(NB, EP, dtype=torch.int32, device=dev)

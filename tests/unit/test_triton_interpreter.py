@@ -192,6 +192,12 @@ def test_triton_route_large_matches_route(R, K, E, block):
     assert torch.equal(rows, want.rows_N)
 
 
+def test_triton_route_large_refuses_more_blocks_than_it_holds():
+    from moeut.triton_route import MAX_BLOCKS, route_large_triton
+    with pytest.raises(ValueError, match="blocks"):
+        route_large_triton(torch.zeros(MAX_BLOCKS * 2 + 1, 1, dtype=torch.long), 4, 2)
+
+
 def test_route_takes_the_large_kernel_only_when_switched_on(monkeypatch):
     """`route` on a large input: torch's sort by default; with MOEUT_ROUTE_LARGE=1 the counting sort
     (the same routing), for inputs within its limits only."""
