@@ -26,7 +26,7 @@ run() {  # stage name, time limit, command...
   timeout "$limit" "$@" 2>&1 | grep -v Warn | tee "$OUT/$name.txt" | tail -40
   echo "[$name: $((SECONDS - t0)) s]"
 }
-TEST_ENV="env -u MOEUT_FUSED_ENTROPY -u MOEUT_FUSED_SUM -u MOEUT_FUSED_ROUTER -u MOEUT_FUSED_ROPE -u MOEUT_FUSED_NORM -u MOEUT_NORM_PASS -u MOEUT_ROUTE_LARGE -u MOEUT_LOOP_N -u MOEUT_FUSED_ROW_DOT -u MOEUT_FUSED_ROUTE -u MOEUT_EXPERT_GEMV"
+TEST_ENV="env -u MOEUT_FUSED_ROUTER_GRAD -u MOEUT_FUSED_ENTROPY -u MOEUT_FUSED_SUM -u MOEUT_FUSED_ROUTER -u MOEUT_FUSED_ROPE -u MOEUT_FUSED_NORM -u MOEUT_NORM_PASS -u MOEUT_ROUTE_LARGE -u MOEUT_LOOP_N -u MOEUT_FUSED_ROW_DOT -u MOEUT_FUSED_ROUTE -u MOEUT_EXPERT_GEMV"
 run tests 300 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=8
 # The same tests as two halves (each kernel / whole models), for two calls or lanes: together ~7 min.
 run tests_kernels 480 $TEST_ENV python3 -m pytest -q tests/gpu/test_kernels.py -p no:cacheprovider --durations=5
@@ -291,3 +291,25 @@ run next_s15 580 bash -c "$TEST_ENV python3 -m pytest -q tests/gpu -p no:cachepr
   python3 benchmarks/route.py --json $OUT/route.json; \
   for run in off:0 on:1 off_again:0; do MOEUT_ROUTE_LARGE=\${run#*:} python3 benchmarks/train_throughput.py --steps 6 \
   --cuda-graph --models moeut-244M:16,moeut-1B:8 --json $OUT/train_graph_route_\${run%:*}.json 2>&1 | grep -E '^moeut'; done"
+# Fifteenth session. s15_joint: the router's selection and the regulariser's sum as one autograd node
+# (MOEUT_FUSED_ROUTER_GRAD, router.select_with_prob_sum) and LayerNorm's partial sums in 128 programs: their
+# GPU tests, LayerNorm's backward launch shapes (norm.py --sweep), the counting sort's kernels (route.py
+# --kernels), then graphed 244M/1B steps with the joint gradient off, on (with dense beside), off (~7 min).
+run s15_joint 590 bash -c "$TEST_ENV timeout 200 python3 -m pytest -q tests/gpu -p no:cacheprovider --tb=short \
+  -k 'joint or probability_sum or layer_norm or router or deterministic'; \
+  python3 benchmarks/norm.py --shapes 16384x1024 --sweep --json $OUT/norm_sweep.json 2>&1 | tail -22; \
+  python3 benchmarks/route.py --kernels --shapes 16384x16x387 2>&1 | tail -24; \
+  MOEUT_FUSED_ROUTER_GRAD=0 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:16,moeut-1B:8 --json $OUT/train_graph_joint_off.json 2>&1 | grep -E '^(moeut|dense)'; \
+  python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8 \
+  --json $OUT/train_graph_joint_on.json 2>&1 | grep -E '^(moeut|dense)'; \
+  MOEUT_FUSED_ROUTER_GRAD=0 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models moeut-244M:16,moeut-1B:8 --json $OUT/train_graph_joint_off_again.json 2>&1 | grep -E '^(moeut|dense)'"
+# s15_final: after s15_joint, the GPU tests its changes touch (the joint-gradient tests held to an fp32
+# reference; LayerNorm's backward in 2048-element tiles, norm.py --sweep's best), then the final graphed
+# 244M/1B steps, MoEUT and dense (~5 min).
+run s15_final 540 bash -c "$TEST_ENV timeout 300 python3 -m pytest -q tests/gpu -p no:cacheprovider --tb=short \
+  -k 'joint or router or probability_sum or layer_norm or deterministic or graphed_train_step or matches_cpu or relayed'; \
+  python3 benchmarks/norm.py --shapes 16384x1024,8192x1536 --json $OUT/norm_final.json 2>&1 | tail -5; \
+  python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8 \
+  --json $OUT/train_graph_final.json 2>&1 | grep -E '^(moeut|dense)'"

@@ -96,6 +96,18 @@ def entropy():
     torch.testing.assert_close(prob_sum_backward_triton(g, x), want, rtol=2 ** -7, atol=1e-5)
 
 
+def router_joint_gradient():
+    from moeut.router import select_with_prob_sum, sigmoid_topk
+    wide = (3 * torch.randn(8, 1024, 392, device="cuda")).to(torch.bfloat16).requires_grad_()
+    gate, expert, p_sum = select_with_prob_sum(wide, 16, n_valid=387)
+    g = torch.randn_like(gate)
+    (got,) = torch.autograd.grad((gate * g).sum() + p_sum.sum(), wide)
+    want_gate, _ = sigmoid_topk(wide[..., :387], 16)
+    want_sum = torch.softmax(wide[..., :387].float(), -1).sum(1)
+    (want,) = torch.autograd.grad((want_gate * g).sum() + want_sum.sum(), wide)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-5)
+
+
 def layer_norm():
     import torch.nn.functional as F
     from moeut.norm import layer_norm as fused
@@ -117,7 +129,8 @@ CHECKS = (("expert gemv (decoding)", expert_gemv, "MOEUT_EXPERT_GEMV"),
           ("fused RoPE", rope, "MOEUT_FUSED_ROPE"),
           ("entropy regulariser's softmax sums", entropy, "MOEUT_FUSED_ENTROPY"),
           ("loop-over-N grouped GEMM", loop_n, "MOEUT_LOOP_N"),
-          ("LayerNorm", layer_norm, "MOEUT_FUSED_NORM"))
+          ("LayerNorm", layer_norm, "MOEUT_FUSED_NORM"),
+          ("router's joint gradient", router_joint_gradient, "MOEUT_FUSED_ROUTER_GRAD"))
 for name, check, var in CHECKS:
     try:
         check()

@@ -120,7 +120,7 @@ CATEGORIES = [
     ("expert weight gradients", ("_weight_grad_kernel",)),
     ("top-k sums", ("_sum_choices_kernel",)),
     ("row dots", ("_row_dot_kernel",)),
-    ("router top-k", ("_sigmoid_topk", "_router")),
+    ("router and regulariser", ("_sigmoid_topk", "_router", "_prob_sum")),
     ("RoPE", ("_rope_kernel",)),
     ("bf16 casts", ("bfloat16_copy_kernel",)),
     ("other copies", ("direct_copy_kernel", "copy_kernel", "CatArrayBatched")),

@@ -24,9 +24,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .expert_gemv import gemv_applies, project
 from .expert_mm import ResidualGradRelay, expert_mm_combine, route
-from .moe import aligned_width_padding
+from .moe import RouterLogits, aligned_width_padding
 from .rope import rope_tables, rotate
-from .router import sigmoid_topk
+from .router import joint_selection_applies, select_with_prob_sum, sigmoid_topk
 
 KVCache = Optional[Dict[str, Tensor]]
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -373,9 +373,10 @@ class SwitchHeadRope(torch.nn.Module):
         torch.cat(parts, out=w)
         self._inference_weight_frozen = True
 
-    def _select(self, logits: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """Per-head router on selector logits [B, T, H*E]: (logits [B, T, H, E], gates [B, T, H, K],
-        expert ids 0..E-1 within the head)."""
+    def _select(self, logits: Tensor, prob_sum: bool = False) -> Tuple[RouterLogits, Tensor, Tensor]:
+        """Per-head router on selector logits [B, T, H*E]: (logits [B, T, H, E] with, when asked for and
+        computed with them, the regulariser's softmax sum; gates [B, T, H, K], expert ids 0..E-1 within
+        the head)."""
         logits = logits.view(*logits.shape[:-1], self.n_heads, self.n_experts)
         if self.training and self.expert_dropout > 0:
             scores = logits.float().sigmoid()
@@ -383,16 +384,22 @@ class SwitchHeadRope(torch.nn.Module):
                 ranked = scores.masked_fill(torch.rand_like(scores) < self.expert_dropout, float("-inf"))
                 expert = ranked.topk(self.moe_k, dim=-1, sorted=False).indices
             gate = scores.gather(-1, expert)
-        else:
-            # one kernel on CUDA; it ranks in fp32 without an fp32 copy of the logits
-            gate, expert = sigmoid_topk(logits, self.moe_k, fp32=True)
-        return logits, gate, expert
+            return RouterLogits(logits), gate, expert
+        if prob_sum and logits.dim() == 4 and joint_selection_applies(logits):
+            # one gradient kernel for the selection and the regulariser
+            gate, expert, p_sum = select_with_prob_sum(logits, self.moe_k, fp32=True)
+            return RouterLogits(logits, p_sum), gate, expert
+        # one kernel on CUDA; it ranks in fp32 without an fp32 copy of the logits
+        gate, expert = sigmoid_topk(logits, self.moe_k, fp32=True)
+        return RouterLogits(logits), gate, expert
 
     def forward_with_logits(self, q_src: Tensor, k_src: Tensor, v_src: Tensor, mask: Optional[AttentionMask],
-                            kv_cache: KVCache = None, residual: Optional[Tensor] = None):
-        """(output [B, T, D], new cache, router logits (o, v) or None). With `residual` [B, T, D] the
-        output is residual + attention in the residual's dtype; the routed output projection adds it
-        inside its top-k sum, with no add kernel and no rounding of the attention output first."""
+                            kv_cache: KVCache = None, residual: Optional[Tensor] = None, prob_sum: bool = False):
+        """(output [B, T, D], new cache, router logits (o, v) as `RouterLogits`, or None). With `residual`
+        [B, T, D] the output is residual + attention in the residual's dtype; the routed output
+        projection adds it inside its top-k sum, with no add kernel and no rounding of the attention
+        output first. With `prob_sum` the routers may compute the regulariser's softmax sums with their
+        selections."""
         B, T, D = q_src.shape
         H, Dh, E, K = self.n_heads, self.projection_size, self.n_experts, self.moe_k
         scale = math.sqrt(1.0 / math.sqrt(Dh))  # d_head^-0.25 on each of q and k
@@ -409,8 +416,8 @@ class SwitchHeadRope(torch.nn.Module):
         folded = False   # whether `out` already holds residual + attention
         relay = None
         if E > 1:
-            v_logits, v_gate, v_expert = self._select(sel_v_logits)
-            o_logits, o_gate, o_expert = self._select(sel_o_logits)
+            v_logits, v_gate, v_expert = self._select(sel_v_logits, prob_sum)
+            o_logits, o_gate, o_expert = self._select(sel_o_logits, prob_sum)
             logits = (o_logits, v_logits)
             heads = dict(head_k=K, n_heads=H, head_experts=E)   # head h's experts are h*E .. h*E+E-1
             if gemv_applies(v_src, B * T * H * K, self.v):   # decoding: a few tokens, no sort

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionMask, KVCache, SwitchHeadRope, begin_static_step, check_mask, end_static_step
-from .moe import SigmaMoE, negative_entropy, selection_probability_sum
+from .moe import RouterLogits, SigmaMoE, negative_entropy, router_prob_sum
 from .norm import LayerNorm
 from .shared_weights import begin_share, end_share
 
@@ -83,8 +83,10 @@ class MoEUTLayer(torch.nn.Module):
         self.ln2 = LayerNorm(d_model)
         self.drop = torch.nn.Dropout(dropout)
 
-    def forward_with_logits(self, x: Tensor, mask: Optional[AttentionMask] = None, kv_cache: KVCache = None):
-        """(x, cache, ffn router logits, attention router logits or None)."""
+    def forward_with_logits(self, x: Tensor, mask: Optional[AttentionMask] = None, kv_cache: KVCache = None,
+                            prob_sum: bool = False):
+        """(x, cache, ffn router logits, attention router logits (o, v) or None), as `RouterLogits`; with
+        `prob_sum` the routers may compute the regulariser's softmax sums with their selections."""
         # x's other uses take the pass-through copy: their gradient is added in the LayerNorm's backward
         xnorm, x = self.ln1.normalize_and_pass(x)
         if torch.is_autocast_enabled(x.device.type):
@@ -93,15 +95,17 @@ class MoEUTLayer(torch.nn.Module):
             xnorm = xnorm.to(torch.get_autocast_dtype(x.device.type))
         if FOLD_ATTENTION_RESIDUAL and isinstance(self.attention, SwitchHeadRope) and \
                 not (self.training and self.drop.p > 0):   # x + attention, added inside its output's top-k sum
-            x, kv_cache, att_logits = self.attention.forward_with_logits(xnorm, xnorm, x, mask, kv_cache, residual=x)
+            x, kv_cache, att_logits = self.attention.forward_with_logits(xnorm, xnorm, x, mask, kv_cache, residual=x,
+                                                                          prob_sum=prob_sum)
         else:
             if hasattr(self.attention, "forward_with_logits"):
-                att, kv_cache, att_logits = self.attention.forward_with_logits(xnorm, xnorm, x, mask, kv_cache)
+                att, kv_cache, att_logits = self.attention.forward_with_logits(xnorm, xnorm, x, mask, kv_cache,
+                                                                               prob_sum=prob_sum)
             else:  # a user-supplied attention class with the official interface
                 (att, kv_cache), att_logits = self.attention(xnorm, xnorm, x, mask, kv_cache=kv_cache), None
             x = x + self.drop(att)
         xnorm, x = self.ln2.normalize_and_pass(x)
-        x, ffn_logits = self.ffn.forward_with_logits(x, xnorm, add_input=True)   # x + FFN(x)
+        x, ffn_logits = self.ffn.forward_with_logits(x, xnorm, add_input=True, prob_sum=prob_sum)   # x + FFN(x)
         return x, kv_cache, ffn_logits, att_logits
 
     def forward(self, x: Tensor, mask: Optional[AttentionMask] = None, kv_cache: KVCache = None) -> Tuple[Tensor, KVCache]:
@@ -208,15 +212,15 @@ class MoEUT(torch.nn.Module):
                     cache = kv_cache.get(li_abs, {}) if kv_cache is not None else None
                     if checkpointing:
                         x, new_cache[li_abs], f_log, a_log = checkpoint(
-                            layer.forward_with_logits, x, mask, cache, use_reentrant=False)
+                            layer.forward_with_logits, x, mask, cache, self.training, use_reentrant=False)
                     else:
-                        x, new_cache[li_abs], f_log, a_log = layer.forward_with_logits(x, mask, cache)
+                        x, new_cache[li_abs], f_log, a_log = layer.forward_with_logits(x, mask, cache, self.training)
                     if router_logits is not None:
-                        router_logits.append(f_log.detach())
+                        router_logits.append(f_log.logits.detach())
                     if self.training:
-                        n_positions[li] += f_log.shape[1]
-                        for which, logits in enumerate([f_log] + list(a_log or ())):
-                            s = selection_probability_sum(logits)
+                        n_positions[li] += f_log.logits.shape[1]
+                        for which, router in enumerate([f_log] + list(a_log or ())):
+                            s = router_prob_sum(router if isinstance(router, RouterLogits) else RouterLogits(router))
                             prev = prob_sums[li][which]
                             prob_sums[li][which] = s if prev is None else prev + s
         finally:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from .expert_gemv import gemv_applies, project
 from .expert_mlp import expert_mlp
 from .expert_mm import expert_mm, expert_mm_combine, route
 from .fused import use_fused
-from .router import sigmoid_topk
+from .router import joint_selection_applies, select_with_prob_sum, sigmoid_topk
 
 
 class _ProbabilitySum(torch.autograd.Function):
@@ -69,6 +69,19 @@ def aligned_width_padding(width: int, x: Tensor, multiple: int = 8) -> int:
     already aligned, switched off, or x has few rows (decoding, where the copy costs more than it saves)."""
     pad = -width % multiple
     return pad if pad and ALIGN_MATMULS and x.numel() >= 1024 * x.shape[-1] else 0
+
+
+class RouterLogits(NamedTuple):
+    """One router application's logits and, when the router computed it with its selection (training
+    on CUDA: `router.select_with_prob_sum`), the regulariser's softmax sum over positions."""
+    logits: Tensor                    # [B, T, E] or [B, T, H, E]
+    prob_sum: Optional[Tensor] = None  # [B, E] or [B, H, E], fp32
+
+
+def router_prob_sum(router: RouterLogits) -> Tensor:
+    """The regulariser's softmax sum of one router application: the one computed with the selection, else
+    `selection_probability_sum` of its logits."""
+    return router.prob_sum if router.prob_sum is not None else selection_probability_sum(router.logits)
 
 
 def selection_probability_sum(logits: Tensor) -> Tensor:
@@ -128,36 +141,47 @@ class SigmaMoE(torch.nn.Module):
         torch.nn.init.normal_(self.values, 0, std_scale / math.sqrt(self.n_experts * self.expert_size))
         renorm_keep_std(self.expert_sel, dim=1)
 
-    def selector_logits(self, sel_input: Tensor) -> Tensor:
-        """[..., E] router logits. For many rows and E not a multiple of 8 (387 at 244M, 565 at 1B) the
-        selector is zero-padded to the next multiple of 8 and the logits are a view of the wider
-        product: with a row stride of E elements cuBLAS falls back to slow unaligned kernels (measured
-        on the H200: 7 ms of a 244M training step for this small matmul, forward and backward). The
-        padded columns are never read; the gradient of the parameter is that of its own rows."""
-        E = self.n_experts
-        pad = aligned_width_padding(E, sel_input)
+    def _selector_product(self, sel_input: Tensor) -> Tensor:
+        """[..., W] router logits, W >= E: for many rows and E not a multiple of 8 (387 at 244M, 565 at
+        1B) the selector is zero-padded to the next multiple of 8 and the logits are the first E
+        columns of the wider product: with a row stride of E elements cuBLAS falls back to slow
+        unaligned kernels (measured on the H200: 7 ms of a 244M training step for this small matmul,
+        forward and backward). The padded columns are never read; the gradient of the parameter is
+        that of its own rows."""
+        pad = aligned_width_padding(self.n_experts, sel_input)
         if pad:
-            return F.linear(sel_input, F.pad(self.expert_sel, (0, 0, 0, pad)))[..., :E]
+            return F.linear(sel_input, F.pad(self.expert_sel, (0, 0, 0, pad)))
         return F.linear(sel_input, self.expert_sel)
 
-    def select(self, sel_input: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """Router: (logits [..., E], gates [..., K], expert ids [..., K])."""
-        logits = self.selector_logits(sel_input)
+    def selector_logits(self, sel_input: Tensor) -> Tensor:
+        """[..., E] router logits (a view of `_selector_product`)."""
+        return self._selector_product(sel_input)[..., :self.n_experts]
+
+    def select(self, sel_input: Tensor, prob_sum: bool = False) -> Tuple[RouterLogits, Tensor, Tensor]:
+        """Router: (logits [..., E] with, when asked for and computed with them, the regulariser's softmax
+        sum; gates [..., K], expert ids [..., K])."""
+        product = self._selector_product(sel_input)
+        logits = product[..., :self.n_experts]
         if self.training and self.expert_dropout > 0:
             scores = torch.sigmoid(logits)
             drop = torch.rand_like(scores) < self.expert_dropout
             gate, expert = scores.masked_fill(drop, float("-inf")).topk(self.n_heads, dim=-1, sorted=False)
-            return logits, gate, expert
+            return RouterLogits(logits), gate, expert
+        if prob_sum and product.dim() == 3 and joint_selection_applies(product):
+            # one gradient kernel for the selection and the regulariser, into the padded product
+            gate, expert, p_sum = select_with_prob_sum(product, self.n_heads, n_valid=self.n_experts)
+            return RouterLogits(logits, p_sum), gate, expert
         gate, expert = sigmoid_topk(logits, self.n_heads)  # one kernel on CUDA
-        return logits, gate, expert
+        return RouterLogits(logits), gate, expert
 
     def forward_with_logits(self, input: Tensor, sel_input: Optional[Tensor] = None,
-                            add_input: bool = False) -> Tuple[Tensor, Tensor]:
+                            add_input: bool = False, prob_sum: bool = False) -> Tuple[Tensor, RouterLogits]:
         """(output, router logits); with `add_input` the output is input + FFN(input) (a residual block:
-        the fused path adds it inside its top-k sums, forward and backward)."""
+        the fused path adds it inside its top-k sums, forward and backward); with `prob_sum` the router
+        may compute the regulariser's softmax sum with its selection (`RouterLogits.prob_sum`)."""
         if add_input and self.v_dim != self.k_dim:
             raise ValueError(f"SigmaMoE: add_input needs v_dim == dmodel, got {self.v_dim} and {self.k_dim}")
-        logits, gate_BTK, expert_BTK = self.select(sel_input if sel_input is not None else input)
+        logits, gate_BTK, expert_BTK = self.select(sel_input if sel_input is not None else input, prob_sum)
         x_RD = input.reshape(-1, self.k_dim)
         K = self.n_heads
         folded = False   # whether out_RD already holds input + FFN(input)

@@ -111,3 +111,69 @@ def sigmoid_topk(logits: Tensor, k: int, fp32: bool = False) -> Tuple[Tensor, Te
         logits_3d = logits.reshape(-1, 1, E)
     gate, expert = _SigmoidTopK.apply(logits_3d, k, fp32)
     return gate.view(*lead, k), expert.view(*lead, k)
+
+
+# MOEUT_FUSED_ROUTER_GRAD=0: the selection and the regulariser's statistics as separate autograd nodes
+# (their gradients added by autograd), for benchmarks and tests that compare the two.
+JOINT_GRADIENT = os.environ.get("MOEUT_FUSED_ROUTER_GRAD", "1") != "0"
+
+
+def joint_selection_applies(logits: Tensor) -> bool:
+    """Whether `select_with_prob_sum` runs here (CUDA with Triton, gradients wanted, outside torch.compile)."""
+    return (JOINT_GRADIENT and logits.requires_grad and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and use_fused(logits, "MOEUT_FUSED_ROUTER")
+            and use_fused(logits, "MOEUT_FUSED_ENTROPY"))
+
+
+class _SelectWithProbSum(torch.autograd.Function):
+    """The router's top-k selection and the entropy regulariser's softmax sum of the same logits as
+    one autograd node. Separately, the logits' gradient is the selection's scatter (six PyTorch
+    kernels), the regulariser's kernel, autograd's add of the two and, for a zero-padded projection
+    (the FFN's selector), the slice's zero fill and copy into the padded width: ~1.4 ms of a 244M step
+    (RESULTS N). Here it is one kernel (`triton_entropy.router_backward_triton`), both terms added in
+    fp32 and rounded once."""
+
+    @staticmethod
+    def forward(ctx, logits, k, fp32, n_valid):
+        from .triton_entropy import prob_sum_triton
+        from .triton_router import sigmoid_topk_triton
+        valid = logits[..., :n_valid]
+        try:
+            rows_GE = valid.view(-1, *valid.shape[-2:]) if valid.dim() == 4 else valid.view(-1, 1, n_valid)
+        except RuntimeError:
+            rows_GE = valid.reshape(-1, *valid.shape[-2:]) if valid.dim() == 4 else valid.reshape(-1, 1, n_valid)
+        gate_RK, expert_RK = sigmoid_topk_triton(rows_GE, k, fp32)
+        prob_sum = prob_sum_triton(valid)
+        ctx.save_for_backward(logits, gate_RK, expert_RK)
+        ctx.n_valid = n_valid
+        ctx.mark_non_differentiable(expert_RK)
+        ctx.set_materialize_grads(False)
+        return gate_RK, expert_RK, prob_sum
+
+    @staticmethod
+    def backward(ctx, grad_gate_RK, _grad_expert, grad_prob_sum):
+        from .triton_entropy import router_backward_triton
+        logits, gate_RK, expert_RK = ctx.saved_tensors
+        if grad_gate_RK is None and grad_prob_sum is None:
+            return None, None, None, None
+        grad = router_backward_triton(logits, ctx.n_valid, grad_prob_sum, gate_RK, expert_RK, grad_gate_RK)
+        return grad, None, None, None
+
+
+def select_with_prob_sum(logits: Tensor, k: int, fp32: bool = False,
+                         n_valid: int = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """(gate [..., K], expert [..., K], prob_sum) where gate, expert = sigmoid_topk(logits[..., :n_valid], k, fp32)
+    and prob_sum = softmax(logits[..., :n_valid] in fp32).sum(1) ([B, T, W] -> [B, E], [B, T, G, W] ->
+    [B, G, E]): the values of the separate operators, with one gradient kernel for both (see
+    `_SelectWithProbSum`; needs `joint_selection_applies`). `logits` may be a zero-padded projection
+    of width W >= n_valid: its extra columns get a zero gradient, with no slice in between."""
+    W = logits.shape[-1]
+    n_valid = W if n_valid is None else n_valid
+    if logits.dim() not in (3, 4) or not 0 < n_valid <= W:
+        raise ValueError(f"select_with_prob_sum: logits must be [B, T, (G,) W] with 0 < n_valid <= W, got "
+                         f"{tuple(logits.shape)} and n_valid={n_valid}")
+    if not 0 < k <= n_valid:
+        raise ValueError(f"select_with_prob_sum: k={k} must be in 1..{n_valid} (the number of experts)")
+    gate_RK, expert_RK, prob_sum = _SelectWithProbSum.apply(logits, k, fp32, n_valid)
+    lead = logits.shape[:-1]
+    return gate_RK.view(*lead, k), expert_RK.view(*lead, k), prob_sum

@@ -10,9 +10,16 @@ over its 54 router applications (RESULTS J). Here each direction reads the logit
 sums each program's rows in registers and writes one partial sum per program (summed by one small
 `torch.sum`, a fixed order: no atomics, so it is reproducible), the backward writes the gradient in
 the logits' dtype. Logits may be any strided [B, T, G, E] view (SwitchHead's selectors are slices of a
-wider projection), G = 1 for the FFN's router. Both run under `TRITON_INTERPRET=1` on CPU tensors (CI).
+wider projection), G = 1 for the FFN's router.
+
+The backward kernel can also add the top-k selection's gradient (d gate * s * (1 - s) at the chosen
+experts) and write zeros into a padded projection's extra columns: `router.select_with_prob_sum`
+makes the router's selection and its statistics one autograd node whose gradient is this one kernel.
+All run under `TRITON_INTERPRET=1` on CPU tensors (CI).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -59,19 +66,30 @@ def _prob_sum_kernel(logits_ptr, partial_ptr, T, G, E, sb, st, sg, se, rows_per_
 
 
 @triton.jit
-def _prob_sum_backward_kernel(logits_ptr, grad_sum_ptr, out_ptr, R, T, G, E, sb, st, sg, se,
-                              EP: tl.constexpr, BR: tl.constexpr):
+def _router_backward_kernel(logits_ptr, grad_sum_ptr, gate_ptr, expert_ptr, grad_gate_ptr, out_ptr,
+                            R, T, G, E, W, sb, st, sg, se,
+                            PROB: tl.constexpr, K: tl.constexpr, EP: tl.constexpr, BR: tl.constexpr):
+    """Rows of d logits [R, W]: the regulariser's p * (d psum - <p, d psum>) (PROB) plus the selection's
+    d gate * s * (1 - s) at each of the K chosen experts, in fp32, rounded once; columns E..W-1 zero."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     row_ok = rows < R
     cols = tl.arange(0, EP)
     col_ok = cols < E
-    p = _softmax_rows(logits_ptr, rows, row_ok, cols, col_ok, T, G, sb, st, sg, se)
-    bg = (rows // (T * G)) * G + rows % G          # the row's (sequence, head): its upstream gradient
-    mask = row_ok[:, None] & col_ok[None, :]
-    up = tl.load(grad_sum_ptr + bg[:, None].to(tl.int64) * E + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    dot = tl.sum(p * up, axis=1)
-    grad = p * (up - dot[:, None])
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * E + cols[None, :], grad.to(out_ptr.dtype.element_ty), mask=mask)
+    grad = tl.zeros((BR, EP), dtype=tl.float32)
+    if PROB:
+        p = _softmax_rows(logits_ptr, rows, row_ok, cols, col_ok, T, G, sb, st, sg, se)
+        bg = (rows // (T * G)) * G + rows % G          # the row's (sequence, head): its upstream gradient
+        mask = row_ok[:, None] & col_ok[None, :]
+        up = tl.load(grad_sum_ptr + bg[:, None].to(tl.int64) * E + cols[None, :], mask=mask, other=0.0)
+        dot = tl.sum(p * up, axis=1)
+        grad = p * (up - dot[:, None])
+    for k in tl.static_range(K):
+        e = tl.load(expert_ptr + rows.to(tl.int64) * K + k, mask=row_ok, other=-1)
+        s = tl.load(gate_ptr + rows.to(tl.int64) * K + k, mask=row_ok, other=0.0).to(tl.float32)
+        g = tl.load(grad_gate_ptr + rows.to(tl.int64) * K + k, mask=row_ok, other=0.0).to(tl.float32)
+        grad += tl.where(cols[None, :] == e[:, None], (g * ((1 - s) * s))[:, None], 0.0)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * W + cols[None, :], grad.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (cols[None, :] < W))
 
 
 def _as_bt_ge(logits: Tensor) -> Tensor:
@@ -102,14 +120,33 @@ def prob_sum_triton(logits: Tensor) -> Tensor:
 
 def prob_sum_backward_triton(grad_sum: Tensor, logits: Tensor) -> Tensor:
     """The gradient of the logits (contiguous, in their dtype) from the gradient of `prob_sum_triton`'s output."""
+    return router_backward_triton(logits, logits.shape[-1], grad_sum=grad_sum)
+
+
+def router_backward_triton(logits: Tensor, n_valid: int, grad_sum: Optional[Tensor] = None,
+                           gate_RK: Optional[Tensor] = None, expert_RK: Optional[Tensor] = None,
+                           grad_gate_RK: Optional[Tensor] = None) -> Tensor:
+    """d logits (contiguous, the logits' shape and dtype) of a router that reads logits[..., :n_valid]:
+    the regulariser's term from grad_sum (the gradient of `prob_sum_triton(logits[..., :n_valid])`),
+    plus the selection's d gate * s * (1 - s) at the chosen experts (rows r = (b * T + t) * G + g, as
+    `sigmoid_topk` numbers them), added in fp32 and rounded once; zero in the columns n_valid.. (a
+    padded projection's extra columns). Either term may be absent (None)."""
     x = _as_bt_ge(logits)
-    B, T, G, E = x.shape
+    B, T, G, W = x.shape
+    E = n_valid
     out = torch.empty(logits.shape, device=x.device, dtype=logits.dtype)
     R = B * T * G
-    if R == 0 or E == 0:
+    if R == 0 or W == 0:
         return out
-    EP = max(16, triton.next_power_of_2(E))
+    topk = grad_gate_RK is not None
+    K = gate_RK.shape[1] if topk else 0
+    if topk and (gate_RK.shape != (R, K) or expert_RK.shape != (R, K) or grad_gate_RK.shape != (R, K)):
+        raise ValueError(f"router_backward_triton: gates, expert ids and their gradient must be [{R}, K], got "
+                         f"{tuple(gate_RK.shape)}, {tuple(expert_RK.shape)}, {tuple(grad_gate_RK.shape)}")
+    EP = max(16, triton.next_power_of_2(W))
     BR = _row_block(EP)
-    _prob_sum_backward_kernel[(triton.cdiv(R, BR),)](x, grad_sum.float().contiguous(), out, R, T, G, E, *x.stride(),
-                                                     EP=EP, BR=BR, num_warps=4)
+    sum_arg = grad_sum.float().contiguous() if grad_sum is not None else out
+    topk_args = (gate_RK.contiguous(), expert_RK.contiguous(), grad_gate_RK.contiguous()) if topk else (out,) * 3
+    _router_backward_kernel[(triton.cdiv(R, BR),)](x, sum_arg, *topk_args, out, R, T, G, E, W, *x.stride(),
+                                                   PROB=grad_sum is not None, K=K, EP=EP, BR=BR, num_warps=4)
     return out

@@ -9,7 +9,7 @@ autograd's add of x's gradients). A fixed number of programs (a function of the 
 the GPU) each walk a contiguous range of rows, writing dx and keeping their own running sums of dy·x̂
 and dy. A second kernel adds those [programs, D] partial sums in a fixed order: the weight and bias
 gradients are bitwise reproducible, with no atomics (torch's column sums took 16 µs each for 2 MB on
-the H200).
+the H200). The order depends on BACKWARD_PROGRAMS and SUM_COLUMNS only, never on the GPU.
 Runs under `TRITON_INTERPRET=1` on CPU tensors (CI).
 """
 from __future__ import annotations
@@ -23,6 +23,13 @@ import triton
 import triton.language as tl
 
 BACKWARD_PROGRAMS = 512   # partial-sum rows of the weight gradient (≈ 4 per SM of the H200's 132)
+# (rows per tile, warps) of the backward in place of `_tiles`' rule: for benchmarks/norm.py --sweep, not for use.
+BACKWARD_TILE_OVERRIDE: Optional[Tuple[int, int]] = None
+# Columns per program of the partial sums' reduction: few columns and all partial rows in one tile, so
+# that many programs share the (~4 MB) read. 64 columns and 32-row tiles took 34 µs per call in a 244M
+# step (16 programs, each walking 512 rows: latency-bound; RESULTS N).
+SUM_COLUMNS = 8
+SUM_ROWS = 512   # partial rows per tile of that reduction (tests lower it to walk several tiles)
 
 
 @triton.jit
@@ -97,10 +104,12 @@ def _layer_norm_sum_partials_kernel(dw_part_ptr, db_part_ptr, dw_ptr, db_ptr, P,
     tl.store(db_ptr + cols, tl.sum(db, 0).to(db_ptr.dtype.element_ty), mask=col_ok)
 
 
-def _tiles(D: int) -> Tuple[int, int, int]:
-    """(DP, BR, num_warps): the padded row width, rows per tile (about 4096 elements), warps."""
+def _tiles(D: int, elements: int = 4096) -> Tuple[int, int, int]:
+    """(DP, BR, num_warps): the padded row width, rows per tile (about `elements`), warps. The backward
+    takes 2048-element tiles: 0.074 against 0.083 ms for forward+backward at 16384 x 1024 on the H200
+    (RESULTS N.2: 8192-element tiles and 8 warps were slower, 1024 or 2048 programs no faster)."""
     DP = triton.next_power_of_2(D)
-    return DP, max(1, 4096 // DP), 8 if DP >= 4096 else 4
+    return DP, max(1, elements // DP), 8 if DP >= 4096 else 4
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -133,7 +142,9 @@ def layer_norm_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd
     add2 = _rows(grad_add) if grad_add is not None else None
     R, D = x2.shape
     dx = torch.empty(R, D, device=x.device, dtype=x.dtype)
-    DP, BR, warps = _tiles(D)
+    DP, BR, warps = _tiles(D, 2048)
+    if BACKWARD_TILE_OVERRIDE is not None:
+        BR, warps = BACKWARD_TILE_OVERRIDE
     rows_per_program = BR * triton.cdiv(triton.cdiv(max(R, 1), BACKWARD_PROGRAMS), BR)
     programs = triton.cdiv(R, rows_per_program)
     dw = torch.empty(D, device=x.device, dtype=weight.dtype)
@@ -147,7 +158,7 @@ def layer_norm_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd
         x2, dy2, weight, mean, rstd, dx, dw_part, db_part, add2 if add2 is not None else dx, R, D,
         x2.stride(0), dy2.stride(0), dx.stride(0), add2.stride(0) if add2 is not None else 0, rows_per_program,
         ADD=add2 is not None, DP=DP, BR=BR, num_warps=warps)
-    BD = 64
-    _layer_norm_sum_partials_kernel[(triton.cdiv(D, BD),)](dw_part, db_part, dw, db, programs, D,
-                                                           BP=32, BD=BD, num_warps=4)
+    BP = min(SUM_ROWS, max(16, triton.next_power_of_2(programs)))
+    _layer_norm_sum_partials_kernel[(triton.cdiv(D, SUM_COLUMNS),)](dw_part, db_part, dw, db, programs, D,
+                                                                    BP=BP, BD=SUM_COLUMNS, num_warps=4)
     return dx.view(x.shape), dw, db

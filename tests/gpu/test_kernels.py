@@ -231,6 +231,45 @@ def test_router_backward_kernel_matches_torch_form(dtype, gate_dtype, R, E, K, m
     torch.testing.assert_close(got, want, rtol=0 if dtype == torch.float32 else 2 ** -8, atol=0)
 
 
+@pytest.mark.parametrize("router_kind", ["ffn_padded", "switchhead_sliced"])
+def test_joint_router_gradient_matches_separate_nodes(router_kind):
+    """`router.select_with_prob_sum` at the 244M shapes: the gates, ids and sum of the separate selection
+    and regulariser kernels, and the logits' gradient within one rounding of its fp32 value (both terms
+    summed in fp32; the separate nodes round each term and their bf16 sum, which where the terms cancel
+    is off by more). The FFN's logits are the 387 first columns of a 392-wide product, whose extra
+    columns get an exact zero gradient; SwitchHead's are a strided slice, ranked in fp32."""
+    from moeut import router
+    from moeut.moe import _ProbabilitySum
+    torch.manual_seed(5)
+    if router_kind == "ffn_padded":
+        wide = (3 * torch.randn(16, 1024, 392, device="cuda")).to(torch.bfloat16).requires_grad_()
+        K, fp32, n_valid = 16, False, 387
+    else:
+        wide = (3 * torch.randn(16, 1024, 3 + 40 + 40, device="cuda")).to(torch.bfloat16).requires_grad_()
+        K, fp32, n_valid = 2, True, 10
+
+    def logits_of(t):
+        return t[..., :n_valid] if router_kind == "ffn_padded" else t[..., 3:43].view(*t.shape[:2], 4, 10)
+    gate, expert, p_sum = router.select_with_prob_sum(wide if router_kind == "ffn_padded" else logits_of(wide),
+                                                      K, fp32=fp32, n_valid=n_valid)
+    g_gate, g_sum = torch.randn_like(gate, dtype=torch.float32), torch.randn_like(p_sum)
+    (got,) = torch.autograd.grad((gate.float() * g_gate).sum() + (p_sum * g_sum).sum(), wide)
+    want_gate, want_expert = router.sigmoid_topk(logits_of(wide), K, fp32=fp32)
+    want_sum = _ProbabilitySum.apply(logits_of(wide))
+    assert torch.equal(expert, want_expert) and torch.equal(gate, want_gate) and torch.equal(p_sum, want_sum)
+    # fp32 reference: the softmax sum's gradient through a float copy, plus d gate * s * (1 - s) (d gate as
+    # autograd hands it to the node: in the gates' dtype)
+    wide32 = wide.detach().float().requires_grad_()
+    (ref,) = torch.autograd.grad((torch.softmax(logits_of(wide32), -1).sum(1) * g_sum).sum(), wide32)
+    s, d_gate = gate.float().reshape(-1, K), g_gate.to(gate.dtype).float().reshape(-1, K)
+    topk = torch.zeros(s.shape[0], n_valid, device="cuda").scatter_(1, expert.reshape(-1, K), d_gate * s * (1 - s))
+    logits_of(ref).add_(topk.view(logits_of(ref).shape))
+    if router_kind == "ffn_padded":
+        assert (got[..., n_valid:] == 0).all()
+    err = (got.float() - ref).abs()
+    assert (err <= 2 ** -8 * ref.abs() + 1e-6).all(), (err - 2 ** -8 * ref.abs()).max()
+
+
 @pytest.mark.parametrize("shape", [(16, 1024, 387), (16, 1024, 4, 10), "sliced"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fused", ["1", "0"], ids=["kernels", "pytorch"])

@@ -41,7 +41,9 @@ def test_profile_categories_cover_a_real_step_and_keep_its_total():
         "_weight_grad_kernel": "expert weight gradients",
         "_sum_choices_kernel": "top-k sums",
         "_row_dot_kernel": "row dots",
-        "_sigmoid_topk_kernel": "router top-k",
+        "_sigmoid_topk_kernel": "router and regulariser",
+        "_router_backward_kernel": "router and regulariser",
+        "_prob_sum_kernel": "router and regulariser",
         "_rope_kernel": "RoPE",
         "void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda(at": "bf16 casts",
         "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::Tenso": "other copies",
@@ -209,9 +211,10 @@ def test_every_ffn_pass_compiles_to_hopper_wgmma_without_a_gpu(tmp_path):
         assert r["async_copies"] + r["tma_copies"] > 0, r
         assert 0 < r["shared_bytes"] <= report["shared_limit"], r
         assert f"{r['pass_']:9s} {r['config']:28s} wgmma" in run.stdout   # and the table says so
-    # the LayerNorm and routing kernels compile for sm_90 too, within shared memory
+    # the LayerNorm, routing and router-statistics kernels compile for sm_90 too, within shared memory
     assert [r["pass_"] for r in report["glue"]] == [
         "_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_layer_norm_sum_partials_kernel",
-        "_route_block_counts_kernel", "_route_block_prefix_kernel", "_route_offsets_kernel", "_route_place_kernel"]
+        "_route_block_counts_kernel", "_route_block_prefix_kernel", "_route_offsets_kernel", "_route_place_kernel",
+        "_prob_sum_kernel", "_router_backward_kernel"]
     for r in report["glue"]:
         assert 0 < r["shared_bytes"] <= report["shared_limit"], r

@@ -45,12 +45,14 @@ def _case(R, D, dtype, seed):
 @pytest.mark.parametrize("R,D,programs", [(37, 82, 512), (37, 1000, 3), (300, 1000, 512), (1, 16, 512),
                                          (300, 20, 2), (0, 24, 512)])
 def test_kernels_match_layer_norm(dtype, out_dtype, R, D, programs, monkeypatch):
-    """`programs` caps the backward's programs: 3 at D = 1000 gives each one several 4-row tiles and the
-    last a partial one; 2 at D = 20 gives two 128-row tiles, the second partial; 300 rows of 1000 give
-    75 programs, whose partial sums the second kernel adds in three blocks of 32."""
+    """`programs` caps the backward's programs: 3 at D = 1000 gives each one several 2-row tiles and the
+    last a partial one; 2 at D = 20 gives 64-row tiles, the last one partial; 300 rows of 1000 give
+    150 programs, whose partial sums the second kernel adds in five tiles of 32 rows (SUM_ROWS lowered
+    from 512) and columns of 8 (the last one partial at D = 82 and 20)."""
     from moeut import triton_norm
     from moeut.norm import _LayerNormFunction
     monkeypatch.setattr(triton_norm, "BACKWARD_PROGRAMS", programs)
+    monkeypatch.setattr(triton_norm, "SUM_ROWS", 32)
     x, w, b, g = _case(R, D, dtype, seed=R * 7 + D)
     x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
     y = _LayerNormFunction.apply(x, w, b, 1e-5, out_dtype, False)
