@@ -15,7 +15,7 @@ cp.async pipeline, but the latter's weight tile is stored transposed with a 64-b
 
     python benchmarks/compile_sm90.py [--passes "up fwd,down dx"] [--first-config] [--glue] [--ir-dir DIR] [--json F]
 
-`--glue` also compiles the LayerNorm, routing and router-statistics kernels (no dots: whether they
+`--glue` also compiles the LayerNorm and router-statistics kernels (no dots: whether they
 compile for sm_90 at the 244M shapes, and their shared memory).
 
 The local Triton may differ from the device's (3.9 here, 3.6 on the H200). Read the IR as indicative,
@@ -170,7 +170,7 @@ class _CompileJit:
 def glue_launches(D: int = 1024, E: int = 387, K: int = 16, T: int = 16384):
     """{module: (kernel names, a call of moeut's wrapper that launches them)} for the kernels besides
     the expert GEMMs that a 244M training step runs (or may run: the routing counting sort)."""
-    from moeut import triton_entropy, triton_norm, triton_route
+    from moeut import triton_entropy, triton_norm
     x, w = torch.empty(T, D), torch.empty(D)
     mean, rstd, gy = torch.empty(T), torch.empty(T), torch.empty(T, D, dtype=torch.bfloat16)
     expert = torch.zeros(T, K, dtype=torch.long)
@@ -180,8 +180,6 @@ def glue_launches(D: int = 1024, E: int = 387, K: int = 16, T: int = 16384):
         triton_norm: (("_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_layer_norm_sum_partials_kernel"),
                       lambda: (triton_norm.layer_norm_fwd(x, w, w, 1e-5, torch.bfloat16),
                                triton_norm.layer_norm_bwd(gy, x, w, mean, rstd, grad_add=x))),
-        triton_route: (("_route_block_counts_kernel", "_route_block_prefix_kernel", "_route_offsets_kernel",
-                        "_route_place_kernel"), lambda: triton_route.route_large_triton(expert, E)),
         triton_entropy: (("_prob_sum_kernel", "_router_backward_kernel"),
                          lambda: (triton_entropy.prob_sum_triton(logits[..., :E]),
                                   triton_entropy.router_backward_triton(logits, E, grad_sum, gate, expert, gate))),
@@ -215,7 +213,7 @@ def main(argv=None):
     ap.add_argument("--first-config", action="store_true", help="only the first config that fits (quick)")
     ap.add_argument("--ir-dir", type=Path, help="also write each compile's TTGIR and PTX there")
     ap.add_argument("--json", type=Path, help="also write the rows")
-    ap.add_argument("--glue", action="store_true", help="also the LayerNorm, routing and router-statistics kernels")
+    ap.add_argument("--glue", action="store_true", help="also the LayerNorm and router-statistics kernels")
     args = ap.parse_args(argv)
     if os.environ.pop("TRITON_INTERPRET", "0") == "1" and "moeut.triton_expert_mm" in sys.modules:
         raise SystemExit("compile_sm90: moeut's kernels were imported for the interpreter; run this in a fresh process")

@@ -65,19 +65,6 @@ class Routing:
         return self._choice_RK
 
 
-# MOEUT_ROUTE_LARGE=1: large inputs (training) sorted by the counting-sort kernels of `triton_route.py`
-# (four launches) instead of torch.sort and its glue. Equal element for element and tested in the
-# interpreter; off until measured on a GPU (fourteenth session: no device time was left).
-LARGE_ROUTE_KERNEL = os.environ.get("MOEUT_ROUTE_LARGE", "0") == "1"
-
-
-def _large_route_kernel_applies(expert_RK: Tensor, n_experts: int) -> bool:
-    if not LARGE_ROUTE_KERNEL or torch.compiler.is_compiling() or not use_fused(expert_RK, "MOEUT_FUSED_ROUTE"):
-        return False
-    from .triton_route import MAX_EXPERTS, MAX_LARGE_N
-    return expert_RK.numel() <= MAX_LARGE_N and n_experts < MAX_EXPERTS   # (a spare histogram bin)
-
-
 def _route_kernel_applies(expert_RK: Tensor, n_experts: int) -> bool:
     if not use_fused(expert_RK, "MOEUT_FUSED_ROUTE"):
         return False
@@ -103,14 +90,11 @@ def route(expert_RK: Tensor, n_experts: int) -> Routing:
     """Sort the (row, choice) pairs by expert. Stable, so ties keep row order (deterministic).
 
     Small inputs on CUDA (decoding) take one Triton kernel (`triton_route.py`, MOEUT_FUSED_ROUTE=0
-    turns it off); with MOEUT_ROUTE_LARGE=1 large ones take its counting sort; the rest sort with torch.
+    turns it off); the rest sort with torch.
     """
     K = expert_RK.shape[1]
     if _route_kernel_applies(expert_RK, n_experts):
         return Routing(*route_small(expert_RK, n_experts))
-    if _large_route_kernel_applies(expert_RK, n_experts):
-        from .triton_route import route_large_triton
-        return Routing(*route_large_triton(expert_RK, n_experts), k=K)
     # The narrowest key type that holds every id: a GPU radix sort makes one pass per key byte
     # (2 for int16, 8 for int64).
     key_dtype = torch.int16 if n_experts < 2 ** 15 else torch.int32

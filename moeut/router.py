@@ -6,8 +6,11 @@
 the [R, E] logits once and writes [R, K] gates and expert ids, where the plain PyTorch form runs a
 sigmoid, a top-k and a gather (three kernels, an [R, E] score tensor in between). Its backward
 scatters d gate * s * (1 - s) into a zero [R, E] gradient, which is what autograd computes for the
-plain form; on CUDA that can be one kernel too (`moeut::sigmoid_topk_backward`: correct on the GPU
-but slower in graphed steps, RESULTS F.2, so off unless MOEUT_ROUTER_BACKWARD_KERNEL=1).
+plain form.
+
+In training, `select_with_prob_sum` makes the selection and the entropy regulariser's softmax sum of
+the same logits one autograd node, whose backward is one kernel for both terms
+(`triton_entropy.router_backward_triton`; MOEUT_FUSED_ROUTER_GRAD=0 keeps them separate).
 
 Ties: scores are ranked after rounding to the logits' dtype, exactly as `torch.topk` on the rounded
 sigmoid sees them (with fp32=True: in fp32, as for the logits' float copy). `torch.topk` breaks ties
@@ -52,19 +55,13 @@ def _(logits, k, fp32=False):
             logits.new_empty(R, k, dtype=torch.long))
 
 
-# The backward kernel is tested against the PyTorch form in the Triton interpreter but has not run on a
-# GPU yet (sixth session): off until tests/gpu passes with it (MOEUT_ROUTER_BACKWARD_KERNEL=1 turns it on).
-BACKWARD_KERNEL = os.environ.get("MOEUT_ROUTER_BACKWARD_KERNEL", "0") == "1"
-
-
 @torch.library.custom_op("moeut::sigmoid_topk_backward", mutates_args=())
 def _sigmoid_topk_backward_op(grad_gate: Tensor, gate: Tensor, expert: Tensor, n_experts: int,
                               dtype: torch.dtype) -> Tensor:
     """[R, E] gradient of the logits: d gate * s * (1 - s) (in fp32, rounded to `dtype`) scattered
-    to the chosen experts' columns, zeros elsewhere."""
-    if BACKWARD_KERNEL and use_fused(gate, "MOEUT_FUSED_ROUTER"):
-        from .triton_router import sigmoid_topk_backward_triton
-        return sigmoid_topk_backward_triton(grad_gate, gate, expert, n_experts, dtype)
+    to the chosen experts' columns, zeros elsewhere. (In training the gradient kernel of
+    `select_with_prob_sum` computes this term; a kernel for it alone measured slower in graphed steps
+    than these PyTorch ops, RESULTS F.2.)"""
     s = gate.float()
     grad = (grad_gate.float() * ((1 - s) * s)).to(dtype)
     return torch.zeros(gate.shape[0], n_experts, dtype=dtype, device=gate.device).scatter_(1, expert, grad)

@@ -1,12 +1,10 @@
-"""Triton kernels of `moeut::sigmoid_topk` and its backward (see `router.py` for the contract and
-the reference).
+"""Triton kernel of `moeut::sigmoid_topk` (see `router.py` for the contract and the reference).
 
 Forward: one program takes BR rows: it loads their logits once, rounds sigmoid to the logits' dtype
 (the values `torch.topk` would rank), then picks the maximum K times, taking the lowest expert id
 among equal scores and masking it out: one integer max-reduction per pick, over (score bits, expert
-id) packed into one key. Backward: one program writes BR whole rows of the logits'
-gradient, zeros except d gate * s * (1 - s) at the chosen experts: one launch where the PyTorch form
-takes six (zeros, casts, products, scatter). Both run under `TRITON_INTERPRET=1` on CPU tensors (CI).
+id) packed into one key. (The backward's kernel, in training, is `triton_entropy.router_backward_triton`,
+shared with the entropy regulariser.) Runs under `TRITON_INTERPRET=1` on CPU tensors (CI).
 """
 from __future__ import annotations
 
@@ -92,34 +90,3 @@ def sigmoid_topk_triton(logits_RE: Tensor, k: int, fp32: bool = False) -> Tuple[
                                                  PACK32=not fp32 and logits_RE.dtype == torch.bfloat16 and EP <= 65536,
                                                  num_warps=warps)
     return gate, expert
-
-
-@triton.jit
-def _sigmoid_topk_backward_kernel(grad_gate_ptr, gate_ptr, expert_ptr, out_ptr, R, E,
-                                  K: tl.constexpr, EP: tl.constexpr, BR: tl.constexpr):
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    cols = tl.arange(0, EP)
-    row_ok = rows < R
-    grad = tl.zeros((BR, EP), dtype=tl.float32)
-    for k in tl.static_range(K):
-        e = tl.load(expert_ptr + rows * K + k, mask=row_ok, other=-1)
-        s = tl.load(gate_ptr + rows * K + k, mask=row_ok, other=0.0).to(tl.float32)
-        g = tl.load(grad_gate_ptr + rows * K + k, mask=row_ok, other=0.0).to(tl.float32)
-        grad = tl.where(cols[None, :] == e[:, None], (g * ((1 - s) * s))[:, None], grad)
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * E + cols[None, :], grad.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (cols[None, :] < E))
-
-
-def sigmoid_topk_backward_triton(grad_gate_RK: Tensor, gate_RK: Tensor, expert_RK: Tensor, n_experts: int,
-                                 dtype: torch.dtype) -> Tensor:
-    """[R, E] gradient of the logits in `dtype`: d gate * s * (1 - s) at the chosen experts, else 0."""
-    R, K = gate_RK.shape
-    out = torch.empty(R, n_experts, device=gate_RK.device, dtype=dtype)
-    if R == 0:
-        return out
-    EP = max(16, triton.next_power_of_2(n_experts))
-    BR = 4 if INTERPRET else max(1, min(32, 4096 // EP))
-    _sigmoid_topk_backward_kernel[(triton.cdiv(R, BR),)](grad_gate_RK.contiguous(), gate_RK.contiguous(),
-                                                         expert_RK.contiguous(), out, R, n_experts,
-                                                         K=K, EP=EP, BR=BR, num_warps=4)
-    return out

@@ -211,26 +211,6 @@ def test_router_kernel_matches_sigmoid_topk(dtype, R, E, K):
     torch.testing.assert_close(logits.grad, ref_logits.grad, **gtol)
 
 
-@pytest.mark.parametrize("dtype,gate_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                              (torch.bfloat16, torch.float32)])
-@pytest.mark.parametrize("R,E,K", [(16384, 387, 16), (65536, 10, 2), (3, 565, 24)])
-def test_router_backward_kernel_matches_torch_form(dtype, gate_dtype, R, E, K, monkeypatch):
-    """The router's backward kernel against its PyTorch form (MOEUT_FUSED_ROUTER=0) on the same
-    inputs: identical in fp32, within one rounding in bf16."""
-    from moeut.router import _sigmoid_topk_backward_op
-    torch.manual_seed(3)
-    expert = torch.rand(R, E, device="cuda").topk(K, dim=-1).indices
-    gate = torch.rand(R, K, device="cuda").to(gate_dtype)
-    grad_gate = torch.randn(R, K, device="cuda").to(gate_dtype)
-    from moeut import router
-    monkeypatch.setattr(router, "BACKWARD_KERNEL", True)
-    got = _sigmoid_topk_backward_op(grad_gate, gate, expert, E, dtype)
-    monkeypatch.setattr(router, "BACKWARD_KERNEL", False)
-    want = _sigmoid_topk_backward_op(grad_gate, gate, expert, E, dtype)
-    assert got.dtype == dtype and got.shape == (R, E)
-    torch.testing.assert_close(got, want, rtol=0 if dtype == torch.float32 else 2 ** -8, atol=0)
-
-
 @pytest.mark.parametrize("router_kind", ["ffn_padded", "switchhead_sliced"])
 def test_joint_router_gradient_matches_separate_nodes(router_kind):
     """`router.select_with_prob_sum` at the 244M shapes: the gates, ids and sum of the separate selection
@@ -390,21 +370,6 @@ def test_small_route_kernel_matches_sort(R, K, E, monkeypatch):
     want = route(expert, E)
     for a, b in zip((got.offsets_E1, got.rows_N, got.slot_N, got.choice_RK),
                     (want.offsets_E1, want.rows_N, want.slot_N, want.choice_RK)):
-        assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("R,K,E", [(16384, 16, 387), (8192, 24, 565), (16384, 8, 40), (65536, 16, 387),
-                                   (1000, 3, 4000), (300, 1, 1)])
-def test_large_route_kernel_matches_sort(R, K, E, monkeypatch):
-    """Training's counting-sort routing (MOEUT_ROUTE_LARGE=1) equals the torch sort path exactly: the
-    244M and 1B FFNs, SwitchHead's V at 244M, the paper's batch of 64, more experts than choices."""
-    from moeut import expert_mm
-    torch.manual_seed(R + E)
-    expert = torch.randint(0, E, (R, K), device="cuda")
-    want = expert_mm.route(expert, E)
-    monkeypatch.setattr(expert_mm, "LARGE_ROUTE_KERNEL", True)
-    got = expert_mm.route(expert, E)
-    for a, b in zip((got.offsets_E1, got.rows_N, got.slot_N), (want.offsets_E1, want.rows_N, want.slot_N)):
         assert torch.equal(a, b)
 
 
