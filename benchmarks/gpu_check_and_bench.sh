@@ -295,6 +295,8 @@ run next_s15 580 bash -c "$TEST_ENV python3 -m pytest -q tests/gpu -p no:cachepr
 # (MOEUT_FUSED_ROUTER_GRAD, router.select_with_prob_sum) and LayerNorm's partial sums in 128 programs: their
 # GPU tests, LayerNorm's backward launch shapes (norm.py --sweep), the counting sort's kernels (route.py
 # --kernels), then graphed 244M/1B steps with the joint gradient off, on (with dense beside), off (~7 min).
+# (The counting sort and benchmarks/route.py were removed after this call, RESULTS N.1: next_s15's and this
+# stage's route.py lines no longer run.)
 run s15_joint 590 bash -c "$TEST_ENV timeout 200 python3 -m pytest -q tests/gpu -p no:cacheprovider --tb=short \
   -k 'joint or probability_sum or layer_norm or router or deterministic'; \
   python3 benchmarks/norm.py --shapes 16384x1024 --sweep --json $OUT/norm_sweep.json 2>&1 | tail -22; \
