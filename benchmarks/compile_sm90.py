@@ -182,8 +182,19 @@ def glue_launches(D: int = 1024, E: int = 387, K: int = 16, T: int = 16384):
                                triton_norm.layer_norm_bwd(gy, x, w, mean, rstd, grad_add=x))),
         triton_entropy: (("_prob_sum_kernel", "_router_backward_kernel"),
                          lambda: (triton_entropy.prob_sum_triton(logits[..., :E]),
-                                  triton_entropy.router_backward_triton(logits, E, grad_sum, gate, expert, gate))),
+                                  *(_router_backward(triton_entropy, sparse, logits, E, grad_sum, gate, expert)
+                                    for sparse in (False, True)))),
     }
+
+
+def _router_backward(triton_entropy, sparse: bool, logits, E, grad_sum, gate, expert):
+    """The joint router gradient kernel with its selection term dense or sparse (`SPARSE_TOPK`)."""
+    saved = triton_entropy.SPARSE_TOPK
+    triton_entropy.SPARSE_TOPK = sparse
+    try:
+        return triton_entropy.router_backward_triton(logits, E, grad_sum, gate, expert, gate)
+    finally:
+        triton_entropy.SPARSE_TOPK = saved
 
 
 def compile_glue() -> list:

@@ -19,6 +19,7 @@ All run under `TRITON_INTERPRET=1` on CPU tensors (CI).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -31,18 +32,25 @@ from .triton_expert_mm import INTERPRET
 
 
 @triton.jit
-def _softmax_rows(logits_ptr, rows, row_ok, cols, col_ok, T, G, sb, st, sg, se):
-    """fp32 softmax of rows r = (b * T + t) * G + g of a [B, T, G, E] view; zeros for rows past the end."""
+def _row_starts(rows, T, G, sb, st, sg):
+    """Element offsets of rows r = (b * T + t) * G + g of a [B, T, G, E] view."""
     b = rows // (T * G)
     t = (rows // G) % T
     g = rows % G
-    at = b.to(tl.int64) * sb + t.to(tl.int64) * st + g.to(tl.int64) * sg
+    return b.to(tl.int64) * sb + t.to(tl.int64) * st + g.to(tl.int64) * sg
+
+
+@triton.jit
+def _softmax_rows(logits_ptr, rows, row_ok, cols, col_ok, T, G, sb, st, sg, se):
+    """(p, row max, row sum of exp(x - max)): the fp32 softmax of rows r = (b * T + t) * G + g of a
+    [B, T, G, E] view; zeros for rows past the end."""
+    at = _row_starts(rows, T, G, sb, st, sg)
     x = tl.load(logits_ptr + at[:, None] + cols[None, :].to(tl.int64) * se,
                 mask=row_ok[:, None] & col_ok[None, :], other=float("-inf")).to(tl.float32)
     m = tl.where(row_ok, tl.max(x, axis=1), 0.0)
     ex = tl.exp(x - m[:, None])
     total = tl.where(row_ok, tl.sum(ex, axis=1), 1.0)
-    return ex / total[:, None]
+    return ex / total[:, None], m, total
 
 
 @triton.jit
@@ -60,7 +68,7 @@ def _prob_sum_kernel(logits_ptr, partial_ptr, T, G, E, sb, st, sg, se, rows_per_
     for t0 in range(c * rows_per_program, t_end, BT):
         ts = t0 + tl.arange(0, BT)
         t_ok = ts < t_end
-        p = _softmax_rows(logits_ptr, (b * T + ts) * G + g, t_ok, cols, col_ok, T, G, sb, st, sg, se)
+        p, _, _ = _softmax_rows(logits_ptr, (b * T + ts) * G + g, t_ok, cols, col_ok, T, G, sb, st, sg, se)
         acc += tl.sum(p, axis=0)
     tl.store(partial_ptr + (bg * tl.num_programs(1) + c).to(tl.int64) * E + cols, acc, mask=col_ok)
 
@@ -68,28 +76,59 @@ def _prob_sum_kernel(logits_ptr, partial_ptr, T, G, E, sb, st, sg, se, rows_per_
 @triton.jit
 def _router_backward_kernel(logits_ptr, grad_sum_ptr, gate_ptr, expert_ptr, grad_gate_ptr, out_ptr,
                             R, T, G, E, W, sb, st, sg, se,
-                            PROB: tl.constexpr, K: tl.constexpr, EP: tl.constexpr, BR: tl.constexpr):
+                            PROB: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, SPARSE: tl.constexpr,
+                            EP: tl.constexpr, BR: tl.constexpr):
     """Rows of d logits [R, W]: the regulariser's p * (d psum - <p, d psum>) (PROB) plus the selection's
-    d gate * s * (1 - s) at each of the K chosen experts, in fp32, rounded once; columns E..W-1 zero."""
+    d gate * s * (1 - s) at each of the K (distinct) chosen experts, in fp32, rounded once; columns
+    E..W-1 zero.
+
+    The selection's term, dense (SPARSE False): K compare-and-selects over the whole [BR, EP] tile;
+    at 244M (EP 512, K 16) that tripled the kernel's time (RESULTS N.4). SPARSE: the tile is stored
+    without it; then, after a barrier (the same program rewrites K of those elements, perhaps from
+    other threads), the K chosen elements are recomputed (the regulariser's term from their logit,
+    the row's max and sum) plus the selection's term, and stored again: K gathers per row."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     row_ok = rows < R
+    rows64 = rows.to(tl.int64)
     cols = tl.arange(0, EP)
     col_ok = cols < E
     grad = tl.zeros((BR, EP), dtype=tl.float32)
     if PROB:
-        p = _softmax_rows(logits_ptr, rows, row_ok, cols, col_ok, T, G, sb, st, sg, se)
+        p, m, total = _softmax_rows(logits_ptr, rows, row_ok, cols, col_ok, T, G, sb, st, sg, se)
         bg = (rows // (T * G)) * G + rows % G          # the row's (sequence, head): its upstream gradient
         mask = row_ok[:, None] & col_ok[None, :]
         up = tl.load(grad_sum_ptr + bg[:, None].to(tl.int64) * E + cols[None, :], mask=mask, other=0.0)
         dot = tl.sum(p * up, axis=1)
         grad = p * (up - dot[:, None])
-    for k in tl.static_range(K):
-        e = tl.load(expert_ptr + rows.to(tl.int64) * K + k, mask=row_ok, other=-1)
-        s = tl.load(gate_ptr + rows.to(tl.int64) * K + k, mask=row_ok, other=0.0).to(tl.float32)
-        g = tl.load(grad_gate_ptr + rows.to(tl.int64) * K + k, mask=row_ok, other=0.0).to(tl.float32)
-        grad += tl.where(cols[None, :] == e[:, None], (g * ((1 - s) * s))[:, None], 0.0)
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * W + cols[None, :], grad.to(out_ptr.dtype.element_ty),
+    if not SPARSE:
+        for k in tl.static_range(K):
+            e = tl.load(expert_ptr + rows64 * K + k, mask=row_ok, other=-1)
+            s = tl.load(gate_ptr + rows64 * K + k, mask=row_ok, other=0.0).to(tl.float32)
+            g = tl.load(grad_gate_ptr + rows64 * K + k, mask=row_ok, other=0.0).to(tl.float32)
+            grad += tl.where(cols[None, :] == e[:, None], (g * ((1 - s) * s))[:, None], 0.0)
+    tl.store(out_ptr + rows64[:, None] * W + cols[None, :], grad.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (cols[None, :] < W))
+    if SPARSE and K > 0:
+        tl.debug_barrier()
+        ks = tl.arange(0, KP)
+        kmask = row_ok[:, None] & (ks[None, :] < K)
+        at_k = rows64[:, None] * K + ks[None, :]
+        e = tl.load(expert_ptr + at_k, mask=kmask, other=0)
+        s = tl.load(gate_ptr + at_k, mask=kmask, other=0.0).to(tl.float32)
+        g = tl.load(grad_gate_ptr + at_k, mask=kmask, other=0.0).to(tl.float32)
+        chosen = g * ((1 - s) * s)
+        if PROB:
+            at = _row_starts(rows, T, G, sb, st, sg)
+            x_e = tl.load(logits_ptr + at[:, None] + e.to(tl.int64) * se, mask=kmask, other=0.0).to(tl.float32)
+            p_e = tl.exp(x_e - m[:, None]) / total[:, None]
+            up_e = tl.load(grad_sum_ptr + bg[:, None].to(tl.int64) * E + e, mask=kmask, other=0.0)
+            chosen += p_e * (up_e - dot[:, None])
+        tl.store(out_ptr + rows64[:, None] * W + e, chosen.to(out_ptr.dtype.element_ty), mask=kmask)
+
+
+# MOEUT_ROUTER_GRAD_SPARSE=1: the selection's term written by a second, sparse store (see the kernel).
+# Staged after the fifteenth session's last device call: off until measured on a GPU.
+SPARSE_TOPK = os.environ.get("MOEUT_ROUTER_GRAD_SPARSE", "0") == "1"
 
 
 def _as_bt_ge(logits: Tensor) -> Tensor:
@@ -148,5 +187,6 @@ def router_backward_triton(logits: Tensor, n_valid: int, grad_sum: Optional[Tens
     sum_arg = grad_sum.float().contiguous() if grad_sum is not None else out
     topk_args = (gate_RK.contiguous(), expert_RK.contiguous(), grad_gate_RK.contiguous()) if topk else (out,) * 3
     _router_backward_kernel[(triton.cdiv(R, BR),)](x, sum_arg, *topk_args, out, R, T, G, E, W, *x.stride(),
-                                                   PROB=grad_sum is not None, K=K, EP=EP, BR=BR, num_warps=4)
+                                                   PROB=grad_sum is not None, K=K, KP=max(2, triton.next_power_of_2(K)),
+                                                   SPARSE=SPARSE_TOPK, EP=EP, BR=BR, num_warps=4)
     return out
