@@ -18,6 +18,15 @@ def autocast_step_grads(model, x, device_type: str = "cpu"):
     return out.outputs.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def step_loss_grads(model, x):
+    """(loss, {name: gradient}) of one LM loss (+ reg loss) on tokens x, in the model's own dtype."""
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    loss = F.cross_entropy(out.outputs.flatten(0, 1), x.flatten()) + out.reg_loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
 def shared_and_per_application_grads(model, x, monkeypatch, device_type: str = "cpu"):
     """`autocast_step_grads` with shared expert weights off, then on (`shared_weights.ENABLED`)."""
     from moeut import shared_weights

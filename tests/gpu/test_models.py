@@ -213,8 +213,8 @@ def test_training_step_with_joint_router_gradient_matches(sparse, monkeypatch):
     (MOEUT_FUSED_ROUTER_GRAD=0): in fp32 the two differ only by the rounding of one add, so loss and
     gradients agree closely (up to attention's own run-to-run differences). The bf16 kernel is held to
     its fp32 value in test_kernels.py."""
-    import torch.nn.functional as F
     from moeut import MoEUTLM, profiles, router, triton_entropy
+    from tests.helpers import step_loss_grads
     monkeypatch.setattr(triton_entropy, "SPARSE_TOPK", sparse)
     torch.manual_seed(0)
     model = MoEUTLM(1000, **profiles.MoEUT_44M).cuda().train()
@@ -223,20 +223,13 @@ def test_training_step_with_joint_router_gradient_matches(sparse, monkeypatch):
     monkeypatch.setattr(router._SelectWithProbSum, "forward",
                         staticmethod(lambda ctx, *a, f=router._SelectWithProbSum.forward: used.append(1) or f(ctx, *a)))
 
-    def step():
-        model.zero_grad(set_to_none=True)
-        out = model(x)
-        loss = F.cross_entropy(out.outputs.flatten(0, 1), x.flatten()) + out.reg_loss
-        loss.backward()
-        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
     monkeypatch.setattr(router, "JOINT_GRADIENT", False)
-    want_loss, want = step()
+    want_loss, want = step_loss_grads(model, x)
     assert not used
     monkeypatch.setattr(router, "JOINT_GRADIENT", True)
-    got_loss, got = step()
+    got_loss, got = step_loss_grads(model, x)
     assert used
-    assert abs(got_loss - want_loss) <= 1e-5 * abs(want_loss)
+    assert abs(got_loss.item() - want_loss.item()) <= 1e-5 * abs(want_loss.item())
     for n in want:
         err = (got[n] - want[n]).abs().max().item()
         assert err <= 1e-3 * want[n].abs().max().item() + 1e-7, (n, err, want[n].abs().max().item())

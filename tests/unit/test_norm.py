@@ -143,7 +143,7 @@ def test_model_step_with_the_norm_kernel_matches_torchs(kind, checkpointing, mon
     forward again in the backward). In fp32: the interpreter truncates to bf16 where the GPU rounds,
     and a flipped bf16 router input can change an expert choice."""
     from moeut import DenseLM, MoEUTLM, triton_norm
-    from tests.helpers import switch_kernels
+    from tests.helpers import step_loss_grads, switch_kernels
     torch.manual_seed(0)
     if kind == "moeut":
         model = MoEUTLM(40, d_model=32, n_layers=4, n_heads=2, ff_n_experts=6, att_n_experts=3, d_head=8,
@@ -161,19 +161,12 @@ def test_model_step_with_the_norm_kernel_matches_torchs(kind, checkpointing, mon
                 p.add_(0.2 * torch.randn_like(p))
     x = torch.randint(0, 40, (2, 8))
 
-    def step():
-        model.zero_grad(set_to_none=True)
-        out = model(x)
-        loss = F.cross_entropy(out.outputs.flatten(0, 1), x.flatten()) + out.reg_loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    want_loss, want = step()
+    want_loss, want = step_loss_grads(model, x)
     calls = []
     fwd = triton_norm.layer_norm_fwd
     monkeypatch.setattr(triton_norm, "layer_norm_fwd", lambda *a: calls.append(1) or fwd(*a))
     switch_kernels(monkeypatch, lambda t, switch=None: switch == "MOEUT_FUSED_NORM")
-    got_loss, got = step()
+    got_loss, got = step_loss_grads(model, x)
     # two per layer application (4 either way), twice with checkpointing; and the output norm
     assert len(calls) == 4 * 2 * (2 if checkpointing else 1) + 1
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
