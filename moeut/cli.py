@@ -68,7 +68,7 @@ def _add_train(sub):
 
 def cmd_train(args) -> int:
     from .runs import parse_overrides
-    from .train import TrainConfig, config_of_run, train
+    from .train import TrainConfig, config_of_run, end_distributed, train
     if args.resume:
         cfg = config_of_run(args.resume)
         cfg.out = args.resume
@@ -85,6 +85,7 @@ def cmd_train(args) -> int:
         cfg.tensorboard = not args.no_tensorboard
         cfg.progress = not args.no_progress
         result = train(cfg)
+    end_distributed()   # the command owns the process group that `train` set up under torchrun
     if "val_ppl" in result:
         print(f"\nrun: {result['run_dir']}")
         print(f"validation perplexity: {result['val_ppl']:.2f}   (unigram model of the same data: {result['unigram_ppl']:.2f})")

@@ -117,6 +117,15 @@ def barrier(world: int) -> None:
         dist.barrier()
 
 
+def end_distributed() -> None:
+    """After a finished run: every rank waits for the others (rank 0 still evaluates and samples), then
+    the process group is torn down. A rank that exits with gloo's group alive can abort in its
+    threads' teardown ('terminate called without an active exception'; seen in CI)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------------------------------------
 # Data preparation (rank 0 builds, the others wait and load).
 # ------------------------------------------------------------------------------------------------
