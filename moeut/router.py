@@ -91,6 +91,16 @@ class _SigmoidTopK(torch.autograd.Function):
         return grad_RE.view(ctx.shape), None, None
 
 
+def _as_rows_GE(logits: Tensor) -> Tensor:
+    """logits [..., E] as [R0, G, E] (row r = r0 * G + g, the order of the leading dims), without a copy
+    where the strides allow: the kernels take any strides, also those of a sliced projection."""
+    E = logits.shape[-1]
+    try:
+        return logits.view(-1, *logits.shape[-2:]) if logits.dim() >= 3 else logits.reshape(-1, 1, E)
+    except RuntimeError:
+        return logits.reshape(-1, 1, E)
+
+
 def sigmoid_topk(logits: Tensor, k: int, fp32: bool = False) -> Tuple[Tensor, Tensor]:
     """(gate [..., K], expert [..., K]) of the k largest sigmoid(logits) over the last dim, descending.
 
@@ -102,11 +112,7 @@ def sigmoid_topk(logits: Tensor, k: int, fp32: bool = False) -> Tuple[Tensor, Te
     if not logits.is_floating_point():
         raise TypeError(f"sigmoid_topk: logits must be floating point, got {logits.dtype}")
     lead = logits.shape[:-1]
-    try:   # [rows, G, E] without a copy: the kernel takes any strides, also those of a sliced projection
-        logits_3d = logits.view(-1, *logits.shape[-2:]) if logits.dim() >= 3 else logits.reshape(-1, 1, E)
-    except RuntimeError:
-        logits_3d = logits.reshape(-1, 1, E)
-    gate, expert = _SigmoidTopK.apply(logits_3d, k, fp32)
+    gate, expert = _SigmoidTopK.apply(_as_rows_GE(logits), k, fp32)
     return gate.view(*lead, k), expert.view(*lead, k)
 
 
@@ -135,11 +141,7 @@ class _SelectWithProbSum(torch.autograd.Function):
         from .triton_entropy import prob_sum_triton
         from .triton_router import sigmoid_topk_triton
         valid = logits[..., :n_valid]
-        try:
-            rows_GE = valid.view(-1, *valid.shape[-2:]) if valid.dim() == 4 else valid.view(-1, 1, n_valid)
-        except RuntimeError:
-            rows_GE = valid.reshape(-1, *valid.shape[-2:]) if valid.dim() == 4 else valid.reshape(-1, 1, n_valid)
-        gate_RK, expert_RK = sigmoid_topk_triton(rows_GE, k, fp32)
+        gate_RK, expert_RK = sigmoid_topk_triton(_as_rows_GE(valid), k, fp32)
         prob_sum = prob_sum_triton(valid)
         ctx.save_for_backward(logits, gate_RK, expert_RK)
         ctx.n_valid = n_valid
