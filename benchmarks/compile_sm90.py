@@ -169,7 +169,7 @@ class _CompileJit:
 
 def glue_launches(D: int = 1024, E: int = 387, K: int = 16, T: int = 16384):
     """{module: (kernel names, a call of moeut's wrapper that launches them)} for the kernels besides
-    the expert GEMMs that a 244M training step runs (or may run: the routing counting sort)."""
+    the expert GEMMs that a 244M training step runs."""
     from moeut import triton_entropy, triton_norm
     x, w = torch.empty(T, D), torch.empty(D)
     mean, rstd, gy = torch.empty(T), torch.empty(T), torch.empty(T, D, dtype=torch.bfloat16)
@@ -182,19 +182,8 @@ def glue_launches(D: int = 1024, E: int = 387, K: int = 16, T: int = 16384):
                                triton_norm.layer_norm_bwd(gy, x, w, mean, rstd, grad_add=x))),
         triton_entropy: (("_prob_sum_kernel", "_router_backward_kernel"),
                          lambda: (triton_entropy.prob_sum_triton(logits[..., :E]),
-                                  *(_router_backward(triton_entropy, sparse, logits, E, grad_sum, gate, expert)
-                                    for sparse in (False, True)))),
+                                  triton_entropy.router_backward_triton(logits, E, grad_sum, gate, expert, gate))),
     }
-
-
-def _router_backward(triton_entropy, sparse: bool, logits, E, grad_sum, gate, expert):
-    """The joint router gradient kernel with its selection term dense or sparse (`SPARSE_TOPK`)."""
-    saved = triton_entropy.SPARSE_TOPK
-    triton_entropy.SPARSE_TOPK = sparse
-    try:
-        return triton_entropy.router_backward_triton(logits, E, grad_sum, gate, expert, gate)
-    finally:
-        triton_entropy.SPARSE_TOPK = saved
 
 
 def compile_glue() -> list:

@@ -26,7 +26,7 @@ run() {  # stage name, time limit, command...
   timeout "$limit" "$@" 2>&1 | grep -v Warn | tee "$OUT/$name.txt" | tail -40
   echo "[$name: $((SECONDS - t0)) s]"
 }
-TEST_ENV="env -u MOEUT_FUSED_ROUTER_GRAD -u MOEUT_ROUTER_GRAD_SPARSE -u MOEUT_FUSED_ENTROPY -u MOEUT_FUSED_SUM -u MOEUT_FUSED_ROUTER -u MOEUT_FUSED_ROPE -u MOEUT_FUSED_NORM -u MOEUT_NORM_PASS -u MOEUT_LOOP_N -u MOEUT_FUSED_ROW_DOT -u MOEUT_FUSED_ROUTE -u MOEUT_EXPERT_GEMV"
+TEST_ENV="env -u MOEUT_FUSED_ROUTER_GRAD -u MOEUT_FUSED_ENTROPY -u MOEUT_FUSED_SUM -u MOEUT_FUSED_ROUTER -u MOEUT_FUSED_ROPE -u MOEUT_FUSED_NORM -u MOEUT_NORM_PASS -u MOEUT_LOOP_N -u MOEUT_FUSED_ROW_DOT -u MOEUT_FUSED_ROUTE -u MOEUT_EXPERT_GEMV"
 run tests 300 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=8
 # The same tests as two halves (each kernel / whole models), for two calls or lanes: together ~7 min.
 run tests_kernels 480 $TEST_ENV python3 -m pytest -q tests/gpu/test_kernels.py -p no:cacheprovider --durations=5
@@ -315,12 +315,9 @@ run s15_final 540 bash -c "$TEST_ENV timeout 300 python3 -m pytest -q tests/gpu 
   python3 benchmarks/norm.py --shapes 16384x1024,8192x1536 --json $OUT/norm_final.json 2>&1 | tail -5; \
   python3 benchmarks/train_throughput.py --steps 6 --cuda-graph --models moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8 \
   --json $OUT/train_graph_final.json 2>&1 | grep -E '^(moeut|dense)'"
-# For the sixteenth session (PERF_NOTES "First device calls"): the joint router gradient's selection term as a
-# sparse second store (MOEUT_ROUTER_GRAD_SPARSE=1, staged after the last call of the fifteenth): its GPU tests,
-# graphed 244M/1B MoEUT steps with it off, on, off, and a 244M profile with it on, to diff against
-# results/s15_call6_profile_joint_on.json (~6 min).
-run next_s16 580 bash -c "$TEST_ENV timeout 200 python3 -m pytest -q tests/gpu -p no:cacheprovider --tb=short -k 'joint or probability_sum'; \
-  for run in off:0 on:1 off_again:0; do MOEUT_ROUTER_GRAD_SPARSE=\${run#*:} python3 benchmarks/train_throughput.py --steps 6 \
-  --cuda-graph --models moeut-244M:16,moeut-1B:8 --json $OUT/train_graph_sparse_\${run%:*}.json 2>&1 | grep -E '^moeut'; done; \
-  MOEUT_ROUTER_GRAD_SPARSE=1 python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 5 \
-  --json $OUT/profile_sparse_on.json > $OUT/profile_sparse_on.txt 2>&1"
+# s16_sites: a 244M step's profile with every glue kernel attributed to its autograd node (--sites), then
+# the whole GPU test module on the same code (~8.5 min).
+run s16_sites 590 bash -c "python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 25 --sites 80 \
+  --json $OUT/profile_sites.json > $OUT/profile_sites.txt 2>&1; \
+  $TEST_ENV timeout 500 python3 -m pytest -q tests/gpu -p no:cacheprovider --tb=short --durations=5 > $OUT/tests.txt 2>&1; \
+  tail -5 $OUT/tests.txt"

@@ -19,7 +19,6 @@ All run under `TRITON_INTERPRET=1` on CPU tensors (CI).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -76,17 +75,17 @@ def _prob_sum_kernel(logits_ptr, partial_ptr, T, G, E, sb, st, sg, se, rows_per_
 @triton.jit
 def _router_backward_kernel(logits_ptr, grad_sum_ptr, gate_ptr, expert_ptr, grad_gate_ptr, out_ptr,
                             R, T, G, E, W, sb, st, sg, se,
-                            PROB: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, SPARSE: tl.constexpr,
+                            PROB: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                             EP: tl.constexpr, BR: tl.constexpr):
     """Rows of d logits [R, W]: the regulariser's p * (d psum - <p, d psum>) (PROB) plus the selection's
     d gate * s * (1 - s) at each of the K (distinct) chosen experts, in fp32, rounded once; columns
     E..W-1 zero.
 
-    The selection's term, dense (SPARSE False): K compare-and-selects over the whole [BR, EP] tile;
-    at 244M (EP 512, K 16) that tripled the kernel's time (RESULTS N.4). SPARSE: the tile is stored
-    without it; then, after a barrier (the same program rewrites K of those elements, perhaps from
-    other threads), the K chosen elements are recomputed (the regulariser's term from their logit,
-    the row's max and sum) plus the selection's term, and stored again: K gathers per row."""
+    The selection's term is a second, sparse store: the tile is stored without it; then, after a
+    barrier (the same program rewrites K of those elements, perhaps from other threads), the K chosen
+    elements are recomputed (the regulariser's term from their logit, the row's max and sum) plus the
+    selection's term, and stored again: K gathers per row. Adding it densely (K compare-and-selects
+    over the whole [BR, EP] tile) tripled the kernel's time at 244M (EP 512, K 16; RESULTS N.4, O.1)."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     row_ok = rows < R
     rows64 = rows.to(tl.int64)
@@ -100,15 +99,9 @@ def _router_backward_kernel(logits_ptr, grad_sum_ptr, gate_ptr, expert_ptr, grad
         up = tl.load(grad_sum_ptr + bg[:, None].to(tl.int64) * E + cols[None, :], mask=mask, other=0.0)
         dot = tl.sum(p * up, axis=1)
         grad = p * (up - dot[:, None])
-    if not SPARSE:
-        for k in tl.static_range(K):
-            e = tl.load(expert_ptr + rows64 * K + k, mask=row_ok, other=-1)
-            s = tl.load(gate_ptr + rows64 * K + k, mask=row_ok, other=0.0).to(tl.float32)
-            g = tl.load(grad_gate_ptr + rows64 * K + k, mask=row_ok, other=0.0).to(tl.float32)
-            grad += tl.where(cols[None, :] == e[:, None], (g * ((1 - s) * s))[:, None], 0.0)
     tl.store(out_ptr + rows64[:, None] * W + cols[None, :], grad.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (cols[None, :] < W))
-    if SPARSE and K > 0:
+    if K > 0:
         tl.debug_barrier()
         ks = tl.arange(0, KP)
         kmask = row_ok[:, None] & (ks[None, :] < K)
@@ -124,11 +117,6 @@ def _router_backward_kernel(logits_ptr, grad_sum_ptr, gate_ptr, expert_ptr, grad
             up_e = tl.load(grad_sum_ptr + bg[:, None].to(tl.int64) * E + e, mask=kmask, other=0.0)
             chosen += p_e * (up_e - dot[:, None])
         tl.store(out_ptr + rows64[:, None] * W + e, chosen.to(out_ptr.dtype.element_ty), mask=kmask)
-
-
-# MOEUT_ROUTER_GRAD_SPARSE=1: the selection's term written by a second, sparse store (see the kernel).
-# Staged after the fifteenth session's last device call: off until measured on a GPU.
-SPARSE_TOPK = os.environ.get("MOEUT_ROUTER_GRAD_SPARSE", "0") == "1"
 
 
 def _as_bt_ge(logits: Tensor) -> Tensor:
@@ -188,5 +176,5 @@ def router_backward_triton(logits: Tensor, n_valid: int, grad_sum: Optional[Tens
     topk_args = (gate_RK.contiguous(), expert_RK.contiguous(), grad_gate_RK.contiguous()) if topk else (out,) * 3
     _router_backward_kernel[(triton.cdiv(R, BR),)](x, sum_arg, *topk_args, out, R, T, G, E, W, *x.stride(),
                                                    PROB=grad_sum is not None, K=K, KP=max(2, triton.next_power_of_2(K)),
-                                                   SPARSE=SPARSE_TOPK, EP=EP, BR=BR, num_warps=4)
+                                                   EP=EP, BR=BR, num_warps=4)
     return out

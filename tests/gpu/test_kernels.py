@@ -212,17 +212,14 @@ def test_router_kernel_matches_sigmoid_topk(dtype, R, E, K):
 
 
 @pytest.mark.parametrize("router_kind", ["ffn_padded", "switchhead_sliced"])
-@pytest.mark.parametrize("sparse", [False, True], ids=["dense_topk", "sparse_topk"])
-def test_joint_router_gradient_matches_separate_nodes(router_kind, sparse, monkeypatch):
+def test_joint_router_gradient_matches_separate_nodes(router_kind, monkeypatch):
     """`router.select_with_prob_sum` at the 244M shapes: the gates, ids and sum of the separate selection
     and regulariser kernels, and the logits' gradient within one rounding of its fp32 value (both terms
     summed in fp32; the separate nodes round each term and their bf16 sum, which where the terms cancel
     is off by more). The FFN's logits are the 387 first columns of a 392-wide product, whose extra
-    columns get an exact zero gradient; SwitchHead's are a strided slice, ranked in fp32. Both forms
-    of the kernel's selection term (`triton_entropy.SPARSE_TOPK`)."""
-    from moeut import router, triton_entropy
+    columns get an exact zero gradient; SwitchHead's are a strided slice, ranked in fp32."""
+    from moeut import router
     from moeut.moe import _ProbabilitySum
-    monkeypatch.setattr(triton_entropy, "SPARSE_TOPK", sparse)
     torch.manual_seed(5)
     if router_kind == "ffn_padded":
         wide = (3 * torch.randn(16, 1024, 392, device="cuda")).to(torch.bfloat16).requires_grad_()

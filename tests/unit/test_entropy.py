@@ -99,15 +99,10 @@ def _topk_term(grad_gate, gate, expert, n_experts):
 @pytest.mark.parametrize("shape,n_valid,K", [((2, 9, 40), 37, 5), ((3, 5, 2, 10), 10, 2), ((1, 4, 8), 8, 8),
                                              ((2, 0, 5), 5, 1), ((1, 6, 16), 3, 2)])
 @pytest.mark.parametrize("terms", ["both", "prob", "topk"])
-@pytest.mark.parametrize("sparse", [False, True], ids=["dense_topk", "sparse_topk"])
-def test_router_backward_kernel_adds_both_terms_and_zeroes_the_padding(shape, n_valid, K, dtype, terms, sparse,
-                                                                       monkeypatch):
+def test_router_backward_kernel_adds_both_terms_and_zeroes_the_padding(shape, n_valid, K, dtype, terms):
     """The joint backward kernel writes (regulariser's term + selection's term) in fp32, rounded once,
-    over a padded width whose extra columns are exactly zero; with either term alone it is that term.
-    Both forms of the selection's term: over the whole tile, and rewritten at the chosen columns."""
-    from moeut import triton_entropy
+    over a padded width whose extra columns are exactly zero; with either term alone it is that term."""
     from moeut.triton_entropy import router_backward_triton
-    monkeypatch.setattr(triton_entropy, "SPARSE_TOPK", sparse)
     gen = torch.Generator().manual_seed(sum(shape) + K)
     B, T, *G, W = shape
     logits = (3 * torch.randn(*shape, generator=gen)).to(dtype)
@@ -174,23 +169,6 @@ def test_select_with_prob_sum_equals_the_separate_operators(monkeypatch, shape, 
                                                                                 else 2e-2) * scale
 
 
-def test_sparse_and_dense_selection_terms_agree(monkeypatch):
-    """The two forms of the joint kernel's selection term on the same inputs: the same gradient (the
-    interpreter rounds both forms' fp32 sums alike), at the 244M FFN router's width and top-k."""
-    from moeut import triton_entropy
-    gen = torch.Generator().manual_seed(1)
-    logits = (3 * torch.randn(2, 16, 392, generator=gen)).to(torch.bfloat16)
-    grad_sum = torch.randn(2, 387, generator=gen)
-    expert = torch.rand(32, 387, generator=gen).argsort(1)[:, :16]
-    gate = torch.rand(32, 16, generator=gen).to(torch.bfloat16)
-    grad_gate = torch.randn(32, 16, generator=gen).to(torch.bfloat16)
-    outs = []
-    for sparse in (False, True):
-        monkeypatch.setattr(triton_entropy, "SPARSE_TOPK", sparse)
-        outs.append(triton_entropy.router_backward_triton(logits, 387, grad_sum, gate, expert, grad_gate))
-    torch.testing.assert_close(outs[1].float(), outs[0].float(), rtol=2 ** -7, atol=0)
-
-
 def test_select_with_prob_sum_rejects_bad_arguments():
     from moeut import router
     logits = torch.randn(2, 3, 8, requires_grad=True)
@@ -202,15 +180,14 @@ def test_select_with_prob_sum_rejects_bad_arguments():
         router.select_with_prob_sum(logits[0], 2)
 
 
-@pytest.mark.parametrize("checkpointing,sparse", [(False, False), (True, False), (False, True)])
-def test_training_step_with_joint_router_gradient_matches_pytorch(monkeypatch, checkpointing, sparse):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_step_with_joint_router_gradient_matches_pytorch(monkeypatch, checkpointing):
     """A MoEUT training step (bf16 autocast) whose routers compute their selection and the regulariser's
     sum as one node (`select_with_prob_sum`, interpreted kernels; the FFN's through its padded
     projection) gives the reg loss and every gradient of the all-PyTorch step, with and without
-    activation checkpointing, and with the selection's term as a sparse second store."""
-    from moeut import MoEUTLM, attention, router, triton_entropy
+    activation checkpointing."""
+    from moeut import MoEUTLM, attention, router
     from tests.helpers import autocast_step_grads
-    monkeypatch.setattr(triton_entropy, "SPARSE_TOPK", sparse)
     torch.manual_seed(0)
     model = MoEUTLM(40, d_model=32, n_layers=4, n_heads=2, ff_n_experts=13, att_n_experts=3, d_head=8,
                     ff_k=3, group_size=2, ff_expert_size=16, entropy_reg=0.5, att_entropy_reg=0.3).train()
