@@ -321,3 +321,16 @@ run s16_sites 590 bash -c "python3 benchmarks/profile_step.py --model moeut-244M
   --json $OUT/profile_sites.json > $OUT/profile_sites.txt 2>&1; \
   $TEST_ENV timeout 500 python3 -m pytest -q tests/gpu -p no:cacheprovider --tb=short --durations=5 > $OUT/tests.txt 2>&1; \
   tail -5 $OUT/tests.txt"
+# s16_rope: RoPE writing its output and gradient in the head view's layout (MOEUT_ROPE_TIME_MAJOR):
+# the GPU tests it touches and the whole-module tests s16_sites's time limit cut off, then graphed
+# steps with it off (0), on (1), on for the gradient only (grad) and off again, and a 244M profile
+# with it on (diff against s16_sites's) (~8 min).
+run s16_rope 590 bash -c "$TEST_ENV timeout 200 python3 -m pytest -q tests/gpu -p no:cacheprovider --tb=short \
+  -k 'rope or shared_weight_copies or deterministic or joint_router_gradient_matches or decoding_step_gemv or \
+  graphed_train_step or stops_and_resumes or relayed or cuda_graph_generation or fullgraph and tiny or matches_cpu' \
+  > $OUT/tests.txt 2>&1; tail -3 $OUT/tests.txt; \
+  for run in off:0:moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8 on:1:moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8 \
+  grad:grad:moeut-244M:16 off_again:0:moeut-244M:16,dense-244M:16; do set -- \${run//:/ }; \
+  MOEUT_ROPE_TIME_MAJOR=\$2 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models \$(echo \$run | cut -d: -f3-) --json $OUT/train_graph_rope_\$1.json 2>&1 | grep -E '^(moeut|dense)' | sed \"s/^/\$1 /\"; done; \
+  python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 5 --json $OUT/profile_rope_on.json > /dev/null 2>&1"

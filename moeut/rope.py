@@ -10,6 +10,7 @@ elementwise kernels with fp32 intermediates; its backward is the same kernel rot
 """
 from __future__ import annotations
 
+import os
 from typing import Tuple
 
 import torch
@@ -61,17 +62,38 @@ def rotate_reference(x: Tensor, cos: Tensor, sin: Tensor, scale: float = 1.0) ->
     return torch.cat((rot.to(x.dtype), rest), dim=-1)
 
 
+def empty_rope_output(x: Tensor, time_major: bool) -> Tensor:
+    """An uninitialised [B, H, T, Dh] like x: contiguous, or stored as [B, T, H, Dh] and transposed."""
+    B, H, T, D = x.shape
+    if time_major:
+        return torch.empty(B, T, H, D, device=x.device, dtype=x.dtype).transpose(1, 2)
+    return torch.empty(B, H, T, D, device=x.device, dtype=x.dtype)
+
+
+def is_time_major(x: Tensor) -> bool:
+    """Whether x [B, H, T, Dh] is a head view of a [B, T, H * Dh] projection (heads inside positions)."""
+    return x.shape[1] > 1 and x.shape[2] > 1 and x.stride(1) < x.stride(2)
+
+
 @torch.library.custom_op("moeut::rope", mutates_args=())
-def _rope_op(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool, scale: float) -> Tensor:
+def _rope_op(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool, scale: float, time_major: bool) -> Tensor:
     if use_fused(x, "MOEUT_FUSED_ROPE"):
         from .triton_rope import rope_triton
-        return rope_triton(x, cos, sin, inverse, scale)
-    return rotate_reference(x, cos, -sin if inverse else sin, scale)
+        return rope_triton(x, cos, sin, inverse, scale, time_major)
+    return empty_rope_output(x, time_major).copy_(rotate_reference(x, cos, -sin if inverse else sin, scale))
 
 
 @_rope_op.register_fake
-def _(x, cos, sin, inverse, scale):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+def _(x, cos, sin, inverse, scale, time_major):
+    return empty_rope_output(x, time_major)
+
+
+# Where x is a head view of a projection (q and k in training), the kernel writes its output and its
+# gradient in x's layout, [B, T, H, Dh] storage: cuDNN's attention then returns its output and q's and
+# k's gradients in that layout too (it matches q's), so neither the output projection's reshape nor
+# the head view's backward copies anything. MOEUT_ROPE_TIME_MAJOR=0: contiguous [B, H, T, Dh] both
+# ways (the earlier layout), =grad: the gradient only (RESULTS O.2).
+ROPE_TIME_MAJOR = os.environ.get("MOEUT_ROPE_TIME_MAJOR", "1")
 
 
 class _Rope(torch.autograd.Function):
@@ -79,12 +101,14 @@ class _Rope(torch.autograd.Function):
     def forward(ctx, x, cos, sin, scale):
         ctx.save_for_backward(cos, sin)
         ctx.scale = scale
-        return _rope_op(x, cos, sin, False, scale)
+        time_major = is_time_major(x)
+        ctx.time_major = time_major and ROPE_TIME_MAJOR in ("1", "grad")
+        return _rope_op(x, cos, sin, False, scale, time_major and ROPE_TIME_MAJOR == "1")
 
     @staticmethod
     def backward(ctx, grad_y):  # rotation and scaling commute: the adjoint is scale * rotation by -angle
         cos, sin = ctx.saved_tensors
-        return _rope_op(grad_y, cos, sin, True, ctx.scale), None, None, None
+        return _rope_op(grad_y, cos, sin, True, ctx.scale, ctx.time_major), None, None, None
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor, scale: float = 1.0) -> Tensor:

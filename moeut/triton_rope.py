@@ -2,8 +2,10 @@
 
 One program rotates BT positions of one (batch, head): it loads the two rotated halves and the
 unrotated rest of each row, combines them in fp32 with the position's (cos, sin), and writes a
-contiguous [B, H, T, Dh] result, times `scale` (the attention scale). `inverse` rotates by -angle,
-which is the backward pass.
+[B, H, T, Dh] result, times `scale` (the attention scale): contiguous, or (`time_major`) stored as
+[B, T, H, Dh] and transposed. `inverse` rotates by -angle, which is the backward pass; it writes the
+gradient time-major when the forward's input was a head view of a [B, T, H * Dh] projection, so
+that the view's backward needs no copy.
 Runs under `TRITON_INTERPRET=1` on CPU tensors (CI).
 """
 from __future__ import annotations
@@ -14,10 +16,12 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
+from .rope import empty_rope_output
+
 
 @triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, T, HALF, REST, scale,
-                 sxb, sxh, sxt, sxd, sct, sst,
+                 sxb, sxh, sxt, sxd, sob, soh, sot, sct, sst,
                  SIGN: tl.constexpr, HP: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // H
@@ -29,7 +33,7 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, T, HALF, REST, scale,
     m = t_ok[:, None] & c_ok[None, :]
     x_row = x_ptr + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + t[:, None].to(tl.int64) * sxt
     D = 2 * HALF + REST
-    o_row = out_ptr + (bh.to(tl.int64) * T + t[:, None].to(tl.int64)) * D
+    o_row = out_ptr + b.to(tl.int64) * sob + h.to(tl.int64) * soh + t[:, None].to(tl.int64) * sot
     x1 = tl.load(x_row + c[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + (c[None, :] + HALF) * sxd, mask=m, other=0.0).to(tl.float32)
     cs = scale * tl.load(cos_ptr + t[:, None] * sct + c[None, :], mask=m, other=0.0)
@@ -43,17 +47,18 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, T, HALF, REST, scale,
         tl.store(o_row + 2 * HALF + r[None, :], (rest * scale).to(out_ptr.dtype.element_ty), mask=mr)
 
 
-def rope_triton(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False, scale: float = 1.0) -> Tensor:
+def rope_triton(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False, scale: float = 1.0,
+                time_major: bool = False) -> Tensor:
     B, H, T, D = x.shape
     n_rotate = 2 * cos.shape[-1]   # half-width tables: both halves use the same angles
-    out = torch.empty(B, H, T, D, device=x.device, dtype=x.dtype)
+    out = empty_rope_output(x, time_major)
     if out.numel() == 0:
         return out
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
     half, rest = n_rotate // 2, D - n_rotate
     BT = 16
     _rope_kernel[(B * H, triton.cdiv(T, BT))](
-        x, cos, sin, out, H, T, half, rest, float(scale), *x.stride(), cos.stride(0), sin.stride(0),
+        x, cos, sin, out, H, T, half, rest, float(scale), *x.stride(), *out.stride()[:3], cos.stride(0), sin.stride(0),
         SIGN=-1.0 if inverse else 1.0, HP=max(16, triton.next_power_of_2(half)),
         RP=0 if rest == 0 else max(16, triton.next_power_of_2(rest)), BT=BT, num_warps=4)
     return out

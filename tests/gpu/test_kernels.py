@@ -285,6 +285,8 @@ def test_fused_rope_matches_reference(dtype, D, n_rot):
     B, T, H = 4, 1000, 4
     x = torch.randn(B, T, H, D, device="cuda").to(dtype).transpose(1, 2).requires_grad_()
     cos, sin = rope_tables(n_rot, 17, T, 10000.0, "cuda")
+    arriving = []
+    x.register_hook(lambda grad: arriving.append(grad))   # the gradient as RoPE's backward wrote it
     y = rotate(x, cos, sin, 0.3)
     ref_x = x.detach().clone().requires_grad_()
     ref = rotate_reference(ref_x, cos, sin, 0.3)
@@ -294,6 +296,8 @@ def test_fused_rope_matches_reference(dtype, D, n_rot):
     y.backward(g)
     ref.backward(g)
     torch.testing.assert_close(x.grad, ref_x.grad, **tol)
+    # in x's layout (a head view of [B, T, H * D]): reshapes and the view's backward copy nothing
+    assert y.transpose(1, 2).is_contiguous() and arriving[0].transpose(1, 2).is_contiguous()
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])

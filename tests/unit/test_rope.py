@@ -24,6 +24,47 @@ def test_rope_function_backward_is_the_adjoint(dtype, scale):
     ref.backward(g)
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(x.grad, ref_x.grad, **tol)
+    assert y.transpose(1, 2).is_contiguous()   # x's layout (a head view); its gradient: the tests below
+    x2 = x.detach().contiguous().requires_grad_()
+    y2 = _Rope.apply(x2, cos, sin, scale)
+    y2.backward(g)
+    assert y2.is_contiguous()   # a contiguous input keeps the contiguous layout
+    torch.testing.assert_close(y2, ref, rtol=0, atol=0)
+    torch.testing.assert_close(x2.grad, ref_x.grad, **tol)
+
+
+def _head_view_grad(setting, monkeypatch, B=2, T=6, H=3, D=16, scale=0.7):
+    """RoPE on a head view of a [B, T, H * D] projection: (output, the gradient autograd hands the view,
+    the projection's gradient, and their plain-PyTorch values)."""
+    from moeut import rope
+    monkeypatch.setattr(rope, "ROPE_TIME_MAJOR", setting)
+    torch.manual_seed(4)
+    proj = torch.randn(B, T, H * D, requires_grad=True)
+    cos, sin = rope_tables(8, 0, T, 10000.0, "cpu")
+    seen = []
+    x = proj.view(B, T, H, D).transpose(1, 2)
+    x.register_hook(lambda grad: seen.append(grad))
+    y = _Rope.apply(x, cos, sin, scale)
+    g = torch.randn(B, H, T, D)
+    y.backward(g)
+    ref = rotate_reference(proj.view(B, T, H, D).transpose(1, 2), cos, sin, scale)
+    want_grad, = torch.autograd.grad(ref, proj, g)
+    return y, seen[0], proj.grad, ref, want_grad
+
+
+@pytest.mark.parametrize("setting,out_time_major,grad_time_major", [("0", False, False), ("grad", False, True),
+                                                                     ("1", True, True)])
+def test_rope_layout_switch(monkeypatch, setting, out_time_major, grad_time_major):
+    """MOEUT_ROPE_TIME_MAJOR: 0 keeps the contiguous [B, H, T, D] layout both ways, grad writes only
+    the gradient in the head view's layout, 1 (the default) both; the values are the same. In the head
+    view's layout the gradient reaches the projection as a view (no copy)."""
+    y, grad_x, grad_proj, ref, want_grad = _head_view_grad(setting, monkeypatch)
+    assert y.transpose(1, 2).is_contiguous() == out_time_major and y.is_contiguous() != out_time_major
+    assert grad_x.transpose(1, 2).is_contiguous() == grad_time_major and grad_x.is_contiguous() != grad_time_major
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    torch.testing.assert_close(grad_proj, want_grad, rtol=1e-6, atol=1e-6)
+    if grad_time_major:
+        assert grad_proj.data_ptr() == grad_x.data_ptr()
 
 
 triton = pytest.importorskip("triton")
@@ -47,6 +88,10 @@ def test_triton_rope_kernel_matches_reference(D, n_rot, dtype):
     torch.testing.assert_close(rope_triton(x, cos, sin, scale=0.3), rotate_reference(x, cos, sin, 0.3), **tol)
     torch.testing.assert_close(rope_triton(x, cos, sin, inverse=True), rotate_reference(x, cos, -sin), **tol)
     torch.testing.assert_close(rope_triton(got.float(), cos, sin, inverse=True), x.float(), rtol=1e-2, atol=1e-2)
+    # time-major output: the same values, stored as [B, T, H, D]
+    back = rope_triton(x, cos, sin, inverse=True, scale=0.3, time_major=True)
+    assert back.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(back, rotate_reference(x, cos, -sin, 0.3), **tol)
 
 
 def test_scaled_rope_equals_scaling_before_rotation():
