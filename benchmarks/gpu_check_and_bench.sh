@@ -26,7 +26,7 @@ run() {  # stage name, time limit, command...
   timeout "$limit" "$@" 2>&1 | grep -v Warn | tee "$OUT/$name.txt" | tail -40
   echo "[$name: $((SECONDS - t0)) s]"
 }
-TEST_ENV="env -u MOEUT_FUSED_ROUTER_GRAD -u MOEUT_FUSED_ENTROPY -u MOEUT_FUSED_SUM -u MOEUT_FUSED_ROUTER -u MOEUT_FUSED_ROPE -u MOEUT_FUSED_NORM -u MOEUT_NORM_PASS -u MOEUT_LOOP_N -u MOEUT_FUSED_ROW_DOT -u MOEUT_FUSED_ROUTE -u MOEUT_EXPERT_GEMV"
+TEST_ENV="env -u MOEUT_ROPE_TIME_MAJOR -u MOEUT_FUSED_ROUTER_GRAD -u MOEUT_FUSED_ENTROPY -u MOEUT_FUSED_SUM -u MOEUT_FUSED_ROUTER -u MOEUT_FUSED_ROPE -u MOEUT_FUSED_NORM -u MOEUT_NORM_PASS -u MOEUT_LOOP_N -u MOEUT_FUSED_ROW_DOT -u MOEUT_FUSED_ROUTE -u MOEUT_EXPERT_GEMV"
 run tests 300 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=8
 # The same tests as two halves (each kernel / whole models), for two calls or lanes: together ~7 min.
 run tests_kernels 480 $TEST_ENV python3 -m pytest -q tests/gpu/test_kernels.py -p no:cacheprovider --durations=5
@@ -323,8 +323,9 @@ run s16_sites 590 bash -c "python3 benchmarks/profile_step.py --model moeut-244M
   tail -5 $OUT/tests.txt"
 # s16_rope: RoPE writing its output and gradient in the head view's layout (MOEUT_ROPE_TIME_MAJOR):
 # the GPU tests it touches and the whole-module tests s16_sites's time limit cut off, then graphed
-# steps with it off (0), on (1), on for the gradient only (grad) and off again, and a 244M profile
-# with it on (diff against s16_sites's) (~8 min).
+# steps with it off (0), on (1), on for the gradient only (grad; that form was removed after this run
+# at b2314c4, and grad now means on) and off again, and a 244M profile with it on (diff against
+# s16_sites's) (~8 min).
 run s16_rope 590 bash -c "$TEST_ENV timeout 200 python3 -m pytest -q tests/gpu -p no:cacheprovider --tb=short \
   -k 'rope or shared_weight_copies or deterministic or joint_router_gradient_matches or decoding_step_gemv or \
   graphed_train_step or stops_and_resumes or relayed or cuda_graph_generation or fullgraph and tiny or matches_cpu' \

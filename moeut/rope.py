@@ -91,9 +91,9 @@ def _(x, cos, sin, inverse, scale, time_major):
 # Where x is a head view of a projection (q and k in training), the kernel writes its output and its
 # gradient in x's layout, [B, T, H, Dh] storage: cuDNN's attention then returns its output and q's and
 # k's gradients in that layout too (it matches q's), so neither the output projection's reshape nor
-# the head view's backward copies anything. MOEUT_ROPE_TIME_MAJOR=0: contiguous [B, H, T, Dh] both
-# ways (the earlier layout), =grad: the gradient only (RESULTS O.2).
-ROPE_TIME_MAJOR = os.environ.get("MOEUT_ROPE_TIME_MAJOR", "1")
+# the head view's backward copies anything: 54 strided copies fewer per 244M step, +1.7% (RESULTS
+# O.2). MOEUT_ROPE_TIME_MAJOR=0: contiguous [B, H, T, Dh] both ways (the earlier layout).
+ROPE_TIME_MAJOR = os.environ.get("MOEUT_ROPE_TIME_MAJOR", "1") != "0"
 
 
 class _Rope(torch.autograd.Function):
@@ -101,9 +101,8 @@ class _Rope(torch.autograd.Function):
     def forward(ctx, x, cos, sin, scale):
         ctx.save_for_backward(cos, sin)
         ctx.scale = scale
-        time_major = is_time_major(x)
-        ctx.time_major = time_major and ROPE_TIME_MAJOR in ("1", "grad")
-        return _rope_op(x, cos, sin, False, scale, time_major and ROPE_TIME_MAJOR == "1")
+        ctx.time_major = ROPE_TIME_MAJOR and is_time_major(x)
+        return _rope_op(x, cos, sin, False, scale, ctx.time_major)
 
     @staticmethod
     def backward(ctx, grad_y):  # rotation and scaling commute: the adjoint is scale * rotation by -angle

@@ -10,7 +10,6 @@ Runs under `TRITON_INTERPRET=1` on CPU tensors (CI).
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 import triton
@@ -32,7 +31,6 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, T, HALF, REST, scale,
     c_ok = c < HALF
     m = t_ok[:, None] & c_ok[None, :]
     x_row = x_ptr + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + t[:, None].to(tl.int64) * sxt
-    D = 2 * HALF + REST
     o_row = out_ptr + b.to(tl.int64) * sob + h.to(tl.int64) * soh + t[:, None].to(tl.int64) * sot
     x1 = tl.load(x_row + c[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + (c[None, :] + HALF) * sxd, mask=m, other=0.0).to(tl.float32)

@@ -33,11 +33,11 @@ def test_rope_function_backward_is_the_adjoint(dtype, scale):
     torch.testing.assert_close(x2.grad, ref_x.grad, **tol)
 
 
-def _head_view_grad(setting, monkeypatch, B=2, T=6, H=3, D=16, scale=0.7):
+def _head_view_grad(time_major, monkeypatch, B=2, T=6, H=3, D=16, scale=0.7):
     """RoPE on a head view of a [B, T, H * D] projection: (output, the gradient autograd hands the view,
     the projection's gradient, and their plain-PyTorch values)."""
     from moeut import rope
-    monkeypatch.setattr(rope, "ROPE_TIME_MAJOR", setting)
+    monkeypatch.setattr(rope, "ROPE_TIME_MAJOR", time_major)
     torch.manual_seed(4)
     proj = torch.randn(B, T, H * D, requires_grad=True)
     cos, sin = rope_tables(8, 0, T, 10000.0, "cpu")
@@ -52,19 +52,17 @@ def _head_view_grad(setting, monkeypatch, B=2, T=6, H=3, D=16, scale=0.7):
     return y, seen[0], proj.grad, ref, want_grad
 
 
-@pytest.mark.parametrize("setting,out_time_major,grad_time_major", [("0", False, False), ("grad", False, True),
-                                                                     ("1", True, True)])
-def test_rope_layout_switch(monkeypatch, setting, out_time_major, grad_time_major):
-    """MOEUT_ROPE_TIME_MAJOR: 0 keeps the contiguous [B, H, T, D] layout both ways, grad writes only
-    the gradient in the head view's layout, 1 (the default) both; the values are the same. In the head
-    view's layout the gradient reaches the projection as a view (no copy)."""
-    y, grad_x, grad_proj, ref, want_grad = _head_view_grad(setting, monkeypatch)
-    assert y.transpose(1, 2).is_contiguous() == out_time_major and y.is_contiguous() != out_time_major
-    assert grad_x.transpose(1, 2).is_contiguous() == grad_time_major and grad_x.is_contiguous() != grad_time_major
+@pytest.mark.parametrize("time_major", [True, False])
+def test_rope_layout_switch(monkeypatch, time_major):
+    """On a head view of a projection RoPE writes its output and the view's gradient in the view's
+    layout (the default; MOEUT_ROPE_TIME_MAJOR=0 keeps them contiguous [B, H, T, D]); the values are
+    the same either way. In the view's layout the gradient reaches the projection as a view (no copy)."""
+    y, grad_x, grad_proj, ref, want_grad = _head_view_grad(time_major, monkeypatch)
+    assert y.transpose(1, 2).is_contiguous() == time_major and y.is_contiguous() != time_major
+    assert grad_x.transpose(1, 2).is_contiguous() == time_major and grad_x.is_contiguous() != time_major
     torch.testing.assert_close(y, ref, rtol=0, atol=0)
     torch.testing.assert_close(grad_proj, want_grad, rtol=1e-6, atol=1e-6)
-    if grad_time_major:
-        assert grad_proj.data_ptr() == grad_x.data_ptr()
+    assert (grad_proj.data_ptr() == grad_x.data_ptr()) == time_major
 
 
 triton = pytest.importorskip("triton")
