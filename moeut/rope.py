@@ -6,7 +6,8 @@
 computed in fp32 and rounded to x's dtype. `rotate_reference` is the plain PyTorch form (CPU, and the
 reference). On CUDA, `rotate` is one Triton kernel per call (`moeut::rope`) instead of about eight
 elementwise kernels with fp32 intermediates; its backward is the same kernel rotating by -angle.
-`MOEUT_FUSED_ROPE=0` turns the kernel off.
+Both write in the layout of a head view input (see `ROPE_TIME_MAJOR`). `MOEUT_FUSED_ROPE=0` turns
+the kernel off.
 """
 from __future__ import annotations
 

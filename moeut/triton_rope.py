@@ -3,9 +3,9 @@
 One program rotates BT positions of one (batch, head): it loads the two rotated halves and the
 unrotated rest of each row, combines them in fp32 with the position's (cos, sin), and writes a
 [B, H, T, Dh] result, times `scale` (the attention scale): contiguous, or (`time_major`) stored as
-[B, T, H, Dh] and transposed. `inverse` rotates by -angle, which is the backward pass; it writes the
-gradient time-major when the forward's input was a head view of a [B, T, H * Dh] projection, so
-that the view's backward needs no copy.
+[B, T, H, Dh] and transposed. `inverse` rotates by -angle, which is the backward pass. `rope.py`
+asks for time-major both ways when the forward's input is a head view of a [B, T, H * Dh]
+projection, so that neither the attention output's reshape nor the view's backward copies.
 Runs under `TRITON_INTERPRET=1` on CPU tensors (CI).
 """
 from __future__ import annotations

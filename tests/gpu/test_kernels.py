@@ -212,7 +212,7 @@ def test_router_kernel_matches_sigmoid_topk(dtype, R, E, K):
 
 
 @pytest.mark.parametrize("router_kind", ["ffn_padded", "switchhead_sliced"])
-def test_joint_router_gradient_matches_separate_nodes(router_kind, monkeypatch):
+def test_joint_router_gradient_matches_separate_nodes(router_kind):
     """`router.select_with_prob_sum` at the 244M shapes: the gates, ids and sum of the separate selection
     and regulariser kernels, and the logits' gradient within one rounding of its fp32 value (both terms
     summed in fp32; the separate nodes round each term and their bf16 sum, which where the terms cancel

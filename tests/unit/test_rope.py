@@ -99,3 +99,28 @@ def test_scaled_rope_equals_scaling_before_rotation():
     cos, sin = rope_tables(16, 0, 11, 10000.0, "cpu")
     torch.testing.assert_close(rotate_reference(x, cos.double(), sin.double(), 0.25),
                                rotate_reference(x * 0.25, cos.double(), sin.double()))
+
+
+@pytest.mark.skipif(not interpreted, reason="the interpreter test is for CPU-only machines")
+@pytest.mark.parametrize("model_kind", ["moeut", "dense"])
+def test_training_step_through_the_rope_kernel_matches_pytorch(monkeypatch, model_kind):
+    """A whole fp32 training step with RoPE through the interpreted kernel (time-major q, k and
+    gradients flowing through attention, the joint projection and the output projection) gives the
+    loss and every gradient of the plain PyTorch RoPE."""
+    from moeut import DenseLM, MoEUTLM, rope
+    from tests.helpers import step_loss_grads
+    torch.manual_seed(0)
+    if model_kind == "moeut":
+        model = MoEUTLM(40, d_model=32, n_layers=2, n_heads=2, ff_n_experts=4, att_n_experts=3, d_head=12,
+                        ff_k=2, group_size=1, ff_expert_size=8)
+    else:
+        model = DenseLM(40, d_model=32, n_layers=2, n_heads=2, d_ff=48)
+    x = torch.randint(0, 40, (2, 9))
+    want_loss, want = step_loss_grads(model, x)
+    kernel_calls = []
+    monkeypatch.setattr(rope, "use_fused", lambda t, switch=None: kernel_calls.append(switch) or True)
+    got_loss, got = step_loss_grads(model, x)
+    assert kernel_calls   # the kernel ran, forward and backward
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
