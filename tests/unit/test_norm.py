@@ -142,14 +142,10 @@ def test_model_step_with_the_norm_kernel_matches_torchs(kind, checkpointing, mon
     LayerNorms' own included, with and without activation checkpointing (which runs each layer's
     forward again in the backward). In fp32: the interpreter truncates to bf16 where the GPU rounds,
     and a flipped bf16 router input can change an expert choice."""
-    from moeut import DenseLM, MoEUTLM, triton_norm
-    from tests.helpers import step_loss_grads, switch_kernels
+    from moeut import triton_norm
+    from tests.helpers import step_loss_grads, switch_kernels, tiny_lm
     torch.manual_seed(0)
-    if kind == "moeut":
-        model = MoEUTLM(40, d_model=32, n_layers=4, n_heads=2, ff_n_experts=6, att_n_experts=3, d_head=8,
-                        ff_k=2, group_size=2, ff_expert_size=16)
-    else:
-        model = DenseLM(40, d_model=32, n_layers=4, n_heads=2, d_ff=64)
+    model = tiny_lm(kind)
     backbone = model.transformer if kind == "moeut" else model
     model.train()
     backbone.activation_checkpointing = checkpointing

@@ -107,14 +107,10 @@ def test_training_step_through_the_rope_kernel_matches_pytorch(monkeypatch, mode
     """A whole fp32 training step with RoPE through the interpreted kernel (time-major q, k and
     gradients flowing through attention, the joint projection and the output projection) gives the
     loss and every gradient of the plain PyTorch RoPE."""
-    from moeut import DenseLM, MoEUTLM, rope
-    from tests.helpers import step_loss_grads
+    from moeut import rope
+    from tests.helpers import step_loss_grads, tiny_lm
     torch.manual_seed(0)
-    if model_kind == "moeut":
-        model = MoEUTLM(40, d_model=32, n_layers=2, n_heads=2, ff_n_experts=4, att_n_experts=3, d_head=12,
-                        ff_k=2, group_size=1, ff_expert_size=8)
-    else:
-        model = DenseLM(40, d_model=32, n_layers=2, n_heads=2, d_ff=48)
+    model = tiny_lm(model_kind)
     x = torch.randint(0, 40, (2, 9))
     want_loss, want = step_loss_grads(model, x)
     kernel_calls = []
