@@ -42,8 +42,9 @@ run train 130 python3 benchmarks/train_throughput.py --steps 6 \
 run profile 60 python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 30
 run train_small 90 python3 benchmarks/train_throughput.py --steps 6 \
   --models moeut-126M:16,dense-126M:16,moeut-318M:16,dense-319M:16 --json "$OUT/train_small.json"
-# The whole training step (optimizer included) captured in a CUDA graph and replayed, MoEUT and dense alike.
-run train_graph 150 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+# The whole training step (optimizer included) captured in a CUDA graph and replayed, MoEUT and dense alike
+# (~4 min: 150 s ended it after 244M in the sixteenth session, RESULTS O).
+run train_graph 260 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
   --models moeut-44M:32,dense-44M:32,moeut-126M:16,dense-126M:16,moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8 \
   --json "$OUT/train_graph.json"
 # torch.compile (default mode) of the model's forward, for MoEUT and dense alike (issue 3: same care).
