@@ -134,7 +134,8 @@ class _SelectWithProbSum(torch.autograd.Function):
     kernels), the regulariser's kernel, autograd's add of the two and, for a zero-padded projection
     (the FFN's selector), the slice's zero fill and copy into the padded width: ~1.4 ms of a 244M step
     in its profile (RESULTS N.2). Here it is one kernel (`triton_entropy.router_backward_triton`), both
-    terms added in fp32 and rounded once: +0.5% in graphed 244M steps (N.4)."""
+    terms added in fp32 and rounded once: +0.5% in graphed 244M steps (N.4), and +0.7% more since the
+    kernel writes the selection's term as a sparse second store (O.1)."""
 
     @staticmethod
     def forward(ctx, logits, k, fp32, n_valid):
