@@ -346,3 +346,6 @@ run next_s17 580 bash -c "$TEST_ENV timeout 200 python3 -m pytest -q tests/gpu -
   --cuda-graph --models moeut-244M:16,moeut-1B:8 --json $OUT/train_graph_ordered_\${run%:*}.json 2>&1 | grep -E '^moeut'; done; \
   MOEUT_GATE_GRAD_ORDERED=1 python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 5 \
   --json $OUT/profile_ordered_on.json > $OUT/profile_ordered_on.txt 2>&1"
+# s17_atomic: the top-k sum's round trip against integer (fixed-point) atomic adds into [T, D], the memory
+# side only (benchmarks/experiments/atomic_combine.py, ~30 s).
+run s17_atomic 90 python3 benchmarks/experiments/atomic_combine.py
