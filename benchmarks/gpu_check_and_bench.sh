@@ -26,7 +26,7 @@ run() {  # stage name, time limit, command...
   timeout "$limit" "$@" 2>&1 | grep -v Warn | tee "$OUT/$name.txt" | tail -40
   echo "[$name: $((SECONDS - t0)) s]"
 }
-TEST_ENV="env -u MOEUT_GATE_GRAD_ORDERED -u MOEUT_ROPE_TIME_MAJOR -u MOEUT_FUSED_ROUTER_GRAD -u MOEUT_FUSED_ENTROPY -u MOEUT_FUSED_SUM -u MOEUT_FUSED_ROUTER -u MOEUT_FUSED_ROPE -u MOEUT_FUSED_NORM -u MOEUT_NORM_PASS -u MOEUT_LOOP_N -u MOEUT_FUSED_ROW_DOT -u MOEUT_FUSED_ROUTE -u MOEUT_EXPERT_GEMV"
+TEST_ENV="env -u MOEUT_ROPE_TIME_MAJOR -u MOEUT_FUSED_ROUTER_GRAD -u MOEUT_FUSED_ENTROPY -u MOEUT_FUSED_SUM -u MOEUT_FUSED_ROUTER -u MOEUT_FUSED_ROPE -u MOEUT_FUSED_NORM -u MOEUT_NORM_PASS -u MOEUT_LOOP_N -u MOEUT_FUSED_ROW_DOT -u MOEUT_FUSED_ROUTE -u MOEUT_EXPERT_GEMV"
 run tests 300 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=8
 # The same tests as two halves (each kernel / whole models), for two calls or lanes: together ~7 min.
 run tests_kernels 480 $TEST_ENV python3 -m pytest -q tests/gpu/test_kernels.py -p no:cacheprovider --durations=5
@@ -336,16 +336,10 @@ run s16_rope 590 bash -c "$TEST_ENV timeout 200 python3 -m pytest -q tests/gpu -
   MOEUT_ROPE_TIME_MAJOR=\$2 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
   --models \$(echo \$run | cut -d: -f3-) --json $OUT/train_graph_rope_\$1.json 2>&1 | grep -E '^(moeut|dense)' | sed \"s/^/\$1 /\"; done; \
   python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 5 --json $OUT/profile_rope_on.json > /dev/null 2>&1"
-# For the seventeenth session (PERF_NOTES "First device calls"): the gate gradient written in (row,
-# choice) order by the kernels that compute it (MOEUT_GATE_GRAD_ORDERED=1, staged after the sixteenth
-# session's last call): the GPU tests it touches, graphed 244M/1B MoEUT steps off, on, off, and a 244M
-# profile with it on, to diff against results/s16_call3_profile_rope_on.json (~6 min).
-run next_s17 580 bash -c "$TEST_ENV timeout 200 python3 -m pytest -q tests/gpu -p no:cacheprovider --tb=short \
-  -k 'gate_gradient or combine or expert_mlp or deterministic' > $OUT/tests.txt 2>&1; tail -3 $OUT/tests.txt; \
-  for run in off:0 on:1 off_again:0; do MOEUT_GATE_GRAD_ORDERED=\${run#*:} python3 benchmarks/train_throughput.py --steps 6 \
-  --cuda-graph --models moeut-244M:16,moeut-1B:8 --json $OUT/train_graph_ordered_\${run%:*}.json 2>&1 | grep -E '^moeut'; done; \
-  MOEUT_GATE_GRAD_ORDERED=1 python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 5 \
-  --json $OUT/profile_ordered_on.json > $OUT/profile_ordered_on.txt 2>&1"
 # s17_atomic: the top-k sum's round trip against integer (fixed-point) atomic adds into [T, D], the memory
 # side only (benchmarks/experiments/atomic_combine.py, ~30 s).
 run s17_atomic 90 python3 benchmarks/experiments/atomic_combine.py
+# s17_profile: a 244M step's profile on the final code (the autotuner's choice per key: RESULTS P.1 saw
+# SwitchHead's value input gradient tuned to another config once the gate gradient was written in
+# (row, choice) order), ~1 min.
+run s17_profile 90 python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 5 --json "$OUT/profile.json"

@@ -5,6 +5,7 @@ Shape legend used throughout the MoE code:
     K  experts chosen per input row (top-k)
     N  routed rows = R * K, sorted by expert
     X, C  an output grouping of the N choices (X groups of C), e.g. FFN: X = R, C = K
+    S  the same N choices in (group, choice) order, S = X * C (a top-k sum's input, a gate's gradient)
     E  experts
     I  input width of a projection, O output width
 
@@ -120,13 +121,6 @@ def combine(y_NO: Tensor, choice_XC: Tensor, gate_XC: Tensor) -> Tensor:
 # interpreter, not yet on a GPU (sixth session): off until tests/gpu passes with it.
 GATES_AT_DST = os.environ.get("MOEUT_GATES_AT_DST", "0") == "1"
 
-# MOEUT_GATE_GRAD_ORDERED=1: only the kernels that compute a gate gradient (the row dots, the value
-# projection's epilogue dot) read the gates and write their gradient in (row, choice) order; the weight
-# gradients still read a routed copy. That drops the gradient's permuting index_copy, one launch per
-# combine backward (54 per 244M step, 0.35 ms: RESULTS O.3), with bit-identical results. Staged
-# after the sixteenth session's last device call: off until measured on a GPU.
-GATE_GRAD_ORDERED = os.environ.get("MOEUT_GATE_GRAD_ORDERED", "0") == "1"
-
 # MOEUT_EPILOGUE_DOT=0: a combine wider in than out (SwitchHead's V) recomputes its forward product for the
 # gate gradient instead of taking it from the input-gradient GEMM (`grouped_mm_dot`; benchmarks compare).
 EPILOGUE_DOT = os.environ.get("MOEUT_EPILOGUE_DOT", "1") != "0"
@@ -157,23 +151,6 @@ def _routed_gates(gate_S: Tensor, slot_N: Tensor) -> Tuple[Tensor, Optional[Tens
     if GATES_AT_DST:
         return gate_S, slot_N
     return _acc(gate_S).index_select(0, slot_N), None
-
-
-def _dot_gates(gate_S: Tensor, slot_N: Tensor, gate_n: Tensor, dst: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
-    """(gates, dst) for the kernel that computes the gate gradient (`row_dot`, `grouped_mm_dot`'s dot):
-    in (group, choice) order, read and written at slot[n], with GATE_GRAD_ORDERED or GATES_AT_DST;
-    else `_routed_gates`'s."""
-    if GATE_GRAD_ORDERED:
-        return gate_S, slot_N
-    return gate_n, dst
-
-
-def _gate_grad_in_choice_order(grad_gate_n: Tensor, slot_N: Tensor) -> Tensor:
-    """The gate gradient from `row_dot` in (group, choice) order (with GATES_AT_DST or
-    GATE_GRAD_ORDERED it already is)."""
-    if GATES_AT_DST or GATE_GRAD_ORDERED:
-        return grad_gate_n
-    return torch.empty_like(grad_gate_n).index_copy_(0, slot_N, grad_gate_n)
 
 
 class _ExpertMM(torch.autograd.Function):
@@ -270,25 +247,27 @@ class _ExpertMMCombine(torch.autograd.Function):
         grad_XO = grad_XO.to(x_RI.dtype).contiguous()
         group_N = slot_N // C                      # the output row each routed row adds into
         gate_n, dst = _routed_gates(gate_XC.reshape(-1), slot_N)   # routed row n's gate: gate_n[dst[n] or n]
-        dot_gate, dot_dst = _dot_gates(gate_XC.reshape(-1), slot_N, gate_n, dst)
+        # The kernels that compute the gate gradient read the gates, and write their gradient, at slot[n]:
+        # (group, choice) order, with no permuting copy (RESULTS P.1).
+        dot_gate, dot_dst = gate_XC.reshape(-1), slot_N
         w_T = w_EIO.transpose(1, 2)
         grad_x = None
         if I <= O:
             grad_in_NI = grouped_mm(grad_XO, w_T, offsets_E1, group_N, None, None)
             # the scaled rows (d x per choice) go straight to (row, choice) order when they are to be summed
-            grad_gate_n, grad_x_NI = row_dot(grad_in_NI, x_RI, rows_N, dot_gate if ctx.needs_input_grad[0] else None,
+            grad_gate_S, grad_x_NI = row_dot(grad_in_NI, x_RI, rows_N, dot_gate if ctx.needs_input_grad[0] else None,
                                              dot_dst, scaled_dst=slot_N if rows_N is not None else None)
             if ctx.needs_input_grad[0]:
                 grad_x = grad_x_NI if rows_N is None else _sum_choices(grad_x_NI, x_RI.shape[0], x_master.dtype,
                                                                        init_XO=received)
         elif ctx.needs_input_grad[0] and rows_N is not None and EPILOGUE_DOT:
             # the gate gradient <d out, x W> as <d out W^T, x>, from the input gradient's product
-            grad_x_SI, grad_gate_n = grouped_mm_dot(grad_XO, w_T, offsets_E1, group_N, gate_n, slot_N, GATES_AT_DST,
+            grad_x_SI, grad_gate_S = grouped_mm_dot(grad_XO, w_T, offsets_E1, group_N, gate_n, slot_N, GATES_AT_DST,
                                                     x_RI, rows_N, dot_dst)
             grad_x = _sum_choices(grad_x_SI, x_RI.shape[0], x_master.dtype, init_XO=received)
         else:
             y_NO = grouped_mm(x_RI, w_EIO, offsets_E1, rows_N, None, None)
-            grad_gate_n, _ = row_dot(y_NO, grad_XO, group_N, None, dot_dst)
+            grad_gate_S, _ = row_dot(y_NO, grad_XO, group_N, None, dot_dst)
             if ctx.needs_input_grad[0]:
                 if rows_N is None:
                     grad_x = grouped_mm(grad_XO, w_T, offsets_E1, group_N,
@@ -297,7 +276,7 @@ class _ExpertMMCombine(torch.autograd.Function):
                     grad_x = _sum_choices(grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_n, slot_N,
                                                      scale_at_dst=GATES_AT_DST), x_RI.shape[0], x_master.dtype,
                                           init_XO=received)
-        grad_gate = _gate_grad_in_choice_order(grad_gate_n, slot_N).view(X, C).to(gate_XC.dtype)
+        grad_gate = grad_gate_S.view(X, C).to(gate_XC.dtype)
         grad_w = None
         if ctx.needs_input_grad[1]:
             grad_w = weight_grad(ctx.sink, x_RI, grad_XO, offsets_E1, rows_N, group_N, gate_n, w_master.dtype,

@@ -474,31 +474,29 @@ def test_expert_mlp_through_the_kernels_matches_the_torch_path(dtype, gates_at_d
 
 
 
-@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
 @pytest.mark.parametrize("case", ["mlp_bf16", "mlp_fp32", "combine_narrow_out", "combine_wide_in_epilogue",
                                   "combine_wide_in_recomputed", "combine_routed_input"])
-def test_gate_gradient_written_in_choice_order_is_bit_identical(case, kernels, monkeypatch):
-    """MOEUT_GATE_GRAD_ORDERED: the row dots (and the value projection's epilogue dot) read the gates and
-    write their gradient in (row, choice) order instead of a routed copy and a permuting index_copy.
-    The same numbers either way, bit for bit: outputs and the gradients of x, the weights and the
-    gates, through the interpreted kernels and the PyTorch path (an expert that gets no row included)."""
+def test_gate_gradient_is_written_in_choice_order_with_no_permuting_copy(case, monkeypatch):
+    """The row dots (and the value projection's epilogue dot) read the gates and write their gradient in
+    (row, choice) order (RESULTS P.1): the interpreted kernels' backward runs no index_copy, and every
+    gradient (and the output) matches the PyTorch path (an expert that gets no row included)."""
     from moeut import expert_mlp as mlp_module, expert_mm as em
     from tests.helpers import combine_case, switch_kernels
     from tests.unit.test_expert_mlp import mlp_case
-    switch_kernels(monkeypatch, lambda t, switch=None: kernels)
     if case.startswith("mlp"):
-        r, x, w1, w2, gate, gy = mlp_case(torch.bfloat16 if case == "mlp_bf16" else torch.float32, seed=5)
+        dtype = torch.bfloat16 if case == "mlp_bf16" else torch.float32
+        r, x, w1, w2, gate, gy = mlp_case(dtype, seed=5)
         leaves, run = (x, w1, w2, gate), lambda: mlp_module.expert_mlp(x, w1, w2, r, gate)
     else:
-        I, O = (5, 12) if case == "combine_narrow_out" else (12, 5)
+        dtype, I, O = torch.float32, *((5, 12) if case == "combine_narrow_out" else (12, 5))
         gather = case != "combine_routed_input"
         monkeypatch.setattr(em, "EPILOGUE_DOT", case != "combine_wide_in_recomputed")
         r, x, w, gate = combine_case(gather, 1, I, O, seed=9)
         gy = torch.randn(gate.shape[0], O, generator=torch.Generator().manual_seed(3))
         leaves, run = (x, w, gate), lambda: em.expert_mm_combine(x, w, r, gate, gather=gather)
     results = []
-    for ordered in (False, True):
-        monkeypatch.setattr(em, "GATE_GRAD_ORDERED", ordered)
+    for kernels in (True, False):
+        switch_kernels(monkeypatch, lambda t, switch=None, kernels=kernels: kernels)
         index_copies = []
         real_index_copy = torch.Tensor.index_copy_
         monkeypatch.setattr(torch.Tensor, "index_copy_",
@@ -506,7 +504,8 @@ def test_gate_gradient_written_in_choice_order_is_bit_identical(case, kernels, m
         out = run()
         results.append((out, *torch.autograd.grad(out, leaves, gy)))
         monkeypatch.setattr(torch.Tensor, "index_copy_", real_index_copy)
-        if kernels:   # the kernels write the gradient in place: no permuting copy with the switch on
-            assert bool(index_copies) != ordered, (ordered, len(index_copies))
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+        if kernels:
+            assert not index_copies, f"{len(index_copies)} index_copy_ calls on the kernel path"
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for name, a, b in zip(("out", *(f"d{i}" for i in range(len(leaves)))), *results):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < tol, name
