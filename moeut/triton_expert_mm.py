@@ -25,6 +25,7 @@ Both run under `TRITON_INTERPRET=1` on CPU tensors, which is how CI checks their
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
@@ -42,6 +43,43 @@ except ImportError:  # the model works without Triton; only this fast path needs
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # MOEUT_AUTOTUNE=0 uses one config per kernel variant, the first that fits (GPU tests, short runs).
 AUTOTUNE = os.environ.get("MOEUT_AUTOTUNE", "1") != "0"
+
+
+
+
+def parse_pinned_configs(text: str) -> list:
+    """MOEUT_PIN_CONFIG's rules, checked: a JSON list of {"kernel": "mm" | "wgrad", "key": {key argument:
+    value}, "config": index into that kernel's config list}. A key whose arguments match a rule's skips
+    autotuning and runs that config: an A/B of the autotuner's choice inside a real step (RESULTS P.1:
+    a config chosen per process cost SwitchHead's value input gradient 1.5 ms per 244M step)."""
+    if not text.strip():
+        return []
+    try:
+        rules = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"MOEUT_PIN_CONFIG is not valid JSON ({exc})") from None
+    example = '[{"kernel": "mm", "key": {"RELU": true}, "config": 1}]'
+    if not isinstance(rules, list):
+        raise ValueError(f"MOEUT_PIN_CONFIG must be a JSON list of rules, e.g. {example}")
+    for rule in rules:
+        if (not isinstance(rule, dict) or set(rule) != {"kernel", "key", "config"} or rule["kernel"] not in ("mm", "wgrad")
+                or not isinstance(rule["key"], dict) or not isinstance(rule["config"], int) or rule["config"] < 0):
+            raise ValueError(f"MOEUT_PIN_CONFIG: bad rule {rule!r}; each rule is like {example[1:-1]}")
+    return rules
+
+
+def pinned_config(configs: list, key_args: dict, kernel: str, rules: list):
+    """The config the first matching rule pins for this key (None: no rule matches, autotune as usual)."""
+    for rule in rules:
+        if rule["kernel"] == kernel and all(key_args.get(name) == value for name, value in rule["key"].items()):
+            if rule["config"] >= len(configs):
+                raise ValueError(f"MOEUT_PIN_CONFIG: rule {rule!r} names config {rule['config']}, but the "
+                                 f"{kernel} kernel has {len(configs)} configs")
+            return configs[rule["config"]]
+    return None
+
+
+PINNED_CONFIGS = parse_pinned_configs(os.environ.get("MOEUT_PIN_CONFIG", ""))
 
 
 # The "loop over N" form for narrow inputs: None = automatic (see `use_loop_n`); True / False force
@@ -104,7 +142,11 @@ if triton is not None:
 
     def _prune_mm_configs(configs, named_args, **kwargs):
         """Configs that fit in shared memory (the fallback only when none of the others does); with
-        MOEUT_AUTOTUNE=0 the first of them, so short runs compile one config per variant."""
+        MOEUT_AUTOTUNE=0 the first of them, so short runs compile one config per variant; or the one
+        MOEUT_PIN_CONFIG pins for this key."""
+        pinned = pinned_config(configs, {**named_args, **kwargs}, "mm", PINNED_CONFIGS)
+        if pinned is not None:
+            return [pinned]
         limit = _smem_limit()
         w = named_args.get("w_ptr")
         w_size = w.element_size() if w is not None and hasattr(w, "element_size") else 0
@@ -120,7 +162,12 @@ if triton is not None:
             triton.Config({"BI": 128, "BO": 128, "BK": 32}, num_warps=8, num_stages=5),
             triton.Config({"BI": 64, "BO": 128, "BK": 64}, num_warps=4, num_stages=4),
             triton.Config({"BI": 128, "BO": 128, "BK": 64}, num_warps=4, num_stages=4),
-        ][:None if AUTOTUNE else 1]
+        ]
+
+    def _prune_wgrad_configs(configs, named_args, **kwargs):
+        """Every config (the first with MOEUT_AUTOTUNE=0), or the one MOEUT_PIN_CONFIG pins."""
+        pinned = pinned_config(configs, {**named_args, **kwargs}, "wgrad", PINNED_CONFIGS)
+        return [pinned] if pinned is not None else configs if AUTOTUNE else configs[:1]
 
     @triton.jit
     def _dot(a, b, acc, FP32: tl.constexpr):
@@ -283,6 +330,7 @@ if triton is not None:
 
     @triton.autotune(configs=_wgrad_configs(), key=["I", "O", "N_SEG", "GATHER", "GGATHER", "GSCALE", "FP32",
                                                     "ACCUMULATE", "SCALE_AT_DST", "SCALE_X"],
+                     prune_configs_by={"early_config_prune": _prune_wgrad_configs},
                      restore_value=["out_ptr"])   # benchmark runs must not add into an accumulator twice
     @triton.jit
     def _weight_grad_kernel(out_ptr, I, O, soe, soi, soo,

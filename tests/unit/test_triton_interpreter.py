@@ -509,3 +509,29 @@ def test_gate_gradient_is_written_in_choice_order_with_no_permuting_copy(case, m
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     for name, a, b in zip(("out", *(f"d{i}" for i in range(len(leaves)))), *results):
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < tol, name
+
+
+def test_pinned_configs_pick_the_named_config_for_matching_keys_only(monkeypatch):
+    """MOEUT_PIN_CONFIG: a rule pins a config (by index) for the keys whose arguments all match, in the
+    kernel it names; other keys and the other kernel autotune as before; bad rules are refused early."""
+    from moeut import triton_expert_mm as tem
+    rules = tem.parse_pinned_configs('[{"kernel": "mm", "key": {"ROW_DOT": true, "I": 128}, "config": 2},'
+                                     ' {"kernel": "wgrad", "key": {}, "config": 1}]')
+    configs = ["a", "b", "c", "fallback"]
+    assert tem.pinned_config(configs, {"ROW_DOT": True, "I": 128, "O": 1024}, "mm", rules) == "c"
+    assert tem.pinned_config(configs, {"ROW_DOT": True, "I": 1024}, "mm", rules) is None
+    assert tem.pinned_config(configs, {"ROW_DOT": False, "I": 128}, "mm", rules) is None
+    assert tem.pinned_config(configs, {"I": 128}, "wgrad", rules) == "b"
+    assert tem.parse_pinned_configs("  ") == []
+    # through the autotuner's prune hook: positional key arguments (I, O) arrive in named_args
+    monkeypatch.setattr(tem, "PINNED_CONFIGS", rules)
+    assert tem._prune_mm_configs(configs, {"I": 128, "O": 1024}, ROW_DOT=True, FP32=False) == ["c"]
+    assert tem._prune_wgrad_configs(configs, {"I": 1024}) == ["b"]
+    with pytest.raises(ValueError, match="names config 2, but the mm kernel has 2"):
+        tem.pinned_config(["a", "b"], {"ROW_DOT": True, "I": 128}, "mm", rules)
+    for bad, why in (("{", "not valid JSON"), ('{"kernel": "mm"}', "must be a JSON list"),
+                     ('[{"kernel": "gemm", "key": {}, "config": 0}]', "bad rule"),
+                     ('[{"kernel": "mm", "key": {}, "config": -1}]', "bad rule"),
+                     ('[{"kernel": "mm", "key": {}}]', "bad rule")):
+        with pytest.raises(ValueError, match=why):
+            tem.parse_pinned_configs(bad)
