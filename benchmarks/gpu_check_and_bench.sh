@@ -345,12 +345,13 @@ run s17_atomic 90 python3 benchmarks/experiments/atomic_combine.py
 run s17_profile 90 python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 5 --json "$OUT/profile.json"
 # s17_pins: graphed MoEUT_244M steps with one autotuning key pinned (MOEUT_PIN_CONFIG) to each config the
 # autotuner did not choose in s17_profile, for the three wide-input keys, and SwitchHead's value input
-# gradient pinned back to the config every profile before P.1 had chosen; baseline first and last (~5 min).
+# gradient pinned back to the config every profile before P.1 had chosen; baseline first and last (~5 min;
+# a fresh machine compiles every kernel in the first run, which took over 60 s in RESULTS P.3).
 run s17_pins 560 bash -c 'for pin in none \
   "mm|{\"I\":1024,\"O\":128,\"SCALE_AT_DST\":true}|1" "mm|{\"I\":1024,\"O\":128,\"SCALE_AT_DST\":true}|2" \
   "mm|{\"RELU\":true}|1" "mm|{\"RELU\":true}|2" \
   "mm|{\"I\":1024,\"O\":128,\"SCALE\":false,\"RELU\":false}|0" "mm|{\"I\":1024,\"O\":128,\"SCALE\":false,\"RELU\":false}|2" \
   "mm|{\"ROW_DOT\":true}|0" none; do \
   if [ "$pin" = none ]; then rules="[]"; else IFS="|" read -r k key c <<< "$pin"; rules="[{\"kernel\":\"$k\",\"key\":$key,\"config\":$c}]"; fi; \
-  echo "pin $rules: $(MOEUT_PIN_CONFIG="$rules" timeout 60 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  echo "pin $rules: $(MOEUT_PIN_CONFIG="$rules" timeout 120 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
   --models moeut-244M:16 2>&1 | grep -E "^moeut")"; done'
