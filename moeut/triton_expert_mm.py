@@ -45,8 +45,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("MOEUT_AUTOTUNE", "1") != "0"
 
 
-
-
 def parse_pinned_configs(text: str) -> list:
     """MOEUT_PIN_CONFIG's rules, checked: a JSON list of {"kernel": "mm" | "wgrad", "key": {key argument:
     value}, "config": index into that kernel's config list}. A key whose arguments match a rule's skips
@@ -162,10 +160,11 @@ if triton is not None:
             triton.Config({"BI": 128, "BO": 128, "BK": 32}, num_warps=8, num_stages=5),
             triton.Config({"BI": 64, "BO": 128, "BK": 64}, num_warps=4, num_stages=4),
             triton.Config({"BI": 128, "BO": 128, "BK": 64}, num_warps=4, num_stages=4),
-        ]
+        ][:None if AUTOTUNE or any(rule["kernel"] == "wgrad" for rule in PINNED_CONFIGS) else 1]
 
     def _prune_wgrad_configs(configs, named_args, **kwargs):
-        """Every config (the first with MOEUT_AUTOTUNE=0), or the one MOEUT_PIN_CONFIG pins."""
+        """Every config (the first with MOEUT_AUTOTUNE=0: with no pin the list holds only that one, so
+        Triton skips tuning altogether), or the one MOEUT_PIN_CONFIG pins."""
         pinned = pinned_config(configs, {**named_args, **kwargs}, "wgrad", PINNED_CONFIGS)
         return [pinned] if pinned is not None else configs if AUTOTUNE else configs[:1]
 
