@@ -8,6 +8,8 @@
 #   env: AB_TESTS  pytest -k expression over tests/gpu (none: skip the tests)
 #        AB_MODELS train_throughput.py --models (default MoEUT_244M and MoEUT_1B; add dense ones for work
 #                  both models do)
+#        AB_TEST_ENV  a command prefix for the tests only (gpu_check_and_bench.sh passes its TEST_ENV, so
+#                  a fused path the smoke check switched off is still tested)
 #        AB_RUN_LIMIT seconds per training run (default 120: a fresh machine compiles every kernel in its
 #                  first run, which took over 60 s in RESULTS P.3)
 # A value may be JSON without spaces, e.g. MOEUT_PIN_CONFIG=[{"kernel":"mm","key":{"RELU":true},"config":1}].
@@ -17,7 +19,7 @@ OUT=${1:?usage: ab_switch.sh OUT "MOEUT_FOO=1 ..."}; CHANGE=${2:?usage: ab_switc
 read -r -a assignments <<< "$CHANGE"
 MODELS=${AB_MODELS:-moeut-244M:16,moeut-1B:8}
 if [ -n "${AB_TESTS:-}" ]; then
-  env "${assignments[@]}" timeout 240 python3 -m pytest -q tests/gpu -p no:cacheprovider --tb=short \
+  ${AB_TEST_ENV:-} env "${assignments[@]}" timeout 240 python3 -m pytest -q tests/gpu -p no:cacheprovider --tb=short \
     -k "$AB_TESTS" > "$OUT/ab_tests.txt" 2>&1
   tail -3 "$OUT/ab_tests.txt"
 fi

@@ -221,7 +221,8 @@ def test_every_ffn_pass_compiles_to_hopper_wgmma_without_a_gpu(tmp_path):
 def test_device_scripts_parse_and_ab_switch_runs_default_change_default(tmp_path):
     """The device-call scripts are valid bash, and ab_switch.sh runs its tests and the change's run with
     the change's variables set (a JSON value included), the two default runs without them, in that
-    order; without a change it refuses with its usage. `python3` is a stand-in that records its
+    order; a switch already in the environment reaches the runs but not the tests when AB_TEST_ENV
+    unsets it; without a change it refuses with its usage. `python3` is a stand-in that records its
     arguments and environment, so nothing here needs a GPU."""
     import os
     import subprocess
@@ -229,17 +230,21 @@ def test_device_scripts_parse_and_ab_switch_runs_default_change_default(tmp_path
         subprocess.run(["bash", "-n", str(BENCHMARKS / script)], check=True)
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "python3").write_text('#!/bin/bash\necho "moeut-fake $* | SUM=${MOEUT_FUSED_SUM:-} PIN=${MOEUT_PIN_CONFIG:-}"\n')
+    (fake / "python3").write_text('#!/bin/bash\necho "moeut-fake $* | ROPE=${MOEUT_FUSED_ROPE:-}'
+                                  ' SUM=${MOEUT_FUSED_SUM:-} PIN=${MOEUT_PIN_CONFIG:-}"\n')
     (fake / "python3").chmod(0o755)
-    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", AB_TESTS="sum or deterministic")
+    # a switch the smoke check turned off reaches the benchmark runs, and AB_TEST_ENV keeps it from the tests
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", AB_TESTS="sum or deterministic",
+               MOEUT_FUSED_ROPE="0", AB_TEST_ENV="env -u MOEUT_FUSED_ROPE")
     pin = '[{"kernel":"mm","key":{"RELU":true},"config":1}]'
     out = subprocess.run(["bash", str(BENCHMARKS / "ab_switch.sh"), str(tmp_path), f"MOEUT_FUSED_SUM=0 MOEUT_PIN_CONFIG={pin}"],
                          env=env, capture_output=True, text=True, check=True, cwd=BENCHMARKS.parent).stdout
     runs = [line for line in out.splitlines() if "train_throughput.py" in line]
     assert [r.split()[0] for r in runs] == ["default", "change", "default_again"]
     assert [r.endswith(f"SUM=0 PIN={pin}") for r in runs] == [False, True, False]
+    assert all("ROPE=0 " in r for r in runs)
     assert "-k sum or deterministic" in (tmp_path / "ab_tests.txt").read_text()
-    assert (tmp_path / "ab_tests.txt").read_text().strip().endswith(f"SUM=0 PIN={pin}")
+    assert (tmp_path / "ab_tests.txt").read_text().strip().endswith(f"ROPE= SUM=0 PIN={pin}")
     refused = subprocess.run(["bash", str(BENCHMARKS / "ab_switch.sh"), str(tmp_path)], env=env,
                              capture_output=True, text=True, cwd=BENCHMARKS.parent)
     assert refused.returncode != 0 and "usage: ab_switch.sh" in refused.stderr
