@@ -116,9 +116,10 @@ def combine(y_NO: Tensor, choice_XC: Tensor, gate_XC: Tensor) -> Tensor:
     return (gate_XC.to(y_XCO.dtype).unsqueeze(1) @ y_XCO).squeeze(1)
 
 
-# MOEUT_GATES_AT_DST=1: the combine's backward reads gates, and writes their gradient, in (row, choice)
-# order inside the kernels (3 fewer launches per combine). Tested against the PyTorch path in the Triton
-# interpreter, not yet on a GPU (sixth session): off until tests/gpu passes with it.
+# MOEUT_GATES_AT_DST=1: the weight gradients (and the input gradient's scale) read the gates in (row,
+# choice) order through slot[n] too, with no routed copy of them (the gate gradient always is written in
+# that order, RESULTS P.1). Correct on the GPU, but slower in graphed steps (RESULTS F.2: likely the read
+# through slot[n] inside the weight gradient's K loop), so off.
 GATES_AT_DST = os.environ.get("MOEUT_GATES_AT_DST", "0") == "1"
 
 # MOEUT_EPILOGUE_DOT=0: a combine wider in than out (SwitchHead's V) recomputes its forward product for the
