@@ -51,9 +51,10 @@ def row_dot():
     b = torch.randn(700, 128, device="cuda", dtype=torch.bfloat16)
     rows = torch.randint(0, 700, (5000,), device="cuda")
     s = torch.rand(5000, device="cuda")
-    dot, scaled = row_dot_triton(a, b, rows, s)
+    dot, scaled, gated = row_dot_triton(a, b, rows, s, gate_b=True)
     torch.testing.assert_close(dot, (a.float() * b[rows].float()).sum(-1), rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(scaled, (a.float() * s[:, None]).to(a.dtype), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(gated, (b[rows].float() * s[:, None]).to(b.dtype), rtol=0, atol=0)
 
 
 def route_small():

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import expert_mm
 from .expert_mm import Routing, _compute_dtype, _operand, _routed_gates, _weight_operand
 from .expert_ops import _sum_choices, grouped_mm, row_dot
 from .shared_weights import GradSink, weight_grad
@@ -57,16 +58,21 @@ class _ExpertMLP(torch.autograd.Function):
         grad_out_RD = grad_RD if ctx.residual else None   # x's gradient through the residual path
         grad_RD = grad_RD.to(dtype).contiguous()
         group_N = rows_N   # the FFN's output row of routed row n is its input row
-        gate_n, dst = _routed_gates(gate_RK.reshape(-1), slot_N)
         dot_gate, dot_dst = gate_RK.reshape(-1), slot_N   # the gate gradient in (row, choice) order
 
         # Down projection: d h (unscaled) from d out, then the gate gradient <d h, h> and the
-        # gradient of the ReLU's input, gate * d h where h > 0, in one pass over d h and h.
+        # gradient of the ReLU's input, gate * d h where h > 0, in one pass over d h and h; that pass
+        # also writes gate * h, the down projection's weight-gradient operand (GATED_WGRAD).
+        gate_w2 = expert_mm.GATED_WGRAD and ctx.needs_input_grad[2]
         grad_h_NS = grouped_mm(grad_RD, w2.transpose(1, 2), offsets_E1, group_N, None, None)
-        grad_gate_S, grad_pre_NS = row_dot(grad_h_NS, h_NS, None, dot_gate, dot_dst, relu_mask=True)
+        grad_gate_S, grad_pre_NS, h_gated_NS = row_dot(grad_h_NS, h_NS, None, dot_gate, dot_dst, relu_mask=True,
+                                                       gate_b=gate_w2)
         grad_gate = grad_gate_S.view(R, K).to(gate_RK.dtype)
         grad_w2 = grad_w1 = grad_x = None
-        if ctx.needs_input_grad[2]:
+        if gate_w2:
+            grad_w2 = weight_grad(sink2, h_gated_NS, grad_RD, offsets_E1, None, group_N, None, w2_master.dtype)
+        elif ctx.needs_input_grad[2]:
+            gate_n, dst = _routed_gates(gate_RK.reshape(-1), slot_N)
             grad_w2 = weight_grad(sink2, h_NS, grad_RD, offsets_E1, None, group_N, gate_n, w2_master.dtype,
                                   scale_dst=dst)
         # Up projection: d x (written in (row, choice) order and summed over the K choices), d W1.

@@ -126,6 +126,12 @@ GATES_AT_DST = os.environ.get("MOEUT_GATES_AT_DST", "0") == "1"
 # gate gradient instead of taking it from the input-gradient GEMM (`grouped_mm_dot`; benchmarks compare).
 EPILOGUE_DOT = os.environ.get("MOEUT_EPILOGUE_DOT", "1") != "0"
 
+# MOEUT_GATED_WGRAD=0: the weight gradient of a gated projection applies the gate to one operand inside its
+# K loop, as before the eighteenth session, instead of reading a gated copy of that operand that the
+# backward's row-dot pass writes as it reads the operand anyway (RESULTS Q.1: the gate in the loop sends
+# the operand through registers; the FFN's down dW ran 0.88 ms against 0.58 ms for three applications).
+GATED_WGRAD = os.environ.get("MOEUT_GATED_WGRAD", "1") != "0"
+
 # MOEUT_WEIGHT_CAST=1: hand fp32 master weights to the Triton kernels, which round each tile as they
 # load it, instead of casting them first. Measured slower on the H200 (RESULTS.md D.2: 244M FFN
 # forward+backward 3.82 against 3.49 ms of GPU time; the fp32 operand breaks the kernels' bf16
@@ -247,28 +253,39 @@ class _ExpertMMCombine(torch.autograd.Function):
         I, O = w_EIO.shape[1], w_EIO.shape[2]
         grad_XO = grad_XO.to(x_RI.dtype).contiguous()
         group_N = slot_N // C                      # the output row each routed row adds into
-        gate_n, dst = _routed_gates(gate_XC.reshape(-1), slot_N)   # routed row n's gate: gate_n[dst[n] or n]
         # The kernels that compute the gate gradient read the gates, and write their gradient, at slot[n]:
         # (group, choice) order, with no permuting copy (RESULTS P.1).
         dot_gate, dot_dst = gate_XC.reshape(-1), slot_N
         w_T = w_EIO.transpose(1, 2)
         grad_x = None
+        # The weight gradient's operands, one of them gated (x_n or d out_n times routed row n's gate) when
+        # the pass below writes that copy (GATED_WGRAD); else the weight-gradient kernel gates in its loop.
+        gate_w = GATED_WGRAD and ctx.needs_input_grad[1]
+        wgrad_x, wgrad_rows, wgrad_grad, wgrad_grad_rows = x_RI, rows_N, grad_XO, group_N
+        wgrad_gated = False
         if I <= O:
             grad_in_NI = grouped_mm(grad_XO, w_T, offsets_E1, group_N, None, None)
             # the scaled rows (d x per choice) go straight to (row, choice) order when they are to be summed
-            grad_gate_S, grad_x_NI = row_dot(grad_in_NI, x_RI, rows_N, dot_gate if ctx.needs_input_grad[0] else None,
-                                             dot_dst, scaled_dst=slot_N if rows_N is not None else None)
+            grad_gate_S, grad_x_NI, gated = row_dot(
+                grad_in_NI, x_RI, rows_N, dot_gate if ctx.needs_input_grad[0] or gate_w else None, dot_dst,
+                scaled_dst=slot_N if rows_N is not None else None, gate_b=gate_w)
+            if gate_w:   # x_n * gate_n, routed order
+                wgrad_x, wgrad_rows, wgrad_gated = gated, None, True
             if ctx.needs_input_grad[0]:
                 grad_x = grad_x_NI if rows_N is None else _sum_choices(grad_x_NI, x_RI.shape[0], x_master.dtype,
                                                                        init_XO=received)
         elif ctx.needs_input_grad[0] and rows_N is not None and EPILOGUE_DOT:
             # the gate gradient <d out, x W> as <d out W^T, x>, from the input gradient's product
-            grad_x_SI, grad_gate_S = grouped_mm_dot(grad_XO, w_T, offsets_E1, group_N, gate_n, slot_N, GATES_AT_DST,
-                                                    x_RI, rows_N, dot_dst)
+            gate, at_dst = (dot_gate, True) if gate_w else (_routed_gates(dot_gate, slot_N)[0], GATES_AT_DST)
+            grad_x_SI, grad_gate_S, gated = grouped_mm_dot(grad_XO, w_T, offsets_E1, group_N, gate, slot_N, at_dst,
+                                                           x_RI, rows_N, dot_dst, gate_x=gate_w)
+            if gate_w:   # d out_n * gate_n, routed order
+                wgrad_grad, wgrad_grad_rows, wgrad_gated = gated, None, True
             grad_x = _sum_choices(grad_x_SI, x_RI.shape[0], x_master.dtype, init_XO=received)
         else:
+            gate_n, _ = _routed_gates(gate_XC.reshape(-1), slot_N)
             y_NO = grouped_mm(x_RI, w_EIO, offsets_E1, rows_N, None, None)
-            grad_gate_S, _ = row_dot(y_NO, grad_XO, group_N, None, dot_dst)
+            grad_gate_S = row_dot(y_NO, grad_XO, group_N, None, dot_dst)[0]
             if ctx.needs_input_grad[0]:
                 if rows_N is None:
                     grad_x = grouped_mm(grad_XO, w_T, offsets_E1, group_N,
@@ -279,9 +296,13 @@ class _ExpertMMCombine(torch.autograd.Function):
                                           init_XO=received)
         grad_gate = grad_gate_S.view(X, C).to(gate_XC.dtype)
         grad_w = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and wgrad_gated:
+            grad_w = weight_grad(ctx.sink, wgrad_x, wgrad_grad, offsets_E1, wgrad_rows, wgrad_grad_rows, None,
+                                 w_master.dtype)
+        elif ctx.needs_input_grad[1]:
+            gate_n, dst = _routed_gates(gate_XC.reshape(-1), slot_N)   # routed row n's gate: gate_n[dst[n] or n]
             grad_w = weight_grad(ctx.sink, x_RI, grad_XO, offsets_E1, rows_N, group_N, gate_n, w_master.dtype,
-                                  scale_dst=dst)
+                                 scale_dst=dst)
         if grad_x is not None:
             grad_x = grad_x.to(x_master.dtype)
             if received is not None and rows_N is None:   # (routed inputs got it inside their top-k sum)

@@ -132,40 +132,50 @@ def _(x, weight, offsets, rows, scale, dst, scale_at_dst=False, relu=False):
 @torch.library.custom_op("moeut::grouped_mm_dot", mutates_args=())
 def grouped_mm_dot(x: Tensor, weight: Tensor, offsets: Tensor, rows: Optional[Tensor], scale: Optional[Tensor],
                    dst: Optional[Tensor], scale_at_dst: bool, dot_x: Tensor, dot_rows: Tensor,
-                   dot_dst: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """(grouped_mm(x, weight, offsets, rows, scale, dst, scale_at_dst), dot [N] fp32) where dot[n] is
-    <x[rows[n]] @ weight[expert of n], dot_x[dot_rows[n]]>, the product taken before the scale and, on
-    the kernel path, before rounding; written at dot_dst[n] if given, else at n.
+                   dot_dst: Optional[Tensor], gate_x: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """(grouped_mm(x, weight, offsets, rows, scale, dst, scale_at_dst), dot [N] fp32, gated_x) where dot[n]
+    is <x[rows[n]] @ weight[expert of n], dot_x[dot_rows[n]]>, the product taken before the scale and, on
+    the kernel path, before rounding; written at dot_dst[n] if given, else at n. gate_x (needs scale):
+    gated_x [N, I] is x[rows[n]] times routed row n's scale, rounded to x's dtype, in routed order (the
+    gated operand of the weight gradient, see `row_dot`); else [0, I].
 
     The gate gradient of a combine whose input is wider than its output (SwitchHead's value projection,
     1024 -> 128) is <d out, y> with y that projection's output, which is not saved. As
     <d out @ W^T, x>, it comes out of the input-gradient GEMM's epilogue, when one program holds whole
     output rows ("loop over N"); elsewhere y is recomputed (one more GEMM) and dotted in a second pass."""
     _check(x, weight, offsets)
+    torch._check(not gate_x or scale is not None, lambda: "grouped_mm_dot: gate_x needs a scale")
+    x_scale = None if scale is None else (scale.index_select(0, dst) if scale_at_dst else scale)
     if use_fused(x):
         from .triton_expert_mm import grouped_mm_triton, row_dot_triton, use_loop_n
         N, (E, I, O) = _routed_count(x, rows), weight.shape
         if use_loop_n(I, O, N, E):
             return grouped_mm_triton(x, weight, offsets, rows, scale, dst, scale_at_dst, dot_x_MO=dot_x,
-                                     dot_rows_N=dot_rows, dot_dst_N=dot_dst)
+                                     dot_rows_N=dot_rows, dot_dst_N=dot_dst, gate_x=gate_x)
         out = grouped_mm_triton(x, weight, offsets, rows, scale, dst, scale_at_dst)
         y = grouped_mm_triton(dot_x, weight.transpose(1, 2), offsets, dot_rows)
-        return out, row_dot_triton(y, x, rows, None, dot_dst)[0]
+        gated = _gated_rows(x, rows, x_scale) if gate_x else x.new_empty(0, x.shape[1])
+        return out, row_dot_triton(y, x, rows, None, dot_dst)[0], gated
     plain = _grouped_mm_torch(x, weight, offsets, rows)
     dot = (_acc(plain) * _acc(dot_x.index_select(0, dot_rows))).sum(-1)
     if dot_dst is not None:
         dot = torch.empty_like(dot).index_copy_(0, dot_dst, dot)
     if scale is not None:
-        plain = _scale_rows(plain, scale.index_select(0, dst) if scale_at_dst else scale)
+        plain = _scale_rows(plain, x_scale)
     if dst is not None:
         plain = torch.empty_like(plain).index_copy_(0, dst, plain)
-    return plain, dot
+    return plain, dot, _gated_rows(x, rows, x_scale) if gate_x else x.new_empty(0, x.shape[1])
+
+
+def _gated_rows(x: Tensor, rows: Optional[Tensor], scale_N: Tensor) -> Tensor:
+    return _scale_rows(x if rows is None else x.index_select(0, rows), scale_N)
 
 
 @grouped_mm_dot.register_fake
-def _(x, weight, offsets, rows, scale, dst, scale_at_dst, dot_x, dot_rows, dot_dst):
+def _(x, weight, offsets, rows, scale, dst, scale_at_dst, dot_x, dot_rows, dot_dst, gate_x=False):
     N = _routed_count(x, rows)
-    return x.new_empty(N, weight.shape[2]), x.new_empty(N, dtype=torch.promote_types(x.dtype, torch.float32))
+    return (x.new_empty(N, weight.shape[2]), x.new_empty(N, dtype=torch.promote_types(x.dtype, torch.float32)),
+            x.new_empty(N if gate_x else 0, x.shape[1]))
 
 
 @torch.library.custom_op("moeut::grouped_mm_weight_grad", mutates_args=())
@@ -207,35 +217,41 @@ def grouped_mm_weight_grad_add(acc: Tensor, x: Tensor, grad: Tensor, offsets: Te
 @torch.library.custom_op("moeut::row_dot", mutates_args=())
 def row_dot(a: Tensor, b: Tensor, b_rows: Optional[Tensor], scale: Optional[Tensor],
             dst: Optional[Tensor] = None, relu_mask: bool = False,
-            scaled_dst: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """(dot [N] fp32, scaled [N, I] or [0, I]): dot[n] = <a[n], b[b_rows[n]]> accumulated in fp32 (fp64
-    for fp64 inputs); scaled[n] = scale[n] * a[n] rounded to a's dtype (empty when scale is None).
-    The gate gradient of a combine and the gate-scaled input gradient in one pass over a. With dst
-    (a permutation of 0..N-1): scale is read as scale[dst[n]] and the dot is written to dot[dst[n]],
-    so gates and their gradient stay in (row, choice) order with no gather or scatter of their own.
-    relu_mask: scaled[n] is zero where b[b_rows[n]] is not positive (b is a ReLU's output: scaled is then
-    the gradient of the ReLU's input). scaled_dst (a permutation of 0..N-1): scaled row n is written at
-    row scaled_dst[n] (e.g. straight into (row, choice) order for a top-k sum, no permuting copy)."""
+            scaled_dst: Optional[Tensor] = None, gate_b: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dot [N] fp32, scaled [N, I] or [0, I], gated_b [N, I] or [0, I]): dot[n] = <a[n], b[b_rows[n]]>
+    accumulated in fp32 (fp64 for fp64 inputs); scaled[n] = scale[n] * a[n] rounded to a's dtype (empty
+    when scale is None). The gate gradient of a combine and the gate-scaled input gradient in one pass
+    over a. With dst (a permutation of 0..N-1): scale is read as scale[dst[n]] and the dot is written to
+    dot[dst[n]], so gates and their gradient stay in (row, choice) order with no gather or scatter of their
+    own. relu_mask: scaled[n] is zero where b[b_rows[n]] is not positive (b is a ReLU's output: scaled is
+    then the gradient of the ReLU's input). scaled_dst (a permutation of 0..N-1): scaled row n is written
+    at row scaled_dst[n] (e.g. straight into (row, choice) order for a top-k sum, no permuting copy).
+    gate_b (needs scale): gated_b[n] = scale[n] * b[b_rows[n]] rounded to b's dtype, in routed order: the
+    gated operand of the projection's weight gradient, written by the pass that reads b anyway, so that
+    the weight-gradient kernel needs no gate in its K loop (RESULTS Q.1)."""
+    torch._check(not gate_b or scale is not None, lambda: "row_dot: gate_b needs a scale")
     if a.dtype != torch.float64 and use_fused(a, "MOEUT_FUSED_ROW_DOT"):
         from .triton_expert_mm import row_dot_triton
-        return row_dot_triton(a, b, b_rows, scale, dst, relu_mask, scaled_dst)
+        return row_dot_triton(a, b, b_rows, scale, dst, relu_mask, scaled_dst, gate_b)
     b_NI = b if b_rows is None else b.index_select(0, b_rows)
     dot = (_acc(a) * _acc(b_NI)).sum(-1)
     if dst is not None:
         dot = torch.empty_like(dot).index_copy_(0, dst, dot)
         scale = scale.index_select(0, dst) if scale is not None else None
     scaled = _scale_rows(a, scale) if scale is not None else a.new_empty(0, a.shape[1])
+    gated_b = _scale_rows(b_NI, scale) if gate_b else b.new_empty(0, b.shape[1])
     if relu_mask and scale is not None:
         scaled = torch.where(b_NI > 0, scaled, scaled.new_zeros(()))
     if scaled_dst is not None and scale is not None:
         scaled = torch.empty_like(scaled).index_copy_(0, scaled_dst, scaled)
-    return dot, scaled
+    return dot, scaled, gated_b
 
 
 @row_dot.register_fake
-def _(a, b, b_rows, scale, dst=None, relu_mask=False, scaled_dst=None):
+def _(a, b, b_rows, scale, dst=None, relu_mask=False, scaled_dst=None, gate_b=False):
     acc = torch.promote_types(a.dtype, torch.float32)
-    return a.new_empty(a.shape[0], dtype=acc), a.new_empty(a.shape[0] if scale is not None else 0, a.shape[1])
+    return (a.new_empty(a.shape[0], dtype=acc), a.new_empty(a.shape[0] if scale is not None else 0, a.shape[1]),
+            b.new_empty(a.shape[0] if gate_b else 0, b.shape[1]))
 
 
 def _sum_choices_torch(y_SO: Tensor, n_groups: int, out_dtype: torch.dtype, init_XO: Optional[Tensor] = None) -> Tensor:

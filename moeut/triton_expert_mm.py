@@ -203,13 +203,13 @@ if triton is not None:
                      prune_configs_by={"early_config_prune": _prune_mm_configs})
     @triton.jit
     def _expert_mm_kernel(x_ptr, w_ptr, out_ptr, offsets_ptr, rows_ptr, scale_ptr, dst_ptr,
-                          dotx_ptr, dotrows_ptr, dotdst_ptr, dot_ptr,
+                          dotx_ptr, dotrows_ptr, dotdst_ptr, dot_ptr, gated_ptr,
                           E, I, O,
                           sxr, sxi, swe, swi, swo, sor, soo, sdr, sdc,
                           GATHER: tl.constexpr, SCALE: tl.constexpr, SCATTER: tl.constexpr,
                           FP32: tl.constexpr, LOOP_N: tl.constexpr, SCALE_AT_DST: tl.constexpr,
                           RELU: tl.constexpr, ROW_DOT: tl.constexpr, DOT_AT_DST: tl.constexpr,
-                          EP: tl.constexpr, IP: tl.constexpr,
+                          GATE_X: tl.constexpr, EP: tl.constexpr, IP: tl.constexpr,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         pid = tl.program_id(0)
         if LOOP_N:
@@ -244,6 +244,10 @@ if triton is not None:
             a = tl.load(x_ptr + src[:, None].to(tl.int64) * sxr + ks[None, :] * sxi,
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w_rows = w_ptr + e.to(tl.int64) * swe + ks[:, None] * swi
+            if GATE_X:   # the weight gradient's gated operand, in routed order ([N, I] contiguous)
+                tl.store(gated_ptr + rows[:, None].to(tl.int64) * I + ks[None, :],
+                         (a.to(tl.float32) * gate[:, None]).to(gated_ptr.dtype.element_ty),
+                         mask=row_ok[:, None] & k_ok[None, :])
             if ROW_DOT:   # a program holds whole output rows: it can dot them with another tensor's rows
                 dot_src = tl.load(dotrows_ptr + rows, mask=row_ok, other=0)
                 dot_rows = dotx_ptr + dot_src[:, None].to(tl.int64) * sdr
@@ -371,10 +375,10 @@ if triton is not None:
 
 if triton is not None:
     @triton.jit
-    def _row_dot_kernel(a_ptr, b_ptr, rows_ptr, scale_ptr, dst_ptr, sdst_ptr, dot_ptr, scaled_ptr, N, I,
+    def _row_dot_kernel(a_ptr, b_ptr, rows_ptr, scale_ptr, dst_ptr, sdst_ptr, dot_ptr, scaled_ptr, gated_ptr, N, I,
                         sar, sai, sbr, sbi, ssr,
                         GATHER: tl.constexpr, SCALE: tl.constexpr, DST: tl.constexpr, RELU_MASK: tl.constexpr,
-                        SCALED_DST: tl.constexpr, IP: tl.constexpr, BR: tl.constexpr):
+                        SCALED_DST: tl.constexpr, GATE_B: tl.constexpr, IP: tl.constexpr, BR: tl.constexpr):
         n = tl.program_id(0) * BR + tl.arange(0, BR)
         n_ok = n < N
         i = tl.arange(0, IP)
@@ -401,27 +405,33 @@ if triton is not None:
                 s_at = n
             tl.store(scaled_ptr + s_at[:, None].to(tl.int64) * ssr + i[None, :],
                      scaled.to(scaled_ptr.dtype.element_ty), mask=m)
+            if GATE_B:   # the weight gradient's gated operand, in routed order ([N, I] contiguous)
+                tl.store(gated_ptr + n[:, None].to(tl.int64) * I + i[None, :],
+                         (b.to(tl.float32) * s[:, None]).to(gated_ptr.dtype.element_ty), mask=m)
 
 
 def row_dot_triton(a_NI: Tensor, b_MI: Tensor, b_rows_N: Optional[Tensor], scale_N: Optional[Tensor],
-                   dst_N: Optional[Tensor] = None, relu_mask: bool = False, scaled_dst_N: Optional[Tensor] = None):
+                   dst_N: Optional[Tensor] = None, relu_mask: bool = False, scaled_dst_N: Optional[Tensor] = None,
+                   gate_b: bool = False):
     N, I = a_NI.shape
     dot = torch.empty(N, device=a_NI.device, dtype=torch.float32)
     scaled = torch.empty(N if scale_N is not None else 0, I, device=a_NI.device, dtype=a_NI.dtype)
+    gated = torch.empty(N if gate_b else 0, I, device=a_NI.device, dtype=b_MI.dtype)
     if N == 0:
-        return dot, scaled
+        return dot, scaled, gated
     IP = max(16, triton.next_power_of_2(I))
     BR = 4 if INTERPRET else max(1, min(64, 8192 // IP))
     scale = scale_N.contiguous() if scale_N is not None else None   # any float dtype: read as fp32
     _row_dot_kernel[(triton.cdiv(N, BR),)](a_NI, b_MI, _or(b_rows_N, dot), _or(scale, dot), _or(dst_N, dot),
                                            _or(scaled_dst_N, dot), dot,
-                                           scaled if scale_N is not None else dot, N, I,
+                                           scaled if scale_N is not None else dot, gated if gate_b else dot, N, I,
                                            a_NI.stride(0), a_NI.stride(1), b_MI.stride(0), b_MI.stride(1),
                                            scaled.stride(0) if scale_N is not None else 0,
                                            GATHER=b_rows_N is not None, SCALE=scale_N is not None,
                                            DST=dst_N is not None, RELU_MASK=relu_mask,
-                                           SCALED_DST=scaled_dst_N is not None, IP=IP, BR=BR, num_warps=4)
-    return dot, scaled
+                                           SCALED_DST=scaled_dst_N is not None, GATE_B=gate_b, IP=IP, BR=BR,
+                                           num_warps=4)
+    return dot, scaled, gated
 
 
 ALIGN = 16   # elements: Triton specialises integer arguments divisible by 16 and vectorises loads along them
@@ -466,17 +476,20 @@ def grouped_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: O
                       scale_N: Optional[Tensor] = None, dst_N: Optional[Tensor] = None,
                       scale_at_dst: bool = False, relu: bool = False,
                       dot_x_MO: Optional[Tensor] = None, dot_rows_N: Optional[Tensor] = None,
-                      dot_dst_N: Optional[Tensor] = None):
-    """The grouped GEMM [N, O]; with dot_x (needs `loop_n_dot_applies`), also (out, dot): dot [N] fp32 is
-    <routed row n's product before activation and scale, dot_x[dot_rows[n]]>, written at dot_dst[n] if
-    given, else at n."""
+                      dot_dst_N: Optional[Tensor] = None, gate_x: bool = False):
+    """The grouped GEMM [N, O]; with dot_x (needs `loop_n_dot_applies`), also (out, dot, gated_x): dot [N]
+    fp32 is <routed row n's product before activation and scale, dot_x[dot_rows[n]]>, written at dot_dst[n]
+    if given, else at n; gated_x [N, I] (or [0, I] without gate_x) is routed row n's input row times its
+    scale, rounded to x's dtype, in routed order (the gated operand of the weight gradient)."""
     N = x_RI.shape[0] if rows_N is None else rows_N.shape[0]
     E, I, O = w_EIO.shape
     out_NO = torch.empty(N, O, device=x_RI.device, dtype=x_RI.dtype)
     row_dot = dot_x_MO is not None
     dot_N = torch.empty(N if row_dot else 0, device=x_RI.device, dtype=torch.float32)
+    torch._check(not gate_x or (row_dot and scale_N is not None), lambda: "grouped_mm_triton: gate_x needs dot_x and a scale")
+    gated_NI = torch.empty(N if gate_x else 0, I, device=x_RI.device, dtype=x_RI.dtype)
     if N == 0:
-        return (out_NO, dot_N) if row_dot else out_NO
+        return (out_NO, dot_N, gated_NI) if row_dot else out_NO
     x_RI, w_EIO = aligned(x_RI), aligned(w_EIO, copy_dtype=x_RI.dtype)
     unused = offsets_E1  # pointer for the arguments a constexpr flag switches off (never read)
     scale = scale_N.contiguous() if scale_N is not None else None   # any float dtype: read as fp32
@@ -494,16 +507,16 @@ def grouped_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: O
 
     _expert_mm_kernel[grid](x_RI, w_EIO, out_NO, offsets_E1, _or(rows_N, unused), _or(scale, unused),
                             _or(dst_N, unused), _or(dot_x_MO, unused), _or(dot_rows_N, unused),
-                            _or(dot_dst_N, unused), dot_N, E, I, O,
+                            _or(dot_dst_N, unused), dot_N, gated_NI if gate_x else unused, E, I, O,
                             x_RI.stride(0), x_RI.stride(1), w_EIO.stride(0), w_EIO.stride(1), w_EIO.stride(2),
                             out_NO.stride(0), out_NO.stride(1),
                             dot_x_MO.stride(0) if row_dot else 0, dot_x_MO.stride(1) if row_dot else 0,
                             GATHER=rows_N is not None, SCALE=scale_N is not None, SCATTER=dst_N is not None,
                             FP32=x_RI.dtype == torch.float32, LOOP_N=loop_n, SCALE_AT_DST=scale_at_dst, RELU=relu,
-                            ROW_DOT=row_dot, DOT_AT_DST=dot_dst_N is not None,
+                            ROW_DOT=row_dot, DOT_AT_DST=dot_dst_N is not None, GATE_X=gate_x,
                             EP=triton.next_power_of_2(E),
                             IP=max(16, triton.next_power_of_2(I)))
-    return (out_NO, dot_N) if row_dot else out_NO
+    return (out_NO, dot_N, gated_NI) if row_dot else out_NO
 
 
 # The most applications one weight-gradient launch sums (`_weight_grad_kernel`'s segment arguments).

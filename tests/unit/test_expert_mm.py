@@ -130,12 +130,15 @@ def test_opcheck():
     from moeut.expert_ops import row_dot
     a20 = torch.randn(20, 6, generator=gen)
     torch.library.opcheck(row_dot, (a20, x, r.rows_N, scale, r.slot_N))
-    dot, _ = row_dot(a20, x, r.rows_N, None, r.slot_N)
+    dot = row_dot(a20, x, r.rows_N, None, r.slot_N)[0]
     assert torch.equal(dot[r.slot_N], row_dot(a20, x, r.rows_N, None)[0])
     torch.library.opcheck(row_dot, (a20, x, r.rows_N, scale, None, False, r.slot_N))
-    dot_s, scaled_s = row_dot(a20, x, r.rows_N, scale, None, False, r.slot_N)   # scaled rows written at slot[n]
-    dot_p, scaled_p = row_dot(a20, x, r.rows_N, scale)
+    dot_s, scaled_s, _ = row_dot(a20, x, r.rows_N, scale, None, False, r.slot_N)   # scaled rows written at slot[n]
+    dot_p, scaled_p, _ = row_dot(a20, x, r.rows_N, scale)
     assert torch.equal(dot_s, dot_p) and torch.equal(scaled_s[r.slot_N], scaled_p)
+    torch.library.opcheck(row_dot, (a20, x, r.rows_N, scale, r.slot_N, True, r.slot_N, True))
+    gated = row_dot(a20, x, r.rows_N, scale, r.slot_N, gate_b=True)[2]   # gate * b, routed order, scale read at dst
+    assert torch.equal(gated, (x[r.rows_N] * scale[r.slot_N, None]).to(x.dtype))
     y = torch.randn(20, 5, generator=gen)
     for dtype in (torch.float32, torch.bfloat16):
         torch.library.opcheck(sum_choices, (y.to(dtype), 10, torch.float32))
@@ -156,8 +159,13 @@ def test_grouped_mm_dot_matches_reference():
     x = torch.randn(R, O, generator=gen, dtype=torch.float64)     # the projection's input
     gate = torch.rand(R * K, generator=gen, dtype=torch.float64)
     for dot_dst in (None, r.slot_N):
-        out, dot = grouped_mm_dot(g, w, r.offsets_E1, r.rows_N, gate[r.slot_N], r.slot_N, False, x, r.rows_N, dot_dst)
+        out, dot, gated = grouped_mm_dot(g, w, r.offsets_E1, r.rows_N, gate[r.slot_N], r.slot_N, False, x, r.rows_N,
+                                         dot_dst, gate_x=dot_dst is not None)
         assert torch.equal(out, grouped_mm(g, w, r.offsets_E1, r.rows_N, gate[r.slot_N], r.slot_N))
+        if dot_dst is None:
+            assert gated.shape == (0, I)
+        else:   # routed row n's input row times its gate, in routed order
+            assert torch.equal(gated, g[r.rows_N] * gate[r.slot_N, None])
         ref_RK = torch.einsum("ri,rkio,ro->rk", g, w[expert], x)   # <g_r W[e_rk], x_r>
         dot_slot = dot if dot_dst is not None else torch.empty_like(dot).index_copy_(0, r.slot_N, dot)
         torch.testing.assert_close(dot_slot.view(R, K), ref_RK)
@@ -165,6 +173,8 @@ def test_grouped_mm_dot_matches_reference():
                                            r.slot_N, False, x.float(), r.rows_N, None))
     torch.library.opcheck(grouped_mm_dot, (g.float(), w.float(), r.offsets_E1, r.rows_N, gate.float(), r.slot_N, True,
                                            x.float(), r.rows_N, r.slot_N))
+    torch.library.opcheck(grouped_mm_dot, (g.float(), w.float(), r.offsets_E1, r.rows_N, gate.float(), r.slot_N, True,
+                                           x.float(), r.rows_N, r.slot_N, True))
 
 
 def test_grouped_mm_scale_and_scatter_match_reference():

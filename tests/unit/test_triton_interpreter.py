@@ -103,8 +103,15 @@ def test_triton_grouped_mm_dot_matches_torch(loop_n, dtype, monkeypatch):
     gate = torch.rand(R * K, generator=gen)
     for dot_dst in (None, r.slot_N):
         if loop_n:
-            out, dot = grouped_mm_triton(g, w, r.offsets_E1, r.rows_N, gate, r.slot_N, True, dot_x_MO=x,
-                                         dot_rows_N=r.rows_N, dot_dst_N=dot_dst)
+            out, dot, gated = grouped_mm_triton(g, w, r.offsets_E1, r.rows_N, gate, r.slot_N, True, dot_x_MO=x,
+                                                dot_rows_N=r.rows_N, dot_dst_N=dot_dst, gate_x=dot_dst is not None)
+            if dot_dst is None:
+                assert gated.shape == (0, I)
+            else:   # the gated input rows, in routed order (the weight gradient's operand), rounded once
+                # (the interpreter truncates to bf16 where CUDA rounds: within one bf16 step there)
+                tol = 0 if dtype == torch.float32 else 1e-2
+                torch.testing.assert_close(gated, (g[r.rows_N].float() * gate[r.slot_N, None]).to(dtype), rtol=tol,
+                                           atol=0)
         else:   # what moeut::grouped_mm_dot runs where the loop-over-N form does not apply
             out = grouped_mm_triton(g, w, r.offsets_E1, r.rows_N, gate, r.slot_N, True)
             y = grouped_mm_triton(x, w.transpose(1, 2), r.offsets_E1, r.rows_N)
@@ -130,14 +137,15 @@ def test_triton_row_dot_matches_reference(gather, scale, dtype):
     b = torch.randn(M if gather else N, I, generator=gen).to(dtype)
     rows = torch.randint(0, M, (N,), generator=gen) if gather else None
     s = torch.rand(N, generator=gen) if scale else None
-    dot, scaled = row_dot_triton(a, b, rows, s)
+    dot, scaled, gated = row_dot_triton(a, b, rows, s)
+    assert gated.shape == (0, I)
     b_N = b[rows] if gather else b
     torch.testing.assert_close(dot, (a.float() * b_N.float()).sum(-1), rtol=1e-5, atol=1e-5)
     if scale:
         torch.testing.assert_close(scaled.float(), (a.float() * s[:, None]), rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-2 if dtype != torch.float32 else 1e-6)
         # b a ReLU's output: the scaled rows are zero where b is (the gradient of the ReLU's input)
         b_relu = b.relu()
-        dot_r, scaled_r = row_dot_triton(a, b_relu, rows, s, relu_mask=True)
+        dot_r, scaled_r, _ = row_dot_triton(a, b_relu, rows, s, relu_mask=True)
         b_N_relu = b_relu[rows] if gather else b_relu
         assert torch.equal(scaled_r, torch.where(b_N_relu > 0, scaled, torch.zeros((), dtype=dtype)))
         assert (scaled_r == 0).any() and (scaled_r != 0).any()
@@ -146,14 +154,19 @@ def test_triton_row_dot_matches_reference(gather, scale, dtype):
     # dst (a permutation): the scale read at dst[n] (bf16 gates too), the dot written to dot[dst[n]]
     dst = torch.randperm(N, generator=gen)
     s_dst = s.to(dtype) if scale else None
-    dot2, scaled2 = row_dot_triton(a, b, rows, s_dst, dst)
+    dot2, scaled2, _ = row_dot_triton(a, b, rows, s_dst, dst)
     assert torch.equal(dot2[dst], dot)
     if scale:
         want = (a.float() * s_dst.float()[dst][:, None]).to(dtype)
         torch.testing.assert_close(scaled2, want, rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-6)
+        # gate_b: b's (gathered) rows times the gate read at dst[n], rounded once, in routed order
+        dot_g, scaled_g, gated = row_dot_triton(a, b, rows, s_dst, dst, gate_b=True)
+        assert torch.equal(dot_g, dot2) and torch.equal(scaled_g, scaled2)
+        torch.testing.assert_close(gated, (b_N.float() * s_dst.float()[dst][:, None]).to(dtype),
+                                   rtol=0 if dtype == torch.float32 else 1e-2, atol=0)
         # scaled_dst: the scaled rows written at scaled_dst[n] (a permutation), the dot unchanged
         perm = torch.randperm(N, generator=gen)
-        dot3, scaled3 = row_dot_triton(a, b, rows, s, scaled_dst_N=perm)
+        dot3, scaled3, _ = row_dot_triton(a, b, rows, s, scaled_dst_N=perm)
         assert torch.equal(dot3, dot) and torch.equal(scaled3[perm], scaled)
 
 
@@ -508,6 +521,53 @@ def test_gate_gradient_is_written_in_choice_order_with_no_permuting_copy(case, m
             assert not index_copies, f"{len(index_copies)} index_copy_ calls on the kernel path"
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     for name, a, b in zip(("out", *(f"d{i}" for i in range(len(leaves)))), *results):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < tol, name
+
+
+@pytest.mark.parametrize("case", ["mlp_bf16", "mlp_fp32", "combine_narrow_out", "combine_wide_in"])
+def test_gated_weight_gradient_operand_matches_gating_in_the_loop(case, monkeypatch):
+    """GATED_WGRAD (RESULTS Q.1): the backward's row-dot pass (or the value projection's input-gradient GEMM)
+    writes one weight-gradient operand already gated, and the weight-gradient kernel runs with no gate.
+    Against the gate applied in the kernel's K loop: the same rounding (x_n * g_n, or h_n * g_n, rounded
+    once), so the same bits where the gate stays on the same operand (the FFN's down projection and
+    SwitchHead's output projection); moved to d out for the value projection, equal within rounding. Both
+    on the kernel path (interpreted) and on the PyTorch path; an expert that gets no row included."""
+    from moeut import expert_mlp as mlp_module, expert_mm as em
+    from tests.helpers import combine_case, switch_kernels
+    from tests.unit.test_expert_mlp import mlp_case
+    if case.startswith("mlp"):
+        dtype = torch.bfloat16 if case == "mlp_bf16" else torch.float32
+        r, x, w1, w2, gate, gy = mlp_case(dtype, seed=7)
+        leaves, run = (x, w1, w2, gate), lambda: mlp_module.expert_mlp(x, w1, w2, r, gate)
+    else:
+        dtype, I, O = torch.float32, *((5, 12) if case == "combine_narrow_out" else (12, 5))
+        r, x, w, gate = combine_case(True, 1, I, O, seed=10)
+        gy = torch.randn(gate.shape[0], O, generator=torch.Generator().manual_seed(4))
+        leaves, run = (x, w, gate), lambda: em.expert_mm_combine(x, w, r, gate)
+    scales = []
+    real = {m: m.weight_grad for m in (em, mlp_module)}
+    for m, f in real.items():
+        monkeypatch.setattr(m, "weight_grad", lambda *a, f=f, **k: scales.append(a[6] is not None) or f(*a, **k))
+    results = {}
+    for kernels in (True, False):
+        switch_kernels(monkeypatch, lambda t, switch=None, kernels=kernels: kernels)
+        for gated in (True, False):
+            monkeypatch.setattr(em, "GATED_WGRAD", gated)
+            scales.clear()
+            out = run()
+            results[kernels, gated] = (out, *torch.autograd.grad(out, leaves, gy))
+            # gated: no weight gradient gets a gate; else the down / combine projection's does
+            assert scales and any(scales) != gated, (gated, scales)
+    same_bits = case != "combine_wide_in"
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for kernels in (True, False):
+        for name, a, b in zip(("out", *(f"d{i}" for i in range(len(leaves)))), results[kernels, True],
+                              results[kernels, False]):
+            if same_bits:
+                assert torch.equal(a, b), (kernels, name)
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(("out", *(f"d{i}" for i in range(len(leaves)))), results[True, True], results[False, True]):
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < tol, name
 
 

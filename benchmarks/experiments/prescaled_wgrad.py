@@ -1,0 +1,101 @@
+"""Weight gradients with the gate already applied to one operand (eighteenth session).
+
+A gated expert projection's weight gradient is dW[e] = sum over e's routed rows n of g_n x_n^T dy_n. The
+weight-gradient kernel applies g_n inside its K loop, to one operand tile after it is loaded
+(`_wgrad_segment`: GSCALE), which sends that operand through registers before the tensor-core product.
+The ungated passes run faster (RESULTS I.3: up dW 313 TFLOP/s against down dW 238). If a pass that
+already reads the operand wrote the gated copy (the FFN's row dot reads h; SwitchHead's output
+projection's reads its input), the kernel would run ungated. This times, per projection, three
+segments per launch as in a step:
+
+- FFN down dW: h [N, S] gated in the loop vs h*g precomputed (d out rows gathered either way);
+- SwitchHead output dW: gathered head outputs gated in the loop vs a gated routed copy;
+- SwitchHead value dW: gathered x gated in the loop vs the routed d v rows gated (x gathered either way);
+- the FFN's up dW (never gated) for scale, and the cost of writing a gated copy alone.
+
+    python benchmarks/experiments/prescaled_wgrad.py      (CUDA; on CPU the tiny shape, interpreted)
+"""
+import torch
+
+from common import DEVICE, SHAPES, bench, ffn_problem, shapes, try_variant
+from moeut import expert_ops
+from moeut.expert_mm import route
+from moeut.triton_expert_mm import weight_grad_segments_triton
+
+# name: (heads, attention experts); SwitchHead's value and output projections pick 2 experts per head
+ATTENTION = {"244M": (4, 10), "1B": (6, 12), "tiny": (2, 3)}
+
+
+def _segments(make, n=3):
+    return [make(i) for i in range(n)]
+
+
+def main(names=None):
+    results = []
+    for name in shapes(names):
+        p = ffn_problem(name)
+        D, T, S = p.D, p.T, p.S
+        dt = p.x.dtype
+        H, E_att = ATTENTION[name]
+        problems = []
+        # FFN: three applications with their own routing, gates, h and d out
+        ffn = []
+        for _ in range(3):
+            expert = torch.rand(T, p.E, device=DEVICE).topk(p.K, dim=-1).indices
+            ffn.append(dict(r=route(expert, p.E), h=torch.randn(p.N, S, device=DEVICE, dtype=dt),
+                            gh=torch.randn(p.N, S, device=DEVICE, dtype=dt),
+                            dy=torch.randn(T, D, device=DEVICE, dtype=dt), g=torch.rand(p.N, device=DEVICE)))
+        for f in ffn:
+            f["hg"] = (f["h"].float() * f["g"][:, None]).to(dt)
+        flop = 3 * 2.0 * p.N * D * S
+        problems += [
+            ("FFN up dW (ungated)", flop, [(p.x, f["gh"], f["r"].offsets_E1, f["r"].rows_N, None, None, None) for f in ffn]),
+            ("FFN down dW, gated in loop", flop,
+             [(f["h"], f["dy"], f["r"].offsets_E1, None, f["r"].rows_N, f["g"], None) for f in ffn]),
+            ("FFN down dW, h*g given", flop,
+             [(f["hg"], f["dy"], f["r"].offsets_E1, None, f["r"].rows_N, None, None) for f in ffn]),
+        ]
+        # SwitchHead: routed row n is (token, head, choice); head rows (token, head) are rows_N, tokens rows_N // H
+        att = []
+        for _ in range(3):
+            expert = torch.rand(T * H, E_att, device=DEVICE).topk(2, dim=-1).indices
+            r = route(expert, E_att)
+            N = r.rows_N.numel()
+            a = dict(r=r, tok=r.rows_N // H, o=torch.randn(T * H, S, device=DEVICE, dtype=dt),
+                     dy=torch.randn(T, D, device=DEVICE, dtype=dt), dv=torch.randn(T * H, S, device=DEVICE, dtype=dt),
+                     g=torch.rand(N, device=DEVICE))
+            a["og"] = (a["o"].index_select(0, r.rows_N).float() * a["g"][:, None]).to(dt)
+            a["dvg"] = (a["dv"].index_select(0, r.rows_N).float() * a["g"][:, None]).to(dt)
+            att.append(a)
+        flop_att = 3 * 2.0 * att[0]["r"].rows_N.numel() * D * S
+        problems += [
+            ("SwitchHead O dW, gated in loop", flop_att,
+             [(a["o"], a["dy"], a["r"].offsets_E1, a["r"].rows_N, a["tok"], a["g"], None) for a in att]),
+            ("SwitchHead O dW, gated copy given", flop_att,
+             [(a["og"], a["dy"], a["r"].offsets_E1, None, a["tok"], None, None) for a in att]),
+            ("SwitchHead V dW, gated in loop", flop_att,
+             [(p.x, a["dv"], a["r"].offsets_E1, a["tok"], a["r"].rows_N, a["g"], None) for a in att]),
+            ("SwitchHead V dW, gated d v given", flop_att,
+             [(p.x, a["dvg"], a["r"].offsets_E1, a["tok"], None, None, None) for a in att]),
+        ]
+        for label, fl, segs in problems:
+            for scale_x in ((True, False) if segs[0][5] is not None else (True,)):
+                expert_ops.WGRAD_SCALE_X = scale_x
+                want = sum(expert_ops._weight_grad_torch(*s[:6], torch.float32) for s in segs)
+                got = []
+
+                def run():
+                    got[:] = [weight_grad_segments_triton(segs, torch.float32)]
+                side = (" (gate on x)" if scale_x else " (gate on grad)") if segs[0][5] is not None else ""
+                results.append(try_variant(f"{name}  {label}{side}", run,
+                                           lambda: ((got[0] - want).abs().max() / want.abs().max()).item(), fl))
+            expert_ops.WGRAD_SCALE_X = True
+        f = ffn[0]
+        ms = bench(lambda: (f["h"].float() * f["g"][:, None]).to(dt))
+        if ms == ms:
+            print(f"{name}  writing h*g alone (torch, 3 kernels): {ms:.3f} ms", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
