@@ -19,7 +19,10 @@ routed rows are sorted by expert, expert e owns rows offsets[e]:offsets[e+1].
   shared memory: the down projection's weight gradient ran 8% slower, RESULTS H.4). One
   expert's tiles are adjacent programs, so they share that expert's rows in L2. One launch can sum
   the gradients of up to four applications of a shared weight (`weight_grad_segments_triton`): each
-  tile reads and writes the fp32 sum once for all of them (RESULTS I.3).
+  tile reads and writes the fp32 sum once for all of them (RESULTS I.3). Where the experts are too few
+  to fill the GPU (SwitchHead: 10 experts, 80 output tiles for 132 SMs), each expert's rows are split
+  into ranges, one program each, whose fp32 partials a second kernel adds in a fixed order
+  (`wgrad_splits`): still no atomics.
 
 Both run under `TRITON_INTERPRET=1` on CPU tensors, which is how CI checks their logic.
 """
@@ -99,6 +102,31 @@ def use_loop_n(I: int, O: int, N: int, E: int) -> bool:
     if LOOP_N_OVERRIDE is not None:
         return LOOP_N_OVERRIDE
     return O > 128 and N >= 128 * E
+
+
+# Row splits of the weight gradient: None = automatic (see `wgrad_splits`); an int forces that many
+# (tests); MOEUT_WGRAD_SPLIT=0 never splits.
+WGRAD_SPLIT_OVERRIDE = 1 if os.environ.get("MOEUT_WGRAD_SPLIT", "1") == "0" else None
+WGRAD_MAX_SPLITS = 8
+
+
+def wgrad_splits(E: int, I: int, O: int, rows: int, device: torch.device) -> int:
+    """How many row ranges each expert's weight gradient is split into, each summed by its own program
+    into an fp32 partial that `_sum_splits_kernel` adds up in a fixed order (deterministic, no atomics).
+
+    One program per (expert, 128 x 128 output tile) leaves SMs idle when experts are few: SwitchHead's
+    value and output projections at 244M (10 experts of 1024 x 128) launch 80 programs on the H200's
+    132 SMs, each walking ~13k rows per application. Splitting the rows gives about four programs per
+    SM; never below 1024 rows per range, and never for the FFN (387 experts: 3096 programs)."""
+    if WGRAD_SPLIT_OVERRIDE is not None:
+        return WGRAD_SPLIT_OVERRIDE
+    if device.type != "cuda":
+        return 1
+    tiles = E * triton.cdiv(I, 128) * triton.cdiv(O, 128)
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    if tiles >= target:
+        return 1
+    return max(1, min(WGRAD_MAX_SPLITS, triton.cdiv(target, tiles), rows // (E * 1024)))
 
 
 def available() -> bool:
@@ -298,10 +326,14 @@ if triton is not None:
     def _wgrad_segment(acc, x_ptr, g_ptr, offsets_ptr, rows_ptr, grows_ptr, gscale_ptr, sdst_ptr,
                        sxr, sxi, sgr, sgo, e, ii, oo, i_ok, o_ok,
                        GATHER: tl.constexpr, GGATHER: tl.constexpr, GSCALE: tl.constexpr, FP32: tl.constexpr,
-                       SCALE_AT_DST: tl.constexpr, SCALE_X: tl.constexpr, BK: tl.constexpr):
-        # acc += (one application's) sum over expert e's routed rows of x_row^T g_row for this tile
+                       SCALE_AT_DST: tl.constexpr, SCALE_X: tl.constexpr, BK: tl.constexpr, split, n_split):
+        # acc += (one application's) sum over row range `split` of n_split of expert e's routed rows of
+        # x_row^T g_row for this tile (ranges of whole BK blocks; the last ones may be empty)
         lo = tl.load(offsets_ptr + e)
         hi = tl.load(offsets_ptr + e + 1)
+        per_split = tl.cdiv(tl.cdiv(hi - lo, BK), n_split) * BK
+        lo = lo + split * per_split
+        hi = tl.minimum(hi, lo + per_split)
         ks = tl.arange(0, BK)
         for r0 in range(lo, hi, BK):
             rows = r0 + ks
@@ -332,11 +364,11 @@ if triton is not None:
         return acc
 
     @triton.autotune(configs=_wgrad_configs(), key=["I", "O", "N_SEG", "GATHER", "GGATHER", "GSCALE", "FP32",
-                                                    "ACCUMULATE", "SCALE_AT_DST", "SCALE_X"],
+                                                    "ACCUMULATE", "SCALE_AT_DST", "SCALE_X", "n_split"],
                      prune_configs_by={"early_config_prune": _prune_wgrad_configs},
                      restore_value=["out_ptr"])   # benchmark runs must not add into an accumulator twice
     @triton.jit
-    def _weight_grad_kernel(out_ptr, I, O, soe, soi, soo,
+    def _weight_grad_kernel(out_ptr, I, O, soe, soi, soo, E, n_split,
                             x0, g0, off0, rows0, grows0, gs0, sdst0, sxr0, sxi0, sgr0, sgo0,
                             x1, g1, off1, rows1, grows1, gs1, sdst1, sxr1, sxi1, sgr1, sgo1,
                             x2, g2, off2, rows2, grows2, gs2, sdst2, sxr2, sxi2, sgr2, sgo2,
@@ -346,10 +378,12 @@ if triton is not None:
                             SCALE_AT_DST: tl.constexpr, SCALE_X: tl.constexpr,
                             BI: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr):
         # N_SEG segments (applications of one shared weight, each with its own rows and routing) summed
-        # in one accumulator: the output tile is read and written once for all of them.
+        # in one accumulator: the output tile is read and written once for all of them. With n_split > 1
+        # program (split, e, tile) sums row range `split` of every segment into out[split * E + e].
         n_o = tl.cdiv(O, BO)
         n_tiles = tl.cdiv(I, BI) * n_o
-        e = tl.program_id(0) // n_tiles
+        split = tl.program_id(0) // (E * n_tiles)
+        e = (tl.program_id(0) // n_tiles) % E
         pid = tl.program_id(0) % n_tiles
         ii = (pid // n_o) * BI + tl.arange(0, BI)
         oo = (pid % n_o) * BO + tl.arange(0, BO)
@@ -357,20 +391,32 @@ if triton is not None:
         o_ok = oo < O
         acc = tl.zeros((BI, BO), dtype=tl.float32)
         acc = _wgrad_segment(acc, x0, g0, off0, rows0, grows0, gs0, sdst0, sxr0, sxi0, sgr0, sgo0, e, ii, oo,
-                             i_ok, o_ok, GATHER, GGATHER, GSCALE, FP32, SCALE_AT_DST, SCALE_X, BK)
+                             i_ok, o_ok, GATHER, GGATHER, GSCALE, FP32, SCALE_AT_DST, SCALE_X, BK, split, n_split)
         if N_SEG > 1:
             acc = _wgrad_segment(acc, x1, g1, off1, rows1, grows1, gs1, sdst1, sxr1, sxi1, sgr1, sgo1, e, ii, oo,
-                                 i_ok, o_ok, GATHER, GGATHER, GSCALE, FP32, SCALE_AT_DST, SCALE_X, BK)
+                                 i_ok, o_ok, GATHER, GGATHER, GSCALE, FP32, SCALE_AT_DST, SCALE_X, BK, split, n_split)
         if N_SEG > 2:
             acc = _wgrad_segment(acc, x2, g2, off2, rows2, grows2, gs2, sdst2, sxr2, sxi2, sgr2, sgo2, e, ii, oo,
-                                 i_ok, o_ok, GATHER, GGATHER, GSCALE, FP32, SCALE_AT_DST, SCALE_X, BK)
+                                 i_ok, o_ok, GATHER, GGATHER, GSCALE, FP32, SCALE_AT_DST, SCALE_X, BK, split, n_split)
         if N_SEG > 3:
             acc = _wgrad_segment(acc, x3, g3, off3, rows3, grows3, gs3, sdst3, sxr3, sxi3, sgr3, sgo3, e, ii, oo,
-                                 i_ok, o_ok, GATHER, GGATHER, GSCALE, FP32, SCALE_AT_DST, SCALE_X, BK)
-        o_ptrs = out_ptr + e.to(tl.int64) * soe + ii[:, None] * soi + oo[None, :] * soo
+                                 i_ok, o_ok, GATHER, GGATHER, GSCALE, FP32, SCALE_AT_DST, SCALE_X, BK, split, n_split)
+        o_ptrs = out_ptr + (split * E + e).to(tl.int64) * soe + ii[:, None] * soi + oo[None, :] * soo
         if ACCUMULATE:  # out += this tile: one rounding, as a separate add would do
             acc += tl.load(o_ptrs, mask=i_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & o_ok[None, :])
+
+    @triton.jit
+    def _sum_splits_kernel(parts_ptr, out_ptr, numel, n_split, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr):
+        # out (+)= the n_split fp32 partial weight gradients, added in split order: one rounding
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < numel
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        if ACCUMULATE:
+            acc += tl.load(out_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        for split in range(0, n_split):
+            acc += tl.load(parts_ptr + split * numel + offs, mask=ok, other=0.0)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 if triton is not None:
@@ -564,15 +610,25 @@ def weight_grad_segments_triton(segments, out_dtype: Optional[torch.dtype] = Non
     out_EIO = accumulate_into
     if out_EIO is None:
         out_EIO = torch.empty(E, I, O, device=x0.device, dtype=out_dtype or x0.dtype)
+    rows = segments[0][3].numel() if segments[0][3] is not None else x0.shape[0]
+    n_split = wgrad_splits(E, I, O, rows, x0.device) if out_EIO.is_contiguous() else 1
+    # n_split > 1: the programs write fp32 partials [n_split * E, I, O], summed into out_EIO below
+    dest = out_EIO if n_split == 1 else torch.empty(n_split * E, I, O, device=x0.device, dtype=torch.float32)
 
     def grid(meta):
-        return (E * triton.cdiv(I, meta["BI"]) * triton.cdiv(O, meta["BO"]),)
+        return (n_split * E * triton.cdiv(I, meta["BI"]) * triton.cdiv(O, meta["BO"]),)
 
     gather, ggather, gscale, scale_at_dst = flags
-    _weight_grad_kernel[grid](out_EIO, I, O, out_EIO.stride(0), out_EIO.stride(1), out_EIO.stride(2), *args,
+    _weight_grad_kernel[grid](dest, I, O, dest.stride(0), dest.stride(1), dest.stride(2), E, n_split, *args,
                               N_SEG=len(segments), GATHER=gather, GGATHER=ggather, GSCALE=gscale,
-                              FP32=x0.dtype == torch.float32, ACCUMULATE=accumulate_into is not None,
+                              FP32=x0.dtype == torch.float32,
+                              ACCUMULATE=accumulate_into is not None and n_split == 1,
                               SCALE_AT_DST=scale_at_dst, SCALE_X=_operators.WGRAD_SCALE_X)
+    if n_split > 1:
+        BLOCK = 1024
+        _sum_splits_kernel[(triton.cdiv(out_EIO.numel(), BLOCK),)](dest, out_EIO, out_EIO.numel(), n_split,
+                                                                    ACCUMULATE=accumulate_into is not None,
+                                                                    BLOCK=BLOCK, num_warps=4)
     return out_EIO
 
 

@@ -11,7 +11,9 @@ segments per launch as in a step:
 - FFN down dW: h [N, S] gated in the loop vs h*g precomputed (d out rows gathered either way);
 - SwitchHead output dW: gathered head outputs gated in the loop vs a gated routed copy;
 - SwitchHead value dW: gathered x gated in the loop vs the routed d v rows gated (x gathered either way);
-- the FFN's up dW (never gated) for scale, and the cost of writing a gated copy alone.
+- the FFN's up dW (never gated) for scale, and the cost of writing a gated copy alone;
+- SwitchHead's passes with each expert's rows split over several programs (`wgrad_splits`: its 10
+  experts give 80 output tiles for 132 SMs) and with one program per tile.
 
     python benchmarks/experiments/prescaled_wgrad.py      (CUDA; on CPU the tiny shape, interpreted)
 """
@@ -20,7 +22,8 @@ import torch
 from common import DEVICE, SHAPES, bench, ffn_problem, shapes, try_variant
 from moeut import expert_ops
 from moeut.expert_mm import route
-from moeut.triton_expert_mm import weight_grad_segments_triton
+from moeut import triton_expert_mm
+from moeut.triton_expert_mm import weight_grad_segments_triton, wgrad_splits
 
 # name: (heads, attention experts); SwitchHead's value and output projections pick 2 experts per head
 ATTENTION = {"244M": (4, 10), "1B": (6, 12), "tiny": (2, 3)}
@@ -79,17 +82,25 @@ def main(names=None):
              [(p.x, a["dvg"], a["r"].offsets_E1, a["tok"], None, None, None) for a in att]),
         ]
         for label, fl, segs in problems:
+            x0, g0, off0, rows0 = segs[0][:4]
+            auto = wgrad_splits(off0.numel() - 1, x0.shape[1], g0.shape[1],
+                                rows0.numel() if rows0 is not None else x0.shape[0], x0.device)
             for scale_x in ((True, False) if segs[0][5] is not None else (True,)):
-                expert_ops.WGRAD_SCALE_X = scale_x
-                want = sum(expert_ops._weight_grad_torch(*s[:6], torch.float32) for s in segs)
-                got = []
+                # the row split (eighteenth session) where the experts are few, and one program per tile
+                for split in ((None, 1) if auto > 1 else (None,)):
+                    expert_ops.WGRAD_SCALE_X = scale_x
+                    triton_expert_mm.WGRAD_SPLIT_OVERRIDE = split
+                    want = sum(expert_ops._weight_grad_torch(*s[:6], torch.float32) for s in segs)
+                    got = []
 
-                def run():
-                    got[:] = [weight_grad_segments_triton(segs, torch.float32)]
-                side = (" (gate on x)" if scale_x else " (gate on grad)") if segs[0][5] is not None else ""
-                results.append(try_variant(f"{name}  {label}{side}", run,
-                                           lambda: ((got[0] - want).abs().max() / want.abs().max()).item(), fl))
+                    def run():
+                        got[:] = [weight_grad_segments_triton(segs, torch.float32)]
+                    side = (" (gate on x)" if scale_x else " (gate on grad)") if segs[0][5] is not None else ""
+                    side += f" ({auto} row splits)" if split is None and auto > 1 else " (no split)" if split else ""
+                    results.append(try_variant(f"{name}  {label}{side}", run,
+                                               lambda: ((got[0] - want).abs().max() / want.abs().max()).item(), fl))
             expert_ops.WGRAD_SCALE_X = True
+            triton_expert_mm.WGRAD_SPLIT_OVERRIDE = None
         f = ffn[0]
         ms = bench(lambda: (f["h"].float() * f["g"][:, None]).to(dt))
         if ms == ms:

@@ -185,6 +185,34 @@ def test_triton_weight_grad_segments_match_sum_of_applications(dtype, tol, n_seg
     assert torch.equal(acc[5], acc0[5])
 
 
+@pytest.mark.parametrize("I,O", [(1024, 128), (128, 1024)])
+def test_triton_weight_grad_split_over_rows_at_switchhead_shapes(I, O, monkeypatch):
+    """SwitchHead's value and output weight gradients at 244M (10 experts, 131072 routed rows, three
+    applications per launch): the automatic row split (7 ranges) against one program per tile and the
+    fp64 sum, added to the accumulator; bit-identical when run twice; an expert with no rows exact."""
+    from moeut import triton_expert_mm as tem
+    from moeut.expert_ops import _weight_grad_torch
+    torch.manual_seed(3)
+    E, T, H = 10, 16384, 4
+    segments, want = [], torch.zeros(E, I, O, device="cuda", dtype=torch.float64)
+    for _ in range(3):
+        r = route(torch.randint(0, E - 1, (T * H, 2), device="cuda"), E)
+        x = torch.randn(T * H if I == 128 else T, I, device="cuda", dtype=torch.bfloat16)
+        g = torch.randn(r.rows_N.numel(), O, device="cuda", dtype=torch.bfloat16)
+        seg = (x, g, r.offsets_E1, r.rows_N if I == 128 else r.rows_N // H, None, None, None)
+        segments.append(seg)
+        want += _weight_grad_torch(*seg[:6], torch.float32).double()
+    assert tem.wgrad_splits(E, I, O, segments[0][3].numel(), torch.device("cuda")) > 1
+    acc0 = torch.randn(E, I, O, device="cuda")
+    split = tem.weight_grad_segments_triton(segments, accumulate_into=acc0.clone())
+    assert torch.equal(split, tem.weight_grad_segments_triton(segments, accumulate_into=acc0.clone()))
+    monkeypatch.setattr(tem, "WGRAD_SPLIT_OVERRIDE", 1)
+    whole = tem.weight_grad_segments_triton(segments, accumulate_into=acc0.clone())
+    # (one program over 39k rows per tile: 5e-5 against fp64 on the H200; the ranges' partials: 7e-6)
+    assert rel(split, acc0.double() + want) < 1e-4 and rel(whole, acc0.double() + want) < 1e-4
+    assert torch.equal(split[E - 1], acc0[E - 1])
+
+
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("X,C,O", [(16384, 16, 1024), (8192, 24, 1536), (5, 3, 412), (0, 2, 64)])
 def test_sum_choices_kernel_matches_torch(out_dtype, X, C, O):

@@ -340,6 +340,56 @@ def test_triton_weight_grad_segments_sum_applications(n_seg, layout, dtype):
         assert torch.equal(single, weight_grad_segments_triton(segments, torch.float32))
 
 
+@pytest.mark.parametrize("splits", [2, 3, 8])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_triton_weight_grad_split_over_rows_matches_one_program_per_tile(splits, accumulate, monkeypatch):
+    """Each expert's rows split into ranges, one program and one fp32 partial per range, the partials added
+    in a fixed order (`wgrad_splits`, for projections with few experts): against the plain form and the
+    unsplit kernel, over two applications, uneven and empty ranges (8 splits of 7 row blocks), an expert
+    with no rows (exact zeros, or the accumulator's values), and bit-identical when run twice."""
+    from moeut import triton_expert_mm as tem
+    E, I, O, K = 3, 20, 24, 2
+    gen = torch.Generator().manual_seed(splits)
+    segments, want = [], torch.zeros(E, I, O)
+    for R in (100, 70):   # ~100 and ~70 rows per used expert: 7 and 5 blocks of BK = 16
+        r = route(torch.randint(0, 2, (R, K), generator=gen), E)   # expert 2 gets no rows
+        x, g = torch.randn(R, I, generator=gen), torch.randn(R, O, generator=gen)
+        seg = (x, g, r.offsets_E1, r.rows_N, r.rows_N, torch.rand(R * K, generator=gen), r.slot_N)
+        segments.append(seg)
+        want += _weight_grad_torch(*seg[:6], torch.float32, seg[6])
+    acc0 = torch.randn(E, I, O, generator=gen)
+
+    def run(n):
+        monkeypatch.setattr(tem, "WGRAD_SPLIT_OVERRIDE", n)
+        if accumulate:
+            acc = acc0.clone()
+            assert tem.weight_grad_segments_triton(segments, accumulate_into=acc) is acc
+            return acc
+        return tem.weight_grad_segments_triton(segments, torch.float32)
+    got, unsplit = run(splits), run(1)
+    torch.testing.assert_close(got, want + acc0 if accumulate else want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got, unsplit, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[2], acc0[2] if accumulate else torch.zeros(I, O))
+    assert torch.equal(run(splits), got)
+
+
+def test_weight_grad_splits_only_when_experts_leave_sms_idle(monkeypatch):
+    """The automatic split count: about four programs per SM, at least 1024 rows per range, at most
+    WGRAD_MAX_SPLITS, none for the FFN or on CPU."""
+    from types import SimpleNamespace
+    from moeut import triton_expert_mm as tem
+    monkeypatch.setattr(tem, "WGRAD_SPLIT_OVERRIDE", None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    cuda = torch.device("cuda")
+    assert tem.wgrad_splits(10, 1024, 128, 131072, cuda) == 7    # SwitchHead at 244M: 80 tiles
+    assert tem.wgrad_splits(10, 128, 1024, 131072, cuda) == 7
+    assert tem.wgrad_splits(12, 1536, 128, 98304, cuda) == 4     # at 1B: 144 tiles
+    assert tem.wgrad_splits(387, 1024, 128, 262144, cuda) == 1   # the FFN: 3096 tiles
+    assert tem.wgrad_splits(10, 1024, 128, 20000, cuda) == 1     # under 1024 rows per range
+    assert tem.wgrad_splits(1, 128, 128, 10 ** 7, cuda) == tem.WGRAD_MAX_SPLITS
+    assert tem.wgrad_splits(10, 1024, 128, 131072, torch.device("cpu")) == 1
+
+
 def test_triton_weight_grad_segments_reject_mixed_launches():
     from moeut.triton_expert_mm import MAX_SEGMENTS, weight_grad_segments_triton
     r = route(torch.tensor([[0, 1], [1, 2]]), 3)
