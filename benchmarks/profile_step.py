@@ -117,7 +117,7 @@ def clear_grads(module, *tensors) -> None:
 # what a dense model runs too. Anything else is "other".
 CATEGORIES = [
     ("expert GEMMs", ("_expert_mm_kernel",)),
-    ("expert weight gradients", ("_weight_grad_kernel",)),
+    ("expert weight gradients", ("_weight_grad_kernel", "_sum_splits_kernel")),
     ("top-k sums", ("_sum_choices_kernel",)),
     ("row dots", ("_row_dot_kernel",)),
     ("router and regulariser", ("_sigmoid_topk", "_router", "_prob_sum")),

@@ -20,9 +20,9 @@ routed rows are sorted by expert, expert e owns rows offsets[e]:offsets[e+1].
   expert's tiles are adjacent programs, so they share that expert's rows in L2. One launch can sum
   the gradients of up to four applications of a shared weight (`weight_grad_segments_triton`): each
   tile reads and writes the fp32 sum once for all of them (RESULTS I.3). Where the experts are too few
-  to fill the GPU (SwitchHead: 10 experts, 80 output tiles for 132 SMs), each expert's rows are split
-  into ranges, one program each, whose fp32 partials a second kernel adds in a fixed order
-  (`wgrad_splits`): still no atomics.
+  to fill the GPU (SwitchHead at 244M: 4 heads x 10 experts, 320 output tiles for 132 SMs), each
+  expert's rows are split into ranges, one program each, whose fp32 partials a second kernel adds in a
+  fixed order (`wgrad_splits`, RESULTS Q.2): still no atomics.
 
 Both run under `TRITON_INTERPRET=1` on CPU tensors, which is how CI checks their logic.
 """
@@ -115,9 +115,11 @@ def wgrad_splits(E: int, I: int, O: int, rows: int, device: torch.device) -> int
     into an fp32 partial that `_sum_splits_kernel` adds up in a fixed order (deterministic, no atomics).
 
     One program per (expert, 128 x 128 output tile) leaves SMs idle when experts are few: SwitchHead's
-    value and output projections at 244M (10 experts of 1024 x 128) launch 80 programs on the H200's
-    132 SMs, each walking ~13k rows per application. Splitting the rows gives about four programs per
-    SM; never below 1024 rows per range, and never for the FFN (387 experts: 3096 programs)."""
+    value and output projections at 244M (routed over 4 heads x 10 experts of 1024 x 128) launch 320
+    programs on the H200's 132 SMs, each walking ~3.3k rows per application; they get 2 ranges (+2.0%
+    graphed, RESULTS Q.2). Aims at about four programs per SM, never below 1024 rows per range. Not
+    measured beyond that: whether 244M wants more ranges, or 1B's SwitchHead (72 experts, 864 tiles,
+    no split by this rule) some; never the FFN (387 experts: 3096 tiles)."""
     if WGRAD_SPLIT_OVERRIDE is not None:
         return WGRAD_SPLIT_OVERRIDE
     if device.type != "cuda":

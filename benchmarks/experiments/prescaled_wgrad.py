@@ -12,8 +12,8 @@ segments per launch as in a step:
 - SwitchHead output dW: gathered head outputs gated in the loop vs a gated routed copy;
 - SwitchHead value dW: gathered x gated in the loop vs the routed d v rows gated (x gathered either way);
 - the FFN's up dW (never gated) for scale, and the cost of writing a gated copy alone;
-- SwitchHead's passes with each expert's rows split over several programs (`wgrad_splits`: its 10
-  experts give 80 output tiles for 132 SMs) and with one program per tile.
+- SwitchHead's passes (routed over heads x experts: 40 at 244M, 72 at 1B) with each expert's rows
+  split over 1, 2, 4 or 8 programs, and with the count `wgrad_splits` picks.
 
     python benchmarks/experiments/prescaled_wgrad.py      (CUDA; on CPU the tiny shape, interpreted)
 """
@@ -25,12 +25,9 @@ from moeut.expert_mm import route
 from moeut import triton_expert_mm
 from moeut.triton_expert_mm import weight_grad_segments_triton, wgrad_splits
 
-# name: (heads, attention experts); SwitchHead's value and output projections pick 2 experts per head
+# name: (heads, attention experts per head); SwitchHead's value and output projections pick 2 of its
+# head's experts per (token, head), routed over heads x experts (40 at 244M, 72 at 1B) as in the model
 ATTENTION = {"244M": (4, 10), "1B": (6, 12), "tiny": (2, 3)}
-
-
-def _segments(make, n=3):
-    return [make(i) for i in range(n)]
 
 
 def main(names=None):
@@ -61,8 +58,9 @@ def main(names=None):
         # SwitchHead: routed row n is (token, head, choice); head rows (token, head) are rows_N, tokens rows_N // H
         att = []
         for _ in range(3):
-            expert = torch.rand(T * H, E_att, device=DEVICE).topk(2, dim=-1).indices
-            r = route(expert, E_att)
+            local = torch.rand(T * H, E_att, device=DEVICE).topk(2, dim=-1).indices
+            head = torch.arange(T * H, device=DEVICE) % H
+            r = route(local + head[:, None] * E_att, H * E_att)
             N = r.rows_N.numel()
             a = dict(r=r, tok=r.rows_N // H, o=torch.randn(T * H, S, device=DEVICE, dtype=dt),
                      dy=torch.randn(T, D, device=DEVICE, dtype=dt), dv=torch.randn(T * H, S, device=DEVICE, dtype=dt),
@@ -86,8 +84,10 @@ def main(names=None):
             auto = wgrad_splits(off0.numel() - 1, x0.shape[1], g0.shape[1],
                                 rows0.numel() if rows0 is not None else x0.shape[0], x0.device)
             for scale_x in ((True, False) if segs[0][5] is not None else (True,)):
-                # the row split (eighteenth session) where the experts are few, and one program per tile
-                for split in ((None, 1) if auto > 1 else (None,)):
+                # the row split (eighteenth session) where the experts are few: the automatic count, none,
+                # and a few forced counts for SwitchHead's gated passes (is the automatic count right?)
+                sweep = (None, 1, 2, 4, 8) if label.startswith("SwitchHead") and "given" in label else (None,)
+                for split in sweep:
                     expert_ops.WGRAD_SCALE_X = scale_x
                     triton_expert_mm.WGRAD_SPLIT_OVERRIDE = split
                     want = sum(expert_ops._weight_grad_torch(*s[:6], torch.float32) for s in segs)
@@ -96,7 +96,8 @@ def main(names=None):
                     def run():
                         got[:] = [weight_grad_segments_triton(segs, torch.float32)]
                     side = (" (gate on x)" if scale_x else " (gate on grad)") if segs[0][5] is not None else ""
-                    side += f" ({auto} row splits)" if split is None and auto > 1 else " (no split)" if split else ""
+                    if len(sweep) > 1:
+                        side += f" (automatic: {auto} row ranges)" if split is None else f" ({split} row ranges)"
                     results.append(try_variant(f"{name}  {label}{side}", run,
                                                lambda: ((got[0] - want).abs().max() / want.abs().max()).item(), fl))
             expert_ops.WGRAD_SCALE_X = True

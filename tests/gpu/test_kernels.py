@@ -187,9 +187,10 @@ def test_triton_weight_grad_segments_match_sum_of_applications(dtype, tol, n_seg
 
 @pytest.mark.parametrize("I,O", [(1024, 128), (128, 1024)])
 def test_triton_weight_grad_split_over_rows_at_switchhead_shapes(I, O, monkeypatch):
-    """SwitchHead's value and output weight gradients at 244M (10 experts, 131072 routed rows, three
-    applications per launch): the automatic row split (7 ranges) against one program per tile and the
-    fp64 sum, added to the accumulator; bit-identical when run twice; an expert with no rows exact."""
+    """Weight gradients of a projection with few experts (SwitchHead's widths, 10 experts, 131072 routed
+    rows, three applications per launch): the automatic row split (7 ranges) against one program per
+    tile and the fp64 sum, added to the accumulator; bit-identical when run twice; an expert with no
+    rows exact. (The model routes SwitchHead over heads x experts: 40 at 244M, 2 ranges.)"""
     from moeut import triton_expert_mm as tem
     from moeut.expert_ops import _weight_grad_torch
     torch.manual_seed(3)

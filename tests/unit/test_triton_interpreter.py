@@ -381,9 +381,10 @@ def test_weight_grad_splits_only_when_experts_leave_sms_idle(monkeypatch):
     monkeypatch.setattr(tem, "WGRAD_SPLIT_OVERRIDE", None)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
     cuda = torch.device("cuda")
-    assert tem.wgrad_splits(10, 1024, 128, 131072, cuda) == 7    # SwitchHead at 244M: 80 tiles
-    assert tem.wgrad_splits(10, 128, 1024, 131072, cuda) == 7
-    assert tem.wgrad_splits(12, 1536, 128, 98304, cuda) == 4     # at 1B: 144 tiles
+    assert tem.wgrad_splits(40, 1024, 128, 131072, cuda) == 2    # SwitchHead at 244M (4 heads x 10): 320 tiles
+    assert tem.wgrad_splits(40, 128, 1024, 131072, cuda) == 2
+    assert tem.wgrad_splits(72, 1536, 128, 98304, cuda) == 1     # at 1B (6 x 12): 864 tiles
+    assert tem.wgrad_splits(10, 1024, 128, 131072, cuda) == 7    # 80 tiles
     assert tem.wgrad_splits(387, 1024, 128, 262144, cuda) == 1   # the FFN: 3096 tiles
     assert tem.wgrad_splits(10, 1024, 128, 20000, cuda) == 1     # under 1024 rows per range
     assert tem.wgrad_splits(1, 128, 128, 10 ** 7, cuda) == tem.WGRAD_MAX_SPLITS
