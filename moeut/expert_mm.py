@@ -116,9 +116,10 @@ def combine(y_NO: Tensor, choice_XC: Tensor, gate_XC: Tensor) -> Tensor:
     return (gate_XC.to(y_XCO.dtype).unsqueeze(1) @ y_XCO).squeeze(1)
 
 
-# MOEUT_GATES_AT_DST=1: the weight gradients (and the input gradient's scale) read the gates in (row,
-# choice) order through slot[n] too, with no routed copy of them (the gate gradient always is written in
-# that order, RESULTS P.1). Correct on the GPU, but slower in graphed steps (RESULTS F.2: likely the read
+# MOEUT_GATES_AT_DST=1: where a kernel still scales by routed row n's gate from a routed copy of the gates
+# (the weight gradients with MOEUT_GATED_WGRAD=0, the input gradient of the combines' fallback paths),
+# read it in (row, choice) order through slot[n] instead (the gate gradient always is written in that
+# order, RESULTS P.1). Correct on the GPU, but slower in graphed steps (RESULTS F.2: likely the read
 # through slot[n] inside the weight gradient's K loop), so off.
 GATES_AT_DST = os.environ.get("MOEUT_GATES_AT_DST", "0") == "1"
 
