@@ -108,7 +108,7 @@ PASSES = ("up fwd", "down fwd", "down dx", "up dx", "up dW", "down dW")
 
 def ffn_passes(D: int = 1024, E: int = 387, K: int = 16, S: int = 128, T: int = 16384):
     """{pass name: a call of moeut's wrapper that launches it}, the σ-MoE FFN at the given shapes (244M)."""
-    from moeut import triton_expert_mm as tem
+    from moeut import triton_expert_mm as tem, triton_weight_grad as twg
     bf16 = dict(dtype=torch.bfloat16)
     N = T * K
     x, gy = torch.empty(T, D, **bf16), torch.empty(T, D, **bf16)
@@ -121,9 +121,9 @@ def ffn_passes(D: int = 1024, E: int = 387, K: int = 16, S: int = 128, T: int = 
         "down fwd": lambda: tem.grouped_mm_triton(h, w2, offsets, None, gate, slot, scale_at_dst=True),
         "down dx": lambda: tem.grouped_mm_triton(gy, w2.transpose(1, 2), offsets, rows),
         "up dx": lambda: tem.grouped_mm_triton(gh, w1.transpose(1, 2), offsets, None, None, slot),
-        "up dW": lambda: tem.weight_grad_segments_triton([(x, gh, offsets, rows, None, None, None)] * 3, torch.float32,
+        "up dW": lambda: twg.weight_grad_segments_triton([(x, gh, offsets, rows, None, None, None)] * 3, torch.float32,
                                                          accumulate_into=torch.empty(E, D, S)),
-        "down dW": lambda: tem.weight_grad_segments_triton([(h, gy, offsets, None, rows, gate, slot)] * 3,
+        "down dW": lambda: twg.weight_grad_segments_triton([(h, gy, offsets, None, rows, gate, slot)] * 3,
                                                            torch.float32, accumulate_into=torch.empty(E, S, D)),
     }
     assert tuple(passes) == PASSES
@@ -133,8 +133,8 @@ def ffn_passes(D: int = 1024, E: int = 387, K: int = 16, S: int = 128, T: int = 
 def compile_passes(names=None, first_config: bool = False, ir_dir: Path = None) -> list:
     """One row per (pass, config): `ir_features` of its sm_90 compile, plus its shared memory in bytes."""
     from triton.runtime import driver
-    from moeut import triton_expert_mm as tem
-    saved = dict(mm=tem._expert_mm_kernel, wgrad=tem._weight_grad_kernel, smem=tem._smem_limit,
+    from moeut import triton_expert_mm as tem, triton_weight_grad as twg
+    saved = dict(mm=tem._expert_mm_kernel, wgrad=twg._weight_grad_kernel, smem=tem._smem_limit,
                  driver=getattr(driver, "_active", None))   # (`reset_active` raises on a machine without a GPU)
     driver.set_active(_fake_hopper_driver())
     rows = []
@@ -144,10 +144,10 @@ def compile_passes(names=None, first_config: bool = False, ir_dir: Path = None) 
             if names is not None and name not in names:
                 continue
             tem._expert_mm_kernel = _CompileInsteadOfLaunch(saved["mm"], name, rows, first_config, ir_dir)
-            tem._weight_grad_kernel = _CompileInsteadOfLaunch(saved["wgrad"], name, rows, first_config, ir_dir)
+            twg._weight_grad_kernel = _CompileInsteadOfLaunch(saved["wgrad"], name, rows, first_config, ir_dir)
             run()
     finally:
-        tem._expert_mm_kernel, tem._weight_grad_kernel, tem._smem_limit = saved["mm"], saved["wgrad"], saved["smem"]
+        tem._expert_mm_kernel, twg._weight_grad_kernel, tem._smem_limit = saved["mm"], saved["wgrad"], saved["smem"]
         driver._active = saved["driver"]
     return rows
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moeut import triton_expert_mm as tem  # noqa: E402
+from moeut import triton_expert_mm as tem, triton_weight_grad as twg  # noqa: E402
 from moeut.expert_mm import route  # noqa: E402
 
 # d_model, experts, choices per token. The "-att" shapes are SwitchHead's V / O projections (heads x
@@ -108,7 +108,7 @@ def sweep_shape(name, D, E, K, T, top=None, passes_filter=()):
     group = r.slot_N // K
     gy_T = torch.randn(T, D, device=DEVICE, dtype=dt)
     flops = 2 * N * D * S
-    mm, wg = tem._expert_mm_kernel, tem._weight_grad_kernel
+    mm, wg = tem._expert_mm_kernel, twg._weight_grad_kernel
     f32 = torch.float32
     passes = [
         ("up fwd (gather x)", mm, MM, lambda: tem.grouped_mm_triton(x, w1, r.offsets_E1, r.rows_N), False),
@@ -119,14 +119,14 @@ def sweep_shape(name, D, E, K, T, top=None, passes_filter=()):
         ("up dx (scatter; loop over N)", mm, LOOP_N,
          lambda: tem.grouped_mm_triton(gh, w1.transpose(1, 2), r.offsets_E1, None, None, r.slot_N), False),
         ("up dW (gather x)", wg, WGRAD,
-         lambda: tem.grouped_mm_weight_grad_triton(x, gh, r.offsets_E1, r.rows_N, out_dtype=f32), True),
+         lambda: twg.grouped_mm_weight_grad_triton(x, gh, r.offsets_E1, r.rows_N, out_dtype=f32), True),
         ("down dW (gather, gate dy)", wg, WGRAD,
-         lambda: tem.grouped_mm_weight_grad_triton(h, gy_T, r.offsets_E1, None, group, gate, out_dtype=f32), True),
+         lambda: twg.grouped_mm_weight_grad_triton(h, gy_T, r.offsets_E1, None, group, gate, out_dtype=f32), True),
     ]
     if name.endswith("-att"):   # SwitchHead's value weight gradient: x and d v gathered, gate on x
         gv = torch.randn(N // 2, S, device=DEVICE, dtype=dt)   # one row per (token, head): top-2 per head
         passes.append(("value dW (gather x, gather dv, gate)", wg, WGRAD,
-                       lambda: tem.grouped_mm_weight_grad_triton(x, gv, r.offsets_E1, r.rows_N, r.slot_N // 2, gate,
+                       lambda: twg.grouped_mm_weight_grad_triton(x, gv, r.offsets_E1, r.rows_N, r.slot_N // 2, gate,
                                                                  out_dtype=f32), True))
     rows = []
     for pname, kernel, configs, fn, is_wgrad in passes:

@@ -181,7 +181,7 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
         operators.WGRAD_SCALE_X = default_side
     # A shared weight's gradient summed over its applications (shared_weights.py): each launch adds into
     # the fp32 sum, reading and writing it; with WGRAD_DEFER one launch sums several applications.
-    from moeut.triton_expert_mm import weight_grad_segments_triton
+    from moeut.triton_weight_grad import weight_grad_segments_triton
     for label, seg, io_bytes in (("up dW", (x, gh, r.offsets_E1, r.rows_N, None, None, None), 2 * (T * D + N * S)),
                                  ("down dW", (h, gy_T, r.offsets_E1, None, group, gate, None), 2 * (N * S + T * D))):
         acc = torch.zeros(E, seg[0].shape[1], seg[1].shape[1], device="cuda")

@@ -24,9 +24,10 @@ materialises a gathered or gate-scaled [N, D] copy, and no sum needs atomics: re
 bit-reproducible.
 
 The operators themselves (and their plain-PyTorch forms) are in `expert_ops.py`, their Triton kernels
-in `triton_expert_mm.py`; this file composes them into `expert_mm` and `expert_mm_combine` with their
-backward passes (the FFN's whole expert MLP is `expert_mlp.py`). The naive gather + einsum
-`reference_expert_mm` is the ground truth tests compare both implementations against.
+in `triton_expert_mm.py` and `triton_weight_grad.py`; this file composes them into `expert_mm` and
+`expert_mm_combine` with their backward passes (the FFN's whole expert MLP is `expert_mlp.py`). The
+naive gather + einsum `reference_expert_mm` is the ground truth tests compare both implementations
+against.
 """
 from __future__ import annotations
 

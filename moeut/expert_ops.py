@@ -11,7 +11,8 @@ torch.compile sees them as opaque nodes with known output shapes; the autograd F
 `expert_mm.py` and `expert_mlp.py` compose them.
 
 Two implementations sit behind each operator: the plain-PyTorch one here (one matmul per expert
-segment; CPU, and the reference) and the Triton one in `triton_expert_mm.py` (CUDA, `use_fused`).
+segment; CPU, and the reference) and the Triton one in `triton_expert_mm.py` and
+`triton_weight_grad.py` (CUDA, `use_fused`).
 """
 from __future__ import annotations
 
@@ -187,7 +188,7 @@ def grouped_mm_weight_grad(x: Tensor, grad: Tensor, offsets: Tensor, rows: Optio
     scaled row is rounded to x's dtype (`WGRAD_SCALE_X`).
     scale_dst: the scale of routed row n is grad_scale[scale_dst[n]] (gates in (row, choice) order)."""
     if use_fused(x):
-        from .triton_expert_mm import grouped_mm_weight_grad_triton
+        from .triton_weight_grad import grouped_mm_weight_grad_triton
         return grouped_mm_weight_grad_triton(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype,
                                              scale_dst_N=scale_dst)
     return _weight_grad_torch(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype, scale_dst)
@@ -207,7 +208,7 @@ def grouped_mm_weight_grad_add(acc: Tensor, x: Tensor, grad: Tensor, offsets: Te
     torch._check(acc.shape == (offsets.shape[0] - 1, x.shape[1], grad.shape[1]),
                  lambda: f"grouped_mm_weight_grad_add: accumulator of shape {tuple(acc.shape)}")
     if use_fused(x):
-        from .triton_expert_mm import grouped_mm_weight_grad_triton
+        from .triton_weight_grad import grouped_mm_weight_grad_triton
         grouped_mm_weight_grad_triton(x, grad, offsets, rows, grad_rows, grad_scale, acc.dtype, accumulate_into=acc,
                                       scale_dst_N=scale_dst)
     else:

@@ -49,7 +49,7 @@ def _env_count(name: str, default: int) -> int:
 
 
 # MOEUT_WGRAD_DEFER: how many applications of a shared weight one weight-gradient launch sums (1: one
-# launch each; at most `triton_expert_mm.MAX_SEGMENTS`). Deferring an application's gradient to a later
+# launch each; at most `triton_weight_grad.MAX_SEGMENTS`). Deferring an application's gradient to a later
 # launch keeps its operands alive until then, and saves reading and writing the fp32 sum (0.4 GB per
 # FFN weight and application at 244M) for all but one of them: 3 measured best (RESULTS I.3). CUDA
 # only: the PyTorch path computes each at once.
@@ -74,7 +74,7 @@ class GradSink:
         if not segments:
             return
         if len(segments) > 1:
-            from .triton_expert_mm import weight_grad_segments_triton
+            from .triton_weight_grad import weight_grad_segments_triton
             self.grad = weight_grad_segments_triton(segments, self.dtype, accumulate_into=self.grad)
             return
         x, grad, offsets, rows, grad_rows, grad_scale, scale_dst = segments[0]
@@ -108,7 +108,7 @@ def _defer_count(x: Tensor) -> int:
     from .fused import use_fused   # (looked up at call time: tests switch the kernels on in `fused`)
     if WGRAD_DEFER <= 1 or not use_fused(x):
         return 1
-    from .triton_expert_mm import MAX_SEGMENTS
+    from .triton_weight_grad import MAX_SEGMENTS
     return min(WGRAD_DEFER, MAX_SEGMENTS)
 
 

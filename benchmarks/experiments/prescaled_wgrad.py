@@ -22,8 +22,8 @@ import torch
 from common import DEVICE, SHAPES, bench, ffn_problem, shapes, try_variant
 from moeut import expert_ops
 from moeut.expert_mm import route
-from moeut import triton_expert_mm
-from moeut.triton_expert_mm import weight_grad_segments_triton, wgrad_splits
+from moeut import triton_weight_grad
+from moeut.triton_weight_grad import weight_grad_segments_triton, wgrad_splits
 
 # name: (heads, attention experts per head); SwitchHead's value and output projections pick 2 of its
 # head's experts per (token, head), routed over heads x experts (40 at 244M, 72 at 1B) as in the model
@@ -89,7 +89,7 @@ def main(names=None):
                 sweep = (None, 1, 2, 4, 8) if label.startswith("SwitchHead") and "given" in label else (None,)
                 for split in sweep:
                     expert_ops.WGRAD_SCALE_X = scale_x
-                    triton_expert_mm.WGRAD_SPLIT_OVERRIDE = split
+                    triton_weight_grad.WGRAD_SPLIT_OVERRIDE = split
                     want = sum(expert_ops._weight_grad_torch(*s[:6], torch.float32) for s in segs)
                     got = []
 
@@ -101,7 +101,7 @@ def main(names=None):
                     results.append(try_variant(f"{name}  {label}{side}", run,
                                                lambda: ((got[0] - want).abs().max() / want.abs().max()).item(), fl))
             expert_ops.WGRAD_SCALE_X = True
-            triton_expert_mm.WGRAD_SPLIT_OVERRIDE = None
+            triton_weight_grad.WGRAD_SPLIT_OVERRIDE = None
         f = ffn[0]
         ms = bench(lambda: (f["h"].float() * f["g"][:, None]).to(dt))
         if ms == ms:

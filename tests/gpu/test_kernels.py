@@ -163,7 +163,7 @@ def test_triton_weight_grad_segments_match_sum_of_applications(dtype, tol, n_seg
     244M, 4096 tokens each): the fp32 sum of each application's gradient (bf16 operands exact in fp32),
     added to the accumulator; an expert no application routes to keeps its values."""
     from moeut.expert_ops import _weight_grad_torch
-    from moeut.triton_expert_mm import weight_grad_segments_triton
+    from moeut.triton_weight_grad import weight_grad_segments_triton
     torch.manual_seed(n_seg)
     E, K, T = 387, 16, 4096
     segments, want = [], torch.zeros(E, I, O, device="cuda", dtype=torch.float64)
@@ -191,7 +191,7 @@ def test_triton_weight_grad_split_over_rows_at_switchhead_shapes(I, O, monkeypat
     rows, three applications per launch): the automatic row split (7 ranges) against one program per
     tile and the fp64 sum, added to the accumulator; bit-identical when run twice; an expert with no
     rows exact. (The model routes SwitchHead over heads x experts: 40 at 244M, 2 ranges.)"""
-    from moeut import triton_expert_mm as tem
+    from moeut import triton_weight_grad as twg
     from moeut.expert_ops import _weight_grad_torch
     torch.manual_seed(3)
     E, T, H = 10, 16384, 4
@@ -203,12 +203,12 @@ def test_triton_weight_grad_split_over_rows_at_switchhead_shapes(I, O, monkeypat
         seg = (x, g, r.offsets_E1, r.rows_N if I == 128 else r.rows_N // H, None, None, None)
         segments.append(seg)
         want += _weight_grad_torch(*seg[:6], torch.float32).double()
-    assert tem.wgrad_splits(E, I, O, segments[0][3].numel(), torch.device("cuda")) > 1
+    assert twg.wgrad_splits(E, I, O, segments[0][3].numel(), torch.device("cuda")) > 1
     acc0 = torch.randn(E, I, O, device="cuda")
-    split = tem.weight_grad_segments_triton(segments, accumulate_into=acc0.clone())
-    assert torch.equal(split, tem.weight_grad_segments_triton(segments, accumulate_into=acc0.clone()))
-    monkeypatch.setattr(tem, "WGRAD_SPLIT_OVERRIDE", 1)
-    whole = tem.weight_grad_segments_triton(segments, accumulate_into=acc0.clone())
+    split = twg.weight_grad_segments_triton(segments, accumulate_into=acc0.clone())
+    assert torch.equal(split, twg.weight_grad_segments_triton(segments, accumulate_into=acc0.clone()))
+    monkeypatch.setattr(twg, "WGRAD_SPLIT_OVERRIDE", 1)
+    whole = twg.weight_grad_segments_triton(segments, accumulate_into=acc0.clone())
     # (one program over 39k rows per tile: 5e-5 against fp64 on the H200; the ranges' partials: 7e-6)
     assert rel(split, acc0.double() + want) < 1e-4 and rel(whole, acc0.double() + want) < 1e-4
     assert torch.equal(split[E - 1], acc0[E - 1])

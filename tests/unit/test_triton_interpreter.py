@@ -11,8 +11,9 @@ if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
 
 from moeut.expert_mm import reference_expert_mm, route  # noqa: E402
 from moeut.expert_ops import _grouped_mm_torch, _weight_grad_torch  # noqa: E402
-from moeut import triton_expert_mm  # noqa: E402
-from moeut.triton_expert_mm import grouped_mm_triton, grouped_mm_weight_grad_triton  # noqa: E402
+from moeut import triton_expert_mm, triton_weight_grad  # noqa: E402
+from moeut.triton_expert_mm import grouped_mm_triton  # noqa: E402
+from moeut.triton_weight_grad import grouped_mm_weight_grad_triton  # noqa: E402
 
 
 @pytest.mark.parametrize("kind", ["random", "one_expert", "empty_experts"])
@@ -311,7 +312,7 @@ def test_triton_weight_grad_segments_sum_applications(n_seg, layout, dtype):
     """One launch over several applications of a weight (each its own rows, routing and operands)
     equals the sum of their weight gradients, added to the accumulator; experts that no application
     routes to keep the accumulator's values exactly."""
-    from moeut.triton_expert_mm import weight_grad_segments_triton
+    from moeut.triton_weight_grad import weight_grad_segments_triton
     E, I, O, K = 7, 20, 24, 2
     gen = torch.Generator().manual_seed(11 * n_seg + len(layout))
     segments, want = [], torch.zeros(E, I, O)
@@ -347,7 +348,7 @@ def test_triton_weight_grad_split_over_rows_matches_one_program_per_tile(splits,
     in a fixed order (`wgrad_splits`, for projections with few experts): against the plain form and the
     unsplit kernel, over two applications, uneven and empty ranges (8 splits of 7 row blocks), an expert
     with no rows (exact zeros, or the accumulator's values), and bit-identical when run twice."""
-    from moeut import triton_expert_mm as tem
+    from moeut import triton_weight_grad as twg
     E, I, O, K = 3, 20, 24, 2
     gen = torch.Generator().manual_seed(splits)
     segments, want = [], torch.zeros(E, I, O)
@@ -360,12 +361,12 @@ def test_triton_weight_grad_split_over_rows_matches_one_program_per_tile(splits,
     acc0 = torch.randn(E, I, O, generator=gen)
 
     def run(n):
-        monkeypatch.setattr(tem, "WGRAD_SPLIT_OVERRIDE", n)
+        monkeypatch.setattr(twg, "WGRAD_SPLIT_OVERRIDE", n)
         if accumulate:
             acc = acc0.clone()
-            assert tem.weight_grad_segments_triton(segments, accumulate_into=acc) is acc
+            assert twg.weight_grad_segments_triton(segments, accumulate_into=acc) is acc
             return acc
-        return tem.weight_grad_segments_triton(segments, torch.float32)
+        return twg.weight_grad_segments_triton(segments, torch.float32)
     got, unsplit = run(splits), run(1)
     torch.testing.assert_close(got, want + acc0 if accumulate else want, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(got, unsplit, rtol=1e-5, atol=1e-5)
@@ -377,22 +378,22 @@ def test_weight_grad_splits_only_when_experts_leave_sms_idle(monkeypatch):
     """The automatic split count: about four programs per SM, at least 1024 rows per range, at most
     WGRAD_MAX_SPLITS, none for the FFN or on CPU."""
     from types import SimpleNamespace
-    from moeut import triton_expert_mm as tem
-    monkeypatch.setattr(tem, "WGRAD_SPLIT_OVERRIDE", None)
+    from moeut import triton_weight_grad as twg
+    monkeypatch.setattr(twg, "WGRAD_SPLIT_OVERRIDE", None)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
     cuda = torch.device("cuda")
-    assert tem.wgrad_splits(40, 1024, 128, 131072, cuda) == 2    # SwitchHead at 244M (4 heads x 10): 320 tiles
-    assert tem.wgrad_splits(40, 128, 1024, 131072, cuda) == 2
-    assert tem.wgrad_splits(72, 1536, 128, 98304, cuda) == 1     # at 1B (6 x 12): 864 tiles
-    assert tem.wgrad_splits(10, 1024, 128, 131072, cuda) == 7    # 80 tiles
-    assert tem.wgrad_splits(387, 1024, 128, 262144, cuda) == 1   # the FFN: 3096 tiles
-    assert tem.wgrad_splits(10, 1024, 128, 20000, cuda) == 1     # under 1024 rows per range
-    assert tem.wgrad_splits(1, 128, 128, 10 ** 7, cuda) == tem.WGRAD_MAX_SPLITS
-    assert tem.wgrad_splits(10, 1024, 128, 131072, torch.device("cpu")) == 1
+    assert twg.wgrad_splits(40, 1024, 128, 131072, cuda) == 2    # SwitchHead at 244M (4 heads x 10): 320 tiles
+    assert twg.wgrad_splits(40, 128, 1024, 131072, cuda) == 2
+    assert twg.wgrad_splits(72, 1536, 128, 98304, cuda) == 1     # at 1B (6 x 12): 864 tiles
+    assert twg.wgrad_splits(10, 1024, 128, 131072, cuda) == 7    # 80 tiles
+    assert twg.wgrad_splits(387, 1024, 128, 262144, cuda) == 1   # the FFN: 3096 tiles
+    assert twg.wgrad_splits(10, 1024, 128, 20000, cuda) == 1     # under 1024 rows per range
+    assert twg.wgrad_splits(1, 128, 128, 10 ** 7, cuda) == twg.WGRAD_MAX_SPLITS
+    assert twg.wgrad_splits(10, 1024, 128, 131072, torch.device("cpu")) == 1
 
 
 def test_triton_weight_grad_segments_reject_mixed_launches():
-    from moeut.triton_expert_mm import MAX_SEGMENTS, weight_grad_segments_triton
+    from moeut.triton_weight_grad import MAX_SEGMENTS, weight_grad_segments_triton
     r = route(torch.tensor([[0, 1], [1, 2]]), 3)
     x, g = torch.randn(2, 8), torch.randn(4, 8)
     seg = (x, g, r.offsets_E1, r.rows_N, None, None, None)
@@ -423,8 +424,8 @@ def test_shared_weights_through_the_kernels_match_per_application(defer, monkeyp
     monkeypatch.setattr(shared_weights, "ENABLED", False)
     _, want = autocast_step_grads(model, x)
     launches = []
-    segments_triton = triton_expert_mm.weight_grad_segments_triton
-    monkeypatch.setattr(triton_expert_mm, "weight_grad_segments_triton",
+    segments_triton = triton_weight_grad.weight_grad_segments_triton
+    monkeypatch.setattr(triton_weight_grad, "weight_grad_segments_triton",
                         lambda segments, *a, **kw: launches.append(len(segments)) or segments_triton(segments, *a, **kw))
     monkeypatch.setattr(shared_weights, "ENABLED", True)
     _, got = autocast_step_grads(model, x)
@@ -538,26 +539,34 @@ def test_expert_mlp_through_the_kernels_matches_the_torch_path(dtype, gates_at_d
 
 
 
+def _expert_mlp_or_combine_case(case: str, seed: int):
+    """(dtype, leaves, run, output gradient) of a gated projection with an expert that gets no row: the
+    expert MLP ("mlp_bf16", "mlp_fp32") or a combine, narrower in than out ("combine_narrow_out"), wider
+    ("combine_wide_in..."), or with routed input rows ("combine_routed_input")."""
+    from moeut import expert_mlp as mlp_module, expert_mm as em
+    from tests.helpers import combine_case
+    from tests.unit.test_expert_mlp import mlp_case
+    if case.startswith("mlp"):
+        dtype = torch.bfloat16 if case == "mlp_bf16" else torch.float32
+        r, x, w1, w2, gate, gy = mlp_case(dtype, seed=seed)
+        return dtype, (x, w1, w2, gate), lambda: mlp_module.expert_mlp(x, w1, w2, r, gate), gy
+    I, O = (5, 12) if case == "combine_narrow_out" else (12, 5)
+    gather = case != "combine_routed_input"
+    r, x, w, gate = combine_case(gather, 1, I, O, seed=seed)
+    gy = torch.randn(gate.shape[0], O, generator=torch.Generator().manual_seed(seed + 100))
+    return torch.float32, (x, w, gate), lambda: em.expert_mm_combine(x, w, r, gate, gather=gather), gy
+
+
 @pytest.mark.parametrize("case", ["mlp_bf16", "mlp_fp32", "combine_narrow_out", "combine_wide_in_epilogue",
                                   "combine_wide_in_recomputed", "combine_routed_input"])
 def test_gate_gradient_is_written_in_choice_order_with_no_permuting_copy(case, monkeypatch):
     """The row dots (and the value projection's epilogue dot) read the gates and write their gradient in
     (row, choice) order (RESULTS P.1): the interpreted kernels' backward runs no index_copy, and every
     gradient (and the output) matches the PyTorch path (an expert that gets no row included)."""
-    from moeut import expert_mlp as mlp_module, expert_mm as em
-    from tests.helpers import combine_case, switch_kernels
-    from tests.unit.test_expert_mlp import mlp_case
-    if case.startswith("mlp"):
-        dtype = torch.bfloat16 if case == "mlp_bf16" else torch.float32
-        r, x, w1, w2, gate, gy = mlp_case(dtype, seed=5)
-        leaves, run = (x, w1, w2, gate), lambda: mlp_module.expert_mlp(x, w1, w2, r, gate)
-    else:
-        dtype, I, O = torch.float32, *((5, 12) if case == "combine_narrow_out" else (12, 5))
-        gather = case != "combine_routed_input"
-        monkeypatch.setattr(em, "EPILOGUE_DOT", case != "combine_wide_in_recomputed")
-        r, x, w, gate = combine_case(gather, 1, I, O, seed=9)
-        gy = torch.randn(gate.shape[0], O, generator=torch.Generator().manual_seed(3))
-        leaves, run = (x, w, gate), lambda: em.expert_mm_combine(x, w, r, gate, gather=gather)
+    from moeut import expert_mm as em
+    from tests.helpers import switch_kernels
+    monkeypatch.setattr(em, "EPILOGUE_DOT", case != "combine_wide_in_recomputed")
+    dtype, leaves, run, gy = _expert_mlp_or_combine_case(case, seed=5)
     results = []
     for kernels in (True, False):
         switch_kernels(monkeypatch, lambda t, switch=None, kernels=kernels: kernels)
@@ -584,17 +593,8 @@ def test_gated_weight_gradient_operand_matches_gating_in_the_loop(case, monkeypa
     SwitchHead's output projection); moved to d out for the value projection, equal within rounding. Both
     on the kernel path (interpreted) and on the PyTorch path; an expert that gets no row included."""
     from moeut import expert_mlp as mlp_module, expert_mm as em
-    from tests.helpers import combine_case, switch_kernels
-    from tests.unit.test_expert_mlp import mlp_case
-    if case.startswith("mlp"):
-        dtype = torch.bfloat16 if case == "mlp_bf16" else torch.float32
-        r, x, w1, w2, gate, gy = mlp_case(dtype, seed=7)
-        leaves, run = (x, w1, w2, gate), lambda: mlp_module.expert_mlp(x, w1, w2, r, gate)
-    else:
-        dtype, I, O = torch.float32, *((5, 12) if case == "combine_narrow_out" else (12, 5))
-        r, x, w, gate = combine_case(True, 1, I, O, seed=10)
-        gy = torch.randn(gate.shape[0], O, generator=torch.Generator().manual_seed(4))
-        leaves, run = (x, w, gate), lambda: em.expert_mm_combine(x, w, r, gate)
+    from tests.helpers import switch_kernels
+    dtype, leaves, run, gy = _expert_mlp_or_combine_case(case, seed=7)
     scales = []
     real = {m: m.weight_grad for m in (em, mlp_module)}
     for m, f in real.items():
@@ -637,7 +637,7 @@ def test_pinned_configs_pick_the_named_config_for_matching_keys_only(monkeypatch
     # through the autotuner's prune hook: positional key arguments (I, O) arrive in named_args
     monkeypatch.setattr(tem, "PINNED_CONFIGS", rules)
     assert tem._prune_mm_configs(configs, {"I": 128, "O": 1024}, ROW_DOT=True, FP32=False) == ["c"]
-    assert tem._prune_wgrad_configs(configs, {"I": 1024}) == ["b"]
+    assert triton_weight_grad._prune_wgrad_configs(configs, {"I": 1024}) == ["b"]
     with pytest.raises(ValueError, match="names config 2, but the mm kernel has 2"):
         tem.pinned_config(["a", "b"], {"ROW_DOT": True, "I": 128}, "mm", rules)
     for bad, why in (("{", "not valid JSON"), ('{"kernel": "mm"}', "must be a JSON list"),
