@@ -146,7 +146,9 @@ def grouped_mm_dot(x: Tensor, weight: Tensor, offsets: Tensor, rows: Optional[Te
     output rows ("loop over N"); elsewhere y is recomputed (one more GEMM) and dotted in a second pass."""
     _check(x, weight, offsets)
     torch._check(not gate_x or scale is not None, lambda: "grouped_mm_dot: gate_x needs a scale")
-    x_scale = None if scale is None else (scale.index_select(0, dst) if scale_at_dst else scale)
+
+    def routed_scale():   # scale[n] of routed row n (the loop-over-N kernel reads it at dst itself)
+        return scale.index_select(0, dst) if scale_at_dst else scale
     if use_fused(x):
         from .triton_expert_mm import grouped_mm_triton, row_dot_triton, use_loop_n
         N, (E, I, O) = _routed_count(x, rows), weight.shape
@@ -155,17 +157,17 @@ def grouped_mm_dot(x: Tensor, weight: Tensor, offsets: Tensor, rows: Optional[Te
                                      dot_rows_N=dot_rows, dot_dst_N=dot_dst, gate_x=gate_x)
         out = grouped_mm_triton(x, weight, offsets, rows, scale, dst, scale_at_dst)
         y = grouped_mm_triton(dot_x, weight.transpose(1, 2), offsets, dot_rows)
-        gated = _gated_rows(x, rows, x_scale) if gate_x else x.new_empty(0, x.shape[1])
+        gated = _gated_rows(x, rows, routed_scale()) if gate_x else x.new_empty(0, x.shape[1])
         return out, row_dot_triton(y, x, rows, None, dot_dst)[0], gated
     plain = _grouped_mm_torch(x, weight, offsets, rows)
     dot = (_acc(plain) * _acc(dot_x.index_select(0, dot_rows))).sum(-1)
     if dot_dst is not None:
         dot = torch.empty_like(dot).index_copy_(0, dot_dst, dot)
     if scale is not None:
-        plain = _scale_rows(plain, x_scale)
+        plain = _scale_rows(plain, routed_scale())
     if dst is not None:
         plain = torch.empty_like(plain).index_copy_(0, dst, plain)
-    return plain, dot, _gated_rows(x, rows, x_scale) if gate_x else x.new_empty(0, x.shape[1])
+    return plain, dot, _gated_rows(x, rows, routed_scale()) if gate_x else x.new_empty(0, x.shape[1])
 
 
 def _gated_rows(x: Tensor, rows: Optional[Tensor], scale_N: Tensor) -> Tensor:

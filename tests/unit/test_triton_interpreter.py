@@ -591,9 +591,12 @@ def test_gated_weight_gradient_operand_matches_gating_in_the_loop(case, monkeypa
     Against the gate applied in the kernel's K loop: the same rounding (x_n * g_n, or h_n * g_n, rounded
     once), so the same bits where the gate stays on the same operand (the FFN's down projection and
     SwitchHead's output projection); moved to d out for the value projection, equal within rounding. Both
-    on the kernel path (interpreted) and on the PyTorch path; an expert that gets no row included."""
+    on the kernel path (interpreted, the value projection's input gradient in its loop-over-N form) and on
+    the PyTorch path; an expert that gets no row included. On the kernel path the gated backward gathers
+    no gates (no index_select: the kernels read them at each row's slot)."""
     from moeut import expert_mlp as mlp_module, expert_mm as em
     from tests.helpers import switch_kernels
+    monkeypatch.setattr(triton_expert_mm, "LOOP_N_OVERRIDE", True)   # (the tiny shapes would not pick it)
     dtype, leaves, run, gy = _expert_mlp_or_combine_case(case, seed=7)
     scales = []
     real = {m: m.weight_grad for m in (em, mlp_module)}
@@ -606,9 +609,16 @@ def test_gated_weight_gradient_operand_matches_gating_in_the_loop(case, monkeypa
             monkeypatch.setattr(em, "GATED_WGRAD", gated)
             scales.clear()
             out = run()
+            gathers = []
+            real_index_select = torch.Tensor.index_select
+            monkeypatch.setattr(torch.Tensor, "index_select",
+                                lambda self, *a: gathers.append(1) or real_index_select(self, *a))
             results[kernels, gated] = (out, *torch.autograd.grad(out, leaves, gy))
+            monkeypatch.setattr(torch.Tensor, "index_select", real_index_select)
             # gated: no weight gradient gets a gate; else the down / combine projection's does
             assert scales and any(scales) != gated, (gated, scales)
+            if kernels and gated:
+                assert not gathers, f"{len(gathers)} index_select calls in the gated backward on the kernel path"
     same_bits = case != "combine_wide_in"
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     for kernels in (True, False):
