@@ -30,7 +30,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-
 try:
     import triton
     import triton.language as tl
@@ -147,7 +146,6 @@ if triton is not None:
         w_size = w.element_size() if w is not None and hasattr(w, "element_size") else 0
         fit = [c for c in configs[:-1] if _smem_estimate(c, kwargs, w_size) <= limit] or configs[-1:]
         return fit if AUTOTUNE else fit[:1]
-
 
     @triton.jit
     def _dot(a, b, acc, FP32: tl.constexpr):
