@@ -19,7 +19,7 @@ segments per launch as in a step:
 """
 import torch
 
-from common import DEVICE, SHAPES, bench, ffn_problem, shapes, try_variant
+from common import DEVICE, bench, ffn_problem, shapes, try_variant
 from moeut import expert_ops
 from moeut.expert_mm import route
 from moeut import triton_weight_grad

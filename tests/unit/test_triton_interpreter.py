@@ -413,7 +413,7 @@ def test_shared_weights_through_the_kernels_match_per_application(defer, monkeyp
     kernel, against casting per application and summing with autograd. One application per launch
     (defer 1) gives the same fp32 sums bit for bit; deferred applications (three per weight here)
     are summed in one launch, in a different order: equal to fp32 rounding."""
-    from moeut import MoEUTLM, shared_weights, triton_expert_mm
+    from moeut import MoEUTLM, shared_weights
     from tests.helpers import autocast_step_grads, switch_kernels
     switch_kernels(monkeypatch, lambda t, switch=None: switch is None)   # kernels, interpreted
     monkeypatch.setattr(shared_weights, "WGRAD_DEFER", defer)
