@@ -76,6 +76,8 @@ run sites 120 python3 benchmarks/profile_step.py --model moeut-244M --batch 16 -
 # One change against the default (benchmarks/ab_switch.sh: its tests, graphed steps default / change /
 # default, a profile), ~6 min. E.g. AB="MOEUT_FUSED_SUM=0" AB_TESTS="sum" ... gpu_check_and_bench.sh ab
 run ab 590 env AB_TEST_ENV="$TEST_ENV" bash benchmarks/ab_switch.sh "$OUT" "${AB:-}"
-# The standalone kernel forms of benchmarks/experiments/ (each measured once and refuted), ~2 min.
-run experiments 150 bash -c 'for e in benchmarks/experiments/[a-z]*.py; do case $e in */common.py) continue;; esac; \
+# The standalone kernel forms of benchmarks/experiments/ (each measured once; all but prescaled_wgrad.py
+# refuted), ~5 min: the eighteenth session's two (TMA weight tiles, gated weight-gradient operands with
+# the row-split sweep) take ~1 min each.
+run experiments 420 bash -c 'for e in benchmarks/experiments/[a-z]*.py; do case $e in */common.py) continue;; esac; \
   echo "== $e"; python3 "$e" 2>&1 | grep -E "^(244M|1B)"; done'

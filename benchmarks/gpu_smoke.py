@@ -40,9 +40,17 @@ def loop_n():
     w = torch.randn(50, 128, 1024, device="cuda", dtype=torch.bfloat16) / 11
     triton_expert_mm.LOOP_N_OVERRIDE = True
     got = grouped_mm_triton(h, w, r.offsets_E1, None, None, r.slot_N)
+    # with the epilogue row dot and the gated input rows (the value projection's backward, RESULTS Q.1)
+    gate, dot_x = torch.rand(2048 * 4, device="cuda"), torch.randn(2048 * 4, 1024, device="cuda", dtype=torch.bfloat16)
+    rows = torch.arange(2048 * 4, device="cuda")
+    _, dot, gated = grouped_mm_triton(h, w, r.offsets_E1, None, gate, r.slot_N, True, dot_x_MO=dot_x,
+                                      dot_rows_N=rows, gate_x=True)
     triton_expert_mm.LOOP_N_OVERRIDE = None
-    want = torch.empty_like(got).index_copy_(0, r.slot_N, _grouped_mm_torch(h.float(), w.float(), r.offsets_E1, None).to(got.dtype))
+    plain = _grouped_mm_torch(h.float(), w.float(), r.offsets_E1, None)
+    want = torch.empty_like(got).index_copy_(0, r.slot_N, plain.to(got.dtype))
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dot, (plain * dot_x.float()).sum(-1), rtol=2e-2, atol=1.0)
+    torch.testing.assert_close(gated, (h.float() * gate[r.slot_N, None]).to(h.dtype), rtol=0, atol=0)
 
 
 def row_dot():
