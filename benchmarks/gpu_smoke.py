@@ -130,6 +130,15 @@ def layer_norm():
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-3)
 
 
+def norm_copies():
+    from moeut import triton_norm
+    x, w = torch.randn(4096, 1024, device="cuda"), torch.randn(1024, device="cuda")
+    _, mean, rstd, x_copy = triton_norm.layer_norm_fwd(x, w, w, 1e-5, torch.bfloat16, copy_dtype=torch.bfloat16)
+    dx, _, _, dx_copy = triton_norm.layer_norm_bwd(torch.randn_like(x).bfloat16(), x, w, mean, rstd,
+                                                   copy_dtype=torch.bfloat16)
+    assert torch.equal(x_copy, x.bfloat16()) and torch.equal(dx_copy, dx.bfloat16())
+
+
 CHECKS = (("expert gemv (decoding)", expert_gemv, "MOEUT_EXPERT_GEMV"),
           ("top-k sum", sum_choices, "MOEUT_FUSED_SUM"),
           ("small-input routing", route_small, "MOEUT_FUSED_ROUTE"),
@@ -139,6 +148,7 @@ CHECKS = (("expert gemv (decoding)", expert_gemv, "MOEUT_EXPERT_GEMV"),
           ("entropy regulariser's softmax sums", entropy, "MOEUT_FUSED_ENTROPY"),
           ("loop-over-N grouped GEMM", loop_n, "MOEUT_LOOP_N"),
           ("LayerNorm", layer_norm, "MOEUT_FUSED_NORM"),
+          ("LayerNorm's bf16 copies for the expert projections", norm_copies, "MOEUT_CAST_RELAY"),
           ("router's joint gradient", router_joint_gradient, "MOEUT_FUSED_ROUTER_GRAD"))
 for name, check, var in CHECKS:
     try:

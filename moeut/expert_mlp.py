@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import expert_mm
+from . import cast_relay, expert_mm
 from .expert_mm import Routing, _compute_dtype, _operand, _routed_gates, _weight_operand
 from .expert_ops import _sum_choices, grouped_mm, row_dot
 from .shared_weights import GradSink, weight_grad
@@ -56,7 +56,7 @@ class _ExpertMLP(torch.autograd.Function):
         w1, w2 = _operand(w1_master, dtype, weight=True), _operand(w2_master, dtype, weight=True)
         R, K = gate_RK.shape
         grad_out_RD = grad_RD if ctx.residual else None   # x's gradient through the residual path
-        grad_RD = grad_RD.to(dtype).contiguous()
+        grad_RD = cast_relay.cast(grad_RD, dtype).contiguous()   # (the next LayerNorm's copy, when it wrote one)
         group_N = rows_N   # the FFN's output row of routed row n is its input row
         dot_gate, dot_dst = gate_RK.reshape(-1), slot_N   # the gate gradient in (row, choice) order
 

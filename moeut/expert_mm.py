@@ -38,6 +38,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import cast_relay
 from .expert_ops import (_acc, _grouped_mm_torch, _sum_choices, _weight_grad_torch, grouped_mm, grouped_mm_dot,
                          row_dot)
 from .fused import use_fused
@@ -146,6 +147,10 @@ def _operand(t: Tensor, dtype: torch.dtype, weight: bool = False) -> Tensor:
     cast at each application, forward and backward), cast straight into a padded buffer when its rows
     are misaligned for the kernels (MoEUT_44M: one copy instead of a cast and a padded copy), or a
     weight left in fp32 with CAST_IN_KERNEL."""
+    if t.dtype != dtype and not weight:
+        copy = cast_relay.take(t, dtype)   # written by the LayerNorm that read t (MoEUT's residual)
+        if copy is not None:
+            return copy
     if t.dtype == dtype or not use_fused(t) or torch.compiler.is_compiling():   # (no data_ptr under compile)
         return t.to(dtype)
     if weight and CAST_IN_KERNEL and t.dtype == torch.float32:
@@ -253,7 +258,7 @@ class _ExpertMMCombine(torch.autograd.Function):
         x_RI, w_EIO = _operand(x_master, ctx.dtype), _operand(w_master, ctx.dtype, weight=True)
         X, C = gate_XC.shape
         I, O = w_EIO.shape[1], w_EIO.shape[2]
-        grad_XO = grad_XO.to(x_RI.dtype).contiguous()
+        grad_XO = cast_relay.cast(grad_XO, x_RI.dtype).contiguous()   # (the LayerNorm's copy, when it wrote one)
         group_N = slot_N // C                      # the output row each routed row adds into
         # The kernels that compute the gate gradient read the gates, and write their gradient, at slot[n]:
         # (group, choice) order, with no permuting copy (RESULTS P.1).

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from . import cast_relay
 from .attention import AttentionMask, KVCache, SwitchHeadRope, begin_static_step, check_mask, end_static_step
 from .moe import RouterLogits, SigmaMoE, negative_entropy, router_prob_sum
 from .norm import LayerNorm
@@ -79,8 +80,10 @@ class MoEUTLayer(torch.nn.Module):
         self.attention = attention(d_model, n_heads, att_n_experts, projection_size=d_head, moe_k=att_k,
                                    expert_dropout=att_expert_dropout)
         self.ffn = SigmaMoE(d_model, ff_n_experts, ff_expert_size, k=ff_k, expert_dropout=ff_expert_dropout)
-        self.ln1 = LayerNorm(d_model)
-        self.ln2 = LayerNorm(d_model)
+        # The experts read the raw residual: its LayerNorms also write the bf16 copies of it (forward) and of
+        # its gradient (backward) that the expert projections would cast (`cast_relay.py`).
+        self.ln1 = LayerNorm(d_model, input_copy=att_n_experts > 1, grad_copy=True)
+        self.ln2 = LayerNorm(d_model, input_copy=True, grad_copy=att_n_experts > 1)
         self.drop = torch.nn.Dropout(dropout)
 
     def forward_with_logits(self, x: Tensor, mask: Optional[AttentionMask] = None, kv_cache: KVCache = None,
@@ -193,6 +196,7 @@ class MoEUT(torch.nn.Module):
             mask = AttentionMask(None, None, is_causal=True)
         check_mask(mask, B, T, S)
 
+        cast_relay.clear()   # a copy the last backward offered and nothing took (the embedding's gradient)
         shared_step = begin_static_step(kv_cache, mask, T, x.device)   # decoding: per-step tables for all layers
         # Entropy regularisation, streamed: per distinct layer, the router's softmax summed over the
         # positions of all its applications ([ffn, att-output, att-value] sums and the position count).
@@ -253,7 +257,7 @@ class MoEUTLM(torch.nn.Module):
         self.n_layers = n_layers
         self.embedding = torch.nn.Embedding(n_tokens, d_model)
         self.lm_head = torch.nn.Linear(d_model, n_tokens)
-        self.out_norm = LayerNorm(d_model)
+        self.out_norm = LayerNorm(d_model, grad_copy=True)   # (the last FFN's output gradient, `cast_relay`)
         self.reset_parameters()
 
     @torch.no_grad()

@@ -7,6 +7,10 @@ backward, whose weight/bias-gradient kernel alone took 79 µs of a [16384, 1024]
 result), and the backward reads the bf16 gradient, writes dx in x's dtype and sums the weight and bias
 gradients deterministically (`triton_norm.py`).
 
+With `input_copy` / `grad_copy` (MoEUT's LayerNorms, whose input is the raw residual that its experts
+also read) the kernels write a low-precision copy of x (forward) or of dx (backward) as well, for the
+expert projection that would cast it otherwise (`cast_relay.py`).
+
 `LayerNorm` is a `torch.nn.LayerNorm` (same parameters, state-dict keys, `isinstance`): the fused form
 runs on CUDA for a 1-D `normalized_shape` with weight and bias, outside torch.compile (which fuses
 LayerNorm itself); everything else, and `MOEUT_FUSED_NORM=0`, is torch's. Without autocast the output
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cast_relay
 from .fused import use_fused
 
 MAX_WIDTH = 16384   # the kernels hold a row in registers; wider rows take torch's LayerNorm
@@ -35,32 +40,42 @@ class _LayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype,
-                pass_through: bool):
+                pass_through: bool, input_copy: bool = False, grad_copy: bool = False):
         from .triton_norm import layer_norm_fwd
-        y, mean, rstd = layer_norm_fwd(x, weight, bias, eps, out_dtype)
+        copies = cast_relay.ENABLED and out_dtype != x.dtype and x.is_contiguous()
+        y, mean, rstd, x_copy = layer_norm_fwd(x, weight, bias, eps, out_dtype,
+                                               copy_dtype=out_dtype if copies and input_copy else None)
+        if x_copy is not None:
+            cast_relay.offer(x, x_copy)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.set_materialize_grads(False)   # an unused output's gradient stays None: nothing to add
+        ctx.grad_copy_dtype = out_dtype if copies and grad_copy else None
         return (y, x) if pass_through else y   # x as is: autograd makes it a view whose gradient comes here
 
     @staticmethod
     def backward(ctx, grad_y: Optional[Tensor], grad_x_out: Optional[Tensor] = None):
         from .triton_norm import layer_norm_bwd
         if grad_y is None:
-            return grad_x_out, None, None, None, None, None
+            return grad_x_out, None, None, None, None, None, None, None
         x, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = layer_norm_bwd(grad_y, x, weight, mean, rstd, grad_add=grad_x_out)
-        return dx, dw, db, None, None, None
+        dx, dw, db, dx_copy = layer_norm_bwd(grad_y, x, weight, mean, rstd, grad_add=grad_x_out,
+                                             copy_dtype=ctx.grad_copy_dtype)
+        if dx_copy is not None:
+            cast_relay.offer(dx, dx_copy)
+        return dx, dw, db, None, None, None, None, None
 
 
-def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, pass_through: bool = False):
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, pass_through: bool = False,
+               input_copy: bool = False, grad_copy: bool = False):
     """F.layer_norm over the last dim with the Triton kernels; the output in the autocast dtype when
     autocast is on for x's device, else in x's dtype. With pass_through, (output, x): see
-    `LayerNorm.normalize_and_pass`."""
+    `LayerNorm.normalize_and_pass`. With input_copy / grad_copy, and an output dtype other than x's,
+    x / its gradient are also written in the output dtype and offered to `cast_relay`."""
     if torch.is_autocast_enabled(x.device.type):
         out_dtype = torch.get_autocast_dtype(x.device.type)
     else:
         out_dtype = x.dtype
-    return _LayerNormFunction.apply(x, weight, bias, float(eps), out_dtype, pass_through)
+    return _LayerNormFunction.apply(x, weight, bias, float(eps), out_dtype, pass_through, input_copy, grad_copy)
 
 
 def _fused_applies(norm: torch.nn.LayerNorm, x: Tensor) -> bool:
@@ -70,9 +85,17 @@ def _fused_applies(norm: torch.nn.LayerNorm, x: Tensor) -> bool:
 
 
 class LayerNorm(torch.nn.LayerNorm):
+    """torch.nn.LayerNorm; `input_copy` / `grad_copy`: with the kernels under autocast, also offer a copy
+    of the input / of its gradient in the autocast dtype to the op that casts it next (`cast_relay`)."""
+
+    def __init__(self, *args, input_copy: bool = False, grad_copy: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.input_copy, self.grad_copy = input_copy, grad_copy
+
     def forward(self, x: Tensor) -> Tensor:
         if _fused_applies(self, x):
-            return layer_norm(x, self.weight, self.bias, self.eps)
+            return layer_norm(x, self.weight, self.bias, self.eps, input_copy=self.input_copy,
+                              grad_copy=self.grad_copy)
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)   # (its shape errors too)
 
     def normalize_and_pass(self, x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -81,5 +104,6 @@ class LayerNorm(torch.nn.LayerNorm):
         backward, one kernel instead of LayerNorm's dx and autograd's [R, D] fp32 add of x's gradients
         (per layer, two of those adds at 244M: RESULTS M)."""
         if PASS_THROUGH and _fused_applies(self, x):
-            return layer_norm(x, self.weight, self.bias, self.eps, pass_through=True)
+            return layer_norm(x, self.weight, self.bias, self.eps, pass_through=True, input_copy=self.input_copy,
+                              grad_copy=self.grad_copy)
         return self(x), x

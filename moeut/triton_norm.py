@@ -33,14 +33,17 @@ SUM_ROWS = 512   # partial rows per tile of that reduction (tests lower it to wa
 
 
 @triton.jit
-def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, R, D, sxr, syr, eps,
-                           DP: tl.constexpr, BR: tl.constexpr):
+def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, xc_ptr, R, D, sxr, syr, eps,
+                           COPY: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr):
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.arange(0, DP)
     row_ok = rows < R
     col_ok = cols < D
     m = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * sxr + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * sxr + cols[None, :], mask=m, other=0.0)
+    if COPY:   # x in the copy's dtype, contiguous (`cast_relay`)
+        tl.store(xc_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], x.to(xc_ptr.dtype.element_ty), mask=m)
+    x = x.to(tl.float32)
     mean = tl.sum(x, 1) / D
     xc = tl.where(m, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / D + eps)
@@ -54,8 +57,8 @@ def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, R, D,
 
 @triton.jit
 def _layer_norm_bwd_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr, add_ptr,
-                           R, D, sxr, sdyr, sdxr, sar, rows_per_program,
-                           ADD: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr):
+                           dxc_ptr, R, D, sxr, sdyr, sdxr, sar, rows_per_program,
+                           ADD: tl.constexpr, COPY: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, DP)
     col_ok = cols < D
@@ -80,7 +83,10 @@ def _layer_norm_bwd_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if ADD:   # x's gradient through its other uses (`layer_norm(..., pass_through=True)`)
             dx += tl.load(add_ptr + r64 * sar + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + r64 * sdxr + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
+        dx = dx.to(dx_ptr.dtype.element_ty)
+        tl.store(dx_ptr + r64 * sdxr + cols[None, :], dx, mask=m)
+        if COPY:   # dx as stored, rounded again to the copy's dtype: what dx.to(dtype) gives (`cast_relay`)
+            tl.store(dxc_ptr + r64 * D + cols[None, :], dx.to(dxc_ptr.dtype.element_ty), mask=m)
         dw_acc += tl.sum(dy * xhat, 0)
         db_acc += tl.sum(dy, 0)
     tl.store(dw_part_ptr + pid.to(tl.int64) * D + cols, dw_acc, mask=col_ok)
@@ -118,30 +124,35 @@ def _rows(t: Tensor) -> Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def layer_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
-                   out_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
-    """(y in out_dtype shaped like x, mean [R] fp32, rstd [R] fp32) over x's last dim."""
+def layer_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype,
+                   copy_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """(y in out_dtype shaped like x, mean [R] fp32, rstd [R] fp32, x in copy_dtype shaped like x and
+    contiguous, or None without copy_dtype) over x's last dim."""
     x2 = _rows(x)
     R, D = x2.shape
     y = torch.empty(R, D, device=x.device, dtype=out_dtype)
+    xc = torch.empty(R, D, device=x.device, dtype=copy_dtype) if copy_dtype is not None else None
     mean = torch.empty(R, device=x.device, dtype=torch.float32)
     rstd = torch.empty(R, device=x.device, dtype=torch.float32)
     if R:
         DP, BR, warps = _tiles(D)
         _layer_norm_fwd_kernel[(triton.cdiv(R, BR),)](
-            x2, weight, bias, y, mean, rstd, R, D, x2.stride(0), y.stride(0), float(eps),
-            DP=DP, BR=BR, num_warps=warps)
-    return y.view(x.shape), mean, rstd
+            x2, weight, bias, y, mean, rstd, xc if xc is not None else y, R, D, x2.stride(0), y.stride(0),
+            float(eps), COPY=xc is not None, DP=DP, BR=BR, num_warps=warps)
+    return y.view(x.shape), mean, rstd, xc.view(x.shape) if xc is not None else None
 
 
 def layer_norm_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
-                   grad_add: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dx in x's dtype, d weight, d bias in the weight's dtype) of `layer_norm_fwd`; dx plus grad_add
-    (x's shape) when given, added in fp32 before dx is rounded."""
+                   grad_add: Optional[Tensor] = None, copy_dtype: Optional[torch.dtype] = None
+                   ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """(dx in x's dtype, d weight, d bias in the weight's dtype, dx.to(copy_dtype) or None) of
+    `layer_norm_fwd`; dx plus grad_add (x's shape) when given, added in fp32 before dx is rounded."""
     x2, dy2 = _rows(x), _rows(grad_y)
     add2 = _rows(grad_add) if grad_add is not None else None
     R, D = x2.shape
     dx = torch.empty(R, D, device=x.device, dtype=x.dtype)
+    dxc = torch.empty(R, D, device=x.device, dtype=copy_dtype) if copy_dtype is not None else None
+    copy = dxc.view(x.shape) if dxc is not None else None
     DP, BR, warps = _tiles(D, 2048)
     if BACKWARD_TILE_OVERRIDE is not None:
         BR, warps = BACKWARD_TILE_OVERRIDE
@@ -150,15 +161,16 @@ def layer_norm_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd
     dw = torch.empty(D, device=x.device, dtype=weight.dtype)
     db = torch.empty(D, device=x.device, dtype=weight.dtype)
     if not R:
-        return dx.view(x.shape), dw.zero_(), db.zero_()
+        return dx.view(x.shape), dw.zero_(), db.zero_(), copy
     # every program writes its whole row of partial sums: no zero fill
     dw_part = torch.empty(programs, D, device=x.device, dtype=torch.float32)
     db_part = torch.empty(programs, D, device=x.device, dtype=torch.float32)
     _layer_norm_bwd_kernel[(programs,)](
-        x2, dy2, weight, mean, rstd, dx, dw_part, db_part, add2 if add2 is not None else dx, R, D,
-        x2.stride(0), dy2.stride(0), dx.stride(0), add2.stride(0) if add2 is not None else 0, rows_per_program,
-        ADD=add2 is not None, DP=DP, BR=BR, num_warps=warps)
+        x2, dy2, weight, mean, rstd, dx, dw_part, db_part, add2 if add2 is not None else dx,
+        dxc if dxc is not None else dx, R, D, x2.stride(0), dy2.stride(0), dx.stride(0),
+        add2.stride(0) if add2 is not None else 0, rows_per_program,
+        ADD=add2 is not None, COPY=dxc is not None, DP=DP, BR=BR, num_warps=warps)
     BP = min(SUM_ROWS, max(16, triton.next_power_of_2(programs)))
     _layer_norm_sum_partials_kernel[(triton.cdiv(D, SUM_COLUMNS),)](dw_part, db_part, dw, db, programs, D,
                                                                     BP=BP, BD=SUM_COLUMNS, num_warps=4)
-    return dx.view(x.shape), dw, db
+    return dx.view(x.shape), dw, db, copy

@@ -430,6 +430,23 @@ def test_layer_norm_pass_through_matches_autograd_sum():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("D", [1024, 1536, 412])
+def test_layer_norm_copies_are_the_casts_bits(D):
+    """The LayerNorm kernels' bf16 copies of x (forward) and dx (backward) for `cast_relay`: the same bits
+    as x.to(bf16) and dx.to(bf16) (round to nearest even), the other outputs unchanged."""
+    from moeut import triton_norm
+    torch.manual_seed(D)
+    x = 3 + 2 * torch.randn(4097, D, device="cuda")
+    w, b = 1 + 0.2 * torch.randn(D, device="cuda"), 0.2 * torch.randn(D, device="cuda")
+    gy, add = torch.randn(4097, D, device="cuda").bfloat16(), torch.randn(4097, D, device="cuda")
+    y, mean, rstd, x_copy = triton_norm.layer_norm_fwd(x, w, b, 1e-5, torch.bfloat16, copy_dtype=torch.bfloat16)
+    assert torch.equal(x_copy, x.bfloat16())
+    assert torch.equal(y, triton_norm.layer_norm_fwd(x, w, b, 1e-5, torch.bfloat16)[0])
+    dx, dw, db, dx_copy = triton_norm.layer_norm_bwd(gy, x, w, mean, rstd, grad_add=add, copy_dtype=torch.bfloat16)
+    assert torch.equal(dx_copy, dx.bfloat16())
+    assert torch.equal(dx, triton_norm.layer_norm_bwd(gy, x, w, mean, rstd, grad_add=add)[0])
+
+
 @pytest.mark.parametrize("R,K,E", [(1, 16, 387), (32, 16, 387), (32, 24, 565), (128, 8, 40), (3, 2, 1)])
 def test_small_route_kernel_matches_sort(R, K, E, monkeypatch):
     """Decoding's one-kernel routing equals the torch sort path exactly."""

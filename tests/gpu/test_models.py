@@ -195,6 +195,42 @@ def test_shared_weight_copies_match_per_application_casts(cfg, defer, monkeypatc
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6 * grads[0][n].abs().max().item())
 
 
+@pytest.mark.parametrize("cfg,checkpointing", [("MoEUT_44M", False), ("MoEUT_244M", False), ("MoEUT_244M", True)])
+def test_norms_copies_give_the_same_step_as_casts(cfg, checkpointing, monkeypatch):
+    """The LayerNorms' bf16 copies of the residual and of its gradient (`cast_relay`), taken by the value
+    projection, the FFN and the output projection instead of casting: four per layer application
+    (the forward's twice with checkpointing), each the bits `.to` gives, so the step's loss and every
+    gradient are bit-identical to the step that casts (44M: misaligned rows, padded after the copy)."""
+    from moeut import cast_relay
+    from tests.helpers import autocast_step_grads
+    torch.manual_seed(0)
+    m = moeut.MoEUTLM(8000, **{**getattr(profiles, cfg), "n_layers": 4}).cuda().train()
+    m.transformer.activation_checkpointing = checkpointing
+    x = torch.randint(0, 8000, (2, 512), device="cuda")
+    take, exact = cast_relay.take, []
+
+    def spy(t, dtype):
+        copy = take(t, dtype)
+        if copy is not None:
+            exact.append(torch.equal(copy, t.to(dtype)))
+        return copy
+    monkeypatch.setattr(cast_relay, "take", spy)
+    torch.use_deterministic_algorithms(True)   # (cuDNN's attention backward is otherwise not)
+    try:
+        runs = []
+        for enabled in (False, True):
+            monkeypatch.setattr(cast_relay, "ENABLED", enabled)
+            exact.clear()
+            runs.append(autocast_step_grads(m, x, "cuda") + (list(exact),))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    (want_out, want, none), (got_out, got, taken) = runs
+    assert none == [] and len(taken) == 4 * (2 * (2 if checkpointing else 1) + 2) and all(taken), taken
+    assert torch.equal(got_out, want_out)
+    differing = [n for n in want if not torch.equal(got[n], want[n])]
+    assert not differing, differing
+
+
 def test_training_step_is_deterministic():
     """Our kernels never use atomics. PyTorch's fused attention backward does unless PyTorch's
     deterministic mode is on (`moeut train --deterministic`), so the bitwise check runs in that mode;
