@@ -10,18 +10,11 @@ the two operators cannot do that: the combine does not know that its input is a 
 With `residual` (MoEUT's FFN block, x + FFN(x)) the top-k sum also adds x, and in the backward the
 sum of the K input gradients also adds the output's gradient: two [R, D] fp32 add kernels fewer.
 
-The up projection writes g·h, each row times its gate, in fp32 before rounding (FFN_GATED_H). The
-down projection then needs no gate, and its weight gradient reads that saved g·h as its operand, so
-no backward pass writes a gated copy of h. The gate's gradient <d h, h> is then <d h, g·h> / g (0
-where g is 0, where the logit's gradient g(1 - g) <d h, h> is 0 anyway); the ReLU's mask g·h > 0 is
-h > 0 unless g·h underflows.
-
 Shapes (legend of `expert_mm.py`): R rows, K choices per row, N = R*K routed rows sorted by expert,
 D model width, S expert width, E experts.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -29,37 +22,27 @@ from torch import Tensor
 
 from . import cast_relay, expert_mm
 from .expert_mm import Routing, _compute_dtype, _operand, _routed_gates, _weight_operand
-from .expert_ops import _acc, _sum_choices, grouped_mm, row_dot
+from .expert_ops import _sum_choices, grouped_mm, row_dot
 from .shared_weights import GradSink, weight_grad
 
 __all__ = ["expert_mlp"]
-
-# MOEUT_FFN_GATED_H=0: save h and scale the down projection's rows by the gate, as before the nineteenth
-# session; the backward's row dot then writes g·h for the weight gradient (benchmarks compare).
-GATED_H = os.environ.get("MOEUT_FFN_GATED_H", "1") != "0"
 
 
 class _ExpertMLP(torch.autograd.Function):
     """Inputs of higher precision than `dtype` (the fp32 residual and parameters under autocast) are
     rounded in forward and again in backward, as in `expert_mm._ExpertMM`. Saved: x and the weights
-    (alive anyway), g·h (or h, without GATED_H) [N, S] (the down projection's weight-gradient operand)
-    and the routing."""
+    (alive anyway), h [N, S] (needed by the down projection's weight gradient) and the routing."""
 
     @staticmethod
     def forward(ctx, x_RD: Tensor, w1_master: Tensor, w2_master: Tensor, gate_RK: Tensor, offsets_E1: Tensor,
                 rows_N: Tensor, slot_N: Tensor, dtype: torch.dtype, sink1: Optional[GradSink],
                 sink2: Optional[GradSink], residual: bool) -> Tensor:
-        x = _operand(x_RD, dtype)
-        w1, w2 = _operand(w1_master, dtype, weight=True), _operand(w2_master, dtype, weight=True)
-        if GATED_H:   # g·relu(x W1), rounded once; the down projection writes its rows unscaled
-            gate_n = _acc(gate_RK.reshape(-1)).index_select(0, slot_N)   # routed row n's gate
-            h_NS = grouped_mm(x, w1, offsets_E1, rows_N, gate_n, None, relu=True)
-            out_SD = grouped_mm(h_NS, w2, offsets_E1, None, None, slot_N)
-        else:
-            h_NS = grouped_mm(x, w1, offsets_E1, rows_N, None, None, relu=True)
-            out_SD = grouped_mm(h_NS, w2, offsets_E1, None, gate_RK.reshape(-1), slot_N, scale_at_dst=True)
+        h_NS = grouped_mm(_operand(x_RD, dtype), _operand(w1_master, dtype, weight=True), offsets_E1, rows_N,
+                          None, None, relu=True)
+        out_SD = grouped_mm(h_NS, _operand(w2_master, dtype, weight=True), offsets_E1, None,
+                            gate_RK.reshape(-1), slot_N, scale_at_dst=True)
         ctx.save_for_backward(x_RD, w1_master, w2_master, gate_RK, h_NS, offsets_E1, rows_N, slot_N)
-        ctx.dtype, ctx.sinks, ctx.residual, ctx.gated_h = dtype, (sink1, sink2), residual, GATED_H
+        ctx.dtype, ctx.sinks, ctx.residual = dtype, (sink1, sink2), residual
         if residual:
             return _sum_choices(out_SD, gate_RK.shape[0], x_RD.dtype, init_XO=x_RD)
         return _sum_choices(out_SD, gate_RK.shape[0])
@@ -78,18 +61,15 @@ class _ExpertMLP(torch.autograd.Function):
         dot_gate, dot_dst = gate_RK.reshape(-1), slot_N   # the gate gradient in (row, choice) order
 
         # Down projection: d h (unscaled) from d out, then the gate gradient <d h, h> and the
-        # gradient of the ReLU's input, gate * d h where h > 0, in one pass over d h and h (saved as
-        # g·h with GATED_H: the dot is divided by the gate). Without GATED_H that pass also writes
-        # gate * h, the down projection's weight-gradient operand (GATED_WGRAD).
-        gate_w2 = expert_mm.GATED_WGRAD and ctx.needs_input_grad[2] and not ctx.gated_h
+        # gradient of the ReLU's input, gate * d h where h > 0, in one pass over d h and h; that pass
+        # also writes gate * h, the down projection's weight-gradient operand (GATED_WGRAD).
+        gate_w2 = expert_mm.GATED_WGRAD and ctx.needs_input_grad[2]
         grad_h_NS = grouped_mm(grad_RD, w2.transpose(1, 2), offsets_E1, group_N, None, None)
         grad_gate_S, grad_pre_NS, h_gated_NS = row_dot(grad_h_NS, h_NS, None, dot_gate, dot_dst, relu_mask=True,
-                                                       gate_b=gate_w2, divide_dot=ctx.gated_h)
+                                                       gate_b=gate_w2)
         grad_gate = grad_gate_S.view(R, K).to(gate_RK.dtype)
         grad_w2 = grad_w1 = grad_x = None
-        if ctx.gated_h and ctx.needs_input_grad[2]:   # h_NS holds g·h
-            grad_w2 = weight_grad(sink2, h_NS, grad_RD, offsets_E1, None, group_N, None, w2_master.dtype)
-        elif gate_w2:
+        if gate_w2:
             grad_w2 = weight_grad(sink2, h_gated_NS, grad_RD, offsets_E1, None, group_N, None, w2_master.dtype)
         elif ctx.needs_input_grad[2]:
             gate_n, dst = _routed_gates(gate_RK.reshape(-1), slot_N)

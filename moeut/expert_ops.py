@@ -220,8 +220,7 @@ def grouped_mm_weight_grad_add(acc: Tensor, x: Tensor, grad: Tensor, offsets: Te
 @torch.library.custom_op("moeut::row_dot", mutates_args=())
 def row_dot(a: Tensor, b: Tensor, b_rows: Optional[Tensor], scale: Optional[Tensor],
             dst: Optional[Tensor] = None, relu_mask: bool = False,
-            scaled_dst: Optional[Tensor] = None, gate_b: bool = False,
-            divide_dot: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+            scaled_dst: Optional[Tensor] = None, gate_b: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """(dot [N] fp32, scaled [N, I] or [0, I], gated_b [N, I] or [0, I]): dot[n] = <a[n], b[b_rows[n]]>
     accumulated in fp32 (fp64 for fp64 inputs); scaled[n] = scale[n] * a[n] rounded to a's dtype (empty
     when scale is None). The gate gradient of a combine and the gate-scaled input gradient in one pass
@@ -232,19 +231,13 @@ def row_dot(a: Tensor, b: Tensor, b_rows: Optional[Tensor], scale: Optional[Tens
     at row scaled_dst[n] (e.g. straight into (row, choice) order for a top-k sum, no permuting copy).
     gate_b (needs scale): gated_b[n] = scale[n] * b[b_rows[n]] rounded to b's dtype, in routed order: the
     gated operand of the projection's weight gradient, written by the pass that reads b anyway, so that
-    the weight-gradient kernel needs no gate in its K loop (RESULTS Q.1).
-    divide_dot (needs scale): dot[n] is divided by row n's scale (in fp32; 0 where the scale is 0): the
-    gate gradient <d h, h> when b holds gate * h already (`expert_mlp`'s FFN_GATED_H)."""
+    the weight-gradient kernel needs no gate in its K loop (RESULTS Q.1)."""
     torch._check(not gate_b or scale is not None, lambda: "row_dot: gate_b needs a scale")
-    torch._check(not divide_dot or scale is not None, lambda: "row_dot: divide_dot needs a scale")
     if a.dtype != torch.float64 and use_fused(a, "MOEUT_FUSED_ROW_DOT"):
         from .triton_expert_mm import row_dot_triton
-        return row_dot_triton(a, b, b_rows, scale, dst, relu_mask, scaled_dst, gate_b, divide_dot)
+        return row_dot_triton(a, b, b_rows, scale, dst, relu_mask, scaled_dst, gate_b)
     b_NI = b if b_rows is None else b.index_select(0, b_rows)
     dot = (_acc(a) * _acc(b_NI)).sum(-1)
-    if divide_dot:   # (scale in routed order here: permuted with the dot below)
-        s = _acc(scale.index_select(0, dst) if dst is not None else scale).to(dot.dtype)
-        dot = torch.where(s != 0, dot / torch.where(s != 0, s, 1.0), 0.0)
     if dst is not None:
         dot = torch.empty_like(dot).index_copy_(0, dst, dot)
         scale = scale.index_select(0, dst) if scale is not None else None
@@ -258,7 +251,7 @@ def row_dot(a: Tensor, b: Tensor, b_rows: Optional[Tensor], scale: Optional[Tens
 
 
 @row_dot.register_fake
-def _(a, b, b_rows, scale, dst=None, relu_mask=False, scaled_dst=None, gate_b=False, divide_dot=False):
+def _(a, b, b_rows, scale, dst=None, relu_mask=False, scaled_dst=None, gate_b=False):
     acc = torch.promote_types(a.dtype, torch.float32)
     return (a.new_empty(a.shape[0], dtype=acc), a.new_empty(a.shape[0] if scale is not None else 0, a.shape[1]),
             b.new_empty(a.shape[0] if gate_b else 0, b.shape[1]))

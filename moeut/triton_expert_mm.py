@@ -279,8 +279,7 @@ if triton is not None:
     def _row_dot_kernel(a_ptr, b_ptr, rows_ptr, scale_ptr, dst_ptr, sdst_ptr, dot_ptr, scaled_ptr, gated_ptr, N, I,
                         sar, sai, sbr, sbi, ssr,
                         GATHER: tl.constexpr, SCALE: tl.constexpr, DST: tl.constexpr, RELU_MASK: tl.constexpr,
-                        SCALED_DST: tl.constexpr, GATE_B: tl.constexpr, DIVIDE: tl.constexpr, IP: tl.constexpr,
-                        BR: tl.constexpr):
+                        SCALED_DST: tl.constexpr, GATE_B: tl.constexpr, IP: tl.constexpr, BR: tl.constexpr):
         n = tl.program_id(0) * BR + tl.arange(0, BR)
         n_ok = n < N
         i = tl.arange(0, IP)
@@ -295,13 +294,9 @@ if triton is not None:
             at = n
         a = tl.load(a_ptr + n[:, None].to(tl.int64) * sar + i[None, :] * sai, mask=m, other=0.0)
         b = tl.load(b_ptr + src[:, None].to(tl.int64) * sbr + i[None, :] * sbi, mask=m, other=0.0)
-        dot = tl.sum(a.to(tl.float32) * b.to(tl.float32), axis=1)
+        tl.store(dot_ptr + at, tl.sum(a.to(tl.float32) * b.to(tl.float32), axis=1), mask=n_ok)
         if SCALE:
             s = tl.load(scale_ptr + at, mask=n_ok, other=0.0).to(tl.float32)
-            if DIVIDE:   # b holds scale * b: the dot with b itself
-                dot = tl.where(s != 0.0, dot / tl.where(s != 0.0, s, 1.0), 0.0)
-        tl.store(dot_ptr + at, dot, mask=n_ok)
-        if SCALE:
             scaled = a.to(tl.float32) * s[:, None]
             if RELU_MASK:   # b is a ReLU's output: the gradient of its input is zero where b is
                 scaled = tl.where(b > 0, scaled, 0.0)
@@ -318,7 +313,7 @@ if triton is not None:
 
 def row_dot_triton(a_NI: Tensor, b_MI: Tensor, b_rows_N: Optional[Tensor], scale_N: Optional[Tensor],
                    dst_N: Optional[Tensor] = None, relu_mask: bool = False, scaled_dst_N: Optional[Tensor] = None,
-                   gate_b: bool = False, divide_dot: bool = False):
+                   gate_b: bool = False):
     N, I = a_NI.shape
     dot = torch.empty(N, device=a_NI.device, dtype=torch.float32)
     scaled = torch.empty(N if scale_N is not None else 0, I, device=a_NI.device, dtype=a_NI.dtype)
@@ -335,8 +330,8 @@ def row_dot_triton(a_NI: Tensor, b_MI: Tensor, b_rows_N: Optional[Tensor], scale
                                            scaled.stride(0) if scale_N is not None else 0,
                                            GATHER=b_rows_N is not None, SCALE=scale_N is not None,
                                            DST=dst_N is not None, RELU_MASK=relu_mask,
-                                           SCALED_DST=scaled_dst_N is not None, GATE_B=gate_b,
-                                           DIVIDE=divide_dot, IP=IP, BR=BR, num_warps=4)
+                                           SCALED_DST=scaled_dst_N is not None, GATE_B=gate_b, IP=IP, BR=BR,
+                                           num_warps=4)
     return dot, scaled, gated
 
 
