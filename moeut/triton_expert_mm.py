@@ -311,6 +311,9 @@ if triton is not None:
                          (b.to(tl.float32) * s[:, None]).to(gated_ptr.dtype.element_ty), mask=m)
 
 
+ROW_DOT_ROWS: Optional[int] = None   # rows per program in place of the rule below (experiments only)
+
+
 def row_dot_triton(a_NI: Tensor, b_MI: Tensor, b_rows_N: Optional[Tensor], scale_N: Optional[Tensor],
                    dst_N: Optional[Tensor] = None, relu_mask: bool = False, scaled_dst_N: Optional[Tensor] = None,
                    gate_b: bool = False):
@@ -321,7 +324,7 @@ def row_dot_triton(a_NI: Tensor, b_MI: Tensor, b_rows_N: Optional[Tensor], scale
     if N == 0:
         return dot, scaled, gated
     IP = max(16, triton.next_power_of_2(I))
-    BR = 4 if INTERPRET else max(1, min(64, 8192 // IP))
+    BR = ROW_DOT_ROWS or (4 if INTERPRET else max(1, min(64, 8192 // IP)))
     scale = scale_N.contiguous() if scale_N is not None else None   # any float dtype: read as fp32
     _row_dot_kernel[(triton.cdiv(N, BR),)](a_NI, b_MI, _or(b_rows_N, dot), _or(scale, dot), _or(dst_N, dot),
                                            _or(scaled_dst_N, dot), dot,

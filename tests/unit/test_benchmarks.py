@@ -111,7 +111,7 @@ def test_throughput_series_by_size_and_by_batch(tmp_path):
 
 
 @pytest.mark.parametrize("experiment", ["store_order", "tma_store", "warp_specialize", "atomic_combine", "tma_weight_kloop",
-                                        "prescaled_wgrad"])
+                                        "prescaled_wgrad", "row_dot_bytes"])
 def test_kernel_experiments_agree_with_moeut_on_the_tiny_shape(experiment):
     """benchmarks/experiments/: each variant of each experiment's kernel, run through the interpreter on
     the tiny shape (row tiles straddling experts), computes what moeut's kernel computes."""
