@@ -10,7 +10,7 @@ counts, at the tile the kernel picks and with other rows per program (`ROW_DOT_R
 """
 import torch
 
-from common import DEVICE, bench, ffn_problem, shapes
+from common import bench, ffn_problem, shapes
 from moeut import triton_expert_mm
 from moeut.triton_expert_mm import row_dot_triton
 
