@@ -185,7 +185,7 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
     for label, seg, io_bytes in (("up dW", (x, gh, r.offsets_E1, r.rows_N, None, None, None), 2 * (T * D + N * S)),
                                  ("down dW", (h, gy_T, r.offsets_E1, None, group, gate, None), 2 * (N * S + T * D))):
         acc = torch.zeros(E, seg[0].shape[1], seg[1].shape[1], device="cuda")
-        for n in (1, 2, 3):
+        for n in (1, 3, 9):
             ms = bench(lambda: weight_grad_segments_triton([seg] * n, accumulate_into=acc)) / n
             add(f"{label}, {n} application{'s' if n > 1 else ''} per launch, added to fp32 (per application)", ms,
                 io_bytes + 8 * E * D * S / n)

@@ -11,9 +11,9 @@ gated).
 * A gate may scale one operand inside the K loop (GSCALE: the input rows, the MMA's left operand, which
   Hopper reads from registers; RESULTS H.4). The training path avoids it: the backward writes a gated
   copy of one operand beforehand, and the kernel runs ungated, 1.3-1.5x faster (RESULTS Q.1).
-* One launch can sum the gradients of up to four applications of a shared weight
-  (`weight_grad_segments_triton`): each tile reads and writes the fp32 sum once for all of them
-  (RESULTS I.3).
+* One launch can sum the gradients of up to nine applications of a shared weight
+  (`weight_grad_segments_triton`; each kernel argument a tuple with one entry per application): each
+  tile reads and writes the fp32 sum once for all of them (RESULTS I.3).
 * Where the experts are too few to fill the GPU (SwitchHead at 244M: 4 heads x 10 experts, 320 output
   tiles for 132 SMs), each expert's rows are split into ranges, one program each, whose fp32 partials
   `_sum_splits_kernel` adds in a fixed order (`wgrad_splits`, RESULTS Q.2): still no atomics.
@@ -128,17 +128,15 @@ if triton is not None:
                      restore_value=["out_ptr"])   # benchmark runs must not add into an accumulator twice
     @triton.jit
     def _weight_grad_kernel(out_ptr, I, O, soe, soi, soo, E, n_split,
-                            x0, g0, off0, rows0, grows0, gs0, sdst0, sxr0, sxi0, sgr0, sgo0,
-                            x1, g1, off1, rows1, grows1, gs1, sdst1, sxr1, sxi1, sgr1, sgo1,
-                            x2, g2, off2, rows2, grows2, gs2, sdst2, sxr2, sxi2, sgr2, sgo2,
-                            x3, g3, off3, rows3, grows3, gs3, sdst3, sxr3, sxi3, sgr3, sgo3,
+                            xs, gs, offsets, rows, grows, gscales, sdsts, sxr, sxi, sgr, sgo,
                             N_SEG: tl.constexpr, GATHER: tl.constexpr, GGATHER: tl.constexpr,
                             GSCALE: tl.constexpr, FP32: tl.constexpr, ACCUMULATE: tl.constexpr,
                             SCALE_AT_DST: tl.constexpr, SCALE_X: tl.constexpr,
                             BI: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr):
-        # N_SEG segments (applications of one shared weight, each with its own rows and routing) summed
-        # in one accumulator: the output tile is read and written once for all of them. With n_split > 1
-        # program (split, e, tile) sums row range `split` of every segment into out[split * E + e].
+        # N_SEG segments (applications of one shared weight, each with its own rows and routing: entry s
+        # of each tuple argument) summed in one accumulator: the output tile is read and written once for
+        # all of them. With n_split > 1 program (split, e, tile) sums row range `split` of every segment
+        # into out[split * E + e].
         n_o = tl.cdiv(O, BO)
         n_tiles = tl.cdiv(I, BI) * n_o
         split = tl.program_id(0) // (E * n_tiles)
@@ -149,17 +147,21 @@ if triton is not None:
         i_ok = ii < I
         o_ok = oo < O
         acc = tl.zeros((BI, BO), dtype=tl.float32)
-        acc = _wgrad_segment(acc, x0, g0, off0, rows0, grows0, gs0, sdst0, sxr0, sxi0, sgr0, sgo0, e, ii, oo,
-                             i_ok, o_ok, GATHER, GGATHER, GSCALE, FP32, SCALE_AT_DST, SCALE_X, BK, split, n_split)
-        if N_SEG > 1:
-            acc = _wgrad_segment(acc, x1, g1, off1, rows1, grows1, gs1, sdst1, sxr1, sxi1, sgr1, sgo1, e, ii, oo,
-                                 i_ok, o_ok, GATHER, GGATHER, GSCALE, FP32, SCALE_AT_DST, SCALE_X, BK, split, n_split)
-        if N_SEG > 2:
-            acc = _wgrad_segment(acc, x2, g2, off2, rows2, grows2, gs2, sdst2, sxr2, sxi2, sgr2, sgo2, e, ii, oo,
-                                 i_ok, o_ok, GATHER, GGATHER, GSCALE, FP32, SCALE_AT_DST, SCALE_X, BK, split, n_split)
-        if N_SEG > 3:
-            acc = _wgrad_segment(acc, x3, g3, off3, rows3, grows3, gs3, sdst3, sxr3, sxi3, sgr3, sgo3, e, ii, oo,
-                                 i_ok, o_ok, GATHER, GGATHER, GSCALE, FP32, SCALE_AT_DST, SCALE_X, BK, split, n_split)
+        for s in range(N_SEG):   # one loop body for any count: segment s's arguments picked by selects
+            x_ptr, g_ptr, off_ptr, rows_ptr = xs[0], gs[0], offsets[0], rows[0]
+            grows_ptr, gs_ptr, sdst_ptr = grows[0], gscales[0], sdsts[0]
+            sxr_s, sxi_s, sgr_s, sgo_s = sxr[0], sxi[0], sgr[0], sgo[0]
+            for j in tl.static_range(1, N_SEG):
+                here = s == j
+                x_ptr, g_ptr = tl.where(here, xs[j], x_ptr), tl.where(here, gs[j], g_ptr)
+                off_ptr, rows_ptr = tl.where(here, offsets[j], off_ptr), tl.where(here, rows[j], rows_ptr)
+                grows_ptr, gs_ptr = tl.where(here, grows[j], grows_ptr), tl.where(here, gscales[j], gs_ptr)
+                sdst_ptr = tl.where(here, sdsts[j], sdst_ptr)
+                sxr_s, sxi_s = tl.where(here, sxr[j], sxr_s), tl.where(here, sxi[j], sxi_s)
+                sgr_s, sgo_s = tl.where(here, sgr[j], sgr_s), tl.where(here, sgo[j], sgo_s)
+            acc = _wgrad_segment(acc, x_ptr, g_ptr, off_ptr, rows_ptr, grows_ptr, gs_ptr, sdst_ptr, sxr_s, sxi_s,
+                                 sgr_s, sgo_s, e, ii, oo, i_ok, o_ok, GATHER, GGATHER, GSCALE, FP32, SCALE_AT_DST,
+                                 SCALE_X, BK, split, n_split)
         o_ptrs = out_ptr + (split * E + e).to(tl.int64) * soe + ii[:, None] * soi + oo[None, :] * soo
         if ACCUMULATE:  # out += this tile: one rounding, as a separate add would do
             acc += tl.load(o_ptrs, mask=i_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
@@ -178,8 +180,10 @@ if triton is not None:
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-# The most applications one weight-gradient launch sums (`_weight_grad_kernel`'s segment arguments).
-MAX_SEGMENTS = 4
+# The most applications one weight-gradient launch sums: every application of a weight in the paper's
+# models (n_layers / group_size is 8 or 9). The kernel unrolls its row loop once per application, so
+# its code (and compile time) grows with the count.
+MAX_SEGMENTS = 9
 
 
 def grouped_mm_weight_grad_triton(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
@@ -206,7 +210,7 @@ def weight_grad_segments_triton(segments, out_dtype: Optional[torch.dtype] = Non
     E = off0.numel() - 1
     I, O = x0.shape[1], g0.shape[1]
     flags = _segment_flags(segments[0])
-    args = []
+    columns = []   # one tuple per kernel argument, entry s for segment s
     for seg in segments:
         x_RI, grad_MO, offsets_E1, rows_N, grad_rows_N, grad_scale_N, scale_dst_N = seg
         if (x_RI.shape[1], grad_MO.shape[1], offsets_E1.numel() - 1, x_RI.dtype, grad_MO.dtype) != \
@@ -216,10 +220,9 @@ def weight_grad_segments_triton(segments, out_dtype: Optional[torch.dtype] = Non
         x_RI, grad_MO = aligned(x_RI), aligned(grad_MO)
         unused = offsets_E1
         scale = grad_scale_N.contiguous() if grad_scale_N is not None else None   # any float dtype: read as fp32
-        args += [x_RI, grad_MO, offsets_E1, _or(rows_N, unused), _or(grad_rows_N, unused), _or(scale, unused),
-                 _or(scale_dst_N, unused), x_RI.stride(0), x_RI.stride(1), grad_MO.stride(0), grad_MO.stride(1)]
-    per_segment = len(args) // len(segments)
-    args += args[:per_segment] * (MAX_SEGMENTS - len(segments))   # unread placeholders for the unused segments
+        columns.append((x_RI, grad_MO, offsets_E1, _or(rows_N, unused), _or(grad_rows_N, unused), _or(scale, unused),
+                        _or(scale_dst_N, unused), x_RI.stride(0), x_RI.stride(1), grad_MO.stride(0), grad_MO.stride(1)))
+    args = [tuple(column) for column in zip(*columns)]
     out_EIO = accumulate_into
     if out_EIO is None:
         out_EIO = torch.empty(E, I, O, device=x0.device, dtype=out_dtype or x0.dtype)

@@ -156,7 +156,7 @@ def test_triton_fp32_weights_rounded_in_kernel_equal_cast_first(D, E, K, monkeyp
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-5)])
-@pytest.mark.parametrize("n_seg", [2, 3, 4])
+@pytest.mark.parametrize("n_seg", [2, 3, 4, 9])
 @pytest.mark.parametrize("I,O,gated", [(1024, 128, False), (128, 1024, True)])
 def test_triton_weight_grad_segments_match_sum_of_applications(dtype, tol, n_seg, I, O, gated):
     """Several applications' weight gradients in one launch (the FFN's up and gated down shapes at

@@ -166,15 +166,15 @@ def _two_steps(deterministic_algorithms: bool):
         torch.use_deterministic_algorithms(False)
 
 
-@pytest.mark.parametrize("defer", [1, 3])
+@pytest.mark.parametrize("defer", [1, 3, 9])
 @pytest.mark.parametrize("cfg", ["MoEUT_44M", "MoEUT_244M"])
 def test_shared_weight_copies_match_per_application_casts(cfg, defer, monkeypatch):
     """One bf16 copy per expert weight and forward, gradients summed in the weight-gradient kernel
     (`shared_weights.py`), against a cast per application and autograd's sums (44M: misaligned rows,
     the copy padded once; 244M: the real shapes, 4 applications). One application per launch:
-    bit-identical gradients. Three per launch (`WGRAD_DEFER`): the same sums in another order, equal to
-    fp32 rounding, and bit-identical between two runs. Autotuning is off in tests/gpu, so all runs use
-    the same kernel configs."""
+    bit-identical gradients. Three or all of them per launch (`WGRAD_DEFER`): the same sums in another
+    order, equal to fp32 rounding, and bit-identical between two runs. Autotuning is off in tests/gpu,
+    so all runs use the same kernel configs."""
     from moeut import shared_weights
     from tests.helpers import shared_and_per_application_grads
     monkeypatch.setattr(shared_weights, "WGRAD_DEFER", defer)

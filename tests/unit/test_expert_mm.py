@@ -283,3 +283,20 @@ def test_a_malformed_count_in_the_environment_is_named(monkeypatch):
     assert _env_count("MOEUT_WGRAD_DEFER", 3) == 2
     monkeypatch.delenv("MOEUT_WGRAD_DEFER")
     assert _env_count("MOEUT_WGRAD_DEFER", 3) == 3
+
+
+def test_by_default_one_launch_sums_every_application_of_a_weight():
+    """The default deferral covers every application of a shared weight in the paper's models
+    (n_layers / group_size), so each weight's gradient takes one launch and its fp32 sum is written
+    once (RESULTS S.1); the kernel's segment limit is no lower."""
+    import os
+    import subprocess
+    import sys
+    from moeut import profiles
+    from moeut.triton_weight_grad import MAX_SEGMENTS
+    env = {k: v for k, v in os.environ.items() if k != "MOEUT_WGRAD_DEFER"}
+    code = "from moeut import shared_weights; print(shared_weights.WGRAD_DEFER)"
+    default = int(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                 check=True).stdout)
+    most = max(p["n_layers"] // p["group_size"] for p in profiles.MOEUT_PROFILES.values())
+    assert min(default, MAX_SEGMENTS) >= most == 9

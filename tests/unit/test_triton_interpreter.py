@@ -307,11 +307,11 @@ def test_triton_weight_grad_accumulates_in_place(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["gather_x", "gated"])
-@pytest.mark.parametrize("n_seg", [1, 2, 3, 4])
+@pytest.mark.parametrize("n_seg", [1, 2, 3, 4, 9])
 def test_triton_weight_grad_segments_sum_applications(n_seg, layout, dtype):
-    """One launch over several applications of a weight (each its own rows, routing and operands)
-    equals the sum of their weight gradients, added to the accumulator; experts that no application
-    routes to keep the accumulator's values exactly."""
+    """One launch over several applications of a weight (each its own rows, routing, operands and row
+    strides) equals the sum of their weight gradients, added to the accumulator; experts that no
+    application routes to keep the accumulator's values exactly."""
     from moeut.triton_weight_grad import weight_grad_segments_triton
     E, I, O, K = 7, 20, 24, 2
     gen = torch.Generator().manual_seed(11 * n_seg + len(layout))
@@ -320,16 +320,19 @@ def test_triton_weight_grad_segments_sum_applications(n_seg, layout, dtype):
         R = 9 + 6 * s   # applications of different sizes
         expert = 2 * torch.randint(0, (E + 1) // 2, (R, K), generator=gen)   # odd experts: no rows
         r = route(expert, E)
-        x = torch.randn(R, I, generator=gen).to(dtype)
+        # segment 1's operands are views with other row strides than the rest (48 and 64 elements)
+        width = (lambda n: 48 if n == I else 64) if s == 1 else (lambda n: n)
+        x = torch.randn(R, width(I), generator=gen).to(dtype)[:, :I]
         if layout == "gather_x":   # the FFN's up projection: x gathered, gradient rows already routed
-            g = torch.randn(R * K, O, generator=gen).to(dtype)
+            g = torch.randn(R * K, width(O), generator=gen).to(dtype)[:, :O]
             seg = (x, g, r.offsets_E1, r.rows_N, None, None, None)
         else:   # a gated down projection: both gathered, gates read at each row's destination
-            g = torch.randn(R, O, generator=gen).to(dtype)
+            g = torch.randn(R, width(O), generator=gen).to(dtype)[:, :O]
             seg = (x, g, r.offsets_E1, r.rows_N, r.rows_N, torch.rand(R * K, generator=gen), r.slot_N)
         segments.append(seg)
         want += _weight_grad_torch(*seg[:6], torch.float32, seg[6])
-    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    # (bf16: each application's gated operand rounded; the error of the sum grows with its length)
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2 * max(1, n_seg / 3) ** 0.5)
     torch.testing.assert_close(weight_grad_segments_triton(segments, torch.float32), want, **tol)
     acc0 = torch.randn(E, I, O, generator=gen)
     acc = acc0.clone()
@@ -407,7 +410,7 @@ def test_triton_weight_grad_segments_reject_mixed_launches():
         weight_grad_segments_triton([seg, (torch.randn(2, 16), g, r.offsets_E1, r.rows_N, None, None, None)])
 
 
-@pytest.mark.parametrize("defer", [1, 2, 3])
+@pytest.mark.parametrize("defer", [1, 2, 3, 9])
 def test_shared_weights_through_the_kernels_match_per_application(defer, monkeypatch):
     """A training step's gradients with one shared bf16 copy per weight, summed by the weight-gradient
     kernel, against casting per application and summing with autograd. One application per launch
@@ -430,7 +433,7 @@ def test_shared_weights_through_the_kernels_match_per_application(defer, monkeyp
     monkeypatch.setattr(shared_weights, "ENABLED", True)
     _, got = autocast_step_grads(model, x)
     # 8 shared expert weights (FFN up and down, SwitchHead's V and O, in 2 layers), 3 applications each
-    assert sorted(launches) == sorted({1: [1, 1, 1], 2: [2, 1], 3: [3]}[defer] * 8)
+    assert sorted(launches) == sorted({1: [1, 1, 1], 2: [2, 1], 3: [3], 9: [3]}[defer] * 8)
     for n in want:
         if defer == 1:
             assert torch.equal(got[n], want[n]), n
