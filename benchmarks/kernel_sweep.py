@@ -5,7 +5,10 @@ variant and process). This script times a wider list per pass, exactly as the FF
 checks each config's output against the default's, and prints a table per pass: which configs earn
 a place in `_mm_configs` / `_wgrad_configs`. GPU only.
 
-    python benchmarks/kernel_sweep.py [--shapes 244M,1B,244M-att] [--passes dW] [--json sweep.json]
+    python benchmarks/kernel_sweep.py [--shapes 244M,1B,244M-att] [--passes dW] [--segments 9] [--json sweep.json]
+
+--segments N runs the weight-gradient passes as a training step does: one launch summing N
+applications of the weight (`weight_grad_segments_triton`; the step sums all 9), here N copies of one.
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ LOOP_N = [(128, 64, 64, 8, 4), (128, 64, 64, 8, 5), (128, 64, 64, 8, 3), (128, 3
           (128, 128, 64, 8, 4), (64, 64, 64, 4, 5)]
 WGRAD = [(128, 128, 32, 8, 5), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4), (128, 128, 32, 8, 6),
          (128, 128, 32, 4, 5), (64, 128, 32, 4, 6), (128, 64, 32, 4, 6), (256, 128, 32, 8, 4),
-         (128, 128, 16, 8, 8), (64, 128, 64, 4, 5), (128, 128, 64, 8, 4), (128, 256, 32, 8, 4)]
+         (128, 128, 16, 8, 8), (64, 128, 64, 4, 5), (128, 128, 64, 8, 4), (128, 256, 32, 8, 4),
+         (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 3)]
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # cpu: TRITON_INTERPRET=1, a logic check only
@@ -94,7 +98,7 @@ def sweep_pass(name, kernel, configs, fn, flops, wgrad=False, top=None):
     return rows
 
 
-def sweep_shape(name, D, E, K, T, top=None, passes_filter=()):
+def sweep_shape(name, D, E, K, T, top=None, passes_filter=(), segments=1):
     dt = torch.bfloat16
     x = torch.randn(T, D, device=DEVICE, dtype=dt)
     w1 = torch.randn(E, D, S, device=DEVICE, dtype=dt) / D ** 0.5
@@ -110,6 +114,9 @@ def sweep_shape(name, D, E, K, T, top=None, passes_filter=()):
     flops = 2 * N * D * S
     mm, wg = tem._expert_mm_kernel, twg._weight_grad_kernel
     f32 = torch.float32
+
+    def wgrad(*segment):   # one launch over `segments` applications (copies of this one)
+        return lambda: twg.weight_grad_segments_triton([segment] * segments, f32)
     passes = [
         ("up fwd (gather x)", mm, MM, lambda: tem.grouped_mm_triton(x, w1, r.offsets_E1, r.rows_N), False),
         ("down dx (gather dy)", mm, MM,
@@ -118,21 +125,21 @@ def sweep_shape(name, D, E, K, T, top=None, passes_filter=()):
          lambda: tem.grouped_mm_triton(h, w2, r.offsets_E1, None, gate, r.slot_N), False),
         ("up dx (scatter; loop over N)", mm, LOOP_N,
          lambda: tem.grouped_mm_triton(gh, w1.transpose(1, 2), r.offsets_E1, None, None, r.slot_N), False),
-        ("up dW (gather x)", wg, WGRAD,
-         lambda: twg.grouped_mm_weight_grad_triton(x, gh, r.offsets_E1, r.rows_N, out_dtype=f32), True),
-        ("down dW (gather, gate dy)", wg, WGRAD,
-         lambda: twg.grouped_mm_weight_grad_triton(h, gy_T, r.offsets_E1, None, group, gate, out_dtype=f32), True),
+        ("up dW (gather x)", wg, WGRAD, wgrad(x, gh, r.offsets_E1, r.rows_N, None, None, None), True),
+        ("down dW (gather dy, gated h given: the step's form)", wg, WGRAD,
+         wgrad(h, gy_T, r.offsets_E1, None, group, None, None), True),
+        ("down dW (gather, gate dy)", wg, WGRAD, wgrad(h, gy_T, r.offsets_E1, None, group, gate, None), True),
     ]
     if name.endswith("-att"):   # SwitchHead's value weight gradient: x and d v gathered, gate on x
         gv = torch.randn(N // 2, S, device=DEVICE, dtype=dt)   # one row per (token, head): top-2 per head
         passes.append(("value dW (gather x, gather dv, gate)", wg, WGRAD,
-                       lambda: twg.grouped_mm_weight_grad_triton(x, gv, r.offsets_E1, r.rows_N, r.slot_N // 2, gate,
-                                                                 out_dtype=f32), True))
+                       wgrad(x, gv, r.offsets_E1, r.rows_N, r.slot_N // 2, gate, None), True))
     rows = []
     for pname, kernel, configs, fn, is_wgrad in passes:
         if passes_filter and not any(p in pname for p in passes_filter):
             continue
-        for row in sweep_pass(f"{name} {pname}", kernel, configs, fn, flops, is_wgrad, top):
+        pass_flops = flops * segments if is_wgrad else flops
+        for row in sweep_pass(f"{name} {pname}", kernel, configs, fn, pass_flops, is_wgrad, top):
             rows.append(dict(shape=name, **row))
     return rows
 
@@ -143,13 +150,15 @@ def main():
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--top", type=int, default=None, help="only the first N configs of each list")
     ap.add_argument("--passes", default="", help="comma-separated substrings: only the passes whose names hold one")
+    ap.add_argument("--segments", type=int, default=1, help="applications per weight-gradient launch (the step: 9)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.manual_seed(0)
     out = dict(gpu=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (interpreter)", torch=torch.__version__, rows=[])
     for name in args.shapes.split(","):
         D, E, K = SHAPES[name]
-        out["rows"] += sweep_shape(name, D, E, K, args.tokens, args.top, [p for p in args.passes.split(",") if p])
+        out["rows"] += sweep_shape(name, D, E, K, args.tokens, args.top, [p for p in args.passes.split(",") if p],
+                                   args.segments)
         if args.json:
             args.json.write_text(json.dumps(out, indent=1, default=str))
 
