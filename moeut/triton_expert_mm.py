@@ -311,9 +311,10 @@ if triton is not None:
                          (b.to(tl.float32) * s[:, None]).to(gated_ptr.dtype.element_ty), mask=m)
 
 
-# MOEUT_ROW_DOT_ROWS=n: n rows per program of the row dot in place of the rule in `row_dot_triton` (64 rows
-# of 128). Standalone at 244M, 16 rows took 73.5 µs against 80.3 (RESULTS R.6); not yet measured in a step.
-ROW_DOT_ROWS: Optional[int] = int(os.environ.get("MOEUT_ROW_DOT_ROWS", "0")) or None
+# Rows per program of the row dot in place of the rule in `row_dot_triton` (None: the rule, 64 rows of
+# 128); experiments/row_dot_bytes.py sets it. 16 rows were 8.5% faster standalone at 244M (RESULTS R.6)
+# and no faster in graphed steps (S.2), so the rule stays.
+ROW_DOT_ROWS: Optional[int] = None
 
 
 def row_dot_triton(a_NI: Tensor, b_MI: Tensor, b_rows_N: Optional[Tensor], scale_N: Optional[Tensor],
