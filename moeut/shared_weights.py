@@ -55,7 +55,7 @@ def _env_count(name: str, default: int) -> int:
 # Deferring an application's gradient to a later launch keeps its operands alive until then, and saves
 # reading and writing the fp32 sum (0.4 GB per FFN weight and application at 244M, 0.9 GB at 1B) for
 # all but one of them. 3 against 1: +3.0% at 244M, +6.2% at 1B (RESULTS I.3); 9 against 3: +1.5% and
-# +3.8% (S.1). CUDA only: the PyTorch path computes each at once.
+# +3.9% (S.1). CUDA only: the PyTorch path computes each at once.
 WGRAD_DEFER = _env_count("MOEUT_WGRAD_DEFER", 9)
 
 _local = threading.local()

@@ -181,8 +181,8 @@ if triton is not None:
 
 
 # The most applications one weight-gradient launch sums: every application of a weight in the paper's
-# models (n_layers / group_size is 8 or 9). The kernel unrolls its row loop once per application, so
-# its code (and compile time) grows with the count.
+# models (n_layers / group_size is 8 or 9). Each is one iteration of the kernel's runtime loop; the cap
+# bounds its arguments (11 per application) and the operands a sink holds until the launch.
 MAX_SEGMENTS = 9
 
 
