@@ -73,6 +73,9 @@ run decode_compile 300 python3 benchmarks/decode.py --new-tokens 64 --modes stat
 # copy or cast to remove is (RESULTS J.2, O.3), ~1.5 min.
 run sites 120 python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 25 --sites 80 \
   --json "$OUT/profile_sites.json"
+# The expert kernels by launch shape (each row one pass of one projection) at 244M and 1B, ~3 min.
+run launches 200 bash -c "python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 5 --launches 40 && \
+  python3 benchmarks/profile_step.py --model moeut-1B --batch 8 --top 5 --launches 40"
 # One change against the default (benchmarks/ab_switch.sh: its tests, graphed steps default / change /
 # default, a profile), ~6 min. E.g. AB="MOEUT_FUSED_SUM=0" AB_TESTS="sum" ... gpu_check_and_bench.sh ab
 run ab 590 env AB_TEST_ENV="$TEST_ENV" bash benchmarks/ab_switch.sh "$OUT" "${AB:-}"

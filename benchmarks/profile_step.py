@@ -3,10 +3,13 @@ a table of kernel categories (expert GEMMs, weight gradients, top-k sums, casts,
 rows PERF_NOTES reasons with) and a table of GPU kernels (total time per step, share, calls) grouped
 by name. With --sites, a third table: the glue kernels (everything but the expert GEMMs, weight
 gradients, top-k sums, attention core and AdamW) by the line of moeut code that launched them, or for
-backward kernels the autograd node they ran in, to say which casts, copies and adds to remove.
+backward kernels the autograd node they ran in, to say which casts, copies and adds to remove. With
+--launches, the expert kernels by launch shape (grid and block, read from the profile's Chrome trace):
+a grid is fixed by the shapes and the tile config, so each row is one pass of one projection (the
+FFN's against SwitchHead's), which the by-name table lumps together.
 
     python benchmarks/profile_step.py --model moeut-244M --batch 16 [--top 30] [--trace trace.json] \
-        [--json out.json] [--sites 40]
+        [--json out.json] [--sites 40] [--launches 30]
 
 Two --json files of the same model (a switch off and on) compare with `profile_diff.py`.
 """
@@ -51,6 +54,30 @@ def kernel_times(fn, iters: int, trace: Path = None, sites: bool = False):
         print(f"({len(py)} Python functions of moeut in the profile, e.g. {py[:3]})")
         return per_kernel, site_times(prof.events())
     return per_kernel
+
+
+# The kernels --launches splits by launch shape.
+EXPERT_KERNELS = ("_expert_mm_kernel", "_weight_grad_kernel", "_sum_choices_kernel", "_row_dot_kernel",
+                  "_sum_splits_kernel")
+
+
+def launch_times(trace_events, names=EXPERT_KERNELS):
+    """{(kernel name, grid, block): [total us, calls]} of the kernel events of a Chrome trace (torch's
+    profiler writes each launch's grid and block among its args)."""
+    out = defaultdict(lambda: [0.0, 0])
+    for ev in trace_events:
+        if ev.get("cat") == "kernel" and ev.get("name", "").startswith(names):
+            args = ev.get("args", {})
+            key = (ev["name"], tuple(args.get("grid", ())), tuple(args.get("block", ())))
+            out[key][0] += ev.get("dur", 0.0)
+            out[key][1] += 1
+    return out
+
+
+def print_launches(per_launch, iters: int, top: int) -> None:
+    print(f"{'ms/step':>8s} {'calls':>6s} {'us/call':>8s}  {'kernel':22s} {'grid':>16s} {'block':>12s}")
+    for (name, grid, block), (us, n) in sorted(per_launch.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"{us / iters / 1e3:8.3f} {n / iters:6.0f} {us / n:8.1f}  {name:22s} {str(grid):>16s} {str(block):>12s}")
 
 
 # Categories --sites leaves out: the kernels themselves, not the glue around them.
@@ -182,17 +209,26 @@ def main():
     ap.add_argument("--sites", type=int, default=0, metavar="N",
                     help="also print the N costliest glue kernels by the moeut line (or autograd node) that "
                          "launched them (a second, slower profile with Python stacks)")
+    ap.add_argument("--launches", type=int, default=0, metavar="N",
+                    help="also print the N costliest expert-kernel launch shapes (grid, block), from the trace")
     args = ap.parse_args()
     torch.manual_seed(0)
     step = training_step(build(args.model, None), args.batch)
     for _ in range(2):
         step()
-    per_kernel = kernel_times(step, args.steps, args.trace)
+    trace = args.trace
+    if args.launches and trace is None:
+        import tempfile
+        trace = Path(tempfile.mkdtemp()) / "trace.json"
+    per_kernel = kernel_times(step, args.steps, trace)
     print(f"{args.model} batch {args.batch}: GPU busy {busy_ms(per_kernel, args.steps):.1f} ms per step, "
           f"{sum(v[1] for v in per_kernel.values()) / args.steps:.0f} kernels per step")
     print_table(by_category(per_kernel), args.steps, len(CATEGORIES) + 1, what="category")
     print()
     print_table(per_kernel, args.steps, args.top)
+    if args.launches:
+        print(f"\nexpert kernels by launch shape ({trace}):")
+        print_launches(launch_times(json.loads(trace.read_text())["traceEvents"]), args.steps, args.launches)
     if args.sites:
         print()
         _, per_site = kernel_times(step, args.steps, sites=True)

@@ -69,6 +69,28 @@ def test_profile_categories_cover_a_real_step_and_keep_its_total():
     assert len(layer_norm) == 4 and cats["LayerNorm"] == [sum(t for t, _ in layer_norm), sum(c for _, c in layer_norm)]
 
 
+def test_profile_launches_split_the_expert_kernels_by_launch_shape(capsys):
+    """--launches: the expert kernels' events of a Chrome trace (as torch's profiler writes them on
+    the GPU) grouped by (name, grid, block), so the FFN's passes and SwitchHead's are separate rows;
+    other kernels and CPU events are left out, and every kept launch is counted once."""
+    import profile_step
+    kernel = lambda name, grid, dur, block=(256, 1, 1): dict(cat="kernel", name=name, dur=dur,  # noqa: E731
+                                                              args=dict(grid=list(grid), block=list(block)))
+    events = [kernel("_expert_mm_kernel", (24768, 1, 1), 180.0), kernel("_expert_mm_kernel", (24768, 1, 1), 184.0),
+              kernel("_expert_mm_kernel", (1060, 1, 1), 70.0),
+              kernel("_expert_mm_kernel", (1060, 1, 1), 72.0, (128, 1, 1)),
+              kernel("_weight_grad_kernel", (3096, 1, 1), 1500.0), kernel("nvjet_sm90_tst_256x128", (132, 1, 1), 90.0),
+              dict(cat="cpu_op", name="_expert_mm_kernel", dur=5.0)]
+    per_launch = profile_step.launch_times(events)
+    assert per_launch == {("_expert_mm_kernel", (24768, 1, 1), (256, 1, 1)): [364.0, 2],
+                          ("_expert_mm_kernel", (1060, 1, 1), (256, 1, 1)): [70.0, 1],
+                          ("_expert_mm_kernel", (1060, 1, 1), (128, 1, 1)): [72.0, 1],
+                          ("_weight_grad_kernel", (3096, 1, 1), (256, 1, 1)): [1500.0, 1]}
+    profile_step.print_launches(per_launch, iters=1, top=2)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and "_weight_grad_kernel" in lines[1] and "182.0" in lines[2]   # costliest first
+
+
 def test_profile_sites_name_the_moeut_function_and_the_backward_node():
     """--sites on a CPU profile of MoEUT_tiny (leaf CPU ops standing in for kernels): the forward's
     glue is attributed to moeut functions, the backward's to the autograd node it ran in, and every
