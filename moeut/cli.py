@@ -5,8 +5,10 @@ Also `python -m moeut ...` and, for several processes, `torchrun --nproc_per_nod
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import fields
+from typing import Optional
 
 from . import profiles
 
@@ -19,72 +21,133 @@ EPILOG_TRAIN = """examples:
 """
 
 
+def _int_range(lo: int, hi: Optional[int] = None):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be an integer from {lo} to {hi}, got {v}" if hi is not None
+                                             else f"must be an integer >= {lo}, got {v}")
+        return v
+    return parse
+
+
+def _float_range(lo: float, hi: float = math.inf, lo_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not (math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi):
+            bound = f"> {lo}" if lo_open else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}" + (f" and <= {hi}" if hi < math.inf else "")
+                                             + f", got {text}")
+        return v
+    return parse
+
+
+POSITIVE = _int_range(1)
+NON_NEGATIVE = _int_range(0)
+
+# Flags that may accompany --resume; every other training flag would change the run, and is refused.
+RESUME_FLAGS = {"resume", "no_progress", "cuda_graph", "data", "cache_dir", "strict_data", "stop_after", "debug"}
+
+
 def _add_train(sub):
     p = sub.add_parser("train", help="train a MoEUT or dense LM (the paper's recipe)",
                        description="Train a language model with the paper's recipe: AdamW 2.5e-4, weight decay 0.01, "
-                                   "cosine to 10%%, warmup, clipping, batch 64 x 1024, bf16 on GPU. On a CPU the "
-                                   "defaults shrink (batch 16 x 256, 400 steps, lr 1e-3).",
+                                   "cosine to 10%, warmup, clipping, batch 64 x 1024, bf16 on GPU. On a CPU the "
+                                   "defaults shrink (batch 16 x 256, 400 steps, lr 1e-3). Every setting is checked "
+                                   "before any work; the run directory is created only when training can start, and "
+                                   "one trainer at a time may write it.",
                        epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="moeut-tiny", choices=profiles.model_names(), metavar="NAME",
+    # Defaults are None, so that --resume can tell the flags given from those left alone.
+    p.add_argument("--model", default=None, choices=profiles.model_names(), metavar="NAME",
                    help="moeut-{44M,126M,244M,318M,727M,1B,tiny} or dense-{44M,126M,244M,319M,728M,1B,tiny} "
                         "(default: moeut-tiny)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", action="append", default=None, metavar="KEY=VALUE",
                    help="override a constructor argument of the model, e.g. --set att_n_experts=1 (repeatable)")
-    p.add_argument("--data", action="append", default=[], metavar="PATH",
+    p.add_argument("--data", action="append", default=None, metavar="PATH",
                    help="text file, directory of text/source files, or JSONL with a 'text' field (repeatable); "
-                        "default: the Python standard library source of this interpreter")
-    p.add_argument("--steps", type=int, default=0, help="optimizer steps = schedule length (GPU 100000, CPU 400)")
-    p.add_argument("--out", default="", help="run directory (default runs/<model>-<time>)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
-    p.add_argument("--batch-size", type=int, default=0, help="global sequences per step (GPU 64, CPU 16)")
-    p.add_argument("--micro-batch-size", type=int, default=0,
+                        "default: the Python standard library source of this interpreter. Files that are not "
+                        "UTF-8 text are skipped with a warning. With --resume: only to rebuild the run's "
+                        "tokenized data when they are no longer cached")
+    p.add_argument("--strict-data", action="store_true", default=None,
+                   help="refuse data files that are not UTF-8 text instead of skipping them")
+    p.add_argument("--steps", type=POSITIVE, default=None, help="optimizer steps = schedule length (GPU 100000, CPU 400)")
+    p.add_argument("--out", default=None, help="run directory: new or empty (default runs/<model>-<time>)")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=None)
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest intact checkpoint, "
+                                                   "with the settings it was started with")
+    p.add_argument("--batch-size", type=POSITIVE, default=None, help="global sequences per step (GPU 64, CPU 16)")
+    p.add_argument("--micro-batch-size", type=POSITIVE, default=None,
                    help="sequences per forward pass per process; gradient accumulation keeps the global batch")
-    p.add_argument("--context", type=int, default=0, help="tokens per sequence (GPU 1024, CPU 256)")
-    p.add_argument("--lr", type=float, default=0.0, help="peak learning rate (GPU 2.5e-4, CPU 1e-3)")
-    p.add_argument("--warmup", type=int, default=-1, help="linear warmup steps (0 for 44M/tiny, else 4000)")
-    p.add_argument("--clip", type=float, default=-1.0, help="gradient-norm clipping (0.1 for 44M/tiny, else 0.25)")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+    p.add_argument("--context", type=_int_range(1, 1 << 20), default=None, help="tokens per sequence (GPU 1024, CPU 256)")
+    p.add_argument("--lr", type=_float_range(0, lo_open=True), default=None, help="peak learning rate (GPU 2.5e-4, CPU 1e-3)")
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=None, help="linear warmup steps (0 for 44M/tiny, else 4000)")
+    p.add_argument("--clip", type=_float_range(0), default=None,
+                   help="gradient-norm clipping (0.1 for 44M/tiny, else 0.25; 0 disables)")
+    p.add_argument("--weight-decay", type=_float_range(0), default=None, help="AdamW weight decay (default 0.01)")
+    p.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"],
                    help="autocast precision (auto: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--vocab-size", type=int, default=8000, help="SentencePiece pieces (default 8000)")
-    p.add_argument("--log-interval", type=int, default=10, help="steps between metrics.jsonl records")
-    p.add_argument("--eval-interval", type=int, default=0, help="steps between validation runs (default steps/10)")
-    p.add_argument("--eval-windows", type=int, default=64, help="validation windows per run (0: all)")
-    p.add_argument("--ckpt-interval", type=int, default=0, help="steps between checkpoints (default steps/10)")
-    p.add_argument("--keep-checkpoints", type=int, default=3, help="how many checkpoints to keep")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--vocab-size", type=_int_range(2, 65535), default=None, help="SentencePiece pieces (default 8000)")
+    p.add_argument("--log-interval", type=POSITIVE, default=None, help="steps between metrics.jsonl records (default 10)")
+    p.add_argument("--eval-interval", type=POSITIVE, default=None, help="steps between validation runs (default steps/10)")
+    p.add_argument("--eval-windows", type=NON_NEGATIVE, default=None, help="validation windows per run (default 64; 0: all)")
+    p.add_argument("--ckpt-interval", type=POSITIVE, default=None, help="steps between checkpoints (default steps/10)")
+    p.add_argument("--keep-checkpoints", type=POSITIVE, default=None, help="how many checkpoints to keep (default 3)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each whole training step from a CUDA graph (one GPU; much faster for small and "
                         "mid-size models, whose eager steps wait on kernel launches). With --resume: switch it on/off")
-    p.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
-    p.add_argument("--deterministic", action="store_true", help="bitwise-reproducible GPU training (slower attention)")
-    p.add_argument("--cache-dir", default="", help="tokenized data cache (default ~/.cache/moeut)")
-    p.add_argument("--no-tensorboard", action="store_true")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="recompute activations in backward")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="bitwise-reproducible GPU training (slower attention)")
+    p.add_argument("--cache-dir", default=None, help="tokenized data cache (default ~/.cache/moeut)")
+    p.add_argument("--no-tensorboard", action="store_true", default=None)
+    p.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
+    p.add_argument("--stop-after", type=NON_NEGATIVE, default=None, help=argparse.SUPPRESS)
+    _add_debug(p)
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args) -> int:
     from .runs import parse_overrides
-    from .train import TrainConfig, config_of_run, end_distributed, train
+    from .train import Diverged, TrainConfig, config_of_run, default_cache_dir, end_distributed, train
+    given = {k for k, v in vars(args).items() if v is not None and k not in ("func", "command")}
     if args.resume:
+        refused = sorted(given - RESUME_FLAGS)
+        if refused:
+            names = ", ".join("--" + n.replace("_", "-").replace("overrides", "set") for n in refused)
+            raise ValueError(f"--resume continues a run with the settings it was started with; these flags would "
+                             f"change it: {names}. Start a new run (--out) to change them")
         cfg = config_of_run(args.resume)
         cfg.out = args.resume
         cfg.progress = not args.no_progress
-        cfg.stop_after = args.stop_after
+        cfg.stop_after = args.stop_after or 0
+        cfg.cache_dir = args.cache_dir or default_cache_dir()   # never a path read from the run
+        cfg.strict_data = bool(args.strict_data)
         if args.cuda_graph is not None:
             cfg.cuda_graph = args.cuda_graph
-        result = train(cfg, resume=True)
+        run = lambda: train(cfg, resume=True, user_data=args.data)   # noqa: E731
     else:
         names = {f.name for f in fields(TrainConfig)}
-        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and k != "overrides"})
+        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and k != "overrides" and v is not None})
         cfg.overrides = parse_overrides(args.overrides)
+        cfg.data = args.data or []
         cfg.cuda_graph = bool(args.cuda_graph)
         cfg.tensorboard = not args.no_tensorboard
         cfg.progress = not args.no_progress
-        result = train(cfg)
+        run = lambda: train(cfg)   # noqa: E731
+    try:
+        result = run()
+    except Diverged as e:
+        print(f"moeut train: {e}", file=sys.stderr)
+        end_distributed()
+        return 3
     end_distributed()   # the command owns the process group that `train` set up under torchrun
     if "val_ppl" in result:
         print(f"\nrun: {result['run_dir']}")
@@ -93,21 +156,56 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _add_migrate(sub):
+    p = sub.add_parser("migrate", help="convert a run's checkpoints from the earlier pickle format, once",
+                       description="Convert the checkpoints/step_*.pt files of a run you trust to the current "
+                                   "format (safetensors + JSON). The old files are read with PyTorch's restricted "
+                                   "unpickler, which builds tensors and plain data only and refuses anything else, "
+                                   "so a file carrying code is rejected without running it. The originals move "
+                                   "to checkpoints/legacy/.")
+    p.add_argument("run", metavar="RUN", help="run directory")
+    _add_debug(p)
+    p.set_defaults(func=cmd_migrate)
+
+
+def cmd_migrate(args) -> int:
+    import json
+    import re
+    from pathlib import Path
+    from .checkpoint import migrate_legacy_checkpoints, write_json_atomic
+    from .run_dir import RunLock, check_existing_run_dir
+    run = Path(args.run)
+    check_existing_run_dir(run, writable=True)
+    with RunLock(run):
+        migrate_legacy_checkpoints(run)
+        record = run / "data.json"   # the earlier format recorded the cache's path; now only its key
+        if record.is_file():
+            data = json.loads(record.read_text())
+            key = Path(str(data.get("cache", ""))).name
+            if "key" not in data and re.fullmatch(r"[0-9a-f]{24}", key):
+                write_json_atomic(record, {"key": key, **{k: v for k, v in data.items() if k != "cache"}})
+    print(f"{run}: converted; resume with: moeut train --resume {run}")
+    return 0
+
+
 def _add_generate(sub):
     p = sub.add_parser("generate", help="sample text from a trained run",
                        description="Generate text with the KV cache. Greedy when --temperature is 0.")
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory (or a checkpoint file in it)")
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="run directory (its newest intact checkpoint) or one checkpoint directory in it")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", action="append", help="prompt text (repeatable: a batch of prompts)")
-    g.add_argument("--prompt-file", help="file with one prompt per line")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
-    p.add_argument("--seed", type=int, default=0)
+    g.add_argument("--prompt-file", help="UTF-8 file with one prompt per line")
+    p.add_argument("--max-new-tokens", type=NON_NEGATIVE, default=100)
+    p.add_argument("--temperature", type=_float_range(0), default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-k", type=NON_NEGATIVE, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=_float_range(0, 1, lo_open=True), default=1.0,
+                   help="nucleus sampling threshold in (0, 1] (default 1: off)")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step (pays a one-time compile; for long outputs)")
+    _add_debug(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -116,16 +214,28 @@ def _device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
+def _read_prompts(path: str):
+    from .evaluate import read_text_file
+    text = read_text_file(path)
+    prompts = [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompt-file {path} holds no prompt (one per non-empty line)")
+    return prompts
+
+
 def cmd_generate(args) -> int:
-    from .generate import generate
+    from .generate import generate, kv_cache_bytes
+    from .memory import device_memory
     from .runs import load_run
-    model, tok, _ = load_run(args.checkpoint, _device(args.device))
-    if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
-    else:
-        prompts = [p.replace("\\n", "\n") for p in args.prompt]
+    prompts = _read_prompts(args.prompt_file) if args.prompt_file else [p.replace("\\n", "\n") for p in args.prompt]
+    device = _device(args.device)
+    model, tok, _ = load_run(args.checkpoint, device)
     encoded = [tok.encode(p) for p in prompts]
+    positions = max(max(len(e), 1) for e in encoded) + args.max_new_tokens
+    need = kv_cache_bytes(model, len(encoded), positions)
+    if need > device_memory(device):
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: the KV cache would need {need / 2**30:,.1f} GiB, "
+                         f"more than {device} has")
     stream = len(prompts) == 1
     produced = []
 
@@ -155,25 +265,43 @@ def _add_eval(sub):
     p = sub.add_parser("eval", help="perplexity and the paper's zero-shot tasks",
                        description="Evaluate a trained run: perplexity on --text and the paper's zero-shot tasks "
                                    f"({', '.join(TASKS)}), scored as in the paper. See README for the data layout.")
-    p.add_argument("--checkpoint", required=True, metavar="DIR")
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="run directory (its newest intact checkpoint) or one checkpoint directory in it")
     p.add_argument("--tasks", default="", help=f"comma list of: {', '.join(TASKS)}, or 'all'")
     p.add_argument("--data-dir", default="", help="directory laid out like lambada/ blimp/ hellaswag/ piqa/ arc/ cbt/")
-    p.add_argument("--text", action="append", default=[], help="text file(s) for perplexity (1024-token windows)")
-    p.add_argument("--limit", type=int, default=0, help="at most N items per task (0: all)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--context", type=int, default=1024, help="window for --text perplexity")
+    p.add_argument("--text", action="append", default=[], help="UTF-8 text file(s) for perplexity (--context windows)")
+    p.add_argument("--limit", type=NON_NEGATIVE, default=0, help="at most N items per task (0: all)")
+    p.add_argument("--batch-size", type=POSITIVE, default=32)
+    p.add_argument("--context", type=_int_range(1, 1 << 20), default=1024, help="window for --text perplexity")
     p.add_argument("--json", help="write per-task scores and item counts here")
     p.add_argument("--device", default="auto")
+    _add_debug(p)
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import TASKS, run_eval
+    import os
+    from pathlib import Path
+    from .evaluate import TASKS, read_text_file, run_eval
     from .runs import load_run, write_json_atomic
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks != "all" else list(TASKS)
     if not tasks and not args.text:
-        print("nothing to evaluate: give --tasks and/or --text", file=sys.stderr)
-        return 2
+        raise ValueError("nothing to evaluate: give --tasks and/or --text")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"--tasks: unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
+    if tasks and not Path(args.data_dir or "").is_dir():
+        raise ValueError(f"--data-dir {args.data_dir!r} is not a directory (the zero-shot tasks read their data there)")
+    for t in args.text:
+        if not Path(t).is_file():
+            raise ValueError(f"--text {t}: no such file")
+        read_text_file(t)
+    if args.json:
+        target = Path(args.json)
+        if target.is_dir():
+            raise ValueError(f"--json {target} is a directory")
+        if not os.access(target.parent if str(target.parent) else ".", os.W_OK):
+            raise ValueError(f"--json {target}: its directory is not writable")
     model, tok, _ = load_run(args.checkpoint, _device(args.device))
 
     def write_json(results):  # after every task, atomically: an interrupted run keeps what it finished
@@ -187,7 +315,8 @@ def cmd_eval(args) -> int:
 
 def _add_models(sub):
     p = sub.add_parser("models", help="list model names and their parameter counts")
-    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--vocab-size", type=_int_range(2, 65535), default=8000)
+    _add_debug(p)
     p.set_defaults(func=cmd_models)
 
 
@@ -201,6 +330,11 @@ def cmd_models(args) -> int:
     return 0
 
 
+def _add_debug(p) -> None:
+    p.add_argument("--debug", action="store_true", default=None,
+                   help="show the full traceback of an error (default: one line naming the problem)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moeut", description="MoEUT: Mixture-of-Experts Universal Transformers. "
                                 "Train, sample from and evaluate MoEUT and dense language models.")
@@ -209,18 +343,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_eval(sub)
     _add_models(sub)
+    _add_migrate(sub)
     return p
 
 
 def main(argv=None) -> int:
+    """Errors a user can fix (a bad flag or file, a damaged or foreign checkpoint, a busy run, a full
+    disk) print one line naming the problem and exit with status 2; --debug shows the traceback.
+    Anything else is a bug and keeps its traceback."""
+    from .checkpoint import CheckpointError
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        from .checkpoint import CheckpointError
-        if isinstance(e, RuntimeError) and not isinstance(e, CheckpointError):
+    except KeyboardInterrupt:
+        print(f"moeut {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, CheckpointError, OSError) as e:
+        if getattr(args, "debug", False):
             raise
-        print(f"moeut {args.command}: error: {e}", file=sys.stderr)
+        if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in str(e):
+            message = f"{e.filename}: {e.strerror or e}"
+        else:
+            message = str(e)
+        print(f"moeut {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,29 +34,46 @@ def default_corpus_paths() -> List[Path]:
     return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.parts) and p.is_file())
 
 
+class NotText(ValueError):
+    """A data file that is not UTF-8 text (binary, or another encoding)."""
+
+
+def _decode_text(path: Path, raw: bytes) -> str:
+    if b"\0" in raw:
+        raise NotText(f"{path} is a binary file (it contains NUL bytes), not text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NotText(f"{path} is not valid UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+
+
 def _read_source(path: Path) -> List[str]:
-    if path.suffix == ".jsonl":
-        docs = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise ValueError(f"{path}:{i}: each JSONL line needs a string field 'text'")
-                docs.append(obj["text"])
-        return docs
-    return [path.read_text(encoding="utf-8", errors="replace")]
+    text = _decode_text(path, path.read_bytes())
+    if path.suffix != ".jsonl":
+        return [text]
+    docs = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise ValueError(f"{path}:{i}: each JSONL line needs a string field 'text'")
+        docs.append(obj["text"])
+    return docs
 
 
-def collect_documents(sources: Optional[Sequence[str]]) -> List[Tuple[str, str]]:
+def collect_documents(sources: Optional[Sequence[str]], strict: bool = False,
+                      warn: Callable[[str], None] = print) -> List[Tuple[str, str]]:
     """[(name, text)] for every document of the given sources, in a stable order. A document's name is
     its path relative to the directory given (a file given by itself: its file name; the default
     corpus: relative to the standard library), with "#j" for the j-th document of a file. The names
-    decide the validation split, so it does not change when the data moves to another path or machine."""
+    decide the validation split, so it does not change when the data moves to another path or machine.
+
+    A file that is not UTF-8 text is skipped with a warning naming it (`strict`: refused), never
+    read with replacement characters."""
     named: List[Tuple[Path, str]] = []
     if not sources:
         named = [(p, p.relative_to(_stdlib_root()).as_posix()) for p in default_corpus_paths()]
@@ -69,13 +87,22 @@ def collect_documents(sources: Optional[Sequence[str]]) -> List[Tuple[str, str]]
                 named.append((p, p.name))
             else:
                 raise FileNotFoundError(f"--data {s}: no such file or directory")
-    docs = []
+    docs, skipped = [], 0
     for p, name in named:
-        for j, text in enumerate(_read_source(p)):
+        try:
+            texts = _read_source(p)
+        except NotText as e:
+            if strict:
+                raise ValueError(f"{e} (--strict-data)") from None
+            warn(f"warning: skipping {e}")
+            skipped += 1
+            continue
+        for j, text in enumerate(texts):
             if text.strip():
                 docs.append((f"{name}#{j}", text))
     if not docs:
-        raise ValueError(f"no text found in {list(sources) if sources else 'the default corpus'}")
+        where = list(sources) if sources else "the default corpus"
+        raise ValueError(f"no text found in {where}" + (f" ({skipped} files skipped as not UTF-8 text)" if skipped else ""))
     return docs
 
 
@@ -99,10 +126,31 @@ def content_key(texts: Sequence[str], tokenizer_bytes: bytes) -> str:
     return h.hexdigest()[:24]
 
 
+def _remove_dead_writers_files(path: Path) -> None:
+    """Temporary files `<name>.tmp-<pid>` beside `path` whose writer no longer runs (killed mid-write)."""
+    if not path.parent.is_dir():
+        return
+    for p in path.parent.glob(f"{path.name}.tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def tokenize_to_file(texts: Sequence[str], tokenizer, path: Path, progress: bool = True) -> np.ndarray:
     """Token ids of all texts, each followed by end-of-text, as a uint16 memmap at `path` (cached)."""
     if path.exists():
         return np.memmap(path, dtype=np.uint16, mode="r")
+    _remove_dead_writers_files(path)
     if tokenizer.vocab_size > 65535:
         raise ValueError("vocabularies above 65535 pieces are not supported by the uint16 token cache")
     from tqdm import tqdm
@@ -113,9 +161,12 @@ def tokenize_to_file(texts: Sequence[str], tokenizer, path: Path, progress: bool
             chunks.append(np.asarray(ids, dtype=np.uint16))
     arr = np.concatenate(chunks) if chunks else np.zeros(0, np.uint16)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    arr.tofile(tmp)
-    tmp.replace(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")   # caches are shared between runs
+    try:
+        arr.tofile(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 

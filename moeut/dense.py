@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import AttentionMask, KVCache, attend, begin_static_step, check_mask, end_static_step
-from .model import MoEUTOutput, MultilayerKVCache, _key_length, _require, check_tokens
+from .model import MoEUTOutput, MultilayerKVCache, kv_cache_key_length, _require, check_tokens
 from .moe import aligned_width_padding
 from .norm import LayerNorm
 
@@ -117,7 +117,7 @@ class DenseLM(torch.nn.Module):
                 kv_cache: MultilayerKVCache = None) -> MoEUTOutput:
         check_tokens(x, self.n_tokens)
         B, T = x.shape
-        S = _key_length(kv_cache, B, self.n_layers, T)
+        S = kv_cache_key_length(kv_cache, B, self.n_layers, T)
         if mask is None:
             mask = AttentionMask(None, None, is_causal=True)
         check_mask(mask, B, T, S)

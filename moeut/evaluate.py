@@ -259,11 +259,22 @@ def windows_perplexity(model, windows: Iterable[torch.Tensor], bf16: Optional[bo
     return math.exp(nll / max(count, 1)), count
 
 
+def read_text_file(path: str | Path) -> str:
+    """A UTF-8 text file's content; ValueError naming the file if it is not UTF-8 text."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid UTF-8 text (byte {e.start})") from None
+
+
 def text_perplexity(model, tok, paths: Sequence[str], context: int = 1024) -> Dict[str, float]:
     """Perplexity over non-overlapping `context`-token windows of the given files."""
+    texts = [read_text_file(p) for p in paths]   # every file checked before any scoring
+
     def windows():
-        for p in paths:
-            ids = np.asarray(tok.encode(Path(p).read_text(encoding="utf-8", errors="replace")) + [tok.eot_id])
+        for text in texts:
+            ids = np.asarray(tok.encode(text) + [tok.eot_id])
             yield from eval_windows(ids, context)
     ppl, count = windows_perplexity(model, windows())
     return {"perplexity": ppl, "tokens": count}

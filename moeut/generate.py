@@ -6,15 +6,48 @@ and the next step is launched before the host reads the current step's tokens.
 """
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Callable, List, Optional, Sequence
 
 import torch
 
 from .attention import AttentionMask, frozen_inference_weights, new_static_cache
+from .memory import device_memory
 
 COMPILE_CAPACITY_STEP = 256  # with compile=True the KV cache holds a multiple of this many positions
 OVERLAP_HOST = True   # launch the next decoding step before reading this one's tokens (False: benchmarks' baseline)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    """ValueError naming the first setting out of range."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and 0 <= temperature < math.inf):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0: all tokens), got {top_k!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+
+
+def model_vocab_size(model) -> Optional[int]:
+    emb = getattr(model, "embedding", None)
+    return getattr(emb, "num_embeddings", None)
+
+
+def kv_cache_bytes(model, batch: int, positions: int) -> int:
+    """Bytes of a KV cache holding `positions` for `batch` rows: one key and one value tensor
+    [batch, heads, positions, head width] per layer application, in the parameters' dtype."""
+    for m in model.modules():
+        heads = getattr(m, "n_heads", None)
+        width = getattr(m, "projection_size", None) or getattr(m, "d_head", None)
+        if isinstance(heads, int) and isinstance(width, int):
+            break
+    else:
+        return 0   # an attention module we do not know: no estimate
+    dtype_bytes = next(model.parameters()).element_size()
+    return 2 * model.n_layers * batch * heads * positions * width * dtype_bytes
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -196,8 +229,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     max_new_tokens) while the weights stay where they are (values updated in place are read anew);
     `release_decode_graphs(model)` frees them.
     """
-    if max_new_tokens < 0:
-        raise ValueError("max_new_tokens must be >= 0")
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     if cache not in ("static", "dynamic", "none"):
         raise ValueError(f"cache must be 'static', 'dynamic' or 'none', got {cache!r}")
     if not prompts:
@@ -216,6 +248,14 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
         raise ValueError("compile needs cache='static' (fixed shapes)")
     prompts = [list(p) if len(p) else [eos_id if eos_id is not None else 0] for p in prompts]
     B, L = len(prompts), max(len(p) for p in prompts)
+    vocab = model_vocab_size(model)
+    bad = [t for p in prompts for t in p if not isinstance(t, int) or not 0 <= t < (vocab or t + 1)]
+    if bad:
+        raise ValueError(f"prompt token {bad[0]!r} is not an id of this model's {vocab} tokens")
+    need = kv_cache_bytes(model, B, L + max_new_tokens)
+    if need > device_memory(device):
+        raise ValueError(f"max_new_tokens={max_new_tokens}: the KV cache for {B} x {L + max_new_tokens} positions "
+                         f"would need {need / 2**30:,.1f} GiB, more than {device} has")
     x = torch.zeros(B, L, dtype=torch.long, device=device)
     pad = torch.ones(B, L, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):

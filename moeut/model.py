@@ -116,34 +116,57 @@ class MoEUTLayer(torch.nn.Module):
         return x, kv_cache
 
 
-def _key_length(kv_cache: MultilayerKVCache, batch: int, n_layers: int, T: int) -> int:
+GROWING_CACHE_KEYS = {"k", "v"}
+STATIC_CACHE_KEYS = {"capacity", "k", "v", "pos"}
+
+
+def kv_cache_key_length(kv_cache: MultilayerKVCache, batch: int, n_layers: int, T: int) -> int:
     """Validate a multi-layer KV cache against the input; return the number of keys attention sees
-    (cache length + T, or the capacity of a preallocated cache)."""
+    (cache length + T, or the capacity of a preallocated cache). A cache is empty (every entry
+    absent or {}: the first call), or holds every layer with `k` and `v` of one shape
+    [batch, heads, length, width]; anything else would attend to a wrong history, so it is refused."""
     if kv_cache is None:
         return T
     if not isinstance(kv_cache, dict):
         raise TypeError(f"kv_cache must be a dict (pass {{}} to start caching), got {type(kv_cache).__name__}")
-    lengths, capacities = set(), set()
+    lengths, capacities, filled = set(), set(), 0
     for li, entry in kv_cache.items():
-        if not isinstance(li, int) or not 0 <= li < n_layers:
+        if isinstance(li, bool) or not isinstance(li, int) or not 0 <= li < n_layers:
             raise ValueError(f"kv_cache has an entry for layer {li!r}; this model has layers 0..{n_layers - 1}")
+        if not isinstance(entry, dict):
+            raise ValueError(f"kv_cache entry for layer {li} must be a dict, got {type(entry).__name__}")
         if not entry:
             continue
+        allowed = STATIC_CACHE_KEYS if "capacity" in entry else GROWING_CACHE_KEYS
+        junk = sorted(map(str, set(entry) - allowed))
+        if junk:
+            raise ValueError(f"kv_cache entry for layer {li} has unknown keys {junk}; allowed: {sorted(allowed)}")
         if "capacity" in entry:   # preallocated (attention.new_static_cache)
-            capacities.add(entry["capacity"])
+            cap = entry["capacity"]
+            if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+                raise ValueError(f"kv_cache entry for layer {li}: capacity must be a positive int, got {cap!r}")
+            capacities.add(cap)
             if "k" in entry and entry["k"].shape[0] != batch:
                 raise ValueError(f"kv_cache was built for batch size {entry['k'].shape[0]}, but the input has batch size {batch}")
             continue
-        k = entry.get("k")
-        if k is None or "v" not in entry:
+        k, v = entry.get("k"), entry.get("v")
+        if not isinstance(k, Tensor) or not isinstance(v, Tensor):
             raise ValueError(f"kv_cache entry for layer {li} must hold 'k' and 'v' tensors")
+        if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
+            raise ValueError(f"kv_cache entry for layer {li}: 'k' {tuple(k.shape)} and 'v' {tuple(v.shape)} must "
+                             "both be [batch, heads, length, width] of the same batch, heads and length")
         if k.shape[0] != batch:
             raise ValueError(f"kv_cache was built for batch size {k.shape[0]}, but the input has batch size {batch}")
         lengths.add(k.shape[-2])
+        filled += 1
     if capacities:
         if lengths or len(capacities) > 1 or len(kv_cache) != n_layers:
             raise ValueError("a preallocated kv_cache needs one entry of the same capacity for every layer")
         return capacities.pop()
+    if filled and filled != n_layers:
+        missing = [i for i in range(n_layers) if not kv_cache.get(i)]
+        raise ValueError(f"kv_cache holds {filled} of this model's {n_layers} layers (missing layers {missing[:5]}): "
+                         "a cache must hold every layer, or none (pass {} to start)")
     if len(lengths) > 1:
         raise ValueError(f"kv_cache layers have different lengths {sorted(lengths)}: the cache is inconsistent")
     return (lengths.pop() if lengths else 0) + T
@@ -191,7 +214,7 @@ class MoEUT(torch.nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"MoEUT input must be floating point, got {x.dtype}")
         B, T, _ = x.shape
-        S = _key_length(kv_cache, B, self.n_layers, T)
+        S = kv_cache_key_length(kv_cache, B, self.n_layers, T)
         if mask is None:
             mask = AttentionMask(None, None, is_causal=True)
         check_mask(mask, B, T, S)

@@ -1,38 +1,48 @@
 """Model names, construction from a name plus overrides, and loading a trained run for generate/eval.
 
-A run directory holds run.json (model name, constructor arguments, training config), tokenizer.model,
-metrics.jsonl, tensorboard/ and checkpoints/step_*.pt.
+A run directory is described in `run_dir`; loading one reads only data (JSON, safetensors,
+SentencePiece), checks the checkpoint's integrity and its tensor shapes against the model the run
+describes before allocating the model, and refuses checkpoints of the earlier pickle format.
 """
 from __future__ import annotations
 
+import inspect
 import json
-import os
+import sys
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
 import torch
 
+from . import checkpoint as ckpt_lib
 from . import profiles
-from .checkpoint import CheckpointError, check_compatible, latest_checkpoint, load_checkpoint
+from .checkpoint import CheckpointError
 from .dense import DenseLM
+from .memory import device_memory
 from .model import MoEUTLM
+from .run_dir import check_existing_run_dir, read_run_json
 from .tokenizer import Tokenizer
+
+BYTES_PER_PARAMETER = {"train": 16, "infer": 4}   # fp32 weights (+ gradients and AdamW's two moments)
 
 
 def write_json_atomic(path, obj) -> None:
-    """Written whole or not at all: a crash mid-write must not leave a run that cannot be resumed, nor
-    an evaluation report that cannot be read (a temporary file beside it, then renamed)."""
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    """Written whole or not at all (a temporary file beside it, fsynced, then renamed)."""
+    ckpt_lib.write_json_atomic(Path(path), obj)
 
 
 def model_kwargs(name: str, overrides: Dict[str, Any] | None = None) -> Dict[str, Any]:
-    """Constructor arguments for `moeut-<size>` / `dense-<size>`, with `overrides` applied."""
-    kind, _, size = name.partition("-")
+    """Constructor arguments for `moeut-<size>` / `dense-<size>`, with `overrides` applied. Unknown
+    argument names are refused by name."""
+    kind, _, size = name.partition("-") if isinstance(name, str) else ("", "", "")
     table = {"moeut": profiles.MOEUT_PROFILES, "dense": profiles.DENSE_PROFILES}.get(kind)
     if table is None or size not in table:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(profiles.model_names())}")
+    cls = MoEUTLM if kind == "moeut" else DenseLM
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "n_tokens", "attention"}
+    unknown = sorted(set(overrides or {}) - accepted)
+    if unknown:
+        raise ValueError(f"--set {unknown[0]}: {name} has no such argument; it takes {', '.join(sorted(accepted))}")
     kwargs = dict(table[size])
     kwargs.update(overrides or {})
     return kwargs
@@ -42,8 +52,20 @@ def build_model(name: str, n_tokens: int, kwargs: Dict[str, Any]) -> torch.nn.Mo
     cls = MoEUTLM if name.startswith("moeut") else DenseLM
     try:
         return cls(n_tokens, **kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError, AssertionError, ZeroDivisionError, RuntimeError) as e:
         raise ValueError(f"bad model argument for {name}: {e}") from None
+
+
+def check_memory(model: torch.nn.Module, device, purpose: str) -> None:
+    """Refuse a model (built on the meta device) whose parameters alone, with their gradients and
+    optimizer state when training, exceed the device's memory."""
+    n = sum(p.numel() for p in model.parameters())
+    need = n * BYTES_PER_PARAMETER[purpose]
+    have = device_memory(device)
+    if need > have:
+        raise ValueError(f"the model has {n / 1e6:,.0f}M parameters: {'training' if purpose == 'train' else 'running'} "
+                         f"it needs at least {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of "
+                         f"{device}; choose a smaller --model or --set")
 
 
 def parse_overrides(items) -> Dict[str, Any]:
@@ -60,22 +82,41 @@ def parse_overrides(items) -> Dict[str, Any]:
     return out
 
 
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def load_run(path: str | Path, device: str = "cpu") -> Tuple[torch.nn.Module, Tokenizer, Dict[str, Any]]:
-    """(model in eval mode with the latest checkpoint's weights, tokenizer, run.json) of a run dir."""
-    run_dir = Path(path)
-    ckpt = None
-    if run_dir.is_file():  # a checkpoint file inside <run>/checkpoints/
-        ckpt, run_dir = run_dir, run_dir.parent.parent
-    meta_path = run_dir / "run.json"
-    if not meta_path.is_file():
-        raise CheckpointError(f"{run_dir} is not a moeut run directory (no run.json)")
-    meta = json.loads(meta_path.read_text())
+    """(model in eval mode with the newest intact checkpoint's weights, tokenizer, run.json) of a run
+    directory, or of one checkpoint directory inside it (`<run>/checkpoints/step_N`; then exactly that
+    one). A damaged newest checkpoint is reported and an older intact one used."""
+    path = Path(path)
+    chosen = None
+    if path.parent.name == "checkpoints" and (path.suffix == ".pt" or path.name.startswith("step_")):
+        chosen, run_dir = path, path.parent.parent
+        if path.suffix == ".pt":
+            raise ckpt_lib.legacy_refusal(path, run_dir)
+    else:
+        run_dir = path
+    if not run_dir.exists():
+        raise CheckpointError(f"{run_dir} does not exist")
+    check_existing_run_dir(run_dir, writable=False)
+    meta = read_run_json(run_dir)
     tok = Tokenizer(run_dir / "tokenizer.model")
-    ckpt = ckpt or latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise CheckpointError(f"run {run_dir} has no checkpoint yet")
-    state = load_checkpoint(ckpt)
-    model = build_model(meta["model"], tok.vocab_size, meta["model_kwargs"])
-    check_compatible(model, state["model"], str(ckpt))
-    model.load_state_dict(state["model"])
+    if chosen is not None:
+        ckpt_lib.verify_checkpoint(chosen, (ckpt_lib.MODEL_FILE,))
+    else:
+        chosen = ckpt_lib.newest_intact_checkpoint(run_dir, warn=_warn, files=(ckpt_lib.MODEL_FILE,))
+        if chosen is None:
+            raise CheckpointError(f"run {run_dir} has no checkpoint yet")
+    kwargs = model_kwargs(meta["model"], meta["model_kwargs"])
+    with torch.device("meta"):
+        meta_model = build_model(meta["model"], tok.vocab_size, kwargs)
+    ckpt_lib.check_compatible({k: tuple(v.shape) for k, v in meta_model.state_dict().items()},
+                              ckpt_lib.checkpoint_tensor_shapes(chosen), str(chosen))
+    check_memory(meta_model, device, "infer")
+    state = ckpt_lib.load_model_state(chosen, verified=True)
+    ckpt_lib.check_finite(state, str(chosen))
+    model = build_model(meta["model"], tok.vocab_size, kwargs)
+    model.load_state_dict(state)
     return model.to(device).eval(), tok, meta

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import io
 import random
+import re
 from pathlib import Path
-from typing import Iterable, List, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import sentencepiece as spm
 
@@ -17,11 +18,20 @@ NEWLINE = "\n"
 class Tokenizer:
     """Thin wrapper over a SentencePiece model. `eot_id` separates documents (SentencePiece's eos)."""
 
-    def __init__(self, model_path: str | Path):
-        self.path = Path(model_path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"tokenizer model not found: {self.path}")
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+    def __init__(self, model_path: Optional[str | Path] = None, model_proto: Optional[bytes] = None):
+        if (model_path is None) == (model_proto is None):
+            raise ValueError("give exactly one of model_path and model_proto")
+        if model_path is not None:
+            path = Path(model_path)
+            if not path.is_file():
+                raise FileNotFoundError(f"tokenizer model not found: {path}")
+            model_proto = path.read_bytes()
+        self.proto = model_proto
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(model_proto)
+        except Exception as e:   # a parse error of the protobuf: data, never code
+            raise ValueError(f"{model_path or 'tokenizer'} is not a SentencePiece model ({e})") from None
         self.vocab_size = self.sp.get_piece_size()
         self.eot_id = self.sp.eos_id()
 
@@ -35,29 +45,41 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in ids if int(i) != self.eot_id])
 
     def model_bytes(self) -> bytes:
-        return self.path.read_bytes()
+        return self.proto
 
 
-def train_tokenizer(documents: Iterable[str], out_path: str | Path, vocab_size: int = 8000,
-                    max_lines: int = 300_000, seed: int = 0) -> Tokenizer:
-    """Train a BPE model on (a random sample of up to `max_lines` lines of) the documents."""
+def train_tokenizer(documents: Iterable[str], vocab_size: int = 8000, max_lines: int = 300_000,
+                    seed: int = 0) -> Tokenizer:
+    """Train a BPE model, in memory, on (a random sample of up to `max_lines` lines of) the documents.
+    A vocabulary the corpus cannot fill, or too small for its characters, is a ValueError naming
+    --vocab-size and the bound."""
     lines = [line for doc in documents for line in doc.split(NEWLINE) if line.strip()]
     if not lines:
         raise ValueError("cannot train a tokenizer: the training data has no text")
     random.Random(seed).shuffle(lines)
     lines = lines[:max_lines]
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-        split_digits=True, byte_fallback=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True,
-        split_by_whitespace=True, user_defined_symbols=[NEWLINE], character_coverage=0.9999,
-        max_sentence_length=1 << 16, bos_id=-1, eos_id=1, unk_id=0, pad_id=-1,
-        train_extremely_large_corpus=False, num_threads=2, minloglevel=2,
-    )
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(out_path.suffix + ".tmp")
-    tmp.write_bytes(model.getvalue())
-    tmp.replace(out_path)
-    return Tokenizer(out_path)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+            split_digits=True, byte_fallback=True, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True,
+            split_by_whitespace=True, user_defined_symbols=[NEWLINE], character_coverage=0.9999,
+            max_sentence_length=1 << 16, bos_id=-1, eos_id=1, unk_id=0, pad_id=-1,
+            train_extremely_large_corpus=False, num_threads=2, minloglevel=2,
+        )
+    except RuntimeError as e:
+        msg = str(e)
+        if m := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg):
+            raise ValueError(f"--vocab-size {m.group(1)} is too large for this corpus: SentencePiece can make at "
+                             f"most {m.group(2)} pieces from it") from None
+        if m := re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg):
+            raise ValueError(f"--vocab-size {m.group(1)} is too small for this corpus: it needs at least "
+                             f"{m.group(2)} pieces (its characters and the special pieces)") from None
+        raise ValueError(f"SentencePiece could not train a tokenizer: {msg[:300]}") from None
+    return Tokenizer(model_proto=model.getvalue())
+
+
+def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
+    from .checkpoint import write_file_atomic
+    write_file_atomic(Path(path), tok.model_bytes())

@@ -1,8 +1,19 @@
-"""`moeut train`: the paper's training recipe (NOTES.md §4) on one CPU, one GPU or many (DDP).
+"""`moeut train`: the paper's training recipe on one CPU, one GPU or many (DDP).
 
 AdamW (lr 2.5e-4, betas 0.9/0.999, weight decay 0.01), linear warmup then cosine decay to 10% of
 the peak, gradient clipping, batch 64 x 1024, bf16 autocast on GPU, reg_loss added to the loss.
 Everything a run needs to continue lives in its checkpoints; batches depend only on (seed, step).
+
+What a start does, in order, so that a mistake costs nothing and leaves nothing behind:
+  1. every setting is checked (`validate_config`) and the model is built on the meta device, which
+     checks its arguments and its size against the memory there is, allocating nothing;
+  2. the data are read, the tokenizer trained in memory and the data tokenized into the shared,
+     content-addressed cache, which is checked to hold at least one batch;
+  3. only then is the run directory created, locked (`run_dir.RunLock`) and written.
+A resume locks the run first, removes what interrupted writers left, takes the newest checkpoint
+that verifies (reporting and setting aside damaged ones), and cuts metrics.jsonl back to its step.
+Training stops, without saving, at the first non-finite loss or gradient norm: the checkpoints on
+disk all hold finite states, and none of them is rotated out by a diverged run.
 """
 from __future__ import annotations
 
@@ -10,13 +21,14 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -25,9 +37,12 @@ import torch.distributed as dist
 from . import checkpoint as ckpt_lib
 from .data import Batches, collect_documents, content_key, eval_windows, split_documents, tokenize_to_file
 from .evaluate import windows_perplexity
-from .runs import build_model, model_kwargs, write_json_atomic
+from .run_dir import RunLock, check_existing_run_dir, check_new_run_dir, read_run_json, truncate_metrics
+from .runs import build_model, check_memory, model_kwargs
 from .train_step import GraphedTrainStep, collect_router_logits, step_body
-from .tokenizer import Tokenizer, train_tokenizer
+from .tokenizer import Tokenizer, save_tokenizer, train_tokenizer
+
+MAX_VOCAB = 65535   # token ids are cached as uint16
 
 
 @dataclass
@@ -58,10 +73,15 @@ class TrainConfig:
     activation_checkpointing: bool = False
     deterministic: bool = False          # PyTorch deterministic algorithms (bitwise reproducible on GPU)
     cache_dir: str = ""                  # tokenized-data cache (default ~/.cache/moeut)
+    strict_data: bool = False            # refuse (rather than skip) data files that are not UTF-8 text
     tensorboard: bool = True
     progress: bool = True
     sample_prompt: str = "def "          # prompt of the greedy sample printed at the end
     stop_after: int = 0                  # testing aid: pretend a SIGTERM arrived after this many steps
+
+
+def default_cache_dir() -> str:
+    return str(Path.home() / ".cache" / "moeut")
 
 
 def resolve_defaults(cfg: TrainConfig, on_gpu: bool) -> TrainConfig:
@@ -78,11 +98,74 @@ def resolve_defaults(cfg: TrainConfig, on_gpu: bool) -> TrainConfig:
     cfg.ckpt_interval = cfg.ckpt_interval or max(1, cfg.steps // 10)
     if cfg.precision == "auto":
         cfg.precision = "bf16" if on_gpu else "fp32"
+    cfg.out = cfg.out or f"runs/{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg.cache_dir = cfg.cache_dir or default_cache_dir()
+    return cfg
+
+
+# Each resolved setting: (type, test, what it must be). The flag named in an error is --<name>.
+_RANGES: Dict[str, tuple] = {
+    "steps": (int, lambda v: v >= 1, "a positive integer"),
+    "batch_size": (int, lambda v: v >= 1, "a positive integer"),
+    "micro_batch_size": (int, lambda v: v >= 0, "a non-negative integer"),
+    "context": (int, lambda v: 1 <= v <= 1 << 20, "an integer from 1 to 1048576"),
+    "lr": (float, lambda v: 0 < v < math.inf, "a positive, finite number"),
+    "min_lr_ratio": (float, lambda v: 0 <= v <= 1, "a number from 0 to 1"),
+    "warmup": (int, lambda v: v >= 0, "a non-negative integer"),
+    "weight_decay": (float, lambda v: 0 <= v < math.inf, "a non-negative, finite number"),
+    "clip": (float, lambda v: 0 <= v < math.inf, "a non-negative, finite number (0: no clipping)"),
+    "vocab_size": (int, lambda v: 2 <= v <= MAX_VOCAB, f"an integer from 2 to {MAX_VOCAB}"),
+    "seed": (int, lambda v: 0 <= v < 1 << 63, "a non-negative integer"),
+    "log_interval": (int, lambda v: v >= 1, "a positive integer"),
+    "eval_interval": (int, lambda v: v >= 1, "a positive integer"),
+    "eval_windows": (int, lambda v: v >= 0, "a non-negative integer (0: all)"),
+    "ckpt_interval": (int, lambda v: v >= 1, "a positive integer"),
+    "keep_checkpoints": (int, lambda v: v >= 1, "a positive integer"),
+    "stop_after": (int, lambda v: v >= 0, "a non-negative integer"),
+}
+
+
+def check_types(cfg: TrainConfig) -> None:
+    """Each setting of the type of its default (a run.json is read as untrusted data)."""
+    for f in fields(TrainConfig):
+        v = getattr(cfg, f.name)
+        want = type(f.default) if f.default_factory is MISSING else type(f.default_factory())
+        ok = isinstance(v, want) and not (want is int and isinstance(v, bool))
+        if want is float:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not ok:
+            raise ValueError(f"--{f.name.replace('_', '-')} must be of type {want.__name__}, got {v!r}")
+
+
+def validate_config(cfg: TrainConfig, world: int = 1) -> None:
+    """Every resolved setting in range and of its type (a run.json may come from anyone), and the
+    batch divisible among processes and micro-batches; ValueError naming the flag."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
+    for name, (typ, ok, what) in _RANGES.items():
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float) if typ is float else int) or not ok(v):
+            raise ValueError(f"{flag(name)} must be {what}, got {v!r}")
     if cfg.precision not in ("bf16", "fp32"):
         raise ValueError(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
-    cfg.out = cfg.out or f"runs/{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cfg.cache_dir = cfg.cache_dir or str(Path.home() / ".cache" / "moeut")
-    return cfg
+    for name in ("compile", "cuda_graph", "activation_checkpointing", "deterministic", "strict_data",
+                 "tensorboard", "progress"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{flag(name)} must be true or false, got {getattr(cfg, name)!r}")
+    for name in ("model", "out", "cache_dir", "sample_prompt"):
+        if not isinstance(getattr(cfg, name), str):
+            raise ValueError(f"{flag(name)} must be a string, got {getattr(cfg, name)!r}")
+    if not isinstance(cfg.data, list) or not all(isinstance(d, str) for d in cfg.data):
+        raise ValueError(f"--data must be a list of paths, got {cfg.data!r}")
+    if not isinstance(cfg.overrides, dict) or not all(isinstance(k, str) for k in cfg.overrides):
+        raise ValueError(f"--set must give KEY=VALUE pairs, got {cfg.overrides!r}")
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
+    per_rank = cfg.batch_size // world
+    micro = cfg.micro_batch_size or per_rank
+    if micro > per_rank or per_rank % micro:
+        raise ValueError(f"--micro-batch-size {micro} must divide the per-process batch {per_rank}")
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -126,41 +209,86 @@ def end_distributed() -> None:
         dist.destroy_process_group()
 
 
+def on_rank0(fn: Callable[[], Any], rank: int, world: int, device) -> Any:
+    """Run `fn` on rank 0; if it raises, every rank raises (rank 0 its own error), so no rank waits
+    forever at the next collective."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except BaseException as e:   # noqa: BLE001 (re-raised below, after the others are told)
+            error = e
+    if world > 1:
+        failed = torch.tensor(int(error is not None), device=device)
+        dist.broadcast(failed, 0)
+        if failed.item() and error is None:
+            raise RuntimeError("rank 0 stopped the run (its error is printed above)")
+    if error is not None:
+        raise error
+    return result
+
+
 # ------------------------------------------------------------------------------------------------
-# Data preparation (rank 0 builds, the others wait and load).
+# Data: a new run's (built before its directory exists) and a resumed run's (from the cache).
 # ------------------------------------------------------------------------------------------------
 
-def prepare_data(cfg: TrainConfig, run_dir: Path, rank: int, world: int, resume: bool = False):
-    """The run's tokenizer and its tokenized training and validation data (rank 0 builds, the others
-    wait). A resumed run reads the data it started on (recorded in data.json) while they are cached, so
-    files changed under --data since then do not change it; otherwise it rebuilds from --data and says
-    when that gives other data than the run started on."""
-    tok_path = run_dir / "tokenizer.model"
-    record = run_dir / "data.json"
-    if rank == 0:
-        started_on = Path(json.loads(record.read_text())["cache"]) if resume and record.exists() else None
-        if started_on is None or not all((started_on / f).is_file() for f in ("train.bin", "valid.bin")):
-            docs = collect_documents(cfg.data)
-            train_docs, valid_docs = split_documents(docs)
-            if not tok_path.exists():
-                print(f"training a {cfg.vocab_size}-piece tokenizer on {len(train_docs)} documents", flush=True)
-                train_tokenizer(train_docs, tok_path, cfg.vocab_size, seed=cfg.seed)
-            tok = Tokenizer(tok_path)
-            key = content_key(train_docs + ["\0valid\0"] + valid_docs, tok.model_bytes())
-            cache = Path(cfg.cache_dir) / key
-            if started_on is not None and started_on.name != key:
-                print(f"warning: the data under --data are not those this run started on (its cache {started_on} "
-                      "is gone): resuming on the new data", flush=True)
-            tokenize_to_file(train_docs, tok, cache / "train.bin", cfg.progress)
-            tokenize_to_file(valid_docs, tok, cache / "valid.bin", cfg.progress)
-            write_json_atomic(record, {"cache": str(cache), "train_documents": len(train_docs),
-                                 "valid_documents": len(valid_docs)})
-    barrier(world)
-    tok = Tokenizer(tok_path)
-    cache = Path(json.loads(record.read_text())["cache"])
+_KEY = re.compile(r"^[0-9a-f]{24}$")
+
+
+def build_data(cfg: TrainConfig, tok: Optional[Tokenizer], say: Callable[[str], None] = print):
+    """(tokenizer, cache key, train docs count, valid docs count) for --data; the tokenizer is trained
+    in memory when `tok` is None. The tokenized data land in the shared cache under their key."""
+    docs = collect_documents(cfg.data, strict=cfg.strict_data, warn=say)
+    train_docs, valid_docs = split_documents(docs)
+    if tok is None:
+        say(f"training a {cfg.vocab_size}-piece tokenizer on {len(train_docs)} documents")
+        tok = train_tokenizer(train_docs, cfg.vocab_size, seed=cfg.seed)
+    key = content_key(train_docs + ["\0valid\0"] + valid_docs, tok.model_bytes())
+    cache = Path(cfg.cache_dir) / key
+    tokenize_to_file(train_docs, tok, cache / "train.bin", cfg.progress)
+    tokenize_to_file(valid_docs, tok, cache / "valid.bin", cfg.progress)
+    return tok, key, len(train_docs), len(valid_docs)
+
+
+def open_tokens(cache_dir: str, key: str):
+    cache = Path(cache_dir) / key
     train = np.memmap(cache / "train.bin", dtype=np.uint16, mode="r")
     valid = np.memmap(cache / "valid.bin", dtype=np.uint16, mode="r")
-    return tok, train, valid
+    return train, valid
+
+
+def check_tokens(cfg: TrainConfig, train_tokens, valid_tokens, vocab: int) -> None:
+    Batches(train_tokens, cfg.context, cfg.batch_size, cfg.seed)   # raises if not one window fits
+    if len(valid_tokens) < 2:
+        raise ValueError("the validation split has fewer than 2 tokens: add data")
+    if len(train_tokens) and int(np.max(train_tokens)) >= vocab:
+        raise ValueError(f"the cached tokens do not fit the tokenizer's {vocab} pieces (a damaged cache?)")
+
+
+def resume_data(cfg: TrainConfig, run_dir: Path, user_data: Optional[List[str]], say: Callable[[str], None]):
+    """A resumed run's tokens: from the cache (the user's --cache-dir or the default, never a path
+    read from the run) under the key the run recorded; else rebuilt from the user's --data, or from
+    the default corpus if the run used it. Paths recorded in the run are not followed."""
+    record = run_dir / "data.json"
+    try:
+        key = json.loads(record.read_text()).get("key")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        key = None
+    tok = Tokenizer(run_dir / "tokenizer.model")
+    if isinstance(key, str) and _KEY.match(key) and all((Path(cfg.cache_dir) / key / f).is_file()
+                                                       for f in ("train.bin", "valid.bin")):
+        return tok, key
+    if user_data is None and cfg.data:
+        raise ValueError(f"the tokenized data of {run_dir} are not in the cache {cfg.cache_dir}; pass --cache-dir "
+                         f"where they are, or --data with the run's sources (it recorded {cfg.data}) to rebuild them")
+    if user_data is not None:
+        cfg.data = list(user_data)
+    _, new_key, n_train, n_valid = build_data(cfg, tok, say)
+    if key is not None and new_key != key:
+        say("warning: the data under --data are not those this run started on (their cache is gone): "
+            "resuming on the new data")
+    ckpt_lib.write_json_atomic(record, {"key": new_key, "train_documents": n_train, "valid_documents": n_valid})
+    return tok, new_key
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,44 +337,131 @@ class _StopFlag:
         self.signal = signum
 
 
-def _rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+def _rng_state() -> Dict[str, Any]:
+    """The RNG states as tensors and plain data (no NumPy objects: checkpoints hold no pickles)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (str(name), keys.astype(np.int64).tolist(), int(pos),
+                                                    int(has_gauss), float(cached)),
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def _set_rng_state(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+def _set_rng_state(s: Dict[str, Any], source: str) -> None:
+    try:
+        version, internal, gauss = s["python"]
+        random.setstate((int(version), tuple(int(v) for v in internal), gauss))
+        name, keys, pos, has_gauss, cached = s["numpy"]
+        np.random.set_state((str(name), np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+        torch.set_rng_state(s["torch"])
+        if s.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(s["cuda"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ckpt_lib.CheckpointError(f"checkpoint {source}: its RNG state is malformed ({e})") from None
 
 
 def config_of_run(run_dir: str | Path) -> TrainConfig:
-    """The TrainConfig a run was started with (what `--resume` continues)."""
-    meta_path = Path(run_dir) / "run.json"
-    if not meta_path.is_file():
-        raise ckpt_lib.CheckpointError(f"--resume {run_dir}: not a moeut run directory (no run.json)")
-    saved = json.loads(meta_path.read_text())["config"]
-    known = {f for f in TrainConfig.__dataclass_fields__}
-    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    """The TrainConfig a run was started with (what `--resume` continues). Read as data: unknown keys
+    are ignored, the values are checked by `validate_config` before use, and the paths it records
+    are not followed: `cache_dir` is reset to the default (set your own), and `data` is only shown
+    to the user unless they pass the sources again (`train(..., user_data=...)`)."""
+    check_existing_run_dir(Path(run_dir), writable=False)
+    saved = read_run_json(Path(run_dir)).get("config", {})
+    known = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    cfg.out = str(run_dir)
+    cfg.cache_dir = ""
+    return cfg
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
-    """Train (or, with resume=True, continue the run in cfg.out). Returns final metrics for rank 0."""
+def _start_new_run(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any], device, say) -> RunLock:
+    """Checks, data and tokenizer first; then the directory, locked, with run.json, tokenizer.model
+    and data.json. On failure after the directory was made, what this start wrote is removed."""
+    check_new_run_dir(run_dir)
+    with torch.device("meta"):
+        check_memory(build_model(cfg.model, cfg.vocab_size, kwargs), device, "train")
+    tok, key, n_train, n_valid = build_data(cfg, None, say)
+    check_tokens(cfg, *open_tokens(cfg.cache_dir, key), tok.vocab_size)
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = None
+    try:
+        lock = RunLock(run_dir)
+        check_new_run_dir(run_dir)   # again, under the lock: another start may have won the race
+        meta = {"model": cfg.model, "model_kwargs": kwargs, "vocab_size": tok.vocab_size, "config": asdict(cfg)}
+        ckpt_lib.write_json_atomic(run_dir / "run.json", meta)
+        save_tokenizer(tok, run_dir / "tokenizer.model")
+        ckpt_lib.write_json_atomic(run_dir / "data.json", {"key": key, "train_documents": n_train,
+                                                           "valid_documents": n_valid})
+        return lock
+    except BaseException:
+        if lock is not None:
+            for name in ("run.json", "tokenizer.model", "data.json"):
+                (run_dir / name).unlink(missing_ok=True)
+            ckpt_lib.remove_stale_temporaries(run_dir)
+            (run_dir / ".lock").unlink(missing_ok=True)
+            lock.release()
+            if created:
+                try:
+                    run_dir.rmdir()
+                except OSError:
+                    pass
+        raise
+
+
+def _open_run_for_resume(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any], user_data, device, say):
+    """(lock, checkpoint or None): the run locked, leftovers removed, damaged checkpoints newer than
+    the newest intact one set aside (each reported), the checkpoint's tensors checked against the
+    model's shapes before anything is allocated, the data found, metrics cut back to its step."""
+    check_existing_run_dir(run_dir, writable=True)
+    lock = RunLock(run_dir)
+    try:
+        for p in ckpt_lib.remove_stale_temporaries(run_dir):
+            say(f"removed {p.name}, left by an interrupted write")
+        path = ckpt_lib.newest_intact_checkpoint(run_dir, warn=say)
+        for newer in [p for p in ckpt_lib.list_checkpoints(run_dir) if path is None or p.name > path.name]:
+            say(f"moved the damaged checkpoint {newer.name} aside to {ckpt_lib.quarantine(newer).name}")
+        meta = read_run_json(run_dir)
+        vocab = meta.get("vocab_size")
+        if isinstance(vocab, bool) or not isinstance(vocab, int) or not 2 <= vocab <= MAX_VOCAB:
+            raise ckpt_lib.CheckpointError(f"{run_dir / 'run.json'}: vocab_size {vocab!r} is out of range")
+        with torch.device("meta"):
+            meta_model = build_model(cfg.model, vocab, kwargs)
+        if path is not None:
+            ckpt_lib.check_compatible({k: tuple(v.shape) for k, v in meta_model.state_dict().items()},
+                                      ckpt_lib.checkpoint_tensor_shapes(path), str(path))
+        check_memory(meta_model, device, "train")
+        tok, _ = resume_data(cfg, run_dir, user_data, say)
+        if tok.vocab_size != vocab:
+            raise ckpt_lib.CheckpointError(f"{run_dir}: tokenizer.model has {tok.vocab_size} pieces, run.json "
+                                           f"says {vocab}")
+        step = ckpt_lib.checkpoint_step(path) if path is not None else 0
+        dropped = truncate_metrics(run_dir, step)
+        if dropped:
+            say(f"metrics.jsonl: dropped {dropped} records after step {step} (they are logged again)")
+        if path is None:
+            say(f"{run_dir} has no checkpoint yet: starting it from step 0")
+        return lock, path
+    except BaseException:
+        lock.release()
+        raise
+
+
+class Diverged(RuntimeError):
+    """The loss or gradient norm became non-finite."""
+
+
+def train(cfg: TrainConfig, resume: bool = False, user_data: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Train (or, with resume=True, continue the run in cfg.out). Returns final metrics for rank 0.
+    `user_data`: --data given with --resume (used only if the run's tokenized data are not cached)."""
     rank, world, device = setup_distributed()
-    resume_dir = Path(cfg.out) if resume else None
+    say = (lambda m: print(m, flush=True)) if rank == 0 else (lambda m: None)
+    check_types(cfg)
     cfg = resolve_defaults(cfg, device.type == "cuda")
+    validate_config(cfg, world)
+    kwargs = model_kwargs(cfg.model, cfg.overrides)
     run_dir = Path(cfg.out)
-    if resume_dir is None and ckpt_lib.latest_checkpoint(run_dir) is not None:
-        raise ValueError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it or pick another --out")
-    if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
     per_rank = cfg.batch_size // world
-    micro = cfg.micro_batch_size or per_rank
-    if per_rank % micro:
-        raise ValueError(f"--micro-batch-size {micro} must divide the per-process batch {per_rank}")
-    accum = per_rank // micro
+    accum = per_rank // (cfg.micro_batch_size or per_rank)
     reasons = {"a CUDA device": device.type != "cuda", "one process (not DDP)": world > 1,
                "no --compile": cfg.compile, "no --activation-checkpointing": cfg.activation_checkpointing}
     missing = [need for need, bad in reasons.items() if bad]
@@ -255,21 +470,33 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
     if not cfg.cuda_graph and not missing:
         # Eager MoEUT steps wait on kernel launches; off by default because the graph keeps the step's
         # memory reserved between steps (validation and sampling then need room beside it).
-        print("tip: --cuda-graph replays each training step from one CUDA graph: 1.5-2.2x the tokens/s "
-              "of eager steps for MoEUT_126M-244M on an H200 (benchmarks/RESULTS.md C.3)", flush=True)
+        say("tip: --cuda-graph replays each training step from one CUDA graph: 1.5-2.2x the tokens/s "
+            "of eager steps for MoEUT_126M-244M on an H200")
+
+    if resume:
+        lock, resume_from = on_rank0(lambda: _open_run_for_resume(cfg, run_dir, kwargs, user_data, device, say),
+                                     rank, world, device) or (None, None)
+    else:
+        lock, resume_from = on_rank0(lambda: _start_new_run(cfg, run_dir, kwargs, device, say),
+                                     rank, world, device), None
+    barrier(world)
+    if resume and rank != 0:   # rank 0 verified it and set aside any damaged newer one
+        resume_from = (ckpt_lib.list_checkpoints(run_dir) or [None])[-1]
+    try:
+        return _train_locked(cfg, run_dir, kwargs, rank, world, device, accum, resume_from, say)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int, device, accum: int,
+                  resume_from: Optional[Path], say) -> Dict[str, Any]:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    barrier(world)
-
-    tok, train_tokens, valid_tokens = prepare_data(cfg, run_dir, rank, world, resume=resume_dir is not None)
-    kwargs = model_kwargs(cfg.model, cfg.overrides)
-    if rank == 0:
-        meta = {"model": cfg.model, "model_kwargs": kwargs, "vocab_size": tok.vocab_size,
-                "config": {k: v for k, v in asdict(cfg).items()}}
-        write_json_atomic(run_dir / "run.json", meta)
+    key = json.loads((run_dir / "data.json").read_text())["key"]
+    tok = Tokenizer(run_dir / "tokenizer.model")
+    train_tokens, valid_tokens = open_tokens(cfg.cache_dir, key)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -284,21 +511,24 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
                             fused=device.type == "cuda", capturable=cfg.cuda_graph)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     start_step = 0
-    if resume_dir is not None:
-        path = ckpt_lib.latest_checkpoint(run_dir)
-        if path is None:
-            raise ckpt_lib.CheckpointError(f"--resume {run_dir}: no checkpoint to resume from")
-        state = ckpt_lib.load_checkpoint(path)
-        ckpt_lib.check_compatible(model, state["model"], str(path))
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+    if resume_from is not None:
+        model_state = ckpt_lib.load_model_state(resume_from, verified=rank == 0)
+        ckpt_lib.check_finite(model_state, str(resume_from))
+        training = ckpt_lib.load_training_state(resume_from, verified=rank == 0)
+        try:
+            model.load_state_dict(model_state)
+            opt.load_state_dict(training["optimizer"])
+            sched.load_state_dict(training["scheduler"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise ckpt_lib.CheckpointError(f"checkpoint {resume_from} does not fit this run: {str(e)[:300]}") from None
         for g in opt.param_groups:   # a saved run may have used the other step mode
             g["capturable"] = cfg.cuda_graph
-        sched.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
-        start_step = state["step"]
-        if rank == 0:
-            print(f"resumed {run_dir} from {path.name} at step {start_step}", flush=True)
+        rng = training["rng"]
+        _set_rng_state(rng[rank] if isinstance(rng, list) else rng, str(resume_from))
+        start_step = int(training["step"])
+        say(f"resumed {run_dir} from {resume_from.name} at step {start_step}")
+        if start_step >= cfg.steps:
+            say(f"the run is complete ({start_step} of {cfg.steps} steps): nothing to train")
 
     fwd = model
     if world > 1:
@@ -330,14 +560,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
                     if k != "step" and isinstance(v, (int, float)):
                         writer.add_scalar(k, v, rec["step"])
 
-    def save(step):
+    def save(step, loss):
         if rank != 0:
             return
-        rng = _rng_state()
-        ckpt_lib.save_checkpoint(run_dir, step, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                                 "scheduler": sched.state_dict(), "rng": rng,
-                                                 "data_position": step * cfg.batch_size, "config": asdict(cfg)},
-                                 keep=cfg.keep_checkpoints)
+        training = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
+                    "data_position": step * cfg.batch_size, "config": asdict(cfg)}
+        ckpt_lib.save_checkpoint(run_dir, step, model.state_dict(), training, keep=cfg.keep_checkpoints,
+                                 loss=float(loss.item()))
 
     stop = _StopFlag()
     # Signal handlers can only be installed from the main thread (a notebook or test runner may not be).
@@ -367,6 +596,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
             sched.step()
             step += 1
             steps_since += 1
+            # One host sync per step, for two flags every rank must agree on: a stop signal, and a
+            # non-finite loss or gradient norm (which ends the run before anything is saved).
+            finite = torch.isfinite(loss_sum) & torch.isfinite(torch.as_tensor(gnorm, device=loss_sum.device))
+            flags = torch.stack([torch.tensor(stop.signal is not None, device=device), ~finite.to(device)]).int()
+            if world > 1:
+                dist.all_reduce(flags)
+            stopping, diverged = (bool(v) for v in flags.tolist())
+            if diverged:
+                raise Diverged(
+                    f"the loss or gradient norm became non-finite at step {step} (loss {loss_sum.item():.4g}, "
+                    f"gradient norm {float(gnorm):.4g}); training stopped and nothing was saved after it. "
+                    + (f"The newest checkpoint, {ckpt_lib.list_checkpoints(run_dir)[-1].name}, holds the last "
+                       "finite state." if ckpt_lib.list_checkpoints(run_dir) else "No checkpoint had been written.")
+                    + " Try a lower --lr or a stronger --clip in a new run.")
             if step % cfg.log_interval == 0 or step == cfg.steps:
                 if world > 1:
                     dist.all_reduce(loss_sum)
@@ -388,15 +631,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict[str, Any]:
                     bar.write(f"step {step}: validation perplexity {ppl:.2f}")
                 barrier(world)
             if step % cfg.ckpt_interval == 0 or step == cfg.steps:
-                save(step)
+                save(step, loss_sum)
             if cfg.stop_after and step - start_step >= cfg.stop_after:
                 stop.signal = signal.SIGTERM
-            stopping = torch.tensor(int(stop.signal is not None), device=device)
-            if world > 1:
-                dist.all_reduce(stopping)
-            if stopping.item():
+                stopping = True
+            if stopping:
                 if step % cfg.ckpt_interval != 0 and step != cfg.steps:
-                    save(step)
+                    save(step, loss_sum)
                 if rank == 0:
                     bar.write(f"stopped by signal at step {step}; checkpoint written. Continue with: "
                               f"moeut train --resume {run_dir}")

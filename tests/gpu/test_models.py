@@ -345,6 +345,7 @@ def test_train_with_cuda_graph_stops_and_resumes_to_the_same_losses(tmp_path):
     assert cut["stopped"] and cut["step"] == 3
     cfg = config_of_run(tmp_path / "cut")
     cfg.stop_after = 0
+    cfg.cache_dir = str(tmp_path / "cache")   # a run's recorded paths are not followed
     assert train(cfg, resume=True)["step"] == 8
 
     def losses(run):

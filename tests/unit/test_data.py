@@ -11,7 +11,7 @@ from moeut.tokenizer import train_tokenizer
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     docs = [p.read_text(errors="replace") for p in default_corpus_paths()[:30]]
-    return train_tokenizer(docs, tmp_path_factory.mktemp("tok") / "t.model", vocab_size=500)
+    return train_tokenizer(docs, vocab_size=500)
 
 
 @pytest.mark.parametrize("text", ["def f(x):\n\tif x:\n        return 12345\n\n\n", "  leading spaces\r\nand CRLF",

@@ -1,0 +1,173 @@
+"""A run directory and who may write it.
+
+    <run>/run.json          model name, constructor arguments, training config (plain JSON)
+    <run>/tokenizer.model   SentencePiece model
+    <run>/data.json         content key of the tokenized data in the cache
+    <run>/metrics.jsonl     one JSON record per logged step or evaluation
+    <run>/checkpoints/      step_NNNNNNNN/ directories (see `checkpoint`)
+    <run>/tensorboard/
+    <run>/.lock             held (flock) by the one trainer writing the run
+
+One writer per run: a trainer takes an exclusive `flock` on `.lock` before it writes anything and
+keeps it to the end; the kernel releases it when the process dies, so a crash never leaves a stale
+lock. A run directory may come from someone else: nothing in it is followed as a path, and the
+entries above must be plain files and directories, not symbolic links that would send our writes
+elsewhere.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from .checkpoint import CheckpointError, write_file_atomic
+
+RUN_ENTRIES = ("run.json", "tokenizer.model", "data.json", "metrics.jsonl", "checkpoints", "tensorboard", ".lock")
+LOCK_FILE = ".lock"
+
+
+class RunInUse(CheckpointError):
+    """Another live process holds the run's lock."""
+
+
+class RunLock:
+    """Exclusive lock of a run directory, held until `release` or process exit."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        path = self.run_dir / LOCK_FILE
+        if path.is_symlink():
+            raise CheckpointError(f"{path} is a symbolic link; refusing to use this run directory")
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            self.fd = None
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunInUse(f"run directory {self.run_dir} is in use by another trainer ({holder}); "
+                               "wait for it to finish or stop it first") from None
+            raise
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"PID {os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _probe_writable(directory: Path, what: str) -> None:
+    """Create and delete a file: the only test that also holds for root and read-only mounts."""
+    probe = directory / f".moeut-write-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CheckpointError(f"{what} {directory} is not writable ({e.strerror})") from None
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+def is_fresh(run_dir: Path) -> bool:
+    """Absent, empty, or holding only what an interrupted start of ours leaves before run.json."""
+    if not run_dir.exists():
+        return True
+    return all(p.name == LOCK_FILE or ".tmp" in p.name for p in run_dir.iterdir())
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """`--out` of a new run: a directory that is absent or empty (or an interrupted start's), in a
+    writable place. Refuses a file, a run (that is --resume's), and a directory of other files."""
+    run_dir = Path(run_dir)
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise CheckpointError(f"--out {run_dir} is a broken symbolic link")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"--out {run_dir} is a file, not a directory")
+    if (run_dir / "run.json").exists():
+        raise CheckpointError(f"--out {run_dir} already holds a run; continue it with --resume {run_dir} "
+                              "or choose another --out")
+    if not is_fresh(run_dir):
+        raise CheckpointError(f"--out {run_dir} is a directory with other files in it (not a moeut run); "
+                              "refusing to write into it: choose a new or empty directory")
+    _probe_writable(_nearest_existing(run_dir), "--out: the directory")
+
+
+def check_existing_run_dir(run_dir: Path, writable: bool) -> None:
+    """A run directory to read (generate, eval) or continue (--resume): run.json present, our
+    entries neither symbolic links nor of the wrong kind; writable when it will be written."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} is not a directory")
+    for name in RUN_ENTRIES:
+        p = run_dir / name
+        if p.is_symlink():
+            raise CheckpointError(f"{p} is a symbolic link; a run directory's own files must be real files, "
+                                  "so that nothing is read or written outside it")
+    for name in ("run.json", "tokenizer.model", "data.json", "metrics.jsonl", LOCK_FILE):
+        p = run_dir / name
+        if p.exists() and not p.is_file():
+            raise CheckpointError(f"{p} is not a regular file")
+    if not (run_dir / "run.json").is_file():
+        raise CheckpointError(f"{run_dir} is not a moeut run directory (no run.json)")
+    if writable:
+        _probe_writable(run_dir, "run directory")
+
+
+def read_run_json(run_dir: Path) -> dict:
+    path = Path(run_dir) / "run.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), str) \
+            or not isinstance(meta.get("model_kwargs"), dict) or not isinstance(meta.get("config", {}), dict):
+        raise CheckpointError(f"{path} lacks its model name, model_kwargs or config")
+    return meta
+
+
+def truncate_metrics(run_dir: Path, step: int) -> int:
+    """Keep the records of steps <= `step` (a resumed run logs the later ones again) and drop a line
+    cut short by a crash; returns how many records were dropped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+            ok = isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step
+        except json.JSONDecodeError:
+            ok = False
+        if ok:
+            kept.append(line)
+        elif line.strip():
+            dropped += 1
+    if dropped:
+        write_file_atomic(path, "".join(l + "\n" for l in kept).encode())
+    return dropped
+
+
+def holder_of(run_dir: Path) -> Optional[str]:
+    p = Path(run_dir) / LOCK_FILE
+    try:
+        return p.read_text().strip() or None
+    except OSError:
+        return None
