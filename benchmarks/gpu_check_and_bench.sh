@@ -49,6 +49,13 @@ run train_small 90 python3 benchmarks/train_throughput.py --steps 6 \
 run train_graph 260 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
   --models moeut-44M:32,dense-44M:32,moeut-126M:16,dense-126M:16,moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8 \
   --json "$OUT/train_graph.json"
+# The graphed step at the sizes issue-tracked figures compare (244M and 1B against dense), ~2.5 min.
+run train_graph_main 200 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models "${MAIN_MODELS:-moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8}" --json "$OUT/train_graph_main.json"
+# `moeut train` itself with default flags (batch 64 x 1024, step mode auto) on the standard library:
+# the trainer's tokens/s beside train_graph_main's figure (the tokenizer is carried to skip training one).
+run trainer_default 240 python3 benchmarks/trainer_speed.py --models moeut-244M --modes default --batch-size 0 \
+  --steps 80 --log-interval 5 ${TOKENIZER:+--tokenizer "$TOKENIZER"} --json "$OUT/trainer_default.json"
 # torch.compile (default mode) of the model's forward, for MoEUT and dense alike (issue 3: same care).
 run train_compile "${TRAIN_COMPILE_LIMIT:-280}" python3 benchmarks/train_throughput.py --steps 6 --compile \
   --models moeut-244M:16,dense-244M:16,moeut-44M:32,dense-44M:32 --json "$OUT/train_compile.json"

@@ -24,8 +24,8 @@ from moeut.train import TrainConfig, train  # noqa: E402
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="moeut-126M,moeut-244M")
-    ap.add_argument("--modes", default="eager,cuda-graph")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--modes", default="eager,cuda-graph", help="comma list of eager, cuda-graph, default")
+    ap.add_argument("--batch-size", type=int, default=16, help="0: the trainer's default (64 on a GPU)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--log-interval", type=int, default=10)
     ap.add_argument("--tokenizer", type=Path, help="a trained tokenizer.model to reuse (skips training one)")
@@ -36,12 +36,11 @@ def main():
     for name in args.models.split(","):
         for mode in args.modes.split(","):
             out = Path(tempfile.mkdtemp(prefix="moeut_run_"))
-            if args.tokenizer:
-                shutil.copy(args.tokenizer, out / "tokenizer.model")
             cfg = TrainConfig(model=name, out=str(out), steps=args.steps, batch_size=args.batch_size,
+                              tokenizer=str(args.tokenizer or ""),
                               log_interval=args.log_interval, eval_interval=10 ** 9, ckpt_interval=10 ** 9,
                               eval_windows=8, cache_dir=str(cache), tensorboard=False, progress=False,
-                              cuda_graph=mode == "cuda-graph")
+                              cuda_graph={"cuda-graph": "on", "eager": "off", "default": "auto"}[mode])
             t = time.perf_counter()
             result = train(cfg)
             wall = time.perf_counter() - t

@@ -93,6 +93,8 @@ def _add_train(sub):
     p.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"],
                    help="autocast precision (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--vocab-size", type=_int_range(2, 65535), default=None, help="SentencePiece pieces (default 8000)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="use this SentencePiece model (e.g. another run's tokenizer.model) instead of training one")
     p.add_argument("--log-interval", type=POSITIVE, default=None, help="steps between metrics.jsonl records (default 10)")
     p.add_argument("--eval-interval", type=POSITIVE, default=None, help="steps between validation runs (default steps/10)")
     p.add_argument("--eval-windows", type=NON_NEGATIVE, default=None, help="validation windows per run (default 64; 0: all)")
@@ -100,8 +102,10 @@ def _add_train(sub):
     p.add_argument("--keep-checkpoints", type=POSITIVE, default=None, help="how many checkpoints to keep (default 3)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay each whole training step from a CUDA graph (one GPU; much faster for small and "
-                        "mid-size models, whose eager steps wait on kernel launches). With --resume: switch it on/off")
+                   help="replay each training step from CUDA graphs (default: whenever it applies, i.e. on a GPU "
+                        "without --compile or --activation-checkpointing; eager MoEUT steps wait on kernel "
+                        "launches). --cuda-graph insists (an error where it cannot apply); --no-cuda-graph runs "
+                        "eager. With --resume: switch it")
     p.add_argument("--activation-checkpointing", action="store_true", default=None,
                    help="recompute activations in backward")
     p.add_argument("--deterministic", action="store_true", default=None,
@@ -131,14 +135,16 @@ def cmd_train(args) -> int:
         cfg.cache_dir = args.cache_dir or default_cache_dir()   # never a path read from the run
         cfg.strict_data = bool(args.strict_data)
         if args.cuda_graph is not None:
-            cfg.cuda_graph = args.cuda_graph
+            cfg.cuda_graph = "on" if args.cuda_graph else "off"
         run = lambda: train(cfg, resume=True, user_data=args.data)   # noqa: E731
     else:
+        if args.tokenizer and args.vocab_size:
+            raise ValueError("--vocab-size and --tokenizer exclude each other: the tokenizer sets the vocabulary")
         names = {f.name for f in fields(TrainConfig)}
         cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and k != "overrides" and v is not None})
         cfg.overrides = parse_overrides(args.overrides)
         cfg.data = args.data or []
-        cfg.cuda_graph = bool(args.cuda_graph)
+        cfg.cuda_graph = {None: "auto", True: "on", False: "off"}[args.cuda_graph]
         cfg.tensorboard = not args.no_tensorboard
         cfg.progress = not args.no_progress
         run = lambda: train(cfg)   # noqa: E731

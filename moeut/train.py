@@ -39,7 +39,7 @@ from .data import Batches, collect_documents, content_key, eval_windows, split_d
 from .evaluate import windows_perplexity
 from .run_dir import RunLock, check_existing_run_dir, check_new_run_dir, read_run_json, truncate_metrics
 from .runs import build_model, check_memory, model_kwargs
-from .train_step import GraphedTrainStep, collect_router_logits, step_body
+from .train_step import FlatGradientStep, GraphedTrainStep, collect_router_logits, step_body
 from .tokenizer import Tokenizer, save_tokenizer, train_tokenizer
 
 MAX_VOCAB = 65535   # token ids are cached as uint16
@@ -62,6 +62,7 @@ class TrainConfig:
     clip: float = -1.0                   # gradient-norm clip (-1: 0.1 for 44M/tiny, 0.25 larger; 0 disables)
     precision: str = "auto"              # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     vocab_size: int = 8000               # SentencePiece pieces
+    tokenizer: str = ""                  # a SentencePiece model to use instead of training one
     seed: int = 0
     log_interval: int = 10
     eval_interval: int = 0               # steps between validation runs (0: steps/10)
@@ -69,7 +70,7 @@ class TrainConfig:
     ckpt_interval: int = 0               # steps between checkpoints (0: steps/10)
     keep_checkpoints: int = 3
     compile: bool = False                # torch.compile the model
-    cuda_graph: bool = False             # replay each whole step (fwd, bwd, AdamW) from a CUDA graph: one GPU
+    cuda_graph: str = "auto"             # replay steps from CUDA graphs: auto (whenever it applies) | on | off
     activation_checkpointing: bool = False
     deterministic: bool = False          # PyTorch deterministic algorithms (bitwise reproducible on GPU)
     cache_dir: str = ""                  # tokenized-data cache (default ~/.cache/moeut)
@@ -149,11 +150,12 @@ def validate_config(cfg: TrainConfig, world: int = 1) -> None:
             raise ValueError(f"{flag(name)} must be {what}, got {v!r}")
     if cfg.precision not in ("bf16", "fp32"):
         raise ValueError(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
-    for name in ("compile", "cuda_graph", "activation_checkpointing", "deterministic", "strict_data",
-                 "tensorboard", "progress"):
+    if cfg.cuda_graph not in ("auto", "on", "off"):
+        raise ValueError(f"--cuda-graph must be auto, on or off, got {cfg.cuda_graph!r}")
+    for name in ("compile", "activation_checkpointing", "deterministic", "strict_data", "tensorboard", "progress"):
         if not isinstance(getattr(cfg, name), bool):
             raise ValueError(f"{flag(name)} must be true or false, got {getattr(cfg, name)!r}")
-    for name in ("model", "out", "cache_dir", "sample_prompt"):
+    for name in ("model", "out", "cache_dir", "sample_prompt", "tokenizer"):
         if not isinstance(getattr(cfg, name), str):
             raise ValueError(f"{flag(name)} must be a string, got {getattr(cfg, name)!r}")
     if not isinstance(cfg.data, list) or not all(isinstance(d, str) for d in cfg.data):
@@ -367,6 +369,9 @@ def config_of_run(run_dir: str | Path) -> TrainConfig:
     check_existing_run_dir(Path(run_dir), writable=False)
     saved = read_run_json(Path(run_dir)).get("config", {})
     known = {f.name for f in fields(TrainConfig)}
+    saved = dict(saved)
+    if isinstance(saved.get("cuda_graph"), bool):   # runs written before the setting had an "auto"
+        saved["cuda_graph"] = "on" if saved["cuda_graph"] else "auto"
     cfg = TrainConfig(**{k: v for k, v in saved.items() if k in known})
     cfg.out = str(run_dir)
     cfg.cache_dir = ""
@@ -377,9 +382,13 @@ def _start_new_run(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any], devi
     """Checks, data and tokenizer first; then the directory, locked, with run.json, tokenizer.model
     and data.json. On failure after the directory was made, what this start wrote is removed."""
     check_new_run_dir(run_dir)
+    given = None
+    if cfg.tokenizer:
+        given = Tokenizer(cfg.tokenizer)
+        cfg.vocab_size = given.vocab_size
     with torch.device("meta"):
         check_memory(build_model(cfg.model, cfg.vocab_size, kwargs), device, "train")
-    tok, key, n_train, n_valid = build_data(cfg, None, say)
+    tok, key, n_train, n_valid = build_data(cfg, given, say)
     check_tokens(cfg, *open_tokens(cfg.cache_dir, key), tok.vocab_size)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -462,16 +471,17 @@ def train(cfg: TrainConfig, resume: bool = False, user_data: Optional[List[str]]
     run_dir = Path(cfg.out)
     per_rank = cfg.batch_size // world
     accum = per_rank // (cfg.micro_batch_size or per_rank)
-    reasons = {"a CUDA device": device.type != "cuda", "one process (not DDP)": world > 1,
-               "no --compile": cfg.compile, "no --activation-checkpointing": cfg.activation_checkpointing}
-    missing = [need for need, bad in reasons.items() if bad]
-    if cfg.cuda_graph and missing:
-        raise ValueError("--cuda-graph needs " + ", ".join(missing))
-    if not cfg.cuda_graph and not missing:
-        # Eager MoEUT steps wait on kernel launches; off by default because the graph keeps the step's
-        # memory reserved between steps (validation and sampling then need room beside it).
-        say("tip: --cuda-graph replays each training step from one CUDA graph: 1.5-2.2x the tokens/s "
-            "of eager steps for MoEUT_126M-244M on an H200")
+    graph_blockers = step_graph_blockers(cfg, device)
+    if cfg.cuda_graph == "on" and graph_blockers:
+        raise ValueError("--cuda-graph needs " + "; ".join(graph_blockers))
+    if cfg.cuda_graph != "off" and not graph_blockers:
+        mode = "CUDA graphs (each step replayed whole; --no-cuda-graph runs it eagerly)"
+    else:
+        mode = "eager (" + ("--no-cuda-graph" if cfg.cuda_graph == "off" else "CUDA graphs need " +
+                            "; ".join(graph_blockers)) + ")"
+    if world > 1:
+        mode += f", {world} processes averaging one flat gradient buffer per step"
+    say(f"step mode: {mode}")
 
     if resume:
         lock, resume_from = on_rank0(lambda: _open_run_for_resume(cfg, run_dir, kwargs, user_data, device, say),
@@ -489,6 +499,15 @@ def train(cfg: TrainConfig, resume: bool = False, user_data: Optional[List[str]]
             lock.release()
 
 
+def step_graph_blockers(cfg: TrainConfig, device) -> List[str]:
+    """Why the step cannot be replayed from CUDA graphs (empty: it can)."""
+    reasons = {"a CUDA device (this is CPU)": device.type != "cuda",
+               "no --compile (torch.compile makes its own graphs)": cfg.compile,
+               "no --activation-checkpointing (its recomputation runs outside the captured forward)":
+                   cfg.activation_checkpointing}
+    return [need for need, blocked in reasons.items() if blocked]
+
+
 def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int, device, accum: int,
                   resume_from: Optional[Path], say) -> Dict[str, Any]:
     if cfg.deterministic:
@@ -504,11 +523,12 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
     model = build_model(cfg.model, tok.vocab_size, kwargs).to(device)
     backbone = getattr(model, "transformer", model)
     backbone.activation_checkpointing = cfg.activation_checkpointing
+    graphed_steps = cfg.cuda_graph != "off" and not step_graph_blockers(cfg, device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999),
-                            fused=device.type == "cuda", capturable=cfg.cuda_graph)
+                            fused=device.type == "cuda", capturable=graphed_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     start_step = 0
     if resume_from is not None:
@@ -522,7 +542,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise ckpt_lib.CheckpointError(f"checkpoint {resume_from} does not fit this run: {str(e)[:300]}") from None
         for g in opt.param_groups:   # a saved run may have used the other step mode
-            g["capturable"] = cfg.cuda_graph
+            g["capturable"] = graphed_steps
         rng = training["rng"]
         _set_rng_state(rng[rank] if isinstance(rng, list) else rng, str(resume_from))
         start_step = int(training["step"])
@@ -530,13 +550,11 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
         if start_step >= cfg.steps:
             say(f"the run is complete ({start_step} of {cfg.steps} steps): nothing to train")
 
-    fwd = model
-    if world > 1:
-        fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        fwd = torch.compile(fwd)
+    fwd = torch.compile(model) if cfg.compile else model
     amp = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    graphed = GraphedTrainStep(fwd, model, opt, amp, cfg.clip) if cfg.cuda_graph else None
+    # Several processes average one flat gradient buffer with one all-reduce per step (train_step).
+    graphed = GraphedTrainStep(fwd, model, opt, amp, cfg.clip, flat_gradients=world > 1) if graphed_steps else None
+    flat_step = FlatGradientStep(fwd, model, opt, amp, cfg.clip) if world > 1 and graphed is None else None
     batches = Batches(train_tokens, cfg.context, cfg.batch_size, cfg.seed)
     has_router = hasattr(backbone, "collect_router_logits")  # MoEUT; the dense baseline has none
     k_ffn = getattr(getattr(backbone, "layers", [None])[0], "ffn", None)
@@ -591,8 +609,11 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
             else:
                 if has_router:
                     backbone.collect_router_logits = log_step
-                loss_sum, reg_sum, gnorm, router_logits = step_body(fwd, model, opt, batch.to(device, non_blocking=True),
-                                                                    amp, cfg.clip, world)
+                batch = batch.to(device, non_blocking=True)
+                if flat_step is not None:
+                    loss_sum, reg_sum, gnorm, router_logits = flat_step(batch)
+                else:
+                    loss_sum, reg_sum, gnorm, router_logits = step_body(fwd, model, opt, batch, amp, cfg.clip, world)
             sched.step()
             step += 1
             steps_since += 1

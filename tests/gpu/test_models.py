@@ -293,19 +293,35 @@ def test_decoding_step_gemv_matches_sorted_path(dtype, tol, monkeypatch):
     assert err < tol, f"relative difference {err:.3g}"
 
 
+@pytest.fixture
+def nccl_group_of_one():
+    """A one-process NCCL group, so the multi-process step's all-reduce runs for real."""
+    import os
+    import torch.distributed as dist
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29655")
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    yield
+    dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("accum", [1, 2])
-def test_graphed_train_step_matches_eager(accum):
-    """`moeut train --cuda-graph`: the replayed step (warm-up, capture, replays; scheduled lr, clipping,
-    gradient accumulation) trains like the eager step."""
+@pytest.mark.parametrize("flat", [False, True], ids=["one_graph", "flat_gradients_nccl"])
+def test_graphed_train_step_matches_eager(accum, flat, request):
+    """The replayed step (warm-up, capture, replays; scheduled lr, clipping, gradient accumulation)
+    trains like the eager step: as one graph (one process), and as the multi-process form (flat
+    gradient buffer, NCCL all-reduce between a forward/backward graph and an optimizer graph)."""
     from moeut.train_step import GraphedTrainStep, step_body
     torch.backends.cuda.matmul.allow_tf32 = False
+    if flat:
+        request.getfixturevalue("nccl_group_of_one")
 
     def run(graphed: bool):
         torch.manual_seed(0)
         m = moeut.MoEUTLM(300, **profiles.MoEUT_tiny).cuda().train()
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True, capturable=graphed)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))   # the lr changes every step
-        step = GraphedTrainStep(m, m, opt, torch.bfloat16, 0.1) if graphed else None
+        step = GraphedTrainStep(m, m, opt, torch.bfloat16, 0.1, flat_gradients=flat) if graphed else None
         gen = torch.Generator().manual_seed(1)
         losses = []
         for _ in range(6):
@@ -339,7 +355,7 @@ def test_train_with_cuda_graph_stops_and_resumes_to_the_same_losses(tmp_path):
         shutil.copy(p, corpus / p.name)
     common = dict(model="moeut-tiny", data=[str(corpus)], steps=8, batch_size=4, context=64, vocab_size=1000,
                   log_interval=1, eval_interval=100, eval_windows=2, ckpt_interval=100,
-                  cache_dir=str(tmp_path / "cache"), tensorboard=False, progress=False, cuda_graph=True)
+                  cache_dir=str(tmp_path / "cache"), tensorboard=False, progress=False, cuda_graph="on")
     train(TrainConfig(out=str(tmp_path / "full"), **common))
     cut = train(TrainConfig(out=str(tmp_path / "cut"), stop_after=3, **common))
     assert cut["stopped"] and cut["step"] == 3

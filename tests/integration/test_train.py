@@ -186,8 +186,15 @@ def test_two_process_ddp_matches_single_process(corpus, tmp_path, precision, tol
         assert abs(ls[s] - ld[s]) < loss_tol
 
 
-def test_cuda_graph_needs_a_gpu_and_says_so(corpus, tmp_path, capsys):
+def test_step_mode_is_stated_and_cuda_graph_insists(corpus, tmp_path, capsys):
+    """By default the trainer replays CUDA graphs whenever they apply and says which mode it runs and
+    why; --cuda-graph where they cannot apply is an error naming what is missing."""
     if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU (tests/gpu covers --cuda-graph there)")
-    assert main(train_args(corpus, tmp_path / "run", tmp_path / "cache", steps=2) + ["--cuda-graph"]) == 2
+        pytest.skip("this machine has a GPU (tests/gpu covers the graphed trainer there)")
+    assert main(train_args(corpus, tmp_path / "run", tmp_path / "cache", steps=1)) == 0
+    assert "step mode: eager (CUDA graphs need a CUDA device" in capsys.readouterr().out
+    assert main(train_args(corpus, tmp_path / "off", tmp_path / "cache", steps=1) + ["--no-cuda-graph"]) == 0
+    assert "step mode: eager (--no-cuda-graph)" in capsys.readouterr().out
+    assert main(train_args(corpus, tmp_path / "on", tmp_path / "cache", steps=2) + ["--cuda-graph"]) == 2
     assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "on").exists()
