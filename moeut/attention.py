@@ -335,8 +335,7 @@ class SwitchHeadRope(torch.nn.Module):
         Q, K and both selectors read the same normalised input, so one product with their
         concatenated weights replaces four: in training one GEMM each for the output, the input
         gradient (accumulated in fp32 and rounded once, where four bf16 gradients were summed) and
-        the weight gradient, instead of four (+3.9% at 244M with the fused expert MLP, RESULTS F.2);
-        in decoding and scoring one launch instead of four. Saved activations are unchanged:
+        the weight gradient, instead of four; in decoding and scoring one launch instead of four. Saved activations are unchanged:
         autocast's bf16 copy of the input was saved once before too (`saved_activations.py`).
         The weights are concatenated at every call, except inside `frozen_inference_weights` (no
         gradients): a copy kept otherwise would miss in-place updates made through `.data`, which

@@ -1,4 +1,4 @@
-"""Zero-shot evaluation as the paper did it (NOTES.md §5), plus perplexity on text.
+"""Zero-shot evaluation as the paper did it, plus perplexity on text.
 
 No BOS token: context and continuation are tokenized separately and concatenated (an empty context
 becomes the end-of-text token, the document separator the model saw in training). A choice counts

@@ -33,11 +33,8 @@ from .fused import use_fused
 
 # Use this path while experts get few choices on average. Reading weights per choice re-reads an
 # expert picked several times; that is cheap while all experts' weights fit in L2 (50 MB on the H200),
-# as SwitchHead's do (10 MB at 244M). Measured on the H200 at 244M, batch-32 decoding (RESULTS.md C):
-# SwitchHead's 256 choices over 40 experts (6.4 each) run faster here (step 4.11 against 5.50 ms), and
-# so do the FFN's 512 choices over 387 experts (1.3 each; 99 MB of weights). Between 2 and 8 choices
-# per expert for weights past L2 nothing was measured; the re-reads would come from memory, so the
-# sorted path keeps that range.
+# as SwitchHead's do (10 MB at 244M), and costs memory traffic once they do not, so experts whose
+# weights exceed L2 take this path only at up to 2 choices each; the sorted path serves the rest.
 MAX_CHOICES_PER_EXPERT = 8            # experts whose weights fit in L2
 MAX_CHOICES_PER_EXPERT_PAST_L2 = 2    # larger expert sets
 L2_BYTES = 32 * 2 ** 20

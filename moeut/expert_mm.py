@@ -120,9 +120,8 @@ def combine(y_NO: Tensor, choice_XC: Tensor, gate_XC: Tensor) -> Tensor:
 
 # MOEUT_GATES_AT_DST=1: where a kernel still scales by routed row n's gate from a routed copy of the gates
 # (the weight gradients with MOEUT_GATED_WGRAD=0, the input gradient of the combines' fallback paths),
-# read it in (row, choice) order through slot[n] instead (the gate gradient always is written in that
-# order, RESULTS P.1). Correct on the GPU, but slower in graphed steps (RESULTS F.2: likely the read
-# through slot[n] inside the weight gradient's K loop), so off.
+# read it in (row, choice) order through slot[n] instead. Off: the indirect read sits inside the weight
+# gradient's K loop.
 GATES_AT_DST = os.environ.get("MOEUT_GATES_AT_DST", "0") == "1"
 
 # MOEUT_EPILOGUE_DOT=0: a combine wider in than out (SwitchHead's V) recomputes its forward product for the
@@ -130,15 +129,13 @@ GATES_AT_DST = os.environ.get("MOEUT_GATES_AT_DST", "0") == "1"
 EPILOGUE_DOT = os.environ.get("MOEUT_EPILOGUE_DOT", "1") != "0"
 
 # MOEUT_GATED_WGRAD=0: the weight gradient of a gated projection applies the gate to one operand inside its
-# K loop, as before the eighteenth session, instead of reading a gated copy of that operand that the
-# backward's row-dot pass writes as it reads the operand anyway (RESULTS Q.1: the gate in the loop sends
-# the operand through registers; the FFN's down dW ran 0.88 ms against 0.58 ms for three applications).
+# K loop, instead of reading a gated copy of that operand that the backward's row-dot pass writes as it
+# reads the operand anyway. The gate in the loop sends the operand through registers before the
+# tensor-core product, which is why the copy is the default.
 GATED_WGRAD = os.environ.get("MOEUT_GATED_WGRAD", "1") != "0"
 
 # MOEUT_WEIGHT_CAST=1: hand fp32 master weights to the Triton kernels, which round each tile as they
-# load it, instead of casting them first. Measured slower on the H200 (RESULTS.md D.2: 244M FFN
-# forward+backward 3.82 against 3.49 ms of GPU time; the fp32 operand breaks the kernels' bf16
-# pipelining), so off by default; kept for other GPUs and as the benchmarks' comparison.
+# load it, instead of casting them first. Off: the fp32 operand breaks the kernels' bf16 pipelining.
 CAST_IN_KERNEL = os.environ.get("MOEUT_WEIGHT_CAST", "0") == "1"
 
 
@@ -261,7 +258,7 @@ class _ExpertMMCombine(torch.autograd.Function):
         grad_XO = cast_relay.cast(grad_XO, x_RI.dtype).contiguous()   # (the LayerNorm's copy, when it wrote one)
         group_N = slot_N // C                      # the output row each routed row adds into
         # The kernels that compute the gate gradient read the gates, and write their gradient, at slot[n]:
-        # (group, choice) order, with no permuting copy (RESULTS P.1).
+        # (group, choice) order, with no permuting copy.
         dot_gate, dot_dst = gate_XC.reshape(-1), slot_N
         w_T = w_EIO.transpose(1, 2)
         grad_x = None

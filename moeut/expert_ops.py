@@ -231,7 +231,7 @@ def row_dot(a: Tensor, b: Tensor, b_rows: Optional[Tensor], scale: Optional[Tens
     at row scaled_dst[n] (e.g. straight into (row, choice) order for a top-k sum, no permuting copy).
     gate_b (needs scale): gated_b[n] = scale[n] * b[b_rows[n]] rounded to b's dtype, in routed order: the
     gated operand of the projection's weight gradient, written by the pass that reads b anyway, so that
-    the weight-gradient kernel needs no gate in its K loop (RESULTS Q.1)."""
+    the weight-gradient kernel needs no gate in its K loop."""
     torch._check(not gate_b or scale is not None, lambda: "row_dot: gate_b needs a scale")
     if a.dtype != torch.float64 and use_fused(a, "MOEUT_FUSED_ROW_DOT"):
         from .triton_expert_mm import row_dot_triton

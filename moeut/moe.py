@@ -44,7 +44,7 @@ class _ProbabilitySum(torch.autograd.Function):
         # Few ops on purpose (eager steps are launch-bound): the fp32 softmax of half-precision logits
         # is one kernel, its backward another, and one cast. The backward returns fp32: CUDA's can
         # return fp16 from fp32 gradients but not bf16 ("input to be at::Half and grad to be
-        # at::Float"), and asking for bf16 crashed every GPU training step (RESULTS F.1).
+        # at::Float"), so asking for bf16 would crash every GPU training step.
         logits, = ctx.saved_tensors
         if use_fused(logits, "MOEUT_FUSED_ENTROPY"):
             from .triton_entropy import prob_sum_backward_triton
@@ -102,7 +102,7 @@ def selection_entropy_loss(logits: List[Tensor]) -> Tensor:
     `logits` holds the router's selector logits from every application of the module in one
     forward pass, each [B, T, E] or [B, T, H, E]. Per sequence, the softmax over experts is averaged
     over all positions and applications, and the entropy of that mean is taken. Minimising this
-    loss pushes the router to use all experts (NOTES.md §1). The official code takes the mean in log
+    loss pushes the router to use all experts. The official code takes the mean in log
     space over the concatenated logits; summing probabilities per application gives the same value
     without keeping an fp32 copy of every application's logits (`MoEUT.forward` streams it).
     """

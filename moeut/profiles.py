@@ -29,7 +29,7 @@ MoEUT_1B = dict(d_model=1536, n_layers=36, n_heads=6, ff_n_experts=565, att_n_ex
 MoEUT_tiny = dict(d_model=128, n_layers=4, n_heads=4, ff_n_experts=32, att_n_experts=4, d_head=32,
                   ff_k=4, group_size=2, ff_expert_size=32)
 
-# The paper's dense baselines (pre-LN, RoPE, ReLU FFN), parameter-matched to the MoEUT models (NOTES §3).
+# The paper's dense baselines (pre-LN, RoPE, ReLU FFN), parameter-matched to the MoEUT models.
 Dense_44M = dict(d_model=412, n_layers=16, n_heads=10, d_head=41, d_ff=2053)
 Dense_126M = dict(d_model=768, n_layers=16, n_heads=16, d_ff=3072)
 Dense_244M = dict(d_model=1024, n_layers=18, n_heads=16, d_ff=4110)

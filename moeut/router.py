@@ -60,8 +60,7 @@ def _sigmoid_topk_backward_op(grad_gate: Tensor, gate: Tensor, expert: Tensor, n
                               dtype: torch.dtype) -> Tensor:
     """[R, E] gradient of the logits: d gate * s * (1 - s) (in fp32, rounded to `dtype`) scattered
     to the chosen experts' columns, zeros elsewhere. (In training the gradient kernel of
-    `select_with_prob_sum` computes this term; a kernel for it alone measured slower in graphed steps
-    than these PyTorch ops, RESULTS F.2.)"""
+    `select_with_prob_sum` computes this term; these PyTorch ops serve the other paths.)"""
     s = gate.float()
     grad = (grad_gate.float() * ((1 - s) * s)).to(dtype)
     return torch.zeros(gate.shape[0], n_experts, dtype=dtype, device=gate.device).scatter_(1, expert, grad)
@@ -132,10 +131,9 @@ class _SelectWithProbSum(torch.autograd.Function):
     """The router's top-k selection and the entropy regulariser's softmax sum of the same logits as
     one autograd node. Separately, the logits' gradient is the selection's scatter (six PyTorch
     kernels), the regulariser's kernel, autograd's add of the two and, for a zero-padded projection
-    (the FFN's selector), the slice's zero fill and copy into the padded width: ~1.4 ms of a 244M step
-    in its profile (RESULTS N.2). Here it is one kernel (`triton_entropy.router_backward_triton`), both
-    terms added in fp32 and rounded once: +0.5% in graphed 244M steps (N.4), and +0.7% more since the
-    kernel writes the selection's term as a sparse second store (O.1)."""
+    (the FFN's selector), the slice's zero fill and copy into the padded width. Here it is one kernel
+    (`triton_entropy.router_backward_triton`), both terms added in fp32 and rounded once, the
+    selection's term written as a sparse second store."""
 
     @staticmethod
     def forward(ctx, logits, k, fp32, n_valid):

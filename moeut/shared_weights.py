@@ -19,9 +19,8 @@ Inside `share_weights(dtype)` (`begin_share` / `end_share` in `MoEUT.forward`, u
 Costs: the cast copies live from the forward to the backward (0.4 GiB at 244M), and a sink holds up to
 WGRAD_DEFER - 1 pending applications' operands (an input copy, an output gradient; ~0.1-0.2 GB per
 weight and application at 244M) until the launch that computes them. They accumulate while the
-backward frees more than that of each application's saved activations, so the measured peak of a step
-did not rise: 244M unchanged, 1B 0.7 GiB lower with all nine deferred (RESULTS S.1), since no fp32 sum
-exists before the last application's backward.
+backward frees more than that of each application's saved activations, so a step's peak does not
+rise: no fp32 sum exists before the last application's backward.
 
 Not used under torch.compile (the sink is Python state the compiler cannot trace) nor with activation
 checkpointing (the recomputed forward runs after the scope has closed); those take the per-application
@@ -54,8 +53,7 @@ def _env_count(name: str, default: int) -> int:
 # launch each; at most `triton_weight_grad.MAX_SEGMENTS`, 9, every application in the paper's models).
 # Deferring an application's gradient to a later launch keeps its operands alive until then, and saves
 # reading and writing the fp32 sum (0.4 GB per FFN weight and application at 244M, 0.9 GB at 1B) for
-# all but one of them. 3 against 1: +3.0% at 244M, +6.2% at 1B (RESULTS I.3); 9 against 3: +1.5% and
-# +3.9% (S.1). CUDA only: the PyTorch path computes each at once.
+# all but one of them. CUDA only: the PyTorch path computes each at once.
 WGRAD_DEFER = _env_count("MOEUT_WGRAD_DEFER", 9)
 
 _local = threading.local()

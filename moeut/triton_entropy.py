@@ -5,8 +5,7 @@
 
 The PyTorch form (`moe._ProbabilitySum`, the reference) writes the [R, E] fp32 probabilities and
 reads them back for the sum; its backward recomputes them, expands the upstream gradient to [R, E],
-runs the softmax backward and casts the result: five kernels and ~2.5 ms of a 244M training step
-over its 54 router applications (RESULTS J). Here each direction reads the logits once: the forward
+runs the softmax backward and casts the result: five kernels per router application. Here each direction reads the logits once: the forward
 sums each program's rows in registers and writes one partial sum per program (summed by one small
 `torch.sum`, a fixed order: no atomics, so it is reproducible), the backward writes the gradient in
 the logits' dtype. Logits may be any strided [B, T, G, E] view (SwitchHead's selectors are slices of a
@@ -85,7 +84,7 @@ def _router_backward_kernel(logits_ptr, grad_sum_ptr, gate_ptr, expert_ptr, grad
     barrier (the same program rewrites K of those elements, perhaps from other threads), the K chosen
     elements are recomputed (the regulariser's term from their logit, the row's max and sum) plus the
     selection's term, and stored again: K gathers per row. Adding it densely (K compare-and-selects
-    over the whole [BR, EP] tile) tripled the kernel's time at 244M (EP 512, K 16; RESULTS N.4, O.1)."""
+    over the whole [BR, EP] tile) would cost K passes over the tile instead of K gathers per row."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     row_ok = rows < R
     rows64 = rows.to(tl.int64)

@@ -44,8 +44,8 @@ AUTOTUNE = os.environ.get("MOEUT_AUTOTUNE", "1") != "0"
 def parse_pinned_configs(text: str) -> list:
     """MOEUT_PIN_CONFIG's rules, checked: a JSON list of {"kernel": "mm" | "wgrad", "key": {key argument:
     value}, "config": index into that kernel's config list}. A key whose arguments match a rule's skips
-    autotuning and runs that config: an A/B of the autotuner's choice inside a real step (RESULTS P.1:
-    a config chosen per process cost SwitchHead's value input gradient 1.5 ms per 244M step)."""
+    autotuning and runs that config: an A/B of the autotuner's choice inside a real step (the choice
+    is made per process, and a poor one costs a pass a third of its time)."""
     if not text.strip():
         return []
     try:
@@ -84,8 +84,8 @@ LOOP_N_OVERRIDE = False if os.environ.get("MOEUT_LOOP_N", "1") == "0" else None
 def use_loop_n(I: int, O: int, N: int, E: int) -> bool:
     """Narrow inputs (I <= 128) with many rows per expert: one program per row tile walking all of O.
 
-    Measured on the H200 (RESULTS.md B): 2.2-2.4x faster than one program per (row tile, column
-    block) for the 244M/1B FFN's down projection and up input-gradient (about 700 rows per expert).
+    With many rows per expert (the 244M/1B FFN's down projection and up input-gradient: about 700)
+    this beats one program per (row tile, column block), which re-reads each row tile per column block.
     With few rows per expert (decoding: N = 512 rows over 387 experts) it serialises each expert's
     weight reads in one program, and batch-32 decoding became 2x slower: there the column blocks
     keep the parallelism.
@@ -109,9 +109,8 @@ if triton is not None:
             return [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=4)]
         return [
             # Few configs on purpose: every kernel variant compiles each of them once per process.
-            # Chosen by benchmarks/kernel_sweep.py on the H200 (RESULTS.md F): the first two are the
-            # fastest wide-input passes at 244M (up fwd 386, down dx 391 TFLOP/s), the third the
-            # fastest "loop over N" one (down fwd, up dx: 269-271 TFLOP/s).
+            # The first two serve the wide-input passes (up forward, down input gradient), the third the
+            # "loop over N" ones (down forward, up input gradient); benchmarks/kernel_sweep.py picks them.
             triton.Config({"BM": 128, "BN": 128, "BK": 32}, num_warps=8, num_stages=5),
             triton.Config({"BM": 256, "BN": 128, "BK": 64}, num_warps=8, num_stages=4),
             triton.Config({"BM": 128, "BN": 64, "BK": 64}, num_warps=8, num_stages=4),
@@ -175,8 +174,8 @@ if triton is not None:
         row_end = tl.sum(tl.where(mine, hi, 0), 0)
         return e, row0, row_end, pid < total
 
-    # Passes that differ only in the weight's layout share a key, and so a config. Keying on the
-    # weight's stride as well changed no graphed step (RESULTS I.2), so it is not done.
+    # Passes that differ only in the weight's layout share a key, and so a config (fewer compilations;
+    # the weight's stride is left out of the key).
     @triton.autotune(configs=_mm_configs(), key=["I", "O", "GATHER", "SCALE", "SCATTER", "FP32", "LOOP_N",
                                                  "SCALE_AT_DST", "RELU", "ROW_DOT"],
                      prune_configs_by={"early_config_prune": _prune_mm_configs})
@@ -312,8 +311,7 @@ if triton is not None:
 
 
 # Rows per program of the row dot in place of the rule in `row_dot_triton` (None: the rule, 64 rows of
-# 128); experiments/row_dot_bytes.py sets it. 16 rows were 8.5% faster standalone at 244M (RESULTS R.6)
-# and no faster in graphed steps (S.2), so the rule stays.
+# 128); for benchmarks/experiments/row_dot_bytes.py, not for use.
 ROW_DOT_ROWS: Optional[int] = None
 
 
@@ -434,7 +432,7 @@ def autotune_choices(kernels=None) -> list:
     """[(kernel, {key argument: value}, config)]: the config each autotuning key of the expert GEMM and
     weight-gradient kernels settled on in this process (a kernel with a single config: that config,
     key None). Benchmarks print it beside their timings: the choice varies between processes and a
-    wrong one costs a third of a pass (RESULTS H.4, L.3). Empty without Triton."""
+    poor one costs a pass a third of its time. Empty without Triton."""
     if triton is None:
         return []
     rows = []

@@ -26,8 +26,8 @@ BACKWARD_PROGRAMS = 512   # partial-sum rows of the weight gradient (≈ 4 per S
 # (rows per tile, warps) of the backward in place of `_tiles`' rule: for benchmarks/norm.py --sweep, not for use.
 BACKWARD_TILE_OVERRIDE: Optional[Tuple[int, int]] = None
 # Columns per program of the partial sums' reduction: few columns and all partial rows in one tile, so
-# that many programs share the (~4 MB) read. 64 columns and 32-row tiles took 34 µs per call in a 244M
-# step (16 programs, each walking 512 rows: latency-bound; RESULTS N.2).
+# that many programs share the (~4 MB) read; wide column blocks leave few programs, each walking many
+# rows, and the reduction becomes latency-bound.
 SUM_COLUMNS = 8
 SUM_ROWS = 512   # partial rows per tile of that reduction (tests lower it to walk several tiles)
 
@@ -112,8 +112,7 @@ def _layer_norm_sum_partials_kernel(dw_part_ptr, db_part_ptr, dw_ptr, db_ptr, P,
 
 def _tiles(D: int, elements: int = 4096) -> Tuple[int, int, int]:
     """(DP, BR, num_warps): the padded row width, rows per tile (about `elements`), warps. The backward
-    takes 2048-element tiles: 0.074 against 0.083 ms for forward+backward at 16384 x 1024 on the H200
-    (RESULTS N.3: 8192-element tiles and 8 warps were slower, 1024 or 2048 programs no faster)."""
+    takes 2048-element tiles (its per-row work is larger; benchmarks/norm.py --sweep compares)."""
     DP = triton.next_power_of_2(D)
     return DP, max(1, elements // DP), 8 if DP >= 4096 else 4
 

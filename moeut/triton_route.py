@@ -7,8 +7,7 @@ With N = rows * K choices (N <= MAX_N): counts by histogram, offsets by cumulati
 choice's rank among earlier choices of the same expert by comparing it with all earlier ones (N^2/2
 comparisons: cheap for decode's N <= a few hundred).
 
-Large inputs (training) sort with torch. A counting sort in four Triton launches was tried and removed
-(fifteenth session, RESULTS N.1: 73 µs per 244M routing against torch's 41; the code is in dd7ee26).
+Large inputs (training) sort with torch, whose radix sort beats a counting sort of several launches.
 Contract and reference: `expert_mm.route`. Runs under `TRITON_INTERPRET=1` on CPU tensors (CI).
 """
 from __future__ import annotations

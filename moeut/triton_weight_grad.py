@@ -9,14 +9,14 @@ gated).
   atomics, so the result is bit-reproducible (the official kernel accumulated with atomic adds). One
   expert's tiles are adjacent programs, so they share that expert's rows in L2.
 * A gate may scale one operand inside the K loop (GSCALE: the input rows, the MMA's left operand, which
-  Hopper reads from registers; RESULTS H.4). The training path avoids it: the backward writes a gated
-  copy of one operand beforehand, and the kernel runs ungated, 1.3-1.5x faster (RESULTS Q.1).
+  Hopper reads from registers). The training path avoids it: the backward writes a gated copy of one
+  operand beforehand, and the kernel runs ungated, its operands straight from shared memory.
 * One launch can sum the gradients of up to nine applications of a shared weight
   (`weight_grad_segments_triton`; each kernel argument a tuple with one entry per application): each
-  tile reads and writes the fp32 sum once for all of them (RESULTS I.3).
+  tile reads and writes the fp32 sum once for all of them.
 * Where the experts are too few to fill the GPU (SwitchHead at 244M: 4 heads x 10 experts, 320 output
   tiles for 132 SMs), each expert's rows are split into ranges, one program each, whose fp32 partials
-  `_sum_splits_kernel` adds in a fixed order (`wgrad_splits`, RESULTS Q.2): still no atomics.
+  `_sum_splits_kernel` adds in a fixed order (`wgrad_splits`): still no atomics.
 
 Runs under `TRITON_INTERPRET=1` on CPU tensors, which is how CI checks its logic.
 """
@@ -44,10 +44,9 @@ def wgrad_splits(E: int, I: int, O: int, rows: int, device: torch.device) -> int
 
     One program per (expert, 128 x 128 output tile) leaves SMs idle when experts are few: SwitchHead's
     value and output projections at 244M (routed over 4 heads x 10 experts of 1024 x 128) launch 320
-    programs on the H200's 132 SMs, each walking ~3.3k rows per application; they get 2 ranges (+2.0%
-    graphed, RESULTS Q.2). Aims at about four programs per SM, never below 1024 rows per range. Not
-    measured beyond that: whether 244M wants more ranges, or 1B's SwitchHead (72 experts, 864 tiles,
-    no split by this rule) some; never the FFN (387 experts: 3096 tiles)."""
+    programs on the H200's 132 SMs, each walking ~3.3k rows per application; they get 2 ranges. The
+    rule aims at about four programs per SM, never below 1024 rows per range, so the FFN (387 experts:
+    3096 tiles) and 1B's SwitchHead (72 experts, 864 tiles) are not split."""
     if WGRAD_SPLIT_OVERRIDE is not None:
         return WGRAD_SPLIT_OVERRIDE
     if device.type != "cuda":
@@ -67,8 +66,8 @@ if triton is not None:
     def _wgrad_configs():
         if INTERPRET:
             return [triton.Config({"BI": 16, "BO": 16, "BK": 16}, num_warps=4)]
-        # kernel_sweep.py: down dW 242 TFLOP/s with the first (190 before), up dW 292 with the second. At
-        # SwitchHead's shapes the sweep's best configs are these too, within 1-4% (RESULTS H.7).
+        # benchmarks/kernel_sweep.py picks them: the first for the down projection's weight gradient,
+        # the second for the up projection's; SwitchHead's shapes share them.
         return [
             triton.Config({"BI": 128, "BO": 128, "BK": 32}, num_warps=8, num_stages=5),
             triton.Config({"BI": 64, "BO": 128, "BK": 64}, num_warps=4, num_stages=4),
