@@ -171,14 +171,6 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
 
     down_dw_bytes = 2 * (N * S + T * D) + 4 * E * S * D
     add("down dW (gather, gate dy)", bench(down_dw), down_dw_bytes)
-    # The gate on the other operand: the gradient rows (the kernel's shared-memory operand) instead of h's.
-    from moeut import expert_ops as operators
-    default_side = operators.WGRAD_SCALE_X
-    operators.WGRAD_SCALE_X = not default_side
-    try:
-        add(f"down dW, gate on {'h' if operators.WGRAD_SCALE_X else 'dy'}", bench(down_dw), down_dw_bytes)
-    finally:
-        operators.WGRAD_SCALE_X = default_side
     # A shared weight's gradient summed over its applications (shared_weights.py): each launch adds into
     # the fp32 sum, reading and writing it; with WGRAD_DEFER one launch sums several applications.
     from moeut.triton_weight_grad import weight_grad_segments_triton
@@ -237,7 +229,6 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
             y = current[0](xin)
         y.backward(torch.ones_like(y))
 
-    from moeut import expert_mm as expert_mm_module
     ffn_flops = 2 * flops
     roof_fwd, roof_fb = ffn_roofline_ms(rows, name)
     ffn = []
@@ -245,11 +236,9 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
     # default, as the official figure was taken), rounded inside them (MOEUT_WEIGHT_CAST=1), and bf16
     # parameters (no cast: what an application costs in a training step, where the shared weights are
     # cast once per forward pass), in the same run.
-    default = expert_mm_module.CAST_IN_KERNEL
     moe_bf16 = SigmaMoE(D, E, S, K).cuda().to(dt)
     moe_bf16.load_state_dict(moe.state_dict())
-    for label, module, cast_in_kernel in (("", moe, False), (" in-kernel", moe, True), (" bf16 params", moe_bf16, False)):
-        expert_mm_module.CAST_IN_KERNEL = cast_in_kernel
+    for label, module in (("", moe), (" bf16 params", moe_bf16)):
         current[0] = module
         fwd_ms = bench(ffn_fwd)
         fb_ms = bench(ffn_fwd_bwd)
@@ -261,7 +250,7 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
             for what, per_kernel in (("forward", fwd_k), ("forward + backward", fb_k)):
                 print(f"\n{name}: whole FFN {what}, fp32 parameters, GPU kernels per call")
                 print_table(per_kernel, 5, top, unit="call")
-        ffn.append(dict(shape=name + label, weights_rounded_in_kernel=cast_in_kernel,
+        ffn.append(dict(shape=name + label,
                         params=str(next(module.parameters()).dtype),
                         ffn_fwd_ms=fwd_ms, ffn_fwd_tflops=ffn_flops / fwd_ms / 1e9,
                         ffn_fwd_bwd_ms=fb_ms, ffn_fwd_bwd_tflops=3 * ffn_flops / fb_ms / 1e9,
@@ -269,7 +258,6 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
                         gpu_fwd_bwd_ms=gpu_fb, gpu_fwd_bwd_tflops=3 * ffn_flops / gpu_fb / 1e9,
                         roofline_fwd_tflops=ffn_flops / roof_fwd / 1e9,
                         roofline_fwd_bwd_tflops=3 * ffn_flops / roof_fb / 1e9))
-    expert_mm_module.CAST_IN_KERNEL = default
     return rows, ffn
 
 

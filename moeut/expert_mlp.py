@@ -20,8 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import cast_relay, expert_mm
-from .expert_mm import Routing, _compute_dtype, _operand, _routed_gates, _weight_operand
+from . import cast_relay
+from .expert_mm import Routing, compute_dtype, kernel_operand, shared_weight_operand
 from .expert_ops import _sum_choices, grouped_mm, row_dot
 from .shared_weights import GradSink, weight_grad
 
@@ -37,9 +37,9 @@ class _ExpertMLP(torch.autograd.Function):
     def forward(ctx, x_RD: Tensor, w1_master: Tensor, w2_master: Tensor, gate_RK: Tensor, offsets_E1: Tensor,
                 rows_N: Tensor, slot_N: Tensor, dtype: torch.dtype, sink1: Optional[GradSink],
                 sink2: Optional[GradSink], residual: bool) -> Tensor:
-        h_NS = grouped_mm(_operand(x_RD, dtype), _operand(w1_master, dtype, weight=True), offsets_E1, rows_N,
+        h_NS = grouped_mm(kernel_operand(x_RD, dtype), kernel_operand(w1_master, dtype, weight=True), offsets_E1, rows_N,
                           None, None, relu=True)
-        out_SD = grouped_mm(h_NS, _operand(w2_master, dtype, weight=True), offsets_E1, None,
+        out_SD = grouped_mm(h_NS, kernel_operand(w2_master, dtype, weight=True), offsets_E1, None,
                             gate_RK.reshape(-1), slot_N, scale_at_dst=True)
         ctx.save_for_backward(x_RD, w1_master, w2_master, gate_RK, h_NS, offsets_E1, rows_N, slot_N)
         ctx.dtype, ctx.sinks, ctx.residual = dtype, (sink1, sink2), residual
@@ -52,8 +52,8 @@ class _ExpertMLP(torch.autograd.Function):
         x_master, w1_master, w2_master, gate_RK, h_NS, offsets_E1, rows_N, slot_N = ctx.saved_tensors
         sink1, sink2 = ctx.sinks
         dtype = ctx.dtype
-        x_RD = _operand(x_master, dtype)
-        w1, w2 = _operand(w1_master, dtype, weight=True), _operand(w2_master, dtype, weight=True)
+        x_RD = kernel_operand(x_master, dtype)
+        w1, w2 = kernel_operand(w1_master, dtype, weight=True), kernel_operand(w2_master, dtype, weight=True)
         R, K = gate_RK.shape
         grad_out_RD = grad_RD if ctx.residual else None   # x's gradient through the residual path
         grad_RD = cast_relay.cast(grad_RD, dtype).contiguous()   # (the next LayerNorm's copy, when it wrote one)
@@ -62,8 +62,9 @@ class _ExpertMLP(torch.autograd.Function):
 
         # Down projection: d h (unscaled) from d out, then the gate gradient <d h, h> and the
         # gradient of the ReLU's input, gate * d h where h > 0, in one pass over d h and h; that pass
-        # also writes gate * h, the down projection's weight-gradient operand (GATED_WGRAD).
-        gate_w2 = expert_mm.GATED_WGRAD and ctx.needs_input_grad[2]
+        # also writes gate * h, the down projection's weight-gradient operand, so that the weight-gradient
+        # kernel needs no gate in its K loop.
+        gate_w2 = ctx.needs_input_grad[2]
         grad_h_NS = grouped_mm(grad_RD, w2.transpose(1, 2), offsets_E1, group_N, None, None)
         grad_gate_S, grad_pre_NS, h_gated_NS = row_dot(grad_h_NS, h_NS, None, dot_gate, dot_dst, relu_mask=True,
                                                        gate_b=gate_w2)
@@ -71,10 +72,6 @@ class _ExpertMLP(torch.autograd.Function):
         grad_w2 = grad_w1 = grad_x = None
         if gate_w2:
             grad_w2 = weight_grad(sink2, h_gated_NS, grad_RD, offsets_E1, None, group_N, None, w2_master.dtype)
-        elif ctx.needs_input_grad[2]:
-            gate_n, dst = _routed_gates(gate_RK.reshape(-1), slot_N)
-            grad_w2 = weight_grad(sink2, h_NS, grad_RD, offsets_E1, None, group_N, gate_n, w2_master.dtype,
-                                  scale_dst=dst)
         # Up projection: d x (written in (row, choice) order and summed over the K choices), d W1.
         if ctx.needs_input_grad[0]:
             grad_x = _sum_choices(grouped_mm(grad_pre_NS, w1.transpose(1, 2), offsets_E1, None, None, slot_N), R,
@@ -89,14 +86,14 @@ def expert_mlp(x_RD: Tensor, w1_EDS: Tensor, w2_ESD: Tensor, routing: Routing, g
     """[R, D]: sum over each row's K chosen experts of gate * relu(x @ W1[e]) @ W2[e]; with `residual`,
     x plus that sum, in x's dtype (the sum is not rounded to the compute dtype first). Under autocast
     the products are computed in the autocast dtype, like `F.linear`."""
-    dtype = _compute_dtype(x_RD, w1_EDS)
+    dtype = compute_dtype(x_RD, w1_EDS)
     if residual and w2_ESD.shape[2] != x_RD.shape[1]:
         raise ValueError(f"expert_mlp: residual needs an output as wide as the input ({x_RD.shape[1]}), "
                          f"the experts give {w2_ESD.shape[2]}")
     if gate_RK.numel() != routing.slot_N.numel() or gate_RK.shape[0] != x_RD.shape[0]:
         raise ValueError(f"expert_mlp: gates of shape {tuple(gate_RK.shape)} for {x_RD.shape[0]} rows and "
                          f"{routing.slot_N.numel()} routed rows")
-    w1, sink1 = _weight_operand(w1_EDS, dtype)
-    w2, sink2 = _weight_operand(w2_ESD, dtype)
+    w1, sink1 = shared_weight_operand(w1_EDS, dtype)
+    w2, sink2 = shared_weight_operand(w2_ESD, dtype)
     return _ExpertMLP.apply(x_RD.contiguous(), w1, w2, gate_RK, routing.offsets_E1, routing.rows_N, routing.slot_N,
                             dtype, sink1, sink2, residual)

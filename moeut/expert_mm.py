@@ -31,7 +31,6 @@ against.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -118,50 +117,28 @@ def combine(y_NO: Tensor, choice_XC: Tensor, gate_XC: Tensor) -> Tensor:
     return (gate_XC.to(y_XCO.dtype).unsqueeze(1) @ y_XCO).squeeze(1)
 
 
-# MOEUT_GATES_AT_DST=1: where a kernel still scales by routed row n's gate from a routed copy of the gates
-# (the weight gradients with MOEUT_GATED_WGRAD=0, the input gradient of the combines' fallback paths),
-# read it in (row, choice) order through slot[n] instead. Off: the indirect read sits inside the weight
-# gradient's K loop.
-GATES_AT_DST = os.environ.get("MOEUT_GATES_AT_DST", "0") == "1"
-
-# MOEUT_EPILOGUE_DOT=0: a combine wider in than out (SwitchHead's V) recomputes its forward product for the
-# gate gradient instead of taking it from the input-gradient GEMM (`grouped_mm_dot`; benchmarks compare).
-EPILOGUE_DOT = os.environ.get("MOEUT_EPILOGUE_DOT", "1") != "0"
-
-# MOEUT_GATED_WGRAD=0: the weight gradient of a gated projection applies the gate to one operand inside its
-# K loop, instead of reading a gated copy of that operand that the backward's row-dot pass writes as it
-# reads the operand anyway. The gate in the loop sends the operand through registers before the
-# tensor-core product, which is why the copy is the default.
-GATED_WGRAD = os.environ.get("MOEUT_GATED_WGRAD", "1") != "0"
-
-# MOEUT_WEIGHT_CAST=1: hand fp32 master weights to the Triton kernels, which round each tile as they
-# load it, instead of casting them first. Off: the fp32 operand breaks the kernels' bf16 pipelining.
-CAST_IN_KERNEL = os.environ.get("MOEUT_WEIGHT_CAST", "0") == "1"
 
 
-def _operand(t: Tensor, dtype: torch.dtype, weight: bool = False) -> Tensor:
+def kernel_operand(t: Tensor, dtype: torch.dtype, weight: bool = False) -> Tensor:
     """An input or weight as the kernels take it: in `dtype` (a shared MoEUT layer's fp32 weights are
     cast at each application, forward and backward), cast straight into a padded buffer when its rows
-    are misaligned for the kernels (MoEUT_44M: one copy instead of a cast and a padded copy), or a
-    weight left in fp32 with CAST_IN_KERNEL."""
+    are misaligned for the kernels (MoEUT_44M: one copy instead of a cast and a padded copy). Weights
+    are cast before the kernels, never inside them: an fp32 operand breaks their bf16 pipelining."""
     if t.dtype != dtype and not weight:
         copy = cast_relay.take(t, dtype)   # written by the LayerNorm that read t (MoEUT's residual)
         if copy is not None:
             return copy
     if t.dtype == dtype or not use_fused(t) or torch.compiler.is_compiling():   # (no data_ptr under compile)
         return t.to(dtype)
-    if weight and CAST_IN_KERNEL and t.dtype == torch.float32:
-        return t
     from .triton_expert_mm import aligned
     return aligned(t, copy_dtype=dtype, always_copy=True)
 
 
-def _routed_gates(gate_S: Tensor, slot_N: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-    """(gate_n, dst) for a combine's backward kernels: with GATES_AT_DST the gates stay in (group, choice)
-    order and routed row n's is read at dst[n] = slot[n]; else a permuted fp32 copy, read at n."""
-    if GATES_AT_DST:
-        return gate_S, slot_N
-    return _acc(gate_S).index_select(0, slot_N), None
+def routed_gates(gate_S: Tensor, slot_N: Tensor) -> Tensor:
+    """Routed row n's gate at n: a permuted fp32 copy of the (group, choice)-ordered gates, for the
+    backward kernels that scale by the gate inside their K loop (reading it through slot[n] there
+    would put an indirect load in the loop)."""
+    return _acc(gate_S).index_select(0, slot_N)
 
 
 class _ExpertMM(torch.autograd.Function):
@@ -179,13 +156,13 @@ class _ExpertMM(torch.autograd.Function):
     def forward(ctx, x_RI, w_master, offsets_E1, rows_N, slot_N, dtype, sink):
         ctx.save_for_backward(x_RI, w_master, offsets_E1, rows_N, slot_N)
         ctx.dtype, ctx.sink = dtype, sink
-        return grouped_mm(_operand(x_RI, dtype), _operand(w_master, dtype, weight=True), offsets_E1, rows_N,
+        return grouped_mm(kernel_operand(x_RI, dtype), kernel_operand(w_master, dtype, weight=True), offsets_E1, rows_N,
                           None, None)
 
     @staticmethod
     def backward(ctx, grad_NO):
         x_master, w_master, offsets_E1, rows_N, slot_N = ctx.saved_tensors
-        x_RI, w_EIO = _operand(x_master, ctx.dtype), _operand(w_master, ctx.dtype, weight=True)
+        x_RI, w_EIO = kernel_operand(x_master, ctx.dtype), kernel_operand(w_master, ctx.dtype, weight=True)
         grad_NO = grad_NO.to(ctx.dtype).contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
@@ -236,7 +213,7 @@ class _ExpertMMCombine(torch.autograd.Function):
     def forward(ctx, x_RI, w_master, gate_XC, offsets_E1, rows_N, slot_N, dtype, sink, residual_XO,
                 send_grad: Optional[ResidualGradRelay], receive_grad: Optional[ResidualGradRelay]):
         # The gates are read in (group, choice) order at each row's destination: no permuted copy.
-        out_SO = grouped_mm(_operand(x_RI, dtype), _operand(w_master, dtype, weight=True), offsets_E1, rows_N,
+        out_SO = grouped_mm(kernel_operand(x_RI, dtype), kernel_operand(w_master, dtype, weight=True), offsets_E1, rows_N,
                             gate_XC.reshape(-1), slot_N, scale_at_dst=True)
         ctx.save_for_backward(x_RI, w_master, gate_XC, offsets_E1, rows_N, slot_N)
         ctx.dtype, ctx.sink, ctx.send_grad, ctx.receive_grad = dtype, sink, send_grad, receive_grad
@@ -252,7 +229,7 @@ class _ExpertMMCombine(torch.autograd.Function):
             ctx.send_grad.put(grad_residual)   # summed into the receiving combine's input gradient instead
             grad_residual = None
         received = ctx.receive_grad.take() if ctx.receive_grad is not None and ctx.needs_input_grad[0] else None
-        x_RI, w_EIO = _operand(x_master, ctx.dtype), _operand(w_master, ctx.dtype, weight=True)
+        x_RI, w_EIO = kernel_operand(x_master, ctx.dtype), kernel_operand(w_master, ctx.dtype, weight=True)
         X, C = gate_XC.shape
         I, O = w_EIO.shape[1], w_EIO.shape[2]
         grad_XO = cast_relay.cast(grad_XO, x_RI.dtype).contiguous()   # (the LayerNorm's copy, when it wrote one)
@@ -263,8 +240,9 @@ class _ExpertMMCombine(torch.autograd.Function):
         w_T = w_EIO.transpose(1, 2)
         grad_x = None
         # The weight gradient's operands, one of them gated (x_n or d out_n times routed row n's gate) when
-        # the pass below writes that copy (GATED_WGRAD); else the weight-gradient kernel gates in its loop.
-        gate_w = GATED_WGRAD and ctx.needs_input_grad[1]
+        # a pass below that reads the operand anyway writes that copy; else the weight-gradient kernel
+        # gates in its K loop, where the operand goes through registers before the tensor-core product.
+        gate_w = ctx.needs_input_grad[1]
         wgrad_x, wgrad_rows, wgrad_grad, wgrad_grad_rows = x_RI, rows_N, grad_XO, group_N
         wgrad_gated = False
         if I <= O:
@@ -278,35 +256,32 @@ class _ExpertMMCombine(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = grad_x_NI if rows_N is None else _sum_choices(grad_x_NI, x_RI.shape[0], x_master.dtype,
                                                                        init_XO=received)
-        elif ctx.needs_input_grad[0] and rows_N is not None and EPILOGUE_DOT:
+        elif ctx.needs_input_grad[0] and rows_N is not None:
             # the gate gradient <d out, x W> as <d out W^T, x>, from the input gradient's product
-            gate, at_dst = (dot_gate, True) if gate_w else (_routed_gates(dot_gate, slot_N)[0], GATES_AT_DST)
+            gate, at_dst = (dot_gate, True) if gate_w else (routed_gates(dot_gate, slot_N), False)
             grad_x_SI, grad_gate_S, gated = grouped_mm_dot(grad_XO, w_T, offsets_E1, group_N, gate, slot_N, at_dst,
                                                            x_RI, rows_N, dot_dst, gate_x=gate_w)
             if gate_w:   # d out_n * gate_n, routed order
                 wgrad_grad, wgrad_grad_rows, wgrad_gated = gated, None, True
             grad_x = _sum_choices(grad_x_SI, x_RI.shape[0], x_master.dtype, init_XO=received)
-        else:
-            gate_n, _ = _routed_gates(gate_XC.reshape(-1), slot_N)
+        else:   # the gate gradient from the recomputed forward product (routed input rows, or no dx)
+            gate_n = routed_gates(gate_XC.reshape(-1), slot_N)
             y_NO = grouped_mm(x_RI, w_EIO, offsets_E1, rows_N, None, None)
             grad_gate_S = row_dot(y_NO, grad_XO, group_N, None, dot_dst)[0]
             if ctx.needs_input_grad[0]:
                 if rows_N is None:
-                    grad_x = grouped_mm(grad_XO, w_T, offsets_E1, group_N,
-                                        gate_n.index_select(0, slot_N) if GATES_AT_DST else gate_n, None)
+                    grad_x = grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_n, None)
                 else:
-                    grad_x = _sum_choices(grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_n, slot_N,
-                                                     scale_at_dst=GATES_AT_DST), x_RI.shape[0], x_master.dtype,
-                                          init_XO=received)
+                    grad_x = _sum_choices(grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_n, slot_N),
+                                          x_RI.shape[0], x_master.dtype, init_XO=received)
         grad_gate = grad_gate_S.view(X, C).to(gate_XC.dtype)
         grad_w = None
         if ctx.needs_input_grad[1] and wgrad_gated:
             grad_w = weight_grad(ctx.sink, wgrad_x, wgrad_grad, offsets_E1, wgrad_rows, wgrad_grad_rows, None,
                                  w_master.dtype)
         elif ctx.needs_input_grad[1]:
-            gate_n, dst = _routed_gates(gate_XC.reshape(-1), slot_N)   # routed row n's gate: gate_n[dst[n] or n]
-            grad_w = weight_grad(ctx.sink, x_RI, grad_XO, offsets_E1, rows_N, group_N, gate_n, w_master.dtype,
-                                 scale_dst=dst)
+            grad_w = weight_grad(ctx.sink, x_RI, grad_XO, offsets_E1, rows_N, group_N,
+                                 routed_gates(gate_XC.reshape(-1), slot_N), w_master.dtype)
         if grad_x is not None:
             grad_x = grad_x.to(x_master.dtype)
             if received is not None and rows_N is None:   # (routed inputs got it inside their top-k sum)
@@ -314,7 +289,7 @@ class _ExpertMMCombine(torch.autograd.Function):
         return grad_x, grad_w, grad_gate, None, None, None, None, None, grad_residual, None, None
 
 
-def _compute_dtype(x: Tensor, w: Tensor) -> torch.dtype:
+def compute_dtype(x: Tensor, w: Tensor) -> torch.dtype:
     """Custom ops are not autocast by PyTorch: compute in the autocast dtype when autocast is on (like
     F.linear; the operands are rounded inside the autograd Functions), else x and w must agree."""
     if torch.is_autocast_enabled(x.device.type):
@@ -324,7 +299,7 @@ def _compute_dtype(x: Tensor, w: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _weight_operand(w_EIO: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Optional[GradSink]]:
+def shared_weight_operand(w_EIO: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Optional[GradSink]]:
     """The forward pass's shared copy of w and its gradient sink inside `share_weights`, else w itself."""
     shared, sink = shared_operand(w_EIO, dtype)
     return (w_EIO, None) if shared is None else (shared, sink)
@@ -335,8 +310,8 @@ def expert_mm(x_RI: Tensor, w_EIO: Tensor, routing: Routing, gather: bool = True
 
     Under autocast the product is computed in the autocast dtype, like `F.linear`.
     """
-    dtype = _compute_dtype(x_RI, w_EIO)
-    w_EIO, sink = _weight_operand(w_EIO, dtype)
+    dtype = compute_dtype(x_RI, w_EIO)
+    w_EIO, sink = shared_weight_operand(w_EIO, dtype)
     rows = routing.rows_N if gather else None
     return _ExpertMM.apply(x_RI.contiguous(), w_EIO, routing.offsets_E1, rows, routing.slot_N, dtype, sink)
 
@@ -352,7 +327,7 @@ def expert_mm_combine(x_RI: Tensor, w_EIO: Tensor, routing: Routing, gate_XC: Te
     `send_residual_grad` (with `residual_XO`): the residual's gradient goes to this relay, not to the
     residual; `receive_grad`: the relay's gradient is added to x's (see `ResidualGradRelay`). The
     caller guarantees that the residual is x of the receiving combine."""
-    dtype = _compute_dtype(x_RI, w_EIO)
+    dtype = compute_dtype(x_RI, w_EIO)
     if gate_XC.numel() != routing.slot_N.numel():
         raise ValueError(f"expert_mm_combine: {gate_XC.numel()} gates for {routing.slot_N.numel()} routed rows")
     if residual_XO is not None and tuple(residual_XO.shape) != (gate_XC.shape[0], w_EIO.shape[2]):
@@ -360,7 +335,7 @@ def expert_mm_combine(x_RI: Tensor, w_EIO: Tensor, routing: Routing, gate_XC: Te
                          f"{(gate_XC.shape[0], w_EIO.shape[2])}")
     if send_residual_grad is not None and residual_XO is None:
         raise ValueError("expert_mm_combine: send_residual_grad needs residual_XO")
-    w_EIO, sink = _weight_operand(w_EIO, dtype)
+    w_EIO, sink = shared_weight_operand(w_EIO, dtype)
     rows = routing.rows_N if gather else None
     return _ExpertMMCombine.apply(x_RI.contiguous(), w_EIO, gate_XC, routing.offsets_E1, rows, routing.slot_N, dtype,
                                   sink, residual_XO, send_residual_grad, receive_grad)

@@ -16,7 +16,6 @@ segment; CPU, and the reference) and the Triton one in `triton_expert_mm.py` and
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -77,11 +76,9 @@ def _grouped_mm_torch(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: O
     return out_NO
 
 
-# Which operand of a weight gradient carries the gate, sum_n x_n^T (s_n g_n) = sum_n (s_n x_n)^T g_n,
-# each scaled in fp32 and rounded: the input rows x_n (default), or the gradient rows g_n
-# (MOEUT_WGRAD_SCALE=grad). On Hopper the kernel's left operand may come from registers and its right
-# one must be staged in shared memory, so scaling x costs no extra pass through shared memory.
-WGRAD_SCALE_X = os.environ.get("MOEUT_WGRAD_SCALE", "x") != "grad"
+# A gated weight gradient, sum_n x_n^T (s_n g_n) = sum_n (s_n x_n)^T g_n, scales the input rows x_n (in
+# fp32, rounded to x's dtype): on Hopper the kernel's left operand may come from registers while its
+# right one is staged in shared memory, so scaling x costs no extra pass through shared memory.
 
 
 def _weight_grad_torch(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
@@ -91,10 +88,8 @@ def _weight_grad_torch(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Tensor, rows_N
     g_NO = grad_MO if grad_rows_N is None else grad_MO.index_select(0, grad_rows_N)
     if grad_scale_N is not None and scale_dst_N is not None:
         grad_scale_N = grad_scale_N.index_select(0, scale_dst_N)
-    if grad_scale_N is not None and WGRAD_SCALE_X:
+    if grad_scale_N is not None:
         x_NI = _scale_rows(x_NI, grad_scale_N)
-    elif grad_scale_N is not None:
-        g_NO = _scale_rows(g_NO, grad_scale_N)
     out_dtype = out_dtype or x_RI.dtype
     if out_dtype != x_NI.dtype:  # accumulate in the output precision (the kernel accumulates in fp32)
         x_NI, g_NO = x_NI.to(out_dtype), g_NO.to(out_dtype)
@@ -187,7 +182,7 @@ def grouped_mm_weight_grad(x: Tensor, grad: Tensor, offsets: Tensor, rows: Optio
                            scale_dst: Optional[Tensor] = None) -> Tensor:
     """[E, I, O] in `out_dtype`: out[e] = sum over e's routed rows n of
     (grad_scale[n] * x[rows[n]])^T grad[grad_rows[n]], accumulated in fp32 (fp64 for fp64 inputs); the
-    scaled row is rounded to x's dtype (`WGRAD_SCALE_X`).
+    scaled row is rounded to x's dtype.
     scale_dst: the scale of routed row n is grad_scale[scale_dst[n]] (gates in (row, choice) order)."""
     if use_fused(x):
         from .triton_weight_grad import grouped_mm_weight_grad_triton

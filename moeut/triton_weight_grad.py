@@ -28,7 +28,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import expert_ops as _operators   # (the operator definitions: the weight gradient's scaling side)
 from . import triton_expert_mm as _mm   # (MOEUT_PIN_CONFIG's rules are read there, and tests patch them there)
 from .triton_expert_mm import AUTOTUNE, INTERPRET, _or, aligned, pinned_config, triton
 
@@ -84,7 +83,7 @@ if triton is not None:
     def _wgrad_segment(acc, x_ptr, g_ptr, offsets_ptr, rows_ptr, grows_ptr, gscale_ptr, sdst_ptr,
                        sxr, sxi, sgr, sgo, e, ii, oo, i_ok, o_ok,
                        GATHER: tl.constexpr, GGATHER: tl.constexpr, GSCALE: tl.constexpr, FP32: tl.constexpr,
-                       SCALE_AT_DST: tl.constexpr, SCALE_X: tl.constexpr, BK: tl.constexpr, split, n_split):
+                       SCALE_AT_DST: tl.constexpr, BK: tl.constexpr, split, n_split):
         # acc += (one application's) sum over row range `split` of n_split of expert e's routed rows of
         # x_row^T g_row for this tile (ranges of whole BK blocks; the last ones may be empty)
         lo = tl.load(offsets_ptr + e)
@@ -108,21 +107,18 @@ if triton is not None:
                         mask=i_ok[:, None] & r_ok[None, :], other=0.0)
             b = tl.load(g_ptr + gsrc[:, None].to(tl.int64) * sgr + oo[None, :] * sgo,
                         mask=r_ok[:, None] & o_ok[None, :], other=0.0)
-            if GSCALE:  # same rounding as scaling the rows before the product (see SCALE_X)
+            if GSCALE:  # x's rows scaled in fp32 and rounded: as scaling them before the product
                 if SCALE_AT_DST:   # gates in (row, choice) order: routed row n's is at sdst[n]
                     sat = tl.load(sdst_ptr + rows, mask=r_ok, other=0)
                 else:
                     sat = rows
                 s = tl.load(gscale_ptr + sat, mask=r_ok, other=0.0).to(tl.float32)
-                if SCALE_X:
-                    a = (a.to(tl.float32) * s[None, :]).to(x_ptr.dtype.element_ty)
-                else:
-                    b = (b.to(tl.float32) * s[:, None]).to(g_ptr.dtype.element_ty)
+                a = (a.to(tl.float32) * s[None, :]).to(x_ptr.dtype.element_ty)
             acc = _dot(a, b, acc, FP32)
         return acc
 
     @triton.autotune(configs=_wgrad_configs(), key=["I", "O", "N_SEG", "GATHER", "GGATHER", "GSCALE", "FP32",
-                                                    "ACCUMULATE", "SCALE_AT_DST", "SCALE_X", "n_split"],
+                                                    "ACCUMULATE", "SCALE_AT_DST", "n_split"],
                      prune_configs_by={"early_config_prune": _prune_wgrad_configs},
                      restore_value=["out_ptr"])   # benchmark runs must not add into an accumulator twice
     @triton.jit
@@ -130,7 +126,7 @@ if triton is not None:
                             xs, gs, offsets, rows, grows, gscales, sdsts, sxr, sxi, sgr, sgo,
                             N_SEG: tl.constexpr, GATHER: tl.constexpr, GGATHER: tl.constexpr,
                             GSCALE: tl.constexpr, FP32: tl.constexpr, ACCUMULATE: tl.constexpr,
-                            SCALE_AT_DST: tl.constexpr, SCALE_X: tl.constexpr,
+                            SCALE_AT_DST: tl.constexpr,
                             BI: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr):
         # N_SEG segments (applications of one shared weight, each with its own rows and routing: entry s
         # of each tuple argument) summed in one accumulator: the output tile is read and written once for
@@ -160,7 +156,7 @@ if triton is not None:
                 sgr_s, sgo_s = tl.where(here, sgr[j], sgr_s), tl.where(here, sgo[j], sgo_s)
             acc = _wgrad_segment(acc, x_ptr, g_ptr, off_ptr, rows_ptr, grows_ptr, gs_ptr, sdst_ptr, sxr_s, sxi_s,
                                  sgr_s, sgo_s, e, ii, oo, i_ok, o_ok, GATHER, GGATHER, GSCALE, FP32, SCALE_AT_DST,
-                                 SCALE_X, BK, split, n_split)
+                                 BK, split, n_split)
         o_ptrs = out_ptr + (split * E + e).to(tl.int64) * soe + ii[:, None] * soi + oo[None, :] * soo
         if ACCUMULATE:  # out += this tile: one rounding, as a separate add would do
             acc += tl.load(o_ptrs, mask=i_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
@@ -238,7 +234,7 @@ def weight_grad_segments_triton(segments, out_dtype: Optional[torch.dtype] = Non
                               N_SEG=len(segments), GATHER=gather, GGATHER=ggather, GSCALE=gscale,
                               FP32=x0.dtype == torch.float32,
                               ACCUMULATE=accumulate_into is not None and n_split == 1,
-                              SCALE_AT_DST=scale_at_dst, SCALE_X=_operators.WGRAD_SCALE_X)
+                              SCALE_AT_DST=scale_at_dst)
     if n_split > 1:
         BLOCK = 1024
         _sum_splits_kernel[(triton.cdiv(out_EIO.numel(), BLOCK),)](dest, out_EIO, out_EIO.numel(), n_split,

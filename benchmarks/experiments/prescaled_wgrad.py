@@ -83,24 +83,21 @@ def main(names=None):
             x0, g0, off0, rows0 = segs[0][:4]
             auto = wgrad_splits(off0.numel() - 1, x0.shape[1], g0.shape[1],
                                 rows0.numel() if rows0 is not None else x0.shape[0], x0.device)
-            for scale_x in ((True, False) if segs[0][5] is not None else (True,)):
-                # the row split (eighteenth session) where the experts are few: the automatic count, none,
-                # and a few forced counts for SwitchHead's gated passes (is the automatic count right?)
-                sweep = (None, 1, 2, 4, 8) if label.startswith("SwitchHead") and "given" in label else (None,)
-                for split in sweep:
-                    expert_ops.WGRAD_SCALE_X = scale_x
-                    triton_weight_grad.WGRAD_SPLIT_OVERRIDE = split
-                    want = sum(expert_ops._weight_grad_torch(*s[:6], torch.float32) for s in segs)
-                    got = []
+            # the row split where the experts are few: the automatic count, none, and a few forced
+            # counts for SwitchHead's gated passes (is the automatic count right?)
+            sweep = (None, 1, 2, 4, 8) if label.startswith("SwitchHead") and "given" in label else (None,)
+            for split in sweep:
+                triton_weight_grad.WGRAD_SPLIT_OVERRIDE = split
+                want = sum(expert_ops._weight_grad_torch(*s[:6], torch.float32) for s in segs)
+                got = []
 
-                    def run():
-                        got[:] = [weight_grad_segments_triton(segs, torch.float32)]
-                    side = (" (gate on x)" if scale_x else " (gate on grad)") if segs[0][5] is not None else ""
-                    if len(sweep) > 1:
-                        side += f" (automatic: {auto} row ranges)" if split is None else f" ({split} row ranges)"
-                    results.append(try_variant(f"{name}  {label}{side}", run,
-                                               lambda: ((got[0] - want).abs().max() / want.abs().max()).item(), fl))
-            expert_ops.WGRAD_SCALE_X = True
+                def run():
+                    got[:] = [weight_grad_segments_triton(segs, torch.float32)]
+                side = ""
+                if len(sweep) > 1:
+                    side += f" (automatic: {auto} row ranges)" if split is None else f" ({split} row ranges)"
+                results.append(try_variant(f"{name}  {label}{side}", run,
+                                           lambda: ((got[0] - want).abs().max() / want.abs().max()).item(), fl))
             triton_weight_grad.WGRAD_SPLIT_OVERRIDE = None
         f = ffn[0]
         ms = bench(lambda: (f["h"].float() * f["g"][:, None]).to(dt))
