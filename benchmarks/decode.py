@@ -13,7 +13,7 @@ the steps.
                                 [--variants default,sorted]
 
 Variants (each measured beside "default" in the same run, to see what one change is worth):
-"sorted" turns off the per-choice expert kernels of decoding (MOEUT_EXPERT_GEMV=0), so each step routes
+"sorted" turns off the per-choice expert kernels of decoding (MOEUT_PYTORCH_OPS=expert_gemv), so each step routes
 by sorting as training does; "gemv-all" uses them however many choices each expert gets (the policy's
 threshold lifted); "separate-qk" computes SwitchHead's Q, K and selectors in four matmuls and rotates q
 and k apart (MOEUT_JOINT_QK=0); "no-overlap" reads each step's tokens before launching the next
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from moeut import attention as attention_module  # noqa: E402
 from moeut import expert_gemv  # noqa: E402
 from moeut import generate as generate_module  # noqa: E402
 from moeut.generate import generate  # noqa: E402
+from moeut.settings import settings  # noqa: E402
 from moeut.runs import build_model, model_kwargs  # noqa: E402
 
 MODES = {"dynamic": dict(cache="dynamic"), "static": dict(cache="static", cuda_graph=False),
@@ -76,7 +76,7 @@ def main():
             for variant, mode in [(v, m) for v in args.variants.split(",") for m in modes]:
                 if variant not in ("default", "no-overlap") and not name.startswith("moeut"):
                     continue
-                os.environ["MOEUT_EXPERT_GEMV"] = "0" if variant == "sorted" else "1"
+                settings.pytorch_ops = frozenset({"expert_gemv"}) if variant == "sorted" else frozenset()
                 attention_module.JOINT_QK = variant != "separate-qk"
                 generate_module.OVERLAP_HOST = variant != "no-overlap"
                 expert_gemv.MAX_CHOICES_PER_EXPERT = float("inf") if variant == "gemv-all" else default_max[0]

@@ -2,7 +2,6 @@
 `export MOEUT_...=0` for any that fails or raises, so the rest of the call still measures something
 (`eval "$(python3 benchmarks/gpu_smoke.py)"`). Messages go to stderr; the GPU tests give the detail.
 """
-import os
 import sys
 from pathlib import Path
 
@@ -69,9 +68,10 @@ def route_small():
     from moeut.expert_mm import route
     from moeut.triton_route import route_small_triton
     expert = torch.randint(0, 387, (32, 16), device="cuda")
-    os.environ["MOEUT_FUSED_ROUTE"] = "0"
+    from moeut.settings import settings
+    settings.pytorch_ops = frozenset({"route"})
     want = route(expert, 387)
-    del os.environ["MOEUT_FUSED_ROUTE"]
+    settings.pytorch_ops = frozenset()
     got = route_small_triton(expert, 387)
     for a, b in zip(got, (want.offsets_E1, want.rows_N, want.slot_N, want.choice_RK)):
         assert torch.equal(a, b), "route_small differs from the torch sort path"
@@ -139,22 +139,30 @@ def norm_copies():
     assert torch.equal(x_copy, x.bfloat16()) and torch.equal(dx_copy, dx.bfloat16())
 
 
-CHECKS = (("expert gemv (decoding)", expert_gemv, "MOEUT_EXPERT_GEMV"),
-          ("top-k sum", sum_choices, "MOEUT_FUSED_SUM"),
-          ("small-input routing", route_small, "MOEUT_FUSED_ROUTE"),
-          ("row dot", row_dot, "MOEUT_FUSED_ROW_DOT"),
-          ("fused router", router, "MOEUT_FUSED_ROUTER"),
-          ("fused RoPE", rope, "MOEUT_FUSED_ROPE"),
-          ("entropy regulariser's softmax sums", entropy, "MOEUT_FUSED_ENTROPY"),
+# (name, check, the operator's name in MOEUT_PYTORCH_OPS or a variable that turns the path off)
+CHECKS = (("expert gemv (decoding)", expert_gemv, "expert_gemv"),
+          ("top-k sum", sum_choices, "topk_sum"),
+          ("small-input routing", route_small, "route"),
+          ("row dot", row_dot, "row_dot"),
+          ("fused router", router, "router"),
+          ("fused RoPE", rope, "rope"),
+          ("entropy regulariser's softmax sums", entropy, "entropy"),
           ("loop-over-N grouped GEMM", loop_n, "MOEUT_LOOP_N"),
-          ("LayerNorm", layer_norm, "MOEUT_FUSED_NORM"),
+          ("LayerNorm", layer_norm, "norm"),
           ("LayerNorm's bf16 copies for the expert projections", norm_copies, "MOEUT_CAST_RELAY"),
           ("router's joint gradient", router_joint_gradient, "MOEUT_FUSED_ROUTER_GRAD"))
-for name, check, var in CHECKS:
+pytorch_ops = []
+for name, check, off in CHECKS:
     try:
         check()
         torch.cuda.synchronize()
         print(f"smoke: {name} OK", file=sys.stderr)
     except Exception as e:  # report and turn it off for the rest of the call
-        print(f"smoke: {name} FAILED ({type(e).__name__}: {str(e)[:300]}); {var}=0 for this call", file=sys.stderr)
-        print(f"export {var}=0")
+        what = f"{off}=0" if off.startswith("MOEUT_") else f"MOEUT_PYTORCH_OPS+={off}"
+        print(f"smoke: {name} FAILED ({type(e).__name__}: {str(e)[:300]}); {what} for this call", file=sys.stderr)
+        if off.startswith("MOEUT_"):
+            print(f"export {off}=0")
+        else:
+            pytorch_ops.append(off)
+if pytorch_ops:
+    print(f"export MOEUT_PYTORCH_OPS={','.join(pytorch_ops)}")

@@ -20,7 +20,7 @@ MoEUT (B*T = R tokens, K picks, H heads with E experts each in SwitchHead):
 
 Inference only (no autograd). On CUDA it is one Triton kernel (`triton_expert_gemv.py`); the plain
 PyTorch form below (gathers the chosen weights) is the reference its tests compare with.
-`MOEUT_EXPERT_GEMV=0` turns the path off (the sorted path then runs for decoding too).
+`MOEUT_PYTORCH_OPS=expert_gemv` turns the path off (the sorted path then runs for decoding too).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ L2_BYTES = 32 * 2 ** 20
 
 def gemv_applies(x: Tensor, n_choices: int, w_EIO: Tensor) -> bool:
     """Whether an expert projection of `n_choices` picks over the experts of `w_EIO` takes this path."""
-    if torch.is_grad_enabled() or not use_fused(x, "MOEUT_EXPERT_GEMV"):
+    if torch.is_grad_enabled() or not use_fused(x, "expert_gemv"):
         return False
     E = w_EIO.shape[0]
     fits = w_EIO.numel() * x.element_size() <= L2_BYTES

@@ -68,7 +68,7 @@ class Routing:
 
 
 def _route_kernel_applies(expert_RK: Tensor, n_experts: int) -> bool:
-    if not use_fused(expert_RK, "MOEUT_FUSED_ROUTE"):
+    if not use_fused(expert_RK, "route"):
         return False
     from .triton_route import MAX_EXPERTS, MAX_N
     return expert_RK.numel() <= MAX_N and n_experts <= MAX_EXPERTS
@@ -91,7 +91,7 @@ def _(expert_RK, n_experts):
 def route(expert_RK: Tensor, n_experts: int) -> Routing:
     """Sort the (row, choice) pairs by expert. Stable, so ties keep row order (deterministic).
 
-    Small inputs on CUDA (decoding) take one Triton kernel (`triton_route.py`, MOEUT_FUSED_ROUTE=0
+    Small inputs on CUDA (decoding) take one Triton kernel (`triton_route.py`, MOEUT_PYTORCH_OPS=route
     turns it off); the rest sort with torch.
     """
     K = expert_RK.shape[1]

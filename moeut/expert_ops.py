@@ -228,7 +228,7 @@ def row_dot(a: Tensor, b: Tensor, b_rows: Optional[Tensor], scale: Optional[Tens
     gated operand of the projection's weight gradient, written by the pass that reads b anyway, so that
     the weight-gradient kernel needs no gate in its K loop."""
     torch._check(not gate_b or scale is not None, lambda: "row_dot: gate_b needs a scale")
-    if a.dtype != torch.float64 and use_fused(a, "MOEUT_FUSED_ROW_DOT"):
+    if a.dtype != torch.float64 and use_fused(a, "row_dot"):
         from .triton_expert_mm import row_dot_triton
         return row_dot_triton(a, b, b_rows, scale, dst, relu_mask, scaled_dst, gate_b)
     b_NI = b if b_rows is None else b.index_select(0, b_rows)
@@ -270,7 +270,7 @@ def sum_choices(y: Tensor, n_groups: int, out_dtype: torch.dtype, init: Optional
                  lambda: f"sum_choices: {tuple(y.shape)} rows do not split into {n_groups} groups")
     torch._check(init is None or tuple(init.shape) == (n_groups, y.shape[1]),
                  lambda: f"sum_choices: init of shape {tuple(init.shape)} for {n_groups} sums of width {y.shape[1]}")
-    if y.dtype != torch.float64 and (init is None or init.dtype != torch.float64) and use_fused(y, "MOEUT_FUSED_SUM"):
+    if y.dtype != torch.float64 and (init is None or init.dtype != torch.float64) and use_fused(y, "topk_sum"):
         from .triton_sum import sum_choices_triton
         return sum_choices_triton(y, n_groups, out_dtype, init)
     return _sum_choices_torch(y, n_groups, out_dtype, init)

@@ -1,18 +1,19 @@
-"""Whether a fused Triton path runs for a tensor: it is on CUDA, Triton is importable and not disabled
-(`MOEUT_DISABLE_TRITON=1`), and the path's own switch (`MOEUT_FUSED_ROUTER=0`, ...) is not off.
+"""Whether an operator runs its Triton kernel for a tensor: the tensor is on CUDA, Triton is
+importable, `settings.triton` is on and the operator is not in `settings.pytorch_ops`.
 
 Kept apart from the kernel modules so that importing the model never imports Triton.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 from torch import Tensor
 
+from .settings import settings
 
-def use_fused(t: Tensor, switch: Optional[str] = None) -> bool:
-    if t.device.type != "cuda" or (switch is not None and os.environ.get(switch, "1") == "0"):
+
+def use_fused(t: Tensor, op: Optional[str] = None) -> bool:
+    if t.device.type != "cuda" or not settings.triton or (op is not None and op in settings.pytorch_ops):
         return False
     from . import triton_expert_mm
-    return triton_expert_mm.available()
+    return triton_expert_mm.triton is not None

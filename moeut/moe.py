@@ -29,12 +29,12 @@ class _ProbabilitySum(torch.autograd.Function):
     """softmax(logits in fp32, over experts).sum(1), saving the (bf16) logits instead of the fp32
     probabilities: the backward recomputes them. The probabilities of every layer application would
     otherwise stay alive until the backward (0.45 GiB at 244M, batch 16). On CUDA each direction is
-    one Triton kernel (`triton_entropy.py`; MOEUT_FUSED_ENTROPY=0 runs the PyTorch form below)."""
+    one Triton kernel (`triton_entropy.py`; MOEUT_PYTORCH_OPS=entropy runs the PyTorch form below)."""
 
     @staticmethod
     def forward(ctx, logits: Tensor) -> Tensor:
         ctx.save_for_backward(logits)
-        if use_fused(logits, "MOEUT_FUSED_ENTROPY"):
+        if use_fused(logits, "entropy"):
             from .triton_entropy import prob_sum_triton
             return prob_sum_triton(logits)
         return F.softmax(logits, dim=-1, dtype=torch.float32).sum(1)
@@ -46,7 +46,7 @@ class _ProbabilitySum(torch.autograd.Function):
         # return fp16 from fp32 gradients but not bf16 ("input to be at::Half and grad to be
         # at::Float"), so asking for bf16 would crash every GPU training step.
         logits, = ctx.saved_tensors
-        if use_fused(logits, "MOEUT_FUSED_ENTROPY"):
+        if use_fused(logits, "entropy"):
             from .triton_entropy import prob_sum_backward_triton
             return prob_sum_backward_triton(grad_sum, logits)
         p = F.softmax(logits, dim=-1, dtype=torch.float32)

@@ -12,7 +12,7 @@ expert projection that would cast it otherwise (`cast_relay.py`).
 
 `LayerNorm` is a `torch.nn.LayerNorm` (same parameters, state-dict keys, `isinstance`): the fused form
 runs on CUDA for a 1-D `normalized_shape` with weight and bias, outside torch.compile (which fuses
-LayerNorm itself); everything else, and `MOEUT_FUSED_NORM=0`, is torch's. Without autocast the output
+LayerNorm itself); everything else, and `MOEUT_PYTORCH_OPS=norm`, is torch's. Without autocast the output
 keeps x's dtype, as torch's does.
 """
 from __future__ import annotations
@@ -78,7 +78,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, pass_
 
 
 def _fused_applies(norm: torch.nn.LayerNorm, x: Tensor) -> bool:
-    return (use_fused(x, "MOEUT_FUSED_NORM") and not torch.compiler.is_compiling()
+    return (use_fused(x, "norm") and not torch.compiler.is_compiling()
             and len(norm.normalized_shape) == 1 and norm.weight is not None and norm.bias is not None
             and x.dim() > 0 and x.shape[-1] == norm.normalized_shape[0] <= MAX_WIDTH)
 

@@ -6,7 +6,7 @@
 computed in fp32 and rounded to x's dtype. `rotate_reference` is the plain PyTorch form (CPU, and the
 reference). On CUDA, `rotate` is one Triton kernel per call (`moeut::rope`) instead of about eight
 elementwise kernels with fp32 intermediates; its backward is the same kernel rotating by -angle.
-Both write in the layout of a head view input (see `ROPE_TIME_MAJOR`). `MOEUT_FUSED_ROPE=0` turns
+Both write in the layout of a head view input (see `ROPE_TIME_MAJOR`). `MOEUT_PYTORCH_OPS=rope` turns
 the kernel off.
 """
 from __future__ import annotations
@@ -78,7 +78,7 @@ def is_time_major(x: Tensor) -> bool:
 
 @torch.library.custom_op("moeut::rope", mutates_args=())
 def _rope_op(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool, scale: float, time_major: bool) -> Tensor:
-    if use_fused(x, "MOEUT_FUSED_ROPE"):
+    if use_fused(x, "rope"):
         from .triton_rope import rope_triton
         return rope_triton(x, cos, sin, inverse, scale, time_major)
     return empty_rope_output(x, time_major).copy_(rotate_reference(x, cos, -sin if inverse else sin, scale))
@@ -114,6 +114,6 @@ class _Rope(torch.autograd.Function):
 def rotate(x: Tensor, cos: Tensor, sin: Tensor, scale: float = 1.0) -> Tensor:
     """scale * RoPE(x) with the tables of `rope_tables` on x [B, H, T, Dh]; one kernel on CUDA (the
     attention scale rides along for free)."""
-    if not use_fused(x, "MOEUT_FUSED_ROPE"):
+    if not use_fused(x, "rope"):
         return rotate_reference(x, cos, sin, scale)
     return _Rope.apply(x, cos, sin, float(scale))

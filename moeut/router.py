@@ -15,7 +15,7 @@ the same logits one autograd node, whose backward is one kernel for both terms
 Ties: scores are ranked after rounding to the logits' dtype, exactly as `torch.topk` on the rounded
 sigmoid sees them (with fp32=True: in fp32, as for the logits' float copy). `torch.topk` breaks ties
 in an unspecified order; the kernel takes the lowest expert id, so its choice is reproducible. The plain form (CPU, and any device without Triton) is
-the reference the tests compare the kernel with. `MOEUT_FUSED_ROUTER=0` turns the kernel off.
+the reference the tests compare the kernel with. `MOEUT_PYTORCH_OPS=router` turns the kernel off.
 
 Shapes: R rows (tokens, or token-heads), E experts, K chosen per row; the operator sees the rows as
 [R0, G, E] (R = R0 * G, e.g. tokens x heads) so that strided slices need no copy.
@@ -40,7 +40,7 @@ def sigmoid_topk_reference(logits_RE: Tensor, k: int) -> Tuple[Tensor, Tensor]:
 def _sigmoid_topk_op(logits: Tensor, k: int, fp32: bool = False) -> Tuple[Tensor, Tensor]:
     """logits [R0, G, E], any strides (e.g. heads x experts sliced out of a wider projection): rows
     r = r0 * G + g."""
-    if use_fused(logits, "MOEUT_FUSED_ROUTER"):
+    if use_fused(logits, "router"):
         from .triton_router import sigmoid_topk_triton
         return sigmoid_topk_triton(logits, k, fp32)
     with torch.no_grad():
@@ -123,8 +123,8 @@ JOINT_GRADIENT = os.environ.get("MOEUT_FUSED_ROUTER_GRAD", "1") != "0"
 def joint_selection_applies(logits: Tensor) -> bool:
     """Whether `select_with_prob_sum` runs here (CUDA with Triton, gradients wanted, outside torch.compile)."""
     return (JOINT_GRADIENT and logits.requires_grad and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and use_fused(logits, "MOEUT_FUSED_ROUTER")
-            and use_fused(logits, "MOEUT_FUSED_ENTROPY"))
+            and not torch.compiler.is_compiling() and use_fused(logits, "router")
+            and use_fused(logits, "entropy"))
 
 
 class _SelectWithProbSum(torch.autograd.Function):

@@ -11,24 +11,23 @@ Inside `share_weights(dtype)` (`begin_share` / `end_share` in `MoEUT.forward`, u
     misaligned for the kernels), made by `_CastOnce`, and the `GradSink` that collects its gradient;
   - each application's backward adds its weight gradient into the sink's fp32 buffer inside the
     weight-gradient kernel (`expert_ops.grouped_mm_weight_grad_add`), in backward order: sequential, so the
-    sum is deterministic (no atomics). On CUDA the sink holds up to `WGRAD_DEFER` (by default all
+    sum is deterministic (no atomics). On CUDA the sink holds up to `settings.wgrad_defer` (by default all
     nine) applications' operands and one launch sums their gradients in one fp32 accumulator per tile,
     so the buffer is written once per weight and step, not read and written once per application;
   - `_CastOnce.backward` hands the finished sum to the master weight's `.grad` once, so DDP's
     per-parameter hooks and gradient clipping see an ordinary gradient.
 Costs: the cast copies live from the forward to the backward (0.4 GiB at 244M), and a sink holds up to
-WGRAD_DEFER - 1 pending applications' operands (an input copy, an output gradient; ~0.1-0.2 GB per
+`wgrad_defer` - 1 pending applications' operands (an input copy, an output gradient; ~0.1-0.2 GB per
 weight and application at 244M) until the launch that computes them. They accumulate while the
 backward frees more than that of each application's saved activations, so a step's peak does not
 rise: no fp32 sum exists before the last application's backward.
 
 Not used under torch.compile (the sink is Python state the compiler cannot trace) nor with activation
 checkpointing (the recomputed forward runs after the scope has closed); those take the per-application
-path. `MOEUT_SHARE_WEIGHTS=0` turns it off (benchmarks compare both).
+path. `MOEUT_WGRAD_DEFER=0` turns it off (the per-application path is what it is tested against).
 """
 from __future__ import annotations
 
-import os
 import threading
 from contextlib import contextmanager
 from typing import Dict, List, Optional, Tuple
@@ -37,24 +36,13 @@ import torch
 from torch import Tensor
 
 from .expert_ops import grouped_mm_weight_grad, grouped_mm_weight_grad_add
+from .settings import settings
 
-ENABLED = os.environ.get("MOEUT_SHARE_WEIGHTS", "1") != "0"
-
-
-def _env_count(name: str, default: int) -> int:
-    raw = os.environ.get(name, str(default))
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a whole number (applications per launch), got {raw!r}") from None
-
-
-# MOEUT_WGRAD_DEFER: how many applications of a shared weight one weight-gradient launch sums (1: one
-# launch each; at most `triton_weight_grad.MAX_SEGMENTS`, 9, every application in the paper's models).
+# `settings.wgrad_defer`: how many applications of a shared weight one weight-gradient launch sums (1:
+# one launch each; at most 9, every application in the paper's models; 0: no shared copy at all).
 # Deferring an application's gradient to a later launch keeps its operands alive until then, and saves
 # reading and writing the fp32 sum (0.4 GB per FFN weight and application at 244M, 0.9 GB at 1B) for
 # all but one of them. CUDA only: the PyTorch path computes each at once.
-WGRAD_DEFER = _env_count("MOEUT_WGRAD_DEFER", 9)
 
 _local = threading.local()
 
@@ -95,7 +83,7 @@ def weight_grad(sink: Optional[GradSink], x: Tensor, grad: Tensor, offsets: Tens
                 scale_dst: Optional[Tensor] = None) -> Optional[Tensor]:
     """The weight gradient of one expert projection's application (`expert_ops.grouped_mm_weight_grad`):
     returned, or, for a weight shared within the forward pass, added into its sink and None returned.
-    With `WGRAD_DEFER` > 1 on CUDA the sink keeps the application's operands and computes the
+    With `settings.wgrad_defer` > 1 on CUDA the sink keeps the application's operands and computes the
     gradients of several applications in one launch (`GradSink.flush`; `take` computes what is left)."""
     if sink is None:
         return grouped_mm_weight_grad(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype, scale_dst)
@@ -107,10 +95,10 @@ def weight_grad(sink: Optional[GradSink], x: Tensor, grad: Tensor, offsets: Tens
 
 def _defer_count(x: Tensor) -> int:
     from .fused import use_fused   # (looked up at call time: tests switch the kernels on in `fused`)
-    if WGRAD_DEFER <= 1 or not use_fused(x):
+    if settings.wgrad_defer <= 1 or not use_fused(x):
         return 1
     from .triton_weight_grad import MAX_SEGMENTS
-    return min(WGRAD_DEFER, MAX_SEGMENTS)
+    return min(settings.wgrad_defer, MAX_SEGMENTS)
 
 
 class _CastOnce(torch.autograd.Function):
@@ -150,7 +138,7 @@ class _Scope:
 def begin_share(dtype: Optional[torch.dtype]) -> Optional[_Scope]:
     """Open a scope (None when `dtype` is None, sharing is off, or under torch.compile): expert
     projections computing in `dtype` then share one copy of each weight. Close it with `end_share`."""
-    if dtype is None or not ENABLED or torch.compiler.is_compiling():
+    if dtype is None or settings.wgrad_defer == 0 or torch.compiler.is_compiling():
         return None
     scope = _Scope(dtype)
     scope.outer = getattr(_local, "scope", None)

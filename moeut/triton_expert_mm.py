@@ -36,9 +36,9 @@ try:
 except ImportError:  # the model works without Triton; only this fast path needs it
     triton = None
 
+from .settings import settings
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# MOEUT_AUTOTUNE=0 uses one config per kernel variant, the first that fits (GPU tests, short runs).
-AUTOTUNE = os.environ.get("MOEUT_AUTOTUNE", "1") != "0"
 
 
 def parse_pinned_configs(text: str) -> list:
@@ -98,7 +98,7 @@ def use_loop_n(I: int, O: int, N: int, E: int) -> bool:
 
 
 def available() -> bool:
-    return triton is not None and os.environ.get("MOEUT_DISABLE_TRITON", "0") != "1"
+    return triton is not None and settings.triton
 
 
 if triton is not None:
@@ -135,7 +135,7 @@ if triton is not None:
 
     def _prune_mm_configs(configs, named_args, **kwargs):
         """Configs that fit in shared memory (the fallback only when none of the others does); with
-        MOEUT_AUTOTUNE=0 the first of them, so short runs compile one config per variant; or the one
+        `settings.autotune` off the first of them, so short runs compile one config per variant; or the one
         MOEUT_PIN_CONFIG pins for this key."""
         pinned = pinned_config(configs, {**named_args, **kwargs}, "mm", PINNED_CONFIGS)
         if pinned is not None:
@@ -144,7 +144,7 @@ if triton is not None:
         w = named_args.get("w_ptr")
         w_size = w.element_size() if w is not None and hasattr(w, "element_size") else 0
         fit = [c for c in configs[:-1] if _smem_estimate(c, kwargs, w_size) <= limit] or configs[-1:]
-        return fit if AUTOTUNE else fit[:1]
+        return fit if settings.autotune else fit[:1]
 
     @triton.jit
     def _dot(a, b, acc, FP32: tl.constexpr):

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from . import triton_expert_mm as _mm   # (MOEUT_PIN_CONFIG's rules are read there, and tests patch them there)
-from .triton_expert_mm import AUTOTUNE, INTERPRET, _or, aligned, pinned_config, triton
+from .settings import settings
+from .triton_expert_mm import INTERPRET, _or, aligned, pinned_config, triton
 
 # Row splits of the weight gradient: None = automatic (see `wgrad_splits`); an int forces that many
 # (tests); MOEUT_WGRAD_SPLIT=0 never splits.
@@ -71,13 +72,13 @@ if triton is not None:
             triton.Config({"BI": 128, "BO": 128, "BK": 32}, num_warps=8, num_stages=5),
             triton.Config({"BI": 64, "BO": 128, "BK": 64}, num_warps=4, num_stages=4),
             triton.Config({"BI": 128, "BO": 128, "BK": 64}, num_warps=4, num_stages=4),
-        ][:None if AUTOTUNE or any(rule["kernel"] == "wgrad" for rule in _mm.PINNED_CONFIGS) else 1]
+        ][:None if settings.autotune or any(rule["kernel"] == "wgrad" for rule in _mm.PINNED_CONFIGS) else 1]
 
     def _prune_wgrad_configs(configs, named_args, **kwargs):
-        """Every config (the first with MOEUT_AUTOTUNE=0: with no pin the list holds only that one, so
+        """Every config (the first with `settings.autotune` off: with no pin the list holds only that one, so
         Triton skips tuning altogether), or the one MOEUT_PIN_CONFIG pins."""
         pinned = pinned_config(configs, {**named_args, **kwargs}, "wgrad", _mm.PINNED_CONFIGS)
-        return [pinned] if pinned is not None else configs if AUTOTUNE else configs[:1]
+        return [pinned] if pinned is not None else configs if settings.autotune else configs[:1]
 
     @triton.jit
     def _wgrad_segment(acc, x_ptr, g_ptr, offsets_ptr, rows_ptr, grows_ptr, gscale_ptr, sdst_ptr,

@@ -38,11 +38,13 @@ def step_loss_grads(model, x):
 
 
 def shared_and_per_application_grads(model, x, monkeypatch, device_type: str = "cpu"):
-    """`autocast_step_grads` with shared expert weights off, then on (`shared_weights.ENABLED`)."""
-    from moeut import shared_weights
+    """`autocast_step_grads` with shared expert weights off (`settings.wgrad_defer` 0), then on (its
+    value on entry, or the default 9 if that was 0)."""
+    from moeut.settings import settings
+    defer = settings.wgrad_defer or 9
     runs = []
     for share in (False, True):
-        monkeypatch.setattr(shared_weights, "ENABLED", share)
+        monkeypatch.setattr(settings, "wgrad_defer", defer if share else 0)
         runs.append(autocast_step_grads(model, x, device_type))
     return runs
 

@@ -3,3 +3,6 @@
 import os
 
 os.environ.setdefault("MOEUT_AUTOTUNE", "0")
+from moeut.settings import settings  # noqa: E402  (moeut may already be imported by other test folders)
+
+settings.autotune = os.environ["MOEUT_AUTOTUNE"] != "0"

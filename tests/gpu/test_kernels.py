@@ -7,6 +7,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from moeut.expert_mm import expert_mm, fp64_reference, route
+from moeut.settings import settings
 from tests.helpers import rel
 
 
@@ -50,7 +51,7 @@ def test_triton_combine_matches_torch_path(dtype, tol, I, O, gather, loop_n, mon
     out = expert_mm_combine(x, w, r, gate, gather=gather)
     g = torch.randn_like(out)
     got = (out, *torch.autograd.grad(out, (x, w, gate), g))
-    monkeypatch.setenv("MOEUT_DISABLE_TRITON", "1")
+    monkeypatch.setattr(settings, "triton", False)
     xd, wd, gd = (t.detach().double().requires_grad_() for t in (x, w, gate))
     ref = expert_mm_combine(xd, wd, r, gd, gather=gather)
     want = (ref, *torch.autograd.grad(ref, (xd, wd, gd), g.double()))
@@ -81,7 +82,7 @@ def test_triton_expert_mlp_matches_torch_path(dtype, tol, D, E, K, monkeypatch):
     got = (out, *torch.autograd.grad(out, leaves, g))
     composed = expert_mm_combine(torch.relu(expert_mm(x, w1, r)), w2, r, gate, gather=False)
     same = (composed, *torch.autograd.grad(composed, leaves, g))
-    monkeypatch.setenv("MOEUT_DISABLE_TRITON", "1")
+    monkeypatch.setattr(settings, "triton", False)
     ld = [t.detach().double().requires_grad_() for t in leaves]
     ref = expert_mlp(*ld[:3], r, ld[3])
     want = (ref, *torch.autograd.grad(ref, ld, g.double()))
@@ -115,7 +116,7 @@ def test_gated_weight_gradient_operand_matches_fp64(case, monkeypatch):
     g = torch.randn(R, I if case == "ffn" else O, device="cuda", dtype=torch.bfloat16)
     out = run(x, ws, gate)
     got = (out, *torch.autograd.grad(out, leaves, g))
-    monkeypatch.setenv("MOEUT_DISABLE_TRITON", "1")
+    monkeypatch.setattr(settings, "triton", False)
     ld = [t.detach().double().requires_grad_() for t in leaves]
     ref = run(ld[0], ld[1:-1], ld[-1])
     want = (ref, *torch.autograd.grad(ref, ld, g.double()))
@@ -296,7 +297,7 @@ def test_probability_sum_on_cuda_matches_autograd(shape, dtype, fused, monkeypat
     returns fp16 but not bf16 from fp32 gradients), against autograd through the fp32 softmax of a
     float copy. "sliced": SwitchHead's selector logits, a strided view of a wider projection."""
     from moeut.moe import _ProbabilitySum
-    monkeypatch.setenv("MOEUT_FUSED_ENTROPY", fused)
+    monkeypatch.setattr(settings, "pytorch_ops", frozenset() if fused == "1" else frozenset({"entropy"}))
     torch.manual_seed(4)
     if shape == "sliced":
         logits = (3 * torch.randn(16, 1024, 3 + 40 + 5, device="cuda")).to(dtype)[..., 3:43].view(16, 1024, 4, 10)
@@ -424,7 +425,7 @@ def test_small_route_kernel_matches_sort(R, K, E, monkeypatch):
     torch.manual_seed(R + E)
     expert = torch.randint(0, E, (R, K), device="cuda")
     got = route(expert, E)
-    monkeypatch.setenv("MOEUT_FUSED_ROUTE", "0")
+    monkeypatch.setattr(settings, "pytorch_ops", frozenset({"route"}))
     want = route(expert, E)
     for a, b in zip((got.offsets_E1, got.rows_N, got.slot_N, got.choice_RK),
                     (want.offsets_E1, want.rows_N, want.slot_N, want.choice_RK)):

@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
 
 import moeut
 from moeut import profiles
+from moeut.settings import settings
 from tests.helpers import rel
 
 
@@ -172,12 +173,11 @@ def test_shared_weight_copies_match_per_application_casts(cfg, defer, monkeypatc
     """One bf16 copy per expert weight and forward, gradients summed in the weight-gradient kernel
     (`shared_weights.py`), against a cast per application and autograd's sums (44M: misaligned rows,
     the copy padded once; 244M: the real shapes, 4 applications). One application per launch:
-    bit-identical gradients. Three or all of them per launch (`WGRAD_DEFER`): the same sums in another
+    bit-identical gradients. Three or all of them per launch (`settings.wgrad_defer`): the same sums in another
     order, equal to fp32 rounding, and bit-identical between two runs. Autotuning is off in tests/gpu,
     so all runs use the same kernel configs."""
-    from moeut import shared_weights
     from tests.helpers import shared_and_per_application_grads
-    monkeypatch.setattr(shared_weights, "WGRAD_DEFER", defer)
+    monkeypatch.setattr(settings, "wgrad_defer", defer)
     torch.manual_seed(0)
     m = moeut.MoEUTLM(8000, **{**getattr(profiles, cfg), "n_layers": 8}).cuda().train()
     x = torch.randint(0, 8000, (2, 512), device="cuda")
@@ -288,7 +288,7 @@ def test_decoding_step_gemv_matches_sorted_path(dtype, tol, monkeypatch):
             m(prompt, mask, kv_cache=kv)
             return m(nxt, mask, kv_cache=kv).outputs.float()
     fast = step()
-    monkeypatch.setenv("MOEUT_EXPERT_GEMV", "0")
+    monkeypatch.setattr(settings, "pytorch_ops", frozenset({"expert_gemv"}))
     err = rel(fast, step())
     assert err < tol, f"relative difference {err:.3g}"
 
@@ -391,7 +391,7 @@ def test_relayed_residual_gradient_matches_autograd_sum_at_244M_shapes(monkeypat
         with torch.autocast("cuda", torch.bfloat16):
             y = layer(x)[0]
         got[relay] = torch.autograd.grad(y, [x, layer.attention.v, layer.attention.o], gy)
-    monkeypatch.setenv("MOEUT_DISABLE_TRITON", "1")   # the fp64 reference through the PyTorch paths
+    monkeypatch.setattr(settings, "triton", False)   # the fp64 reference through the PyTorch paths
     layer64 = copy.deepcopy(layer).double()
     x64 = x.detach().double().requires_grad_()
     want = torch.autograd.grad(layer64(x64)[0], [x64, layer64.attention.v, layer64.attention.o], gy.double())

@@ -48,7 +48,7 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("share", [True, False], ids=["shared_weights", "per_application"])
 def test_ddp_gradients_of_shared_weights_equal_whole_batch(share, tmp_path, monkeypatch):
-    monkeypatch.setenv("MOEUT_SHARE_WEIGHTS", "1" if share else "0")   # read by the spawned processes
+    monkeypatch.setenv("MOEUT_WGRAD_DEFER", "9" if share else "0")   # read by the spawned processes
     x = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(1))
     mp.spawn(_worker, args=(_free_port(), x, tmp_path / "ddp.pt"), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp.pt")

@@ -77,12 +77,12 @@ def test_regularised_step_through_the_kernels_matches_pytorch(monkeypatch):
     _, want = autocast_step_grads(model, x)
     with torch.autocast("cpu", torch.bfloat16):
         want_reg = model(x).reg_loss
-    monkeypatch.setattr(moe, "use_fused", lambda t, switch=None: calls.append(switch) or switch == "MOEUT_FUSED_ENTROPY")
+    monkeypatch.setattr(moe, "use_fused", lambda t, switch=None: calls.append(switch) or switch == "entropy")
     _, got = autocast_step_grads(model, x)
     with torch.autocast("cpu", torch.bfloat16):
         got_reg = model(x).reg_loss
     # forward and backward of 3 routers (FFN, SwitchHead's V and O) in 4 layer applications
-    assert calls.count("MOEUT_FUSED_ENTROPY") >= 2 * 3 * 4
+    assert calls.count("entropy") >= 2 * 3 * 4
     torch.testing.assert_close(got_reg, want_reg, rtol=1e-5, atol=1e-6)
     for n in want:
         scale = want[n].abs().max().item()
@@ -196,8 +196,8 @@ def test_training_step_with_joint_router_gradient_matches_pytorch(monkeypatch, c
     # The same selection kernel in both steps (its ties differ from torch.topk's), the regulariser's
     # PyTorch form and autograd's add of the two gradients in the first.
     monkeypatch.setattr(moe, "use_fused", lambda t, switch=None: False)
-    monkeypatch.setattr(router, "use_fused", lambda t, switch=None: switch in ("MOEUT_FUSED_ROUTER",
-                                                                               "MOEUT_FUSED_ENTROPY"))
+    monkeypatch.setattr(router, "use_fused", lambda t, switch=None: switch in ("router",
+                                                                               "entropy"))
     monkeypatch.setattr(router, "JOINT_GRADIENT", False)
     _, want = autocast_step_grads(model, x)
     with torch.autocast("cpu", torch.bfloat16):

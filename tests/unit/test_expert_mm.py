@@ -268,28 +268,48 @@ def test_combine_residual_of_the_wrong_shape_is_rejected():
     assert out.dtype == torch.float64   # the residual's dtype
 
 
-def test_a_malformed_count_in_the_environment_is_named(monkeypatch):
-    from moeut.shared_weights import _env_count
-    monkeypatch.setenv("MOEUT_WGRAD_DEFER", "three")
-    with pytest.raises(ValueError, match="MOEUT_WGRAD_DEFER must be a whole number.*'three'"):
-        _env_count("MOEUT_WGRAD_DEFER", 3)
-    monkeypatch.setenv("MOEUT_WGRAD_DEFER", "2")
-    assert _env_count("MOEUT_WGRAD_DEFER", 3) == 2
-    monkeypatch.delenv("MOEUT_WGRAD_DEFER")
-    assert _env_count("MOEUT_WGRAD_DEFER", 3) == 3
+def test_settings_come_from_the_environment_and_bad_values_are_named():
+    from moeut.settings import Settings
+    assert Settings.from_env({}) == Settings()
+    s = Settings.from_env({"MOEUT_TRITON": "0", "MOEUT_AUTOTUNE": "0", "MOEUT_PYTORCH_OPS": "rope, norm",
+                           "MOEUT_WGRAD_DEFER": "2"})
+    assert (s.triton, s.autotune, s.pytorch_ops, s.wgrad_defer) == (False, False, {"rope", "norm"}, 2)
+    for env, message in (({"MOEUT_WGRAD_DEFER": "three"}, "MOEUT_WGRAD_DEFER must be a whole number.*'three'"),
+                         ({"MOEUT_WGRAD_DEFER": "12"}, "from 0 to 9"),
+                         ({"MOEUT_TRITON": "no"}, "MOEUT_TRITON must be 0 or 1"),
+                         ({"MOEUT_PYTORCH_OPS": "rope,gemm"}, r"unknown operators \['gemm'\]")):
+        with pytest.raises(ValueError, match=message):
+            Settings.from_env(env)
+
+
+def test_pytorch_ops_send_one_operator_back_to_pytorch(monkeypatch):
+    """`use_fused` says no for an operator named in `settings.pytorch_ops`, and for every operator with
+    `settings.triton` off (decided before Triton is looked at: a CPU tensor never qualifies)."""
+    from moeut import fused
+    from moeut.settings import settings
+    from moeut import triton_expert_mm
+    if triton_expert_mm.triton is None:
+        pytest.skip("needs Triton importable")
+    cuda_like = type("T", (), {"device": torch.device("cuda")})()
+    assert fused.use_fused(cuda_like, "rope") and fused.use_fused(cuda_like)
+    monkeypatch.setattr(settings, "pytorch_ops", frozenset({"rope"}))
+    assert not fused.use_fused(cuda_like, "rope") and fused.use_fused(cuda_like, "norm")
+    monkeypatch.setattr(settings, "triton", False)
+    assert not fused.use_fused(cuda_like, "norm") and not fused.use_fused(cuda_like)
+    assert not fused.use_fused(torch.zeros(1))
 
 
 def test_by_default_one_launch_sums_every_application_of_a_weight():
     """The default deferral covers every application of a shared weight in the paper's models
     (n_layers / group_size), so each weight's gradient takes one launch and its fp32 sum is written
-    once (RESULTS S.1); the kernel's segment limit is no lower."""
+    once; the kernel's segment limit is no lower."""
     import os
     import subprocess
     import sys
     from moeut import profiles
     from moeut.triton_weight_grad import MAX_SEGMENTS
     env = {k: v for k, v in os.environ.items() if k != "MOEUT_WGRAD_DEFER"}
-    code = "from moeut import shared_weights; print(shared_weights.WGRAD_DEFER)"
+    code = "from moeut.settings import settings; print(settings.wgrad_defer)"
     default = int(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                                  check=True).stdout)
     most = max(p["n_layers"] // p["group_size"] for p in profiles.MOEUT_PROFILES.values())

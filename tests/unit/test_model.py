@@ -368,7 +368,8 @@ def test_no_per_application_weight_copies_saved(share, monkeypatch):
     its expert weights per application (they were 4 GiB of a 244M training step), nor rounded copies
     of inputs that are saved in fp32 anyway: only parameters, needed activations and (shared weights,
     `shared_weights.py`) one bf16 copy of each expert weight for all applications are saved."""
-    monkeypatch.setattr(shared_weights, "ENABLED", share)
+    from moeut.settings import settings
+    monkeypatch.setattr(settings, "wgrad_defer", 9 if share else 0)
     torch.manual_seed(0)
     cfg = {**profiles.MoEUT_tiny, "n_layers": 8}   # each of the 2 layers applied 4 times
     m = moeut.MoEUTLM(100, **cfg).train()

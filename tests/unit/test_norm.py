@@ -99,7 +99,7 @@ def test_pass_through_adds_the_other_gradient_inside_the_backward(dtype, use, mo
             return (y * g_y).sum()
         return (x_out * x_out * g_x).sum() + 0 * y.sum()
 
-    switch_kernels(monkeypatch, lambda t, switch=None: switch == "MOEUT_FUSED_NORM")
+    switch_kernels(monkeypatch, lambda t, switch=None: switch == "norm")
     y, x_out = norm.normalize_and_pass(x)
     assert x_out.data_ptr() == x.data_ptr() and torch.equal(x_out, x)
     got = torch.autograd.grad(loss_of(y, x_out, gy, gx), (x, norm.weight, norm.bias))
@@ -161,7 +161,7 @@ def test_model_step_with_the_norm_kernel_matches_torchs(kind, checkpointing, mon
     calls = []
     fwd = triton_norm.layer_norm_fwd
     monkeypatch.setattr(triton_norm, "layer_norm_fwd", lambda *a, **k: calls.append(1) or fwd(*a, **k))
-    switch_kernels(monkeypatch, lambda t, switch=None: switch == "MOEUT_FUSED_NORM")
+    switch_kernels(monkeypatch, lambda t, switch=None: switch == "norm")
     got_loss, got = step_loss_grads(model, x)
     # two per layer application (4 either way), twice with checkpointing; and the output norm
     assert len(calls) == 4 * 2 * (2 if checkpointing else 1) + 1
@@ -213,7 +213,7 @@ def test_moeut_step_takes_the_norms_copies_instead_of_casting(checkpointing, mon
     model.train()
     model.transformer.activation_checkpointing = checkpointing
     x = torch.randint(0, 40, (2, 8))
-    switch_kernels(monkeypatch, lambda t, switch=None: switch == "MOEUT_FUSED_NORM")
+    switch_kernels(monkeypatch, lambda t, switch=None: switch == "norm")
     take, taken = cast_relay.take, []
 
     def spy(t, dtype):

@@ -413,21 +413,21 @@ def test_shared_weights_through_the_kernels_match_per_application(defer, monkeyp
     kernel, against casting per application and summing with autograd. One application per launch
     (defer 1) gives the same fp32 sums bit for bit; deferred applications (three per weight here)
     are summed in one launch, in a different order: equal to fp32 rounding."""
-    from moeut import MoEUTLM, shared_weights
+    from moeut import MoEUTLM
+    from moeut.settings import settings
     from tests.helpers import autocast_step_grads, switch_kernels
     switch_kernels(monkeypatch, lambda t, switch=None: switch is None)   # kernels, interpreted
-    monkeypatch.setattr(shared_weights, "WGRAD_DEFER", defer)
     torch.manual_seed(0)
     model = MoEUTLM(40, d_model=32, n_layers=6, n_heads=2, ff_n_experts=6, att_n_experts=3, d_head=8,
                     ff_k=2, group_size=2, ff_expert_size=16).train()
     x = torch.randint(0, 40, (2, 8))
-    monkeypatch.setattr(shared_weights, "ENABLED", False)
+    monkeypatch.setattr(settings, "wgrad_defer", 0)
     _, want = autocast_step_grads(model, x)
     launches = []
     segments_triton = triton_weight_grad.weight_grad_segments_triton
     monkeypatch.setattr(triton_weight_grad, "weight_grad_segments_triton",
                         lambda segments, *a, **kw: launches.append(len(segments)) or segments_triton(segments, *a, **kw))
-    monkeypatch.setattr(shared_weights, "ENABLED", True)
+    monkeypatch.setattr(settings, "wgrad_defer", defer)
     _, got = autocast_step_grads(model, x)
     # 8 shared expert weights (FFN up and down, SwitchHead's V and O, in 2 layers), 3 applications each
     assert sorted(launches) == sorted({1: [1, 1, 1], 2: [2, 1], 3: [3], 9: [3]}[defer] * 8)
