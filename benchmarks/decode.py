@@ -15,8 +15,7 @@ the steps.
 Variants (each measured beside "default" in the same run, to see what one change is worth):
 "sorted" turns off the per-choice expert kernels of decoding (MOEUT_PYTORCH_OPS=expert_gemv), so each step routes
 by sorting as training does; "gemv-all" uses them however many choices each expert gets (the policy's
-threshold lifted); "separate-qk" computes SwitchHead's Q, K and selectors in four matmuls and rotates q
-and k apart (MOEUT_JOINT_QK=0); "no-overlap" reads each step's tokens before launching the next
+threshold lifted); "no-overlap" reads each step's tokens before launching the next
 (`generate.OVERLAP_HOST = False`; MoEUT and dense). The others apply to MoEUT only.
 """
 from __future__ import annotations
@@ -30,7 +29,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moeut import attention as attention_module  # noqa: E402
 from moeut import expert_gemv  # noqa: E402
 from moeut import generate as generate_module  # noqa: E402
 from moeut.generate import generate  # noqa: E402
@@ -59,7 +57,7 @@ def main():
     ap.add_argument("--modes", default="dynamic,static,static+graph,static+graph+compile")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--variants", default="default", help="default, sorted, gemv-all, separate-qk, no-overlap")
+    ap.add_argument("--variants", default="default", help="default, sorted, gemv-all, no-overlap")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -77,7 +75,6 @@ def main():
                 if variant not in ("default", "no-overlap") and not name.startswith("moeut"):
                     continue
                 settings.pytorch_ops = frozenset({"expert_gemv"}) if variant == "sorted" else frozenset()
-                attention_module.JOINT_QK = variant != "separate-qk"
                 generate_module.OVERLAP_HOST = variant != "no-overlap"
                 expert_gemv.MAX_CHOICES_PER_EXPERT = float("inf") if variant == "gemv-all" else default_max[0]
                 expert_gemv.MAX_CHOICES_PER_EXPERT_PAST_L2 = float("inf") if variant == "gemv-all" else default_max[1]

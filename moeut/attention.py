@@ -12,7 +12,6 @@ E experts per head, K top-k, R rows.
 from __future__ import annotations
 
 import math
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
@@ -30,13 +29,6 @@ from .router import joint_selection_applies, select_with_prob_sum, sigmoid_topk
 
 KVCache = Optional[Dict[str, Tensor]]
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-# MOEUT_JOINT_QK=0: Q, K and the two selectors as four matmuls (benchmarks compare the forms).
-JOINT_QK = os.environ.get("MOEUT_JOINT_QK", "1") != "0"
-
-# MOEUT_RELAY_RESIDUAL_GRAD=0: with the residual folded into the output projection's sum, its gradient
-# is returned to the residual and autograd adds it to the value projection's (an [R, D] fp32 add per
-# application) instead of being summed inside the value projection's backward (`ResidualGradRelay`).
-RELAY_RESIDUAL_GRAD = os.environ.get("MOEUT_RELAY_RESIDUAL_GRAD", "1") != "0"
 
 
 @dataclass
@@ -402,7 +394,7 @@ class SwitchHeadRope(torch.nn.Module):
         B, T, D = q_src.shape
         H, Dh, E, K = self.n_heads, self.projection_size, self.n_experts, self.moe_k
         scale = math.sqrt(1.0 / math.sqrt(Dh))  # d_head^-0.25 on each of q and k
-        if q_src is k_src and JOINT_QK and (torch.is_grad_enabled() or not torch.compiler.is_compiling()):
+        if q_src is k_src and (torch.is_grad_enabled() or not torch.compiler.is_compiling()):
             q, k, sel_v_logits, sel_o_logits = self._project_joint(q_src)
         else:
             q, k = self.q(q_src), self.k(k_src)
@@ -423,9 +415,10 @@ class SwitchHeadRope(torch.nn.Module):
                 v = project(v_src.reshape(B * T, D), self.v, v_expert, v_gate, per_x=H * K, per_out=K, **heads)
             else:
                 v_routing = route((v_expert + self.head_base).reshape(B * T, H * K), H * E)
-                if residual is v_src and RELAY_RESIDUAL_GRAD and residual.requires_grad and torch.is_grad_enabled() \
+                if residual is v_src and residual.requires_grad and torch.is_grad_enabled() \
                         and not torch.compiler.is_compiling():
-                    relay = ResidualGradRelay()   # x's gradient through the residual, summed in V's backward
+                    # x's gradient through the residual, summed inside V's backward: no [R, D] fp32 add
+                    relay = ResidualGradRelay()
                 v = expert_mm_combine(v_src.reshape(B * T, D), self.v, v_routing, v_gate.reshape(B * T * H, K),
                                       receive_grad=relay)
             v = v.view(B, T, H, Dh).transpose(1, 2)

@@ -11,7 +11,6 @@ official release's; see README.md for the differences (its defects, fixed here).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -26,10 +25,6 @@ from .norm import LayerNorm
 from .shared_weights import begin_share, end_share
 
 MultilayerKVCache = Optional[Dict[int, KVCache]]
-
-# MOEUT_FOLD_ATTENTION_RESIDUAL=0: the attention block's residual add as its own kernel, not inside the
-# output projection's top-k sum (benchmarks compare; the FFN block's has MOEUT_FOLD_RESIDUAL).
-FOLD_ATTENTION_RESIDUAL = os.environ.get("MOEUT_FOLD_ATTENTION_RESIDUAL", "1") != "0"
 
 
 @dataclass
@@ -96,7 +91,7 @@ class MoEUTLayer(torch.nn.Module):
             # One low-precision copy for Q, K and both routers (autocast would make, and autograd
             # save, one per consumer). The fused LayerNorm (CUDA) already wrote it: then a no-op.
             xnorm = xnorm.to(torch.get_autocast_dtype(x.device.type))
-        if FOLD_ATTENTION_RESIDUAL and isinstance(self.attention, SwitchHeadRope) and \
+        if isinstance(self.attention, SwitchHeadRope) and \
                 not (self.training and self.drop.p > 0):   # x + attention, added inside its output's top-k sum
             x, kv_cache, att_logits = self.attention.forward_with_logits(xnorm, xnorm, x, mask, kv_cache, residual=x,
                                                                           prob_sum=prob_sum)

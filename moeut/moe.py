@@ -54,12 +54,6 @@ class _ProbabilitySum(torch.autograd.Function):
         return torch._softmax_backward_data(g, p, -1, p.dtype).to(logits.dtype)
 
 
-# MOEUT_FUSED_MLP=0: the expert MLP as two operators and a separate ReLU (benchmarks, tests compare them).
-FUSED_MLP = os.environ.get("MOEUT_FUSED_MLP", "1") != "0"
-
-# MOEUT_FOLD_RESIDUAL=0: the FFN block's residual add as its own kernel, not inside the top-k sums (benchmarks).
-FOLD_RESIDUAL = os.environ.get("MOEUT_FOLD_RESIDUAL", "1") != "0"
-
 # MOEUT_ALIGN_MATMULS=0: matmuls keep their own (possibly misaligned) output widths (benchmarks).
 ALIGN_MATMULS = os.environ.get("MOEUT_ALIGN_MATMULS", "1") != "0"
 
@@ -195,10 +189,10 @@ class SigmaMoE(torch.nn.Module):
             # The routing (sort by expert) is computed once and shared by both projections and their backward.
             routing = route(expert_BTK.reshape(-1, self.n_heads), self.n_experts)
             gate_RK = gate_BTK.reshape(-1, self.n_heads)
-            if self.activation is F.relu and FUSED_MLP:   # the ReLU and its backward ride on the kernels
-                folded = add_input and FOLD_RESIDUAL
+            if self.activation is F.relu:   # the ReLU and its backward ride on the kernels; so does the residual
+                folded = add_input
                 out_RD = expert_mlp(x_RD, self.keys, self.values, routing, gate_RK, residual=folded)
-            else:
+            else:   # any other activation: the two projections as separate operators
                 h_NS = self.activation(expert_mm(x_RD, self.keys, routing))
                 out_RD = expert_mm_combine(h_NS, self.values, routing, gate_RK, gather=False)
         out = out_RD.view(*input.shape[:-1], self.v_dim)

@@ -374,7 +374,7 @@ def test_train_with_cuda_graph_stops_and_resumes_to_the_same_losses(tmp_path):
 
 def test_relayed_residual_gradient_matches_autograd_sum_at_244M_shapes(monkeypatch):
     """The attention residual's gradient summed inside SwitchHead's value projection backward
-    (`ResidualGradRelay`, default) against autograd's sum (MOEUT_RELAY_RESIDUAL_GRAD=0), 244M layer
+    (`ResidualGradRelay`) against autograd's sum (the relay taken away), 244M layer
     shapes under bf16 autocast: the same sums in another order (fp32 rounding apart), and both as
     close to the fp64 gradients as bf16 allows (H200: x 2.8%, V and O 9.5%, equal for both)."""
     from moeut import attention as attention_module
@@ -386,8 +386,9 @@ def test_relayed_residual_gradient_matches_autograd_sum_at_244M_shapes(monkeypat
     x = torch.randn(4, 512, 1024, device="cuda", requires_grad=True)
     gy = torch.randn_like(x)
     got = {}
+    relay_class = attention_module.ResidualGradRelay
     for relay in (True, False):
-        monkeypatch.setattr(attention_module, "RELAY_RESIDUAL_GRAD", relay)
+        monkeypatch.setattr(attention_module, "ResidualGradRelay", relay_class if relay else lambda: None)
         with torch.autocast("cuda", torch.bfloat16):
             y = layer(x)[0]
         got[relay] = torch.autograd.grad(y, [x, layer.attention.v, layer.attention.o], gy)

@@ -87,6 +87,20 @@ def test_kv_cache_decoding_equals_full_forward(cfg, chunk):
     assert set(cache) == set(range(4)) and cache[0]["k"].shape[-2] == 17
 
 
+def separate_projections(monkeypatch, separate: bool = True) -> None:
+    """SwitchHead's joint Q/K/selector product replaced by its definition, four separate products
+    (`separate=False` restores the joint one): the reference the joint projection is tested against."""
+    from moeut.attention import SwitchHeadRope
+    if not hasattr(separate_projections, "joint"):
+        separate_projections.joint = SwitchHeadRope._project_joint
+    if not separate:
+        monkeypatch.setattr(SwitchHeadRope, "_project_joint", separate_projections.joint)
+        return
+    monkeypatch.setattr(SwitchHeadRope, "_project_joint", lambda self, x: (
+        self.q(x), self.k(x), F.linear(x, self.sel_v) if self.n_experts > 1 else None, F.linear(x, self.sel_o)))
+
+
+
 @pytest.mark.parametrize("cfg", [small(), small(att_n_experts=1), small(d_head=9)])
 def test_inference_projection_equals_training_path_and_follows_weight_updates(cfg, monkeypatch):
     """Without gradients SwitchHead computes Q, K and both selectors in one matmul on a kept
@@ -106,9 +120,9 @@ def test_inference_projection_equals_training_path_and_follows_weight_updates(cf
         with torch.no_grad():
             fast = m(x).outputs
         assert calls == [2 * cfg["n_heads"]] * cfg["n_layers"]   # q and k rotated in one call per layer
-        monkeypatch.setattr(attention, "JOINT_QK", False)
+        separate_projections(monkeypatch)
         ref = m(x).outputs          # the four separate projections
-        monkeypatch.setattr(attention, "JOINT_QK", True)
+        separate_projections(monkeypatch, separate=False)
         torch.testing.assert_close(fast, ref.detach(), rtol=1e-5, atol=1e-5)
         with torch.no_grad():
             for p in (att.q.weight, att.k.weight):
@@ -140,7 +154,6 @@ def test_joint_projection_trains_like_four_matmuls(monkeypatch, att_n_experts, a
     """Training with Q, K and both selectors as one matmul on their concatenated weights: the same
     loss and gradients (every parameter, the input embedding) as the four separate matmuls, fp32
     exactly up to summation order, bf16 autocast within its rounding."""
-    import moeut.attention as attention
     torch.manual_seed(2)
     m = MoEUTLM(50, **small(att_n_experts=att_n_experts))
     x = torch.randint(0, 50, (2, T))
@@ -148,7 +161,7 @@ def test_joint_projection_trains_like_four_matmuls(monkeypatch, att_n_experts, a
     assert width % 8   # misaligned: with 1040 rows the joint weight is zero-padded for the product
 
     def loss_and_grads(joint):
-        monkeypatch.setattr(attention, "JOINT_QK", joint)
+        separate_projections(monkeypatch, separate=not joint)
         m.zero_grad(set_to_none=True)
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
             out = m(x)
@@ -482,12 +495,17 @@ def _small_switchhead_layer(seed: int):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_residual_folded_into_the_output_sum_matches_a_separate_add(dtype, monkeypatch):
     """MoEUTLayer adds x + attention inside SwitchHead's output top-k sum (forward; the backward passes
-    the gradient through), against the separate add (MOEUT_FOLD_ATTENTION_RESIDUAL=0): outputs and every
-    gradient agree; under bf16 autocast the folded sum skips rounding the attention output to bf16, so
+    the gradient through), against the separate add (taken for an attention module that is not
+    SwitchHead): outputs and every gradient agree; under bf16 autocast the folded sum skips rounding the attention output to bf16, so
     it is the closer one to fp64. With dropout in training the add stays separate."""
-    from moeut import expert_mm, model as model_module
+    from moeut import expert_mm
     from moeut.model import MoEUTLayer
     layer, x, gy, params = _small_switchhead_layer(0)
+    switchhead = layer.attention
+
+    class NotSwitchHead(torch.nn.Module):   # the same attention, behind a type the layer does not fold for
+        def forward_with_logits(self, *a, **kw):
+            return switchhead.forward_with_logits(*a, **kw)
     residuals = []
     combine = expert_mm.expert_mm_combine
     from moeut import attention as attention_module
@@ -496,10 +514,11 @@ def test_attention_residual_folded_into_the_output_sum_matches_a_separate_add(dt
                         combine(*a, residual_XO=residual_XO, **kw))
 
     def run(fold, module=layer):
-        monkeypatch.setattr(model_module, "FOLD_ATTENTION_RESIDUAL", fold)
+        module.attention = switchhead if fold else NotSwitchHead()
         residuals.clear()
         with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
             y = module(x)[0]
+        module.attention = switchhead
         folded_here = residuals[-1]   # (V's combine first, O's last)
         return folded_here, (y, *torch.autograd.grad(y, params, gy))
 
@@ -525,7 +544,7 @@ def test_attention_residual_folded_into_the_output_sum_matches_a_separate_add(dt
 def test_residual_gradient_relayed_into_the_value_projection_matches_autograd_sum(dtype, kernels, monkeypatch):
     """With the attention residual folded into SwitchHead's output sum, x's gradient through the residual
     is summed inside the value projection's backward (`ResidualGradRelay`) instead of by autograd
-    (MOEUT_RELAY_RESIDUAL_GRAD=0): every gradient agrees, and the backward runs one [R, D] fp32 add
+    (the relay taken away): every gradient agrees, and the backward runs one [R, D] fp32 add
     fewer. "kernels": the Triton kernels, through the interpreter."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from moeut import attention as attention_module
@@ -545,8 +564,10 @@ def test_residual_gradient_relayed_into_the_value_projection_matches_autograd_su
                 CountAdds.n += 1
             return out
 
+    relay_class = attention_module.ResidualGradRelay
+
     def run(relay):
-        monkeypatch.setattr(attention_module, "RELAY_RESIDUAL_GRAD", relay)
+        monkeypatch.setattr(attention_module, "ResidualGradRelay", relay_class if relay else lambda: None)
         with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
             y = layer(x)[0]
         CountAdds.n = 0
