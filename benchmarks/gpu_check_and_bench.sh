@@ -28,7 +28,7 @@ run() {  # stage name, time limit, command...
   timeout "$limit" "$@" 2>&1 | grep -v Warn | tee "$OUT/$name.txt" | tail -40
   echo "[$name: $((SECONDS - t0)) s]"
 }
-TEST_ENV="env -u MOEUT_PYTORCH_OPS -u MOEUT_ROPE_TIME_MAJOR -u MOEUT_FUSED_ROUTER_GRAD -u MOEUT_NORM_PASS -u MOEUT_LOOP_N -u MOEUT_CAST_RELAY"
+TEST_ENV="env -u MOEUT_PYTORCH_OPS -u MOEUT_TRITON -u MOEUT_WGRAD_DEFER"
 run tests 300 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=8
 # The same tests as two halves (each kernel / whole models), for two calls or lanes: together ~7 min.
 run tests_kernels 480 $TEST_ENV python3 -m pytest -q tests/gpu/test_kernels.py -p no:cacheprovider --durations=5

@@ -17,18 +17,14 @@ changes a value, because the kernels round exactly as `.to` does (round to neare
 
 Each copy is taken at most once. Up to MAX_OFFERS copies wait per device, the oldest dropped first: a
 recomputing forward (activation checkpointing) offers its inputs' copies while a gradient's copy
-still waits for the backward that triggered the recompute. `MOEUT_CAST_RELAY=0` turns the offers off
-(benchmarks compare).
+still waits for the backward that triggered the recompute.
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
-
-ENABLED = os.environ.get("MOEUT_CAST_RELAY", "1") != "0"
 
 MAX_OFFERS = 4
 # device -> offers, oldest first: (the offered tensor, its version when offered, its low-precision copy)

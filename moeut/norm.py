@@ -17,7 +17,6 @@ keeps x's dtype, as torch's does.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -29,8 +28,6 @@ from .fused import use_fused
 
 MAX_WIDTH = 16384   # the kernels hold a row in registers; wider rows take torch's LayerNorm
 
-# MOEUT_NORM_PASS=0: `normalize_and_pass` leaves the add of x's gradients to autograd (benchmarks compare).
-PASS_THROUGH = os.environ.get("MOEUT_NORM_PASS", "1") != "0"
 
 
 class _LayerNormFunction(torch.autograd.Function):
@@ -41,7 +38,7 @@ class _LayerNormFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype,
                 pass_through: bool, input_copy: bool = False, grad_copy: bool = False):
         from .triton_norm import layer_norm_fwd
-        copies = cast_relay.ENABLED and out_dtype != x.dtype and x.is_contiguous()
+        copies = out_dtype != x.dtype and x.is_contiguous()
         y, mean, rstd, x_copy = layer_norm_fwd(x, weight, bias, eps, out_dtype,
                                                copy_dtype=out_dtype if copies and input_copy else None)
         if x_copy is not None:
@@ -101,7 +98,7 @@ class LayerNorm(torch.nn.LayerNorm):
         """(LayerNorm(x), x), for a residual stream x that other ops read too: give them the second
         output. With the kernels, x's gradient through them is then added inside this LayerNorm's
         backward, one kernel instead of LayerNorm's dx and autograd's [R, D] fp32 add of x's gradients."""
-        if PASS_THROUGH and _fused_applies(self, x):
+        if _fused_applies(self, x):
             return layer_norm(x, self.weight, self.bias, self.eps, pass_through=True, input_copy=self.input_copy,
                               grad_copy=self.grad_copy)
         return self(x), x

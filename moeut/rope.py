@@ -6,12 +6,11 @@
 computed in fp32 and rounded to x's dtype. `rotate_reference` is the plain PyTorch form (CPU, and the
 reference). On CUDA, `rotate` is one Triton kernel per call (`moeut::rope`) instead of about eight
 elementwise kernels with fp32 intermediates; its backward is the same kernel rotating by -angle.
-Both write in the layout of a head view input (see `ROPE_TIME_MAJOR`). `MOEUT_PYTORCH_OPS=rope` turns
+Both write in the layout of a head view input (see `_Rope`). `MOEUT_PYTORCH_OPS=rope` turns
 the kernel off.
 """
 from __future__ import annotations
 
-import os
 from typing import Tuple
 
 import torch
@@ -92,9 +91,8 @@ def _(x, cos, sin, inverse, scale, time_major):
 # Where x is a head view of a projection (q and k in training), the kernel writes its output and its
 # gradient in x's layout, [B, T, H, Dh] storage: cuDNN's attention then returns its output and q's and
 # k's gradients in that layout too (it matches q's), so neither the output projection's reshape nor
-# the head view's backward copies anything (two strided copies per layer application saved).
-# MOEUT_ROPE_TIME_MAJOR=0: contiguous [B, H, T, Dh] both ways.
-ROPE_TIME_MAJOR = os.environ.get("MOEUT_ROPE_TIME_MAJOR", "1") != "0"
+# the head view's backward copies anything (two strided copies per layer application saved). Other
+# inputs keep the contiguous [B, H, T, Dh] layout.
 
 
 class _Rope(torch.autograd.Function):
@@ -102,7 +100,7 @@ class _Rope(torch.autograd.Function):
     def forward(ctx, x, cos, sin, scale):
         ctx.save_for_backward(cos, sin)
         ctx.scale = scale
-        ctx.time_major = ROPE_TIME_MAJOR and is_time_major(x)
+        ctx.time_major = is_time_major(x)
         return _rope_op(x, cos, sin, False, scale, ctx.time_major)
 
     @staticmethod

@@ -10,7 +10,7 @@ plain form.
 
 In training, `select_with_prob_sum` makes the selection and the entropy regulariser's softmax sum of
 the same logits one autograd node, whose backward is one kernel for both terms
-(`triton_entropy.router_backward_triton`; MOEUT_FUSED_ROUTER_GRAD=0 keeps them separate).
+(`triton_entropy.router_backward_triton`); elsewhere they are separate autograd nodes.
 
 Ties: scores are ranked after rounding to the logits' dtype, exactly as `torch.topk` on the rounded
 sigmoid sees them (with fp32=True: in fp32, as for the logits' float copy). `torch.topk` breaks ties
@@ -22,7 +22,6 @@ Shapes: R rows (tokens, or token-heads), E experts, K chosen per row; the operat
 """
 from __future__ import annotations
 
-import os
 from typing import Tuple
 
 import torch
@@ -115,14 +114,9 @@ def sigmoid_topk(logits: Tensor, k: int, fp32: bool = False) -> Tuple[Tensor, Te
     return gate.view(*lead, k), expert.view(*lead, k)
 
 
-# MOEUT_FUSED_ROUTER_GRAD=0: the selection and the regulariser's statistics as separate autograd nodes
-# (their gradients added by autograd), for benchmarks and tests that compare the two.
-JOINT_GRADIENT = os.environ.get("MOEUT_FUSED_ROUTER_GRAD", "1") != "0"
-
-
 def joint_selection_applies(logits: Tensor) -> bool:
     """Whether `select_with_prob_sum` runs here (CUDA with Triton, gradients wanted, outside torch.compile)."""
-    return (JOINT_GRADIENT and logits.requires_grad and torch.is_grad_enabled()
+    return (logits.requires_grad and torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and use_fused(logits, "router")
             and use_fused(logits, "entropy"))
 

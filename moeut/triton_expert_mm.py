@@ -77,8 +77,8 @@ PINNED_CONFIGS = parse_pinned_configs(os.environ.get("MOEUT_PIN_CONFIG", ""))
 
 
 # The "loop over N" form for narrow inputs: None = automatic (see `use_loop_n`); True / False force
-# it (tests and benchmarks/kernels.py compare both forms; MOEUT_LOOP_N=0 turns it off).
-LOOP_N_OVERRIDE = False if os.environ.get("MOEUT_LOOP_N", "1") == "0" else None
+# it, for tests and benchmarks/kernels.py, which check and time both forms (each serves some shapes).
+LOOP_N_OVERRIDE = None
 
 
 def use_loop_n(I: int, O: int, N: int, E: int) -> bool:

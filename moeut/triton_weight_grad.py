@@ -22,7 +22,6 @@ Runs under `TRITON_INTERPRET=1` on CPU tensors, which is how CI checks its logic
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -32,9 +31,9 @@ from . import triton_expert_mm as _mm   # (MOEUT_PIN_CONFIG's rules are read the
 from .settings import settings
 from .triton_expert_mm import INTERPRET, _or, aligned, pinned_config, triton
 
-# Row splits of the weight gradient: None = automatic (see `wgrad_splits`); an int forces that many
-# (tests); MOEUT_WGRAD_SPLIT=0 never splits.
-WGRAD_SPLIT_OVERRIDE = 1 if os.environ.get("MOEUT_WGRAD_SPLIT", "1") == "0" else None
+# Row splits of the weight gradient: None = automatic (see `wgrad_splits`); an int forces that many,
+# for tests and benchmarks, which check and time the split and unsplit forms.
+WGRAD_SPLIT_OVERRIDE = None
 WGRAD_MAX_SPLITS = 8
 
 

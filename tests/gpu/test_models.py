@@ -207,9 +207,11 @@ def test_norms_copies_give_the_same_step_as_casts(cfg, checkpointing, monkeypatc
     m = moeut.MoEUTLM(8000, **{**getattr(profiles, cfg), "n_layers": 4}).cuda().train()
     m.transformer.activation_checkpointing = checkpointing
     x = torch.randint(0, 8000, (2, 512), device="cuda")
-    take, exact = cast_relay.take, []
+    take, exact, enabled = cast_relay.take, [], [True]
 
     def spy(t, dtype):
+        if not enabled[0]:
+            return None   # every projection casts for itself: the reference
         copy = take(t, dtype)
         if copy is not None:
             exact.append(torch.equal(copy, t.to(dtype)))
@@ -218,8 +220,8 @@ def test_norms_copies_give_the_same_step_as_casts(cfg, checkpointing, monkeypatc
     torch.use_deterministic_algorithms(True)   # (cuDNN's attention backward is otherwise not)
     try:
         runs = []
-        for enabled in (False, True):
-            monkeypatch.setattr(cast_relay, "ENABLED", enabled)
+        for on in (False, True):
+            enabled[0] = on
             exact.clear()
             runs.append(autocast_step_grads(m, x, "cuda") + (list(exact),))
     finally:
@@ -245,10 +247,10 @@ def test_training_step_is_deterministic():
 def test_training_step_with_joint_router_gradient_matches(monkeypatch):
     """A MoEUT_44M-shaped fp32 training step whose routers compute selection and regulariser sum as one
     node (`router.select_with_prob_sum`, the default on CUDA) against separate nodes
-    (MOEUT_FUSED_ROUTER_GRAD=0): in fp32 the two differ only by the rounding of one add, so loss and
+    (what runs where the joint node does not apply): in fp32 the two differ only by the rounding of one add, so loss and
     gradients agree closely (up to attention's own run-to-run differences). The bf16 kernel is held to
     its fp32 value in test_kernels.py."""
-    from moeut import MoEUTLM, profiles, router
+    from moeut import MoEUTLM, attention, moe, profiles, router
     from tests.helpers import step_loss_grads
     torch.manual_seed(0)
     model = MoEUTLM(1000, **profiles.MoEUT_44M).cuda().train()
@@ -257,10 +259,12 @@ def test_training_step_with_joint_router_gradient_matches(monkeypatch):
     monkeypatch.setattr(router._SelectWithProbSum, "forward",
                         staticmethod(lambda ctx, *a, f=router._SelectWithProbSum.forward: used.append(1) or f(ctx, *a)))
 
-    monkeypatch.setattr(router, "JOINT_GRADIENT", False)
+    for module in (moe, attention):
+        monkeypatch.setattr(module, "joint_selection_applies", lambda logits: False)
     want_loss, want = step_loss_grads(model, x)
     assert not used
-    monkeypatch.setattr(router, "JOINT_GRADIENT", True)
+    for module in (moe, attention):
+        monkeypatch.setattr(module, "joint_selection_applies", router.joint_selection_applies)
     got_loss, got = step_loss_grads(model, x)
     assert used
     assert abs(got_loss.item() - want_loss.item()) <= 1e-5 * abs(want_loss.item())

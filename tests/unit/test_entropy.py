@@ -198,7 +198,8 @@ def test_training_step_with_joint_router_gradient_matches_pytorch(monkeypatch, c
     monkeypatch.setattr(moe, "use_fused", lambda t, switch=None: False)
     monkeypatch.setattr(router, "use_fused", lambda t, switch=None: switch in ("router",
                                                                                "entropy"))
-    monkeypatch.setattr(router, "JOINT_GRADIENT", False)
+    for module in (moe, attention):   # separate nodes: what runs where the joint node does not apply
+        monkeypatch.setattr(module, "joint_selection_applies", lambda logits: False)
     _, want = autocast_step_grads(model, x)
     with torch.autocast("cpu", torch.bfloat16):
         want_reg = model(x).reg_loss
@@ -206,7 +207,8 @@ def test_training_step_with_joint_router_gradient_matches_pytorch(monkeypatch, c
     for module in (moe, attention):
         monkeypatch.setattr(module, "select_with_prob_sum",
                             lambda *a, **kw: joint.append(kw.get("n_valid")) or router.select_with_prob_sum(*a, **kw))
-    monkeypatch.setattr(router, "JOINT_GRADIENT", True)
+    for module in (moe, attention):
+        monkeypatch.setattr(module, "joint_selection_applies", router.joint_selection_applies)
     _, got = autocast_step_grads(model, x)
     # 3 routers (FFN, SwitchHead's V and O) in 4 layer applications (and their recomputation)
     assert len(joint) == 3 * 4 * (2 if checkpointing else 1) and 13 in joint
