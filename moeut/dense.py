@@ -6,7 +6,6 @@ the trainer, generator and evaluator treat both alike. Parameter-matched sizes: 
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -14,12 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import AttentionMask, KVCache, attend, begin_static_step, check_mask, end_static_step
-from .model import MoEUTOutput, MultilayerKVCache, kv_cache_key_length, _require, check_tokens
+from .model import MoEUTOutput, MultilayerKVCache, kv_cache_key_length, require, check_tokens
 from .moe import aligned_width_padding
 from .norm import LayerNorm
 
-# MOEUT_ALIGN_DECODE=0: decoding keeps dense's own FFN width (the benchmarks' comparison).
-ALIGN_MATMULS_AT_DECODE = os.environ.get("MOEUT_ALIGN_DECODE", "1") != "0"
 
 
 class DenseLayer(torch.nn.Module):
@@ -70,7 +67,7 @@ class DenseLayer(torch.nn.Module):
         """For `attention.frozen_inference_weights` (one `generate` call): the FFN weights padded to an
         aligned hidden width once, refreshed in place (kept CUDA graphs read them), for any number of
         rows, where the per-forward padding only pays for many rows."""
-        pad = -self.ff1.out_features % 8 if ALIGN_MATMULS_AT_DECODE else 0
+        pad = -self.ff1.out_features % 8
         w1, b1, w2 = self.ff1.weight, self.ff1.bias, self.ff2.weight
         shapes = ((w1.shape[0] + pad, w1.shape[1]), (b1.shape[0] + pad,), (w2.shape[0], w2.shape[1] + pad))
         kept = self._inference_weight
@@ -88,8 +85,8 @@ class DenseLM(torch.nn.Module):
                  d_head: Optional[int] = None, dropout: float = 0.0):
         super().__init__()
         for name, v in dict(n_tokens=n_tokens, d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=d_ff).items():
-            _require(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
-        _require(d_head is not None or d_model % n_heads == 0,
+            require(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
+        require(d_head is not None or d_model % n_heads == 0,
                  f"n_heads ({n_heads}) must divide d_model ({d_model}) when d_head is None")
         d_head = d_head or d_model // n_heads
         self.n_tokens = n_tokens

@@ -37,7 +37,7 @@ class MoEUTOutput:
     router_logits: Optional[List[Tensor]] = None
 
 
-def _require(cond: bool, msg: str) -> None:
+def require(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
 
@@ -50,20 +50,20 @@ def validate_config(d_model: int, n_layers: int, n_heads: int, ff_expert_size: i
     for name, v in dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads, ff_expert_size=ff_expert_size,
                         ff_n_experts=ff_n_experts, att_n_experts=att_n_experts, att_k=att_k, ff_k=ff_k,
                         group_size=group_size).items():
-        _require(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
-    _require(d_head is None or (isinstance(d_head, int) and d_head > 0),
+        require(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
+    require(d_head is None or (isinstance(d_head, int) and d_head > 0),
              f"d_head must be a positive integer or None, got {d_head!r}")
-    _require(n_layers % group_size == 0,
+    require(n_layers % group_size == 0,
              f"n_layers ({n_layers}) must be a multiple of group_size ({group_size}); the official release "
              f"silently dropped the remainder")
-    _require(d_head is not None or d_model % n_heads == 0,
+    require(d_head is not None or d_model % n_heads == 0,
              f"n_heads ({n_heads}) must divide d_model ({d_model}) when d_head is None")
-    _require(ff_k <= ff_n_experts, f"ff_k ({ff_k}) must not exceed ff_n_experts ({ff_n_experts})")
-    _require(att_n_experts == 1 or att_k <= att_n_experts,
+    require(ff_k <= ff_n_experts, f"ff_k ({ff_k}) must not exceed ff_n_experts ({ff_n_experts})")
+    require(att_n_experts == 1 or att_k <= att_n_experts,
              f"att_k ({att_k}) must not exceed att_n_experts ({att_n_experts})")
     for name, p in dict(ff_expert_dropout=ff_expert_dropout, att_expert_dropout=att_expert_dropout,
                         dropout=dropout).items():
-        _require(0.0 <= p < 1.0, f"{name} must be in [0, 1), got {p!r}")
+        require(0.0 <= p < 1.0, f"{name} must be in [0, 1), got {p!r}")
 
 
 class MoEUTLayer(torch.nn.Module):
@@ -267,7 +267,7 @@ class MoEUTLM(torch.nn.Module):
                  att_expert_dropout: float = 0.0, ff_expert_size: int = 128, dropout: float = 0.0,
                  entropy_reg: float = 0.01, att_entropy_reg: float = 0.001, attention=SwitchHeadRope):
         super().__init__()
-        _require(isinstance(n_tokens, int) and n_tokens > 0, f"n_tokens must be a positive integer, got {n_tokens!r}")
+        require(isinstance(n_tokens, int) and n_tokens > 0, f"n_tokens must be a positive integer, got {n_tokens!r}")
         self.transformer = MoEUT(d_model, n_layers, n_heads, ff_expert_size, ff_n_experts, att_n_experts,
                                  d_head, att_k, ff_k, ff_expert_dropout, att_expert_dropout, dropout,
                                  entropy_reg, att_entropy_reg, attention, group_size)

@@ -11,7 +11,6 @@ Shapes: B batch, T time, D d_model, E experts, S expert_size, K top-k, R = B*T r
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -54,15 +53,14 @@ class _ProbabilitySum(torch.autograd.Function):
         return torch._softmax_backward_data(g, p, -1, p.dtype).to(logits.dtype)
 
 
-# MOEUT_ALIGN_MATMULS=0: matmuls keep their own (possibly misaligned) output widths (benchmarks).
-ALIGN_MATMULS = os.environ.get("MOEUT_ALIGN_MATMULS", "1") != "0"
+PADDING_MIN_ROWS = 1024   # fewer rows (decoding): the padded weight copy costs more than it saves
 
 
 def aligned_width_padding(width: int, x: Tensor, multiple: int = 8) -> int:
     """Columns to add so that a product of x with `width` outputs has 16-byte aligned rows: 0 when
-    already aligned, switched off, or x has few rows (decoding, where the copy costs more than it saves)."""
+    already aligned or x has fewer than PADDING_MIN_ROWS rows."""
     pad = -width % multiple
-    return pad if pad and ALIGN_MATMULS and x.numel() >= 1024 * x.shape[-1] else 0
+    return pad if pad and x.numel() >= PADDING_MIN_ROWS * x.shape[-1] else 0
 
 
 class RouterLogits(NamedTuple):

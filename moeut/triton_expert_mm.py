@@ -340,12 +340,11 @@ def row_dot_triton(a_NI: Tensor, b_MI: Tensor, b_rows_N: Optional[Tensor], scale
 
 
 ALIGN = 16   # elements: Triton specialises integer arguments divisible by 16 and vectorises loads along them
-ALIGN_OPERANDS = os.environ.get("MOEUT_ALIGN", "1") != "0"   # MOEUT_ALIGN=0: no padded copies (benchmarks)
 
 
 def _padding_order(t: Tensor) -> Optional[list]:
     """The memory order of t's dims (outermost first) if a padded copy would align its rows, else None."""
-    if t.dim() < 2 or t.numel() == 0 or not ALIGN_OPERANDS:
+    if t.dim() < 2 or t.numel() == 0:
         return None
     order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
     phys = t.permute(order)

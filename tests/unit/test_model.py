@@ -428,25 +428,30 @@ def test_probability_sum_recomputing_backward_matches_autograd(shape):
     torch.testing.assert_close(g_got.float(), g_want.float(), rtol=1e-2, atol=1e-3)
 
 
-def test_aligned_matmul_padding_keeps_outputs_and_gradients(monkeypatch):
-    """MoEUT's router (387 experts) and dense's FFN (d_ff 4110) pad their widths to a multiple of 8
-    for cuBLAS when there are many rows; the function and the parameters' gradients are unchanged."""
+def test_aligned_matmul_padding_keeps_outputs_and_gradients():
+    """MoEUT's router (13 experts here, 387 at 244M) and dense's FFN (d_ff 37 here, 4110 at 244M) pad
+    their widths to a multiple of 8 for cuBLAS when there are many rows; the function and the
+    parameters' gradients equal those of the same sequences run one at a time (600 rows each: below
+    the threshold, unpadded). The loss is the summed token cross-entropy, additive over sequences."""
     from moeut import moe
     from moeut.dense import DenseLM
     torch.manual_seed(0)
     models = [MoEUTLM(50, **small(ff_n_experts=13, d_model=24)), DenseLM(50, d_model=24, n_layers=2, n_heads=2, d_ff=37)]
-    x = torch.randint(0, 50, (2, 600))   # 1200 rows: over the threshold
+    x = torch.randint(0, 50, (2, 600))   # 1200 rows together: over the threshold
+    assert 600 < moe.PADDING_MIN_ROWS <= 1200
     for m in models:
         runs = []
-        for align in (False, True):
-            monkeypatch.setattr(moe, "ALIGN_MATMULS", align)
+        for batches in ([x], [x[:1], x[1:]]):
             m.zero_grad(set_to_none=True)
-            out = m(x)
-            (F.cross_entropy(out.outputs.flatten(0, 1), x.flatten()) + out.reg_loss).backward()
-            runs.append((out.outputs.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
-        torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-5)
-        for n in runs[0][1]:
-            torch.testing.assert_close(runs[1][1][n], runs[0][1][n], rtol=1e-4, atol=1e-6)
+            outs = []
+            for xb in batches:
+                out = m(xb).outputs
+                F.cross_entropy(out.flatten(0, 1), xb.flatten(), reduction="sum").backward()
+                outs.append(out.detach())
+            runs.append((torch.cat(outs), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+        torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-5, atol=1e-5)
+        for n in runs[1][1]:
+            torch.testing.assert_close(runs[0][1][n], runs[1][1][n], rtol=1e-4, atol=1e-5)
     assert moe.aligned_width_padding(13, torch.zeros(1200, 4)) == 3
     assert moe.aligned_width_padding(16, torch.zeros(1200, 4)) == 0
     assert moe.aligned_width_padding(13, torch.zeros(8, 4)) == 0     # decoding: no copy
