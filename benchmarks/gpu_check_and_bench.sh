@@ -6,7 +6,7 @@
 #     "train train_small train_graph profile attention" "decode decode_compile" "train_compile"
 # (the official release, stage `official`, needs its checkout carried as .official: ~3 min).
 # Before the stages, benchmarks/gpu_smoke.py checks each fused path; one that fails is switched off
-# (MOEUT_...=0) for the benchmarks, never for the tests.
+# (MOEUT_PYTORCH_OPS) for the benchmarks, never for the tests.
 # Results under $OUT; every script writes its JSON as it goes, so a time limit keeps what finished.
 # Earlier sessions' one-off stages (next_s10 ... s17_pins, train_cast, train_share, ...) are in git
 # history: RESULTS.md names the commit each device call ran at.
@@ -19,7 +19,7 @@ export PYTHONUNBUFFERED=1
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 } 2>&1 | tee -a "$OUT/env.txt"
-# Each fused GPU path checked once; one that fails is turned off (MOEUT_...=0) so the stages still run.
+# Each fused GPU path checked once; one that fails is sent to PyTorch (MOEUT_PYTORCH_OPS) so the stages still run.
 eval "$(python3 benchmarks/gpu_smoke.py 2> >(tee -a "$OUT/env.txt" >&2))"
 run() {  # stage name, time limit, command...
   local name=$1 limit=$2; shift 2
@@ -84,7 +84,7 @@ run sites 120 python3 benchmarks/profile_step.py --model moeut-244M --batch 16 -
 run launches 200 bash -c "python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 5 --launches 40 && \
   python3 benchmarks/profile_step.py --model moeut-1B --batch 8 --top 5 --launches 40"
 # One change against the default (benchmarks/ab_switch.sh: its tests, graphed steps default / change /
-# default, a profile), ~6 min. E.g. AB="MOEUT_FUSED_SUM=0" AB_TESTS="sum" ... gpu_check_and_bench.sh ab
+# default, a profile), ~6 min. E.g. AB="MOEUT_PYTORCH_OPS=topk_sum" AB_TESTS="sum" ... gpu_check_and_bench.sh ab
 run ab 590 env AB_TEST_ENV="$TEST_ENV" bash benchmarks/ab_switch.sh "$OUT" "${AB:-}"
 # The standalone kernel forms of benchmarks/experiments/ (each measured once; all but prescaled_wgrad.py
 # refuted), ~5 min: the eighteenth session's two (TMA weight tiles, gated weight-gradient operands with

@@ -1,5 +1,5 @@
 """Before a device call's benchmarks: check each fused GPU path once against its reference and print
-`export MOEUT_...=0` for any that fails or raises, so the rest of the call still measures something
+`export MOEUT_PYTORCH_OPS=...` naming those that fail or raise, so the rest of the call still measures something
 (`eval "$(python3 benchmarks/gpu_smoke.py)"`). Messages go to stderr; the GPU tests give the detail.
 """
 import sys
@@ -32,7 +32,7 @@ def rope():
 def loop_n():
     from moeut import triton_expert_mm
     from moeut.expert_mm import route
-    from moeut.expert_ops import _grouped_mm_torch
+    from moeut.expert_ops import grouped_mm_reference
     from moeut.triton_expert_mm import grouped_mm_triton
     r = route(torch.randint(0, 50, (2048, 4), device="cuda"), 50)
     h = torch.randn(2048 * 4, 128, device="cuda", dtype=torch.bfloat16)
@@ -45,7 +45,7 @@ def loop_n():
     _, dot, gated = grouped_mm_triton(h, w, r.offsets_E1, None, gate, r.slot_N, True, dot_x_MO=dot_x,
                                       dot_rows_N=rows, gate_x=True)
     triton_expert_mm.LOOP_N_OVERRIDE = None
-    plain = _grouped_mm_torch(h.float(), w.float(), r.offsets_E1, None)
+    plain = grouped_mm_reference(h.float(), w.float(), r.offsets_E1, None)
     want = torch.empty_like(got).index_copy_(0, r.slot_N, plain.to(got.dtype))
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(dot, (plain * dot_x.float()).sum(-1), rtol=2e-2, atol=1.0)

@@ -233,7 +233,7 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
     roof_fwd, roof_fb = ffn_roofline_ms(rows, name)
     ffn = []
     # The whole FFN under autocast: fp32 parameters with their weights cast before the kernels (the
-    # default, as the official figure was taken), rounded inside them (MOEUT_WEIGHT_CAST=1), and bf16
+    # default, as the official figure was taken), and bf16
     # parameters (no cast: what an application costs in a training step, where the shared weights are
     # cast once per forward pass), in the same run.
     moe_bf16 = SigmaMoE(D, E, S, K).cuda().to(dt)
@@ -308,7 +308,7 @@ def main():
               f"{f['roofline_fwd_tflops']:5.0f} {f['roofline_fwd_bwd_tflops']:8.0f}")
     print("(roofline: the sum of the passes' bounds above, top-k sums included; the router, casts and "
           "the gate's row dot not counted)")
-    from moeut.triton_expert_mm import autotune_choices
+    from moeut.triton_weight_grad import autotune_choices
     choices = autotune_choices()
     out["autotune"] = [dict(kernel=k, key=key, config=c) for k, key, c in choices]
     print("\nautotuning in this process (key -> config):")

@@ -11,7 +11,7 @@ step with the switch off and on, in the same device call, and diffing the two sa
 
 Triton names a kernel by its function, not by its constexpr variant or config: every expert GEMM is one
 `_expert_mm_kernel` row. So the files also hold the config each autotuning key settled on
-(`triton_expert_mm.autotune_choices`), and the keys whose configs differ between the runs are listed.
+(`triton_weight_grad.autotune_choices`), and the keys whose configs differ between the runs are listed.
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import cast_relay
 from .expert_mm import Routing, compute_dtype, kernel_operand, shared_weight_operand
-from .expert_ops import _sum_choices, grouped_mm, row_dot
+from .expert_ops import sum_choices_in, grouped_mm, row_dot
 from .shared_weights import GradSink, weight_grad
 
 __all__ = ["expert_mlp"]
@@ -44,8 +44,8 @@ class _ExpertMLP(torch.autograd.Function):
         ctx.save_for_backward(x_RD, w1_master, w2_master, gate_RK, h_NS, offsets_E1, rows_N, slot_N)
         ctx.dtype, ctx.sinks, ctx.residual = dtype, (sink1, sink2), residual
         if residual:
-            return _sum_choices(out_SD, gate_RK.shape[0], x_RD.dtype, init_XO=x_RD)
-        return _sum_choices(out_SD, gate_RK.shape[0])
+            return sum_choices_in(out_SD, gate_RK.shape[0], x_RD.dtype, init_XO=x_RD)
+        return sum_choices_in(out_SD, gate_RK.shape[0])
 
     @staticmethod
     def backward(ctx, grad_RD: Tensor):
@@ -74,7 +74,7 @@ class _ExpertMLP(torch.autograd.Function):
             grad_w2 = weight_grad(sink2, h_gated_NS, grad_RD, offsets_E1, None, group_N, None, w2_master.dtype)
         # Up projection: d x (written in (row, choice) order and summed over the K choices), d W1.
         if ctx.needs_input_grad[0]:
-            grad_x = _sum_choices(grouped_mm(grad_pre_NS, w1.transpose(1, 2), offsets_E1, None, None, slot_N), R,
+            grad_x = sum_choices_in(grouped_mm(grad_pre_NS, w1.transpose(1, 2), offsets_E1, None, None, slot_N), R,
                                   x_master.dtype, init_XO=grad_out_RD)
         if ctx.needs_input_grad[1]:
             grad_w1 = weight_grad(sink1, x_RD, grad_pre_NS, offsets_E1, rows_N, None, None, w1_master.dtype)

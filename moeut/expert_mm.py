@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from . import cast_relay
-from .expert_ops import (_acc, _grouped_mm_torch, _sum_choices, _weight_grad_torch, grouped_mm, grouped_mm_dot,
+from .expert_ops import (in_accumulation_dtype, grouped_mm_reference, sum_choices_in, weight_grad_reference, grouped_mm, grouped_mm_dot,
                          row_dot)
 from .fused import use_fused
 from .shared_weights import GradSink, shared_operand, weight_grad
@@ -138,7 +138,7 @@ def routed_gates(gate_S: Tensor, slot_N: Tensor) -> Tensor:
     """Routed row n's gate at n: a permuted fp32 copy of the (group, choice)-ordered gates, for the
     backward kernels that scale by the gate inside their K loop (reading it through slot[n] there
     would put an indirect load in the loop)."""
-    return _acc(gate_S).index_select(0, slot_N)
+    return in_accumulation_dtype(gate_S).index_select(0, slot_N)
 
 
 class _ExpertMM(torch.autograd.Function):
@@ -169,7 +169,7 @@ class _ExpertMM(torch.autograd.Function):
             if rows_N is None:
                 grad_x = grouped_mm(grad_NO, w_EIO.transpose(1, 2), offsets_E1, None, None, None)
             else:  # written in (row, choice) order, so summing a row's K copies is contiguous
-                grad_x = _sum_choices(grouped_mm(grad_NO, w_EIO.transpose(1, 2), offsets_E1, None, None, slot_N),
+                grad_x = sum_choices_in(grouped_mm(grad_NO, w_EIO.transpose(1, 2), offsets_E1, None, None, slot_N),
                                       x_RI.shape[0], x_master.dtype)
             grad_x = grad_x.to(x_master.dtype)
         if ctx.needs_input_grad[1]:
@@ -218,8 +218,8 @@ class _ExpertMMCombine(torch.autograd.Function):
         ctx.save_for_backward(x_RI, w_master, gate_XC, offsets_E1, rows_N, slot_N)
         ctx.dtype, ctx.sink, ctx.send_grad, ctx.receive_grad = dtype, sink, send_grad, receive_grad
         if residual_XO is not None:   # residual + the sums, in the residual's dtype, rounded once
-            return _sum_choices(out_SO, gate_XC.shape[0], residual_XO.dtype, init_XO=residual_XO)
-        return _sum_choices(out_SO, gate_XC.shape[0])
+            return sum_choices_in(out_SO, gate_XC.shape[0], residual_XO.dtype, init_XO=residual_XO)
+        return sum_choices_in(out_SO, gate_XC.shape[0])
 
     @staticmethod
     def backward(ctx, grad_XO):
@@ -254,7 +254,7 @@ class _ExpertMMCombine(torch.autograd.Function):
             if gate_w:   # x_n * gate_n, routed order
                 wgrad_x, wgrad_rows, wgrad_gated = gated, None, True
             if ctx.needs_input_grad[0]:
-                grad_x = grad_x_NI if rows_N is None else _sum_choices(grad_x_NI, x_RI.shape[0], x_master.dtype,
+                grad_x = grad_x_NI if rows_N is None else sum_choices_in(grad_x_NI, x_RI.shape[0], x_master.dtype,
                                                                        init_XO=received)
         elif ctx.needs_input_grad[0] and rows_N is not None:
             # the gate gradient <d out, x W> as <d out W^T, x>, from the input gradient's product
@@ -263,7 +263,7 @@ class _ExpertMMCombine(torch.autograd.Function):
                                                            x_RI, rows_N, dot_dst, gate_x=gate_w)
             if gate_w:   # d out_n * gate_n, routed order
                 wgrad_grad, wgrad_grad_rows, wgrad_gated = gated, None, True
-            grad_x = _sum_choices(grad_x_SI, x_RI.shape[0], x_master.dtype, init_XO=received)
+            grad_x = sum_choices_in(grad_x_SI, x_RI.shape[0], x_master.dtype, init_XO=received)
         else:   # the gate gradient from the recomputed forward product (routed input rows, or no dx)
             gate_n = routed_gates(gate_XC.reshape(-1), slot_N)
             y_NO = grouped_mm(x_RI, w_EIO, offsets_E1, rows_N, None, None)
@@ -272,7 +272,7 @@ class _ExpertMMCombine(torch.autograd.Function):
                 if rows_N is None:
                     grad_x = grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_n, None)
                 else:
-                    grad_x = _sum_choices(grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_n, slot_N),
+                    grad_x = sum_choices_in(grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_n, slot_N),
                                           x_RI.shape[0], x_master.dtype, init_XO=received)
         grad_gate = grad_gate_S.view(X, C).to(gate_XC.dtype)
         grad_w = None
@@ -345,9 +345,9 @@ def fp64_reference(x_RI: Tensor, w_EIO: Tensor, grad_NO: Tensor, routing: Routin
     """(out, grad_x, grad_w) of `expert_mm` in float64 via the per-expert PyTorch path: a light
     reference for large shapes, where the einsum one would materialise R*K weight copies."""
     x, w, g = x_RI.detach().double(), w_EIO.detach().double(), grad_NO.detach().double()
-    out = _grouped_mm_torch(x, w, routing.offsets_E1, routing.rows_N)
-    grad_x = _grouped_mm_torch(g, w.transpose(1, 2), routing.offsets_E1, None)[routing.choice_RK].sum(1)
-    grad_w = _weight_grad_torch(x, g, routing.offsets_E1, routing.rows_N)
+    out = grouped_mm_reference(x, w, routing.offsets_E1, routing.rows_N)
+    grad_x = grouped_mm_reference(g, w.transpose(1, 2), routing.offsets_E1, None)[routing.choice_RK].sum(1)
+    grad_w = weight_grad_reference(x, g, routing.offsets_E1, routing.rows_N)
     return out, grad_x, grad_w
 
 

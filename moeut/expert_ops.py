@@ -34,13 +34,13 @@ def _check(x: Tensor, w: Tensor, offsets: Tensor) -> None:
                          f"for bf16 / fp16 inputs)")
 
 
-def _acc(t: Tensor) -> Tensor:
+def in_accumulation_dtype(t: Tensor) -> Tensor:
     """t in its accumulation precision: fp32, or fp64 for fp64 inputs."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _scale_rows(t_NO: Tensor, scale_N: Tensor) -> Tensor:
-    return (_acc(t_NO) * _acc(scale_N).unsqueeze(1)).to(t_NO.dtype)
+    return (in_accumulation_dtype(t_NO) * in_accumulation_dtype(scale_N).unsqueeze(1)).to(t_NO.dtype)
 
 
 def _routed_count(x: Tensor, rows: Optional[Tensor]) -> int:
@@ -59,7 +59,7 @@ def _segments(offsets_E1: Tensor):
             yield e, bounds[e], bounds[e + 1]
 
 
-def _grouped_mm_torch(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
+def grouped_mm_reference(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
                       scale_N: Optional[Tensor] = None, dst_N: Optional[Tensor] = None,
                       scale_at_dst: bool = False, relu: bool = False) -> Tensor:
     x_NI = x_RI if rows_N is None else x_RI.index_select(0, rows_N)
@@ -81,7 +81,7 @@ def _grouped_mm_torch(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: O
 # right one is staged in shared memory, so scaling x costs no extra pass through shared memory.
 
 
-def _weight_grad_torch(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
+def weight_grad_reference(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
                        grad_rows_N: Optional[Tensor] = None, grad_scale_N: Optional[Tensor] = None,
                        out_dtype: Optional[torch.dtype] = None, scale_dst_N: Optional[Tensor] = None) -> Tensor:
     x_NI = x_RI if rows_N is None else x_RI.index_select(0, rows_N)
@@ -117,7 +117,7 @@ def grouped_mm(x: Tensor, weight: Tensor, offsets: Tensor, rows: Optional[Tensor
     if use_fused(x):
         from .triton_expert_mm import grouped_mm_triton
         return grouped_mm_triton(x, weight, offsets, rows, scale, dst, scale_at_dst, relu)
-    return _grouped_mm_torch(x, weight, offsets, rows, scale, dst, scale_at_dst, relu)
+    return grouped_mm_reference(x, weight, offsets, rows, scale, dst, scale_at_dst, relu)
 
 
 @grouped_mm.register_fake
@@ -154,8 +154,8 @@ def grouped_mm_dot(x: Tensor, weight: Tensor, offsets: Tensor, rows: Optional[Te
         y = grouped_mm_triton(dot_x, weight.transpose(1, 2), offsets, dot_rows)
         gated = _gated_rows(x, rows, routed_scale()) if gate_x else x.new_empty(0, x.shape[1])
         return out, row_dot_triton(y, x, rows, None, dot_dst)[0], gated
-    plain = _grouped_mm_torch(x, weight, offsets, rows)
-    dot = (_acc(plain) * _acc(dot_x.index_select(0, dot_rows))).sum(-1)
+    plain = grouped_mm_reference(x, weight, offsets, rows)
+    dot = (in_accumulation_dtype(plain) * in_accumulation_dtype(dot_x.index_select(0, dot_rows))).sum(-1)
     if dot_dst is not None:
         dot = torch.empty_like(dot).index_copy_(0, dot_dst, dot)
     if scale is not None:
@@ -188,7 +188,7 @@ def grouped_mm_weight_grad(x: Tensor, grad: Tensor, offsets: Tensor, rows: Optio
         from .triton_weight_grad import grouped_mm_weight_grad_triton
         return grouped_mm_weight_grad_triton(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype,
                                              scale_dst_N=scale_dst)
-    return _weight_grad_torch(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype, scale_dst)
+    return weight_grad_reference(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype, scale_dst)
 
 
 @grouped_mm_weight_grad.register_fake
@@ -209,7 +209,7 @@ def grouped_mm_weight_grad_add(acc: Tensor, x: Tensor, grad: Tensor, offsets: Te
         grouped_mm_weight_grad_triton(x, grad, offsets, rows, grad_rows, grad_scale, acc.dtype, accumulate_into=acc,
                                       scale_dst_N=scale_dst)
     else:
-        acc.add_(_weight_grad_torch(x, grad, offsets, rows, grad_rows, grad_scale, acc.dtype, scale_dst))
+        acc.add_(weight_grad_reference(x, grad, offsets, rows, grad_rows, grad_scale, acc.dtype, scale_dst))
 
 
 @torch.library.custom_op("moeut::row_dot", mutates_args=())
@@ -232,7 +232,7 @@ def row_dot(a: Tensor, b: Tensor, b_rows: Optional[Tensor], scale: Optional[Tens
         from .triton_expert_mm import row_dot_triton
         return row_dot_triton(a, b, b_rows, scale, dst, relu_mask, scaled_dst, gate_b)
     b_NI = b if b_rows is None else b.index_select(0, b_rows)
-    dot = (_acc(a) * _acc(b_NI)).sum(-1)
+    dot = (in_accumulation_dtype(a) * in_accumulation_dtype(b_NI)).sum(-1)
     if dst is not None:
         dot = torch.empty_like(dot).index_copy_(0, dst, dot)
         scale = scale.index_select(0, dst) if scale is not None else None
@@ -281,6 +281,6 @@ def _(y, n_groups, out_dtype, init=None):
     return y.new_empty(n_groups, y.shape[1], dtype=out_dtype)
 
 
-def _sum_choices(y_SO: Tensor, n_groups: int, out_dtype: Optional[torch.dtype] = None,
+def sum_choices_in(y_SO: Tensor, n_groups: int, out_dtype: Optional[torch.dtype] = None,
                  init_XO: Optional[Tensor] = None) -> Tensor:
     return sum_choices(y_SO, n_groups, out_dtype or y_SO.dtype, init_XO)

@@ -17,7 +17,7 @@ routed rows are sorted by expert, expert e owns rows offsets[e]:offsets[e+1].
   gate-scaled input gradient and the gated operand of the weight gradient written in the same pass.
 
 The weight gradient's kernel is in `triton_weight_grad.py`; it shares this file's config pins, the
-`_dot` helper and `aligned`.
+`dot_acc` helper and `aligned`.
 
 All run under `TRITON_INTERPRET=1` on CPU tensors, which is how CI checks their logic.
 """
@@ -147,7 +147,7 @@ if triton is not None:
         return fit if settings.autotune else fit[:1]
 
     @triton.jit
-    def _dot(a, b, acc, FP32: tl.constexpr):
+    def dot_acc(a, b, acc, FP32: tl.constexpr):
         if FP32:
             return acc + tl.dot(a, b, input_precision="ieee")
         elif _INTERPRET:
@@ -235,7 +235,7 @@ if triton is not None:
                 col_ok = cols < O
                 b = tl.load(w_rows + cols[None, :] * swo, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 b = b.to(x_ptr.dtype.element_ty)   # an fp32 master weight, rounded as it is loaded
-                acc = _dot(a, b, tl.zeros((BM, BN), dtype=tl.float32), FP32)
+                acc = dot_acc(a, b, tl.zeros((BM, BN), dtype=tl.float32), FP32)
                 if ROW_DOT:   # the product before activation, scale and rounding
                     other = tl.load(dot_rows + cols[None, :] * sdc, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
                     row_dot += tl.sum(acc * other.to(tl.float32), axis=1)
@@ -262,7 +262,7 @@ if triton is not None:
                 k_ok = (k0 + ks) < I
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(x_ptr.dtype.element_ty)
-                acc = _dot(a, b, acc, FP32)
+                acc = dot_acc(a, b, acc, FP32)
                 a_ptrs += BK * sxi
                 b_ptrs += BK * swi
             if RELU:
@@ -271,6 +271,8 @@ if triton is not None:
                 acc = acc * gate[:, None]
             tl.store(out_rows + cols[None, :] * soo, acc.to(out_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & col_ok[None, :])
+
+    AUTOTUNED_MM_KERNEL = _expert_mm_kernel   # for `triton_weight_grad.autotune_choices`
 
 
 if triton is not None:
@@ -327,8 +329,8 @@ def row_dot_triton(a_NI: Tensor, b_MI: Tensor, b_rows_N: Optional[Tensor], scale
     IP = max(16, triton.next_power_of_2(I))
     BR = ROW_DOT_ROWS or (4 if INTERPRET else max(1, min(64, 8192 // IP)))
     scale = scale_N.contiguous() if scale_N is not None else None   # any float dtype: read as fp32
-    _row_dot_kernel[(triton.cdiv(N, BR),)](a_NI, b_MI, _or(b_rows_N, dot), _or(scale, dot), _or(dst_N, dot),
-                                           _or(scaled_dst_N, dot), dot,
+    _row_dot_kernel[(triton.cdiv(N, BR),)](a_NI, b_MI, or_default(b_rows_N, dot), or_default(scale, dot), or_default(dst_N, dot),
+                                           or_default(scaled_dst_N, dot), dot,
                                            scaled if scale_N is not None else dot, gated if gate_b else dot, N, I,
                                            a_NI.stride(0), a_NI.stride(1), b_MI.stride(0), b_MI.stride(1),
                                            scaled.stride(0) if scale_N is not None else 0,
@@ -409,9 +411,9 @@ def grouped_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: O
         row_tiles = triton.cdiv(N, meta["BM"]) + E
         return (row_tiles if loop_n else row_tiles * triton.cdiv(O, meta["BN"]),)
 
-    _expert_mm_kernel[grid](x_RI, w_EIO, out_NO, offsets_E1, _or(rows_N, unused), _or(scale, unused),
-                            _or(dst_N, unused), _or(dot_x_MO, unused), _or(dot_rows_N, unused),
-                            _or(dot_dst_N, unused), dot_N, gated_NI if gate_x else unused, E, I, O,
+    _expert_mm_kernel[grid](x_RI, w_EIO, out_NO, offsets_E1, or_default(rows_N, unused), or_default(scale, unused),
+                            or_default(dst_N, unused), or_default(dot_x_MO, unused), or_default(dot_rows_N, unused),
+                            or_default(dot_dst_N, unused), dot_N, gated_NI if gate_x else unused, E, I, O,
                             x_RI.stride(0), x_RI.stride(1), w_EIO.stride(0), w_EIO.stride(1), w_EIO.stride(2),
                             out_NO.stride(0), out_NO.stride(1),
                             dot_x_MO.stride(0) if row_dot else 0, dot_x_MO.stride(1) if row_dot else 0,
@@ -423,27 +425,5 @@ def grouped_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: O
     return (out_NO, dot_N, gated_NI) if row_dot else out_NO
 
 
-def _or(t: Optional[Tensor], default: Tensor) -> Tensor:
+def or_default(t: Optional[Tensor], default: Tensor) -> Tensor:
     return default if t is None else t
-
-
-def autotune_choices(kernels=None) -> list:
-    """[(kernel, {key argument: value}, config)]: the config each autotuning key of the expert GEMM and
-    weight-gradient kernels settled on in this process (a kernel with a single config: that config,
-    key None). Benchmarks print it beside their timings: the choice varies between processes and a
-    poor one costs a pass a third of its time. Empty without Triton."""
-    if triton is None:
-        return []
-    rows = []
-    if kernels is None:
-        from .triton_weight_grad import _weight_grad_kernel
-        kernels = (_expert_mm_kernel, _weight_grad_kernel)
-    for tuner in kernels:
-        name = getattr(tuner.fn, "__name__", str(tuner.fn))
-        if len(tuner.configs) == 1:
-            rows.append((name, None, str(tuner.configs[0])))
-            continue
-        names = list(tuner.keys)
-        for key, config in tuner.cache.items():   # key: the key arguments' values, then tensor dtypes
-            rows.append((name, dict(zip(names, key)), str(config)))
-    return rows

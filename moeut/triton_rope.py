@@ -10,12 +10,12 @@ Runs under `TRITON_INTERPRET=1` on CPU tensors (CI).
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 import triton
 import triton.language as tl
 
-from .rope import empty_rope_output
 
 
 @triton.jit
@@ -49,7 +49,10 @@ def rope_triton(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False, scal
                 time_major: bool = False) -> Tensor:
     B, H, T, D = x.shape
     n_rotate = 2 * cos.shape[-1]   # half-width tables: both halves use the same angles
-    out = empty_rope_output(x, time_major)
+    # [B, H, T, Dh], stored as [B, T, H, Dh] when time-major (the allocation `rope.empty_rope_output`
+    # gives the op's fake tensor)
+    out = (torch.empty(B, T, H, D, device=x.device, dtype=x.dtype).transpose(1, 2) if time_major
+           else torch.empty(B, H, T, D, device=x.device, dtype=x.dtype))
     if out.numel() == 0:
         return out
     cos, sin = cos.float().contiguous(), sin.float().contiguous()

@@ -1,6 +1,6 @@
 """Triton kernel for the weight gradient of `moeut::expert_mm`, and the sum of its row ranges.
 
-Same contract as the plain-PyTorch `expert_ops._weight_grad_torch` (the reference every test compares
+Same contract as the plain-PyTorch `expert_ops.weight_grad_reference` (the reference every test compares
 with): routed rows are sorted by expert, expert e owns rows offsets[e]:offsets[e+1], and the gradient of
 expert e's weight is the sum over those rows of x_row^T g_row (either operand gathered, optionally
 gated).
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import triton_expert_mm as _mm   # (MOEUT_PIN_CONFIG's rules are read there, and tests patch them there)
 from .settings import settings
-from .triton_expert_mm import INTERPRET, _or, aligned, pinned_config, triton
+from .triton_expert_mm import INTERPRET, or_default, aligned, pinned_config, triton
 
 # Row splits of the weight gradient: None = automatic (see `wgrad_splits`); an int forces that many,
 # for tests and benchmarks, which check and time the split and unsplit forms.
@@ -60,7 +60,7 @@ def wgrad_splits(E: int, I: int, O: int, rows: int, device: torch.device) -> int
 if triton is not None:
     import triton.language as tl
 
-    from .triton_expert_mm import _dot
+    from .triton_expert_mm import dot_acc
 
     def _wgrad_configs():
         if INTERPRET:
@@ -114,7 +114,7 @@ if triton is not None:
                     sat = rows
                 s = tl.load(gscale_ptr + sat, mask=r_ok, other=0.0).to(tl.float32)
                 a = (a.to(tl.float32) * s[None, :]).to(x_ptr.dtype.element_ty)
-            acc = _dot(a, b, acc, FP32)
+            acc = dot_acc(a, b, acc, FP32)
         return acc
 
     @triton.autotune(configs=_wgrad_configs(), key=["I", "O", "N_SEG", "GATHER", "GGATHER", "GSCALE", "FP32",
@@ -215,8 +215,8 @@ def weight_grad_segments_triton(segments, out_dtype: Optional[torch.dtype] = Non
         x_RI, grad_MO = aligned(x_RI), aligned(grad_MO)
         unused = offsets_E1
         scale = grad_scale_N.contiguous() if grad_scale_N is not None else None   # any float dtype: read as fp32
-        columns.append((x_RI, grad_MO, offsets_E1, _or(rows_N, unused), _or(grad_rows_N, unused), _or(scale, unused),
-                        _or(scale_dst_N, unused), x_RI.stride(0), x_RI.stride(1), grad_MO.stride(0), grad_MO.stride(1)))
+        columns.append((x_RI, grad_MO, offsets_E1, or_default(rows_N, unused), or_default(grad_rows_N, unused), or_default(scale, unused),
+                        or_default(scale_dst_N, unused), x_RI.stride(0), x_RI.stride(1), grad_MO.stride(0), grad_MO.stride(1)))
     args = [tuple(column) for column in zip(*columns)]
     out_EIO = accumulate_into
     if out_EIO is None:
@@ -246,3 +246,24 @@ def weight_grad_segments_triton(segments, out_dtype: Optional[torch.dtype] = Non
 def _segment_flags(segment):
     _, _, _, rows_N, grad_rows_N, grad_scale_N, scale_dst_N = segment
     return rows_N is not None, grad_rows_N is not None, grad_scale_N is not None, scale_dst_N is not None
+
+
+def autotune_choices(kernels=None) -> list:
+    """[(kernel, {key argument: value}, config)]: the config each autotuning key of the expert GEMM and
+    weight-gradient kernels settled on in this process (a kernel with a single config: that config,
+    key None). Benchmarks print it beside their timings: the choice varies between processes and a
+    poor one costs a pass a third of its time. Empty without Triton."""
+    if triton is None:
+        return []
+    rows = []
+    if kernels is None:
+        kernels = (_mm.AUTOTUNED_MM_KERNEL, _weight_grad_kernel)
+    for tuner in kernels:
+        name = getattr(tuner.fn, "__name__", str(tuner.fn))
+        if len(tuner.configs) == 1:
+            rows.append((name, None, str(tuner.configs[0])))
+            continue
+        names = list(tuner.keys)
+        for key, config in tuner.cache.items():   # key: the key arguments' values, then tensor dtypes
+            rows.append((name, dict(zip(names, key)), str(config)))
+    return rows

@@ -133,7 +133,7 @@ def test_triton_weight_grad_segments_match_sum_of_applications(dtype, tol, n_seg
     """Several applications' weight gradients in one launch (the FFN's up and gated down shapes at
     244M, 4096 tokens each): the fp32 sum of each application's gradient (bf16 operands exact in fp32),
     added to the accumulator; an expert no application routes to keeps its values."""
-    from moeut.expert_ops import _weight_grad_torch
+    from moeut.expert_ops import weight_grad_reference
     from moeut.triton_weight_grad import weight_grad_segments_triton
     torch.manual_seed(n_seg)
     E, K, T = 387, 16, 4096
@@ -149,7 +149,7 @@ def test_triton_weight_grad_segments_match_sum_of_applications(dtype, tol, n_seg
         else:
             seg = (x, torch.randn(T * K, O, device="cuda").to(dtype), r.offsets_E1, r.rows_N, None, None, None)
         segments.append(seg)
-        want += _weight_grad_torch(*seg[:6], torch.float32, seg[6]).double()
+        want += weight_grad_reference(*seg[:6], torch.float32, seg[6]).double()
     acc0 = torch.randn(E, I, O, device="cuda")
     acc = weight_grad_segments_triton(segments, accumulate_into=acc0.clone())
     assert rel(acc, acc0.double() + want) < tol
@@ -163,7 +163,7 @@ def test_triton_weight_grad_split_over_rows_at_switchhead_shapes(I, O, monkeypat
     tile and the fp64 sum, added to the accumulator; bit-identical when run twice; an expert with no
     rows exact. (The model routes SwitchHead over heads x experts: 40 at 244M, 2 ranges.)"""
     from moeut import triton_weight_grad as twg
-    from moeut.expert_ops import _weight_grad_torch
+    from moeut.expert_ops import weight_grad_reference
     torch.manual_seed(3)
     E, T, H = 10, 16384, 4
     segments, want = [], torch.zeros(E, I, O, device="cuda", dtype=torch.float64)
@@ -173,7 +173,7 @@ def test_triton_weight_grad_split_over_rows_at_switchhead_shapes(I, O, monkeypat
         g = torch.randn(r.rows_N.numel(), O, device="cuda", dtype=torch.bfloat16)
         seg = (x, g, r.offsets_E1, r.rows_N if I == 128 else r.rows_N // H, None, None, None)
         segments.append(seg)
-        want += _weight_grad_torch(*seg[:6], torch.float32).double()
+        want += weight_grad_reference(*seg[:6], torch.float32).double()
     assert twg.wgrad_splits(E, I, O, segments[0][3].numel(), torch.device("cuda")) > 1
     acc0 = torch.randn(E, I, O, device="cuda")
     split = twg.weight_grad_segments_triton(segments, accumulate_into=acc0.clone())

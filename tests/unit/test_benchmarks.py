@@ -193,12 +193,12 @@ def test_profile_diff_names_the_kernels_a_change_moved(tmp_path, capsys):
 
 
 def test_autotune_choices_report_each_key_and_its_config():
-    """`triton_expert_mm.autotune_choices`: a kernel with several configs reports each autotuning key
+    """`triton_weight_grad.autotune_choices`: a kernel with several configs reports each autotuning key
     it has met (named by the key arguments; Triton's appended dtypes dropped) with the chosen config;
     a kernel with one config (the interpreter's) reports that config."""
     pytest.importorskip("triton")
     from types import SimpleNamespace
-    from moeut.triton_expert_mm import autotune_choices
+    from moeut.triton_weight_grad import autotune_choices
     tuned = SimpleNamespace(fn=SimpleNamespace(__name__="_expert_mm_kernel"), configs=["c1", "c2"], keys=["I", "O"],
                             cache={(1024, 128, "torch.bfloat16"): "c2", (128, 1024, "torch.bfloat16"): "c1"})
     single = SimpleNamespace(fn=SimpleNamespace(__name__="_weight_grad_kernel"), configs=["c0"], keys=["I"], cache={})

@@ -9,7 +9,7 @@ if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("interpreter tests are for CPU-only machines (GPU runs use tests/gpu)", allow_module_level=True)
 
 from moeut.expert_mm import reference_expert_mm, route  # noqa: E402
-from moeut.expert_ops import _grouped_mm_torch, _weight_grad_torch  # noqa: E402
+from moeut.expert_ops import grouped_mm_reference, weight_grad_reference  # noqa: E402
 from moeut import triton_expert_mm, triton_weight_grad  # noqa: E402
 from moeut.triton_expert_mm import grouped_mm_triton  # noqa: E402
 from moeut.triton_weight_grad import grouped_mm_weight_grad_triton  # noqa: E402
@@ -49,19 +49,19 @@ def test_triton_matches_reference(kind, R, K, E, I, O, dtype, loop_n, monkeypatc
                                    reference_expert_mm(x.float(), w32.to(dtype).float(), expert), **tol32)
         g32 = torch.randn(R * K, O, generator=gen32).to(dtype)
         torch.testing.assert_close(grouped_mm_triton(g32, w32.transpose(1, 2), r.offsets_E1, None).float(),
-                                   _grouped_mm_torch(g32, w32.transpose(1, 2), r.offsets_E1, None).float(), **tol32)
+                                   grouped_mm_reference(g32, w32.transpose(1, 2), r.offsets_E1, None).float(), **tol32)
 
     h = torch.randn(R * K, I, generator=gen).to(dtype)   # no gather: rows already routed
     torch.testing.assert_close(grouped_mm_triton(h, w, r.offsets_E1, None).float(),
-                               _grouped_mm_torch(h.float(), w.float(), r.offsets_E1, None), **tol)
+                               grouped_mm_reference(h.float(), w.float(), r.offsets_E1, None), **tol)
     # input-gradient form: a transposed (non-contiguous) weight view
     g = torch.randn(R * K, O, generator=gen).to(dtype)
     torch.testing.assert_close(grouped_mm_triton(g, w.transpose(1, 2), r.offsets_E1, None).float(),
-                               _grouped_mm_torch(g.float(), w.float().transpose(1, 2), r.offsets_E1, None), **tol)
+                               grouped_mm_reference(g.float(), w.float().transpose(1, 2), r.offsets_E1, None), **tol)
     # weight gradient, with and without gather; unused experts get exact zeros
     for rows, inp in ((r.rows_N, x), (None, h)):
         got = grouped_mm_weight_grad_triton(inp, g, r.offsets_E1, rows)
-        want = _weight_grad_torch(inp.float(), g.float(), r.offsets_E1, rows)
+        want = weight_grad_reference(inp.float(), g.float(), r.offsets_E1, rows)
         torch.testing.assert_close(got.float(), want, **tol)
         counts = r.offsets_E1[1:] - r.offsets_E1[:-1]
         assert (got[counts == 0] == 0).all()
@@ -76,7 +76,7 @@ def test_triton_matches_reference(kind, R, K, E, I, O, dtype, loop_n, monkeypatc
     # input rows; against the reference with the same operands and rounding
     g_R = torch.randn(R, O, generator=gen).to(dtype)
     got = grouped_mm_weight_grad_triton(x, g_R, r.offsets_E1, r.rows_N, r.rows_N, gate[r.slot_N], torch.float32)
-    want = _weight_grad_torch(x, g_R, r.offsets_E1, r.rows_N, r.rows_N, gate[r.slot_N], torch.float32)
+    want = weight_grad_reference(x, g_R, r.offsets_E1, r.rows_N, r.rows_N, gate[r.slot_N], torch.float32)
     # (norm-relative: the interpreter truncates the scaled bf16 rows where the reference rounds them)
     err = ((got - want).norm() / want.norm()).item()
     assert err < (1e-6 if dtype == torch.float32 else 1e-2), f"relative error {err:.2e}"
@@ -87,7 +87,7 @@ def test_triton_matches_reference(kind, R, K, E, I, O, dtype, loop_n, monkeypatc
 def test_triton_grouped_mm_dot_matches_torch(loop_n, dtype, monkeypatch):
     """The input-gradient GEMM with the row dot in its epilogue (loop over N), and the fallback that
     recomputes the forward product, against the PyTorch path: output bitwise, dot within rounding."""
-    from moeut.expert_ops import _grouped_mm_torch
+    from moeut.expert_ops import grouped_mm_reference
     from moeut.triton_expert_mm import row_dot_triton
     monkeypatch.setattr(triton_expert_mm, "LOOP_N_OVERRIDE", loop_n)
     gen = torch.Generator().manual_seed(4)
@@ -114,7 +114,7 @@ def test_triton_grouped_mm_dot_matches_torch(loop_n, dtype, monkeypatch):
             y = grouped_mm_triton(x, w.transpose(1, 2), r.offsets_E1, r.rows_N)
             dot = row_dot_triton(y, g, r.rows_N, None, dot_dst)[0]
         assert torch.equal(out, grouped_mm_triton(g, w, r.offsets_E1, r.rows_N, gate, r.slot_N, True))
-        plain = _grouped_mm_torch(g.double(), w.double(), r.offsets_E1, r.rows_N)
+        plain = grouped_mm_reference(g.double(), w.double(), r.offsets_E1, r.rows_N)
         want = (plain * x.double()[r.rows_N]).sum(-1)
         if dot_dst is not None:
             want = torch.empty_like(want).index_copy_(0, dot_dst, want)
@@ -326,7 +326,7 @@ def test_triton_weight_grad_segments_sum_applications(n_seg, layout, dtype):
             g = torch.randn(R, width(O), generator=gen).to(dtype)[:, :O]
             seg = (x, g, r.offsets_E1, r.rows_N, r.rows_N, torch.rand(R * K, generator=gen), r.slot_N)
         segments.append(seg)
-        want += _weight_grad_torch(*seg[:6], torch.float32, seg[6])
+        want += weight_grad_reference(*seg[:6], torch.float32, seg[6])
     # (bf16: each application's gated operand rounded; the error of the sum grows with its length)
     bf16_atol = 5e-2 * max(1, n_seg / 3) ** 0.5
     tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=bf16_atol)
@@ -357,7 +357,7 @@ def test_triton_weight_grad_split_over_rows_matches_one_program_per_tile(splits,
         x, g = torch.randn(R, I, generator=gen), torch.randn(R, O, generator=gen)
         seg = (x, g, r.offsets_E1, r.rows_N, r.rows_N, torch.rand(R * K, generator=gen), r.slot_N)
         segments.append(seg)
-        want += _weight_grad_torch(*seg[:6], torch.float32, seg[6])
+        want += weight_grad_reference(*seg[:6], torch.float32, seg[6])
     acc0 = torch.randn(E, I, O, generator=gen)
 
     def run(n):
