@@ -21,7 +21,6 @@ import fcntl
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 from .checkpoint import CheckpointError, write_file_atomic
 
@@ -163,11 +162,3 @@ def truncate_metrics(run_dir: Path, step: int) -> int:
     if dropped:
         write_file_atomic(path, "".join(l + "\n" for l in kept).encode())
     return dropped
-
-
-def holder_of(run_dir: Path) -> Optional[str]:
-    p = Path(run_dir) / LOCK_FILE
-    try:
-        return p.read_text().strip() or None
-    except OSError:
-        return None
