@@ -12,7 +12,7 @@
 #                  a fused path the smoke check switched off is still tested)
 #        AB_RUN_LIMIT seconds per training run (default 120: a fresh machine compiles every kernel in its
 #                  first run, which took over 60 s in RESULTS P.3)
-# A value may be JSON without spaces, e.g. MOEUT_PIN_CONFIG=[{"kernel":"mm","key":{"RELU":true},"config":1}].
+# A value may be JSON without spaces, e.g. SOME_VAR=[{"key":{"RELU":true},"config":1}].
 # Writes OUT/ab_tests.txt, OUT/ab_{default,change,default_again}.json, OUT/ab_profile_change.json.
 set -u
 OUT=${1:?usage: ab_switch.sh OUT "MOEUT_FOO=1 ..."}; CHANGE=${2:?usage: ab_switch.sh OUT "MOEUT_FOO=1 ..."}

@@ -108,7 +108,7 @@ PASSES = ("up fwd", "down fwd", "down dx", "up dx", "up dW", "down dW")
 
 def ffn_passes(D: int = 1024, E: int = 387, K: int = 16, S: int = 128, T: int = 16384):
     """{pass name: a call of moeut's wrapper that launches it}, the σ-MoE FFN at the given shapes (244M)."""
-    from moeut import triton_expert_mm as tem, triton_weight_grad as twg
+    from moeut.kernels import expert_mm as tem, weight_grad as twg
     bf16 = dict(dtype=torch.bfloat16)
     N = T * K
     x, gy = torch.empty(T, D, **bf16), torch.empty(T, D, **bf16)
@@ -133,7 +133,7 @@ def ffn_passes(D: int = 1024, E: int = 387, K: int = 16, S: int = 128, T: int = 
 def compile_passes(names=None, first_config: bool = False, ir_dir: Path = None) -> list:
     """One row per (pass, config): `ir_features` of its sm_90 compile, plus its shared memory in bytes."""
     from triton.runtime import driver
-    from moeut import triton_expert_mm as tem, triton_weight_grad as twg
+    from moeut.kernels import expert_mm as tem, weight_grad as twg
     saved = dict(mm=tem._expert_mm_kernel, wgrad=twg._weight_grad_kernel, smem=tem._smem_limit,
                  driver=getattr(driver, "_active", None))   # (`reset_active` raises on a machine without a GPU)
     driver.set_active(_fake_hopper_driver())
@@ -170,7 +170,7 @@ class _CompileJit:
 def glue_launches(D: int = 1024, E: int = 387, K: int = 16, T: int = 16384):
     """{module: (kernel names, a call of moeut's wrapper that launches them)} for the kernels besides
     the expert GEMMs that a 244M training step runs."""
-    from moeut import triton_entropy, triton_norm
+    from moeut.kernels import entropy as triton_entropy, norm as triton_norm
     x, w = torch.empty(T, D), torch.empty(D)
     mean, rstd, gy = torch.empty(T), torch.empty(T), torch.empty(T, D, dtype=torch.bfloat16)
     expert = torch.zeros(T, K, dtype=torch.long)
@@ -215,7 +215,7 @@ def main(argv=None):
     ap.add_argument("--json", type=Path, help="also write the rows")
     ap.add_argument("--glue", action="store_true", help="also the LayerNorm and router-statistics kernels")
     args = ap.parse_args(argv)
-    if os.environ.pop("TRITON_INTERPRET", "0") == "1" and "moeut.triton_expert_mm" in sys.modules:
+    if os.environ.pop("TRITON_INTERPRET", "0") == "1" and "moeut.kernels.expert_mm" in sys.modules:
         raise SystemExit("compile_sm90: moeut's kernels were imported for the interpreter; run this in a fresh process")
     if args.ir_dir:
         args.ir_dir.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moeut import expert_gemv  # noqa: E402
+from moeut.ops import expert_gemv  # noqa: E402
 from moeut import generate as generate_module  # noqa: E402
 from moeut.generate import generate  # noqa: E402
 from moeut.settings import settings  # noqa: E402

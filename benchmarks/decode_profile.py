@@ -29,7 +29,7 @@ def main():
     ap.add_argument("--gemv-max-choices", type=float, help="override both of expert_gemv's choices-per-expert limits")
     args = ap.parse_args()
     if args.gemv_max_choices is not None:
-        from moeut import expert_gemv
+        from moeut.ops import expert_gemv
         expert_gemv.MAX_CHOICES_PER_EXPERT = expert_gemv.MAX_CHOICES_PER_EXPERT_PAST_L2 = args.gemv_max_choices
     for name in args.models.split(","):
         torch.manual_seed(0)

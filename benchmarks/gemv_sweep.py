@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from profile_step import kernel_times  # noqa: E402
-from moeut import triton_expert_gemv as tg  # noqa: E402
+from moeut.kernels import expert_gemv as tg  # noqa: E402
 
 D, S, E, K, H, EH, KH, Dh = 1024, 128, 387, 16, 4, 10, 2, 128
 

@@ -52,6 +52,12 @@ run train_graph 260 python3 benchmarks/train_throughput.py --steps 6 --cuda-grap
 # The graphed step at the sizes issue-tracked figures compare (244M and 1B against dense), ~2.5 min.
 run train_graph_main 200 python3 benchmarks/train_throughput.py --steps 6 --cuda-graph \
   --models "${MAIN_MODELS:-moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8}" --json "$OUT/train_graph_main.json"
+# Before / after a refactor, in one call: the graphed step of an earlier tree (carried as $BASELINE, e.g.
+# `git archive <commit> moeut benchmarks/train_throughput.py | tar -x -C .baseline`), this tree, then the
+# earlier one again with AB_SIDES="before after again" (drift check); ~2.5 min per side at the four main models.
+run ab_tree 590 bash -c "for side in ${AB_SIDES:-before after}; do tree=.; [ \$side = after ] || tree=\${BASELINE:-.baseline}; \
+  python3 \$tree/benchmarks/train_throughput.py --steps 6 --cuda-graph \
+  --models \"${MAIN_MODELS:-moeut-244M:16,dense-244M:16,moeut-1B:8,dense-1B:8}\" --json \"$OUT/ab_tree_\$side.json\"; done"
 # `moeut train` itself with default flags (batch 64 x 1024, step mode auto) on the standard library:
 # the trainer's tokens/s beside train_graph_main's figure (the tokenizer is carried to skip training one).
 run trainer_default 240 python3 benchmarks/trainer_speed.py --models moeut-244M --modes default --batch-size 0 \

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def router():
-    from moeut.router import sigmoid_topk, sigmoid_topk_reference
+    from moeut.ops.router import sigmoid_topk, sigmoid_topk_reference
     x = torch.randn(4096, 387, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     gate, expert = sigmoid_topk(x, 16)
     torch.testing.assert_close(gate, sigmoid_topk_reference(x, 16)[0], rtol=2 ** -8, atol=0)
@@ -23,28 +23,28 @@ def router():
 
 
 def rope():
-    from moeut.rope import rope_tables, rotate, rotate_reference
+    from moeut.ops.rope import rope_tables, rotate, rotate_reference
     x = torch.randn(2, 100, 4, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     cos, sin = rope_tables(64, 0, 100, 10000.0, "cuda")
     torch.testing.assert_close(rotate(x, cos, sin), rotate_reference(x, cos, sin), rtol=1e-2, atol=1e-2)
 
 
 def loop_n():
-    from moeut import triton_expert_mm
-    from moeut.expert_mm import route
-    from moeut.expert_ops import grouped_mm_reference
-    from moeut.triton_expert_mm import grouped_mm_triton
+    from moeut.kernels import expert_mm as triton_expert_mm
+    from moeut.ops.expert_mm import route
+    from moeut.ops.grouped_mm import grouped_mm_reference
+    from moeut.kernels.expert_mm import grouped_mm_triton
     r = route(torch.randint(0, 50, (2048, 4), device="cuda"), 50)
     h = torch.randn(2048 * 4, 128, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(50, 128, 1024, device="cuda", dtype=torch.bfloat16) / 11
-    triton_expert_mm.LOOP_N_OVERRIDE = True
+    rule, triton_expert_mm.use_loop_n = triton_expert_mm.use_loop_n, lambda I, O, N, E: I <= 128
     got = grouped_mm_triton(h, w, r.offsets_E1, None, None, r.slot_N)
     # with the epilogue row dot and the gated input rows (the value projection's backward, RESULTS Q.1)
     gate, dot_x = torch.rand(2048 * 4, device="cuda"), torch.randn(2048 * 4, 1024, device="cuda", dtype=torch.bfloat16)
     rows = torch.arange(2048 * 4, device="cuda")
     _, dot, gated = grouped_mm_triton(h, w, r.offsets_E1, None, gate, r.slot_N, True, dot_x_MO=dot_x,
                                       dot_rows_N=rows, gate_x=True)
-    triton_expert_mm.LOOP_N_OVERRIDE = None
+    triton_expert_mm.use_loop_n = rule
     plain = grouped_mm_reference(h.float(), w.float(), r.offsets_E1, None)
     want = torch.empty_like(got).index_copy_(0, r.slot_N, plain.to(got.dtype))
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
@@ -53,7 +53,7 @@ def loop_n():
 
 
 def row_dot():
-    from moeut.triton_expert_mm import row_dot_triton
+    from moeut.kernels.expert_mm import row_dot_triton
     a = torch.randn(5000, 128, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(700, 128, device="cuda", dtype=torch.bfloat16)
     rows = torch.randint(0, 700, (5000,), device="cuda")
@@ -65,8 +65,8 @@ def row_dot():
 
 
 def route_small():
-    from moeut.expert_mm import route
-    from moeut.triton_route import route_small_triton
+    from moeut.ops.expert_mm import route
+    from moeut.kernels.route import route_small_triton
     expert = torch.randint(0, 387, (32, 16), device="cuda")
     from moeut.settings import settings
     settings.pytorch_ops = frozenset({"route"})
@@ -78,8 +78,8 @@ def route_small():
 
 
 def expert_gemv():
-    from moeut.expert_gemv import expert_gemv_reference
-    from moeut.triton_expert_gemv import expert_gemv_triton
+    from moeut.ops.expert_gemv import expert_gemv_reference
+    from moeut.kernels.expert_gemv import expert_gemv_triton
     x = torch.randn(32 * 16, 128, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(387, 128, 1024, device="cuda", dtype=torch.bfloat16) / 11
     expert = torch.randint(0, 387, (32 * 16,), device="cuda")
@@ -89,14 +89,14 @@ def expert_gemv():
 
 
 def sum_choices():
-    from moeut.triton_sum import sum_choices_triton
+    from moeut.kernels.sum_choices import sum_choices_triton
     y = torch.randn(4096 * 16, 1024, device="cuda", dtype=torch.bfloat16)
     got = sum_choices_triton(y, 4096, torch.float32)
     torch.testing.assert_close(got, y.view(4096, 16, 1024).sum(1, dtype=torch.float32), rtol=1e-5, atol=1e-4)
 
 
 def entropy():
-    from moeut.triton_entropy import prob_sum_backward_triton, prob_sum_triton
+    from moeut.kernels.entropy import prob_sum_backward_triton, prob_sum_triton
     x = (3 * torch.randn(16, 1024, 387, device="cuda")).to(torch.bfloat16)
     g = torch.randn(16, 387, device="cuda")
     p = torch.softmax(x.float(), -1)
@@ -106,7 +106,7 @@ def entropy():
 
 
 def router_joint_gradient():
-    from moeut.router import select_with_prob_sum, sigmoid_topk
+    from moeut.ops.router import select_with_prob_sum, sigmoid_topk
     wide = (3 * torch.randn(8, 1024, 392, device="cuda")).to(torch.bfloat16).requires_grad_()
     gate, expert, p_sum = select_with_prob_sum(wide, 16, n_valid=387)
     g = torch.randn_like(gate)
@@ -119,7 +119,7 @@ def router_joint_gradient():
 
 def layer_norm():
     import torch.nn.functional as F
-    from moeut.norm import layer_norm as fused
+    from moeut.ops.norm import layer_norm as fused
     x = torch.randn(4096, 1024, device="cuda", requires_grad=True)
     w = torch.randn(1024, device="cuda", requires_grad=True)
     b = torch.randn(1024, device="cuda", requires_grad=True)
@@ -131,7 +131,7 @@ def layer_norm():
 
 
 def norm_copies():
-    from moeut import triton_norm
+    from moeut.kernels import norm as triton_norm
     x, w = torch.randn(4096, 1024, device="cuda"), torch.randn(1024, device="cuda")
     _, mean, rstd, x_copy = triton_norm.layer_norm_fwd(x, w, w, 1e-5, torch.bfloat16, copy_dtype=torch.bfloat16)
     dx, _, _, dx_copy = triton_norm.layer_norm_bwd(torch.randn_like(x).bfloat16(), x, w, mean, rstd,

@@ -1,4 +1,4 @@
-"""Tile-config sweep for the σ-MoE grouped-GEMM kernels (`triton_expert_mm.py`), one pass at a time.
+"""Tile-config sweep for the σ-MoE grouped-GEMM kernels (`kernels/expert_mm.py`), one pass at a time.
 
 The kernels autotune over a deliberately short config list (every config compiles once per kernel
 variant and process). This script times a wider list per pass, exactly as the FFN calls each pass,
@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moeut import triton_expert_mm as tem, triton_weight_grad as twg  # noqa: E402
-from moeut.expert_mm import route  # noqa: E402
+from moeut.kernels import expert_mm as tem, weight_grad as twg  # noqa: E402
+from moeut.ops.expert_mm import route  # noqa: E402
 
 # d_model, experts, choices per token. The "-att" shapes are SwitchHead's V / O projections (heads x
 # experts per head, heads x top-k), run through the FFN's passes: the same kernels at the attention's

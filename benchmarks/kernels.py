@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from profile_step import busy_ms, clear_grads, kernel_times, print_table  # noqa: E402
-from moeut.expert_mm import expert_mm, expert_mm_combine, fp64_reference, route  # noqa: E402
+from moeut.ops.expert_mm import expert_mm, expert_mm_combine, route  # noqa: E402
+from moeut.ops.reference import fp64_reference  # noqa: E402
 from moeut.moe import SigmaMoE  # noqa: E402
 
 SHAPES = {  # d_model, experts, k
@@ -133,7 +134,7 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
         rows.append(dict(shape=name, pass_=pass_name, ms=ms, tflops=0.0, tb_per_s=bytes_moved / ms / 1e9,
                          roofline_ms=bytes_moved / bw / 1e9, roofline_tflops=0.0))
 
-    # The passes exactly as the σ-MoE FFN runs them (see expert_mm.py): bytes are the compulsory traffic.
+    # The passes exactly as the σ-MoE FFN runs them (see ops/expert_mm.py): bytes are the compulsory traffic.
     add("up fwd (gather x)", bench(lambda: op(x, w1, r.offsets_E1, r.rows_N, None, None)),
         2 * (T * D + E * D * S + N * S))
     add("down fwd (gate, scatter)", bench(lambda: op(h, w2, r.offsets_E1, None, gate, r.slot_N)),
@@ -143,15 +144,16 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
     add("up dx (scatter)", bench(lambda: op(gh, w1.transpose(1, 2), r.offsets_E1, None, None, r.slot_N)),
         2 * (N * S + E * S * D + N * D))
     # The narrow passes (I = 128) in the other grouped-GEMM form too, to keep the faster one as default.
-    from moeut import triton_expert_mm
-    forced = triton_expert_mm.use_loop_n(S, D, N, E)
-    triton_expert_mm.LOOP_N_OVERRIDE = not forced
+    from moeut.kernels import expert_mm as triton_expert_mm
+    rule = triton_expert_mm.use_loop_n
+    forced = rule(S, D, N, E)
+    triton_expert_mm.use_loop_n = lambda I, O, N, E: (not forced) and I <= 128   # the other form
     form = "loop over N" if not forced else "column blocks"
     add(f"down fwd [{form}]", bench(lambda: op(h, w2, r.offsets_E1, None, gate, r.slot_N)),
         2 * (N * S + E * S * D + N * D))
     add(f"up dx [{form}]", bench(lambda: op(gh, w1.transpose(1, 2), r.offsets_E1, None, None, r.slot_N)),
         2 * (N * S + E * S * D + N * D))
-    triton_expert_mm.LOOP_N_OVERRIDE = None
+    triton_expert_mm.use_loop_n = rule
     # fp32 master weights (training under autocast): rounded tile by tile in the kernel, against a
     # cast to bf16 followed by the bf16 kernel (what every application did before).
     w1_32, w2_32 = w1.float(), w2.float()
@@ -171,9 +173,9 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
 
     down_dw_bytes = 2 * (N * S + T * D) + 4 * E * S * D
     add("down dW (gather, gate dy)", bench(down_dw), down_dw_bytes)
-    # A shared weight's gradient summed over its applications (shared_weights.py): each launch adds into
+    # A shared weight's gradient summed over its applications (ops/shared_weights.py): each launch adds into
     # the fp32 sum, reading and writing it; with WGRAD_DEFER one launch sums several applications.
-    from moeut.triton_weight_grad import weight_grad_segments_triton
+    from moeut.kernels.weight_grad import weight_grad_segments_triton
     for label, seg, io_bytes in (("up dW", (x, gh, r.offsets_E1, r.rows_N, None, None, None), 2 * (T * D + N * S)),
                                  ("down dW", (h, gy_T, r.offsets_E1, None, group, gate, None), 2 * (N * S + T * D))):
         acc = torch.zeros(E, seg[0].shape[1], seg[1].shape[1], device="cuda")
@@ -192,8 +194,8 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
             print(f"  torch._grouped_mm ({layout}) unavailable: {type(e).__name__}: {str(e)[:120]}")
 
     # The top-k sum over the [T, K, D] scatter buffer: bandwidth-bound, reported as TB/s.
-    from moeut.expert_ops import _sum_choices_torch
-    from moeut.triton_sum import sum_choices_triton
+    from moeut.ops.grouped_mm import _sum_choices_torch
+    from moeut.kernels.sum_choices import sum_choices_triton
     y_ND = torch.randn(N, D, device="cuda", dtype=dt)
     for label, fn, out_size in (("top-k sum, torch.sum -> bf16", lambda: _sum_choices_torch(y_ND, T, dt), 2),
                                 ("top-k sum, torch.sum -> bf16 -> fp32",
@@ -205,7 +207,7 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
 
     # The router (sigmoid + top-k in one kernel) on bf16 logits, for a few launch shapes
     # (rows per program, warps); "rule" is what `sigmoid_topk_triton` picks.
-    from moeut import triton_router
+    from moeut.kernels import router as triton_router
     logits = torch.randn(T, E, device="cuda", dtype=dt)
     for launch in (None, (8, 4), (4, 4), (4, 2), (2, 1), (1, 1)):
         triton_router.LAUNCH_OVERRIDE = launch
@@ -308,7 +310,7 @@ def main():
               f"{f['roofline_fwd_tflops']:5.0f} {f['roofline_fwd_bwd_tflops']:8.0f}")
     print("(roofline: the sum of the passes' bounds above, top-k sums included; the router, casts and "
           "the gate's row dot not counted)")
-    from moeut.triton_weight_grad import autotune_choices
+    from moeut.kernels.weight_grad import autotune_choices
     choices = autotune_choices()
     out["autotune"] = [dict(kernel=k, key=key, config=c) for k, key, c in choices]
     print("\nautotuning in this process (key -> config):")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from profile_step import gpu_and_wall_ms  # noqa: E402
-from moeut.norm import layer_norm  # noqa: E402
+from moeut.ops.norm import layer_norm  # noqa: E402
 
 
 def main():
@@ -75,7 +75,7 @@ def main():
 
 def sweep(R: int, D: int):
     """GPU ms of the fused forward+backward per backward launch shape; the first row is the default."""
-    from moeut import triton_norm
+    from moeut.kernels import norm as triton_norm
     x = torch.randn(R, D, device="cuda", requires_grad=True)
     w = (1 + 0.1 * torch.randn(D, device="cuda")).requires_grad_()
     b = torch.zeros(D, device="cuda", requires_grad=True)
@@ -87,17 +87,16 @@ def sweep(R: int, D: int):
             y = layer_norm(x, w, b)
         y.backward(g)
 
-    default = (triton_norm.BACKWARD_PROGRAMS, triton_norm.BACKWARD_TILE_OVERRIDE, triton_norm.SUM_COLUMNS)
-    configs = [default] + [(p, t, c) for p in (512, 1024, 2048) for t in ((4, 4), (8, 8), (4, 8), (2, 4))
-                           for c in (8,)] + [(512, None, 64), (512, None, 32)]
+    default = (triton_norm.BACKWARD_PROGRAMS, triton_norm.SUM_COLUMNS)
+    configs = [default] + [(p, c) for p in (256, 1024, 2048) for c in (8, 32, 64)]
     out = []
-    print(f"\nbackward launch shapes at {R}x{D}: programs, (rows per tile, warps), partial-sum columns")
-    for programs, tile, columns in configs:
-        triton_norm.BACKWARD_PROGRAMS, triton_norm.BACKWARD_TILE_OVERRIDE, triton_norm.SUM_COLUMNS = programs, tile, columns
+    print(f"\nbackward launch shapes at {R}x{D}: programs, partial-sum columns")
+    for programs, columns in configs:
+        triton_norm.BACKWARD_PROGRAMS, triton_norm.SUM_COLUMNS = programs, columns
         gpu_ms, _, _ = gpu_and_wall_ms(run)
-        print(f"  {programs:5d} {str(tile or 'rule'):8s} {columns:3d}  fwd+bwd {gpu_ms:.4f} ms")
-        out.append(dict(shape=f"{R}x{D}", sweep=[programs, tile, columns], moeut_gpu_ms=gpu_ms))
-    triton_norm.BACKWARD_PROGRAMS, triton_norm.BACKWARD_TILE_OVERRIDE, triton_norm.SUM_COLUMNS = default
+        print(f"  {programs:5d} {columns:3d}  fwd+bwd {gpu_ms:.4f} ms")
+        out.append(dict(shape=f"{R}x{D}", sweep=[programs, columns], moeut_gpu_ms=gpu_ms))
+    triton_norm.BACKWARD_PROGRAMS, triton_norm.SUM_COLUMNS = default
     return out
 
 

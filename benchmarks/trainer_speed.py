@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moeut.train import TrainConfig, train  # noqa: E402
+from moeut.train.trainer import TrainConfig, train  # noqa: E402
 
 
 def main():

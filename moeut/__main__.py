@@ -1,6 +1,6 @@
 """`python -m moeut ...` (and `torchrun -m moeut train ...`)."""
 import sys
 
-from .cli import main
+from moeut.cli import main
 
 sys.exit(main())

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .expert_gemv import gemv_applies, project
-from .expert_mm import ResidualGradRelay, expert_mm_combine, route
-from .moe import RouterLogits, aligned_width_padding
-from .rope import rope_tables, rotate
-from .router import joint_selection_applies, select_with_prob_sum, sigmoid_topk
+from moeut.ops.expert_gemv import gemv_applies, project
+from moeut.ops.expert_mm import ResidualGradRelay, expert_mm_combine, route
+from moeut.moe import RouterLogits, aligned_width_padding
+from moeut.ops.rope import rope_tables, rotate
+from moeut.ops.router import joint_selection_applies, select_with_prob_sum, sigmoid_topk
 
 KVCache = Optional[Dict[str, Tensor]]
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]

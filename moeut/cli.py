@@ -10,7 +10,7 @@ import sys
 from dataclasses import fields
 from typing import Optional
 
-from . import profiles
+from moeut import profiles
 
 EPILOG_TRAIN = """examples:
   moeut train                                   # tiny MoEUT on the Python standard library, CPU defaults
@@ -119,8 +119,8 @@ def _add_train(sub):
 
 
 def cmd_train(args) -> int:
-    from .runs import parse_overrides
-    from .train import Diverged, TrainConfig, config_of_run, default_cache_dir, end_distributed, train
+    from moeut.runs import parse_overrides
+    from moeut.train.trainer import Diverged, TrainConfig, config_of_run, default_cache_dir, end_distributed, train
     given = {k for k, v in vars(args).items() if v is not None and k not in ("func", "command")}
     if args.resume:
         refused = sorted(given - RESUME_FLAGS)
@@ -178,8 +178,8 @@ def cmd_migrate(args) -> int:
     import json
     import re
     from pathlib import Path
-    from .checkpoint import migrate_legacy_checkpoints, write_json_atomic
-    from .run_dir import RunLock, check_existing_run_dir
+    from moeut.train.checkpoint import migrate_legacy_checkpoints, write_json_atomic
+    from moeut.train.run_dir import RunLock, check_existing_run_dir
     run = Path(args.run)
     check_existing_run_dir(run, writable=True)
     with RunLock(run):
@@ -221,7 +221,7 @@ def _device(name: str) -> str:
 
 
 def _read_prompts(path: str):
-    from .evaluate import read_text_file
+    from moeut.evaluate import read_text_file
     text = read_text_file(path)
     prompts = [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
     if not prompts:
@@ -230,9 +230,9 @@ def _read_prompts(path: str):
 
 
 def cmd_generate(args) -> int:
-    from .generate import generate, kv_cache_bytes
-    from .memory import device_memory
-    from .runs import load_run
+    from moeut.generate import generate, kv_cache_bytes
+    from moeut.memory import device_memory
+    from moeut.runs import load_run
     prompts = _read_prompts(args.prompt_file) if args.prompt_file else [p.replace("\\n", "\n") for p in args.prompt]
     device = _device(args.device)
     model, tok, _ = load_run(args.checkpoint, device)
@@ -267,7 +267,7 @@ def cmd_generate(args) -> int:
 
 
 def _add_eval(sub):
-    from .evaluate import TASKS
+    from moeut.evaluate import TASKS
     p = sub.add_parser("eval", help="perplexity and the paper's zero-shot tasks",
                        description="Evaluate a trained run: perplexity on --text and the paper's zero-shot tasks "
                                    f"({', '.join(TASKS)}), scored as in the paper. See README for the data layout.")
@@ -288,8 +288,8 @@ def _add_eval(sub):
 def cmd_eval(args) -> int:
     import os
     from pathlib import Path
-    from .evaluate import TASKS, read_text_file, run_eval
-    from .runs import load_run, write_json_atomic
+    from moeut.evaluate import TASKS, read_text_file, run_eval
+    from moeut.runs import load_run, write_json_atomic
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks != "all" else list(TASKS)
     if not tasks and not args.text:
         raise ValueError("nothing to evaluate: give --tasks and/or --text")
@@ -328,7 +328,7 @@ def _add_models(sub):
 
 def cmd_models(args) -> int:
     import torch
-    from .runs import build_model, model_kwargs
+    from moeut.runs import build_model, model_kwargs
     for name in profiles.model_names():
         with torch.device("meta"):
             m = build_model(name, args.vocab_size, model_kwargs(name))
@@ -357,7 +357,7 @@ def main(argv=None) -> int:
     """Errors a user can fix (a bad flag or file, a damaged or foreign checkpoint, a busy run, a full
     disk) print one line naming the problem and exit with status 2; --debug shows the traceback.
     Anything else is a bug and keeps its traceback."""
-    from .checkpoint import CheckpointError
+    from moeut.train.checkpoint import CheckpointError
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

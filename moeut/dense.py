@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import AttentionMask, KVCache, attend, begin_static_step, check_mask, end_static_step
-from .model import MoEUTOutput, MultilayerKVCache, kv_cache_key_length, require, check_tokens
-from .moe import aligned_width_padding
-from .norm import LayerNorm
+from moeut.attention import AttentionMask, KVCache, attend, begin_static_step, check_mask, end_static_step
+from moeut.model import MoEUTOutput, MultilayerKVCache, kv_cache_key_length, require, check_tokens
+from moeut.moe import aligned_width_padding
+from moeut.ops.norm import LayerNorm
 
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import eval_windows
+from moeut.train.data import eval_windows
 
 SOURCES = {
     "lambada": ("lambada/lambada_test.jsonl", "the OpenAI LAMBADA test file (github cybertronai/bflm)"),

@@ -12,8 +12,8 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .attention import AttentionMask, frozen_inference_weights, new_static_cache
-from .memory import device_memory
+from moeut.attention import AttentionMask, frozen_inference_weights, new_static_cache
+from moeut.memory import device_memory
 
 COMPILE_CAPACITY_STEP = 256  # with compile=True the KV cache holds a multiple of this many positions
 OVERLAP_HOST = True   # launch the next decoding step before reading this one's tokens (False: benchmarks' baseline)
@@ -205,8 +205,8 @@ def _decode_recomputing(model, x, pad, kv: Optional[dict], sample, take, max_new
 def _supports_static_cache(model) -> bool:
     """Our attention modules understand preallocated caches; a user-supplied attention class with the
     official interface only knows the growing dict."""
-    from .attention import SwitchHeadRope
-    from .model import MoEUTLayer
+    from moeut.attention import SwitchHeadRope
+    from moeut.model import MoEUTLayer
     return all(isinstance(m.attention, SwitchHeadRope) for m in model.modules() if isinstance(m, MoEUTLayer))
 
 

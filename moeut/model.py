@@ -18,11 +18,11 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from . import cast_relay
-from .attention import AttentionMask, KVCache, SwitchHeadRope, begin_static_step, check_mask, end_static_step
-from .moe import RouterLogits, SigmaMoE, negative_entropy, router_prob_sum
-from .norm import LayerNorm
-from .shared_weights import begin_share, end_share
+from moeut.ops import cast_relay
+from moeut.attention import AttentionMask, KVCache, SwitchHeadRope, begin_static_step, check_mask, end_static_step
+from moeut.moe import RouterLogits, SigmaMoE, negative_entropy, router_prob_sum
+from moeut.ops.norm import LayerNorm
+from moeut.ops.shared_weights import begin_share, end_share
 
 MultilayerKVCache = Optional[Dict[int, KVCache]]
 
@@ -76,7 +76,7 @@ class MoEUTLayer(torch.nn.Module):
                                    expert_dropout=att_expert_dropout)
         self.ffn = SigmaMoE(d_model, ff_n_experts, ff_expert_size, k=ff_k, expert_dropout=ff_expert_dropout)
         # The experts read the raw residual: its LayerNorms also write the bf16 copies of it (forward) and of
-        # its gradient (backward) that the expert projections would cast (`cast_relay.py`).
+        # its gradient (backward) that the expert projections would cast (`ops/cast_relay.py`).
         self.ln1 = LayerNorm(d_model, input_copy=att_n_experts > 1, grad_copy=True)
         self.ln2 = LayerNorm(d_model, input_copy=True, grad_copy=att_n_experts > 1)
         self.drop = torch.nn.Dropout(dropout)
@@ -224,7 +224,7 @@ class MoEUT(torch.nn.Module):
         router_logits = [] if self.collect_router_logits else None
         checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         # Under autocast, one low-precision copy of each expert weight serves all of this forward's
-        # layer applications, and their weight gradients are summed in place (`shared_weights.py`).
+        # layer applications, and their weight gradients are summed in place (`ops/shared_weights.py`).
         autocast = torch.is_autocast_enabled(x.device.type)
         share = begin_share(torch.get_autocast_dtype(x.device.type) if autocast and not checkpointing else None)
         try:

@@ -17,24 +17,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .expert_gemv import gemv_applies, project
-from .expert_mlp import expert_mlp
-from .expert_mm import expert_mm, expert_mm_combine, route
-from .fused import use_fused
-from .router import joint_selection_applies, select_with_prob_sum, sigmoid_topk
+from moeut.ops.expert_gemv import gemv_applies, project
+from moeut.ops.expert_mlp import expert_mlp
+from moeut.ops.expert_mm import expert_mm, expert_mm_combine, route
+from moeut.ops.dispatch import use_fused
+from moeut.ops.router import joint_selection_applies, select_with_prob_sum, sigmoid_topk
 
 
 class _ProbabilitySum(torch.autograd.Function):
     """softmax(logits in fp32, over experts).sum(1), saving the (bf16) logits instead of the fp32
     probabilities: the backward recomputes them. The probabilities of every layer application would
     otherwise stay alive until the backward (0.45 GiB at 244M, batch 16). On CUDA each direction is
-    one Triton kernel (`triton_entropy.py`; MOEUT_PYTORCH_OPS=entropy runs the PyTorch form below)."""
+    one Triton kernel (`kernels/entropy.py`; MOEUT_PYTORCH_OPS=entropy runs the PyTorch form below)."""
 
     @staticmethod
     def forward(ctx, logits: Tensor) -> Tensor:
         ctx.save_for_backward(logits)
         if use_fused(logits, "entropy"):
-            from .triton_entropy import prob_sum_triton
+            from moeut.kernels.entropy import prob_sum_triton
             return prob_sum_triton(logits)
         return F.softmax(logits, dim=-1, dtype=torch.float32).sum(1)
 
@@ -46,7 +46,7 @@ class _ProbabilitySum(torch.autograd.Function):
         # at::Float"), so asking for bf16 would crash every GPU training step.
         logits, = ctx.saved_tensors
         if use_fused(logits, "entropy"):
-            from .triton_entropy import prob_sum_backward_triton
+            from moeut.kernels.entropy import prob_sum_backward_triton
             return prob_sum_backward_triton(grad_sum, logits)
         p = F.softmax(logits, dim=-1, dtype=torch.float32)
         g = grad_sum.unsqueeze(1).expand_as(p).contiguous()   # the same upstream gradient at every position

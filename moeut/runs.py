@@ -14,14 +14,14 @@ from typing import Any, Dict, Tuple
 
 import torch
 
-from . import checkpoint as ckpt_lib
-from . import profiles
-from .checkpoint import CheckpointError
-from .dense import DenseLM
-from .memory import device_memory
-from .model import MoEUTLM
-from .run_dir import check_existing_run_dir, read_run_json
-from .tokenizer import Tokenizer
+from moeut.train import checkpoint as ckpt_lib
+from moeut import profiles
+from moeut.train.checkpoint import CheckpointError
+from moeut.dense import DenseLM
+from moeut.memory import device_memory
+from moeut.model import MoEUTLM
+from moeut.train.run_dir import check_existing_run_dir, read_run_json
+from moeut.train.tokenizer import Tokenizer
 
 BYTES_PER_PARAMETER = {"train": 16, "infer": 4}   # fp32 weights (+ gradients and AdamW's two moments)
 

@@ -60,13 +60,13 @@ def switch_kernels(monkeypatch, rule) -> None:
                if (name == "moeut" or name.startswith("moeut.")) and hasattr(module, "use_fused")]
     for name in patched:
         monkeypatch.setattr(sys.modules[name], "use_fused", rule)
-    assert {"moeut.fused", "moeut.expert_ops", "moeut.expert_mm"} <= set(patched), patched
+    assert {"moeut.ops.dispatch", "moeut.ops.grouped_mm", "moeut.ops.expert_mm"} <= set(patched), patched
 
 
 def combine_case(gather: bool, groups: int, I: int, O: int, seed: int):
     """(routing, x, w, gate) of a small fused-combine problem: 24 rows, 4 choices, 6 experts of which
     the last gets no row, gates grouped `groups` per row; all leaves require grad."""
-    from moeut.expert_mm import route
+    from moeut.ops.expert_mm import route
     gen = torch.Generator().manual_seed(seed)
     R, K, E = 24, 4, 6
     expert = torch.randint(0, E - 1, (R, K), generator=gen)
@@ -76,3 +76,20 @@ def combine_case(gather: bool, groups: int, I: int, O: int, seed: int):
     w = torch.randn(E, I, O, generator=gen, requires_grad=True)
     gate = torch.rand(R * groups, K // groups, generator=gen, requires_grad=True)
     return r, x, w, gate
+
+
+def force_loop_n(monkeypatch, loop_n) -> None:
+    """Force the grouped GEMM kernel's "loop over N" form on (True) or off (False) wherever the input is
+    narrow enough for it; None keeps the kernel's own rule."""
+    if loop_n is None:
+        return
+    from moeut.kernels import expert_mm as triton_expert_mm
+    monkeypatch.setattr(triton_expert_mm, "use_loop_n", lambda I, O, N, E: loop_n and I <= 128)
+
+
+def force_wgrad_splits(monkeypatch, splits) -> None:
+    """Force the weight-gradient kernel to split each expert's rows into `splits` ranges (None: its rule)."""
+    if splits is None:
+        return
+    from moeut.kernels import weight_grad
+    monkeypatch.setattr(weight_grad, "wgrad_splits", lambda *args, **kwargs: splits)

@@ -17,7 +17,7 @@ import torch
 from common import DEVICE, bench, ffn_problem, shapes, try_variant
 import triton
 import triton.language as tl
-from moeut.triton_sum import sum_choices_triton
+from moeut.kernels.sum_choices import sum_choices_triton
 
 FIXED_ONE = 2.0 ** 32   # one unit in the int64 sum is 2^-32
 

@@ -17,7 +17,7 @@ import torch
 if not torch.cuda.is_available():   # before Triton is first imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from moeut.expert_mm import route  # noqa: E402
+from moeut.ops.expert_mm import route  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EXPERT_SIZE = 128

@@ -20,10 +20,10 @@ segments per launch as in a step:
 import torch
 
 from common import DEVICE, bench, ffn_problem, shapes, try_variant
-from moeut import expert_ops
-from moeut.expert_mm import route
-from moeut import triton_weight_grad
-from moeut.triton_weight_grad import weight_grad_segments_triton, wgrad_splits
+from moeut.ops import grouped_mm as expert_ops
+from moeut.ops.expert_mm import route
+from moeut.kernels import weight_grad as triton_weight_grad
+from moeut.kernels.weight_grad import weight_grad_segments_triton, wgrad_splits
 
 # name: (heads, attention experts per head); SwitchHead's value and output projections pick 2 of its
 # head's experts per (token, head), routed over heads x experts (40 at 244M, 72 at 1B) as in the model
@@ -87,7 +87,7 @@ def main(names=None):
             # counts for SwitchHead's gated passes (is the automatic count right?)
             sweep = (None, 1, 2, 4, 8) if label.startswith("SwitchHead") and "given" in label else (None,)
             for split in sweep:
-                triton_weight_grad.WGRAD_SPLIT_OVERRIDE = split
+                triton_weight_grad.wgrad_splits = wgrad_splits if split is None else (lambda *a, n=split: n)
                 want = sum(expert_ops.weight_grad_reference(*s[:6], torch.float32) for s in segs)
                 got = []
 
@@ -98,7 +98,7 @@ def main(names=None):
                     side += f" (automatic: {auto} row ranges)" if split is None else f" ({split} row ranges)"
                 results.append(try_variant(f"{name}  {label}{side}", run,
                                            lambda: ((got[0] - want).abs().max() / want.abs().max()).item(), fl))
-            triton_weight_grad.WGRAD_SPLIT_OVERRIDE = None
+            triton_weight_grad.wgrad_splits = wgrad_splits
         f = ffn[0]
         ms = bench(lambda: (f["h"].float() * f["g"][:, None]).to(dt))
         if ms == ms:

@@ -4,15 +4,14 @@ The σ-MoE backward's row dot reads d h and h [N, S] and writes the ReLU input's
 where h > 0) and, with GATED_WGRAD, g·h. At 244M it moves 256 MB in ~65 µs per call, near the H200's
 bandwidth. Yet dropping the g·h write (64 MB) saved only ~2 µs per call in a step (R.5). This times
 the kernel as the FFN calls it, with and without that write, beside torch copies of the same byte
-counts, at the tile the kernel picks and with other rows per program (`ROW_DOT_ROWS`).
+counts, at the tile the kernel picks and with other rows per program (`row_dot_triton`'s `rows_per_program`).
 
     python benchmarks/experiments/row_dot_bytes.py      (CUDA; on CPU the tiny shape, interpreted)
 """
 import torch
 
 from common import bench, ffn_problem, shapes
-from moeut import triton_expert_mm
-from moeut.triton_expert_mm import row_dot_triton
+from moeut.kernels.expert_mm import row_dot_triton
 
 
 def main(names=None):
@@ -23,8 +22,8 @@ def main(names=None):
         gate, dst = p.gate, p.r.slot_N
         mb = d_h.numel() * d_h.element_size() / 2 ** 20
 
-        def row_dot(gate_b):
-            return row_dot_triton(d_h, h, None, gate, dst, relu_mask=True, gate_b=gate_b)
+        def row_dot(gate_b, br=None):
+            return row_dot_triton(d_h, h, None, gate, dst, relu_mask=True, gate_b=gate_b, rows_per_program=br)
 
         want = row_dot(True)
 
@@ -33,12 +32,12 @@ def main(names=None):
                        for a, b in zip(got, want) if a.numel() or b.numel() == 0)
         results.append(dict(label="no g·h", error=error(row_dot(False))))
         for br in (16, 32, 128):
-            results.append(dict(label=f"{br} rows", error=error(_with_rows(br, lambda: row_dot(True)))))
+            results.append(dict(label=f"{br} rows", error=error(row_dot(True, br))))
         rows = [(f"{name}  row dot, writes g·h too ({4 * mb:.0f} MB)", lambda: row_dot(True)),
                 (f"{name}  row dot, no g·h ({3 * mb:.0f} MB)", lambda: row_dot(False))]
         for br in (16, 32, 128):
             rows.append((f"{name}  row dot, writes g·h too, {br} rows per program",
-                         lambda br=br: _with_rows(br, lambda: row_dot(True))))
+                         lambda br=br: row_dot(True, br)))
         out = torch.empty_like(d_h)
         rows += [(f"{name}  torch.stack of d h and h ({4 * mb:.0f} MB)", lambda: torch.stack([d_h, h])),
                  (f"{name}  torch.mul of d h and h ({3 * mb:.0f} MB)", lambda: torch.mul(d_h, h, out=out)),
@@ -55,15 +54,6 @@ def _megabytes(label: str) -> float:
     if not label.endswith(" MB)"):
         return 0.0
     return float(label.rsplit("(", 1)[1].split()[0])
-
-
-def _with_rows(br: int, fn):
-    old = triton_expert_mm.ROW_DOT_ROWS
-    triton_expert_mm.ROW_DOT_ROWS = br
-    try:
-        return fn()
-    finally:
-        triton_expert_mm.ROW_DOT_ROWS = old
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch
 from common import DEVICE, bench, ffn_problem, shapes, try_variant
 import triton
 import triton.language as tl
-from moeut.triton_sum import sum_choices_triton
+from moeut.kernels.sum_choices import sum_choices_triton
 
 SUM_LAUNCHES = [(8, 256, 4), (4, 512, 4), (16, 128, 4), (8, 512, 8), (2, 1024, 4)] if DEVICE == "cuda" \
     else [(4, 16, 4)]   # rows, columns per program; warps

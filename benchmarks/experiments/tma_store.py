@@ -13,7 +13,7 @@ import torch
 from common import DEVICE, bench, ffn_problem, shapes, try_variant
 import triton
 import triton.language as tl
-from moeut.triton_expert_mm import _find_tile
+from moeut.kernels.expert_mm import _find_tile
 
 CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 256, 8, 2),
            (256, 64, 8, 3)] if DEVICE == "cuda" else [(16, 16, 4, 2)]   # BM, BN, warps, stages

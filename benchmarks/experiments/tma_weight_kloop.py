@@ -25,8 +25,8 @@ import torch
 from common import DEVICE, bench, ffn_problem, shapes, try_variant
 import triton
 import triton.language as tl
-from moeut.expert_ops import grouped_mm
-from moeut.triton_expert_mm import _find_tile
+from moeut.ops.grouped_mm import grouped_mm
+from moeut.kernels.expert_mm import _find_tile
 
 CONFIGS = [(128, 128, 32, 8, 5), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
            (64, 128, 64, 4, 5)] if DEVICE == "cuda" else [(16, 16, 16, 8, 2)]   # BM, BN, BK, warps, stages

@@ -13,8 +13,8 @@ import torch
 from common import DEVICE, bench, ffn_problem, shapes, try_variant
 import triton
 import triton.language as tl
-from moeut.triton_expert_mm import _find_tile
-from moeut.triton_weight_grad import weight_grad_segments_triton
+from moeut.kernels.expert_mm import _find_tile
+from moeut.kernels.weight_grad import weight_grad_segments_triton
 
 # (rows or input block, output block, inner block, warps, stages)
 FWD_CONFIGS = [(128, 128, 32, 8, 5), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3),

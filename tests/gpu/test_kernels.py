@@ -6,9 +6,10 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from moeut.expert_mm import expert_mm, fp64_reference, route
+from moeut.ops.expert_mm import expert_mm, route
+from moeut.ops.reference import fp64_reference
 from moeut.settings import settings
-from tests.helpers import rel
+from tests.helpers import force_loop_n, force_wgrad_splits, rel
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
@@ -38,9 +39,9 @@ def test_triton_combine_matches_torch_path(dtype, tol, I, O, gather, loop_n, mon
     """Fused projection + gated sum (scale/scatter epilogue, gathered and scaled gradient rows) on the
     Triton path against the per-expert PyTorch path in fp64, values and all gradients; I = 128 runs
     the "loop over N" grouped GEMM by default, `column_blocks` forces the other form."""
-    from moeut import triton_expert_mm
-    from moeut.expert_mm import expert_mm_combine
-    monkeypatch.setattr(triton_expert_mm, "LOOP_N_OVERRIDE", loop_n)
+    from moeut.kernels import expert_mm as triton_expert_mm
+    from moeut.ops.expert_mm import expert_mm_combine
+    force_loop_n(monkeypatch, loop_n)
     torch.manual_seed(1)
     R, K, E = 1500, 4, 10
     expert = torch.randint(0, E - 1, (R, K), device="cuda")  # the last expert gets no rows
@@ -66,8 +67,8 @@ def test_triton_expert_mlp_matches_torch_path(dtype, tol, D, E, K, monkeypatch):
     """The fused σ-MoE expert MLP (ReLU in the up projection's epilogue, its backward in the row dot)
     on the Triton path against the per-expert PyTorch path in fp64, values and all gradients; and
     bit-identical to the composed operators on the GPU too."""
-    from moeut.expert_mlp import expert_mlp
-    from moeut.expert_mm import expert_mm, expert_mm_combine
+    from moeut.ops.expert_mlp import expert_mlp
+    from moeut.ops.expert_mm import expert_mm, expert_mm_combine
     torch.manual_seed(5)
     R = 2048
     expert = torch.randint(0, E - 1, (R, K), device="cuda")  # the last expert gets no rows
@@ -97,8 +98,8 @@ def test_gated_weight_gradient_operand_matches_fp64(case, monkeypatch):
     """At 244M shapes in bf16: the weight gradients from the gated operand the row dot (or the value
     projection's input-gradient GEMM) writes, against the per-expert PyTorch path in fp64; every
     gradient."""
-    from moeut import expert_mm as em
-    from moeut.expert_mlp import expert_mlp
+    from moeut.ops import expert_mm as em
+    from moeut.ops.expert_mlp import expert_mlp
     torch.manual_seed(8)
     R, K, E, (I, O) = (2048, 16, 387, (1024, 128)) if case == "ffn" else (4096, 2, 10, {"value": (1024, 128),
                                                                                         "output": (128, 1024)}[case])
@@ -133,8 +134,8 @@ def test_triton_weight_grad_segments_match_sum_of_applications(dtype, tol, n_seg
     """Several applications' weight gradients in one launch (the FFN's up and gated down shapes at
     244M, 4096 tokens each): the fp32 sum of each application's gradient (bf16 operands exact in fp32),
     added to the accumulator; an expert no application routes to keeps its values."""
-    from moeut.expert_ops import weight_grad_reference
-    from moeut.triton_weight_grad import weight_grad_segments_triton
+    from moeut.ops.grouped_mm import weight_grad_reference
+    from moeut.kernels.weight_grad import weight_grad_segments_triton
     torch.manual_seed(n_seg)
     E, K, T = 387, 16, 4096
     segments, want = [], torch.zeros(E, I, O, device="cuda", dtype=torch.float64)
@@ -162,8 +163,8 @@ def test_triton_weight_grad_split_over_rows_at_switchhead_shapes(I, O, monkeypat
     rows, three applications per launch): the automatic row split (7 ranges) against one program per
     tile and the fp64 sum, added to the accumulator; bit-identical when run twice; an expert with no
     rows exact. (The model routes SwitchHead over heads x experts: 40 at 244M, 2 ranges.)"""
-    from moeut import triton_weight_grad as twg
-    from moeut.expert_ops import weight_grad_reference
+    from moeut.kernels import weight_grad as twg
+    from moeut.ops.grouped_mm import weight_grad_reference
     torch.manual_seed(3)
     E, T, H = 10, 16384, 4
     segments, want = [], torch.zeros(E, I, O, device="cuda", dtype=torch.float64)
@@ -178,7 +179,7 @@ def test_triton_weight_grad_split_over_rows_at_switchhead_shapes(I, O, monkeypat
     acc0 = torch.randn(E, I, O, device="cuda")
     split = twg.weight_grad_segments_triton(segments, accumulate_into=acc0.clone())
     assert torch.equal(split, twg.weight_grad_segments_triton(segments, accumulate_into=acc0.clone()))
-    monkeypatch.setattr(twg, "WGRAD_SPLIT_OVERRIDE", 1)
+    force_wgrad_splits(monkeypatch, 1)
     whole = twg.weight_grad_segments_triton(segments, accumulate_into=acc0.clone())
     # (one program over 39k rows per tile: 5e-5 against fp64 on the H200; the ranges' partials: 7e-6)
     assert rel(split, acc0.double() + want) < 1e-4 and rel(whole, acc0.double() + want) < 1e-4
@@ -188,8 +189,8 @@ def test_triton_weight_grad_split_over_rows_at_switchhead_shapes(I, O, monkeypat
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("X,C,O", [(16384, 16, 1024), (8192, 24, 1536), (5, 3, 412), (0, 2, 64)])
 def test_sum_choices_kernel_matches_torch(out_dtype, X, C, O):
-    from moeut.expert_ops import _sum_choices_torch
-    from moeut.triton_sum import sum_choices_triton
+    from moeut.ops.grouped_mm import _sum_choices_torch
+    from moeut.kernels.sum_choices import sum_choices_triton
     y = torch.randn(X * C, O, device="cuda", dtype=torch.bfloat16)
     got = sum_choices_triton(y, X, out_dtype)
     want = _sum_choices_torch(y, X, out_dtype)
@@ -231,7 +232,7 @@ def test_aligned_router_and_dense_ffn_match_unpadded(monkeypatch):
 def test_router_kernel_matches_sigmoid_topk(dtype, R, E, K):
     """The fused Triton router against sigmoid + topk: same gates, experts whose scores are the gates,
     and the gradient of the logits."""
-    from moeut.router import sigmoid_topk, sigmoid_topk_reference
+    from moeut.ops.router import sigmoid_topk, sigmoid_topk_reference
     torch.manual_seed(2)
     logits = (2 * torch.randn(R, E, device="cuda")).to(dtype).requires_grad_()
     gate, expert = sigmoid_topk(logits, K)
@@ -260,7 +261,7 @@ def test_joint_router_gradient_matches_separate_nodes(router_kind):
     summed in fp32; the separate nodes round each term and their bf16 sum, which where the terms cancel
     is off by more). The FFN's logits are the 387 first columns of a 392-wide product, whose extra
     columns get an exact zero gradient; SwitchHead's are a strided slice, ranked in fp32."""
-    from moeut import router
+    from moeut.ops import router
     from moeut.moe import _ProbabilitySum
     torch.manual_seed(5)
     if router_kind == "ffn_padded":
@@ -297,7 +298,7 @@ def test_joint_router_gradient_matches_separate_nodes(router_kind):
 @pytest.mark.parametrize("fused", ["1", "0"], ids=["kernels", "pytorch"])
 def test_probability_sum_on_cuda_matches_autograd(shape, dtype, fused, monkeypatch):
     """The entropy regulariser's softmax sum (half-precision logits, fp32 softmax), forward and
-    backward: the Triton kernels (`triton_entropy.py`) and the PyTorch form (CUDA's softmax backward
+    backward: the Triton kernels (`kernels/entropy.py`) and the PyTorch form (CUDA's softmax backward
     returns fp16 but not bf16 from fp32 gradients), against autograd through the fp32 softmax of a
     float copy. "sliced": SwitchHead's selector logits, a strided view of a wider projection."""
     from moeut.moe import _ProbabilitySum
@@ -322,7 +323,7 @@ def test_probability_sum_on_cuda_matches_autograd(shape, dtype, fused, monkeypat
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("D,n_rot", [(128, 64), (82, 40)])
 def test_fused_rope_matches_reference(dtype, D, n_rot):
-    from moeut.rope import rope_tables, rotate, rotate_reference
+    from moeut.ops.rope import rope_tables, rotate, rotate_reference
     torch.manual_seed(3)
     B, T, H = 4, 1000, 4
     x = torch.randn(B, T, H, D, device="cuda").to(dtype).transpose(1, 2).requires_grad_()
@@ -349,7 +350,7 @@ def test_layer_norm_kernels_match_torch(D, autocast, x_dtype):
     """moeut's LayerNorm against torch's as a model uses it: under bf16 autocast its output is the
     bf16 copy of torch's fp32 result (rounded once), the gradients agree to fp32 rounding, and the
     weight gradient is the same bits when the backward runs again."""
-    from moeut.norm import LayerNorm
+    from moeut.ops.norm import LayerNorm
     torch.manual_seed(D)
     ours = LayerNorm(D).cuda().to(x_dtype)
     with torch.no_grad():
@@ -388,7 +389,7 @@ def test_layer_norm_kernels_match_torch(D, autocast, x_dtype):
 def test_layer_norm_pass_through_matches_autograd_sum():
     """x's gradient through normalize_and_pass's second output is added inside the LayerNorm backward:
     the same as autograd adding x's two gradients (bf16 autocast, the 244M width)."""
-    from moeut.norm import LayerNorm
+    from moeut.ops.norm import LayerNorm
     torch.manual_seed(5)
     norm = LayerNorm(1024).cuda()
     x = torch.randn(8, 1000, 1024, device="cuda", requires_grad=True)
@@ -409,7 +410,7 @@ def test_layer_norm_pass_through_matches_autograd_sum():
 def test_layer_norm_copies_are_the_casts_bits(D):
     """The LayerNorm kernels' bf16 copies of x (forward) and dx (backward) for `cast_relay`: the same bits
     as x.to(bf16) and dx.to(bf16) (round to nearest even), the other outputs unchanged."""
-    from moeut import triton_norm
+    from moeut.kernels import norm as triton_norm
     torch.manual_seed(D)
     x = 3 + 2 * torch.randn(4097, D, device="cuda")
     w, b = 1 + 0.2 * torch.randn(D, device="cuda"), 0.2 * torch.randn(D, device="cuda")
@@ -425,7 +426,7 @@ def test_layer_norm_copies_are_the_casts_bits(D):
 @pytest.mark.parametrize("R,K,E", [(1, 16, 387), (32, 16, 387), (32, 24, 565), (128, 8, 40), (3, 2, 1)])
 def test_small_route_kernel_matches_sort(R, K, E, monkeypatch):
     """Decoding's one-kernel routing equals the torch sort path exactly."""
-    from moeut.expert_mm import route
+    from moeut.ops.expert_mm import route
     torch.manual_seed(R + E)
     expert = torch.randint(0, E, (R, K), device="cuda")
     got = route(expert, E)
@@ -441,8 +442,8 @@ def test_small_route_kernel_matches_sort(R, K, E, monkeypatch):
 @pytest.mark.parametrize("layout", ["ffn_up", "ffn_down", "value", "output"])
 def test_expert_gemv_kernel_matches_reference(dtype, tol, R, layout):
     """Decoding's per-choice expert projection at the 244M shapes (batch 1 and 32)."""
-    from moeut.expert_gemv import expert_gemv_reference
-    from moeut.triton_expert_gemv import expert_gemv_triton
+    from moeut.ops.expert_gemv import expert_gemv_reference
+    from moeut.kernels.expert_gemv import expert_gemv_triton
     torch.manual_seed(R)
     D, S, E, K, H, EH, KH, Dh = 1024, 128, 387, 16, 4, 10, 2, 128
     heads = dict(head_k=KH, n_heads=H, head_experts=EH)

@@ -171,7 +171,7 @@ def _two_steps(deterministic_algorithms: bool):
 @pytest.mark.parametrize("cfg", ["MoEUT_44M", "MoEUT_244M"])
 def test_shared_weight_copies_match_per_application_casts(cfg, defer, monkeypatch):
     """One bf16 copy per expert weight and forward, gradients summed in the weight-gradient kernel
-    (`shared_weights.py`), against a cast per application and autograd's sums (44M: misaligned rows,
+    (`ops/shared_weights.py`), against a cast per application and autograd's sums (44M: misaligned rows,
     the copy padded once; 244M: the real shapes, 4 applications). One application per launch:
     bit-identical gradients. Three or all of them per launch (`settings.wgrad_defer`): the same sums in another
     order, equal to fp32 rounding, and bit-identical between two runs. Autotuning is off in tests/gpu,
@@ -201,7 +201,7 @@ def test_norms_copies_give_the_same_step_as_casts(cfg, checkpointing, monkeypatc
     projection, the FFN and the output projection instead of casting: four per layer application
     (the forward's twice with checkpointing), each the bits `.to` gives, so the step's loss and every
     gradient are bit-identical to the step that casts (44M: misaligned rows, padded after the copy)."""
-    from moeut import cast_relay
+    from moeut.ops import cast_relay
     from tests.helpers import autocast_step_grads
     torch.manual_seed(0)
     m = moeut.MoEUTLM(8000, **{**getattr(profiles, cfg), "n_layers": 4}).cuda().train()
@@ -250,7 +250,8 @@ def test_training_step_with_joint_router_gradient_matches(monkeypatch):
     (what runs where the joint node does not apply): in fp32 the two differ only by the rounding of one add, so loss and
     gradients agree closely (up to attention's own run-to-run differences). The bf16 kernel is held to
     its fp32 value in test_kernels.py."""
-    from moeut import MoEUTLM, attention, moe, profiles, router
+    from moeut import MoEUTLM, attention, moe, profiles
+    from moeut.ops import router
     from tests.helpers import step_loss_grads
     torch.manual_seed(0)
     model = MoEUTLM(1000, **profiles.MoEUT_44M).cuda().train()
@@ -315,7 +316,7 @@ def test_graphed_train_step_matches_eager(accum, flat, request):
     """The replayed step (warm-up, capture, replays; scheduled lr, clipping, gradient accumulation)
     trains like the eager step: as one graph (one process), and as the multi-process form (flat
     gradient buffer, NCCL all-reduce between a forward/backward graph and an optimizer graph)."""
-    from moeut.train_step import GraphedTrainStep, step_body
+    from moeut.train.step import GraphedTrainStep, step_body
     torch.backends.cuda.matmul.allow_tf32 = False
     if flat:
         request.getfixturevalue("nccl_group_of_one")
@@ -351,8 +352,8 @@ def test_train_with_cuda_graph_stops_and_resumes_to_the_same_losses(tmp_path):
     capture), and the losses of an uninterrupted run."""
     import json
     import shutil
-    from moeut.data import default_corpus_paths
-    from moeut.train import TrainConfig, config_of_run, train
+    from moeut.train.data import default_corpus_paths
+    from moeut.train.trainer import TrainConfig, config_of_run, train
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for p in default_corpus_paths()[:30]:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from moeut.data import default_corpus_paths
+from moeut.train.data import default_corpus_paths
 
 SMALL_MODEL = ["--set", "d_model=32", "--set", "n_layers=2", "--set", "n_heads=2", "--set", "d_head=16",
                "--set", "ff_n_experts=8", "--set", "ff_k=2", "--set", "att_n_experts=2", "--set", "ff_expert_size=16"]

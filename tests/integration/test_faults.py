@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from moeut import checkpoint as ckpt_lib
+from moeut.train import checkpoint as ckpt_lib
 from moeut.cli import main
-from moeut.run_dir import RunLock
+from moeut.train.run_dir import RunLock
 from moeut.runs import load_run
 
 from .conftest import PY, train_args
@@ -232,7 +232,7 @@ def test_rotation_keeps_the_newest_intact_checkpoint_when_a_save_fails(finished,
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_every_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):
-    import moeut.train as train_mod
+    import moeut.train.trainer as train_mod
     real, calls = train_mod.step_body, []
 
     def diverging(fwd, model, *args, **kwargs):
@@ -537,7 +537,7 @@ def test_non_utf8_and_binary_data_files_are_skipped_or_refused(corpus, tmp_path,
     assert main(train_args(data, out, tmp_path / "cache", steps=1)) == 0
     printed = capsys.readouterr().out
     assert "skipping" in printed and "latin1.txt" in printed and "blob.txt" in printed
-    from moeut.tokenizer import Tokenizer
+    from moeut.train.tokenizer import Tokenizer
     tok = Tokenizer(out / "tokenizer.model")
     assert not any("\ufffd" in tok.sp.id_to_piece(i) for i in range(tok.vocab_size))
     strict = tmp_path / "strict"

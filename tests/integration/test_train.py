@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeut import checkpoint as ckpt_lib
+from moeut.train import checkpoint as ckpt_lib
 from moeut.cli import main
 from moeut.runs import load_run
 

@@ -106,8 +106,8 @@ def test_profile_sites_name_the_moeut_function_and_the_backward_node():
         (out.outputs.float().sum() + out.reg_loss.sum()).backward()
     per_site = profile_step.site_times(prof.events(), use_kernels=False)
     sites = {site for (_, site, _, _) in per_site}
-    assert any(s.startswith("router.py(") for s in sites), sites
-    assert any("expert_mm.py(" in s and "[" not in s for s in sites), sites
+    assert any(s.startswith("ops/router.py(") for s in sites), sites
+    assert any("ops/expert_mm.py(" in s and "[" not in s for s in sites), sites
     assert any(s.endswith("Backward]") for s in sites), sites
     leaves = [e for e in prof.events() if not e.cpu_children and e.name.startswith("aten::")]
     assert sum(v[1] for v in per_site.values()) == len(leaves)
@@ -198,14 +198,14 @@ def test_autotune_choices_report_each_key_and_its_config():
     a kernel with one config (the interpreter's) reports that config."""
     pytest.importorskip("triton")
     from types import SimpleNamespace
-    from moeut.triton_weight_grad import autotune_choices
+    from moeut.kernels.weight_grad import autotune_choices
     tuned = SimpleNamespace(fn=SimpleNamespace(__name__="_expert_mm_kernel"), configs=["c1", "c2"], keys=["I", "O"],
                             cache={(1024, 128, "torch.bfloat16"): "c2", (128, 1024, "torch.bfloat16"): "c1"})
     single = SimpleNamespace(fn=SimpleNamespace(__name__="_weight_grad_kernel"), configs=["c0"], keys=["I"], cache={})
     assert autotune_choices([tuned, single]) == [("_expert_mm_kernel", {"I": 1024, "O": 128}, "c2"),
                                                  ("_expert_mm_kernel", {"I": 128, "O": 1024}, "c1"),
                                                  ("_weight_grad_kernel", None, "c0")]
-    from moeut import triton_expert_mm
+    from moeut.kernels import expert_mm as triton_expert_mm
     if triton_expert_mm.INTERPRET:   # the real kernels: one config each in the interpreter
         assert [(name, key) for name, key, _ in autotune_choices()] == [("_expert_mm_kernel", None),
                                                                       ("_weight_grad_kernel", None)]

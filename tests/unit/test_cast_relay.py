@@ -3,7 +3,7 @@ unmodified, and only once; everything else is an ordinary cast."""
 import pytest
 import torch
 
-from moeut import cast_relay
+from moeut.ops import cast_relay
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from moeut import checkpoint as ckpt_lib
+from moeut.train import checkpoint as ckpt_lib
 
 
 def training_state():

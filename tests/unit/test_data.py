@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from moeut.data import Batches, collect_documents, default_corpus_paths, split_documents
-from moeut.tokenizer import train_tokenizer
+from moeut.train.data import Batches, collect_documents, default_corpus_paths, split_documents
+from moeut.train.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The entropy regulariser's router statistics: the Triton kernels (`triton_entropy.py`, through the
+"""The entropy regulariser's router statistics: the Triton kernels (`kernels/entropy.py`, through the
 interpreter on CPU) against the PyTorch form of `moe._ProbabilitySum`, forward and backward; and a
 whole model's regularised step through the kernels against the PyTorch form."""
 import pytest
@@ -31,7 +31,7 @@ def _strided_logits(shape, dtype, gen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 9, 37), (3, 5, 2, 10), (1, 1, 1), (2, 7, 3, 1), (2, 0, 5), (1, 33, 20)])
 def test_prob_sum_kernels_match_pytorch(shape, dtype):
-    from moeut.triton_entropy import prob_sum_backward_triton, prob_sum_triton
+    from moeut.kernels.entropy import prob_sum_backward_triton, prob_sum_triton
     gen = torch.Generator().manual_seed(sum(shape))
     logits = _strided_logits(shape, dtype, gen)
     grad_sum = torch.randn(shape[0], *shape[2:], generator=gen)
@@ -55,7 +55,7 @@ def test_prob_sum_kernels_match_pytorch(shape, dtype):
 def test_prob_sum_uses_many_programs_and_sums_them_in_a_fixed_order():
     """A long sequence is split over several programs per (sequence, head); the result does not
     depend on the run (no atomics) and equals the single-pass sum."""
-    from moeut.triton_entropy import prob_sum_triton
+    from moeut.kernels.entropy import prob_sum_triton
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(1, 50, 12, generator=gen)
     a, b = prob_sum_triton(logits), prob_sum_triton(logits)
@@ -102,7 +102,7 @@ def _topk_term(grad_gate, gate, expert, n_experts):
 def test_router_backward_kernel_adds_both_terms_and_zeroes_the_padding(shape, n_valid, K, dtype, terms):
     """The joint backward kernel writes (regulariser's term + selection's term) in fp32, rounded once,
     over a padded width whose extra columns are exactly zero; with either term alone it is that term."""
-    from moeut.triton_entropy import router_backward_triton
+    from moeut.kernels.entropy import router_backward_triton
     gen = torch.Generator().manual_seed(sum(shape) + K)
     B, T, *G, W = shape
     logits = (3 * torch.randn(*shape, generator=gen)).to(dtype)
@@ -135,7 +135,7 @@ def test_select_with_prob_sum_equals_the_separate_operators(monkeypatch, shape, 
     """`router.select_with_prob_sum` (interpreted kernels) gives the gates, expert ids and softmax sum of
     the separate PyTorch operators, and the logits' gradient autograd builds from them (both uses of the
     logits); padded columns get a zero gradient."""
-    from moeut import router
+    from moeut.ops import router
     gen = torch.Generator().manual_seed(n_valid + K)
     base = (2 * torch.randn(*shape, generator=gen)).to(dtype)
     w_gate = torch.randn(*shape[:-1], K, generator=gen)
@@ -170,7 +170,7 @@ def test_select_with_prob_sum_equals_the_separate_operators(monkeypatch, shape, 
 
 
 def test_select_with_prob_sum_rejects_bad_arguments():
-    from moeut import router
+    from moeut.ops import router
     logits = torch.randn(2, 3, 8, requires_grad=True)
     with pytest.raises(ValueError, match="n_valid"):
         router.select_with_prob_sum(logits, 2, n_valid=9)
@@ -186,7 +186,8 @@ def test_training_step_with_joint_router_gradient_matches_pytorch(monkeypatch, c
     sum as one node (`select_with_prob_sum`, interpreted kernels; the FFN's through its padded
     projection) gives the reg loss and every gradient of the all-PyTorch step, with and without
     activation checkpointing."""
-    from moeut import MoEUTLM, attention, router
+    from moeut import MoEUTLM, attention
+    from moeut.ops import router
     from tests.helpers import autocast_step_grads
     torch.manual_seed(0)
     model = MoEUTLM(40, d_model=32, n_layers=4, n_heads=2, ff_n_experts=13, att_n_experts=3, d_head=8,

@@ -7,8 +7,9 @@ test_triton_interpreter.py (CPU) and tests/gpu (CUDA).
 import pytest
 import torch
 
-from moeut.expert_gemv import expert_gemv_reference
-from moeut.expert_mm import expert_mm_combine, reference_expert_mm, route
+from moeut.ops.expert_gemv import expert_gemv_reference
+from moeut.ops.expert_mm import expert_mm_combine, route
+from moeut.ops.reference import reference_expert_mm
 
 
 def _setup(R, K, E, I, O, H=1, seed=0):
@@ -55,7 +56,7 @@ def test_switchhead_value_and_output_layouts(H, K, E):
 
 def test_policy_takes_the_measured_cases_and_leaves_training_alone(monkeypatch):
     """Which projections take the per-choice path, at the MoEUT_244M shapes (RESULTS.md C)."""
-    from moeut import expert_gemv
+    from moeut.ops import expert_gemv
     monkeypatch.setattr(expert_gemv, "use_fused", lambda t, switch=None: True)
     x = torch.empty(1, dtype=torch.bfloat16)
     ffn = torch.empty(387, 1024, 128, dtype=torch.bfloat16, device="meta")      # 99 MB: past L2

@@ -1,11 +1,12 @@
-"""The fused σ-MoE expert MLP (`expert_mlp.py`) against the two operators and a ReLU it replaces."""
+"""The fused σ-MoE expert MLP (`ops/expert_mlp.py`) against the two operators and a ReLU it replaces."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from moeut import expert_mlp as mlp_module
-from moeut import expert_mm as em
-from moeut.expert_mm import route
+from moeut.ops import expert_mlp as mlp_module
+from moeut.ops import expert_mm as em
+from moeut.ops.expert_mm import route
+from moeut.ops.reference import sigma_moe_mlp_reference
 
 
 def mlp_case(dtype: torch.dtype, seed: int, R: int = 24, K: int = 3, E: int = 7, D: int = 20, S: int = 12):
@@ -21,6 +22,29 @@ def mlp_case(dtype: torch.dtype, seed: int, R: int = 24, K: int = 3, E: int = 7,
     gate = torch.rand(R, K, generator=gen).to(dtype).requires_grad_()
     gy = torch.randn(R, D, generator=gen).to(dtype)
     return r, x, w1, w2, gate, gy
+
+
+def experts_of(r, shape) -> torch.Tensor:
+    """expert_RK back from a routing: the expert that owns each (row, choice) slot."""
+    expert_N = torch.repeat_interleave(torch.arange(r.offsets_E1.numel() - 1), r.offsets_E1.diff())
+    return torch.empty(r.slot_N.numel(), dtype=torch.long).index_copy_(0, r.slot_N, expert_N).view(shape)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_expert_mlp_matches_the_naive_sigma_moe(dtype, tol):
+    """The fused MLP against the naive σ-MoE block in fp64 (`ops/reference.py`): output and the
+    gradients of x, both weights and the gates; the expert that gets no row has zero weight gradients."""
+    r, x, w1, w2, gate, gy = mlp_case(dtype, seed=7)
+    leaves = (x, w1, w2, gate)
+    out = mlp_module.expert_mlp(x, w1, w2, r, gate)
+    got = (out, *torch.autograd.grad(out, leaves, gy))
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = sigma_moe_mlp_reference(leaves64[0], leaves64[1], leaves64[2], experts_of(r, gate.shape), leaves64[3])
+    want = (ref, *torch.autograd.grad(ref, leaves64, gy.double()))
+    for name, a, b in zip(("out", "dx", "dw1", "dw2", "dgate"), got, want):
+        assert a.dtype == dtype, name
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * b.abs().max().item(), msg=name)
+    assert (got[2][-1] == 0).all() and (got[3][-1] == 0).all()
 
 
 def _composed(x, w1, w2, r, gate):
@@ -40,18 +64,6 @@ def test_expert_mlp_equals_the_composed_operators(dtype):
     for name, a, b in zip(("out", "dx", "dw1", "dw2", "dgate"), got, want):
         assert a.dtype == b.dtype and torch.equal(a, b), name
     assert (got[2][-1] == 0).all() and (got[3][-1] == 0).all()
-    # and it is the σ-MoE MLP: against an fp64 loop over rows and choices
-    ref = torch.zeros(x.shape, dtype=torch.float64)
-    expert_RK = torch.empty(r.slot_N.numel(), dtype=torch.long)
-    expert_RK[r.slot_N] = torch.repeat_interleave(torch.arange(w1.shape[0]), r.offsets_E1.diff())
-    expert_RK = expert_RK.view(gate.shape)
-    for i in range(x.shape[0]):
-        for k in range(gate.shape[1]):
-            e = expert_RK[i, k]
-            h = (x[i].double() @ w1[e].double()).relu()
-            ref[i] += gate[i, k].double() * (h @ w2[e].double())
-    tol = 1e-10 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 5e-2
-    torch.testing.assert_close(fused.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
 def test_expert_mlp_under_autocast_matches_composed(monkeypatch):

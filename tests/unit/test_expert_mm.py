@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from moeut.expert_mm import combine, expert_mm, reference_expert_mm, route
+from moeut.ops.expert_mm import combine, expert_mm, route
+from moeut.ops.reference import reference_expert_mm
 
 
 def _routing_case(kind, R, K, E, gen):
@@ -103,7 +104,7 @@ def test_expert_mm_rejects_mismatched_dtypes():
 
 
 def test_opcheck():
-    from moeut.expert_ops import grouped_mm, grouped_mm_weight_grad
+    from moeut.ops.grouped_mm import grouped_mm, grouped_mm_weight_grad
     gen = torch.Generator().manual_seed(5)
     expert = torch.randint(0, 4, (10, 2), generator=gen)
     r = route(expert, 4)
@@ -118,7 +119,7 @@ def test_opcheck():
     g_rows = torch.randn(10, 5, generator=gen)
     torch.library.opcheck(grouped_mm_weight_grad, (x, g_rows, r.offsets_E1, r.rows_N, r.rows_N, scale, torch.float32))
     torch.library.opcheck(grouped_mm_weight_grad, (x.bfloat16(), g.bfloat16(), r.offsets_E1, r.rows_N, None, None, torch.float32))
-    from moeut.expert_ops import grouped_mm_weight_grad_add, sum_choices
+    from moeut.ops.grouped_mm import grouped_mm_weight_grad_add, sum_choices
     acc = torch.randn(4, 6, 5, generator=gen)
     torch.library.opcheck(grouped_mm_weight_grad_add, (acc, x, g_rows, r.offsets_E1, r.rows_N, r.rows_N, scale))
     want = acc + grouped_mm_weight_grad(x, g, r.offsets_E1, r.rows_N, None, None, torch.float32)
@@ -127,7 +128,7 @@ def test_opcheck():
     torch.library.opcheck(grouped_mm_weight_grad, (x, g_rows, r.offsets_E1, r.rows_N, r.rows_N, scale,
                                                    torch.float32, r.slot_N))
     torch.library.opcheck(grouped_mm_weight_grad_add, (acc, x, g_rows, r.offsets_E1, r.rows_N, r.rows_N, scale, r.slot_N))
-    from moeut.expert_ops import row_dot
+    from moeut.ops.grouped_mm import row_dot
     a20 = torch.randn(20, 6, generator=gen)
     torch.library.opcheck(row_dot, (a20, x, r.rows_N, scale, r.slot_N))
     dot = row_dot(a20, x, r.rows_N, None, r.slot_N)[0]
@@ -149,7 +150,7 @@ def test_grouped_mm_dot_matches_reference():
     """grouped_mm_dot: the grouped GEMM (gathered, scaled, scattered) and the dot of each routed row's
     unscaled product with a gathered row of another tensor, written at dot_dst or in routed order.
     This is how SwitchHead's value projection gets its gate gradient <d v, x W> as <d v W^T, x>."""
-    from moeut.expert_ops import grouped_mm, grouped_mm_dot
+    from moeut.ops.grouped_mm import grouped_mm, grouped_mm_dot
     gen = torch.Generator().manual_seed(9)
     R, K, E, I, O = 13, 2, 5, 7, 9
     expert = 2 * torch.randint(0, 3, (R, K), generator=gen)   # odd experts stay empty
@@ -179,7 +180,7 @@ def test_grouped_mm_dot_matches_reference():
 
 def test_grouped_mm_scale_and_scatter_match_reference():
     """out[dst[n]] = scale[n] * x[rows[n]] @ w[e(n)]: with dst = slot, row r*K+k holds choice (r, k)."""
-    from moeut.expert_ops import grouped_mm, grouped_mm_weight_grad
+    from moeut.ops.grouped_mm import grouped_mm, grouped_mm_weight_grad
     gen = torch.Generator().manual_seed(8)
     R, K, E, I, O = 30, 3, 7, 9, 11
     expert = 2 * torch.randint(0, 3, (R, K), generator=gen)   # odd experts stay empty
@@ -206,7 +207,7 @@ def test_grouped_mm_scale_and_scatter_match_reference():
 @pytest.mark.parametrize("I,O", [(10, 7), (5, 12)])   # both ways of getting the gate gradient
 def test_expert_mm_combine_matches_unfused(gather, groups, I, O):
     """The fused projection+combine equals combine(expert_mm(...)) in value and gradients."""
-    from moeut.expert_mm import expert_mm_combine
+    from moeut.ops.expert_mm import expert_mm_combine
     from tests.helpers import combine_case
     r, x, w, gate = combine_case(gather, groups, I, O, seed=6 + I)
     gen = torch.Generator().manual_seed(7)
@@ -221,7 +222,7 @@ def test_expert_mm_combine_matches_unfused(gather, groups, I, O):
 @pytest.mark.parametrize("I,O", [(16, 40), (40, 16)])
 def test_expert_mm_combine_bf16_autocast(I, O):
     """Under bf16 autocast the fused combine stays close to the fp64 reference, values and gradients."""
-    from moeut.expert_mm import expert_mm_combine
+    from moeut.ops.expert_mm import expert_mm_combine
     gen = torch.Generator().manual_seed(9)
     R, K, E = 40, 4, 6
     expert = torch.randint(0, E, (R, K), generator=gen)
@@ -247,7 +248,7 @@ def test_expert_mm_combine_bf16_autocast(I, O):
 def test_operand_cast_traces_without_graph_breaks(monkeypatch):
     """The autograd Functions' operand cast runs inside torch.compile's trace (fullgraph): on the
     fused path it must not touch data pointers (it leaves the padding to the operator there)."""
-    from moeut import expert_mm as expert_mm_module
+    from moeut.ops import expert_mm as expert_mm_module
     monkeypatch.setattr(expert_mm_module, "use_fused", lambda t, switch=None: True)
     w = torch.randn(3, 128, 82)   # misaligned rows: eagerly a padded copy
     eager = expert_mm_module.kernel_operand(w, torch.bfloat16, weight=True)
@@ -259,7 +260,7 @@ def test_operand_cast_traces_without_graph_breaks(monkeypatch):
 
 
 def test_combine_residual_of_the_wrong_shape_is_rejected():
-    from moeut.expert_mm import expert_mm_combine
+    from moeut.ops.expert_mm import expert_mm_combine
     r = route(torch.tensor([[0, 1], [1, 2]]), 3)
     x, w, gate = torch.randn(2, 4), torch.randn(3, 4, 5), torch.rand(2, 2)
     with pytest.raises(ValueError, match="residual of shape"):
@@ -285,9 +286,9 @@ def test_settings_come_from_the_environment_and_bad_values_are_named():
 def test_pytorch_ops_send_one_operator_back_to_pytorch(monkeypatch):
     """`use_fused` says no for an operator named in `settings.pytorch_ops`, and for every operator with
     `settings.triton` off (decided before Triton is looked at: a CPU tensor never qualifies)."""
-    from moeut import fused
+    from moeut.ops import dispatch as fused
     from moeut.settings import settings
-    from moeut import triton_expert_mm
+    from moeut.kernels import expert_mm as triton_expert_mm
     if triton_expert_mm.triton is None:
         pytest.skip("needs Triton importable")
     cuda_like = type("T", (), {"device": torch.device("cuda")})()
@@ -307,7 +308,7 @@ def test_by_default_one_launch_sums_every_application_of_a_weight():
     import subprocess
     import sys
     from moeut import profiles
-    from moeut.triton_weight_grad import MAX_SEGMENTS
+    from moeut.kernels.weight_grad import MAX_SEGMENTS
     env = {k: v for k, v in os.environ.items() if k != "MOEUT_WGRAD_DEFER"}
     code = "from moeut.settings import settings; print(settings.wgrad_defer)"
     default = int(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import moeut
-from moeut import AttentionMask, MoEUT, MoEUTLM, profiles, shared_weights
+from moeut import AttentionMask, MoEUT, MoEUTLM, profiles
+from moeut.ops import shared_weights
 from moeut.moe import selection_entropy_loss
 from tests.helpers import shared_and_per_application_grads
 
@@ -114,7 +115,7 @@ def test_inference_projection_equals_training_path_and_follows_weight_updates(cf
     import moeut.attention as attention
     calls = []
     monkeypatch.setattr(attention, "rotate", lambda x, *a: calls.append(x.shape[1]) or real_rotate(x, *a))
-    real_rotate = moeut.rope.rotate
+    real_rotate = moeut.ops.rope.rotate
     for update in range(2):
         calls.clear()
         with torch.no_grad():
@@ -249,7 +250,7 @@ def test_activation_checkpointing_gives_same_gradients():
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_shared_weight_copies_give_the_per_application_gradients(checkpointing, monkeypatch):
     """One bf16 copy per expert weight and forward, with the applications' weight gradients summed
-    in place (`shared_weights.py`), computes exactly what casting at every application and letting
+    in place (`ops/shared_weights.py`), computes exactly what casting at every application and letting
     autograd sum did: same outputs, bit-identical fp32 gradients, and every parameter's gradient
     delivered once, as an ordinary `.grad` (what DDP's hooks and clipping see)."""
     torch.manual_seed(0)
@@ -369,7 +370,7 @@ def test_runs_without_triton_installed():
             "m = moeut.MoEUTLM(50, **moeut.profiles.MoEUT_tiny)\n"
             "out = m(torch.randint(0, 50, (2, 7)))\n"
             "(out.outputs.mean() + out.reg_loss).backward()\n"
-            "assert 'moeut.triton_expert_mm' not in sys.modules\n"
+            "assert 'moeut.kernels.expert_mm' not in sys.modules\n"
             "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
@@ -380,7 +381,7 @@ def test_no_per_application_weight_copies_saved(share, monkeypatch):
     """Under bf16 autocast a shared layer applied many times must not keep a low-precision copy of
     its expert weights per application (they were 4 GiB of a 244M training step), nor rounded copies
     of inputs that are saved in fp32 anyway: only parameters, needed activations and (shared weights,
-    `shared_weights.py`) one bf16 copy of each expert weight for all applications are saved."""
+    `ops/shared_weights.py`) one bf16 copy of each expert weight for all applications are saved."""
     from moeut.settings import settings
     monkeypatch.setattr(settings, "wgrad_defer", 9 if share else 0)
     torch.manual_seed(0)
@@ -503,7 +504,7 @@ def test_attention_residual_folded_into_the_output_sum_matches_a_separate_add(dt
     the gradient through), against the separate add (taken for an attention module that is not
     SwitchHead): outputs and every gradient agree; under bf16 autocast the folded sum skips rounding the attention output to bf16, so
     it is the closer one to fp64. With dropout in training the add stays separate."""
-    from moeut import expert_mm
+    from moeut.ops import expert_mm
     from moeut.model import MoEUTLayer
     layer, x, gy, params = _small_switchhead_layer(0)
     switchhead = layer.attention
@@ -590,7 +591,7 @@ def test_residual_gradient_relayed_into_the_value_projection_matches_autograd_su
 
 
 def test_residual_grad_relay_refuses_a_gradient_it_was_not_given():
-    from moeut.expert_mm import ResidualGradRelay, expert_mm_combine, route
+    from moeut.ops.expert_mm import ResidualGradRelay, expert_mm_combine, route
     relay = ResidualGradRelay()
     r = route(torch.randint(0, 3, (4, 2)), 3)
     with pytest.raises(ValueError, match="send_residual_grad needs residual_XO"):

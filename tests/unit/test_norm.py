@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeut.norm import LayerNorm
+from moeut.ops.norm import LayerNorm
 
 
 def test_module_is_torchs_layer_norm_on_cpu():
@@ -49,8 +49,8 @@ def test_kernels_match_layer_norm(dtype, out_dtype, R, D, programs, monkeypatch)
     last a partial one; 2 at D = 20 gives 64-row tiles, the last one partial; 300 rows of 1000 give
     150 programs, whose partial sums the second kernel adds in five tiles of 32 rows (SUM_ROWS lowered
     from 512) and columns of 8 (the last one partial at D = 82 and 20)."""
-    from moeut import triton_norm
-    from moeut.norm import _LayerNormFunction
+    from moeut.kernels import norm as triton_norm
+    from moeut.ops.norm import _LayerNormFunction
     monkeypatch.setattr(triton_norm, "BACKWARD_PROGRAMS", programs)
     monkeypatch.setattr(triton_norm, "SUM_ROWS", 32)
     x, w, b, g = _case(R, D, dtype, seed=R * 7 + D)
@@ -82,7 +82,7 @@ def test_kernels_match_layer_norm(dtype, out_dtype, R, D, programs, monkeypatch)
 def test_pass_through_adds_the_other_gradient_inside_the_backward(dtype, use, monkeypatch):
     """normalize_and_pass's second output is x: its gradient (from any other use of x) is added inside
     the LayerNorm backward, equal to autograd summing x's two gradients; an unused output adds nothing."""
-    from moeut.norm import LayerNorm
+    from moeut.ops.norm import LayerNorm
     from tests.helpers import switch_kernels
     torch.manual_seed(2)
     norm = LayerNorm(40).to(dtype)
@@ -114,7 +114,7 @@ def test_pass_through_adds_the_other_gradient_inside_the_backward(dtype, use, mo
 
 
 def test_weight_gradient_is_bitwise_reproducible(monkeypatch):
-    from moeut import triton_norm
+    from moeut.kernels import norm as triton_norm
     monkeypatch.setattr(triton_norm, "BACKWARD_PROGRAMS", 5)
     x, w, b, g = _case(203, 40, torch.float32, seed=3)
     mean_rstd = triton_norm.layer_norm_fwd(x, w, b, 1e-5, torch.float32)[1:3]
@@ -124,7 +124,7 @@ def test_weight_gradient_is_bitwise_reproducible(monkeypatch):
 
 
 def test_output_dtype_follows_autocast():
-    from moeut.norm import layer_norm
+    from moeut.ops.norm import layer_norm
     x, w, b, _ = _case(6, 24, torch.float32, seed=1)
     assert layer_norm(x, w, b).dtype == torch.float32
     with torch.autocast("cpu", torch.bfloat16):
@@ -142,7 +142,7 @@ def test_model_step_with_the_norm_kernel_matches_torchs(kind, checkpointing, mon
     LayerNorms' own included, with and without activation checkpointing (which runs each layer's
     forward again in the backward). In fp32: the interpreter truncates to bf16 where the GPU rounds,
     and a flipped bf16 router input can change an expert choice."""
-    from moeut import triton_norm
+    from moeut.kernels import norm as triton_norm
     from tests.helpers import step_loss_grads, switch_kernels, tiny_lm
     torch.manual_seed(0)
     model = tiny_lm(kind)
@@ -175,7 +175,7 @@ def test_kernels_write_the_low_precision_copies_of_x_and_dx(R, D):
     """With copy_dtype the forward also writes x, and the backward dx, in that dtype: what `.to` gives
     (the interpreter truncates where the GPU rounds to nearest even: 1 ulp; the GPU tests ask for the
     bits). Strided rows in, contiguous copies out; the other outputs unchanged."""
-    from moeut import triton_norm
+    from moeut.kernels import norm as triton_norm
     x, w, b, g = _case(R, D, torch.float32, seed=R + D)
     y, mean, rstd, x_copy = triton_norm.layer_norm_fwd(x, w, b, 1e-5, torch.bfloat16, copy_dtype=torch.bfloat16)
     y0, mean0, rstd0, none = triton_norm.layer_norm_fwd(x, w, b, 1e-5, torch.bfloat16)
@@ -206,7 +206,7 @@ def test_moeut_step_takes_the_norms_copies_instead_of_casting(checkpointing, mon
     application, the forward's twice with checkpointing). Every copy taken holds the tensor's own
     values (rounded, or truncated by the interpreter); the gradients agree with the step without
     offers up to what that truncation moves (~1e-2), with no offer taken there."""
-    from moeut import cast_relay
+    from moeut.ops import cast_relay
     from tests.helpers import autocast_step_grads, rel, switch_kernels, tiny_lm
     torch.manual_seed(0)
     model = tiny_lm("moeut")

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from moeut.rope import _Rope, rope_tables, rotate_reference
+from moeut.ops.rope import _Rope, rope_tables, rotate_reference
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.3])
@@ -69,7 +69,7 @@ interpreted = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET
 @pytest.mark.parametrize("D,n_rot", [(82, 40), (16, 16), (24, 8)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_rope_kernel_matches_reference(D, n_rot, dtype):
-    from moeut.triton_rope import rope_triton
+    from moeut.kernels.rope import rope_triton
     torch.manual_seed(D)
     B, T, H = 2, 19, 3
     x = torch.randn(B, T, H, D).to(dtype).transpose(1, 2)       # the layout attention passes
@@ -103,7 +103,7 @@ def test_training_step_through_the_rope_kernel_matches_pytorch(monkeypatch, mode
     """A whole fp32 training step with RoPE through the interpreted kernel (time-major q, k and
     gradients flowing through attention, the joint projection and the output projection) gives the
     loss and every gradient of the plain PyTorch RoPE."""
-    from moeut import rope
+    from moeut.ops import rope
     from tests.helpers import step_loss_grads, tiny_lm
     torch.manual_seed(0)
     model = tiny_lm(model_kind)

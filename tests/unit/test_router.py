@@ -1,11 +1,11 @@
-"""The fused router (`moeut.router.sigmoid_topk`) against sigmoid + topk: values, choices, gradients,
+"""The fused router (`moeut.ops.router.sigmoid_topk`) against sigmoid + topk: values, choices, gradients,
 and, through the Triton interpreter on CPU, the kernel itself (ties included)."""
 import os
 
 import pytest
 import torch
 
-from moeut.router import sigmoid_topk
+from moeut.ops.router import sigmoid_topk
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -70,7 +70,7 @@ interpreted = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET
 
 
 def test_router_backward_opcheck():
-    from moeut.router import _sigmoid_topk_backward_op
+    from moeut.ops.router import _sigmoid_topk_backward_op
     gen = torch.Generator().manual_seed(0)
     expert = torch.rand(6, 9, generator=gen).argsort(1)[:, :3].contiguous()
     gate, grad = torch.rand(6, 3, generator=gen), torch.randn(6, 3, generator=gen)

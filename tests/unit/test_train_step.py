@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from moeut import MoEUTLM
-from moeut.train_step import FlatGradients, FlatGradientStep, step_body
+from moeut.train.step import FlatGradients, FlatGradientStep, step_body
 
 CFG = dict(d_model=32, n_layers=4, n_heads=2, ff_n_experts=8, att_n_experts=2, d_head=16, ff_k=2,
            group_size=2, ff_expert_size=16)

@@ -8,11 +8,13 @@ triton = pytest.importorskip("triton")
 if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("interpreter tests are for CPU-only machines (GPU runs use tests/gpu)", allow_module_level=True)
 
-from moeut.expert_mm import reference_expert_mm, route  # noqa: E402
-from moeut.expert_ops import grouped_mm_reference, weight_grad_reference  # noqa: E402
-from moeut import triton_expert_mm, triton_weight_grad  # noqa: E402
-from moeut.triton_expert_mm import grouped_mm_triton  # noqa: E402
-from moeut.triton_weight_grad import grouped_mm_weight_grad_triton  # noqa: E402
+from moeut.ops.expert_mm import route  # noqa: E402
+from moeut.ops.reference import reference_expert_mm  # noqa: E402
+from moeut.ops.grouped_mm import grouped_mm_reference, weight_grad_reference  # noqa: E402
+from moeut.kernels import expert_mm as triton_expert_mm, weight_grad as triton_weight_grad  # noqa: E402
+from moeut.kernels.expert_mm import grouped_mm_triton  # noqa: E402
+from moeut.kernels.weight_grad import grouped_mm_weight_grad_triton  # noqa: E402
+from tests.helpers import force_loop_n, force_wgrad_splits  # noqa: E402
 
 
 @pytest.mark.parametrize("kind", ["random", "one_expert", "empty_experts"])
@@ -22,7 +24,7 @@ from moeut.triton_weight_grad import grouped_mm_weight_grad_triton  # noqa: E402
 def test_triton_matches_reference(kind, R, K, E, I, O, dtype, loop_n, monkeypatch):
     # Both forms of the grouped GEMM: one program per (row tile, column block), or per row tile
     # walking every column block (what narrow inputs such as the FFN down projection use).
-    monkeypatch.setattr(triton_expert_mm, "LOOP_N_OVERRIDE", loop_n)
+    force_loop_n(monkeypatch, loop_n)
     gen = torch.Generator().manual_seed(R + 7 * E)
     if kind == "random":
         expert = torch.randint(0, E, (R, K), generator=gen)
@@ -87,9 +89,9 @@ def test_triton_matches_reference(kind, R, K, E, I, O, dtype, loop_n, monkeypatc
 def test_triton_grouped_mm_dot_matches_torch(loop_n, dtype, monkeypatch):
     """The input-gradient GEMM with the row dot in its epilogue (loop over N), and the fallback that
     recomputes the forward product, against the PyTorch path: output bitwise, dot within rounding."""
-    from moeut.expert_ops import grouped_mm_reference
-    from moeut.triton_expert_mm import row_dot_triton
-    monkeypatch.setattr(triton_expert_mm, "LOOP_N_OVERRIDE", loop_n)
+    from moeut.ops.grouped_mm import grouped_mm_reference
+    from moeut.kernels.expert_mm import row_dot_triton
+    force_loop_n(monkeypatch, loop_n)
     gen = torch.Generator().manual_seed(4)
     R, K, E, I, O = 19, 2, 6, 12, 40
     expert = 2 * torch.randint(0, E // 2, (R, K), generator=gen)   # odd experts stay empty
@@ -127,7 +129,7 @@ def test_triton_grouped_mm_dot_matches_torch(loop_n, dtype, monkeypatch):
 def test_triton_row_dot_matches_reference(gather, scale, dtype):
     """Row dot products (the combine's gate gradient) with optional gathered rows of b and a gate-scaled
     copy of a, against the plain form."""
-    from moeut.triton_expert_mm import row_dot_triton
+    from moeut.kernels.expert_mm import row_dot_triton
     gen = torch.Generator().manual_seed(3)
     N, M, I = 23, 9, 40
     a = torch.randn(N, I, generator=gen).to(dtype)
@@ -170,8 +172,8 @@ def test_triton_row_dot_matches_reference(gather, scale, dtype):
 @pytest.mark.parametrize("R,K,E", [(1, 16, 387), (32, 16, 387), (5, 3, 4), (64, 2, 40), (7, 1, 1)])
 def test_triton_route_small_matches_route(R, K, E):
     """The one-kernel routing of small inputs (decoding) against the torch sort path, exactly."""
-    from moeut.expert_mm import route
-    from moeut.triton_route import route_small_triton
+    from moeut.ops.expert_mm import route
+    from moeut.kernels.route import route_small_triton
     gen = torch.Generator().manual_seed(R * K + E)
     expert = torch.randint(0, E, (R, K), generator=gen)
     expert[0, 0] = E - 1
@@ -186,7 +188,7 @@ def test_triton_route_small_matches_route(R, K, E):
 def test_loop_over_n_only_with_many_rows_per_expert():
     """The one-program-per-row-tile form pays with hundreds of rows per expert (training) and cost 2x
     at batch-32 decoding (512 rows over 387 experts) on the H200; the policy keeps them apart."""
-    from moeut.triton_expert_mm import use_loop_n
+    from moeut.kernels.expert_mm import use_loop_n
     assert use_loop_n(128, 1024, 16384 * 16, 387)         # 244M FFN down projection, training
     assert not use_loop_n(128, 1024, 32 * 16, 387)        # the same at batch-32 decoding
     assert not use_loop_n(1024, 128, 16384 * 16, 387)     # wide input: the input tile would not fit
@@ -197,8 +199,8 @@ def test_loop_over_n_only_with_many_rows_per_expert():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_expert_gemv_matches_reference(layout, dtype):
     # Odd widths (not multiples of the blocks), repeated experts, and experts nobody picks.
-    from moeut.expert_gemv import expert_gemv_reference
-    from moeut.triton_expert_gemv import expert_gemv_triton
+    from moeut.ops.expert_gemv import expert_gemv_reference
+    from moeut.kernels.expert_gemv import expert_gemv_triton
     R, H, K, E, D, S = 3, 3, 2, 5, 37, 21
     gen = torch.Generator().manual_seed(len(layout))
     heads = dict(head_k=K, n_heads=H, head_experts=E)
@@ -229,7 +231,8 @@ def test_triton_expert_gemv_matches_reference(layout, dtype):
 def test_decoding_through_expert_gemv_matches_sorted_path(monkeypatch):
     """A cached decoding step of a whole model: the per-choice kernel gives the sorted path's logits."""
     from moeut import MoEUTLM, AttentionMask
-    from moeut import attention, expert_gemv, moe
+    from moeut import attention, moe
+    from moeut.ops import expert_gemv
     from moeut.attention import new_static_cache
     torch.manual_seed(0)
     model = MoEUTLM(64, d_model=32, n_layers=2, n_heads=2, ff_n_experts=6, att_n_experts=3, d_head=8,
@@ -257,7 +260,7 @@ def test_decoding_through_expert_gemv_matches_sorted_path(monkeypatch):
 
 
 def test_aligned_copies_keep_values_and_fix_row_strides():
-    from moeut.triton_expert_mm import ALIGN, aligned
+    from moeut.kernels.expert_mm import ALIGN, aligned
     x = torch.randn(7, 412)
     w = torch.randn(3, 128, 82)
     for t in (x, w, w.transpose(1, 2), x[:, 1:]):
@@ -308,7 +311,7 @@ def test_triton_weight_grad_segments_sum_applications(n_seg, layout, dtype):
     """One launch over several applications of a weight (each its own rows, routing, operands and row
     strides) equals the sum of their weight gradients, added to the accumulator; experts that no
     application routes to keep the accumulator's values exactly."""
-    from moeut.triton_weight_grad import weight_grad_segments_triton
+    from moeut.kernels.weight_grad import weight_grad_segments_triton
     E, I, O, K = 7, 20, 24, 2
     gen = torch.Generator().manual_seed(11 * n_seg + len(layout))
     segments, want = [], torch.zeros(E, I, O)
@@ -348,7 +351,7 @@ def test_triton_weight_grad_split_over_rows_matches_one_program_per_tile(splits,
     in a fixed order (`wgrad_splits`, for projections with few experts): against the plain form and the
     unsplit kernel, over two applications, uneven and empty ranges (8 splits of 7 row blocks), an expert
     with no rows (exact zeros, or the accumulator's values), and bit-identical when run twice."""
-    from moeut import triton_weight_grad as twg
+    from moeut.kernels import weight_grad as twg
     E, I, O, K = 3, 20, 24, 2
     gen = torch.Generator().manual_seed(splits)
     segments, want = [], torch.zeros(E, I, O)
@@ -361,7 +364,7 @@ def test_triton_weight_grad_split_over_rows_matches_one_program_per_tile(splits,
     acc0 = torch.randn(E, I, O, generator=gen)
 
     def run(n):
-        monkeypatch.setattr(twg, "WGRAD_SPLIT_OVERRIDE", n)
+        force_wgrad_splits(monkeypatch, n)
         if accumulate:
             acc = acc0.clone()
             assert twg.weight_grad_segments_triton(segments, accumulate_into=acc) is acc
@@ -378,8 +381,7 @@ def test_weight_grad_splits_only_when_experts_leave_sms_idle(monkeypatch):
     """The automatic split count: about four programs per SM, at least 1024 rows per range, at most
     WGRAD_MAX_SPLITS, none for the FFN or on CPU."""
     from types import SimpleNamespace
-    from moeut import triton_weight_grad as twg
-    monkeypatch.setattr(twg, "WGRAD_SPLIT_OVERRIDE", None)
+    from moeut.kernels import weight_grad as twg
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
     cuda = torch.device("cuda")
     assert twg.wgrad_splits(40, 1024, 128, 131072, cuda) == 2    # SwitchHead at 244M (4 heads x 10): 320 tiles
@@ -393,7 +395,7 @@ def test_weight_grad_splits_only_when_experts_leave_sms_idle(monkeypatch):
 
 
 def test_triton_weight_grad_segments_reject_mixed_launches():
-    from moeut.triton_weight_grad import MAX_SEGMENTS, weight_grad_segments_triton
+    from moeut.kernels.weight_grad import MAX_SEGMENTS, weight_grad_segments_triton
     r = route(torch.tensor([[0, 1], [1, 2]]), 3)
     x, g = torch.randn(2, 8), torch.randn(4, 8)
     seg = (x, g, r.offsets_E1, r.rows_N, None, None, None)
@@ -444,8 +446,8 @@ def test_shared_weights_through_the_kernels_match_per_application(defer, monkeyp
 def test_triton_sum_choices_matches_torch(dtype, out_dtype, X, C, O):
     """The top-k sum: fp32 accumulation, one rounding to the requested dtype (fp32 gradients are not
     rounded to bf16 on the way), for any number of choices, an empty input, and a strided row view."""
-    from moeut.expert_ops import _sum_choices_torch
-    from moeut.triton_sum import sum_choices_triton
+    from moeut.ops.grouped_mm import _sum_choices_torch
+    from moeut.kernels.sum_choices import sum_choices_triton
     out_dtype = out_dtype or dtype
     gen = torch.Generator().manual_seed(X * 31 + C)
     y = torch.randn(X * C, O + 3, generator=gen).to(dtype)[:, 2:O + 2]   # rows with a stride > O
@@ -473,7 +475,7 @@ def test_combine_through_the_kernels_matches_the_torch_path(gather, groups, I, O
     """`expert_mm` and the fused `expert_mm_combine`, forward and backward, with every kernel on
     (grouped GEMM, weight gradient, row dot, top-k sum) against the same autograd Functions on the
     PyTorch path: values and the gradients of x, w and the gates."""
-    from moeut import expert_mm as em
+    from moeut.ops import expert_mm as em
     from tests.helpers import combine_case, switch_kernels
     r, x, w, gate = combine_case(gather, groups, I, O, seed=6 + I + groups)
     gen = torch.Generator().manual_seed(1)
@@ -494,7 +496,7 @@ def test_combine_through_the_kernels_matches_the_torch_path(gather, groups, I, O
 def test_combine_with_residual_through_the_kernels_matches_the_torch_path(I, O, monkeypatch):
     """`expert_mm_combine(..., residual_XO=r)`: r added inside the top-k sum kernel, its gradient passed
     through, against the PyTorch path and against a separate add."""
-    from moeut import expert_mm as em
+    from moeut.ops import expert_mm as em
     from tests.helpers import combine_case, switch_kernels
     r, x, w, gate = combine_case(True, 1, I, O, seed=3 + I)
     gen = torch.Generator().manual_seed(2)
@@ -515,7 +517,7 @@ def test_combine_with_residual_through_the_kernels_matches_the_torch_path(I, O, 
 def test_expert_mlp_through_the_kernels_matches_the_torch_path(dtype, monkeypatch):
     """The fused σ-MoE expert MLP (ReLU in the up projection's epilogue, its backward in the row dot),
     forward and backward, with every kernel on against the PyTorch path."""
-    from moeut import expert_mlp as mlp_module
+    from moeut.ops import expert_mlp as mlp_module
     from tests.helpers import switch_kernels
     from tests.unit.test_expert_mlp import mlp_case
     r, x, w1, w2, gate, gy = mlp_case(dtype, seed=11)
@@ -537,7 +539,7 @@ def _expert_mlp_or_combine_case(case: str, seed: int):
     """(dtype, leaves, run, output gradient) of a gated projection with an expert that gets no row: the
     expert MLP ("mlp_bf16", "mlp_fp32") or a combine, narrower in than out ("combine_narrow_out"), wider
     ("combine_wide_in"), or with routed input rows ("combine_routed_input")."""
-    from moeut import expert_mlp as mlp_module, expert_mm as em
+    from moeut.ops import expert_mlp as mlp_module, expert_mm as em
     from tests.helpers import combine_case
     from tests.unit.test_expert_mlp import mlp_case
     if case.startswith("mlp"):
@@ -583,9 +585,9 @@ def test_weight_gradients_read_a_gated_operand_and_gather_no_gates(case, monkeyp
     on the kernel path the backward gathers no gates (the kernels read them at each row's slot). Kernel
     path (interpreted, the value projection's input gradient in its loop-over-N form) against the
     PyTorch path; an expert that gets no row included."""
-    from moeut import expert_mlp as mlp_module, expert_mm as em
+    from moeut.ops import expert_mlp as mlp_module, expert_mm as em
     from tests.helpers import switch_kernels
-    monkeypatch.setattr(triton_expert_mm, "LOOP_N_OVERRIDE", True)   # (the tiny shapes would not pick it)
+    force_loop_n(monkeypatch, True)   # (the tiny shapes would not pick it)
     dtype, leaves, run, gy = _expert_mlp_or_combine_case(case, seed=7)
     scales = []
     real = {m: m.weight_grad for m in (em, mlp_module)}
@@ -608,29 +610,3 @@ def test_weight_gradients_read_a_gated_operand_and_gather_no_gates(case, monkeyp
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     for name, a, b in zip(("out", *(f"d{i}" for i in range(len(leaves)))), results[True], results[False]):
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < tol, name
-
-
-def test_pinned_configs_pick_the_named_config_for_matching_keys_only(monkeypatch):
-    """MOEUT_PIN_CONFIG: a rule pins a config (by index) for the keys whose arguments all match, in the
-    kernel it names; other keys and the other kernel autotune as before; bad rules are refused early."""
-    from moeut import triton_expert_mm as tem
-    rules = tem.parse_pinned_configs('[{"kernel": "mm", "key": {"ROW_DOT": true, "I": 128}, "config": 2},'
-                                     ' {"kernel": "wgrad", "key": {}, "config": 1}]')
-    configs = ["a", "b", "c", "fallback"]
-    assert tem.pinned_config(configs, {"ROW_DOT": True, "I": 128, "O": 1024}, "mm", rules) == "c"
-    assert tem.pinned_config(configs, {"ROW_DOT": True, "I": 1024}, "mm", rules) is None
-    assert tem.pinned_config(configs, {"ROW_DOT": False, "I": 128}, "mm", rules) is None
-    assert tem.pinned_config(configs, {"I": 128}, "wgrad", rules) == "b"
-    assert tem.parse_pinned_configs("  ") == []
-    # through the autotuner's prune hook: positional key arguments (I, O) arrive in named_args
-    monkeypatch.setattr(tem, "PINNED_CONFIGS", rules)
-    assert tem._prune_mm_configs(configs, {"I": 128, "O": 1024}, ROW_DOT=True, FP32=False) == ["c"]
-    assert triton_weight_grad._prune_wgrad_configs(configs, {"I": 1024}) == ["b"]
-    with pytest.raises(ValueError, match="names config 2, but the mm kernel has 2"):
-        tem.pinned_config(["a", "b"], {"ROW_DOT": True, "I": 128}, "mm", rules)
-    for bad, why in (("{", "not valid JSON"), ('{"kernel": "mm"}', "must be a JSON list"),
-                     ('[{"kernel": "gemm", "key": {}, "config": 0}]', "bad rule"),
-                     ('[{"kernel": "mm", "key": {}, "config": -1}]', "bad rule"),
-                     ('[{"kernel": "mm", "key": {}}]', "bad rule")):
-        with pytest.raises(ValueError, match=why):
-            tem.parse_pinned_configs(bad)

@@ -27,13 +27,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import triton_expert_mm as _mm   # (MOEUT_PIN_CONFIG's rules are read there, and tests patch them there)
-from .settings import settings
-from .triton_expert_mm import INTERPRET, or_default, aligned, pinned_config, triton
+from moeut.settings import settings
+from moeut.kernels.expert_mm import INTERPRET, aligned, or_default, triton
 
-# Row splits of the weight gradient: None = automatic (see `wgrad_splits`); an int forces that many,
-# for tests and benchmarks, which check and time the split and unsplit forms.
-WGRAD_SPLIT_OVERRIDE = None
 WGRAD_MAX_SPLITS = 8
 
 
@@ -46,8 +42,6 @@ def wgrad_splits(E: int, I: int, O: int, rows: int, device: torch.device) -> int
     programs on the H200's 132 SMs, each walking ~3.3k rows per application; they get 2 ranges. The
     rule aims at about four programs per SM, never below 1024 rows per range, so the FFN (387 experts:
     3096 tiles) and 1B's SwitchHead (72 experts, 864 tiles) are not split."""
-    if WGRAD_SPLIT_OVERRIDE is not None:
-        return WGRAD_SPLIT_OVERRIDE
     if device.type != "cuda":
         return 1
     tiles = E * triton.cdiv(I, 128) * triton.cdiv(O, 128)
@@ -60,7 +54,7 @@ def wgrad_splits(E: int, I: int, O: int, rows: int, device: torch.device) -> int
 if triton is not None:
     import triton.language as tl
 
-    from .triton_expert_mm import dot_acc
+    from moeut.kernels.expert_mm import dot_acc
 
     def _wgrad_configs():
         if INTERPRET:
@@ -71,13 +65,12 @@ if triton is not None:
             triton.Config({"BI": 128, "BO": 128, "BK": 32}, num_warps=8, num_stages=5),
             triton.Config({"BI": 64, "BO": 128, "BK": 64}, num_warps=4, num_stages=4),
             triton.Config({"BI": 128, "BO": 128, "BK": 64}, num_warps=4, num_stages=4),
-        ][:None if settings.autotune or any(rule["kernel"] == "wgrad" for rule in _mm.PINNED_CONFIGS) else 1]
+        ][:None if settings.autotune else 1]
 
     def _prune_wgrad_configs(configs, named_args, **kwargs):
-        """Every config (the first with `settings.autotune` off: with no pin the list holds only that one, so
-        Triton skips tuning altogether), or the one MOEUT_PIN_CONFIG pins."""
-        pinned = pinned_config(configs, {**named_args, **kwargs}, "wgrad", _mm.PINNED_CONFIGS)
-        return [pinned] if pinned is not None else configs if settings.autotune else configs[:1]
+        """Every config, or the first with `settings.autotune` off (the list then holds only that one, so
+        Triton skips tuning altogether)."""
+        return configs if settings.autotune else configs[:1]
 
     @triton.jit
     def _wgrad_segment(acc, x_ptr, g_ptr, offsets_ptr, rows_ptr, grows_ptr, gscale_ptr, sdst_ptr,
@@ -257,7 +250,8 @@ def autotune_choices(kernels=None) -> list:
         return []
     rows = []
     if kernels is None:
-        kernels = (_mm.AUTOTUNED_MM_KERNEL, _weight_grad_kernel)
+        from moeut.kernels.expert_mm import AUTOTUNED_MM_KERNEL
+        kernels = (AUTOTUNED_MM_KERNEL, _weight_grad_kernel)
     for tuner in kernels:
         name = getattr(tuner.fn, "__name__", str(tuner.fn))
         if len(tuner.configs) == 1:

@@ -34,13 +34,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint as ckpt_lib
-from .data import Batches, collect_documents, content_key, eval_windows, split_documents, tokenize_to_file
-from .evaluate import windows_perplexity
-from .run_dir import RunLock, check_existing_run_dir, check_new_run_dir, read_run_json, truncate_metrics
-from .runs import build_model, check_memory, model_kwargs
-from .train_step import FlatGradientStep, GraphedTrainStep, collect_router_logits, step_body
-from .tokenizer import Tokenizer, save_tokenizer, train_tokenizer
+from moeut.train import checkpoint as ckpt_lib
+from moeut.train.data import Batches, collect_documents, content_key, eval_windows, split_documents, tokenize_to_file
+from moeut.evaluate import windows_perplexity
+from moeut.train.run_dir import RunLock, check_existing_run_dir, check_new_run_dir, read_run_json, truncate_metrics
+from moeut.runs import build_model, check_memory, model_kwargs
+from moeut.train.step import FlatGradientStep, GraphedTrainStep, collect_router_logits, step_body
+from moeut.train.tokenizer import Tokenizer, save_tokenizer, train_tokenizer
 
 MAX_VOCAB = 65535   # token ids are cached as uint16
 
@@ -678,7 +678,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
         result["val_ppl"] = validation_perplexity(model, valid_tokens, cfg.context, cfg.eval_windows,
                                                     cfg.precision == "bf16")
         result["unigram_ppl"] = unigram_perplexity(train_tokens, valid_tokens, tok.vocab_size)
-        from .generate import generate
+        from moeut.generate import generate
         sample_ids = generate(model, [tok.encode(cfg.sample_prompt)], max_new_tokens=60, temperature=0.0,
                               eos_id=tok.eot_id)[0]
         result["sample"] = cfg.sample_prompt + tok.decode(sample_ids)

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .triton_expert_mm import INTERPRET, triton
+from moeut.kernels.expert_mm import INTERPRET, triton
 
 if triton is not None:
     import triton.language as tl

@@ -10,7 +10,7 @@ the two operators cannot do that: the combine does not know that its input is a 
 With `residual` (MoEUT's FFN block, x + FFN(x)) the top-k sum also adds x, and in the backward the
 sum of the K input gradients also adds the output's gradient: two [R, D] fp32 add kernels fewer.
 
-Shapes (legend of `expert_mm.py`): R rows, K choices per row, N = R*K routed rows sorted by expert,
+Shapes (legend of `ops/expert_mm.py`): R rows, K choices per row, N = R*K routed rows sorted by expert,
 D model width, S expert width, E experts.
 """
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import cast_relay
-from .expert_mm import Routing, compute_dtype, kernel_operand, shared_weight_operand
-from .expert_ops import sum_choices_in, grouped_mm, row_dot
-from .shared_weights import GradSink, weight_grad
+from moeut.ops import cast_relay
+from moeut.ops.expert_mm import Routing, compute_dtype, kernel_operand, shared_weight_operand
+from moeut.ops.grouped_mm import sum_choices_in, grouped_mm, row_dot
+from moeut.ops.shared_weights import GradSink, weight_grad
 
 __all__ = ["expert_mlp"]
 

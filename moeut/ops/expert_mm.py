@@ -23,11 +23,10 @@ top-k sum is a contiguous `[X, C, O].sum(1)`. So neither the forward combine nor
 materialises a gathered or gate-scaled [N, D] copy, and no sum needs atomics: results are
 bit-reproducible.
 
-The operators themselves (and their plain-PyTorch forms) are in `expert_ops.py`, their Triton kernels
-in `triton_expert_mm.py` and `triton_weight_grad.py`; this file composes them into `expert_mm` and
-`expert_mm_combine` with their backward passes (the FFN's whole expert MLP is `expert_mlp.py`). The
-naive gather + einsum `reference_expert_mm` is the ground truth tests compare both implementations
-against.
+The operators themselves (and their plain-PyTorch forms) are in `ops/grouped_mm.py`, their Triton kernels
+in `kernels/expert_mm.py` and `kernels/weight_grad.py`; this file composes them into `expert_mm` and
+`expert_mm_combine` with their backward passes (the FFN's whole expert MLP is `ops/expert_mlp.py`). The
+naive ground truths tests compare both implementations with are in `reference.py`.
 """
 from __future__ import annotations
 
@@ -37,14 +36,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import cast_relay
-from .expert_ops import (in_accumulation_dtype, grouped_mm_reference, sum_choices_in, weight_grad_reference, grouped_mm, grouped_mm_dot,
-                         row_dot)
-from .fused import use_fused
-from .shared_weights import GradSink, shared_operand, weight_grad
+from moeut.ops import cast_relay
+from moeut.ops.grouped_mm import grouped_mm, grouped_mm_dot, in_accumulation_dtype, row_dot, sum_choices_in
+from moeut.ops.dispatch import use_fused
+from moeut.ops.shared_weights import GradSink, shared_operand, weight_grad
 
-__all__ = ["Routing", "route", "expert_mm", "expert_mm_combine", "combine", "reference_expert_mm", "fp64_reference",
-           "row_dot"]
+__all__ = ["Routing", "route", "expert_mm", "expert_mm_combine", "combine", "row_dot"]
 
 
 @dataclass
@@ -70,14 +67,14 @@ class Routing:
 def _route_kernel_applies(expert_RK: Tensor, n_experts: int) -> bool:
     if not use_fused(expert_RK, "route"):
         return False
-    from .triton_route import MAX_EXPERTS, MAX_N
+    from moeut.kernels.route import MAX_EXPERTS, MAX_N
     return expert_RK.numel() <= MAX_N and n_experts <= MAX_EXPERTS
 
 
 @torch.library.custom_op("moeut::route_small", mutates_args=())
 def route_small(expert_RK: Tensor, n_experts: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """`route` in one Triton kernel (CUDA, small inputs): (offsets, rows, slot, choice)."""
-    from .triton_route import route_small_triton
+    from moeut.kernels.route import route_small_triton
     return route_small_triton(expert_RK, n_experts)
 
 
@@ -91,7 +88,7 @@ def _(expert_RK, n_experts):
 def route(expert_RK: Tensor, n_experts: int) -> Routing:
     """Sort the (row, choice) pairs by expert. Stable, so ties keep row order (deterministic).
 
-    Small inputs on CUDA (decoding) take one Triton kernel (`triton_route.py`, MOEUT_PYTORCH_OPS=route
+    Small inputs on CUDA (decoding) take one Triton kernel (`kernels/route.py`, MOEUT_PYTORCH_OPS=route
     turns it off); the rest sort with torch.
     """
     K = expert_RK.shape[1]
@@ -130,7 +127,7 @@ def kernel_operand(t: Tensor, dtype: torch.dtype, weight: bool = False) -> Tenso
             return copy
     if t.dtype == dtype or not use_fused(t) or torch.compiler.is_compiling():   # (no data_ptr under compile)
         return t.to(dtype)
-    from .triton_expert_mm import aligned
+    from moeut.kernels.expert_mm import aligned
     return aligned(t, copy_dtype=dtype, always_copy=True)
 
 
@@ -339,18 +336,3 @@ def expert_mm_combine(x_RI: Tensor, w_EIO: Tensor, routing: Routing, gate_XC: Te
     rows = routing.rows_N if gather else None
     return _ExpertMMCombine.apply(x_RI.contiguous(), w_EIO, gate_XC, routing.offsets_E1, rows, routing.slot_N, dtype,
                                   sink, residual_XO, send_residual_grad, receive_grad)
-
-
-def fp64_reference(x_RI: Tensor, w_EIO: Tensor, grad_NO: Tensor, routing: Routing):
-    """(out, grad_x, grad_w) of `expert_mm` in float64 via the per-expert PyTorch path: a light
-    reference for large shapes, where the einsum one would materialise R*K weight copies."""
-    x, w, g = x_RI.detach().double(), w_EIO.detach().double(), grad_NO.detach().double()
-    out = grouped_mm_reference(x, w, routing.offsets_E1, routing.rows_N)
-    grad_x = grouped_mm_reference(g, w.transpose(1, 2), routing.offsets_E1, None)[routing.choice_RK].sum(1)
-    grad_w = weight_grad_reference(x, g, routing.offsets_E1, routing.rows_N)
-    return out, grad_x, grad_w
-
-
-def reference_expert_mm(x_RI: Tensor, w_EIO: Tensor, expert_RK: Tensor) -> Tensor:
-    """Ground truth with no routing at all: [R, K, O], choice k of row r is x[r] @ w[expert_RK[r, k]]."""
-    return torch.einsum("ri,rkio->rko", x_RI, w_EIO[expert_RK])

@@ -22,7 +22,7 @@ import json
 import os
 from pathlib import Path
 
-from .checkpoint import CheckpointError, write_file_atomic
+from moeut.train.checkpoint import CheckpointError, write_file_atomic
 
 RUN_ENTRIES = ("run.json", "tokenizer.model", "data.json", "metrics.jsonl", "checkpoints", "tensorboard", ".lock")
 LOCK_FILE = ".lock"

@@ -5,14 +5,14 @@
     grouped_mm_weight_grad(_add):  per-expert sum of x_n^T g_n (optionally into an accumulator)
     row_dot, sum_choices:  the small passes around the products
 
-Shapes follow the legend of `expert_mm.py` (R rows, K choices, N = R*K routed rows, E experts, I / O
+Shapes follow the legend of `ops/expert_mm.py` (R rows, K choices, N = R*K routed rows, E experts, I / O
 the input / output width). The operators are plain functions of tensors (no autograd), so
 torch.compile sees them as opaque nodes with known output shapes; the autograd Functions in
-`expert_mm.py` and `expert_mlp.py` compose them.
+`ops/expert_mm.py` and `ops/expert_mlp.py` compose them.
 
 Two implementations sit behind each operator: the plain-PyTorch one here (one matmul per expert
-segment; CPU, and the reference) and the Triton one in `triton_expert_mm.py` and
-`triton_weight_grad.py` (CUDA, `use_fused`).
+segment; CPU, and the reference) and the Triton one in `kernels/expert_mm.py` and
+`kernels/weight_grad.py` (CUDA, `use_fused`).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .fused import use_fused
+from moeut.ops.dispatch import use_fused
 
 
 def _check(x: Tensor, w: Tensor, offsets: Tensor) -> None:
@@ -115,7 +115,7 @@ def grouped_mm(x: Tensor, weight: Tensor, offsets: Tensor, rows: Optional[Tensor
     _check(x, weight, offsets)
     torch._check(not scale_at_dst or dst is not None, lambda: "grouped_mm: scale_at_dst needs dst")
     if use_fused(x):
-        from .triton_expert_mm import grouped_mm_triton
+        from moeut.kernels.expert_mm import grouped_mm_triton
         return grouped_mm_triton(x, weight, offsets, rows, scale, dst, scale_at_dst, relu)
     return grouped_mm_reference(x, weight, offsets, rows, scale, dst, scale_at_dst, relu)
 
@@ -145,7 +145,7 @@ def grouped_mm_dot(x: Tensor, weight: Tensor, offsets: Tensor, rows: Optional[Te
     def routed_scale():   # scale[n] of routed row n (the loop-over-N kernel reads it at dst itself)
         return scale.index_select(0, dst) if scale_at_dst else scale
     if use_fused(x):
-        from .triton_expert_mm import grouped_mm_triton, row_dot_triton, use_loop_n
+        from moeut.kernels.expert_mm import grouped_mm_triton, row_dot_triton, use_loop_n
         N, (E, I, O) = _routed_count(x, rows), weight.shape
         if use_loop_n(I, O, N, E):
             return grouped_mm_triton(x, weight, offsets, rows, scale, dst, scale_at_dst, dot_x_MO=dot_x,
@@ -185,7 +185,7 @@ def grouped_mm_weight_grad(x: Tensor, grad: Tensor, offsets: Tensor, rows: Optio
     scaled row is rounded to x's dtype.
     scale_dst: the scale of routed row n is grad_scale[scale_dst[n]] (gates in (row, choice) order)."""
     if use_fused(x):
-        from .triton_weight_grad import grouped_mm_weight_grad_triton
+        from moeut.kernels.weight_grad import grouped_mm_weight_grad_triton
         return grouped_mm_weight_grad_triton(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype,
                                              scale_dst_N=scale_dst)
     return weight_grad_reference(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype, scale_dst)
@@ -205,7 +205,7 @@ def grouped_mm_weight_grad_add(acc: Tensor, x: Tensor, grad: Tensor, offsets: Te
     torch._check(acc.shape == (offsets.shape[0] - 1, x.shape[1], grad.shape[1]),
                  lambda: f"grouped_mm_weight_grad_add: accumulator of shape {tuple(acc.shape)}")
     if use_fused(x):
-        from .triton_weight_grad import grouped_mm_weight_grad_triton
+        from moeut.kernels.weight_grad import grouped_mm_weight_grad_triton
         grouped_mm_weight_grad_triton(x, grad, offsets, rows, grad_rows, grad_scale, acc.dtype, accumulate_into=acc,
                                       scale_dst_N=scale_dst)
     else:
@@ -229,7 +229,7 @@ def row_dot(a: Tensor, b: Tensor, b_rows: Optional[Tensor], scale: Optional[Tens
     the weight-gradient kernel needs no gate in its K loop."""
     torch._check(not gate_b or scale is not None, lambda: "row_dot: gate_b needs a scale")
     if a.dtype != torch.float64 and use_fused(a, "row_dot"):
-        from .triton_expert_mm import row_dot_triton
+        from moeut.kernels.expert_mm import row_dot_triton
         return row_dot_triton(a, b, b_rows, scale, dst, relu_mask, scaled_dst, gate_b)
     b_NI = b if b_rows is None else b.index_select(0, b_rows)
     dot = (in_accumulation_dtype(a) * in_accumulation_dtype(b_NI)).sum(-1)
@@ -265,13 +265,13 @@ def _sum_choices_torch(y_SO: Tensor, n_groups: int, out_dtype: torch.dtype, init
 @torch.library.custom_op("moeut::sum_choices", mutates_args=())
 def sum_choices(y: Tensor, n_groups: int, out_dtype: torch.dtype, init: Optional[Tensor] = None) -> Tensor:
     """[X*C, O] rows in (group, choice) order -> [X, O] sums in `out_dtype`, accumulated in fp32 (fp64
-    for fp64 inputs), plus `init` [X, O] if given, and rounded once (`triton_sum.py` on CUDA)."""
+    for fp64 inputs), plus `init` [X, O] if given, and rounded once (`kernels/sum_choices.py` on CUDA)."""
     torch._check(y.dim() == 2 and (n_groups == 0 or y.shape[0] % n_groups == 0),
                  lambda: f"sum_choices: {tuple(y.shape)} rows do not split into {n_groups} groups")
     torch._check(init is None or tuple(init.shape) == (n_groups, y.shape[1]),
                  lambda: f"sum_choices: init of shape {tuple(init.shape)} for {n_groups} sums of width {y.shape[1]}")
     if y.dtype != torch.float64 and (init is None or init.dtype != torch.float64) and use_fused(y, "topk_sum"):
-        from .triton_sum import sum_choices_triton
+        from moeut.kernels.sum_choices import sum_choices_triton
         return sum_choices_triton(y, n_groups, out_dtype, init)
     return _sum_choices_torch(y, n_groups, out_dtype, init)
 

@@ -1,4 +1,4 @@
-"""Triton kernel of `moeut::expert_gemv` (see `expert_gemv.py` for the contract and the reference).
+"""Triton kernel of `moeut::expert_gemv` (see `ops/expert_gemv.py` for the contract and the reference).
 
 One program computes BO columns of one output row: for each of the row's choices it reads the
 chosen expert's [I, BO] weight slice in [BI, BO] tiles and accumulates gate * x * w in fp32, so the
@@ -16,7 +16,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from .triton_expert_mm import INTERPRET
+from moeut.kernels.expert_mm import INTERPRET
 
 
 @triton.jit

@@ -16,7 +16,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .fused import use_fused
+from moeut.ops.dispatch import use_fused
 
 
 _INV_FREQ: dict = {}
@@ -78,7 +78,7 @@ def is_time_major(x: Tensor) -> bool:
 @torch.library.custom_op("moeut::rope", mutates_args=())
 def _rope_op(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool, scale: float, time_major: bool) -> Tensor:
     if use_fused(x, "rope"):
-        from .triton_rope import rope_triton
+        from moeut.kernels.rope import rope_triton
         return rope_triton(x, cos, sin, inverse, scale, time_major)
     return empty_rope_output(x, time_major).copy_(rotate_reference(x, cos, -sin if inverse else sin, scale))
 

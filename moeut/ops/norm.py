@@ -4,11 +4,11 @@ Under bf16 autocast, torch's LayerNorm reads the fp32 residual and writes fp32; 
 then makes a bf16 copy, and the backward turns the bf16 gradient back into fp32 before LayerNorm's own
 backward, whose weight/bias-gradient reduction is a latency-bound kernel of its own. Here the forward writes the bf16 result directly (the same single rounding of the fp32
 result), and the backward reads the bf16 gradient, writes dx in x's dtype and sums the weight and bias
-gradients deterministically (`triton_norm.py`).
+gradients deterministically (`kernels/norm.py`).
 
 With `input_copy` / `grad_copy` (MoEUT's LayerNorms, whose input is the raw residual that its experts
 also read) the kernels write a low-precision copy of x (forward) or of dx (backward) as well, for the
-expert projection that would cast it otherwise (`cast_relay.py`).
+expert projection that would cast it otherwise (`ops/cast_relay.py`).
 
 `LayerNorm` is a `torch.nn.LayerNorm` (same parameters, state-dict keys, `isinstance`): the fused form
 runs on CUDA for a 1-D `normalized_shape` with weight and bias, outside torch.compile (which fuses
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import cast_relay
-from .fused import use_fused
+from moeut.ops import cast_relay
+from moeut.ops.dispatch import use_fused
 
 MAX_WIDTH = 16384   # the kernels hold a row in registers; wider rows take torch's LayerNorm
 
@@ -37,7 +37,7 @@ class _LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype,
                 pass_through: bool, input_copy: bool = False, grad_copy: bool = False):
-        from .triton_norm import layer_norm_fwd
+        from moeut.kernels.norm import layer_norm_fwd
         copies = out_dtype != x.dtype and x.is_contiguous()
         y, mean, rstd, x_copy = layer_norm_fwd(x, weight, bias, eps, out_dtype,
                                                copy_dtype=out_dtype if copies and input_copy else None)
@@ -50,7 +50,7 @@ class _LayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: Optional[Tensor], grad_x_out: Optional[Tensor] = None):
-        from .triton_norm import layer_norm_bwd
+        from moeut.kernels.norm import layer_norm_bwd
         if grad_y is None:
             return grad_x_out, None, None, None, None, None, None, None
         x, weight, mean, rstd = ctx.saved_tensors

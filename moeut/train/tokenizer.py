@@ -81,5 +81,5 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int = 8000, max_lines:
 
 
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
-    from .checkpoint import write_file_atomic
+    from moeut.train.checkpoint import write_file_atomic
     write_file_atomic(Path(path), tok.model_bytes())

@@ -2,7 +2,7 @@
 
     gate[r], expert[r] = top-k over e of sigmoid(logits[r, e])      (k largest, descending)
 
-`sigmoid_topk` is one operator. On CUDA it is a single Triton kernel (`triton_router.py`): it reads
+`sigmoid_topk` is one operator. On CUDA it is a single Triton kernel (`kernels/router.py`): it reads
 the [R, E] logits once and writes [R, K] gates and expert ids, where the plain PyTorch form runs a
 sigmoid, a top-k and a gather (three kernels, an [R, E] score tensor in between). Its backward
 scatters d gate * s * (1 - s) into a zero [R, E] gradient, which is what autograd computes for the
@@ -27,7 +27,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .fused import use_fused
+from moeut.ops.dispatch import use_fused
 
 
 def sigmoid_topk_reference(logits_RE: Tensor, k: int) -> Tuple[Tensor, Tensor]:
@@ -40,7 +40,7 @@ def _sigmoid_topk_op(logits: Tensor, k: int, fp32: bool = False) -> Tuple[Tensor
     """logits [R0, G, E], any strides (e.g. heads x experts sliced out of a wider projection): rows
     r = r0 * G + g."""
     if use_fused(logits, "router"):
-        from .triton_router import sigmoid_topk_triton
+        from moeut.kernels.router import sigmoid_topk_triton
         return sigmoid_topk_triton(logits, k, fp32)
     with torch.no_grad():
         flat = logits.reshape(-1, logits.shape[-1])
@@ -131,8 +131,8 @@ class _SelectWithProbSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, k, fp32, n_valid):
-        from .triton_entropy import prob_sum_triton
-        from .triton_router import sigmoid_topk_triton
+        from moeut.kernels.entropy import prob_sum_triton
+        from moeut.kernels.router import sigmoid_topk_triton
         valid = logits[..., :n_valid]
         gate_RK, expert_RK = sigmoid_topk_triton(_as_rows_GE(valid), k, fp32)
         prob_sum = prob_sum_triton(valid)
@@ -144,7 +144,7 @@ class _SelectWithProbSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_gate_RK, _grad_expert, grad_prob_sum):
-        from .triton_entropy import router_backward_triton
+        from moeut.kernels.entropy import router_backward_triton
         logits, gate_RK, expert_RK = ctx.saved_tensors
         if grad_gate_RK is None and grad_prob_sum is None:
             return None, None, None, None

@@ -23,8 +23,6 @@ import triton
 import triton.language as tl
 
 BACKWARD_PROGRAMS = 512   # partial-sum rows of the weight gradient (≈ 4 per SM of the H200's 132)
-# (rows per tile, warps) of the backward in place of `_tiles`' rule: for benchmarks/norm.py --sweep, not for use.
-BACKWARD_TILE_OVERRIDE: Optional[Tuple[int, int]] = None
 # Columns per program of the partial sums' reduction: few columns and all partial rows in one tile, so
 # that many programs share the (~4 MB) read; wide column blocks leave few programs, each walking many
 # rows, and the reduction becomes latency-bound.
@@ -153,8 +151,6 @@ def layer_norm_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd
     dxc = torch.empty(R, D, device=x.device, dtype=copy_dtype) if copy_dtype is not None else None
     copy = dxc.view(x.shape) if dxc is not None else None
     DP, BR, warps = _tiles(D, 2048)
-    if BACKWARD_TILE_OVERRIDE is not None:
-        BR, warps = BACKWARD_TILE_OVERRIDE
     rows_per_program = BR * triton.cdiv(triton.cdiv(max(R, 1), BACKWARD_PROGRAMS), BR)
     programs = triton.cdiv(R, rows_per_program)
     dw = torch.empty(D, device=x.device, dtype=weight.dtype)

@@ -26,7 +26,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from .triton_expert_mm import INTERPRET
+from moeut.kernels.expert_mm import INTERPRET
 
 
 @triton.jit

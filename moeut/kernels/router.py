@@ -16,7 +16,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from .triton_expert_mm import INTERPRET
+from moeut.kernels.expert_mm import INTERPRET
 
 # (rows per program, warps) in place of the rule in `sigmoid_topk_triton`: for benchmarks/kernels.py's
 # comparison of launch shapes, not for use.

@@ -18,7 +18,7 @@ MoEUT (B*T = R tokens, K picks, H heads with E experts each in SwitchHead):
     value       x [R, D]      per_x = H*K    per_out = K      -> [R*H, Dh], heads offset by h*E
     output      x [R*H, Dh]   per_x = K      per_out = H*K    -> [R, D], heads offset by h*E
 
-Inference only (no autograd). On CUDA it is one Triton kernel (`triton_expert_gemv.py`); the plain
+Inference only (no autograd). On CUDA it is one Triton kernel (`kernels/expert_gemv.py`); the plain
 PyTorch form below (gathers the chosen weights) is the reference its tests compare with.
 `MOEUT_PYTORCH_OPS=expert_gemv` turns the path off (the sorted path then runs for decoding too).
 """
@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .fused import use_fused
+from moeut.ops.dispatch import use_fused
 
 # Use this path while experts get few choices on average. Reading weights per choice re-reads an
 # expert picked several times; that is cheap while all experts' weights fit in L2 (50 MB on the H200),
@@ -85,7 +85,7 @@ def expert_gemv(x: Tensor, weight: Tensor, expert: Tensor, gate: Optional[Tensor
     """[C / per_out, O]: see the module docstring. No autograd."""
     _check(x, weight, expert, gate, per_x, per_out)
     if use_fused(x):
-        from .triton_expert_gemv import expert_gemv_triton
+        from moeut.kernels.expert_gemv import expert_gemv_triton
         return expert_gemv_triton(x, weight, expert, gate, per_x, per_out, head_k, n_heads, head_experts, relu)
     return expert_gemv_reference(x, weight, expert, gate, per_x, per_out, head_k, n_heads, head_experts, relu)
 

@@ -1,6 +1,6 @@
 """Triton kernels for `moeut::expert_mm`'s forward and input gradient, and the row dot beside them.
 
-Same contract as the plain-PyTorch version in `expert_ops.py` (the reference every test compares with):
+Same contract as the plain-PyTorch version in `ops/grouped_mm.py` (the reference every test compares with):
 routed rows are sorted by expert, expert e owns rows offsets[e]:offsets[e+1].
 
 * `grouped_mm_triton`: a grouped GEMM over row tiles that never straddle two experts. The tile ->
@@ -16,14 +16,13 @@ routed rows are sorted by expert, expert e owns rows offsets[e]:offsets[e+1].
 * `row_dot_triton`: the row dot products around the products (a combine's gate gradient), with the
   gate-scaled input gradient and the gated operand of the weight gradient written in the same pass.
 
-The weight gradient's kernel is in `triton_weight_grad.py`; it shares this file's config pins, the
-`dot_acc` helper and `aligned`.
+The weight gradient's kernel is in `kernels/weight_grad.py`; it shares this file's `dot_acc` helper
+and `aligned`.
 
 All run under `TRITON_INTERPRET=1` on CPU tensors, which is how CI checks their logic.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
@@ -36,49 +35,9 @@ try:
 except ImportError:  # the model works without Triton; only this fast path needs it
     triton = None
 
-from .settings import settings
+from moeut.settings import settings
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def parse_pinned_configs(text: str) -> list:
-    """MOEUT_PIN_CONFIG's rules, checked: a JSON list of {"kernel": "mm" | "wgrad", "key": {key argument:
-    value}, "config": index into that kernel's config list}. A key whose arguments match a rule's skips
-    autotuning and runs that config: an A/B of the autotuner's choice inside a real step (the choice
-    is made per process, and a poor one costs a pass a third of its time)."""
-    if not text.strip():
-        return []
-    try:
-        rules = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"MOEUT_PIN_CONFIG is not valid JSON ({exc})") from None
-    example = '[{"kernel": "mm", "key": {"RELU": true}, "config": 1}]'
-    if not isinstance(rules, list):
-        raise ValueError(f"MOEUT_PIN_CONFIG must be a JSON list of rules, e.g. {example}")
-    for rule in rules:
-        if (not isinstance(rule, dict) or set(rule) != {"kernel", "key", "config"} or rule["kernel"] not in ("mm", "wgrad")
-                or not isinstance(rule["key"], dict) or not isinstance(rule["config"], int) or rule["config"] < 0):
-            raise ValueError(f"MOEUT_PIN_CONFIG: bad rule {rule!r}; each rule is like {example[1:-1]}")
-    return rules
-
-
-def pinned_config(configs: list, key_args: dict, kernel: str, rules: list):
-    """The config the first matching rule pins for this key (None: no rule matches, autotune as usual)."""
-    for rule in rules:
-        if rule["kernel"] == kernel and all(key_args.get(name) == value for name, value in rule["key"].items()):
-            if rule["config"] >= len(configs):
-                raise ValueError(f"MOEUT_PIN_CONFIG: rule {rule!r} names config {rule['config']}, but the "
-                                 f"{kernel} kernel has {len(configs)} configs")
-            return configs[rule["config"]]
-    return None
-
-
-PINNED_CONFIGS = parse_pinned_configs(os.environ.get("MOEUT_PIN_CONFIG", ""))
-
-
-# The "loop over N" form for narrow inputs: None = automatic (see `use_loop_n`); True / False force
-# it, for tests and benchmarks/kernels.py, which check and time both forms (each serves some shapes).
-LOOP_N_OVERRIDE = None
 
 
 def use_loop_n(I: int, O: int, N: int, E: int) -> bool:
@@ -92,8 +51,6 @@ def use_loop_n(I: int, O: int, N: int, E: int) -> bool:
     """
     if I > 128:  # the input tile stays in registers for the whole program
         return False
-    if LOOP_N_OVERRIDE is not None:
-        return LOOP_N_OVERRIDE
     return O > 128 and N >= 128 * E
 
 
@@ -135,11 +92,7 @@ if triton is not None:
 
     def _prune_mm_configs(configs, named_args, **kwargs):
         """Configs that fit in shared memory (the fallback only when none of the others does); with
-        `settings.autotune` off the first of them, so short runs compile one config per variant; or the one
-        MOEUT_PIN_CONFIG pins for this key."""
-        pinned = pinned_config(configs, {**named_args, **kwargs}, "mm", PINNED_CONFIGS)
-        if pinned is not None:
-            return [pinned]
+        `settings.autotune` off the first of them, so short runs compile one config per variant."""
         limit = _smem_limit()
         w = named_args.get("w_ptr")
         w_size = w.element_size() if w is not None and hasattr(w, "element_size") else 0
@@ -312,14 +265,11 @@ if triton is not None:
                          (b.to(tl.float32) * s[:, None]).to(gated_ptr.dtype.element_ty), mask=m)
 
 
-# Rows per program of the row dot in place of the rule in `row_dot_triton` (None: the rule, 64 rows of
-# 128); for benchmarks/experiments/row_dot_bytes.py, not for use.
-ROW_DOT_ROWS: Optional[int] = None
-
-
 def row_dot_triton(a_NI: Tensor, b_MI: Tensor, b_rows_N: Optional[Tensor], scale_N: Optional[Tensor],
                    dst_N: Optional[Tensor] = None, relu_mask: bool = False, scaled_dst_N: Optional[Tensor] = None,
-                   gate_b: bool = False):
+                   gate_b: bool = False, rows_per_program: Optional[int] = None):
+    """(dot [N] fp32, scaled [N, I] or [0, I], gated [N, I] or [0, I]): see `ops/grouped_mm.row_dot`.
+    rows_per_program: rows each program walks (default: as many as fit 8192 elements, at most 64)."""
     N, I = a_NI.shape
     dot = torch.empty(N, device=a_NI.device, dtype=torch.float32)
     scaled = torch.empty(N if scale_N is not None else 0, I, device=a_NI.device, dtype=a_NI.dtype)
@@ -327,7 +277,7 @@ def row_dot_triton(a_NI: Tensor, b_MI: Tensor, b_rows_N: Optional[Tensor], scale
     if N == 0:
         return dot, scaled, gated
     IP = max(16, triton.next_power_of_2(I))
-    BR = ROW_DOT_ROWS or (4 if INTERPRET else max(1, min(64, 8192 // IP)))
+    BR = rows_per_program or (4 if INTERPRET else max(1, min(64, 8192 // IP)))
     scale = scale_N.contiguous() if scale_N is not None else None   # any float dtype: read as fp32
     _row_dot_kernel[(triton.cdiv(N, BR),)](a_NI, b_MI, or_default(b_rows_N, dot), or_default(scale, dot), or_default(dst_N, dot),
                                            or_default(scaled_dst_N, dot), dot,

@@ -35,8 +35,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .expert_ops import grouped_mm_weight_grad, grouped_mm_weight_grad_add
-from .settings import settings
+from moeut.ops.grouped_mm import grouped_mm_weight_grad, grouped_mm_weight_grad_add
+from moeut.settings import settings
 
 # `settings.wgrad_defer`: how many applications of a shared weight one weight-gradient launch sums (1:
 # one launch each; at most 9, every application in the paper's models; 0: no shared copy at all).
@@ -63,7 +63,7 @@ class GradSink:
         if not segments:
             return
         if len(segments) > 1:
-            from .triton_weight_grad import weight_grad_segments_triton
+            from moeut.kernels.weight_grad import weight_grad_segments_triton
             self.grad = weight_grad_segments_triton(segments, self.dtype, accumulate_into=self.grad)
             return
         x, grad, offsets, rows, grad_rows, grad_scale, scale_dst = segments[0]
@@ -94,10 +94,10 @@ def weight_grad(sink: Optional[GradSink], x: Tensor, grad: Tensor, offsets: Tens
 
 
 def _defer_count(x: Tensor) -> int:
-    from .fused import use_fused   # (looked up at call time: tests switch the kernels on in `fused`)
+    from moeut.ops.dispatch import use_fused   # (looked up at call time: tests switch the kernels on in `fused`)
     if settings.wgrad_defer <= 1 or not use_fused(x):
         return 1
-    from .triton_weight_grad import MAX_SEGMENTS
+    from moeut.kernels.weight_grad import MAX_SEGMENTS
     return min(settings.wgrad_defer, MAX_SEGMENTS)
 
 
@@ -121,9 +121,9 @@ class _CastOnce(torch.autograd.Function):
 
 
 def _cast_copy(w: Tensor, dtype: torch.dtype) -> Tensor:
-    from .fused import use_fused
+    from moeut.ops.dispatch import use_fused
     if use_fused(w):
-        from .triton_expert_mm import aligned
+        from moeut.kernels.expert_mm import aligned
         return aligned(w, copy_dtype=dtype, always_copy=True)
     return w.to(dtype)
 

@@ -9,11 +9,11 @@ from typing import Optional
 
 from torch import Tensor
 
-from .settings import settings
+from moeut.settings import settings
 
 
 def use_fused(t: Tensor, op: Optional[str] = None) -> bool:
     if t.device.type != "cuda" or not settings.triton or (op is not None and op in settings.pytorch_ops):
         return False
-    from . import triton_expert_mm
+    from moeut.kernels import expert_mm as triton_expert_mm
     return triton_expert_mm.triton is not None
