@@ -6,8 +6,7 @@ projections; a sigmoid router per head picks the top `moe_k` for V (router reads
 input) and for O (router reads the normalised query input). With n_experts == 1 it is plain
 multi-head attention whose per-head output is multiplied by a sigmoid gate of the input.
 
-Shapes: B batch, T query time, S key time (cache + T), D d_model, H heads, Dh d_head,
-E experts per head, K top-k, R rows.
+Shape suffixes follow the package legend (`moeut/__init__.py`); here E counts the experts of one head.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ a two-layer ReLU MLP of `expert_size` units; the output is the gate-weighted sum
 The selector may read a different input (MoEUT feeds it the layer-normalised residual while the
 experts read the raw residual).
 
-Shapes: B batch, T time, D d_model, E experts, S expert_size, K top-k, R = B*T rows.
+Shape suffixes follow the package legend (`moeut/__init__.py`).
 """
 from __future__ import annotations
 
@@ -179,10 +179,10 @@ class SigmaMoE(torch.nn.Module):
         folded = False   # whether out_RD already holds input + FFN(input)
         if gemv_applies(x_RD, expert_BTK.numel(), self.keys):  # decoding: a few tokens, no sort
             fuse_relu = self.activation is F.relu
-            h_NS = project(x_RD, self.keys, expert_BTK, None, per_x=K, per_out=1, relu=fuse_relu)
+            h_NF = project(x_RD, self.keys, expert_BTK, None, per_x=K, per_out=1, relu=fuse_relu)
             if not fuse_relu:
-                h_NS = self.activation(h_NS)
-            out_RD = project(h_NS, self.values, expert_BTK, gate_BTK, per_x=1, per_out=K)
+                h_NF = self.activation(h_NF)
+            out_RD = project(h_NF, self.values, expert_BTK, gate_BTK, per_x=1, per_out=K)
         else:
             # The routing (sort by expert) is computed once and shared by both projections and their backward.
             routing = route(expert_BTK.reshape(-1, self.n_heads), self.n_experts)
@@ -191,8 +191,8 @@ class SigmaMoE(torch.nn.Module):
                 folded = add_input
                 out_RD = expert_mlp(x_RD, self.keys, self.values, routing, gate_RK, residual=folded)
             else:   # any other activation: the two projections as separate operators
-                h_NS = self.activation(expert_mm(x_RD, self.keys, routing))
-                out_RD = expert_mm_combine(h_NS, self.values, routing, gate_RK, gather=False)
+                h_NF = self.activation(expert_mm(x_RD, self.keys, routing))
+                out_RD = expert_mm_combine(h_NF, self.values, routing, gate_RK, gather=False)
         out = out_RD.view(*input.shape[:-1], self.v_dim)
         return (input + out if add_input and not folded else out), logits
 

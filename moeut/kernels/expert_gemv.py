@@ -67,22 +67,22 @@ def _block_o(n_rows: int, O: int, elem_bytes: int) -> int:
     return bo
 
 
-def expert_gemv_triton(x_RI: Tensor, w_EIO: Tensor, expert_C: Tensor, gate_C: Optional[Tensor], per_x: int,
+def expert_gemv_triton(x_RI: Tensor, w_EIO: Tensor, expert_S: Tensor, gate_S: Optional[Tensor], per_x: int,
                        per_out: int, head_k: int, n_heads: int, head_experts: int, relu: bool) -> Tensor:
     I, O = w_EIO.shape[1], w_EIO.shape[2]
-    n_rows = expert_C.numel() // per_out
+    n_rows = expert_S.numel() // per_out
     out = torch.empty(n_rows, O, device=x_RI.device, dtype=x_RI.dtype)
     if n_rows == 0 or O == 0:
         return out
     if I == 0:
         return out.zero_()
-    expert_C = expert_C.reshape(-1)
-    has_gate = gate_C is not None
-    gate_C = gate_C.reshape(-1) if has_gate else expert_C   # a placeholder pointer, never read
+    expert_S = expert_S.reshape(-1)
+    has_gate = gate_S is not None
+    gate_S = gate_S.reshape(-1) if has_gate else expert_S   # a placeholder pointer, never read
     BO = _block_o(n_rows, O, x_RI.element_size())
     BI = 16 if INTERPRET else max(16, min(triton.next_power_of_2(I), 4096 // BO))
     _expert_gemv_kernel[(n_rows, triton.cdiv(O, BO))](
-        x_RI, w_EIO, expert_C, gate_C, out, O, per_x, head_k, n_heads, head_experts,
+        x_RI, w_EIO, expert_S, gate_S, out, O, per_x, head_k, n_heads, head_experts,
         x_RI.stride(0), x_RI.stride(1), w_EIO.stride(0), w_EIO.stride(1), w_EIO.stride(2), out.stride(0),
         I=I, PER_OUT=per_out, HAS_GATE=has_gate, RELU=relu, BI=BI, BO=BO, num_warps=NUM_WARPS)
     return out

@@ -14,6 +14,6 @@ form and its autograd:
     cast_relay.py      lends a bf16 copy of a tensor from the pass that made it to the pass that needs it
     reference.py       the ground truths: the naive forms every test compares the fast paths with
 
-Shapes carry suffixes; one letter means one thing everywhere (see `expert_mm.py`'s legend).
+Shape suffixes follow the package legend in `moeut/__init__.py`.
 The Triton kernels live in `moeut/kernels/`, which imports nothing from here.
 """

@@ -10,7 +10,7 @@ tiny kernels that cost more than the products. Here one kernel walks the choices
     choices c = j * per_out .. j * per_out + per_out - 1
     expert_of(c) = expert[c] + ((c // head_k) % n_heads) * head_experts
 
-`expert` is the flat [C] tensor of the router's picks in (row, head, choice) order. The four uses in
+`expert` is the flat [S] tensor of the router's picks in (row, head, choice) order. The four uses in
 MoEUT (B*T = R tokens, K picks, H heads with E experts each in SwitchHead):
 
     FFN up      x [R, D]      per_x = K      per_out = 1      -> [R*K, S], ReLU fused
@@ -49,40 +49,40 @@ def gemv_applies(x: Tensor, n_choices: int, w_EIO: Tensor) -> bool:
     return n_choices <= (MAX_CHOICES_PER_EXPERT if fits else MAX_CHOICES_PER_EXPERT_PAST_L2) * E
 
 
-def _expert_ids(expert_C: Tensor, head_k: int, n_heads: int, head_experts: int) -> Tensor:
-    c = torch.arange(expert_C.numel(), device=expert_C.device)
-    return expert_C.reshape(-1) + (c // head_k) % n_heads * head_experts
+def _expert_ids(expert_S: Tensor, head_k: int, n_heads: int, head_experts: int) -> Tensor:
+    c = torch.arange(expert_S.numel(), device=expert_S.device)
+    return expert_S.reshape(-1) + (c // head_k) % n_heads * head_experts
 
 
-def expert_gemv_reference(x_RI: Tensor, w_EIO: Tensor, expert_C: Tensor, gate_C: Optional[Tensor], per_x: int,
+def expert_gemv_reference(x_RI: Tensor, w_EIO: Tensor, expert_S: Tensor, gate_S: Optional[Tensor], per_x: int,
                           per_out: int, head_k: int = 1, n_heads: int = 1, head_experts: int = 0,
                           relu: bool = False) -> Tensor:
     """The contract above in plain PyTorch, accumulated in fp32 (fp64 for fp64 inputs), rounded to x's dtype."""
-    C = expert_C.numel()
+    S = expert_S.numel()
     acc = torch.promote_types(x_RI.dtype, torch.float32)
-    c = torch.arange(C, device=x_RI.device)
-    w_CIO = w_EIO[_expert_ids(expert_C, head_k, n_heads, head_experts)].to(acc)
-    y_CO = torch.bmm(x_RI[c // per_x].to(acc).unsqueeze(1), w_CIO).squeeze(1)
-    if gate_C is not None:
-        y_CO = y_CO * gate_C.reshape(-1, 1).to(acc)
-    out = y_CO.view(C // per_out, per_out, -1).sum(1)
+    c = torch.arange(S, device=x_RI.device)
+    w_SIO = w_EIO[_expert_ids(expert_S, head_k, n_heads, head_experts)].to(acc)
+    y_SO = torch.bmm(x_RI[c // per_x].to(acc).unsqueeze(1), w_SIO).squeeze(1)
+    if gate_S is not None:
+        y_SO = y_SO * gate_S.reshape(-1, 1).to(acc)
+    out = y_SO.view(S // per_out, per_out, -1).sum(1)
     return (out.relu() if relu else out).to(x_RI.dtype)
 
 
-def _check(x_RI: Tensor, w_EIO: Tensor, expert_C: Tensor, gate_C: Optional[Tensor], per_x: int, per_out: int) -> None:
-    C = expert_C.numel()
+def _check(x_RI: Tensor, w_EIO: Tensor, expert_S: Tensor, gate_S: Optional[Tensor], per_x: int, per_out: int) -> None:
+    S = expert_S.numel()
     torch._check(x_RI.dim() == 2 and w_EIO.dim() == 3 and x_RI.shape[1] == w_EIO.shape[1],
                  lambda: f"expert_gemv: x {tuple(x_RI.shape)} does not fit weight {tuple(w_EIO.shape)}")
     torch._check(x_RI.dtype == w_EIO.dtype, lambda: f"expert_gemv: x is {x_RI.dtype} but weight is {w_EIO.dtype}")
-    torch._check(C % per_out == 0 and C == x_RI.shape[0] * per_x,
-                 lambda: f"expert_gemv: {C} choices do not match {x_RI.shape[0]} rows x {per_x} / groups of {per_out}")
-    torch._check(gate_C is None or gate_C.numel() == C, lambda: "expert_gemv: one gate per choice")
+    torch._check(S % per_out == 0 and S == x_RI.shape[0] * per_x,
+                 lambda: f"expert_gemv: {S} choices do not match {x_RI.shape[0]} rows x {per_x} / groups of {per_out}")
+    torch._check(gate_S is None or gate_S.numel() == S, lambda: "expert_gemv: one gate per choice")
 
 
 @torch.library.custom_op("moeut::expert_gemv", mutates_args=())
 def expert_gemv(x: Tensor, weight: Tensor, expert: Tensor, gate: Optional[Tensor], per_x: int, per_out: int,
                 head_k: int = 1, n_heads: int = 1, head_experts: int = 0, relu: bool = False) -> Tensor:
-    """[C / per_out, O]: see the module docstring. No autograd."""
+    """[S / per_out, O]: see the module docstring. No autograd."""
     _check(x, weight, expert, gate, per_x, per_out)
     if use_fused(x):
         from moeut.kernels.expert_gemv import expert_gemv_triton

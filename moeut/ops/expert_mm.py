@@ -1,13 +1,6 @@
 """Conditional (per-expert) matrix multiplication: routing, and the autograd Functions of every MoE projection.
 
-Shape legend used throughout the MoE code:
-    R  input rows (tokens, or token-heads for SwitchHead's output projection)
-    K  experts chosen per input row (top-k)
-    N  routed rows = R * K, sorted by expert
-    X, C  an output grouping of the N choices (X groups of C), e.g. FFN: X = R, C = K
-    S  the same N choices in (group, choice) order, S = X * C (a top-k sum's input, a gate's gradient)
-    E  experts
-    I  input width of a projection, O output width
+Shape suffixes follow the package legend (`moeut/__init__.py`).
 
 A routing (`Routing`, built once per layer application by `route`) sorts the R*K choices by expert.
 Every projection then reads its rows in that order, so one expert's rows are contiguous and each

@@ -5,8 +5,7 @@
     grouped_mm_weight_grad(_add):  per-expert sum of x_n^T g_n (optionally into an accumulator)
     row_dot, sum_choices:  the small passes around the products
 
-Shapes follow the legend of `ops/expert_mm.py` (R rows, K choices, N = R*K routed rows, E experts, I / O
-the input / output width). The operators are plain functions of tensors (no autograd), so
+Shape suffixes follow the package legend (`moeut/__init__.py`). The operators are plain functions of tensors (no autograd), so
 torch.compile sees them as opaque nodes with known output shapes; the autograd Functions in
 `ops/expert_mm.py` and `ops/expert_mlp.py` compose them.
 

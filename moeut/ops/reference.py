@@ -4,8 +4,7 @@ Every fast path (the PyTorch operators in this package and the Triton kernels be
 against these. They are slow and memory-hungry on purpose (one weight copy per (row, choice)): the
 point is that a reader can check them against the paper's equations at a glance.
 
-Shapes (legend of `expert_mm.py`): R rows, K choices per row, E experts, I / O input / output width,
-D model width, S expert width.
+Shape suffixes follow the package legend (`moeut/__init__.py`).
 """
 from __future__ import annotations
 
@@ -23,13 +22,13 @@ def reference_expert_mm(x_RI: Tensor, w_EIO: Tensor, expert_RK: Tensor) -> Tenso
     return torch.einsum("ri,rkio->rko", x_RI, w_EIO[expert_RK])
 
 
-def sigma_moe_mlp_reference(x_RD: Tensor, w1_EDS: Tensor, w2_ESD: Tensor, expert_RK: Tensor,
+def sigma_moe_mlp_reference(x_RD: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, expert_RK: Tensor,
                             gate_RK: Tensor) -> Tensor:
     """[R, D]: the σ-MoE feed-forward block after routing, y_r = sum_k gate[r, k] ReLU(x_r W1[e]) W2[e] with
     e = expert_RK[r, k]. Differentiable in x, both weights and the gates (autograd gives the backward
     ground truth)."""
-    h_RKS = torch.einsum("rd,rkds->rks", x_RD, w1_EDS[expert_RK]).relu()
-    y_RKD = torch.einsum("rks,rksd->rkd", h_RKS, w2_ESD[expert_RK])
+    h_RKF = torch.einsum("rd,rkdf->rkf", x_RD, w1_EDF[expert_RK]).relu()
+    y_RKD = torch.einsum("rkf,rkfd->rkd", h_RKF, w2_EFD[expert_RK])
     return (gate_RK.unsqueeze(-1) * y_RKD).sum(1)
 
 

@@ -17,7 +17,7 @@ sigmoid sees them (with fp32=True: in fp32, as for the logits' float copy). `tor
 in an unspecified order; the kernel takes the lowest expert id, so its choice is reproducible. The plain form (CPU, and any device without Triton) is
 the reference the tests compare the kernel with. `MOEUT_PYTORCH_OPS=router` turns the kernel off.
 
-Shapes: R rows (tokens, or token-heads), E experts, K chosen per row; the operator sees the rows as
+Shape suffixes follow the package legend (`moeut/__init__.py`); the operator sees the R rows as
 [R0, G, E] (R = R0 * G, e.g. tokens x heads) so that strided slices need no copy.
 """
 from __future__ import annotations
