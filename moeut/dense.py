@@ -1,4 +1,6 @@
-"""The paper's dense baseline: a pre-LayerNorm Transformer LM with RoPE attention and a ReLU FFN.
+"""The paper's dense baseline: a pre-LayerNorm Transformer LM with RoPE attention and a ReLU FFN, as the
+training code builds it (its `preln_rope` variant: FastRopeTransformerEncoderLayer blocks inside
+TransformerLanguageModel, with the output LayerNorm that pre-LN variants get).
 
 Same interface as `MoEUTLM` (forward(tokens, mask, kv_cache) -> MoEUTOutput, reg_loss always 0), so
 the trainer, generator and evaluator treat both alike. Parameter-matched sizes: `profiles.Dense_*`.
@@ -82,7 +84,7 @@ class DenseLayer(torch.nn.Module):
 
 class DenseLM(torch.nn.Module):
     def __init__(self, n_tokens: int, d_model: int, n_layers: int, n_heads: int, d_ff: int,
-                 d_head: Optional[int] = None, dropout: float = 0.0):
+                 d_head: Optional[int] = None, dropout: float = 0.0, scale_embedding: bool = True):
         super().__init__()
         for name, v in dict(n_tokens=n_tokens, d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=d_ff).items():
             require(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
@@ -91,6 +93,10 @@ class DenseLM(torch.nn.Module):
         d_head = d_head or d_model // n_heads
         self.n_tokens = n_tokens
         self.n_layers = n_layers
+        # The training code's language model multiplies the embedding by sqrt(d_model) before the first
+        # layer (`embedding_scale` of its TransformerLanguageModel). Runs made before this option have
+        # it off (`runs.load_run` sees to that).
+        self.embedding_scale = math.sqrt(d_model) if scale_embedding else 1.0
         self.embedding = torch.nn.Embedding(n_tokens, d_model)
         self.layers = torch.nn.ModuleList(DenseLayer(d_model, n_heads, d_head, d_ff, dropout) for _ in range(n_layers))
         self.out_norm = LayerNorm(d_model)
@@ -100,15 +106,28 @@ class DenseLM(torch.nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        """The training code's pre-LN initialisation (`reset_prenorm_params` in its
+        layers/transformer/transformer.py, applied to every FastRopeTransformerEncoderLayer): each linear
+        layer of a block is drawn from a truncated normal (±2) and rescaled to a standard deviation of
+        exactly sqrt(2 / (n_layers * fan_in)), biases zero, LayerNorms 1 / 0. Its attention keeps Q and
+        the joint KV as two linear layers, each rescaled by its own empirical deviation; `qkv` holds
+        them as row blocks, so the two blocks are rescaled separately. The embedding is kaiming-normal
+        (fan_in, linear) and the output layer keeps PyTorch's default, as in its
+        TransformerLanguageModel."""
         torch.nn.init.kaiming_normal_(self.embedding.weight, mode="fan_in", nonlinearity="linear")
-        depth_scale = math.sqrt(2 / len(self.layers))
+        n_layers = len(self.layers)
         for layer in self.layers:
-            for lin in (layer.qkv, layer.ff1):
-                torch.nn.init.normal_(lin.weight, 0, 1 / math.sqrt(lin.in_features))
-            for lin in (layer.o, layer.ff2):
-                torch.nn.init.normal_(lin.weight, 0, depth_scale / math.sqrt(lin.in_features))
+            q_rows = layer.qkv.weight.shape[0] // 3
+            blocks = [layer.qkv.weight[:q_rows], layer.qkv.weight[q_rows:], layer.o.weight, layer.ff1.weight,
+                      layer.ff2.weight]
+            for w in blocks:
+                torch.nn.init.trunc_normal_(w)
+                w.mul_(math.sqrt(2 / (n_layers * w.shape[1])) / w.std())
             torch.nn.init.zeros_(layer.ff1.bias)
             torch.nn.init.zeros_(layer.ff2.bias)
+            for norm in (layer.ln1, layer.ln2):
+                torch.nn.init.ones_(norm.weight)
+                torch.nn.init.zeros_(norm.bias)
 
     def forward(self, x: Tensor, mask: Optional[AttentionMask] = None,
                 kv_cache: MultilayerKVCache = None) -> MoEUTOutput:
@@ -119,6 +138,8 @@ class DenseLM(torch.nn.Module):
             mask = AttentionMask(None, None, is_causal=True)
         check_mask(mask, B, T, S)
         h = self.embedding(x.long())
+        if self.embedding_scale != 1.0:
+            h = h * self.embedding_scale
         new_cache = {}
         shared_step = begin_static_step(kv_cache, mask, T, x.device)
         for i, layer in enumerate(self.layers):

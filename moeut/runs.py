@@ -45,6 +45,18 @@ def model_kwargs(name: str, overrides: Dict[str, Any] | None = None) -> Dict[str
         raise ValueError(f"--set {unknown[0]}: {name} has no such argument; it takes {', '.join(sorted(accepted))}")
     kwargs = dict(table[size])
     kwargs.update(overrides or {})
+    if kind == "dense":
+        kwargs.setdefault("scale_embedding", True)   # recorded in run.json (see `model_kwargs_of_run`)
+    return kwargs
+
+
+def model_kwargs_of_run(meta: Dict[str, Any]) -> Dict[str, Any]:
+    """The model's constructor arguments as a run's run.json records them. Dense runs made before
+    `scale_embedding` existed ran without the embedding scale, and keep running without it."""
+    recorded = meta.get("model_kwargs") or {}
+    kwargs = model_kwargs(meta["model"], recorded)
+    if meta["model"].startswith("dense") and "scale_embedding" not in recorded:
+        kwargs["scale_embedding"] = False
     return kwargs
 
 
@@ -109,7 +121,7 @@ def load_run(path: str | Path, device: str = "cpu") -> Tuple[torch.nn.Module, To
         chosen = ckpt_lib.newest_intact_checkpoint(run_dir, warn=_warn, files=(ckpt_lib.MODEL_FILE,))
         if chosen is None:
             raise CheckpointError(f"run {run_dir} has no checkpoint yet")
-    kwargs = model_kwargs(meta["model"], meta["model_kwargs"])
+    kwargs = model_kwargs_of_run(meta)
     with torch.device("meta"):
         meta_model = build_model(meta["model"], tok.vocab_size, kwargs)
     ckpt_lib.check_compatible({k: tuple(v.shape) for k, v in meta_model.state_dict().items()},

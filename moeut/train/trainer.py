@@ -38,7 +38,7 @@ from moeut.train import checkpoint as ckpt_lib
 from moeut.train.data import Batches, collect_documents, content_key, eval_windows, split_documents, tokenize_to_file
 from moeut.evaluate import windows_perplexity
 from moeut.train.run_dir import RunLock, check_existing_run_dir, check_new_run_dir, read_run_json, truncate_metrics
-from moeut.runs import build_model, check_memory, model_kwargs
+from moeut.runs import build_model, check_memory, model_kwargs, model_kwargs_of_run
 from moeut.train.step import FlatGradientStep, GraphedTrainStep, collect_router_logits, step_body
 from moeut.train.tokenizer import Tokenizer, save_tokenizer, train_tokenizer
 
@@ -373,6 +373,7 @@ def config_of_run(run_dir: str | Path) -> TrainConfig:
     if isinstance(saved.get("cuda_graph"), bool):   # runs written before the setting had an "auto"
         saved["cuda_graph"] = "on" if saved["cuda_graph"] else "auto"
     cfg = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    cfg.overrides = {**model_kwargs_of_run(read_run_json(Path(run_dir))), **(cfg.overrides or {})}
     cfg.out = str(run_dir)
     cfg.cache_dir = ""
     return cfg

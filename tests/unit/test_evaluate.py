@@ -1,4 +1,5 @@
-"""Zero-shot scoring on hand-made fixtures with a model whose log-probabilities the test controls."""
+"""Zero-shot scoring on hand-made fixtures with a model whose log-probabilities the test controls; each
+rule of the official code (RobertCsordas/moeut_training_code) pinned on an item computed by hand."""
 import bz2
 import json
 import math
@@ -6,7 +7,8 @@ import math
 import pytest
 import torch
 
-from moeut.evaluate import Request, run_eval, score_requests, strictly_best
+from moeut import evaluate
+from moeut.evaluate import Request, cbt_detokenize, hellaswag_preprocess, run_eval, score_requests, strictly_best
 from moeut.model import MoEUTOutput
 
 V = 16
@@ -21,7 +23,18 @@ class CharTokenizer:
         return [0 if c == " " else ord(c) - ord("a") + 1 if "a" <= c <= "m" else 14 for c in text]
 
     def decode(self, ids):
-        return "".join(" " if i == 0 else chr(ord("a") + i - 1) for i in ids)
+        return "".join(" " if i == 0 else chr(ord("a") + i - 1) if i <= 13 else "?" for i in ids)
+
+
+class RecordingTokenizer(CharTokenizer):
+    """Remembers every text it was asked to encode: what each task builds, checked string by string."""
+
+    def __init__(self):
+        self.texts = []
+
+    def encode(self, text):
+        self.texts.append(text)
+        return super().encode(text)
 
 
 class TableModel(torch.nn.Module):
@@ -60,6 +73,11 @@ def uniform_table():
     return table()
 
 
+def lp(t, prev, nxt):
+    tok = CharTokenizer()
+    return t[tok.encode(prev)[0], tok.encode(nxt)[0]].item()
+
+
 def test_scores_sum_and_greedy():
     m = TableModel(table(a=dist(b=0.5)))
     tok = CharTokenizer()
@@ -70,40 +88,22 @@ def test_scores_sum_and_greedy():
     assert s[2].logprob == pytest.approx(math.log(0.5) - math.log(V), rel=1e-5) and s[2].n_tokens == 2
 
 
+def test_nothing_is_prepended_and_the_first_token_is_not_scored():
+    """`get_lprobs`: with no context the sequence is scored from its second token (no end-of-text
+    prefix); a sequence past max_len + 1 tokens loses its start, never its scored tokens' order."""
+    t = table(a=dist(b=0.5), b=dist(c=0.25))
+    tok = CharTokenizer()
+    s = score_requests(TableModel(t), [Request([], tok.encode("abc"))])[0]
+    assert s.n_tokens == 2 and s.logprob == pytest.approx(math.log(0.5) + math.log(0.25))
+    cut = score_requests(TableModel(t), [Request(tok.encode("kkka"), tok.encode("bc"))], max_len=3)[0]
+    assert cut.n_tokens == 2 and cut.logprob == pytest.approx(math.log(0.5) + math.log(0.25))
+    with pytest.raises(ValueError, match="continuation"):
+        score_requests(TableModel(t), [Request([], tok.encode("a"))])
+
+
 def test_ties_count_as_wrong():
     assert not strictly_best([1.0, 1.0, 0.0], 0)
     assert strictly_best([1.1, 1.0, 0.0], 0)
-
-
-def write_fixtures(d):
-    (d / "lambada").mkdir()
-    # target word 'bc' spans two tokens; the table makes a->' '? no: context ends with 'a', continuation ' bc'
-    with open(d / "lambada" / "lambada_test.jsonl", "w") as f:
-        f.write(json.dumps({"text": "ka bc"}) + "\n")   # greedy: ' ' after a? set below
-        f.write(json.dumps({"text": "ka bd"}) + "\n")   # 'd' after 'b' is not the argmax -> wrong
-    (d / "blimp").mkdir()
-    with open(d / "blimp" / "p1.jsonl", "w") as f:
-        f.write(json.dumps({"sentence_good": "ab", "sentence_bad": "ac", "field": "syntax"}) + "\n")
-        f.write(json.dumps({"sentence_good": "ac", "sentence_bad": "ab", "field": "syntax"}) + "\n")
-    # the real BLiMP spells one paradigm's field "syntax/semantics", the others "syntax_semantics"
-    with open(d / "blimp" / "p2.jsonl", "w") as f:
-        f.write(json.dumps({"sentence_good": "ab", "sentence_bad": "ac", "field": "syntax/semantics"}) + "\n")
-    with open(d / "blimp" / "p3.jsonl", "w") as f:
-        f.write(json.dumps({"sentence_good": "ac", "sentence_bad": "ab", "field": "syntax_semantics"}) + "\n")
-    (d / "piqa").mkdir()
-    with open(d / "piqa" / "valid.jsonl", "w") as f:
-        f.write(json.dumps({"goal": "g", "sol1": "b", "sol2": "c"}) + "\n")
-    (d / "piqa" / "valid-labels.lst").write_text("0\n")
-    (d / "arc").mkdir()
-    with open(d / "arc" / "arc_easy.jsonl", "w") as f:
-        # per-token mean: ' bbbb' (good, long) vs ' c' (short): the sum would prefer ' c', the mean ' bbbb'
-        f.write(json.dumps({"query": "a", "choices": [" c", " bbbb", " d", " e"], "gold": 1}) + "\n")
-        # exact tie between ' d' and ' e' -> counted wrong even though gold is one of them
-        f.write(json.dumps({"query": "a", "choices": [" d", " e", " f", " f"], "gold": 0}) + "\n")
-        f.write(json.dumps({"query": "a", "choices": [" d", " e", " f"], "gold": 0}) + "\n")  # 3 options: skipped
-    (d / "hellaswag").mkdir()
-    with bz2.open(d / "hellaswag" / "hellaswag_val_full.txt.bz2", "wt") as f:
-        f.write("a\n1\nc\nb\nd\ne\n")
 
 
 def fixture_table():
@@ -114,27 +114,87 @@ def fixture_table():
                  eot=dist(a=0.5))
 
 
-def test_tasks_on_fixtures(tmp_path):
-    write_fixtures(tmp_path)
+def test_lambada_by_the_official_rules(tmp_path):
+    """`LambadaTest.step` on two texts, by hand: the argmax at the last len(word) positions, detokenized,
+    must end in the word; the word's perplexity is exp of the mean over texts of its per-token mean loss."""
+    (tmp_path / "lambada").mkdir()
+    with open(tmp_path / "lambada" / "lambada_test.jsonl", "w") as f:
+        f.write(json.dumps({"text": "ka bc"}) + "\n" + json.dumps({"text": "ka bd"}) + "\n")
     t = fixture_table()
-    m, tok = TableModel(t), CharTokenizer()
-    snapshots = []   # what an interrupted run would have kept: results after each finished task
-    res = run_eval(m, tok, ["lambada", "blimp", "piqa", "arc_easy", "hellaswag"], str(tmp_path), [], None, 4,
-                   printer=lambda *a: None, on_result=lambda r: snapshots.append(list(r)))
-    assert snapshots == [["lambada"], ["lambada", "blimp"], ["lambada", "blimp", "piqa"],
-                         ["lambada", "blimp", "piqa", "arc_easy"], ["lambada", "blimp", "piqa", "arc_easy", "hellaswag"]]
-    assert res["lambada"]["accuracy"] == 0.5 and res["lambada"]["items"] == 2
-    # last-word perplexity: exp(-mean of summed word log-probs)
-    lp1 = t[1, 0] + t[0, 2] + t[2, 3]
-    lp2 = t[1, 0] + t[0, 2] + t[2, 4]
-    assert res["lambada"]["last_word_perplexity"] == pytest.approx(math.exp(-(lp1 + lp2) / 2), rel=1e-5)
-    # BLiMP sums whole-sentence log-probs (eot-conditioned): 'ab' (0.3) beats 'ac' (0.2) -> p1 1 of 2
-    # right, p2 right, p3 wrong; the mean is over paradigms, and both field spellings are one field
-    assert res["blimp"]["accuracy"] == pytest.approx(0.5) and res["blimp"]["items"] == 3
-    assert res["blimp"]["fields"] == {"syntax": 0.5, "syntax_semantics": 0.5}
-    assert res["piqa"]["accuracy"] == 1.0
-    assert res["arc_easy"]["items"] == 2 and res["arc_easy"]["accuracy"] == 0.5
-    assert res["hellaswag"]["accuracy"] == 1.0  # ' b' is the best ending, gold index 1
+    r = run_eval(TableModel(t), CharTokenizer(), ["lambada"], str(tmp_path), [], None, 4, printer=lambda *a: None)
+    r = r["lambada"]
+    assert r["accuracy"] == 0.5 and r["items"] == 2 and r["last_token_accuracy"] == 0.5
+    # " bc" is 3 tokens: the losses at the last 3 positions (after 'a', ' ', 'b'), averaged per text
+    w1 = -(lp(t, "a", " ") + lp(t, " ", "b") + lp(t, "b", "c")) / 3
+    w2 = -(lp(t, "a", " ") + lp(t, " ", "b") + lp(t, "b", "d")) / 3
+    assert r["last_word_perplexity"] == pytest.approx(math.exp((w1 + w2) / 2), rel=1e-5)
+    every = -(2 * (lp(t, "k", "a") + lp(t, "a", " ") + lp(t, " ", "b")) + lp(t, "b", "c") + lp(t, "b", "d"))
+    assert r["lm_perplexity"] == pytest.approx(math.exp(every / 8), rel=1e-5)
+
+
+def test_blimp_sums_each_sentence_alone_and_averages_paradigms(tmp_path):
+    (tmp_path / "blimp").mkdir()
+    rows = {"p1": [("ab", "ac", "syntax"), ("ac", "ab", "syntax")], "p2": [("ab", "ac", "syntax/semantics")],
+            "p3": [("ac", "ab", "syntax_semantics")]}
+    for name, pairs in rows.items():
+        with open(tmp_path / "blimp" / f"{name}.jsonl", "w") as f:
+            for good, bad, field in pairs:
+                f.write(json.dumps({"sentence_good": good, "sentence_bad": bad, "field": field}) + "\n")
+    tok = RecordingTokenizer()
+    r = run_eval(TableModel(fixture_table()), tok, ["blimp"], str(tmp_path), [], None, 4, printer=lambda *a: None)
+    # 'ab' (P(b|a) = 0.3) beats 'ac' (0.2): p1 1 of 2, p2 right, p3 wrong; the sentences are encoded bare
+    assert sorted(set(tok.texts)) == ["ab", "ac"]
+    assert r["blimp"]["paradigms"] == {"p1": 0.5, "p2": 1.0, "p3": 0.0}
+    assert r["blimp"]["accuracy"] == pytest.approx(0.5) and r["blimp"]["item_accuracy"] == pytest.approx(0.5)
+    assert r["blimp"]["fields"] == {"syntax": 0.5, "syntax_semantics": 0.5}
+
+
+def test_piqa_and_arc_build_the_official_strings(tmp_path):
+    (tmp_path / "piqa").mkdir()
+    with open(tmp_path / "piqa" / "valid.jsonl", "w") as f:
+        f.write(json.dumps({"goal": "  g \n", "sol1": "b", "sol2": "c "}) + "\n")
+    (tmp_path / "piqa" / "valid-labels.lst").write_text("0\n")
+    (tmp_path / "arc").mkdir()
+    ai2 = lambda stem, texts, key: {"question": {"stem": stem, "choices": [  # noqa: E731
+        {"label": lab, "text": x} for lab, x in zip("ABCDE", texts)]}, "answerKey": key}
+    with open(tmp_path / "arc" / "ARC-Easy-Test.jsonl", "w") as f:
+        # per-token mean: ' bbbb' (gold, long) vs ' c' (short): the sum would prefer ' c', the mean ' bbbb'
+        f.write(json.dumps(ai2("a", ["c", "bbbb", "d", "e"], "B")) + "\n")
+        f.write(json.dumps(ai2("a", ["d", "e", "f"], "A")) + "\n")               # 3 options: dropped
+        f.write(json.dumps(ai2("a", ["d", "e", "f", "g", "h"], "A")) + "\n")     # 5 options: dropped
+    with open(tmp_path / "arc" / "arc_challenge.jsonl", "w") as f:   # llm-foundry's copy, 3 options dropped too
+        f.write(json.dumps({"query": "Question: a", "choices": ["d", "e", "f", "f"], "gold": 0}) + "\n")
+        f.write(json.dumps({"query": "Question: a", "choices": ["b", "e", "f"], "gold": 0}) + "\n")
+    tok = RecordingTokenizer()
+    r = run_eval(TableModel(fixture_table()), tok, ["piqa", "arc_easy", "arc_challenge"], str(tmp_path), [], None, 4,
+                 printer=lambda *a: None)
+    assert tok.texts[:3] == ["Question: g\nAnswer:", " b", " c "]
+    assert "Question: a\nAnswer:" in tok.texts and " bbbb" in tok.texts and " h" not in tok.texts
+    assert r["piqa"]["accuracy"] == 1.0
+    assert r["arc_easy"]["items"] == 1 and r["arc_easy"]["accuracy"] == 1.0
+    # ' d' (0.1 after ' ') ties ' e' (0.1): the gold one does not win, and ties are wrong
+    assert r["arc_challenge"]["items"] == 1 and r["arc_challenge"]["accuracy"] == 0.0
+
+
+def test_hellaswag_builds_the_official_context_and_keeps_its_regex(tmp_path):
+    assert hellaswag_preprocess(" Roof: A man [header] sits.  [title] He ") == "Roof: A man [header] sits. . He"
+    assert hellaswag_preprocess("a \\. b") == "a b"   # what the regex does remove: a backslash and a '.'
+
+    (tmp_path / "hellaswag").mkdir()
+    with open(tmp_path / "hellaswag" / "hellaswag_val.jsonl", "w") as f:
+        f.write(json.dumps({"activity_label": "Roof", "ctx_a": "A man [header] sits.", "ctx_b": "he IS",
+                            "endings": ["c", "b ", "d", "e"], "label": 1}) + "\n")
+    tok = RecordingTokenizer()
+    r = run_eval(TableModel(fixture_table()), tok, ["hellaswag"], str(tmp_path), [], None, 4, printer=lambda *a: None)
+    assert tok.texts == ["Roof: A man [header] sits. He is", " c", " b", " d", " e"]
+    assert r["hellaswag"]["accuracy"] == 1.0   # ' b' is the likeliest ending, gold index 1
+    # the preprocessed copy: the same steps on its joined context
+    (tmp_path / "hellaswag" / "hellaswag_val.jsonl").unlink()
+    with bz2.open(tmp_path / "hellaswag" / "hellaswag_val_full.txt.bz2", "wt") as f:
+        f.write("a  [title] b\n1\nc\nb\nd\ne\n")
+    tok = RecordingTokenizer()
+    run_eval(TableModel(fixture_table()), tok, ["hellaswag"], str(tmp_path), [], None, 4, printer=lambda *a: None)
+    assert tok.texts[0] == "a . b"
 
 
 def test_missing_file_names_it_and_its_source(tmp_path):
@@ -142,16 +202,39 @@ def test_missing_file_names_it_and_its_source(tmp_path):
         run_eval(TableModel(uniform_table()), CharTokenizer(), ["lambada"], str(tmp_path), [], None, 4)
 
 
-def test_cbt_reads_the_official_format_and_averages_subsets(tmp_path):
+def cbt_story(answer: str, options: str) -> str:
+    context = "".join(f"{i} a `` a '' , b .\n" for i in range(1, 21))
+    return context + f"21 a XXXXX b .\t{answer}\t\t{options}\n\n"
+
+
+def test_cbt_follows_the_official_reader(tmp_path):
+    """`ChildrenBooksTest`: PTB detokenization, context = the 20 sentences + the query up to XXXXX,
+    option = candidate + the rest of the query, only 10-option stories, per-token mean, a group per file."""
+    assert cbt_detokenize("a `` b '' , c n't ; d .") == 'a "b", cn\'t; d.'
     (tmp_path / "cbt").mkdir()
-    context = "".join(f"{i} a a .\n" for i in range(1, 21))
+    ten = "|".join("bcdefghijk")
     for kind in ("CN", "NE", "P", "V"):
-        # question 1: gold 'b' (likelier after ' ') wins; question 2: gold 'c' loses to 'b'
-        block1 = context + "21 a XXXXX\tb\t\tb|c|d\n\n"
-        block2 = context + "21 a XXXXX\tc\t\tb|c|d\n\n"
-        (tmp_path / "cbt" / f"cbtest_{kind}_test_2500ex.txt").write_text(block1 + block2)
-    res = run_eval(TableModel(fixture_table()), CharTokenizer(), ["cbt"], str(tmp_path), [], None, 4,
-                   printer=lambda *a: None)
-    assert res["cbt"]["items"] == 8
-    assert res["cbt"]["subsets"] == {"CN": 0.5, "NE": 0.5, "P": 0.5, "V": 0.5}
+        text = cbt_story("b", ten) + cbt_story("c", ten) + cbt_story("b", "b|c|d")   # the last: 3 options
+        (tmp_path / "cbt" / f"cbtest_{kind}_test_2500ex.txt").write_text(text)
+    (tmp_path / "cbt" / "cbtest_CN_train.txt").write_text(cbt_story("b", ten))     # not a test file
+    tok = RecordingTokenizer()
+    res = run_eval(TableModel(fixture_table()), tok, ["cbt"], str(tmp_path), [], None, 4, printer=lambda *a: None)
+    sentence = 'a "a", b.'
+    assert tok.texts[0] == " ".join([sentence] * 20) + " a "
+    assert tok.texts[1:4] == ["b b.", "c b.", "d b."]
+    assert res["cbt"]["items"] == 8 and res["cbt"]["subsets"] == {"CN": 0.5, "NE": 0.5, "P": 0.5, "V": 0.5}
     assert res["cbt"]["accuracy"] == 0.5
+
+
+def test_paper_average_needs_all_six_columns(tmp_path, monkeypatch):
+    fake = {name: (lambda acc: lambda *a: {"accuracy": acc, "items": 1})(acc)
+            for name, acc in zip(evaluate.TASKS, (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7))}
+    monkeypatch.setattr(evaluate, "TASK_FNS", fake)
+    r = run_eval(TableModel(uniform_table()), CharTokenizer(), list(evaluate.TASKS), str(tmp_path), [], None, 4,
+                 printer=lambda *a: None)
+    acc = {name: v["accuracy"] for name, v in r.items() if name in evaluate.TASKS}
+    want = (acc["lambada"] + acc["blimp"] + acc["cbt"] + acc["hellaswag"] + acc["piqa"] + acc["arc_easy"]) / 6
+    assert r["paper_table"]["average"] == pytest.approx(want)
+    r = run_eval(TableModel(uniform_table()), CharTokenizer(), ["lambada", "blimp"], str(tmp_path), [], None, 4,
+                 printer=lambda *a: None)
+    assert "paper_table" not in r
