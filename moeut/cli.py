@@ -93,8 +93,11 @@ def _add_train(sub):
     p.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"],
                    help="autocast precision (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--vocab-size", type=_int_range(2, 65535), default=None, help="SentencePiece pieces (default 8000)")
-    p.add_argument("--tokenizer", default=None, metavar="PATH",
-                   help="use this SentencePiece model (e.g. another run's tokenizer.model) instead of training one")
+    p.add_argument("--tokenizer", default=None, metavar="code|paper|PATH",
+                   help="code (default): train a lossless BPE tokenizer (whitespace kept, documents end with "
+                        "end-of-text); paper: train the paper's (SentencePiece defaults: NFKC, whitespace "
+                        "collapsed, dummy prefix; documents end with the text <STORY_SEP>); PATH: use this "
+                        "SentencePiece model (e.g. another run's tokenizer.model)")
     p.add_argument("--log-interval", type=POSITIVE, default=None, help="steps between metrics.jsonl records (default 10)")
     p.add_argument("--eval-interval", type=POSITIVE, default=None, help="steps between validation runs (default steps/10)")
     p.add_argument("--eval-windows", type=NON_NEGATIVE, default=None, help="validation windows per run (default 64; 0: all)")
@@ -138,8 +141,8 @@ def cmd_train(args) -> int:
             cfg.cuda_graph = "on" if args.cuda_graph else "off"
         run = lambda: train(cfg, resume=True, user_data=args.data)   # noqa: E731
     else:
-        if args.tokenizer and args.vocab_size:
-            raise ValueError("--vocab-size and --tokenizer exclude each other: the tokenizer sets the vocabulary")
+        if args.tokenizer and args.tokenizer not in ("code", "paper") and args.vocab_size:
+            raise ValueError("--vocab-size and --tokenizer PATH exclude each other: the tokenizer sets the vocabulary")
         names = {f.name for f in fields(TrainConfig)}
         cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and k != "overrides" and v is not None})
         cfg.overrides = parse_overrides(args.overrides)

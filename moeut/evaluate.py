@@ -366,7 +366,7 @@ def text_perplexity(model, tok, paths: Sequence[str], context: int = 1024) -> Di
 
     def windows():
         for text in texts:
-            ids = np.asarray(tok.encode(text) + [tok.eot_id])
+            ids = np.asarray(tok.encode_documents([text])[0])
             yield from eval_windows(ids, context)
     ppl, count = windows_perplexity(model, windows())
     return {"perplexity": ppl, "tokens": count}

@@ -147,7 +147,8 @@ def _alive(pid: int) -> bool:
 
 
 def tokenize_to_file(texts: Sequence[str], tokenizer, path: Path, progress: bool = True) -> np.ndarray:
-    """Token ids of all texts, each followed by end-of-text, as a uint16 memmap at `path` (cached)."""
+    """Token ids of all texts, each followed by its separator (`Tokenizer.encode_documents`), as a
+    uint16 memmap at `path` (cached)."""
     if path.exists():
         return np.memmap(path, dtype=np.uint16, mode="r")
     _remove_dead_writers_files(path)
@@ -156,8 +157,7 @@ def tokenize_to_file(texts: Sequence[str], tokenizer, path: Path, progress: bool
     from tqdm import tqdm
     chunks = []
     for i in tqdm(range(0, len(texts), 256), desc=f"tokenizing {path.name}", disable=not progress, unit="x256 docs"):
-        for ids in tokenizer.encode_batch(texts[i:i + 256]):
-            ids.append(tokenizer.eot_id)
+        for ids in tokenizer.encode_documents(texts[i:i + 256]):
             chunks.append(np.asarray(ids, dtype=np.uint16))
     arr = np.concatenate(chunks) if chunks else np.zeros(0, np.uint16)
     path.parent.mkdir(parents=True, exist_ok=True)

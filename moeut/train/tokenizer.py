@@ -1,6 +1,15 @@
-"""SentencePiece BPE tokenizer as in the paper (8000 pieces, digits split), made lossless for code:
-no normalisation, no dummy prefix, whitespace kept, newline a piece of its own, byte fallback for
-anything unseen, so `decode(encode(text)) == text` for any text.
+"""SentencePiece BPE tokenizers, two kinds:
+
+* "code" (the default): 8000 pieces with digits split, as in the paper, but lossless: no normalisation,
+  no dummy prefix, whitespace kept, newline a piece of its own, byte fallback for anything unseen, so
+  `decode(encode(text)) == text` for any text. Documents end with the end-of-text id.
+* "paper": exactly what the training code trains (`SentencepieceVocabulary` in its
+  framework/dataset/text/tokenizers/sentencepiece.py): BPE with split digits and every other option at
+  SentencePiece's default (NFKC normalisation, runs of whitespace collapsed, a dummy-prefix space,
+  sentences over 4192 bytes left out of training). Each document is followed by the literal text
+  "<STORY_SEP>", tokenized with it (`ChunkedSentencepieceLMDataset.parse_with_sep`); it has no
+  end-of-text id in the data.
+A model loaded from a file is of the kind its behaviour shows: lossless means "code".
 """
 from __future__ import annotations
 
@@ -13,6 +22,9 @@ from typing import Iterable, List, Optional, Sequence
 import sentencepiece as spm
 
 NEWLINE = "\n"
+DOCUMENT_SEPARATOR_TEXT = "<STORY_SEP>"   # what the training code appends to every document
+KINDS = ("code", "paper")
+_LOSSLESS_PROBE = " a  b\n\tc 12 \ufb01"
 
 
 class Tokenizer:
@@ -34,6 +46,15 @@ class Tokenizer:
             raise ValueError(f"{model_path or 'tokenizer'} is not a SentencePiece model ({e})") from None
         self.vocab_size = self.sp.get_piece_size()
         self.eot_id = self.sp.eos_id()
+        self.lossless = self.sp.decode(self.sp.encode(_LOSSLESS_PROBE)) == _LOSSLESS_PROBE
+        self.kind = "code" if self.lossless else "paper"
+
+    def encode_documents(self, texts: Sequence[str]) -> List[List[int]]:
+        """Each document's ids with its separator: the end-of-text id (code) or the tokens of
+        "<STORY_SEP>" appended to its text before encoding (paper)."""
+        if self.lossless:
+            return [ids + [self.eot_id] for ids in self.encode_batch(texts)]
+        return self.encode_batch([t + DOCUMENT_SEPARATOR_TEXT for t in texts])
 
     def encode(self, text: str) -> List[int]:
         return self.sp.encode(text)
@@ -58,16 +79,29 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int = 8000, max_lines:
         raise ValueError("cannot train a tokenizer: the training data has no text")
     random.Random(seed).shuffle(lines)
     lines = lines[:max_lines]
+    return _train(iter(lines), model_type="bpe", vocab_size=vocab_size,
+                  split_digits=True, byte_fallback=True, normalization_rule_name="identity",
+                  remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True,
+                  split_by_whitespace=True, user_defined_symbols=[NEWLINE], character_coverage=0.9999,
+                  max_sentence_length=1 << 16, bos_id=-1, eos_id=1, unk_id=0, pad_id=-1,
+                  train_extremely_large_corpus=False, num_threads=2)
+
+
+def train_paper_tokenizer(documents: Iterable[str], vocab_size: int = 8000) -> Tokenizer:
+    """The training code's tokenizer: every document + "<STORY_SEP>" is one training sentence; BPE,
+    split digits, the rest SentencePiece's defaults."""
+    docs = [d for d in documents if d]
+    if not docs:
+        raise ValueError("cannot train a tokenizer: the training data has no text")
+    return _train(iter(d + DOCUMENT_SEPARATOR_TEXT for d in docs), vocab_size=vocab_size, split_digits=True,
+                  model_type="bpe")
+
+
+def _train(sentences: Iterable[str], **options) -> Tokenizer:
+    """SentencePiece trained in memory; its errors about the vocabulary size name --vocab-size."""
     model = io.BytesIO()
     try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-            split_digits=True, byte_fallback=True, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True,
-            split_by_whitespace=True, user_defined_symbols=[NEWLINE], character_coverage=0.9999,
-            max_sentence_length=1 << 16, bos_id=-1, eos_id=1, unk_id=0, pad_id=-1,
-            train_extremely_large_corpus=False, num_threads=2, minloglevel=2,
-        )
+        spm.SentencePieceTrainer.train(sentence_iterator=sentences, model_writer=model, minloglevel=2, **options)
     except RuntimeError as e:
         msg = str(e)
         if m := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg):

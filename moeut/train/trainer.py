@@ -40,7 +40,7 @@ from moeut.evaluate import windows_perplexity
 from moeut.train.run_dir import RunLock, check_existing_run_dir, check_new_run_dir, read_run_json, truncate_metrics
 from moeut.runs import build_model, check_memory, model_kwargs, model_kwargs_of_run
 from moeut.train.step import FlatGradientStep, GraphedTrainStep, collect_router_logits, step_body
-from moeut.train.tokenizer import Tokenizer, save_tokenizer, train_tokenizer
+from moeut.train.tokenizer import KINDS, Tokenizer, save_tokenizer, train_paper_tokenizer, train_tokenizer
 
 MAX_VOCAB = 65535   # token ids are cached as uint16
 
@@ -62,7 +62,8 @@ class TrainConfig:
     clip: float = -1.0                   # gradient-norm clip (-1: 0.1 for 44M/tiny, 0.25 larger; 0 disables)
     precision: str = "auto"              # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     vocab_size: int = 8000               # SentencePiece pieces
-    tokenizer: str = ""                  # a SentencePiece model to use instead of training one
+    tokenizer: str = ""                  # "" or "code": train the lossless one; "paper": the training
+                                         # code's; else a SentencePiece model file to use as it is
     seed: int = 0
     log_interval: int = 10
     eval_interval: int = 0               # steps between validation runs (0: steps/10)
@@ -243,8 +244,12 @@ def build_data(cfg: TrainConfig, tok: Optional[Tokenizer], say: Callable[[str], 
     docs = collect_documents(cfg.data, strict=cfg.strict_data, warn=say)
     train_docs, valid_docs = split_documents(docs)
     if tok is None:
-        say(f"training a {cfg.vocab_size}-piece tokenizer on {len(train_docs)} documents")
-        tok = train_tokenizer(train_docs, cfg.vocab_size, seed=cfg.seed)
+        kind = cfg.tokenizer or "code"
+        say(f"training a {cfg.vocab_size}-piece {kind} tokenizer on {len(train_docs)} documents")
+        if kind == "paper":
+            tok = train_paper_tokenizer(train_docs, cfg.vocab_size)
+        else:
+            tok = train_tokenizer(train_docs, cfg.vocab_size, seed=cfg.seed)
     key = content_key(train_docs + ["\0valid\0"] + valid_docs, tok.model_bytes())
     cache = Path(cfg.cache_dir) / key
     tokenize_to_file(train_docs, tok, cache / "train.bin", cfg.progress)
@@ -384,7 +389,7 @@ def _start_new_run(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any], devi
     and data.json. On failure after the directory was made, what this start wrote is removed."""
     check_new_run_dir(run_dir)
     given = None
-    if cfg.tokenizer:
+    if cfg.tokenizer and cfg.tokenizer not in KINDS:
         given = Tokenizer(cfg.tokenizer)
         cfg.vocab_size = given.vocab_size
     with torch.device("meta"):

@@ -6,6 +6,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -198,3 +199,26 @@ def test_step_mode_is_stated_and_cuda_graph_insists(corpus, tmp_path, capsys):
     assert main(train_args(corpus, tmp_path / "on", tmp_path / "cache", steps=2) + ["--cuda-graph"]) == 2
     assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "on").exists()
+
+
+def test_paper_tokenizer_on_a_c4_style_jsonl_corpus_end_to_end(tmp_path, capsys):
+    """`--tokenizer paper` on JSONL documents ({"text": ...}, as C4 ships them): trained, saved with the
+    run, the documents separated by the text <STORY_SEP>, then generate and eval read the run."""
+    import json
+    from moeut.train.tokenizer import Tokenizer
+    from tests.unit.test_tokenizer import english_documents
+    data = tmp_path / "c4"
+    data.mkdir()
+    with open(data / "c4-train.00000-of-01024.jsonl", "w") as f:
+        for doc in english_documents(400):
+            f.write(json.dumps({"text": doc, "url": "https://example.com", "timestamp": "2019-04-25"}) + "\n")
+    out = tmp_path / "run"
+    args = train_args(data, out, tmp_path / "cache", steps=2, extra=["--tokenizer", "paper"])
+    args[args.index("--vocab-size") + 1] = "300"
+    assert main(args) == 0
+    assert "300-piece paper tokenizer" in capsys.readouterr().out
+    tok = Tokenizer(out / "tokenizer.model")
+    assert tok.kind == "paper" and tok.vocab_size == 300
+    tokens = np.fromfile(next((tmp_path / "cache").glob("*/train.bin")), dtype=np.uint16).tolist()
+    assert tok.eot_id not in tokens and "fish.<STORY_SEP>" in tok.decode(tokens[:400])
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "The cat", "--max-new-tokens", "4"]) == 0
