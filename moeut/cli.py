@@ -339,6 +339,30 @@ def cmd_models(args) -> int:
     return 0
 
 
+def _add_import_official(sub):
+    p = sub.add_parser("import-official", help="turn one of the paper authors' checkpoints into a run",
+                       description="Convert a checkpoint of the paper's training code (RobertCsordas/"
+                                   "moeut_training_code; e.g. checkpoints/C4_44M.ckpt of the Hugging Face repository "
+                                   "robertcsordas/moeut_training_checkpoints) and its SentencePiece tokenizer (that "
+                                   "repository's cache/) into a run directory for `moeut eval` and `moeut generate`. "
+                                   "The file is read with PyTorch's restricted unpickler (tensors and plain data "
+                                   "only; nothing in it runs). A setting or weight moeut's models do not have is "
+                                   "named and refused.")
+    p.add_argument("checkpoint", metavar="CKPT", help="the training code's checkpoint file")
+    p.add_argument("--tokenizer", required=True, metavar="MODEL",
+                   help="the SentencePiece .model the checkpoint was trained with")
+    p.add_argument("--out", required=True, metavar="RUN", help="new run directory to create")
+    _add_debug(p)
+    p.set_defaults(func=cmd_import_official)
+
+
+def cmd_import_official(args) -> int:
+    from moeut.train.official import import_official
+    out = import_official(args.checkpoint, args.tokenizer, args.out)
+    print(f"evaluate it with: moeut eval --checkpoint {out} --tasks all --data-dir DIR")
+    return 0
+
+
 def _add_debug(p) -> None:
     p.add_argument("--debug", action="store_true", default=None,
                    help="show the full traceback of an error (default: one line naming the problem)")
@@ -353,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_models(sub)
     _add_migrate(sub)
+    _add_import_official(sub)
     return p
 
 

@@ -427,18 +427,23 @@ def _numpy_safe_globals() -> list:
     return out
 
 
-def load_legacy_checkpoint(path: Path) -> Dict[str, Any]:
-    """A `step_*.pt` of the earlier format, through the restricted unpickler: tensors, containers and
-    NumPy arrays only; anything else (for example a `__reduce__` payload) is refused unexecuted."""
+def load_pickle_safely(path: Path) -> Any:
+    """A torch.save file read through the restricted unpickler: tensors, containers and NumPy arrays
+    only; anything else (for example a `__reduce__` payload) is refused unexecuted."""
     from torch.serialization import safe_globals
     try:
         with safe_globals(_numpy_safe_globals()):
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()
         detail = next((line for line in first if "Unsupported" in line or "global" in line.lower()), first[0] if first else "")
         raise CheckpointError(f"{path} holds objects other than tensors and plain data, so it is not converted "
                               f"(nothing in it was run): {detail.strip()[:300]}") from None
+
+
+def load_legacy_checkpoint(path: Path) -> Dict[str, Any]:
+    """A `step_*.pt` of the earlier format, through `load_pickle_safely`."""
+    data = load_pickle_safely(path)
     if not isinstance(data, dict) or data.get("format") != LEGACY_FORMAT:
         raise CheckpointError(f"{path} is not a moeut checkpoint of the earlier format")
     return data

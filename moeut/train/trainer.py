@@ -372,13 +372,17 @@ def config_of_run(run_dir: str | Path) -> TrainConfig:
     are not followed: `cache_dir` is reset to the default (set your own), and `data` is only shown
     to the user unless they pass the sources again (`train(..., user_data=...)`)."""
     check_existing_run_dir(Path(run_dir), writable=False)
-    saved = read_run_json(Path(run_dir)).get("config", {})
+    meta = read_run_json(Path(run_dir))
+    if "imported_from" in meta:
+        raise ValueError(f"{run_dir} was imported from {meta['imported_from'].get('checkpoint')}: it has no optimizer "
+                         f"state or training data to resume from; use it with `moeut eval` and `moeut generate`")
+    saved = meta.get("config", {})
     known = {f.name for f in fields(TrainConfig)}
     saved = dict(saved)
     if isinstance(saved.get("cuda_graph"), bool):   # runs written before the setting had an "auto"
         saved["cuda_graph"] = "on" if saved["cuda_graph"] else "auto"
     cfg = TrainConfig(**{k: v for k, v in saved.items() if k in known})
-    cfg.overrides = {**model_kwargs_of_run(read_run_json(Path(run_dir))), **(cfg.overrides or {})}
+    cfg.overrides = {**model_kwargs_of_run(meta), **(cfg.overrides or {})}
     cfg.out = str(run_dir)
     cfg.cache_dir = ""
     return cfg
