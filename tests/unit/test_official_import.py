@@ -59,7 +59,7 @@ def moeut_state(a, seed=0):
 def dense_state(a, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
-    d, H = a["state_size"], a["transformer.n_heads"]
+    d = a["state_size"]
     F_ = int(d * a["transformer.ff_multiplier"])
     sd = {"embedding.weight": r(V, d) / math.sqrt(d), "output.weight": r(V, d), "output.bias": r(V),
           "out_norm.weight": 1 + r(d), "out_norm.bias": r(d)}
