@@ -247,6 +247,10 @@ def build_data(cfg: TrainConfig, tok: Optional[Tokenizer], say: Callable[[str], 
         kind = cfg.tokenizer or "code"
         say(f"training a {cfg.vocab_size}-piece {kind} tokenizer on {len(train_docs)} documents")
         if kind == "paper":
+            long = sum(len(d.encode("utf-8")) + len("<STORY_SEP>") > 4192 for d in train_docs)
+            if long:
+                say(f"the paper tokenizer learns from documents of at most 4192 bytes (SentencePiece's default, "
+                    f"as in the training code): {long} of {len(train_docs)} are longer and are only tokenized")
             tok = train_paper_tokenizer(train_docs, cfg.vocab_size)
         else:
             tok = train_tokenizer(train_docs, cfg.vocab_size, seed=cfg.seed)
@@ -567,8 +571,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
     flat_step = FlatGradientStep(fwd, model, opt, amp, cfg.clip) if world > 1 and graphed is None else None
     batches = Batches(train_tokens, cfg.context, cfg.batch_size, cfg.seed)
     has_router = hasattr(backbone, "collect_router_logits")  # MoEUT; the dense baseline has none
-    k_ffn = getattr(getattr(backbone, "layers", [None])[0], "ffn", None)
-    k_ffn = k_ffn.n_heads if k_ffn is not None else 0
+    k_ffn = getattr(getattr(getattr(backbone, "layers", [None])[0], "ffn", None), "n_heads", 0) if has_router else 0
 
     writer = None
     if rank == 0 and cfg.tensorboard:

@@ -1,5 +1,6 @@
 """The trainer end to end on CPU: metrics, checkpoints, resume after SIGTERM, bad checkpoints, DDP."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -222,3 +223,15 @@ def test_paper_tokenizer_on_a_c4_style_jsonl_corpus_end_to_end(tmp_path, capsys)
     tokens = np.fromfile(next((tmp_path / "cache").glob("*/train.bin")), dtype=np.uint16).tolist()
     assert tok.eot_id not in tokens and "fish.<STORY_SEP>" in tok.decode(tokens[:400])
     assert main(["generate", "--checkpoint", str(out), "--prompt", "The cat", "--max-new-tokens", "4"]) == 0
+
+
+def test_the_dense_baseline_trains_through_the_trainer(corpus, tmp_path, capsys):
+    out = tmp_path / "dense"
+    args = train_args(corpus, out, tmp_path / "cache", steps=4)
+    small = args.index("--set")
+    args = args[:small] + ["--model", "dense-tiny", "--set", "d_model=32", "--set", "n_layers=2", "--set", "d_ff=48"]
+    assert main(args) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["model"] == "dense-tiny" and run["model_kwargs"]["scale_embedding"] is True
+    losses = [json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if '"loss"' in line]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
