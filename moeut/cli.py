@@ -281,8 +281,10 @@ def _add_eval(sub):
     p.add_argument("--text", action="append", default=[], help="UTF-8 text file(s) for perplexity (--context windows)")
     p.add_argument("--limit", type=NON_NEGATIVE, default=0, help="at most N items per task (0: all)")
     p.add_argument("--batch-size", type=POSITIVE, default=32)
-    p.add_argument("--context", type=_int_range(1, 1 << 20), default=1024, help="window for --text perplexity")
-    p.add_argument("--json", help="write per-task scores and item counts here")
+    p.add_argument("--context", type=_int_range(1, 1 << 20), default=None,
+                   help="window for --text perplexity (default: the context the run was trained with)")
+    p.add_argument("--json", help="write the scores (with standard errors), item counts, the checkpoint and its "
+                                  "step, --limit and the protocol here")
     p.add_argument("--device", default="auto")
     _add_debug(p)
     p.set_defaults(func=cmd_eval)
@@ -311,13 +313,19 @@ def cmd_eval(args) -> int:
             raise ValueError(f"--json {target} is a directory")
         if not os.access(target.parent if str(target.parent) else ".", os.W_OK):
             raise ValueError(f"--json {target}: its directory is not writable")
-    model, tok, _ = load_run(args.checkpoint, _device(args.device))
+    from moeut.evaluate import PROTOCOL
+    model, tok, meta = load_run(args.checkpoint, _device(args.device))
+    context = args.context or int(meta.get("config", {}).get("context") or 1024)
+    if args.text and not args.context:
+        print(f"--text: {context}-token windows (the run's training context; --context to change)")
+    header = {"checkpoint": meta["loaded_checkpoint"]["path"], "step": meta["loaded_checkpoint"]["step"],
+              "model": meta.get("model"), "limit": args.limit or None, "context": context, "protocol": PROTOCOL}
 
     def write_json(results):  # after every task, atomically: an interrupted run keeps what it finished
         if args.json:
-            write_json_atomic(args.json, results)
+            write_json_atomic(args.json, {**header, "results": results})
 
-    run_eval(model, tok, tasks, args.data_dir, args.text, args.limit or None, args.batch_size, args.context,
+    run_eval(model, tok, tasks, args.data_dir, args.text, args.limit or None, args.batch_size, context,
              skip_missing=args.tasks == "all", on_result=write_json)
     return 0
 

@@ -52,6 +52,7 @@ SOURCES = {
     "cbt": (("cbt",), "the Children's Book Test (fb.ai babi CBTest): cbtest_{CN,NE,P,V}_test_2500ex.txt"),
 }
 TASKS = tuple(SOURCES)
+PROTOCOL = "moeut-eval 2: the rules of the paper's training code (see this module's docstring)"
 PAPER_TABLE = (("lambada", "accuracy"), ("blimp", "accuracy"), ("cbt", "accuracy"), ("hellaswag", "accuracy"),
                ("piqa", "accuracy"), ("arc_easy", "accuracy"))
 
@@ -153,8 +154,24 @@ def _compare(model, tok, items, batch_size: int, per_token: bool, name: str) -> 
         right.setdefault(group, []).append(strictly_best(s, gold))
     groups = {g: sum(v) / len(v) for g, v in right.items()}
     n_items = sum(len(v) for v in right.values())
-    return {"accuracy": sum(groups.values()) / max(len(groups), 1), "items": n_items,
-            "item_accuracy": sum(sum(v) for v in right.values()) / max(n_items, 1), "groups": groups}
+    return {"accuracy": sum(groups.values()) / max(len(groups), 1), "accuracy_stderr": mean_of_groups_stderr(right),
+            "items": n_items, "item_accuracy": sum(sum(v) for v in right.values()) / max(n_items, 1), "groups": groups}
+
+
+def mean_of_groups_stderr(right: Dict[str, List[bool]]) -> float:
+    """Standard error of the plain mean of the groups' accuracies: each group's mean of right/wrong items
+    has variance p(1 - p) / (n - 1) (the sample variance over its n items, over n), and the groups are
+    independent."""
+    var = sum(_item_variance(v) / len(v) for v in right.values() if v)
+    return math.sqrt(var) / max(len(right), 1)
+
+
+def _item_variance(v: Sequence[bool]) -> float:
+    n = len(v)
+    if n < 2:
+        return 0.0
+    p = sum(v) / n
+    return p * (1 - p) * n / (n - 1)
 
 
 @torch.no_grad()
@@ -169,14 +186,14 @@ def eval_lambada(model, tok, data_dir, limit, batch_size, max_len: int = 1024):
     texts = texts[:limit] if limit else texts
     seqs = [tok.encode(t)[-(max_len + 1):] for t in texts]
     words = [t.split(" ")[-1] for t in texts]
-    right = last_token_right = 0
+    right, last_token_right = [], 0
     word_losses, nll, n_tok = [], 0.0, 0
     for idx, logits, x in _batches(model, seqs, batch_size, "lambada"):
         pred = logits.argmax(-1)
         for j, i in enumerate(idx):
             n, word = len(seqs[i]), words[i]
             out_seq = pred[j, max(n - 1 - len(word), 0):n - 1].tolist()
-            right += tok.decode(out_seq).split(" ")[-1] == word
+            right.append(tok.decode(out_seq).split(" ")[-1] == word)
             word_ids = tok.encode(" " + word)
             last_token_right += int(pred[j, n - 2]) == word_ids[-1]
             at = logits[j, max(n - 1 - len(word_ids), 0):n - 1]
@@ -184,7 +201,8 @@ def eval_lambada(model, tok, data_dir, limit, batch_size, max_len: int = 1024):
             nll += F.cross_entropy(logits[j, :n - 1], x[j, 1:n], reduction="sum").item()
             n_tok += n - 1
     count = max(len(seqs), 1)
-    return {"accuracy": right / count, "last_word_perplexity": math.exp(sum(word_losses) / count),
+    return {"accuracy": sum(right) / count, "accuracy_stderr": mean_of_groups_stderr({"all": right}),
+            "last_word_perplexity": math.exp(sum(word_losses) / count),
             "last_token_accuracy": last_token_right / count, "lm_perplexity": math.exp(nll / max(n_tok, 1)),
             "items": len(seqs)}
 

@@ -99,7 +99,8 @@ def _warn(message: str) -> None:
 
 
 def load_run(path: str | Path, device: str = "cpu") -> Tuple[torch.nn.Module, Tokenizer, Dict[str, Any]]:
-    """(model in eval mode with the newest intact checkpoint's weights, tokenizer, run.json) of a run
+    """(model in eval mode with the newest intact checkpoint's weights, tokenizer, run.json plus
+    "loaded_checkpoint": {path, step}) of a run
     directory, or of one checkpoint directory inside it (`<run>/checkpoints/step_N`; then exactly that
     one). A damaged newest checkpoint is reported and an older intact one used."""
     path = Path(path)
@@ -131,4 +132,5 @@ def load_run(path: str | Path, device: str = "cpu") -> Tuple[torch.nn.Module, To
     ckpt_lib.check_finite(state, str(chosen))
     model = build_model(meta["model"], tok.vocab_size, kwargs)
     model.load_state_dict(state)
+    meta = {**meta, "loaded_checkpoint": {"path": str(chosen), "step": ckpt_lib.checkpoint_step(chosen)}}
     return model.to(device).eval(), tok, meta

@@ -70,10 +70,18 @@ def test_eval_text_and_tasks_write_json(run_dir, tmp_path, capsys):
     out_json = tmp_path / "scores.json"
     assert main(["eval", "--checkpoint", str(run_dir), "--text", str(text), "--tasks", "piqa", "--data-dir",
                  str(tmp_path), "--json", str(out_json)]) == 0
-    res = json.loads(out_json.read_text())
+    saved = json.loads(out_json.read_text())
+    res = saved["results"]
     assert res["text"]["perplexity"] > 1 and res["text"]["tokens"] > 100
-    assert res["piqa"]["items"] == 1 and res["piqa"]["accuracy"] in (0.0, 1.0)
-    assert "piqa" in capsys.readouterr().out
+    assert res["piqa"]["items"] == 1 and res["piqa"]["accuracy"] in (0.0, 1.0) and res["piqa"]["accuracy_stderr"] == 0
+    # where the scores come from: the checkpoint and its step, the limit, the protocol, the context used
+    newest = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    assert saved["checkpoint"] == str(newest) and saved["step"] == int(newest.name.split("_")[1])
+    assert saved["limit"] is None and "training code" in saved["protocol"]
+    trained_context = json.loads((run_dir / "run.json").read_text())["config"]["context"]
+    assert saved["context"] == trained_context
+    printed = capsys.readouterr().out
+    assert "piqa" in printed and f"{trained_context}-token windows (the run's training context" in printed
     # a task whose data is missing: named, with its source
     assert main(["eval", "--checkpoint", str(run_dir), "--tasks", "lambada", "--data-dir", str(tmp_path)]) == 2
     assert "lambada_test.jsonl" in capsys.readouterr().err

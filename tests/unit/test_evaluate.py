@@ -238,3 +238,14 @@ def test_paper_average_needs_all_six_columns(tmp_path, monkeypatch):
     r = run_eval(TableModel(uniform_table()), CharTokenizer(), ["lambada", "blimp"], str(tmp_path), [], None, 4,
                  printer=lambda *a: None)
     assert "paper_table" not in r
+
+
+def test_standard_errors_of_group_means():
+    from moeut.evaluate import mean_of_groups_stderr
+    # one group of n items: the usual sqrt(p (1 - p) / (n - 1))
+    assert mean_of_groups_stderr({"a": [True, False, True, True]}) == pytest.approx(math.sqrt(0.75 * 0.25 / 3))
+    # G independent groups: sqrt(sum of their variances) / G
+    two = {"a": [True, False], "b": [True, True, False, False]}
+    want = math.sqrt(0.25 * 2 / 1 / 2 + 0.25 * 4 / 3 / 4) / 2
+    assert mean_of_groups_stderr(two) == pytest.approx(want)
+    assert mean_of_groups_stderr({"a": [True]}) == 0.0
