@@ -513,6 +513,22 @@ def train(cfg: TrainConfig, resume: bool = False, user_data: Optional[List[str]]
             lock.release()
 
 
+def startup_summary(cfg: TrainConfig, model: torch.nn.Module, n_train: int, n_valid: int, device, world: int) -> str:
+    """What the run will do, in a few lines: the model, the data, the token budget and how many passes
+    over the training split it makes, where and in what precision, and the schedule."""
+    params = sum(p.numel() for p in model.parameters())
+    windows = max(n_train // (cfg.context + 1), 1)   # `Batches` draws non-overlapping windows
+    tokens = cfg.steps * cfg.batch_size * cfg.context
+    epochs = cfg.steps * cfg.batch_size / windows
+    warm = f"warmup {cfg.warmup} steps, " if cfg.warmup else ""
+    return (f"model: {cfg.model}, {params / 1e6:.1f}M parameters\n"
+            f"data: {n_train:,} training tokens, {n_valid:,} validation tokens\n"
+            f"budget: {cfg.steps:,} steps x {cfg.batch_size} x {cfg.context} = {tokens:,} tokens "
+            f"({epochs:.2f} epochs of the training split)\n"
+            f"device: {device}{f' x {world} processes' if world > 1 else ''}, precision {cfg.precision}; "
+            f"AdamW lr {cfg.lr:g}, {warm}cosine to {cfg.min_lr_ratio:g} x lr, clip {cfg.clip:g}")
+
+
 def step_graph_blockers(cfg: TrainConfig, device) -> List[str]:
     """Why the step cannot be replayed from CUDA graphs (empty: it can)."""
     reasons = {"a CUDA device (this is CPU)": device.type != "cuda",
@@ -544,6 +560,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999),
                             fused=device.type == "cuda", capturable=graphed_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    say(startup_summary(cfg, model, len(train_tokens), len(valid_tokens), device, world))
     start_step = 0
     if resume_from is not None:
         model_state = ckpt_lib.load_model_state(resume_from, verified=rank == 0)

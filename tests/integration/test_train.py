@@ -14,6 +14,7 @@ import torch
 from moeut.train import checkpoint as ckpt_lib
 from moeut.cli import main
 from moeut.runs import load_run
+from moeut.runs import load_run
 
 from .conftest import PY, train_args
 
@@ -235,3 +236,8 @@ def test_the_dense_baseline_trains_through_the_trainer(corpus, tmp_path, capsys)
     assert run["model"] == "dense-tiny" and run["model_kwargs"]["scale_embedding"] is True
     losses = [json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if '"loss"' in line]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    printed = capsys.readouterr().out
+    n_params = sum(v.numel() for v in load_run(out)[0].parameters()) / 1e6
+    assert f"model: dense-tiny, {n_params:.1f}M parameters" in printed
+    assert "budget: 4 steps x 4 x 32 = 512 tokens (" in printed and "epochs of the training split" in printed
+    assert "device: cpu, precision fp32" in printed
