@@ -5,6 +5,7 @@ Also `python -m moeut ...` and, for several processes, `torchrun --nproc_per_nod
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from dataclasses import fields
@@ -52,7 +53,8 @@ POSITIVE = _int_range(1)
 NON_NEGATIVE = _int_range(0)
 
 # Flags that may accompany --resume; every other training flag would change the run, and is refused.
-RESUME_FLAGS = {"resume", "no_progress", "cuda_graph", "data", "cache_dir", "strict_data", "stop_after", "debug"}
+RESUME_FLAGS = {"resume", "no_progress", "cuda_graph", "data", "cache_dir", "strict_data", "stop_after", "debug",
+                "device"}
 
 
 def _add_train(sub):
@@ -116,15 +118,24 @@ def _add_train(sub):
     p.add_argument("--cache-dir", default=None, help="tokenized data cache (default ~/.cache/moeut)")
     p.add_argument("--no-tensorboard", action="store_true", default=None)
     p.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
+    p.add_argument("--device", default=None, metavar="auto|cpu|cuda|cuda:N",
+                   help="where to train (default auto: the GPU when there is one)")
+    p.add_argument("--sample-prompt", default=None, metavar="TEXT",
+                   help="prompt of the greedy sample printed when training ends (default 'def ')")
+    p.add_argument("--config", default=None, metavar="FILE.toml",
+                   help="settings from a TOML file whose keys are this command's flags (e.g. steps = 2000, "
+                        "data = [\"corpus/\"], [set] att_n_experts = 1); flags on the command line win")
     p.add_argument("--stop-after", type=NON_NEGATIVE, default=None, help=argparse.SUPPRESS)
     _add_debug(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, parser=p)
 
 
 def cmd_train(args) -> int:
     from moeut.runs import parse_overrides
     from moeut.train.trainer import Diverged, TrainConfig, config_of_run, default_cache_dir, end_distributed, train
-    given = {k for k, v in vars(args).items() if v is not None and k not in ("func", "command")}
+    if args.config:
+        merge_config(args, args.parser, args.config)
+    given = {k for k, v in vars(args).items() if v is not None and k not in ("func", "command", "parser", "config")}
     if args.resume:
         refused = sorted(given - RESUME_FLAGS)
         if refused:
@@ -163,6 +174,45 @@ def cmd_train(args) -> int:
         print(f"validation perplexity: {result['val_ppl']:.2f}   (unigram model of the same data: {result['unigram_ppl']:.2f})")
         print(f"greedy sample (KV cache):\n{result['sample']}")
     return 0
+
+
+def merge_config(args, parser: argparse.ArgumentParser, path: str) -> None:
+    """Fill the flags not given on the command line from a TOML file, parsed by the same parser (so
+    every value gets the same checks); an unknown key is refused by name."""
+    import tomllib
+    from pathlib import Path
+    try:
+        table = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"--config {path}: {e}") from None
+    options = {a.dest: a for a in parser._actions if a.option_strings}
+    argv = []
+    for key, value in table.items():
+        dest = key.replace("-", "_")
+        dest = "overrides" if dest == "set" else dest
+        if dest not in options or dest in ("config", "resume", "help", "stop_after"):
+            raise ValueError(f"--config {path}: unknown setting {key!r} (its keys are the flags of moeut train)")
+        flag, action = options[dest].option_strings[0], options[dest]
+        if dest == "overrides":
+            if not isinstance(value, dict):
+                raise ValueError(f"--config {path}: 'set' must be a table of constructor arguments")
+            argv += [a for k, v in value.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+        elif isinstance(value, bool):
+            if isinstance(action, argparse.BooleanOptionalAction):
+                argv.append(flag if value else "--no-" + flag[2:])
+            elif value:
+                argv.append(flag)
+        elif isinstance(value, list):
+            argv += [a for v in value for a in (flag, str(v))]
+        else:
+            argv += [flag, str(value)]
+    try:
+        from_file = parser.parse_args(argv)
+    except SystemExit:
+        raise ValueError(f"--config {path}: a value is not valid for its flag (see the message above)") from None
+    for dest, value in vars(from_file).items():
+        if getattr(args, dest, None) is None and value is not None:
+            setattr(args, dest, value)
 
 
 def _add_migrate(sub):

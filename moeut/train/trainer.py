@@ -79,6 +79,7 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     sample_prompt: str = "def "          # prompt of the greedy sample printed at the end
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N
     stop_after: int = 0                  # testing aid: pretend a SIGTERM arrived after this many steps
 
 
@@ -184,15 +185,21 @@ def lr_lambda(cfg: TrainConfig):
 # Distributed helpers: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK.
 # ------------------------------------------------------------------------------------------------
 
-def setup_distributed():
+def setup_distributed(want: str = "auto"):
+    """(rank, world size, device): `want` is auto (a GPU when there is one), cpu, cuda or cuda:N;
+    under torchrun each process takes the GPU of its LOCAL_RANK unless an index is given."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    else:
+    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
         device = torch.device("cpu")
+    else:
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {want}: no CUDA device is available (use --device cpu)")
+        device = torch.device("cuda", local) if want in ("auto", "cuda") else torch.device(want)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {want}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
@@ -476,7 +483,9 @@ class Diverged(RuntimeError):
 def train(cfg: TrainConfig, resume: bool = False, user_data: Optional[List[str]] = None) -> Dict[str, Any]:
     """Train (or, with resume=True, continue the run in cfg.out). Returns final metrics for rank 0.
     `user_data`: --data given with --resume (used only if the run's tokenized data are not cached)."""
-    rank, world, device = setup_distributed()
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    rank, world, device = setup_distributed(cfg.device)
     say = (lambda m: print(m, flush=True)) if rank == 0 else (lambda m: None)
     check_types(cfg)
     cfg = resolve_defaults(cfg, device.type == "cuda")

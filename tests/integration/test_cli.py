@@ -3,6 +3,7 @@ import json
 import subprocess
 
 import pytest
+import torch
 
 from moeut.cli import build_parser, main
 
@@ -85,3 +86,33 @@ def test_eval_text_and_tasks_write_json(run_dir, tmp_path, capsys):
     # a task whose data is missing: named, with its source
     assert main(["eval", "--checkpoint", str(run_dir), "--tasks", "lambada", "--data-dir", str(tmp_path)]) == 2
     assert "lambada_test.jsonl" in capsys.readouterr().err
+
+
+def test_train_reads_a_toml_config_and_the_command_line_wins(corpus, tmp_path, capsys):
+    from tests.integration.conftest import train_args
+    config = tmp_path / "run.toml"
+    config.write_text(f'steps = 5\nseed = 7\ndata = ["{corpus}"]\nno-tensorboard = true\ncuda-graph = false\n'
+                      f'device = "cpu"\nsample-prompt = "def hello_world"\n[set]\nd_model = 32\nn_layers = 2\n')
+    base = train_args(corpus, tmp_path / "run", tmp_path / "cache", steps=3)
+    base = [a for a in base if a not in ("--data", str(corpus))]
+    assert main(base + ["--config", str(config)]) == 0
+    saved = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert saved["config"]["steps"] == 3 and saved["config"]["seed"] == 7            # the flag won over the file
+    assert saved["config"]["data"] == [str(corpus)] and saved["config"]["device"] == "cpu"
+    assert saved["model_kwargs"]["d_model"] == 32 and saved["config"]["cuda_graph"] == "off"
+    assert "def hello_world" in capsys.readouterr().out
+    config.write_text("stepz = 5\n")
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run2")]) == 2
+    assert "unknown setting 'stepz'" in capsys.readouterr().err
+    config.write_text("steps = -4\n")
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run3")]) == 2
+    assert "--config" in capsys.readouterr().err and not (tmp_path / "run3").exists()
+
+
+def test_train_device_is_checked(tmp_path, capsys):
+    if not torch.cuda.is_available():
+        assert main(["train", "--device", "cuda", "--out", str(tmp_path / "r"), "--steps", "1"]) == 2
+        assert "--device cuda: no CUDA device" in capsys.readouterr().err
+    assert main(["train", "--device", "tpu", "--out", str(tmp_path / "r"), "--steps", "1"]) == 2
+    assert "--device must be auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
