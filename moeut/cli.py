@@ -54,7 +54,7 @@ NON_NEGATIVE = _int_range(0)
 
 # Flags that may accompany --resume; every other training flag would change the run, and is refused.
 RESUME_FLAGS = {"resume", "no_progress", "cuda_graph", "data", "cache_dir", "strict_data", "stop_after", "debug",
-                "device"}
+                "device", "text_field"}
 
 
 def _add_train(sub):
@@ -72,10 +72,15 @@ def _add_train(sub):
     p.add_argument("--set", dest="overrides", action="append", default=None, metavar="KEY=VALUE",
                    help="override a constructor argument of the model, e.g. --set att_n_experts=1 (repeatable)")
     p.add_argument("--data", action="append", default=None, metavar="PATH",
-                   help="text file, directory of text/source files, or JSONL with a 'text' field (repeatable); "
-                        "default: the Python standard library source of this interpreter. Files that are not "
-                        "UTF-8 text are skipped with a warning. With --resume: only to rebuild the run's "
-                        "tokenized data when they are no longer cached")
+                   help="a text file (cut into ~8 KB documents at paragraph breaks), a directory of text/source "
+                        "and data files, JSONL (.jsonl, .jsonl.gz, .jsonl.zst), Parquet, Arrow, or a Hugging Face "
+                        "datasets save_to_disk directory (repeatable); default: the Python standard library source "
+                        "of this interpreter. Files that are not UTF-8 text are skipped with a warning; an unknown "
+                        "format given by name is refused. With --resume: only to rebuild the run's tokenized data "
+                        "when they are no longer cached")
+    p.add_argument("--text-field", default=None, metavar="NAME",
+                   help="the field (JSONL) or column (Parquet, Arrow, Hugging Face datasets) holding the text "
+                        "(default: text)")
     p.add_argument("--strict-data", action="store_true", default=None,
                    help="refuse data files that are not UTF-8 text instead of skipping them")
     p.add_argument("--steps", type=POSITIVE, default=None, help="optimizer steps = schedule length (GPU 100000, CPU 400)")

@@ -1,9 +1,9 @@
 """Training data: find documents, hold out a validation split, tokenize once into memory-mapped arrays
 cached by content, and serve batches that depend only on (seed, step), so resuming is exact.
 
-Sources (`--data`, repeatable): a text file, a directory (every text/source file below it), or a JSONL
-file with a "text" field. Default: the Python standard library source of the running interpreter, a
-real code corpus on every machine.
+Sources (`--data`, repeatable): text files, directories, JSONL (also .gz / .zst), Parquet, Arrow and
+Hugging Face `save_to_disk` directories (see `collect_documents`). Default: the Python standard library
+source of the running interpreter, a real code corpus on every machine.
 """
 from __future__ import annotations
 
@@ -47,53 +47,178 @@ def _decode_text(path: Path, raw: bytes) -> str:
         raise NotText(f"{path} is not valid UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
 
 
-def _read_source(path: Path) -> List[str]:
-    text = _decode_text(path, path.read_bytes())
-    if path.suffix != ".jsonl":
-        return [text]
+CHUNK_CHARS = 8192   # a text file given by itself is cut at paragraph breaks into documents of about this size
+DATA_FORMATS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".arrow")
+
+
+def data_format(path: Path) -> Optional[str]:
+    """The format a file's name says: one of DATA_FORMATS, "text" (TEXT_SUFFIXES), or None (unknown)."""
+    name = path.name.lower()
+    for fmt in DATA_FORMATS:
+        if name.endswith(fmt):
+            return fmt
+    return "text" if path.suffix.lower() in TEXT_SUFFIXES else None
+
+
+def is_hf_dataset_dir(path: Path) -> bool:
+    """A directory written by `datasets.Dataset.save_to_disk` (or `DatasetDict.save_to_disk`)."""
+    return path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_info.json", "dataset_dict.json"))
+
+
+def _optional(module: str, what: str):
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"reading {what} needs the {module.split('.')[0]} package: pip install 'moeut[data]'") from None
+
+
+def _field_values(values: list, where: str, field: str) -> List[str]:
+    bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+    if bad is not None:
+        raise ValueError(f"{where}: row {bad} has no string field {field!r} (--text-field names the column)")
+    return values
+
+
+def _arrow_table(path: Path):
+    pa = _optional("pyarrow", "Arrow files")
+    ipc = _optional("pyarrow.ipc", "Arrow files")
+    try:
+        with pa.memory_map(str(path)) as source:
+            return ipc.open_stream(source).read_all()   # datasets writes the streaming format
+    except pa.ArrowInvalid:
+        with pa.memory_map(str(path)) as source:
+            return ipc.open_file(source).read_all()
+
+
+def _column(table, path: Path, field: str) -> List[str]:
+    if field not in table.column_names:
+        raise ValueError(f"{path}: no column {field!r}; it has {', '.join(table.column_names)} (--text-field)")
+    return _field_values(table.column(field).to_pylist(), str(path), field)
+
+
+def _jsonl_lines(path: Path, fmt: str) -> Iterator[bytes]:
+    if fmt == ".jsonl.gz":
+        import gzip
+        with gzip.open(path, "rb") as f:
+            yield from f
+    elif fmt == ".jsonl.zst":
+        zstd = _optional("zstandard", ".zst files")
+        with open(path, "rb") as raw, zstd.ZstdDecompressor().stream_reader(raw) as f:
+            import io
+            yield from io.BufferedReader(f)
+    else:
+        with open(path, "rb") as f:
+            yield from f
+
+
+def _read_jsonl(path: Path, fmt: str, field: str) -> List[str]:
     docs = []
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, raw in enumerate(_jsonl_lines(path, fmt), 1):
+        line = _decode_text(path, raw)
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise ValueError(f"{path}:{i}: each JSONL line needs a string field 'text'")
-        docs.append(obj["text"])
+        if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+            raise ValueError(f"{path}:{i}: each JSONL line needs a string field {field!r} (--text-field)")
+        docs.append(obj[field])
     return docs
 
 
+def split_text(text: str, chunk: int = CHUNK_CHARS) -> List[str]:
+    """One long text as documents: paragraphs (blank-line separated) gathered up to `chunk` characters;
+    a paragraph longer than that is cut at line breaks, and a line longer than that every `chunk`
+    characters."""
+    pieces = []
+    for para in text.split("\n\n"):
+        while len(para) > chunk:
+            cut = para.rfind("\n", 0, chunk)
+            cut = cut if cut > 0 else chunk
+            pieces.append(para[:cut])
+            para = para[cut:].lstrip("\n")
+        pieces.append(para)
+    docs, current = [], ""
+    for para in pieces:
+        if current and len(current) + 2 + len(para) > chunk:
+            docs.append(current)
+            current = para
+        else:
+            current = f"{current}\n\n{para}" if current else para
+    if current:
+        docs.append(current)
+    return docs
+
+
+def _read_source(path: Path, text_field: str = "text", given: bool = False) -> List[str]:
+    """The documents of one file. `given`: named by itself on the command line (a plain text file is then
+    cut into documents; an unknown format is refused rather than skipped)."""
+    fmt = data_format(path)
+    if fmt in (".jsonl", ".jsonl.gz", ".jsonl.zst"):
+        return _read_jsonl(path, fmt, text_field)
+    if fmt == ".parquet":
+        pq = _optional("pyarrow.parquet", "Parquet files")
+        return _column(pq.read_table(path), path, text_field)
+    if fmt == ".arrow":
+        return _column(_arrow_table(path), path, text_field)
+    if fmt is None and path.suffix:
+        raise NotText(f"{path}: unknown data format {path.suffix!r} (text files, .jsonl[.gz|.zst], .parquet, "
+                      f".arrow and Hugging Face dataset directories are read)")
+    text = _decode_text(path, path.read_bytes())
+    return split_text(text) if given else [text]
+
+
+def _hf_arrow_files(root: Path) -> List[Path]:
+    """The Arrow files of a save_to_disk directory, in the dataset's order (its state.json), or of its
+    "train" split (all splits without one) for a DatasetDict."""
+    if (root / "dataset_dict.json").is_file():
+        splits = json.loads((root / "dataset_dict.json").read_text()).get("splits", [])
+        chosen = ["train"] if "train" in splits else splits
+        return [f for s in chosen for f in _hf_arrow_files(root / s)]
+    state = root / "state.json"
+    if state.is_file():
+        files = [root / d["filename"] for d in json.loads(state.read_text()).get("_data_files", [])]
+        if files:
+            return files
+    return sorted(root.glob("*.arrow"))
+
+
 def collect_documents(sources: Optional[Sequence[str]], strict: bool = False,
-                      warn: Callable[[str], None] = print) -> List[Tuple[str, str]]:
+                      warn: Callable[[str], None] = print, text_field: str = "text") -> List[Tuple[str, str]]:
     """[(name, text)] for every document of the given sources, in a stable order. A document's name is
     its path relative to the directory given (a file given by itself: its file name; the default
     corpus: relative to the standard library), with "#j" for the j-th document of a file. The names
     decide the validation split, so it does not change when the data moves to another path or machine.
 
-    A file that is not UTF-8 text is skipped with a warning naming it (`strict`: refused), never
-    read with replacement characters."""
-    named: List[Tuple[Path, str]] = []
+    Sources: text files (given by itself, a text file is cut into documents at paragraph breaks, about
+    8 KB each), directories (their text and data files), JSONL (optionally .gz or .zst), Parquet and
+    Arrow files (the `text_field` column) and Hugging Face `save_to_disk` directories. A file that is
+    not UTF-8 text is skipped with a warning naming it (`strict`: refused), never read with
+    replacement characters."""
+    named: List[Tuple[Path, str, bool]] = []
     if not sources:
-        named = [(p, p.relative_to(_stdlib_root()).as_posix()) for p in default_corpus_paths()]
+        named = [(p, p.relative_to(_stdlib_root()).as_posix(), False) for p in default_corpus_paths()]
     else:
         for s in sources:
             p = Path(s)
-            if p.is_dir():
-                named += [(q, q.relative_to(p).as_posix()) for q in
-                          sorted(q for q in p.rglob("*") if q.is_file() and (q.suffix in TEXT_SUFFIXES or q.suffix == ".jsonl"))]
+            if is_hf_dataset_dir(p):
+                named += [(q, f"{p.name}/{q.relative_to(p).as_posix()}", True) for q in _hf_arrow_files(p)]
+            elif p.is_dir():
+                named += [(q, q.relative_to(p).as_posix(), False) for q in
+                          sorted(q for q in p.rglob("*") if q.is_file() and data_format(q) is not None)]
             elif p.is_file():
-                named.append((p, p.name))
+                named.append((p, p.name, True))
             else:
                 raise FileNotFoundError(f"--data {s}: no such file or directory")
     docs, skipped = [], 0
-    for p, name in named:
+    for p, name, given in named:
         try:
-            texts = _read_source(p)
+            texts = _read_source(p, text_field, given)
         except NotText as e:
-            if strict:
-                raise ValueError(f"{e} (--strict-data)") from None
+            if strict or given:
+                raise ValueError(f"{e}" + (" (--strict-data)" if strict and not given else "")) from None
             warn(f"warning: skipping {e}")
             skipped += 1
             continue

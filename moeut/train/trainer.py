@@ -80,6 +80,7 @@ class TrainConfig:
     progress: bool = True
     sample_prompt: str = "def "          # prompt of the greedy sample printed at the end
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    text_field: str = "text"             # the column / JSON field holding the text of a document
     stop_after: int = 0                  # testing aid: pretend a SIGTERM arrived after this many steps
 
 
@@ -248,7 +249,7 @@ _KEY = re.compile(r"^[0-9a-f]{24}$")
 def build_data(cfg: TrainConfig, tok: Optional[Tokenizer], say: Callable[[str], None] = print):
     """(tokenizer, cache key, train docs count, valid docs count) for --data; the tokenizer is trained
     in memory when `tok` is None. The tokenized data land in the shared cache under their key."""
-    docs = collect_documents(cfg.data, strict=cfg.strict_data, warn=say)
+    docs = collect_documents(cfg.data, strict=cfg.strict_data, warn=say, text_field=cfg.text_field)
     train_docs, valid_docs = split_documents(docs)
     if tok is None:
         kind = cfg.tokenizer or "code"

@@ -241,3 +241,18 @@ def test_the_dense_baseline_trains_through_the_trainer(corpus, tmp_path, capsys)
     assert f"model: dense-tiny, {n_params:.1f}M parameters" in printed
     assert "budget: 4 steps x 4 x 32 = 512 tokens (" in printed and "epochs of the training split" in printed
     assert "device: cpu, precision fp32" in printed
+
+
+def test_one_text_file_and_a_parquet_file_train_end_to_end(corpus, tmp_path):
+    """The nanoGPT habit (`--data input.txt`) and a Parquet file with its own column name."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    texts = [p.read_text() for p in sorted(corpus.iterdir())]
+    single = tmp_path / "input.txt"
+    single.write_text("\n\n".join(texts))
+    assert main(train_args(single, tmp_path / "txt", tmp_path / "cache", steps=2)) == 0
+    pq.write_table(pa.table({"content": texts}), tmp_path / "code.parquet")
+    args = train_args(tmp_path / "code.parquet", tmp_path / "pq", tmp_path / "cache", steps=2, extra=["--text-field", "content"])
+    assert main(args) == 0
+    data = json.loads((tmp_path / "pq" / "data.json").read_text())
+    assert data["train_documents"] + data["valid_documents"] == len(texts)

@@ -81,3 +81,79 @@ def test_batches_depend_only_on_step_and_cover_windows():
     # one epoch visits every window exactly once
     starts = sorted(int(b.batch(s)[0, i, 0]) for s in range(b.n_windows // 4) for i in range(4))
     assert len(set(starts)) == len(starts)
+
+
+# ---- data as users have it --------------------------------------------------------------------------
+
+DOCS = [f"document {i}: " + " ".join(f"word{j}" for j in range(i + 3)) for i in range(7)]
+
+
+def test_a_single_text_file_is_cut_into_documents_at_paragraphs(tmp_path):
+    from moeut.train.data import split_text
+    paras = [f"paragraph {i} " + "x" * 3000 for i in range(10)]
+    f = tmp_path / "input.txt"
+    f.write_text("\n\n".join(paras))
+    docs = [t for _, t in collect_documents([str(f)])]
+    assert len(docs) == 5 and all(len(d) <= 8192 for d in docs)
+    assert "\n\n".join(docs) == f.read_text()                        # nothing lost, nothing added
+    train, valid = split_documents(collect_documents([str(f)]))       # and a validation split exists
+    assert train and valid
+    long_line = split_text("y" * 20000, chunk=8192)
+    assert [len(d) for d in long_line] == [8192, 8192, 3616]
+
+
+def test_jsonl_gz_and_zst_with_a_text_field(tmp_path):
+    import gzip
+    import zstandard
+    lines = "".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(DOCS)).encode()
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(lines))
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    for name in ("a.jsonl.gz", "b.jsonl.zst"):
+        assert [t for _, t in collect_documents([str(tmp_path / name)], text_field="body")] == DOCS
+    with pytest.raises(ValueError, match="string field 'text'"):
+        collect_documents([str(tmp_path / "a.jsonl.gz")])
+
+
+def test_parquet_and_arrow_and_a_hugging_face_dataset_directory(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = pa.table({"text": DOCS, "n": list(range(len(DOCS)))})
+    pq.write_table(table, tmp_path / "c.parquet")
+    assert [t for _, t in collect_documents([str(tmp_path / "c.parquet")])] == DOCS
+    with pytest.raises(ValueError, match="no column 'content'.*--text-field"):
+        collect_documents([str(tmp_path / "c.parquet")], text_field="content")
+    # datasets' save_to_disk: Arrow streaming-format shards listed in state.json, beside dataset_info.json
+    ds = tmp_path / "hf"
+    ds.mkdir()
+    for k, part in enumerate((DOCS[:3], DOCS[3:])):
+        with pa.OSFile(str(ds / f"data-0000{k}-of-00002.arrow"), "wb") as sink:
+            with pa.ipc.new_stream(sink, pa.schema([("text", pa.string())])) as w:
+                w.write_table(pa.table({"text": part}))
+    (ds / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00002.arrow"},
+                                                               {"filename": "data-00001-of-00002.arrow"}]}))
+    (ds / "dataset_info.json").write_text("{}")
+    got = collect_documents([str(ds)])
+    assert [t for _, t in got] == DOCS and not any("json" in n for n, _ in got)
+    # a DatasetDict: its train split
+    dd = tmp_path / "dd"
+    (dd / "train").mkdir(parents=True)
+    for f in ds.iterdir():
+        (dd / "train" / f.name).write_bytes(f.read_bytes())
+    (dd / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    assert [t for _, t in collect_documents([str(dd)])] == DOCS
+    # a single Arrow file
+    assert [t for _, t in collect_documents([str(ds / "data-00000-of-00002.arrow")])] == DOCS[:3]
+
+
+def test_binary_and_unknown_formats_are_refused_by_name(tmp_path):
+    (tmp_path / "model.bin").write_bytes(bytes(range(256)))
+    (tmp_path / "paper.pdf").write_bytes(b"%PDF-1.4 \x00\x01")
+    for name in ("model.bin", "paper.pdf"):
+        with pytest.raises(ValueError, match=f"{name}: unknown data format"):
+            collect_documents([str(tmp_path / name)])
+    (tmp_path / "notes").write_bytes(b"\x00\x01binary")     # no suffix: read only if it is text
+    with pytest.raises(ValueError, match="binary file"):
+        collect_documents([str(tmp_path / "notes")])
+    # in a directory, files of unknown formats are not data: ignored, the text is read
+    (tmp_path / "a.txt").write_text("hello there")
+    assert [t for _, t in collect_documents([str(tmp_path)])] == ["hello there"]
