@@ -54,7 +54,7 @@ NON_NEGATIVE = _int_range(0)
 
 # Flags that may accompany --resume; every other training flag would change the run, and is refused.
 RESUME_FLAGS = {"resume", "no_progress", "cuda_graph", "data", "cache_dir", "strict_data", "stop_after", "debug",
-                "device", "text_field"}
+                "device", "text_field", "steps"}
 
 
 def _add_train(sub):
@@ -153,6 +153,10 @@ def cmd_train(args) -> int:
         cfg.stop_after = args.stop_after or 0
         cfg.cache_dir = args.cache_dir or default_cache_dir()   # never a path read from the run
         cfg.strict_data = bool(args.strict_data)
+        if args.steps is not None:   # a longer run: the trainer states how the schedule changes
+            cfg.steps = args.steps
+        if args.device is not None:
+            cfg.device = args.device
         if args.cuda_graph is not None:
             cfg.cuda_graph = "on" if args.cuda_graph else "off"
         run = lambda: train(cfg, resume=True, user_data=args.data)   # noqa: E731

@@ -26,7 +26,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -466,6 +466,7 @@ def _open_run_for_resume(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any]
             raise ckpt_lib.CheckpointError(f"{run_dir}: tokenizer.model has {tok.vocab_size} pieces, run.json "
                                            f"says {vocab}")
         step = ckpt_lib.checkpoint_step(path) if path is not None else 0
+        _extend_schedule(cfg, run_dir, meta, step, say)
         dropped = truncate_metrics(run_dir, step)
         if dropped:
             say(f"metrics.jsonl: dropped {dropped} records after step {step} (they are logged again)")
@@ -475,6 +476,22 @@ def _open_run_for_resume(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any]
     except BaseException:
         lock.release()
         raise
+
+
+def _extend_schedule(cfg: TrainConfig, run_dir: Path, meta: Dict[str, Any], step: int, say) -> None:
+    """`--resume --steps N` with N other than the run's length: a longer run, stated, and recorded in
+    run.json; the cosine schedule is recomputed over the new length, so the learning rate at the
+    checkpoint's step moves to where the longer cosine has it."""
+    started = meta.get("config", {}).get("steps")
+    if not isinstance(started, int) or cfg.steps == started:
+        return
+    if cfg.steps <= step:
+        raise ValueError(f"--steps {cfg.steps}: the run is already at step {step}; give more steps to extend it")
+    before = lr_lambda(replace(cfg, steps=started))(step) * cfg.lr
+    after = lr_lambda(cfg)(step) * cfg.lr
+    say(f"extending the run from {started} to {cfg.steps} steps: the cosine schedule now spans {cfg.steps} steps, "
+        f"so the learning rate at step {step} goes from {before:.3g} to {after:.3g}")
+    ckpt_lib.write_json_atomic(run_dir / "run.json", {**meta, "config": {**meta["config"], "steps": cfg.steps}})
 
 
 class Diverged(RuntimeError):

@@ -454,7 +454,21 @@ def test_flags_that_would_change_a_resumed_run_are_refused(finished, capsys):
     run, cache, _ = finished
     assert main(resume(run, cache, "--steps", "60", "--lr", "0.1")) == 2
     err = capsys.readouterr().err
-    assert "--steps" in err and "--lr" in err
+    assert "--lr" in err and "--steps" not in err   # --steps may change (it extends the run); --lr may not
+
+
+def test_resume_with_more_steps_extends_the_run_and_says_how(finished, capsys):
+    """A finished 9-step run resumed with --steps 12 trains steps 10-12 on the schedule recomputed over 12
+    steps (stated), and records the new length; fewer steps than done is refused by name."""
+    run, cache, want = finished
+    assert main(resume(run, cache, "--steps", "5")) == 2
+    assert "--steps 5: the run is already at step 9" in capsys.readouterr().err
+    assert main(resume(run, cache, "--steps", "12")) == 0
+    out = capsys.readouterr().out
+    assert "extending the run from 9 to 12 steps: the cosine schedule now spans 12 steps" in out
+    assert sorted(losses(run)) == list(range(1, 13)) and all(losses(run)[s] == want[s] for s in range(1, 10))
+    assert json.loads((run / "run.json").read_text())["config"]["steps"] == 12
+    assert ckpt_lib.checkpoint_step(ckpt_lib.list_checkpoints(run)[-1]) == 12
 
 
 def test_read_only_run_directory_is_a_clear_error(finished):
