@@ -127,6 +127,9 @@ def _add_train(sub):
                    help="where to train (default auto: the GPU when there is one)")
     p.add_argument("--sample-prompt", default=None, metavar="TEXT",
                    help="prompt of the greedy sample printed when training ends (default 'def ')")
+    p.add_argument("--sample-tokens", type=NON_NEGATIVE, default=None, metavar="N",
+                   help="at every evaluation also print (and log) a greedy sample of N tokens from "
+                        "--sample-prompt (default 0: only the sample at the end)")
     p.add_argument("--config", default=None, metavar="FILE.toml",
                    help="settings from a TOML file whose keys are this command's flags (e.g. steps = 2000, "
                         "data = [\"corpus/\"], [set] att_n_experts = 1); flags on the command line win")

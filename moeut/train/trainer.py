@@ -79,6 +79,7 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     sample_prompt: str = "def "          # prompt of the greedy sample printed at the end
+    sample_tokens: int = 0               # also sample this many tokens at every evaluation (0: only at the end)
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     text_field: str = "text"             # the column / JSON field holding the text of a document
     stop_after: int = 0                  # testing aid: pretend a SIGTERM arrived after this many steps
@@ -109,6 +110,7 @@ def resolve_defaults(cfg: TrainConfig, on_gpu: bool) -> TrainConfig:
 
 # Each resolved setting: (type, test, what it must be). The flag named in an error is --<name>.
 _RANGES: Dict[str, tuple] = {
+    "sample_tokens": (int, lambda v: 0 <= v <= 100_000, "an integer from 0 to 100000"),
     "steps": (int, lambda v: v >= 1, "a positive integer"),
     "batch_size": (int, lambda v: v >= 1, "a positive integer"),
     "micro_batch_size": (int, lambda v: v >= 0, "a non-negative integer"),
@@ -321,6 +323,20 @@ def validation_perplexity(model, tokens: np.ndarray, context: int, max_windows=N
     ppl, _ = windows_perplexity(model, eval_windows(tokens, context, max_windows or None), bf16=bf16)
     model.train(was_training)
     return ppl
+
+
+def sample_text(model, tok, prompt: str, n_tokens: int) -> str:
+    """The prompt and its greedy continuation, decoded eagerly in eval mode (no decoding graphs kept, so
+    nothing stays allocated beside the training step)."""
+    from moeut.generate import generate
+    was_training = model.training
+    model.eval()
+    try:
+        ids = generate(model, [tok.encode(prompt)], max_new_tokens=n_tokens, temperature=0.0, eos_id=tok.eot_id,
+                       cuda_graph=False, reuse_graph=False)[0]
+    finally:
+        model.train(was_training)
+    return prompt + tok.decode(ids)
 
 
 def unigram_perplexity(train: np.ndarray, valid: np.ndarray, vocab: int) -> float:
@@ -707,6 +723,12 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
                     ppl = validation_perplexity(model, valid_tokens, cfg.context, cfg.eval_windows, amp == torch.bfloat16)
                     log({"step": step, "val_ppl": round(ppl, 4)})
                     bar.write(f"step {step}: validation perplexity {ppl:.2f}")
+                    if cfg.sample_tokens:
+                        text = sample_text(model, tok, cfg.sample_prompt, cfg.sample_tokens)
+                        log({"step": step, "sample": text})
+                        bar.write(f"step {step} sample: {text!r}")
+                        if writer is not None:
+                            writer.add_text("sample", text, step)
                 barrier(world)
             if step % cfg.ckpt_interval == 0 or step == cfg.steps:
                 save(step, loss_sum)
@@ -735,8 +757,5 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
         result["val_ppl"] = validation_perplexity(model, valid_tokens, cfg.context, cfg.eval_windows,
                                                     cfg.precision == "bf16")
         result["unigram_ppl"] = unigram_perplexity(train_tokens, valid_tokens, tok.vocab_size)
-        from moeut.generate import generate
-        sample_ids = generate(model, [tok.encode(cfg.sample_prompt)], max_new_tokens=60, temperature=0.0,
-                              eos_id=tok.eot_id)[0]
-        result["sample"] = cfg.sample_prompt + tok.decode(sample_ids)
+        result["sample"] = sample_text(model, tok, cfg.sample_prompt, 60)
     return result

@@ -243,6 +243,16 @@ def test_the_dense_baseline_trains_through_the_trainer(corpus, tmp_path, capsys)
     assert "device: cpu, precision fp32" in printed
 
 
+def test_samples_at_every_evaluation(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(corpus, out, tmp_path / "cache", steps=8, extra=["--sample-tokens", "5",
+                                                                          "--sample-prompt", "def main("])) == 0
+    samples = [json.loads(line) for line in open(out / "metrics.jsonl") if '"sample"' in line]
+    assert [s["step"] for s in samples] == [4, 8]   # --eval-interval 4
+    assert all(s["sample"].startswith("def main(") for s in samples)
+    assert f"step {samples[-1]['step']} sample: " in capsys.readouterr().out
+
+
 def test_one_text_file_and_a_parquet_file_train_end_to_end(corpus, tmp_path):
     """The nanoGPT habit (`--data input.txt`) and a Parquet file with its own column name."""
     import pyarrow as pa
