@@ -433,6 +433,63 @@ def cmd_import_official(args) -> int:
     return 0
 
 
+def _add_analyze(sub):
+    p = sub.add_parser("analyze", help="figures of what the experts do: usage, overlap across depth, residual norms",
+                       description="Run a trained model over text and write PNG figures and analysis.json to --out: "
+                                   "expert usage per layer application (σ-MoE FFN, SwitchHead value and output "
+                                   "experts), the overlap of a token's experts between applications of the same "
+                                   "layer, distinct experts per token type, and the residual stream's norm and "
+                                   "update size per application (dense runs too; --compare draws two runs together). "
+                                   "A summary is printed.")
+    p.add_argument("run", metavar="RUN", help="run directory (or one of its checkpoint directories)")
+    p.add_argument("--text", default=None, metavar="FILE", help="a UTF-8 text file to run the model on")
+    p.add_argument("--data", action="append", default=None, metavar="PATH",
+                   help="data as moeut train takes it (default: the Python standard library sources)")
+    p.add_argument("--tokens", type=_int_range(2, 1 << 24), default=16384, help="tokens to analyze (default 16384)")
+    p.add_argument("--compare", default=None, metavar="RUN", help="a second run (e.g. the dense baseline) to draw beside")
+    p.add_argument("--out", required=True, metavar="DIR", help="where the figures and analysis.json go")
+    p.add_argument("--device", default="auto")
+    _add_debug(p)
+    p.set_defaults(func=cmd_analyze)
+
+
+def cmd_analyze(args) -> int:
+    from pathlib import Path
+    import torch
+    from moeut.analyze import analyze, summary, write_report
+    from moeut.evaluate import read_text_file
+    from moeut.runs import load_run
+    from moeut.train.data import collect_documents
+    if args.text and args.data:
+        raise ValueError("give --text or --data, not both")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file")
+    texts = [read_text_file(args.text)] if args.text else [t for _, t in collect_documents(args.data)]
+    device = _device(args.device)
+    results, names = [], []
+    for run in [args.run] + ([args.compare] if args.compare else []):
+        model, tok, meta = load_run(run, device)
+        context = int(meta.get("config", {}).get("context") or 1024)
+        ids = []
+        for ids_doc in tok.encode_documents(texts):
+            ids += ids_doc
+            if len(ids) >= args.tokens:
+                break
+        T = min(context, len(ids))
+        B = max(min(len(ids), args.tokens) // T, 1)
+        if len(ids) < 2:
+            raise ValueError("not enough text to analyze")
+        tokens = torch.tensor(ids[:B * T], device=device).view(B, T)
+        results.append(analyze(model, tokens))
+        names.append(Path(run).name)
+    other = results[1] if len(results) > 1 else None
+    files = write_report(results[0], out, other, names + ["compare"])
+    print(summary(results[0], other))
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
 def _add_debug(p) -> None:
     p.add_argument("--debug", action="store_true", default=None,
                    help="show the full traceback of an error (default: one line naming the problem)")
@@ -448,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_migrate(sub)
     _add_import_official(sub)
+    _add_analyze(sub)
     return p
 
 
