@@ -39,7 +39,15 @@ def _topk_ids(logits: Tensor, k: int) -> Tensor:
 def trace(model: torch.nn.Module, tokens_BT: Tensor) -> Dict[str, Any]:
     """Per layer application: "layer" (the distinct layer applied), "ffn" [N, K] and "att_o" / "att_v"
     [N, H, K] expert ids (MoEUT), "norm_in" and "update" [N] (N = B*T tokens)."""
+    was_training = model.training
     model.eval()
+    try:
+        return _trace(model, tokens_BT)
+    finally:
+        model.train(was_training)
+
+
+def _trace(model: torch.nn.Module, tokens_BT: Tensor) -> Dict[str, Any]:
     B, T = tokens_BT.shape
     mask = AttentionMask(None, None, is_causal=True)
     apps: List[Dict[str, Any]] = []
@@ -138,6 +146,24 @@ def analyze(model: torch.nn.Module, tokens_BT: Tensor) -> Dict[str, Any]:
                                  "distinct_mean": float(np.mean([d[t]["distinct"] for d in per_app]))}
                         for t in per_app[0]}
     return res
+
+
+def training_summary(model: torch.nn.Module, tokens_BT: Tensor) -> Dict[str, Any]:
+    """The few numbers the trainer logs at each evaluation (scalars) and the FFN usage image
+    ("ffn_usage_image": [applications, experts], each row scaled to its maximum)."""
+    res = analyze(model, tokens_BT)
+    out: Dict[str, Any] = {"residual_norm_last": res["residual"][-1]["norm_in"],
+                           "relative_update_mean": float(np.mean([r["relative_update"] for r in res["residual"]]))}
+    if "ffn_usage" in res:
+        out["expert_usage_entropy"] = float(np.mean([u["entropy"] for u in res["ffn_usage"]]))
+        out["experts_never_selected"] = float(np.mean([u["never_selected"] for u in res["ffn_usage"]]))
+        for li, m in res["overlap"].items():
+            m = np.array(m)
+            if len(m) > 1:
+                out[f"expert_overlap_layer{li}"] = float(m[~np.eye(len(m), dtype=bool)].mean())
+        share = np.array([u["share"] for u in res["ffn_usage"]])
+        out["ffn_usage_image"] = share / np.maximum(share.max(1, keepdims=True), 1e-12)
+    return out
 
 
 def summary(res: Dict[str, Any], other: Optional[Dict[str, Any]] = None) -> str:

@@ -325,6 +325,20 @@ def validation_perplexity(model, tokens: np.ndarray, context: int, max_windows=N
     return ppl
 
 
+def expert_statistics(model, tokens: np.ndarray, context: int, amp) -> Dict[str, Any]:
+    """`analyze.training_summary` on two validation windows: expert usage entropy, experts never
+    selected, same-token expert overlap per shared layer, residual norms. Runs at evaluations only."""
+    from moeut.analyze import training_summary
+    windows = list(eval_windows(tokens, context, 2))
+    if not windows:
+        return {}
+    windows = [w for w in windows if len(w) == len(windows[0])]
+    device = next(model.parameters()).device
+    batch = torch.stack([w[:-1] for w in windows]).to(device)
+    with torch.autocast(device.type, amp, enabled=amp != torch.float32):
+        return training_summary(model, batch)
+
+
 def sample_text(model, tok, prompt: str, n_tokens: int) -> str:
     """The prompt and its greedy continuation, decoded eagerly in eval mode (no decoding graphs kept, so
     nothing stays allocated beside the training step)."""
@@ -723,6 +737,11 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
                     ppl = validation_perplexity(model, valid_tokens, cfg.context, cfg.eval_windows, amp == torch.bfloat16)
                     log({"step": step, "val_ppl": round(ppl, 4)})
                     bar.write(f"step {step}: validation perplexity {ppl:.2f}")
+                    stats = expert_statistics(model, valid_tokens, cfg.context, amp)
+                    image = stats.pop("ffn_usage_image", None)
+                    log({"step": step, **{k: round(v, 5) for k, v in stats.items()}})
+                    if writer is not None and image is not None:
+                        writer.add_image("ffn_expert_usage", image[None].astype("float32"), step)
                     if cfg.sample_tokens:
                         text = sample_text(model, tok, cfg.sample_prompt, cfg.sample_tokens)
                         log({"step": step, "sample": text})

@@ -52,6 +52,9 @@ def test_tensorboard_logs_are_written(corpus, tmp_path):
     assert main(args) == 0
     events = list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert "ffn_expert_usage" in acc.Tags()["images"] and "expert_usage_entropy" in acc.Tags()["scalars"]
 
 
 def test_sigterm_then_resume_logs_the_same_losses(corpus, tmp_path):
@@ -249,6 +252,10 @@ def test_samples_at_every_evaluation(corpus, tmp_path, capsys):
                                                                           "--sample-prompt", "def main("])) == 0
     samples = [json.loads(line) for line in open(out / "metrics.jsonl") if '"sample"' in line]
     assert [s["step"] for s in samples] == [4, 8]   # --eval-interval 4
+    # and the expert statistics of `moeut analyze`, at the same evaluations
+    stats = [json.loads(line) for line in open(out / "metrics.jsonl") if "expert_usage_entropy" in line]
+    assert [s["step"] for s in stats] == [4, 8]
+    assert all(0 < s["expert_usage_entropy"] <= 1 and s["experts_never_selected"] >= 0 for s in stats)
     assert all(s["sample"].startswith("def main(") for s in samples)
     assert f"step {samples[-1]['step']} sample: " in capsys.readouterr().out
 
