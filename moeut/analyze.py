@@ -54,18 +54,18 @@ def _trace(model: torch.nn.Module, tokens_BT: Tensor) -> Dict[str, Any]:
     if isinstance(model, MoEUTLM):
         x = model.embedding(tokens_BT)
         backbone = model.transformer
-        for _ in range(backbone.n_repeats):
-            for li, layer in enumerate(backbone.layers):
-                out, _, f_log, a_log = layer.forward_with_logits(x, mask, None)
-                app = {"layer": li, "ffn": _topk_ids(f_log.logits, layer.ffn.n_heads).reshape(B * T, -1)}
-                o_log, v_log = tuple(a_log) if a_log is not None else (None, None)
-                k_att = getattr(layer.attention, "moe_k", 1)
-                for name, log in (("att_o", o_log), ("att_v", v_log)):
-                    if log is not None and getattr(log, "logits", None) is not None and log.logits.dim() == 4:
-                        app[name] = _topk_ids(log.logits, k_att).reshape(B * T, *log.logits.shape[2:3], -1)
-                _residual(app, x, out)
-                apps.append(app)
-                x = out
+        for _, li in backbone.application_order():
+            layer = backbone.layers[li]
+            out, _, f_log, a_log = layer.forward_with_logits(x, mask, None)
+            app = {"layer": li, "ffn": _topk_ids(f_log.logits, layer.ffn.n_heads).reshape(B * T, -1)}
+            o_log, v_log = tuple(a_log) if a_log is not None else (None, None)
+            k_att = getattr(layer.attention, "moe_k", 1)
+            for name, log in (("att_o", o_log), ("att_v", v_log)):
+                if log is not None and getattr(log, "logits", None) is not None and log.logits.dim() == 4:
+                    app[name] = _topk_ids(log.logits, k_att).reshape(B * T, *log.logits.shape[2:3], -1)
+            _residual(app, x, out)
+            apps.append(app)
+            x = out
     elif isinstance(model, DenseLM):
         x = model.embedding(tokens_BT) * model.embedding_scale
         for li, layer in enumerate(model.layers):

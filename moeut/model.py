@@ -70,8 +70,9 @@ class MoEUTLayer(torch.nn.Module):
     def __init__(self, d_model: int, n_heads: int, ff_expert_size: int, ff_n_experts: int,
                  att_n_experts: int, d_head: Optional[int] = None, att_k: int = 2,
                  ff_k: int = 8, ff_expert_dropout: float = 0.0, att_expert_dropout: float = 0.0,
-                 dropout: float = 0.0, attention=SwitchHeadRope):
+                 dropout: float = 0.0, attention=SwitchHeadRope, layer_norm: str = "peri"):
         super().__init__()
+        self.layer_norm = layer_norm
         self.attention = attention(d_model, n_heads, att_n_experts, projection_size=d_head, moe_k=att_k,
                                    expert_dropout=att_expert_dropout)
         self.ffn = SigmaMoE(d_model, ff_n_experts, ff_expert_size, k=ff_k, expert_dropout=ff_expert_dropout)
@@ -85,6 +86,8 @@ class MoEUTLayer(torch.nn.Module):
                             prob_sum: bool = False):
         """(x, cache, ffn router logits, attention router logits (o, v) or None), as `RouterLogits`; with
         `prob_sum` the routers may compute the regulariser's softmax sums with their selections."""
+        if self.layer_norm != "peri":
+            return self._forward_pre_or_post(x, mask, kv_cache, prob_sum)
         # x's other uses take the pass-through copy: their gradient is added in the LayerNorm's backward
         xnorm, x = self.ln1.normalize_and_pass(x)
         if torch.is_autocast_enabled(x.device.type):
@@ -104,6 +107,26 @@ class MoEUTLayer(torch.nn.Module):
             x = x + self.drop(att)
         xnorm, x = self.ln2.normalize_and_pass(x)
         x, ffn_logits = self.ffn.forward_with_logits(x, xnorm, add_input=True, prob_sum=prob_sum)   # x + FFN(x)
+        return x, kv_cache, ffn_logits, att_logits
+
+    def _forward_pre_or_post(self, x: Tensor, mask: Optional[AttentionMask], kv_cache: KVCache, prob_sum: bool):
+        """The paper's two other layernorm placements, as the training code's RelativeMoeTransformerEncoderLayer
+        computes them without `moe.nonorm`. pre: every input of the attention (queries, keys, values,
+        routers) is ln1(x) and every input of the FFN (experts and router) ln2(x); post: the sublayers read
+        x itself, and ln1 / ln2 normalise the residual stream after each addition."""
+        h = self.ln1(x) if self.layer_norm == "pre" else x
+        if hasattr(self.attention, "forward_with_logits"):
+            att, kv_cache, att_logits = self.attention.forward_with_logits(h, h, h, mask, kv_cache, prob_sum=prob_sum)
+        else:
+            (att, kv_cache), att_logits = self.attention(h, h, h, mask, kv_cache=kv_cache), None
+        x = x + self.drop(att)
+        if self.layer_norm == "post":
+            x = self.ln1(x)
+        h = self.ln2(x) if self.layer_norm == "pre" else x
+        ffn, ffn_logits = self.ffn.forward_with_logits(h, h, prob_sum=prob_sum)
+        x = x + self.drop(ffn)
+        if self.layer_norm == "post":
+            x = self.ln2(x)
         return x, kv_cache, ffn_logits, att_logits
 
     def forward(self, x: Tensor, mask: Optional[AttentionMask] = None, kv_cache: KVCache = None) -> Tuple[Tensor, KVCache]:
@@ -172,8 +195,11 @@ class MoEUT(torch.nn.Module):
                  att_n_experts: int, d_head: Optional[int] = None, att_k: int = 2,
                  ff_k: int = 8, ff_expert_dropout: float = 0.0, att_expert_dropout: float = 0.0,
                  dropout: float = 0.0, entropy_reg: float = 0.01, att_entropy_reg: float = 0.001,
-                 attention=SwitchHeadRope, group_size: int = 2):
+                 attention=SwitchHeadRope, group_size: int = 2, *, group_type: str = "abab", layer_norm: str = "peri"):
         super().__init__()
+        require(group_type in ("abab", "aabb"), f"group_type must be 'abab' or 'aabb', got {group_type!r}")
+        require(layer_norm in ("peri", "pre", "post"), f"layer_norm must be 'peri', 'pre' or 'post', got {layer_norm!r}")
+        self.group_type, self.layer_norm = group_type, layer_norm
         validate_config(d_model, n_layers, n_heads, ff_expert_size, ff_n_experts, att_n_experts, d_head,
                         att_k, ff_k, ff_expert_dropout, att_expert_dropout, dropout, group_size)
         self.d_model = d_model
@@ -186,14 +212,23 @@ class MoEUT(torch.nn.Module):
         self.collect_router_logits = False
         self.layers = torch.nn.ModuleList([
             MoEUTLayer(d_model, n_heads, ff_expert_size, ff_n_experts, att_n_experts, d_head, att_k, ff_k,
-                       ff_expert_dropout, att_expert_dropout, dropout, attention)
+                       ff_expert_dropout, att_expert_dropout, dropout, attention, layer_norm)
             for _ in range(group_size)
         ])
         self.reset_parameters()
 
+    def application_order(self) -> List[Tuple[int, int]]:
+        """(repeat, distinct layer) of each layer application in order: A B A B ... ("abab", the paper's
+        default) or A A ... B B ... ("aabb", the training code's `transformer.universal.group_type`)."""
+        if self.group_type == "aabb":
+            return [(r, li) for li in range(len(self.layers)) for r in range(self.n_repeats)]
+        return [(r, li) for r in range(self.n_repeats) for li in range(len(self.layers))]
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        scale = math.sqrt(2 / (self.n_repeats * len(self.layers)))
+        # The training code scales the initialisation by sqrt(2 / n_layers) for the pre-LN family (peri
+        # and pre) and not for post-LN (`std_scale` of RelativeMoeTransformerEncoderLayer).
+        scale = math.sqrt(2 / (self.n_repeats * len(self.layers))) if self.layer_norm != "post" else 1.0
         for m in self.modules():
             if isinstance(m, (SwitchHeadRope, SigmaMoE)):
                 m.reset_parameters(scale)
@@ -228,23 +263,22 @@ class MoEUT(torch.nn.Module):
         autocast = torch.is_autocast_enabled(x.device.type)
         share = begin_share(torch.get_autocast_dtype(x.device.type) if autocast and not checkpointing else None)
         try:
-            for r in range(self.n_repeats):
-                for li, layer in enumerate(self.layers):
-                    li_abs = r * len(self.layers) + li
-                    cache = kv_cache.get(li_abs, {}) if kv_cache is not None else None
-                    if checkpointing:
-                        x, new_cache[li_abs], f_log, a_log = checkpoint(
-                            layer.forward_with_logits, x, mask, cache, self.training, use_reentrant=False)
-                    else:
-                        x, new_cache[li_abs], f_log, a_log = layer.forward_with_logits(x, mask, cache, self.training)
-                    if router_logits is not None:
-                        router_logits.append(f_log.logits.detach())
-                    if self.training:
-                        n_positions[li] += f_log.logits.shape[1]
-                        for which, router in enumerate([f_log] + list(a_log or ())):
-                            s = router_prob_sum(router if isinstance(router, RouterLogits) else RouterLogits(router))
-                            prev = prob_sums[li][which]
-                            prob_sums[li][which] = s if prev is None else prev + s
+            for li_abs, (_, li) in enumerate(self.application_order()):
+                layer = self.layers[li]
+                cache = kv_cache.get(li_abs, {}) if kv_cache is not None else None
+                if checkpointing:
+                    x, new_cache[li_abs], f_log, a_log = checkpoint(
+                        layer.forward_with_logits, x, mask, cache, self.training, use_reentrant=False)
+                else:
+                    x, new_cache[li_abs], f_log, a_log = layer.forward_with_logits(x, mask, cache, self.training)
+                if router_logits is not None:
+                    router_logits.append(f_log.logits.detach())
+                if self.training:
+                    n_positions[li] += f_log.logits.shape[1]
+                    for which, router in enumerate([f_log] + list(a_log or ())):
+                        s = router_prob_sum(router if isinstance(router, RouterLogits) else RouterLogits(router))
+                        prev = prob_sums[li][which]
+                        prob_sums[li][which] = s if prev is None else prev + s
         finally:
             end_share(share)
 
@@ -265,12 +299,14 @@ class MoEUTLM(torch.nn.Module):
                  ff_n_experts: int, att_n_experts: int, d_head: Optional[int] = None,
                  group_size: int = 2, ff_k: int = 8, att_k: int = 2, ff_expert_dropout: float = 0.0,
                  att_expert_dropout: float = 0.0, ff_expert_size: int = 128, dropout: float = 0.0,
-                 entropy_reg: float = 0.01, att_entropy_reg: float = 0.001, attention=SwitchHeadRope):
+                 entropy_reg: float = 0.01, att_entropy_reg: float = 0.001, attention=SwitchHeadRope,
+                 *, group_type: str = "abab", layer_norm: str = "peri"):
         super().__init__()
         require(isinstance(n_tokens, int) and n_tokens > 0, f"n_tokens must be a positive integer, got {n_tokens!r}")
         self.transformer = MoEUT(d_model, n_layers, n_heads, ff_expert_size, ff_n_experts, att_n_experts,
                                  d_head, att_k, ff_k, ff_expert_dropout, att_expert_dropout, dropout,
-                                 entropy_reg, att_entropy_reg, attention, group_size)
+                                 entropy_reg, att_entropy_reg, attention, group_size, group_type=group_type,
+                                 layer_norm=layer_norm)
         self.n_tokens = n_tokens
         self.n_layers = n_layers
         self.embedding = torch.nn.Embedding(n_tokens, d_model)
@@ -289,7 +325,10 @@ class MoEUTLM(torch.nn.Module):
         if x.dtype != torch.int64 and x.dtype != torch.int32:
             x = x.long()
         out = self.transformer(self.embedding(x), mask, kv_cache)
-        out.outputs = self.lm_head(self.out_norm(out.outputs))
+        # post-LN ends in a LayerNorm already: the training code adds no output norm then (out_norm stays
+        # in the state dict, unused)
+        h = out.outputs if self.transformer.layer_norm == "post" else self.out_norm(out.outputs)
+        out.outputs = self.lm_head(h)
         return out
 
     def generate_causal_attention_mask(self, sz: int) -> Tensor:
