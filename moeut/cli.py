@@ -490,6 +490,27 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def _add_sweep(sub):
+    p = sub.add_parser("sweep", help="train and evaluate a list of configurations into one table and plot",
+                       description="Run the [[runs]] of a sweep file (TOML: shared [train] flags, optional [eval] "
+                                   "flags, and per-run flags and constructor arguments) through moeut train and moeut "
+                                   "eval, one after the other, into OUT/<run name>; write OUT/sweep.json, sweep.md and "
+                                   "sweep.png. Run it again after an interruption: finished runs are kept and an "
+                                   "unfinished one is resumed. Examples: sweeps/*.toml (the paper's group-size and K "
+                                   "sweeps, and tiny CPU twins).")
+    p.add_argument("file", metavar="SWEEP.toml")
+    p.add_argument("--out", required=True, metavar="DIR")
+    _add_debug(p)
+    p.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args) -> int:
+    from moeut.train.sweep import read_sweep, run_sweep
+    read_sweep(args.file)   # the whole file checked before any training
+    run_sweep(args.file, args.out, main)
+    return 0
+
+
 def _add_debug(p) -> None:
     p.add_argument("--debug", action="store_true", default=None,
                    help="show the full traceback of an error (default: one line naming the problem)")
@@ -506,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_migrate(sub)
     _add_import_official(sub)
     _add_analyze(sub)
+    _add_sweep(sub)
     return p
 
 
