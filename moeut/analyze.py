@@ -104,11 +104,11 @@ def overlap(ids_a_NK: Tensor, ids_b_NK: Tensor, n_experts: int) -> float:
 
 def diversity(tokens_N: Tensor, ids_NK: Tensor, n_experts: int) -> Dict[int, Dict[str, int]]:
     """{token id: {"count": occurrences, "distinct": distinct experts over its occurrences}}."""
-    out: Dict[int, Dict[str, int]] = {}
-    for t in torch.unique(tokens_N).tolist():
-        rows = ids_NK[tokens_N == t]
-        out[t] = {"count": int(rows.shape[0]), "distinct": int(torch.unique(rows).numel())}
-    return out
+    tokens, inverse = torch.unique(tokens_N, return_inverse=True)
+    counts = torch.bincount(inverse, minlength=len(tokens))
+    pairs = torch.unique(inverse[:, None] * n_experts + ids_NK)      # each (token type, expert) once
+    distinct = torch.bincount(pairs // n_experts, minlength=len(tokens))
+    return {int(t): {"count": int(c), "distinct": int(d)} for t, c, d in zip(tokens, counts, distinct)}
 
 
 def analyze(model: torch.nn.Module, tokens_BT: Tensor) -> Dict[str, Any]:
