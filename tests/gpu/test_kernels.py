@@ -201,10 +201,12 @@ def test_sum_choices_kernel_matches_torch(out_dtype, X, C, O):
                                rtol=1e-5 if out_dtype == torch.float32 else 8e-3, atol=1e-4)
 
 
-def test_aligned_router_and_dense_ffn_match_unpadded(monkeypatch):
+def test_aligned_router_and_dense_ffn_match_unpadded():
     """The 244M router (387 experts) and dense FFN (d_ff 4110), padded to aligned widths for cuBLAS,
     against their unpadded products (the same rows in chunks below the padding threshold) under bf16
-    autocast: outputs and weight gradients agree."""
+    autocast. Both are compared with the fp32 product: padding may not make outputs or weight gradients
+    less accurate than the unpadded bf16 product is (a direct bf16-vs-bf16 bound flakes, since the two
+    round their gradient reductions differently: ~1% apart on an H200)."""
     from moeut import moe
     from moeut.dense import DenseLayer
     torch.manual_seed(0)
@@ -213,7 +215,9 @@ def test_aligned_router_and_dense_ffn_match_unpadded(monkeypatch):
     ffn = DenseLayer(1024, 16, 64, 4110, 0.0).cuda()
     x = torch.randn(4096, 1024, device="cuda")
     for fn, weight in ((sel.selector_logits, sel.expert_sel), (ffn.ffn, ffn.ff1.weight)):
-        runs = []
+        y32 = fn(x)
+        g32 = torch.autograd.grad(y32.square().sum(), weight)[0]
+        errors = []
         for chunk in (x.shape[0], 512):   # all rows at once: padded; 512 at a time: unpadded
             assert (chunk >= moe.PADDING_MIN_ROWS) == (chunk == x.shape[0])
             ys, g = [], 0
@@ -222,9 +226,12 @@ def test_aligned_router_and_dense_ffn_match_unpadded(monkeypatch):
                     y = fn(xc)
                 g = g + torch.autograd.grad(y.float().square().sum(), weight)[0]
                 ys.append(y.float())
-            runs.append((torch.cat(ys), g))
-        assert runs[1][0].shape == runs[0][0].shape
-        assert rel(runs[1][0], runs[0][0]) < 1e-2 and rel(runs[1][1], runs[0][1]) < 1e-2
+            y = torch.cat(ys)
+            assert y.shape == y32.shape
+            errors.append((rel(y, y32), rel(g, g32)))
+        (y_padded, g_padded), (y_unpadded, g_unpadded) = errors
+        assert max(max(pair) for pair in errors) < 3e-2, errors
+        assert y_padded < 1.5 * y_unpadded + 1e-3 and g_padded < 1.5 * g_unpadded + 1e-3, errors
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
