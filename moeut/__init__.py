@@ -21,5 +21,42 @@ from moeut.model import MoEUT, MoEUTLayer, MoEUTLM, MoEUTOutput, MultilayerKVCac
 from moeut.moe import SigmaMoE
 
 __version__ = "0.1.0"
+
+
+def _register_with_transformers() -> None:
+    """`model_type: moeut` for transformers' Auto classes (see `moeut.hf`): now if transformers is
+    imported, otherwise as soon as it is (importing it here would add seconds to every `import moeut`)."""
+    import importlib.abc
+    import importlib.util
+    import sys
+
+    def register() -> None:
+        from moeut.hf import register as register_hf
+        register_hf()
+
+    if "transformers" in sys.modules:
+        register()
+        return
+    if importlib.util.find_spec("transformers") is None:
+        return
+
+    class RegisterAfterImport(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name != "transformers":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            if spec is not None and spec.loader is not None:
+                exec_module = spec.loader.exec_module
+
+                def exec_then_register(module):
+                    exec_module(module)
+                    register()
+                spec.loader.exec_module = exec_then_register
+            return spec
+    sys.meta_path.insert(0, RegisterAfterImport())
+
+
+_register_with_transformers()
 __all__ = ["MoEUTLM", "MoEUT", "MoEUTLayer", "AttentionMask", "MoEUTOutput", "KVCache", "MultilayerKVCache",
            "SwitchHeadRope", "SigmaMoE", "DenseLM", "profiles"]

@@ -300,6 +300,13 @@ class SwitchHeadRope(torch.nn.Module):
         self._inference_weight_frozen = False
 
     @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute `head_base` (derived, never saved): for a model built on the meta device and then
+        given its weights, as transformers' `from_pretrained` does."""
+        H, E = self.head_base.shape[0], self.n_experts
+        self.head_base.copy_(torch.arange(H, device=self.head_base.device).unsqueeze(-1) * E)
+
+    @torch.no_grad()
     def reset_parameters(self, std_scale: float) -> None:
         if self.n_experts > 1:
             torch.nn.init.normal_(self.sel_v, 0, std_scale / math.sqrt(self.input_size))

@@ -1,4 +1,4 @@
-"""The `moeut` command: `moeut train`, `moeut generate`, `moeut eval`, `moeut models`.
+"""The `moeut` command: `moeut train`, `moeut generate`, `moeut eval`, `moeut export`, `moeut models` and more.
 
 Also `python -m moeut ...` and, for several processes, `torchrun --nproc_per_node=N -m moeut train ...`.
 """
@@ -511,6 +511,35 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def _add_export(sub):
+    p = sub.add_parser("export", help="a run as a Hugging Face transformers model directory",
+                       description="Write a run's newest intact checkpoint as a Hugging Face model directory "
+                                   "(config.json, model.safetensors, the tokenizer, generation_config.json and a "
+                                   "model card). It loads with AutoModelForCausalLM.from_pretrained(DIR) after "
+                                   "`import moeut`, or with trust_remote_code=True where moeut is installed, and "
+                                   "evaluates with `lm_eval --model hf`. Needs transformers (pip install moeut[hf]).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  moeut export runs/44m --out hf/44m --eval runs/44m-eval.json\n"
+                              "  lm_eval --model hf --model_args pretrained=hf/44m,trust_remote_code=True "
+                              "--tasks lambada_openai")
+    p.add_argument("checkpoint", metavar="RUN", help="run directory (its newest intact checkpoint) or one checkpoint "
+                                                      "directory in it")
+    p.add_argument("--out", required=True, metavar="DIR", help="the model directory to create (new or empty)")
+    p.add_argument("--eval", default=None, metavar="JSON", help="scores of `moeut eval --json` for the model card")
+    _add_debug(p)
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    import importlib.util
+    if importlib.util.find_spec("transformers") is None:
+        raise ValueError("export needs transformers: pip install 'moeut[hf]' (or pip install transformers)")
+    from moeut.hf.export import export_run
+    out = export_run(args.checkpoint, args.out, args.eval)
+    print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}) after `import moeut`")
+    return 0
+
+
 def _add_debug(p) -> None:
     p.add_argument("--debug", action="store_true", default=None,
                    help="show the full traceback of an error (default: one line naming the problem)")
@@ -528,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import_official(sub)
     _add_analyze(sub)
     _add_sweep(sub)
+    _add_export(sub)
     return p
 
 
