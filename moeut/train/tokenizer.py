@@ -69,16 +69,39 @@ class Tokenizer:
         return self.proto
 
 
-def train_tokenizer(documents: Iterable[str], vocab_size: int = 8000, max_lines: int = 300_000,
+TOKENIZER_MAX_LINES = 300_000            # the code tokenizer learns from a random sample of this many lines
+PAPER_TOKENIZER_MAX_CHARS = 1 << 30       # the paper tokenizer learns from the corpus's first GiB of text
+
+
+def sample_lines(documents: Iterable[str], max_lines: int, seed: int) -> List[str]:
+    """The non-blank lines of the documents, shuffled, at most `max_lines` of them: every line when
+    there are that few, else a uniform sample (reservoir sampling: memory for `max_lines` lines only)."""
+    rng = random.Random(seed)
+    lines: List[str] = []
+    seen = 0
+    for doc in documents:
+        for line in doc.split(NEWLINE):
+            if not line.strip():
+                continue
+            seen += 1
+            if len(lines) < max_lines:
+                lines.append(line)
+            else:
+                j = rng.randrange(seen)
+                if j < max_lines:
+                    lines[j] = line
+    random.Random(seed).shuffle(lines)
+    return lines
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int = 8000, max_lines: int = TOKENIZER_MAX_LINES,
                     seed: int = 0) -> Tokenizer:
-    """Train a BPE model, in memory, on (a random sample of up to `max_lines` lines of) the documents.
-    A vocabulary the corpus cannot fill, or too small for its characters, is a ValueError naming
-    --vocab-size and the bound."""
-    lines = [line for doc in documents for line in doc.split(NEWLINE) if line.strip()]
+    """Train a BPE model, in memory, on (a random sample of up to `max_lines` lines of) the documents,
+    which may be a stream. A vocabulary the corpus cannot fill, or too small for its characters, is a
+    ValueError naming --vocab-size and the bound."""
+    lines = sample_lines(documents, max_lines, seed)
     if not lines:
         raise ValueError("cannot train a tokenizer: the training data has no text")
-    random.Random(seed).shuffle(lines)
-    lines = lines[:max_lines]
     return _train(iter(lines), model_type="bpe", vocab_size=vocab_size,
                   split_digits=True, byte_fallback=True, normalization_rule_name="identity",
                   remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True,
@@ -87,10 +110,19 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int = 8000, max_lines:
                   train_extremely_large_corpus=False, num_threads=2)
 
 
-def train_paper_tokenizer(documents: Iterable[str], vocab_size: int = 8000) -> Tokenizer:
+def train_paper_tokenizer(documents: Iterable[str], vocab_size: int = 8000,
+                          max_chars: int = PAPER_TOKENIZER_MAX_CHARS) -> Tokenizer:
     """The training code's tokenizer: every document + "<STORY_SEP>" is one training sentence; BPE,
-    split digits, the rest SentencePiece's defaults."""
-    docs = [d for d in documents if d]
+    split digits, the rest SentencePiece's defaults. Like the training code, which trains it on the
+    first shards of the corpus (`ChunkedSentencepieceLMDataset.get_tokenizer_train_sentences`, 10 of
+    C4's), it reads only the first documents, up to `max_chars` of text."""
+    docs, chars = [], 0
+    for d in documents:
+        if chars >= max_chars:
+            break
+        if d:
+            docs.append(d)
+            chars += len(d)
     if not docs:
         raise ValueError("cannot train a tokenizer: the training data has no text")
     return _train(iter(d + DOCUMENT_SEPARATOR_TEXT for d in docs), vocab_size=vocab_size, split_digits=True,

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from moeut.train import checkpoint as ckpt_lib
-from moeut.train.data import Batches, collect_documents, content_key, eval_windows, split_documents, tokenize_to_file
+from moeut.train.data import CACHE_FORMAT, Batches, Corpus, eval_windows, tokenize_corpus
 from moeut.evaluate import windows_perplexity
 from moeut.train.run_dir import RunLock, check_existing_run_dir, check_new_run_dir, read_run_json, truncate_metrics
 from moeut.runs import build_model, check_memory, model_kwargs, model_kwargs_of_run
@@ -250,25 +250,29 @@ _KEY = re.compile(r"^[0-9a-f]{24}$")
 
 def build_data(cfg: TrainConfig, tok: Optional[Tokenizer], say: Callable[[str], None] = print):
     """(tokenizer, cache key, train docs count, valid docs count) for --data; the tokenizer is trained
-    in memory when `tok` is None. The tokenized data land in the shared cache under their key."""
-    docs = collect_documents(cfg.data, strict=cfg.strict_data, warn=say, text_field=cfg.text_field)
-    train_docs, valid_docs = split_documents(docs)
+    in memory when `tok` is None. The tokenized data land in the shared cache under their key. The
+    corpus streams through (see `data`): memory does not grow with its size."""
+    corpus = Corpus(cfg.data, strict=cfg.strict_data, text_field=cfg.text_field)
+    scan = corpus.scan(warn=say)
     if tok is None:
         kind = cfg.tokenizer or "code"
-        say(f"training a {cfg.vocab_size}-piece {kind} tokenizer on {len(train_docs)} documents")
+        say(f"training a {cfg.vocab_size}-piece {kind} tokenizer on {scan.n_train} documents")
         if kind == "paper":
-            long = sum(len(d.encode("utf-8")) + len("<STORY_SEP>") > 4192 for d in train_docs)
-            if long:
+            long = [0]
+
+            def counted(texts):
+                for t in texts:
+                    long[0] += len(t.encode("utf-8")) + len("<STORY_SEP>") > 4192
+                    yield t
+            tok = train_paper_tokenizer(counted(corpus.train_texts(scan)), cfg.vocab_size)
+            if long[0]:
                 say(f"the paper tokenizer learns from documents of at most 4192 bytes (SentencePiece's default, "
-                    f"as in the training code): {long} of {len(train_docs)} are longer and are only tokenized")
-            tok = train_paper_tokenizer(train_docs, cfg.vocab_size)
+                    f"as in the training code): {long[0]} of {scan.n_train} are longer and are only tokenized")
         else:
-            tok = train_tokenizer(train_docs, cfg.vocab_size, seed=cfg.seed)
-    key = content_key(train_docs + ["\0valid\0"] + valid_docs, tok.model_bytes())
-    cache = Path(cfg.cache_dir) / key
-    tokenize_to_file(train_docs, tok, cache / "train.bin", cfg.progress)
-    tokenize_to_file(valid_docs, tok, cache / "valid.bin", cfg.progress)
-    return tok, key, len(train_docs), len(valid_docs)
+            tok = train_tokenizer(corpus.train_texts(scan), cfg.vocab_size, seed=cfg.seed)
+    key = scan.cache_key(tok.model_bytes())
+    tokenize_corpus(corpus, scan, tok, Path(cfg.cache_dir) / key, cfg.progress)
+    return tok, key, scan.n_train, scan.n_valid
 
 
 def open_tokens(cache_dir: str, key: str):
@@ -292,9 +296,10 @@ def resume_data(cfg: TrainConfig, run_dir: Path, user_data: Optional[List[str]],
     the default corpus if the run used it. Paths recorded in the run are not followed."""
     record = run_dir / "data.json"
     try:
-        key = json.loads(record.read_text()).get("key")
+        recorded = json.loads(record.read_text())
+        key, recorded_format = recorded.get("key"), recorded.get("format")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        key = None
+        key = recorded_format = None
     tok = Tokenizer(run_dir / "tokenizer.model")
     if isinstance(key, str) and _KEY.match(key) and all((Path(cfg.cache_dir) / key / f).is_file()
                                                        for f in ("train.bin", "valid.bin")):
@@ -306,9 +311,14 @@ def resume_data(cfg: TrainConfig, run_dir: Path, user_data: Optional[List[str]],
         cfg.data = list(user_data)
     _, new_key, n_train, n_valid = build_data(cfg, tok, say)
     if key is not None and new_key != key:
-        say("warning: the data under --data are not those this run started on (their cache is gone): "
-            "resuming on the new data")
-    ckpt_lib.write_json_atomic(record, {"key": new_key, "train_documents": n_train, "valid_documents": n_valid})
+        if recorded_format == CACHE_FORMAT:
+            say("warning: the data under --data are not those this run started on (their cache is gone): "
+                "resuming on the new data")
+        else:
+            say("the token cache was rebuilt in the current format (the run's cache predates it); if --data "
+                "changed too, the run continues on the new data")
+    ckpt_lib.write_json_atomic(record, {"key": new_key, "format": CACHE_FORMAT, "train_documents": n_train,
+                                        "valid_documents": n_valid})
     return tok, new_key
 
 
@@ -451,8 +461,8 @@ def _start_new_run(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any], devi
         meta = {"model": cfg.model, "model_kwargs": kwargs, "vocab_size": tok.vocab_size, "config": asdict(cfg)}
         ckpt_lib.write_json_atomic(run_dir / "run.json", meta)
         save_tokenizer(tok, run_dir / "tokenizer.model")
-        ckpt_lib.write_json_atomic(run_dir / "data.json", {"key": key, "train_documents": n_train,
-                                                           "valid_documents": n_valid})
+        ckpt_lib.write_json_atomic(run_dir / "data.json", {"key": key, "format": CACHE_FORMAT,
+                                                           "train_documents": n_train, "valid_documents": n_valid})
         return lock
     except BaseException:
         if lock is not None:

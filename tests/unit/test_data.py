@@ -157,3 +157,93 @@ def test_binary_and_unknown_formats_are_refused_by_name(tmp_path):
     # in a directory, files of unknown formats are not data: ignored, the text is read
     (tmp_path / "a.txt").write_text("hello there")
     assert [t for _, t in collect_documents([str(tmp_path)])] == ["hello there"]
+
+
+# ---- corpora larger than memory ---------------------------------------------------------------------
+
+def _streaming_corpus(tmp_path, n_docs: int):
+    import gzip
+    import random
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "kernel", "memory", "stream", "token", "data", "file", "42", "é"]
+    path = tmp_path / "big.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8", compresslevel=1) as f:
+        for i in range(n_docs):
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(300, 1500)))
+            f.write(json.dumps({"text": f"doc {i}\n{text}"}) + "\n")
+    return path
+
+
+def test_tokenization_streams_in_bounded_memory(tmp_path, monkeypatch):
+    """Preparing a corpus four times larger takes no more memory (Python allocations, numpy's included):
+    the peak is set by the tokenization batch, not the corpus, and stays under the size of its text.
+    The tokens are exactly those of tokenizing the listed documents at once."""
+    import tracemalloc
+    import numpy as np
+    from moeut.train import data
+    from moeut.train.tokenizer import train_tokenizer
+    monkeypatch.setattr(data, "TOKENIZE_BATCH_CHARS", 128 << 10)
+    peaks, sizes = [], []
+    for n_docs in (300, 1200):
+        root = tmp_path / str(n_docs)
+        root.mkdir()
+        path = _streaming_corpus(root, n_docs)
+        corpus = data.Corpus([str(path)])
+        tok = train_tokenizer((t for _, (_, t) in zip(range(40), corpus.documents())), 300)
+        tracemalloc.start()
+        scan = corpus.scan()
+        data.tokenize_corpus(corpus, scan, tok, root / "cache", progress=False)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        docs = collect_documents([str(path)])
+        sizes.append(sum(len(t) for _, t in docs))
+    assert sizes[1] > 3.5 * sizes[0] and sizes[1] > 32 * (128 << 10)
+    assert peaks[1] < 1.25 * peaks[0] + (256 << 10), (peaks, sizes)
+    assert peaks[1] < sizes[1], (peaks, sizes)   # less than the text itself would take
+    train, valid = split_documents(docs)
+    assert (scan.n_train, scan.n_valid) == (len(train), len(valid))
+    for name, texts in (("train.bin", train), ("valid.bin", valid)):
+        want = np.concatenate([np.asarray(ids, np.uint16) for ids in tok.encode_documents(texts)])
+        np.testing.assert_array_equal(np.fromfile(root / "cache" / name, dtype=np.uint16), want)
+    assert sorted(p.name for p in (root / "cache").iterdir()) == ["train.bin", "valid.bin"]
+
+
+def test_the_cache_key_follows_the_texts_and_the_held_out_fallback(tmp_path):
+    from moeut.train.data import Corpus
+    for i, text in enumerate(["first", "second", "third"]):
+        (tmp_path / f"{i}.txt").write_text(text)
+    scan = Corpus([str(tmp_path)]).scan()
+    train, valid = split_documents(collect_documents([str(tmp_path)]))
+    assert (scan.n_train, scan.n_valid) == (len(train), len(valid))
+    if scan.fallback is not None:   # no document hashed to validation: the last one is held out
+        assert valid == ["third"]
+        assert [t for v, t in Corpus([str(tmp_path)]).split(scan) if v] == ["third"]
+    key = scan.cache_key(b"tok")
+    assert key != scan.cache_key(b"other tokenizer")
+    (tmp_path / "1.txt").write_text("changed")
+    assert Corpus([str(tmp_path)]).scan().cache_key(b"tok") != key
+
+
+def test_tokenizer_samples_lines_in_bounded_memory():
+    import random
+    from moeut.train.tokenizer import sample_lines
+    few = [f"line {i}" for i in range(50)]
+    expected = list(few)
+    random.Random(3).shuffle(expected)
+    assert sample_lines(["\n".join(few)], 100, seed=3) == expected      # all lines, shuffled by the seed
+    stream = (f"doc {i}\nline {i}\n\n" for i in range(100_000))
+    got = sample_lines(stream, 1000, seed=3)
+    assert len(got) == 1000 and len(set(got)) == 1000 and all(g.startswith(("doc ", "line ")) for g in got)
+    late = sum(int(g.split()[1]) >= 50_000 for g in got)
+    assert 400 < late < 600   # a uniform sample, not the first lines
+
+
+def test_a_text_file_larger_than_a_block_is_cut_the_same_way(tmp_path, monkeypatch):
+    from moeut.train import data
+    monkeypatch.setattr(data, "TEXT_BLOCK_BYTES", 4096)
+    paras = [f"paragraph {i} " + "word " * (i % 50) + "é" * (i % 7) for i in range(400)]
+    f = tmp_path / "book.txt"
+    f.write_text("\n\n".join(paras))
+    docs = [t for _, t in collect_documents([str(f)])]
+    assert "\n\n".join(docs) == f.read_text() and len(docs) > 1
+    assert all(len(d) <= data.CHUNK_CHARS for d in docs)
