@@ -35,8 +35,8 @@ run tests_kernels 480 $TEST_ENV python3 -m pytest -q tests/gpu/test_kernels.py -
 run tests_models 480 $TEST_ENV python3 -m pytest -q tests/gpu/test_models.py -p no:cacheprovider --durations=5
 # Everything but the torch.compile tests (~160 s of the ~6 min), for a quick check after a change.
 run tests_fast 300 $TEST_ENV python3 -m pytest -q tests/gpu -p no:cacheprovider --durations=5 -k "not compile"
-run parity 50 env MOEUT_AUTOTUNE=0 python3 benchmarks/kernels.py --parity only --json "$OUT/parity.json"
-run kernels 120 python3 benchmarks/kernels.py --parity no --json "$OUT/kernels.json"
+run parity 50 env MOEUT_AUTOTUNE=0 python3 benchmarks/kernel_bench.py --parity only --json "$OUT/parity.json"
+run kernels 120 python3 benchmarks/kernel_bench.py --parity no --json "$OUT/kernels.json"
 run attention 60 python3 benchmarks/attention_block.py --kernels 25 --json "$OUT/attention_block.json"
 run train 130 python3 benchmarks/train_throughput.py --steps 6 \
   --models moeut-244M:16,dense-244M:16,llama-244M:16,moeut-1B:8,dense-1B:8,moeut-44M:32,dense-44M:32 --json "$OUT/train.json"

@@ -1,4 +1,4 @@
-"""The GPU benchmark `benchmarks/kernels.py` can only run on a GPU; what it computes from its rows can be
+"""The GPU benchmark `benchmarks/kernel_bench.py` can only run on a GPU; what it computes from its rows can be
 checked here: every pass its whole-FFN roofline sums is a row the script produces, and the sum is right.
 Also the other benchmark scripts' CPU-side logic (profile_step.py's tables, plot_throughput.py's lines)."""
 import json
@@ -11,11 +11,11 @@ from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
-import kernels  # noqa: E402
+import kernel_bench as kernels  # noqa: E402
 
 
 def test_roofline_passes_are_rows_of_time_shape():
-    source = (BENCHMARKS / "kernels.py").read_text()
+    source = (BENCHMARKS / "kernel_bench.py").read_text()
     labels = set(re.findall(r'add\(f?"([^"]+)"', source)) | set(re.findall(r'\("(top-k sum, [^"]+)"', source))
     missing = [p for p in kernels.FFN_FWD_PASSES + kernels.FFN_BWD_PASSES if p not in labels]
     assert not missing, missing
