@@ -216,6 +216,8 @@ def write_figures(res: Dict[str, Any], out: Path, other: Optional[Dict[str, Any]
     ax[0].set(title="Residual stream norm entering each layer", xlabel="layer application", ylabel="mean ‖x‖")
     ax[1].set(title="Update size relative to the residual", xlabel="layer application", ylabel="mean ‖Δx‖ / ‖x‖")
     ax[0].legend(frameon=False)
+    for a in ax:
+        a.xaxis.set_major_locator(plt.MaxNLocator(integer=True))   # applications are whole numbers
     save(fig, "residual.png")
     if "ffn_usage" not in res:
         return written
