@@ -54,7 +54,7 @@ NON_NEGATIVE = _int_range(0)
 
 # Flags that may accompany --resume; every other training flag would change the run, and is refused.
 RESUME_FLAGS = {"resume", "no_progress", "cuda_graph", "data", "cache_dir", "strict_data", "stop_after", "debug",
-                "device", "text_field", "steps"}
+                "device", "text_field", "steps", "parallel"}
 
 
 def _add_train(sub):
@@ -118,6 +118,11 @@ def _add_train(sub):
                         "eager. With --resume: switch it")
     p.add_argument("--activation-checkpointing", action="store_true", default=None,
                    help="recompute activations in backward")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), default=None,
+                   help="how several processes (torchrun) share the work: ddp (default; every process holds the "
+                        "whole model, its gradients and AdamW state) or fsdp (FSDP2: all three sharded over the "
+                        "processes, for models that do not fit one GPU that way; eager steps). Checkpoints are the "
+                        "same either way. With --resume: switch it, or change the number of processes")
     p.add_argument("--deterministic", action="store_true", default=None,
                    help="bitwise-reproducible GPU training (slower attention)")
     p.add_argument("--cache-dir", default=None, help="tokenized data cache (default ~/.cache/moeut)")
@@ -162,6 +167,8 @@ def cmd_train(args) -> int:
             cfg.device = args.device
         if args.cuda_graph is not None:
             cfg.cuda_graph = "on" if args.cuda_graph else "off"
+        if args.parallel is not None:
+            cfg.parallel = args.parallel
         run = lambda: train(cfg, resume=True, user_data=args.data)   # noqa: E731
     else:
         if args.tokenizer and args.tokenizer not in ("code", "paper") and args.vocab_size:
@@ -184,7 +191,8 @@ def cmd_train(args) -> int:
     if "val_ppl" in result:
         print(f"\nrun: {result['run_dir']}")
         print(f"validation perplexity: {result['val_ppl']:.2f}   (unigram model of the same data: {result['unigram_ppl']:.2f})")
-        print(f"greedy sample (KV cache):\n{result['sample']}")
+        if result.get("sample") is not None:
+            print(f"greedy sample (KV cache):\n{result['sample']}")
     return 0
 
 

@@ -44,6 +44,7 @@ TRAINING_JSON_FILE = "training.json"
 MANIFEST_FILE = "manifest.json"
 CHECKPOINT_FILES = (MODEL_FILE, TRAINING_TENSORS_FILE, TRAINING_JSON_FILE)
 TRAINING_KEYS = ("optimizer", "scheduler", "rng", "data_position", "config")
+OPTIONAL_TRAINING_KEYS = ("optimizer_keys",)   # "names" (FSDP runs) or "positions"; absent: positions
 
 _NAME = re.compile(r"^step_(\d{8,})$")
 _LEGACY_NAME = re.compile(r"^step_(\d{8,})\.pt$")
@@ -222,7 +223,8 @@ def save_checkpoint(run_dir: Path, step: int, model_state: Dict[str, torch.Tenso
         tmp.mkdir()
         _save_safetensors(model_state, tmp / MODEL_FILE)
         tensors: Dict[str, torch.Tensor] = {}
-        tree = encode_tree({"step": step, **{k: training[k] for k in TRAINING_KEYS}}, tensors)
+        tree = encode_tree({"step": step, **{k: training[k] for k in TRAINING_KEYS + OPTIONAL_TRAINING_KEYS
+                                              if k in training}}, tensors)
         _save_safetensors(tensors, tmp / TRAINING_TENSORS_FILE)
         (tmp / TRAINING_JSON_FILE).write_text(json.dumps(tree))
         files = {}

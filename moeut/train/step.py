@@ -42,6 +42,8 @@ def forward_backward(fwd, batch_AMT: Tensor, amp: torch.dtype, cast_cache: bool 
     for m in range(accum):
         x = batch_AMT[m]
         sync_ctx = fwd.no_sync() if (world > 1 and m < accum - 1 and hasattr(fwd, "no_sync")) else nullcontext()
+        if hasattr(fwd, "set_requires_gradient_sync"):   # FSDP2: reduce-scatter after the last micro-batch only
+            fwd.set_requires_gradient_sync(m == accum - 1)
         with sync_ctx:
             with torch.autocast(device.type, amp, enabled=amp != torch.float32, cache_enabled=cast_cache):
                 out = fwd(x[:, :-1])
@@ -57,6 +59,8 @@ def clip_and_step(model, opt, clip: float) -> Tensor:
     """Clip the gradient norm (none when clip <= 0) and take the optimizer step; returns the norm
     before clipping."""
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+    if hasattr(gnorm, "full_tensor"):   # FSDP2: a DTensor over the process group's shards
+        gnorm = gnorm.full_tensor()
     opt.step()
     return gnorm
 

@@ -1,4 +1,4 @@
-"""`moeut train`: the paper's training recipe on one CPU, one GPU or many (DDP).
+"""`moeut train`: the paper's training recipe on one CPU, one GPU or many (DDP, or FSDP2: `fsdp`).
 
 AdamW (lr 2.5e-4, betas 0.9/0.999, weight decay 0.01), linear warmup then cosine decay to 10% of
 the peak, gradient clipping, batch 64 x 1024, bf16 autocast on GPU, reg_loss added to the loss.
@@ -39,6 +39,8 @@ from moeut.train.data import CACHE_FORMAT, Batches, Corpus, eval_windows, tokeni
 from moeut.evaluate import windows_perplexity
 from moeut.train.run_dir import RunLock, check_existing_run_dir, check_new_run_dir, read_run_json, truncate_metrics
 from moeut.runs import build_model, check_memory, model_kwargs, model_kwargs_of_run
+from moeut.train.fsdp import (full_model_state, full_optimizer_state, load_optimizer_state, optimizer_state_by_name,
+                              optimizer_state_by_position, parameter_names_in_group_order, shard_model)
 from moeut.train.step import FlatGradientStep, GraphedTrainStep, collect_router_logits, step_body
 from moeut.train.tokenizer import KINDS, Tokenizer, save_tokenizer, train_paper_tokenizer, train_tokenizer
 
@@ -72,6 +74,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     compile: bool = False                # torch.compile the model
     cuda_graph: str = "auto"             # replay steps from CUDA graphs: auto (whenever it applies) | on | off
+    parallel: str = "ddp"                # several processes: ddp (a full copy each) | fsdp (sharded, `fsdp`)
     activation_checkpointing: bool = False
     deterministic: bool = False          # PyTorch deterministic algorithms (bitwise reproducible on GPU)
     cache_dir: str = ""                  # tokenized-data cache (default ~/.cache/moeut)
@@ -157,6 +160,13 @@ def validate_config(cfg: TrainConfig, world: int = 1) -> None:
         raise ValueError(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
     if cfg.cuda_graph not in ("auto", "on", "off"):
         raise ValueError(f"--cuda-graph must be auto, on or off, got {cfg.cuda_graph!r}")
+    if cfg.parallel not in ("ddp", "fsdp"):
+        raise ValueError(f"--parallel must be ddp or fsdp, got {cfg.parallel!r}")
+    if cfg.parallel == "fsdp" and cfg.compile is True:
+        raise ValueError("--compile is not combined with --parallel fsdp (the FSDP step runs eagerly)")
+    if cfg.parallel == "fsdp" and cfg.sample_tokens:
+        raise ValueError("--sample-tokens needs the whole model in one process: not with --parallel fsdp "
+                         "(sample the run with moeut generate)")
     for name in ("compile", "activation_checkpointing", "deterministic", "strict_data", "tensorboard", "progress"):
         if not isinstance(getattr(cfg, name), bool):
             raise ValueError(f"{flag(name)} must be true or false, got {getattr(cfg, name)!r}")
@@ -188,9 +198,10 @@ def lr_lambda(cfg: TrainConfig):
 # Distributed helpers: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK.
 # ------------------------------------------------------------------------------------------------
 
-def setup_distributed(want: str = "auto"):
+def setup_distributed(want: str = "auto", group_of_one: bool = False):
     """(rank, world size, device): `want` is auto (a GPU when there is one), cpu, cuda or cuda:N;
-    under torchrun each process takes the GPU of its LOCAL_RANK unless an index is given."""
+    under torchrun each process takes the GPU of its LOCAL_RANK unless an index is given.
+    `group_of_one`: a one-process group even without torchrun (FSDP2 shards over a process group)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -205,6 +216,9 @@ def setup_distributed(want: str = "auto"):
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    elif group_of_one and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
     return rank, world, device
 
 
@@ -543,7 +557,7 @@ def train(cfg: TrainConfig, resume: bool = False, user_data: Optional[List[str]]
     `user_data`: --data given with --resume (used only if the run's tokenized data are not cached)."""
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
-    rank, world, device = setup_distributed(cfg.device)
+    rank, world, device = setup_distributed(cfg.device, group_of_one=cfg.parallel == "fsdp")
     say = (lambda m: print(m, flush=True)) if rank == 0 else (lambda m: None)
     check_types(cfg)
     cfg = resolve_defaults(cfg, device.type == "cuda")
@@ -560,7 +574,9 @@ def train(cfg: TrainConfig, resume: bool = False, user_data: Optional[List[str]]
     else:
         mode = "eager (" + ("--no-cuda-graph" if cfg.cuda_graph == "off" else "CUDA graphs need " +
                             "; ".join(graph_blockers)) + ")"
-    if world > 1:
+    if cfg.parallel == "fsdp":
+        mode += f", FSDP2 over {world} process{'es' if world > 1 else ''} (parameters, gradients and AdamW state sharded)"
+    elif world > 1:
         mode += f", {world} processes averaging one flat gradient buffer per step"
     say(f"step mode: {mode}")
 
@@ -601,7 +617,8 @@ def step_graph_blockers(cfg: TrainConfig, device) -> List[str]:
     reasons = {"a CUDA device (this is CPU)": device.type != "cuda",
                "no --compile (torch.compile makes its own graphs)": cfg.compile,
                "no --activation-checkpointing (its recomputation runs outside the captured forward)":
-                   cfg.activation_checkpointing}
+                   cfg.activation_checkpointing,
+               "no --parallel fsdp (its gathers and reduce-scatters run eagerly)": cfg.parallel == "fsdp"}
     return [need for need, blocked in reasons.items() if blocked]
 
 
@@ -621,38 +638,52 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
     backbone = getattr(model, "transformer", model)
     backbone.activation_checkpointing = cfg.activation_checkpointing
     graphed_steps = cfg.cuda_graph != "off" and not step_graph_blockers(cfg, device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999),
-                            fused=device.type == "cuda", capturable=graphed_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    say(startup_summary(cfg, model, len(train_tokens), len(valid_tokens), device, world))
-    start_step = 0
+    amp = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    fsdp = cfg.parallel == "fsdp"
+    training = None
     if resume_from is not None:
         model_state = ckpt_lib.load_model_state(resume_from, verified=rank == 0)
         ckpt_lib.check_finite(model_state, str(resume_from))
         training = ckpt_lib.load_training_state(resume_from, verified=rank == 0)
         try:
             model.load_state_dict(model_state)
-            opt.load_state_dict(training["optimizer"])
-            sched.load_state_dict(training["scheduler"])
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise ckpt_lib.CheckpointError(f"checkpoint {resume_from} does not fit this run: {str(e)[:300]}") from None
+        del model_state
+    if fsdp:
+        shard_model(model, amp)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999),
+                            fused=device.type == "cuda" and not fsdp, capturable=graphed_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    names = parameter_names_in_group_order(model, opt)
+    say(startup_summary(cfg, model, len(train_tokens), len(valid_tokens), device, world))
+    start_step = 0
+    if training is not None:
+        saved, by_name = training["optimizer"], training.get("optimizer_keys") == "names"
+        try:
+            if fsdp:
+                load_optimizer_state(model, opt, saved if by_name else optimizer_state_by_name(saved, names))
+            else:
+                opt.load_state_dict(optimizer_state_by_position(saved, names) if by_name else saved)
+            sched.load_state_dict(training["scheduler"])
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
             raise ckpt_lib.CheckpointError(f"checkpoint {resume_from} does not fit this run: {str(e)[:300]}") from None
         for g in opt.param_groups:   # a saved run may have used the other step mode
             g["capturable"] = graphed_steps
         rng = training["rng"]
-        _set_rng_state(rng[rank] if isinstance(rng, list) else rng, str(resume_from))
+        _set_rng_state(rng[rank % len(rng)] if isinstance(rng, list) else rng, str(resume_from))
         start_step = int(training["step"])
         say(f"resumed {run_dir} from {resume_from.name} at step {start_step}")
         if start_step >= cfg.steps:
             say(f"the run is complete ({start_step} of {cfg.steps} steps): nothing to train")
 
     fwd = torch.compile(model) if cfg.compile else model
-    amp = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     # Several processes average one flat gradient buffer with one all-reduce per step (train_step).
     graphed = GraphedTrainStep(fwd, model, opt, amp, cfg.clip, flat_gradients=world > 1) if graphed_steps else None
-    flat_step = FlatGradientStep(fwd, model, opt, amp, cfg.clip) if world > 1 and graphed is None else None
+    flat_step = FlatGradientStep(fwd, model, opt, amp, cfg.clip) if world > 1 and graphed is None and not fsdp else None
     batches = Batches(train_tokens, cfg.context, cfg.batch_size, cfg.seed)
     has_router = hasattr(backbone, "collect_router_logits")  # MoEUT; the dense baseline has none
     k_ffn = getattr(getattr(getattr(backbone, "layers", [None])[0], "ffn", None), "n_heads", 0) if has_router else 0
@@ -676,11 +707,18 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
                         writer.add_scalar(k, v, rec["step"])
 
     def save(step, loss):
+        if fsdp:   # every rank takes part in gathering the shards; rank 0 writes
+            model_state, opt_state = full_model_state(model), full_optimizer_state(model, opt)
+        elif rank != 0:
+            return
+        else:
+            model_state, opt_state = model.state_dict(), opt.state_dict()
         if rank != 0:
             return
-        training = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
+        training = {"optimizer": opt_state, "optimizer_keys": "names" if fsdp else "positions",
+                    "scheduler": sched.state_dict(), "rng": _rng_state(),
                     "data_position": step * cfg.batch_size, "config": asdict(cfg)}
-        ckpt_lib.save_checkpoint(run_dir, step, model.state_dict(), training, keep=cfg.keep_checkpoints,
+        ckpt_lib.save_checkpoint(run_dir, step, model_state, training, keep=cfg.keep_checkpoints,
                                  loss=float(loss.item()))
 
     stop = _StopFlag()
@@ -743,7 +781,12 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
                 t_last, steps_since = time.time(), 0
             bar.update(1)
             if step % cfg.eval_interval == 0 or step == cfg.steps:
-                if rank == 0:
+                if fsdp:   # every rank runs the sharded model in step; rank 0 reports
+                    ppl = validation_perplexity(model, valid_tokens, cfg.context, cfg.eval_windows, amp == torch.bfloat16)
+                if rank == 0 and fsdp:
+                    log({"step": step, "val_ppl": round(ppl, 4)})
+                    bar.write(f"step {step}: validation perplexity {ppl:.2f}")
+                elif rank == 0:
                     ppl = validation_perplexity(model, valid_tokens, cfg.context, cfg.eval_windows, amp == torch.bfloat16)
                     log({"step": step, "val_ppl": round(ppl, 4)})
                     bar.write(f"step {step}: validation perplexity {ppl:.2f}")
@@ -782,9 +825,11 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
         if has_router:
             backbone.collect_router_logits = False
     result = {"stopped": False, "step": step, "run_dir": str(run_dir)}
+    if fsdp:   # expert statistics and samples need the whole model in one process: `moeut generate` the run
+        ppl = validation_perplexity(model, valid_tokens, cfg.context, cfg.eval_windows, cfg.precision == "bf16")
     if rank == 0:
-        result["val_ppl"] = validation_perplexity(model, valid_tokens, cfg.context, cfg.eval_windows,
-                                                    cfg.precision == "bf16")
+        result["val_ppl"] = ppl if fsdp else validation_perplexity(model, valid_tokens, cfg.context,
+                                                                     cfg.eval_windows, cfg.precision == "bf16")
         result["unigram_ppl"] = unigram_perplexity(train_tokens, valid_tokens, tok.vocab_size)
-        result["sample"] = sample_text(model, tok, cfg.sample_prompt, 60)
+        result["sample"] = None if fsdp else sample_text(model, tok, cfg.sample_prompt, 60)
     return result

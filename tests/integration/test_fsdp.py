@@ -1,0 +1,132 @@
+"""`moeut train --parallel fsdp` (FSDP2 over CPU processes, gloo): the same training as one process and
+as DDP for the same global batch; checkpoints that resume on another number of processes and in the
+other mode, continuing the data from the same global position; SIGTERM and resume."""
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeut.cli import main
+from moeut.runs import load_run
+from moeut.train import checkpoint as ckpt_lib
+
+from .conftest import PY, train_args
+from .test_train import assert_same_training, losses
+
+pytestmark = pytest.mark.slow
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+
+
+def _port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def torchrun(n: int, args, timeout: int = 600, **popen):
+    cmd = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={_port()}", "-m", "moeut",
+           *args]
+    if popen:
+        return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def test_fsdp_trains_as_one_process_and_as_ddp(corpus, tmp_path):
+    """Three AdamW steps with micro-batches (the reduce-scatter after the last one only): the weights
+    and losses of FSDP over 2 processes, DDP over 2 and one process agree to float tolerance."""
+    cache = tmp_path / "cache"
+    args = lambda out, *extra: train_args(corpus, out, cache, steps=3, extra=["--micro-batch-size", "1", *extra])  # noqa: E731
+    assert main(args(tmp_path / "single")) == 0
+    torchrun(2, args(tmp_path / "fsdp", "--parallel", "fsdp"))
+    torchrun(2, args(tmp_path / "ddp"))
+    single = load_run(tmp_path / "single")[0].state_dict()
+    for other in ("fsdp", "ddp"):
+        assert_same_training(load_run(tmp_path / other)[0].state_dict(), single, rtol=1e-4, atol=1e-5)
+        ls, lo = losses(tmp_path / "single"), losses(tmp_path / other)
+        assert ls.keys() == lo.keys() and all(abs(ls[s] - lo[s]) < 1e-4 for s in ls)
+
+
+def _training_state(run: Path):
+    return ckpt_lib.load_training_state(ckpt_lib.list_checkpoints(run)[-1])
+
+
+def test_saved_with_4_processes_resumes_with_2_and_with_1(corpus, tmp_path):
+    """An FSDP checkpoint is the one-process format (optimizer state keyed by parameter name): resumed
+    by FSDP on 2 processes, or by one plain process, it continues the run from the same global data
+    position, and both continuations agree with each other."""
+    cache = tmp_path / "cache"
+    run4 = tmp_path / "run4"
+    torchrun(4, train_args(corpus, run4, cache, steps=3, extra=["--parallel", "fsdp"]))
+    state = _training_state(run4)
+    assert state["optimizer_keys"] == "names" and state["step"] == 3 and state["data_position"] == 3 * 4
+    assert all(isinstance(k, str) for k in state["optimizer"]["state"])
+    for name, how in (("two", "fsdp2"), ("one", "single")):
+        copy = tmp_path / name
+        subprocess.run(["cp", "-r", str(run4), str(copy)], check=True)
+        resume = ["train", "--resume", str(copy), "--steps", "5", "--cache-dir", str(cache), "--no-progress"]
+        if how == "fsdp2":
+            torchrun(2, resume + ["--parallel", "fsdp"])
+        else:
+            assert main(resume + ["--parallel", "ddp"]) == 0
+        assert sorted(losses(copy)) == [1, 2, 3, 4, 5]
+    assert_same_training(load_run(tmp_path / "two")[0].state_dict(), load_run(tmp_path / "one")[0].state_dict(),
+                         rtol=1e-4, atol=1e-5, steps=2)
+    lt, lo = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert all(abs(lt[s] - lo[s]) < 1e-4 for s in (4, 5))
+
+
+def test_a_one_process_checkpoint_resumes_under_fsdp(corpus, tmp_path):
+    """Positions to names: a run started in one process continues under FSDP on 2 processes exactly as
+    it continues in one process."""
+    cache = tmp_path / "cache"
+    base = tmp_path / "base"
+    assert main(train_args(corpus, base, cache, steps=3)) == 0
+    for name in ("plain", "sharded"):
+        subprocess.run(["cp", "-r", str(base), str(tmp_path / name)], check=True)
+    resume = lambda run: ["train", "--resume", str(run), "--steps", "5", "--cache-dir", str(cache), "--no-progress"]  # noqa: E731
+    assert main(resume(tmp_path / "plain")) == 0
+    torchrun(2, resume(tmp_path / "sharded") + ["--parallel", "fsdp"])
+    assert_same_training(load_run(tmp_path / "sharded")[0].state_dict(), load_run(tmp_path / "plain")[0].state_dict(),
+                         rtol=1e-4, atol=1e-5, steps=2)
+
+
+def test_sigterm_under_fsdp_checkpoints_and_resumes_to_the_same_losses(corpus, tmp_path):
+    cache = tmp_path / "cache"
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    args = lambda out: train_args(corpus, out, cache, steps=8, extra=["--parallel", "fsdp", "--ckpt-interval", "100"])  # noqa: E731
+    torchrun(2, args(ref))
+    proc = torchrun(2, args(run), popen=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)   # torchrun forwards it to both workers
+    out, _ = proc.communicate(timeout=300)
+    assert "stopped by signal at step" in out, out[-3000:]
+    stopped = int(out.split("stopped by signal at step ")[1].split(";")[0])
+    assert stopped < 8 and (run / "checkpoints" / f"step_{stopped:08d}").is_dir()
+    torchrun(2, ["train", "--resume", str(run), "--cache-dir", str(cache), "--no-progress"])
+    lr, lo = losses(ref), losses(run)
+    assert sorted(lo) == sorted(lr)
+    assert all(abs(lr[s] - lo[s]) < 1e-5 for s in lr), (lr, lo)
+
+
+def test_fsdp_refusals_are_named(corpus, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert main(train_args(corpus, tmp_path / "a", cache, extra=["--parallel", "fsdp", "--compile"])) == 2
+    assert "--compile is not combined with --parallel fsdp" in capsys.readouterr().err
+    assert main(train_args(corpus, tmp_path / "b", cache, extra=["--parallel", "fsdp", "--sample-tokens", "5"])) == 2
+    assert "--sample-tokens" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    if not torch.cuda.is_available():
+        assert main(train_args(corpus, tmp_path / "c", cache, steps=1, extra=["--parallel", "fsdp"])) == 0
+        assert "FSDP2 over 1 process" in capsys.readouterr().out
