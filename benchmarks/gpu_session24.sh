@@ -6,15 +6,15 @@ set -u
 export PYTHONUNBUFFERED=1 MOEUT_AUTOTUNE=0
 S=$OUT/s; mkdir -p "$S"; D=.gpuassets/english
 { date -u; nvidia-smi -L; git log --oneline -1; python3 -c 'import torch,triton;print(torch.__version__,triton.__version__)'; } > "$S/env.txt" 2>&1
-timeout 50 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernels.py -k aligned > "$S/aligned.txt" 2>&1; echo "rc=$?" >> "$S/aligned.txt"
+timeout 45 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernels.py -k aligned > "$S/aligned.txt" 2>&1; echo "rc=$?" >> "$S/aligned.txt"
 tail -2 "$S/aligned.txt"
-timeout 400 python3 benchmarks/seeded_comparison.py --data $D/python-docs.jsonl.gz,$D/linux-docs.jsonl.gz \
-  --tokenizer .gpuassets/english_paper.model --models moeut-44M,dense-44M --seeds 0,1,2 --steps 250 --batch-size 32 \
+timeout 340 python3 benchmarks/seeded_comparison.py --data $D/python-docs.jsonl.gz,$D/linux-docs.jsonl.gz \
+  --tokenizer .gpuassets/english_paper.model --models moeut-44M,dense-44M --seeds 0,1,2 --steps 200 --batch-size 32 \
   --eval-data .gpuassets/eval --eval-limit 300 --out /tmp/runs --json "$S/seeded.json" 2>&1 | tr '\r' '\n' \
   | grep -v "batch/s" > "$S/seeded_log.txt"; echo "rc=${PIPESTATUS[0]}" >> "$S/seeded_log.txt"
 grep "^{\|rc=\|Error" "$S/seeded_log.txt" | cut -c1-300 | tail -8
-timeout 50 python3 benchmarks/logging_cost.py --models moeut-44M,moeut-244M > "$S/logging_cost.txt" 2>&1; echo "rc=$?" >> "$S/logging_cost.txt"
+timeout 45 python3 benchmarks/logging_cost.py --models moeut-44M,moeut-244M > "$S/logging_cost.txt" 2>&1; echo "rc=$?" >> "$S/logging_cost.txt"
 grep -v Warn "$S/logging_cost.txt" | tail -5
-timeout 85 python3 benchmarks/fsdp_check.py --model moeut-1B --data $D/python-docs.jsonl.gz \
+timeout 75 python3 benchmarks/fsdp_check.py --model moeut-1B --data $D/python-docs.jsonl.gz \
   --tokenizer .gpuassets/english_paper.model --steps 8 --batch-size 8 > "$S/fsdp_check.txt" 2>&1; echo "rc=$?" >> "$S/fsdp_check.txt"
 grep -v "Warn\|warn" "$S/fsdp_check.txt" | tail -14
