@@ -781,15 +781,12 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
                 t_last, steps_since = time.time(), 0
             bar.update(1)
             if step % cfg.eval_interval == 0 or step == cfg.steps:
-                if fsdp:   # every rank runs the sharded model in step; rank 0 reports
+                if rank == 0 or fsdp:   # a sharded model runs on every rank in step; rank 0 reports
                     ppl = validation_perplexity(model, valid_tokens, cfg.context, cfg.eval_windows, amp == torch.bfloat16)
-                if rank == 0 and fsdp:
+                if rank == 0:
                     log({"step": step, "val_ppl": round(ppl, 4)})
                     bar.write(f"step {step}: validation perplexity {ppl:.2f}")
-                elif rank == 0:
-                    ppl = validation_perplexity(model, valid_tokens, cfg.context, cfg.eval_windows, amp == torch.bfloat16)
-                    log({"step": step, "val_ppl": round(ppl, 4)})
-                    bar.write(f"step {step}: validation perplexity {ppl:.2f}")
+                if rank == 0 and not fsdp:   # statistics and samples need the whole model in one process
                     stats = expert_statistics(model, valid_tokens, cfg.context, amp)
                     image = stats.pop("ffn_usage_image", None)
                     log({"step": step, **{k: round(v, 5) for k, v in stats.items()}})
@@ -825,11 +822,10 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
         if has_router:
             backbone.collect_router_logits = False
     result = {"stopped": False, "step": step, "run_dir": str(run_dir)}
-    if fsdp:   # expert statistics and samples need the whole model in one process: `moeut generate` the run
+    if rank == 0 or fsdp:
         ppl = validation_perplexity(model, valid_tokens, cfg.context, cfg.eval_windows, cfg.precision == "bf16")
     if rank == 0:
-        result["val_ppl"] = ppl if fsdp else validation_perplexity(model, valid_tokens, cfg.context,
-                                                                     cfg.eval_windows, cfg.precision == "bf16")
+        result["val_ppl"] = ppl
         result["unigram_ppl"] = unigram_perplexity(train_tokens, valid_tokens, tok.vocab_size)
         result["sample"] = None if fsdp else sample_text(model, tok, cfg.sample_prompt, 60)
     return result

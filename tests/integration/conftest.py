@@ -27,3 +27,14 @@ def train_args(corpus: Path, out: Path, cache: Path, steps: int = 8, extra=()):
 
 
 PY = sys.executable
+
+
+def wait_for_logged_steps(run: Path, n: int, proc, timeout: float) -> None:
+    """Poll `run`/metrics.jsonl until it holds `n` loss records (or `proc` ends, or `timeout` passes)."""
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.1)

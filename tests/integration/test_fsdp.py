@@ -5,7 +5,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from moeut.cli import main
 from moeut.runs import load_run
 from moeut.train import checkpoint as ckpt_lib
 
-from .conftest import PY, train_args
+from .conftest import PY, train_args, wait_for_logged_steps
 from .test_train import assert_same_training, losses
 
 pytestmark = pytest.mark.slow
@@ -105,12 +104,7 @@ def test_sigterm_under_fsdp_checkpoints_and_resumes_to_the_same_losses(corpus, t
     args = lambda out: train_args(corpus, out, cache, steps=8, extra=["--parallel", "fsdp", "--ckpt-interval", "100"])  # noqa: E731
     torchrun(2, args(ref))
     proc = torchrun(2, args(run), popen=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        metrics = run / "metrics.jsonl"
-        if metrics.is_file() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.1)
+    wait_for_logged_steps(run, 3, proc, timeout=300)
     proc.send_signal(signal.SIGTERM)   # torchrun forwards it to both workers
     out, _ = proc.communicate(timeout=300)
     assert "stopped by signal at step" in out, out[-3000:]

@@ -5,14 +5,13 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from moeut.cli import main
 
-from .conftest import PY, train_args
+from .conftest import PY, train_args, wait_for_logged_steps
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
@@ -23,12 +22,7 @@ def test_ctrl_c_while_training_checkpoints_and_the_run_resumes(corpus, tmp_path)
     args = train_args(corpus, run, cache, steps=100_000)
     proc = subprocess.Popen([PY, "-m", "moeut", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=ENV)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        metrics = run / "metrics.jsonl"
-        if metrics.is_file() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.2)
+    wait_for_logged_steps(run, 2, proc, timeout=120)
     assert proc.poll() is None, proc.stdout.read()
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
