@@ -32,12 +32,14 @@ def run_all(args) -> dict:
             run_dir = out / f"{name}-seed{seed}"
             cfg = TrainConfig(model=name, out=str(run_dir), data=args.data.split(","), tokenizer=args.tokenizer,
                               steps=args.steps, batch_size=args.batch_size, context=args.context, seed=seed,
-                              eval_interval=10 ** 9, ckpt_interval=10 ** 9, eval_windows=args.eval_windows,
+                              eval_interval=max(1, args.steps // args.budgets), ckpt_interval=10 ** 9,
+                              eval_windows=args.eval_windows,
                               cache_dir=str(out / "cache"), tensorboard=False, progress=False)
             t0 = time.perf_counter()
             result = train(cfg)
             row = dict(model=name, seed=seed, steps=args.steps, tokens=args.steps * args.batch_size * args.context,
-                       val_ppl=result.get("val_ppl"), train_s=round(time.perf_counter() - t0, 1))
+                       val_ppl=result.get("val_ppl"), train_s=round(time.perf_counter() - t0, 1),
+                       val_ppl_by_step=_val_by_step(run_dir / "metrics.jsonl"))
             if args.eval_data:
                 model, tok, _ = load_run(run_dir, "cuda" if _cuda() else "cpu")
                 scores = run_eval(model, tok, list(TASKS), args.eval_data, [], args.eval_limit or None, 32,
@@ -51,6 +53,15 @@ def run_all(args) -> dict:
     return summarise(rows)
 
 
+def _val_by_step(metrics: Path) -> dict:
+    out = {}
+    for line in metrics.read_text().splitlines():
+        rec = json.loads(line)
+        if "val_ppl" in rec:
+            out[str(rec["step"])] = rec["val_ppl"]
+    return out
+
+
 def _cuda() -> bool:
     import torch
     return torch.cuda.is_available()
@@ -62,6 +73,14 @@ def summarise(rows) -> dict:
         ppl = [r["val_ppl"] for r in rows if r["model"] == name and r["val_ppl"] is not None]
         out[name] = dict(runs=len(ppl), val_ppl_mean=statistics.mean(ppl) if ppl else None,
                          val_ppl_std=statistics.stdev(ppl) if len(ppl) > 1 else None)
+        by_step = {}
+        for r in rows:
+            if r["model"] == name:
+                for step, v in r.get("val_ppl_by_step", {}).items():
+                    by_step.setdefault(step, []).append(v)
+        out[name]["by_step"] = {s: dict(runs=len(v), mean=statistics.mean(v),
+                                        std=statistics.stdev(v) if len(v) > 1 else None)
+                                for s, v in sorted(by_step.items(), key=lambda kv: int(kv[0]))}
     return out
 
 
@@ -98,6 +117,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--budgets", type=int, default=3, help="validate this many times, evenly spaced")
     ap.add_argument("--eval-data", help="zero-shot data directory (skipped when absent)")
     ap.add_argument("--eval-limit", type=int, default=500)
     ap.add_argument("--out", default="runs/seeded")
