@@ -95,8 +95,10 @@ def usage_stats(ids_NK: Tensor, n_experts: int) -> Dict[str, Any]:
 
 def overlap(ids_a_NK: Tensor, ids_b_NK: Tensor, n_experts: int) -> float:
     """Mean over tokens of |A ∩ B| / |A ∪ B| of the two expert sets a token gets."""
-    a = torch.zeros(ids_a_NK.shape[0], n_experts, dtype=torch.bool).scatter_(1, ids_a_NK, True)
-    b = torch.zeros(ids_b_NK.shape[0], n_experts, dtype=torch.bool).scatter_(1, ids_b_NK, True)
+    def as_mask(ids_NK: Tensor) -> Tensor:
+        mask = torch.zeros(ids_NK.shape[0], n_experts, dtype=torch.bool, device=ids_NK.device)
+        return mask.scatter_(1, ids_NK, True)
+    a, b = as_mask(ids_a_NK), as_mask(ids_b_NK)
     inter = (a & b).sum(1).double()
     union = (a | b).sum(1).double()
     return float((inter / union.clamp(min=1)).mean())
@@ -108,7 +110,8 @@ def diversity(tokens_N: Tensor, ids_NK: Tensor, n_experts: int) -> Dict[int, Dic
     counts = torch.bincount(inverse, minlength=len(tokens))
     pairs = torch.unique(inverse[:, None] * n_experts + ids_NK)      # each (token type, expert) once
     distinct = torch.bincount(pairs // n_experts, minlength=len(tokens))
-    return {int(t): {"count": int(c), "distinct": int(d)} for t, c, d in zip(tokens, counts, distinct)}
+    return {t: {"count": c, "distinct": d}
+            for t, c, d in zip(tokens.tolist(), counts.tolist(), distinct.tolist())}
 
 
 def analyze(model: torch.nn.Module, tokens_BT: Tensor) -> Dict[str, Any]:

@@ -34,6 +34,19 @@ def test_cuda_model_matches_cpu(att_n_experts):
         assert rel(q.grad.cpu(), p.grad) < 1e-4, n
 
 
+def test_analysis_on_cuda_equals_cpu():
+    """The trainer's expert statistics run on the model's device: the same numbers as on the CPU."""
+    from moeut.analyze import analyze
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cpu = moeut.MoEUTLM(300, **profiles.MoEUT_tiny).eval()
+    x = torch.randint(0, 300, (2, 40))
+    want, got = analyze(cpu, x), analyze(copy.deepcopy(cpu).cuda(), x.cuda())
+    assert got["overlap"] == pytest.approx(want["overlap"], abs=1e-6)
+    assert got["diversity"] == want["diversity"]
+    assert [u["entropy"] for u in got["ffn_usage"]] == pytest.approx([u["entropy"] for u in want["ffn_usage"]], abs=1e-5)
+
+
 @pytest.mark.parametrize("B", [1, 32])
 def test_inference_projection_matches_gradient_path(B):
     """No-grad SwitchHead (one Q/K/selector matmul, one RoPE launch, the router reading strided head
