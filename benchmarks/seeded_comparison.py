@@ -85,24 +85,36 @@ def summarise(rows) -> dict:
 
 
 def plot(json_path: Path, png: Path) -> None:
+    """Left: validation perplexity against training tokens (mean ± std over seeds at each budget).
+    Right: the final perplexity of every seed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     data = json.loads(json_path.read_text())
-    models = list(data["summary"])
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for i, name in enumerate(models):
-        ppl = [r["val_ppl"] for r in data["runs"] if r["model"] == name]
-        ax.scatter([i] * len(ppl), ppl, color="0.4", zorder=3, s=14, label="one seed" if i == 0 else None)
-        s = data["summary"][name]
-        ax.errorbar([i], [s["val_ppl_mean"]], yerr=[s["val_ppl_std"] or 0], fmt="o", color="C0", capsize=6,
-                    markersize=8, label="mean ± std" if i == 0 else None)
-    ax.set_xticks(range(len(models)), models)
-    ax.set_xlim(-0.6, len(models) - 0.4)
-    ax.set_ylabel("validation perplexity")
     cfg = data["config"]
-    ax.set_title(f"{cfg['steps']} steps × {cfg['batch_size']}×{cfg['context']} tokens, seeds {cfg['seeds']}")
-    ax.legend(frameon=False)
+    tokens_per_step = cfg["batch_size"] * cfg["context"]
+    models = list(data["summary"])
+    fig, (curve, final) = plt.subplots(1, 2, figsize=(9, 3.6), gridspec_kw={"width_ratios": [3, 2]})
+    for i, name in enumerate(models):
+        by_step = data["summary"][name].get("by_step") or {}
+        steps = sorted(by_step, key=int)
+        x = [int(s) * tokens_per_step / 1e6 for s in steps]
+        curve.errorbar(x, [by_step[s]["mean"] for s in steps], yerr=[by_step[s]["std"] or 0 for s in steps],
+                       marker="o", capsize=4, color=f"C{i}", label=name)
+        ppl = [r["val_ppl"] for r in data["runs"] if r["model"] == name]
+        final.scatter([i] * len(ppl), ppl, color="0.4", zorder=3, s=14, label="one seed" if i == 0 else None)
+        s = data["summary"][name]
+        final.errorbar([i], [s["val_ppl_mean"]], yerr=[s["val_ppl_std"] or 0], fmt="o", color=f"C{i}", capsize=6,
+                       markersize=8)
+    curve.set_yscale("log")
+    curve.set_xlabel("training tokens (millions)")
+    curve.set_ylabel("validation perplexity")
+    curve.legend(frameon=False)
+    final.set_xticks(range(len(models)), models)
+    final.set_xlim(-0.6, len(models) - 0.4)
+    final.set_title("final, each seed")
+    final.legend(frameon=False)
+    fig.suptitle(f"{cfg['steps']} steps × {cfg['batch_size']}×{cfg['context']} tokens, seeds {cfg['seeds']}")
     fig.tight_layout()
     fig.savefig(png, dpi=150)
 
