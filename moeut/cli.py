@@ -267,6 +267,49 @@ def cmd_migrate(args) -> int:
     return 0
 
 
+def _add_convert_checkpoint(sub):
+    p = sub.add_parser("convert-checkpoint", help="rewrite a checkpoint in the single-file or the sharded layout",
+                       description="A checkpoint of an FSDP run is sharded (one safetensors file per process, "
+                                   "written through PyTorch Distributed Checkpoint); other runs write one "
+                                   "model.safetensors. Both resume under any --parallel mode and any number of "
+                                   "processes, and evaluate and generate alike; convert to hand a run to a tool "
+                                   "that reads model.safetensors, or to split a large one. The checkpoint is "
+                                   "verified first and replaced atomically: the old files stay until the new ones "
+                                   "are written and verified.")
+    p.add_argument("run", metavar="RUN", help="run directory")
+    p.add_argument("--layout", required=True, choices=["single", "sharded"], help="the layout to write")
+    p.add_argument("--shards", type=int, default=1, metavar="N",
+                   help="number of shard files for --layout sharded (default 1)")
+    p.add_argument("--step", type=int, metavar="N", help="the checkpoint of this step (default: the newest intact)")
+    _add_debug(p)
+    p.set_defaults(func=cmd_convert_checkpoint)
+
+
+def cmd_convert_checkpoint(args) -> int:
+    from pathlib import Path
+    import torch
+    from moeut.runs import build_model, model_kwargs_of_run
+    from moeut.train import checkpoint as ckpt_lib
+    from moeut.train.run_dir import RunLock, check_existing_run_dir, read_run_json
+    from moeut.train.trainer import optimizer_parameter_names
+    run = Path(args.run)
+    if args.shards < 1:
+        raise ValueError(f"--shards must be at least 1, got {args.shards}")
+    check_existing_run_dir(run, writable=True)
+    with RunLock(run):
+        if args.step is None:
+            path = ckpt_lib.newest_intact_checkpoint(run, warn=lambda m: print(m, file=sys.stderr))
+            if path is None:
+                raise ckpt_lib.CheckpointError(f"{run} has no checkpoint")
+        else:
+            path = ckpt_lib.checkpoint_dir(run) / f"step_{args.step:08d}"
+        meta = read_run_json(run)
+        with torch.device("meta"):
+            model = build_model(meta["model"], meta["vocab_size"], model_kwargs_of_run(meta))
+        ckpt_lib.convert_checkpoint(run, path, args.layout, optimizer_parameter_names(model), args.shards)
+    return 0
+
+
 def _add_generate(sub):
     p = sub.add_parser("generate", help="sample text from a trained run",
                        description="Generate text with the KV cache. Greedy when --temperature is 0.")
@@ -562,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_models(sub)
     _add_migrate(sub)
+    _add_convert_checkpoint(sub)
     _add_import_official(sub)
     _add_analyze(sub)
     _add_sweep(sub)

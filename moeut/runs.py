@@ -117,9 +117,9 @@ def load_run(path: str | Path, device: str = "cpu") -> Tuple[torch.nn.Module, To
     meta = read_run_json(run_dir)
     tok = Tokenizer(run_dir / "tokenizer.model")
     if chosen is not None:
-        ckpt_lib.verify_checkpoint(chosen, (ckpt_lib.MODEL_FILE,))
+        ckpt_lib.verify_checkpoint(chosen, "model")
     else:
-        chosen = ckpt_lib.newest_intact_checkpoint(run_dir, warn=_warn, files=(ckpt_lib.MODEL_FILE,))
+        chosen = ckpt_lib.newest_intact_checkpoint(run_dir, warn=_warn, part="model")
         if chosen is None:
             raise CheckpointError(f"run {run_dir} has no checkpoint yet")
     kwargs = model_kwargs_of_run(meta)

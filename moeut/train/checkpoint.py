@@ -7,7 +7,16 @@ Layout of one checkpoint, a directory `<run>/checkpoints/step_00001000/`:
     training.json          the rest of the training state as plain JSON: optimizer hyperparameters,
                            scheduler, step, data position, run config; tensors appear as references
                            {"$tensor": name} into training.safetensors
-    manifest.json          format tag, step, byte size and SHA-256 of each file above; written last
+    manifest.json          format tag, layout, step, byte size and SHA-256 of each file above; written last
+
+That is the "single" layout, written by one process (also for DDP runs, whose processes hold the
+same state). FSDP runs write the "sharded" layout: instead of `model.safetensors`, one file per
+process under `shards/` (see `shards.py`; written through PyTorch Distributed Checkpoint) holds that
+process's pieces of the model ("model.<name>") and of the AdamW moments ("optim.<name>.exp_avg",
+"...exp_avg_sq"); `training.json` keeps the optimizer's hyperparameters and step counts. Both layouts
+load everywhere: whole tensors are assembled from the pieces for one process, evaluation and
+generation; an FSDP run reads only its own parts on any number of processes. `convert_checkpoint`
+turns one layout into the other.
 
 Nothing here unpickles: safetensors and JSON are parsed, never executed.
 
@@ -32,9 +41,11 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from moeut.train import shards as shard_lib
 
 FORMAT = "moeut-checkpoint-v2"
 LEGACY_FORMAT = "moeut-checkpoint-v1"
@@ -42,9 +53,13 @@ MODEL_FILE = "model.safetensors"
 TRAINING_TENSORS_FILE = "training.safetensors"
 TRAINING_JSON_FILE = "training.json"
 MANIFEST_FILE = "manifest.json"
-CHECKPOINT_FILES = (MODEL_FILE, TRAINING_TENSORS_FILE, TRAINING_JSON_FILE)
+TRAINING_FILES = (TRAINING_TENSORS_FILE, TRAINING_JSON_FILE)
+CHECKPOINT_FILES = (MODEL_FILE, *TRAINING_FILES)
 TRAINING_KEYS = ("optimizer", "scheduler", "rng", "data_position", "config")
 OPTIONAL_TRAINING_KEYS = ("optimizer_keys",)   # "names" (FSDP runs) or "positions"; absent: positions
+SINGLE, SHARDED = "single", "sharded"           # layouts (see the module docstring)
+MODEL_PREFIX, OPTIM_PREFIX = "model.", "optim."  # tensor names in the shard files
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 _NAME = re.compile(r"^step_(\d{8,})$")
 _LEGACY_NAME = re.compile(r"^step_(\d{8,})\.pt$")
@@ -205,48 +220,81 @@ def _save_safetensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, model_state: Dict[str, torch.Tensor], training: Dict[str, Any],
                     keep: int = 3, loss: Optional[float] = None) -> Path:
-    """Write checkpoint `step` of a run, then delete all but the newest `keep` checkpoints.
+    """Write checkpoint `step` of a run in the single layout, then delete all but the newest `keep`.
 
     On any failure (full disk, file-size limit, a signal) the temporary directory is removed and
     every earlier checkpoint is untouched. Old checkpoints are deleted only after the new one has
     been read back and matched its manifest, so rotation never removes the last intact checkpoint."""
-    missing = [k for k in TRAINING_KEYS if k not in training]
-    if missing:
-        raise ValueError(f"training state lacks {missing}")
-    d = checkpoint_dir(run_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    final = d / f"step_{step:08d}"
-    tmp = d / f"{_TEMP_PREFIX}{final.name}-{os.getpid()}"
+    _check_training(training)
+    tmp = prepare_temporary(run_dir, step, unique=True)
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
         _save_safetensors(model_state, tmp / MODEL_FILE)
-        tensors: Dict[str, torch.Tensor] = {}
-        tree = encode_tree({"step": step, **{k: training[k] for k in TRAINING_KEYS + OPTIONAL_TRAINING_KEYS
-                                              if k in training}}, tensors)
-        _save_safetensors(tensors, tmp / TRAINING_TENSORS_FILE)
-        (tmp / TRAINING_JSON_FILE).write_text(json.dumps(tree))
-        files = {}
-        for name in CHECKPOINT_FILES:
-            _fsync_path(tmp / name)
-            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_of(tmp / name)}
-        manifest = {"format": FORMAT, "step": step, "loss": loss, "files": files,
-                    "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        _fsync_path(tmp / MANIFEST_FILE)
-        _fsync_path(tmp)
-        if final.exists():   # the same step written again (a resumed run that fell back): replace it
-            old = d / f"{_TEMP_PREFIX}replaced-{final.name}-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_path(d)
+        return finish_checkpoint(run_dir, tmp, step, training, keep, loss)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _check_training(training: Dict[str, Any]) -> None:
+    missing = [k for k in TRAINING_KEYS if k not in training]
+    if missing:
+        raise ValueError(f"training state lacks {missing}")
+
+
+def temporary_path(run_dir: Path, step: int, unique: bool = False) -> Path:
+    """Where checkpoint `step` is written before it is renamed into place. Several processes writing
+    one sharded checkpoint agree on it (`unique=False`); one writer adds its process id."""
+    name = f"{_TEMP_PREFIX}step_{step:08d}" + (f"-{os.getpid()}" if unique else "-sharded")
+    return checkpoint_dir(run_dir) / name
+
+
+def prepare_temporary(run_dir: Path, step: int, unique: bool = False) -> Path:
+    """An empty temporary directory for checkpoint `step` (made by the one process that finishes it)."""
+    tmp = temporary_path(run_dir, step, unique)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def finish_checkpoint(run_dir: Path, tmp: Path, step: int, training: Dict[str, Any], keep: int = 3,
+                      loss: Optional[float] = None) -> Path:
+    """Complete a checkpoint whose weights are already in `tmp` (`model.safetensors`, or the shard files
+    of every process under `shards/`): write the training files, fsync and hash every file, write the
+    manifest, rename `tmp` into place, read it back, rotate. The caller removes `tmp` on failure."""
+    _check_training(training)
+    d = checkpoint_dir(run_dir)
+    final = d / f"step_{step:08d}"
+    sharded = (tmp / shard_lib.SHARD_DIR).is_dir()
+    tensors: Dict[str, torch.Tensor] = {}
+    tree = encode_tree({"step": step, **{k: training[k] for k in TRAINING_KEYS + OPTIONAL_TRAINING_KEYS
+                                          if k in training}}, tensors)
+    _save_safetensors(tensors, tmp / TRAINING_TENSORS_FILE)
+    (tmp / TRAINING_JSON_FILE).write_text(json.dumps(tree))
+    names = list(TRAINING_FILES)
+    if sharded:
+        names += [f"{shard_lib.SHARD_DIR}/{f.name}" for f in shard_lib.shard_files(tmp / shard_lib.SHARD_DIR)]
+        _fsync_path(tmp / shard_lib.SHARD_DIR)
+    else:
+        names.insert(0, MODEL_FILE)
+    files = {}
+    for name in names:
+        _fsync_path(tmp / name)
+        files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_of(tmp / name)}
+    manifest = {"format": FORMAT, "layout": SHARDED if sharded else SINGLE, "step": step, "loss": loss,
+                "files": files, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    _fsync_path(tmp / MANIFEST_FILE)
+    _fsync_path(tmp)
+    if final.exists():   # the same step written again (a resumed run that fell back, a conversion)
+        old = d / f"{_TEMP_PREFIX}replaced-{final.name}-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_path(d)
     verify_checkpoint(final)   # read back once more from its final place before anything is deleted
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
@@ -268,21 +316,50 @@ def read_manifest(path: Path) -> Dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a {FORMAT} checkpoint ({MANIFEST_FILE} has no such format tag)")
     files = manifest.get("files")
-    if not isinstance(files, dict) or set(files) != set(CHECKPOINT_FILES):
+    layout = manifest.setdefault("layout", SINGLE)
+    if layout == SINGLE:
+        expected_ok = isinstance(files, dict) and set(files) == set(CHECKPOINT_FILES)
+        expected = list(CHECKPOINT_FILES)
+    elif layout == SHARDED:
+        shard_names = [n for n in (files or {}) if n.startswith(shard_lib.SHARD_DIR + "/")]
+        expected_ok = (isinstance(files, dict) and bool(shard_names)
+                       and set(files) == {*TRAINING_FILES, *shard_names}
+                       and all(shard_lib.SHARD_NAME.match(n.split("/", 1)[1]) for n in shard_names))
+        expected = [*TRAINING_FILES, "shards/shard-NNNNN-model-00001-of-00001.safetensors ..."]
+    else:
+        raise CheckpointError(f"checkpoint {path} has the unknown layout {layout!r} (expected {SINGLE} or {SHARDED})")
+    if not expected_ok:
         raise CheckpointError(f"checkpoint {path} is damaged: its manifest lists {sorted(files or {})}, "
-                              f"expected {list(CHECKPOINT_FILES)}")
+                              f"expected {expected}")
     return manifest
 
 
-def verify_checkpoint(path: Path, files: Iterable[str] = CHECKPOINT_FILES) -> Dict[str, Any]:
-    """The manifest, after checking that each of `files` has its recorded size and SHA-256; raises
-    CheckpointError naming the first file that does not."""
+def checkpoint_layout(path: Path) -> str:
+    """"single" or "sharded" (see the module docstring)."""
+    return read_manifest(path)["layout"]
+
+
+def part_files(manifest: Dict[str, Any], part: str = "all") -> List[str]:
+    """The files of a checkpoint that hold `part`: "model" (the weights), "training" (what resuming needs
+    besides the weights) or "all"."""
+    names = list(manifest["files"])
+    shard_names = [n for n in names if n.startswith(shard_lib.SHARD_DIR + "/")]
+    if part == "model":
+        return shard_names or [MODEL_FILE]
+    if part == "training":
+        return [*TRAINING_FILES, *shard_names]
+    return names
+
+
+def verify_checkpoint(path: Path, part: str = "all") -> Dict[str, Any]:
+    """The manifest, after checking that each file holding `part` ("all", "model", "training") has its
+    recorded size and SHA-256; raises CheckpointError naming the first file that does not."""
     path = Path(path)
     manifest = read_manifest(path)
-    for name in files:
+    for name in part_files(manifest, part):
         f = path / name
         rec = manifest["files"][name]
-        if not f.is_file() or f.is_symlink():
+        if not f.is_file() or f.is_symlink() or f.parent.is_symlink():
             raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing")
         size = f.stat().st_size
         if size != rec.get("bytes"):
@@ -294,7 +371,7 @@ def verify_checkpoint(path: Path, files: Iterable[str] = CHECKPOINT_FILES) -> Di
 
 
 def newest_intact_checkpoint(run_dir: Path, warn: Callable[[str], None] = print,
-                             files: Iterable[str] = CHECKPOINT_FILES) -> Optional[Path]:
+                             part: str = "all") -> Optional[Path]:
     """The newest checkpoint that verifies; each newer, damaged one is reported through `warn`.
     None when the run has no checkpoint; CheckpointError when it has some and none is intact, or
     has only checkpoints of the refused pickle format."""
@@ -307,7 +384,7 @@ def newest_intact_checkpoint(run_dir: Path, warn: Callable[[str], None] = print,
     problems = []
     for path in reversed(found):
         try:
-            verify_checkpoint(path, files)
+            verify_checkpoint(path, part)
         except CheckpointError as e:
             problems.append(str(e))
             warn(f"warning: {e}; trying an older checkpoint")
@@ -348,11 +425,24 @@ def remove_stale_temporaries(run_dir: Path) -> List[Path]:
 # Loading.
 # ------------------------------------------------------------------------------------------------
 
-def checkpoint_tensor_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
-    """Names and shapes of the model tensors, read from the safetensors header only (no allocation)."""
-    from safetensors import safe_open
+def _shard_files(path: Path) -> List[Path]:
     try:
-        with safe_open(str(Path(path) / MODEL_FILE), framework="pt") as f:
+        return shard_lib.shard_files(Path(path) / shard_lib.SHARD_DIR)
+    except (shard_lib.ShardError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from None
+
+
+def checkpoint_tensor_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
+    """Names and shapes of the model tensors, read from safetensors headers only (no allocation)."""
+    from safetensors import safe_open
+    path = Path(path)
+    if checkpoint_layout(path) == SHARDED:
+        try:
+            return shard_lib.whole_shapes(_shard_files(path), MODEL_PREFIX)
+        except shard_lib.ShardError as e:
+            raise CheckpointError(f"checkpoint {path}: {e}") from None
+    try:
+        with safe_open(str(path / MODEL_FILE), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:   # safetensors raises its own error types for a malformed header
         raise CheckpointError(f"checkpoint {path}: {MODEL_FILE} is not a valid safetensors file ({e})") from None
@@ -366,19 +456,29 @@ def _load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a valid safetensors file ({e})") from None
 
 
+def _assemble(path: Path, prefix: str) -> Dict[str, torch.Tensor]:
+    try:
+        return shard_lib.assemble(_shard_files(path), prefix)
+    except shard_lib.ShardError as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from None
+
+
 def load_model_state(path: Path, verified: bool = False) -> Dict[str, torch.Tensor]:
-    """The model's state dict from checkpoint directory `path` (verified first unless `verified`)."""
+    """The model's whole state dict from checkpoint directory `path`, in either layout (verified first
+    unless `verified`)."""
     path = Path(path)
-    if not verified:
-        verify_checkpoint(path, (MODEL_FILE,))
+    manifest = read_manifest(path) if verified else verify_checkpoint(path, "model")
+    if manifest["layout"] == SHARDED:
+        return _assemble(path, MODEL_PREFIX)
     return _load_safetensors(path / MODEL_FILE)
 
 
-def load_training_state(path: Path, verified: bool = False) -> Dict[str, Any]:
-    """{step, optimizer, scheduler, rng, data_position, config} of checkpoint `path`."""
+def load_training_state(path: Path, verified: bool = False, optimizer_tensors: bool = True) -> Dict[str, Any]:
+    """{step, optimizer, scheduler, rng, data_position, config} of checkpoint `path`. In the sharded
+    layout the AdamW moments are assembled from the shard files into a name-keyed optimizer state
+    dict, unless `optimizer_tensors` is False (an FSDP run reads its own parts of them instead)."""
     path = Path(path)
-    if not verified:
-        verify_checkpoint(path, (TRAINING_TENSORS_FILE, TRAINING_JSON_FILE))
+    manifest = read_manifest(path) if verified else verify_checkpoint(path, "training")
     tensors = _load_safetensors(path / TRAINING_TENSORS_FILE)
     try:
         tree = json.loads((path / TRAINING_JSON_FILE).read_text())
@@ -391,7 +491,94 @@ def load_training_state(path: Path, verified: bool = False) -> Dict[str, Any]:
     missing += [k for k in ("optimizer", "scheduler", "rng") if k in state and not state[k]]
     if missing:
         raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)} state (it cannot continue training)")
+    if manifest["layout"] == SHARDED and optimizer_tensors:
+        state["optimizer"] = whole_optimizer_state(state["optimizer"], _assemble(path, OPTIM_PREFIX), str(path))
     return state
+
+
+def optimizer_state_by_name(state: Dict[str, Any], names: List[str]) -> Dict[str, Any]:
+    """A one-process optimizer state dict (state and groups keyed by position) keyed by parameter name,
+    as `get_optimizer_state_dict` writes it."""
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
+              for g in state["param_groups"]]
+    return {"state": {names[int(i)]: s for i, s in state["state"].items()}, "param_groups": groups}
+
+
+def optimizer_state_by_position(state: Dict[str, Any], names: List[str]) -> Dict[str, Any]:
+    """The inverse of `optimizer_state_by_name`."""
+    index = {n: i for i, n in enumerate(names)}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[n] for n in g["params"]]}
+              for g in state["param_groups"]]
+    return {"state": {index[n]: s for n, s in state["state"].items()}, "param_groups": groups}
+
+
+def sharded_optimizer_record(optimizer_state: Dict[str, Any]) -> Dict[str, Any]:
+    """What `training.json` keeps of a name-keyed AdamW state dict in the sharded layout: the groups and
+    each parameter's step count (the moments go into the shard files)."""
+    return {"param_groups": optimizer_state["param_groups"],
+            "steps": {n: float(s["step"]) for n, s in optimizer_state["state"].items() if "step" in s}}
+
+
+def whole_optimizer_state(record: Dict[str, Any], moments: Dict[str, torch.Tensor], source: str) -> Dict[str, Any]:
+    """The name-keyed AdamW state dict from `sharded_optimizer_record` and the assembled moments
+    ({"<name>.exp_avg": tensor, ...})."""
+    if not isinstance(record, dict) or not isinstance(record.get("steps"), dict) or "param_groups" not in record:
+        raise CheckpointError(f"checkpoint {source}: its optimizer record has no param_groups or steps")
+    state = {}
+    for name, step in record["steps"].items():
+        entry = {"step": torch.tensor(float(step))}
+        for m in MOMENTS:
+            if f"{name}.{m}" not in moments:
+                raise CheckpointError(f"checkpoint {source}: the shard files have no {m} for {name}")
+            entry[m] = moments[f"{name}.{m}"]
+        state[name] = entry
+    return {"state": state, "param_groups": record["param_groups"]}
+
+
+def convert_checkpoint(run_dir: Path, path: Path, layout: str, parameter_names: List[str], shards: int = 1,
+                       report: Callable[[str], None] = print) -> Path:
+    """Rewrite checkpoint `path` of a run in `layout` ("single" or "sharded" in `shards` files), in place
+    and atomically (the old files stay until the new ones are verified). `parameter_names`: the
+    model's parameters in the optimizer's group order, to key a single-layout AdamW state by name."""
+    path = Path(path)
+    if layout not in (SINGLE, SHARDED):
+        raise CheckpointError(f"layout must be {SINGLE} or {SHARDED}, got {layout!r}")
+    if layout == SHARDED and shards < 1:
+        raise CheckpointError(f"--shards must be at least 1, got {shards}")
+    manifest = verify_checkpoint(path)
+    model_state = load_model_state(path, verified=True)
+    training = load_training_state(path, verified=True)
+    step = int(training.pop("step"))
+    by_name = training.get("optimizer_keys") == "names"
+    opt = training["optimizer"]
+    if layout == SINGLE:
+        if manifest["layout"] == SHARDED:   # one-process runs key AdamW by position
+            training["optimizer"] = optimizer_state_by_position(opt, parameter_names)
+            training["optimizer_keys"] = "positions"
+        tmp = prepare_temporary(run_dir, step, unique=True)
+        try:
+            _save_safetensors(model_state, tmp / MODEL_FILE)
+            final = finish_checkpoint(run_dir, tmp, step, training, keep=0, loss=manifest.get("loss"))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    else:
+        named = opt if by_name else optimizer_state_by_name(opt, parameter_names)
+        moments = {f"{n}.{m}": s[m] for n, s in named["state"].items() for m in MOMENTS}
+        tensors = {**{MODEL_PREFIX + k: v for k, v in model_state.items()},
+                   **{OPTIM_PREFIX + k: v for k, v in moments.items()}}
+        training["optimizer"], training["optimizer_keys"] = sharded_optimizer_record(named), "names"
+        tmp = prepare_temporary(run_dir, step, unique=True)
+        try:
+            (tmp / shard_lib.SHARD_DIR).mkdir()
+            for i, part in enumerate(shard_lib.split_dim0(tensors, shards), start=1):
+                shard_lib.write_shard(tmp / shard_lib.SHARD_DIR / shard_lib.shard_file_name(i), part)
+            final = finish_checkpoint(run_dir, tmp, step, training, keep=0, loss=manifest.get("loss"))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    report(f"{final.name}: {manifest['layout']} -> {layout}" + (f" ({shards} shard files)" if layout == SHARDED else ""))
+    return final
 
 
 def check_compatible(own_shapes: Dict[str, Tuple[int, ...]], saved_shapes: Dict[str, Tuple[int, ...]],

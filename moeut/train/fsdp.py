@@ -11,11 +11,15 @@ How it is laid out:
   - mixed precision: with bf16, parameters are gathered in bf16 for compute, and gradients are reduced
     and the master weights and AdamW state kept in fp32;
   - gradient accumulation: the reduce-scatter runs only after the last micro-batch;
-  - checkpoints: the full model and optimizer state are gathered to rank 0 (on the CPU) and written in
-    the one-process format (safetensors and JSON, nothing pickled), so an FSDP run resumes on any
-    number of processes, with or without FSDP, and a one-process or DDP checkpoint resumes under FSDP.
-    The optimizer state is saved keyed by parameter name ("optimizer_keys": "names"); the one-process
-    format keys it by position, and `optimizer_state_by_name` converts.
+  - checkpoints: the sharded layout of `checkpoint.py`, through PyTorch Distributed Checkpoint. Each
+    process writes its own pieces of the weights and AdamW moments (`dcp.save` with
+    `HuggingFaceStorageWriter`: safetensors files whose headers give each piece's offsets; DCP's
+    default writer would pickle its metadata, and nothing we load may be unpickled). On resume each
+    process reads the parts of its own shards from any number of files (`dcp.load` with
+    `HuggingFaceStorageReader`), so a run resumes on a different number of processes. The run
+    directory must be one file system that every process sees. A single-layout checkpoint (one
+    process, DDP) resumes under FSDP through the full state (`load_optimizer_state`), and a sharded one
+    without FSDP through the assembled whole tensors.
 The eager step is `step.step_body`; CUDA graphs and torch.compile are not combined with FSDP here.
 """
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 import torch
+
 
 def shard_model(model: torch.nn.Module, amp: torch.dtype) -> torch.nn.Module:
     """Shard `model` in place (see the module docstring); returns it."""
@@ -52,18 +57,6 @@ def _options(**kw):
     return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
 
 
-def full_model_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """The whole model's state dict on rank 0's CPU (empty elsewhere). Collective: every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-    return get_model_state_dict(model, options=_options())
-
-
-def full_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> Dict[str, Any]:
-    """The whole AdamW state keyed by parameter name, on rank 0's CPU. Collective."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    return get_optimizer_state_dict(model, opt, options=_options())
-
-
 def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, optimizer_state: Dict[str, Any]) -> None:
     """Load a full, name-keyed optimizer state into the optimizer of the sharded model: each rank keeps
     its own shards. (The model's weights are loaded into the full model before `shard_model`.)"""
@@ -78,17 +71,52 @@ def parameter_names_in_group_order(model: torch.nn.Module, opt: torch.optim.Opti
     return [name_of[id(p)] for g in opt.param_groups for p in g["params"]]
 
 
-def optimizer_state_by_name(state: Dict[str, Any], names: List[str]) -> Dict[str, Any]:
-    """A one-process optimizer state dict (state and groups keyed by position) keyed by parameter name,
-    as `get_optimizer_state_dict` writes it."""
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
-              for g in state["param_groups"]]
-    return {"state": {names[int(i)]: s for i, s in state["state"].items()}, "param_groups": groups}
+def _flat_sharded_state(model: torch.nn.Module, opt: torch.optim.Optimizer):
+    """(the flat dict DCP saves or loads: "model.<name>" and "optim.<name>.<moment>" DTensors, the model
+    state dict, the optimizer state dict) of the sharded model; the dicts share the tensors."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from moeut.train.checkpoint import MODEL_PREFIX, MOMENTS, OPTIM_PREFIX
+    model_sd = get_model_state_dict(model)
+    opt_sd = get_optimizer_state_dict(model, opt)   # creates zero moments in a fresh optimizer
+    flat = {MODEL_PREFIX + k: v for k, v in model_sd.items()}
+    flat.update({f"{OPTIM_PREFIX}{n}.{m}": s[m] for n, s in opt_sd["state"].items() for m in MOMENTS})
+    return flat, model_sd, opt_sd
 
 
-def optimizer_state_by_position(state: Dict[str, Any], names: List[str]) -> Dict[str, Any]:
-    """The inverse of `optimizer_state_by_name`."""
-    index = {n: i for i, n in enumerate(names)}
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[n] for n in g["params"]]}
-              for g in state["param_groups"]]
-    return {"state": {index[n]: s for n, s in state["state"].items()}, "param_groups": groups}
+def all_parameters_finite(model: torch.nn.Module) -> bool:
+    """Whether every process's pieces of every parameter are finite (collective)."""
+    import torch.distributed as dist
+    bad = torch.zeros((), device=next(model.parameters()).device)
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        bad += (~torch.isfinite(local.detach())).any().float()
+    if dist.is_initialized():
+        dist.all_reduce(bad)
+    return not bool(bad)
+
+
+def save_sharded_state(model: torch.nn.Module, opt: torch.optim.Optimizer, shard_dir) -> Dict[str, Any]:
+    """Every process writes its pieces of the weights and moments into `shard_dir` (collective).
+    Returns the name-keyed optimizer state without its moments' data (for `sharded_optimizer_record`)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    flat, _, opt_sd = _flat_sharded_state(model, opt)
+    dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(shard_dir), save_distributed=True))
+    return opt_sd
+
+
+def load_sharded_state(model: torch.nn.Module, opt: torch.optim.Optimizer, shard_dir,
+                       record: Dict[str, Any]) -> None:
+    """Each process reads its parts of the weights and moments from a sharded checkpoint's `shard_dir`,
+    written by any number of processes (collective); `record`: the checkpoint's optimizer record
+    (groups and step counts, `sharded_optimizer_record`)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    flat, model_sd, opt_sd = _flat_sharded_state(model, opt)
+    dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(shard_dir)))
+    set_model_state_dict(model, model_sd)
+    for name, entry in opt_sd["state"].items():
+        entry["step"] = torch.tensor(float(record["steps"][name]))
+    opt_sd["param_groups"] = record["param_groups"]
+    set_optimizer_state_dict(model, opt, opt_sd)

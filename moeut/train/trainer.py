@@ -22,6 +22,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -39,8 +40,10 @@ from moeut.train.data import CACHE_FORMAT, Batches, Corpus, eval_windows, tokeni
 from moeut.evaluate import windows_perplexity
 from moeut.train.run_dir import RunLock, check_existing_run_dir, check_new_run_dir, read_run_json, truncate_metrics
 from moeut.runs import build_model, check_memory, model_kwargs, model_kwargs_of_run
-from moeut.train.fsdp import (full_model_state, full_optimizer_state, load_optimizer_state, optimizer_state_by_name,
-                              optimizer_state_by_position, parameter_names_in_group_order, shard_model)
+from moeut.train.checkpoint import optimizer_state_by_name, optimizer_state_by_position, sharded_optimizer_record
+from moeut.train.fsdp import (all_parameters_finite, load_optimizer_state, load_sharded_state,
+                              parameter_names_in_group_order, save_sharded_state, shard_model)
+from moeut.train.shards import SHARD_DIR
 from moeut.train.step import FlatGradientStep, GraphedTrainStep, collect_router_logits, step_body
 from moeut.train.tokenizer import KINDS, Tokenizer, save_tokenizer, train_paper_tokenizer, train_tokenizer
 
@@ -596,6 +599,19 @@ def train(cfg: TrainConfig, resume: bool = False, user_data: Optional[List[str]]
             lock.release()
 
 
+def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """AdamW's two groups: matrices with weight decay, vectors (norms, biases) without."""
+    named = list(model.named_parameters())
+    return [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def optimizer_parameter_names(model: torch.nn.Module) -> List[str]:
+    """The parameters' names in the optimizer's order (the positions of a one-process AdamW state)."""
+    named = list(model.named_parameters())
+    return [n for n, p in named if p.dim() >= 2] + [n for n, p in named if p.dim() < 2]
+
+
 def startup_summary(cfg: TrainConfig, model: torch.nn.Module, n_train: int, n_valid: int, device, world: int) -> str:
     """What the run will do, in a few lines: the model, the data, the token budget and how many passes
     over the training split it makes, where and in what precision, and the schedule."""
@@ -641,10 +657,14 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
     amp = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     fsdp = cfg.parallel == "fsdp"
     training = None
+    # An FSDP run resuming from a sharded checkpoint reads only its own parts, after sharding; every
+    # other resume loads whole tensors into the whole model first.
+    read_own_shards = fsdp and resume_from is not None and ckpt_lib.checkpoint_layout(resume_from) == ckpt_lib.SHARDED
     if resume_from is not None:
+        training = ckpt_lib.load_training_state(resume_from, verified=rank == 0, optimizer_tensors=not read_own_shards)
+    if resume_from is not None and not read_own_shards:
         model_state = ckpt_lib.load_model_state(resume_from, verified=rank == 0)
         ckpt_lib.check_finite(model_state, str(resume_from))
-        training = ckpt_lib.load_training_state(resume_from, verified=rank == 0)
         try:
             model.load_state_dict(model_state)
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
@@ -652,10 +672,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
         del model_state
     if fsdp:
         shard_model(model, amp)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999),
+    opt = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
                             fused=device.type == "cuda" and not fsdp, capturable=graphed_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     names = parameter_names_in_group_order(model, opt)
@@ -664,7 +681,11 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
     if training is not None:
         saved, by_name = training["optimizer"], training.get("optimizer_keys") == "names"
         try:
-            if fsdp:
+            if read_own_shards:
+                load_sharded_state(model, opt, resume_from / SHARD_DIR, saved)
+                if not all_parameters_finite(model):
+                    raise ckpt_lib.CheckpointError(f"checkpoint {resume_from} holds non-finite weights")
+            elif fsdp:
                 load_optimizer_state(model, opt, saved if by_name else optimizer_state_by_name(saved, names))
             else:
                 opt.load_state_dict(optimizer_state_by_position(saved, names) if by_name else saved)
@@ -707,19 +728,30 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
                         writer.add_scalar(k, v, rec["step"])
 
     def save(step, loss):
-        if fsdp:   # every rank takes part in gathering the shards; rank 0 writes
-            model_state, opt_state = full_model_state(model), full_optimizer_state(model, opt)
-        elif rank != 0:
-            return
-        else:
-            model_state, opt_state = model.state_dict(), opt.state_dict()
-        if rank != 0:
-            return
-        training = {"optimizer": opt_state, "optimizer_keys": "names" if fsdp else "positions",
-                    "scheduler": sched.state_dict(), "rng": _rng_state(),
-                    "data_position": step * cfg.batch_size, "config": asdict(cfg)}
-        ckpt_lib.save_checkpoint(run_dir, step, model_state, training, keep=cfg.keep_checkpoints,
-                                 loss=float(loss.item()))
+        def training_state(opt_state, keys):
+            return {"optimizer": opt_state, "optimizer_keys": keys, "scheduler": sched.state_dict(),
+                    "rng": _rng_state(), "data_position": step * cfg.batch_size, "config": asdict(cfg)}
+        if fsdp:
+            save_sharded(step, float(loss.item()), training_state)
+        elif rank == 0:
+            ckpt_lib.save_checkpoint(run_dir, step, model.state_dict(), training_state(opt.state_dict(), "positions"),
+                                     keep=cfg.keep_checkpoints, loss=float(loss.item()))
+
+    def save_sharded(step, loss, training_state):
+        """Every rank writes its shards into one temporary directory; rank 0 completes it. A failure on
+        any rank reaches every rank through DCP, and rank 0 removes the directory."""
+        tmp = ckpt_lib.prepare_temporary(run_dir, step) if rank == 0 else ckpt_lib.temporary_path(run_dir, step)
+        barrier(world)
+        try:
+            opt_state = save_sharded_state(model, opt, tmp / SHARD_DIR)
+            if rank == 0:
+                ckpt_lib.finish_checkpoint(run_dir, tmp, step, training_state(sharded_optimizer_record(opt_state), "names"),
+                                           keep=cfg.keep_checkpoints, loss=loss)
+        except BaseException:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        barrier(world)
 
     stop = _StopFlag()
     # Signal handlers can only be installed from the main thread (a notebook or test runner may not be).

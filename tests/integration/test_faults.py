@@ -219,10 +219,10 @@ def test_rotation_keeps_the_newest_intact_checkpoint_when_a_save_fails(finished,
     before = [p.name for p in ckpt_lib.list_checkpoints(run)]
     real = ckpt_lib.verify_checkpoint
 
-    def lying_disk(path, files=ckpt_lib.CHECKPOINT_FILES):
+    def lying_disk(path, part="all"):
         if Path(path).name == "step_00000010":
             raise ckpt_lib.CheckpointError(f"checkpoint {path} is damaged: simulated")
-        return real(path, files)
+        return real(path, part)
     monkeypatch.setattr(ckpt_lib, "verify_checkpoint", lying_disk)
     state = ckpt_lib.load_model_state(run / "checkpoints" / "step_00000009")
     training = ckpt_lib.load_training_state(run / "checkpoints" / "step_00000009")

@@ -1,6 +1,7 @@
 """`moeut train --parallel fsdp` (FSDP2 over CPU processes, gloo): the same training as one process and
-as DDP for the same global batch; checkpoints that resume on another number of processes and in the
-other mode, continuing the data from the same global position; SIGTERM and resume."""
+as DDP for the same global batch; sharded checkpoints (Distributed Checkpoint) that resume on another
+number of processes, in the other mode and after conversion, continuing the data from the same global
+position; a failed sharded save that loses nothing; SIGTERM and resume."""
 import os
 import signal
 import socket
@@ -59,28 +60,67 @@ def _training_state(run: Path):
 
 
 def test_saved_with_4_processes_resumes_with_2_and_with_1(corpus, tmp_path):
-    """An FSDP checkpoint is the one-process format (optimizer state keyed by parameter name): resumed
-    by FSDP on 2 processes, or by one plain process, it continues the run from the same global data
-    position, and both continuations agree with each other."""
+    """An FSDP checkpoint is sharded: one safetensors file per process, written through Distributed
+    Checkpoint. Resumed by FSDP on 2 processes (each reading its parts of the 4 files), by one plain
+    process (whole tensors assembled), after conversion to the single layout, and after conversion to
+    3 shard files resumed by FSDP on 2, it continues the run from the same global data position, and
+    all continuations agree."""
+    from moeut.train import shards as shard_lib
     cache = tmp_path / "cache"
     run4 = tmp_path / "run4"
     torchrun(4, train_args(corpus, run4, cache, steps=3, extra=["--parallel", "fsdp"]))
+    newest = ckpt_lib.list_checkpoints(run4)[-1]
+    assert ckpt_lib.checkpoint_layout(newest) == "sharded"
+    assert len(shard_lib.shard_files(newest / shard_lib.SHARD_DIR)) == 4
     state = _training_state(run4)
     assert state["optimizer_keys"] == "names" and state["step"] == 3 and state["data_position"] == 3 * 4
     assert all(isinstance(k, str) for k in state["optimizer"]["state"])
-    for name, how in (("two", "fsdp2"), ("one", "single")):
+    for name, how in (("two", "fsdp2"), ("one", "single"), ("converted", "single"), ("three", "fsdp2")):
         copy = tmp_path / name
         subprocess.run(["cp", "-r", str(run4), str(copy)], check=True)
+        if name == "converted":
+            assert main(["convert-checkpoint", str(copy), "--layout", "single"]) == 0
+            assert ckpt_lib.checkpoint_layout(ckpt_lib.list_checkpoints(copy)[-1]) == "single"
+        if name == "three":
+            assert main(["convert-checkpoint", str(copy), "--layout", "sharded", "--shards", "3"]) == 0
         resume = ["train", "--resume", str(copy), "--steps", "5", "--cache-dir", str(cache), "--no-progress"]
         if how == "fsdp2":
             torchrun(2, resume + ["--parallel", "fsdp"])
         else:
             assert main(resume + ["--parallel", "ddp"]) == 0
         assert sorted(losses(copy)) == [1, 2, 3, 4, 5]
-    assert_same_training(load_run(tmp_path / "two")[0].state_dict(), load_run(tmp_path / "one")[0].state_dict(),
-                         rtol=1e-4, atol=1e-5, steps=2)
-    lt, lo = losses(tmp_path / "two"), losses(tmp_path / "one")
-    assert all(abs(lt[s] - lo[s]) < 1e-4 for s in (4, 5))
+    one = load_run(tmp_path / "one")[0].state_dict()
+    for other in ("two", "converted", "three"):
+        assert_same_training(load_run(tmp_path / other)[0].state_dict(), one, rtol=1e-4, atol=1e-5, steps=2)
+        lt, lo = losses(tmp_path / other), losses(tmp_path / "one")
+        assert all(abs(lt[s] - lo[s]) < 1e-4 for s in (4, 5)), other
+
+
+def test_a_failed_sharded_save_leaves_the_earlier_checkpoints_and_no_temporary(corpus, tmp_path, monkeypatch, capsys):
+    """A process failing while the shards are written (here: after writing part of them) stops the run
+    with the error named; the step's checkpoint does not appear, its temporary directory is gone, and
+    the earlier checkpoint still verifies and resumes."""
+    import moeut.train.trainer as train_mod
+    real, calls = train_mod.save_sharded_state, []
+
+    def failing(model, opt, shard_dir):
+        calls.append(1)
+        if len(calls) == 2:
+            Path(shard_dir).mkdir(parents=True, exist_ok=True)
+            (Path(shard_dir) / "shard-00001-model-00001-of-00001.safetensors").write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+        return real(model, opt, shard_dir)
+    monkeypatch.setattr(train_mod, "save_sharded_state", failing)
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    code = main(train_args(corpus, run, cache, steps=6, extra=["--parallel", "fsdp", "--ckpt-interval", "3"]))
+    assert code != 0
+    assert "No space left on device" in capsys.readouterr().err
+    assert [p.name for p in ckpt_lib.list_checkpoints(run)] == ["step_00000003"]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    ckpt_lib.verify_checkpoint(run / "checkpoints" / "step_00000003")
+    monkeypatch.setattr(train_mod, "save_sharded_state", real)
+    assert main(["train", "--resume", str(run), "--cache-dir", str(cache), "--no-progress", "--parallel", "fsdp"]) == 0
+    assert ckpt_lib.checkpoint_step(ckpt_lib.list_checkpoints(run)[-1]) == 6
 
 
 def test_a_one_process_checkpoint_resumes_under_fsdp(corpus, tmp_path):
