@@ -123,6 +123,11 @@ def _add_train(sub):
                         "whole model, its gradients and AdamW state) or fsdp (FSDP2: all three sharded over the "
                         "processes, for models that do not fit one GPU that way; eager steps). Checkpoints are the "
                         "same either way. With --resume: switch it, or change the number of processes")
+    p.add_argument("--fsdp-keep-gathered", action="store_true", default=None,
+                   help="with --parallel fsdp: the forward gathers each layer once and keeps it for its later "
+                        "applications (MoEUT applies a layer n_layers/group_size times) instead of gathering it at "
+                        "every application; the backward still gathers at each. About half the all-gathers; "
+                        "every layer's bf16 weights held from the forward into the backward")
     p.add_argument("--deterministic", action="store_true", default=None,
                    help="bitwise-reproducible GPU training (slower attention)")
     p.add_argument("--cache-dir", default=None, help="tokenized data cache (default ~/.cache/moeut)")

@@ -29,8 +29,12 @@ from typing import Any, Dict, List
 import torch
 
 
-def shard_model(model: torch.nn.Module, amp: torch.dtype) -> torch.nn.Module:
-    """Shard `model` in place (see the module docstring); returns it."""
+def shard_model(model: torch.nn.Module, amp: torch.dtype, reshard_after_forward: bool = True) -> torch.nn.Module:
+    """Shard `model` in place (see the module docstring); returns it. `reshard_after_forward=False`
+    gathers each layer once in the forward and keeps it for its later applications and into the
+    backward, which still gathers it again at each application after the first: 1 + G·applications
+    all-gathers per step instead of 1 + 2·G·applications, with every layer's gathered copy held
+    from the forward into the backward (`benchmarks/fsdp_reshard.py` measures both)."""
     import warnings
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     # FSDP2 warns at every forward that a unit returned a view (an in-place op on it would skip the
@@ -40,7 +44,7 @@ def shard_model(model: torch.nn.Module, amp: torch.dtype) -> torch.nn.Module:
     policy = MixedPrecisionPolicy(param_dtype=amp if amp != torch.float32 else None, reduce_dtype=torch.float32)
     backbone = getattr(model, "transformer", model)
     for layer in backbone.layers:
-        fully_shard(layer, mp_policy=policy)
+        fully_shard(layer, mp_policy=policy, reshard_after_forward=reshard_after_forward)
         if hasattr(layer, "forward_with_logits"):
             register_fsdp_forward_method(layer, "forward_with_logits")
     fully_shard(model, mp_policy=policy)

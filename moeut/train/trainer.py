@@ -78,6 +78,8 @@ class TrainConfig:
     compile: bool = False                # torch.compile the model
     cuda_graph: str = "auto"             # replay steps from CUDA graphs: auto (whenever it applies) | on | off
     parallel: str = "ddp"                # several processes: ddp (a full copy each) | fsdp (sharded, `fsdp`)
+    fsdp_keep_gathered: bool = False     # FSDP: the forward gathers each layer once, not at every
+                                         # application (about half the all-gathers, more memory held)
     activation_checkpointing: bool = False
     deterministic: bool = False          # PyTorch deterministic algorithms (bitwise reproducible on GPU)
     cache_dir: str = ""                  # tokenized-data cache (default ~/.cache/moeut)
@@ -170,7 +172,10 @@ def validate_config(cfg: TrainConfig, world: int = 1) -> None:
     if cfg.parallel == "fsdp" and cfg.sample_tokens:
         raise ValueError("--sample-tokens needs the whole model in one process: not with --parallel fsdp "
                          "(sample the run with moeut generate)")
-    for name in ("compile", "activation_checkpointing", "deterministic", "strict_data", "tensorboard", "progress"):
+    if cfg.fsdp_keep_gathered is True and cfg.parallel != "fsdp":
+        raise ValueError("--fsdp-keep-gathered applies to --parallel fsdp only")
+    for name in ("compile", "activation_checkpointing", "deterministic", "strict_data", "tensorboard", "progress",
+                 "fsdp_keep_gathered"):
         if not isinstance(getattr(cfg, name), bool):
             raise ValueError(f"{flag(name)} must be true or false, got {getattr(cfg, name)!r}")
     for name in ("model", "out", "cache_dir", "sample_prompt", "tokenizer"):
@@ -671,7 +676,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
             raise ckpt_lib.CheckpointError(f"checkpoint {resume_from} does not fit this run: {str(e)[:300]}") from None
         del model_state
     if fsdp:
-        shard_model(model, amp)
+        shard_model(model, amp, reshard_after_forward=not cfg.fsdp_keep_gathered)
     opt = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
                             fused=device.type == "cuda" and not fsdp, capturable=graphed_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))

@@ -41,15 +41,17 @@ def torchrun(n: int, args, timeout: int = 600, **popen):
 def test_fsdp_trains_as_one_process_and_as_ddp(corpus, tmp_path):
     """Three AdamW steps with micro-batches (the reduce-scatter after the last one only): the weights
     and losses of FSDP over 2 processes (also with activation checkpointing, whose recomputation
-    gathers the layer again), DDP over 2 and one process agree to float tolerance."""
+    gathers the layer again, and with layers kept gathered through the forward), DDP over 2 and one
+    process agree to float tolerance."""
     cache = tmp_path / "cache"
     args = lambda out, *extra: train_args(corpus, out, cache, steps=3, extra=["--micro-batch-size", "1", *extra])  # noqa: E731
     assert main(args(tmp_path / "single")) == 0
     torchrun(2, args(tmp_path / "fsdp", "--parallel", "fsdp"))
     torchrun(2, args(tmp_path / "fsdp_ac", "--parallel", "fsdp", "--activation-checkpointing"))
+    torchrun(2, args(tmp_path / "fsdp_keep", "--parallel", "fsdp", "--fsdp-keep-gathered"))
     torchrun(2, args(tmp_path / "ddp"))
     single = load_run(tmp_path / "single")[0].state_dict()
-    for other in ("fsdp", "fsdp_ac", "ddp"):
+    for other in ("fsdp", "fsdp_ac", "fsdp_keep", "ddp"):
         assert_same_training(load_run(tmp_path / other)[0].state_dict(), single, rtol=1e-4, atol=1e-5)
         ls, lo = losses(tmp_path / "single"), losses(tmp_path / other)
         assert ls.keys() == lo.keys() and all(abs(ls[s] - lo[s]) < 1e-4 for s in ls)
@@ -162,7 +164,9 @@ def test_fsdp_refusals_are_named(corpus, tmp_path, capsys):
     assert "--compile is not combined with --parallel fsdp" in capsys.readouterr().err
     assert main(train_args(corpus, tmp_path / "b", cache, extra=["--parallel", "fsdp", "--sample-tokens", "5"])) == 2
     assert "--sample-tokens" in capsys.readouterr().err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert main(train_args(corpus, tmp_path / "d", cache, extra=["--fsdp-keep-gathered"])) == 2
+    assert "--fsdp-keep-gathered applies to --parallel fsdp only" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "d").exists()
     if not torch.cuda.is_available():
         assert main(train_args(corpus, tmp_path / "c", cache, steps=1, extra=["--parallel", "fsdp"])) == 0
         assert "FSDP2 over 1 process" in capsys.readouterr().out
