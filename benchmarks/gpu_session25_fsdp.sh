@@ -5,7 +5,7 @@
 set -u
 export PYTHONUNBUFFERED=1 MOEUT_AUTOTUNE=0
 D=.gpuassets/english/python-docs.jsonl.gz; T=.gpuassets/english_paper.model
-A="--model moeut-tiny --data $D --tokenizer $T --batch-size 8 --context 256 --no-progress --no-tensorboard"
+A="--model moeut-tiny --data $D --tokenizer $T --batch-size 8 --context 256 --no-progress --no-tensorboard --log-interval 1"
 timeout 60 python3 -m moeut train $A --steps 4 --ckpt-interval 2 --parallel fsdp --out /tmp/g 2>&1 | grep -v -i warn | tail -3
 ls /tmp/g/checkpoints/step_00000004/shards; cp -r /tmp/g /tmp/g2
 timeout 50 python3 -m moeut train --resume /tmp/g --steps 6 --parallel fsdp --no-progress 2>&1 | grep -i "resumed\|error" | head -3
