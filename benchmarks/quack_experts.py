@@ -1,0 +1,194 @@
+"""Issue 33's standalone measurement: the σ-MoE expert passes on quack's Hopper GEMMs (CuTe DSL: TMA +
+wgmma, warp-specialised, persistent; `quack.gemm_interface`) against ours, in one process, at the
+MoEUT_244M and MoEUT_1B FFN shapes. Each pass is checked against the fp32 reference
+(`moeut.ops.grouped_mm`) before it is timed; a pass quack cannot run is reported with its error.
+
+    python benchmarks/quack_experts.py --shapes 244M,1B --json quack.json     # needs quack-kernels on sm90
+
+Passes (N = tokens × k routed rows, S = 128 expert units):
+  up fwd          relu(x[rows] @ W1[e])                 quack: gemm_act(A_idx=rows, cu_seqlens_m)
+  down fwd        gate * (h @ W2[e]) to (token, choice)  quack: gemm(cu_seqlens_m) + the gate and the
+                                                         scatter in PyTorch (quack has no such epilogue)
+  down dx         dy[token] @ W2[e]^T                    quack: gemm(A_idx=token, cu_seqlens_m)
+  up dx           dh @ W1[e]^T to (token, choice)        quack: gemm(cu_seqlens_m) + the scatter in PyTorch
+  up dW           x[rows_e]^T @ dh_e                     quack: gemm(A=x^T, A_idx=rows, cu_seqlens_k)
+  down dW         computed as its transpose dy[token_e]^T @ (gate h)_e, [E, D, S] (quack gathers A's
+                  K-columns only); the gated h in PyTorch
+  up dW × 9       a shared weight's gradient over its nine applications: ours sums 9 segments per
+                  launch into fp32; quack reads the 9 applications' rows regrouped by expert
+                  (one cu_seqlens_k over E segments, A_idx into the 9 stacked inputs)
+Figures: median ms (triton.testing.do_bench), TFLOP/s of the 2·N·D·S useful flops, and the share of the
+roofline max(flops / measured matmul rate, compulsory bytes / measured copy bandwidth).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernel_bench import SHAPES, S, bench, ceilings, rel  # noqa: E402
+from moeut.ops.expert_mm import route  # noqa: E402
+from moeut.ops.grouped_mm import grouped_mm_reference, weight_grad_reference  # noqa: E402
+
+
+def inputs(D, E, K, T, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dt = torch.bfloat16
+    x = torch.randn(T, D, device="cuda", dtype=dt, generator=g)
+    w1 = (torch.randn(E, D, S, device="cuda", dtype=dt, generator=g) / D ** 0.5)
+    w2 = (torch.randn(E, S, D, device="cuda", dtype=dt, generator=g) / S ** 0.5)
+    expert = torch.rand(T, E, device="cuda", generator=g).topk(K, dim=-1).indices
+    r = route(expert, E)
+    N = T * K
+    h = torch.randn(N, S, device="cuda", dtype=dt, generator=g).relu()
+    dh = torch.randn(N, S, device="cuda", dtype=dt, generator=g)
+    dy = torch.randn(T, D, device="cuda", dtype=dt, generator=g)
+    gate = torch.rand(N, device="cuda", generator=g)
+    return dict(x=x, w1=w1, w2=w2, r=r, N=N, h=h, dh=dh, dy=dy, gate=gate, token=r.slot_N // K)
+
+
+def passes(v, D, E, K, T):
+    """{pass: (ours, quack, reference, compulsory bytes)} as zero-argument callables."""
+    from quack import gemm_interface as q
+    op, wgrad = torch.ops.moeut.grouped_mm, torch.ops.moeut.grouped_mm_weight_grad
+    x, w1, w2, r, N, h, dh, dy, gate, token = (v[k] for k in ("x", "w1", "w2", "r", "N", "h", "dh", "dy", "gate", "token"))
+    cu = r.offsets_E1.to(torch.int32)
+    rows32, token32, slot = r.rows_N.to(torch.int32), token.to(torch.int32), r.slot_N
+    f32 = lambda t: t.float()  # noqa: E731
+
+    def scatter(out_ND):
+        return torch.empty_like(out_ND).index_copy_(0, slot, out_ND)
+
+    def up_fwd_quack():
+        return q.gemm_act(x, w1, activation="relu", cu_seqlens_m=cu, A_idx=rows32, store_preact=False,
+                          tuned=False)[1]
+
+    def down_fwd_quack():
+        y = q.gemm(h, w2, cu_seqlens_m=cu, tuned=False)
+        return scatter(y * gate[:, None].to(y.dtype))
+
+    def down_dw_t_ours():   # ours writes [E, S, D]; compared as its transpose
+        return wgrad(h, dy, r.offsets_E1, None, token, gate, torch.float32).transpose(1, 2)
+
+    def down_dw_t_quack():
+        return q.gemm(dy.t(), (h * gate[:, None].to(h.dtype)), cu_seqlens_k=cu, A_idx=token32,
+                      out_dtype=torch.float32, tuned=False)
+
+    # Nine applications of a shared weight: the same routing nine times over nine stacked inputs.
+    A = 9
+    x9 = x.repeat(A, 1)
+    dh9 = dh.repeat(A, 1)
+    counts = (r.offsets_E1[1:] - r.offsets_E1[:-1])
+    # Regrouped by expert: expert e's rows of application 0, then of application 1, ...
+    order = torch.cat([torch.arange(int(lo), int(hi), device="cuda").repeat(A) +
+                       torch.arange(A, device="cuda").repeat_interleave(int(hi - lo)) * N
+                       for lo, hi in zip(r.offsets_E1[:-1].tolist(), r.offsets_E1[1:].tolist())])
+    rows9 = (r.rows_N.repeat(A) + torch.arange(A, device="cuda").repeat_interleave(N) * T)[order].to(torch.int32)
+    dh9_grouped = dh9[order]
+    cu9 = torch.cat([torch.zeros(1, device="cuda", dtype=torch.long), (counts * A).cumsum(0)]).to(torch.int32)
+    from moeut.kernels.weight_grad import weight_grad_segments_triton
+    seg = (x, dh, r.offsets_E1, r.rows_N, None, None, None)
+    acc = torch.zeros(E, D, S, device="cuda")
+
+    def up_dw9_ours():
+        acc.zero_()
+        weight_grad_segments_triton([seg] * A, accumulate_into=acc)
+        return acc
+
+    return {
+        "up fwd (gather, ReLU)": (lambda: op(x, w1, r.offsets_E1, r.rows_N, None, None, False, True), up_fwd_quack,
+                                  lambda: grouped_mm_reference(f32(x), f32(w1), r.offsets_E1, r.rows_N, relu=True),
+                                  2 * (T * D + E * D * S + N * S)),
+        "down fwd (gate, scatter)": (lambda: op(h, w2, r.offsets_E1, None, gate, slot), down_fwd_quack,
+                                     lambda: grouped_mm_reference(f32(h), f32(w2), r.offsets_E1, None, gate, slot),
+                                     2 * (N * S + E * S * D + N * D)),
+        "down dx (gather dy)": (lambda: op(dy, w2.transpose(1, 2), r.offsets_E1, token, None, None),
+                                lambda: q.gemm(dy, w2.transpose(1, 2), cu_seqlens_m=cu, A_idx=token32, tuned=False),
+                                lambda: grouped_mm_reference(f32(dy), f32(w2).transpose(1, 2), r.offsets_E1, token),
+                                2 * (T * D + E * S * D + N * S)),
+        "up dx (scatter)": (lambda: op(dh, w1.transpose(1, 2), r.offsets_E1, None, None, slot),
+                            lambda: scatter(q.gemm(dh, w1.transpose(1, 2), cu_seqlens_m=cu, tuned=False)),
+                            lambda: grouped_mm_reference(f32(dh), f32(w1).transpose(1, 2), r.offsets_E1, None,
+                                                         None, slot),
+                            2 * (N * S + E * S * D + N * D)),
+        "up dW (gather x), fp32": (lambda: wgrad(x, dh, r.offsets_E1, r.rows_N, None, None, torch.float32),
+                                   lambda: q.gemm(x.t(), dh, cu_seqlens_k=cu, A_idx=rows32, out_dtype=torch.float32,
+                                                  tuned=False),
+                                   lambda: weight_grad_reference(f32(x), f32(dh), r.offsets_E1, r.rows_N),
+                                   2 * (T * D + N * S) + 4 * E * D * S),
+        "down dW^T (gather dy, gate), fp32": (down_dw_t_ours, down_dw_t_quack,
+                                              lambda: weight_grad_reference(f32(h), f32(dy), r.offsets_E1, None,
+                                                                            token, gate).transpose(1, 2),
+                                              2 * (N * S + T * D) + 4 * E * S * D),
+        "up dW over 9 applications (per application)": (
+            up_dw9_ours,
+            lambda: q.gemm(x9.t(), dh9_grouped, cu_seqlens_k=cu9, A_idx=rows9, out_dtype=torch.float32, tuned=False),
+            lambda: A * weight_grad_reference(f32(x), f32(dh), r.offsets_E1, r.rows_N),
+            (2 * (T * D + N * S) + 4 * E * D * S / A)),
+    }
+
+
+def measure(name, mm_tflops, bw, T):
+    D, E, K = SHAPES[name]
+    v = inputs(D, E, K, T)
+    N = v["N"]
+    flops = 2 * N * D * S
+    rows = []
+    for label, (ours, quack, reference, nbytes) in passes(v, D, E, K, T).items():
+        per = 9 if "9 applications" in label else 1
+        want = reference()
+        row = dict(shape=name, pass_=label)
+        bound = max(flops / mm_tflops / 1e9, nbytes / bw / 1e9)
+        for who, fn in (("ours", ours), ("quack", quack)):
+            try:
+                got = fn()
+                torch.cuda.synchronize()
+                row[f"{who}_rel_err"] = rel(got.float(), want)
+                ms = bench(fn) / per
+                row[f"{who}_ms"] = ms
+                row[f"{who}_tflops"] = flops / ms / 1e9
+                row[f"{who}_roofline_share"] = bound / ms
+            except Exception as e:   # a form quack (or this build) does not support: recorded, not fatal
+                row[f"{who}_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}" if str(e) else type(e).__name__
+                traceback.print_exc(limit=3)
+        rows.append(row)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="244M,1B")
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    import quack
+    mm_tflops, bw = ceilings()
+    print(f"{torch.cuda.get_device_name()}, quack {getattr(quack, '__version__', '?')}, torch {torch.__version__}; "
+          f"bf16 matmul {mm_tflops:.0f} TFLOP/s, copy {bw:.2f} TB/s; {args.tokens} tokens")
+    rows = []
+    for name in args.shapes.split(","):
+        rows += measure(name, mm_tflops, bw, args.tokens)
+    print("| shape | pass | ours ms | quack ms | quack / ours | ours TFLOP/s (roofline) | quack TFLOP/s (roofline) | "
+          "rel. error ours / quack |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        def cell(who, key, fmt):
+            return format(r[f"{who}_{key}"], fmt) if f"{who}_{key}" in r else "—"
+        speed = (f"{r['ours_ms'] / r['quack_ms']:.2f}× faster" if "quack_ms" in r and "ours_ms" in r else
+                 r.get("quack_error", "—"))
+        print(f"| {r['shape']} | {r['pass_']} | {cell('ours', 'ms', '.3f')} | {cell('quack', 'ms', '.3f')} | {speed} | "
+              f"{cell('ours', 'tflops', '.0f')} ({cell('ours', 'roofline_share', '.0%')}) | "
+              f"{cell('quack', 'tflops', '.0f')} ({cell('quack', 'roofline_share', '.0%')}) | "
+              f"{cell('ours', 'rel_err', '.1e')} / {cell('quack', 'rel_err', '.1e')} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(mm_tflops=mm_tflops, copy_tb_s=bw, rows=rows), indent=2))
+
+
+if __name__ == "__main__":
+    main()
