@@ -256,7 +256,8 @@ def cmd_migrate(args) -> int:
     import json
     import re
     from pathlib import Path
-    from moeut.train.checkpoint import migrate_legacy_checkpoints, write_json_atomic
+    from moeut.train.checkpoint import write_json_atomic
+    from moeut.train.legacy import migrate_legacy_checkpoints
     from moeut.train.run_dir import RunLock, check_existing_run_dir
     run = Path(args.run)
     check_existing_run_dir(run, writable=True)

@@ -29,8 +29,7 @@ Reading: `verify_checkpoint` checks the manifest's sizes and hashes before anyth
 `newest_intact_checkpoint` walks from the newest checkpoint down and reports each damaged one.
 
 Checkpoints of the earlier pickle format (`step_*.pt`) are refused on load, because unpickling can
-run code; `migrate_legacy_checkpoints` converts a user's own runs once, through PyTorch's restricted
-`weights_only` unpickler (tensors, containers and NumPy arrays only), so even it runs no code.
+run code; `legacy.py` converts a user's own runs once (`moeut migrate`) without running any.
 """
 from __future__ import annotations
 
@@ -602,70 +601,3 @@ def check_finite(state: Dict[str, torch.Tensor], source: str) -> None:
     bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise CheckpointError(f"checkpoint {source} holds non-finite values in {bad[:3]}")
-
-
-# ------------------------------------------------------------------------------------------------
-# The earlier pickle format: converted once, on request, without running code.
-# ------------------------------------------------------------------------------------------------
-
-def _numpy_safe_globals() -> list:
-    import numpy as np
-    core = getattr(np, "_core", None) or np.core
-    out = [core.multiarray._reconstruct, np.ndarray, np.dtype]
-    out += [type(np.dtype(t)) for t in (np.uint32, np.float64, np.int64)]
-    return out
-
-
-def load_pickle_safely(path: Path) -> Any:
-    """A torch.save file read through the restricted unpickler: tensors, containers and NumPy arrays
-    only; anything else (for example a `__reduce__` payload) is refused unexecuted."""
-    from torch.serialization import safe_globals
-    try:
-        with safe_globals(_numpy_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()
-        detail = next((line for line in first if "Unsupported" in line or "global" in line.lower()), first[0] if first else "")
-        raise CheckpointError(f"{path} holds objects other than tensors and plain data, so it is not converted "
-                              f"(nothing in it was run): {detail.strip()[:300]}") from None
-
-
-def load_legacy_checkpoint(path: Path) -> Dict[str, Any]:
-    """A `step_*.pt` of the earlier format, through `load_pickle_safely`."""
-    data = load_pickle_safely(path)
-    if not isinstance(data, dict) or data.get("format") != LEGACY_FORMAT:
-        raise CheckpointError(f"{path} is not a moeut checkpoint of the earlier format")
-    return data
-
-
-def _plain_rng(rng: Any) -> Any:
-    """RNG states with NumPy arrays turned into lists (JSON-able)."""
-    import numpy as np
-    if isinstance(rng, list):
-        return [_plain_rng(r) for r in rng]
-    if isinstance(rng, dict) and "numpy" in rng:
-        name, keys, pos, has_gauss, cached = rng["numpy"]
-        return {**rng, "numpy": (str(name), np.asarray(keys).astype(np.int64).tolist(), int(pos), int(has_gauss),
-                                 float(cached))}
-    return rng
-
-
-def migrate_legacy_checkpoints(run_dir: Path, report: Callable[[str], None] = print) -> List[Path]:
-    """Convert each `step_*.pt` of a run to the current format; the originals move to
-    `checkpoints/legacy/` (delete it once the run resumes). Returns the new checkpoints."""
-    run_dir = Path(run_dir)
-    legacy = list_legacy_checkpoints(run_dir)
-    if not legacy:
-        raise CheckpointError(f"{run_dir} has no checkpoints of the earlier format (checkpoints/step_*.pt)")
-    loaded = [(p, load_legacy_checkpoint(p)) for p in legacy]   # every file checked before anything is written
-    out = []
-    keep_dir = checkpoint_dir(run_dir) / "legacy"
-    keep_dir.mkdir(exist_ok=True)
-    for p, data in loaded:
-        training = {k: data.get(k) for k in TRAINING_KEYS}
-        training["rng"] = _plain_rng(data.get("rng"))
-        new = save_checkpoint(run_dir, int(data["step"]), data["model"], training, keep=0)
-        os.replace(p, keep_dir / p.name)
-        report(f"converted {p.name} -> {new.name}")
-        out.append(new)
-    return out

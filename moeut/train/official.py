@@ -36,6 +36,7 @@ from moeut import profiles
 from moeut.runs import build_model, model_kwargs
 from moeut.train import checkpoint as ckpt_lib
 from moeut.train.checkpoint import CheckpointError
+from moeut.train.legacy import load_pickle_safely
 from moeut.train.run_dir import check_new_run_dir
 from moeut.train.tokenizer import Tokenizer, save_tokenizer
 
@@ -178,7 +179,7 @@ def import_official(checkpoint: str | Path, tokenizer: str | Path, out: str | Pa
     if not checkpoint.is_file():
         raise CheckpointError(f"{checkpoint} does not exist")
     tok = Tokenizer(tokenizer)
-    data = ckpt_lib.load_pickle_safely(checkpoint)
+    data = load_pickle_safely(checkpoint)
     try:
         args, state = data["run_invariants"]["args"], data["model"]
     except (TypeError, KeyError):

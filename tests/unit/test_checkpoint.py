@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moeut.train import checkpoint as ckpt_lib
+from moeut.train.legacy import load_legacy_checkpoint
 
 
 def training_state():
@@ -100,9 +101,9 @@ def test_legacy_reader_refuses_code_and_reads_data(tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"format": "moeut-checkpoint-v1", "x": Payload()}, evil)
     with pytest.raises(ckpt_lib.CheckpointError, match="nothing in it was run"):
-        ckpt_lib.load_legacy_checkpoint(evil)
+        load_legacy_checkpoint(evil)
     assert not marker.exists()
     good = tmp_path / "good.pt"
     torch.save({"format": "moeut-checkpoint-v1", "rng": np.random.get_state(), "w": torch.ones(2)}, good)
-    data = ckpt_lib.load_legacy_checkpoint(good)
+    data = load_legacy_checkpoint(good)
     assert torch.equal(data["w"], torch.ones(2)) and np.array_equal(data["rng"][1], np.random.get_state()[1])
