@@ -32,30 +32,60 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernel_bench import SHAPES, S, bench, ceilings, rel  # noqa: E402
+from kernel_bench import S, SHAPES, bench, ceilings, rel  # noqa: E402
 from moeut.ops.expert_mm import route  # noqa: E402
 from moeut.ops.grouped_mm import grouped_mm_reference, weight_grad_reference  # noqa: E402
 
 
-def inputs(D, E, K, T, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
+SHAPES = {**SHAPES, "tiny": (64, 6, 2)}   # --emulate on a CPU
+
+
+def inputs(D, E, K, T, seed=0, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
     dt = torch.bfloat16
-    x = torch.randn(T, D, device="cuda", dtype=dt, generator=g)
-    w1 = (torch.randn(E, D, S, device="cuda", dtype=dt, generator=g) / D ** 0.5)
-    w2 = (torch.randn(E, S, D, device="cuda", dtype=dt, generator=g) / S ** 0.5)
-    expert = torch.rand(T, E, device="cuda", generator=g).topk(K, dim=-1).indices
+    x = torch.randn(T, D, device=device, dtype=dt, generator=g)
+    w1 = (torch.randn(E, D, S, device=device, dtype=dt, generator=g) / D ** 0.5)
+    w2 = (torch.randn(E, S, D, device=device, dtype=dt, generator=g) / S ** 0.5)
+    expert = torch.rand(T, E, device=device, generator=g).topk(K, dim=-1).indices
     r = route(expert, E)
     N = T * K
-    h = torch.randn(N, S, device="cuda", dtype=dt, generator=g).relu()
-    dh = torch.randn(N, S, device="cuda", dtype=dt, generator=g)
-    dy = torch.randn(T, D, device="cuda", dtype=dt, generator=g)
-    gate = torch.rand(N, device="cuda", generator=g)
+    h = torch.randn(N, S, device=device, dtype=dt, generator=g).relu()
+    dh = torch.randn(N, S, device=device, dtype=dt, generator=g)
+    dy = torch.randn(T, D, device=device, dtype=dt, generator=g)
+    gate = torch.rand(N, device=device, generator=g)
     return dict(x=x, w1=w1, w2=w2, r=r, N=N, h=h, dh=dh, dy=dy, gate=gate, token=r.slot_N // K)
 
 
-def passes(v, D, E, K, T):
-    """{pass: (ours, quack, reference, compulsory bytes)} as zero-argument callables."""
-    from quack import gemm_interface as q
+class EmulatedQuack:
+    """quack's `gemm` / `gemm_act` contract in plain PyTorch, as its interface documents it (varlen M:
+    out rows cu[i]:cu[i+1] = A[A_idx[those rows]] @ B[i]; varlen K: out[i] = A[:, A_idx[cu[i]:cu[i+1]]] @
+    B[cu[i]:cu[i+1]]), for checking this script's operands on a CPU (`--emulate`)."""
+
+    @staticmethod
+    def gemm(A, B, cu_seqlens_m=None, cu_seqlens_k=None, A_idx=None, out_dtype=None, tuned=False):
+        out_dtype = out_dtype or A.dtype
+        A, B = A.float(), B.float()
+        cu = (cu_seqlens_m if cu_seqlens_m is not None else cu_seqlens_k).long().tolist()
+        if cu_seqlens_m is not None:
+            rows = A if A_idx is None else A[A_idx.long()]
+            out = torch.cat([rows[lo:hi] @ B[i] for i, (lo, hi) in enumerate(zip(cu[:-1], cu[1:]))])
+        else:
+            cols = A if A_idx is None else A[:, A_idx.long()]
+            out = torch.stack([cols[:, lo:hi] @ B[lo:hi] for lo, hi in zip(cu[:-1], cu[1:])])
+        return out.to(out_dtype)
+
+    @classmethod
+    def gemm_act(cls, A, B, activation=None, cu_seqlens_m=None, A_idx=None, store_preact=True, tuned=False):
+        pre = cls.gemm(A, B, cu_seqlens_m=cu_seqlens_m, A_idx=A_idx, out_dtype=torch.float32)
+        return (pre.to(A.dtype) if store_preact else None), pre.relu().to(A.dtype)
+
+
+def passes(v, D, E, K, T, q=None):
+    """{pass: (ours, quack, reference, compulsory bytes)} as zero-argument callables; `q` is quack's
+    `gemm_interface` (or `EmulatedQuack`)."""
+    if q is None:
+        from quack import gemm_interface as q
+    dev = v["x"].device
     op, wgrad = torch.ops.moeut.grouped_mm, torch.ops.moeut.grouped_mm_weight_grad
     x, w1, w2, r, N, h, dh, dy, gate, token = (v[k] for k in ("x", "w1", "w2", "r", "N", "h", "dh", "dy", "gate", "token"))
     cu = r.offsets_E1.to(torch.int32)
@@ -86,17 +116,17 @@ def passes(v, D, E, K, T):
     dh9 = dh.repeat(A, 1)
     counts = (r.offsets_E1[1:] - r.offsets_E1[:-1])
     # Regrouped by expert: expert e's rows of application 0, then of application 1, ...
-    order = torch.cat([torch.arange(int(lo), int(hi), device="cuda").repeat(A) +
-                       torch.arange(A, device="cuda").repeat_interleave(int(hi - lo)) * N
+    order = torch.cat([torch.arange(int(lo), int(hi), device=dev).repeat(A) +
+                       torch.arange(A, device=dev).repeat_interleave(int(hi - lo)) * N
                        for lo, hi in zip(r.offsets_E1[:-1].tolist(), r.offsets_E1[1:].tolist())])
-    rows9 = (r.rows_N.repeat(A) + torch.arange(A, device="cuda").repeat_interleave(N) * T)[order].to(torch.int32)
+    rows9 = (r.rows_N.repeat(A) + torch.arange(A, device=dev).repeat_interleave(N) * T)[order].to(torch.int32)
     dh9_grouped = dh9[order]
-    cu9 = torch.cat([torch.zeros(1, device="cuda", dtype=torch.long), (counts * A).cumsum(0)]).to(torch.int32)
-    from moeut.kernels.weight_grad import weight_grad_segments_triton
+    cu9 = torch.cat([torch.zeros(1, device=dev, dtype=torch.long), (counts * A).cumsum(0)]).to(torch.int32)
     seg = (x, dh, r.offsets_E1, r.rows_N, None, None, None)
-    acc = torch.zeros(E, D, S, device="cuda")
+    acc = torch.zeros(E, D, S, device=dev)
 
     def up_dw9_ours():
+        from moeut.kernels.weight_grad import weight_grad_segments_triton
         acc.zero_()
         weight_grad_segments_triton([seg] * A, accumulate_into=acc)
         return acc
@@ -134,22 +164,24 @@ def passes(v, D, E, K, T):
     }
 
 
-def measure(name, mm_tflops, bw, T):
+def measure(name, mm_tflops, bw, T, emulate=False):
     D, E, K = SHAPES[name]
-    v = inputs(D, E, K, T)
+    v = inputs(D, E, K, T, device="cpu" if emulate else "cuda")
     N = v["N"]
     flops = 2 * N * D * S
     rows = []
-    for label, (ours, quack, reference, nbytes) in passes(v, D, E, K, T).items():
+    for label, (ours, quack, reference, nbytes) in passes(v, D, E, K, T, EmulatedQuack if emulate else None).items():
         per = 9 if "9 applications" in label else 1
         want = reference()
         row = dict(shape=name, pass_=label)
-        bound = max(flops / mm_tflops / 1e9, nbytes / bw / 1e9)
+        bound = max(flops / mm_tflops / 1e9, nbytes / bw / 1e9) if not emulate else 0.0
         for who, fn in (("ours", ours), ("quack", quack)):
             try:
                 got = fn()
-                torch.cuda.synchronize()
                 row[f"{who}_rel_err"] = rel(got.float(), want)
+                if emulate:
+                    continue
+                torch.cuda.synchronize()
                 ms = bench(fn) / per
                 row[f"{who}_ms"] = ms
                 row[f"{who}_tflops"] = flops / ms / 1e9
@@ -166,7 +198,19 @@ def main():
     ap.add_argument("--shapes", default="244M,1B")
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--json")
+    ap.add_argument("--emulate", action="store_true",
+                    help="CPU: check this script's operands against quack's documented semantics in PyTorch "
+                         "(no timing; use a small --shapes tiny --tokens 96 with TRITON_INTERPRET=1)")
     args = ap.parse_args()
+    if args.emulate:
+        rows = []
+        for name in args.shapes.split(","):
+            rows += measure(name, 0, 0, args.tokens, emulate=True)
+        for r in rows:
+            print(f"{r['shape']:5} {r['pass_']:45} ours {r.get('ours_rel_err', r.get('ours_error'))}  "
+                  f"emulated quack {r.get('quack_rel_err', r.get('quack_error'))}")
+        bad = [r for r in rows if not all(r.get(f"{w}_rel_err", 1) < 2e-2 for w in ("ours", "quack"))]
+        sys.exit(1 if bad else 0)
     import quack
     mm_tflops, bw = ceilings()
     print(f"{torch.cuda.get_device_name()}, quack {getattr(quack, '__version__', '?')}, torch {torch.__version__}; "
