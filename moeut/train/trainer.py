@@ -583,7 +583,8 @@ def train(cfg: TrainConfig, resume: bool = False, user_data: Optional[List[str]]
         mode = "eager (" + ("--no-cuda-graph" if cfg.cuda_graph == "off" else "CUDA graphs need " +
                             "; ".join(graph_blockers)) + ")"
     if cfg.parallel == "fsdp":
-        mode += f", FSDP2 over {world} process{'es' if world > 1 else ''} (parameters, gradients and AdamW state sharded)"
+        mode += (f", FSDP2 over {world} process{'es' if world > 1 else ''} (parameters, gradients and AdamW state "
+                 f"sharded; checkpoints one file per process{', layers kept gathered in the forward' if cfg.fsdp_keep_gathered else ''})")
     elif world > 1:
         mode += f", {world} processes averaging one flat gradient buffer per step"
     say(f"step mode: {mode}")
