@@ -7,12 +7,13 @@ and recipe: validation perplexity mean ± std per model, the zero-shot table per
 
 Every run sees the same batches (the data order depends on the seed, the same for both models), and
 the seed sets the initialisation. The JSON is rewritten after each run, so a time limit keeps what
-finished.
+finished, and `--continue` picks up from it (in a later call on the same machine or with the JSON).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -27,9 +28,16 @@ def run_all(args) -> dict:
     from moeut.train.trainer import TrainConfig, train
     out = Path(args.out)
     rows = []
+    if args.continue_ and args.json and Path(args.json).is_file():
+        rows = json.loads(Path(args.json).read_text())["runs"]
+        print(f"continuing: {len(rows)} finished runs in {args.json}", flush=True)
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name in args.models.split(","):
             run_dir = out / f"{name}-seed{seed}"
+            if any(r["model"] == name and r["seed"] == seed for r in rows):
+                continue
+            if args.continue_ and run_dir.is_dir():   # this script's own run, cut off before it finished
+                shutil.rmtree(run_dir)
             cfg = TrainConfig(model=name, out=str(run_dir), data=args.data.split(","), tokenizer=args.tokenizer,
                               steps=args.steps, batch_size=args.batch_size, context=args.context, seed=seed,
                               eval_interval=max(1, args.steps // args.budgets), ckpt_interval=10 ** 9,
@@ -134,6 +142,8 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=500)
     ap.add_argument("--out", default="runs/seeded")
     ap.add_argument("--json")
+    ap.add_argument("--continue", dest="continue_", action="store_true",
+                    help="keep the runs already in --json, redo any cut-off run under --out from its start")
     ap.add_argument("--plot", type=Path, help="only draw the figure of this JSON")
     ap.add_argument("--png", type=Path)
     args = ap.parse_args()

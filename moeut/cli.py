@@ -121,8 +121,9 @@ def _add_train(sub):
     p.add_argument("--parallel", choices=("ddp", "fsdp"), default=None,
                    help="how several processes (torchrun) share the work: ddp (default; every process holds the "
                         "whole model, its gradients and AdamW state) or fsdp (FSDP2: all three sharded over the "
-                        "processes, for models that do not fit one GPU that way; eager steps). Checkpoints are the "
-                        "same either way. With --resume: switch it, or change the number of processes")
+                        "processes, for models that do not fit one GPU that way; eager steps; checkpoints sharded, "
+                        "one file per process). Any checkpoint resumes in either mode. With --resume: switch it, or "
+                        "change the number of processes")
     p.add_argument("--fsdp-keep-gathered", action="store_true", default=None,
                    help="with --parallel fsdp: the forward gathers each layer once and keeps it for its later "
                         "applications (MoEUT applies a layer n_layers/group_size times) instead of gathering it at "
