@@ -689,8 +689,6 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
         try:
             if read_own_shards:
                 load_sharded_state(model, opt, resume_from / SHARD_DIR, saved)
-                if not all_parameters_finite(model):
-                    raise ckpt_lib.CheckpointError(f"checkpoint {resume_from} holds non-finite weights")
             elif fsdp:
                 load_optimizer_state(model, opt, saved if by_name else optimizer_state_by_name(saved, names))
             else:
@@ -698,6 +696,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
             sched.load_state_dict(training["scheduler"])
         except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
             raise ckpt_lib.CheckpointError(f"checkpoint {resume_from} does not fit this run: {str(e)[:300]}") from None
+        if read_own_shards and not all_parameters_finite(model):   # collective: every rank checks its pieces
+            raise ckpt_lib.CheckpointError(f"checkpoint {resume_from} holds non-finite weights")
         for g in opt.param_groups:   # a saved run may have used the other step mode
             g["capturable"] = graphed_steps
         rng = training["rng"]

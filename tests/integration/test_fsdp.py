@@ -170,3 +170,22 @@ def test_fsdp_refusals_are_named(corpus, tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(train_args(corpus, tmp_path / "c", cache, steps=1, extra=["--parallel", "fsdp"])) == 0
         assert "FSDP2 over 1 process" in capsys.readouterr().out
+
+
+def test_a_sharded_checkpoint_with_non_finite_weights_is_refused_by_name(corpus, tmp_path, capsys):
+    """Every process checks its own pieces after reading them (a collective check, so no process
+    trains on while another stops)."""
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    assert main(train_args(corpus, run, cache, steps=2, extra=["--parallel", "fsdp", "--ckpt-interval", "2"])) == 0
+    path = ckpt_lib.list_checkpoints(run)[-1]
+    state, training = ckpt_lib.load_model_state(path), ckpt_lib.load_training_state(path)
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name].view(-1)[0] = float("nan")
+    ckpt_lib.save_checkpoint(run, 2, state, {k: training[k] for k in (*ckpt_lib.TRAINING_KEYS, "optimizer_keys")})
+    ckpt_lib.convert_checkpoint(run, path, "sharded", [], shards=1, report=lambda m: None)
+    capsys.readouterr()
+    resume = ["train", "--resume", str(run), "--steps", "4", "--cache-dir", str(cache), "--no-progress"]
+    assert main(resume + ["--parallel", "fsdp"]) == 2
+    assert "holds non-finite weights" in capsys.readouterr().err
+    assert main(resume) == 2   # the plain resume assembles whole tensors and checks them too
+    assert "non-finite" in capsys.readouterr().err
