@@ -189,3 +189,18 @@ def test_a_sharded_checkpoint_with_non_finite_weights_is_refused_by_name(corpus,
     assert "holds non-finite weights" in capsys.readouterr().err
     assert main(resume) == 2   # the plain resume assembles whole tensors and checks them too
     assert "non-finite" in capsys.readouterr().err
+
+
+def test_convert_checkpoint_command_checks_its_arguments_and_keeps_the_weights(corpus, tmp_path, capsys):
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    assert main(train_args(corpus, run, cache, steps=2, extra=["--ckpt-interval", "2"])) == 0
+    before = load_run(run)[0].state_dict()
+    assert main(["convert-checkpoint", str(run), "--layout", "sharded", "--shards", "0"]) == 2
+    assert "--shards must be at least 1" in capsys.readouterr().err
+    assert main(["convert-checkpoint", str(run), "--layout", "sharded", "--step", "99"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert ckpt_lib.checkpoint_layout(ckpt_lib.list_checkpoints(run)[-1]) == "single"
+    assert main(["convert-checkpoint", str(run), "--layout", "sharded", "--shards", "2"]) == 0
+    assert "single -> sharded (2 shard files)" in capsys.readouterr().out
+    after = load_run(run)[0].state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
