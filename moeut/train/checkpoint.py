@@ -225,9 +225,17 @@ def save_checkpoint(run_dir: Path, step: int, model_state: Dict[str, torch.Tenso
     every earlier checkpoint is untouched. Old checkpoints are deleted only after the new one has
     been read back and matched its manifest, so rotation never removes the last intact checkpoint."""
     _check_training(training)
+    return _write_checkpoint(run_dir, step, lambda tmp: _save_safetensors(model_state, tmp / MODEL_FILE),
+                             training, keep, loss)
+
+
+def _write_checkpoint(run_dir: Path, step: int, write_weights: Callable[[Path], None], training: Dict[str, Any],
+                      keep: int, loss: Optional[float]) -> Path:
+    """One writer: `write_weights(tmp)` fills a fresh temporary directory, `finish_checkpoint` completes
+    it; on any failure the temporary directory is removed."""
     tmp = prepare_temporary(run_dir, step, unique=True)
     try:
-        _save_safetensors(model_state, tmp / MODEL_FILE)
+        write_weights(tmp)
         return finish_checkpoint(run_dir, tmp, step, training, keep, loss)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -304,6 +312,8 @@ def finish_checkpoint(run_dir: Path, tmp: Path, step: int, training: Dict[str, A
 def read_manifest(path: Path) -> Dict[str, Any]:
     path = Path(path)
     mpath = path / MANIFEST_FILE
+    if path.is_symlink():
+        raise CheckpointError(f"checkpoint {path} is a symbolic link; links in a run are not followed")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not mpath.is_file() or mpath.is_symlink():
@@ -355,6 +365,15 @@ def verify_checkpoint(path: Path, part: str = "all") -> Dict[str, Any]:
     recorded size and SHA-256; raises CheckpointError naming the first file that does not."""
     path = Path(path)
     manifest = read_manifest(path)
+    if manifest["layout"] == SHARDED:
+        # Distributed Checkpoint's reader takes every *.safetensors file in shards/: nothing else may be there.
+        listed = {n.split("/", 1)[1] for n in manifest["files"] if n.startswith(shard_lib.SHARD_DIR + "/")}
+        shard_dir = path / shard_lib.SHARD_DIR
+        found = set(os.listdir(shard_dir)) if shard_dir.is_dir() and not shard_dir.is_symlink() else set()
+        if found != listed:
+            raise CheckpointError(f"checkpoint {path} is damaged: {shard_lib.SHARD_DIR}/ holds "
+                                  f"{sorted(found - listed) or 'no'} files beyond its manifest and lacks "
+                                  f"{sorted(listed - found) or 'none'}")
     for name in part_files(manifest, part):
         f = path / name
         rec = manifest["files"][name]
@@ -554,28 +573,20 @@ def convert_checkpoint(run_dir: Path, path: Path, layout: str, parameter_names: 
         if manifest["layout"] == SHARDED:   # one-process runs key AdamW by position
             training["optimizer"] = optimizer_state_by_position(opt, parameter_names)
             training["optimizer_keys"] = "positions"
-        tmp = prepare_temporary(run_dir, step, unique=True)
-        try:
+
+        def write_weights(tmp):
             _save_safetensors(model_state, tmp / MODEL_FILE)
-            final = finish_checkpoint(run_dir, tmp, step, training, keep=0, loss=manifest.get("loss"))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     else:
         named = opt if by_name else optimizer_state_by_name(opt, parameter_names)
-        moments = {f"{n}.{m}": s[m] for n, s in named["state"].items() for m in MOMENTS}
         tensors = {**{MODEL_PREFIX + k: v for k, v in model_state.items()},
-                   **{OPTIM_PREFIX + k: v for k, v in moments.items()}}
+                   **{f"{OPTIM_PREFIX}{n}.{m}": s[m] for n, s in named["state"].items() for m in MOMENTS}}
         training["optimizer"], training["optimizer_keys"] = sharded_optimizer_record(named), "names"
-        tmp = prepare_temporary(run_dir, step, unique=True)
-        try:
+
+        def write_weights(tmp):
             (tmp / shard_lib.SHARD_DIR).mkdir()
             for i, part in enumerate(shard_lib.split_dim0(tensors, shards), start=1):
                 shard_lib.write_shard(tmp / shard_lib.SHARD_DIR / shard_lib.shard_file_name(i), part)
-            final = finish_checkpoint(run_dir, tmp, step, training, keep=0, loss=manifest.get("loss"))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    final = _write_checkpoint(run_dir, step, write_weights, training, keep=0, loss=manifest.get("loss"))
     report(f"{final.name}: {manifest['layout']} -> {layout}" + (f" ({shards} shard files)" if layout == SHARDED else ""))
     return final
 

@@ -24,7 +24,7 @@ The eager step is `step.step_body`; CUDA graphs and torch.compile are not combin
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import torch
 
@@ -66,13 +66,6 @@ def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, opt
     its own shards. (The model's weights are loaded into the full model before `shard_model`.)"""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
     set_optimizer_state_dict(model, opt, optimizer_state, options=_options())
-
-
-def parameter_names_in_group_order(model: torch.nn.Module, opt: torch.optim.Optimizer) -> List[str]:
-    """The names of the optimizer's parameters in the order of its groups (the positions that key a
-    one-process optimizer state dict)."""
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    return [name_of[id(p)] for g in opt.param_groups for p in g["params"]]
 
 
 def _flat_sharded_state(model: torch.nn.Module, opt: torch.optim.Optimizer):

@@ -42,7 +42,7 @@ from moeut.train.run_dir import RunLock, check_existing_run_dir, check_new_run_d
 from moeut.runs import build_model, check_memory, model_kwargs, model_kwargs_of_run
 from moeut.train.checkpoint import optimizer_state_by_name, optimizer_state_by_position, sharded_optimizer_record
 from moeut.train.fsdp import (all_parameters_finite, load_optimizer_state, load_sharded_state,
-                              parameter_names_in_group_order, save_sharded_state, shard_model)
+                              save_sharded_state, shard_model)
 from moeut.train.shards import SHARD_DIR
 from moeut.train.step import FlatGradientStep, GraphedTrainStep, collect_router_logits, step_body
 from moeut.train.tokenizer import KINDS, Tokenizer, save_tokenizer, train_paper_tokenizer, train_tokenizer
@@ -605,17 +605,23 @@ def train(cfg: TrainConfig, resume: bool = False, user_data: Optional[List[str]]
             lock.release()
 
 
+def _split_for_weight_decay(model: torch.nn.Module):
+    """(matrices, vectors) as (name, parameter) lists: the former decay, norms and biases do not."""
+    named = list(model.named_parameters())
+    return [(n, p) for n, p in named if p.dim() >= 2], [(n, p) for n, p in named if p.dim() < 2]
+
+
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
     """AdamW's two groups: matrices with weight decay, vectors (norms, biases) without."""
-    named = list(model.named_parameters())
-    return [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}]
+    decay, no_decay = _split_for_weight_decay(model)
+    return [{"params": [p for _, p in decay], "weight_decay": weight_decay},
+            {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
 
 
 def optimizer_parameter_names(model: torch.nn.Module) -> List[str]:
     """The parameters' names in the optimizer's order (the positions of a one-process AdamW state)."""
-    named = list(model.named_parameters())
-    return [n for n, p in named if p.dim() >= 2] + [n for n, p in named if p.dim() < 2]
+    decay, no_decay = _split_for_weight_decay(model)
+    return [n for n, _ in decay + no_decay]
 
 
 def startup_summary(cfg: TrainConfig, model: torch.nn.Module, n_train: int, n_valid: int, device, world: int) -> str:
@@ -681,7 +687,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
     opt = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
                             fused=device.type == "cuda" and not fsdp, capturable=graphed_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    names = parameter_names_in_group_order(model, opt)
+    names = optimizer_parameter_names(model)
     say(startup_summary(cfg, model, len(train_tokens), len(valid_tokens), device, world))
     start_step = 0
     if training is not None:

@@ -362,20 +362,29 @@ def test_graphed_train_step_matches_eager(accum, flat, request):
         assert rel(p, q) < 1e-4
 
 
-def test_train_with_cuda_graph_stops_and_resumes_to_the_same_losses(tmp_path):
-    """`moeut train --cuda-graph` end to end: checkpoint at a stop, resume (eager warm-up steps, a new
-    capture), and the losses of an uninterrupted run."""
-    import json
+def _tiny_run_settings(tmp_path, **overrides):
+    """TrainConfig arguments of a tiny MoEUT run on 30 standard-library files copied into tmp_path."""
     import shutil
     from moeut.train.data import default_corpus_paths
-    from moeut.train.trainer import TrainConfig, config_of_run, train
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for p in default_corpus_paths()[:30]:
         shutil.copy(p, corpus / p.name)
-    common = dict(model="moeut-tiny", data=[str(corpus)], steps=8, batch_size=4, context=64, vocab_size=1000,
-                  log_interval=1, eval_interval=100, eval_windows=2, ckpt_interval=100,
-                  cache_dir=str(tmp_path / "cache"), tensorboard=False, progress=False, cuda_graph="on")
+    return dict(model="moeut-tiny", data=[str(corpus)], batch_size=4, context=64, vocab_size=1000, log_interval=1,
+                eval_interval=100, eval_windows=2, ckpt_interval=100, cache_dir=str(tmp_path / "cache"),
+                tensorboard=False, progress=False, **overrides)
+
+
+def _logged_losses(run_dir):
+    import json
+    return {r["step"]: r["loss"] for r in map(json.loads, open(run_dir / "metrics.jsonl")) if "loss" in r}
+
+
+def test_train_with_cuda_graph_stops_and_resumes_to_the_same_losses(tmp_path):
+    """`moeut train --cuda-graph` end to end: checkpoint at a stop, resume (eager warm-up steps, a new
+    capture), and the losses of an uninterrupted run."""
+    from moeut.train.trainer import TrainConfig, config_of_run, train
+    common = _tiny_run_settings(tmp_path, steps=8, cuda_graph="on")
     train(TrainConfig(out=str(tmp_path / "full"), **common))
     cut = train(TrainConfig(out=str(tmp_path / "cut"), stop_after=3, **common))
     assert cut["stopped"] and cut["step"] == 3
@@ -383,10 +392,7 @@ def test_train_with_cuda_graph_stops_and_resumes_to_the_same_losses(tmp_path):
     cfg.stop_after = 0
     cfg.cache_dir = str(tmp_path / "cache")   # a run's recorded paths are not followed
     assert train(cfg, resume=True)["step"] == 8
-
-    def losses(run):
-        return {r["step"]: r["loss"] for r in map(json.loads, open(tmp_path / run / "metrics.jsonl")) if "loss" in r}
-    full, resumed = losses("full"), losses("cut")
+    full, resumed = _logged_losses(tmp_path / "full"), _logged_losses(tmp_path / "cut")
     assert sorted(resumed) == sorted(full) == list(range(1, 9))
     for step in full:
         assert abs(resumed[step] - full[step]) <= 1e-3 * abs(full[step]), (step, resumed[step], full[step])
@@ -397,30 +403,19 @@ def test_fsdp_sharded_checkpoint_on_cuda_resumes_with_and_without_fsdp(tmp_path)
     Checkpoint writing CUDA DTensors as safetensors) resumes under FSDP and as a plain run, both to
     the uninterrupted run's losses (the plain run's bf16 roundings differ from FSDP's gathered bf16
     weights, hence its wider bound)."""
-    import json
     import shutil
     from moeut.train import checkpoint as ckpt_lib
-    from moeut.train.data import default_corpus_paths
     from moeut.train.trainer import TrainConfig, config_of_run, train
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for p in default_corpus_paths()[:30]:
-        shutil.copy(p, corpus / p.name)
-    common = dict(model="moeut-tiny", data=[str(corpus)], steps=6, batch_size=4, context=64, vocab_size=1000,
-                  log_interval=1, eval_interval=100, eval_windows=2, ckpt_interval=100,
-                  cache_dir=str(tmp_path / "cache"), tensorboard=False, progress=False, parallel="fsdp")
+    common = _tiny_run_settings(tmp_path, steps=6, parallel="fsdp")
     train(TrainConfig(out=str(tmp_path / "full"), **common))
     train(TrainConfig(out=str(tmp_path / "cut"), stop_after=3, **common))
     assert ckpt_lib.checkpoint_layout(ckpt_lib.list_checkpoints(tmp_path / "cut")[-1]) == "sharded"
     shutil.copytree(tmp_path / "cut", tmp_path / "plain")
-
-    def losses(run):
-        return {r["step"]: r["loss"] for r in map(json.loads, open(tmp_path / run / "metrics.jsonl")) if "loss" in r}
     for run, parallel in (("cut", "fsdp"), ("plain", "ddp")):
         cfg = config_of_run(tmp_path / run)
         cfg.stop_after, cfg.parallel, cfg.cache_dir = 0, parallel, str(tmp_path / "cache")
         assert train(cfg, resume=True)["step"] == 6
-        full, resumed = losses("full"), losses(run)
+        full, resumed = _logged_losses(tmp_path / "full"), _logged_losses(tmp_path / run)
         assert sorted(resumed) == sorted(full) == list(range(1, 7))
         bound = 1e-3 if parallel == "fsdp" else 5e-3
         for step in full:

@@ -131,3 +131,22 @@ def test_conversion_refuses_bad_arguments_before_writing(tmp_path):
     with pytest.raises(ckpt_lib.CheckpointError, match="at least 1"):
         ckpt_lib.convert_checkpoint(tmp_path, path, "sharded", names, shards=0, report=lambda m: None)
     assert sorted(p.name for p in path.iterdir()) == before
+
+
+def test_a_file_added_to_shards_or_a_linked_checkpoint_is_refused(tmp_path):
+    """Distributed Checkpoint's reader takes every safetensors file it finds in `shards/`, so a file
+    the manifest does not list makes the checkpoint damaged; a checkpoint directory that is a
+    symbolic link is not followed."""
+    import os
+    _, _, path, names = _single_checkpoint(tmp_path)
+    ckpt_lib.convert_checkpoint(tmp_path, path, "sharded", names, shards=1, report=lambda m: None)
+    link = path.parent / "step_00000099"
+    os.symlink(path, link)
+    with pytest.raises(ckpt_lib.CheckpointError, match="symbolic link"):
+        ckpt_lib.load_model_state(link)
+    extra = path / shard_lib.SHARD_DIR / shard_lib.shard_file_name(2)
+    extra.write_bytes((path / shard_lib.SHARD_DIR / shard_lib.shard_file_name(1)).read_bytes())
+    with pytest.raises(ckpt_lib.CheckpointError, match="shard-00002-model-00001-of-00001.safetensors"):
+        ckpt_lib.verify_checkpoint(path)
+    with pytest.raises(ckpt_lib.CheckpointError, match="beyond its manifest"):
+        ckpt_lib.load_model_state(path)
