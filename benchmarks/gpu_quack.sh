@@ -10,7 +10,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 tar -xJf /tmp/hopper/cu13.tar.xz -C /tmp/site || exit 4
 export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages
 python3 -c "import cutlass, quack; print('quack', getattr(quack, '__version__', '?'))" >> "$S/env.txt" 2>&1
-timeout 500 python3 benchmarks/quack_experts.py --shapes 244M,1B --json "$S/quack.json" > "$S/quack.txt" 2>&1
+timeout 530 python3 benchmarks/quack_experts.py --shapes 244M,1B --sweep-until 430 --json "$S/quack.json" > "$S/quack.txt" 2>&1
 echo "rc=$?" >> "$S/quack.txt"
 grep -v "^  File\|^    " "$S/quack.txt" | tail -30
 cd "$OUT" && tar czf s.tgz s && rm -rf s
