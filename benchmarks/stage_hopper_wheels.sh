@@ -14,7 +14,7 @@ W=.hopper/wheels; mkdir -p "$W" .hopper/a .hopper/b
 PLAT="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $PLAT -d "$W" \
   quack-kernels==0.6.5 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 \
-  nvidia-cutlass-dsl-libs-cu13==4.8.1 apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5 einops==0.8.2
+  nvidia-cutlass-dsl-libs-cu13==4.8.1 nvidia-cutlass-dsl-libs-core==4.8.1 apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5 einops==0.8.2
 rm -rf .hopper/cu13 && mkdir -p .hopper/cu13
 python3 -m zipfile -e "$W"/nvidia_cutlass_dsl_libs_cu13-*.whl .hopper/cu13
 tar -C .hopper/cu13 -cf - nvidia_cutlass_dsl | xz -9 -T2 > .hopper/cu13.tar.xz

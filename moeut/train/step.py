@@ -65,6 +65,21 @@ def clip_and_step(model, opt, clip: float) -> Tensor:
     return gnorm
 
 
+def set_optimizer_mode(opt: torch.optim.Optimizer, fused: bool, capturable: bool) -> None:
+    """Give `opt` this run's implementation flags after `load_state_dict`, which copies the saving run's
+    (a checkpoint written by an FSDP run holds fused=False and capturable=False; one from a graphed
+    run capturable=True), and put each `step` count where those flags need it: fused or capturable
+    AdamW reads it as a float32 tensor on the parameter's device, the others as a CPU tensor."""
+    for g in opt.param_groups:
+        g["fused"], g["capturable"] = fused, capturable
+        for p in g["params"]:
+            state = opt.state.get(p)
+            if not state or not torch.is_tensor(state.get("step")):
+                continue
+            device = p.device if fused or capturable else torch.device("cpu")
+            state["step"] = state["step"].to(device=device, dtype=torch.float32)
+
+
 def step_body(fwd, model, opt, batch_AMT: Tensor, amp: torch.dtype, clip: float, world: int,
               cast_cache: bool = True) -> Tuple[Tensor, Tensor, Tensor, Optional[List[Tensor]]]:
     """One whole step with `.grad` freed afterwards: (mean loss, mean reg loss, gradient norm before
@@ -143,8 +158,7 @@ class GraphedTrainStep:
         self.flat = FlatGradients(model) if flat_gradients else None
         device = next(model.parameters()).device
         self.lr = [torch.tensor(float(g["lr"]), device=device) for g in opt.param_groups]
-        for g in opt.param_groups:   # also after loading an optimizer state saved by an eager run
-            g["capturable"] = True
+        set_optimizer_mode(opt, fused=bool(opt.defaults.get("fused")), capturable=True)
 
     def _whole_step(self):
         return step_body(self.fwd, self.model, self.opt, self.static_batch, self.amp, self.clip, 1, cast_cache=False)[:3]

@@ -44,7 +44,8 @@ from moeut.train.checkpoint import optimizer_state_by_name, optimizer_state_by_p
 from moeut.train.fsdp import (all_parameters_finite, load_optimizer_state, load_sharded_state,
                               save_sharded_state, shard_model)
 from moeut.train.shards import SHARD_DIR
-from moeut.train.step import FlatGradientStep, GraphedTrainStep, collect_router_logits, step_body
+from moeut.train.step import (FlatGradientStep, GraphedTrainStep, collect_router_logits, set_optimizer_mode,
+                              step_body)
 from moeut.train.tokenizer import KINDS, Tokenizer, save_tokenizer, train_paper_tokenizer, train_tokenizer
 
 MAX_VOCAB = 65535   # token ids are cached as uint16
@@ -684,8 +685,9 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
         del model_state
     if fsdp:
         shard_model(model, amp, reshard_after_forward=not cfg.fsdp_keep_gathered)
+    fused_adamw = device.type == "cuda" and not fsdp
     opt = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
-                            fused=device.type == "cuda" and not fsdp, capturable=graphed_steps)
+                            fused=fused_adamw, capturable=graphed_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     names = optimizer_parameter_names(model)
     say(startup_summary(cfg, model, len(train_tokens), len(valid_tokens), device, world))
@@ -704,8 +706,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
             raise ckpt_lib.CheckpointError(f"checkpoint {resume_from} does not fit this run: {str(e)[:300]}") from None
         if read_own_shards and not all_parameters_finite(model):   # collective: every rank checks its pieces
             raise ckpt_lib.CheckpointError(f"checkpoint {resume_from} holds non-finite weights")
-        for g in opt.param_groups:   # a saved run may have used the other step mode
-            g["capturable"] = graphed_steps
+        set_optimizer_mode(opt, fused=fused_adamw, capturable=graphed_steps)   # not the saving run's
         rng = training["rng"]
         _set_rng_state(rng[rank % len(rng)] if isinstance(rng, list) else rng, str(resume_from))
         start_step = int(training["step"])

@@ -422,6 +422,23 @@ def test_fsdp_sharded_checkpoint_on_cuda_resumes_with_and_without_fsdp(tmp_path)
             assert abs(resumed[step] - full[step]) <= bound * abs(full[step]), (run, step, resumed[step], full[step])
 
 
+def test_graphed_checkpoint_resumes_under_fsdp_with_this_runs_optimizer_mode(tmp_path):
+    """The other direction: a graphed run's single-file checkpoint (fused, capturable AdamW, `step` on
+    the GPU) resumed under FSDP2, whose AdamW is neither; it continues to the uninterrupted run's
+    losses within the bf16 difference between the two step modes."""
+    from moeut.train.trainer import TrainConfig, config_of_run, train
+    common = _tiny_run_settings(tmp_path, steps=6)
+    train(TrainConfig(out=str(tmp_path / "full"), **common))
+    train(TrainConfig(out=str(tmp_path / "cut"), stop_after=3, **common))
+    cfg = config_of_run(tmp_path / "cut")
+    cfg.stop_after, cfg.parallel, cfg.cache_dir = 0, "fsdp", str(tmp_path / "cache")
+    assert train(cfg, resume=True)["step"] == 6
+    full, resumed = _logged_losses(tmp_path / "full"), _logged_losses(tmp_path / "cut")
+    assert sorted(resumed) == sorted(full) == list(range(1, 7))
+    for step in full:
+        assert abs(resumed[step] - full[step]) <= 5e-3 * abs(full[step]), (step, resumed[step], full[step])
+
+
 def test_relayed_residual_gradient_matches_autograd_sum_at_244M_shapes(monkeypatch):
     """The attention residual's gradient summed inside SwitchHead's value projection backward
     (`ResidualGradRelay`) against autograd's sum (the relay taken away), 244M layer
