@@ -16,7 +16,8 @@ Passes (N = tokens × k routed rows, S = 128 expert units):
                   K-columns only); the gated h in PyTorch
   up dW × 9       a shared weight's gradient over its nine applications: ours sums 9 segments per
                   launch into fp32; quack reads the 9 applications' rows regrouped by expert
-                  (one cu_seqlens_k over E segments, A_idx into the 9 stacked inputs)
+                  (one cu_seqlens_k over E segments, A_idx into the 9 stacked inputs), given ready-made
+  up dW × 9, distinct   the same over nine distinct inputs (as in a step), quack's regrouping timed
 Figures: median ms (triton.testing.do_bench), TFLOP/s of the 2·N·D·S useful flops, and the share of the
 roofline max(flops / measured matmul rate, compulsory bytes / measured copy bandwidth).
 """
@@ -145,6 +146,26 @@ def passes(v, D, E, K, T, q=None):
         weight_grad_segments_triton([seg] * A, accumulate_into=acc)
         return acc
 
+    # The same, as a step has it: nine distinct inputs and output gradients (each application saves its
+    # own), so quack's one regrouped operand pair must be built first: the inputs stacked, the
+    # gradient rows sorted by (expert, application). That copy is timed with quack's GEMM.
+    xs, dhs = [x.clone() for _ in range(A)], [dh.clone() for _ in range(A)]
+    segs = [(xs[i], dhs[i], r.offsets_E1, r.rows_N, None, None, None) for i in range(A)]
+
+    def up_dw9_distinct_ours():
+        from moeut.kernels.weight_grad import weight_grad_segments_triton
+        acc.zero_()
+        weight_grad_segments_triton(segs, accumulate_into=acc)
+        return acc
+
+    def up_dw9_regrouped_quack(cfg=None):
+        expert_of_n = torch.bucketize(torch.arange(N, device=dev), r.offsets_E1[1:], right=True)
+        order = torch.argsort(torch.cat([expert_of_n * A + i for i in range(A)]), stable=True)
+        dh_grouped = torch.cat(dhs).index_select(0, order)
+        idx = torch.cat([r.rows_N + i * T for i in range(A)]).index_select(0, order).to(torch.int32)
+        return qgemm(torch.cat(xs).t(), dh_grouped, cfg, cu_seqlens_k=(r.offsets_E1 * A).to(torch.int32),
+                     A_idx=idx, out_dtype=torch.float32)
+
     return {
         "up fwd (gather, ReLU)": (lambda: op(x, w1, r.offsets_E1, r.rows_N, None, None, False, True), up_fwd_quack,
                                   lambda: grouped_mm_reference(f32(x), f32(w1), r.offsets_E1, r.rows_N, relu=True),
@@ -175,6 +196,24 @@ def passes(v, D, E, K, T, q=None):
             lambda cfg=None: qgemm(x9.t(), dh9_grouped, cfg, cu_seqlens_k=cu9, A_idx=rows9, out_dtype=torch.float32),
             lambda: A * weight_grad_reference(f32(x), f32(dh), r.offsets_E1, r.rows_N),
             (2 * (T * D + N * S) + 4 * E * D * S / A)),
+        # The forward passes as bare products (no ReLU, gate or scatter) on both sides: what quack's GEMM
+        # could reach if the epilogues it lacks (or that fail to build) cost nothing.
+        "up fwd, products only": (lambda: op(x, w1, r.offsets_E1, r.rows_N, None, None),
+                                  lambda cfg=None: qgemm(x, w1, cfg, cu_seqlens_m=cu, A_idx=rows32),
+                                  lambda: grouped_mm_reference(f32(x), f32(w1), r.offsets_E1, r.rows_N),
+                                  2 * (T * D + E * D * S + N * S)),
+        "down fwd, products only": (lambda: op(h, w2, r.offsets_E1, None, None, None),
+                                    lambda cfg=None: qgemm(h, w2, cfg, cu_seqlens_m=cu),
+                                    lambda: grouped_mm_reference(f32(h), f32(w2), r.offsets_E1, None),
+                                    2 * (N * S + E * S * D + N * D)),
+        "up dx, products only": (lambda: op(dh, w1.transpose(1, 2), r.offsets_E1, None, None, None),
+                                 lambda cfg=None: qgemm(dh, w1.transpose(1, 2), cfg, cu_seqlens_m=cu),
+                                 lambda: grouped_mm_reference(f32(dh), f32(w1).transpose(1, 2), r.offsets_E1, None),
+                                 2 * (N * S + E * S * D + N * D)),
+        "up dW over 9 distinct applications, regrouping timed (per application)": (
+            up_dw9_distinct_ours, up_dw9_regrouped_quack,
+            lambda: A * weight_grad_reference(f32(x), f32(dh), r.offsets_E1, r.rows_N),
+            (2 * (T * D + N * S) + 4 * E * D * S / A)),
     }
 
 
@@ -190,6 +229,8 @@ def sweep_configs():
 
 
 def measure(name, mm_tflops, bw, T, emulate=False, deadline=None):
+    from moeut.settings import settings
+    settings.hopper_gemm = False   # "ours" is the Triton kernel, also where moeut[hopper] is installed
     D, E, K = SHAPES[name]
     v = inputs(D, E, K, T, device="cpu" if emulate else "cuda")
     N = v["N"]
