@@ -8,7 +8,7 @@
 set -u
 export PYTHONUNBUFFERED=1 MOEUT_AUTOTUNE=0
 S=$OUT/s; mkdir -p "$S"
-cap() { local left=$((560 - SECONDS)); [ "$left" -lt "$1" ] && echo $((left > 5 ? left : 5)) || echo "$1"; }   # the tar must run
+cap() { local left=$((${DEADLINE:-560} - SECONDS)); [ "$left" -lt "$1" ] && echo $((left > 5 ? left : 5)) || echo "$1"; }   # the tar must run
 { date -u; nvidia-smi -L; python3 -c 'import torch,triton;print(torch.__version__,triton.__version__)'; } > "$S/env.txt" 2>&1
 source benchmarks/install_hopper.sh >> "$S/env.txt" 2>&1 || { tail -5 "$S/env.txt"; exit 3; }
 timeout $(cap 120) python3 -m pytest -q -p no:cacheprovider --tb=short tests/gpu/test_hopper_gemm.py tests/unit/test_hopper_gemm.py \
