@@ -228,7 +228,7 @@ def sweep_configs():
             for m, n, pp in ((128, 128, True), (256, 128, False), (128, 256, False), (192, 128, True))}
 
 
-def measure(name, mm_tflops, bw, T, emulate=False, deadline=None):
+def measure(name, mm_tflops, bw, T, emulate=False, deadline=None, only=()):
     from moeut.settings import settings
     settings.hopper_gemm = False   # "ours" is the Triton kernel, also where moeut[hopper] is installed
     D, E, K = SHAPES[name]
@@ -237,7 +237,9 @@ def measure(name, mm_tflops, bw, T, emulate=False, deadline=None):
     flops = 2 * N * D * S
     rows = []
     for label, (ours, quack, reference, nbytes) in passes(v, D, E, K, T, EmulatedQuack if emulate else None).items():
-        per = 9 if "9 applications" in label else 1
+        if only and not any(o in label for o in only):
+            continue
+        per = 9 if "over 9" in label else 1
         want = reference()
         row = dict(shape=name, pass_=label)
         bound = max(flops / mm_tflops / 1e9, nbytes / bw / 1e9) if not emulate else 0.0
@@ -283,6 +285,7 @@ def main():
     ap.add_argument("--emulate", action="store_true",
                     help="CPU: check this script's operands against quack's documented semantics in PyTorch "
                          "(no timing; use a small --shapes tiny --tokens 96 with TRITON_INTERPRET=1)")
+    ap.add_argument("--only", default="", help="comma-separated parts of pass names to run (default: all)")
     ap.add_argument("--sweep-until", type=float, default=0,
                     help="after each pass's default-config timing, try explicit quack configs until this many "
                          "seconds after the start (0: no sweep)")
@@ -304,7 +307,8 @@ def main():
     rows = []
     for name in args.shapes.split(","):
         rows += measure(name, mm_tflops, bw, args.tokens,
-                        deadline=start + args.sweep_until if args.sweep_until else None)
+                        deadline=start + args.sweep_until if args.sweep_until else None,
+                        only=tuple(o for o in args.only.split(",") if o))
         if args.json:   # after each shape, so a call cut off still returns what it measured
             Path(args.json).write_text(json.dumps(dict(mm_tflops=mm_tflops, copy_tb_s=bw, rows=rows), indent=2))
     print("| shape | pass | ours ms | quack ms | quack / ours | ours TFLOP/s (roofline) | quack TFLOP/s (roofline) | "
