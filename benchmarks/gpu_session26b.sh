@@ -6,10 +6,10 @@ set -u
 export PYTHONUNBUFFERED=1 MOEUT_AUTOTUNE=0
 S=$OUT/s; mkdir -p "$S"
 source benchmarks/install_hopper.sh > "$S/env.txt" 2>&1 || { tail -5 "$S/env.txt"; exit 3; }
-timeout 100 python3 benchmarks/quack_experts.py --shapes 1B --tokens 8192 --only "down dx" --sweep-until 90 \
+timeout 60 python3 benchmarks/quack_experts.py --shapes 1B --tokens 8192 --only "down dx" --sweep-until 45 \
   --json "$S/quack_8192.json" > "$S/quack_8192.txt" 2>&1; grep "^|\|^  1B" "$S/quack_8192.txt"
-for switch in 1 0; do limit=80; [ $switch = 1 ] && limit=110
-  MOEUT_HOPPER_GEMM=$switch timeout $limit python3 benchmarks/profile_step.py --model moeut-1B --batch 8 --top 14 \
+for switch in 1 0; do limit=60; [ $switch = 1 ] && limit=100
+  MOEUT_HOPPER_GEMM=$switch timeout $limit python3 benchmarks/profile_step.py --model moeut-1B --batch 8 --top 14 --steps 2 \
     --json "$S/profile_1B_$switch.json" > "$S/profile_1B_$switch.txt" 2>&1
 done
 python3 benchmarks/profile_diff.py "$S/profile_1B_0.json" "$S/profile_1B_1.json" 2>&1 | head -30
