@@ -18,6 +18,11 @@ Passes (N = tokens × k routed rows, S = 128 expert units):
                   launch into fp32; quack reads the 9 applications' rows regrouped by expert
                   (one cu_seqlens_k over E segments, A_idx into the 9 stacked inputs), given ready-made
   up dW × 9, distinct   the same over nine distinct inputs (as in a step), quack's regrouping timed
+  ..., products only    up fwd, down fwd and up dx as bare products on both sides (no ReLU, gate or
+                  scatter): what quack's GEMM could reach if the epilogues it lacks cost nothing
+--sweep-until also times a few explicit sm90 tile configs per pass (quack's autotuner compiles ~40 per
+pass, more than a device call holds) and reports quack's best; --only runs the passes whose names
+contain one of the given parts; --tokens sets the token count (a 1B training step has 8192).
 Figures: median ms (triton.testing.do_bench), TFLOP/s of the 2·N·D·S useful flops, and the share of the
 roofline max(flops / measured matmul rate, compulsory bytes / measured copy bandwidth).
 """
@@ -229,8 +234,6 @@ def sweep_configs():
 
 
 def measure(name, mm_tflops, bw, T, emulate=False, deadline=None, only=()):
-    from moeut.settings import settings
-    settings.hopper_gemm = False   # "ours" is the Triton kernel, also where moeut[hopper] is installed
     D, E, K = SHAPES[name]
     v = inputs(D, E, K, T, device="cpu" if emulate else "cuda")
     N = v["N"]

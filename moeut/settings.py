@@ -5,7 +5,6 @@
 | `MOEUT_TRITON=0`          | `triton`      | on      | every operator takes its PyTorch path, on CUDA too |
 | `MOEUT_AUTOTUNE=0`        | `autotune`    | on      | one tile config per kernel variant: no tuning (short runs, tests) |
 | `MOEUT_PYTORCH_OPS=a,b`   | `pytorch_ops` | none    | these operators take their PyTorch path on CUDA (debugging one kernel); names in `OPS` |
-| `MOEUT_HOPPER_GEMM=0`     | `hopper_gemm` | on      | the gathered expert GEMM stays on Triton on an sm90 GPU with `moeut[hopper]` (quack) installed |
 | `MOEUT_WGRAD_DEFER=N`     | `wgrad_defer` | 9       | applications of a shared expert weight whose gradients one launch sums: fewer launches and one write of the fp32 sum, against keeping N - 1 applications' operands alive; 0: no shared bf16 copy at all (each application casts its weights and gets its own gradient) |
 
 Change them in code through `moeut.settings.settings` (tests do), or in the environment before the
@@ -29,7 +28,6 @@ class Settings:
     autotune: bool = True
     pytorch_ops: FrozenSet[str] = field(default_factory=frozenset)
     wgrad_defer: int = 9
-    hopper_gemm: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
@@ -47,7 +45,7 @@ class Settings:
         if not raw.isdigit() or int(raw) > MAX_WGRAD_DEFER:
             raise ValueError(f"MOEUT_WGRAD_DEFER must be a whole number from 0 to {MAX_WGRAD_DEFER}, got {raw!r}")
         return cls(triton=flag("MOEUT_TRITON"), autotune=flag("MOEUT_AUTOTUNE"), pytorch_ops=ops,
-                   wgrad_defer=int(raw), hopper_gemm=flag("MOEUT_HOPPER_GEMM"))
+                   wgrad_defer=int(raw))
 
 
 settings = Settings.from_env()

@@ -11,8 +11,7 @@ torch.compile sees them as opaque nodes with known output shapes; the autograd F
 
 Two implementations sit behind each operator: the plain-PyTorch one here (one matmul per expert
 segment; CPU, and the reference) and the Triton one in `kernels/expert_mm.py` and
-`kernels/weight_grad.py` (CUDA, `use_fused`). On an sm90 GPU with quack installed, the plain gathered
-product (no scale, scatter or ReLU) runs on quack's Hopper GEMM instead (`kernels/hopper_gemm.py`).
+`kernels/weight_grad.py` (CUDA, `use_fused`).
 """
 from __future__ import annotations
 
@@ -115,9 +114,6 @@ def grouped_mm(x: Tensor, weight: Tensor, offsets: Tensor, rows: Optional[Tensor
     _check(x, weight, offsets)
     torch._check(not scale_at_dst or dst is not None, lambda: "grouped_mm: scale_at_dst needs dst")
     if use_fused(x):
-        from moeut.kernels import hopper_gemm
-        if hopper_gemm.handles(x, weight, rows, scale, dst, relu):   # a plain gathered product on sm90 + quack
-            return hopper_gemm.gather_mm_hopper(x, weight, offsets, rows)
         from moeut.kernels.expert_mm import grouped_mm_triton
         return grouped_mm_triton(x, weight, offsets, rows, scale, dst, scale_at_dst, relu)
     return grouped_mm_reference(x, weight, offsets, rows, scale, dst, scale_at_dst, relu)

@@ -273,13 +273,11 @@ def test_settings_come_from_the_environment_and_bad_values_are_named():
     from moeut.settings import Settings
     assert Settings.from_env({}) == Settings()
     s = Settings.from_env({"MOEUT_TRITON": "0", "MOEUT_AUTOTUNE": "0", "MOEUT_PYTORCH_OPS": "rope, norm",
-                           "MOEUT_WGRAD_DEFER": "2", "MOEUT_HOPPER_GEMM": "0"})
-    assert (s.triton, s.autotune, s.pytorch_ops, s.wgrad_defer, s.hopper_gemm) == (False, False, {"rope", "norm"}, 2,
-                                                                                   False)
+                           "MOEUT_WGRAD_DEFER": "2"})
+    assert (s.triton, s.autotune, s.pytorch_ops, s.wgrad_defer) == (False, False, {"rope", "norm"}, 2)
     for env, message in (({"MOEUT_WGRAD_DEFER": "three"}, "MOEUT_WGRAD_DEFER must be a whole number.*'three'"),
                          ({"MOEUT_WGRAD_DEFER": "12"}, "from 0 to 9"),
                          ({"MOEUT_TRITON": "no"}, "MOEUT_TRITON must be 0 or 1"),
-                         ({"MOEUT_HOPPER_GEMM": "off"}, "MOEUT_HOPPER_GEMM must be 0 or 1"),
                          ({"MOEUT_PYTORCH_OPS": "rope,gemm"}, r"unknown operators \['gemm'\]")):
         with pytest.raises(ValueError, match=message):
             Settings.from_env(env)
