@@ -1,4 +1,5 @@
-"""The multi-process step's gradient path (flat buffer, in-place accumulation) against the plain step."""
+"""The multi-process step's gradient path (flat buffer, in-place accumulation) against the plain step, and
+an optimizer resumed from another step mode's state."""
 import copy
 
 import pytest
