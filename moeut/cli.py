@@ -254,22 +254,10 @@ def _add_migrate(sub):
 
 
 def cmd_migrate(args) -> int:
-    import json
-    import re
     from pathlib import Path
-    from moeut.train.checkpoint import write_json_atomic
-    from moeut.train.legacy import migrate_legacy_checkpoints
-    from moeut.train.run_dir import RunLock, check_existing_run_dir
+    from moeut.train.legacy import migrate_run
     run = Path(args.run)
-    check_existing_run_dir(run, writable=True)
-    with RunLock(run):
-        migrate_legacy_checkpoints(run)
-        record = run / "data.json"   # the earlier format recorded the cache's path; now only its key
-        if record.is_file():
-            data = json.loads(record.read_text())
-            key = Path(str(data.get("cache", ""))).name
-            if "key" not in data and re.fullmatch(r"[0-9a-f]{24}", key):
-                write_json_atomic(record, {"key": key, **{k: v for k, v in data.items() if k != "cache"}})
+    migrate_run(run)
     print(f"{run}: converted; resume with: moeut train --resume {run}")
     return 0
 
@@ -285,9 +273,9 @@ def _add_convert_checkpoint(sub):
                                    "are written and verified.")
     p.add_argument("run", metavar="RUN", help="run directory")
     p.add_argument("--layout", required=True, choices=["single", "sharded"], help="the layout to write")
-    p.add_argument("--shards", type=int, default=1, metavar="N",
-                   help="number of shard files for --layout sharded (default 1)")
-    p.add_argument("--step", type=int, metavar="N", help="the checkpoint of this step (default: the newest intact)")
+    p.add_argument("--shards", type=_int_range(1, 4096), default=1, metavar="N",
+                   help="number of shard files for --layout sharded, 1 to 4096 (default 1)")
+    p.add_argument("--step", type=NON_NEGATIVE, metavar="N", help="the checkpoint of this step (default: the newest usable)")
     _add_debug(p)
     p.set_defaults(func=cmd_convert_checkpoint)
 
@@ -295,25 +283,29 @@ def _add_convert_checkpoint(sub):
 def cmd_convert_checkpoint(args) -> int:
     from pathlib import Path
     import torch
-    from moeut.runs import build_model, model_kwargs_of_run
+    from moeut.runs import build_model, check_model_size, model_kwargs_of_run
     from moeut.train import checkpoint as ckpt_lib
     from moeut.train.run_dir import RunLock, check_existing_run_dir, read_run_json
     from moeut.train.trainer import optimizer_parameter_names
     run = Path(args.run)
-    if args.shards < 1:
-        raise ValueError(f"--shards must be at least 1, got {args.shards}")
     check_existing_run_dir(run, writable=True)
     with RunLock(run):
-        if args.step is None:
-            path = ckpt_lib.newest_intact_checkpoint(run, warn=lambda m: print(m, file=sys.stderr))
-            if path is None:
-                raise ckpt_lib.CheckpointError(f"{run} has no checkpoint")
-        else:
-            path = ckpt_lib.checkpoint_dir(run) / f"step_{args.step:08d}"
         meta = read_run_json(run)
+        if not isinstance(meta.get("vocab_size"), int):
+            raise ckpt_lib.CheckpointError(f"{run / 'run.json'} records no vocab_size")
+        kwargs = model_kwargs_of_run(meta)
+        check_model_size(meta["model"], meta["vocab_size"], kwargs)
         with torch.device("meta"):
-            model = build_model(meta["model"], meta["vocab_size"], model_kwargs_of_run(meta))
-        ckpt_lib.convert_checkpoint(run, path, args.layout, optimizer_parameter_names(model), args.shards)
+            model = build_model(meta["model"], meta["vocab_size"], kwargs)
+        spec = ckpt_lib.ModelSpec.of(model, optimizer_parameter_names(model))
+        if args.step is None:
+            found = ckpt_lib.newest_usable_checkpoint(run, "verify", spec, warn=lambda m: print(m, file=sys.stderr))
+            if found is None:
+                raise ckpt_lib.CheckpointError(f"{run} has no checkpoint")
+            path = found.path
+        else:
+            path = ckpt_lib.checkpoint_dir(run) / ckpt_lib.checkpoint_name(args.step)
+        ckpt_lib.convert_checkpoint(run, path, args.layout, spec, args.shards)
     return 0
 
 
@@ -339,7 +331,10 @@ def _add_generate(sub):
 
 
 def _device(name: str) -> str:
+    """--device: auto (cuda where there is a GPU), cpu, cuda or cuda:N; ValueError naming the flag."""
     import torch
+    from moeut.train.trainer import check_device_name
+    check_device_name(name)
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 

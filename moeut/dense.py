@@ -84,7 +84,7 @@ class DenseLayer(torch.nn.Module):
 
 class DenseLM(torch.nn.Module):
     def __init__(self, n_tokens: int, d_model: int, n_layers: int, n_heads: int, d_ff: int,
-                 d_head: Optional[int] = None, dropout: float = 0.0, scale_embedding: bool = True):
+                 d_head: Optional[int] = None, dropout: float = 0.0, scale_embedding: bool = False):
         super().__init__()
         for name, v in dict(n_tokens=n_tokens, d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=d_ff).items():
             require(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
@@ -93,9 +93,11 @@ class DenseLM(torch.nn.Module):
         d_head = d_head or d_model // n_heads
         self.n_tokens = n_tokens
         self.n_layers = n_layers
-        # The training code's language model multiplies the embedding by sqrt(d_model) before the first
-        # layer (`embedding_scale` of its TransformerLanguageModel). Runs made before this option have
-        # it off (`runs.load_run` sees to that).
+        # The training code's TransformerLanguageModel multiplies the embedding by `embedding_scale`, which
+        # it initialises to sqrt(d_model), but its task sets `model.embedding_scale = 1.0` for every pre-LN
+        # variant, this one included (`create_model` in tasks/transformer_lm_mixin.py, the `is_preln()`
+        # branch): the paper's baseline has no scale. `scale_embedding=True` gives the sqrt(d_model) that
+        # runs made between 2026-12-04 and 2026-12-07 used (they record it; `runs.model_kwargs_of_run`).
         self.embedding_scale = math.sqrt(d_model) if scale_embedding else 1.0
         self.embedding = torch.nn.Embedding(n_tokens, d_model)
         self.layers = torch.nn.ModuleList(DenseLayer(d_model, n_heads, d_head, d_ff, dropout) for _ in range(n_layers))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import bz2
 import json
 import math
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -108,16 +109,17 @@ def _batches(model, seqs: Sequence[List[int]], batch_size: int, progress: Option
 
 
 @torch.no_grad()
-def score_requests(model, requests: Sequence[Request], batch_size: int = 32, max_len: int = 1024,
+def score_requests(model, requests: Sequence[Request], batch_size: int = 32, max_len: Optional[int] = None,
                    progress: Optional[str] = None) -> List[Score]:
-    """The log-probability of each request's scored tokens (`get_lprobs`). A sequence longer than
-    max_len + 1 tokens loses tokens from its start."""
+    """The log-probability of each request's scored tokens (`get_lprobs`), each sequence whole as the
+    training code scores it (it never truncates; RoPE positions run past the training context).
+    `max_len`: cut a sequence longer than max_len + 1 tokens from its start instead."""
     seqs, firsts = [], []
     for r in requests:
         full = r.context + r.continuation
         if len(full) < 2 or not r.continuation:
             raise ValueError("a request needs a continuation and at least two tokens in all")
-        cut = max(0, len(full) - (max_len + 1))
+        cut = max(0, len(full) - (max_len + 1)) if max_len is not None else 0
         seqs.append(full[cut:])
         firsts.append(max(len(r.context) - cut, 1))
     results: List[Optional[Score]] = [None] * len(seqs)
@@ -175,7 +177,7 @@ def _item_variance(v: Sequence[bool]) -> float:
 
 
 @torch.no_grad()
-def eval_lambada(model, tok, data_dir, limit, batch_size, max_len: int = 1024):
+def eval_lambada(model, tok, data_dir, limit, batch_size, max_len: Optional[int] = None):
     """`LambadaTest.step`. The whole text is one sequence (the target word included). Accuracy: the
     argmax predictions at the last len(word) positions -- len in characters, as the official code has
     it -- are detokenized, and the text after their last space must equal the word (the text's last
@@ -184,7 +186,7 @@ def eval_lambada(model, tok, data_dir, limit, batch_size, max_len: int = 1024):
     the perplexity of every token of the texts (`lm_perplexity`)."""
     texts = [d["text"] for d in _read_jsonl(_need(data_dir, "lambada"))]
     texts = texts[:limit] if limit else texts
-    seqs = [tok.encode(t)[-(max_len + 1):] for t in texts]
+    seqs = [tok.encode(t)[-(max_len + 1):] if max_len is not None else tok.encode(t) for t in texts]
     words = [t.split(" ")[-1] for t in texts]
     right, last_token_right = [], 0
     word_losses, nll, n_tok = [], 0.0, 0
@@ -369,13 +371,36 @@ def windows_perplexity(model, windows: Iterable[torch.Tensor], bf16: Optional[bo
     return math.exp(nll / max(count, 1)), count
 
 
-def read_text_file(path: str | Path) -> str:
-    """A UTF-8 text file's content; ValueError naming the file if it is not UTF-8 text."""
-    raw = Path(path).read_bytes()
+MAX_TEXT_BYTES = 1 << 30   # an evaluation text or prompt file
+TEXT_BLOCK = 4 << 20
+
+
+def read_text_file(path: str | Path, max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """A UTF-8 text file's content, read in blocks: ValueError naming the file if it is larger than
+    `max_bytes`, holds a NUL byte (binary; found in the first block that has one) or is not UTF-8."""
+    import codecs
+    from moeut.files import FileProblem, open_file
     try:
-        return raw.decode("utf-8")
+        fd = open_file(path, max_bytes=max_bytes)
+    except FileProblem as e:
+        raise ValueError(str(e)) from None
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    parts, offset = [], 0
+    try:
+        with os.fdopen(fd, "rb") as f:
+            while block := f.read(TEXT_BLOCK):
+                nul = block.find(b"\0")
+                if nul >= 0:
+                    raise ValueError(f"{path} is a binary file (a NUL byte at {offset + nul}), not text")
+                try:
+                    parts.append(decoder.decode(block))
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path} is not valid UTF-8 text (byte {offset + e.start})") from None
+                offset += len(block)
+            parts.append(decoder.decode(b"", final=True))
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not valid UTF-8 text (byte {e.start})") from None
+        raise ValueError(f"{path} is not valid UTF-8 text (it ends inside a character, byte {offset + e.start})") from None
+    return "".join(parts)
 
 
 def text_perplexity(model, tok, paths: Sequence[str], context: int = 1024) -> Dict[str, float]:

@@ -69,7 +69,11 @@ def pick_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
     """Next token per row from [B, V] logits: argmax when temperature == 0, else a seeded sample."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = _filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+    # In float64 and shifted so the largest logit is 0 before dividing: a tiny temperature sends the
+    # others to -inf (a sample that is the argmax) instead of overflowing to inf or 0/0 (NaN probabilities).
+    logits = logits.double()
+    scaled = (logits - logits.max(-1, keepdim=True).values) / temperature
+    probs = _filter_logits(scaled, top_k, top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

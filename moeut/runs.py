@@ -1,13 +1,16 @@
 """Model names, construction from a name plus overrides, and loading a trained run for generate/eval.
 
 A run directory is described in `run_dir`; loading one reads only data (JSON, safetensors,
-SentencePiece), checks the checkpoint's integrity and its tensor shapes against the model the run
-describes before allocating the model, and refuses checkpoints of the earlier pickle format.
+SentencePiece): the model's arguments are checked by type and range and its size computed from them
+before any module is built, and the newest checkpoint that passes `checkpoint_reader`'s usable test
+(integrity, the model's shapes and dtypes, finite values) is loaded; checkpoints of the earlier pickle
+format are refused.
 """
 from __future__ import annotations
 
 import inspect
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -28,7 +31,50 @@ BYTES_PER_PARAMETER = {"train": 16, "infer": 4}   # fp32 weights (+ gradients an
 
 def write_json_atomic(path, obj) -> None:
     """Written whole or not at all (a temporary file beside it, fsynced, then renamed)."""
-    ckpt_lib.write_json_atomic(Path(path), obj)
+    from moeut.files import write_json_atomic as write
+    write(Path(path), obj)
+
+
+MAX_INT_ARGUMENT = 1 << 20   # any width, count or k of a model
+MAX_LAYERS = 4096
+MAX_PARAMETERS = 10 ** 12
+
+
+def _argument_kinds(cls) -> Dict[str, str]:
+    """{argument: its annotation as written} of a model class's constructor (strings: the modules use
+    `from __future__ import annotations`)."""
+    return {n: str(p.annotation) for n, p in inspect.signature(cls.__init__).parameters.items()
+            if n not in ("self", "n_tokens", "attention")}
+
+
+def check_argument(name: str, value: Any, annotation: str, model: str) -> None:
+    """One constructor argument against its annotation (int, Optional[int], float, bool, str) and range;
+    ValueError naming the setting."""
+    optional = annotation.startswith("Optional[")
+    base = annotation[len("Optional["):-1] if optional else annotation
+    if value is None and optional:
+        return
+    where = f"--set {name}={json.dumps(value)[:40]}: {model}'s {name}"
+    if base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where} must be an integer" + (" or null" if optional else ""))
+        if not 0 <= value <= MAX_INT_ARGUMENT:
+            raise ValueError(f"{where} must be from 0 to {MAX_INT_ARGUMENT}")
+        if name == "n_layers" and value > MAX_LAYERS:
+            raise ValueError(f"{where} must be at most {MAX_LAYERS}")
+    elif base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{where} must be a finite number")
+        if not 0 <= value <= 1e6:
+            raise ValueError(f"{where} must be from 0 to 1e6")
+    elif base == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false")
+    elif base == "str":
+        if not isinstance(value, str) or len(value) > 100:
+            raise ValueError(f"{where} must be a short string")
+    elif not (value is None or isinstance(value, (bool, int, float, str))):
+        raise ValueError(f"{where} must be a number, a string, true, false or null")
 
 
 def model_kwargs(name: str, overrides: Dict[str, Any] | None = None) -> Dict[str, Any]:
@@ -39,25 +85,62 @@ def model_kwargs(name: str, overrides: Dict[str, Any] | None = None) -> Dict[str
     if table is None or size not in table:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(profiles.model_names())}")
     cls = MoEUTLM if kind == "moeut" else DenseLM
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "n_tokens", "attention"}
-    unknown = sorted(set(overrides or {}) - accepted)
+    kinds = _argument_kinds(cls)
+    if not isinstance(overrides or {}, dict):
+        raise ValueError(f"--set: the model's arguments must be a table of names and values, got {overrides!r}")
+    unknown = sorted(set(overrides or {}) - set(kinds), key=str)
     if unknown:
-        raise ValueError(f"--set {unknown[0]}: {name} has no such argument; it takes {', '.join(sorted(accepted))}")
+        raise ValueError(f"--set {unknown[0]}: {name} has no such argument; it takes {', '.join(sorted(kinds))}")
+    for k, v in (overrides or {}).items():
+        check_argument(k, v, kinds[k], name)
     kwargs = dict(table[size])
     kwargs.update(overrides or {})
     if kind == "dense":
-        kwargs.setdefault("scale_embedding", True)   # recorded in run.json (see `model_kwargs_of_run`)
+        kwargs.setdefault("scale_embedding", False)   # recorded in run.json (see `model_kwargs_of_run`)
     return kwargs
 
 
 def model_kwargs_of_run(meta: Dict[str, Any]) -> Dict[str, Any]:
     """The model's constructor arguments as a run's run.json records them. Dense runs made before
-    `scale_embedding` existed ran without the embedding scale, and keep running without it."""
+    `scale_embedding` existed ran without the embedding scale, and keep running without it; runs that
+    recorded it keep what they recorded."""
     recorded = meta.get("model_kwargs") or {}
     kwargs = model_kwargs(meta["model"], recorded)
     if meta["model"].startswith("dense") and "scale_embedding" not in recorded:
         kwargs["scale_embedding"] = False
     return kwargs
+
+
+def parameter_count(name: str, n_tokens: int, kwargs: Dict[str, Any]) -> int:
+    """The number of parameters `build_model(name, n_tokens, kwargs)` will have, computed from the
+    arguments alone (tests compare it with built models)."""
+    V, D = n_tokens, kwargs["d_model"]
+    heads = kwargs["n_heads"]
+    total = 2 * V * D + V + 2 * D                       # embedding, head (with bias), output LayerNorm
+    if name.startswith("dense"):
+        Dh, F = kwargs.get("d_head") or D // heads, kwargs["d_ff"]
+        per_layer = 4 * D + 3 * D * heads * Dh + heads * Dh * D + D * F + F + F * D + D
+        return total + kwargs["n_layers"] * per_layer
+    Dh = kwargs.get("d_head") or D // heads
+    E, Ea = kwargs["ff_n_experts"], kwargs["att_n_experts"]
+    F = kwargs.get("ff_expert_size", 128)
+    attention = 2 * D * heads * Dh + (2 * heads * Ea * D * Dh + heads * Ea * D if Ea > 1 else 2 * heads * Dh * D)
+    attention += heads * Ea * D                           # the output selector (every Ea)
+    per_layer = attention + 2 * E * D * F + E * D + 4 * D
+    return total + kwargs.get("group_size", 2) * per_layer
+
+
+def check_model_size(name: str, n_tokens: int, kwargs: Dict[str, Any]) -> int:
+    """Refuse, before any module is built, a model whose parameter count (from its arguments) is beyond
+    any machine; returns the count."""
+    try:
+        n = parameter_count(name, n_tokens, kwargs)
+    except (KeyError, TypeError, ZeroDivisionError) as e:
+        raise ValueError(f"bad model argument for {name}: {e}") from None
+    if n > MAX_PARAMETERS:
+        raise ValueError(f"{name} with these arguments would have {n:.3g} parameters, more than {MAX_PARAMETERS:.0e}: "
+                         "check --set and run.json")
+    return n
 
 
 def build_model(name: str, n_tokens: int, kwargs: Dict[str, Any]) -> torch.nn.Module:
@@ -115,22 +198,31 @@ def load_run(path: str | Path, device: str = "cpu") -> Tuple[torch.nn.Module, To
         raise CheckpointError(f"{run_dir} does not exist")
     check_existing_run_dir(run_dir, writable=False)
     meta = read_run_json(run_dir)
+    check_run_config(meta, run_dir)
     tok = Tokenizer(run_dir / "tokenizer.model")
-    if chosen is not None:
-        ckpt_lib.verify_checkpoint(chosen, "model")
-    else:
-        chosen = ckpt_lib.newest_intact_checkpoint(run_dir, warn=_warn, part="model")
-        if chosen is None:
-            raise CheckpointError(f"run {run_dir} has no checkpoint yet")
     kwargs = model_kwargs_of_run(meta)
+    check_model_size(meta["model"], tok.vocab_size, kwargs)
     with torch.device("meta"):
         meta_model = build_model(meta["model"], tok.vocab_size, kwargs)
-    ckpt_lib.check_compatible({k: tuple(v.shape) for k, v in meta_model.state_dict().items()},
-                              ckpt_lib.checkpoint_tensor_shapes(chosen), str(chosen))
     check_memory(meta_model, device, "infer")
-    state = ckpt_lib.load_model_state(chosen, verified=True)
-    ckpt_lib.check_finite(state, str(chosen))
+    spec = ckpt_lib.ModelSpec.of(meta_model)
+    if chosen is not None:
+        found = ckpt_lib.read_checkpoint(chosen, "model", spec)
+    else:
+        found = ckpt_lib.newest_usable_checkpoint(run_dir, "model", spec, warn=_warn)
+        if found is None:
+            raise CheckpointError(f"run {run_dir} has no checkpoint yet")
     model = build_model(meta["model"], tok.vocab_size, kwargs)
-    model.load_state_dict(state)
-    meta = {**meta, "loaded_checkpoint": {"path": str(chosen), "step": ckpt_lib.checkpoint_step(chosen)}}
+    model.load_state_dict(found.model)
+    meta = {**meta, "loaded_checkpoint": {"path": str(found.path), "step": found.step}}
     return model.to(device).eval(), tok, meta
+
+
+def check_run_config(meta: Dict[str, Any], run_dir: Path) -> None:
+    """The settings of run.json that readers use (the training context), in range; CheckpointError naming
+    the file and the field."""
+    context = meta.get("config", {}).get("context")
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int)
+                                or not 1 <= context <= 1 << 20):
+        raise CheckpointError(f"{Path(run_dir) / 'run.json'}: config.context must be an integer from 1 to 1048576, "
+                              f"got {context!r}")

@@ -13,8 +13,10 @@ interrupted export leaves no half-written model; an existing non-empty DIR is re
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -70,10 +72,9 @@ def export_run(run: str | Path, out: str | Path, eval_json: Optional[str | Path]
         model = MoEUTForCausalLM(config)
     model.lm = lm
     model.generation_config = GenerationConfig(eos_token_id=tok.eot_id, pad_token_id=tok.eot_id)
-    tmp = out.parent / f".{out.name}.export-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))   # exclusive, unpredictable
     try:
-        tmp.mkdir(parents=True)
         model.save_pretrained(tmp)
         (tmp / "source.model").write_bytes(tok.model_bytes())
         hf_tok = MoEUTTokenizer(str(tmp / "source.model"))
@@ -95,17 +96,13 @@ def export_run(run: str | Path, out: str | Path, eval_json: Optional[str | Path]
 
 
 def _last_validation(run_dir: Path, step: int) -> Optional[float]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
+    from moeut.train.run_dir import metric_records
     best = None
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue   # a line cut by a crash
-        if isinstance(record, dict) and "val_ppl" in record and record.get("step", 0) <= step:
-            best = record["val_ppl"]
+    for record in metric_records(run_dir):
+        v = record.get("val_ppl")
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 \
+                and record["step"] <= step:
+            best = float(v)
     return best
 
 

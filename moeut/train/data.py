@@ -85,6 +85,9 @@ def _field_values(values: list, where: str, field: str) -> List[str]:
     bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
     if bad is not None:
         raise ValueError(f"{where}: row {bad} has no string field {field!r} (--text-field names the column)")
+    long = next((i for i, v in enumerate(values) if len(v) > MAX_DOCUMENT_BYTES), None)
+    if long is not None:
+        raise ValueError(f"{where}: row {long} holds more than {MAX_DOCUMENT_BYTES >> 20} MiB of text (one document)")
     return values
 
 
@@ -115,22 +118,40 @@ def _parquet_batches(path: Path, field: str):
     names = f.schema_arrow.names
     if field not in names:
         raise ValueError(f"{path}: no column {field!r}; it has {', '.join(names)} (--text-field)")
-    yield from f.iter_batches(batch_size=1024, columns=[field])
+    yield from f.iter_batches(batch_size=64, columns=[field])
+
+
+MAX_DOCUMENT_BYTES = 64 << 20   # one JSONL line or table cell: a book is a few MB; more is refused, unread
+
+
+def _bounded_lines(f, path: Path) -> Iterator[bytes]:
+    """The lines of binary stream `f`, each read with a limit: a line (or a decompressed one) longer than
+    MAX_DOCUMENT_BYTES is refused after that many bytes, never held whole."""
+    i = 0
+    while True:
+        line = f.readline(MAX_DOCUMENT_BYTES + 1)
+        if not line:
+            return
+        i += 1
+        if len(line) > MAX_DOCUMENT_BYTES:
+            raise ValueError(f"{path}:{i}: a line longer than {MAX_DOCUMENT_BYTES >> 20} MiB (one document); "
+                             "split it, or check that the file is what you meant")
+        yield line
 
 
 def _jsonl_lines(path: Path, fmt: str) -> Iterator[bytes]:
     if fmt == ".jsonl.gz":
         import gzip
         with gzip.open(path, "rb") as f:
-            yield from f
+            yield from _bounded_lines(f, path)
     elif fmt == ".jsonl.zst":
         zstd = _optional("zstandard", ".zst files")
         with open(path, "rb") as raw, zstd.ZstdDecompressor().stream_reader(raw) as f:
             import io
-            yield from io.BufferedReader(f)
+            yield from _bounded_lines(io.BufferedReader(f), path)
     else:
         with open(path, "rb") as f:
-            yield from f
+            yield from _bounded_lines(f, path)
 
 
 def _read_jsonl(path: Path, fmt: str, field: str) -> Iterator[str]:
@@ -140,8 +161,8 @@ def _read_jsonl(path: Path, fmt: str, field: str) -> Iterator[str]:
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        except (json.JSONDecodeError, RecursionError, ValueError) as e:
+            raise ValueError(f"{path}:{i}: not valid JSON ({getattr(e, 'msg', e)})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
             raise ValueError(f"{path}:{i}: each JSONL line needs a string field {field!r} (--text-field)")
         yield obj[field]

@@ -11,13 +11,13 @@ How it is laid out:
   - mixed precision: with bf16, parameters are gathered in bf16 for compute, and gradients are reduced
     and the master weights and AdamW state kept in fp32;
   - gradient accumulation: the reduce-scatter runs only after the last micro-batch;
-  - checkpoints: the sharded layout of `checkpoint.py`, through PyTorch Distributed Checkpoint. Each
-    process writes its own pieces of the weights and AdamW moments (`dcp.save` with
+  - checkpoints: the sharded layout of `checkpoint.py`, written through PyTorch Distributed
+    Checkpoint: each process writes its own pieces of the weights and AdamW moments (`dcp.save` with
     `HuggingFaceStorageWriter`: safetensors files whose headers give each piece's offsets; DCP's
     default writer would pickle its metadata, and nothing we load may be unpickled). On resume each
-    process reads the parts of its own shards from any number of files (`dcp.load` with
-    `HuggingFaceStorageReader`), so a run resumes on a different number of processes. The run
-    directory must be one file system that every process sees. A single-layout checkpoint (one
+    process reads its own rows from any number of files with our reader (`load_sharded_state`, which
+    verifies each file through the handle it reads), so a run resumes on a different number of
+    processes. The run directory must be one file system that every process sees. A single-layout checkpoint (one
     process, DDP) resumes under FSDP through the full state (`load_optimizer_state`), and a sharded one
     without FSDP through the assembled whole tensors.
 The eager step is `step.step_body`; CUDA graphs and torch.compile are not combined with FSDP here.
@@ -102,16 +102,49 @@ def save_sharded_state(model: torch.nn.Module, opt: torch.optim.Optimizer, shard
     return opt_sd
 
 
-def load_sharded_state(model: torch.nn.Module, opt: torch.optim.Optimizer, shard_dir,
+def load_sharded_state(model: torch.nn.Module, opt: torch.optim.Optimizer, checkpoint_path,
                        record: Dict[str, Any]) -> None:
-    """Each process reads its parts of the weights and moments from a sharded checkpoint's `shard_dir`,
-    written by any number of processes (collective); `record`: the checkpoint's optimizer record
-    (groups and step counts, `sharded_optimizer_record`)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    """Each process reads its own rows of the weights and moments from a sharded checkpoint written by
+    any number of processes (collective: a fault on any process stops every process, each with a
+    CheckpointError). `record`: the checkpoint's optimizer record (groups and step counts,
+    `sharded_optimizer_record`). The checkpoint was found usable before (`checkpoint_reader`); each
+    process verifies the files it reads, through the handles it reads them from."""
+    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from moeut.train.checkpoint_format import CheckpointError
+    from moeut.train.checkpoint_reader import check_finite, read_rows
+    from moeut.train.shards import dim0_chunk
     flat, model_sd, opt_sd = _flat_sharded_state(model, opt)
-    dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(shard_dir)))
+    error = None
+    try:
+        requests, targets = {}, {}
+        for name, t in flat.items():
+            local = t.to_local() if hasattr(t, "to_local") else t
+            if t.dim() == 0:
+                requests[name] = (0, 0)
+            else:
+                mesh = getattr(t, "device_mesh", None)
+                world, rank = (mesh.size(), mesh.get_coordinate()[0]) if mesh is not None else (1, 0)
+                requests[name] = dim0_chunk(t.shape[0], world, rank)
+                if requests[name][1] - requests[name][0] != local.shape[0]:
+                    raise CheckpointError(f"{name}: this process holds {local.shape[0]} rows, not torch.chunk's "
+                                          f"{requests[name]} of {t.shape[0]} (an FSDP layout this reader does not know)")
+            targets[name] = local
+        rows = read_rows(checkpoint_path, requests)
+        check_finite(rows, str(checkpoint_path))
+        with torch.no_grad():
+            for name, local in targets.items():
+                local.copy_(rows[name].view(local.shape))
+    except CheckpointError as e:
+        error = e
+    failed = torch.tensor(float(error is not None), device=next(model.parameters()).device)
+    if dist.is_initialized():
+        dist.all_reduce(failed)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise CheckpointError(f"checkpoint {checkpoint_path}: another process could not read its part (its error "
+                              "is printed by that process)")
     set_model_state_dict(model, model_sd)
     for name, entry in opt_sd["state"].items():
         entry["step"] = torch.tensor(float(record["steps"][name]))

@@ -7,9 +7,8 @@ its command-line arguments under ["run_invariants"]["args"] (dotted names such a
 "transformer.encoder_n_layers"). It is read through the restricted unpickler (no code runs).
 
 What maps onto what (the training code's module names on the left):
-    embedding.weight                             embedding.weight; its TransformerLanguageModel scales
-                                                 the embedding output by sqrt(d_model): DenseLM does too,
-                                                 and for MoEUTLM the factor goes into the weights
+    embedding.weight                             embedding.weight, times the training code's embedding
+                                                 scale when that is not 1 (`embedding_scale`)
     unique_layers.i.self_attn.projections.q / k  transformer.layers.i.attention.q.weight / k.weight
     unique_layers.i.self_attn.projections.v / o  transformer.layers.i.attention.v / o
     unique_layers.i.self_attn.selections.v / o   transformer.layers.i.attention.sel_v / sel_o
@@ -22,6 +21,14 @@ and, for the dense baseline (`preln_rope`): self_attn.data_to_q and data_to_kv -
 k, v), out_proj -> o, linear1 / linear2 -> ff1 / ff2, norm1 / norm2 -> ln1 / ln2.
 Statistics buffers of the MoE layers (pkm.iter, pkm.kv_sel_counts_100) are dropped. Any other key,
 or a missing one, is an error that names it; so is a setting this library's models do not have.
+
+The file is what the training code's `Saver.save` (framework/helpers/saver.py) writes with torch.save:
+a dict of "model", "run_invariants" ({"args", "wandb_id"}), "state" (the training helper's
+`DotDict` of iteration and epoch: framework/data_structures/dotdict.py, a plain dict subclass), and
+"optimizer", "scaler", "interface", "sampler" when they were registered (the released checkpoints
+dropped the optimizer). It is read through PyTorch's restricted unpickler with one addition to its
+allow-list: the name `framework.data_structures.dotdict.DotDict` maps to a dict subclass of ours, so
+that class's instances load as dicts; every other global is still refused, unexecuted.
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ from typing import Any, Dict, Tuple
 import torch
 
 from moeut import profiles
+from moeut.files import write_json_atomic
 from moeut.runs import build_model, model_kwargs
 from moeut.train import checkpoint as ckpt_lib
 from moeut.train.checkpoint import CheckpointError
@@ -98,7 +106,7 @@ def model_of_args(args: Dict[str, Any], source: str = "checkpoint") -> Tuple[str
         d_head = g("transformer.head_projection_size")
         return kind, dict(d_model=d_model, n_layers=n_layers, n_heads=int(g("transformer.n_heads")),
                           d_ff=int(d_model * float(g("transformer.ff_multiplier"))),
-                          d_head=int(d_head) if d_head is not None else None, scale_embedding=True)
+                          d_head=int(d_head) if d_head is not None else None, scale_embedding=False)
     d_head = g("transformer.head_projection_size")
     return kind, dict(d_model=d_model, n_layers=n_layers, n_heads=int(g("transformer.n_heads")),
                       ff_n_experts=int(g("moe.n_experts")), ff_expert_size=int(g("moe.expert_size")),
@@ -108,9 +116,21 @@ def model_of_args(args: Dict[str, Any], source: str = "checkpoint") -> Tuple[str
                       entropy_reg=float(g("moe.perplexity_reg")), att_entropy_reg=float(g("moe.att.perplexity_reg")))
 
 
-def convert_state(kind: str, state: Dict[str, torch.Tensor], d_model: int, source: str = "checkpoint"
+def embedding_scale(args: Dict[str, Any], d_model: int) -> float:
+    """The factor the training code's language model multiplies its embedding by: sqrt(d_model) as
+    TransformerLanguageModel initialises it, 1.0 for pre-LN variants (`create_model` in
+    tasks/transformer_lm_mixin.py: `if self.is_preln(): model.embedding_scale = 1.0`), and
+    `transformer.embedding_scale` instead when that argument is set."""
+    given = args.get("transformer.embedding_scale")
+    if given is not None:
+        return float(given)
+    return 1.0 if "preln" in str(args.get("transformer.variant", "")) else math.sqrt(d_model)
+
+
+def convert_state(kind: str, state: Dict[str, torch.Tensor], scale: float, source: str = "checkpoint"
                   ) -> Dict[str, torch.Tensor]:
-    """The training code's model state dict as ours (see the module docstring)."""
+    """The training code's model state dict as ours (see the module docstring); `scale`: its embedding
+    scale (`embedding_scale`), folded into our embedding weights."""
     out: Dict[str, torch.Tensor] = {}
     unknown = []
     qkv: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -129,8 +149,8 @@ def convert_state(kind: str, state: Dict[str, torch.Tensor], d_model: int, sourc
             unknown.append(key)
             continue
         value = value.detach().float() if value.is_floating_point() else value
-        if key == "embedding.weight":   # MoEUTLM has no embedding scale: it goes into the weights
-            out[key] = value * math.sqrt(d_model) if kind == "moeut" else value
+        if key == "embedding.weight":   # our models multiply by nothing: the scale goes into the weights
+            out[key] = value * scale if scale != 1.0 else value
         elif key in ("output.weight", "output.bias"):
             out["lm_head." + key.split(".")[1]] = value
         elif key in ("out_norm.weight", "out_norm.bias"):
@@ -159,6 +179,57 @@ def convert_state(kind: str, state: Dict[str, torch.Tensor], d_model: int, sourc
     return out
 
 
+DOTDICT = "framework.data_structures.dotdict.DotDict"   # the training code's only non-builtin class in a checkpoint
+# The dataset class each of the paper's tasks trains its tokenizer in (the `dataset.C4(...)` etc. of its
+# tasks/*_transformer.py); the tokenizer's cache directory, which SentencePiece records in the model
+# as its `model_prefix`, is named after it: ./cache/<class>/<class>[-<variant>]-<pieces>/tokenizer.model.
+TASK_DATASETS = {"c4_transformer": "C4", "slimpajama_transformer": "SlimPajama", "pes2o_transformer": "PES2O",
+                 "thestack_transformer": "TheStack"}
+
+
+def read_training_checkpoint(path: Path) -> Dict[str, Any]:
+    """The dict the training code's `Saver.save` wrote (see the module docstring), read with nothing
+    executed; its structure checked."""
+    data = load_pickle_safely(path, extra_globals=((dict, DOTDICT),))
+    args = data.get("run_invariants", {}).get("args") if isinstance(data, dict) and \
+        isinstance(data.get("run_invariants"), dict) else None
+    if not isinstance(args, dict) or not isinstance(data.get("model"), dict):
+        raise CheckpointError(f"{path} is not a checkpoint of the training code (no 'model' and "
+                              f"'run_invariants'/'args')")
+    if not all(isinstance(k, str) for k in args):
+        raise CheckpointError(f"{path}: run_invariants.args has keys that are not names")
+    return data
+
+
+def check_tokenizer(model_bytes: bytes, args: Dict[str, Any], vocab: int, tokenizer: str, source: str) -> None:
+    """The tokenizer must be the one the training code trained for this checkpoint's task: BPE with
+    split digits (`SentencepieceVocabulary`, framework/dataset/text/tokenizers/sentencepiece.py), the
+    checkpoint's vocabulary size, and trained in the cache directory of the task's dataset (its
+    recorded `model_prefix`). Checked from the model file's own training record, not its piece count
+    alone."""
+    from moeut.train.tokenizer import trainer_record
+    try:
+        record = trainer_record(model_bytes)
+    except ValueError as e:
+        raise CheckpointError(f"{tokenizer}: {e}") from None
+    if record["model_type"] != "BPE" or not record["split_digits"]:
+        raise CheckpointError(f"{tokenizer} was trained as {record['model_type']} with split_digits "
+                              f"{record['split_digits']}; the training code trains BPE with split digits")
+    if record["vocab_size"] != vocab:
+        raise CheckpointError(f"{tokenizer} has {record['vocab_size']} pieces but the checkpoint's embedding has "
+                              f"{vocab} rows: give the tokenizer the model was trained with (the repository's cache/)")
+    task = args.get("task")
+    dataset = TASK_DATASETS.get(task)
+    if dataset is None:
+        raise CheckpointError(f"{source}: task {task!r} is none of the paper's language-modelling tasks "
+                              f"({', '.join(TASK_DATASETS)}), so its tokenizer cannot be checked")
+    prefix = record["model_prefix"].replace("\\", "/")
+    if f"/{dataset}/{dataset}-" not in f"/{prefix}":
+        raise CheckpointError(f"{tokenizer} was trained as {prefix or 'an unnamed model'}, not in the cache of the "
+                              f"{dataset} dataset that task {task} trains on: give that task's tokenizer "
+                              f"(cache/{dataset}/{dataset}-...-{vocab}/tokenizer.model.model)")
+
+
 def model_name_for(kind: str, kwargs: Dict[str, Any]) -> str:
     """The profile whose arguments these are (e.g. moeut-44M), else the kind's tiny profile: run.json
     then records every argument as an override either way."""
@@ -179,18 +250,12 @@ def import_official(checkpoint: str | Path, tokenizer: str | Path, out: str | Pa
     if not checkpoint.is_file():
         raise CheckpointError(f"{checkpoint} does not exist")
     tok = Tokenizer(tokenizer)
-    data = load_pickle_safely(checkpoint)
-    try:
-        args, state = data["run_invariants"]["args"], data["model"]
-    except (TypeError, KeyError):
-        raise CheckpointError(f"{checkpoint} is not a checkpoint of the training code (no 'model' and "
-                              f"'run_invariants'/'args')") from None
+    data = read_training_checkpoint(checkpoint)
+    args, state = data["run_invariants"]["args"], data["model"]
     kind, kwargs = model_of_args(args, str(checkpoint))
-    converted = convert_state(kind, state, kwargs["d_model"], str(checkpoint))
+    converted = convert_state(kind, state, embedding_scale(args, kwargs["d_model"]), str(checkpoint))
     vocab = converted["embedding.weight"].shape[0] if "embedding.weight" in converted else None
-    if vocab != tok.vocab_size:
-        raise CheckpointError(f"{tokenizer} has {tok.vocab_size} pieces but the checkpoint's embedding has {vocab} "
-                              f"rows: give the tokenizer the model was trained with (the repository's cache/)")
+    check_tokenizer(tok.model_bytes(), args, vocab, str(tokenizer), str(checkpoint))
     name = model_name_for(kind, kwargs)
     kwargs = model_kwargs(name, kwargs)
     model = build_model(name, vocab, kwargs)
@@ -198,8 +263,8 @@ def import_official(checkpoint: str | Path, tokenizer: str | Path, out: str | Pa
     missing = sorted(set(own) - set(converted))
     if missing:
         raise CheckpointError(f"{checkpoint}: no weights for {', '.join(missing[:8])}")
-    ckpt_lib.check_compatible({k: tuple(v.shape) for k, v in own.items()},
-                              {k: tuple(v.shape) for k, v in converted.items()}, str(checkpoint))
+    ckpt_lib.check_compatible({k: (tuple(v.shape), v.dtype) for k, v in own.items()},
+                              {k: (tuple(v.shape), v.dtype) for k, v in converted.items()}, str(checkpoint))
     ckpt_lib.check_finite(converted, str(checkpoint))
     model.load_state_dict(converted)
     iteration = data.get("state", {}).get("iter") if isinstance(data.get("state"), dict) else None
@@ -209,7 +274,7 @@ def import_official(checkpoint: str | Path, tokenizer: str | Path, out: str | Pa
         save_tokenizer(tok, out / "tokenizer.model")
         source = {"checkpoint": str(checkpoint.resolve()), "tokenizer": str(Path(tokenizer).resolve()),
                   "variant": args.get("transformer.variant"), "task": args.get("task")}
-        ckpt_lib.write_json_atomic(out / "run.json", {"model": name, "model_kwargs": kwargs, "vocab_size": vocab,
+        write_json_atomic(out / "run.json", {"model": name, "model_kwargs": kwargs, "vocab_size": vocab,
                                                       "config": {}, "imported_from": source})
         training = {"optimizer": None, "scheduler": None, "rng": None, "data_position": None, "config": {}}
         ckpt_lib.save_checkpoint(out, step, {k: v.contiguous() for k, v in model.state_dict().items()}, training, keep=1)

@@ -10,7 +10,9 @@
 
 One writer per run: a trainer takes an exclusive `flock` on `.lock` before it writes anything and
 keeps it to the end; the kernel releases it when the process dies, so a crash never leaves a stale
-lock. A run directory may come from someone else: nothing in it is followed as a path, and the
+lock. A lock counts only while `.lock` is still the file that was locked (a start that fails removes
+the `.lock` it created, and a process that locked the removed file tries again). A process deletes
+only files it created itself. A run directory may come from someone else: nothing in it is followed as a path, and the
 entries above must be plain files and directories, not symbolic links that would send our writes
 elsewhere.
 """
@@ -18,11 +20,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 from pathlib import Path
 
-from moeut.train.checkpoint import CheckpointError, write_file_atomic
+from moeut.files import FileProblem, parse_json, read_bytes, read_json, write_file_atomic
+from moeut.train.checkpoint_format import MAX_RUN_JSON_BYTES, CheckpointError
 
 RUN_ENTRIES = ("run.json", "tokenizer.model", "data.json", "metrics.jsonl", "checkpoints", "tensorboard", ".lock")
 LOCK_FILE = ".lock"
@@ -33,32 +35,77 @@ class RunInUse(CheckpointError):
 
 
 class RunLock:
-    """Exclusive lock of a run directory, held until `release` or process exit."""
+    """Exclusive lock of a run directory, held until `release` or process exit. `created`: whether this
+    process created the `.lock` file (then only it may remove it, `remove_and_release`)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, record: bool = True):
         self.run_dir = Path(run_dir)
         path = self.run_dir / LOCK_FILE
         if path.is_symlink():
             raise CheckpointError(f"{path} is a symbolic link; refusing to use this run directory")
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self.fd)
+        for _ in range(10):
+            self.created = True
+            try:
+                self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except FileExistsError:
+                self.created = False
+                try:
+                    self.fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue   # removed between the two opens: try again
+                except OSError as e:
+                    if e.errno == errno.ELOOP:
+                        raise CheckpointError(f"{path} is a symbolic link; refusing to use this run directory") from None
+                    raise
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                os.close(self.fd)
+                self.fd = None
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise RunInUse(f"run directory {self.run_dir} is in use by another trainer ({holder}); "
+                                   "wait for it to finish or stop it first") from None
+                raise
+            if os.fstat(self.fd).st_nlink > 1:   # shared with another run (a `cp -al` copy): make our own
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+                os.close(self.fd)
+                self.fd = None
+                path.unlink(missing_ok=True)
+                continue
+            if self._still_the_lock_file(path):
+                break
+            os.close(self.fd)   # we locked a file a failed start had removed: lock the current one
             self.fd = None
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunInUse(f"run directory {self.run_dir} is in use by another trainer ({holder}); "
-                               "wait for it to finish or stop it first") from None
-            raise
+        else:
+            raise CheckpointError(f"{path} keeps being replaced; another process is interfering with this run")
+        if record:
+            self.record_holder()
+
+    def record_holder(self) -> None:
+        """Write this process's id into the held lock file (others name it when they find the run busy)."""
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"PID {os.getpid()}\n".encode(), 0)
+
+    def _still_the_lock_file(self, path: Path) -> bool:
+        try:
+            now = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(self.fd)
+        return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
 
     def release(self) -> None:
         if self.fd is not None:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+    def remove_and_release(self) -> None:
+        """Remove `.lock` if this process created it (while still holding it), then release it."""
+        if self.fd is not None and self.created and self._still_the_lock_file(self.run_dir / LOCK_FILE):
+            (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
+        self.release()
 
     def __enter__(self):
         return self
@@ -131,34 +178,79 @@ def check_existing_run_dir(run_dir: Path, writable: bool) -> None:
 
 
 def read_run_json(run_dir: Path) -> dict:
+    """run.json, read once without following a link, within bounds; its top-level fields checked (the
+    model's arguments by `runs.model_kwargs`, the config by the trainer's `validate_config`)."""
     path = Path(run_dir) / "run.json"
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+        meta = read_json(path, MAX_RUN_JSON_BYTES)
+    except FileProblem as e:
+        raise CheckpointError(str(e)) from None
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), str) \
             or not isinstance(meta.get("model_kwargs"), dict) or not isinstance(meta.get("config", {}), dict):
         raise CheckpointError(f"{path} lacks its model name, model_kwargs or config")
+    vocab = meta.get("vocab_size")
+    if vocab is not None and (isinstance(vocab, bool) or not isinstance(vocab, int) or not 2 <= vocab <= 65535):
+        raise CheckpointError(f"{path}: vocab_size must be an integer from 2 to 65535, got {vocab!r}")
     return meta
+
+
+def read_json_record(path: Path, max_bytes: int = 1 << 20):
+    """A small JSON file of a run (data.json), read within bounds; CheckpointError naming it."""
+    try:
+        return read_json(path, max_bytes)
+    except FileProblem as e:
+        raise CheckpointError(str(e)) from None
+
+
+MAX_METRICS_LINE = 1 << 20
+
+
+def metric_records(run_dir: Path):
+    """The records of a run's metrics.jsonl, in order, each a JSON object with an integer step (a line
+    that is not, or is longer than MAX_METRICS_LINE, is skipped)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        data = read_bytes(path, 1 << 36)
+    except FileNotFoundError:
+        return []
+    except FileProblem as e:
+        raise CheckpointError(str(e)) from None
+    out = []
+    for line in data.split(b"\n"):
+        if not line.strip() or len(line) > MAX_METRICS_LINE:
+            continue
+        try:
+            rec = parse_json(line, "metrics.jsonl", MAX_METRICS_LINE, max_depth=4)
+        except FileProblem:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and not isinstance(rec["step"], bool):
+            out.append(rec)
+    return out
 
 
 def truncate_metrics(run_dir: Path, step: int) -> int:
     """Keep the records of steps <= `step` (a resumed run logs the later ones again) and drop a line
     cut short by a crash; returns how many records were dropped."""
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return 0
+    try:
+        data = read_bytes(path, 1 << 36)
+    except FileProblem as e:
+        raise CheckpointError(str(e)) from None
     kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-            ok = isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step
-        except json.JSONDecodeError:
-            ok = False
+    for line in data.split(b"\n"):
+        ok = False
+        if line.strip() and len(line) <= MAX_METRICS_LINE:
+            try:
+                rec = parse_json(line, "metrics.jsonl", MAX_METRICS_LINE, max_depth=4)
+                ok = isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step
+            except FileProblem:
+                ok = False
         if ok:
             kept.append(line)
         elif line.strip():
             dropped += 1
     if dropped:
-        write_file_atomic(path, "".join(l + "\n" for l in kept).encode())
+        write_file_atomic(path, b"".join(l + b"\n" for l in kept))
     return dropped

@@ -147,7 +147,9 @@ class GraphedTrainStep:
     gradient buffer runs between replays, clipping and AdamW are a second graph. No torch.compile
     (the trainer checks)."""
 
-    def __init__(self, fwd, model, opt, amp: torch.dtype, clip: float, warmup: int = 2,
+    WARMUP = 2   # eager steps before the capture
+
+    def __init__(self, fwd, model, opt, amp: torch.dtype, clip: float, warmup: int = WARMUP,
                  flat_gradients: bool = False):
         self.fwd, self.model, self.opt, self.amp, self.clip = fwd, model, opt, amp, clip
         self.warmup = warmup

@@ -1,5 +1,5 @@
 """`moeut sweep FILE.toml`: a list of runs that differ in a few settings, trained and evaluated one after
-the other, collected into one table (sweep.json, a Markdown table) and a plot.
+the other, collected into one table (sweep.json, sweep.md) and a plot (sweep.png).
 
 The file (see sweeps/*.toml):
     name = "group_size"
@@ -8,12 +8,18 @@ The file (see sweeps/*.toml):
     steps = 100000
     [eval]                     optional: flags of `moeut eval` run after each training (tasks, data-dir, limit)
     tasks = "blimp,lambada"
+    [compare]                  optional: the time-to-quality baseline (a group; default: the one group of
+    baseline = "dense"         dense runs) and target (default: that group's final perplexity)
+    target_ppl = 30.0
     [[runs]]                   one table per run: its name (also its directory), and its own flags;
-    name = "G1"                "set" holds constructor arguments, as --set does
+    name = "G1"                "set" holds constructor arguments, as --set does; "group" gathers runs
+    group = "G1"               that differ only in their seed (default: the name)
     set = { group_size = 1, ff_n_experts = 779, att_n_experts = 20 }
 
-Runs go to OUT/<name>. Interrupted, the sweep continues where it stopped: a finished run is not trained
-again, an unfinished one is resumed (`moeut train --resume`).
+Runs go to OUT/<name>. For each, sweep.json keeps its validation curve against tokens, step-time
+seconds and wall-clock seconds (`quality.py`), and the table says per group how soon it reached the
+target against the baseline. Interrupted, the sweep continues where it stopped: a finished run is not
+trained again, an unfinished one is resumed (`moeut train --resume`).
 """
 from __future__ import annotations
 
@@ -22,7 +28,10 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
-from moeut.train.checkpoint import write_json_atomic
+from moeut.files import write_json_atomic
+from moeut.train.quality import markdown as quality_markdown
+from moeut.train.quality import plot as quality_plot
+from moeut.train.quality import read_curve, summarize
 
 
 def read_sweep(path: str | Path) -> Dict[str, Any]:
@@ -32,9 +41,9 @@ def read_sweep(path: str | Path) -> Dict[str, Any]:
         spec = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ValueError(f"{path}: {e}") from None
-    unknown = sorted(set(spec) - {"name", "train", "eval", "runs"})
+    unknown = sorted(set(spec) - {"name", "train", "eval", "compare", "runs"})
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown} (a sweep has name, [train], [eval] and [[runs]])")
+        raise ValueError(f"{path}: unknown keys {unknown} (a sweep has name, [train], [eval], [compare] and [[runs]])")
     runs = spec.get("runs")
     if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) and isinstance(r.get("name"), str)
                                                           for r in runs):
@@ -42,9 +51,21 @@ def read_sweep(path: str | Path) -> Dict[str, Any]:
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names) or any(not n or "/" in n or n.startswith(".") for n in names):
         raise ValueError(f"{path}: run names must be unique plain directory names, got {names}")
-    for key in ("train", "eval"):
+    for key in ("train", "eval", "compare"):
         if not isinstance(spec.get(key, {}), dict):
             raise ValueError(f"{path}: [{key}] must be a table")
+    compare = spec.get("compare", {})
+    extra = sorted(set(compare) - {"baseline", "target_ppl"})
+    if extra:
+        raise ValueError(f"{path}: [compare] takes baseline and target_ppl, not {extra}")
+    target = compare.get("target_ppl")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 1):
+        raise ValueError(f"{path}: [compare] target_ppl must be a perplexity above 1, got {target!r}")
+    groups = {r.get("group", r["name"]) for r in runs}
+    if not all(isinstance(r.get("group", ""), str) for r in runs):
+        raise ValueError(f"{path}: a run's group must be a string")
+    if "baseline" in compare and compare["baseline"] not in groups:
+        raise ValueError(f"{path}: [compare] baseline {compare['baseline']!r} is no run's group ({sorted(groups)})")
     return spec
 
 
@@ -67,8 +88,14 @@ def _config_file(settings: Dict[str, Any], path: Path) -> None:
 
 
 def _last_val_ppl(run_dir: Path) -> float | None:
-    vals = [json.loads(line)["val_ppl"] for line in open(run_dir / "metrics.jsonl") if '"val_ppl"' in line]
+    from moeut.train.run_dir import metric_records
+    vals = [r["val_ppl"] for r in metric_records(run_dir) if _positive_number(r.get("val_ppl"))]
     return vals[-1] if vals else None
+
+
+def _positive_number(v) -> bool:
+    import math
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 def run_sweep(path: str | Path, out: str | Path, main: Callable[[List[str]], int], say=print) -> Dict[str, Any]:
@@ -84,7 +111,7 @@ def run_sweep(path: str | Path, out: str | Path, main: Callable[[List[str]], int
             say(f"{name}: done before, kept")
             continue
         run_dir = out / name
-        settings = {**spec.get("train", {}), **{k: v for k, v in run.items() if k != "name"}}
+        settings = {**spec.get("train", {}), **{k: v for k, v in run.items() if k not in ("name", "group")}}
         settings["set"] = {**spec.get("train", {}).get("set", {}), **run.get("set", {})}
         config = out / f"{name}.toml"
         _config_file(settings, config)
@@ -100,7 +127,9 @@ def run_sweep(path: str | Path, out: str | Path, main: Callable[[List[str]], int
         if code != 0:
             raise ValueError(f"sweep {spec.get('name')}: run {name} failed (exit status {code}); "
                                f"fix it and run the sweep again: finished runs are kept")
-        result = {"settings": settings, "val_ppl": _last_val_ppl(run_dir)}
+        result = {"settings": settings, "val_ppl": _last_val_ppl(run_dir), "group": run.get("group", name),
+                  "model": settings.get("model", "moeut-tiny"), "seed": settings.get("seed", 0),
+                  "curve": read_curve(run_dir)}
         if spec.get("eval"):
             ev = spec["eval"]
             args = ["eval", "--checkpoint", str(run_dir), "--json", str(run_dir / "eval.json")]
@@ -113,10 +142,14 @@ def run_sweep(path: str | Path, out: str | Path, main: Callable[[List[str]], int
                               if isinstance(r, dict) and ("accuracy" in r or "perplexity" in r)}
         record["runs"][name] = result
         write_json_atomic(record_path, record)
-    table = markdown_table(record)
+    compare = spec.get("compare", {})
+    record["time_to_quality"] = summarize(record["runs"], compare.get("baseline"), compare.get("target_ppl"))
+    write_json_atomic(record_path, record)
+    table = markdown_table(record) + "\n\n" + quality_markdown(record["time_to_quality"])
     (out / "sweep.md").write_text(table + "\n")
     say(table)
-    plot(record, out / "sweep.png")
+    if not quality_plot(record["runs"], record["time_to_quality"], out / "sweep.png"):
+        say("(no sweep.png: plotting needs matplotlib, pip install 'moeut[train]')")
     return record
 
 
@@ -128,20 +161,3 @@ def markdown_table(record: Dict[str, Any]) -> str:
         ppl = f"{r['val_ppl']:.2f}" if r.get("val_ppl") is not None else "-"
         rows.append(f"| {name} | {ppl} |" + "".join(f" {r.get('eval', {}).get(t, float('nan')):.4f} |" for t in tasks))
     return "\n".join(rows)
-
-
-def plot(record: Dict[str, Any], png: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    names = [n for n, r in record["runs"].items() if r.get("val_ppl") is not None]
-    fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(names) + 2), 3))
-    ax.bar(range(len(names)), [record["runs"][n]["val_ppl"] for n in names], color="C0")
-    ax.set_xticks(range(len(names)), names)
-    ax.set(title=f"sweep {record.get('name') or ''}: validation perplexity", ylabel="perplexity")
-    fig.tight_layout()
-    fig.savefig(png, dpi=130)
-    plt.close(fig)

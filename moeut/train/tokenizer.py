@@ -24,6 +24,7 @@ import sentencepiece as spm
 NEWLINE = "\n"
 DOCUMENT_SEPARATOR_TEXT = "<STORY_SEP>"   # what the training code appends to every document
 KINDS = ("code", "paper")
+MAX_MODEL_BYTES = 64 << 20
 _LOSSLESS_PROBE = " a  b\n\tc 12 \ufb01"
 
 
@@ -34,10 +35,11 @@ class Tokenizer:
         if (model_path is None) == (model_proto is None):
             raise ValueError("give exactly one of model_path and model_proto")
         if model_path is not None:
+            from moeut.files import read_bytes
             path = Path(model_path)
-            if not path.is_file():
+            if not path.exists() and not path.is_symlink():
                 raise FileNotFoundError(f"tokenizer model not found: {path}")
-            model_proto = path.read_bytes()
+            model_proto = read_bytes(path, MAX_MODEL_BYTES, what=f"tokenizer {path}")   # once, no link followed
         self.proto = model_proto
         self.sp = spm.SentencePieceProcessor()
         try:
@@ -146,6 +148,54 @@ def _train(sentences: Iterable[str], **options) -> Tokenizer:
     return Tokenizer(model_proto=model.getvalue())
 
 
+_MODEL_TYPES = {1: "UNIGRAM", 2: "BPE", 3: "WORD", 4: "CHAR"}
+
+
+def _protobuf_fields(data: bytes):
+    """(field number, value) of one protobuf message: ints for varints, bytes for length-delimited
+    fields (the wire format; fixed-width fields are skipped). ValueError on malformed data."""
+    i, n = 0, len(data)
+
+    def varint():
+        nonlocal i
+        shift = value = 0
+        while True:
+            if i >= n or shift > 63:
+                raise ValueError("a malformed SentencePiece model")
+            b = data[i]
+            i += 1
+            value |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return value
+    while i < n:
+        key = varint()
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            yield field, varint()
+        elif wire == 2:
+            size = varint()
+            if i + size > n:
+                raise ValueError("a malformed SentencePiece model")
+            yield field, data[i:i + size]
+            i += size
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        else:
+            raise ValueError("a malformed SentencePiece model")
+
+
+def trainer_record(model_bytes: bytes) -> dict:
+    """What a SentencePiece model file records of its training (its TrainerSpec, field numbers of
+    sentencepiece_model.proto): model_prefix (2), model_type (3), vocab_size (4), split_digits (25)."""
+    spec = next((v for f, v in _protobuf_fields(model_bytes) if f == 2 and isinstance(v, bytes)), b"")
+    fields = dict(_protobuf_fields(spec))
+    prefix = fields.get(2, b"")
+    return {"model_prefix": prefix.decode("utf-8", errors="replace") if isinstance(prefix, bytes) else "",
+            "model_type": _MODEL_TYPES.get(fields.get(3, 1), str(fields.get(3))),
+            "vocab_size": fields.get(4, 8000), "split_digits": bool(fields.get(25, 0))}
+
+
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
-    from moeut.train.checkpoint import write_file_atomic
+    from moeut.files import write_file_atomic
     write_file_atomic(Path(path), tok.model_bytes())

@@ -22,7 +22,6 @@ import math
 import os
 import random
 import re
-import shutil
 import signal
 import sys
 import threading
@@ -38,17 +37,19 @@ import torch.distributed as dist
 from moeut.train import checkpoint as ckpt_lib
 from moeut.train.data import CACHE_FORMAT, Batches, Corpus, eval_windows, tokenize_corpus
 from moeut.evaluate import windows_perplexity
-from moeut.train.run_dir import RunLock, check_existing_run_dir, check_new_run_dir, read_run_json, truncate_metrics
-from moeut.runs import build_model, check_memory, model_kwargs, model_kwargs_of_run
-from moeut.train.checkpoint import optimizer_state_by_name, optimizer_state_by_position, sharded_optimizer_record
-from moeut.train.fsdp import (all_parameters_finite, load_optimizer_state, load_sharded_state,
-                              save_sharded_state, shard_model)
-from moeut.train.shards import SHARD_DIR
+from moeut.files import open_append, write_file_atomic, write_json_atomic
+from moeut.train.run_dir import (RunLock, check_existing_run_dir, check_new_run_dir, read_json_record, read_run_json,
+                                 truncate_metrics)
+from moeut.runs import build_model, check_memory, check_model_size, model_kwargs, model_kwargs_of_run
+from moeut.train.checkpoint import (ModelSpec, optimizer_state_by_name, optimizer_state_by_position,
+                                    sharded_optimizer_record)
+from moeut.train.fsdp import load_optimizer_state, load_sharded_state, save_sharded_state, shard_model
 from moeut.train.step import (FlatGradientStep, GraphedTrainStep, collect_router_logits, set_optimizer_mode,
                               step_body)
 from moeut.train.tokenizer import KINDS, Tokenizer, save_tokenizer, train_paper_tokenizer, train_tokenizer
 
 MAX_VOCAB = 65535   # token ids are cached as uint16
+MAX_LR = 10.0       # AdamW's step is about lr per weight: far above any useful value, far below float overflow
 
 
 @dataclass
@@ -124,7 +125,7 @@ _RANGES: Dict[str, tuple] = {
     "batch_size": (int, lambda v: v >= 1, "a positive integer"),
     "micro_batch_size": (int, lambda v: v >= 0, "a non-negative integer"),
     "context": (int, lambda v: 1 <= v <= 1 << 20, "an integer from 1 to 1048576"),
-    "lr": (float, lambda v: 0 < v < math.inf, "a positive, finite number"),
+    "lr": (float, lambda v: 0 < v <= MAX_LR, f"a positive number of at most {MAX_LR:g}"),
     "min_lr_ratio": (float, lambda v: 0 <= v <= 1, "a number from 0 to 1"),
     "warmup": (int, lambda v: v >= 0, "a non-negative integer"),
     "weight_decay": (float, lambda v: 0 <= v < math.inf, "a non-negative, finite number"),
@@ -319,9 +320,9 @@ def resume_data(cfg: TrainConfig, run_dir: Path, user_data: Optional[List[str]],
     the default corpus if the run used it. Paths recorded in the run are not followed."""
     record = run_dir / "data.json"
     try:
-        recorded = json.loads(record.read_text())
+        recorded = read_json_record(record)
         key, recorded_format = recorded.get("key"), recorded.get("format")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+    except (OSError, ckpt_lib.CheckpointError, AttributeError):
         key = recorded_format = None
     tok = Tokenizer(run_dir / "tokenizer.model")
     if isinstance(key, str) and _KEY.match(key) and all((Path(cfg.cache_dir) / key / f).is_file()
@@ -340,8 +341,8 @@ def resume_data(cfg: TrainConfig, run_dir: Path, user_data: Optional[List[str]],
         else:
             say("the token cache was rebuilt in the current format (the run's cache predates it); if --data "
                 "changed too, the run continues on the new data")
-    ckpt_lib.write_json_atomic(record, {"key": new_key, "format": CACHE_FORMAT, "train_documents": n_train,
-                                        "valid_documents": n_valid})
+    write_json_atomic(record, {"key": new_key, "format": CACHE_FORMAT, "train_documents": n_train,
+                               "valid_documents": n_valid})
     return tok, new_key
 
 
@@ -465,107 +466,202 @@ def config_of_run(run_dir: str | Path) -> TrainConfig:
 
 def _start_new_run(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any], device, say) -> RunLock:
     """Checks, data and tokenizer first; then the directory, locked, with run.json, tokenizer.model
-    and data.json. On failure after the directory was made, what this start wrote is removed."""
+    and data.json. On failure, exactly what this start created is removed: never a file another
+    process wrote (two starts racing for one --out: the loser leaves the winner's run as it was)."""
     check_new_run_dir(run_dir)
     given = None
     if cfg.tokenizer and cfg.tokenizer not in KINDS:
         given = Tokenizer(cfg.tokenizer)
         cfg.vocab_size = given.vocab_size
+    check_model_size(cfg.model, cfg.vocab_size, kwargs)
     with torch.device("meta"):
         check_memory(build_model(cfg.model, cfg.vocab_size, kwargs), device, "train")
     tok, key, n_train, n_valid = build_data(cfg, given, say)
     check_tokens(cfg, *open_tokens(cfg.cache_dir, key), tok.vocab_size)
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = None
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
-        lock = RunLock(run_dir)
+        run_dir.mkdir()
+        created_dir = True
+    except FileExistsError:
+        created_dir = False
+    lock, written = None, []
+    try:
+        lock = RunLock(run_dir, record=False)
         check_new_run_dir(run_dir)   # again, under the lock: another start may have won the race
-        meta = {"model": cfg.model, "model_kwargs": kwargs, "vocab_size": tok.vocab_size, "config": asdict(cfg)}
-        ckpt_lib.write_json_atomic(run_dir / "run.json", meta)
-        save_tokenizer(tok, run_dir / "tokenizer.model")
-        ckpt_lib.write_json_atomic(run_dir / "data.json", {"key": key, "format": CACHE_FORMAT,
-                                                           "train_documents": n_train, "valid_documents": n_valid})
+        lock.record_holder()
+        meta = {"model": cfg.model, "model_kwargs": kwargs, "vocab_size": tok.vocab_size, "config": asdict(cfg),
+                "moeut_version": _version()}
+        for name, data in (("run.json", meta), ("tokenizer.model", tok.model_bytes()),
+                           ("data.json", {"key": key, "format": CACHE_FORMAT, "train_documents": n_train,
+                                          "valid_documents": n_valid})):
+            written.append(run_dir / name)
+            if isinstance(data, bytes):
+                write_file_atomic(run_dir / name, data)
+            else:
+                write_json_atomic(run_dir / name, data)
         return lock
     except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
         if lock is not None:
-            for name in ("run.json", "tokenizer.model", "data.json"):
-                (run_dir / name).unlink(missing_ok=True)
-            ckpt_lib.remove_stale_temporaries(run_dir)
-            (run_dir / ".lock").unlink(missing_ok=True)
-            lock.release()
-            if created:
-                try:
-                    run_dir.rmdir()
-                except OSError:
-                    pass
+            lock.remove_and_release()
+        if created_dir:
+            try:
+                run_dir.rmdir()   # only if nothing else is in it
+            except OSError:
+                pass
         raise
 
 
+def _version() -> str:
+    """The installed moeut's version (recorded in run.json)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("moeut")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def _open_run_for_resume(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any], user_data, device, say):
-    """(lock, checkpoint or None): the run locked, leftovers removed, damaged checkpoints newer than
-    the newest intact one set aside (each reported), the checkpoint's tensors checked against the
-    model's shapes before anything is allocated, the data found, metrics cut back to its step."""
+    """(lock, checkpoint or None, run.json to write once the checkpoint loaded or None): the run locked,
+    leftovers removed, the newest usable checkpoint read (`checkpoint_reader`: every newer one named
+    with its fault and set aside), the data found, metrics cut back to its step. Nothing the run holds
+    is rewritten before the checkpoint was found usable."""
     check_existing_run_dir(run_dir, writable=True)
     lock = RunLock(run_dir)
     try:
         for p in ckpt_lib.remove_stale_temporaries(run_dir):
             say(f"removed {p.name}, left by an interrupted write")
-        path = ckpt_lib.newest_intact_checkpoint(run_dir, warn=say)
-        for newer in [p for p in ckpt_lib.list_checkpoints(run_dir) if path is None or p.name > path.name]:
-            say(f"moved the damaged checkpoint {newer.name} aside to {ckpt_lib.quarantine(newer).name}")
         meta = read_run_json(run_dir)
         vocab = meta.get("vocab_size")
         if isinstance(vocab, bool) or not isinstance(vocab, int) or not 2 <= vocab <= MAX_VOCAB:
             raise ckpt_lib.CheckpointError(f"{run_dir / 'run.json'}: vocab_size {vocab!r} is out of range")
+        check_model_size(cfg.model, vocab, kwargs)
         with torch.device("meta"):
             meta_model = build_model(cfg.model, vocab, kwargs)
-        if path is not None:
-            ckpt_lib.check_compatible({k: tuple(v.shape) for k, v in meta_model.state_dict().items()},
-                                      ckpt_lib.checkpoint_tensor_shapes(path), str(path))
         check_memory(meta_model, device, "train")
+        spec = ModelSpec.of(meta_model, optimizer_parameter_names(meta_model))
         tok, _ = resume_data(cfg, run_dir, user_data, say)
         if tok.vocab_size != vocab:
             raise ckpt_lib.CheckpointError(f"{run_dir}: tokenizer.model has {tok.vocab_size} pieces, run.json "
                                            f"says {vocab}")
-        step = ckpt_lib.checkpoint_step(path) if path is not None else 0
-        _extend_schedule(cfg, run_dir, meta, step, say)
+        part = "training" if cfg.parallel == "fsdp" else "all"
+        found = ckpt_lib.newest_usable_checkpoint(run_dir, part, spec, warn=say)
+        step = found.step if found is not None else 0
+        for newer in [p for p in ckpt_lib.list_checkpoints(run_dir) if ckpt_lib.checkpoint_step(p) > step]:
+            say(f"moved the unusable checkpoint {newer.name} aside to {ckpt_lib.quarantine(newer).name}")
+        new_meta = _extended_schedule(cfg, meta, step, say)
         dropped = truncate_metrics(run_dir, step)
         if dropped:
             say(f"metrics.jsonl: dropped {dropped} records after step {step} (they are logged again)")
-        if path is None:
+        if found is None:
             say(f"{run_dir} has no checkpoint yet: starting it from step 0")
-        return lock, path
+        return lock, found, new_meta
     except BaseException:
         lock.release()
         raise
 
 
-def _extend_schedule(cfg: TrainConfig, run_dir: Path, meta: Dict[str, Any], step: int, say) -> None:
-    """`--resume --steps N` with N other than the run's length: a longer run, stated, and recorded in
-    run.json; the cosine schedule is recomputed over the new length, so the learning rate at the
-    checkpoint's step moves to where the longer cosine has it."""
+def _extended_schedule(cfg: TrainConfig, meta: Dict[str, Any], step: int, say) -> Optional[Dict[str, Any]]:
+    """`--resume --steps N` with N other than the run's length: a longer run, stated; returns the run.json
+    to record it in (written once the checkpoint has loaded), or None. The cosine schedule is recomputed
+    over the new length, so the learning rate at the checkpoint's step moves to where the longer cosine
+    has it."""
     started = meta.get("config", {}).get("steps")
     if not isinstance(started, int) or cfg.steps == started:
-        return
+        return None
     if cfg.steps <= step:
         raise ValueError(f"--steps {cfg.steps}: the run is already at step {step}; give more steps to extend it")
     before = lr_lambda(replace(cfg, steps=started))(step) * cfg.lr
     after = lr_lambda(cfg)(step) * cfg.lr
     say(f"extending the run from {started} to {cfg.steps} steps: the cosine schedule now spans {cfg.steps} steps, "
         f"so the learning rate at step {step} goes from {before:.3g} to {after:.3g}")
-    ckpt_lib.write_json_atomic(run_dir / "run.json", {**meta, "config": {**meta["config"], "steps": cfg.steps}})
+    return {**meta, "config": {**meta["config"], "steps": cfg.steps}}
+
+
+class StepClock:
+    """Where a run's time goes, for time-to-quality: `train_seconds`, the steps' own time (from a step's
+    start to the host sync that ends it; evaluation and checkpoints excluded), `wall_seconds` since the
+    launch, and `startup_seconds`, what each process's first `startup_steps` steps took beyond a
+    steady step (CUDA graph capture, kernel autotuning): those steps count in `train_seconds` at the
+    time of the first steady step, so short runs are not charged a one-off start. All three carry over
+    a resume (the checkpoint's "clock")."""
+
+    def __init__(self, saved: Optional[Dict[str, Any]], launched: float, startup_steps: int):
+        saved = saved if isinstance(saved, dict) else {}
+        get = lambda k: float(saved[k]) if isinstance(saved.get(k), (int, float)) and saved[k] >= 0 else 0.0  # noqa: E731
+        self.train, self.startup, self.wall_before = get("train_seconds"), get("startup_seconds"), get("wall_seconds")
+        self.launched, self.startup_steps = launched, startup_steps
+        self.steps, self.pending, self.since_record, self.t0 = 0, 0.0, 0.0, 0.0
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        dt = time.perf_counter() - self.t0
+        self.steps += 1
+        if self.steps <= self.startup_steps:
+            self.pending += dt
+            return
+        if self.steps == self.startup_steps + 1:   # the start-up steps, charged at this steady step's time
+            self.train += self.startup_steps * dt
+            self.since_record += self.startup_steps * dt
+            self.startup += max(0.0, self.pending - self.startup_steps * dt)
+        self.train += dt
+        self.since_record += dt
+
+    def interval(self) -> float:
+        """Step seconds since the last `record` (the start-up steps' share included)."""
+        return self.since_record if self.steps > self.startup_steps else self.pending
+
+    def wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self.launched
+
+    def record(self, tokens: int) -> Dict[str, float]:
+        self.since_record = 0.0
+        return {"tokens": tokens, "train_seconds": round(self.train, 3), "wall_seconds": round(self.wall(), 3),
+                "startup_seconds": round(self.startup, 3)}
+
+    def state(self) -> Dict[str, float]:
+        return {"train_seconds": self.train, "wall_seconds": self.wall(), "startup_seconds": self.startup}
 
 
 class Diverged(RuntimeError):
-    """The loss or gradient norm became non-finite."""
+    """The loss, the gradient norm, the weights or the optimizer state became non-finite."""
+
+
+def state_is_finite(model: torch.nn.Module, opt: torch.optim.Optimizer, world: int) -> bool:
+    """Whether every weight and AdamW moment is finite (this process's pieces of them under FSDP); with
+    several processes every process learns whether all are (collective)."""
+    tensors = [p.detach() for p in model.parameters()]
+    tensors += [v for s in opt.state.values() for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")]
+    tensors = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    device = tensors[0].device
+    bad = torch.zeros((), device=device)
+    for t in tensors:
+        if t.numel():
+            bad += (~torch.isfinite(t)).any().float()
+    if world > 1 or (dist.is_available() and dist.is_initialized()):
+        dist.all_reduce(bad)
+    return not bool(bad.item())
+
+
+def last_good_checkpoint(run_dir: Path) -> str:
+    """A sentence naming the newest checkpoint that is usable now (read and checked), or saying there is none."""
+    try:
+        found = ckpt_lib.newest_usable_checkpoint(run_dir, "verify", warn=lambda m: None)
+    except ckpt_lib.CheckpointError:
+        found = None
+    if found is None:
+        return "No usable checkpoint had been written."
+    return f"The newest usable checkpoint, {found.path.name} (step {found.step}), holds the last state saved."
 
 
 def train(cfg: TrainConfig, resume: bool = False, user_data: Optional[List[str]] = None) -> Dict[str, Any]:
     """Train (or, with resume=True, continue the run in cfg.out). Returns final metrics for rank 0.
     `user_data`: --data given with --resume (used only if the run's tokenized data are not cached)."""
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    launched = time.perf_counter()
+    check_device_name(cfg.device)
     rank, world, device = setup_distributed(cfg.device, group_of_one=cfg.parallel == "fsdp")
     say = (lambda m: print(m, flush=True)) if rank == 0 else (lambda m: None)
     check_types(cfg)
@@ -590,20 +686,34 @@ def train(cfg: TrainConfig, resume: bool = False, user_data: Optional[List[str]]
         mode += f", {world} processes averaging one flat gradient buffer per step"
     say(f"step mode: {mode}")
 
+    check_model_size(cfg.model, cfg.vocab_size, kwargs)
+    new_meta = None
     if resume:
-        lock, resume_from = on_rank0(lambda: _open_run_for_resume(cfg, run_dir, kwargs, user_data, device, say),
-                                     rank, world, device) or (None, None)
+        lock, resume_from, new_meta = on_rank0(
+            lambda: _open_run_for_resume(cfg, run_dir, kwargs, user_data, device, say), rank, world, device) \
+            or (None, None, None)
     else:
         lock, resume_from = on_rank0(lambda: _start_new_run(cfg, run_dir, kwargs, device, say),
                                      rank, world, device), None
     barrier(world)
-    if resume and rank != 0:   # rank 0 verified it and set aside any damaged newer one
+    if resume and rank != 0:   # rank 0 found it usable and set aside every newer one; each rank reads it
         resume_from = (ckpt_lib.list_checkpoints(run_dir) or [None])[-1]
     try:
-        return _train_locked(cfg, run_dir, kwargs, rank, world, device, accum, resume_from, say)
+        return _train_locked(cfg, run_dir, kwargs, rank, world, device, accum, resume_from, new_meta, say, launched)
     finally:
         if lock is not None:
             lock.release()
+
+
+def check_device_name(name: str) -> None:
+    """auto, cpu, cuda or cuda:N, and a CUDA device only where there is one; ValueError naming --device."""
+    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", name):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA device is available (use --device cpu)")
+        if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _split_for_weight_decay(model: torch.nn.Module):
@@ -652,11 +762,13 @@ def step_graph_blockers(cfg: TrainConfig, device) -> List[str]:
 
 
 def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int, device, accum: int,
-                  resume_from: Optional[Path], say) -> Dict[str, Any]:
+                  resume_from, new_meta: Optional[Dict[str, Any]], say, launched: float) -> Dict[str, Any]:
+    """`resume_from`: the checkpoint rank 0 read (`Checkpoint`), its path on the other ranks, or None.
+    `new_meta`: a run.json to write once the checkpoint has loaded (a resume that extends the run)."""
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    key = json.loads((run_dir / "data.json").read_text())["key"]
+    key = read_json_record(run_dir / "data.json").get("key")
     tok = Tokenizer(run_dir / "tokenizer.model")
     train_tokens, valid_tokens = open_tokens(cfg.cache_dir, key)
 
@@ -670,19 +782,22 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
     amp = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     fsdp = cfg.parallel == "fsdp"
     training = None
-    # An FSDP run resuming from a sharded checkpoint reads only its own parts, after sharding; every
+    # An FSDP run resuming from a sharded checkpoint reads only its own rows, after sharding; every
     # other resume loads whole tensors into the whole model first.
-    read_own_shards = fsdp and resume_from is not None and ckpt_lib.checkpoint_layout(resume_from) == ckpt_lib.SHARDED
     if resume_from is not None:
-        training = ckpt_lib.load_training_state(resume_from, verified=rank == 0, optimizer_tensors=not read_own_shards)
+        spec = ModelSpec.of(model, optimizer_parameter_names(model))
+        if not isinstance(resume_from, ckpt_lib.Checkpoint):   # ranks other than 0 read it themselves
+            resume_from = ckpt_lib.read_checkpoint(resume_from, "training" if fsdp else "all", spec)
+        if resume_from.model is None and resume_from.layout == ckpt_lib.SINGLE:
+            resume_from.model = ckpt_lib.read_checkpoint(resume_from.path, "model", spec).model
+        training = resume_from.training
+    read_own_shards = resume_from is not None and resume_from.model is None
     if resume_from is not None and not read_own_shards:
-        model_state = ckpt_lib.load_model_state(resume_from, verified=rank == 0)
-        ckpt_lib.check_finite(model_state, str(resume_from))
         try:
-            model.load_state_dict(model_state)
+            model.load_state_dict(resume_from.model)
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
-            raise ckpt_lib.CheckpointError(f"checkpoint {resume_from} does not fit this run: {str(e)[:300]}") from None
-        del model_state
+            raise ckpt_lib.CheckpointError(f"checkpoint {resume_from.path} does not fit this run: {str(e)[:300]}") from None
+        resume_from.model = None
     if fsdp:
         shard_model(model, amp, reshard_after_forward=not cfg.fsdp_keep_gathered)
     fused_adamw = device.type == "cuda" and not fsdp
@@ -696,21 +811,21 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
         saved, by_name = training["optimizer"], training.get("optimizer_keys") == "names"
         try:
             if read_own_shards:
-                load_sharded_state(model, opt, resume_from / SHARD_DIR, saved)
+                load_sharded_state(model, opt, resume_from.path, saved)
             elif fsdp:
                 load_optimizer_state(model, opt, saved if by_name else optimizer_state_by_name(saved, names))
             else:
                 opt.load_state_dict(optimizer_state_by_position(saved, names) if by_name else saved)
             sched.load_state_dict(training["scheduler"])
         except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
-            raise ckpt_lib.CheckpointError(f"checkpoint {resume_from} does not fit this run: {str(e)[:300]}") from None
-        if read_own_shards and not all_parameters_finite(model):   # collective: every rank checks its pieces
-            raise ckpt_lib.CheckpointError(f"checkpoint {resume_from} holds non-finite weights")
+            raise ckpt_lib.CheckpointError(f"checkpoint {resume_from.path} does not fit this run: {str(e)[:300]}") from None
         set_optimizer_mode(opt, fused=fused_adamw, capturable=graphed_steps)   # not the saving run's
         rng = training["rng"]
-        _set_rng_state(rng[rank % len(rng)] if isinstance(rng, list) else rng, str(resume_from))
+        _set_rng_state(rng[rank % len(rng)] if isinstance(rng, list) else rng, str(resume_from.path))
         start_step = int(training["step"])
-        say(f"resumed {run_dir} from {resume_from.name} at step {start_step}")
+        if new_meta is not None and rank == 0:   # the extended length, recorded only now that the run goes on
+            write_json_atomic(run_dir / "run.json", new_meta)
+        say(f"resumed {run_dir} from {resume_from.path.name} at step {start_step}")
         if start_step >= cfg.steps:
             say(f"the run is complete ({start_step} of {cfg.steps} steps): nothing to train")
 
@@ -729,7 +844,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
             writer = SummaryWriter(str(run_dir / "tensorboard"))
         except ImportError:
             pass
-    metrics_f = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
+    metrics_f = open_append(run_dir / "metrics.jsonl", say) if rank == 0 else None
 
     def log(rec):
         if metrics_f is not None:
@@ -741,30 +856,25 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
                         writer.add_scalar(k, v, rec["step"])
 
     def save(step, loss):
+        """The state after step `step`'s update, checked finite on every rank before anything is written
+        (a poisoned optimizer state makes NaN weights from a finite loss), then saved."""
+        if not state_is_finite(model, opt, world):
+            raise Diverged(f"the weights or the optimizer state became non-finite at step {step} (the loss before "
+                           f"that update was {float(loss.item()):.4g}); training stopped and nothing was saved. "
+                           + last_good_checkpoint(run_dir) + " Try a lower --lr or a stronger --clip in a new run.")
+
         def training_state(opt_state, keys):
             return {"optimizer": opt_state, "optimizer_keys": keys, "scheduler": sched.state_dict(),
-                    "rng": _rng_state(), "data_position": step * cfg.batch_size, "config": asdict(cfg)}
+                    "rng": _rng_state(), "data_position": step * cfg.batch_size, "config": asdict(cfg),
+                    "clock": clock.state()}
         if fsdp:
-            save_sharded(step, float(loss.item()), training_state)
+            ckpt_lib.save_sharded_checkpoint(
+                run_dir, step, lambda shard_dir: save_sharded_state(model, opt, shard_dir),
+                lambda opt_state: training_state(sharded_optimizer_record(opt_state), "names"),
+                keep=cfg.keep_checkpoints, loss=float(loss.item()), rank=rank, world=world, device=device)
         elif rank == 0:
             ckpt_lib.save_checkpoint(run_dir, step, model.state_dict(), training_state(opt.state_dict(), "positions"),
                                      keep=cfg.keep_checkpoints, loss=float(loss.item()))
-
-    def save_sharded(step, loss, training_state):
-        """Every rank writes its shards into one temporary directory; rank 0 completes it. A failure on
-        any rank reaches every rank through DCP, and rank 0 removes the directory."""
-        tmp = ckpt_lib.prepare_temporary(run_dir, step) if rank == 0 else ckpt_lib.temporary_path(run_dir, step)
-        barrier(world)
-        try:
-            opt_state = save_sharded_state(model, opt, tmp / SHARD_DIR)
-            if rank == 0:
-                ckpt_lib.finish_checkpoint(run_dir, tmp, step, training_state(sharded_optimizer_record(opt_state), "names"),
-                                           keep=cfg.keep_checkpoints, loss=loss)
-        except BaseException:
-            if rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        barrier(world)
 
     stop = _StopFlag()
     # Signal handlers can only be installed from the main thread (a notebook or test runner may not be).
@@ -775,10 +885,13 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
                unit="step", file=sys.stdout)
     model.train()
     tokens_per_step = cfg.batch_size * cfg.context
-    t_last, steps_since = time.time(), 0
+    clock = StepClock(training.get("clock") if training is not None else None, launched,
+                      startup_steps=GraphedTrainStep.WARMUP + 1 if graphed is not None else 1)
+    steps_since = 0
     step = start_step
     try:
         while step < cfg.steps:
+            clock.start()
             batch = batches.batch(step, rank, world, accum)
             log_step = (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.steps
             router_logits = None
@@ -804,32 +917,31 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
             if world > 1:
                 dist.all_reduce(flags)
             stopping, diverged = (bool(v) for v in flags.tolist())
+            clock.stop()
             if diverged:
                 raise Diverged(
                     f"the loss or gradient norm became non-finite at step {step} (loss {loss_sum.item():.4g}, "
                     f"gradient norm {float(gnorm):.4g}); training stopped and nothing was saved after it. "
-                    + (f"The newest checkpoint, {ckpt_lib.list_checkpoints(run_dir)[-1].name}, holds the last "
-                       "finite state." if ckpt_lib.list_checkpoints(run_dir) else "No checkpoint had been written.")
-                    + " Try a lower --lr or a stronger --clip in a new run.")
+                    + last_good_checkpoint(run_dir) + " Try a lower --lr or a stronger --clip in a new run.")
             if step % cfg.log_interval == 0 or step == cfg.steps:
                 if world > 1:
                     dist.all_reduce(loss_sum)
                     loss_sum /= world
-                dt = time.time() - t_last
                 rec = {"step": step, "loss": round(loss_sum.item(), 6), "reg_loss": round(reg_sum.item(), 6),
                        "lr": sched.get_last_lr()[0], "grad_norm": round(float(gnorm), 5),
-                       "tokens_per_s": round(tokens_per_step * steps_since / max(dt, 1e-9), 1)}
+                       "tokens_per_s": round(tokens_per_step * steps_since / max(clock.interval(), 1e-9), 1),
+                       **clock.record(step * tokens_per_step)}
                 if router_logits and k_ffn:
                     rec.update(router_stats(router_logits, k_ffn))
                 log(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-                t_last, steps_since = time.time(), 0
+                steps_since = 0
             bar.update(1)
             if step % cfg.eval_interval == 0 or step == cfg.steps:
                 if rank == 0 or fsdp:   # a sharded model runs on every rank in step; rank 0 reports
                     ppl = validation_perplexity(model, valid_tokens, cfg.context, cfg.eval_windows, amp == torch.bfloat16)
                 if rank == 0:
-                    log({"step": step, "val_ppl": round(ppl, 4)})
+                    log({"step": step, "val_ppl": round(ppl, 4), **clock.record(step * tokens_per_step)})
                     bar.write(f"step {step}: validation perplexity {ppl:.2f}")
                 if rank == 0 and not fsdp:   # statistics and samples need the whole model in one process
                     stats = expert_statistics(model, valid_tokens, cfg.context, amp)

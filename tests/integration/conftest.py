@@ -27,6 +27,29 @@ def train_args(corpus: Path, out: Path, cache: Path, steps: int = 8, extra=()):
 
 
 PY = sys.executable
+STEPS = 9
+
+
+@pytest.fixture(scope="session")
+def reference(corpus, tmp_path_factory):
+    """An uninterrupted run of STEPS steps (checkpoints at 3, 6, 9), its cache, and its losses by step:
+    the run every fault test copies and damages."""
+    import json
+    from moeut.cli import main
+    base = tmp_path_factory.mktemp("reference")
+    run, cache = base / "run", base / "cache"
+    assert main(train_args(corpus, run, cache, steps=STEPS)) == 0
+    losses = {r["step"]: r["loss"] for r in map(json.loads, open(run / "metrics.jsonl")) if "loss" in r}
+    return run, cache, losses
+
+
+@pytest.fixture
+def finished(reference, tmp_path):
+    """A private copy of the reference run, to damage."""
+    run, cache, want = reference
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy, cache, want
 
 
 def wait_for_logged_steps(run: Path, n: int, proc, timeout: float) -> None:

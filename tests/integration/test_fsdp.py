@@ -73,7 +73,8 @@ def test_saved_with_4_processes_resumes_with_2_and_with_1(corpus, tmp_path):
     torchrun(4, train_args(corpus, run4, cache, steps=3, extra=["--parallel", "fsdp"]))
     newest = ckpt_lib.list_checkpoints(run4)[-1]
     assert ckpt_lib.checkpoint_layout(newest) == "sharded"
-    assert len(shard_lib.shard_files(newest / shard_lib.SHARD_DIR)) == 4
+    assert sorted(p.name for p in (newest / shard_lib.SHARD_DIR).iterdir()) == \
+        [shard_lib.shard_file_name(i) for i in (1, 2, 3, 4)]
     state = _training_state(run4)
     assert state["optimizer_keys"] == "names" and state["step"] == 3 and state["data_position"] == 3 * 4
     assert all(isinstance(k, str) for k in state["optimizer"]["state"])
@@ -173,21 +174,31 @@ def test_fsdp_refusals_are_named(corpus, tmp_path, capsys):
 
 
 def test_a_sharded_checkpoint_with_non_finite_weights_is_refused_by_name(corpus, tmp_path, capsys):
-    """Every process checks its own pieces after reading them (a collective check, so no process
-    trains on while another stops)."""
+    """The usable-checkpoint test reads every piece of a sharded checkpoint (one tensor at a time) before
+    an FSDP resume picks it, and the plain resume assembles whole tensors and checks them too."""
+    import hashlib
+    import json
+    from moeut.train import shards as shard_lib
     run, cache = tmp_path / "run", tmp_path / "cache"
     assert main(train_args(corpus, run, cache, steps=2, extra=["--parallel", "fsdp", "--ckpt-interval", "2"])) == 0
     path = ckpt_lib.list_checkpoints(run)[-1]
-    state, training = ckpt_lib.load_model_state(path), ckpt_lib.load_training_state(path)
-    name = next(k for k, v in state.items() if v.is_floating_point())
-    state[name].view(-1)[0] = float("nan")
-    ckpt_lib.save_checkpoint(run, 2, state, {k: training[k] for k in (*ckpt_lib.TRAINING_KEYS, "optimizer_keys")})
-    ckpt_lib.convert_checkpoint(run, path, "sharded", [], shards=1, report=lambda m: None)
+    shard = path / shard_lib.SHARD_DIR / shard_lib.shard_file_name(1)
+    with shard_lib.open_directory(shard.parent) as shards:
+        pieces = {t: (shards.rows(t, 0, shards.shapes[t][0] if shards.shapes[t] else 0),
+                      [0] * len(shards.shapes[t])) for t in shards.pieces}
+    name = next(t for t, (v, _) in pieces.items() if t.startswith("model.") and v.is_floating_point())
+    pieces[name][0].view(-1)[0] = float("nan")
+    shard_lib.write_shard(shard, pieces)
+    manifest = json.loads((path / "manifest.json").read_text())
+    data = shard.read_bytes()
+    manifest["files"]["shards/" + shard.name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (path / "manifest.json").write_text(json.dumps(manifest))
     capsys.readouterr()
     resume = ["train", "--resume", str(run), "--steps", "4", "--cache-dir", str(cache), "--no-progress"]
     assert main(resume + ["--parallel", "fsdp"]) == 2
-    assert "holds non-finite weights" in capsys.readouterr().err
-    assert main(resume) == 2   # the plain resume assembles whole tensors and checks them too
+    err = capsys.readouterr().err
+    assert "no usable checkpoint" in err and "non-finite values" in err and name in err
+    assert main(resume) == 2
     assert "non-finite" in capsys.readouterr().err
 
 
@@ -195,8 +206,9 @@ def test_convert_checkpoint_command_checks_its_arguments_and_keeps_the_weights(c
     run, cache = tmp_path / "run", tmp_path / "cache"
     assert main(train_args(corpus, run, cache, steps=2, extra=["--ckpt-interval", "2"])) == 0
     before = load_run(run)[0].state_dict()
-    assert main(["convert-checkpoint", str(run), "--layout", "sharded", "--shards", "0"]) == 2
-    assert "--shards must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["convert-checkpoint", str(run), "--layout", "sharded", "--shards", "0"])
+    assert "--shards: must be an integer from 1 to 4096" in capsys.readouterr().err
     assert main(["convert-checkpoint", str(run), "--layout", "sharded", "--step", "99"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert ckpt_lib.checkpoint_layout(ckpt_lib.list_checkpoints(run)[-1]) == "single"

@@ -62,3 +62,43 @@ def test_a_bad_sweep_file_is_refused_before_training(tmp_path, capsys):
     bad.write_text('trian = 1\n[[runs]]\nname = "a"\n')
     assert main(["sweep", str(bad), "--out", str(tmp_path / "out")]) == 2
     assert "unknown keys ['trian']" in capsys.readouterr().err
+
+
+def test_time_to_quality_against_the_dense_baseline(corpus, tmp_path, capsys):
+    """Each run's curve against tokens, step seconds and wall seconds; per group the cost of reaching the
+    dense baseline's final perplexity, the ratio to the baseline, and the plot."""
+    from moeut.train.quality import crossing
+    out = tmp_path / "out"
+    assert main(["sweep", str(local_copy("quality_tiny.toml", corpus, tmp_path)), "--out", str(out)]) == 0
+    record = json.loads((out / "sweep.json").read_text())
+    for name, run in record["runs"].items():
+        curve = run["curve"]
+        assert [p["step"] for p in curve] == [2, 4, 6, 8], name
+        assert [p["tokens"] for p in curve] == [2 * 4 * 32 * k for k in (1, 2, 3, 4)]
+        for axis in ("train_seconds", "wall_seconds"):
+            assert all(0 < a < b for a, b in zip([p[axis] for p in curve], [p[axis] for p in curve][1:])), axis
+        assert all(p["wall_seconds"] > p["train_seconds"] for p in curve)   # evaluation and start-up are outside
+    ttq = record["time_to_quality"]
+    dense = [record["runs"][n]["curve"][-1]["val_ppl"] for n in ("dense-s0", "dense-s1")]
+    assert ttq["baseline"] == "dense-tiny" and ttq["target_ppl"] == pytest.approx(sum(dense) / 2)
+    base = ttq["groups"]["dense-tiny"]
+    assert base["ratio"]["train_seconds"] == pytest.approx(1.0)
+    moeut = ttq["groups"]["moeut-tiny"]
+    reached = [crossing(record["runs"][n]["curve"], ttq["target_ppl"], "train_seconds") for n in ("moeut-s0", "moeut-s1")]
+    if all(r is not None for r in reached):
+        want = (sum(reached) / 2) / base["total"]["train_seconds"]["mean"]
+        assert moeut["ratio"]["train_seconds"] == pytest.approx(want)
+    else:
+        assert moeut["reached"] != "2/2"
+    table = (out / "sweep.md").read_text()
+    assert "GPU-time ratio" in table and "| dense-tiny (baseline) | 2 |" in table and "| moeut-tiny | 2 |" in table
+    assert (out / "sweep.png").stat().st_size > 10_000
+
+
+def test_crossing_interpolates_in_log_perplexity():
+    from moeut.train.quality import crossing
+    curve = [{"val_ppl": 100.0, "tokens": 10.0}, {"val_ppl": 10.0, "tokens": 20.0}, {"val_ppl": 5.0, "tokens": 30.0}]
+    assert crossing(curve, 100.0, "tokens") == 10.0          # reached at the first validation
+    assert crossing(curve, 10 ** 1.5, "tokens") == pytest.approx(15.0)   # half way in log-perplexity
+    assert crossing(curve, 4.0, "tokens") is None
+    assert crossing(curve, 200.0, "tokens") == 10.0          # already below at the first validation: its cost

@@ -110,8 +110,8 @@ def test_resume_reads_the_data_the_run_started_on(corpus, tmp_path, capsys):
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     import safetensors.torch
-    training = {"optimizer": {"state": {}}, "scheduler": {"last_epoch": 1}, "rng": {"torch": torch.ones(2)},
-                "data_position": 4, "config": {}}
+    training = {"optimizer": {"state": {}, "param_groups": [{"params": []}]}, "scheduler": {"last_epoch": 1},
+                "rng": {"torch": torch.ones(2)}, "data_position": 4, "config": {}}
     good = ckpt_lib.save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, training)
     before = {p.name: p.read_bytes() for p in good.iterdir()}
 
@@ -236,7 +236,7 @@ def test_the_dense_baseline_trains_through_the_trainer(corpus, tmp_path, capsys)
     args = args[:small] + ["--model", "dense-tiny", "--set", "d_model=32", "--set", "n_layers=2", "--set", "d_ff=48"]
     assert main(args) == 0
     run = json.loads((out / "run.json").read_text())
-    assert run["model"] == "dense-tiny" and run["model_kwargs"]["scale_embedding"] is True
+    assert run["model"] == "dense-tiny" and run["model_kwargs"]["scale_embedding"] is False
     losses = [json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if '"loss"' in line]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     printed = capsys.readouterr().out

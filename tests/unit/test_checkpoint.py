@@ -82,13 +82,13 @@ def test_rotation_keeps_the_newest_and_the_temporaries_are_cleaned(tmp_path):
     assert not stale.exists()
 
 
-def test_newest_intact_checkpoint_reports_and_skips_damage(tmp_path):
+def test_newest_usable_checkpoint_reports_and_skips_damage(tmp_path):
     model, training = training_state()
     for step in (1, 2):
         ckpt_lib.save_checkpoint(tmp_path, step, model.state_dict(), training)
     (tmp_path / "checkpoints" / "step_00000002" / "training.json").write_text("{}")
     said = []
-    assert ckpt_lib.newest_intact_checkpoint(tmp_path, warn=said.append).name == "step_00000001"
+    assert ckpt_lib.newest_usable_checkpoint(tmp_path, "verify", warn=said.append).path.name == "step_00000001"
     assert len(said) == 1 and "step_00000002" in said[0] and "training.json" in said[0]
 
 

@@ -101,6 +101,23 @@ def test_nothing_is_prepended_and_the_first_token_is_not_scored():
         score_requests(TableModel(t), [Request([], tok.encode("a"))])
 
 
+def test_long_sequences_are_scored_whole_as_the_training_code_scores_them():
+    """CBT's stories run past 1025 tokens; the training code never truncates, and neither do we."""
+    t = table(a=dist(b=0.5), b=dist(c=0.25), k=dist(k=0.9, a=0.05))
+    tok = CharTokenizer()
+    long = Request(tok.encode("k" * 1500 + "a"), tok.encode("bc"))
+    s = score_requests(TableModel(t), [long])[0]
+    assert s.n_tokens == 2 and s.logprob == pytest.approx(math.log(0.5) + math.log(0.25))
+    seen = []
+
+    class Recording(TableModel):
+        def forward(self, x, mask=None, kv_cache=None):
+            seen.append(x.shape[1])
+            return super().forward(x, mask, kv_cache)
+    score_requests(Recording(t), [long])
+    assert seen == [1502]                      # all 1503 tokens but the last went through the model
+
+
 def test_ties_count_as_wrong():
     assert not strictly_best([1.0, 1.0, 0.0], 0)
     assert strictly_best([1.1, 1.0, 0.0], 0)

@@ -1,12 +1,19 @@
 """Importing the paper authors' checkpoints (`moeut import-official`).
 
-The checkpoints here are built in the training code's format (its parameter names and shapes, its
-arguments dict, a torch.save file) with random weights, and a forward pass written from the training
-code's layers (TransformerLanguageModel, RelativeMoeTransformerEncoderLayer with `moe.nonorm`,
-FullMoeRopeAttention, MoE, FastRopeTransformerEncoderLayer, RotaryPosEncoding) is the ground truth the
-converted model must reproduce."""
+The checkpoints here are written as the training code's `Saver.save` writes them (framework/helpers/
+saver.py: torch.save of {"state": its `DotDict`, "run_invariants", "model", "optimizer", "scaler",
+"interface", "sampler"}, through a temporary file renamed into place) with random weights in its
+parameter names and shapes; the tokenizers are trained as its `SentencepieceVocabulary` trains them,
+in its cache directory layout. A forward pass written from the training code's layers
+(TransformerLanguageModel with the embedding scale `create_model` sets, RelativeMoeTransformerEncoderLayer
+with `moe.nonorm`, FullMoeRopeAttention, MoE, FastRopeTransformerEncoderLayer, RotaryPosEncoding) is the
+ground truth the converted model must reproduce."""
 import math
+import os
 import pickle
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,7 +41,7 @@ MOEUT_ARGS = {"transformer.variant": "preln_moe_universal", "state_size": 48, "t
 DENSE_ARGS = {"transformer.variant": "preln_rope", "state_size": 40, "transformer.encoder_n_layers": 3,
               "transformer.n_heads": 4, "transformer.head_projection_size": None, "transformer.ff_multiplier": 2.5,
               "transformer.activation": "relu", "rope.rotate_fraction": 0.5, "rope.base": 10000.0,
-              "embedding_size": None, "lm.trafo.context_blocks": 0, "lm.trafo.norm_input": False}
+              "embedding_size": None, "lm.trafo.context_blocks": 0, "lm.trafo.norm_input": False, "task": "c4_transformer"}
 
 
 def moeut_state(a, seed=0):
@@ -97,11 +104,19 @@ def causal_attention(q, k, v):
     return att.softmax(-1) @ v
 
 
+def embedding_scale(a):
+    """TransformerLanguageModel's `embedding_scale` as `create_model` leaves it: 1.0 for pre-LN variants
+    (both of ours), `transformer.embedding_scale` when given."""
+    if a.get("transformer.embedding_scale") is not None:
+        return a["transformer.embedding_scale"]
+    return 1.0 if "preln" in a["transformer.variant"] else math.sqrt(a["state_size"])
+
+
 def training_code_moeut(sd, a, x):
     d, H, dh, Ea, ka, kf = (a["state_size"], a["transformer.n_heads"], a["transformer.head_projection_size"],
                             a["moe.att.n_experts"], a["moe.att.k"], a["pkm.n_heads"])
     B, T = x.shape
-    h = sd["embedding.weight"][x] * math.sqrt(d)                         # TransformerLanguageModel
+    h = sd["embedding.weight"][x] * embedding_scale(a)                   # TransformerLanguageModel
     for li in range(a["transformer.encoder_n_layers"]):
         p = f"unique_layers.{li % a['transformer.universal.group_size']}."    # ABAB
         n = ln(h, sd, p + "self_attn.norm")                                  # nonorm: selectors, q and k
@@ -132,7 +147,7 @@ def training_code_dense(sd, a, x):
     d, H = a["state_size"], a["transformer.n_heads"]
     dh = d // H
     B, T = x.shape
-    h = sd["embedding.weight"][x] * math.sqrt(d)
+    h = sd["embedding.weight"][x] * embedding_scale(a)
     for i in range(a["transformer.encoder_n_layers"]):
         p = f"unique_layers.{i}."
         n = ln(h, sd, p + "norm1")
@@ -147,16 +162,72 @@ def training_code_dense(sd, a, x):
     return ln(h, sd, "out_norm") @ sd["output.weight"].T + sd["output.bias"]
 
 
+def training_code_tokenizer(root, dataset="C4", variant="C4-en", vocab=V, **options):
+    """A tokenizer trained as the training code's SentencepieceVocabulary trains it: BPE with split
+    digits, model_prefix in the dataset's cache directory (the file is <prefix>.model)."""
+    import sentencepiece as spm
+    prefix = root / "cache" / dataset / f"{variant}-{vocab}" / "tokenizer.model"
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    cwd = os.getcwd()
+    os.chdir(root)   # the training code trains with a relative ./cache/... prefix
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(english_documents()), minloglevel=2,
+                                       model_prefix=f"./cache/{dataset}/{variant}-{vocab}/tokenizer.model",
+                                       vocab_size=vocab, **{"split_digits": True, "model_type": "bpe", **options})
+    finally:
+        os.chdir(cwd)
+    return Path(str(prefix) + ".model")
+
+
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok") / "sp.model"
-    save_tokenizer(train_paper_tokenizer(english_documents(), vocab_size=V), path)
-    return path
+    return training_code_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-def write_checkpoint(path, sd, args):
-    torch.save({"model": sd, "run_invariants": {"args": args, "wandb_id": None}, "state": {"iter": 12345},
-                "scaler": {"scale": 1.0}}, path)
+def _training_code_modules():
+    """The training code's DotDict (framework/data_structures/dotdict.py), importable only while a
+    checkpoint is written: the reader must not need it."""
+    names = ["framework", "framework.data_structures", "framework.data_structures.dotdict"]
+    mods = {n: types.ModuleType(n) for n in names}
+
+    class DotDict(dict):
+        def __getattr__(self, item):
+            if item not in self:
+                raise AttributeError(f"Key {item} not found")
+            return self.get(item)
+
+        __setattr__ = dict.__setitem__
+        __delattr__ = dict.__delitem__
+    DotDict.__module__, DotDict.__qualname__ = names[-1], "DotDict"
+    mods[names[-1]].DotDict = DotDict
+    mods["framework"].data_structures = mods["framework.data_structures"]
+    mods["framework.data_structures"].dotdict = mods[names[-1]]
+    return mods, DotDict
+
+
+def write_checkpoint(path, sd, args, extra=None):
+    """What Saver.save writes: every registered saver's state, torch.save'd to save_tmp and renamed."""
+    from collections import OrderedDict
+    mods, DotDict = _training_code_modules()
+    sys.modules.update(mods)
+    try:
+        state = DotDict()
+        state.iter = 12345
+        state.epoch = 0
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.AdamW(model.parameters(), lr=2.5e-4)
+        model(torch.randn(2, 3)).sum().backward()
+        opt.step()
+        data = {"state": state, "run_invariants": {"args": args, "wandb_id": None},
+                "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(), "model": OrderedDict(sd),
+                "optimizer": opt.state_dict(), "interface": {"state": [None]}, "sampler": {"pos": 1234},
+                **(extra or {})}
+        tmp = path.parent / "save_tmp"
+        torch.save(data, tmp)
+        os.rename(tmp, path)
+    finally:
+        for n in mods:
+            sys.modules.pop(n, None)
     return path
 
 
@@ -173,6 +244,45 @@ def test_the_converted_model_computes_what_the_training_code_computes(kind, toke
         got = model(x).outputs
     assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
     assert tok.vocab_size == V and (out / "checkpoints" / "step_00012345").is_dir()
+
+
+def test_a_given_embedding_scale_is_folded_into_the_weights(tokenizer_file, tmp_path):
+    args = {**MOEUT_ARGS, "transformer.embedding_scale": 3.0}
+    sd = moeut_state(args)
+    out = import_official(write_checkpoint(tmp_path / "c.ckpt", sd, args), tokenizer_file, tmp_path / "run",
+                          say=lambda m: None)
+    model, _, _ = load_run(out)
+    x = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(2))
+    want = training_code_moeut(sd, args, x)
+    with torch.no_grad():
+        got = model(x).outputs
+    assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+    assert torch.allclose(model.embedding.weight, sd["embedding.weight"] * 3.0)
+
+
+@pytest.mark.parametrize("fault,named", [
+    ("our paper tokenizer", "not in the cache of the C4 dataset"),
+    ("another dataset's", "SlimPajama"),
+    ("unigram", "UNIGRAM"),
+    ("no digit split", "split_digits False"),
+    ("other vocabulary", "has 280 pieces"),
+])
+def test_the_tokenizer_is_checked_by_what_it_records_of_its_training(fault, named, tmp_path):
+    ckpt = write_checkpoint(tmp_path / "c.ckpt", moeut_state(MOEUT_ARGS), MOEUT_ARGS)
+    if fault == "our paper tokenizer":      # right kind and size, but not the training code's file
+        tok = tmp_path / "ours.model"
+        save_tokenizer(train_paper_tokenizer(english_documents(), vocab_size=V), tok)
+    elif fault == "another dataset's":
+        tok = training_code_tokenizer(tmp_path, "SlimPajama", "SlimPajama")
+    elif fault == "unigram":
+        tok = training_code_tokenizer(tmp_path, vocab=100, model_type="unigram")   # (checked before the size)
+    elif fault == "no digit split":
+        tok = training_code_tokenizer(tmp_path, split_digits=False)
+    else:
+        tok = training_code_tokenizer(tmp_path, vocab=280)
+    with pytest.raises(CheckpointError, match=named):
+        import_official(ckpt, tok, tmp_path / "run", say=lambda m: None)
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_paper_profiles_are_recognised(tokenizer_file, tmp_path):
@@ -216,8 +326,23 @@ def test_a_pickle_payload_is_never_run(tokenizer_file, tmp_path):
     with pytest.raises(CheckpointError, match="nothing in it was run"):
         import_official(path, tokenizer_file, tmp_path / "run", say=lambda m: None)
     assert not (tmp_path / "run").exists()
-    import os
+    # the same payload beside the DotDict, in a file otherwise written as Saver.save writes it
+    evil = write_checkpoint(tmp_path / "evil2.ckpt", moeut_state(MOEUT_ARGS), MOEUT_ARGS, extra={"x": Payload()})
+    with pytest.raises(CheckpointError, match="nothing in it was run"):
+        import_official(evil, tokenizer_file, tmp_path / "run", say=lambda m: None)
+    assert not (tmp_path / "run").exists()
     assert not os.path.exists("/tmp/moeut-official-import-payload-ran")
+
+
+def test_the_dotdict_is_read_as_data_and_its_iteration_becomes_the_step(tokenizer_file, tmp_path):
+    """The stand-in is for that one name: the reader never imports the training code (its modules are
+    absent here) and the state arrives as a plain dict."""
+    from moeut.train.official import read_training_checkpoint
+    ckpt = write_checkpoint(tmp_path / "c.ckpt", moeut_state(MOEUT_ARGS), MOEUT_ARGS)
+    assert "framework" not in sys.modules
+    data = read_training_checkpoint(ckpt)
+    assert type(data["state"]) is dict and data["state"] == {"iter": 12345, "epoch": 0}
+    assert data["sampler"] == {"pos": 1234} and set(data) >= {"optimizer", "scaler", "interface"}
 
 
 def test_the_command_imports_then_eval_and_generate_read_the_run(tokenizer_file, tmp_path, capsys):
