@@ -194,6 +194,8 @@ def cmd_train(args) -> int:
         end_distributed()
         return 3
     end_distributed()   # the command owns the process group that `train` set up under torchrun
+    if result.get("signal"):   # stopped by SIGINT / SIGTERM after its checkpoint: the shell's convention
+        return 128 + result["signal"]
     if "val_ppl" in result:
         print(f"\nrun: {result['run_dir']}")
         print(f"validation perplexity: {result['val_ppl']:.2f}   (unigram model of the same data: {result['unigram_ppl']:.2f})")

@@ -124,6 +124,9 @@ def run_sweep(path: str | Path, out: str | Path, main: Callable[[List[str]], int
         else:
             say(f"{name}: training")
             code = main(["train", "--config", str(config), "--out", str(run_dir)])
+        if code in (130, 143):   # the run was stopped by a signal, after its checkpoint
+            say(f"sweep {spec.get('name')}: stopped during {name}; run the sweep again to continue it")
+            raise KeyboardInterrupt
         if code != 0:
             raise ValueError(f"sweep {spec.get('name')}: run {name} failed (exit status {code}); "
                                f"fix it and run the sweep again: finished runs are kept")
@@ -145,7 +148,8 @@ def run_sweep(path: str | Path, out: str | Path, main: Callable[[List[str]], int
     compare = spec.get("compare", {})
     record["time_to_quality"] = summarize(record["runs"], compare.get("baseline"), compare.get("target_ppl"))
     write_json_atomic(record_path, record)
-    table = markdown_table(record) + "\n\n" + quality_markdown(record["time_to_quality"])
+    table = "\n\n".join(t for t in (markdown_table(record), group_eval_table(record),
+                                     quality_markdown(record["time_to_quality"])) if t)
     (out / "sweep.md").write_text(table + "\n")
     say(table)
     if not quality_plot(record["runs"], record["time_to_quality"], out / "sweep.png"):
@@ -160,4 +164,24 @@ def markdown_table(record: Dict[str, Any]) -> str:
     for name, r in record["runs"].items():
         ppl = f"{r['val_ppl']:.2f}" if r.get("val_ppl") is not None else "-"
         rows.append(f"| {name} | {ppl} |" + "".join(f" {r.get('eval', {}).get(t, float('nan')):.4f} |" for t in tasks))
+    return "\n".join(rows)
+
+
+def group_eval_table(record: Dict[str, Any]) -> str:
+    """The zero-shot scores per group of runs (mean ± std over its seeds), when groups have several runs."""
+    import statistics
+    groups: Dict[str, List[Dict[str, float]]] = {}
+    for name, r in record["runs"].items():
+        groups.setdefault(r.get("group", name), []).append(r.get("eval", {}))
+    tasks = sorted({t for evals in groups.values() for e in evals for t in e})
+    if not tasks or all(len(v) < 2 for v in groups.values()):
+        return ""
+    rows = ["| group (mean ± std over runs) |" + "".join(f" {t} |" for t in tasks), "|---|" + "---|" * len(tasks)]
+    for g, evals in groups.items():
+        cells = []
+        for t in tasks:
+            v = [e[t] for e in evals if isinstance(e.get(t), (int, float))]
+            cells.append(f"{statistics.mean(v):.4f}" + (f" ± {statistics.stdev(v):.4f}" if len(v) > 1 else "")
+                         if v else "-")
+        rows.append(f"| {g} ({len(evals)}) |" + "".join(f" {c} |" for c in cells))
     return "\n".join(rows)
