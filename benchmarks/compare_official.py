@@ -2,6 +2,7 @@
 reg_loss and every gradient; also check that official state dicts load into ours with strict=True.
 
     python benchmarks/compare_official.py --official /path/to/official/moeut/repo [--device cuda]
+    python benchmarks/compare_official.py --official /path/to/official/moeut/repo --run runs/imported
 
 The official code is loaded from the given path (it is not part of this project). On a CPU its Triton
 CVMM kernel cannot run, so it is replaced by an autograd-capable emulation of that kernel's indexing
@@ -74,15 +75,41 @@ def compare(off_mod, cfg: dict, vocab: int, device: str, B: int = 2, T: int = 48
     return results
 
 
+def compare_run(off_mod, run: Path, device: str, B: int = 2, T: int = 64, seed: int = 0) -> dict:
+    """A MoEUT run of ours (e.g. one made by `moeut import-official`) against the official release holding
+    the same weights: its state dict loads strictly and the eval-mode logits agree."""
+    from moeut.runs import load_run, model_kwargs_of_run
+    ours, tok, meta = load_run(run, device)
+    if not meta["model"].startswith("moeut"):
+        raise SystemExit(f"{run} is a {meta['model']} run: the official release has MoEUT models only")
+    kwargs = {k: v for k, v in model_kwargs_of_run(meta).items() if k not in ("group_type", "layer_norm")}
+    ref = off_mod.MoEUTLM(tok.vocab_size, **kwargs).to(device)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    ref.eval()
+    torch.manual_seed(seed)
+    tokens = torch.randint(0, tok.vocab_size, (B, T), device=device)
+    with torch.no_grad():
+        a, b = ours(tokens).outputs, ref(tokens).outputs
+    return {"logits_rel": ((a.double() - b.double()).norm() / b.double().norm()).item(),
+            "argmax_agree": (a.argmax(-1) == b.argmax(-1)).float().mean().item()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--official", type=Path, required=True, help="path to a checkout of the official release")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--run", type=Path, help="compare this MoEUT run's weights (e.g. an imported checkpoint) instead")
     args = ap.parse_args()
     off_mod, off_profiles = load_official(args.official)
     if args.device == "cpu":
         off_mod.moeut.cvmm = _emulated_cvmm
+    if args.run:
+        r = compare_run(off_mod, args.run, args.device)
+        ok = r["logits_rel"] < 1e-5
+        print(f"{args.run}: logits rel {r['logits_rel']:.2e}, argmax agreement {r['argmax_agree']:.4f}: "
+              f"{'PARITY OK' if ok else 'PARITY FAILED'} (threshold 1e-5 relative, fp32)")
+        sys.exit(0 if ok else 1)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     cases = {
