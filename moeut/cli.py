@@ -85,7 +85,8 @@ def _add_train(sub):
                    help="refuse data files that are not UTF-8 text instead of skipping them")
     p.add_argument("--steps", type=POSITIVE, default=None, help="optimizer steps = schedule length (GPU 100000, CPU 400)")
     p.add_argument("--out", default=None, help="run directory: new or empty (default runs/<model>-<time>)")
-    p.add_argument("--seed", type=NON_NEGATIVE, default=None)
+    p.add_argument("--seed", type=NON_NEGATIVE, default=None,
+                   help="sets the initialisation and the order of the batches (default 0)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest intact checkpoint, "
                                                    "with the settings it was started with")
     p.add_argument("--batch-size", type=POSITIVE, default=None, help="global sequences per step (GPU 64, CPU 16)")
@@ -132,7 +133,8 @@ def _add_train(sub):
     p.add_argument("--deterministic", action="store_true", default=None,
                    help="bitwise-reproducible GPU training (slower attention)")
     p.add_argument("--cache-dir", default=None, help="tokenized data cache (default ~/.cache/moeut)")
-    p.add_argument("--no-tensorboard", action="store_true", default=None)
+    p.add_argument("--no-tensorboard", action="store_true", default=None,
+                   help="write no TensorBoard events (metrics.jsonl is always written)")
     p.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
     p.add_argument("--device", default=None, metavar="auto|cpu|cuda|cuda:N",
                    help="where to train (default auto: the GPU when there is one)")
@@ -314,22 +316,39 @@ def cmd_convert_checkpoint(args) -> int:
 def _add_generate(sub):
     p = sub.add_parser("generate", help="sample text from a trained run",
                        description="Generate text with the KV cache. Greedy when --temperature is 0.")
-    p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="run directory (its newest intact checkpoint) or one checkpoint directory in it")
+    _add_run_argument(p)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", action="append", help="prompt text (repeatable: a batch of prompts)")
     g.add_argument("--prompt-file", help="UTF-8 file with one prompt per line")
-    p.add_argument("--max-new-tokens", type=NON_NEGATIVE, default=100)
+    p.add_argument("--max-new-tokens", type=NON_NEGATIVE, default=100, help="tokens to generate (default 100)")
     p.add_argument("--temperature", type=_float_range(0), default=0.0, help="0: greedy (default)")
     p.add_argument("--top-k", type=NON_NEGATIVE, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=_float_range(0, 1, lo_open=True), default=1.0,
                    help="nucleus sampling threshold in (0, 1] (default 1: off)")
-    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
-    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="sampling seed: the same seed repeats its text")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                   help="where to run (default auto: the GPU when there is one)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step (pays a one-time compile; for long outputs)")
     _add_debug(p)
     p.set_defaults(func=cmd_generate)
+
+
+def _add_run_argument(p) -> None:
+    """The run a command reads: the first positional argument, as in every other command (`--checkpoint`
+    is the same, for scripts written before)."""
+    p.add_argument("run", nargs="?", metavar="RUN", default=None,
+                   help="run directory (its newest usable checkpoint) or one checkpoint directory in it")
+    p.add_argument("--checkpoint", default=None, metavar="RUN", help="the same as RUN (kept for older scripts)")
+
+
+def _run_of(args) -> str:
+    if args.run and args.checkpoint and args.run != args.checkpoint:
+        raise ValueError(f"RUN {args.run} and --checkpoint {args.checkpoint} name two runs: give one")
+    run = args.run or args.checkpoint
+    if not run:
+        raise ValueError("give the run to read: moeut " + args.command + " RUN ...")
+    return run
 
 
 def _device(name: str) -> str:
@@ -355,7 +374,7 @@ def cmd_generate(args) -> int:
     from moeut.runs import load_run
     prompts = _read_prompts(args.prompt_file) if args.prompt_file else [p.replace("\\n", "\n") for p in args.prompt]
     device = _device(args.device)
-    model, tok, _ = load_run(args.checkpoint, device)
+    model, tok, _ = load_run(_run_of(args), device)
     encoded = [tok.encode(p) for p in prompts]
     positions = max(max(len(e), 1) for e in encoded) + args.max_new_tokens
     need = kv_cache_bytes(model, len(encoded), positions)
@@ -391,18 +410,18 @@ def _add_eval(sub):
     p = sub.add_parser("eval", help="perplexity and the paper's zero-shot tasks",
                        description="Evaluate a trained run: perplexity on --text and the paper's zero-shot tasks "
                                    f"({', '.join(TASKS)}), scored as in the paper. See README for the data layout.")
-    p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="run directory (its newest intact checkpoint) or one checkpoint directory in it")
+    _add_run_argument(p)
     p.add_argument("--tasks", default="", help=f"comma list of: {', '.join(TASKS)}, or 'all'")
     p.add_argument("--data-dir", default="", help="directory laid out like lambada/ blimp/ hellaswag/ piqa/ arc/ cbt/")
     p.add_argument("--text", action="append", default=[], help="UTF-8 text file(s) for perplexity (--context windows)")
     p.add_argument("--limit", type=NON_NEGATIVE, default=0, help="at most N items per task (0: all)")
-    p.add_argument("--batch-size", type=POSITIVE, default=32)
+    p.add_argument("--batch-size", type=POSITIVE, default=32, help="sequences scored at once (default 32)")
     p.add_argument("--context", type=_int_range(1, 1 << 20), default=None,
                    help="window for --text perplexity (default: the context the run was trained with)")
     p.add_argument("--json", help="write the scores (with standard errors), item counts, the checkpoint and its "
                                   "step, --limit and the protocol here")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                   help="where to run (default auto: the GPU when there is one)")
     _add_debug(p)
     p.set_defaults(func=cmd_eval)
 
@@ -431,7 +450,7 @@ def cmd_eval(args) -> int:
         if not os.access(target.parent if str(target.parent) else ".", os.W_OK):
             raise ValueError(f"--json {target}: its directory is not writable")
     from moeut.evaluate import PROTOCOL
-    model, tok, meta = load_run(args.checkpoint, _device(args.device))
+    model, tok, meta = load_run(_run_of(args), _device(args.device))
     context = args.context or int(meta.get("config", {}).get("context") or 1024)
     if args.text and not args.context:
         print(f"--text: {context}-token windows (the run's training context; --context to change)")
@@ -449,7 +468,8 @@ def cmd_eval(args) -> int:
 
 def _add_models(sub):
     p = sub.add_parser("models", help="list model names and their parameter counts")
-    p.add_argument("--vocab-size", type=_int_range(2, 65535), default=8000)
+    p.add_argument("--vocab-size", type=_int_range(2, 65535), default=8000,
+                   help="the vocabulary the parameter counts assume (default 8000, the paper's)")
     _add_debug(p)
     p.set_defaults(func=cmd_models)
 
@@ -503,7 +523,8 @@ def _add_analyze(sub):
     p.add_argument("--tokens", type=_int_range(2, 1 << 24), default=16384, help="tokens to analyze (default 16384)")
     p.add_argument("--compare", default=None, metavar="RUN", help="a second run (e.g. the dense baseline) to draw beside")
     p.add_argument("--out", required=True, metavar="DIR", help="where the figures and analysis.json go")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                   help="where to run (default auto: the GPU when there is one)")
     _add_debug(p)
     p.set_defaults(func=cmd_analyze)
 
@@ -553,8 +574,9 @@ def _add_sweep(sub):
                                    "sweep.png. Run it again after an interruption: finished runs are kept and an "
                                    "unfinished one is resumed. Examples: sweeps/*.toml (the paper's group-size and K "
                                    "sweeps, and tiny CPU twins).")
-    p.add_argument("file", metavar="SWEEP.toml")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("file", metavar="SWEEP.toml", help="the sweep file (see sweeps/*.toml)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="where the runs (one directory each), sweep.json, sweep.md and sweep.png go")
     _add_debug(p)
     p.set_defaults(func=cmd_sweep)
 
@@ -603,6 +625,8 @@ def _add_debug(p) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moeut", description="MoEUT: Mixture-of-Experts Universal Transformers. "
                                 "Train, sample from and evaluate MoEUT and dense language models.")
+    p.add_argument("--version", action="version", version=f"moeut {_version()}",
+                   help="print moeut's version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_generate(sub)
@@ -617,6 +641,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("moeut")
+    except PackageNotFoundError:   # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def main(argv=None) -> int:
     """Errors a user can fix (a bad flag or file, a damaged or foreign checkpoint, a busy run, a full
     disk) print one line naming the problem and exit with status 2; --debug shows the traceback.
@@ -628,6 +660,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"moeut {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:   # `moeut models | head`: the reader left; say nothing more
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, CheckpointError, OSError) as e:
         if getattr(args, "debug", False):
             raise

@@ -116,3 +116,24 @@ def test_train_device_is_checked(tmp_path, capsys):
     assert main(["train", "--device", "tpu", "--out", str(tmp_path / "r"), "--steps", "1"]) == 2
     assert "--device must be auto, cpu, cuda or cuda:N" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_every_option_of_every_command_explains_itself():
+    import argparse
+    from moeut.cli import build_parser
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {a.option_strings or a.dest}" for name, p in sub.choices.items() for a in p._actions
+               if not isinstance(a, argparse._HelpAction) and a.help != argparse.SUPPRESS and not (a.help or "").strip()]
+    assert not missing, missing
+    assert all((sub._choices_actions[i].help or "").strip() for i in range(len(sub._choices_actions)))
+
+
+def test_version_closed_pipe_and_the_run_as_first_argument(tmp_path):
+    import subprocess
+    r = subprocess.run([PY, "-m", "moeut", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("moeut ")
+    r = subprocess.run(f"{PY} -m moeut models | head -1", shell=True, capture_output=True, text=True)
+    assert r.stdout.startswith("moeut-") and r.stderr == ""       # no "Broken pipe" when the reader leaves
+    assert main(["generate", "--prompt", "x"]) == 2
+    assert main(["generate", str(tmp_path / "a"), "--checkpoint", str(tmp_path / "b"), "--prompt", "x"]) == 2
