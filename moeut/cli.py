@@ -143,9 +143,9 @@ def _add_train(sub):
     p.add_argument("--sample-tokens", type=NON_NEGATIVE, default=None, metavar="N",
                    help="at every evaluation also print (and log) a greedy sample of N tokens from "
                         "--sample-prompt (default 0: only the sample at the end)")
-    p.add_argument("--config", default=None, metavar="FILE.toml",
-                   help="settings from a TOML file whose keys are this command's flags (e.g. steps = 2000, "
-                        "data = [\"corpus/\"], [set] att_n_experts = 1); flags on the command line win")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="settings from a TOML, JSON or YAML file whose keys are this command's flags (e.g. "
+                        "steps = 2000, data = [\"corpus/\"], [set] att_n_experts = 1); flags on the command line win")
     p.add_argument("--stop-after", type=NON_NEGATIVE, default=None, help=argparse.SUPPRESS)
     _add_debug(p)
     p.set_defaults(func=cmd_train, parser=p)
@@ -206,15 +206,42 @@ def cmd_train(args) -> int:
     return 0
 
 
-def merge_config(args, parser: argparse.ArgumentParser, path: str) -> None:
-    """Fill the flags not given on the command line from a TOML file, parsed by the same parser (so
-    every value gets the same checks); an unknown key is refused by name."""
+def read_config_file(path: str) -> dict:
+    """A settings file as a table: TOML (.toml), JSON (.json) or YAML (.yaml, .yml; read with PyYAML's safe
+    loader, which builds plain data only). ValueError naming the file and what is wrong."""
     import tomllib
     from pathlib import Path
+    from moeut.files import FileProblem, parse_json, read_bytes
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".toml", ".json", ".yaml", ".yml"):
+        raise ValueError(f"--config {path}: a settings file is .toml, .json, .yaml or .yml")
     try:
-        table = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        data = read_bytes(path, 1 << 20)
+        if suffix == ".json":
+            table = parse_json(data, path, 1 << 20)
+        elif suffix == ".toml":
+            table = tomllib.loads(data.decode("utf-8"))
+        else:
+            try:
+                import yaml
+            except ImportError:
+                raise ValueError(f"--config {path}: YAML needs PyYAML (pip install pyyaml), or write TOML or JSON") from None
+            table = yaml.safe_load(data.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, FileProblem) as e:
         raise ValueError(f"--config {path}: {e}") from None
+    except Exception as e:   # yaml's parse errors (YAMLError) and its recursion on deep nesting
+        if type(e).__module__.startswith("yaml") or isinstance(e, RecursionError):
+            raise ValueError(f"--config {path}: not valid YAML ({str(e).splitlines()[0][:200]})") from None
+        raise
+    if not isinstance(table, dict):
+        raise ValueError(f"--config {path}: the file must hold a table of settings, not a {type(table).__name__}")
+    return table
+
+
+def merge_config(args, parser: argparse.ArgumentParser, path: str) -> None:
+    """Fill the flags not given on the command line from a settings file (`read_config_file`), parsed by
+    the same parser (so every value gets the same checks); an unknown key is refused by name."""
+    table = read_config_file(path)
     options = {a.dest: a for a in parser._actions if a.option_strings}
     argv = []
     for key, value in table.items():
