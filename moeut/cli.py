@@ -53,8 +53,8 @@ POSITIVE = _int_range(1)
 NON_NEGATIVE = _int_range(0)
 
 # Flags that may accompany --resume; every other training flag would change the run, and is refused.
-RESUME_FLAGS = {"resume", "no_progress", "cuda_graph", "data", "cache_dir", "strict_data", "stop_after", "debug",
-                "device", "text_field", "steps", "parallel"}
+RESUME_FLAGS = {"resume", "no_progress", "cuda_graph", "data", "valid_data", "cache_dir", "strict_data", "stop_after",
+                "debug", "device", "text_field", "steps", "parallel"}
 
 
 def _add_train(sub):
@@ -82,7 +82,18 @@ def _add_train(sub):
                    help="the field (JSONL) or column (Parquet, Arrow, Hugging Face datasets) holding the text "
                         "(default: text)")
     p.add_argument("--strict-data", action="store_true", default=None,
-                   help="refuse data files that are not UTF-8 text instead of skipping them")
+                   help="the same as --decode-errors strict")
+    p.add_argument("--decode-errors", choices=("replace", "strict", "skip"), default=None,
+                   help="bytes that are not UTF-8 in a text file: replace (default; replaced by U+FFFD and counted "
+                        "in the start summary), strict (the file is refused by name) or skip (the file is left out "
+                        "with a warning). Binary files (NUL bytes) are never read as text")
+    p.add_argument("--valid-data", action="append", default=None, metavar="PATH",
+                   help="validation data, in any format --data takes (repeatable); then all of --data trains. "
+                        "Default: the validation split of a Hugging Face DatasetDict given as --data, else "
+                        "--valid-fraction of --data")
+    p.add_argument("--valid-fraction", type=_float_range(0, 0.5), default=None, metavar="F",
+                   help="share of --data's text held out for validation, by characters (default 0.02); large "
+                        "documents are held out in pieces, so a few big files lose only that share")
     p.add_argument("--steps", type=POSITIVE, default=None, help="optimizer steps = schedule length (GPU 100000, CPU 400)")
     p.add_argument("--out", default=None, help="run directory: new or empty (default runs/<model>-<time>)")
     p.add_argument("--seed", type=NON_NEGATIVE, default=None,
@@ -177,7 +188,7 @@ def cmd_train(args) -> int:
             cfg.cuda_graph = "on" if args.cuda_graph else "off"
         if args.parallel is not None:
             cfg.parallel = args.parallel
-        run = lambda: train(cfg, resume=True, user_data=args.data)   # noqa: E731
+        run = lambda: train(cfg, resume=True, user_data=args.data, user_valid_data=args.valid_data)   # noqa: E731
     else:
         if args.tokenizer and args.tokenizer not in ("code", "paper") and args.vocab_size:
             raise ValueError("--vocab-size and --tokenizer PATH exclude each other: the tokenizer sets the vocabulary")
@@ -185,6 +196,7 @@ def cmd_train(args) -> int:
         cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and k != "overrides" and v is not None})
         cfg.overrides = parse_overrides(args.overrides)
         cfg.data = args.data or []
+        cfg.valid_data = args.valid_data or []
         cfg.cuda_graph = {None: "auto", True: "on", False: "off"}[args.cuda_graph]
         cfg.tensorboard = not args.no_tensorboard
         cfg.progress = not args.no_progress

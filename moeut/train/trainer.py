@@ -85,7 +85,10 @@ class TrainConfig:
     activation_checkpointing: bool = False
     deterministic: bool = False          # PyTorch deterministic algorithms (bitwise reproducible on GPU)
     cache_dir: str = ""                  # tokenized-data cache (default ~/.cache/moeut)
-    strict_data: bool = False            # refuse (rather than skip) data files that are not UTF-8 text
+    strict_data: bool = False            # the same as decode_errors = "strict" (kept for older run.json files)
+    decode_errors: str = "replace"       # bytes that are not UTF-8: replace (counted) | strict (refuse) | skip (the file)
+    valid_data: List[str] = field(default_factory=list)  # validation sources (default: held out of --data)
+    valid_fraction: float = 0.02         # share of --data's characters held out for validation, without --valid-data
     tensorboard: bool = True
     progress: bool = True
     sample_prompt: str = "def "          # prompt of the greedy sample printed at the end
@@ -137,6 +140,7 @@ _RANGES: Dict[str, tuple] = {
     "eval_windows": (int, lambda v: v >= 0, "a non-negative integer (0: all)"),
     "ckpt_interval": (int, lambda v: v >= 1, "a positive integer"),
     "keep_checkpoints": (int, lambda v: v >= 1, "a positive integer"),
+    "valid_fraction": (float, lambda v: 0 <= v <= 0.5, "a number from 0 to 0.5"),
     "stop_after": (int, lambda v: v >= 0, "a non-negative integer"),
 }
 
@@ -183,8 +187,14 @@ def validate_config(cfg: TrainConfig, world: int = 1) -> None:
     for name in ("model", "out", "cache_dir", "sample_prompt", "tokenizer"):
         if not isinstance(getattr(cfg, name), str):
             raise ValueError(f"{flag(name)} must be a string, got {getattr(cfg, name)!r}")
-    if not isinstance(cfg.data, list) or not all(isinstance(d, str) for d in cfg.data):
-        raise ValueError(f"--data must be a list of paths, got {cfg.data!r}")
+    for name in ("data", "valid_data"):
+        v = getattr(cfg, name)
+        if not isinstance(v, list) or not all(isinstance(d, str) for d in v):
+            raise ValueError(f"{flag(name)} must be a list of paths, got {v!r}")
+    if cfg.decode_errors not in ("replace", "strict", "skip"):
+        raise ValueError(f"--decode-errors must be replace, strict or skip, got {cfg.decode_errors!r}")
+    if cfg.valid_fraction == 0 and not cfg.valid_data:
+        raise ValueError("--valid-fraction 0 needs --valid-data: the run must validate on something")
     if not isinstance(cfg.overrides, dict) or not all(isinstance(k, str) for k in cfg.overrides):
         raise ValueError(f"--set must give KEY=VALUE pairs, got {cfg.overrides!r}")
     if cfg.batch_size % world:
@@ -276,8 +286,10 @@ def build_data(cfg: TrainConfig, tok: Optional[Tokenizer], say: Callable[[str], 
     """(tokenizer, cache key, train docs count, valid docs count) for --data; the tokenizer is trained
     in memory when `tok` is None. The tokenized data land in the shared cache under their key. The
     corpus streams through (see `data`): memory does not grow with its size."""
-    corpus = Corpus(cfg.data, strict=cfg.strict_data, text_field=cfg.text_field)
+    corpus = Corpus(cfg.data, strict=cfg.strict_data, text_field=cfg.text_field, valid_sources=cfg.valid_data,
+                    valid_fraction=cfg.valid_fraction, decode_errors=cfg.decode_errors)
     scan = corpus.scan(warn=say)
+    say(scan.describe())
     if tok is None:
         kind = cfg.tokenizer or "code"
         say(f"training a {cfg.vocab_size}-piece {kind} tokenizer on {scan.n_train} documents")
@@ -314,7 +326,8 @@ def check_tokens(cfg: TrainConfig, train_tokens, valid_tokens, vocab: int) -> No
         raise ValueError(f"the cached tokens do not fit the tokenizer's {vocab} pieces (a damaged cache?)")
 
 
-def resume_data(cfg: TrainConfig, run_dir: Path, user_data: Optional[List[str]], say: Callable[[str], None]):
+def resume_data(cfg: TrainConfig, run_dir: Path, user_data: Optional[List[str]], say: Callable[[str], None],
+                user_valid_data: Optional[List[str]] = None):
     """A resumed run's tokens: from the cache (the user's --cache-dir or the default, never a path
     read from the run) under the key the run recorded; else rebuilt from the user's --data, or from
     the default corpus if the run used it. Paths recorded in the run are not followed."""
@@ -331,8 +344,13 @@ def resume_data(cfg: TrainConfig, run_dir: Path, user_data: Optional[List[str]],
     if user_data is None and cfg.data:
         raise ValueError(f"the tokenized data of {run_dir} are not in the cache {cfg.cache_dir}; pass --cache-dir "
                          f"where they are, or --data with the run's sources (it recorded {cfg.data}) to rebuild them")
+    if cfg.valid_data and not user_valid_data:
+        raise ValueError(f"the tokenized data of {run_dir} are not in the cache {cfg.cache_dir}; to rebuild them pass "
+                         f"--valid-data with the run's validation sources too (it recorded {cfg.valid_data})")
     if user_data is not None:
         cfg.data = list(user_data)
+    if user_valid_data:
+        cfg.valid_data = list(user_valid_data)
     _, new_key, n_train, n_valid = build_data(cfg, tok, say)
     if key is not None and new_key != key:
         if recorded_format == CACHE_FORMAT:
@@ -522,7 +540,8 @@ def _version() -> str:
         return "unknown"
 
 
-def _open_run_for_resume(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any], user_data, device, say):
+def _open_run_for_resume(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any], user_data, device, say,
+                         user_valid_data=None):
     """(lock, checkpoint or None, run.json to write once the checkpoint loaded or None): the run locked,
     leftovers removed, the newest usable checkpoint read (`checkpoint_reader`: every newer one named
     with its fault and set aside), the data found, metrics cut back to its step. Nothing the run holds
@@ -541,7 +560,7 @@ def _open_run_for_resume(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any]
             meta_model = build_model(cfg.model, vocab, kwargs)
         check_memory(meta_model, device, "train")
         spec = ModelSpec.of(meta_model, optimizer_parameter_names(meta_model))
-        tok, _ = resume_data(cfg, run_dir, user_data, say)
+        tok, _ = resume_data(cfg, run_dir, user_data, say, user_valid_data)
         if tok.vocab_size != vocab:
             raise ckpt_lib.CheckpointError(f"{run_dir}: tokenizer.model has {tok.vocab_size} pieces, run.json "
                                            f"says {vocab}")
@@ -657,9 +676,11 @@ def last_good_checkpoint(run_dir: Path) -> str:
     return f"The newest usable checkpoint, {found.path.name} (step {found.step}), holds the last state saved."
 
 
-def train(cfg: TrainConfig, resume: bool = False, user_data: Optional[List[str]] = None) -> Dict[str, Any]:
+def train(cfg: TrainConfig, resume: bool = False, user_data: Optional[List[str]] = None,
+          user_valid_data: Optional[List[str]] = None) -> Dict[str, Any]:
     """Train (or, with resume=True, continue the run in cfg.out). Returns final metrics for rank 0.
-    `user_data`: --data given with --resume (used only if the run's tokenized data are not cached)."""
+    `user_data`, `user_valid_data`: --data and --valid-data given with --resume (used only if the run's
+    tokenized data are not cached)."""
     launched = time.perf_counter()
     check_device_name(cfg.device)
     rank, world, device = setup_distributed(cfg.device, group_of_one=cfg.parallel == "fsdp")
@@ -690,7 +711,8 @@ def train(cfg: TrainConfig, resume: bool = False, user_data: Optional[List[str]]
     new_meta = None
     if resume:
         lock, resume_from, new_meta = on_rank0(
-            lambda: _open_run_for_resume(cfg, run_dir, kwargs, user_data, device, say), rank, world, device) \
+            lambda: _open_run_for_resume(cfg, run_dir, kwargs, user_data, device, say, user_valid_data), rank, world,
+            device) \
             or (None, None, None)
     else:
         lock, resume_from = on_rank0(lambda: _start_new_run(cfg, run_dir, kwargs, device, say),

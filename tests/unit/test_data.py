@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from moeut.train.data import Batches, collect_documents, default_corpus_paths, split_documents
+from moeut.train.data import Batches, Corpus, collect_documents, default_corpus_paths
 from moeut.train.tokenizer import train_tokenizer
 
 
@@ -42,12 +42,23 @@ def test_jsonl_and_errors(tmp_path):
         collect_documents([str(tmp_path / "nope")])
 
 
-def test_split_is_deterministic_and_nonempty():
-    docs = [(f"d{i}", f"text {i}") for i in range(300)]
-    a, b = split_documents(docs), split_documents(docs)
+def split_of(sources, **kw):
+    """(training texts, validation texts) of a corpus after its split."""
+    corpus = Corpus([str(s) for s in sources], **kw)
+    scan = corpus.scan(warn=lambda m: None)
+    pairs = list(corpus.split(scan))
+    return [t for v, t in pairs if not v], [t for v, t in pairs if v]
+
+
+def test_split_is_deterministic_and_nonempty(tmp_path):
+    for i in range(300):
+        (tmp_path / f"d{i}.txt").write_text(f"text {i}")
+    a, b = split_of([tmp_path]), split_of([tmp_path])
     assert a == b and a[1] and len(a[0]) + len(a[1]) == 300
-    with pytest.raises(ValueError):
-        split_documents([("only", "x")])
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "only.txt").write_text("x")
+    with pytest.raises(ValueError, match="too small"):
+        split_of([tmp_path / "one"])
 
 
 def test_split_does_not_depend_on_where_the_data_lives(tmp_path):
@@ -63,7 +74,7 @@ def test_split_does_not_depend_on_where_the_data_lives(tmp_path):
             (root / rel).write_text(text)
         docs = collect_documents([str(root)])
         assert [name for name, _ in docs] == [f"{rel}#0" for rel in sorted(texts)]
-        splits.append(split_documents(docs))
+        splits.append(split_of([root]))
     assert splits[0] == splits[1] and splits[0][1]
     single = tmp_path / "a" / "corpus" / "pkg" / "m7.py"
     assert collect_documents([str(single)]) == [("m7.py#0", texts["pkg/m7.py"])]
@@ -96,7 +107,7 @@ def test_a_single_text_file_is_cut_into_documents_at_paragraphs(tmp_path):
     docs = [t for _, t in collect_documents([str(f)])]
     assert len(docs) == 5 and all(len(d) <= 8192 for d in docs)
     assert "\n\n".join(docs) == f.read_text()                        # nothing lost, nothing added
-    train, valid = split_documents(collect_documents([str(f)]))       # and a validation split exists
+    train, valid = split_of([f])                                       # and a validation split exists
     assert train and valid
     long_line = split_text("y" * 20000, chunk=8192)
     assert [len(d) for d in long_line] == [8192, 8192, 3616]
@@ -200,7 +211,7 @@ def test_tokenization_streams_in_bounded_memory(tmp_path, monkeypatch):
     assert sizes[1] > 3.5 * sizes[0] and sizes[1] > 32 * (128 << 10)
     assert peaks[1] < 1.25 * peaks[0] + (256 << 10), (peaks, sizes)
     assert peaks[1] < sizes[1], (peaks, sizes)   # less than the text itself would take
-    train, valid = split_documents(docs)
+    train, valid = split_of([path])
     assert (scan.n_train, scan.n_valid) == (len(train), len(valid))
     for name, texts in (("train.bin", train), ("valid.bin", valid)):
         want = np.concatenate([np.asarray(ids, np.uint16) for ids in tok.encode_documents(texts)])
@@ -208,16 +219,12 @@ def test_tokenization_streams_in_bounded_memory(tmp_path, monkeypatch):
     assert sorted(p.name for p in (root / "cache").iterdir()) == ["train.bin", "valid.bin"]
 
 
-def test_the_cache_key_follows_the_texts_and_the_held_out_fallback(tmp_path):
-    from moeut.train.data import Corpus
+def test_the_cache_key_follows_the_texts_and_a_tiny_corpus_still_validates(tmp_path):
     for i, text in enumerate(["first", "second", "third"]):
         (tmp_path / f"{i}.txt").write_text(text)
     scan = Corpus([str(tmp_path)]).scan()
-    train, valid = split_documents(collect_documents([str(tmp_path)]))
-    assert (scan.n_train, scan.n_valid) == (len(train), len(valid))
-    if scan.fallback is not None:   # no document hashed to validation: the last one is held out
-        assert valid == ["third"]
-        assert [t for v, t in Corpus([str(tmp_path)]).split(scan) if v] == ["third"]
+    train, valid = split_of([tmp_path])
+    assert (scan.n_train, scan.n_valid) == (len(train), len(valid)) == (2, 1)   # one piece held out, never all
     key = scan.cache_key(b"tok")
     assert key != scan.cache_key(b"other tokenizer")
     (tmp_path / "1.txt").write_text("changed")
@@ -239,7 +246,7 @@ def test_tokenizer_samples_lines_in_bounded_memory():
 
 
 def test_a_text_file_larger_than_a_block_is_cut_the_same_way(tmp_path, monkeypatch):
-    from moeut.train import data
+    from moeut.train import sources as data
     monkeypatch.setattr(data, "TEXT_BLOCK_BYTES", 4096)
     paras = [f"paragraph {i} " + "word " * (i % 50) + "é" * (i % 7) for i in range(400)]
     f = tmp_path / "book.txt"
@@ -247,3 +254,85 @@ def test_a_text_file_larger_than_a_block_is_cut_the_same_way(tmp_path, monkeypat
     docs = [t for _, t in collect_documents([str(f)])]
     assert "\n\n".join(docs) == f.read_text() and len(docs) > 1
     assert all(len(d) <= data.CHUNK_CHARS for d in docs)
+
+
+# ---- the validation split, and the user's choice of it --------------------------------------------
+
+def test_a_few_large_files_lose_only_the_validation_fraction_of_their_text(tmp_path):
+    """40 Markdown files of ~50 KB each: about 2% of the characters go to validation (by name hash they
+    lost 43% of the tokens before), cut from inside the files, and every character is somewhere."""
+    import random
+    rng = random.Random(0)
+    texts = {}
+    for i in range(40):
+        paras = ["".join(rng.choice("abcdefgh ") for _ in range(rng.randint(200, 900))) for _ in range(80)]
+        texts[f"note{i:02d}.md"] = "\n\n".join(paras)
+        (tmp_path / f"note{i:02d}.md").write_text(texts[f"note{i:02d}.md"])
+    train, valid = split_of([tmp_path])
+    total = sum(len(t) for t in texts.values())
+    share = sum(map(len, valid)) / total
+    assert 0.02 <= share < 0.02 + 16384 / total + 1e-9, share
+    assert sum(map(len, train)) + sum(map(len, valid)) == total
+    assert len(train) > 40   # files with a piece held out train as their parts around it
+    train10, valid10 = split_of([tmp_path], valid_fraction=0.1)
+    assert 0.1 <= sum(map(len, valid10)) / total < 0.1 + 16384 / total + 1e-9
+    assert set(valid) <= set(valid10)   # a larger fraction holds out more of the same order
+
+
+def test_valid_data_and_a_dataset_dicts_own_validation_split(tmp_path):
+    import pyarrow as pa
+    (tmp_path / "train").mkdir()
+    for i in range(5):
+        (tmp_path / "train" / f"{i}.txt").write_text(f"training text {i}")
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps({"text": f"held {i}"}) + "\n" for i in range(3)))
+    train, valid = split_of([tmp_path / "train"], valid_sources=[str(tmp_path / "held.jsonl")])
+    assert sorted(train) == [f"training text {i}" for i in range(5)] and valid == [f"held {i}" for i in range(3)]
+    dd = tmp_path / "dd"
+    for split, docs in (("train", DOCS[:5]), ("validation", DOCS[5:])):
+        (dd / split).mkdir(parents=True)
+        with pa.OSFile(str(dd / split / "data-00000-of-00001.arrow"), "wb") as sink:
+            with pa.ipc.new_stream(sink, pa.schema([("text", pa.string())])) as w:
+                w.write_table(pa.table({"text": docs}))
+        (dd / split / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    (dd / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "validation"]}))
+    train, valid = split_of([dd])
+    assert train == DOCS[:5] and valid == DOCS[5:]
+    with pytest.raises(ValueError, match="--valid-fraction 0 needs --valid-data"):
+        Corpus([str(tmp_path / "train")], valid_fraction=0)
+
+
+def test_decode_errors_replace_strict_and_skip(tmp_path):
+    cp1252 = "caf\u00e9 \u2013 ok".encode("cp1252")
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"fine text\n\n" * 1000 + cp1252 + b"\n\nmore fine text")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "a.txt").write_bytes(b"plain")
+    (tmp_path / "dir" / "b.txt").write_bytes(cp1252)
+    corpus = Corpus([str(big), str(tmp_path / "dir")])          # default: replace, and count
+    texts = [t for _, t in corpus.documents()]
+    scan = corpus.scan(warn=lambda m: None)
+    assert any("caf\ufffd \ufffd ok" in t for t in texts) and "plain" in texts
+    assert scan.replaced == 4 and scan.replaced_files == 2 and "replaced in 2 file(s)" in scan.describe()
+    with pytest.raises(ValueError, match="big.txt is not valid UTF-8 text.*--decode-errors strict"):
+        list(Corpus([str(big)], decode_errors="strict").documents())
+    warned = []
+    skipped = Corpus([str(big), str(tmp_path / "dir")], decode_errors="skip")
+    assert [t for _, t in skipped.documents(warned.append)] == ["plain"]
+    assert len(warned) == 2 and skipped.skipped == 2
+    (tmp_path / "dir" / "c.txt").write_bytes(b"text\x00with a NUL")   # binary: never text, in any mode
+    warned = []
+    assert "plain" in [t for _, t in Corpus([str(tmp_path / "dir")]).documents(warned.append)]
+    assert any("c.txt is a binary file" in w for w in warned)
+
+
+def test_compressed_text_files(tmp_path):
+    import gzip
+    import zstandard
+    text = "\n\n".join(f"paragraph {i} " + "w" * 500 for i in range(40))
+    (tmp_path / "book.txt.gz").write_bytes(gzip.compress(text.encode()))
+    (tmp_path / "notes.md.zst").write_bytes(zstandard.ZstdCompressor().compress(b"# notes\n\nhello"))
+    (tmp_path / "data.bin.gz").write_bytes(gzip.compress(b"\x00\x01"))
+    assert "\n\n".join(t for _, t in collect_documents([str(tmp_path / "book.txt.gz")])) == text   # cut, all kept
+    assert [t for _, t in collect_documents([str(tmp_path / "notes.md.zst")])] == ["# notes\n\nhello"]
+    in_dir = [n for n, _ in collect_documents([str(tmp_path)])]
+    assert in_dir == ["book.txt.gz#0", "notes.md.zst#0"]   # one document each; the .bin.gz is not data
