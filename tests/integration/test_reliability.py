@@ -428,7 +428,7 @@ def test_7_a_huge_shard_count_is_refused_at_once(finished, capsys):
 
 
 def test_7_a_compressed_line_that_inflates_past_the_document_limit_is_refused(tmp_path, capsys):
-    from moeut.train.data import MAX_DOCUMENT_BYTES
+    from moeut.train.sources import MAX_DOCUMENT_BYTES
     bomb = tmp_path / "bomb.jsonl.gz"
     with gzip.open(bomb, "wb", compresslevel=9) as f:
         f.write(b'{"text": "' + b"a" * (MAX_DOCUMENT_BYTES + 10) + b'"}\n')

@@ -272,4 +272,5 @@ def test_one_text_file_and_a_parquet_file_train_end_to_end(corpus, tmp_path):
     args = train_args(tmp_path / "code.parquet", tmp_path / "pq", tmp_path / "cache", steps=2, extra=["--text-field", "content"])
     assert main(args) == 0
     data = json.loads((tmp_path / "pq" / "data.json").read_text())
-    assert data["train_documents"] + data["valid_documents"] == len(texts)
+    # documents with a piece held out train as their parts around it: at least as many documents as texts
+    assert data["valid_documents"] >= 1 and data["train_documents"] + data["valid_documents"] >= len(texts)
