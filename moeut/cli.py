@@ -54,7 +54,7 @@ NON_NEGATIVE = _int_range(0)
 
 # Flags that may accompany --resume; every other training flag would change the run, and is refused.
 RESUME_FLAGS = {"resume", "no_progress", "cuda_graph", "data", "valid_data", "cache_dir", "strict_data", "stop_after",
-                "debug", "device", "text_field", "steps", "parallel"}
+                "debug", "device", "text_field", "steps", "parallel", "print_interval", "wandb", "wandb_project"}
 
 
 def _add_train(sub):
@@ -146,7 +146,14 @@ def _add_train(sub):
     p.add_argument("--cache-dir", default=None, help="tokenized data cache (default ~/.cache/moeut)")
     p.add_argument("--no-tensorboard", action="store_true", default=None,
                    help="write no TensorBoard events (metrics.jsonl is always written)")
-    p.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", default=None,
+                   help="no progress bar (the plain log lines of --print-interval still come)")
+    p.add_argument("--print-interval", type=NON_NEGATIVE, default=None, metavar="N",
+                   help="print a plain line (step, loss, tokens/s, MFU on a known GPU, ETA) every N steps, with "
+                        "or without the bar (default 0: every 10 log intervals)")
+    p.add_argument("--wandb", action="store_true", default=None,
+                   help="also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works without network)")
+    p.add_argument("--wandb-project", default=None, metavar="NAME", help="the W&B project (default moeut)")
     p.add_argument("--device", default=None, metavar="auto|cpu|cuda|cuda:N",
                    help="where to train (default auto: the GPU when there is one)")
     p.add_argument("--sample-prompt", default=None, metavar="TEXT",
@@ -178,6 +185,9 @@ def cmd_train(args) -> int:
         cfg.out = args.resume
         cfg.progress = not args.no_progress
         cfg.stop_after = args.stop_after or 0
+        for name in ("print_interval", "wandb", "wandb_project"):   # how it reports, not what it trains
+            if getattr(args, name) is not None:
+                setattr(cfg, name, getattr(args, name))
         cfg.cache_dir = args.cache_dir or default_cache_dir()   # never a path read from the run
         cfg.strict_data = bool(args.strict_data)
         if args.steps is not None:   # a longer run: the trainer states how the schedule changes
@@ -656,6 +666,26 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _add_plot(sub):
+    p = sub.add_parser("plot", help="draw runs' loss and validation perplexity into a PNG",
+                       description="Draw the training loss and the validation perplexity of one or several runs (from "
+                                   "their metrics.jsonl) against training tokens and step time, into one PNG.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    p.add_argument("--out", default="runs.png", metavar="PNG", help="the image to write (default runs.png)")
+    p.add_argument("--x", default="tokens,time", metavar="AXES",
+                   help="x axes, one row each: tokens, time (step seconds), wall (seconds since launch), step "
+                        "(default tokens,time)")
+    _add_debug(p)
+    p.set_defaults(func=cmd_plot)
+
+
+def cmd_plot(args) -> int:
+    from moeut.train.plot import plot_runs
+    out = plot_runs(args.runs, args.out, [a for a in args.x.split(",") if a])
+    print(f"wrote {out}")
+    return 0
+
+
 def _add_debug(p) -> None:
     p.add_argument("--debug", action="store_true", default=None,
                    help="show the full traceback of an error (default: one line naming the problem)")
@@ -677,6 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analyze(sub)
     _add_sweep(sub)
     _add_export(sub)
+    _add_plot(sub)
     return p
 
 

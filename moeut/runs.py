@@ -130,6 +130,40 @@ def parameter_count(name: str, n_tokens: int, kwargs: Dict[str, Any]) -> int:
     return total + kwargs.get("group_size", 2) * per_layer
 
 
+def training_flops_per_token(name: str, n_tokens: int, kwargs: Dict[str, Any], context: int) -> float:
+    """Matrix-multiply FLOPs one training token costs (forward and backward, 3x the forward's 2 per
+    multiply-add), from the arguments: the dense model's every weight; MoEUT's weights that a token
+    uses (Q and K, its att_k value and output experts per head, both routers, its ff_k FFN experts) at
+    each of its n_layers applications; causal attention over half the context on average; the output
+    head. Elementwise work is left out: MFU is taken against this, as usual."""
+    D, L, heads = kwargs["d_model"], kwargs["n_layers"], kwargs["n_heads"]
+    Dh = kwargs.get("d_head") or D // heads
+    attention = 2 * heads * Dh * context                      # QK^T and AV, causal: 2 x 2 x (context / 2)
+    if name.startswith("dense"):
+        per_layer = 2 * (4 * D * heads * Dh + 2 * D * kwargs["d_ff"]) + attention
+    else:
+        Ea, ka = kwargs["att_n_experts"], kwargs.get("att_k", 2)
+        E, k, F = kwargs["ff_n_experts"], kwargs.get("ff_k", 8), kwargs.get("ff_expert_size", 128)
+        heads_used = ka if Ea > 1 else 1
+        per_layer = 2 * (2 * D * heads * Dh + 2 * D * Dh * heads * heads_used + 2 * heads * Ea * D
+                         + D * E + 2 * D * F * k) + attention
+    return 3.0 * (L * per_layer + 2 * D * n_tokens)
+
+
+# Dense bf16 matrix throughput of the common training GPUs (their datasheets, without sparsity).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12,
+                   "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12}
+
+
+def peak_bf16_flops(device) -> float | None:
+    """The bf16 peak of a CUDA device by its name (None when it is not in PEAK_BF16_FLOPS, or not CUDA)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in sorted(PEAK_BF16_FLOPS.items(), key=lambda kv: -len(kv[0])) if k in name), None)
+
+
 def check_model_size(name: str, n_tokens: int, kwargs: Dict[str, Any]) -> int:
     """Refuse, before any module is built, a model whose parameter count (from its arguments) is beyond
     any machine; returns the count."""

@@ -40,7 +40,8 @@ from moeut.evaluate import windows_perplexity
 from moeut.files import open_append, write_file_atomic, write_json_atomic
 from moeut.train.run_dir import (RunLock, check_existing_run_dir, check_new_run_dir, read_json_record, read_run_json,
                                  truncate_metrics)
-from moeut.runs import build_model, check_memory, check_model_size, model_kwargs, model_kwargs_of_run
+from moeut.runs import (build_model, check_memory, check_model_size, model_kwargs, model_kwargs_of_run,
+                        peak_bf16_flops, training_flops_per_token)
 from moeut.train.checkpoint import (ModelSpec, optimizer_state_by_name, optimizer_state_by_position,
                                     sharded_optimizer_record)
 from moeut.train.fsdp import load_optimizer_state, load_sharded_state, save_sharded_state, shard_model
@@ -90,7 +91,10 @@ class TrainConfig:
     valid_data: List[str] = field(default_factory=list)  # validation sources (default: held out of --data)
     valid_fraction: float = 0.02         # share of --data's characters held out for validation, without --valid-data
     tensorboard: bool = True
+    wandb: bool = False                  # also log to Weights & Biases (WANDB_MODE=offline works without network)
+    wandb_project: str = "moeut"
     progress: bool = True
+    print_interval: int = 0              # steps between plain log lines on stdout (0: 10 x log_interval)
     sample_prompt: str = "def "          # prompt of the greedy sample printed at the end
     sample_tokens: int = 0               # also sample this many tokens at every evaluation (0: only at the end)
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
@@ -136,6 +140,7 @@ _RANGES: Dict[str, tuple] = {
     "vocab_size": (int, lambda v: 2 <= v <= MAX_VOCAB, f"an integer from 2 to {MAX_VOCAB}"),
     "seed": (int, lambda v: 0 <= v < 1 << 63, "a non-negative integer"),
     "log_interval": (int, lambda v: v >= 1, "a positive integer"),
+    "print_interval": (int, lambda v: v >= 0, "a non-negative integer (0: ten log intervals)"),
     "eval_interval": (int, lambda v: v >= 1, "a positive integer"),
     "eval_windows": (int, lambda v: v >= 0, "a non-negative integer (0: all)"),
     "ckpt_interval": (int, lambda v: v >= 1, "a positive integer"),
@@ -181,10 +186,10 @@ def validate_config(cfg: TrainConfig, world: int = 1) -> None:
     if cfg.fsdp_keep_gathered is True and cfg.parallel != "fsdp":
         raise ValueError("--fsdp-keep-gathered applies to --parallel fsdp only")
     for name in ("compile", "activation_checkpointing", "deterministic", "strict_data", "tensorboard", "progress",
-                 "fsdp_keep_gathered"):
+                 "fsdp_keep_gathered", "wandb"):
         if not isinstance(getattr(cfg, name), bool):
             raise ValueError(f"{flag(name)} must be true or false, got {getattr(cfg, name)!r}")
-    for name in ("model", "out", "cache_dir", "sample_prompt", "tokenizer"):
+    for name in ("model", "out", "cache_dir", "sample_prompt", "tokenizer", "wandb_project"):
         if not isinstance(getattr(cfg, name), str):
             raise ValueError(f"{flag(name)} must be a string, got {getattr(cfg, name)!r}")
     for name in ("data", "valid_data"):
@@ -598,6 +603,34 @@ def _extended_schedule(cfg: TrainConfig, meta: Dict[str, Any], step: int, say) -
     return {**meta, "config": {**meta["config"], "steps": cfg.steps}}
 
 
+def progress_line(rec: Dict[str, Any], steps: int, steps_per_second: float) -> str:
+    """One plain line for logs (a cluster's, or --no-progress): step, loss, throughput, MFU, ETA."""
+    left = (steps - rec["step"]) / max(steps_per_second, 1e-9)
+    eta = f"{int(left // 3600)}h{int(left % 3600 // 60):02d}m" if left >= 3600 else f"{int(left // 60)}m{int(left % 60):02d}s"
+    mfu = f" | MFU {100 * rec['mfu']:.1f}%" if "mfu" in rec else ""
+    return (f"step {rec['step']}/{steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.3g} | "
+            f"{rec['tokens_per_s'] / 1e3:.1f}k tok/s{mfu} | ETA {eta}")
+
+
+def start_wandb(cfg: TrainConfig, run_dir: Path, say):
+    """A Weights & Biases run for --wandb (its files under the run directory; WANDB_MODE=offline logs
+    without network, `wandb sync` uploads later)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("--wandb needs the wandb package: pip install wandb") from None
+    run = wandb.init(project=cfg.wandb_project, name=Path(cfg.out).name, dir=str(run_dir), config=asdict(cfg),
+                     resume="allow", id=_wandb_id(run_dir))
+    say(f"Weights & Biases: {getattr(run, 'url', None) or 'offline, in ' + str(run_dir / 'wandb')}")
+    return run
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """A W&B run id from the run directory's path, so a resumed run continues the same W&B run."""
+    import hashlib
+    return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+
+
 class StepClock:
     """Where a run's time goes, for time-to-quality: `train_seconds`, the steps' own time (from a step's
     start to the host sync that ends it; evaluation and checkpoints excluded), `wall_seconds` since the
@@ -635,6 +668,10 @@ class StepClock:
 
     def wall(self) -> float:
         return self.wall_before + time.perf_counter() - self.launched
+
+    def wall_here(self) -> float:
+        """Seconds since this process launched the run."""
+        return time.perf_counter() - self.launched
 
     def record(self, tokens: int) -> Dict[str, float]:
         self.since_record = 0.0
@@ -867,15 +904,22 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
         except ImportError:
             pass
     metrics_f = open_append(run_dir / "metrics.jsonl", say) if rank == 0 else None
+    wandb_run = start_wandb(cfg, run_dir, say) if rank == 0 and cfg.wandb else None
+    flops_per_token = training_flops_per_token(cfg.model, tok.vocab_size, kwargs, cfg.context)
+    peak = peak_bf16_flops(device) if cfg.precision == "bf16" else None
+    print_every = cfg.print_interval or 10 * cfg.log_interval
 
     def log(rec):
         if metrics_f is not None:
             metrics_f.write(json.dumps(rec) + "\n")
             metrics_f.flush()
+            scalars = {k: v for k, v in rec.items() if k != "step" and isinstance(v, (int, float))
+                       and not isinstance(v, bool)}
             if writer is not None:
-                for k, v in rec.items():
-                    if k != "step" and isinstance(v, (int, float)):
-                        writer.add_scalar(k, v, rec["step"])
+                for k, v in scalars.items():
+                    writer.add_scalar(k, v, rec["step"])
+            if wandb_run is not None:
+                wandb_run.log(scalars, step=rec["step"])
 
     def save(step, loss):
         """The state after step `step`'s update, checked finite on every rank before anything is written
@@ -949,14 +993,19 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
                 if world > 1:
                     dist.all_reduce(loss_sum)
                     loss_sum /= world
+                tokens_per_s = tokens_per_step * steps_since / max(clock.interval(), 1e-9)
                 rec = {"step": step, "loss": round(loss_sum.item(), 6), "reg_loss": round(reg_sum.item(), 6),
                        "lr": sched.get_last_lr()[0], "grad_norm": round(float(gnorm), 5),
-                       "tokens_per_s": round(tokens_per_step * steps_since / max(clock.interval(), 1e-9), 1),
-                       **clock.record(step * tokens_per_step)}
+                       "tokens_per_s": round(tokens_per_s, 1), **clock.record(step * tokens_per_step)}
+                if peak:
+                    rec["mfu"] = round(flops_per_token * tokens_per_s * world / peak, 4)
                 if router_logits and k_ffn:
                     rec.update(router_stats(router_logits, k_ffn))
                 log(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                **({"mfu": f"{100 * rec['mfu']:.1f}%"} if "mfu" in rec else {}))
+                if rank == 0 and (step % print_every < cfg.log_interval or step == cfg.steps):
+                    bar.write(progress_line(rec, cfg.steps, (step - start_step) / max(clock.wall_here(), 1e-9)))
                 steps_since = 0
             bar.update(1)
             if step % cfg.eval_interval == 0 or step == cfg.steps:
@@ -998,6 +1047,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
             metrics_f.close()
         if writer:
             writer.close()
+        if wandb_run is not None:
+            wandb_run.finish()
         if has_router:
             backbone.collect_router_logits = False
     result = {"stopped": False, "step": step, "run_dir": str(run_dir)}
