@@ -69,6 +69,10 @@ def _add_train(sub):
     p.add_argument("--model", default=None, choices=profiles.model_names(), metavar="NAME",
                    help="moeut-{44M,126M,244M,318M,727M,1B,tiny} or dense-{44M,126M,244M,319M,728M,1B,tiny} "
                         "(default: moeut-tiny)")
+    p.add_argument("--init-from", default=None, metavar="SOURCE",
+                   help="start a new run from trained weights: a run directory or one of its checkpoints (trained "
+                        "here or made by import-official) or a directory written by moeut export. The model and the "
+                        "tokenizer come from it; data, schedule, learning rate and a fresh optimizer are this run's")
     p.add_argument("--set", dest="overrides", action="append", default=None, metavar="KEY=VALUE",
                    help="override a constructor argument of the model, e.g. --set att_n_experts=1 (repeatable)")
     p.add_argument("--data", action="append", default=None, metavar="PATH",
@@ -202,6 +206,8 @@ def cmd_train(args) -> int:
     else:
         if args.tokenizer and args.tokenizer not in ("code", "paper") and args.vocab_size:
             raise ValueError("--vocab-size and --tokenizer PATH exclude each other: the tokenizer sets the vocabulary")
+        if args.init_from and args.model:
+            raise ValueError("--init-from takes the model from its source: leave out --model")
         names = {f.name for f in fields(TrainConfig)}
         cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and k != "overrides" and v is not None})
         cfg.overrides = parse_overrides(args.overrides)

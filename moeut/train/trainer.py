@@ -56,6 +56,7 @@ MAX_LR = 10.0       # AdamW's step is about lr per weight: far above any useful 
 @dataclass
 class TrainConfig:
     model: str = "moeut-tiny"            # moeut-<44M|126M|244M|318M|727M|1B|tiny> or dense-<...>
+    init_from: str = ""                  # start from these weights: a run, one of its checkpoints, or an export
     overrides: Dict[str, Any] = field(default_factory=dict)  # constructor arguments replacing the profile's
     data: List[str] = field(default_factory=list)  # text files / dirs / JSONL; empty: Python stdlib sources
     out: str = ""                        # run directory (default runs/<model>-<time>)
@@ -189,7 +190,7 @@ def validate_config(cfg: TrainConfig, world: int = 1) -> None:
                  "fsdp_keep_gathered", "wandb"):
         if not isinstance(getattr(cfg, name), bool):
             raise ValueError(f"{flag(name)} must be true or false, got {getattr(cfg, name)!r}")
-    for name in ("model", "out", "cache_dir", "sample_prompt", "tokenizer", "wandb_project"):
+    for name in ("model", "out", "cache_dir", "sample_prompt", "tokenizer", "wandb_project", "init_from"):
         if not isinstance(getattr(cfg, name), str):
             raise ValueError(f"{flag(name)} must be a string, got {getattr(cfg, name)!r}")
     for name in ("data", "valid_data"):
@@ -487,18 +488,31 @@ def config_of_run(run_dir: str | Path) -> TrainConfig:
     return cfg
 
 
-def _start_new_run(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any], device, say) -> RunLock:
+def _start_new_run(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any], device, say, source=None) -> RunLock:
     """Checks, data and tokenizer first; then the directory, locked, with run.json, tokenizer.model
     and data.json. On failure, exactly what this start created is removed: never a file another
-    process wrote (two starts racing for one --out: the loser leaves the winner's run as it was)."""
+    process wrote (two starts racing for one --out: the loser leaves the winner's run as it was).
+    `source`: --init-from's (its tokenizer unless --tokenizer; its weights' shapes checked here)."""
     check_new_run_dir(run_dir)
     given = None
     if cfg.tokenizer and cfg.tokenizer not in KINDS:
         given = Tokenizer(cfg.tokenizer)
         cfg.vocab_size = given.vocab_size
+    elif source is not None:
+        if cfg.tokenizer:
+            raise ValueError(f"--init-from: --tokenizer {cfg.tokenizer} would train a new tokenizer, whose pieces "
+                             "the weights do not know; give a tokenizer file of the same vocabulary, or none")
+        given = Tokenizer(model_proto=source.tokenizer)
+        cfg.vocab_size = given.vocab_size
     check_model_size(cfg.model, cfg.vocab_size, kwargs)
     with torch.device("meta"):
-        check_memory(build_model(cfg.model, cfg.vocab_size, kwargs), device, "train")
+        meta_model = build_model(cfg.model, cfg.vocab_size, kwargs)
+    if source is not None:
+        try:
+            ckpt_lib.check_compatible(ModelSpec.of(meta_model).tensors, source.shapes, str(source.path))
+        except ckpt_lib.CheckpointError as e:
+            raise ValueError(f"--init-from: {e} (the tokenizer and --set must keep every weight's shape)") from None
+    check_memory(meta_model, device, "train")
     tok, key, n_train, n_valid = build_data(cfg, given, say)
     check_tokens(cfg, *open_tokens(cfg.cache_dir, key), tok.vocab_size)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -513,7 +527,7 @@ def _start_new_run(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any], devi
         check_new_run_dir(run_dir)   # again, under the lock: another start may have won the race
         lock.record_holder()
         meta = {"model": cfg.model, "model_kwargs": kwargs, "vocab_size": tok.vocab_size, "config": asdict(cfg),
-                "moeut_version": _version()}
+                "moeut_version": _version(), **({"init_from": source.describe()} if source is not None else {})}
         for name, data in (("run.json", meta), ("tokenizer.model", tok.model_bytes()),
                            ("data.json", {"key": key, "format": CACHE_FORMAT, "train_documents": n_train,
                                           "valid_documents": n_valid})):
@@ -578,6 +592,9 @@ def _open_run_for_resume(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any]
         dropped = truncate_metrics(run_dir, step)
         if dropped:
             say(f"metrics.jsonl: dropped {dropped} records after step {step} (they are logged again)")
+        if found is None and meta.get("init_from"):
+            raise ValueError(f"{run_dir} started from {meta['init_from'].get('path')} and has no checkpoint yet: "
+                             "start it again (--init-from) rather than resume it from random weights")
         if found is None:
             say(f"{run_dir} has no checkpoint yet: starting it from step 0")
         return lock, found, new_meta
@@ -723,6 +740,11 @@ def train(cfg: TrainConfig, resume: bool = False, user_data: Optional[List[str]]
     rank, world, device = setup_distributed(cfg.device, group_of_one=cfg.parallel == "fsdp")
     say = (lambda m: print(m, flush=True)) if rank == 0 else (lambda m: None)
     check_types(cfg)
+    source = None
+    if cfg.init_from and not resume:   # the model, its arguments and the tokenizer come from the source
+        from moeut.train.init_from import open_source
+        source = open_source(cfg.init_from, say)
+        cfg.model, cfg.overrides = source.model, {**source.kwargs, **(cfg.overrides or {})}
     cfg = resolve_defaults(cfg, device.type == "cuda")
     validate_config(cfg, world)
     kwargs = model_kwargs(cfg.model, cfg.overrides)
@@ -752,13 +774,14 @@ def train(cfg: TrainConfig, resume: bool = False, user_data: Optional[List[str]]
             device) \
             or (None, None, None)
     else:
-        lock, resume_from = on_rank0(lambda: _start_new_run(cfg, run_dir, kwargs, device, say),
+        lock, resume_from = on_rank0(lambda: _start_new_run(cfg, run_dir, kwargs, device, say, source),
                                      rank, world, device), None
     barrier(world)
     if resume and rank != 0:   # rank 0 found it usable and set aside every newer one; each rank reads it
         resume_from = (ckpt_lib.list_checkpoints(run_dir) or [None])[-1]
     try:
-        return _train_locked(cfg, run_dir, kwargs, rank, world, device, accum, resume_from, new_meta, say, launched)
+        return _train_locked(cfg, run_dir, kwargs, rank, world, device, accum, resume_from, new_meta, say, launched,
+                             source)
     finally:
         if lock is not None:
             lock.release()
@@ -821,7 +844,7 @@ def step_graph_blockers(cfg: TrainConfig, device) -> List[str]:
 
 
 def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int, device, accum: int,
-                  resume_from, new_meta: Optional[Dict[str, Any]], say, launched: float) -> Dict[str, Any]:
+                  resume_from, new_meta: Optional[Dict[str, Any]], say, launched: float, source=None) -> Dict[str, Any]:
     """`resume_from`: the checkpoint rank 0 read (`Checkpoint`), its path on the other ranks, or None.
     `new_meta`: a run.json to write once the checkpoint has loaded (a resume that extends the run)."""
     if cfg.deterministic:
@@ -850,6 +873,9 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
         if resume_from.model is None and resume_from.layout == ckpt_lib.SINGLE:
             resume_from.model = ckpt_lib.read_checkpoint(resume_from.path, "model", spec).model
         training = resume_from.training
+    if source is not None:   # --init-from: the source's weights, read and checked now
+        model.load_state_dict(source.weights(ModelSpec.of(model)))
+        say(f"initialised from {source.path} ({source.kind}{f', step {source.step}' if source.step is not None else ''})")
     read_own_shards = resume_from is not None and resume_from.model is None
     if resume_from is not None and not read_own_shards:
         try:
