@@ -161,7 +161,8 @@ def _add_train(sub):
     p.add_argument("--device", default=None, metavar="auto|cpu|cuda|cuda:N",
                    help="where to train (default auto: the GPU when there is one)")
     p.add_argument("--sample-prompt", default=None, metavar="TEXT",
-                   help="prompt of the greedy sample printed when training ends (default 'def ')")
+                   help="prompt of the greedy sample printed when training ends (default: the first tokens of the "
+                        "validation data)")
     p.add_argument("--sample-tokens", type=NON_NEGATIVE, default=None, metavar="N",
                    help="at every evaluation also print (and log) a greedy sample of N tokens from "
                         "--sample-prompt (default 0: only the sample at the end)")

@@ -295,6 +295,17 @@ class MoEUT(torch.nn.Module):
 
 
 class MoEUTLM(torch.nn.Module):
+    """The MoEUT language model: token embedding, the shared-layer `MoEUT` stack, a LayerNorm and a linear
+    head (with bias). The paper's sizes are in `moeut.profiles` (`MoEUTLM(8000, **profiles.MoEUT_244M)`).
+
+    Arguments: `n_tokens` vocabulary; `d_model`; `n_layers` layer applications, made of `group_size`
+    distinct layers repeated (A B A B ...); `n_heads` SwitchHead heads of width `d_head` (default
+    d_model / n_heads), each choosing `att_k` of `att_n_experts` value and output experts; a σ-MoE FFN of
+    `ff_n_experts` experts of `ff_expert_size` ReLU units, `ff_k` chosen per token; `entropy_reg` and
+    `att_entropy_reg` weight the routers' entropy regularisers (`out.reg_loss`, add it to the loss);
+    dropouts; `group_type` ("abab" or "aabb") and `layer_norm` ("peri", "pre", "post") the paper's ablations.
+    docs/api.md has every argument, the mask and KV-cache formats."""
+
     def __init__(self, n_tokens: int, d_model: int, n_layers: int, n_heads: int,
                  ff_n_experts: int, att_n_experts: int, d_head: Optional[int] = None,
                  group_size: int = 2, ff_k: int = 8, att_k: int = 2, ff_expert_dropout: float = 0.0,
@@ -321,6 +332,9 @@ class MoEUTLM(torch.nn.Module):
 
     def forward(self, x: Tensor, mask: Optional[AttentionMask] = None,
                 kv_cache: MultilayerKVCache = None) -> MoEUTOutput:
+        """Logits for token ids `x` [B, T]: `MoEUTOutput(outputs [B, T, n_tokens], reg_loss, cache)`.
+        `mask=None` is causal. `kv_cache={}` starts a cache and returns it in `out.cache`; pass that back
+        with the next tokens to continue (the same logits as a forward over the whole sequence)."""
         check_tokens(x, self.n_tokens)
         if x.dtype != torch.int64 and x.dtype != torch.int32:
             x = x.long()

@@ -87,12 +87,22 @@ def export_run(run: str | Path, out: str | Path, eval_json: Optional[str | Path]
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
         (tmp / f"{REMOTE_MODULE}.py").write_text(REMOTE_CODE)
         (tmp / "README.md").write_text(model_card(Path(run), meta, lm, tok.kind, scores, out.name))
+        _readable(tmp)   # mkdtemp made it private; an exported model is for others to read
         if out.exists():
             out.rmdir()   # empty, checked above
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _readable(root: Path) -> None:
+    """Directories 0755 and files 0644, less the umask, under `root`."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [root, *root.rglob("*")]:
+        if not p.is_symlink():
+            os.chmod(p, (0o755 if p.is_dir() else 0o644) & ~umask)
 
 
 def _last_validation(run_dir: Path, step: int) -> Optional[float]:
@@ -136,8 +146,8 @@ def model_card(run: Path, meta: Dict[str, Any], lm, tokenizer_kind: str, scores:
         lines.append("")
     lines += ["## Use", "", "```python", "import moeut  # registers the model type with transformers",
               "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f'tok = AutoTokenizer.from_pretrained("{name}")',
-              f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+              f'tok = AutoTokenizer.from_pretrained("path/to/{name}")   # this directory (or its Hub id)',
+              f'model = AutoModelForCausalLM.from_pretrained("path/to/{name}")',
               'ids = tok(["The"], return_tensors="pt")',
               "print(tok.decode(model.generate(**ids, max_new_tokens=40)[0]))", "```", "",
               "Without `import moeut`, pass `trust_remote_code=True` (moeut must be installed).", ""]

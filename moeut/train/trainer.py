@@ -96,7 +96,8 @@ class TrainConfig:
     wandb_project: str = "moeut"
     progress: bool = True
     print_interval: int = 0              # steps between plain log lines on stdout (0: 10 x log_interval)
-    sample_prompt: str = "def "          # prompt of the greedy sample printed at the end
+    sample_prompt: str = ""              # prompt of the greedy sample printed at the end ("": the start of the
+                                         # first validation document, so the sample is in the data's language)
     sample_tokens: int = 0               # also sample this many tokens at every evaluation (0: only at the end)
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     text_field: str = "text"             # the column / JSON field holding the text of a document
@@ -934,6 +935,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
     flops_per_token = training_flops_per_token(cfg.model, tok.vocab_size, kwargs, cfg.context)
     peak = peak_bf16_flops(device) if cfg.precision == "bf16" else None
     print_every = cfg.print_interval or 10 * cfg.log_interval
+    sample_prompt = cfg.sample_prompt or tok.decode([int(t) for t in valid_tokens[:8]])
 
     def log(rec):
         if metrics_f is not None:
@@ -1047,7 +1049,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
                     if writer is not None and image is not None:
                         writer.add_image("ffn_expert_usage", image[None].astype("float32"), step)
                     if cfg.sample_tokens:
-                        text = sample_text(model, tok, cfg.sample_prompt, cfg.sample_tokens)
+                        text = sample_text(model, tok, sample_prompt, cfg.sample_tokens)
                         log({"step": step, "sample": text})
                         bar.write(f"step {step} sample: {text!r}")
                         if writer is not None:
@@ -1083,5 +1085,5 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
     if rank == 0:
         result["val_ppl"] = ppl
         result["unigram_ppl"] = unigram_perplexity(train_tokens, valid_tokens, tok.vocab_size)
-        result["sample"] = None if fsdp else sample_text(model, tok, cfg.sample_prompt, 60)
+        result["sample"] = None if fsdp else sample_text(model, tok, sample_prompt, 60)
     return result

@@ -3,6 +3,7 @@ with trust_remote_code in a process that never imports it), logits equal to ours
 the tokens `moeut generate` gives, the tokenizer round trip, and lm-evaluation-harness scoring the
 exported model with the log-likelihoods our scorer computes."""
 import json
+from pathlib import Path
 import os
 import subprocess
 import textwrap
@@ -61,6 +62,10 @@ def test_export_writes_a_model_directory_with_a_card(exported):
                 if "val_ppl" in line][-1]
     assert meta["model"] in card and "| steps | 4 " in card and f"{last_ppl:.2f}" in card
     assert not [p for p in hf.parent.iterdir() if p.name.startswith(".hf.export")]   # no temporary left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(p.stat().st_mode & 0o777 == (0o755 if p.is_dir() else 0o644) & ~umask for p in [hf, *hf.rglob("*")])
+    assert 'from_pretrained("path/to/' in card
 
 
 def test_export_refusals_write_nothing(exported, tmp_path, capsys):
@@ -202,21 +207,7 @@ def test_trust_remote_code_loads_without_importing_moeut(exported, tmp_path):
     torch.testing.assert_close(torch.tensor(got["logits"]), ours(torch.tensor([ids])).outputs[0, -1])
 
 
-TASK_YAML = """\
-task: moeut_local_cloze
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{gold}}}}"
-target_delimiter: ""
-metric_list:
-  - metric: acc
-"""
+SHIPPED_TASK = Path(__file__).resolve().parents[2] / "examples" / "lm_eval" / "local_cloze.yaml"
 
 
 def test_lm_eval_harness_scores_equal_ours(exported, tmp_path):
@@ -231,7 +222,9 @@ def test_lm_eval_harness_scores_equal_ours(exported, tmp_path):
     data = tmp_path / "items.jsonl"
     data.write_text("".join(json.dumps(i) + "\n" for i in items))
     (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "moeut_local_cloze.yaml").write_text(TASK_YAML.format(data=data))
+    # the task file the README points at, with this test's items in place of its sample
+    task = SHIPPED_TASK.read_text().replace("examples/lm_eval/local_cloze.jsonl", str(data))
+    (tmp_path / "tasks" / "local_cloze.yaml").write_text(task.replace("task: local_cloze", "task: moeut_local_cloze"))
     cmd = [PY, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={hf},trust_remote_code=True",
            "--tasks", "moeut_local_cloze", "--include_path", str(tmp_path / "tasks"), "--device", "cpu",
            "--batch_size", "4", "--log_samples", "--output_path", str(tmp_path / "out")]
