@@ -444,16 +444,18 @@ def cmd_generate(args) -> int:
         if stream:  # decode the whole continuation so far: multi-byte pieces print correctly
             produced.append(t)
             text = tok.decode(produced)
-            sys.stdout.write(text[on_token.shown:])
-            sys.stdout.flush()
-            on_token.shown = len(text)
+            ready = len(text.rstrip("\ufffd"))   # a character still missing its last bytes waits for them
+            if ready > on_token.shown:
+                sys.stdout.write(text[on_token.shown:ready])
+                sys.stdout.flush()
+                on_token.shown = ready
     on_token.shown = 0
     if stream:
         sys.stdout.write(prompts[0])
     outs = generate(model, encoded, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                     tok.eot_id, on_token, compile=args.compile)
     if stream:
-        sys.stdout.write("\n")
+        sys.stdout.write(tok.decode(outs[0])[on_token.shown:] + "\n")   # what was held back, if it never completed
     else:
         for p, o in zip(prompts, outs):
             print(p + tok.decode(o))
