@@ -123,7 +123,7 @@ def _add_train(sub):
                         "SentencePiece model (e.g. another run's tokenizer.model)")
     p.add_argument("--log-interval", type=POSITIVE, default=None, help="steps between metrics.jsonl records (default 10)")
     p.add_argument("--eval-interval", type=POSITIVE, default=None, help="steps between validation runs (default steps/10)")
-    p.add_argument("--eval-windows", type=NON_NEGATIVE, default=None, help="validation windows per run (default 64; 0: all)")
+    p.add_argument("--eval-windows", type=NON_NEGATIVE, default=None, help="validation windows per evaluation (default 64 on GPU, 32 on CPU; 0: all)")
     p.add_argument("--ckpt-interval", type=POSITIVE, default=None, help="steps between checkpoints (default steps/10)")
     p.add_argument("--keep-checkpoints", type=POSITIVE, default=None, help="how many checkpoints to keep (default 3)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
