@@ -113,6 +113,8 @@ def _add_train(sub):
     p.add_argument("--clip", type=_float_range(0), default=None,
                    help="gradient-norm clipping (0.1 for 44M/tiny, else 0.25; 0 disables)")
     p.add_argument("--weight-decay", type=_float_range(0), default=None, help="AdamW weight decay (default 0.01)")
+    p.add_argument("--no-decay-vectors", dest="decay_vectors", action="store_false", default=None,
+                   help="exempt norms and biases from weight decay (the paper's training code decays every parameter)")
     p.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"],
                    help="autocast precision (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--vocab-size", type=_int_range(2, 65535), default=None, help="SentencePiece pieces (default 8000)")
@@ -528,17 +530,22 @@ def _add_models(sub):
     p = sub.add_parser("models", help="list model names and their parameter counts")
     p.add_argument("--vocab-size", type=_int_range(2, 65535), default=8000,
                    help="the vocabulary the parameter counts assume (default 8000, the paper's)")
+    p.add_argument("--context", type=_int_range(1, 1 << 20), default=1024,
+                   help="the context the FLOPs per token assume (default 1024, the paper's)")
     _add_debug(p)
     p.set_defaults(func=cmd_models)
 
 
 def cmd_models(args) -> int:
     import torch
-    from moeut.runs import build_model, model_kwargs
+    from moeut.runs import build_model, model_kwargs, training_flops_per_token
+    print(f"{'model':12s} {'parameters':>10s} {'GFLOP/token':>12s}  arguments   (GFLOP/token: training matrix FLOPs "
+          f"at context {args.context})")
     for name in profiles.model_names():
         with torch.device("meta"):
             m = build_model(name, args.vocab_size, model_kwargs(name))
-        print(f"{name:12s} {sum(p.numel() for p in m.parameters()) / 1e6:8.1f}M  {model_kwargs(name)}")
+        flops = training_flops_per_token(name, args.vocab_size, model_kwargs(name), args.context)
+        print(f"{name:12s} {sum(p.numel() for p in m.parameters()) / 1e6:9.1f}M {flops / 1e9:12.2f}  {model_kwargs(name)}")
     return 0
 
 

@@ -68,6 +68,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.1            # cosine decays to lr * this
     warmup: int = -1                     # warmup steps (-1: 0 for 44M/tiny, 4000 larger; capped at steps/10)
     weight_decay: float = 0.01
+    decay_vectors: bool = True           # weight decay on norms and biases too, as the training code's
+                                         # AdamW(model.parameters()) has it; false exempts them
     clip: float = -1.0                   # gradient-norm clip (-1: 0.1 for 44M/tiny, 0.25 larger; 0 disables)
     precision: str = "auto"              # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     vocab_size: int = 8000               # SentencePiece pieces
@@ -190,7 +192,7 @@ def validate_config(cfg: TrainConfig, world: int = 1) -> None:
     if cfg.fsdp_keep_gathered is True and cfg.parallel != "fsdp":
         raise ValueError("--fsdp-keep-gathered applies to --parallel fsdp only")
     for name in ("compile", "activation_checkpointing", "deterministic", "strict_data", "tensorboard", "progress",
-                 "fsdp_keep_gathered", "wandb"):
+                 "fsdp_keep_gathered", "wandb", "decay_vectors"):
         if not isinstance(getattr(cfg, name), bool):
             raise ValueError(f"{flag(name)} must be true or false, got {getattr(cfg, name)!r}")
     for name in ("model", "out", "cache_dir", "sample_prompt", "tokenizer", "wandb_project", "init_from"):
@@ -215,10 +217,13 @@ def validate_config(cfg: TrainConfig, world: int = 1) -> None:
 
 
 def lr_lambda(cfg: TrainConfig):
+    """The learning rate's factor at a step, as the training code schedules it (`Task.create_lr_scheduler`
+    and `Task.set_lr` in framework/task/task.py): a linear warmup, then a cosine annealed over the whole
+    run's length to min_lr_ratio, read at step - warmup (so a run with warmup ends just above the floor)."""
     def f(step: int) -> float:
         if step < cfg.warmup:
             return (step + 1) / cfg.warmup
-        t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
     return f
 
@@ -809,11 +814,14 @@ def _split_for_weight_decay(model: torch.nn.Module):
     return [(n, p) for n, p in named if p.dim() >= 2], [(n, p) for n, p in named if p.dim() < 2]
 
 
-def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """AdamW's two groups: matrices with weight decay, vectors (norms, biases) without."""
-    decay, no_decay = _split_for_weight_decay(model)
+def optimizer_groups(model: torch.nn.Module, weight_decay: float, decay_vectors: bool = True) -> List[Dict[str, Any]]:
+    """AdamW's two groups: matrices, and vectors (norms, biases). Both decay by default, as in the training
+    code (`SimpleTask.create_optimizer` passes model.parameters() with one weight decay); with
+    `decay_vectors=False` the vectors do not. (A checkpoint keeps its groups' settings: runs saved with
+    undecayed vectors resume that way.)"""
+    decay, vectors = _split_for_weight_decay(model)
     return [{"params": [p for _, p in decay], "weight_decay": weight_decay},
-            {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
+            {"params": [p for _, p in vectors], "weight_decay": weight_decay if decay_vectors else 0.0}]
 
 
 def optimizer_parameter_names(model: torch.nn.Module) -> List[str]:
@@ -891,7 +899,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
     if fsdp:
         shard_model(model, amp, reshard_after_forward=not cfg.fsdp_keep_gathered)
     fused_adamw = device.type == "cuda" and not fsdp
-    opt = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
+    opt = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay, cfg.decay_vectors), lr=cfg.lr, betas=(0.9, 0.999),
                             fused=fused_adamw, capturable=graphed_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     names = optimizer_parameter_names(model)
