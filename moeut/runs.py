@@ -24,7 +24,7 @@ from moeut.dense import DenseLM
 from moeut.memory import device_memory
 from moeut.model import MoEUTLM
 from moeut.train.run_dir import check_existing_run_dir, read_run_json
-from moeut.train.tokenizer import Tokenizer
+from moeut.train.tokenizer import run_tokenizer
 
 BYTES_PER_PARAMETER = {"train": 16, "infer": 4}   # fp32 weights (+ gradients and AdamW's two moments)
 
@@ -215,7 +215,7 @@ def _warn(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def load_run(path: str | Path, device: str = "cpu") -> Tuple[torch.nn.Module, Tokenizer, Dict[str, Any]]:
+def load_run(path: str | Path, device: str = "cpu") -> Tuple[torch.nn.Module, Any, Dict[str, Any]]:
     """(model in eval mode with the newest intact checkpoint's weights, tokenizer, run.json plus
     "loaded_checkpoint": {path, step}) of a run
     directory, or of one checkpoint directory inside it (`<run>/checkpoints/step_N`; then exactly that
@@ -233,7 +233,7 @@ def load_run(path: str | Path, device: str = "cpu") -> Tuple[torch.nn.Module, To
     check_existing_run_dir(run_dir, writable=False)
     meta = read_run_json(run_dir)
     check_run_config(meta, run_dir)
-    tok = Tokenizer(run_dir / "tokenizer.model")
+    tok = run_tokenizer(run_dir)
     kwargs = model_kwargs_of_run(meta)
     check_model_size(meta["model"], tok.vocab_size, kwargs)
     with torch.device("meta"):

@@ -76,14 +76,20 @@ def export_run(run: str | Path, out: str | Path, eval_json: Optional[str | Path]
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))   # exclusive, unpredictable
     try:
         model.save_pretrained(tmp)
-        (tmp / "source.model").write_bytes(tok.model_bytes())
-        hf_tok = MoEUTTokenizer(str(tmp / "source.model"))
-        hf_tok.model_max_length = context
-        hf_tok.save_pretrained(tmp)
-        (tmp / "source.model").unlink()
-        tok_config = json.loads((tmp / "tokenizer_config.json").read_text())
-        tok_config["auto_map"] = {"AutoTokenizer": [f"{REMOTE_MODULE}.MoEUTTokenizer", None]}
-        tok_config["tokenizer_class"] = "MoEUTTokenizer"
+        if tok.kind == "hf":   # a Hugging Face tokenizer: transformers' own fast class reads it
+            (tmp / "tokenizer.json").write_bytes(tok.json_bytes)
+            tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok.eos_token,
+                          "pad_token": tok.eos_token, "padding_side": "left", "model_max_length": context,
+                          "clean_up_tokenization_spaces": False, "split_special_tokens": True}
+        else:                  # SentencePiece: our slow class, which encodes exactly as training did
+            (tmp / "source.model").write_bytes(tok.model_bytes())
+            hf_tok = MoEUTTokenizer(str(tmp / "source.model"))
+            hf_tok.model_max_length = context
+            hf_tok.save_pretrained(tmp)
+            (tmp / "source.model").unlink()
+            tok_config = json.loads((tmp / "tokenizer_config.json").read_text())
+            tok_config["auto_map"] = {"AutoTokenizer": [f"{REMOTE_MODULE}.MoEUTTokenizer", None]}
+            tok_config["tokenizer_class"] = "MoEUTTokenizer"
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
         (tmp / f"{REMOTE_MODULE}.py").write_text(REMOTE_CODE)
         (tmp / "README.md").write_text(model_card(Path(run), meta, lm, tok.kind, scores, out.name))
@@ -133,7 +139,8 @@ def model_card(run: Path, meta: Dict[str, Any], lm, tokenizer_kind: str, scores:
              "| | |", "|---|---|",
              f"| training data | {data} |",
              f"| steps | {step:,} ({tokens / 1e6:,.1f}M tokens of context {cfg.get('context', '?')}) |",
-             f"| tokenizer | SentencePiece, {meta.get('vocab_size', '?')} pieces ({tokenizer_kind}) |",
+             f"| tokenizer | {'Hugging Face tokenizers' if tokenizer_kind == 'hf' else 'SentencePiece'}, "
+             f"{meta.get('vocab_size', '?')} pieces ({tokenizer_kind}) |",
              f"| validation perplexity | {f'{ppl:.2f}' if ppl is not None else 'not measured'} |", ""]
     if scores:
         lines += [f"Zero-shot ({scores.get('protocol', 'moeut eval')}, limit {scores.get('limit') or 'none'}):", "",
@@ -150,5 +157,8 @@ def model_card(run: Path, meta: Dict[str, Any], lm, tokenizer_kind: str, scores:
               f'model = AutoModelForCausalLM.from_pretrained("path/to/{name}")',
               'ids = tok(["The"], return_tensors="pt")',
               "print(tok.decode(model.generate(**ids, max_new_tokens=40)[0]))", "```", "",
-              "Without `import moeut`, pass `trust_remote_code=True` (moeut must be installed).", ""]
+              "Without `import moeut`, pass `trust_remote_code=True`. Either way the model needs moeut installed "
+              "(pip install 'moeut[hf]'); the tokenizer "
+              + ("is transformers' own fast tokenizer (tokenizer.json) and needs only transformers." if tokenizer_kind == "hf"
+                 else "is SentencePiece through moeut's tokenizer class (sentencepiece and moeut installed)."), ""]
     return "\n".join(lines)

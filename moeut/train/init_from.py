@@ -18,12 +18,12 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from moeut.files import FileProblem, open_file, read_bytes, read_json
+from moeut.files import FileProblem, open_file, read_json
 from moeut.train.checkpoint_format import CheckpointError, checkpoint_step
 from moeut.train.checkpoint_reader import ModelSpec, Shapes, check_compatible, check_finite, newest_usable_checkpoint, read_checkpoint
 from moeut.train.tensor_file import read_header, read_tensor
 
-HF_WEIGHTS, HF_CONFIG, HF_TOKENIZER, HF_PREFIX = "model.safetensors", "config.json", "tokenizer.model", "lm."
+HF_WEIGHTS, HF_CONFIG, HF_PREFIX = "model.safetensors", "config.json", "lm."
 
 
 @dataclass
@@ -32,7 +32,7 @@ class InitSource:
     path: Path                      # the checkpoint directory, or the Hugging Face directory
     model: str                      # moeut-<size> / dense-<size>
     kwargs: Dict[str, Any]          # the model's constructor arguments as the source records them
-    tokenizer: bytes                # its SentencePiece model
+    tokenizer: Any                  # its tokenizer (`tokenizer.run_tokenizer`)
     shapes: Shapes                  # its weights' names, shapes and dtypes (from headers)
     step: Optional[int] = None
 
@@ -69,6 +69,7 @@ def open_source(path: str | Path, say=print) -> InitSource:
     """The source of --init-from, its model, tokenizer and weight shapes read (no weight data yet)."""
     from moeut.runs import model_kwargs, model_kwargs_of_run
     from moeut.train.run_dir import check_existing_run_dir, read_run_json
+    from moeut.train.tokenizer import run_tokenizer
     path = Path(path)
     if not path.exists():
         raise ValueError(f"--init-from {path}: no such run or model directory")
@@ -90,7 +91,7 @@ def open_source(path: str | Path, say=print) -> InitSource:
             if not all(k.startswith(HF_PREFIX) for k in header.entries):
                 raise ValueError(f"--init-from {path}: {HF_WEIGHTS} is not an export of moeut's (names without 'lm.')")
             shapes = {k[len(HF_PREFIX):]: (e.shape, e.dtype) for k, e in header.entries.items()}
-            return InitSource("hf", path, name, kwargs, read_bytes(path / HF_TOKENIZER, 64 << 20), shapes)
+            return InitSource("hf", path, name, kwargs, run_tokenizer(path), shapes)
         if path.parent.name == "checkpoints":   # one checkpoint of a run
             run_dir, chosen = path.parent.parent, path
         else:
@@ -102,8 +103,8 @@ def open_source(path: str | Path, say=print) -> InitSource:
             newest_usable_checkpoint(run_dir, "verify", warn=say)
         if found is None:
             raise ValueError(f"--init-from {run_dir}: the run has no checkpoint yet")
-        return InitSource("run", found.path, meta["model"], kwargs, read_bytes(run_dir / "tokenizer.model", 64 << 20),
-                          found.shapes, checkpoint_step(found.path))
+        return InitSource("run", found.path, meta["model"], kwargs, run_tokenizer(run_dir), found.shapes,
+                          checkpoint_step(found.path))
     except FileProblem as e:
         raise ValueError(f"--init-from {path}: {e}") from None
     except CheckpointError as e:

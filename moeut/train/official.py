@@ -271,7 +271,7 @@ def import_official(checkpoint: str | Path, tokenizer: str | Path, out: str | Pa
     step = iteration if isinstance(iteration, int) and iteration >= 0 else 0
     out.mkdir(parents=True)
     try:
-        save_tokenizer(tok, out / "tokenizer.model")
+        save_tokenizer(tok, out)
         source = {"checkpoint": str(checkpoint.resolve()), "tokenizer": str(Path(tokenizer).resolve()),
                   "variant": args.get("transformer.variant"), "task": args.get("task")}
         write_json_atomic(out / "run.json", {"model": name, "model_kwargs": kwargs, "vocab_size": vocab,

@@ -1,7 +1,8 @@
 """A run directory and who may write it.
 
     <run>/run.json          model name, constructor arguments, training config (plain JSON)
-    <run>/tokenizer.model   SentencePiece model
+    <run>/tokenizer.model   SentencePiece model (or tokenizer.json and tokenizer_config.json: a Hugging
+                            Face tokenizer, `hf_tokenizer`)
     <run>/data.json         content key of the tokenized data in the cache
     <run>/metrics.jsonl     one JSON record per logged step or evaluation
     <run>/checkpoints/      step_NNNNNNNN/ directories (see `checkpoint`)
@@ -26,7 +27,8 @@ from pathlib import Path
 from moeut.files import FileProblem, parse_json, read_bytes, read_json, write_file_atomic
 from moeut.train.checkpoint_format import MAX_RUN_JSON_BYTES, CheckpointError
 
-RUN_ENTRIES = ("run.json", "tokenizer.model", "data.json", "metrics.jsonl", "checkpoints", "tensorboard", ".lock")
+RUN_ENTRIES = ("run.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "data.json", "metrics.jsonl",
+               "checkpoints", "tensorboard", ".lock")
 LOCK_FILE = ".lock"
 
 
@@ -167,7 +169,8 @@ def check_existing_run_dir(run_dir: Path, writable: bool) -> None:
         if p.is_symlink():
             raise CheckpointError(f"{p} is a symbolic link; a run directory's own files must be real files, "
                                   "so that nothing is read or written outside it")
-    for name in ("run.json", "tokenizer.model", "data.json", "metrics.jsonl", LOCK_FILE):
+    for name in ("run.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "data.json", "metrics.jsonl",
+                 LOCK_FILE):
         p = run_dir / name
         if p.exists() and not p.is_file():
             raise CheckpointError(f"{p} is not a regular file")

@@ -196,6 +196,30 @@ def trainer_record(model_bytes: bytes) -> dict:
             "vocab_size": fields.get(4, 8000), "split_digits": bool(fields.get(25, 0))}
 
 
-def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
+RUN_FILE = "tokenizer.model"   # a run's SentencePiece model; a Hugging Face tokenizer is kept as tokenizer.json
+
+
+def load_tokenizer(path: str | Path):
+    """--tokenizer PATH: a SentencePiece model file, or a Hugging Face tokenizer.json or a directory
+    holding one (`hf_tokenizer`)."""
+    from moeut.train.hf_tokenizer import HFTokenizer, is_hf_tokenizer
+    return HFTokenizer(path) if is_hf_tokenizer(path) else Tokenizer(path)
+
+
+def run_tokenizer(run_dir: str | Path):
+    """The tokenizer a run (or an exported model directory) keeps: tokenizer.json (with its
+    tokenizer_config.json) when it has one, else its SentencePiece tokenizer.model."""
+    from moeut.train.hf_tokenizer import JSON_FILE, HFTokenizer
+    run_dir = Path(run_dir)
+    if (run_dir / JSON_FILE).exists() and not (run_dir / RUN_FILE).exists():
+        return HFTokenizer(run_dir)
+    return Tokenizer(run_dir / RUN_FILE)
+
+
+def save_tokenizer(tok, run_dir: str | Path) -> None:
+    """Keep `tok` in a run directory (see `run_tokenizer`)."""
     from moeut.files import write_file_atomic
-    write_file_atomic(Path(path), tok.model_bytes())
+    if getattr(tok, "kind", None) == "hf":
+        tok.save(Path(run_dir))
+    else:
+        write_file_atomic(Path(run_dir) / RUN_FILE, tok.model_bytes())

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from moeut.train import checkpoint as ckpt_lib
 from moeut.train.data import CACHE_FORMAT, Batches, Corpus, eval_windows, tokenize_corpus
 from moeut.evaluate import windows_perplexity
-from moeut.files import open_append, write_file_atomic, write_json_atomic
+from moeut.files import open_append, write_json_atomic
 from moeut.train.run_dir import (RunLock, check_existing_run_dir, check_new_run_dir, read_json_record, read_run_json,
                                  truncate_metrics)
 from moeut.runs import (build_model, check_memory, check_model_size, model_kwargs, model_kwargs_of_run,
@@ -47,7 +47,8 @@ from moeut.train.checkpoint import (ModelSpec, optimizer_state_by_name, optimize
 from moeut.train.fsdp import load_optimizer_state, load_sharded_state, save_sharded_state, shard_model
 from moeut.train.step import (FlatGradientStep, GraphedTrainStep, collect_router_logits, set_optimizer_mode,
                               step_body)
-from moeut.train.tokenizer import KINDS, Tokenizer, save_tokenizer, train_paper_tokenizer, train_tokenizer
+from moeut.train.tokenizer import (KINDS, load_tokenizer, run_tokenizer, save_tokenizer, train_paper_tokenizer,
+                                   train_tokenizer)
 
 MAX_VOCAB = 65535   # token ids are cached as uint16
 MAX_LR = 10.0       # AdamW's step is about lr per weight: far above any useful value, far below float overflow
@@ -351,7 +352,7 @@ def resume_data(cfg: TrainConfig, run_dir: Path, user_data: Optional[List[str]],
         key, recorded_format = recorded.get("key"), recorded.get("format")
     except (OSError, ckpt_lib.CheckpointError, AttributeError):
         key = recorded_format = None
-    tok = Tokenizer(run_dir / "tokenizer.model")
+    tok = run_tokenizer(run_dir)
     if isinstance(key, str) and _KEY.match(key) and all((Path(cfg.cache_dir) / key / f).is_file()
                                                        for f in ("train.bin", "valid.bin")):
         return tok, key
@@ -504,13 +505,13 @@ def _start_new_run(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any], devi
     check_new_run_dir(run_dir)
     given = None
     if cfg.tokenizer and cfg.tokenizer not in KINDS:
-        given = Tokenizer(cfg.tokenizer)
+        given = load_tokenizer(cfg.tokenizer)
         cfg.vocab_size = given.vocab_size
     elif source is not None:
         if cfg.tokenizer:
             raise ValueError(f"--init-from: --tokenizer {cfg.tokenizer} would train a new tokenizer, whose pieces "
                              "the weights do not know; give a tokenizer file of the same vocabulary, or none")
-        given = Tokenizer(model_proto=source.tokenizer)
+        given = source.tokenizer
         cfg.vocab_size = given.vocab_size
     check_model_size(cfg.model, cfg.vocab_size, kwargs)
     with torch.device("meta"):
@@ -536,14 +537,12 @@ def _start_new_run(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any], devi
         lock.record_holder()
         meta = {"model": cfg.model, "model_kwargs": kwargs, "vocab_size": tok.vocab_size, "config": asdict(cfg),
                 "moeut_version": _version(), **({"init_from": source.describe()} if source is not None else {})}
-        for name, data in (("run.json", meta), ("tokenizer.model", tok.model_bytes()),
-                           ("data.json", {"key": key, "format": CACHE_FORMAT, "train_documents": n_train,
-                                          "valid_documents": n_valid})):
-            written.append(run_dir / name)
-            if isinstance(data, bytes):
-                write_file_atomic(run_dir / name, data)
-            else:
-                write_json_atomic(run_dir / name, data)
+        written += [run_dir / "run.json", run_dir / "tokenizer.model", run_dir / "tokenizer.json",
+                    run_dir / "tokenizer_config.json", run_dir / "data.json"]
+        write_json_atomic(run_dir / "run.json", meta)
+        save_tokenizer(tok, run_dir)
+        write_json_atomic(run_dir / "data.json", {"key": key, "format": CACHE_FORMAT, "train_documents": n_train,
+                                                  "valid_documents": n_valid})
         return lock
     except BaseException:
         for path in written:
@@ -589,7 +588,7 @@ def _open_run_for_resume(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any]
         spec = ModelSpec.of(meta_model, optimizer_parameter_names(meta_model))
         tok, _ = resume_data(cfg, run_dir, user_data, say, user_valid_data)
         if tok.vocab_size != vocab:
-            raise ckpt_lib.CheckpointError(f"{run_dir}: tokenizer.model has {tok.vocab_size} pieces, run.json "
+            raise ckpt_lib.CheckpointError(f"{run_dir}: its tokenizer has {tok.vocab_size} pieces, run.json "
                                            f"says {vocab}")
         part = "training" if cfg.parallel == "fsdp" else "all"
         found = ckpt_lib.newest_usable_checkpoint(run_dir, part, spec, warn=say)
@@ -864,7 +863,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     key = read_json_record(run_dir / "data.json").get("key")
-    tok = Tokenizer(run_dir / "tokenizer.model")
+    tok = run_tokenizer(run_dir)
     train_tokens, valid_tokens = open_tokens(cfg.cache_dir, key)
 
     torch.manual_seed(cfg.seed)
