@@ -216,10 +216,16 @@ def run_tokenizer(run_dir: str | Path):
     return Tokenizer(run_dir / RUN_FILE)
 
 
-def save_tokenizer(tok, run_dir: str | Path) -> None:
-    """Keep `tok` in a run directory (see `run_tokenizer`)."""
+def save_tokenizer(tok, target: str | Path) -> None:
+    """Keep `tok` in a run directory `target` (see `run_tokenizer`), or, when `target` is not a directory,
+    write a SentencePiece model to that file."""
     from moeut.files import write_file_atomic
-    if getattr(tok, "kind", None) == "hf":
-        tok.save(Path(run_dir))
+    target = Path(target)
+    if not target.is_dir():
+        if getattr(tok, "kind", None) == "hf":
+            raise ValueError(f"{target}: a Hugging Face tokenizer is saved into a directory")
+        write_file_atomic(target, tok.model_bytes())
+    elif getattr(tok, "kind", None) == "hf":
+        tok.save(target)
     else:
-        write_file_atomic(Path(run_dir) / RUN_FILE, tok.model_bytes())
+        write_file_atomic(target / RUN_FILE, tok.model_bytes())

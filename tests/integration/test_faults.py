@@ -531,7 +531,9 @@ def test_debug_shows_the_traceback(trained, capsys):
 # Data hygiene.
 # ------------------------------------------------------------------------------------------------
 
-def test_non_utf8_and_binary_data_files_are_skipped_or_refused(corpus, tmp_path, capsys):
+def test_non_utf8_and_binary_data_files_are_replaced_skipped_or_refused(corpus, tmp_path, capsys):
+    """--decode-errors: replace (the default: read with U+FFFD, counted in the summary), skip (the file
+    left out, named), strict (refused, named). A binary file is never read as text."""
     data = tmp_path / "data"
     shutil.copytree(corpus, data)
     (data / "latin1.txt").write_bytes("naïve café résumé\n".encode("latin-1") * 50)
@@ -539,12 +541,17 @@ def test_non_utf8_and_binary_data_files_are_skipped_or_refused(corpus, tmp_path,
     out = tmp_path / "run"
     assert main(train_args(data, out, tmp_path / "cache", steps=1)) == 0
     printed = capsys.readouterr().out
-    assert "skipping" in printed and "latin1.txt" in printed and "blob.txt" in printed
+    assert "skipping" in printed and "blob.txt is a binary file" in printed
+    assert "characters that were not UTF-8 replaced in 1 file(s)" in printed
+    skip = tmp_path / "skip"
+    assert main(train_args(data, skip, tmp_path / "cache", steps=1, extra=["--decode-errors", "skip"])) == 0
+    printed = capsys.readouterr().out
+    assert "skipping" in printed and "latin1.txt is not valid UTF-8" in printed
     from moeut.train.tokenizer import Tokenizer
-    tok = Tokenizer(out / "tokenizer.model")
+    tok = Tokenizer(skip / "tokenizer.model")
     assert not any("\ufffd" in tok.sp.id_to_piece(i) for i in range(tok.vocab_size))
     strict = tmp_path / "strict"
     assert main(train_args(data, strict, tmp_path / "cache", steps=1, extra=["--strict-data"])) == 2
     err = capsys.readouterr().err
-    assert "--strict-data" in err and ("latin1.txt" in err or "blob.txt" in err)
+    assert "--decode-errors strict" in err and ("latin1.txt" in err or "blob.txt" in err)
     assert not strict.exists()
