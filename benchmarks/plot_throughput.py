@@ -3,7 +3,7 @@ family (MoEUT, dense, official release, Llama) and mode (eager, --cuda-graph, --
 `--by-batch`, against the batch size instead: one line per model (family and size) and mode.
 
     python benchmarks/plot_throughput.py results/train.json results/train_small.json ... [--out results/throughput.png]
-    python benchmarks/plot_throughput.py results/s12_call7_train_graph_batches.json --by-batch --out results/batches_s12.png
+    python benchmarks/plot_throughput.py out/throughput.json --by-batch --out batches.png
 """
 from __future__ import annotations
 

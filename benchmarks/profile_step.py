@@ -1,6 +1,6 @@
 """Where the time of one training step goes: torch.profiler over a few steps of a model, printed as
 a table of kernel categories (expert GEMMs, weight gradients, top-k sums, casts, LayerNorm, ...: the
-rows PERF_NOTES reasons with) and a table of GPU kernels (total time per step, share, calls) grouped
+rows RESULTS and LOG reason with) and a table of GPU kernels (total time per step, share, calls) grouped
 by name. With --sites, a third table: the glue kernels (everything but the expert GEMMs, weight
 gradients, top-k sums, attention core and AdamW) by the line of moeut code that launched them, or for
 backward kernels the autograd node they ran in, to say which casts, copies and adds to remove. With
