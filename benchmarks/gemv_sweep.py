@@ -43,10 +43,10 @@ def main():
             results = []
             for bo in args.blocks.split(","):
                 for warps in map(int, args.warps.split(",")):
-                    tg.BLOCK_O_OVERRIDE = None if bo == "auto" else int(bo)
-                    tg.NUM_WARPS = warps
+                    block_o = None if bo == "auto" else int(bo)
                     try:
-                        t = kernel_times(lambda: tg.expert_gemv_triton(x, w, expert, gate, **kw), 50)
+                        t = kernel_times(lambda: tg.expert_gemv_triton(x, w, expert, gate, **kw, block_o=block_o,
+                                                                       num_warps=warps), 50)
                     except Exception as e:  # a config that does not compile
                         print(f"  {name} BO={bo} warps={warps}: {type(e).__name__}")
                         continue

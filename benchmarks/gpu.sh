@@ -7,7 +7,7 @@
 # Stages: tests (the GPU test modules), throughput (graphed training steps, MoEUT and dense, 44M-1B),
 # official (the official release at 244M; its checkout as $OFFICIAL), kernels (the σ-MoE FFN's passes
 # against their bounds), decode (batch 1 and 32), profile (where a 244M step's time goes), fsdp (FSDP2's
-# two reshard settings on MoEUT_1B), quality (time to quality: benchmarks/quality.sh), before_after (the
+# two reshard settings on MoEUT_1B, and what the trainer's expert statistics cost), quality (time to quality: benchmarks/quality.sh), before_after (the
 # graphed 244M and 1B steps of an earlier tree, carried as $BASELINE, and of this one, in one call).
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -33,7 +33,8 @@ for stage in "$@"; do
     decode) run decode 240 python3 benchmarks/decode.py --new-tokens 128 --modes static+graph --json "$OUT/decode.json" ;;
     profile) run profile_244m 90 python3 benchmarks/profile_step.py --model moeut-244M --batch 16 --top 30 \
                --json "$OUT/profile_244m.json" ;;
-    fsdp) run fsdp 120 python3 benchmarks/fsdp_reshard.py --model moeut-1B --batch-size 8 --context 1024 --steps 4 ;;
+    fsdp) run fsdp 120 python3 benchmarks/fsdp_reshard.py --model moeut-1B --batch-size 8 --context 1024 --steps 4
+          run expert_statistics_cost 120 python3 benchmarks/expert_statistics_cost.py --models moeut-44M,moeut-244M ;;
     quality) OUT=$OUT/quality bash benchmarks/quality.sh ;;
     before_after) for side in before after; do tree=.; [ $side = after ] || tree=${BASELINE:-.baseline}
                     run "before_after_$side" 280 python3 "$tree/benchmarks/train_throughput.py" --steps 6 --cuda-graph \

@@ -210,10 +210,8 @@ def time_shape(name, D, E, K, T, mm_tflops, bw, top=0):
     from moeut.kernels import router as triton_router
     logits = torch.randn(T, E, device="cuda", dtype=dt)
     for launch in (None, (8, 4), (4, 4), (4, 2), (2, 1), (1, 1)):
-        triton_router.LAUNCH_OVERRIDE = launch
-        ms = bench(lambda: triton_router.sigmoid_topk_triton(logits, K))
+        ms = bench(lambda: triton_router.sigmoid_topk_triton(logits, K, launch=launch))
         add_bandwidth_bound(f"router sigmoid+top-{K}, launch {launch or 'rule'}", ms, 2 * T * E + (2 + 8) * T * K)
-    triton_router.LAUNCH_OVERRIDE = None
 
     moe = SigmaMoE(D, E, S, K).cuda()
     moe.reset_parameters(1.0)

@@ -334,7 +334,7 @@ class SwitchHeadRope(torch.nn.Module):
         concatenated weights replaces four: in training one GEMM each for the output, the input
         gradient (accumulated in fp32 and rounded once, where four bf16 gradients were summed) and
         the weight gradient, instead of four; in decoding and scoring one launch instead of four. Saved activations are unchanged:
-        autocast's bf16 copy of the input was saved once before too (`saved_activations.py`).
+        autocast's bf16 copy of the input was saved once before too (counted per tensor; benchmarks/LOG.md).
         The weights are concatenated at every call, except inside `frozen_inference_weights` (no
         gradients): a copy kept otherwise would miss in-place updates made through `.data`, which
         no version counter records."""

@@ -51,7 +51,7 @@ def shared_and_per_application_grads(model, x, monkeypatch, device_type: str = "
 
 def switch_kernels(monkeypatch, rule) -> None:
     """Patch `use_fused` to rule(t, switch) -> bool in every loaded moeut module that imported it (each
-    holds its own reference: the operators in `expert_ops`, the operand casts in `expert_mm`, ...), so
+    holds its own reference: the operators in `grouped_mm`, the operand casts in `expert_mm`, ...), so
     no operator keeps the real test. `lambda t, switch=None: switch is None` turns the unswitched
     kernels on (through the interpreter on CPU) and leaves the switched ones off."""
     import sys

@@ -50,16 +50,9 @@ def _expert_gemv_kernel(x_ptr, w_ptr, expert_ptr, gate_ptr, out_ptr, O, per_x, h
     tl.store(out_ptr + j.to(tl.int64) * sor + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
-# Overrides for benchmarks/gemv_sweep.py (None: the heuristic below / 4 warps).
-BLOCK_O_OVERRIDE = None
-NUM_WARPS = 4
-
-
 def _block_o(n_rows: int, O: int, elem_bytes: int) -> int:
     if INTERPRET:
         return 16
-    if BLOCK_O_OVERRIDE is not None:
-        return BLOCK_O_OVERRIDE
     smallest = max(16, 32 // elem_bytes)
     bo = min(128, triton.next_power_of_2(O))
     while bo > smallest and n_rows * triton.cdiv(O, bo) < 256:
@@ -68,7 +61,10 @@ def _block_o(n_rows: int, O: int, elem_bytes: int) -> int:
 
 
 def expert_gemv_triton(x_RI: Tensor, w_EIO: Tensor, expert_S: Tensor, gate_S: Optional[Tensor], per_x: int,
-                       per_out: int, head_k: int, n_heads: int, head_experts: int, relu: bool) -> Tensor:
+                       per_out: int, head_k: int, n_heads: int, head_experts: int, relu: bool,
+                       block_o: Optional[int] = None, num_warps: int = 4) -> Tensor:
+    """`block_o` (output columns per program; None: the rule of `_block_o`) and `num_warps` are for
+    benchmarks/gemv_sweep.py's comparison of launch shapes."""
     I, O = w_EIO.shape[1], w_EIO.shape[2]
     n_rows = expert_S.numel() // per_out
     out = torch.empty(n_rows, O, device=x_RI.device, dtype=x_RI.dtype)
@@ -79,10 +75,10 @@ def expert_gemv_triton(x_RI: Tensor, w_EIO: Tensor, expert_S: Tensor, gate_S: Op
     expert_S = expert_S.reshape(-1)
     has_gate = gate_S is not None
     gate_S = gate_S.reshape(-1) if has_gate else expert_S   # a placeholder pointer, never read
-    BO = _block_o(n_rows, O, x_RI.element_size())
+    BO = block_o if block_o is not None else _block_o(n_rows, O, x_RI.element_size())
     BI = 16 if INTERPRET else max(16, min(triton.next_power_of_2(I), 4096 // BO))
     _expert_gemv_kernel[(n_rows, triton.cdiv(O, BO))](
         x_RI, w_EIO, expert_S, gate_S, out, O, per_x, head_k, n_heads, head_experts,
         x_RI.stride(0), x_RI.stride(1), w_EIO.stride(0), w_EIO.stride(1), w_EIO.stride(2), out.stride(0),
-        I=I, PER_OUT=per_out, HAS_GATE=has_gate, RELU=relu, BI=BI, BO=BO, num_warps=NUM_WARPS)
+        I=I, PER_OUT=per_out, HAS_GATE=has_gate, RELU=relu, BI=BI, BO=BO, num_warps=num_warps)
     return out

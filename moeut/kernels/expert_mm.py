@@ -11,7 +11,7 @@ routed rows are sorted by expert, expert e owns rows offsets[e]:offsets[e+1].
   e.g. the FFN down projection: 128 -> d_model), the "loop over N" form loads the input tile once and
   walks all output columns in one program (`use_loop_n`). That form can also dot each output row,
   before scale and rounding, with a gathered row of another tensor (`ROW_DOT`: SwitchHead's value
-  gate gradient, see `expert_ops.grouped_mm_dot`), and write its gated input rows (`GATE_X`: the
+  gate gradient, see `grouped_mm.grouped_mm_dot`), and write its gated input rows (`GATE_X`: the
   weight gradient's operand).
 * `row_dot_triton`: the row dot products around the products (a combine's gate gradient), with the
   gate-scaled input gradient and the gated operand of the weight gradient written in the same pass.
@@ -268,7 +268,7 @@ if triton is not None:
 def row_dot_triton(a_NI: Tensor, b_MI: Tensor, b_rows_N: Optional[Tensor], scale_N: Optional[Tensor],
                    dst_N: Optional[Tensor] = None, relu_mask: bool = False, scaled_dst_N: Optional[Tensor] = None,
                    gate_b: bool = False, rows_per_program: Optional[int] = None):
-    """(dot [N] fp32, scaled [N, I] or [0, I], gated [N, I] or [0, I]): see `ops/grouped_mm.row_dot`.
+    """(dot [N] fp32, scaled [N, I] or [0, I], gated [N, I] or [0, I]): see `grouped_mm.row_dot`.
     rows_per_program: rows each program walks (default: as many as fit 8192 elements, at most 64)."""
     N, I = a_NI.shape
     dot = torch.empty(N, device=a_NI.device, dtype=torch.float32)

@@ -18,11 +18,6 @@ import triton.language as tl
 
 from moeut.kernels.expert_mm import INTERPRET
 
-# (rows per program, warps) in place of the rule in `sigmoid_topk_triton`: for benchmarks/kernels.py's
-# comparison of launch shapes, not for use.
-LAUNCH_OVERRIDE: Optional[Tuple[int, int]] = None
-
-
 @triton.jit
 def _sigmoid_topk_kernel(logits_ptr, gate_ptr, expert_ptr, R, G, E, s_outer, s_inner, sle,
                          K: tl.constexpr, EP: tl.constexpr, BR: tl.constexpr,
@@ -61,9 +56,11 @@ def _sigmoid_topk_kernel(logits_ptr, gate_ptr, expert_ptr, R, G, E, s_outer, s_i
         key = tl.where(key == best[:, None], -1, key)
 
 
-def sigmoid_topk_triton(logits_RE: Tensor, k: int, fp32: bool = False) -> Tuple[Tensor, Tensor]:
+def sigmoid_topk_triton(logits_RE: Tensor, k: int, fp32: bool = False,
+                        launch: Optional[Tuple[int, int]] = None) -> Tuple[Tensor, Tensor]:
     """logits [R, E] or [R0, G, E] (any strides; row r0 * G + g). fp32: rank and return gates in float32
-    (as for logits.float()), else in the logits' dtype."""
+    (as for logits.float()), else in the logits' dtype. `launch`: (rows per program, warps) in place of
+    the rule below (benchmarks compare launch shapes)."""
     if logits_RE.dim() == 2:
         logits_RE = logits_RE.unsqueeze(1)
     R0, G, E = logits_RE.shape
@@ -81,8 +78,8 @@ def sigmoid_topk_triton(logits_RE: Tensor, k: int, fp32: bool = False) -> Tuple[
         # warps), 565 experts top-24 96 µs (121 with 4 rows and 4 warps); a decoding step's few rows
         # took 6 µs with 4 warps. Short rows (SwitchHead's 10 experts) keep many rows per program.
         BR, warps = 1, 1
-    if LAUNCH_OVERRIDE is not None:
-        BR, warps = LAUNCH_OVERRIDE
+    if launch is not None:   # (rows per program, warps) in place of the rule: benchmarks compare launch shapes
+        BR, warps = launch
     _sigmoid_topk_kernel[(triton.cdiv(R, BR),)](logits_RE, gate, expert, R, G, E, *logits_RE.stride(),
                                                  K=k, EP=EP, BR=BR,
                                                  ROUND=0 if fp32 or logits_RE.dtype == torch.float32 else

@@ -7,7 +7,7 @@ input's dtype, after which the backward converted the bf16 sum to the fp32 resid
 more kernel. This kernel walks the C rows of a block of outputs with contiguous loads, accumulates in
 fp32 and writes the result once, in the dtype the caller wants (fp32 gradients are not rounded to
 bf16 on the way). It can add a tensor of the output's shape to the sums (the residual stream in the
-forward, the residual's gradient in the backward), saving an elementwise pass over [X, O] fp32. Reference: `expert_ops._sum_choices_torch`.
+forward, the residual's gradient in the backward), saving an elementwise pass over [X, O] fp32. Reference: the plain PyTorch sum of `ops/grouped_mm.py`.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Triton kernel for the weight gradient of `moeut::expert_mm`, and the sum of its row ranges.
 
-Same contract as the plain-PyTorch `expert_ops.weight_grad_reference` (the reference every test compares
+Same contract as the plain-PyTorch `grouped_mm.weight_grad_reference` (the reference every test compares
 with): routed rows are sorted by expert, expert e owns rows offsets[e]:offsets[e+1], and the gradient of
 expert e's weight is the sum over those rows of x_row^T g_row (either operand gathered, optionally
 gated).

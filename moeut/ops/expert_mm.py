@@ -4,7 +4,7 @@ Shape suffixes follow the package legend (`moeut/__init__.py`).
 
 A routing (`Routing`, built once per layer application by `route`) sorts the R*K choices by expert.
 Every projection then reads its rows in that order, so one expert's rows are contiguous and each
-expert's product is one dense matmul over a segment. One primitive (`expert_ops.grouped_mm`) does
+expert's product is one dense matmul over a segment. One primitive (`grouped_mm.grouped_mm`) does
 all the work:
 
     grouped_mm(x, w, offsets, rows, scale, dst):  out[dst[n]] = scale[n] * (x[rows[n]] @ w[expert of n])

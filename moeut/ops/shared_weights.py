@@ -10,7 +10,7 @@ Inside `share_weights(dtype)` (`begin_share` / `end_share` in `MoEUT.forward`, u
   - `shared_operand(w, dtype)` returns one cast copy of `w` per forward (padded if its rows are
     misaligned for the kernels), made by `_CastOnce`, and the `GradSink` that collects its gradient;
   - each application's backward adds its weight gradient into the sink's fp32 buffer inside the
-    weight-gradient kernel (`expert_ops.grouped_mm_weight_grad_add`), in backward order: sequential, so the
+    weight-gradient kernel (`grouped_mm.grouped_mm_weight_grad_add`), in backward order: sequential, so the
     sum is deterministic (no atomics). On CUDA the sink holds up to `settings.wgrad_defer` (by default all
     nine) applications' operands and one launch sums their gradients in one fp32 accumulator per tile,
     so the buffer is written once per weight and step, not read and written once per application;
@@ -81,7 +81,7 @@ class GradSink:
 def weight_grad(sink: Optional[GradSink], x: Tensor, grad: Tensor, offsets: Tensor, rows: Optional[Tensor],
                 grad_rows: Optional[Tensor], grad_scale: Optional[Tensor], out_dtype: torch.dtype,
                 scale_dst: Optional[Tensor] = None) -> Optional[Tensor]:
-    """The weight gradient of one expert projection's application (`expert_ops.grouped_mm_weight_grad`):
+    """The weight gradient of one expert projection's application (`grouped_mm.grouped_mm_weight_grad`):
     returned, or, for a weight shared within the forward pass, added into its sink and None returned.
     With `settings.wgrad_defer` > 1 on CUDA the sink keeps the application's operands and computes the
     gradients of several applications in one launch (`GradSink.flush`; `take` computes what is left)."""

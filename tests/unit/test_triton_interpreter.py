@@ -226,6 +226,18 @@ def test_triton_expert_gemv_matches_reference(layout, dtype):
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     assert got.dtype == dtype and got.shape == want.shape
     torch.testing.assert_close(got.float(), want.float(), **tol)
+    # the launch shape a sweep passes in (another column block, other warps) computes the same
+    torch.testing.assert_close(expert_gemv_triton(x, w, expert, gate, **kw, block_o=32, num_warps=2).float(),
+                               want.float(), **tol)
+
+
+def test_router_launch_shapes_a_benchmark_passes_compute_the_same():
+    from moeut.kernels.router import sigmoid_topk_triton
+    logits = torch.randn(37, 11, generator=torch.Generator().manual_seed(3))
+    gate, expert = sigmoid_topk_triton(logits, 3)
+    for launch in ((1, 1), (8, 4)):
+        g2, e2 = sigmoid_topk_triton(logits, 3, launch=launch)
+        assert torch.equal(e2, expert) and torch.equal(g2, gate)
 
 
 def test_decoding_through_expert_gemv_matches_sorted_path(monkeypatch):
