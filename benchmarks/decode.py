@@ -6,7 +6,7 @@ compile time, which is reported apart). Prefill is timed separately. The step ti
 state (the difference of a call of n and one of 2n new tokens, over n, both capturing their own
 graph); beside it the per-call overhead of a first call (the eager first step and the CUDA-graph
 capture) and of a repeated call of the same shapes (which replays the graph `generate` kept).
-Results of the session before this method (RESULTS.md C.2 first rows) averaged that overhead into
+Results of the session before this method (benchmarks/LOG.md, fourth session) averaged that overhead into
 the steps.
 
     python benchmarks/decode.py [--models moeut-244M,dense-244M] [--batches 1,32] [--json out.json]

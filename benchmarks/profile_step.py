@@ -233,7 +233,7 @@ def main():
         print()
         _, per_site = kernel_times(step, args.steps, sites=True)
         print_sites(per_site, args.steps, args.sites)
-    from moeut.kernels.weight_grad import autotune_choices   # (configs vary between processes: RESULTS H.4, L.3)
+    from moeut.kernels.weight_grad import autotune_choices   # (configs vary between processes: benchmarks/LOG.md)
     choices = autotune_choices()
     print("\nautotuning in this process (key -> config):")
     for kernel, key, config in choices:

@@ -3,7 +3,10 @@
     config.json               MoEUTConfig (model name, constructor arguments, context) + auto_map
     model.safetensors         the weights, under `lm.` (our module names)
     generation_config.json    eos and padding: the end-of-text id, as `moeut generate` uses it
-    tokenizer.model, tokenizer_config.json, special_tokens_map.json    MoEUTTokenizer
+    tokenizer.json, tokenizer_config.json   transformers' fast tokenizer: the run's tokenizer.json, or,
+                              for a SentencePiece run, its conversion when exact (`fast_tokenizer`)
+    tokenizer.model, special_tokens_map.json   a SentencePiece run's model and MoEUTTokenizer, whose
+                              class AutoTokenizer loads when the conversion is not exact
     moeut_remote.py           what `trust_remote_code=True` imports: the classes of the installed moeut
     README.md                 a model card: model, data, steps, validation perplexity, zero-shot scores
 
@@ -23,6 +26,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from moeut.evaluate import PAPER_TABLE
+from moeut.hf.fast_tokenizer import exact_fast_tokenizer
 from moeut.runs import load_run, model_kwargs_of_run
 
 REMOTE_MODULE = "moeut_remote"
@@ -76,11 +80,13 @@ def export_run(run: str | Path, out: str | Path, eval_json: Optional[str | Path]
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))   # exclusive, unpredictable
     try:
         model.save_pretrained(tmp)
+        fast_config = {"tokenizer_class": "PreTrainedTokenizerFast", "padding_side": "left",
+                       "model_max_length": context, "clean_up_tokenization_spaces": False,
+                       "split_special_tokens": True}   # text that spells a special token is text
         if tok.kind == "hf":   # a Hugging Face tokenizer: transformers' own fast class reads it
             (tmp / "tokenizer.json").write_bytes(tok.json_bytes)
-            tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok.eos_token,
-                          "pad_token": tok.eos_token, "padding_side": "left", "model_max_length": context,
-                          "clean_up_tokenization_spaces": False, "split_special_tokens": True}
+            tok_config = {**fast_config, "eos_token": tok.eos_token, "pad_token": tok.eos_token}
+            fast_note = ""
         else:                  # SentencePiece: our slow class, which encodes exactly as training did
             (tmp / "source.model").write_bytes(tok.model_bytes())
             hf_tok = MoEUTTokenizer(str(tmp / "source.model"))
@@ -88,11 +94,19 @@ def export_run(run: str | Path, out: str | Path, eval_json: Optional[str | Path]
             hf_tok.save_pretrained(tmp)
             (tmp / "source.model").unlink()
             tok_config = json.loads((tmp / "tokenizer_config.json").read_text())
-            tok_config["auto_map"] = {"AutoTokenizer": [f"{REMOTE_MODULE}.MoEUTTokenizer", None]}
-            tok_config["tokenizer_class"] = "MoEUTTokenizer"
+            fast, fast_note = exact_fast_tokenizer(tok.model_bytes())
+            if fast is not None:   # AutoTokenizer gives the fast tokenizer; MoEUTTokenizer still loads
+                fast.save(str(tmp / "tokenizer.json"))
+                tok_config = {**fast_config, **{k: tok_config[k] for k in ("eos_token", "pad_token", "unk_token")
+                                                if k in tok_config}}
+            else:
+                tok_config["auto_map"] = {"AutoTokenizer": [f"{REMOTE_MODULE}.MoEUTTokenizer", None]}
+                tok_config["tokenizer_class"] = "MoEUTTokenizer"
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
         (tmp / f"{REMOTE_MODULE}.py").write_text(REMOTE_CODE)
-        (tmp / "README.md").write_text(model_card(Path(run), meta, lm, tok.kind, scores, out.name))
+        fast_tokenizer = (tmp / "tokenizer.json").exists()
+        (tmp / "README.md").write_text(model_card(Path(run), meta, lm, tok.kind, scores, out.name, fast_tokenizer,
+                                                  fast_note))
         _readable(tmp)   # mkdtemp made it private; an exported model is for others to read
         if out.exists():
             out.rmdir()   # empty, checked above
@@ -111,6 +125,18 @@ def _readable(root: Path) -> None:
             os.chmod(p, (0o755 if p.is_dir() else 0o644) & ~umask)
 
 
+def _tokenizer_note(kind: str, fast: bool, why_not_fast: str) -> str:
+    if kind == "hf":
+        return "is transformers' own fast tokenizer (tokenizer.json) and needs only transformers."
+    if fast:
+        return ("is transformers' fast tokenizer (tokenizer.json, converted from the SentencePiece model and checked "
+                "to encode and decode as it does at export) and needs only transformers; `tokenizer.model` is the "
+                "SentencePiece original. One difference remains: ids whose byte pieces are not valid UTF-8 (no text "
+                "encodes to them) decode with one U+FFFD per byte piece, where SentencePiece keeps the valid bytes.")
+    return ("is SentencePiece through moeut's tokenizer class (sentencepiece and moeut installed): the fast "
+            f"conversion was not exact ({why_not_fast}).")
+
+
 def _last_validation(run_dir: Path, step: int) -> Optional[float]:
     from moeut.train.run_dir import metric_records
     best = None
@@ -123,7 +149,7 @@ def _last_validation(run_dir: Path, step: int) -> Optional[float]:
 
 
 def model_card(run: Path, meta: Dict[str, Any], lm, tokenizer_kind: str, scores: Optional[Dict[str, Any]],
-               name: str) -> str:
+               name: str, fast_tokenizer: bool = False, fast_note: str = "") -> str:
     run_dir = run.parent.parent if run.parent.name == "checkpoints" else run
     cfg = meta.get("config", {})
     step = meta["loaded_checkpoint"]["step"]
@@ -159,6 +185,5 @@ def model_card(run: Path, meta: Dict[str, Any], lm, tokenizer_kind: str, scores:
               "print(tok.decode(model.generate(**ids, max_new_tokens=40)[0]))", "```", "",
               "Without `import moeut`, pass `trust_remote_code=True`. Either way the model needs moeut installed "
               "(pip install 'moeut[hf]'); the tokenizer "
-              + ("is transformers' own fast tokenizer (tokenizer.json) and needs only transformers." if tokenizer_kind == "hf"
-                 else "is SentencePiece through moeut's tokenizer class (sentencepiece and moeut installed)."), ""]
+              + _tokenizer_note(tokenizer_kind, fast_tokenizer, fast_note), ""]
     return "\n".join(lines)

@@ -139,7 +139,7 @@ def test_generate_gives_the_tokens_of_moeut_generate(exported, capsys):
     # the command line, greedy: the same text
     assert main(["generate", "--checkpoint", str(run), "--prompt", "def ", "--max-new-tokens", "12"]) == 0
     cli_text = capsys.readouterr().out.rstrip("\n")
-    assert cli_text == "def " + hf_tok.decode(strip(greedy[0][L:]))
+    assert cli_text == "def " + tok.decode(strip(greedy[0][L:]))
 
 
 def test_generate_refuses_what_it_does_not_do(exported):
@@ -157,13 +157,35 @@ def test_generate_refuses_what_it_does_not_do(exported):
 
 
 def test_tokenizer_round_trips_like_ours(exported):
+    """The export's exact conversion: AutoTokenizer gives a fast tokenizer (no remote code) that encodes
+    and decodes as the run's SentencePiece model and as the slow MoEUTTokenizer kept beside it."""
+    from moeut.hf.tokenization import MoEUTTokenizer
     run, hf = exported
     hf_tok = AutoTokenizer.from_pretrained(hf)
+    slow = MoEUTTokenizer(str(hf / "tokenizer.model"))
+    assert hf_tok.is_fast and not isinstance(hf_tok, MoEUTTokenizer)   # transformers 5: TokenizersBackend
+    assert hf_tok.eos_token_id == hf_tok.pad_token_id == slow.eos_token_id and hf_tok.padding_side == "left"
     _, tok, _ = load_run(run)
-    for text in TEXTS:
+    corpus = TEXTS + [p.read_text()[:4000] for p in sorted(Path(moeut.__file__).parent.glob("*.py"))]
+    for text in corpus:
         ids = hf_tok(text)["input_ids"]
-        assert ids == tok.encode(text)
-        assert hf_tok.decode(ids) == tok.decode(ids) == text   # the code tokenizer is lossless
+        assert ids == tok.encode(text) == slow(text)["input_ids"]
+        assert hf_tok.decode(ids) == tok.decode(ids) == slow.decode(ids) == text   # the code tokenizer is lossless
+    assert "needs only transformers" in (hf / "README.md").read_text()
+
+
+def test_a_conversion_that_is_not_exact_keeps_the_slow_tokenizer(exported, tmp_path, monkeypatch):
+    import moeut.hf.export as export
+    run, _ = exported
+    monkeypatch.setattr(export, "exact_fast_tokenizer", lambda model_bytes: (None, "encoding 'x': differs"))
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+    out = tmp_path / "hf"
+    assert not (out / "tokenizer.json").exists()
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "MoEUTTokenizer" and config["auto_map"]["AutoTokenizer"][0]
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    assert type(hf_tok).__name__ == "MoEUTTokenizer"
+    assert "encoding 'x': differs" in (out / "README.md").read_text()
 
 
 def test_paper_tokenizer_matches_ours(tmp_path):
