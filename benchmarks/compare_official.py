@@ -78,7 +78,8 @@ def compare(off_mod, cfg: dict, vocab: int, device: str, B: int = 2, T: int = 48
 def compare_run(off_mod, run: Path, device: str, B: int = 2, T: int = 64, seed: int = 0) -> dict:
     """A MoEUT run of ours (e.g. one made by `moeut import-official`) against the official release holding
     the same weights: its state dict loads strictly and the eval-mode logits agree."""
-    from moeut.runs import load_run, model_kwargs_of_run
+    from moeut.models import model_kwargs_of_run
+    from moeut.runs import load_run
     ours, tok, meta = load_run(run, device)
     if not meta["model"].startswith("moeut"):
         raise SystemExit(f"{run} is a {meta['model']} run: the official release has MoEUT models only")

@@ -33,7 +33,7 @@ from moeut.ops import expert_gemv  # noqa: E402
 from moeut import generate as generate_module  # noqa: E402
 from moeut.generate import generate  # noqa: E402
 from moeut.settings import settings  # noqa: E402
-from moeut.runs import build_model, model_kwargs  # noqa: E402
+from moeut.models import build_model, model_kwargs  # noqa: E402
 
 MODES = {"dynamic": dict(cache="dynamic"), "static": dict(cache="static", cuda_graph=False),
          "static+graph": dict(cache="static", cuda_graph=True),

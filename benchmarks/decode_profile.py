@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from profile_step import busy_ms, kernel_times, print_table  # noqa: E402
 from moeut.attention import AttentionMask, new_static_cache  # noqa: E402
-from moeut.runs import build_model, model_kwargs  # noqa: E402
+from moeut.models import build_model, model_kwargs  # noqa: E402
 
 
 def main():

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moeut.runs import build_model, model_kwargs  # noqa: E402
+from moeut.models import build_model, model_kwargs  # noqa: E402
 from moeut.train.fsdp import shard_model  # noqa: E402
 from moeut.train.step import step_body  # noqa: E402
 from moeut.train.trainer import optimizer_groups  # noqa: E402

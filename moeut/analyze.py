@@ -28,11 +28,7 @@ from torch import Tensor
 from moeut.attention import AttentionMask
 from moeut.dense import DenseLM
 from moeut.model import MoEUTLM
-
-
-def _topk_ids(logits: Tensor, k: int) -> Tensor:
-    """The chosen experts: the top-k sigmoid scores are the top-k logits."""
-    return logits.float().topk(k, dim=-1).indices
+from moeut.router import chosen_experts
 
 
 @torch.no_grad()
@@ -57,12 +53,12 @@ def _trace(model: torch.nn.Module, tokens_BT: Tensor) -> Dict[str, Any]:
         for _, li in backbone.application_order():
             layer = backbone.layers[li]
             out, _, f_log, a_log = layer.forward_with_logits(x, mask, None)
-            app = {"layer": li, "ffn": _topk_ids(f_log.logits, layer.ffn.n_heads).reshape(B * T, -1)}
+            app = {"layer": li, "ffn": chosen_experts(f_log.logits, layer.ffn.n_heads).reshape(B * T, -1)}
             o_log, v_log = tuple(a_log) if a_log is not None else (None, None)
             k_att = getattr(layer.attention, "moe_k", 1)
             for name, log in (("att_o", o_log), ("att_v", v_log)):
                 if log is not None and getattr(log, "logits", None) is not None and log.logits.dim() == 4:
-                    app[name] = _topk_ids(log.logits, k_att).reshape(B * T, *log.logits.shape[2:3], -1)
+                    app[name] = chosen_experts(log.logits, k_att).reshape(B * T, *log.logits.shape[2:3], -1)
             _residual(app, x, out)
             apps.append(app)
             x = out

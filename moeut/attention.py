@@ -22,9 +22,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moeut.ops.expert_gemv import gemv_applies, project
 from moeut.ops.expert_mm import ResidualGradRelay, expert_mm_combine, route
-from moeut.moe import RouterLogits, aligned_width_padding
+from moeut.moe import aligned_width_padding
 from moeut.ops.rope import rope_tables, rotate
-from moeut.ops.router import joint_selection_applies, select_with_prob_sum, sigmoid_topk
+from moeut.router import RouterLogits, check_activation, select_experts
 
 KVCache = Optional[Dict[str, Tensor]]
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -268,13 +268,14 @@ def frozen_inference_weights(model: torch.nn.Module):
 class SwitchHeadRope(torch.nn.Module):
     def __init__(self, state_size: int, n_heads: int, n_experts: int, dropout: float = 0.0,
                  projection_size: Optional[int] = None, expert_dropout: float = 0.0, moe_k: int = 2,
-                 rotate_fraction: float = 0.5, rope_base: float = 10000):
+                 rotate_fraction: float = 0.5, rope_base: float = 10000, router_activation: str = "sigmoid"):
         super().__init__()
         self.input_size = self.output_size = state_size
         self.n_heads = n_heads
         self.n_experts = n_experts
         self.moe_k = moe_k
         self.expert_dropout = expert_dropout
+        self.router_activation = check_activation(router_activation)
         self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else torch.nn.Identity()
         self.projection_size = projection_size or state_size // n_heads
         # RoPE needs pairs of channels: an odd rotary width (e.g. 41 of the 44M model's 82) is rounded
@@ -375,20 +376,10 @@ class SwitchHeadRope(torch.nn.Module):
         computed with them, the regulariser's softmax sum; gates [B, T, H, K], expert ids 0..E-1 within
         the head)."""
         logits = logits.view(*logits.shape[:-1], self.n_heads, self.n_experts)
-        if self.training and self.expert_dropout > 0:
-            scores = logits.float().sigmoid()
-            with torch.no_grad():
-                ranked = scores.masked_fill(torch.rand_like(scores) < self.expert_dropout, float("-inf"))
-                expert = ranked.topk(self.moe_k, dim=-1, sorted=False).indices
-            gate = scores.gather(-1, expert)
-            return RouterLogits(logits), gate, expert
-        if prob_sum and logits.dim() == 4 and joint_selection_applies(logits):
-            # one gradient kernel for the selection and the regulariser
-            gate, expert, p_sum = select_with_prob_sum(logits, self.moe_k, fp32=True)
-            return RouterLogits(logits, p_sum), gate, expert
-        # one kernel on CUDA; it ranks in fp32 without an fp32 copy of the logits
-        gate, expert = sigmoid_topk(logits, self.moe_k, fp32=True)
-        return RouterLogits(logits), gate, expert
+        dropout = self.expert_dropout if self.training else 0.0
+        # ranked and gated in fp32; the kernel does so without an fp32 copy of the logits
+        return select_experts(logits, self.moe_k, self.router_activation, fp32=True, expert_dropout=dropout,
+                              prob_sum=prob_sum and logits.dim() == 4)
 
     def forward_with_logits(self, q_src: Tensor, k_src: Tensor, v_src: Tensor, mask: Optional[AttentionMask],
                             kv_cache: KVCache = None, residual: Optional[Tensor] = None, prob_sum: bool = False):

@@ -177,7 +177,7 @@ def _add_train(sub):
 
 
 def cmd_train(args) -> int:
-    from moeut.runs import parse_overrides
+    from moeut.models import parse_overrides
     from moeut.train.trainer import Diverged, TrainConfig, config_of_run, default_cache_dir, end_distributed, train
     if args.config:
         merge_config(args, args.parser, args.config)
@@ -345,7 +345,7 @@ def _add_convert_checkpoint(sub):
 def cmd_convert_checkpoint(args) -> int:
     from pathlib import Path
     import torch
-    from moeut.runs import build_model, check_model_size, model_kwargs_of_run
+    from moeut.models import build_model, check_model_size, model_kwargs_of_run
     from moeut.train import checkpoint as ckpt_lib
     from moeut.train.run_dir import RunLock, check_existing_run_dir, read_run_json
     from moeut.train.trainer import optimizer_parameter_names
@@ -428,7 +428,7 @@ def _read_prompts(path: str):
 
 def cmd_generate(args) -> int:
     from moeut.generate import generate, kv_cache_bytes
-    from moeut.memory import device_memory
+    from moeut.models import device_memory
     from moeut.runs import load_run
     prompts = _read_prompts(args.prompt_file) if args.prompt_file else [p.replace("\\n", "\n") for p in args.prompt]
     device = _device(args.device)
@@ -490,7 +490,8 @@ def cmd_eval(args) -> int:
     import os
     from pathlib import Path
     from moeut.evaluate import TASKS, read_text_file, run_eval
-    from moeut.runs import load_run, write_json_atomic
+    from moeut.files import write_json_atomic
+    from moeut.runs import load_run
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks != "all" else list(TASKS)
     if not tasks and not args.text:
         raise ValueError("nothing to evaluate: give --tasks and/or --text")
@@ -538,7 +539,7 @@ def _add_models(sub):
 
 def cmd_models(args) -> int:
     import torch
-    from moeut.runs import build_model, model_kwargs, training_flops_per_token
+    from moeut.models import build_model, model_kwargs, training_flops_per_token
     print(f"{'model':12s} {'parameters':>10s} {'GFLOP/token':>12s}  arguments   (GFLOP/token: training matrix FLOPs "
           f"at context {args.context})")
     for name in profiles.model_names():

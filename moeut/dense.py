@@ -97,7 +97,7 @@ class DenseLM(torch.nn.Module):
         # it initialises to sqrt(d_model), but its task sets `model.embedding_scale = 1.0` for every pre-LN
         # variant, this one included (`create_model` in tasks/transformer_lm_mixin.py, the `is_preln()`
         # branch): the paper's baseline has no scale. `scale_embedding=True` gives the sqrt(d_model) that
-        # runs made between 2026-12-04 and 2026-12-07 used (they record it; `runs.model_kwargs_of_run`).
+        # runs made between 2026-12-04 and 2026-12-07 used (they record it; `models.model_kwargs_of_run`).
         self.embedding_scale = math.sqrt(d_model) if scale_embedding else 1.0
         self.embedding = torch.nn.Embedding(n_tokens, d_model)
         self.layers = torch.nn.ModuleList(DenseLayer(d_model, n_heads, d_head, d_ff, dropout) for _ in range(n_layers))

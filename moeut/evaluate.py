@@ -38,8 +38,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moeut.train.data import eval_windows
-
 SOURCES = {
     "lambada": (("lambada/lambada_test.jsonl",), "the OpenAI LAMBADA test file (github cybertronai/bflm)"),
     "blimp": (("blimp",), "the BLiMP data/ folder (github alexwarstadt/blimp), one .jsonl per paradigm"),
@@ -356,6 +354,18 @@ def paper_average(results: Dict[str, dict]) -> Optional[float]:
 
 
 @torch.no_grad()
+def eval_windows(tokens: np.ndarray, context: int, max_windows: Optional[int] = None) -> Iterator[torch.Tensor]:
+    """Non-overlapping `context + 1` windows of held-out text (the last partial one included)."""
+    n = len(tokens)
+    starts = list(range(0, max(n - 1, 0), context))
+    if max_windows is not None:
+        starts = starts[:max_windows]
+    for s in starts:
+        w = np.asarray(tokens[s: s + context + 1], dtype=np.int64)
+        if len(w) >= 2:
+            yield torch.from_numpy(w)
+
+
 def windows_perplexity(model, windows: Iterable[torch.Tensor], bf16: Optional[bool] = None) -> Tuple[float, int]:
     """(exp(mean token NLL), tokens scored) over 1-D token windows, each scored on its own.
     `bf16`: autocast (default: on CUDA only)."""

@@ -13,7 +13,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from moeut.attention import AttentionMask, frozen_inference_weights, new_static_cache
-from moeut.memory import device_memory
+from moeut.models import device_memory
 
 COMPILE_CAPACITY_STEP = 256  # with compile=True the KV cache holds a multiple of this many positions
 OVERLAP_HOST = True   # launch the next decoding step before reading this one's tokens (False: benchmarks' baseline)

@@ -20,7 +20,8 @@ from torch.utils.checkpoint import checkpoint
 
 from moeut.ops import cast_relay
 from moeut.attention import AttentionMask, KVCache, SwitchHeadRope, begin_static_step, check_mask, end_static_step
-from moeut.moe import RouterLogits, SigmaMoE, negative_entropy, router_prob_sum
+from moeut.moe import SigmaMoE
+from moeut.router import ACTIVATIONS, RouterLogits, negative_entropy, router_prob_sum
 from moeut.ops.norm import LayerNorm
 from moeut.ops.shared_weights import begin_share, end_share
 
@@ -70,12 +71,16 @@ class MoEUTLayer(torch.nn.Module):
     def __init__(self, d_model: int, n_heads: int, ff_expert_size: int, ff_n_experts: int,
                  att_n_experts: int, d_head: Optional[int] = None, att_k: int = 2,
                  ff_k: int = 8, ff_expert_dropout: float = 0.0, att_expert_dropout: float = 0.0,
-                 dropout: float = 0.0, attention=SwitchHeadRope, layer_norm: str = "peri"):
+                 dropout: float = 0.0, attention=SwitchHeadRope, layer_norm: str = "peri",
+                 router_activation: str = "sigmoid"):
         super().__init__()
         self.layer_norm = layer_norm
+        # (an attention class of the caller's sees the argument only when it is not the default)
+        routing = {} if router_activation == "sigmoid" else {"router_activation": router_activation}
         self.attention = attention(d_model, n_heads, att_n_experts, projection_size=d_head, moe_k=att_k,
-                                   expert_dropout=att_expert_dropout)
-        self.ffn = SigmaMoE(d_model, ff_n_experts, ff_expert_size, k=ff_k, expert_dropout=ff_expert_dropout)
+                                   expert_dropout=att_expert_dropout, **routing)
+        self.ffn = SigmaMoE(d_model, ff_n_experts, ff_expert_size, k=ff_k, expert_dropout=ff_expert_dropout,
+                            router_activation=router_activation)
         # The experts read the raw residual: its LayerNorms also write the bf16 copies of it (forward) and of
         # its gradient (backward) that the expert projections would cast (`ops/cast_relay.py`).
         self.ln1 = LayerNorm(d_model, input_copy=att_n_experts > 1, grad_copy=True)
@@ -195,9 +200,12 @@ class MoEUT(torch.nn.Module):
                  att_n_experts: int, d_head: Optional[int] = None, att_k: int = 2,
                  ff_k: int = 8, ff_expert_dropout: float = 0.0, att_expert_dropout: float = 0.0,
                  dropout: float = 0.0, entropy_reg: float = 0.01, att_entropy_reg: float = 0.001,
-                 attention=SwitchHeadRope, group_size: int = 2, *, group_type: str = "abab", layer_norm: str = "peri"):
+                 attention=SwitchHeadRope, group_size: int = 2, *, group_type: str = "abab", layer_norm: str = "peri",
+                 router_activation: str = "sigmoid"):
         super().__init__()
         require(group_type in ("abab", "aabb"), f"group_type must be 'abab' or 'aabb', got {group_type!r}")
+        require(router_activation in ACTIVATIONS,
+                f"router_activation must be one of {', '.join(ACTIVATIONS)}, got {router_activation!r}")
         require(layer_norm in ("peri", "pre", "post"), f"layer_norm must be 'peri', 'pre' or 'post', got {layer_norm!r}")
         self.group_type, self.layer_norm = group_type, layer_norm
         validate_config(d_model, n_layers, n_heads, ff_expert_size, ff_n_experts, att_n_experts, d_head,
@@ -212,7 +220,7 @@ class MoEUT(torch.nn.Module):
         self.collect_router_logits = False
         self.layers = torch.nn.ModuleList([
             MoEUTLayer(d_model, n_heads, ff_expert_size, ff_n_experts, att_n_experts, d_head, att_k, ff_k,
-                       ff_expert_dropout, att_expert_dropout, dropout, attention, layer_norm)
+                       ff_expert_dropout, att_expert_dropout, dropout, attention, layer_norm, router_activation)
             for _ in range(group_size)
         ])
         self.reset_parameters()
@@ -303,7 +311,8 @@ class MoEUTLM(torch.nn.Module):
     d_model / n_heads), each choosing `att_k` of `att_n_experts` value and output experts; a σ-MoE FFN of
     `ff_n_experts` experts of `ff_expert_size` ReLU units, `ff_k` chosen per token; `entropy_reg` and
     `att_entropy_reg` weight the routers' entropy regularisers (`out.reg_loss`, add it to the loss);
-    dropouts; `group_type` ("abab" or "aabb") and `layer_norm` ("peri", "pre", "post") the paper's ablations.
+    dropouts; `group_type` ("abab" or "aabb") and `layer_norm` ("peri", "pre", "post") the paper's ablations;
+    `router_activation` "sigmoid" (the paper's, with the fast kernels) or "softmax" (the reference path).
     docs/api.md has every argument, the mask and KV-cache formats."""
 
     def __init__(self, n_tokens: int, d_model: int, n_layers: int, n_heads: int,
@@ -311,13 +320,13 @@ class MoEUTLM(torch.nn.Module):
                  group_size: int = 2, ff_k: int = 8, att_k: int = 2, ff_expert_dropout: float = 0.0,
                  att_expert_dropout: float = 0.0, ff_expert_size: int = 128, dropout: float = 0.0,
                  entropy_reg: float = 0.01, att_entropy_reg: float = 0.001, attention=SwitchHeadRope,
-                 *, group_type: str = "abab", layer_norm: str = "peri"):
+                 *, group_type: str = "abab", layer_norm: str = "peri", router_activation: str = "sigmoid"):
         super().__init__()
         require(isinstance(n_tokens, int) and n_tokens > 0, f"n_tokens must be a positive integer, got {n_tokens!r}")
         self.transformer = MoEUT(d_model, n_layers, n_heads, ff_expert_size, ff_n_experts, att_n_experts,
                                  d_head, att_k, ff_k, ff_expert_dropout, att_expert_dropout, dropout,
                                  entropy_reg, att_entropy_reg, attention, group_size, group_type=group_type,
-                                 layer_norm=layer_norm)
+                                 layer_norm=layer_norm, router_activation=router_activation)
         self.n_tokens = n_tokens
         self.n_layers = n_layers
         self.embedding = torch.nn.Embedding(n_tokens, d_model)

@@ -27,7 +27,8 @@ import torch
 
 from moeut.evaluate import PAPER_TABLE
 from moeut.hf.fast_tokenizer import exact_fast_tokenizer
-from moeut.runs import load_run, model_kwargs_of_run
+from moeut.models import model_kwargs_of_run
+from moeut.runs import load_run
 
 REMOTE_MODULE = "moeut_remote"
 REMOTE_CODE = '''"""transformers' `trust_remote_code=True` entry point of a moeut export: the classes come from the

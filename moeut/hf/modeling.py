@@ -19,7 +19,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from moeut.attention import AttentionMask
 from moeut.generate import generate as moeut_generate
 from moeut.hf import MODEL_TYPE
-from moeut.runs import build_model
+from moeut.models import build_model
 
 # generate() arguments that change nothing here: the cache is always used, and stop strings are left to
 # the caller (lm-evaluation-harness cuts its outputs at its stop sequences itself).

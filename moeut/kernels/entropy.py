@@ -1,9 +1,9 @@
-"""Triton kernels of the entropy regulariser's router statistics (`moe._ProbabilitySum`):
+"""Triton kernels of the entropy regulariser's router statistics (`router._ProbabilitySum`):
 
     forward:  psum[b, g, :] = sum over t of softmax(logits[b, t, g, :])            (fp32)
     backward: d logits[b, t, g, :] = p * (d psum[b, g, :] - <p, d psum[b, g, :]>)  (p recomputed)
 
-The PyTorch form (`moe._ProbabilitySum`, the reference) writes the [R, E] fp32 probabilities and
+The PyTorch form (`router._ProbabilitySum`, the reference) writes the [R, E] fp32 probabilities and
 reads them back for the sum; its backward recomputes them, expands the upstream gradient to [R, E],
 runs the softmax backward and casts the result: five kernels per router application. Here each direction reads the logits once: the forward
 sums each program's rows in registers and writes one partial sum per program (summed by one small

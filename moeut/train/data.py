@@ -353,15 +353,3 @@ class Batches:
         rows = [np.asarray(self.tokens[i * self.context: i * self.context + self.context + 1], dtype=np.int64) for i in ids]
         x = torch.from_numpy(np.stack(rows))
         return x.view(micro_batches, per_rank // micro_batches, self.context + 1)
-
-
-def eval_windows(tokens: np.ndarray, context: int, max_windows: Optional[int] = None) -> Iterator[torch.Tensor]:
-    """Non-overlapping `context + 1` windows of held-out text (the last partial one included)."""
-    n = len(tokens)
-    starts = list(range(0, max(n - 1, 0), context))
-    if max_windows is not None:
-        starts = starts[:max_windows]
-    for s in starts:
-        w = np.asarray(tokens[s: s + context + 1], dtype=np.int64)
-        if len(w) >= 2:
-            yield torch.from_numpy(w)

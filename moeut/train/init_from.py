@@ -67,7 +67,7 @@ def _open_in(directory: Path, name: str) -> int:
 
 def open_source(path: str | Path, say=print) -> InitSource:
     """The source of --init-from, its model, tokenizer and weight shapes read (no weight data yet)."""
-    from moeut.runs import model_kwargs, model_kwargs_of_run
+    from moeut.models import model_kwargs, model_kwargs_of_run
     from moeut.train.run_dir import check_existing_run_dir, read_run_json
     from moeut.train.tokenizer import run_tokenizer
     path = Path(path)

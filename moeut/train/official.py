@@ -41,7 +41,7 @@ import torch
 
 from moeut import profiles
 from moeut.files import write_json_atomic
-from moeut.runs import build_model, model_kwargs
+from moeut.models import build_model, model_kwargs
 from moeut.train import checkpoint as ckpt_lib
 from moeut.train.checkpoint import CheckpointError
 from moeut.train.legacy import load_pickle_safely

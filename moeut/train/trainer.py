@@ -35,13 +35,14 @@ import torch
 import torch.distributed as dist
 
 from moeut.train import checkpoint as ckpt_lib
-from moeut.train.data import CACHE_FORMAT, Batches, Corpus, eval_windows, tokenize_corpus
-from moeut.evaluate import windows_perplexity
+from moeut.train.data import CACHE_FORMAT, Batches, Corpus, tokenize_corpus
+from moeut.evaluate import eval_windows, windows_perplexity
+from moeut.router import chosen_experts
 from moeut.files import open_append, write_json_atomic
 from moeut.train.run_dir import (RunLock, check_existing_run_dir, check_new_run_dir, read_json_record, read_run_json,
                                  truncate_metrics)
-from moeut.runs import (build_model, check_memory, check_model_size, model_kwargs, model_kwargs_of_run,
-                        peak_bf16_flops, training_flops_per_token)
+from moeut.models import (build_model, check_memory, check_model_size, model_kwargs, model_kwargs_of_run,
+                          peak_bf16_flops, training_flops_per_token)
 from moeut.train.checkpoint import (ModelSpec, optimizer_state_by_name, optimizer_state_by_position,
                                     sharded_optimizer_record)
 from moeut.train.fsdp import load_optimizer_state, load_sharded_state, save_sharded_state, shard_model
@@ -432,7 +433,7 @@ def router_stats(logits: List[torch.Tensor], k: int) -> Dict[str, float]:
     stats = {}
     for i, lg in enumerate(logits):
         E = lg.shape[-1]
-        chosen = lg.reshape(-1, E).topk(k, dim=-1).indices.flatten()
+        chosen = chosen_experts(lg.reshape(-1, E), k).flatten()
         usage = torch.bincount(chosen, minlength=E).double()
         p = usage / usage.sum()
         ent = -(p[p > 0] * p[p > 0].log()).sum().item() / math.log(E)

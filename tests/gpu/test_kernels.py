@@ -269,7 +269,7 @@ def test_joint_router_gradient_matches_separate_nodes(router_kind):
     is off by more). The FFN's logits are the 387 first columns of a 392-wide product, whose extra
     columns get an exact zero gradient; SwitchHead's are a strided slice, ranked in fp32."""
     from moeut.ops import router
-    from moeut.moe import _ProbabilitySum
+    from moeut.router import _ProbabilitySum
     torch.manual_seed(5)
     if router_kind == "ffn_padded":
         wide = (3 * torch.randn(16, 1024, 392, device="cuda")).to(torch.bfloat16).requires_grad_()
@@ -308,7 +308,7 @@ def test_probability_sum_on_cuda_matches_autograd(shape, dtype, fused, monkeypat
     backward: the Triton kernels (`kernels/entropy.py`) and the PyTorch form (CUDA's softmax backward
     returns fp16 but not bf16 from fp32 gradients), against autograd through the fp32 softmax of a
     float copy. "sliced": SwitchHead's selector logits, a strided view of a wider projection."""
-    from moeut.moe import _ProbabilitySum
+    from moeut.router import _ProbabilitySum
     monkeypatch.setattr(settings, "pytorch_ops", frozenset() if fused == "1" else frozenset({"entropy"}))
     torch.manual_seed(4)
     if shape == "sliced":

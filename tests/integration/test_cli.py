@@ -137,3 +137,18 @@ def test_version_closed_pipe_and_the_run_as_first_argument(tmp_path):
     assert r.stdout.splitlines()[1].startswith("moeut-") and r.stderr == ""   # no "Broken pipe" when the reader leaves
     assert main(["generate", "--prompt", "x"]) == 2
     assert main(["generate", str(tmp_path / "a"), "--checkpoint", str(tmp_path / "b"), "--prompt", "x"]) == 2
+
+
+def test_the_router_activation_is_one_setting_from_train_to_load(corpus, tmp_path, capsys):
+    from moeut.runs import load_run
+    from .conftest import train_args
+    run = tmp_path / "run"
+    assert main(train_args(corpus, run, tmp_path / "cache", steps=2, extra=["--set", "router_activation=softmax"])) == 0
+    model, _, meta = load_run(run)
+    assert meta["model_kwargs"]["router_activation"] == "softmax"
+    assert {m.router_activation for m in model.modules() if hasattr(m, "router_activation")} == {"softmax"}
+    capsys.readouterr()
+    assert main(train_args(corpus, tmp_path / "bad", tmp_path / "cache", steps=2,
+                           extra=["--set", "router_activation=relu"])) == 2
+    assert "router_activation must be one of sigmoid, softmax" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

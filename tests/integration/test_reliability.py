@@ -126,7 +126,7 @@ def test_1_two_starts_on_one_out_give_one_run_and_one_clear_refusal(corpus, tmp_
 def _sharded_copy(finished):
     run, cache, _ = finished
     meta = json.loads((run / "run.json").read_text())
-    from moeut.runs import build_model, model_kwargs_of_run
+    from moeut.models import build_model, model_kwargs_of_run
     from moeut.train.trainer import optimizer_parameter_names
     with torch.device("meta"):
         model = build_model(meta["model"], meta["vocab_size"], model_kwargs_of_run(meta))
@@ -309,7 +309,7 @@ def test_5_a_malformed_training_json_is_named_and_the_resume_takes_the_older_che
 def test_5_moments_of_the_wrong_shape_are_refused_with_the_parameter_named(finished):
     run, _, _ = finished
     meta = json.loads((run / "run.json").read_text())
-    from moeut.runs import build_model, model_kwargs_of_run
+    from moeut.models import build_model, model_kwargs_of_run
     from moeut.train.trainer import optimizer_parameter_names
     with torch.device("meta"):
         model = build_model(meta["model"], meta["vocab_size"], model_kwargs_of_run(meta))

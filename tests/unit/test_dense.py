@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moeut.dense import DenseLM
-from moeut.runs import model_kwargs, model_kwargs_of_run
+from moeut.models import model_kwargs, model_kwargs_of_run
 
 
 def test_every_block_linear_has_the_training_codes_deviation():

@@ -1,5 +1,5 @@
 """The entropy regulariser's router statistics: the Triton kernels (`kernels/entropy.py`, through the
-interpreter on CPU) against the PyTorch form of `moe._ProbabilitySum`, forward and backward; and a
+interpreter on CPU) against the PyTorch form of `router._ProbabilitySum`, forward and backward; and a
 whole model's regularised step through the kernels against the PyTorch form."""
 import pytest
 import torch
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
-from moeut import moe  # noqa: E402
+from moeut import router as routing  # noqa: E402
 
 
 def _reference(logits: torch.Tensor, grad_sum: torch.Tensor):
@@ -73,11 +73,11 @@ def test_regularised_step_through_the_kernels_matches_pytorch(monkeypatch):
                     ff_k=2, group_size=2, ff_expert_size=16, entropy_reg=0.5, att_entropy_reg=0.3).train()
     x = torch.randint(0, 40, (2, 8))
     calls = []
-    monkeypatch.setattr(moe, "use_fused", lambda t, switch=None: False)
+    monkeypatch.setattr(routing, "use_fused", lambda t, switch=None: False)
     _, want = autocast_step_grads(model, x)
     with torch.autocast("cpu", torch.bfloat16):
         want_reg = model(x).reg_loss
-    monkeypatch.setattr(moe, "use_fused", lambda t, switch=None: calls.append(switch) or switch == "entropy")
+    monkeypatch.setattr(routing, "use_fused", lambda t, switch=None: calls.append(switch) or switch == "entropy")
     _, got = autocast_step_grads(model, x)
     with torch.autocast("cpu", torch.bfloat16):
         got_reg = model(x).reg_loss
@@ -196,7 +196,7 @@ def test_training_step_with_joint_router_gradient_matches_pytorch(monkeypatch, c
     x = torch.randint(0, 40, (2, 40))   # 80 rows: the FFN's 13 selector columns are padded to 16
     # The same selection kernel in both steps (its ties differ from torch.topk's), the regulariser's
     # PyTorch form and autograd's add of the two gradients in the first.
-    monkeypatch.setattr(moe, "use_fused", lambda t, switch=None: False)
+    monkeypatch.setattr(routing, "use_fused", lambda t, switch=None: False)
     monkeypatch.setattr(router, "use_fused", lambda t, switch=None: switch in ("router",
                                                                                "entropy"))
     for module in (moe, attention):   # separate nodes: what runs where the joint node does not apply

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import moeut
 from moeut import AttentionMask, MoEUT, MoEUTLM, profiles
 from moeut.ops import shared_weights
-from moeut.moe import selection_entropy_loss
+from moeut.router import selection_entropy_loss
 from tests.helpers import shared_and_per_application_grads
 
 
@@ -421,7 +421,7 @@ def test_no_per_application_weight_copies_saved(share, monkeypatch):
 def test_probability_sum_recomputing_backward_matches_autograd(shape):
     """The entropy regulariser's softmax sum saves bf16 logits and recomputes the probabilities in
     backward: the same value and gradient as autograd through the fp32 softmax."""
-    from moeut.moe import _ProbabilitySum
+    from moeut.router import _ProbabilitySum
     logits = (3 * torch.randn(shape)).bfloat16().requires_grad_()
     grad_out = torch.randn(shape[0], *shape[2:])
     got = _ProbabilitySum.apply(logits)
