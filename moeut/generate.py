@@ -207,11 +207,11 @@ def _decode_recomputing(model, x, pad, kv: Optional[dict], sample, take, max_new
 
 
 def _supports_static_cache(model) -> bool:
-    """Our attention modules understand preallocated caches; a user-supplied attention class with the
-    official interface only knows the growing dict."""
-    from moeut.attention import SwitchHeadRope
+    """Whether every layer's attention fills preallocated caches (`registry.supports_static_cache`); a
+    class with only the official interface knows the growing dict."""
+    from moeut.attention import supports_static_cache
     from moeut.model import MoEUTLayer
-    return all(isinstance(m.attention, SwitchHeadRope) for m in model.modules() if isinstance(m, MoEUTLayer))
+    return all(supports_static_cache(m.attention) for m in model.modules() if isinstance(m, MoEUTLayer))
 
 
 @torch.no_grad()

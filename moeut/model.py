@@ -19,7 +19,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from moeut.ops import cast_relay
-from moeut.attention import AttentionMask, KVCache, SwitchHeadRope, begin_static_step, check_mask, end_static_step
+from moeut.attention import (AttentionMask, KVCache, SwitchHeadRope, adds_residual, attention_class, begin_static_step,
+                             check_mask, end_static_step)
 from moeut.moe import SigmaMoE
 from moeut.router import ACTIVATIONS, RouterLogits, negative_entropy, router_prob_sum
 from moeut.ops.norm import LayerNorm
@@ -75,6 +76,8 @@ class MoEUTLayer(torch.nn.Module):
                  router_activation: str = "sigmoid"):
         super().__init__()
         self.layer_norm = layer_norm
+        if isinstance(attention, str):   # a registered name (`moeut.attention.registry`)
+            attention = attention_class(attention)
         # (an attention class of the caller's sees the argument only when it is not the default)
         routing = {} if router_activation == "sigmoid" else {"router_activation": router_activation}
         self.attention = attention(d_model, n_heads, att_n_experts, projection_size=d_head, moe_k=att_k,
@@ -99,7 +102,7 @@ class MoEUTLayer(torch.nn.Module):
             # One low-precision copy for Q, K and both routers (autocast would make, and autograd
             # save, one per consumer). The fused LayerNorm (CUDA) already wrote it: then a no-op.
             xnorm = xnorm.to(torch.get_autocast_dtype(x.device.type))
-        if isinstance(self.attention, SwitchHeadRope) and \
+        if adds_residual(self.attention) and \
                 not (self.training and self.drop.p > 0):   # x + attention, added inside its output's top-k sum
             x, kv_cache, att_logits = self.attention.forward_with_logits(xnorm, xnorm, x, mask, kv_cache, residual=x,
                                                                           prob_sum=prob_sum)
@@ -238,7 +241,7 @@ class MoEUT(torch.nn.Module):
         # and pre) and not for post-LN (`std_scale` of RelativeMoeTransformerEncoderLayer).
         scale = math.sqrt(2 / (self.n_repeats * len(self.layers))) if self.layer_norm != "post" else 1.0
         for m in self.modules():
-            if isinstance(m, (SwitchHeadRope, SigmaMoE)):
+            if isinstance(m, SigmaMoE) or getattr(m, "scaled_init", False):   # (attention: `registry`)
                 m.reset_parameters(scale)
             elif isinstance(m, torch.nn.LayerNorm):
                 torch.nn.init.ones_(m.weight)

@@ -33,9 +33,13 @@ MAX_PARAMETERS = 10 ** 12
 
 def _argument_kinds(cls) -> Dict[str, str]:
     """{argument: its annotation as written} of a model class's constructor (strings: the modules use
-    `from __future__ import annotations`)."""
-    return {n: str(p.annotation) for n, p in inspect.signature(cls.__init__).parameters.items()
-            if n not in ("self", "n_tokens", "attention")}
+    `from __future__ import annotations`). MoEUT's `attention` takes a registered name here
+    (`moeut.attention.registry`), which run.json and the export record."""
+    kinds = {n: str(p.annotation) for n, p in inspect.signature(cls.__init__).parameters.items()
+             if n not in ("self", "n_tokens", "attention")}
+    if "attention" in inspect.signature(cls.__init__).parameters:
+        kinds["attention"] = "attention name"
+    return kinds
 
 
 def check_argument(name: str, value: Any, annotation: str, model: str) -> None:
@@ -46,6 +50,12 @@ def check_argument(name: str, value: Any, annotation: str, model: str) -> None:
     if value is None and optional:
         return
     where = f"--set {name}={json.dumps(value)[:40]}: {model}'s {name}"
+    if annotation == "attention name":
+        from moeut.attention import attention_class
+        if not isinstance(value, str):
+            raise ValueError(f"{where} must be the name of a registered attention class")
+        attention_class(value)   # ValueError naming the registered ones
+        return
     if base == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{where} must be an integer" + (" or null" if optional else ""))

@@ -199,17 +199,15 @@ def test_training_step_with_joint_router_gradient_matches_pytorch(monkeypatch, c
     monkeypatch.setattr(routing, "use_fused", lambda t, switch=None: False)
     monkeypatch.setattr(router, "use_fused", lambda t, switch=None: switch in ("router",
                                                                                "entropy"))
-    for module in (moe, attention):   # separate nodes: what runs where the joint node does not apply
-        monkeypatch.setattr(module, "joint_selection_applies", lambda logits: False)
+    # separate nodes: what runs where the joint node does not apply
+    monkeypatch.setattr(routing, "joint_selection_applies", lambda logits: False)
     _, want = autocast_step_grads(model, x)
     with torch.autocast("cpu", torch.bfloat16):
         want_reg = model(x).reg_loss
     joint = []
-    for module in (moe, attention):
-        monkeypatch.setattr(module, "select_with_prob_sum",
-                            lambda *a, **kw: joint.append(kw.get("n_valid")) or router.select_with_prob_sum(*a, **kw))
-    for module in (moe, attention):
-        monkeypatch.setattr(module, "joint_selection_applies", router.joint_selection_applies)
+    monkeypatch.setattr(routing, "select_with_prob_sum",
+                        lambda *a, **kw: joint.append(kw.get("n_valid")) or router.select_with_prob_sum(*a, **kw))
+    monkeypatch.setattr(routing, "joint_selection_applies", router.joint_selection_applies)
     _, got = autocast_step_grads(model, x)
     # 3 routers (FFN, SwitchHead's V and O) in 4 layer applications (and their recomputation)
     assert len(joint) == 3 * 4 * (2 if checkpointing else 1) and 13 in joint

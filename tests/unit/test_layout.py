@@ -17,8 +17,8 @@ LEAVES = {"moeut.settings", "moeut.files"}
 LAYERS = [
     ("kernels", lambda m: m.startswith("moeut.kernels")),
     ("ops", lambda m: m.startswith("moeut.ops")),
-    ("model", lambda m: m in {"moeut.profiles", "moeut.model", "moeut.attention", "moeut.moe", "moeut.dense",
-                              "moeut.generate", "moeut.models", "moeut.router"}),
+    ("model", lambda m: m in {"moeut.profiles", "moeut.model", "moeut.moe", "moeut.dense", "moeut.generate",
+                              "moeut.models", "moeut.router"} or m.startswith("moeut.attention")),
     ("evaluation", lambda m: m in {"moeut.evaluate", "moeut.analyze"}),
     ("train", lambda m: m.startswith("moeut.train")),
     ("app", lambda m: True),   # runs, cli, hf: the commands and the exports

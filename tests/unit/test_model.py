@@ -116,7 +116,7 @@ def test_inference_projection_equals_training_path_and_follows_weight_updates(cf
     m = MoEUTLM(50, **cfg).eval()
     x = torch.randint(0, 50, (2, 11))
     att = m.transformer.layers[0].attention
-    import moeut.attention as attention
+    import moeut.attention.cache as attention
     calls = []
     monkeypatch.setattr(attention, "rotate", lambda x, *a: calls.append(x.shape[1]) or real_rotate(x, *a))
     real_rotate = moeut.ops.rope.rotate
@@ -518,7 +518,7 @@ def test_attention_residual_folded_into_the_output_sum_matches_a_separate_add(dt
             return switchhead.forward_with_logits(*a, **kw)
     residuals = []
     combine = expert_mm.expert_mm_combine
-    from moeut import attention as attention_module
+    from moeut.attention import switchhead as attention_module
     monkeypatch.setattr(attention_module, "expert_mm_combine",
                         lambda *a, residual_XO=None, **kw: residuals.append(residual_XO is not None) or
                         combine(*a, residual_XO=residual_XO, **kw))
@@ -557,7 +557,7 @@ def test_residual_gradient_relayed_into_the_value_projection_matches_autograd_su
     (the relay taken away): every gradient agrees, and the backward runs one [R, D] fp32 add
     fewer. "kernels": the Triton kernels, through the interpreter."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    from moeut import attention as attention_module
+    from moeut.attention import switchhead as attention_module
     from tests.helpers import switch_kernels
     if kernels:
         pytest.importorskip("triton")

@@ -243,7 +243,8 @@ def test_router_launch_shapes_a_benchmark_passes_compute_the_same():
 def test_decoding_through_expert_gemv_matches_sorted_path(monkeypatch):
     """A cached decoding step of a whole model: the per-choice kernel gives the sorted path's logits."""
     from moeut import MoEUTLM, AttentionMask
-    from moeut import attention, moe
+    from moeut import moe
+    from moeut.attention import switchhead
     from moeut.ops import expert_gemv
     from moeut.attention import new_static_cache
     torch.manual_seed(0)
@@ -265,7 +266,7 @@ def test_decoding_through_expert_gemv_matches_sorted_path(monkeypatch):
         return not torch.is_grad_enabled()
     monkeypatch.setattr(expert_gemv, "use_fused", lambda t, switch=None: True)   # the Triton kernel, interpreted
     monkeypatch.setattr(moe, "gemv_applies", applies)
-    monkeypatch.setattr(attention, "gemv_applies", applies)
+    monkeypatch.setattr(switchhead, "gemv_applies", applies)
     got = step()
     assert len(calls) == 2 * 3 * model.n_layers      # prefill and step; FFN, value, output per layer
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
