@@ -27,7 +27,7 @@ def test_public_api_and_signatures_match_official():
     params = [k for k, v in sig.items() if v.kind != inspect.Parameter.KEYWORD_ONLY]
     # ours, after the official ones and keyword-only: the paper's ablation axes, defaulting to the paper's model
     assert {k: v.default for k, v in sig.items() if v.kind == inspect.Parameter.KEYWORD_ONLY} == \
-        {"group_type": "abab", "layer_norm": "peri"}
+        {"group_type": "abab", "layer_norm": "peri", "router_activation": "sigmoid"}
     assert params == ["self", "n_tokens", "d_model", "n_layers", "n_heads", "ff_n_experts", "att_n_experts",
                       "d_head", "group_size", "ff_k", "att_k", "ff_expert_dropout", "att_expert_dropout",
                       "ff_expert_size", "dropout", "entropy_reg", "att_entropy_reg", "attention"]
