@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import VOCAB, build, measure  # noqa: E402
-from moeut.train.trainer import expert_statistics  # noqa: E402
+from moeut.train.monitor import expert_statistics  # noqa: E402
 
 
 def sync() -> None:

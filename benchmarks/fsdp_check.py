@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moeut.train.trainer import TrainConfig, train  # noqa: E402
+from moeut.train.config import TrainConfig  # noqa: E402
+from moeut.train.trainer import train  # noqa: E402
 
 
 def run(args, parallel: str, out: Path):

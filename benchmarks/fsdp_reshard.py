@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moeut.models import build_model, model_kwargs  # noqa: E402
 from moeut.train.fsdp import shard_model  # noqa: E402
 from moeut.train.step import step_body  # noqa: E402
-from moeut.train.trainer import optimizer_groups  # noqa: E402
+from moeut.train.loop import optimizer_groups  # noqa: E402
 
 GATHERS = {"calls": 0, "bytes": 0}
 

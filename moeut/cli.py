@@ -12,6 +12,7 @@ from dataclasses import fields
 from typing import Optional
 
 from moeut import profiles
+from moeut.train.config import default_text, recipe_text
 
 EPILOG_TRAIN = """examples:
   moeut train                                   # tiny MoEUT on the Python standard library, CPU defaults
@@ -59,11 +60,8 @@ RESUME_FLAGS = {"resume", "no_progress", "cuda_graph", "data", "valid_data", "ca
 
 def _add_train(sub):
     p = sub.add_parser("train", help="train a MoEUT or dense LM (the paper's recipe)",
-                       description="Train a language model with the paper's recipe: AdamW 2.5e-4, weight decay 0.01, "
-                                   "cosine to 10%, warmup, clipping, batch 64 x 1024, bf16 on GPU. On a CPU the "
-                                   "defaults shrink (batch 16 x 256, 400 steps, lr 1e-3). Every setting is checked "
-                                   "before any work; the run directory is created only when training can start, and "
-                                   "one trainer at a time may write it.",
+                       description=recipe_text() + " Every setting is checked before any work; the run directory "
+                                   "is created only when training can start, and one trainer at a time may write it.",
                        epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Defaults are None, so that --resume can tell the flags given from those left alone.
     p.add_argument("--model", default=None, choices=profiles.model_names(), metavar="NAME",
@@ -84,7 +82,7 @@ def _add_train(sub):
                         "when they are no longer cached")
     p.add_argument("--text-field", default=None, metavar="NAME",
                    help="the field (JSONL) or column (Parquet, Arrow, Hugging Face datasets) holding the text "
-                        "(default: text)")
+                        f"({default_text('text_field')})")
     p.add_argument("--strict-data", action="store_true", default=None,
                    help="the same as --decode-errors strict")
     p.add_argument("--decode-errors", choices=("replace", "strict", "skip"), default=None,
@@ -96,38 +94,38 @@ def _add_train(sub):
                         "Default: the validation split of a Hugging Face DatasetDict given as --data, else "
                         "--valid-fraction of --data")
     p.add_argument("--valid-fraction", type=_float_range(0, 0.5), default=None, metavar="F",
-                   help="share of --data's text held out for validation, by characters (default 0.02); large "
+                   help=f"share of --data's text held out for validation, by characters ({default_text('valid_fraction')}); large "
                         "documents are held out in pieces, so a few big files lose only that share")
-    p.add_argument("--steps", type=POSITIVE, default=None, help="optimizer steps = schedule length (GPU 100000, CPU 400)")
+    p.add_argument("--steps", type=POSITIVE, default=None, help=f"optimizer steps = schedule length ({default_text('steps')})")
     p.add_argument("--out", default=None, help="run directory: new or empty (default runs/<model>-<time>)")
     p.add_argument("--seed", type=NON_NEGATIVE, default=None,
-                   help="sets the initialisation and the order of the batches (default 0)")
+                   help=f"sets the initialisation and the order of the batches ({default_text('seed')})")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest intact checkpoint, "
                                                    "with the settings it was started with")
-    p.add_argument("--batch-size", type=POSITIVE, default=None, help="global sequences per step (GPU 64, CPU 16)")
+    p.add_argument("--batch-size", type=POSITIVE, default=None, help=f"global sequences per step ({default_text('batch_size')})")
     p.add_argument("--micro-batch-size", type=POSITIVE, default=None,
                    help="sequences per forward pass per process; gradient accumulation keeps the global batch")
-    p.add_argument("--context", type=_int_range(1, 1 << 20), default=None, help="tokens per sequence (GPU 1024, CPU 256)")
-    p.add_argument("--lr", type=_float_range(0, lo_open=True), default=None, help="peak learning rate (GPU 2.5e-4, CPU 1e-3)")
-    p.add_argument("--warmup", type=NON_NEGATIVE, default=None, help="linear warmup steps (0 for 44M/tiny, else 4000)")
+    p.add_argument("--context", type=_int_range(1, 1 << 20), default=None, help=f"tokens per sequence ({default_text('context')})")
+    p.add_argument("--lr", type=_float_range(0, lo_open=True), default=None, help=f"peak learning rate ({default_text('lr')})")
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=None, help=f"linear warmup steps ({default_text('warmup')})")
     p.add_argument("--clip", type=_float_range(0), default=None,
-                   help="gradient-norm clipping (0.1 for 44M/tiny, else 0.25; 0 disables)")
-    p.add_argument("--weight-decay", type=_float_range(0), default=None, help="AdamW weight decay (default 0.01)")
+                   help=f"gradient-norm clipping ({default_text('clip')}; 0 disables)")
+    p.add_argument("--weight-decay", type=_float_range(0), default=None, help=f"AdamW weight decay ({default_text('weight_decay')})")
     p.add_argument("--no-decay-vectors", dest="decay_vectors", action="store_false", default=None,
                    help="exempt norms and biases from weight decay (the paper's training code decays every parameter)")
     p.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"],
                    help="autocast precision (auto: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--vocab-size", type=_int_range(2, 65535), default=None, help="SentencePiece pieces (default 8000)")
+    p.add_argument("--vocab-size", type=_int_range(2, 65535), default=None, help=f"SentencePiece pieces ({default_text('vocab_size')})")
     p.add_argument("--tokenizer", default=None, metavar="code|paper|PATH",
                    help="code (default): train a lossless BPE tokenizer (whitespace kept, documents end with "
                         "end-of-text); paper: train the paper's (SentencePiece defaults: NFKC, whitespace "
                         "collapsed, dummy prefix; documents end with the text <STORY_SEP>); PATH: use this "
                         "SentencePiece model (e.g. another run's tokenizer.model)")
-    p.add_argument("--log-interval", type=POSITIVE, default=None, help="steps between metrics.jsonl records (default 10)")
-    p.add_argument("--eval-interval", type=POSITIVE, default=None, help="steps between validation runs (default steps/10)")
-    p.add_argument("--eval-windows", type=NON_NEGATIVE, default=None, help="validation windows per evaluation (default 64 on GPU, 32 on CPU; 0: all)")
-    p.add_argument("--ckpt-interval", type=POSITIVE, default=None, help="steps between checkpoints (default steps/10)")
-    p.add_argument("--keep-checkpoints", type=POSITIVE, default=None, help="how many checkpoints to keep (default 3)")
+    p.add_argument("--log-interval", type=POSITIVE, default=None, help=f"steps between metrics.jsonl records ({default_text('log_interval')})")
+    p.add_argument("--eval-interval", type=POSITIVE, default=None, help=f"steps between validation runs ({default_text('eval_interval')})")
+    p.add_argument("--eval-windows", type=NON_NEGATIVE, default=None, help=f"validation windows per evaluation ({default_text('eval_windows')}; 0: all)")
+    p.add_argument("--ckpt-interval", type=POSITIVE, default=None, help=f"steps between checkpoints ({default_text('ckpt_interval')})")
+    p.add_argument("--keep-checkpoints", type=POSITIVE, default=None, help=f"how many checkpoints to keep ({default_text('keep_checkpoints')})")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each training step from CUDA graphs (default: whenever it applies, i.e. on a GPU "
@@ -149,7 +147,7 @@ def _add_train(sub):
                         "every layer's bf16 weights held from the forward into the backward")
     p.add_argument("--deterministic", action="store_true", default=None,
                    help="bitwise-reproducible GPU training (slower attention)")
-    p.add_argument("--cache-dir", default=None, help="tokenized data cache (default ~/.cache/moeut)")
+    p.add_argument("--cache-dir", default=None, help=f"tokenized data cache ({default_text('cache_dir')})")
     p.add_argument("--no-tensorboard", action="store_true", default=None,
                    help="write no TensorBoard events (metrics.jsonl is always written)")
     p.add_argument("--no-progress", action="store_true", default=None,
@@ -159,7 +157,7 @@ def _add_train(sub):
                         "or without the bar (default 0: every 10 log intervals)")
     p.add_argument("--wandb", action="store_true", default=None,
                    help="also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works without network)")
-    p.add_argument("--wandb-project", default=None, metavar="NAME", help="the W&B project (default moeut)")
+    p.add_argument("--wandb-project", default=None, metavar="NAME", help=f"the W&B project ({default_text('wandb_project')})")
     p.add_argument("--device", default=None, metavar="auto|cpu|cuda|cuda:N",
                    help="where to train (default auto: the GPU when there is one)")
     p.add_argument("--sample-prompt", default=None, metavar="TEXT",
@@ -178,7 +176,10 @@ def _add_train(sub):
 
 def cmd_train(args) -> int:
     from moeut.models import parse_overrides
-    from moeut.train.trainer import Diverged, TrainConfig, config_of_run, default_cache_dir, end_distributed, train
+    from moeut.train.config import TrainConfig, default_cache_dir
+    from moeut.train.distributed import end_distributed
+    from moeut.train.loop import Diverged
+    from moeut.train.trainer import config_of_run, train
     if args.config:
         merge_config(args, args.parser, args.config)
     given = {k for k, v in vars(args).items() if v is not None and k not in ("func", "command", "parser", "config")}
@@ -348,7 +349,7 @@ def cmd_convert_checkpoint(args) -> int:
     from moeut.models import build_model, check_model_size, model_kwargs_of_run
     from moeut.train import checkpoint as ckpt_lib
     from moeut.train.run_dir import RunLock, check_existing_run_dir, read_run_json
-    from moeut.train.trainer import optimizer_parameter_names
+    from moeut.train.loop import optimizer_parameter_names
     run = Path(args.run)
     check_existing_run_dir(run, writable=True)
     with RunLock(run):

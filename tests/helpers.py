@@ -1,4 +1,5 @@
 """Helpers shared by the unit, interpreter and GPU tests."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -93,3 +94,16 @@ def force_wgrad_splits(monkeypatch, splits) -> None:
         return
     from moeut.kernels import weight_grad
     monkeypatch.setattr(weight_grad, "wgrad_splits", lambda *args, **kwargs: splits)
+
+
+def _interpreter_runs() -> bool:
+    import importlib.util
+    import os
+    return (importlib.util.find_spec("triton") is not None and not torch.cuda.is_available()
+            and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+# Tests of the Triton kernels through Triton's CPU interpreter (tests/conftest.py turns it on without a
+# GPU); on a GPU machine tests/gpu runs the compiled kernels instead.
+interpreted = pytest.mark.skipif(not _interpreter_runs(),
+                                 reason="interpreter tests are for CPU-only machines (GPU runs use tests/gpu)")

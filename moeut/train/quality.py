@@ -1,5 +1,5 @@
 """Time to quality: how soon each run of a sweep reaches a target validation perplexity, counted in
-training tokens, in step-time seconds (the GPU time the steps took, `trainer.StepClock`) and in
+training tokens, in step-time seconds (the GPU time the steps took, `monitor.StepClock`) and in
 wall-clock seconds since launch, against a baseline group of runs (the dense model, by default).
 
 The target is the baseline's final perplexity (the mean over its seeds) unless the sweep sets one.

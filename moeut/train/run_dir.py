@@ -182,7 +182,7 @@ def check_existing_run_dir(run_dir: Path, writable: bool) -> None:
 
 def read_run_json(run_dir: Path) -> dict:
     """run.json, read once without following a link, within bounds; its top-level fields checked (the
-    model's arguments by `models.model_kwargs`, the config by the trainer's `validate_config`)."""
+    model's arguments by `models.model_kwargs`, the config by `config.validate_config`)."""
     path = Path(run_dir) / "run.json"
     try:
         meta = read_json(path, MAX_RUN_JSON_BYTES)

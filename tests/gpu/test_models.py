@@ -265,7 +265,8 @@ def test_training_step_with_joint_router_gradient_matches(monkeypatch):
     (what runs where the joint node does not apply): in fp32 the two differ only by the rounding of one add, so loss and
     gradients agree closely (up to attention's own run-to-run differences). The bf16 kernel is held to
     its fp32 value in test_kernels.py."""
-    from moeut import MoEUTLM, attention, moe, profiles
+    from moeut import MoEUTLM, profiles
+    from moeut import router as routing
     from moeut.ops import router
     from tests.helpers import step_loss_grads
     torch.manual_seed(0)
@@ -381,7 +382,8 @@ def _logged_losses(run_dir):
 def test_train_with_cuda_graph_stops_and_resumes_to_the_same_losses(tmp_path):
     """`moeut train --cuda-graph` end to end: checkpoint at a stop, resume (eager warm-up steps, a new
     capture), and the losses of an uninterrupted run."""
-    from moeut.train.trainer import TrainConfig, config_of_run, train
+    from moeut.train.config import TrainConfig
+    from moeut.train.trainer import config_of_run, train
     common = _tiny_run_settings(tmp_path, steps=8, cuda_graph="on")
     train(TrainConfig(out=str(tmp_path / "full"), **common))
     cut = train(TrainConfig(out=str(tmp_path / "cut"), stop_after=3, **common))
@@ -403,7 +405,8 @@ def test_fsdp_sharded_checkpoint_on_cuda_resumes_with_and_without_fsdp(tmp_path)
     weights, hence its wider bound)."""
     import shutil
     from moeut.train import checkpoint as ckpt_lib
-    from moeut.train.trainer import TrainConfig, config_of_run, train
+    from moeut.train.config import TrainConfig
+    from moeut.train.trainer import config_of_run, train
     common = _tiny_run_settings(tmp_path, steps=6, parallel="fsdp")
     train(TrainConfig(out=str(tmp_path / "full"), **common))
     train(TrainConfig(out=str(tmp_path / "cut"), stop_after=3, **common))
@@ -424,7 +427,8 @@ def test_graphed_checkpoint_resumes_under_fsdp_with_this_runs_optimizer_mode(tmp
     """The other direction: a graphed run's single-file checkpoint (fused, capturable AdamW, `step` on
     the GPU) resumed under FSDP2, whose AdamW is neither; it continues to the uninterrupted run's
     losses within the bf16 difference between the two step modes."""
-    from moeut.train.trainer import TrainConfig, config_of_run, train
+    from moeut.train.config import TrainConfig
+    from moeut.train.trainer import config_of_run, train
     common = _tiny_run_settings(tmp_path, steps=6)
     train(TrainConfig(out=str(tmp_path / "full"), **common))
     train(TrainConfig(out=str(tmp_path / "cut"), stop_after=3, **common))

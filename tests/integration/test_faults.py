@@ -216,7 +216,7 @@ def test_rotation_keeps_the_newest_intact_checkpoint_when_a_save_fails(finished,
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_every_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):
-    import moeut.train.trainer as train_mod
+    import moeut.train.loop as train_mod
     real, calls = train_mod.step_body, []
 
     def diverging(fwd, model, *args, **kwargs):
@@ -246,7 +246,7 @@ def test_kill_9_at_random_points_then_resume_reproduces_the_losses(corpus, refer
     evaluations and checkpoint writes alike), then a resume: the losses of an uninterrupted run,
     each step logged once, and no temporary file left."""
     _, cache, _ = reference
-    steps = 150
+    steps = 90
     extra = ["--ckpt-interval", "1", "--keep-checkpoints", "2", "--log-interval", "1", "--eval-interval", "25"]
     full = tmp_path / "full"
     assert main(train_args(corpus, full, cache, steps=steps, extra=extra)) == 0

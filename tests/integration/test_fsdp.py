@@ -103,7 +103,7 @@ def test_a_failed_sharded_save_leaves_the_earlier_checkpoints_and_no_temporary(c
     """A process failing while the shards are written (here: after writing part of them) stops the run
     with the error named; the step's checkpoint does not appear, its temporary directory is gone, and
     the earlier checkpoint still verifies and resumes."""
-    import moeut.train.trainer as train_mod
+    import moeut.train.loop as train_mod
     real, calls = train_mod.save_sharded_state, []
 
     def failing(model, opt, shard_dir):

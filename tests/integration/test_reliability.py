@@ -127,7 +127,7 @@ def _sharded_copy(finished):
     run, cache, _ = finished
     meta = json.loads((run / "run.json").read_text())
     from moeut.models import build_model, model_kwargs_of_run
-    from moeut.train.trainer import optimizer_parameter_names
+    from moeut.train.loop import optimizer_parameter_names
     with torch.device("meta"):
         model = build_model(meta["model"], meta["vocab_size"], model_kwargs_of_run(meta))
     spec = ckpt_lib.ModelSpec.of(model, optimizer_parameter_names(model))
@@ -310,7 +310,7 @@ def test_5_moments_of_the_wrong_shape_are_refused_with_the_parameter_named(finis
     run, _, _ = finished
     meta = json.loads((run / "run.json").read_text())
     from moeut.models import build_model, model_kwargs_of_run
-    from moeut.train.trainer import optimizer_parameter_names
+    from moeut.train.loop import optimizer_parameter_names
     with torch.device("meta"):
         model = build_model(meta["model"], meta["vocab_size"], model_kwargs_of_run(meta))
     spec = ckpt_lib.ModelSpec.of(model, optimizer_parameter_names(model))

@@ -7,6 +7,7 @@ from moeut.ops import expert_mlp as mlp_module
 from moeut.ops import expert_mm as em
 from moeut.ops.expert_mm import route
 from moeut.ops.reference import sigma_moe_mlp_reference
+from tests.helpers import force_loop_n, interpreted
 
 
 def mlp_case(dtype: torch.dtype, seed: int, R: int = 24, K: int = 3, E: int = 7, D: int = 20, S: int = 12):
@@ -149,3 +150,105 @@ def test_residual_folded_into_the_sums_matches_a_separate_add(dtype, monkeypatch
         assert err(folded[0]) <= err(separate[0])
     with pytest.raises(ValueError, match="v_dim"):
         SigmaMoE(16, 9, 8, 3, v_dim=12).forward_with_logits(x, add_input=True)
+
+
+# The Triton kernels of this operator, run on CPU tensors through TRITON_INTERPRET=1 (`interpreted`).
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_mlp_through_the_kernels_matches_the_torch_path(dtype, monkeypatch):
+    """The fused σ-MoE expert MLP (ReLU in the up projection's epilogue, its backward in the row dot),
+    forward and backward, with every kernel on against the PyTorch path."""
+    from moeut.ops import expert_mlp as mlp_module
+    from tests.helpers import switch_kernels
+    from tests.unit.test_expert_mlp import mlp_case
+    r, x, w1, w2, gate, gy = mlp_case(dtype, seed=11)
+    runs = []
+    for kernels in (False, True):
+        switch_kernels(monkeypatch, lambda t, switch=None, on=kernels: on)
+        out = mlp_module.expert_mlp(x, w1, w2, r, gate)
+        runs.append((out, *torch.autograd.grad(out, (x, w1, w2, gate), gy)))
+    # relative (norm) error: bf16 values here reach ~100, and the interpreter truncates where CUDA rounds
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for name, a, b in zip(("out", "dx", "dw1", "dw2", "dgate"), *runs):
+        assert a.dtype == b.dtype
+        err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        assert err < tol, f"{name}: relative error {err:.2e}"
+
+
+def _expert_mlp_or_combine_case(case: str, seed: int):
+    """(dtype, leaves, run, output gradient) of a gated projection with an expert that gets no row: the
+    expert MLP ("mlp_bf16", "mlp_fp32") or a combine, narrower in than out ("combine_narrow_out"), wider
+    ("combine_wide_in"), or with routed input rows ("combine_routed_input")."""
+    from moeut.ops import expert_mlp as mlp_module, expert_mm as em
+    from tests.helpers import combine_case
+    from tests.unit.test_expert_mlp import mlp_case
+    if case.startswith("mlp"):
+        dtype = torch.bfloat16 if case == "mlp_bf16" else torch.float32
+        r, x, w1, w2, gate, gy = mlp_case(dtype, seed=seed)
+        return dtype, (x, w1, w2, gate), lambda: mlp_module.expert_mlp(x, w1, w2, r, gate), gy
+    I, O = (5, 12) if case == "combine_narrow_out" else (12, 5)
+    gather = case != "combine_routed_input"
+    r, x, w, gate = combine_case(gather, 1, I, O, seed=seed)
+    gy = torch.randn(gate.shape[0], O, generator=torch.Generator().manual_seed(seed + 100))
+    return torch.float32, (x, w, gate), lambda: em.expert_mm_combine(x, w, r, gate, gather=gather), gy
+
+
+@interpreted
+@pytest.mark.parametrize("case", ["mlp_bf16", "mlp_fp32", "combine_narrow_out", "combine_wide_in",
+                                  "combine_routed_input"])
+def test_gate_gradient_is_written_in_choice_order_with_no_permuting_copy(case, monkeypatch):
+    """The row dots (and the value projection's epilogue dot) read the gates and write their gradient in
+    (row, choice) order: the interpreted kernels' backward runs no index_copy, and every gradient (and
+    the output) matches the PyTorch path (an expert that gets no row included)."""
+    from tests.helpers import switch_kernels
+    dtype, leaves, run, gy = _expert_mlp_or_combine_case(case, seed=5)
+    results = []
+    for kernels in (True, False):
+        switch_kernels(monkeypatch, lambda t, switch=None, kernels=kernels: kernels)
+        index_copies = []
+        real_index_copy = torch.Tensor.index_copy_
+        monkeypatch.setattr(torch.Tensor, "index_copy_",
+                            lambda self, *a: index_copies.append(1) or real_index_copy(self, *a))
+        out = run()
+        results.append((out, *torch.autograd.grad(out, leaves, gy)))
+        monkeypatch.setattr(torch.Tensor, "index_copy_", real_index_copy)
+        if kernels:
+            assert not index_copies, f"{len(index_copies)} index_copy_ calls on the kernel path"
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for name, a, b in zip(("out", *(f"d{i}" for i in range(len(leaves)))), *results):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < tol, name
+
+
+@interpreted
+@pytest.mark.parametrize("case", ["mlp_bf16", "mlp_fp32", "combine_narrow_out", "combine_wide_in"])
+def test_weight_gradients_read_a_gated_operand_and_gather_no_gates(case, monkeypatch):
+    """The backward's row-dot pass (or the value projection's input-gradient GEMM) writes one
+    weight-gradient operand already gated, so no weight-gradient launch scales by a gate in its K loop;
+    on the kernel path the backward gathers no gates (the kernels read them at each row's slot). Kernel
+    path (interpreted, the value projection's input gradient in its loop-over-N form) against the
+    PyTorch path; an expert that gets no row included."""
+    from moeut.ops import expert_mlp as mlp_module, expert_mm as em
+    from tests.helpers import switch_kernels
+    force_loop_n(monkeypatch, True)   # (the tiny shapes would not pick it)
+    dtype, leaves, run, gy = _expert_mlp_or_combine_case(case, seed=7)
+    scales = []
+    real = {m: m.weight_grad for m in (em, mlp_module)}
+    for m, f in real.items():
+        monkeypatch.setattr(m, "weight_grad", lambda *a, f=f, **k: scales.append(a[6] is not None) or f(*a, **k))
+    results = {}
+    for kernels in (True, False):
+        switch_kernels(monkeypatch, lambda t, switch=None, kernels=kernels: kernels)
+        scales.clear()
+        out = run()
+        gathers = []
+        real_index_select = torch.Tensor.index_select
+        monkeypatch.setattr(torch.Tensor, "index_select",
+                            lambda self, *a: gathers.append(1) or real_index_select(self, *a))
+        results[kernels] = (out, *torch.autograd.grad(out, leaves, gy))
+        monkeypatch.setattr(torch.Tensor, "index_select", real_index_select)
+        assert scales and not any(scales), scales
+        if kernels:
+            assert not gathers, f"{len(gathers)} index_select calls in the gated backward on the kernel path"
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for name, a, b in zip(("out", *(f"d{i}" for i in range(len(leaves)))), results[True], results[False]):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < tol, name

@@ -4,6 +4,11 @@ import torch
 
 from moeut.ops.expert_mm import combine, expert_mm, route
 from moeut.ops.reference import reference_expert_mm
+from moeut.ops.grouped_mm import grouped_mm_reference, weight_grad_reference
+from moeut.kernels import expert_mm as triton_expert_mm
+from moeut.kernels.expert_mm import grouped_mm_triton
+from moeut.kernels.weight_grad import grouped_mm_weight_grad_triton
+from tests.helpers import force_loop_n, interpreted
 
 
 def _routing_case(kind, R, K, E, gen):
@@ -288,7 +293,6 @@ def test_pytorch_ops_send_one_operator_back_to_pytorch(monkeypatch):
     `settings.triton` off (decided before Triton is looked at: a CPU tensor never qualifies)."""
     from moeut.ops import dispatch as fused
     from moeut.settings import settings
-    from moeut.kernels import expert_mm as triton_expert_mm
     if triton_expert_mm.triton is None:
         pytest.skip("needs Triton importable")
     cuda_like = type("T", (), {"device": torch.device("cuda")})()
@@ -315,3 +319,182 @@ def test_by_default_one_launch_sums_every_application_of_a_weight():
                                  check=True).stdout)
     most = max(p["n_layers"] // p["group_size"] for p in profiles.MOEUT_PROFILES.values())
     assert min(default, MAX_SEGMENTS) >= most == 9
+
+
+# The Triton kernels of this operator, run on CPU tensors through TRITON_INTERPRET=1 (`interpreted`).
+@interpreted
+@pytest.mark.parametrize("kind", ["random", "one_expert", "empty_experts"])
+@pytest.mark.parametrize("R,K,E,I,O", [(37, 3, 5, 20, 33), (16, 1, 3, 16, 16), (9, 2, 17, 40, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loop_n", [False, True], ids=["column_blocks", "loop_n"])
+def test_triton_matches_reference(kind, R, K, E, I, O, dtype, loop_n, monkeypatch):
+    # Both forms of the grouped GEMM: one program per (row tile, column block), or per row tile
+    # walking every column block (what narrow inputs such as the FFN down projection use).
+    force_loop_n(monkeypatch, loop_n)
+    gen = torch.Generator().manual_seed(R + 7 * E)
+    if kind == "random":
+        expert = torch.randint(0, E, (R, K), generator=gen)
+    elif kind == "one_expert":
+        expert = torch.full((R, K), E - 1)
+    else:
+        expert = 2 * torch.randint(0, (E + 1) // 2, (R, K), generator=gen)
+    r = route(expert, E)
+    x = torch.randn(R, I, generator=gen).to(dtype)
+    w = torch.randn(E, I, O, generator=gen).to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+
+    out = grouped_mm_triton(x, w, r.offsets_E1, r.rows_N)
+    ref = reference_expert_mm(x.float(), w.float(), expert)
+    torch.testing.assert_close(out[r.choice_RK].float(), ref, **tol)
+    # ReLU in the epilogue (before rounding; rounding keeps signs, so it equals a ReLU after it)
+    assert torch.equal(grouped_mm_triton(x, w, r.offsets_E1, r.rows_N, relu=True), out.relu())
+
+    if dtype == torch.bfloat16:   # an fp32 master weight, rounded tile by tile as the kernel loads it
+        gen32 = torch.Generator().manual_seed(R * E)
+        w32 = torch.randn(E, I, O, generator=gen32)   # (the interpreter truncates: one more bf16 ulp of slack)
+        tol32 = dict(rtol=2e-2, atol=6e-2)
+        torch.testing.assert_close(grouped_mm_triton(x, w32, r.offsets_E1, r.rows_N)[r.choice_RK].float(),
+                                   reference_expert_mm(x.float(), w32.to(dtype).float(), expert), **tol32)
+        g32 = torch.randn(R * K, O, generator=gen32).to(dtype)
+        torch.testing.assert_close(grouped_mm_triton(g32, w32.transpose(1, 2), r.offsets_E1, None).float(),
+                                   grouped_mm_reference(g32, w32.transpose(1, 2), r.offsets_E1, None).float(), **tol32)
+
+    h = torch.randn(R * K, I, generator=gen).to(dtype)   # no gather: rows already routed
+    torch.testing.assert_close(grouped_mm_triton(h, w, r.offsets_E1, None).float(),
+                               grouped_mm_reference(h.float(), w.float(), r.offsets_E1, None), **tol)
+    # input-gradient form: a transposed (non-contiguous) weight view
+    g = torch.randn(R * K, O, generator=gen).to(dtype)
+    torch.testing.assert_close(grouped_mm_triton(g, w.transpose(1, 2), r.offsets_E1, None).float(),
+                               grouped_mm_reference(g.float(), w.float().transpose(1, 2), r.offsets_E1, None), **tol)
+    # weight gradient, with and without gather; unused experts get exact zeros
+    for rows, inp in ((r.rows_N, x), (None, h)):
+        got = grouped_mm_weight_grad_triton(inp, g, r.offsets_E1, rows)
+        want = weight_grad_reference(inp.float(), g.float(), r.offsets_E1, rows)
+        torch.testing.assert_close(got.float(), want, **tol)
+        counts = r.offsets_E1[1:] - r.offsets_E1[:-1]
+        assert (got[counts == 0] == 0).all()
+
+    # epilogue: gate scale in fp32 and scatter to (row, choice) order
+    gate = torch.rand(R * K, generator=gen)
+    got = grouped_mm_triton(x, w, r.offsets_E1, r.rows_N, gate[r.slot_N], r.slot_N)
+    torch.testing.assert_close(got.float().view(R, K, O), ref * gate.view(R, K, 1), **tol)
+    # the same gates read unpermuted, at each row's destination (what the combine forward passes)
+    assert torch.equal(grouped_mm_triton(x, w, r.offsets_E1, r.rows_N, gate, r.slot_N, scale_at_dst=True), got)
+    # weight gradient reading gathered gradient rows (one row per input row), the gate applied to the
+    # input rows; against the reference with the same operands and rounding
+    g_R = torch.randn(R, O, generator=gen).to(dtype)
+    got = grouped_mm_weight_grad_triton(x, g_R, r.offsets_E1, r.rows_N, r.rows_N, gate[r.slot_N], torch.float32)
+    want = weight_grad_reference(x, g_R, r.offsets_E1, r.rows_N, r.rows_N, gate[r.slot_N], torch.float32)
+    # (norm-relative: the interpreter truncates the scaled bf16 rows where the reference rounds them)
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < (1e-6 if dtype == torch.float32 else 1e-2), f"relative error {err:.2e}"
+
+
+@interpreted
+@pytest.mark.parametrize("gather,scale", [(False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_row_dot_matches_reference(gather, scale, dtype):
+    """Row dot products (the combine's gate gradient) with optional gathered rows of b and a gate-scaled
+    copy of a, against the plain form."""
+    from moeut.kernels.expert_mm import row_dot_triton
+    gen = torch.Generator().manual_seed(3)
+    N, M, I = 23, 9, 40
+    a = torch.randn(N, I, generator=gen).to(dtype)
+    b = torch.randn(M if gather else N, I, generator=gen).to(dtype)
+    rows = torch.randint(0, M, (N,), generator=gen) if gather else None
+    s = torch.rand(N, generator=gen) if scale else None
+    dot, scaled, gated = row_dot_triton(a, b, rows, s)
+    assert gated.shape == (0, I)
+    b_N = b[rows] if gather else b
+    torch.testing.assert_close(dot, (a.float() * b_N.float()).sum(-1), rtol=1e-5, atol=1e-5)
+    if scale:
+        torch.testing.assert_close(scaled.float(), (a.float() * s[:, None]), rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-2 if dtype != torch.float32 else 1e-6)
+        # b a ReLU's output: the scaled rows are zero where b is (the gradient of the ReLU's input)
+        b_relu = b.relu()
+        dot_r, scaled_r, _ = row_dot_triton(a, b_relu, rows, s, relu_mask=True)
+        b_N_relu = b_relu[rows] if gather else b_relu
+        assert torch.equal(scaled_r, torch.where(b_N_relu > 0, scaled, torch.zeros((), dtype=dtype)))
+        assert (scaled_r == 0).any() and (scaled_r != 0).any()
+    else:
+        assert scaled.shape == (0, I)
+    # dst (a permutation): the scale read at dst[n] (bf16 gates too), the dot written to dot[dst[n]]
+    dst = torch.randperm(N, generator=gen)
+    s_dst = s.to(dtype) if scale else None
+    dot2, scaled2, _ = row_dot_triton(a, b, rows, s_dst, dst)
+    assert torch.equal(dot2[dst], dot)
+    if scale:
+        want = (a.float() * s_dst.float()[dst][:, None]).to(dtype)
+        torch.testing.assert_close(scaled2, want, rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-6)
+        # gate_b: b's (gathered) rows times the gate read at dst[n], rounded once, in routed order
+        dot_g, scaled_g, gated = row_dot_triton(a, b, rows, s_dst, dst, gate_b=True)
+        assert torch.equal(dot_g, dot2) and torch.equal(scaled_g, scaled2)
+        torch.testing.assert_close(gated, (b_N.float() * s_dst.float()[dst][:, None]).to(dtype),
+                                   rtol=0 if dtype == torch.float32 else 1e-2, atol=0)
+        # scaled_dst: the scaled rows written at scaled_dst[n] (a permutation), the dot unchanged
+        perm = torch.randperm(N, generator=gen)
+        dot3, scaled3, _ = row_dot_triton(a, b, rows, s, scaled_dst_N=perm)
+        assert torch.equal(dot3, dot) and torch.equal(scaled3[perm], scaled)
+
+
+@interpreted
+@pytest.mark.parametrize("R,K,E", [(1, 16, 387), (32, 16, 387), (5, 3, 4), (64, 2, 40), (7, 1, 1)])
+def test_triton_route_small_matches_route(R, K, E):
+    """The one-kernel routing of small inputs (decoding) against the torch sort path, exactly."""
+    from moeut.ops.expert_mm import route
+    from moeut.kernels.route import route_small_triton
+    gen = torch.Generator().manual_seed(R * K + E)
+    expert = torch.randint(0, E, (R, K), generator=gen)
+    expert[0, 0] = E - 1
+    want = route(expert, E)
+    offsets, rows, slot, choice = route_small_triton(expert, E)
+    assert torch.equal(offsets, want.offsets_E1)
+    assert torch.equal(slot, want.slot_N)
+    assert torch.equal(rows, want.rows_N)
+    assert torch.equal(choice, want.choice_RK)
+
+
+@interpreted
+@pytest.mark.parametrize("gather", [True, False])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("I,O", [(10, 7), (5, 12)])   # both ways of getting the gate gradient
+def test_combine_through_the_kernels_matches_the_torch_path(gather, groups, I, O, monkeypatch):
+    """`expert_mm` and the fused `expert_mm_combine`, forward and backward, with every kernel on
+    (grouped GEMM, weight gradient, row dot, top-k sum) against the same autograd Functions on the
+    PyTorch path: values and the gradients of x, w and the gates."""
+    from moeut.ops import expert_mm as em
+    from tests.helpers import combine_case, switch_kernels
+    r, x, w, gate = combine_case(gather, groups, I, O, seed=6 + I + groups)
+    gen = torch.Generator().manual_seed(1)
+    gy = torch.randn(gate.shape[0], O, generator=gen)
+    gh = torch.randn(r.slot_N.numel(), O, generator=gen)
+    runs = []
+    for kernels in (False, True):
+        switch_kernels(monkeypatch, lambda t, switch=None, on=kernels: on)
+        fused = em.expert_mm_combine(x, w, r, gate, gather=gather)
+        routed = em.expert_mm(x, w, r, gather=gather)
+        grads = torch.autograd.grad((fused, routed), (x, w, gate), (gy, gh), allow_unused=True)
+        runs.append((fused, routed, *[g for g in grads if g is not None]))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@interpreted
+@pytest.mark.parametrize("I,O", [(10, 7), (5, 12)])
+def test_combine_with_residual_through_the_kernels_matches_the_torch_path(I, O, monkeypatch):
+    """`expert_mm_combine(..., residual_XO=r)`: r added inside the top-k sum kernel, its gradient passed
+    through, against the PyTorch path and against a separate add."""
+    from moeut.ops import expert_mm as em
+    from tests.helpers import combine_case, switch_kernels
+    r, x, w, gate = combine_case(True, 1, I, O, seed=3 + I)
+    gen = torch.Generator().manual_seed(2)
+    res = torch.randn(gate.shape[0], O, generator=gen, requires_grad=True)
+    gy = torch.randn(gate.shape[0], O, generator=gen)
+    runs = []
+    for kernels in (False, True):
+        switch_kernels(monkeypatch, lambda t, switch=None, on=kernels: on)
+        out = em.expert_mm_combine(x, w, r, gate, residual_XO=res)
+        runs.append((out, *torch.autograd.grad(out, (x, w, gate, res), gy)))
+        torch.testing.assert_close(out, res + em.expert_mm_combine(x, w, r, gate), rtol=1e-5, atol=1e-5)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(runs[1][-1], gy)   # the residual's gradient is the output's

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from moeut.train.trainer import TrainConfig, lr_lambda, optimizer_groups
+from moeut.train.config import TrainConfig, lr_lambda
+from moeut.train.loop import optimizer_groups
 
 
 def training_code_lr(base: float, steps: int, warmup: int, min_mult: float, iteration: int) -> float:
@@ -39,3 +40,30 @@ def test_weight_decay_reaches_every_parameter_unless_exempted():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     assert [g["weight_decay"] for g in optimizer_groups(model, 0.01, decay_vectors=False)] == [0.01, 0.0]
     assert math.isclose(TrainConfig().weight_decay, 0.01) and TrainConfig().decay_vectors is True
+
+
+@pytest.mark.parametrize("on_gpu", [True, False])
+def test_the_help_states_the_defaults_the_trainer_resolves(on_gpu, capsys):
+    """Each default `moeut train --help` states is the value `resolve_defaults` gives a run that leaves
+    the flag alone, on either device and for either recipe size (both are read from one table)."""
+    import re
+    from moeut.cli import main
+    from moeut.train.config import default_text, resolve_defaults
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    helped = " ".join(capsys.readouterr().out.split())
+    small, large = (resolve_defaults(TrainConfig(model=m, out="x"), on_gpu) for m in ("moeut-44M", "moeut-244M"))
+    for name in ("steps", "batch_size", "context", "lr", "eval_windows"):
+        gpu, cpu = re.fullmatch(r"GPU (\S+), CPU (\S+)", default_text(name)).groups()
+        assert float(gpu if on_gpu else cpu) == getattr(large, name) == getattr(small, name), name
+        assert default_text(name) in helped, name
+    for name, cap in (("warmup", large.steps // 10), ("clip", None)):
+        first, second = map(float, re.fullmatch(r"(\S+) for \S+, else (\S+)(?: capped at steps/10)?",
+                                                default_text(name)).groups())
+        assert getattr(small, name) == first, name
+        assert getattr(large, name) == (min(second, cap) if cap is not None else second), name
+        assert default_text(name) in helped, name
+    for name in ("weight_decay", "vocab_size", "log_interval", "keep_checkpoints", "valid_fraction", "seed"):
+        assert float(default_text(name).removeprefix("default ")) == getattr(small, name), name
+        assert f"({default_text(name)})" in helped, name
+    assert re.search(r"AdamW 2\.5e-4, weight decay 0\.01, cosine to 10%", helped)

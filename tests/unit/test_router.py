@@ -1,11 +1,11 @@
 """The fused router (`moeut.ops.router.sigmoid_topk`) against sigmoid + topk: values, choices, gradients,
 and, through the Triton interpreter on CPU, the kernel itself (ties included)."""
-import os
 
 import pytest
 import torch
 
 from moeut.ops.router import sigmoid_topk
+from tests.helpers import interpreted
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -66,7 +66,6 @@ def test_sigmoid_topk_rejects_bad_k():
 
 
 triton = pytest.importorskip("triton")
-interpreted = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def test_router_backward_opcheck():
@@ -76,3 +75,14 @@ def test_router_backward_opcheck():
     gate, grad = torch.rand(6, 3, generator=gen), torch.randn(6, 3, generator=gen)
     for dtype in (torch.float32, torch.bfloat16):
         torch.library.opcheck(_sigmoid_topk_backward_op, (grad, gate, expert, 9, dtype))
+
+
+# The Triton kernels of this operator, run on CPU tensors through TRITON_INTERPRET=1 (`interpreted`).
+@interpreted
+def test_router_launch_shapes_a_benchmark_passes_compute_the_same():
+    from moeut.kernels.router import sigmoid_topk_triton
+    logits = torch.randn(37, 11, generator=torch.Generator().manual_seed(3))
+    gate, expert = sigmoid_topk_triton(logits, 3)
+    for launch in ((1, 1), (8, 4)):
+        g2, e2 = sigmoid_topk_triton(logits, 3, launch=launch)
+        assert torch.equal(e2, expert) and torch.equal(g2, gate)
