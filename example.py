@@ -1,5 +1,6 @@
 """The official release's example: one forward/backward pass of MoEUT_244M (on the GPU if there is one,
 otherwise on the CPU with a smaller batch: under a minute on 2 cores, most of it building the model)."""
+
 import torch
 import torch.nn.functional as F
 

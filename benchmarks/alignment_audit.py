@@ -11,6 +11,7 @@ by the line of moeut code that issued it. Check a new model or baseline with it 
 
 Our own expert kernels (`moeut::` operators) align their operands themselves and are not listed.
 """
+
 from __future__ import annotations
 
 import collections
@@ -39,9 +40,9 @@ def misaligned(t: torch.Tensor) -> bool:
     if cols == 1 or t.shape[-1] == 1:
         leading = rows
     elif rows == 1 or t.shape[-2] == 1:
-        leading = cols      # a transposed (column-major) view
+        leading = cols  # a transposed (column-major) view
     else:
-        return True         # no unit-stride dim at all
+        return True  # no unit-stride dim at all
     batch = [s for s, n in zip(t.stride()[:-2], t.shape[:-2]) if n > 1]
     return any(s % per_16_bytes for s in [leading, *batch]) if t.shape[-2] > 1 and t.shape[-1] > 1 else False
 
@@ -95,10 +96,13 @@ def misaligned_matmuls(model, tokens: torch.Tensor, dtype: torch.dtype = torch.b
 def main():
     import argparse
     from moeut import DenseLM, MoEUTLM, profiles
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="moeut-244M", help="moeut-<size> or dense-<size> (moeut models)")
     ap.add_argument("--layers", type=int, default=2, help="layers to build (widths, not depth, decide alignment)")
-    ap.add_argument("--tokens", type=int, default=1024, help="rows of the step (padding starts at moe.PADDING_MIN_ROWS)")
+    ap.add_argument(
+        "--tokens", type=int, default=1024, help="rows of the step (padding starts at moe.PADDING_MIN_ROWS)"
+    )
     ap.add_argument("--top", type=int, default=40, help="rows of the table")
     args = ap.parse_args()
     kind, _, size = args.model.partition("-")
@@ -108,8 +112,9 @@ def main():
     torch.manual_seed(0)
     model = (MoEUTLM if kind == "moeut" else DenseLM)(8000, **{**preset, "n_layers": args.layers}).train()
     found, total = misaligned_matmuls(model, torch.randint(0, 8000, (1, args.tokens + 1)))
-    print(f"{args.model}, {args.layers} layers, {args.tokens} tokens: {sum(found.values())} of {total} "
-          f"matmuls misaligned")
+    print(
+        f"{args.model}, {args.layers} layers, {args.tokens} tokens: {sum(found.values())} of {total} matmuls misaligned"
+    )
     for (op, shapes, site), n in found.most_common(args.top):
         print(f"{n:4d}  {op:8s} {shapes:60s} {site}")
 

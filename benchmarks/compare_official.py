@@ -8,6 +8,7 @@ The official code is loaded from the given path (it is not part of this project)
 CVMM kernel cannot run, so it is replaced by an autograd-capable emulation of that kernel's indexing
 (`_emulated_cvmm`); on CUDA the official kernel itself runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,13 +21,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import moeut  # noqa: E402
+import moeut
 
 
 def load_official(repo: Path):
     pkg = repo / "moeut"
-    spec = importlib.util.spec_from_file_location("official_moeut", pkg / "__init__.py",
-                                                  submodule_search_locations=[str(pkg)])
+    spec = importlib.util.spec_from_file_location(
+        "official_moeut", pkg / "__init__.py", submodule_search_locations=[str(pkg)]
+    )
     mod = importlib.util.module_from_spec(spec)
     sys.modules["official_moeut"] = mod
     spec.loader.exec_module(mod)
@@ -55,7 +57,8 @@ def compare(off_mod, cfg: dict, vocab: int, device: str, B: int = 2, T: int = 48
     ref = off_mod.MoEUTLM(vocab, **cfg).to(device)
     ours = moeut.MoEUTLM(vocab, **cfg).to(device)
     ours.load_state_dict(ref.state_dict(), strict=True)
-    ref.train(); ours.train()
+    ref.train()
+    ours.train()
     tokens = torch.randint(0, vocab, (B, T + 1), device=device)
     results = {}
     outs = []
@@ -69,7 +72,9 @@ def compare(off_mod, cfg: dict, vocab: int, device: str, B: int = 2, T: int = 48
         return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
     results["logits_rel"] = rel(outs[1].outputs, outs[0].outputs)
-    results["reg_loss_rel"] = abs(outs[1].reg_loss.item() - outs[0].reg_loss.item()) / max(abs(outs[0].reg_loss.item()), 1e-30)
+    results["reg_loss_rel"] = abs(outs[1].reg_loss.item() - outs[0].reg_loss.item()) / max(
+        abs(outs[0].reg_loss.item()), 1e-30
+    )
     ref_params = dict(ref.named_parameters())
     results["grad_rel_max"] = max(rel(p.grad, ref_params[n].grad) for n, p in ours.named_parameters())
     return results
@@ -80,6 +85,7 @@ def compare_run(off_mod, run: Path, device: str, B: int = 2, T: int = 64, seed: 
     the same weights: its state dict loads strictly and the eval-mode logits agree."""
     from moeut.models import model_kwargs_of_run
     from moeut.runs import load_run
+
     ours, tok, meta = load_run(run, device)
     if not meta["model"].startswith("moeut"):
         raise SystemExit(f"{run} is a {meta['model']} run: the official release has MoEUT models only")
@@ -91,8 +97,10 @@ def compare_run(off_mod, run: Path, device: str, B: int = 2, T: int = 64, seed: 
     tokens = torch.randint(0, tok.vocab_size, (B, T), device=device)
     with torch.no_grad():
         a, b = ours(tokens).outputs, ref(tokens).outputs
-    return {"logits_rel": ((a.double() - b.double()).norm() / b.double().norm()).item(),
-            "argmax_agree": (a.argmax(-1) == b.argmax(-1)).float().mean().item()}
+    return {
+        "logits_rel": ((a.double() - b.double()).norm() / b.double().norm()).item(),
+        "argmax_agree": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
+    }
 
 
 def main():
@@ -108,18 +116,47 @@ def main():
     if args.run:
         r = compare_run(off_mod, args.run, args.device)
         ok = r["logits_rel"] < 1e-5
-        print(f"{args.run}: logits rel {r['logits_rel']:.2e}, argmax agreement {r['argmax_agree']:.4f}: "
-              f"{'PARITY OK' if ok else 'PARITY FAILED'} (threshold 1e-5 relative, fp32)")
+        print(
+            f"{args.run}: logits rel {r['logits_rel']:.2e}, argmax agreement {r['argmax_agree']:.4f}: "
+            f"{'PARITY OK' if ok else 'PARITY FAILED'} (threshold 1e-5 relative, fp32)"
+        )
         sys.exit(0 if ok else 1)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     cases = {
-        "tiny-switchhead": dict(d_model=64, n_layers=4, n_heads=4, ff_n_experts=16, att_n_experts=4, d_head=16,
-                                ff_k=4, group_size=2, ff_expert_size=16),
-        "tiny-dense-attention": dict(d_model=64, n_layers=4, n_heads=4, ff_n_experts=16, att_n_experts=1, d_head=16,
-                                     ff_k=4, group_size=2, ff_expert_size=16),
-        "tiny-group3": dict(d_model=48, n_layers=6, n_heads=2, ff_n_experts=12, att_n_experts=3, d_head=24,
-                            ff_k=3, group_size=3, ff_expert_size=8),
+        "tiny-switchhead": dict(
+            d_model=64,
+            n_layers=4,
+            n_heads=4,
+            ff_n_experts=16,
+            att_n_experts=4,
+            d_head=16,
+            ff_k=4,
+            group_size=2,
+            ff_expert_size=16,
+        ),
+        "tiny-dense-attention": dict(
+            d_model=64,
+            n_layers=4,
+            n_heads=4,
+            ff_n_experts=16,
+            att_n_experts=1,
+            d_head=16,
+            ff_k=4,
+            group_size=2,
+            ff_expert_size=16,
+        ),
+        "tiny-group3": dict(
+            d_model=48,
+            n_layers=6,
+            n_heads=2,
+            ff_n_experts=12,
+            att_n_experts=3,
+            d_head=24,
+            ff_k=3,
+            group_size=3,
+            ff_expert_size=8,
+        ),
     }
     if args.device != "cpu":
         cases["MoEUT_244M"] = dict(off_profiles.MoEUT_244M)

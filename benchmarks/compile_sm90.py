@@ -21,6 +21,7 @@ compile for sm_90 at the 244M shapes, and their shared memory).
 The local Triton may differ from the device's (3.9 here, 3.6 on the H200). Read the IR as indicative,
 and nothing here is a timing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-HOPPER_SMEM = 232448   # bytes of shared memory a block may opt into on the H100 / H200
+HOPPER_SMEM = 232448  # bytes of shared memory a block may opt into on the H100 / H200
 
 
 def _fake_hopper_driver():
@@ -43,7 +44,7 @@ def _fake_hopper_driver():
     from triton.backends.nvidia.driver import CudaDriver
 
     class CompileOnlyHopper(CudaDriver):
-        def __init__(self):   # (CudaDriver's own loads the CUDA runtime)
+        def __init__(self):  # (CudaDriver's own loads the CUDA runtime)
             pass
 
         def get_current_target(self):
@@ -78,7 +79,13 @@ class _CompileInsteadOfLaunch:
     config the autotuner would try (after its pruning) and records one row per config."""
 
     def __init__(self, tuner, pass_name: str, rows: list, first_config: bool, ir_dir: Path = None):
-        self.tuner, self.pass_name, self.rows, self.first_config, self.ir_dir = tuner, pass_name, rows, first_config, ir_dir
+        self.tuner, self.pass_name, self.rows, self.first_config, self.ir_dir = (
+            tuner,
+            pass_name,
+            rows,
+            first_config,
+            ir_dir,
+        )
 
     def __getitem__(self, grid):
         def launch(*args, **flags):
@@ -89,12 +96,19 @@ class _CompileInsteadOfLaunch:
             for config in configs[:1] if self.first_config else configs:
                 compiled = self.tuner.fn.warmup(*args, grid=grid, **flags, **config.all_kwargs())
                 ttgir = compiled.asm["ttgir"]
-                self.rows.append(dict(pass_=self.pass_name, config=_short(config), shared_bytes=compiled.metadata.shared,
-                                      **ir_features(ttgir)))
+                self.rows.append(
+                    dict(
+                        pass_=self.pass_name,
+                        config=_short(config),
+                        shared_bytes=compiled.metadata.shared,
+                        **ir_features(ttgir),
+                    )
+                )
                 if self.ir_dir is not None:
                     stem = re.sub(r"\W+", "_", f"{self.pass_name} {_short(config)}").strip("_")
                     (self.ir_dir / f"{stem}.ttgir").write_text(ttgir)
                     (self.ir_dir / f"{stem}.ptx").write_text(compiled.asm["ptx"])
+
         return launch
 
 
@@ -109,6 +123,7 @@ PASSES = ("up fwd", "down fwd", "down dx", "up dx", "up dW", "down dW")
 def ffn_passes(D: int = 1024, E: int = 387, K: int = 16, S: int = 128, T: int = 16384):
     """{pass name: a call of moeut's wrapper that launches it}, the σ-MoE FFN at the given shapes (244M)."""
     from moeut.kernels import expert_mm as tem, weight_grad as twg
+
     bf16 = dict(dtype=torch.bfloat16)
     N = T * K
     x, gy = torch.empty(T, D, **bf16), torch.empty(T, D, **bf16)
@@ -121,10 +136,12 @@ def ffn_passes(D: int = 1024, E: int = 387, K: int = 16, S: int = 128, T: int = 
         "down fwd": lambda: tem.grouped_mm_triton(h, w2, offsets, None, gate, slot, scale_at_dst=True),
         "down dx": lambda: tem.grouped_mm_triton(gy, w2.transpose(1, 2), offsets, rows),
         "up dx": lambda: tem.grouped_mm_triton(gh, w1.transpose(1, 2), offsets, None, None, slot),
-        "up dW": lambda: twg.weight_grad_segments_triton([(x, gh, offsets, rows, None, None, None)] * 3, torch.float32,
-                                                         accumulate_into=torch.empty(E, D, S)),
-        "down dW": lambda: twg.weight_grad_segments_triton([(h, gy, offsets, None, rows, gate, slot)] * 3,
-                                                           torch.float32, accumulate_into=torch.empty(E, S, D)),
+        "up dW": lambda: twg.weight_grad_segments_triton(
+            [(x, gh, offsets, rows, None, None, None)] * 3, torch.float32, accumulate_into=torch.empty(E, D, S)
+        ),
+        "down dW": lambda: twg.weight_grad_segments_triton(
+            [(h, gy, offsets, None, rows, gate, slot)] * 3, torch.float32, accumulate_into=torch.empty(E, S, D)
+        ),
     }
     assert tuple(passes) == PASSES
     return passes
@@ -134,12 +151,17 @@ def compile_passes(names=None, first_config: bool = False, ir_dir: Path = None) 
     """One row per (pass, config): `ir_features` of its sm_90 compile, plus its shared memory in bytes."""
     from triton.runtime import driver
     from moeut.kernels import expert_mm as tem, weight_grad as twg
-    saved = dict(mm=tem._expert_mm_kernel, wgrad=twg._weight_grad_kernel, smem=tem._smem_limit,
-                 driver=getattr(driver, "_active", None))   # (`reset_active` raises on a machine without a GPU)
+
+    saved = dict(
+        mm=tem._expert_mm_kernel,
+        wgrad=twg._weight_grad_kernel,
+        smem=tem._smem_limit,
+        driver=getattr(driver, "_active", None),
+    )  # (`reset_active` raises on a machine without a GPU)
     driver.set_active(_fake_hopper_driver())
     rows = []
     try:
-        tem._smem_limit = lambda: int(0.9 * HOPPER_SMEM)   # what `_prune_mm_configs` asks the device
+        tem._smem_limit = lambda: int(0.9 * HOPPER_SMEM)  # what `_prune_mm_configs` asks the device
         for name, run in ffn_passes().items():
             if names is not None and name not in names:
                 continue
@@ -162,8 +184,15 @@ class _CompileJit:
     def __getitem__(self, grid):
         def launch(*args, **flags):
             compiled = self.fn.warmup(*args, grid=grid, **flags)
-            self.rows.append(dict(pass_=self.name, config=f"w{flags.get('num_warps', 4)}",
-                                  shared_bytes=compiled.metadata.shared, **ir_features(compiled.asm["ttgir"])))
+            self.rows.append(
+                dict(
+                    pass_=self.name,
+                    config=f"w{flags.get('num_warps', 4)}",
+                    shared_bytes=compiled.metadata.shared,
+                    **ir_features(compiled.asm["ttgir"]),
+                )
+            )
+
         return launch
 
 
@@ -171,24 +200,34 @@ def glue_launches(D: int = 1024, E: int = 387, K: int = 16, T: int = 16384):
     """{module: (kernel names, a call of moeut's wrapper that launches them)} for the kernels besides
     the expert GEMMs that a 244M training step runs."""
     from moeut.kernels import entropy as triton_entropy, norm as triton_norm
+
     x, w = torch.empty(T, D), torch.empty(D)
     mean, rstd, gy = torch.empty(T), torch.empty(T), torch.empty(T, D, dtype=torch.bfloat16)
     expert = torch.zeros(T, K, dtype=torch.long)
-    logits = torch.empty(T // 1024, 1024, E + 5, dtype=torch.bfloat16)   # the FFN's padded selector product
+    logits = torch.empty(T // 1024, 1024, E + 5, dtype=torch.bfloat16)  # the FFN's padded selector product
     gate, grad_sum = torch.empty(T, K, dtype=torch.bfloat16), torch.empty(T // 1024, E)
     return {
-        triton_norm: (("_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_layer_norm_sum_partials_kernel"),
-                      lambda: (triton_norm.layer_norm_fwd(x, w, w, 1e-5, torch.bfloat16),
-                               triton_norm.layer_norm_bwd(gy, x, w, mean, rstd, grad_add=x))),
-        triton_entropy: (("_prob_sum_kernel", "_router_backward_kernel"),
-                         lambda: (triton_entropy.prob_sum_triton(logits[..., :E]),
-                                  triton_entropy.router_backward_triton(logits, E, grad_sum, gate, expert, gate))),
+        triton_norm: (
+            ("_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_layer_norm_sum_partials_kernel"),
+            lambda: (
+                triton_norm.layer_norm_fwd(x, w, w, 1e-5, torch.bfloat16),
+                triton_norm.layer_norm_bwd(gy, x, w, mean, rstd, grad_add=x),
+            ),
+        ),
+        triton_entropy: (
+            ("_prob_sum_kernel", "_router_backward_kernel"),
+            lambda: (
+                triton_entropy.prob_sum_triton(logits[..., :E]),
+                triton_entropy.router_backward_triton(logits, E, grad_sum, gate, expert, gate),
+            ),
+        ),
     }
 
 
 def compile_glue() -> list:
     """One row per glue kernel of `glue_launches`: `ir_features` of its sm_90 compile and its shared memory."""
     from triton.runtime import driver
+
     saved_driver = getattr(driver, "_active", None)
     driver.set_active(_fake_hopper_driver())
     rows = []
@@ -223,8 +262,10 @@ def main(argv=None):
     print(f"{'pass':9s} {'config':28s} {'MMA':6s} {'cp.async':>8s} {'TMA':>4s} {'shared KB':>9s}  shared operands")
     for r in rows:
         mma = "wgmma" if r["wgmma"] else "mma.sync" if r["mma_sync"] else "none"
-        print(f"{r['pass_']:9s} {r['config']:28s} {mma:6s} {r['async_copies']:8d} {r['tma_copies']:4d} "
-              f"{r['shared_bytes'] / 1024:9.1f}  {' '.join(r['shared_layouts'])}")
+        print(
+            f"{r['pass_']:9s} {r['config']:28s} {mma:6s} {r['async_copies']:8d} {r['tma_copies']:4d} "
+            f"{r['shared_bytes'] / 1024:9.1f}  {' '.join(r['shared_layouts'])}"
+        )
     glue = compile_glue() if args.glue else []
     if glue:
         print(f"\n{'glue kernel':32s} {'warps':5s} {'shared KB':>9s}")

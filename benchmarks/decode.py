@@ -18,6 +18,7 @@ by sorting as training does; "gemv-all" uses them however many choices each expe
 threshold lifted); "no-overlap" reads each step's tokens before launching the next
 (`generate.OVERLAP_HOST = False`; MoEUT and dense). The others apply to MoEUT only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,15 +30,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moeut.ops import expert_gemv  # noqa: E402
-from moeut import generate as generate_module  # noqa: E402
-from moeut.generate import generate  # noqa: E402
-from moeut.settings import settings  # noqa: E402
-from moeut.models import build_model, model_kwargs  # noqa: E402
+from moeut.ops import expert_gemv
+from moeut import generate as generate_module
+from moeut.generate import generate
+from moeut.settings import settings
+from moeut.models import build_model, model_kwargs
 
-MODES = {"dynamic": dict(cache="dynamic"), "static": dict(cache="static", cuda_graph=False),
-         "static+graph": dict(cache="static", cuda_graph=True),
-         "static+graph+compile": dict(cache="static", cuda_graph=True, compile=True)}
+MODES = {
+    "dynamic": dict(cache="dynamic"),
+    "static": dict(cache="static", cuda_graph=False),
+    "static+graph": dict(cache="static", cuda_graph=True),
+    "static+graph+compile": dict(cache="static", cuda_graph=True, compile=True),
+}
 
 
 def timed(fn, device):
@@ -78,7 +82,7 @@ def main():
                 generate_module.OVERLAP_HOST = variant != "no-overlap"
                 expert_gemv.MAX_CHOICES_PER_EXPERT = float("inf") if variant == "gemv-all" else default_max[0]
                 expert_gemv.MAX_CHOICES_PER_EXPERT_PAST_L2 = float("inf") if variant == "gemv-all" else default_max[1]
-                torch._dynamo.reset()   # compiled steps do not guard on the variable
+                torch._dynamo.reset()  # compiled steps do not guard on the variable
                 kw = MODES[mode]
                 fresh = dict(kw, reuse_graph=False) if "graph" in mode else kw
                 # Steady-state step time from two calls of n and 2n new tokens: their difference holds
@@ -91,23 +95,36 @@ def main():
                 t_short = timed(lambda: generate(model, prompts, n + 1, **fresh), device)
                 t_long = timed(lambda: generate(model, prompts, 2 * n + 1, **fresh), device)
                 per_step = (t_long - t_short) / n
-                overhead = t_short - n * per_step - prefill   # first step, capture / compile lookup
-                generate(model, prompts, n + 1, **kw)          # captures the graph `generate` keeps
+                overhead = t_short - n * per_step - prefill  # first step, capture / compile lookup
+                generate(model, prompts, n + 1, **kw)  # captures the graph `generate` keeps
                 t_repeat = timed(lambda: generate(model, prompts, n + 1, **kw), device)
                 repeat_overhead = t_repeat - n * per_step - prefill
-                rows.append(dict(model=name, batch=b, mode=mode, variant=variant, prefill_ms=prefill * 1e3,
-                                 step_ms=per_step * 1e3, new_tokens_per_s=b / per_step,
-                                 call_overhead_ms=overhead * 1e3, repeat_call_overhead_ms=repeat_overhead * 1e3,
-                                 warmup_s=warm))
-                print(f"{name:12s} {variant:8s} batch {b:3d}  {mode:21s} prefill {prefill * 1e3:7.1f} ms  "
-                      f"step {per_step * 1e3:7.2f} ms  {b / per_step:9.1f} new tokens/s  "
-                      f"per-call overhead {overhead * 1e3:6.1f} ms, repeated call {repeat_overhead * 1e3:6.1f} ms  "
-                      f"(warm-up {warm:.1f} s)",
-                      flush=True)
+                rows.append(
+                    dict(
+                        model=name,
+                        batch=b,
+                        mode=mode,
+                        variant=variant,
+                        prefill_ms=prefill * 1e3,
+                        step_ms=per_step * 1e3,
+                        new_tokens_per_s=b / per_step,
+                        call_overhead_ms=overhead * 1e3,
+                        repeat_call_overhead_ms=repeat_overhead * 1e3,
+                        warmup_s=warm,
+                    )
+                )
+                print(
+                    f"{name:12s} {variant:8s} batch {b:3d}  {mode:21s} prefill {prefill * 1e3:7.1f} ms  "
+                    f"step {per_step * 1e3:7.2f} ms  {b / per_step:9.1f} new tokens/s  "
+                    f"per-call overhead {overhead * 1e3:6.1f} ms, repeated call {repeat_overhead * 1e3:6.1f} ms  "
+                    f"(warm-up {warm:.1f} s)",
+                    flush=True,
+                )
                 if args.json:  # after every row: a time limit keeps what was measured
-                    args.json.write_text(json.dumps(dict(device=device, torch=torch.__version__, results=rows),
-                                                    indent=2))
-        del model
+                    args.json.write_text(
+                        json.dumps(dict(device=device, torch=torch.__version__, results=rows), indent=2)
+                    )
+        model = None  # frees its memory before the next model is built
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ replay; only the launch gaps differ.
 
     python benchmarks/decode_profile.py [--models moeut-244M,dense-244M] [--batches 1,32] [--top 25]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,9 +15,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from profile_step import busy_ms, kernel_times, print_table  # noqa: E402
-from moeut.attention import AttentionMask, new_static_cache  # noqa: E402
-from moeut.models import build_model, model_kwargs  # noqa: E402
+from profile_step import busy_ms, kernel_times, print_table
+from moeut.attention import AttentionMask, new_static_cache
+from moeut.models import build_model, model_kwargs
 
 
 def main():
@@ -30,6 +31,7 @@ def main():
     args = ap.parse_args()
     if args.gemv_max_choices is not None:
         from moeut.ops import expert_gemv
+
         expert_gemv.MAX_CHOICES_PER_EXPERT = expert_gemv.MAX_CHOICES_PER_EXPERT_PAST_L2 = args.gemv_max_choices
     for name in args.models.split(","):
         torch.manual_seed(0)
@@ -42,10 +44,12 @@ def main():
             with torch.no_grad():
                 model(torch.randint(0, 8000, (b, args.prompt_len), device="cuda"), mask, kv_cache=kv)
                 per_kernel = kernel_times(lambda: model(tok, mask, kv_cache=kv), args.steps)
-            print(f"\n{name} batch {b}: GPU busy {busy_ms(per_kernel, args.steps):.2f} ms per step, "
-                  f"{sum(v[1] for v in per_kernel.values()) / args.steps:.0f} kernels per step")
+            print(
+                f"\n{name} batch {b}: GPU busy {busy_ms(per_kernel, args.steps):.2f} ms per step, "
+                f"{sum(v[1] for v in per_kernel.values()) / args.steps:.0f} kernels per step"
+            )
             print_table(per_kernel, args.steps, args.top)
-        del model
+        model = None  # frees its memory before the next model is built
 
 
 if __name__ == "__main__":

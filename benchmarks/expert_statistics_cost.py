@@ -7,6 +7,7 @@ CPU defaults) and prints the share of training time it takes at a given evaluati
     python benchmarks/expert_statistics_cost.py --models moeut-44M,moeut-244M --batch-size 16 --eval-interval 1000
     python benchmarks/expert_statistics_cost.py --models moeut-tiny --batch-size 16     # on a machine without CUDA
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import VOCAB, build, measure  # noqa: E402
-from moeut.train.monitor import expert_statistics  # noqa: E402
+from train_throughput import VOCAB, build, measure
+from moeut.train.monitor import expert_statistics
 
 
 def sync() -> None:
@@ -52,6 +53,7 @@ def cpu_step_ms(model, batch: int, context: int, steps: int) -> float:
         (loss + out.reg_loss).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return timed(step, steps)
 
 
@@ -66,8 +68,9 @@ def main() -> None:
     context, amp = (1024, torch.bfloat16) if cuda else (256, torch.float32)
     where = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{where}, batch {args.batch_size} x {context}, {'bf16, graphed step' if cuda else 'fp32, eager step'}")
-    print("| model | training step (ms) | expert statistics (ms) | = steps | share at every "
-          f"{args.eval_interval} steps |")
+    print(
+        f"| model | training step (ms) | expert statistics (ms) | = steps | share at every {args.eval_interval} steps |"
+    )
     print("|---|---|---|---|---|")
     for name in args.models.split(","):
         torch.manual_seed(0)
@@ -80,7 +83,7 @@ def main() -> None:
         stats_ms = timed(lambda: expert_statistics(model, tokens, context, amp), 5)
         share = stats_ms / (args.eval_interval * step_ms)
         print(f"| {name} | {step_ms:.1f} | {stats_ms:.1f} | {stats_ms / step_ms:.2f} | {share:.3%} |", flush=True)
-        del model
+        model = None  # frees its memory before the next model is built
         if cuda:
             torch.cuda.empty_cache()
 

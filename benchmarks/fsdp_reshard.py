@@ -6,6 +6,7 @@ reads the peak memory, for both settings in the same processes.
     torchrun --nproc_per_node=2 benchmarks/fsdp_reshard.py --model moeut-44M --batch-size 2 --context 256
     python benchmarks/fsdp_reshard.py --model moeut-1B --batch-size 8        # one GPU: a group of one
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,10 +20,10 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moeut.models import build_model, model_kwargs  # noqa: E402
-from moeut.train.fsdp import shard_model  # noqa: E402
-from moeut.train.step import step_body  # noqa: E402
-from moeut.train.loop import optimizer_groups  # noqa: E402
+from moeut.models import build_model, model_kwargs
+from moeut.train.fsdp import shard_model
+from moeut.train.step import step_body
+from moeut.train.loop import optimizer_groups
 
 GATHERS = {"calls": 0, "bytes": 0}
 
@@ -39,6 +40,7 @@ def counting_all_gather():
             GATHERS["calls"] += 1
             GATHERS["bytes"] += output.numel() * output.element_size()
             return _real(output, input, *args, **kwargs)
+
         setattr(dist, name, wrapped)
 
 
@@ -62,10 +64,14 @@ def measure(args, reshard: bool, device) -> dict:
         if i >= 2:
             times.append(time.perf_counter() - t0)
             gathers.append(dict(GATHERS))
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     del model, opt
-    return {"ms": 1000 * statistics.median(times), "gathers": gathers[-1]["calls"],
-            "gather_mb": gathers[-1]["bytes"] / 2 ** 20, "peak_gib": peak}
+    return {
+        "ms": 1000 * statistics.median(times),
+        "gathers": gathers[-1]["calls"],
+        "gather_mb": gathers[-1]["bytes"] / 2**20,
+        "peak_gib": peak,
+    }
 
 
 def main() -> None:
@@ -88,8 +94,10 @@ def main() -> None:
     rows = {r: measure(args, r, device) for r in (True, False)}
     if rank == 0:
         where = torch.cuda.get_device_name() if cuda else "CPU (gloo)"
-        print(f"{where}, {dist.get_world_size()} processes, {args.model}, global batch {args.batch_size} x "
-              f"{args.context}, median of {args.steps} steps")
+        print(
+            f"{where}, {dist.get_world_size()} processes, {args.model}, global batch {args.batch_size} x "
+            f"{args.context}, median of {args.steps} steps"
+        )
         print("| reshard_after_forward | step (ms) | all-gathers per step | gathered MB per step | peak GiB |")
         print("|---|---|---|---|---|")
         for r, m in rows.items():

@@ -3,6 +3,7 @@ batch 1 and 32, over block widths and warp counts: picks the heuristic's setting
 
     python benchmarks/gemv_sweep.py [--blocks 8,16,32,64,128] [--warps 1,2,4,8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from profile_step import kernel_times  # noqa: E402
-from moeut.kernels import expert_gemv as tg  # noqa: E402
+from profile_step import kernel_times
+from moeut.kernels import expert_gemv as tg
 
 D, S, E, K, H, EH, KH, Dh = 1024, 128, 387, 16, 4, 10, 2, 128
 
@@ -22,10 +23,19 @@ D, S, E, K, H, EH, KH, Dh = 1024, 128, 387, 16, 4, 10, 2, 128
 def cases(R):
     heads = dict(head_k=KH, n_heads=H, head_experts=EH)
     none = dict(head_k=1, n_heads=1, head_experts=0)
-    return {"ffn_up": ((R, D), (E, D, S), R * K, E, False, dict(per_x=K, per_out=1, relu=True, **none)),
-            "ffn_down": ((R * K, S), (E, S, D), R * K, E, True, dict(per_x=1, per_out=K, relu=False, **none)),
-            "value": ((R, D), (H * EH, D, Dh), R * H * KH, EH, True, dict(per_x=H * KH, per_out=KH, relu=False, **heads)),
-            "output": ((R * H, Dh), (H * EH, Dh, D), R * H * KH, EH, True, dict(per_x=KH, per_out=H * KH, relu=False, **heads))}
+    return {
+        "ffn_up": ((R, D), (E, D, S), R * K, E, False, dict(per_x=K, per_out=1, relu=True, **none)),
+        "ffn_down": ((R * K, S), (E, S, D), R * K, E, True, dict(per_x=1, per_out=K, relu=False, **none)),
+        "value": ((R, D), (H * EH, D, Dh), R * H * KH, EH, True, dict(per_x=H * KH, per_out=KH, relu=False, **heads)),
+        "output": (
+            (R * H, Dh),
+            (H * EH, Dh, D),
+            R * H * KH,
+            EH,
+            True,
+            dict(per_x=KH, per_out=H * KH, relu=False, **heads),
+        ),
+    }
 
 
 def main():
@@ -45,8 +55,10 @@ def main():
                 for warps in map(int, args.warps.split(",")):
                     block_o = None if bo == "auto" else int(bo)
                     try:
-                        t = kernel_times(lambda: tg.expert_gemv_triton(x, w, expert, gate, **kw, block_o=block_o,
-                                                                       num_warps=warps), 50)
+                        t = kernel_times(
+                            lambda: tg.expert_gemv_triton(x, w, expert, gate, **kw, block_o=block_o, num_warps=warps),
+                            50,
+                        )
                     except Exception as e:  # a config that does not compile
                         print(f"  {name} BO={bo} warps={warps}: {type(e).__name__}")
                         continue
@@ -55,8 +67,10 @@ def main():
             results.sort()
             best = ", ".join(f"BO={b} w={wp}: {us:.1f}" for us, b, wp in results[:4])
             auto4 = [us for us, b, wp in results if b == "auto" and wp == 4]
-            print(f"batch {R:3d} {name:9s} auto/4 warps {auto4[0] if auto4 else float('nan'):6.1f} us | best: {best}",
-                  flush=True)
+            print(
+                f"batch {R:3d} {name:9s} auto/4 warps {auto4[0] if auto4 else float('nan'):6.1f} us | best: {best}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

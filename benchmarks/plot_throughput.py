@@ -5,6 +5,7 @@ family (MoEUT, dense, official release, Llama) and mode (eager, --cuda-graph, --
     python benchmarks/plot_throughput.py results/train.json results/train_small.json ... [--out results/throughput.png]
     python benchmarks/plot_throughput.py out/throughput.json --by-batch --out batches.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,12 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-LABELS = {"moeut": "MoEUT (this library)", "dense": "dense baseline (this library)",
-          "official": "official MoEUT release", "llama": "Llama (transformers, SDPA)"}
+LABELS = {
+    "moeut": "MoEUT (this library)",
+    "dense": "dense baseline (this library)",
+    "official": "official MoEUT release",
+    "llama": "Llama (transformers, SDPA)",
+}
 
 
 def series(paths, by_batch: bool = False):
@@ -34,10 +39,12 @@ def series(paths, by_batch: bool = False):
 
 
 def main():
-    import matplotlib   # here, not at the top: `series` is used (and tested) without matplotlib
+    import matplotlib  # here, not at the top: `series` is used (and tested) without matplotlib
     import matplotlib.ticker
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("json", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "throughput.png")
@@ -47,15 +54,21 @@ def main():
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     colors = {"moeut": "C0", "dense": "C1", "official": "C2", "llama": "C3"}
     styles = {"eager": "-", "CUDA graph": "--", "compiled": ":"}
-    marker_of = {}   # one marker per model size (by batch), so a size's MoEUT and dense lines pair up
+    marker_of = {}  # one marker per model size (by batch), so a size's MoEUT and dense lines pair up
     lines = series(args.json, args.by_batch)
     for key, pts in sorted(lines.items()):
         family, mode = key[:2]
         size = key[2] if args.by_batch else ""
         marker = marker_of.setdefault(size, "osD^v<>"[len(marker_of) % 7])
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, styles[mode], marker=marker, color=colors.get(family, "k"),
-                label=f"{LABELS.get(family, family)}{' ' + size if size else ''}, {mode}")
+        ax.plot(
+            xs,
+            ys,
+            styles[mode],
+            marker=marker,
+            color=colors.get(family, "k"),
+            label=f"{LABELS.get(family, family)}{' ' + size if size else ''}, {mode}",
+        )
     if args.by_batch:
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({b for pts in lines.values() for b, _ in pts}))

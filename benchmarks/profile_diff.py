@@ -13,6 +13,7 @@ Triton names a kernel by its function, not by its constexpr variant or config: e
 `_expert_mm_kernel` row. So the files also hold the config each autotuning key settled on
 (`triton_weight_grad.autotune_choices`), and the keys whose configs differ between the runs are listed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,7 @@ def diff_rows(a: Dict[str, dict], b: Dict[str, dict]) -> List[Tuple[str, float, 
 
 def autotune_differences(a: list, b: list) -> List[Tuple[str, str, str]]:
     """(kernel and key, config in a or "-", config in b or "-") for every key whose config differs."""
-    as_map = lambda rows: {f"{r['kernel']} {r['key']}": r["config"] for r in rows}  # noqa: E731
+    as_map = lambda rows: {f"{r['kernel']} {r['key']}": r["config"] for r in rows}
     ma, mb = as_map(a), as_map(b)
     return [(k, ma.get(k, "-"), mb.get(k, "-")) for k in sorted(set(ma) | set(mb)) if ma.get(k) != mb.get(k)]
 
@@ -59,8 +60,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     a, b = load(args.a), load(args.b)
     if (a.get("model"), a.get("batch")) != (b.get("model"), b.get("batch")):
-        print(f"warning: comparing {a.get('model')} batch {a.get('batch')} with {b.get('model')} batch {b.get('batch')}")
-    print(f"GPU busy per step: A {a['busy_ms']:.2f} ms, B {b['busy_ms']:.2f} ms, B - A {b['busy_ms'] - a['busy_ms']:+.2f}")
+        print(
+            f"warning: comparing {a.get('model')} batch {a.get('batch')} with {b.get('model')} batch {b.get('batch')}"
+        )
+    print(
+        f"GPU busy per step: A {a['busy_ms']:.2f} ms, B {b['busy_ms']:.2f} ms, B - A {b['busy_ms'] - a['busy_ms']:+.2f}"
+    )
     print()
     print_rows("category", diff_rows(a["categories"], b["categories"]), len(a["categories"]) + len(b["categories"]))
     print()

@@ -13,6 +13,7 @@ FFN's against SwitchHead's), which the by-name table lumps together.
 
 Two --json files of the same model (a switch off and on) compare with `profile_diff.py`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_throughput import build, training_step  # noqa: E402
+from train_throughput import build, training_step
 
 
 def kernel_times(fn, iters: int, trace: Path = None, sites: bool = False):
@@ -57,8 +58,13 @@ def kernel_times(fn, iters: int, trace: Path = None, sites: bool = False):
 
 
 # The kernels --launches splits by launch shape.
-EXPERT_KERNELS = ("_expert_mm_kernel", "_weight_grad_kernel", "_sum_choices_kernel", "_row_dot_kernel",
-                  "_sum_splits_kernel")
+EXPERT_KERNELS = (
+    "_expert_mm_kernel",
+    "_weight_grad_kernel",
+    "_sum_choices_kernel",
+    "_row_dot_kernel",
+    "_sum_splits_kernel",
+)
 
 
 def launch_times(trace_events, names=EXPERT_KERNELS):
@@ -90,7 +96,7 @@ def _site(ev) -> str:
     node, frames = "", []
     e = ev
     while e is not None:
-        if "moeut/" in e.name and ".py(" in e.name and len(frames) < 2:   # paths differ between machines
+        if "moeut/" in e.name and ".py(" in e.name and len(frames) < 2:  # paths differ between machines
             frames.append(e.name.rsplit("moeut/", 1)[1])
         if not node and e.name.startswith("autograd::engine::evaluate_function: "):
             node = e.name.split(": ", 1)[1]
@@ -107,10 +113,12 @@ def site_times(events, use_kernels: bool = True):
         if use_kernels:
             launched = [(k.name, k.duration) for k in getattr(ev, "kernels", [])]
         else:
-            launched = [(ev.name, ev.self_cpu_time_total)] if not ev.cpu_children and ev.name.startswith("aten::") else []
+            launched = (
+                [(ev.name, ev.self_cpu_time_total)] if not ev.cpu_children and ev.name.startswith("aten::") else []
+            )
         if not launched:
             continue
-        op = ev   # the runtime's launch call -> the aten op above it (none for a Triton launch)
+        op = ev  # the runtime's launch call -> the aten op above it (none for a Triton launch)
         while op is not None and not op.name.startswith("aten::"):
             op = op.cpu_parent
         site, op_name = _site(ev), op.name if op is not None else "-"
@@ -155,8 +163,7 @@ CATEGORIES = [
     ("LayerNorm", ("layer_norm", "GammaBeta")),
     ("attention core", ("sdpa", "flash", "fmha")),
     ("AdamW", ("AdamW", "multi_tensor_apply")),
-    ("sort and index glue", ("radix_sort", "RadixSort", "scatter_gather", "index", "searchsorted", "cub::",
-                             "_route_")),
+    ("sort and index glue", ("radix_sort", "RadixSort", "scatter_gather", "index", "searchsorted", "cub::", "_route_")),
     ("dense GEMMs (cuBLAS)", ("nvjet", "gemm", "cutlass", "xmma")),
 ]
 
@@ -185,6 +192,7 @@ def gpu_and_wall_ms(fn, iters: int = 20):
     """(GPU-busy ms per call, kernels per call, wall ms per call) of fn. The device's host is slow, so
     the wall time of a small eager pass is launch-bound; a graphed step sees the GPU-busy time."""
     import triton.testing
+
     per_kernel = kernel_times(fn, iters)
     kernels = sum(calls for _, calls in per_kernel.values()) // iters
     wall = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
@@ -206,11 +214,21 @@ def main():
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--trace", type=Path, help="also write a Chrome trace")
     ap.add_argument("--json", type=Path, help="also write the categories and kernels (ms per step, calls per step)")
-    ap.add_argument("--sites", type=int, default=0, metavar="N",
-                    help="also print the N costliest glue kernels by the moeut line (or autograd node) that "
-                         "launched them (a second, slower profile with Python stacks)")
-    ap.add_argument("--launches", type=int, default=0, metavar="N",
-                    help="also print the N costliest expert-kernel launch shapes (grid, block), from the trace")
+    ap.add_argument(
+        "--sites",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also print the N costliest glue kernels by the moeut line (or autograd node) that "
+        "launched them (a second, slower profile with Python stacks)",
+    )
+    ap.add_argument(
+        "--launches",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also print the N costliest expert-kernel launch shapes (grid, block), from the trace",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     step = training_step(build(args.model, None), args.batch)
@@ -219,10 +237,13 @@ def main():
     trace = args.trace
     if args.launches and trace is None:
         import tempfile
+
         trace = Path(tempfile.mkdtemp()) / "trace.json"
     per_kernel = kernel_times(step, args.steps, trace)
-    print(f"{args.model} batch {args.batch}: GPU busy {busy_ms(per_kernel, args.steps):.1f} ms per step, "
-          f"{sum(v[1] for v in per_kernel.values()) / args.steps:.0f} kernels per step")
+    print(
+        f"{args.model} batch {args.batch}: GPU busy {busy_ms(per_kernel, args.steps):.1f} ms per step, "
+        f"{sum(v[1] for v in per_kernel.values()) / args.steps:.0f} kernels per step"
+    )
     print_table(by_category(per_kernel), args.steps, len(CATEGORIES) + 1, what="category")
     print()
     print_table(per_kernel, args.steps, args.top)
@@ -233,18 +254,29 @@ def main():
         print()
         _, per_site = kernel_times(step, args.steps, sites=True)
         print_sites(per_site, args.steps, args.sites)
-    from moeut.kernels.weight_grad import autotune_choices   # (configs vary between processes: benchmarks/LOG.md)
+    from moeut.kernels.weight_grad import autotune_choices  # (configs vary between processes: benchmarks/LOG.md)
+
     choices = autotune_choices()
     print("\nautotuning in this process (key -> config):")
     for kernel, key, config in choices:
         print(f"  {kernel} {key} -> {config}")
     if args.json:
-        rows = lambda d: {k: dict(ms=us / args.steps / 1e3, calls=n / args.steps) for k, (us, n) in d.items()}  # noqa: E731
-        args.json.write_text(json.dumps(dict(model=args.model, batch=args.batch, gpu=torch.cuda.get_device_name(),
-                                             torch=torch.__version__, busy_ms=busy_ms(per_kernel, args.steps),
-                                             categories=rows(by_category(per_kernel)), kernels=rows(per_kernel),
-                                             autotune=[dict(kernel=k, key=key, config=c) for k, key, c in choices]),
-                                        indent=1))
+        rows = lambda d: {k: dict(ms=us / args.steps / 1e3, calls=n / args.steps) for k, (us, n) in d.items()}
+        args.json.write_text(
+            json.dumps(
+                dict(
+                    model=args.model,
+                    batch=args.batch,
+                    gpu=torch.cuda.get_device_name(),
+                    torch=torch.__version__,
+                    busy_ms=busy_ms(per_kernel, args.steps),
+                    categories=rows(by_category(per_kernel)),
+                    kernels=rows(per_kernel),
+                    autotune=[dict(kernel=k, key=key, config=c) for k, key, c in choices],
+                ),
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ are measured in the same run, the median of `--steps` steps after warm-up.
 
     python benchmarks/train_throughput.py [--models moeut-244M,dense-244M,...] [--compile] [--cuda-graph] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,22 +19,26 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import moeut  # noqa: E402
-from moeut import profiles  # noqa: E402
+import moeut
+from moeut import profiles
 
 VOCAB = 8000
-DEFAULT_MODELS = "moeut-244M:16,dense-244M:16,llama-244M:16,official-244M:16,moeut-1B:8,dense-1B:8,llama-1B:8,official-1B:8"
-LLAMA = {"244M": dict(hidden_size=1024, num_hidden_layers=18, num_attention_heads=16, intermediate_size=2736),
-         "1B": dict(hidden_size=1536, num_hidden_layers=36, num_attention_heads=24, intermediate_size=4096),
-         "44M": dict(hidden_size=412, num_hidden_layers=16, num_attention_heads=4, head_dim=103, intermediate_size=1369)}
+DEFAULT_MODELS = (
+    "moeut-244M:16,dense-244M:16,llama-244M:16,official-244M:16,moeut-1B:8,dense-1B:8,llama-1B:8,official-1B:8"
+)
+LLAMA = {
+    "244M": dict(hidden_size=1024, num_hidden_layers=18, num_attention_heads=16, intermediate_size=2736),
+    "1B": dict(hidden_size=1536, num_hidden_layers=36, num_attention_heads=24, intermediate_size=4096),
+    "44M": dict(hidden_size=412, num_hidden_layers=16, num_attention_heads=4, head_dim=103, intermediate_size=1369),
+}
 
 
 class LlamaWrapper(torch.nn.Module):
     def __init__(self, size):
         super().__init__()
         from transformers import LlamaConfig, LlamaForCausalLM
-        cfg = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=2048, tie_word_embeddings=False,
-                          **LLAMA[size])
+
+        cfg = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=2048, tie_word_embeddings=False, **LLAMA[size])
         cfg._attn_implementation = "sdpa"
         self.m = LlamaForCausalLM(cfg)
 
@@ -76,6 +81,7 @@ def training_step(model, batch: int, compile_: bool = False, cuda_graph: bool = 
         (loss + out.reg_loss.sum()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     if not cuda_graph:
         return step
     side = torch.cuda.Stream()  # warm-up off the capture stream: autotuning, lazy state, optimizer moments
@@ -110,9 +116,12 @@ def measure(model, batch, steps, compile_, cuda_graph=False):
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     ms = statistics.median(times)
-    return dict(tokens_per_s=batch * 1024 / ms, step_ms=ms * 1e3,
-                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
-                params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+    return dict(
+        tokens_per_s=batch * 1024 / ms,
+        step_ms=ms * 1e3,
+        peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+        params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+    )
 
 
 def main():
@@ -120,14 +129,18 @@ def main():
     ap.add_argument("--models", default=DEFAULT_MODELS, help="comma list of name:batch")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--compile", action="store_true", help="torch.compile every model (official excluded)")
-    ap.add_argument("--cuda-graph", action="store_true",
-                    help="capture each model's whole training step in a CUDA graph (official excluded)")
+    ap.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="capture each model's whole training step in a CUDA graph (official excluded)",
+    )
     ap.add_argument("--official", type=Path, help="checkout of the official release, for the side-by-side")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     official = None
     if args.official:
         from compare_official import load_official
+
         official = load_official(args.official)
     results = []
     for spec in args.models.split(","):
@@ -146,17 +159,25 @@ def main():
         except Exception as e:
             print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}")
             r = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
-        r.update(model=name, batch=int(batch), compiled=args.compile and not name.startswith("official"),
-                 cuda_graph=args.cuda_graph and not name.startswith("official"))
+        r.update(
+            model=name,
+            batch=int(batch),
+            compiled=args.compile and not name.startswith("official"),
+            cuda_graph=args.cuda_graph and not name.startswith("official"),
+        )
         results.append(r)
         if "error" not in r:
-            print(f"{name:16s} batch {batch:>3s}  {r['tokens_per_s'] / 1e3:8.1f}k tok/s  {r['step_ms']:8.1f} ms/step  "
-                  f"peak {r['peak_gib']:6.1f} GiB  {r['params_m']:7.1f}M params", flush=True)
+            print(
+                f"{name:16s} batch {batch:>3s}  {r['tokens_per_s'] / 1e3:8.1f}k tok/s  {r['step_ms']:8.1f} ms/step  "
+                f"peak {r['peak_gib']:6.1f} GiB  {r['params_m']:7.1f}M params",
+                flush=True,
+            )
         del model
         torch.cuda.empty_cache()
         if args.json:  # after every model: a run cut short by a time limit keeps what it measured
-            args.json.write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                                                 results=results), indent=2))
+            args.json.write_text(
+                json.dumps(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, results=results), indent=2)
+            )
 
 
 if __name__ == "__main__":

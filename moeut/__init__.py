@@ -14,6 +14,7 @@ Shape suffixes. A tensor's name ends in its dimensions, one letter each, with on
     S the same N choices in (group, choice) order, S = X*C (a top-k sum's input, a gate's gradient)
     I, O a projection's input and output width       M rows of a second operand (a gathered dot)
 """
+
 from moeut import profiles
 from moeut.attention import AttentionMask, KVCache, SwitchHeadRope
 from moeut.dense import DenseLM
@@ -32,6 +33,7 @@ def _register_with_transformers() -> None:
 
     def register() -> None:
         from moeut.hf import register as register_hf
+
         register_hf()
 
     if "transformers" in sys.modules:
@@ -52,11 +54,24 @@ def _register_with_transformers() -> None:
                 def exec_then_register(module):
                     exec_module(module)
                     register()
+
                 spec.loader.exec_module = exec_then_register
             return spec
+
     sys.meta_path.insert(0, RegisterAfterImport())
 
 
 _register_with_transformers()
-__all__ = ["MoEUTLM", "MoEUT", "MoEUTLayer", "AttentionMask", "MoEUTOutput", "KVCache", "MultilayerKVCache",
-           "SwitchHeadRope", "SigmaMoE", "DenseLM", "profiles"]
+__all__ = [
+    "MoEUTLM",
+    "MoEUT",
+    "MoEUTLayer",
+    "AttentionMask",
+    "MoEUTOutput",
+    "KVCache",
+    "MultilayerKVCache",
+    "SwitchHeadRope",
+    "SigmaMoE",
+    "DenseLM",
+    "profiles",
+]

@@ -1,4 +1,5 @@
 """`python -m moeut ...` (and `torchrun -m moeut train ...`)."""
+
 import sys
 
 from moeut.cli import main

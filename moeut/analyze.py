@@ -14,6 +14,7 @@ From these:
              update-magnitude analysis), for a dense run too, and both side by side with --compare.
 Shape suffixes follow the package legend.
 """
+
 from __future__ import annotations
 
 import json
@@ -91,9 +92,11 @@ def usage_stats(ids_NK: Tensor, n_experts: int) -> Dict[str, Any]:
 
 def overlap(ids_a_NK: Tensor, ids_b_NK: Tensor, n_experts: int) -> float:
     """Mean over tokens of |A ∩ B| / |A ∪ B| of the two expert sets a token gets."""
+
     def as_mask(ids_NK: Tensor) -> Tensor:
         mask = torch.zeros(ids_NK.shape[0], n_experts, dtype=torch.bool, device=ids_NK.device)
         return mask.scatter_(1, ids_NK, True)
+
     a, b = as_mask(ids_a_NK), as_mask(ids_b_NK)
     inter = (a & b).sum(1).double()
     union = (a | b).sum(1).double()
@@ -104,22 +107,29 @@ def diversity(tokens_N: Tensor, ids_NK: Tensor, n_experts: int) -> Dict[int, Dic
     """{token id: {"count": occurrences, "distinct": distinct experts over its occurrences}}."""
     tokens, inverse = torch.unique(tokens_N, return_inverse=True)
     counts = torch.bincount(inverse, minlength=len(tokens))
-    pairs = torch.unique(inverse[:, None] * n_experts + ids_NK)      # each (token type, expert) once
+    pairs = torch.unique(inverse[:, None] * n_experts + ids_NK)  # each (token type, expert) once
     distinct = torch.bincount(pairs // n_experts, minlength=len(tokens))
-    return {t: {"count": c, "distinct": d}
-            for t, c, d in zip(tokens.tolist(), counts.tolist(), distinct.tolist())}
+    return {t: {"count": c, "distinct": d} for t, c, d in zip(tokens.tolist(), counts.tolist(), distinct.tolist())}
 
 
 def analyze(model: torch.nn.Module, tokens_BT: Tensor) -> Dict[str, Any]:
     """The numbers behind the figures (plain data, for the JSON)."""
     tr = trace(model, tokens_BT)
     apps = tr["applications"]
-    res: Dict[str, Any] = {"model": type(model).__name__, "tokens": int(tokens_BT.numel()),
-                           "applications": len(apps),
-                           "residual": [{"layer": a["layer"], "norm_in": float(a["norm_in"].mean()),
-                                         "update": float(a["update"].mean()),
-                                         "relative_update": float((a["update"] / a["norm_in"].clamp(min=1e-6)).mean())}
-                                        for a in apps]}
+    res: Dict[str, Any] = {
+        "model": type(model).__name__,
+        "tokens": int(tokens_BT.numel()),
+        "applications": len(apps),
+        "residual": [
+            {
+                "layer": a["layer"],
+                "norm_in": float(a["norm_in"].mean()),
+                "update": float(a["update"].mean()),
+                "relative_update": float((a["update"] / a["norm_in"].clamp(min=1e-6)).mean()),
+            }
+            for a in apps
+        ],
+    }
     if not isinstance(model, MoEUTLM):
         return res
     backbone = model.transformer
@@ -141,9 +151,10 @@ def analyze(model: torch.nn.Module, tokens_BT: Tensor) -> Dict[str, Any]:
         res["overlap"][str(li)] = [[overlap(p, q, E) for q in mine] for p in mine]
     tokens_N = tr["tokens"]
     per_app = [diversity(tokens_N, a["ffn"], E) for a in apps]
-    res["diversity"] = {str(t): {"count": per_app[0][t]["count"],
-                                 "distinct_mean": float(np.mean([d[t]["distinct"] for d in per_app]))}
-                        for t in per_app[0]}
+    res["diversity"] = {
+        str(t): {"count": per_app[0][t]["count"], "distinct_mean": float(np.mean([d[t]["distinct"] for d in per_app]))}
+        for t in per_app[0]
+    }
     return res
 
 
@@ -151,8 +162,10 @@ def training_summary(model: torch.nn.Module, tokens_BT: Tensor) -> Dict[str, Any
     """The few numbers the trainer logs at each evaluation (scalars) and the FFN usage image
     ("ffn_usage_image": [applications, experts], each row scaled to its maximum)."""
     res = analyze(model, tokens_BT)
-    out: Dict[str, Any] = {"residual_norm_last": res["residual"][-1]["norm_in"],
-                           "relative_update_mean": float(np.mean([r["relative_update"] for r in res["residual"]]))}
+    out: Dict[str, Any] = {
+        "residual_norm_last": res["residual"][-1]["norm_in"],
+        "relative_update_mean": float(np.mean([r["relative_update"] for r in res["residual"]])),
+    }
     if "ffn_usage" in res:
         out["expert_usage_entropy"] = float(np.mean([u["entropy"] for u in res["ffn_usage"]]))
         out["experts_never_selected"] = float(np.mean([u["never_selected"] for u in res["ffn_usage"]]))
@@ -169,35 +182,48 @@ def summary(res: Dict[str, Any], other: Optional[Dict[str, Any]] = None) -> str:
     """What a person reads first."""
     lines = [f"{res['model']}: {res['tokens']} tokens, {res['applications']} layer applications"]
     r = res["residual"]
-    lines.append(f"residual norm {r[0]['norm_in']:.2f} -> {r[-1]['norm_in']:.2f}; relative update "
-                 f"{min(x['relative_update'] for x in r):.3f} to {max(x['relative_update'] for x in r):.3f}")
+    lines.append(
+        f"residual norm {r[0]['norm_in']:.2f} -> {r[-1]['norm_in']:.2f}; relative update "
+        f"{min(x['relative_update'] for x in r):.3f} to {max(x['relative_update'] for x in r):.3f}"
+    )
     if "ffn_usage" in res:
         ent = [u["entropy"] for u in res["ffn_usage"]]
         never = [u["never_selected"] for u in res["ffn_usage"]]
-        lines.append(f"FFN expert usage entropy (1 = uniform): {min(ent):.3f} to {max(ent):.3f}; never selected per "
-                     f"application: {min(never)} to {max(never)}")
+        lines.append(
+            f"FFN expert usage entropy (1 = uniform): {min(ent):.3f} to {max(ent):.3f}; never selected per "
+            f"application: {min(never)} to {max(never)}"
+        )
         for li, m in res["overlap"].items():
             m = np.array(m)
             off = m[~np.eye(len(m), dtype=bool)]
             if off.size:
-                lines.append(f"layer {li}: same-token expert overlap between its applications "
-                             f"{off.mean():.3f} (min {off.min():.3f}, max {off.max():.3f})")
+                lines.append(
+                    f"layer {li}: same-token expert overlap between its applications "
+                    f"{off.mean():.3f} (min {off.min():.3f}, max {off.max():.3f})"
+                )
         div = res["diversity"]
         frequent = sorted(div.values(), key=lambda d: -d["count"])[:20]
-        lines.append("the 20 most frequent tokens get on average "
-                     f"{np.mean([d['distinct_mean'] for d in frequent]):.1f} distinct FFN experts each")
+        lines.append(
+            "the 20 most frequent tokens get on average "
+            f"{np.mean([d['distinct_mean'] for d in frequent]):.1f} distinct FFN experts each"
+        )
     if other is not None:
-        lines.append(f"compared with {other['model']}: final residual norm {other['residual'][-1]['norm_in']:.2f}, "
-                     f"relative update {np.mean([x['relative_update'] for x in other['residual']]):.3f} on average "
-                     f"(this run: {np.mean([x['relative_update'] for x in r]):.3f})")
+        lines.append(
+            f"compared with {other['model']}: final residual norm {other['residual'][-1]['norm_in']:.2f}, "
+            f"relative update {np.mean([x['relative_update'] for x in other['residual']]):.3f} on average "
+            f"(this run: {np.mean([x['relative_update'] for x in r]):.3f})"
+        )
     return "\n".join(lines)
 
 
-def write_figures(res: Dict[str, Any], out: Path, other: Optional[Dict[str, Any]] = None,
-                  labels: Sequence[str] = ("run", "compare")) -> List[Path]:
+def write_figures(
+    res: Dict[str, Any], out: Path, other: Optional[Dict[str, Any]] = None, labels: Sequence[str] = ("run", "compare")
+) -> List[Path]:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     written = []
 
     def save(fig, name):
@@ -216,7 +242,7 @@ def write_figures(res: Dict[str, Any], out: Path, other: Optional[Dict[str, Any]
     ax[1].set(title="Update size relative to the residual", xlabel="layer application", ylabel="mean ‖Δx‖ / ‖x‖")
     ax[0].legend(frameon=False)
     for a in ax:
-        a.xaxis.set_major_locator(plt.MaxNLocator(integer=True))   # applications are whole numbers
+        a.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # applications are whole numbers
     save(fig, "residual.png")
     if "ffn_usage" not in res:
         return written
@@ -224,8 +250,11 @@ def write_figures(res: Dict[str, Any], out: Path, other: Optional[Dict[str, Any]
     share = np.array([u["share"] for u in res["ffn_usage"]])
     fig, ax = plt.subplots(figsize=(10, 0.35 * len(share) + 1.6))
     im = ax.imshow(share, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set(title="σ-MoE expert usage per layer application (share of selections)", xlabel="expert",
-           ylabel="layer application (layer id)")
+    ax.set(
+        title="σ-MoE expert usage per layer application (share of selections)",
+        xlabel="expert",
+        ylabel="layer application (layer id)",
+    )
     ax.set_yticks(range(len(share)), [f"{i + 1} ({u['layer']})" for i, u in enumerate(res["ffn_usage"])])
     fig.colorbar(im, ax=ax, label="share")
     save(fig, "ffn_usage.png")
@@ -240,15 +269,27 @@ def write_figures(res: Dict[str, Any], out: Path, other: Optional[Dict[str, Any]
         ax.set_yticks(range(len(m)), range(1, len(m) + 1))
         for i in range(len(m)):
             for j in range(len(m)):
-                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if m[i, j] < 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{m[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if m[i, j] < 0.6 else "black",
+                )
     fig.colorbar(im, ax=list(axes[0]), label="mean IoU over tokens")
     fig.savefig(out / "ffn_overlap.png", dpi=130)
     plt.close(fig)
     written.append(out / "ffn_overlap.png")
 
-    rows = [(i, name, h, u["share"]) for i, a in enumerate(res["attention_usage"]) for name in ("att_v", "att_o")
-            if name in a for h, u in enumerate(a[name])]
+    rows = [
+        (i, name, h, u["share"])
+        for i, a in enumerate(res["attention_usage"])
+        for name in ("att_v", "att_o")
+        if name in a
+        for h, u in enumerate(a[name])
+    ]
     if rows:
         fig, axes = plt.subplots(1, 2, figsize=(10, 0.25 * len(rows) / 2 + 2.2))
         for ax, name in zip(axes, ("att_v", "att_o")):
@@ -257,8 +298,11 @@ def write_figures(res: Dict[str, Any], out: Path, other: Optional[Dict[str, Any]
                 ax.axis("off")
                 continue
             im = ax.imshow(np.array([r[3] for r in mine]), aspect="auto", cmap="viridis", interpolation="nearest")
-            ax.set(title=f"SwitchHead {'value' if name == 'att_v' else 'output'} experts",
-                   xlabel="expert of the head", ylabel="(application, head)")
+            ax.set(
+                title=f"SwitchHead {'value' if name == 'att_v' else 'output'} experts",
+                xlabel="expert of the head",
+                ylabel="(application, head)",
+            )
             ax.set_yticks(range(len(mine)), [f"{r[0] + 1}, h{r[2]}" for r in mine], fontsize=6)
             fig.colorbar(im, ax=ax, label="share")
         save(fig, "attention_usage.png")
@@ -267,14 +311,18 @@ def write_figures(res: Dict[str, Any], out: Path, other: Optional[Dict[str, Any]
     fig, ax = plt.subplots(figsize=(5, 3.6))
     ax.scatter([d["count"] for d in div.values()], [d["distinct_mean"] for d in div.values()], s=6, alpha=0.5)
     ax.set_xscale("log")
-    ax.set(title="Distinct FFN experts a token type gets", xlabel="occurrences of the token",
-           ylabel="distinct experts (mean over applications)")
+    ax.set(
+        title="Distinct FFN experts a token type gets",
+        xlabel="occurrences of the token",
+        ylabel="distinct experts (mean over applications)",
+    )
     save(fig, "token_diversity.png")
     return written
 
 
-def write_report(res: Dict[str, Any], out: Path, other: Optional[Dict[str, Any]] = None,
-                 labels: Sequence[str] = ("run", "compare")) -> List[Path]:
+def write_report(
+    res: Dict[str, Any], out: Path, other: Optional[Dict[str, Any]] = None, labels: Sequence[str] = ("run", "compare")
+) -> List[Path]:
     out.mkdir(parents=True, exist_ok=True)
     figures = write_figures(res, out, other, labels)
     (out / "analysis.json").write_text(json.dumps({"run": res, "compare": other}, indent=1))

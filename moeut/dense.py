@@ -5,6 +5,7 @@ TransformerLanguageModel, with the output LayerNorm that pre-LN variants get).
 Same interface as `MoEUTLM` (forward(tokens, mask, kv_cache) -> MoEUTOutput, reg_loss always 0), so
 the trainer, generator and evaluator treat both alike. Parameter-matched sizes: `profiles.Dense_*`.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,10 +21,17 @@ from moeut.moe import aligned_width_padding
 from moeut.ops.norm import LayerNorm
 
 
-
 class DenseLayer(torch.nn.Module):
-    def __init__(self, d_model: int, n_heads: int, d_head: int, d_ff: int, dropout: float,
-                 rotate_fraction: float = 0.5, rope_base: float = 10000):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_head: int,
+        d_ff: int,
+        dropout: float,
+        rotate_fraction: float = 0.5,
+        rope_base: float = 10000,
+    ):
         super().__init__()
         self.n_heads, self.d_head = n_heads, d_head
         n_rotate = int(rotate_fraction * d_head)
@@ -36,15 +44,15 @@ class DenseLayer(torch.nn.Module):
         self.ff1 = torch.nn.Linear(d_model, d_ff)
         self.ff2 = torch.nn.Linear(d_ff, d_model)
         self.drop = torch.nn.Dropout(dropout)
-        self._inference_weight: Optional[Tuple[Tensor, Tensor, Tensor]] = None   # see `_freeze_inference_weight`
+        self._inference_weight: Optional[Tuple[Tensor, Tensor, Tensor]] = None  # see `_freeze_inference_weight`
         self._inference_weight_frozen = False
 
     def forward(self, x: Tensor, mask: Optional[AttentionMask], kv_cache: KVCache):
         B, T, _ = x.shape
-        h, x = self.ln1.normalize_and_pass(x)   # the residual's gradient is added in the LayerNorm's backward
+        h, x = self.ln1.normalize_and_pass(x)  # the residual's gradient is added in the LayerNorm's backward
         q, k, v = self.qkv(h).view(B, T, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
         # d_head^-0.5 split over q and k, as MoEUT does: without gradients both rotate in one launch
-        scale = self.d_head ** -0.25
+        scale = self.d_head**-0.25
         att, kv_cache = attend(q, k, v, mask, kv_cache, self.n_rotate, self.rope_base, q_scale=scale, k_scale=scale)
         x = x + self.drop(self.o(att.transpose(1, 2).reshape(B, T, -1)))
         h, x = self.ln2.normalize_and_pass(x)
@@ -55,7 +63,7 @@ class DenseLayer(torch.nn.Module):
         """ReLU MLP. A hidden width that is not a multiple of 8 (4110 at 244M) is zero-padded for the
         product (the extra units are relu(0) = 0 and get no gradient): the same alignment care as
         MoEUT's router gets (`SigmaMoE.selector_logits`)."""
-        if self._inference_weight_frozen and not torch.is_grad_enabled():   # decoding: padded once per call
+        if self._inference_weight_frozen and not torch.is_grad_enabled():  # decoding: padded once per call
             w1, b1, w2 = self._inference_weight
             return F.linear(F.relu(F.linear(x, w1, b1)), w2, self.ff2.bias)
         pad = aligned_width_padding(self.ff1.out_features, x)
@@ -73,23 +81,38 @@ class DenseLayer(torch.nn.Module):
         w1, b1, w2 = self.ff1.weight, self.ff1.bias, self.ff2.weight
         shapes = ((w1.shape[0] + pad, w1.shape[1]), (b1.shape[0] + pad,), (w2.shape[0], w2.shape[1] + pad))
         kept = self._inference_weight
-        if kept is None or [t.shape for t in kept] != [torch.Size(s) for s in shapes] or kept[0].dtype != w1.dtype \
-                or kept[0].device != w1.device:
+        if (
+            kept is None
+            or [t.shape for t in kept] != [torch.Size(s) for s in shapes]
+            or kept[0].dtype != w1.dtype
+            or kept[0].device != w1.device
+        ):
             kept = self._inference_weight = tuple(w1.new_zeros(s) for s in shapes)
-        kept[0][:w1.shape[0]].copy_(w1)
-        kept[1][:b1.shape[0]].copy_(b1)
-        kept[2][:, :w2.shape[1]].copy_(w2)
+        kept[0][: w1.shape[0]].copy_(w1)
+        kept[1][: b1.shape[0]].copy_(b1)
+        kept[2][:, : w2.shape[1]].copy_(w2)
         self._inference_weight_frozen = True
 
 
 class DenseLM(torch.nn.Module):
-    def __init__(self, n_tokens: int, d_model: int, n_layers: int, n_heads: int, d_ff: int,
-                 d_head: Optional[int] = None, dropout: float = 0.0, scale_embedding: bool = False):
+    def __init__(
+        self,
+        n_tokens: int,
+        d_model: int,
+        n_layers: int,
+        n_heads: int,
+        d_ff: int,
+        d_head: Optional[int] = None,
+        dropout: float = 0.0,
+        scale_embedding: bool = False,
+    ):
         super().__init__()
         for name, v in dict(n_tokens=n_tokens, d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=d_ff).items():
             require(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
-        require(d_head is not None or d_model % n_heads == 0,
-                 f"n_heads ({n_heads}) must divide d_model ({d_model}) when d_head is None")
+        require(
+            d_head is not None or d_model % n_heads == 0,
+            f"n_heads ({n_heads}) must divide d_model ({d_model}) when d_head is None",
+        )
         d_head = d_head or d_model // n_heads
         self.n_tokens = n_tokens
         self.n_layers = n_layers
@@ -120,8 +143,13 @@ class DenseLM(torch.nn.Module):
         n_layers = len(self.layers)
         for layer in self.layers:
             q_rows = layer.qkv.weight.shape[0] // 3
-            blocks = [layer.qkv.weight[:q_rows], layer.qkv.weight[q_rows:], layer.o.weight, layer.ff1.weight,
-                      layer.ff2.weight]
+            blocks = [
+                layer.qkv.weight[:q_rows],
+                layer.qkv.weight[q_rows:],
+                layer.o.weight,
+                layer.ff1.weight,
+                layer.ff2.weight,
+            ]
             for w in blocks:
                 torch.nn.init.trunc_normal_(w)
                 w.mul_(math.sqrt(2 / (n_layers * w.shape[1])) / w.std())
@@ -131,8 +159,9 @@ class DenseLM(torch.nn.Module):
                 torch.nn.init.ones_(norm.weight)
                 torch.nn.init.zeros_(norm.bias)
 
-    def forward(self, x: Tensor, mask: Optional[AttentionMask] = None,
-                kv_cache: MultilayerKVCache = None) -> MoEUTOutput:
+    def forward(
+        self, x: Tensor, mask: Optional[AttentionMask] = None, kv_cache: MultilayerKVCache = None
+    ) -> MoEUTOutput:
         check_tokens(x, self.n_tokens)
         B, T = x.shape
         S = kv_cache_key_length(kv_cache, B, self.n_layers, T)

@@ -22,6 +22,7 @@ Data directory layout (as the public releases ship the files):
     arc/arc_easy.jsonl, arc/arc_challenge.jsonl             llm-foundry's copy (query, choices, gold)
     cbt/cbtest_{CN,NE,P,V}_test_2500ex.txt                  the Children's Book Test
 """
+
 from __future__ import annotations
 
 import bz2
@@ -41,32 +42,44 @@ import torch.nn.functional as F
 SOURCES = {
     "lambada": (("lambada/lambada_test.jsonl",), "the OpenAI LAMBADA test file (github cybertronai/bflm)"),
     "blimp": (("blimp",), "the BLiMP data/ folder (github alexwarstadt/blimp), one .jsonl per paradigm"),
-    "hellaswag": (("hellaswag/hellaswag_val.jsonl", "hellaswag/hellaswag_val_full.txt.bz2"),
-                  "github rowanz/hellaswag data/hellaswag_val.jsonl (or klosax/hellaswag_text_data)"),
+    "hellaswag": (
+        ("hellaswag/hellaswag_val.jsonl", "hellaswag/hellaswag_val_full.txt.bz2"),
+        "github rowanz/hellaswag data/hellaswag_val.jsonl (or klosax/hellaswag_text_data)",
+    ),
     "piqa": (("piqa/valid.jsonl",), "PIQA validation (github ybisk/ybisk.github.io piqa/data), with valid-labels.lst"),
-    "arc_easy": (("arc/ARC-Easy-Test.jsonl", "arc/arc_easy.jsonl"),
-                 "AI2's ARC-V1-Feb2018 release (or mosaicml/llm-foundry's local_data/world_knowledge copy)"),
-    "arc_challenge": (("arc/ARC-Challenge-Test.jsonl", "arc/arc_challenge.jsonl"),
-                      "AI2's ARC-V1-Feb2018 release (or mosaicml/llm-foundry's local_data/world_knowledge copy)"),
+    "arc_easy": (
+        ("arc/ARC-Easy-Test.jsonl", "arc/arc_easy.jsonl"),
+        "AI2's ARC-V1-Feb2018 release (or mosaicml/llm-foundry's local_data/world_knowledge copy)",
+    ),
+    "arc_challenge": (
+        ("arc/ARC-Challenge-Test.jsonl", "arc/arc_challenge.jsonl"),
+        "AI2's ARC-V1-Feb2018 release (or mosaicml/llm-foundry's local_data/world_knowledge copy)",
+    ),
     "cbt": (("cbt",), "the Children's Book Test (fb.ai babi CBTest): cbtest_{CN,NE,P,V}_test_2500ex.txt"),
 }
 TASKS = tuple(SOURCES)
 PROTOCOL = "moeut-eval 2: the rules of the paper's training code (see this module's docstring)"
-PAPER_TABLE = (("lambada", "accuracy"), ("blimp", "accuracy"), ("cbt", "accuracy"), ("hellaswag", "accuracy"),
-               ("piqa", "accuracy"), ("arc_easy", "accuracy"))
+PAPER_TABLE = (
+    ("lambada", "accuracy"),
+    ("blimp", "accuracy"),
+    ("cbt", "accuracy"),
+    ("hellaswag", "accuracy"),
+    ("piqa", "accuracy"),
+    ("arc_easy", "accuracy"),
+)
 
 
 @dataclass
 class Request:
-    context: List[int]        # conditioned on, never scored
-    continuation: List[int]   # scored (with no context, from its second token on)
+    context: List[int]  # conditioned on, never scored
+    continuation: List[int]  # scored (with no context, from its second token on)
 
 
 @dataclass
 class Score:
-    logprob: float        # summed log-probability of the scored tokens
-    n_tokens: int         # tokens scored
-    greedy: bool          # every scored token is the argmax given what precedes it
+    logprob: float  # summed log-probability of the scored tokens
+    n_tokens: int  # tokens scored
+    greedy: bool  # every scored token is the argmax given what precedes it
 
 
 class MissingData(FileNotFoundError):
@@ -78,8 +91,7 @@ def _need(data_dir: Path, task: str) -> Path:
     for rel in rels:
         if (Path(data_dir) / rel).exists():
             return Path(data_dir) / rel
-    raise MissingData(f"{task}: {Path(data_dir) / rels[0]} not found. It comes from {origin}; "
-                      f"see README 'Evaluation'.")
+    raise MissingData(f"{task}: {Path(data_dir) / rels[0]} not found. It comes from {origin}; see README 'Evaluation'.")
 
 
 def _read_jsonl(path: Path) -> List[dict]:
@@ -87,19 +99,26 @@ def _read_jsonl(path: Path) -> List[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _batches(model, seqs: Sequence[List[int]], batch_size: int, progress: Optional[str]
-             ) -> Iterator[Tuple[List[int], torch.Tensor, torch.Tensor]]:
+def _batches(
+    model, seqs: Sequence[List[int]], batch_size: int, progress: Optional[str]
+) -> Iterator[Tuple[List[int], torch.Tensor, torch.Tensor]]:
     """(indices into seqs, logits [b, L, V] fp32, tokens [b, L + 1]) per batch: right-padded, longest
     first. Causal attention: the padding never reaches a real position."""
     from tqdm import tqdm
+
     device = next(model.parameters()).device
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    for b0 in tqdm(range(0, len(order), batch_size), desc=progress or "scoring", disable=progress is None,
-                   unit="batch", leave=False):
-        idx = order[b0:b0 + batch_size]
+    for b0 in tqdm(
+        range(0, len(order), batch_size),
+        desc=progress or "scoring",
+        disable=progress is None,
+        unit="batch",
+        leave=False,
+    ):
+        idx = order[b0 : b0 + batch_size]
         x = torch.zeros(len(idx), len(seqs[idx[0]]), dtype=torch.long)
         for j, i in enumerate(idx):
-            x[j, :len(seqs[i])] = torch.tensor(seqs[i])
+            x[j, : len(seqs[i])] = torch.tensor(seqs[i])
         x = x.to(device)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x[:, :-1]).outputs.float()
@@ -107,8 +126,13 @@ def _batches(model, seqs: Sequence[List[int]], batch_size: int, progress: Option
 
 
 @torch.no_grad()
-def score_requests(model, requests: Sequence[Request], batch_size: int = 32, max_len: Optional[int] = None,
-                   progress: Optional[str] = None) -> List[Score]:
+def score_requests(
+    model,
+    requests: Sequence[Request],
+    batch_size: int = 32,
+    max_len: Optional[int] = None,
+    progress: Optional[str] = None,
+) -> List[Score]:
     """The log-probability of each request's scored tokens (`get_lprobs`), each sequence whole as the
     training code scores it (it never truncates; RoPE positions run past the training context).
     `max_len`: cut a sequence longer than max_len + 1 tokens from its start instead."""
@@ -154,8 +178,13 @@ def _compare(model, tok, items, batch_size: int, per_token: bool, name: str) -> 
         right.setdefault(group, []).append(strictly_best(s, gold))
     groups = {g: sum(v) / len(v) for g, v in right.items()}
     n_items = sum(len(v) for v in right.values())
-    return {"accuracy": sum(groups.values()) / max(len(groups), 1), "accuracy_stderr": mean_of_groups_stderr(right),
-            "items": n_items, "item_accuracy": sum(sum(v) for v in right.values()) / max(n_items, 1), "groups": groups}
+    return {
+        "accuracy": sum(groups.values()) / max(len(groups), 1),
+        "accuracy_stderr": mean_of_groups_stderr(right),
+        "items": n_items,
+        "item_accuracy": sum(sum(v) for v in right.values()) / max(n_items, 1),
+        "groups": groups,
+    }
 
 
 def mean_of_groups_stderr(right: Dict[str, List[bool]]) -> float:
@@ -184,7 +213,7 @@ def eval_lambada(model, tok, data_dir, limit, batch_size, max_len: Optional[int]
     the perplexity of every token of the texts (`lm_perplexity`)."""
     texts = [d["text"] for d in _read_jsonl(_need(data_dir, "lambada"))]
     texts = texts[:limit] if limit else texts
-    seqs = [tok.encode(t)[-(max_len + 1):] if max_len is not None else tok.encode(t) for t in texts]
+    seqs = [tok.encode(t)[-(max_len + 1) :] if max_len is not None else tok.encode(t) for t in texts]
     words = [t.split(" ")[-1] for t in texts]
     right, last_token_right = [], 0
     word_losses, nll, n_tok = [], 0.0, 0
@@ -192,19 +221,23 @@ def eval_lambada(model, tok, data_dir, limit, batch_size, max_len: Optional[int]
         pred = logits.argmax(-1)
         for j, i in enumerate(idx):
             n, word = len(seqs[i]), words[i]
-            out_seq = pred[j, max(n - 1 - len(word), 0):n - 1].tolist()
+            out_seq = pred[j, max(n - 1 - len(word), 0) : n - 1].tolist()
             right.append(tok.decode(out_seq).split(" ")[-1] == word)
             word_ids = tok.encode(" " + word)
             last_token_right += int(pred[j, n - 2]) == word_ids[-1]
-            at = logits[j, max(n - 1 - len(word_ids), 0):n - 1]
-            word_losses.append(F.cross_entropy(at, torch.tensor(word_ids[-len(at):], device=at.device)).item())
-            nll += F.cross_entropy(logits[j, :n - 1], x[j, 1:n], reduction="sum").item()
+            at = logits[j, max(n - 1 - len(word_ids), 0) : n - 1]
+            word_losses.append(F.cross_entropy(at, torch.tensor(word_ids[-len(at) :], device=at.device)).item())
+            nll += F.cross_entropy(logits[j, : n - 1], x[j, 1:n], reduction="sum").item()
             n_tok += n - 1
     count = max(len(seqs), 1)
-    return {"accuracy": sum(right) / count, "accuracy_stderr": mean_of_groups_stderr({"all": right}),
-            "last_word_perplexity": math.exp(sum(word_losses) / count),
-            "last_token_accuracy": last_token_right / count, "lm_perplexity": math.exp(nll / max(n_tok, 1)),
-            "items": len(seqs)}
+    return {
+        "accuracy": sum(right) / count,
+        "accuracy_stderr": mean_of_groups_stderr({"all": right}),
+        "last_word_perplexity": math.exp(sum(word_losses) / count),
+        "last_token_accuracy": last_token_right / count,
+        "lm_perplexity": math.exp(nll / max(n_tok, 1)),
+        "items": len(seqs),
+    }
 
 
 def eval_blimp(model, tok, data_dir, limit, batch_size):
@@ -228,7 +261,7 @@ def eval_blimp(model, tok, data_dir, limit, batch_size):
     return {**r, "paradigms": r.pop("groups"), "fields": {k: sum(v) / len(v) for k, v in by_field.items()}}
 
 
-HELLASWAG_CLEANUP = re.compile(r"\\[.*?\\]")   # as `HellaSwag.CLEANUP_REGEX` is written (see below)
+HELLASWAG_CLEANUP = re.compile(r"\\[.*?\\]")  # as `HellaSwag.CLEANUP_REGEX` is written (see below)
 
 
 def hellaswag_preprocess(text: str) -> str:
@@ -247,14 +280,26 @@ def eval_hellaswag(model, tok, data_dir, limit, batch_size):
     if path.suffix == ".jsonl":
         for d in _read_jsonl(path):
             ctx = d["activity_label"] + ": " + d["ctx_a"] + " " + d["ctx_b"].capitalize()
-            items.append((hellaswag_preprocess(ctx), [" " + hellaswag_preprocess(e) for e in d["endings"]],
-                          int(d["label"]), "val"))
+            items.append(
+                (
+                    hellaswag_preprocess(ctx),
+                    [" " + hellaswag_preprocess(e) for e in d["endings"]],
+                    int(d["label"]),
+                    "val",
+                )
+            )
     else:
         with bz2.open(path, "rt", encoding="utf-8") as f:
             lines = [line.rstrip("\n") for line in f]
         for i in range(0, len(lines) - 5, 6):
-            items.append((hellaswag_preprocess(lines[i]), [" " + hellaswag_preprocess(e) for e in lines[i + 2:i + 6]],
-                          int(lines[i + 1]), "val"))
+            items.append(
+                (
+                    hellaswag_preprocess(lines[i]),
+                    [" " + hellaswag_preprocess(e) for e in lines[i + 2 : i + 6]],
+                    int(lines[i + 1]),
+                    "val",
+                )
+            )
     items = items[:limit] if limit else items
     return _compare(model, tok, items, batch_size, per_token=True, name="hellaswag")
 
@@ -266,8 +311,10 @@ def eval_piqa(model, tok, data_dir, limit, batch_size):
     if not labels_path.exists():
         raise MissingData(f"piqa: {labels_path} not found (it comes with valid.jsonl)")
     labels = [int(line) for line in open(labels_path) if line.strip()]
-    items = [(f"Question: {q['goal'].strip()}\nAnswer:", [" " + q["sol1"], " " + q["sol2"]], g, "val")
-             for q, g in zip(_read_jsonl(path), labels)]
+    items = [
+        (f"Question: {q['goal'].strip()}\nAnswer:", [" " + q["sol1"], " " + q["sol2"]], g, "val")
+        for q, g in zip(_read_jsonl(path), labels)
+    ]
     items = items[:limit] if limit else items
     return _compare(model, tok, items, batch_size, per_token=True, name="piqa")
 
@@ -279,23 +326,36 @@ def _eval_arc(task):
         path = _need(data_dir, task)
         items = []
         for q in _read_jsonl(path):
-            if "question" in q:   # AI2's release
+            if "question" in q:  # AI2's release
                 labels = [c["label"] for c in q["question"]["choices"]]
                 ctx = "Question: " + q["question"]["stem"] + "\nAnswer:"
                 conts, gold = [" " + c["text"] for c in q["question"]["choices"]], labels.index(q["answerKey"])
-            else:                 # llm-foundry's copy: its query is "Question: " + stem
+            else:  # llm-foundry's copy: its query is "Question: " + stem
                 ctx, conts, gold = q["query"] + "\nAnswer:", [" " + c for c in q["choices"]], int(q["gold"])
             if len(conts) == 4:
                 items.append((ctx, conts, gold, task))
         items = items[:limit] if limit else items
         return _compare(model, tok, items, batch_size, per_token=True, name=task)
+
     return run
 
 
 def cbt_detokenize(text: str) -> str:
     """`ChildrenBooksTest.detokenize`: the PTB-style spacing of the CBT files undone."""
-    for a, b in ((" '", "'"), (" \n", "\n"), ("\n ", "\n"), (" n't", "n't"), ("`` ", '"'), ("''", '"'),
-                 (" :", ":"), (" ;", ";"), (" !", "!"), (" ?", "?"), (" ,", ","), (" .", ".")):
+    for a, b in (
+        (" '", "'"),
+        (" \n", "\n"),
+        ("\n ", "\n"),
+        (" n't", "n't"),
+        ("`` ", '"'),
+        ("''", '"'),
+        (" :", ":"),
+        (" ;", ";"),
+        (" !", "!"),
+        (" ?", "?"),
+        (" ,", ","),
+        (" .", "."),
+    ):
         text = text.replace(a, b)
     return text
 
@@ -318,7 +378,7 @@ def read_cbt(path: Path) -> List[Tuple[str, List[str], int]]:
     for raw in list(open(path, encoding="utf-8")) + [""]:
         line = raw.strip()
         if line:
-            lines.append(line[line.index(" ") + 1:])
+            lines.append(line[line.index(" ") + 1 :])
         elif lines:
             item = cbt_item(lines)
             if item is not None:
@@ -341,9 +401,15 @@ def eval_cbt(model, tok, data_dir, limit, batch_size):
     return {**r, "subsets": r.pop("groups")}
 
 
-TASK_FNS: Dict[str, Callable] = {"lambada": eval_lambada, "blimp": eval_blimp, "hellaswag": eval_hellaswag,
-                                 "piqa": eval_piqa, "arc_easy": _eval_arc("arc_easy"),
-                                 "arc_challenge": _eval_arc("arc_challenge"), "cbt": eval_cbt}
+TASK_FNS: Dict[str, Callable] = {
+    "lambada": eval_lambada,
+    "blimp": eval_blimp,
+    "hellaswag": eval_hellaswag,
+    "piqa": eval_piqa,
+    "arc_easy": _eval_arc("arc_easy"),
+    "arc_challenge": _eval_arc("arc_challenge"),
+    "cbt": eval_cbt,
+}
 
 
 def paper_average(results: Dict[str, dict]) -> Optional[float]:
@@ -361,7 +427,7 @@ def eval_windows(tokens: np.ndarray, context: int, max_windows: Optional[int] = 
     if max_windows is not None:
         starts = starts[:max_windows]
     for s in starts:
-        w = np.asarray(tokens[s: s + context + 1], dtype=np.int64)
+        w = np.asarray(tokens[s : s + context + 1], dtype=np.int64)
         if len(w) >= 2:
             yield torch.from_numpy(w)
 
@@ -381,7 +447,7 @@ def windows_perplexity(model, windows: Iterable[torch.Tensor], bf16: Optional[bo
     return math.exp(nll / max(count, 1)), count
 
 
-MAX_TEXT_BYTES = 1 << 30   # an evaluation text or prompt file
+MAX_TEXT_BYTES = 1 << 30  # an evaluation text or prompt file
 TEXT_BLOCK = 4 << 20
 
 
@@ -390,6 +456,7 @@ def read_text_file(path: str | Path, max_bytes: int = MAX_TEXT_BYTES) -> str:
     `max_bytes`, holds a NUL byte (binary; found in the first block that has one) or is not UTF-8."""
     import codecs
     from moeut.files import FileProblem, open_file
+
     try:
         fd = open_file(path, max_bytes=max_bytes)
     except FileProblem as e:
@@ -409,18 +476,21 @@ def read_text_file(path: str | Path, max_bytes: int = MAX_TEXT_BYTES) -> str:
                 offset += len(block)
             parts.append(decoder.decode(b"", final=True))
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not valid UTF-8 text (it ends inside a character, byte {offset + e.start})") from None
+        raise ValueError(
+            f"{path} is not valid UTF-8 text (it ends inside a character, byte {offset + e.start})"
+        ) from None
     return "".join(parts)
 
 
 def text_perplexity(model, tok, paths: Sequence[str], context: int = 1024) -> Dict[str, float]:
     """Perplexity over non-overlapping `context`-token windows of the given files."""
-    texts = [read_text_file(p) for p in paths]   # every file checked before any scoring
+    texts = [read_text_file(p) for p in paths]  # every file checked before any scoring
 
     def windows():
         for text in texts:
             ids = np.asarray(tok.encode_documents([text])[0])
             yield from eval_windows(ids, context)
+
     ppl, count = windows_perplexity(model, windows())
     return {"perplexity": ppl, "tokens": count}
 
@@ -430,14 +500,26 @@ def _result_line(name: str, r: dict) -> str:
     label = "ppl" if "perplexity" in r and "accuracy" not in r else "acc"
     line = f"{name:16s} {score:10.4f} {r.get('items', r.get('tokens', 0)):7d} {r['seconds']:8.1f}  ({label})"
     if name == "lambada" and "lm_perplexity" in r:
-        line += (f"\n{'':16s} last-word perplexity {r['last_word_perplexity']:.2f}, last-token accuracy "
-                 f"{r['last_token_accuracy']:.4f}, perplexity of all tokens {r['lm_perplexity']:.2f}")
+        line += (
+            f"\n{'':16s} last-word perplexity {r['last_word_perplexity']:.2f}, last-token accuracy "
+            f"{r['last_token_accuracy']:.4f}, perplexity of all tokens {r['lm_perplexity']:.2f}"
+        )
     return line
 
 
-def run_eval(model, tok, tasks: Sequence[str], data_dir: str, texts: Sequence[str], limit: Optional[int],
-             batch_size: int, context: int = 1024, printer=print, skip_missing: bool = False,
-             on_result: Optional[Callable[[Dict[str, dict]], None]] = None) -> Dict[str, dict]:
+def run_eval(
+    model,
+    tok,
+    tasks: Sequence[str],
+    data_dir: str,
+    texts: Sequence[str],
+    limit: Optional[int],
+    batch_size: int,
+    context: int = 1024,
+    printer=print,
+    skip_missing: bool = False,
+    on_result: Optional[Callable[[Dict[str, dict]], None]] = None,
+) -> Dict[str, dict]:
     """Evaluate; with skip_missing (used for `--tasks all`) a task whose data is absent is reported and
     skipped. Each task's line is printed as soon as it finishes and `on_result(results so far)` is
     called, so an interrupted run keeps what it finished."""

@@ -17,6 +17,7 @@ other names keep their bytes.
 
 Nothing here imports the rest of moeut.
 """
+
 from __future__ import annotations
 
 import errno
@@ -53,8 +54,9 @@ def open_dir(path: str | os.PathLike, dir_fd: Optional[int] = None) -> int:
         raise
 
 
-def open_file(path: str | os.PathLike, dir_fd: Optional[int] = None, max_bytes: Optional[int] = None,
-              what: Optional[str] = None) -> int:
+def open_file(
+    path: str | os.PathLike, dir_fd: Optional[int] = None, max_bytes: Optional[int] = None, what: Optional[str] = None
+) -> int:
     """A read handle on regular file `path` (relative to `dir_fd`), refusing a link, anything that is
     not a regular file, and (with `max_bytes`) a file larger than that."""
     name = what or str(path)
@@ -91,8 +93,9 @@ def read_fd(fd: int, size: int, offset: int = 0, what: str = "file") -> bytearra
     return buf
 
 
-def read_bytes(path: str | os.PathLike, max_bytes: int, dir_fd: Optional[int] = None,
-               what: Optional[str] = None) -> bytes:
+def read_bytes(
+    path: str | os.PathLike, max_bytes: int, dir_fd: Optional[int] = None, what: Optional[str] = None
+) -> bytes:
     """The whole of a regular file of at most `max_bytes`, read through one handle (see `open_file`)."""
     fd = open_file(path, dir_fd, max_bytes, what)
     try:
@@ -141,6 +144,7 @@ def _number(kind):
         if kind is float and value in (float("inf"), float("-inf")):
             raise ValueError(f"the number {text[:20]} is out of range")
         return value
+
     return parse
 
 
@@ -164,8 +168,7 @@ def parse_json(data: bytes | str, what: str, max_bytes: int, max_depth: int = MA
         raise FileProblem(f"{what} is not valid JSON ({e})") from None
 
 
-def read_json(path: str | os.PathLike, max_bytes: int, dir_fd: Optional[int] = None,
-              what: Optional[str] = None) -> Any:
+def read_json(path: str | os.PathLike, max_bytes: int, dir_fd: Optional[int] = None, what: Optional[str] = None) -> Any:
     """`parse_json` of a file read through `read_bytes`."""
     name = what or str(path)
     return parse_json(read_bytes(path, max_bytes, dir_fd, name), name, max_bytes)

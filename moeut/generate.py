@@ -4,6 +4,7 @@ top-p sampling, stop at end of text, reproducible with a seed. On CUDA the cache
 each decoding step is replayed from a CUDA graph (one launch instead of hundreds of small kernels),
 and the next step is launched before the host reads the current step's tokens.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,7 +17,7 @@ from moeut.attention import AttentionMask, frozen_inference_weights, new_static_
 from moeut.models import device_memory
 
 COMPILE_CAPACITY_STEP = 256  # with compile=True the KV cache holds a multiple of this many positions
-OVERLAP_HOST = True   # launch the next decoding step before reading this one's tokens (False: benchmarks' baseline)
+OVERLAP_HOST = True  # launch the next decoding step before reading this one's tokens (False: benchmarks' baseline)
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
@@ -45,7 +46,7 @@ def kv_cache_bytes(model, batch: int, positions: int) -> int:
         if isinstance(heads, int) and isinstance(width, int):
             break
     else:
-        return 0   # an attention module we do not know: no estimate
+        return 0  # an attention module we do not know: no estimate
     dtype_bytes = next(model.parameters()).element_size()
     return 2 * model.n_layers * batch * heads * positions * width * dtype_bytes
 
@@ -64,8 +65,9 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
-def pick_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-              generator: Optional[torch.Generator]) -> torch.Tensor:
+def pick_next(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: Optional[torch.Generator]
+) -> torch.Tensor:
     """Next token per row from [B, V] logits: argmax when temperature == 0, else a seeded sample."""
     if temperature <= 0:
         return logits.argmax(-1)
@@ -106,7 +108,7 @@ class _DecodeStep:
         if self.graph is None:
             self.tok = tok.clone()
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):   # recorded, not run: the replay below runs it
+            with torch.cuda.graph(self.graph):  # recorded, not run: the replay below runs it
                 self.logits = self._eager(self.tok)
         else:
             self.tok.copy_(tok)
@@ -153,10 +155,10 @@ def _static_decode_step(model, pad, cuda_graph: bool, compile: bool, reuse_graph
     kept = _KEPT_STEPS.pop(model, None) if key is not None else None
     if kept is not None and kept[0] == key:
         step = kept[1]
-        step.mask.src_length_mask.copy_(pad)   # a captured graph reads the padding mask in place
+        step.mask.src_length_mask.copy_(pad)  # a captured graph reads the padding mask in place
         torch._foreach_zero_([e["pos"] for e in step.cache.values()])
         return step, key
-    del kept   # one of other shapes: its memory is free before this call allocates
+    del kept  # one of other shapes: its memory is free before this call allocates
     kv = {i: new_static_cache(capacity) for i in range(model.n_layers)}
     return _DecodeStep(model, AttentionMask(pad, None, is_causal=True), kv, cuda_graph, compile), key
 
@@ -191,16 +193,16 @@ def _decode_static(model, x, step: _DecodeStep, sample, take, max_new_tokens: in
 def _decode_recomputing(model, x, pad, kv: Optional[dict], sample, take, max_new_tokens: int) -> None:
     """The official growing dict cache (kv = {}) or, with kv None, the whole sequence recomputed at
     every step (the reference the cached paths are tested against)."""
-    seq, seq_pad = x, pad
-    for i_step in range(max_new_tokens):
+    seq, seq_pad, new = x, pad, x  # `new`: the tokens the cache has not seen (the prompt, then one)
+    for _ in range(max_new_tokens):
         if kv is not None:
-            out = model(x if i_step == 0 else nxt[:, None], AttentionMask(seq_pad, None, is_causal=True),
-                        kv_cache=kv)
+            out = model(new, AttentionMask(seq_pad, None, is_causal=True), kv_cache=kv)
             kv, logits = out.cache, out.outputs[:, -1]
         else:
             logits = model(seq, AttentionMask(seq_pad, None, is_causal=True)).outputs[:, -1]
         nxt = sample(logits)
-        if take(nxt.tolist()):   # one device sync per step
+        new = nxt[:, None]
+        if take(nxt.tolist()):  # one device sync per step
             return
         seq = torch.cat([seq, nxt[:, None]], 1)
         seq_pad = torch.cat([seq_pad, torch.zeros(x.shape[0], 1, dtype=torch.bool, device=x.device)], 1)
@@ -211,14 +213,26 @@ def _supports_static_cache(model) -> bool:
     class with only the official interface knows the growing dict."""
     from moeut.attention import supports_static_cache
     from moeut.model import MoEUTLayer
+
     return all(supports_static_cache(m.attention) for m in model.modules() if isinstance(m, MoEUTLayer))
 
 
 @torch.no_grad()
-def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None, eos_id: Optional[int] = None,
-             on_token: Optional[Callable[[int, int], None]] = None, cache: str = "static",
-             cuda_graph: Optional[bool] = None, compile: bool = False, reuse_graph: bool = True) -> List[List[int]]:
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: Optional[int] = None,
+    eos_id: Optional[int] = None,
+    on_token: Optional[Callable[[int, int], None]] = None,
+    cache: str = "static",
+    cuda_graph: Optional[bool] = None,
+    compile: bool = False,
+    reuse_graph: bool = True,
+) -> List[List[int]]:
     """New tokens for each prompt (without the prompt; stops after eos_id, which is not returned).
 
     `on_token(row, token)` is called for every produced token (streaming). `cache`: "static" (a
@@ -241,8 +255,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     device = next(model.parameters()).device
     if cache == "static" and not _supports_static_cache(model):
         if cuda_graph or compile:
-            raise ValueError("cuda_graph and compile need a preallocated cache, which this model's attention "
-                             "modules do not support")
+            raise ValueError(
+                "cuda_graph and compile need a preallocated cache, which this model's attention modules do not support"
+            )
         cache = "dynamic"
     if cuda_graph is None:
         cuda_graph = device.type == "cuda" and cache == "static" and max_new_tokens >= 8
@@ -258,13 +273,15 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
         raise ValueError(f"prompt token {bad[0]!r} is not an id of this model's {vocab} tokens")
     need = kv_cache_bytes(model, B, L + max_new_tokens)
     if need > device_memory(device):
-        raise ValueError(f"max_new_tokens={max_new_tokens}: the KV cache for {B} x {L + max_new_tokens} positions "
-                         f"would need {need / 2**30:,.1f} GiB, more than {device} has")
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens}: the KV cache for {B} x {L + max_new_tokens} positions "
+            f"would need {need / 2**30:,.1f} GiB, more than {device} has"
+        )
     x = torch.zeros(B, L, dtype=torch.long, device=device)
     pad = torch.ones(B, L, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
-        x[i, L - len(p):] = torch.tensor(p, device=device)
-        pad[i, L - len(p):] = False
+        x[i, L - len(p) :] = torch.tensor(p, device=device)
+        pad[i, L - len(p) :] = False
     gen = None
     if seed is not None:
         gen = torch.Generator(device=device).manual_seed(seed)
@@ -295,15 +312,15 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
                 on_token(i, t)
         return all(done)
 
-    sample = lambda logits: pick_next(logits.float(), temperature, top_k, top_p, gen)   # noqa: E731
+    sample = lambda logits: pick_next(logits.float(), temperature, top_k, top_p, gen)
     try:
-        with frozen_inference_weights(model):   # the weights are constant during one call
+        with frozen_inference_weights(model):  # the weights are constant during one call
             if cache == "static":
                 _decode_static(model, x, step, sample, take, max_new_tokens)
             else:
                 _decode_recomputing(model, x, pad, kv, sample, take, max_new_tokens)
     finally:
         model.train(was_training)
-    if key is not None and max_new_tokens > 0:   # (with 0 new tokens the cache was never filled)
+    if key is not None and max_new_tokens > 0:  # (with 0 new tokens the cache was never filled)
         _KEPT_STEPS[model] = (key, step)
     return out_tokens

@@ -2,6 +2,7 @@
 checked by type and range, the parameter count and training FLOPs computed from the arguments alone,
 size and memory checks made before anything is built, and the build itself.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -16,6 +17,7 @@ from moeut import profiles
 from moeut.dense import DenseLM
 from moeut.model import MoEUTLM
 
+
 def device_memory(device) -> int:
     """Bytes of memory of `device`: a GPU's total, or the machine's physical RAM (the bound that sizes
     are checked against before allocating)."""
@@ -25,18 +27,21 @@ def device_memory(device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-BYTES_PER_PARAMETER = {"train": 16, "infer": 4}   # fp32 weights (+ gradients and AdamW's two moments)
-MAX_INT_ARGUMENT = 1 << 20   # any width, count or k of a model
+BYTES_PER_PARAMETER = {"train": 16, "infer": 4}  # fp32 weights (+ gradients and AdamW's two moments)
+MAX_INT_ARGUMENT = 1 << 20  # any width, count or k of a model
 MAX_LAYERS = 4096
-MAX_PARAMETERS = 10 ** 12
+MAX_PARAMETERS = 10**12
 
 
 def _argument_kinds(cls) -> Dict[str, str]:
     """{argument: its annotation as written} of a model class's constructor (strings: the modules use
     `from __future__ import annotations`). MoEUT's `attention` takes a registered name here
     (`moeut.attention.registry`), which run.json and the export record."""
-    kinds = {n: str(p.annotation) for n, p in inspect.signature(cls.__init__).parameters.items()
-             if n not in ("self", "n_tokens", "attention")}
+    kinds = {
+        n: str(p.annotation)
+        for n, p in inspect.signature(cls.__init__).parameters.items()
+        if n not in ("self", "n_tokens", "attention")
+    }
     if "attention" in inspect.signature(cls.__init__).parameters:
         kinds["attention"] = "attention name"
     return kinds
@@ -46,15 +51,16 @@ def check_argument(name: str, value: Any, annotation: str, model: str) -> None:
     """One constructor argument against its annotation (int, Optional[int], float, bool, str) and range;
     ValueError naming the setting."""
     optional = annotation.startswith("Optional[")
-    base = annotation[len("Optional["):-1] if optional else annotation
+    base = annotation[len("Optional[") : -1] if optional else annotation
     if value is None and optional:
         return
     where = f"--set {name}={json.dumps(value)[:40]}: {model}'s {name}"
     if annotation == "attention name":
         from moeut.attention import attention_class
+
         if not isinstance(value, str):
             raise ValueError(f"{where} must be the name of a registered attention class")
-        attention_class(value)   # ValueError naming the registered ones
+        attention_class(value)  # ValueError naming the registered ones
         return
     if base == "int":
         if isinstance(value, bool) or not isinstance(value, int):
@@ -97,7 +103,7 @@ def model_kwargs(name: str, overrides: Dict[str, Any] | None = None) -> Dict[str
     kwargs = dict(table[size])
     kwargs.update(overrides or {})
     if kind == "dense":
-        kwargs.setdefault("scale_embedding", False)   # recorded in run.json (see `model_kwargs_of_run`)
+        kwargs.setdefault("scale_embedding", False)  # recorded in run.json (see `model_kwargs_of_run`)
     return kwargs
 
 
@@ -117,7 +123,7 @@ def parameter_count(name: str, n_tokens: int, kwargs: Dict[str, Any]) -> int:
     arguments alone (tests compare it with built models)."""
     V, D = n_tokens, kwargs["d_model"]
     heads = kwargs["n_heads"]
-    total = 2 * V * D + V + 2 * D                       # embedding, head (with bias), output LayerNorm
+    total = 2 * V * D + V + 2 * D  # embedding, head (with bias), output LayerNorm
     if name.startswith("dense"):
         Dh, F = kwargs.get("d_head") or D // heads, kwargs["d_ff"]
         per_layer = 4 * D + 3 * D * heads * Dh + heads * Dh * D + D * F + F + F * D + D
@@ -126,7 +132,7 @@ def parameter_count(name: str, n_tokens: int, kwargs: Dict[str, Any]) -> int:
     E, Ea = kwargs["ff_n_experts"], kwargs["att_n_experts"]
     F = kwargs.get("ff_expert_size", 128)
     attention = 2 * D * heads * Dh + (2 * heads * Ea * D * Dh + heads * Ea * D if Ea > 1 else 2 * heads * Dh * D)
-    attention += heads * Ea * D                           # the output selector (every Ea)
+    attention += heads * Ea * D  # the output selector (every Ea)
     per_layer = attention + 2 * E * D * F + E * D + 4 * D
     return total + kwargs.get("group_size", 2) * per_layer
 
@@ -139,21 +145,34 @@ def training_flops_per_token(name: str, n_tokens: int, kwargs: Dict[str, Any], c
     head. Elementwise work is left out: MFU is taken against this, as usual."""
     D, L, heads = kwargs["d_model"], kwargs["n_layers"], kwargs["n_heads"]
     Dh = kwargs.get("d_head") or D // heads
-    attention = 2 * heads * Dh * context                      # QK^T and AV, causal: 2 x 2 x (context / 2)
+    attention = 2 * heads * Dh * context  # QK^T and AV, causal: 2 x 2 x (context / 2)
     if name.startswith("dense"):
         per_layer = 2 * (4 * D * heads * Dh + 2 * D * kwargs["d_ff"]) + attention
     else:
         Ea, ka = kwargs["att_n_experts"], kwargs.get("att_k", 2)
         E, k, F = kwargs["ff_n_experts"], kwargs.get("ff_k", 8), kwargs.get("ff_expert_size", 128)
         heads_used = ka if Ea > 1 else 1
-        per_layer = 2 * (2 * D * heads * Dh + 2 * D * Dh * heads * heads_used + 2 * heads * Ea * D
-                         + D * E + 2 * D * F * k) + attention
+        per_layer = (
+            2 * (2 * D * heads * Dh + 2 * D * Dh * heads * heads_used + 2 * heads * Ea * D + D * E + 2 * D * F * k)
+            + attention
+        )
     return 3.0 * (L * per_layer + 2 * D * n_tokens)
 
 
 # Dense bf16 matrix throughput of the common training GPUs (their datasheets, without sparsity).
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12,
-                   "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12}
+PEAK_BF16_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "H800": 989e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "RTX 4090": 165e12,
+}
 
 
 def peak_bf16_flops(device) -> float | None:
@@ -173,8 +192,10 @@ def check_model_size(name: str, n_tokens: int, kwargs: Dict[str, Any]) -> int:
     except (KeyError, TypeError, ZeroDivisionError) as e:
         raise ValueError(f"bad model argument for {name}: {e}") from None
     if n > MAX_PARAMETERS:
-        raise ValueError(f"{name} with these arguments would have {n:.3g} parameters, more than {MAX_PARAMETERS:.0e}: "
-                         "check --set and run.json")
+        raise ValueError(
+            f"{name} with these arguments would have {n:.3g} parameters, more than {MAX_PARAMETERS:.0e}: "
+            "check --set and run.json"
+        )
     return n
 
 
@@ -193,9 +214,11 @@ def check_memory(model: torch.nn.Module, device, purpose: str) -> None:
     need = n * BYTES_PER_PARAMETER[purpose]
     have = device_memory(device)
     if need > have:
-        raise ValueError(f"the model has {n / 1e6:,.0f}M parameters: {'training' if purpose == 'train' else 'running'} "
-                         f"it needs at least {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of "
-                         f"{device}; choose a smaller --model or --set")
+        raise ValueError(
+            f"the model has {n / 1e6:,.0f}M parameters: {'training' if purpose == 'train' else 'running'} "
+            f"it needs at least {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of "
+            f"{device}; choose a smaller --model or --set"
+        )
 
 
 def parse_overrides(items) -> Dict[str, Any]:

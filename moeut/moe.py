@@ -9,6 +9,7 @@ experts read the raw residual).
 
 Shape suffixes follow the package legend (`moeut/__init__.py`).
 """
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,7 @@ from moeut.ops.expert_mm import expert_mm, expert_mm_combine, route
 from moeut.router import RouterLogits, check_activation, select_experts
 
 
-PADDING_MIN_ROWS = 1024   # fewer rows (decoding): the padded weight copy costs more than it saves
+PADDING_MIN_ROWS = 1024  # fewer rows (decoding): the padded weight copy costs more than it saves
 
 
 def aligned_width_padding(width: int, x: Tensor, multiple: int = 8) -> int:
@@ -42,9 +43,17 @@ def renorm_keep_std(weight: Tensor, dim: int = 0) -> None:
 
 
 class SigmaMoE(torch.nn.Module):
-    def __init__(self, dmodel: int, n_experts: int, expert_size: int, k: int,
-                 activation: Callable[[Tensor], Tensor] = F.relu, v_dim: Optional[int] = None,
-                 expert_dropout: float = 0.0, router_activation: str = "sigmoid"):
+    def __init__(
+        self,
+        dmodel: int,
+        n_experts: int,
+        expert_size: int,
+        k: int,
+        activation: Callable[[Tensor], Tensor] = F.relu,
+        v_dim: Optional[int] = None,
+        expert_dropout: float = 0.0,
+        router_activation: str = "sigmoid",
+    ):
         super().__init__()
         self.k_dim = dmodel
         self.v_dim = v_dim if v_dim is not None else dmodel
@@ -55,9 +64,9 @@ class SigmaMoE(torch.nn.Module):
         self.expert_dropout = expert_dropout
         self.router_activation = check_activation(router_activation)
 
-        self.keys = torch.nn.Parameter(torch.empty(n_experts, dmodel, expert_size))         # W1 [E, D, S]
-        self.values = torch.nn.Parameter(torch.empty(n_experts, expert_size, self.v_dim))   # W2 [E, S, D]
-        self.expert_sel = torch.nn.Parameter(torch.empty(n_experts, dmodel))                # selector [E, D]
+        self.keys = torch.nn.Parameter(torch.empty(n_experts, dmodel, expert_size))  # W1 [E, D, S]
+        self.values = torch.nn.Parameter(torch.empty(n_experts, expert_size, self.v_dim))  # W2 [E, S, D]
+        self.expert_sel = torch.nn.Parameter(torch.empty(n_experts, dmodel))  # selector [E, D]
 
     @torch.no_grad()
     def reset_parameters(self, std_scale: float) -> None:
@@ -80,18 +89,25 @@ class SigmaMoE(torch.nn.Module):
 
     def selector_logits(self, sel_input: Tensor) -> Tensor:
         """[..., E] router logits (a view of `_selector_product`)."""
-        return self._selector_product(sel_input)[..., :self.n_experts]
+        return self._selector_product(sel_input)[..., : self.n_experts]
 
     def select(self, sel_input: Tensor, prob_sum: bool = False) -> Tuple[RouterLogits, Tensor, Tensor]:
         """Router: (logits [..., E] with, when asked for and computed with them, the regulariser's softmax
         sum; gates [..., K], expert ids [..., K])."""
         product = self._selector_product(sel_input)
         dropout = self.expert_dropout if self.training else 0.0
-        return select_experts(product, self.n_heads, self.router_activation, expert_dropout=dropout,
-                              prob_sum=prob_sum and product.dim() == 3, n_valid=self.n_experts)
+        return select_experts(
+            product,
+            self.n_heads,
+            self.router_activation,
+            expert_dropout=dropout,
+            prob_sum=prob_sum and product.dim() == 3,
+            n_valid=self.n_experts,
+        )
 
-    def forward_with_logits(self, input: Tensor, sel_input: Optional[Tensor] = None,
-                            add_input: bool = False, prob_sum: bool = False) -> Tuple[Tensor, RouterLogits]:
+    def forward_with_logits(
+        self, input: Tensor, sel_input: Optional[Tensor] = None, add_input: bool = False, prob_sum: bool = False
+    ) -> Tuple[Tensor, RouterLogits]:
         """(output, router logits); with `add_input` the output is input + FFN(input) (a residual block:
         the fused path adds it inside its top-k sums, forward and backward); with `prob_sum` the router
         may compute the regulariser's softmax sum with its selection (`RouterLogits.prob_sum`)."""
@@ -100,7 +116,7 @@ class SigmaMoE(torch.nn.Module):
         logits, gate_BTK, expert_BTK = self.select(sel_input if sel_input is not None else input, prob_sum)
         x_RD = input.reshape(-1, self.k_dim)
         K = self.n_heads
-        folded = False   # whether out_RD already holds input + FFN(input)
+        folded = False  # whether out_RD already holds input + FFN(input)
         if gemv_applies(x_RD, expert_BTK.numel(), self.keys):  # decoding: a few tokens, no sort
             fuse_relu = self.activation is F.relu
             h_NF = project(x_RD, self.keys, expert_BTK, None, per_x=K, per_out=1, relu=fuse_relu)
@@ -111,10 +127,10 @@ class SigmaMoE(torch.nn.Module):
             # The routing (sort by expert) is computed once and shared by both projections and their backward.
             routing = route(expert_BTK.reshape(-1, self.n_heads), self.n_experts)
             gate_RK = gate_BTK.reshape(-1, self.n_heads)
-            if self.activation is F.relu:   # the ReLU and its backward ride on the kernels; so does the residual
+            if self.activation is F.relu:  # the ReLU and its backward ride on the kernels; so does the residual
                 folded = add_input
                 out_RD = expert_mlp(x_RD, self.keys, self.values, routing, gate_RK, residual=folded)
-            else:   # any other activation: the two projections as separate operators
+            else:  # any other activation: the two projections as separate operators
                 h_NF = self.activation(expert_mm(x_RD, self.keys, routing))
                 out_RD = expert_mm_combine(h_NF, self.values, routing, gate_RK, gather=False)
         out = out_RD.view(*input.shape[:-1], self.v_dim)

@@ -16,6 +16,7 @@ logits whatever the activation (`chosen_experts`, for statistics that need no ga
 
 Shape suffixes follow the package legend (`moeut/__init__.py`).
 """
+
 from __future__ import annotations
 
 from typing import List, NamedTuple, Optional, Tuple
@@ -40,7 +41,8 @@ def check_activation(activation: str) -> str:
 class RouterLogits(NamedTuple):
     """One router application's logits and, when the router computed it with its selection (training
     on CUDA: `ops.router.select_with_prob_sum`), the regulariser's softmax sum over positions."""
-    logits: Tensor                    # [B, T, E] or [B, T, H, E]
+
+    logits: Tensor  # [B, T, E] or [B, T, H, E]
     prob_sum: Optional[Tensor] = None  # [B, E] or [B, H, E], fp32
 
 
@@ -49,9 +51,16 @@ def scores(logits: Tensor, activation: str) -> Tensor:
     return torch.sigmoid(logits) if activation == "sigmoid" else torch.softmax(logits, dim=-1)
 
 
-def select_experts(logits: Tensor, k: int, activation: str = "sigmoid", *, fp32: bool = False,
-                   expert_dropout: float = 0.0, prob_sum: bool = False,
-                   n_valid: Optional[int] = None) -> Tuple[RouterLogits, Tensor, Tensor]:
+def select_experts(
+    logits: Tensor,
+    k: int,
+    activation: str = "sigmoid",
+    *,
+    fp32: bool = False,
+    expert_dropout: float = 0.0,
+    prob_sum: bool = False,
+    n_valid: Optional[int] = None,
+) -> Tuple[RouterLogits, Tensor, Tensor]:
     """(RouterLogits, gate [..., K], expert [..., K]) of selector logits [..., W] whose first `n_valid`
     columns (default all) are the experts' (the rest: alignment padding, never chosen).
 
@@ -70,7 +79,7 @@ def select_experts(logits: Tensor, k: int, activation: str = "sigmoid", *, fp32:
         if prob_sum and logits.dim() in (3, 4) and joint_selection_applies(logits):
             gate, expert, p_sum = select_with_prob_sum(logits, k, fp32=fp32, n_valid=n_valid)
             return RouterLogits(valid, p_sum), gate, expert
-        gate, expert = sigmoid_topk(valid, k, fp32=fp32)   # one kernel on CUDA
+        gate, expert = sigmoid_topk(valid, k, fp32=fp32)  # one kernel on CUDA
         return RouterLogits(valid), gate, expert
     gate, expert = scores(valid.float() if fp32 else valid, activation).topk(k, dim=-1, sorted=True)
     return RouterLogits(valid), gate, expert
@@ -92,6 +101,7 @@ class _ProbabilitySum(torch.autograd.Function):
         ctx.save_for_backward(logits)
         if use_fused(logits, "entropy"):
             from moeut.kernels.entropy import prob_sum_triton
+
             return prob_sum_triton(logits)
         return F.softmax(logits, dim=-1, dtype=torch.float32).sum(1)
 
@@ -101,12 +111,13 @@ class _ProbabilitySum(torch.autograd.Function):
         # is one kernel, its backward another, and one cast. The backward returns fp32: CUDA's can
         # return fp16 from fp32 gradients but not bf16 ("input to be at::Half and grad to be
         # at::Float"), so asking for bf16 would crash every GPU training step.
-        logits, = ctx.saved_tensors
+        (logits,) = ctx.saved_tensors
         if use_fused(logits, "entropy"):
             from moeut.kernels.entropy import prob_sum_backward_triton
+
             return prob_sum_backward_triton(grad_sum, logits)
         p = F.softmax(logits, dim=-1, dtype=torch.float32)
-        g = grad_sum.unsqueeze(1).expand_as(p).contiguous()   # the same upstream gradient at every position
+        g = grad_sum.unsqueeze(1).expand_as(p).contiguous()  # the same upstream gradient at every position
         return torch._softmax_backward_data(g, p, -1, p.dtype).to(logits.dtype)
 
 

@@ -6,6 +6,7 @@ before any module is built, and the newest checkpoint that passes `checkpoint_re
 (integrity, the model's shapes and dtypes, finite values) is loaded; checkpoints of the earlier pickle
 format are refused.
 """
+
 from __future__ import annotations
 
 import sys
@@ -66,7 +67,9 @@ def check_run_config(meta: Dict[str, Any], run_dir: Path) -> None:
     """The settings of run.json that readers use (the training context), in range; CheckpointError naming
     the file and the field."""
     context = meta.get("config", {}).get("context")
-    if context is not None and (isinstance(context, bool) or not isinstance(context, int)
-                                or not 1 <= context <= 1 << 20):
-        raise CheckpointError(f"{Path(run_dir) / 'run.json'}: config.context must be an integer from 1 to 1048576, "
-                              f"got {context!r}")
+    if context is not None and (
+        isinstance(context, bool) or not isinstance(context, int) or not 1 <= context <= 1 << 20
+    ):
+        raise CheckpointError(
+            f"{Path(run_dir) / 'run.json'}: config.context must be an integer from 1 to 1048576, got {context!r}"
+        )

@@ -10,6 +10,7 @@
 Change them in code through `moeut.settings.settings` (tests do), or in the environment before the
 first import of moeut. A bad value is an error at import, naming the variable.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,7 @@ from typing import FrozenSet, Mapping
 # The operators with a Triton kernel that MOEUT_PYTORCH_OPS can send back to PyTorch (the expert GEMMs
 # and weight gradients follow `triton` alone: their PyTorch paths are the references they are tested against).
 OPS = ("router", "entropy", "rope", "norm", "row_dot", "topk_sum", "route", "expert_gemv")
-MAX_WGRAD_DEFER = 9   # weight-gradient launches take at most this many applications (triton_weight_grad)
+MAX_WGRAD_DEFER = 9  # weight-gradient launches take at most this many applications (triton_weight_grad)
 
 
 @dataclass
@@ -44,8 +45,7 @@ class Settings:
         raw = env.get("MOEUT_WGRAD_DEFER", "9").strip()
         if not raw.isdigit() or int(raw) > MAX_WGRAD_DEFER:
             raise ValueError(f"MOEUT_WGRAD_DEFER must be a whole number from 0 to {MAX_WGRAD_DEFER}, got {raw!r}")
-        return cls(triton=flag("MOEUT_TRITON"), autotune=flag("MOEUT_AUTOTUNE"), pytorch_ops=ops,
-                   wgrad_defer=int(raw))
+        return cls(triton=flag("MOEUT_TRITON"), autotune=flag("MOEUT_AUTOTUNE"), pytorch_ops=ops, wgrad_defer=int(raw))
 
 
 settings = Settings.from_env()

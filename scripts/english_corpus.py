@@ -14,6 +14,7 @@ characters (the paper's tokenizer learns only from documents of at most 4192 byt
     debian-docs    debian-reference-en and gnu-standards, HTML reduced to its text
 Prints the documents and characters of each source.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -27,14 +28,21 @@ from pathlib import Path
 
 PACKAGES = {
     "python-docs": (["python3.11-doc"], ["usr/share/doc/python3.11/html/_sources/**/*.rst.txt"]),
-    "linux-docs": (["linux-doc-6.1"], ["usr/share/doc/linux-doc-6.1/Documentation/**/*.rst.gz",
-                                       "usr/share/doc/linux-doc-6.1/Documentation/**/*.txt.gz"]),
+    "linux-docs": (
+        ["linux-doc-6.1"],
+        [
+            "usr/share/doc/linux-doc-6.1/Documentation/**/*.rst.gz",
+            "usr/share/doc/linux-doc-6.1/Documentation/**/*.txt.gz",
+        ],
+    ),
     "perl-docs": (["perl-doc"], ["usr/share/perl/**/pod/*.pod", "usr/share/perl/**/pod/*.pod.gz"]),
     "git-docs": (["git-doc"], ["usr/share/doc/git-doc/**/*.txt"]),
     "postgres-docs": (["postgresql-doc-15"], ["usr/share/doc/postgresql-doc-15/html/*.html"]),
     "vim-docs": (["vim-doc"], ["usr/share/doc/vim/html/*.html"]),
-    "debian-docs": (["debian-reference-en", "gnu-standards"], ["usr/share/debian-reference/*.en.html",
-                                                                "usr/share/doc/gnu-standards/**/*.html"]),
+    "debian-docs": (
+        ["debian-reference-en", "gnu-standards"],
+        ["usr/share/debian-reference/*.en.html", "usr/share/doc/gnu-standards/**/*.html"],
+    ),
 }
 SKIP = re.compile(r"/translations/|/(zh_CN|zh_TW|ja_JP|ko_KR|it_IT|sp_SP|pt_BR)/")
 DOCUMENT_CHARS = 3000
@@ -42,8 +50,26 @@ DOCUMENT_CHARS = 3000
 
 class _Text(html.parser.HTMLParser):
     """The visible text of an HTML page, paragraphs separated by blank lines."""
-    BLOCKS = {"p", "div", "pre", "li", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "dt", "dd", "table", "br",
-              "section", "blockquote"}
+
+    BLOCKS = {
+        "p",
+        "div",
+        "pre",
+        "li",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "tr",
+        "dt",
+        "dd",
+        "table",
+        "br",
+        "section",
+        "blockquote",
+    }
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
@@ -106,8 +132,14 @@ def main(out: Path) -> None:
                 subprocess.run(["apt-get", "download", package], cwd=root, check=True, capture_output=True)
             for deb in root.glob("*.deb"):
                 subprocess.run(["dpkg-deb", "-x", str(deb), str(root / "x")], check=True)
-            files = sorted({f for pattern in patterns for f in (root / "x").glob(pattern)
-                            if f.is_file() and not SKIP.search(str(f))})
+            files = sorted(
+                {
+                    f
+                    for pattern in patterns
+                    for f in (root / "x").glob(pattern)
+                    if f.is_file() and not SKIP.search(str(f))
+                }
+            )
             n_docs = n_chars = 0
             with gzip.open(out / f"{source}.jsonl.gz", "wt", encoding="utf-8") as f:
                 for path in files:

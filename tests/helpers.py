@@ -1,4 +1,5 @@
 """Helpers shared by the unit, interpreter and GPU tests."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,9 +24,20 @@ def tiny_lm(kind: str):
     """A 4-layer MoEUT (two layers shared twice, 6 FFN experts, 3 attention experts per head) or dense
     LM over 40 tokens, d_model 32: small enough for whole training steps through the interpreter."""
     from moeut import DenseLM, MoEUTLM
+
     if kind == "moeut":
-        return MoEUTLM(40, d_model=32, n_layers=4, n_heads=2, ff_n_experts=6, att_n_experts=3, d_head=8,
-                       ff_k=2, group_size=2, ff_expert_size=16)
+        return MoEUTLM(
+            40,
+            d_model=32,
+            n_layers=4,
+            n_heads=2,
+            ff_n_experts=6,
+            att_n_experts=3,
+            d_head=8,
+            ff_k=2,
+            group_size=2,
+            ff_expert_size=16,
+        )
     return DenseLM(40, d_model=32, n_layers=4, n_heads=2, d_ff=64)
 
 
@@ -42,6 +54,7 @@ def shared_and_per_application_grads(model, x, monkeypatch, device_type: str = "
     """`autocast_step_grads` with shared expert weights off (`settings.wgrad_defer` 0), then on (its
     value on entry, or the default 9 if that was 0)."""
     from moeut.settings import settings
+
     defer = settings.wgrad_defer or 9
     runs = []
     for share in (False, True):
@@ -57,8 +70,12 @@ def switch_kernels(monkeypatch, rule) -> None:
     kernels on (through the interpreter on CPU) and leaves the switched ones off."""
     import sys
     import moeut  # noqa: F401  (loads the modules)
-    patched = [name for name, module in list(sys.modules.items())
-               if (name == "moeut" or name.startswith("moeut.")) and hasattr(module, "use_fused")]
+
+    patched = [
+        name
+        for name, module in list(sys.modules.items())
+        if (name == "moeut" or name.startswith("moeut.")) and hasattr(module, "use_fused")
+    ]
     for name in patched:
         monkeypatch.setattr(sys.modules[name], "use_fused", rule)
     assert {"moeut.ops.dispatch", "moeut.ops.grouped_mm", "moeut.ops.expert_mm"} <= set(patched), patched
@@ -68,6 +85,7 @@ def combine_case(gather: bool, groups: int, I: int, O: int, seed: int):
     """(routing, x, w, gate) of a small fused-combine problem: 24 rows, 4 choices, 6 experts of which
     the last gets no row, gates grouped `groups` per row; all leaves require grad."""
     from moeut.ops.expert_mm import route
+
     gen = torch.Generator().manual_seed(seed)
     R, K, E = 24, 4, 6
     expert = torch.randint(0, E - 1, (R, K), generator=gen)
@@ -85,6 +103,7 @@ def force_loop_n(monkeypatch, loop_n) -> None:
     if loop_n is None:
         return
     from moeut.kernels import expert_mm as triton_expert_mm
+
     monkeypatch.setattr(triton_expert_mm, "use_loop_n", lambda I, O, N, E: loop_n and I <= 128)
 
 
@@ -93,17 +112,23 @@ def force_wgrad_splits(monkeypatch, splits) -> None:
     if splits is None:
         return
     from moeut.kernels import weight_grad
+
     monkeypatch.setattr(weight_grad, "wgrad_splits", lambda *args, **kwargs: splits)
 
 
 def _interpreter_runs() -> bool:
     import importlib.util
     import os
-    return (importlib.util.find_spec("triton") is not None and not torch.cuda.is_available()
-            and os.environ.get("TRITON_INTERPRET") == "1")
+
+    return (
+        importlib.util.find_spec("triton") is not None
+        and not torch.cuda.is_available()
+        and os.environ.get("TRITON_INTERPRET") == "1"
+    )
 
 
 # Tests of the Triton kernels through Triton's CPU interpreter (tests/conftest.py turns it on without a
 # GPU); on a GPU machine tests/gpu runs the compiled kernels instead.
-interpreted = pytest.mark.skipif(not _interpreter_runs(),
-                                 reason="interpreter tests are for CPU-only machines (GPU runs use tests/gpu)")
+interpreted = pytest.mark.skipif(
+    not _interpreter_runs(), reason="interpreter tests are for CPU-only machines (GPU runs use tests/gpu)"
+)

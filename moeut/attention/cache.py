@@ -5,6 +5,7 @@ cache that CUDA-graph decoding needs) and `attend`, which applies all of them ar
 
 Shape suffixes follow the package legend (`moeut/__init__.py`).
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -30,13 +31,22 @@ class AttentionMask:
     with "keep" when a cache makes S longer). `is_causal` is ours: a causal mask aligned to the end of
     the keys, without materialising it (lets attention use its fused causal kernels).
     """
+
     src_length_mask: Optional[Tensor]
     position_mask: Optional[Tensor]
     is_causal: bool = False
 
 
-def _rope_qk(q: Tensor, k: Tensor, n_rotate: int, offset, base: float, q_scale: float = 1.0,
-             k_scale: float = 1.0, step: Optional[dict] = None) -> Tuple[Tensor, Tensor]:
+def _rope_qk(
+    q: Tensor,
+    k: Tensor,
+    n_rotate: int,
+    offset,
+    base: float,
+    q_scale: float = 1.0,
+    k_scale: float = 1.0,
+    step: Optional[dict] = None,
+) -> Tuple[Tensor, Tensor]:
     """q_scale * RoPE(q), k_scale * RoPE(k) (the scales fused into the RoPE kernel on CUDA). With a
     shared decoding step (`begin_static_step`), the first layer's tables serve all layers."""
     if n_rotate == 0:
@@ -48,10 +58,9 @@ def _rope_qk(q: Tensor, k: Tensor, n_rotate: int, offset, base: float, q_scale: 
         if step is not None:
             step[key] = tables
     cos, sin = tables
-    if q_scale == k_scale and _heads_adjacent(q, k):   # one launch for both
+    if q_scale == k_scale and _heads_adjacent(q, k):  # one launch for both
         H = q.shape[1]
-        qk = rotate(q.as_strided((q.shape[0], 2 * H, *q.shape[2:]), q.stride(), q.storage_offset()),
-                    cos, sin, q_scale)
+        qk = rotate(q.as_strided((q.shape[0], 2 * H, *q.shape[2:]), q.stride(), q.storage_offset()), cos, sin, q_scale)
         return qk[:, :H], qk[:, H:]
     return rotate(q, cos, sin, q_scale), rotate(k, cos, sin, k_scale)
 
@@ -61,11 +70,15 @@ def _heads_adjacent(q: Tensor, k: Tensor) -> bool:
     projection (dense's QKV, `SwitchHeadRope._project_joint`): then [q; k] is one strided tensor.
     Without gradients only (autograd of `as_strided` is slow)."""
     H = q.shape[1]
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():   # (no storage to compare while tracing)
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():  # (no storage to compare while tracing)
         return False
-    return (q.shape == k.shape and q.stride() == k.stride() and q.dtype == k.dtype
-            and q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
-            and k.storage_offset() == q.storage_offset() + H * q.stride(1))
+    return (
+        q.shape == k.shape
+        and q.stride() == k.stride()
+        and q.dtype == k.dtype
+        and q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+        and k.storage_offset() == q.storage_offset() + H * q.stride(1)
+    )
 
 
 def _additive_mask(keep: Tensor, dtype: torch.dtype) -> Tensor:
@@ -111,13 +124,17 @@ def check_mask(mask: Optional[AttentionMask], B: int, T: int, S: int) -> None:
     if mask.src_length_mask is not None:
         m = mask.src_length_mask
         if m.dtype != torch.bool or tuple(m.shape) != (B, S):
-            raise ValueError(f"mask.src_length_mask must be a bool tensor of shape [batch, keys] = {[B, S]}, "
-                             f"got {m.dtype} {list(m.shape)}")
+            raise ValueError(
+                f"mask.src_length_mask must be a bool tensor of shape [batch, keys] = {[B, S]}, "
+                f"got {m.dtype} {list(m.shape)}"
+            )
     if mask.position_mask is not None:
         m = mask.position_mask
         if m.dtype != torch.bool or m.dim() != 2 or m.shape[0] != T or m.shape[1] > S:
-            raise ValueError(f"mask.position_mask must be a bool tensor of shape [queries, keys] with "
-                             f"{T} rows and at most {S} columns, got {m.dtype} {list(m.shape)}")
+            raise ValueError(
+                f"mask.position_mask must be a bool tensor of shape [queries, keys] with "
+                f"{T} rows and at most {S} columns, got {m.dtype} {list(m.shape)}"
+            )
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], causal: bool, allow_cudnn: bool) -> Tensor:
@@ -144,7 +161,7 @@ def new_static_cache(capacity: int) -> dict:
 
 
 def _check_static_mask(mask: Optional[AttentionMask]) -> None:
-    if mask is not None and mask.position_mask is not None:   # checked before the cache is touched
+    if mask is not None and mask.position_mask is not None:  # checked before the cache is touched
         raise ValueError("a preallocated KV cache supports src_length_mask only (attention is causal by position)")
 
 
@@ -152,7 +169,7 @@ def _static_step(pos: Tensor, capacity: int, mask: Optional[AttentionMask], T: i
     """Positions [T] of the new tokens and the keep mask over the cache's key slots."""
     # One decoding step reads its position as a view of the counter (no kernel).
     positions = pos.reshape(1) if T == 1 else pos + torch.arange(T, device=pos.device)
-    drop = torch.arange(capacity, device=pos.device)[None, :] > positions[:, None]   # [T, S]: future and empty slots
+    drop = torch.arange(capacity, device=pos.device)[None, :] > positions[:, None]  # [T, S]: future and empty slots
     if mask is not None and mask.src_length_mask is not None:
         drop = drop | mask.src_length_mask[:, None, None, :]
     # A new token always sees itself; only prompt rows (e.g. left padding) can lose every key.
@@ -170,7 +187,7 @@ def begin_static_step(kv_cache: Optional[Dict[int, dict]], mask: Optional[Attent
         return False
     _check_static_mask(mask)
     for e in entries:
-        if "pos" not in e:   # one counter per layer: torch.compile guards would tie a shared one to one call
+        if "pos" not in e:  # one counter per layer: torch.compile guards would tie a shared one to one call
             e["pos"] = torch.zeros((), dtype=torch.long, device=device)
     step = _static_step(entries[0]["pos"], entries[0]["capacity"], mask, T)
     for e in entries:
@@ -185,15 +202,24 @@ def end_static_step(kv_cache: Dict[int, dict], T: int) -> None:
     torch._foreach_add_([e["pos"] for e in kv_cache.values()], T)
 
 
-def _attend_static(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask], kv_cache: Dict[str, Tensor],
-                   n_rotate: int, rope_base: float, q_scale: float, k_scale: float) -> Tuple[Tensor, KVCache]:
+def _attend_static(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[AttentionMask],
+    kv_cache: Dict[str, Tensor],
+    n_rotate: int,
+    rope_base: float,
+    q_scale: float,
+    k_scale: float,
+) -> Tuple[Tensor, KVCache]:
     _check_static_mask(mask)
     B, H, T, _ = q.shape
     C = kv_cache["capacity"]
     if "k" not in kv_cache:
         kv_cache["k"] = k.new_zeros(B, H, C, k.shape[-1])
         kv_cache["v"] = v.new_zeros(B, H, C, v.shape[-1])
-    step = kv_cache.get("step")   # shared by all layers (`begin_static_step`), else computed here
+    step = kv_cache.get("step")  # shared by all layers (`begin_static_step`), else computed here
     own_step = step is None
     if own_step:
         if "pos" not in kv_cache:
@@ -205,15 +231,24 @@ def _attend_static(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask
     kv_cache["v"].index_copy_(2, positions, v.to(kv_cache["v"].dtype))
     if own_step:
         kv_cache["pos"].add_(T)
-    key = ("additive_mask", kv_cache["v"].dtype)   # converted once per step, not by SDPA in every layer
+    key = ("additive_mask", kv_cache["v"].dtype)  # converted once per step, not by SDPA in every layer
     if key not in step:
         step[key] = _additive_mask(step["keep"], kv_cache["v"].dtype)
     out = _sdpa(q, kv_cache["k"], kv_cache["v"], step[key], False, allow_cudnn=False)
     return out, kv_cache
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Optional[AttentionMask], kv_cache: KVCache,
-           n_rotate: int, rope_base: float, q_scale: float = 1.0, k_scale: float = 1.0) -> Tuple[Tensor, KVCache]:
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[AttentionMask],
+    kv_cache: KVCache,
+    n_rotate: int,
+    rope_base: float,
+    q_scale: float = 1.0,
+    k_scale: float = 1.0,
+) -> Tuple[Tensor, KVCache]:
     """RoPE + KV cache + masked SDPA on q, k, v [B, H, T, Dh]; attention logits are
     (q_scale q) . (k_scale k) with no further scaling. Returns [B, H, T, Dh].
 

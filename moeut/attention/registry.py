@@ -16,6 +16,7 @@ What the model and the decoder use is asked of the module through class attribut
 A class with none of them (the official interface only: `forward(q_src, k_src, v_src, mask,
 kv_cache) -> (out, cache)`) works with the growing dict cache.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Type
@@ -38,8 +39,10 @@ def register_attention(name: str, cls: Type[torch.nn.Module]) -> Type[torch.nn.M
 
 def attention_class(name: str) -> Type[torch.nn.Module]:
     if name not in _CLASSES:
-        raise ValueError(f"unknown attention {name!r}; registered: {', '.join(sorted(_CLASSES))} "
-                         "(a class of your own: moeut.attention.register_attention, in the process that loads it)")
+        raise ValueError(
+            f"unknown attention {name!r}; registered: {', '.join(sorted(_CLASSES))} "
+            "(a class of your own: moeut.attention.register_attention, in the process that loads it)"
+        )
     return _CLASSES[name]
 
 

@@ -10,6 +10,7 @@ adds the residual inside its output projection's top-k sum (`adds_residual`).
 
 Shape suffixes follow the package legend (`moeut/__init__.py`); here E counts the experts of one head.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,13 +28,23 @@ from moeut.router import RouterLogits, check_activation, select_experts
 
 
 class SwitchHeadRope(torch.nn.Module):
-    supports_static_cache = True   # capabilities: see `registry`
+    supports_static_cache = True  # capabilities: see `registry`
     adds_residual = True
     scaled_init = True
 
-    def __init__(self, state_size: int, n_heads: int, n_experts: int, dropout: float = 0.0,
-                 projection_size: Optional[int] = None, expert_dropout: float = 0.0, moe_k: int = 2,
-                 rotate_fraction: float = 0.5, rope_base: float = 10000, router_activation: str = "sigmoid"):
+    def __init__(
+        self,
+        state_size: int,
+        n_heads: int,
+        n_experts: int,
+        dropout: float = 0.0,
+        projection_size: Optional[int] = None,
+        expert_dropout: float = 0.0,
+        moe_k: int = 2,
+        rotate_fraction: float = 0.5,
+        rope_base: float = 10000,
+        router_activation: str = "sigmoid",
+    ):
         super().__init__()
         self.input_size = self.output_size = state_size
         self.n_heads = n_heads
@@ -62,7 +73,7 @@ class SwitchHeadRope(torch.nn.Module):
         self.sel_o = torch.nn.Parameter(torch.empty(H * E, D))
         # Head h's experts are numbered h*E .. h*E+E-1 in the routing (not saved in state dicts).
         self.register_buffer("head_base", torch.arange(H).unsqueeze(-1) * E, persistent=False)
-        self._inference_weight: Optional[Tensor] = None   # see `frozen_inference_weights`
+        self._inference_weight: Optional[Tensor] = None  # see `frozen_inference_weights`
         self._inference_weight_frozen = False
 
     @torch.no_grad()
@@ -115,7 +126,7 @@ class SwitchHeadRope(torch.nn.Module):
             pad = aligned_width_padding(w.shape[0], x)
             if pad:
                 w = F.pad(w, (0, 0, 0, pad))
-        out = F.linear(x, w)[..., :sum(sizes)]
+        out = F.linear(x, w)[..., : sum(sizes)]
         if torch.is_grad_enabled():
             # The selector logits are kept until the backward (entropy regulariser): a small copy of
             # their own, so that they do not keep the whole [B, T, 2*H*Dh + ...] output alive.
@@ -143,11 +154,25 @@ class SwitchHeadRope(torch.nn.Module):
         logits = logits.view(*logits.shape[:-1], self.n_heads, self.n_experts)
         dropout = self.expert_dropout if self.training else 0.0
         # ranked and gated in fp32; the kernel does so without an fp32 copy of the logits
-        return select_experts(logits, self.moe_k, self.router_activation, fp32=True, expert_dropout=dropout,
-                              prob_sum=prob_sum and logits.dim() == 4)
+        return select_experts(
+            logits,
+            self.moe_k,
+            self.router_activation,
+            fp32=True,
+            expert_dropout=dropout,
+            prob_sum=prob_sum and logits.dim() == 4,
+        )
 
-    def forward_with_logits(self, q_src: Tensor, k_src: Tensor, v_src: Tensor, mask: Optional[AttentionMask],
-                            kv_cache: KVCache = None, residual: Optional[Tensor] = None, prob_sum: bool = False):
+    def forward_with_logits(
+        self,
+        q_src: Tensor,
+        k_src: Tensor,
+        v_src: Tensor,
+        mask: Optional[AttentionMask],
+        kv_cache: KVCache = None,
+        residual: Optional[Tensor] = None,
+        prob_sum: bool = False,
+    ):
         """(output [B, T, D], new cache, router logits (o, v) as `RouterLogits`, or None). With `residual`
         [B, T, D] the output is residual + attention in the residual's dtype; the routed output
         projection adds it inside its top-k sum, with no add kernel and no rounding of the attention
@@ -162,27 +187,32 @@ class SwitchHeadRope(torch.nn.Module):
             q, k = self.q(q_src), self.k(k_src)
             sel_v_logits = F.linear(k_src, self.sel_v) if E > 1 else None
             sel_o_logits = F.linear(q_src, self.sel_o)
-        q = q.view(B, T, H, Dh).transpose(1, 2)   # scaled inside `attend`, with RoPE
+        q = q.view(B, T, H, Dh).transpose(1, 2)  # scaled inside `attend`, with RoPE
         k = k.view(B, T, H, Dh).transpose(1, 2)
 
         logits = None
-        folded = False   # whether `out` already holds residual + attention
+        folded = False  # whether `out` already holds residual + attention
         relay = None
         if E > 1:
             v_logits, v_gate, v_expert = self._select(sel_v_logits, prob_sum)
             o_logits, o_gate, o_expert = self._select(sel_o_logits, prob_sum)
             logits = (o_logits, v_logits)
-            heads = dict(head_k=K, n_heads=H, head_experts=E)   # head h's experts are h*E .. h*E+E-1
-            if gemv_applies(v_src, B * T * H * K, self.v):   # decoding: a few tokens, no sort
+            heads = dict(head_k=K, n_heads=H, head_experts=E)  # head h's experts are h*E .. h*E+E-1
+            if gemv_applies(v_src, B * T * H * K, self.v):  # decoding: a few tokens, no sort
                 v = project(v_src.reshape(B * T, D), self.v, v_expert, v_gate, per_x=H * K, per_out=K, **heads)
             else:
                 v_routing = route((v_expert + self.head_base).reshape(B * T, H * K), H * E)
-                if residual is v_src and residual.requires_grad and torch.is_grad_enabled() \
-                        and not torch.compiler.is_compiling():
+                if (
+                    residual is v_src
+                    and residual.requires_grad
+                    and torch.is_grad_enabled()
+                    and not torch.compiler.is_compiling()
+                ):
                     # x's gradient through the residual, summed inside V's backward: no [R, D] fp32 add
                     relay = ResidualGradRelay()
-                v = expert_mm_combine(v_src.reshape(B * T, D), self.v, v_routing, v_gate.reshape(B * T * H, K),
-                                      receive_grad=relay)
+                v = expert_mm_combine(
+                    v_src.reshape(B * T, D), self.v, v_routing, v_gate.reshape(B * T * H, K), receive_grad=relay
+                )
             v = v.view(B, T, H, Dh).transpose(1, 2)
         else:
             o_gate = torch.sigmoid(sel_o_logits)
@@ -197,9 +227,14 @@ class SwitchHeadRope(torch.nn.Module):
             else:
                 o_routing = route((o_expert + self.head_base).reshape(B * T * H, K), H * E)
                 folded = residual is not None
-                out = expert_mm_combine(res.reshape(B * T * H, Dh), self.o, o_routing, o_gate.reshape(B * T, H * K),
-                                        residual_XO=residual.reshape(B * T, D) if folded else None,
-                                        send_residual_grad=relay if folded else None)
+                out = expert_mm_combine(
+                    res.reshape(B * T * H, Dh),
+                    self.o,
+                    o_routing,
+                    o_gate.reshape(B * T, H * K),
+                    residual_XO=residual.reshape(B * T, D) if folded else None,
+                    send_residual_grad=relay if folded else None,
+                )
             out = out.view(B, T, D)
         else:
             out = F.linear((res * o_gate[..., None].to(res.dtype)).reshape(B, T, H * Dh), self.o)
@@ -207,7 +242,8 @@ class SwitchHeadRope(torch.nn.Module):
             out = residual + out
         return out, kv_cache, logits
 
-    def forward(self, q_src: Tensor, k_src: Tensor, v_src: Tensor, mask: Optional[AttentionMask],
-                kv_cache: KVCache = None) -> Tuple[Tensor, KVCache]:
+    def forward(
+        self, q_src: Tensor, k_src: Tensor, v_src: Tensor, mask: Optional[AttentionMask], kv_cache: KVCache = None
+    ) -> Tuple[Tensor, KVCache]:
         out, kv_cache, _ = self.forward_with_logits(q_src, k_src, v_src, mask, kv_cache)
         return out, kv_cache

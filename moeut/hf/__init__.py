@@ -9,6 +9,7 @@
 directory. Importing this package imports nothing from transformers; `register()` does, and
 `import moeut` calls it once transformers is imported (see `moeut/__init__.py`).
 """
+
 from __future__ import annotations
 
 MODEL_TYPE = "moeut"
@@ -23,6 +24,7 @@ def register() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from moeut.hf.modeling import MoEUTConfig, MoEUTForCausalLM
     from moeut.hf.tokenization import MoEUTTokenizer
+
     AutoConfig.register(MODEL_TYPE, MoEUTConfig, exist_ok=True)
     AutoModelForCausalLM.register(MoEUTConfig, MoEUTForCausalLM, exist_ok=True)
     AutoTokenizer.register(MoEUTConfig, slow_tokenizer_class=MoEUTTokenizer, exist_ok=True)

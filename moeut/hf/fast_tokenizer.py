@@ -24,24 +24,46 @@ tokenizer only when every id and every decoded string is the same. Control ids (
 come out of encoding; decoding them follows transformers' convention (their name unless
 `skip_special_tokens`), which is not SentencePiece's empty string.
 """
+
 from __future__ import annotations
 
 import random
 from typing import Iterable, Optional, Tuple
 
 VARIED_TEXTS = [
-    "", " ", "  ", "\n", "\n\n\n", "\t", "\r\n", " leading", "trailing ", "two  spaces", "   three\tand tab",
-    "def f(x):\n    return x ** 2  # squares\n", "if (a<b && c>=d) { return a->b; }\r\n",
-    "naïve café façade Ærøskøbing", "Straße ǅ ß ﬁ ﬀ ①②③ ＡＢＣ ｶﾀｶﾅ", "東京 中文 한국어 日本語のテキスト",
-    "Привет, мир! Ελληνικά עברית العربية हिन्दी", "🙂👍🏽 🇩🇪 👨‍👩‍👧 ∑x² ≤ ∞ → ∂", "numbers 12345 3.14159 -0.5e10 1,000,000",
-    "\x00\x07\x1b[0m control \u200b zero width \u00a0 nbsp \ufeff", "<unk> </s> <s> <pad> <STORY_SEP> <|endoftext|>",
-    "ALL CAPS. MiXeD cAsE. lower.", "a" * 300, "ab" * 150, " ".join(str(i) for i in range(60)),
-    "URL https://example.org/a_b?c=d&e=f#g, e-mail a.b@c.de", "“Quotes” ‘single’ «guillemets» — dash … ellipsis",
+    "",
+    " ",
+    "  ",
+    "\n",
+    "\n\n\n",
+    "\t",
+    "\r\n",
+    " leading",
+    "trailing ",
+    "two  spaces",
+    "   three\tand tab",
+    "def f(x):\n    return x ** 2  # squares\n",
+    "if (a<b && c>=d) { return a->b; }\r\n",
+    "naïve café façade Ærøskøbing",
+    "Straße ǅ ß ﬁ ﬀ ①②③ ＡＢＣ ｶﾀｶﾅ",
+    "東京 中文 한국어 日本語のテキスト",
+    "Привет, мир! Ελληνικά עברית العربية हिन्दी",
+    "🙂👍🏽 🇩🇪 👨‍👩‍👧 ∑x² ≤ ∞ → ∂",
+    "numbers 12345 3.14159 -0.5e10 1,000,000",
+    "\x00\x07\x1b[0m control \u200b zero width \u00a0 nbsp \ufeff",
+    "<unk> </s> <s> <pad> <STORY_SEP> <|endoftext|>",
+    "ALL CAPS. MiXeD cAsE. lower.",
+    "a" * 300,
+    "ab" * 150,
+    " ".join(str(i) for i in range(60)),
+    "URL https://example.org/a_b?c=d&e=f#g, e-mail a.b@c.de",
+    "“Quotes” ‘single’ «guillemets» — dash … ellipsis",
 ]
 
 
 def _proto(model_bytes: bytes):
     from transformers.convert_slow_tokenizer import import_protobuf
+
     proto = import_protobuf().ModelProto()
     proto.ParseFromString(model_bytes)
     return proto
@@ -52,6 +74,7 @@ def convert(model_bytes: bytes):
     piece decoding as SentencePiece decodes it. Unchecked: see `exact_fast_tokenizer`."""
     from tokenizers import decoders
     from transformers.convert_slow_tokenizer import SpmConverter
+
     proto = _proto(model_bytes)
     vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
     fast = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
@@ -67,10 +90,12 @@ def probe_texts(model_bytes: bytes, extra: Iterable[str] = (), seed: int = 0, co
     """The corpus the check runs on: VARIED_TEXTS, every normal piece's surface, seeded random
     concatenations of 2-12 surfaces (with and without spaces), and `extra`."""
     proto = _proto(model_bytes)
-    surfaces = [p.piece.replace("\u2581", " ") for p in proto.pieces if p.type in (1, 4)]   # normal, user-defined
+    surfaces = [p.piece.replace("\u2581", " ") for p in proto.pieces if p.type in (1, 4)]  # normal, user-defined
     rng = random.Random(seed)
-    joined = [("" if rng.random() < 0.5 else " ").join(rng.choices(surfaces, k=rng.randint(2, 12)))
-              for _ in range(concatenations)]
+    joined = [
+        ("" if rng.random() < 0.5 else " ").join(rng.choices(surfaces, k=rng.randint(2, 12)))
+        for _ in range(concatenations)
+    ]
     return [*VARIED_TEXTS, *surfaces, *joined, *extra]
 
 
@@ -79,13 +104,21 @@ def probe_ids(model_bytes: bytes, seed: int = 0, sequences: int = 400) -> list:
     spell whole UTF-8 characters (every byte piece appears)."""
     proto = _proto(model_bytes)
     words = [i for i, p in enumerate(proto.pieces) if p.type in (1, 4)]
-    byte_of = {int(p.piece[3:5], 16): i for i, p in enumerate(proto.pieces) if p.type == 6}   # <0xNN>
+    byte_of = {int(p.piece[3:5], 16): i for i, p in enumerate(proto.pieces) if p.type == 6}  # <0xNN>
     if not words:
         return []
     rng = random.Random(seed)
-    chars = [chr(c) for c in (*range(0x20, 0x7F), *range(0xA0, 0x800, 7), *range(0x3040, 0x30FF, 5),
-                              *range(0x4E00, 0x4F00, 9), *range(0x1F600, 0x1F650, 3))]
-    out = [[byte_of[b]] for b in range(0x80) if b in byte_of]   # lone bytes: only ASCII is valid UTF-8
+    chars = [
+        chr(c)
+        for c in (
+            *range(0x20, 0x7F),
+            *range(0xA0, 0x800, 7),
+            *range(0x3040, 0x30FF, 5),
+            *range(0x4E00, 0x4F00, 9),
+            *range(0x1F600, 0x1F650, 3),
+        )
+    ]
+    out = [[byte_of[b]] for b in range(0x80) if b in byte_of]  # lone bytes: only ASCII is valid UTF-8
     for _ in range(sequences):
         seq = []
         for _ in range(rng.randint(1, 10)):
@@ -99,10 +132,13 @@ def probe_ids(model_bytes: bytes, seed: int = 0, sequences: int = 400) -> list:
     return out
 
 
-def first_difference(model_bytes: bytes, fast, texts: Iterable[str], id_sequences: Iterable[list] = ()) -> Optional[str]:
+def first_difference(
+    model_bytes: bytes, fast, texts: Iterable[str], id_sequences: Iterable[list] = ()
+) -> Optional[str]:
     """None when `fast` encodes and decodes every text, and decodes every id sequence, as
     SentencePiece does; else the first difference, described."""
     import sentencepiece as spm
+
     sp = spm.SentencePieceProcessor()
     sp.LoadFromSerializedProto(model_bytes)
     for text in texts:
@@ -124,7 +160,7 @@ def exact_fast_tokenizer(model_bytes: bytes, extra: Iterable[str] = ()) -> Tuple
         fast = convert(model_bytes)
     except ImportError as e:
         return None, f"the conversion needs transformers, tokenizers and protobuf ({e})"
-    except Exception as e:   # the converter's own refusal of a model it does not handle
+    except Exception as e:  # the converter's own refusal of a model it does not handle
         return None, f"transformers could not convert it ({type(e).__name__}: {e})"
     why = first_difference(model_bytes, fast, probe_texts(model_bytes, extra), probe_ids(model_bytes))
     return (None, why) if why else (fast, "")

@@ -7,6 +7,7 @@ with the whole text, so here the whole text goes to SentencePiece (`split_specia
 decoding is SentencePiece's decode of the ids. No begin/end token is added when encoding, as in training;
 the end-of-text id (SentencePiece's eos) is the eos and padding token.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,7 +31,7 @@ class MoEUTTokenizer(PreTrainedTokenizer):
         unk = self.sp.id_to_piece(self.sp.unk_id()) if self.sp.unk_id() >= 0 else None
         for key, value in (("eos_token", eos), ("pad_token", eos), ("unk_token", unk)):
             kwargs.setdefault(key, value)
-        kwargs.setdefault("padding_side", "left")   # batched generation: prompts end at the same column
+        kwargs.setdefault("padding_side", "left")  # batched generation: prompts end at the same column
         kwargs["split_special_tokens"] = True
         kwargs["clean_up_tokenization_spaces"] = False
         super().__init__(**kwargs)

@@ -16,6 +16,7 @@ experts) and write zeros into a padded projection's extra columns: `router.selec
 makes the router's selection and its statistics one autograd node whose gradient is this one kernel.
 All run under `TRITON_INTERPRET=1` on CPU tensors (CI).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -43,8 +44,11 @@ def _softmax_rows(logits_ptr, rows, row_ok, cols, col_ok, T, G, sb, st, sg, se):
     """(p, row max, row sum of exp(x - max)): the fp32 softmax of rows r = (b * T + t) * G + g of a
     [B, T, G, E] view; zeros for rows past the end."""
     at = _row_starts(rows, T, G, sb, st, sg)
-    x = tl.load(logits_ptr + at[:, None] + cols[None, :].to(tl.int64) * se,
-                mask=row_ok[:, None] & col_ok[None, :], other=float("-inf")).to(tl.float32)
+    x = tl.load(
+        logits_ptr + at[:, None] + cols[None, :].to(tl.int64) * se,
+        mask=row_ok[:, None] & col_ok[None, :],
+        other=float("-inf"),
+    ).to(tl.float32)
     m = tl.where(row_ok, tl.max(x, axis=1), 0.0)
     ex = tl.exp(x - m[:, None])
     total = tl.where(row_ok, tl.sum(ex, axis=1), 1.0)
@@ -52,8 +56,9 @@ def _softmax_rows(logits_ptr, rows, row_ok, cols, col_ok, T, G, sb, st, sg, se):
 
 
 @triton.jit
-def _prob_sum_kernel(logits_ptr, partial_ptr, T, G, E, sb, st, sg, se, rows_per_program,
-                     EP: tl.constexpr, BT: tl.constexpr):
+def _prob_sum_kernel(
+    logits_ptr, partial_ptr, T, G, E, sb, st, sg, se, rows_per_program, EP: tl.constexpr, BT: tl.constexpr
+):
     # program (b * G + g, c): positions c * rows_per_program ... of sequence b, head g
     bg = tl.program_id(0)
     c = tl.program_id(1)
@@ -72,10 +77,28 @@ def _prob_sum_kernel(logits_ptr, partial_ptr, T, G, E, sb, st, sg, se, rows_per_
 
 
 @triton.jit
-def _router_backward_kernel(logits_ptr, grad_sum_ptr, gate_ptr, expert_ptr, grad_gate_ptr, out_ptr,
-                            R, T, G, E, W, sb, st, sg, se,
-                            PROB: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                            EP: tl.constexpr, BR: tl.constexpr):
+def _router_backward_kernel(
+    logits_ptr,
+    grad_sum_ptr,
+    gate_ptr,
+    expert_ptr,
+    grad_gate_ptr,
+    out_ptr,
+    R,
+    T,
+    G,
+    E,
+    W,
+    sb,
+    st,
+    sg,
+    se,
+    PROB: tl.constexpr,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    EP: tl.constexpr,
+    BR: tl.constexpr,
+):
     """Rows of d logits [R, W]: the regulariser's p * (d psum - <p, d psum>) (PROB) plus the selection's
     d gate * s * (1 - s) at each of the K (distinct) chosen experts, in fp32, rounded once; columns
     E..W-1 zero.
@@ -93,13 +116,16 @@ def _router_backward_kernel(logits_ptr, grad_sum_ptr, gate_ptr, expert_ptr, grad
     grad = tl.zeros((BR, EP), dtype=tl.float32)
     if PROB:
         p, m, total = _softmax_rows(logits_ptr, rows, row_ok, cols, col_ok, T, G, sb, st, sg, se)
-        bg = (rows // (T * G)) * G + rows % G          # the row's (sequence, head): its upstream gradient
+        bg = (rows // (T * G)) * G + rows % G  # the row's (sequence, head): its upstream gradient
         mask = row_ok[:, None] & col_ok[None, :]
         up = tl.load(grad_sum_ptr + bg[:, None].to(tl.int64) * E + cols[None, :], mask=mask, other=0.0)
         dot = tl.sum(p * up, axis=1)
         grad = p * (up - dot[:, None])
-    tl.store(out_ptr + rows64[:, None] * W + cols[None, :], grad.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (cols[None, :] < W))
+    tl.store(
+        out_ptr + rows64[:, None] * W + cols[None, :],
+        grad.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & (cols[None, :] < W),
+    )
     if K > 0:
         tl.debug_barrier()
         ks = tl.arange(0, KP)
@@ -123,7 +149,7 @@ def _as_bt_ge(logits: Tensor) -> Tensor:
 
 
 def _row_block(EP: int) -> int:
-    return 4 if INTERPRET else max(1, min(64, 4096 // EP))   # about 4096 logits per program
+    return 4 if INTERPRET else max(1, min(64, 4096 // EP))  # about 4096 logits per program
 
 
 def prob_sum_triton(logits: Tensor) -> Tensor:
@@ -138,8 +164,7 @@ def prob_sum_triton(logits: Tensor) -> Tensor:
     chunks = max(1, triton.cdiv(T, rows_per_program))
     partial = torch.zeros(B * G, chunks, E, device=x.device, dtype=torch.float32)
     if B * G and T and E:
-        _prob_sum_kernel[(B * G, chunks)](x, partial, T, G, E, *x.stride(), rows_per_program, EP=EP, BT=BT,
-                                          num_warps=4)
+        _prob_sum_kernel[(B * G, chunks)](x, partial, T, G, E, *x.stride(), rows_per_program, EP=EP, BT=BT, num_warps=4)
     out = partial.sum(1)
     return out.view(B, E) if logits.dim() == 3 else out.view(B, G, E)
 
@@ -149,9 +174,14 @@ def prob_sum_backward_triton(grad_sum: Tensor, logits: Tensor) -> Tensor:
     return router_backward_triton(logits, logits.shape[-1], grad_sum=grad_sum)
 
 
-def router_backward_triton(logits: Tensor, n_valid: int, grad_sum: Optional[Tensor] = None,
-                           gate_RK: Optional[Tensor] = None, expert_RK: Optional[Tensor] = None,
-                           grad_gate_RK: Optional[Tensor] = None) -> Tensor:
+def router_backward_triton(
+    logits: Tensor,
+    n_valid: int,
+    grad_sum: Optional[Tensor] = None,
+    gate_RK: Optional[Tensor] = None,
+    expert_RK: Optional[Tensor] = None,
+    grad_gate_RK: Optional[Tensor] = None,
+) -> Tensor:
     """d logits (contiguous, the logits' shape and dtype) of a router that reads logits[..., :n_valid]:
     the regulariser's term from grad_sum (the gradient of `prob_sum_triton(logits[..., :n_valid])`),
     plus the selection's d gate * s * (1 - s) at the chosen experts (rows r = (b * T + t) * G + g, as
@@ -167,13 +197,30 @@ def router_backward_triton(logits: Tensor, n_valid: int, grad_sum: Optional[Tens
     topk = grad_gate_RK is not None
     K = gate_RK.shape[1] if topk else 0
     if topk and (gate_RK.shape != (R, K) or expert_RK.shape != (R, K) or grad_gate_RK.shape != (R, K)):
-        raise ValueError(f"router_backward_triton: gates, expert ids and their gradient must be [{R}, K], got "
-                         f"{tuple(gate_RK.shape)}, {tuple(expert_RK.shape)}, {tuple(grad_gate_RK.shape)}")
+        raise ValueError(
+            f"router_backward_triton: gates, expert ids and their gradient must be [{R}, K], got "
+            f"{tuple(gate_RK.shape)}, {tuple(expert_RK.shape)}, {tuple(grad_gate_RK.shape)}"
+        )
     EP = max(16, triton.next_power_of_2(W))
     BR = _row_block(EP)
     sum_arg = grad_sum.float().contiguous() if grad_sum is not None else out
     topk_args = (gate_RK.contiguous(), expert_RK.contiguous(), grad_gate_RK.contiguous()) if topk else (out,) * 3
-    _router_backward_kernel[(triton.cdiv(R, BR),)](x, sum_arg, *topk_args, out, R, T, G, E, W, *x.stride(),
-                                                   PROB=grad_sum is not None, K=K, KP=max(2, triton.next_power_of_2(K)),
-                                                   EP=EP, BR=BR, num_warps=4)
+    _router_backward_kernel[(triton.cdiv(R, BR),)](
+        x,
+        sum_arg,
+        *topk_args,
+        out,
+        R,
+        T,
+        G,
+        E,
+        W,
+        *x.stride(),
+        PROB=grad_sum is not None,
+        K=K,
+        KP=max(2, triton.next_power_of_2(K)),
+        EP=EP,
+        BR=BR,
+        num_warps=4,
+    )
     return out

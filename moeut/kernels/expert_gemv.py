@@ -6,6 +6,7 @@ top-k sum needs no second kernel and no atomics. Decoding is bound by weight rea
 to give a couple of programs per SM while keeping the weight rows read in 32-byte pieces or longer.
 Runs under `TRITON_INTERPRET=1` on CPU tensors (CI).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -20,10 +21,30 @@ from moeut.kernels.expert_mm import INTERPRET
 
 
 @triton.jit
-def _expert_gemv_kernel(x_ptr, w_ptr, expert_ptr, gate_ptr, out_ptr, O, per_x, head_k, n_heads, head_experts,
-                        sxr, sxi, swe, swi, swo, sor,
-                        I: tl.constexpr, PER_OUT: tl.constexpr, HAS_GATE: tl.constexpr, RELU: tl.constexpr,
-                        BI: tl.constexpr, BO: tl.constexpr):
+def _expert_gemv_kernel(
+    x_ptr,
+    w_ptr,
+    expert_ptr,
+    gate_ptr,
+    out_ptr,
+    O,
+    per_x,
+    head_k,
+    n_heads,
+    head_experts,
+    sxr,
+    sxi,
+    swe,
+    swi,
+    swo,
+    sor,
+    I: tl.constexpr,
+    PER_OUT: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    RELU: tl.constexpr,
+    BI: tl.constexpr,
+    BO: tl.constexpr,
+):
     # Both loops are unrolled (I and PER_OUT are compile-time), so every weight tile's load can be in
     # flight at once: a decoding step is bound by memory latency, not by arithmetic. Products are
     # summed elementwise and reduced over I once at the end, not once per tile.
@@ -41,8 +62,7 @@ def _expert_gemv_kernel(x_ptr, w_ptr, expert_ptr, gate_ptr, out_ptr, O, per_x, h
             ii = i0 + tl.arange(0, BI)
             i_ok = ii < I
             xv = tl.load(x_row + ii * sxi, mask=i_ok, other=0.0).to(tl.float32) * scale
-            wv = tl.load(w_e + ii[:, None] * swi + cols[None, :] * swo, mask=i_ok[:, None] & col_ok[None, :],
-                         other=0.0)
+            wv = tl.load(w_e + ii[:, None] * swi + cols[None, :] * swo, mask=i_ok[:, None] & col_ok[None, :], other=0.0)
             acc += xv[:, None] * wv.to(tl.float32)
     out = tl.sum(acc, axis=0)
     if RELU:
@@ -60,9 +80,20 @@ def _block_o(n_rows: int, O: int, elem_bytes: int) -> int:
     return bo
 
 
-def expert_gemv_triton(x_RI: Tensor, w_EIO: Tensor, expert_S: Tensor, gate_S: Optional[Tensor], per_x: int,
-                       per_out: int, head_k: int, n_heads: int, head_experts: int, relu: bool,
-                       block_o: Optional[int] = None, num_warps: int = 4) -> Tensor:
+def expert_gemv_triton(
+    x_RI: Tensor,
+    w_EIO: Tensor,
+    expert_S: Tensor,
+    gate_S: Optional[Tensor],
+    per_x: int,
+    per_out: int,
+    head_k: int,
+    n_heads: int,
+    head_experts: int,
+    relu: bool,
+    block_o: Optional[int] = None,
+    num_warps: int = 4,
+) -> Tensor:
     """`block_o` (output columns per program; None: the rule of `_block_o`) and `num_warps` are for
     benchmarks/gemv_sweep.py's comparison of launch shapes."""
     I, O = w_EIO.shape[1], w_EIO.shape[2]
@@ -74,11 +105,32 @@ def expert_gemv_triton(x_RI: Tensor, w_EIO: Tensor, expert_S: Tensor, gate_S: Op
         return out.zero_()
     expert_S = expert_S.reshape(-1)
     has_gate = gate_S is not None
-    gate_S = gate_S.reshape(-1) if has_gate else expert_S   # a placeholder pointer, never read
+    gate_S = gate_S.reshape(-1) if has_gate else expert_S  # a placeholder pointer, never read
     BO = block_o if block_o is not None else _block_o(n_rows, O, x_RI.element_size())
     BI = 16 if INTERPRET else max(16, min(triton.next_power_of_2(I), 4096 // BO))
     _expert_gemv_kernel[(n_rows, triton.cdiv(O, BO))](
-        x_RI, w_EIO, expert_S, gate_S, out, O, per_x, head_k, n_heads, head_experts,
-        x_RI.stride(0), x_RI.stride(1), w_EIO.stride(0), w_EIO.stride(1), w_EIO.stride(2), out.stride(0),
-        I=I, PER_OUT=per_out, HAS_GATE=has_gate, RELU=relu, BI=BI, BO=BO, num_warps=num_warps)
+        x_RI,
+        w_EIO,
+        expert_S,
+        gate_S,
+        out,
+        O,
+        per_x,
+        head_k,
+        n_heads,
+        head_experts,
+        x_RI.stride(0),
+        x_RI.stride(1),
+        w_EIO.stride(0),
+        w_EIO.stride(1),
+        w_EIO.stride(2),
+        out.stride(0),
+        I=I,
+        PER_OUT=per_out,
+        HAS_GATE=has_gate,
+        RELU=relu,
+        BI=BI,
+        BO=BO,
+        num_warps=num_warps,
+    )
     return out

@@ -21,6 +21,7 @@ and `aligned`.
 
 All run under `TRITON_INTERPRET=1` on CPU tensors, which is how CI checks their logic.
 """
+
 from __future__ import annotations
 
 import os
@@ -129,19 +130,53 @@ if triton is not None:
 
     # Passes that differ only in the weight's layout share a key, and so a config (fewer compilations;
     # the weight's stride is left out of the key).
-    @triton.autotune(configs=_mm_configs(), key=["I", "O", "GATHER", "SCALE", "SCATTER", "FP32", "LOOP_N",
-                                                 "SCALE_AT_DST", "RELU", "ROW_DOT"],
-                     prune_configs_by={"early_config_prune": _prune_mm_configs})
+    @triton.autotune(
+        configs=_mm_configs(),
+        key=["I", "O", "GATHER", "SCALE", "SCATTER", "FP32", "LOOP_N", "SCALE_AT_DST", "RELU", "ROW_DOT"],
+        prune_configs_by={"early_config_prune": _prune_mm_configs},
+    )
     @triton.jit
-    def _expert_mm_kernel(x_ptr, w_ptr, out_ptr, offsets_ptr, rows_ptr, scale_ptr, dst_ptr,
-                          dotx_ptr, dotrows_ptr, dotdst_ptr, dot_ptr, gated_ptr,
-                          E, I, O,
-                          sxr, sxi, swe, swi, swo, sor, soo, sdr, sdc,
-                          GATHER: tl.constexpr, SCALE: tl.constexpr, SCATTER: tl.constexpr,
-                          FP32: tl.constexpr, LOOP_N: tl.constexpr, SCALE_AT_DST: tl.constexpr,
-                          RELU: tl.constexpr, ROW_DOT: tl.constexpr, DOT_AT_DST: tl.constexpr,
-                          GATE_X: tl.constexpr, EP: tl.constexpr, IP: tl.constexpr,
-                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    def _expert_mm_kernel(
+        x_ptr,
+        w_ptr,
+        out_ptr,
+        offsets_ptr,
+        rows_ptr,
+        scale_ptr,
+        dst_ptr,
+        dotx_ptr,
+        dotrows_ptr,
+        dotdst_ptr,
+        dot_ptr,
+        gated_ptr,
+        E,
+        I,
+        O,
+        sxr,
+        sxi,
+        swe,
+        swi,
+        swo,
+        sor,
+        soo,
+        sdr,
+        sdc,
+        GATHER: tl.constexpr,
+        SCALE: tl.constexpr,
+        SCATTER: tl.constexpr,
+        FP32: tl.constexpr,
+        LOOP_N: tl.constexpr,
+        SCALE_AT_DST: tl.constexpr,
+        RELU: tl.constexpr,
+        ROW_DOT: tl.constexpr,
+        DOT_AT_DST: tl.constexpr,
+        GATE_X: tl.constexpr,
+        EP: tl.constexpr,
+        IP: tl.constexpr,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        BK: tl.constexpr,
+    ):
         pid = tl.program_id(0)
         if LOOP_N:
             pid_m = pid
@@ -172,14 +207,19 @@ if triton is not None:
         if LOOP_N:  # I <= IP: one input tile, every output column block
             ks = tl.arange(0, IP)
             k_ok = ks < I
-            a = tl.load(x_ptr + src[:, None].to(tl.int64) * sxr + ks[None, :] * sxi,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            a = tl.load(
+                x_ptr + src[:, None].to(tl.int64) * sxr + ks[None, :] * sxi,
+                mask=row_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
             w_rows = w_ptr + e.to(tl.int64) * swe + ks[:, None] * swi
-            if GATE_X:   # the weight gradient's gated operand, in routed order ([N, I] contiguous)
-                tl.store(gated_ptr + rows[:, None].to(tl.int64) * I + ks[None, :],
-                         (a.to(tl.float32) * gate[:, None]).to(gated_ptr.dtype.element_ty),
-                         mask=row_ok[:, None] & k_ok[None, :])
-            if ROW_DOT:   # a program holds whole output rows: it can dot them with another tensor's rows
+            if GATE_X:  # the weight gradient's gated operand, in routed order ([N, I] contiguous)
+                tl.store(
+                    gated_ptr + rows[:, None].to(tl.int64) * I + ks[None, :],
+                    (a.to(tl.float32) * gate[:, None]).to(gated_ptr.dtype.element_ty),
+                    mask=row_ok[:, None] & k_ok[None, :],
+                )
+            if ROW_DOT:  # a program holds whole output rows: it can dot them with another tensor's rows
                 dot_src = tl.load(dotrows_ptr + rows, mask=row_ok, other=0)
                 dot_rows = dotx_ptr + dot_src[:, None].to(tl.int64) * sdr
                 row_dot = tl.zeros((BM,), dtype=tl.float32)
@@ -187,17 +227,20 @@ if triton is not None:
                 cols = n0 + tl.arange(0, BN)
                 col_ok = cols < O
                 b = tl.load(w_rows + cols[None, :] * swo, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                b = b.to(x_ptr.dtype.element_ty)   # an fp32 master weight, rounded as it is loaded
+                b = b.to(x_ptr.dtype.element_ty)  # an fp32 master weight, rounded as it is loaded
                 acc = dot_acc(a, b, tl.zeros((BM, BN), dtype=tl.float32), FP32)
-                if ROW_DOT:   # the product before activation, scale and rounding
+                if ROW_DOT:  # the product before activation, scale and rounding
                     other = tl.load(dot_rows + cols[None, :] * sdc, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
                     row_dot += tl.sum(acc * other.to(tl.float32), axis=1)
                 if RELU:
                     acc = tl.maximum(acc, 0.0)
                 if SCALE:
                     acc = acc * gate[:, None]
-                tl.store(out_rows + cols[None, :] * soo, acc.to(out_ptr.dtype.element_ty),
-                         mask=row_ok[:, None] & col_ok[None, :])
+                tl.store(
+                    out_rows + cols[None, :] * soo,
+                    acc.to(out_ptr.dtype.element_ty),
+                    mask=row_ok[:, None] & col_ok[None, :],
+                )
             if ROW_DOT:
                 if DOT_AT_DST:
                     dot_at = tl.load(dotdst_ptr + rows, mask=row_ok, other=0)
@@ -222,18 +265,42 @@ if triton is not None:
                 acc = tl.maximum(acc, 0.0)
             if SCALE:
                 acc = acc * gate[:, None]
-            tl.store(out_rows + cols[None, :] * soo, acc.to(out_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & col_ok[None, :])
+            tl.store(
+                out_rows + cols[None, :] * soo, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :]
+            )
 
-    AUTOTUNED_MM_KERNEL = _expert_mm_kernel   # for `triton_weight_grad.autotune_choices`
+    AUTOTUNED_MM_KERNEL = _expert_mm_kernel  # for `triton_weight_grad.autotune_choices`
 
 
 if triton is not None:
+
     @triton.jit
-    def _row_dot_kernel(a_ptr, b_ptr, rows_ptr, scale_ptr, dst_ptr, sdst_ptr, dot_ptr, scaled_ptr, gated_ptr, N, I,
-                        sar, sai, sbr, sbi, ssr,
-                        GATHER: tl.constexpr, SCALE: tl.constexpr, DST: tl.constexpr, RELU_MASK: tl.constexpr,
-                        SCALED_DST: tl.constexpr, GATE_B: tl.constexpr, IP: tl.constexpr, BR: tl.constexpr):
+    def _row_dot_kernel(
+        a_ptr,
+        b_ptr,
+        rows_ptr,
+        scale_ptr,
+        dst_ptr,
+        sdst_ptr,
+        dot_ptr,
+        scaled_ptr,
+        gated_ptr,
+        N,
+        I,
+        sar,
+        sai,
+        sbr,
+        sbi,
+        ssr,
+        GATHER: tl.constexpr,
+        SCALE: tl.constexpr,
+        DST: tl.constexpr,
+        RELU_MASK: tl.constexpr,
+        SCALED_DST: tl.constexpr,
+        GATE_B: tl.constexpr,
+        IP: tl.constexpr,
+        BR: tl.constexpr,
+    ):
         n = tl.program_id(0) * BR + tl.arange(0, BR)
         n_ok = n < N
         i = tl.arange(0, IP)
@@ -242,7 +309,7 @@ if triton is not None:
             src = tl.load(rows_ptr + n, mask=n_ok, other=0)
         else:
             src = n
-        if DST:   # gate and its gradient in (row, choice) order: routed row n's slot is dst[n]
+        if DST:  # gate and its gradient in (row, choice) order: routed row n's slot is dst[n]
             at = tl.load(dst_ptr + n, mask=n_ok, other=0)
         else:
             at = n
@@ -252,22 +319,36 @@ if triton is not None:
         if SCALE:
             s = tl.load(scale_ptr + at, mask=n_ok, other=0.0).to(tl.float32)
             scaled = a.to(tl.float32) * s[:, None]
-            if RELU_MASK:   # b is a ReLU's output: the gradient of its input is zero where b is
+            if RELU_MASK:  # b is a ReLU's output: the gradient of its input is zero where b is
                 scaled = tl.where(b > 0, scaled, 0.0)
-            if SCALED_DST:   # written in (row, choice) order, ready for a top-k sum
+            if SCALED_DST:  # written in (row, choice) order, ready for a top-k sum
                 s_at = tl.load(sdst_ptr + n, mask=n_ok, other=0)
             else:
                 s_at = n
-            tl.store(scaled_ptr + s_at[:, None].to(tl.int64) * ssr + i[None, :],
-                     scaled.to(scaled_ptr.dtype.element_ty), mask=m)
-            if GATE_B:   # the weight gradient's gated operand, in routed order ([N, I] contiguous)
-                tl.store(gated_ptr + n[:, None].to(tl.int64) * I + i[None, :],
-                         (b.to(tl.float32) * s[:, None]).to(gated_ptr.dtype.element_ty), mask=m)
+            tl.store(
+                scaled_ptr + s_at[:, None].to(tl.int64) * ssr + i[None, :],
+                scaled.to(scaled_ptr.dtype.element_ty),
+                mask=m,
+            )
+            if GATE_B:  # the weight gradient's gated operand, in routed order ([N, I] contiguous)
+                tl.store(
+                    gated_ptr + n[:, None].to(tl.int64) * I + i[None, :],
+                    (b.to(tl.float32) * s[:, None]).to(gated_ptr.dtype.element_ty),
+                    mask=m,
+                )
 
 
-def row_dot_triton(a_NI: Tensor, b_MI: Tensor, b_rows_N: Optional[Tensor], scale_N: Optional[Tensor],
-                   dst_N: Optional[Tensor] = None, relu_mask: bool = False, scaled_dst_N: Optional[Tensor] = None,
-                   gate_b: bool = False, rows_per_program: Optional[int] = None):
+def row_dot_triton(
+    a_NI: Tensor,
+    b_MI: Tensor,
+    b_rows_N: Optional[Tensor],
+    scale_N: Optional[Tensor],
+    dst_N: Optional[Tensor] = None,
+    relu_mask: bool = False,
+    scaled_dst_N: Optional[Tensor] = None,
+    gate_b: bool = False,
+    rows_per_program: Optional[int] = None,
+):
     """(dot [N] fp32, scaled [N, I] or [0, I], gated [N, I] or [0, I]): see `grouped_mm.row_dot`.
     rows_per_program: rows each program walks (default: as many as fit 8192 elements, at most 64)."""
     N, I = a_NI.shape
@@ -278,20 +359,38 @@ def row_dot_triton(a_NI: Tensor, b_MI: Tensor, b_rows_N: Optional[Tensor], scale
         return dot, scaled, gated
     IP = max(16, triton.next_power_of_2(I))
     BR = rows_per_program or (4 if INTERPRET else max(1, min(64, 8192 // IP)))
-    scale = scale_N.contiguous() if scale_N is not None else None   # any float dtype: read as fp32
-    _row_dot_kernel[(triton.cdiv(N, BR),)](a_NI, b_MI, or_default(b_rows_N, dot), or_default(scale, dot), or_default(dst_N, dot),
-                                           or_default(scaled_dst_N, dot), dot,
-                                           scaled if scale_N is not None else dot, gated if gate_b else dot, N, I,
-                                           a_NI.stride(0), a_NI.stride(1), b_MI.stride(0), b_MI.stride(1),
-                                           scaled.stride(0) if scale_N is not None else 0,
-                                           GATHER=b_rows_N is not None, SCALE=scale_N is not None,
-                                           DST=dst_N is not None, RELU_MASK=relu_mask,
-                                           SCALED_DST=scaled_dst_N is not None, GATE_B=gate_b, IP=IP, BR=BR,
-                                           num_warps=4)
+    scale = scale_N.contiguous() if scale_N is not None else None  # any float dtype: read as fp32
+    _row_dot_kernel[(triton.cdiv(N, BR),)](
+        a_NI,
+        b_MI,
+        or_default(b_rows_N, dot),
+        or_default(scale, dot),
+        or_default(dst_N, dot),
+        or_default(scaled_dst_N, dot),
+        dot,
+        scaled if scale_N is not None else dot,
+        gated if gate_b else dot,
+        N,
+        I,
+        a_NI.stride(0),
+        a_NI.stride(1),
+        b_MI.stride(0),
+        b_MI.stride(1),
+        scaled.stride(0) if scale_N is not None else 0,
+        GATHER=b_rows_N is not None,
+        SCALE=scale_N is not None,
+        DST=dst_N is not None,
+        RELU_MASK=relu_mask,
+        SCALED_DST=scaled_dst_N is not None,
+        GATE_B=gate_b,
+        IP=IP,
+        BR=BR,
+        num_warps=4,
+    )
     return dot, scaled, gated
 
 
-ALIGN = 16   # elements: Triton specialises integer arguments divisible by 16 and vectorises loads along them
+ALIGN = 16  # elements: Triton specialises integer arguments divisible by 16 and vectorises loads along them
 
 
 def _padding_order(t: Tensor) -> Optional[list]:
@@ -301,9 +400,11 @@ def _padding_order(t: Tensor) -> Optional[list]:
     order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
     phys = t.permute(order)
     if phys.stride(-1) != 1:
-        return None   # no unit-stride dim: the kernels read any strides, just slowly
-    if all(st % ALIGN == 0 or size == 1 for st, size in zip(phys.stride()[:-1], phys.shape[:-1])) \
-            and t.data_ptr() % 16 == 0:
+        return None  # no unit-stride dim: the kernels read any strides, just slowly
+    if (
+        all(st % ALIGN == 0 or size == 1 for st, size in zip(phys.stride()[:-1], phys.shape[:-1]))
+        and t.data_ptr() % 16 == 0
+    ):
         return None
     return order
 
@@ -328,11 +429,20 @@ def aligned(t: Tensor, copy_dtype: Optional[torch.dtype] = None, always_copy: bo
     return buf.permute([order.index(d) for d in range(t.dim())])
 
 
-def grouped_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
-                      scale_N: Optional[Tensor] = None, dst_N: Optional[Tensor] = None,
-                      scale_at_dst: bool = False, relu: bool = False,
-                      dot_x_MO: Optional[Tensor] = None, dot_rows_N: Optional[Tensor] = None,
-                      dot_dst_N: Optional[Tensor] = None, gate_x: bool = False):
+def grouped_mm_triton(
+    x_RI: Tensor,
+    w_EIO: Tensor,
+    offsets_E1: Tensor,
+    rows_N: Optional[Tensor],
+    scale_N: Optional[Tensor] = None,
+    dst_N: Optional[Tensor] = None,
+    scale_at_dst: bool = False,
+    relu: bool = False,
+    dot_x_MO: Optional[Tensor] = None,
+    dot_rows_N: Optional[Tensor] = None,
+    dot_dst_N: Optional[Tensor] = None,
+    gate_x: bool = False,
+):
     """The grouped GEMM [N, O]; with dot_x (needs `loop_n_dot_applies`), also (out, dot, gated_x): dot [N]
     fp32 is <routed row n's product before activation and scale, dot_x[dot_rows[n]]>, written at dot_dst[n]
     if given, else at n; gated_x [N, I] (or [0, I] without gate_x) is routed row n's input row times its
@@ -342,18 +452,22 @@ def grouped_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: O
     out_NO = torch.empty(N, O, device=x_RI.device, dtype=x_RI.dtype)
     row_dot = dot_x_MO is not None
     dot_N = torch.empty(N if row_dot else 0, device=x_RI.device, dtype=torch.float32)
-    torch._check(not gate_x or (row_dot and scale_N is not None), lambda: "grouped_mm_triton: gate_x needs dot_x and a scale")
+    torch._check(
+        not gate_x or (row_dot and scale_N is not None), lambda: "grouped_mm_triton: gate_x needs dot_x and a scale"
+    )
     gated_NI = torch.empty(N if gate_x else 0, I, device=x_RI.device, dtype=x_RI.dtype)
     if N == 0:
         return (out_NO, dot_N, gated_NI) if row_dot else out_NO
     x_RI, w_EIO = aligned(x_RI), aligned(w_EIO, copy_dtype=x_RI.dtype)
     unused = offsets_E1  # pointer for the arguments a constexpr flag switches off (never read)
-    scale = scale_N.contiguous() if scale_N is not None else None   # any float dtype: read as fp32
+    scale = scale_N.contiguous() if scale_N is not None else None  # any float dtype: read as fp32
 
     loop_n = use_loop_n(I, O, N, E)
     if row_dot:
         torch._check(loop_n, lambda: "grouped_mm_triton: a row dot needs the loop-over-N form")
-        torch._check(dot_rows_N is not None and dot_x_MO.shape[1] == O, lambda: "grouped_mm_triton: dot_x [M, O] and dot_rows")
+        torch._check(
+            dot_rows_N is not None and dot_x_MO.shape[1] == O, lambda: "grouped_mm_triton: dot_x [M, O] and dot_rows"
+        )
         dot_x_MO = aligned(dot_x_MO)
 
     def grid(meta):
@@ -361,17 +475,44 @@ def grouped_mm_triton(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: O
         row_tiles = triton.cdiv(N, meta["BM"]) + E
         return (row_tiles if loop_n else row_tiles * triton.cdiv(O, meta["BN"]),)
 
-    _expert_mm_kernel[grid](x_RI, w_EIO, out_NO, offsets_E1, or_default(rows_N, unused), or_default(scale, unused),
-                            or_default(dst_N, unused), or_default(dot_x_MO, unused), or_default(dot_rows_N, unused),
-                            or_default(dot_dst_N, unused), dot_N, gated_NI if gate_x else unused, E, I, O,
-                            x_RI.stride(0), x_RI.stride(1), w_EIO.stride(0), w_EIO.stride(1), w_EIO.stride(2),
-                            out_NO.stride(0), out_NO.stride(1),
-                            dot_x_MO.stride(0) if row_dot else 0, dot_x_MO.stride(1) if row_dot else 0,
-                            GATHER=rows_N is not None, SCALE=scale_N is not None, SCATTER=dst_N is not None,
-                            FP32=x_RI.dtype == torch.float32, LOOP_N=loop_n, SCALE_AT_DST=scale_at_dst, RELU=relu,
-                            ROW_DOT=row_dot, DOT_AT_DST=dot_dst_N is not None, GATE_X=gate_x,
-                            EP=triton.next_power_of_2(E),
-                            IP=max(16, triton.next_power_of_2(I)))
+    _expert_mm_kernel[grid](
+        x_RI,
+        w_EIO,
+        out_NO,
+        offsets_E1,
+        or_default(rows_N, unused),
+        or_default(scale, unused),
+        or_default(dst_N, unused),
+        or_default(dot_x_MO, unused),
+        or_default(dot_rows_N, unused),
+        or_default(dot_dst_N, unused),
+        dot_N,
+        gated_NI if gate_x else unused,
+        E,
+        I,
+        O,
+        x_RI.stride(0),
+        x_RI.stride(1),
+        w_EIO.stride(0),
+        w_EIO.stride(1),
+        w_EIO.stride(2),
+        out_NO.stride(0),
+        out_NO.stride(1),
+        dot_x_MO.stride(0) if row_dot else 0,
+        dot_x_MO.stride(1) if row_dot else 0,
+        GATHER=rows_N is not None,
+        SCALE=scale_N is not None,
+        SCATTER=dst_N is not None,
+        FP32=x_RI.dtype == torch.float32,
+        LOOP_N=loop_n,
+        SCALE_AT_DST=scale_at_dst,
+        RELU=relu,
+        ROW_DOT=row_dot,
+        DOT_AT_DST=dot_dst_N is not None,
+        GATE_X=gate_x,
+        EP=triton.next_power_of_2(E),
+        IP=max(16, triton.next_power_of_2(I)),
+    )
     return (out_NO, dot_N, gated_NI) if row_dot else out_NO
 
 

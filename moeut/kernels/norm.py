@@ -12,6 +12,7 @@ gradients are bitwise reproducible, with no atomics (torch's column sums took 16
 the H200). The order depends on BACKWARD_PROGRAMS and SUM_COLUMNS only, never on the GPU.
 Runs under `TRITON_INTERPRET=1` on CPU tensors (CI).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -22,24 +23,39 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-BACKWARD_PROGRAMS = 512   # partial-sum rows of the weight gradient (≈ 4 per SM of the H200's 132)
+BACKWARD_PROGRAMS = 512  # partial-sum rows of the weight gradient (≈ 4 per SM of the H200's 132)
 # Columns per program of the partial sums' reduction: few columns and all partial rows in one tile, so
 # that many programs share the (~4 MB) read; wide column blocks leave few programs, each walking many
 # rows, and the reduction becomes latency-bound.
 SUM_COLUMNS = 8
-SUM_ROWS = 512   # partial rows per tile of that reduction (tests lower it to walk several tiles)
+SUM_ROWS = 512  # partial rows per tile of that reduction (tests lower it to walk several tiles)
 
 
 @triton.jit
-def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, xc_ptr, R, D, sxr, syr, eps,
-                           COPY: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr):
+def _layer_norm_fwd_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    mean_ptr,
+    rstd_ptr,
+    xc_ptr,
+    R,
+    D,
+    sxr,
+    syr,
+    eps,
+    COPY: tl.constexpr,
+    DP: tl.constexpr,
+    BR: tl.constexpr,
+):
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.arange(0, DP)
     row_ok = rows < R
     col_ok = cols < D
     m = row_ok[:, None] & col_ok[None, :]
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * sxr + cols[None, :], mask=m, other=0.0)
-    if COPY:   # x in the copy's dtype, contiguous (`cast_relay`)
+    if COPY:  # x in the copy's dtype, contiguous (`cast_relay`)
         tl.store(xc_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], x.to(xc_ptr.dtype.element_ty), mask=m)
     x = x.to(tl.float32)
     mean = tl.sum(x, 1) / D
@@ -54,9 +70,29 @@ def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, xc_pt
 
 
 @triton.jit
-def _layer_norm_bwd_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr, add_ptr,
-                           dxc_ptr, R, D, sxr, sdyr, sdxr, sar, rows_per_program,
-                           ADD: tl.constexpr, COPY: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr):
+def _layer_norm_bwd_kernel(
+    x_ptr,
+    dy_ptr,
+    w_ptr,
+    mean_ptr,
+    rstd_ptr,
+    dx_ptr,
+    dw_part_ptr,
+    db_part_ptr,
+    add_ptr,
+    dxc_ptr,
+    R,
+    D,
+    sxr,
+    sdyr,
+    sdxr,
+    sar,
+    rows_per_program,
+    ADD: tl.constexpr,
+    COPY: tl.constexpr,
+    DP: tl.constexpr,
+    BR: tl.constexpr,
+):
     pid = tl.program_id(0)
     cols = tl.arange(0, DP)
     col_ok = cols < D
@@ -79,11 +115,11 @@ def _layer_norm_bwd_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_
         c1 = tl.sum(xhat * wdy, 1) / D
         c2 = tl.sum(wdy, 1) / D
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-        if ADD:   # x's gradient through its other uses (`layer_norm(..., pass_through=True)`)
+        if ADD:  # x's gradient through its other uses (`layer_norm(..., pass_through=True)`)
             dx += tl.load(add_ptr + r64 * sar + cols[None, :], mask=m, other=0.0).to(tl.float32)
         dx = dx.to(dx_ptr.dtype.element_ty)
         tl.store(dx_ptr + r64 * sdxr + cols[None, :], dx, mask=m)
-        if COPY:   # dx as stored, rounded again to the copy's dtype: what dx.to(dtype) gives (`cast_relay`)
+        if COPY:  # dx as stored, rounded again to the copy's dtype: what dx.to(dtype) gives (`cast_relay`)
             tl.store(dxc_ptr + r64 * D + cols[None, :], dx.to(dxc_ptr.dtype.element_ty), mask=m)
         dw_acc += tl.sum(dy * xhat, 0)
         db_acc += tl.sum(dy, 0)
@@ -92,13 +128,12 @@ def _layer_norm_bwd_kernel(x_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_
 
 
 @triton.jit
-def _layer_norm_sum_partials_kernel(dw_part_ptr, db_part_ptr, dw_ptr, db_ptr, P, D,
-                                    BP: tl.constexpr, BD: tl.constexpr):
+def _layer_norm_sum_partials_kernel(dw_part_ptr, db_part_ptr, dw_ptr, db_ptr, P, D, BP: tl.constexpr, BD: tl.constexpr):
     cols = tl.program_id(0) * BD + tl.arange(0, BD)
     col_ok = cols < D
     dw = tl.zeros([BP, BD], dtype=tl.float32)
     db = tl.zeros([BP, BD], dtype=tl.float32)
-    for p0 in range(0, P, BP):   # the same order every time: bitwise reproducible
+    for p0 in range(0, P, BP):  # the same order every time: bitwise reproducible
         ps = p0 + tl.arange(0, BP)
         m = (ps < P)[:, None] & col_ok[None, :]
         offs = ps[:, None].to(tl.int64) * D + cols[None, :]
@@ -121,8 +156,14 @@ def _rows(t: Tensor) -> Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def layer_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype,
-                   copy_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+def layer_norm_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    out_dtype: torch.dtype,
+    copy_dtype: Optional[torch.dtype] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """(y in out_dtype shaped like x, mean [R] fp32, rstd [R] fp32, x in copy_dtype shaped like x and
     contiguous, or None without copy_dtype) over x's last dim."""
     x2 = _rows(x)
@@ -134,14 +175,35 @@ def layer_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtyp
     if R:
         DP, BR, warps = _tiles(D)
         _layer_norm_fwd_kernel[(triton.cdiv(R, BR),)](
-            x2, weight, bias, y, mean, rstd, xc if xc is not None else y, R, D, x2.stride(0), y.stride(0),
-            float(eps), COPY=xc is not None, DP=DP, BR=BR, num_warps=warps)
+            x2,
+            weight,
+            bias,
+            y,
+            mean,
+            rstd,
+            xc if xc is not None else y,
+            R,
+            D,
+            x2.stride(0),
+            y.stride(0),
+            float(eps),
+            COPY=xc is not None,
+            DP=DP,
+            BR=BR,
+            num_warps=warps,
+        )
     return y.view(x.shape), mean, rstd, xc.view(x.shape) if xc is not None else None
 
 
-def layer_norm_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
-                   grad_add: Optional[Tensor] = None, copy_dtype: Optional[torch.dtype] = None
-                   ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+def layer_norm_bwd(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    grad_add: Optional[Tensor] = None,
+    copy_dtype: Optional[torch.dtype] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """(dx in x's dtype, d weight, d bias in the weight's dtype, dx.to(copy_dtype) or None) of
     `layer_norm_fwd`; dx plus grad_add (x's shape) when given, added in fp32 before dx is rounded."""
     x2, dy2 = _rows(x), _rows(grad_y)
@@ -161,11 +223,31 @@ def layer_norm_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd
     dw_part = torch.empty(programs, D, device=x.device, dtype=torch.float32)
     db_part = torch.empty(programs, D, device=x.device, dtype=torch.float32)
     _layer_norm_bwd_kernel[(programs,)](
-        x2, dy2, weight, mean, rstd, dx, dw_part, db_part, add2 if add2 is not None else dx,
-        dxc if dxc is not None else dx, R, D, x2.stride(0), dy2.stride(0), dx.stride(0),
-        add2.stride(0) if add2 is not None else 0, rows_per_program,
-        ADD=add2 is not None, COPY=dxc is not None, DP=DP, BR=BR, num_warps=warps)
+        x2,
+        dy2,
+        weight,
+        mean,
+        rstd,
+        dx,
+        dw_part,
+        db_part,
+        add2 if add2 is not None else dx,
+        dxc if dxc is not None else dx,
+        R,
+        D,
+        x2.stride(0),
+        dy2.stride(0),
+        dx.stride(0),
+        add2.stride(0) if add2 is not None else 0,
+        rows_per_program,
+        ADD=add2 is not None,
+        COPY=dxc is not None,
+        DP=DP,
+        BR=BR,
+        num_warps=warps,
+    )
     BP = min(SUM_ROWS, max(16, triton.next_power_of_2(programs)))
-    _layer_norm_sum_partials_kernel[(triton.cdiv(D, SUM_COLUMNS),)](dw_part, db_part, dw, db, programs, D,
-                                                                    BP=BP, BD=SUM_COLUMNS, num_warps=4)
+    _layer_norm_sum_partials_kernel[(triton.cdiv(D, SUM_COLUMNS),)](
+        dw_part, db_part, dw, db, programs, D, BP=BP, BD=SUM_COLUMNS, num_warps=4
+    )
     return dx.view(x.shape), dw, db, copy

@@ -8,6 +8,7 @@ asks for time-major both ways when the forward's input is a head view of a [B, T
 projection, so that neither the attention output's reshape nor the view's backward copies.
 Runs under `TRITON_INTERPRET=1` on CPU tensors (CI).
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,11 +18,31 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, T, HALF, REST, scale,
-                 sxb, sxh, sxt, sxd, sob, soh, sot, sct, sst,
-                 SIGN: tl.constexpr, HP: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr):
+def _rope_kernel(
+    x_ptr,
+    cos_ptr,
+    sin_ptr,
+    out_ptr,
+    H,
+    T,
+    HALF,
+    REST,
+    scale,
+    sxb,
+    sxh,
+    sxt,
+    sxd,
+    sob,
+    soh,
+    sot,
+    sct,
+    sst,
+    SIGN: tl.constexpr,
+    HP: tl.constexpr,
+    RP: tl.constexpr,
+    BT: tl.constexpr,
+):
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -45,21 +66,41 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, T, HALF, REST, scale,
         tl.store(o_row + 2 * HALF + r[None, :], (rest * scale).to(out_ptr.dtype.element_ty), mask=mr)
 
 
-def rope_triton(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False, scale: float = 1.0,
-                time_major: bool = False) -> Tensor:
+def rope_triton(
+    x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False, scale: float = 1.0, time_major: bool = False
+) -> Tensor:
     B, H, T, D = x.shape
-    n_rotate = 2 * cos.shape[-1]   # half-width tables: both halves use the same angles
+    n_rotate = 2 * cos.shape[-1]  # half-width tables: both halves use the same angles
     # [B, H, T, Dh], stored as [B, T, H, Dh] when time-major (the allocation `rope.empty_rope_output`
     # gives the op's fake tensor)
-    out = (torch.empty(B, T, H, D, device=x.device, dtype=x.dtype).transpose(1, 2) if time_major
-           else torch.empty(B, H, T, D, device=x.device, dtype=x.dtype))
+    out = (
+        torch.empty(B, T, H, D, device=x.device, dtype=x.dtype).transpose(1, 2)
+        if time_major
+        else torch.empty(B, H, T, D, device=x.device, dtype=x.dtype)
+    )
     if out.numel() == 0:
         return out
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
     half, rest = n_rotate // 2, D - n_rotate
     BT = 16
     _rope_kernel[(B * H, triton.cdiv(T, BT))](
-        x, cos, sin, out, H, T, half, rest, float(scale), *x.stride(), *out.stride()[:3], cos.stride(0), sin.stride(0),
-        SIGN=-1.0 if inverse else 1.0, HP=max(16, triton.next_power_of_2(half)),
-        RP=0 if rest == 0 else max(16, triton.next_power_of_2(rest)), BT=BT, num_warps=4)
+        x,
+        cos,
+        sin,
+        out,
+        H,
+        T,
+        half,
+        rest,
+        float(scale),
+        *x.stride(),
+        *out.stride()[:3],
+        cos.stride(0),
+        sin.stride(0),
+        SIGN=-1.0 if inverse else 1.0,
+        HP=max(16, triton.next_power_of_2(half)),
+        RP=0 if rest == 0 else max(16, triton.next_power_of_2(rest)),
+        BT=BT,
+        num_warps=4,
+    )
     return out

@@ -10,6 +10,7 @@ comparisons: cheap for decode's N <= a few hundred).
 Large inputs (training) sort with torch, whose radix sort beats a counting sort of several launches.
 Contract and reference: `expert_mm.route`. Runs under `TRITON_INTERPRET=1` on CPU tensors (CI).
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,12 +26,23 @@ MAX_EXPERTS = 4096
 
 
 @triton.jit
-def _route_small_kernel(expert_ptr, offsets_ptr, rows_ptr, slot_ptr, choice_ptr, N, E, K,
-                        NP: tl.constexpr, EP: tl.constexpr, BJ: tl.constexpr):
+def _route_small_kernel(
+    expert_ptr,
+    offsets_ptr,
+    rows_ptr,
+    slot_ptr,
+    choice_ptr,
+    N,
+    E,
+    K,
+    NP: tl.constexpr,
+    EP: tl.constexpr,
+    BJ: tl.constexpr,
+):
     i = tl.arange(0, NP)
     ok = i < N
     e = tl.load(expert_ptr + i, mask=ok, other=0).to(tl.int32)
-    e_hist = tl.where(ok, e, EP - 1)                       # padding counts into a spare last bin
+    e_hist = tl.where(ok, e, EP - 1)  # padding counts into a spare last bin
     counts = tl.histogram(e_hist, EP)
     bins = tl.arange(0, EP)
     counts = tl.where(bins < E, counts, 0)
@@ -63,7 +75,18 @@ def route_small_triton(expert_RK: Tensor, n_experts: int):
     choice = torch.empty(N, dtype=torch.long, device=dev)
     EP = max(16, triton.next_power_of_2(n_experts + 1))
     NP = max(16, triton.next_power_of_2(N))
-    _route_small_kernel[(1,)](expert_RK.reshape(-1).contiguous(), offsets, rows, slot, choice, N, n_experts, K,
-                              NP=NP, EP=EP, BJ=min(NP, 64), num_warps=4)
+    _route_small_kernel[(1,)](
+        expert_RK.reshape(-1).contiguous(),
+        offsets,
+        rows,
+        slot,
+        choice,
+        N,
+        n_experts,
+        K,
+        NP=NP,
+        EP=EP,
+        BJ=min(NP, 64),
+        num_warps=4,
+    )
     return offsets, rows, slot, choice.view(R, K)
-

@@ -6,6 +6,7 @@ among equal scores and masking it out: one integer max-reduction per pick, over 
 id) packed into one key. (The backward's kernel, in training, is `triton_entropy.router_backward_triton`,
 shared with the entropy regulariser.) Runs under `TRITON_INTERPRET=1` on CPU tensors (CI).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -18,10 +19,24 @@ import triton.language as tl
 
 from moeut.kernels.expert_mm import INTERPRET
 
+
 @triton.jit
-def _sigmoid_topk_kernel(logits_ptr, gate_ptr, expert_ptr, R, G, E, s_outer, s_inner, sle,
-                         K: tl.constexpr, EP: tl.constexpr, BR: tl.constexpr,
-                         ROUND: tl.constexpr, PACK32: tl.constexpr):
+def _sigmoid_topk_kernel(
+    logits_ptr,
+    gate_ptr,
+    expert_ptr,
+    R,
+    G,
+    E,
+    s_outer,
+    s_inner,
+    sle,
+    K: tl.constexpr,
+    EP: tl.constexpr,
+    BR: tl.constexpr,
+    ROUND: tl.constexpr,
+    PACK32: tl.constexpr,
+):
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.arange(0, EP)
     row_ok = rows < R
@@ -43,7 +58,7 @@ def _sigmoid_topk_kernel(logits_ptr, gate_ptr, expert_ptr, R, G, E, s_outer, s_i
         key = score.to(tl.int32, bitcast=True) | (EP - 1 - cols[None, :])
     else:
         key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (EP - 1 - cols[None, :]).to(tl.int64)
-    key = tl.where(valid, key, -1)          # below every score's key
+    key = tl.where(valid, key, -1)  # below every score's key
     for k in tl.static_range(K):
         best = tl.max(key, axis=1)
         pick = EP - 1 - (best & (EP - 1)).to(tl.int32)
@@ -56,8 +71,9 @@ def _sigmoid_topk_kernel(logits_ptr, gate_ptr, expert_ptr, R, G, E, s_outer, s_i
         key = tl.where(key == best[:, None], -1, key)
 
 
-def sigmoid_topk_triton(logits_RE: Tensor, k: int, fp32: bool = False,
-                        launch: Optional[Tuple[int, int]] = None) -> Tuple[Tensor, Tensor]:
+def sigmoid_topk_triton(
+    logits_RE: Tensor, k: int, fp32: bool = False, launch: Optional[Tuple[int, int]] = None
+) -> Tuple[Tensor, Tensor]:
     """logits [R, E] or [R0, G, E] (any strides; row r0 * G + g). fp32: rank and return gates in float32
     (as for logits.float()), else in the logits' dtype. `launch`: (rows per program, warps) in place of
     the rule below (benchmarks compare launch shapes)."""
@@ -70,7 +86,7 @@ def sigmoid_topk_triton(logits_RE: Tensor, k: int, fp32: bool = False,
     if R == 0:
         return gate, expert
     EP = max(16, triton.next_power_of_2(E))
-    BR = 4 if INTERPRET else max(1, min(32, 4096 // EP))   # about 4096 scores per program
+    BR = 4 if INTERPRET else max(1, min(32, 4096 // EP))  # about 4096 scores per program
     warps = 4
     if (R <= 256 or EP >= 128) and EP <= 1024 and not INTERPRET:
         # One warp per row, so each of the K max-reductions is warp shuffles only, never a round trip
@@ -78,12 +94,21 @@ def sigmoid_topk_triton(logits_RE: Tensor, k: int, fp32: bool = False,
         # warps), 565 experts top-24 96 µs (121 with 4 rows and 4 warps); a decoding step's few rows
         # took 6 µs with 4 warps. Short rows (SwitchHead's 10 experts) keep many rows per program.
         BR, warps = 1, 1
-    if launch is not None:   # (rows per program, warps) in place of the rule: benchmarks compare launch shapes
+    if launch is not None:  # (rows per program, warps) in place of the rule: benchmarks compare launch shapes
         BR, warps = launch
-    _sigmoid_topk_kernel[(triton.cdiv(R, BR),)](logits_RE, gate, expert, R, G, E, *logits_RE.stride(),
-                                                 K=k, EP=EP, BR=BR,
-                                                 ROUND=0 if fp32 or logits_RE.dtype == torch.float32 else
-                                                 1 if logits_RE.dtype == torch.bfloat16 else 2,
-                                                 PACK32=not fp32 and logits_RE.dtype == torch.bfloat16 and EP <= 65536,
-                                                 num_warps=warps)
+    _sigmoid_topk_kernel[(triton.cdiv(R, BR),)](
+        logits_RE,
+        gate,
+        expert,
+        R,
+        G,
+        E,
+        *logits_RE.stride(),
+        K=k,
+        EP=EP,
+        BR=BR,
+        ROUND=0 if fp32 or logits_RE.dtype == torch.float32 else 1 if logits_RE.dtype == torch.bfloat16 else 2,
+        PACK32=not fp32 and logits_RE.dtype == torch.bfloat16 and EP <= 65536,
+        num_warps=warps,
+    )
     return gate, expert

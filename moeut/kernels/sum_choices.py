@@ -9,6 +9,7 @@ fp32 and writes the result once, in the dtype the caller wants (fp32 gradients a
 bf16 on the way). It can add a tensor of the output's shape to the sums (the residual stream in the
 forward, the residual's gradient in the backward), saving an elementwise pass over [X, O] fp32. Reference: the plain PyTorch sum of `ops/grouped_mm.py`.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -22,8 +23,9 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _sum_choices_kernel(y_ptr, init_ptr, out_ptr, X, C, O, syr, sir, sxr,
-                            INIT: tl.constexpr, BX: tl.constexpr, BO: tl.constexpr):
+    def _sum_choices_kernel(
+        y_ptr, init_ptr, out_ptr, X, C, O, syr, sir, sxr, INIT: tl.constexpr, BX: tl.constexpr, BO: tl.constexpr
+    ):
         xs = tl.program_id(0) * BX + tl.arange(0, BX)
         os_ = tl.program_id(1) * BO + tl.arange(0, BO)
         mask = (xs < X)[:, None] & (os_ < O)[None, :]
@@ -32,10 +34,11 @@ if triton is not None:
         for _ in range(0, C):
             acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
             ptrs += syr
-        if INIT:   # added after the choices, as `_sum_choices_torch` does
-            acc += tl.load(init_ptr + xs[:, None].to(tl.int64) * sir + os_[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + xs[:, None].to(tl.int64) * sxr + os_[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=mask)
+        if INIT:  # added after the choices, as `_sum_choices_torch` does
+            acc += tl.load(init_ptr + xs[:, None].to(tl.int64) * sir + os_[None, :], mask=mask, other=0.0).to(
+                tl.float32
+            )
+        tl.store(out_ptr + xs[:, None].to(tl.int64) * sxr + os_[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def sum_choices_triton(y_SO: Tensor, n_groups: int, out_dtype: torch.dtype, init_XO: Optional[Tensor] = None) -> Tensor:
@@ -51,7 +54,19 @@ def sum_choices_triton(y_SO: Tensor, n_groups: int, out_dtype: torch.dtype, init
     C = S // n_groups
     BX, BO = (4, 16) if INTERPRET else (8, 256)
     grid = (triton.cdiv(n_groups, BX), triton.cdiv(O, BO))
-    _sum_choices_kernel[grid](y_SO, y_SO if init_XO is None else init_XO, out, n_groups, C, O, y_SO.stride(0),
-                              0 if init_XO is None else init_XO.stride(0), out.stride(0),
-                              INIT=init_XO is not None, BX=BX, BO=BO, num_warps=4)
+    _sum_choices_kernel[grid](
+        y_SO,
+        y_SO if init_XO is None else init_XO,
+        out,
+        n_groups,
+        C,
+        O,
+        y_SO.stride(0),
+        0 if init_XO is None else init_XO.stride(0),
+        out.stride(0),
+        INIT=init_XO is not None,
+        BX=BX,
+        BO=BO,
+        num_warps=4,
+    )
     return out

@@ -20,6 +20,7 @@ gated).
 
 Runs under `TRITON_INTERPRET=1` on CPU tensors, which is how CI checks its logic.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -65,7 +66,7 @@ if triton is not None:
             triton.Config({"BI": 128, "BO": 128, "BK": 32}, num_warps=8, num_stages=5),
             triton.Config({"BI": 64, "BO": 128, "BK": 64}, num_warps=4, num_stages=4),
             triton.Config({"BI": 128, "BO": 128, "BK": 64}, num_warps=4, num_stages=4),
-        ][:None if settings.autotune else 1]
+        ][: None if settings.autotune else 1]
 
     def _prune_wgrad_configs(configs, named_args, **kwargs):
         """Every config, or the first with `settings.autotune` off (the list then holds only that one, so
@@ -73,10 +74,33 @@ if triton is not None:
         return configs if settings.autotune else configs[:1]
 
     @triton.jit
-    def _wgrad_segment(acc, x_ptr, g_ptr, offsets_ptr, rows_ptr, grows_ptr, gscale_ptr, sdst_ptr,
-                       sxr, sxi, sgr, sgo, e, ii, oo, i_ok, o_ok,
-                       GATHER: tl.constexpr, GGATHER: tl.constexpr, GSCALE: tl.constexpr, FP32: tl.constexpr,
-                       SCALE_AT_DST: tl.constexpr, BK: tl.constexpr, split, n_split):
+    def _wgrad_segment(
+        acc,
+        x_ptr,
+        g_ptr,
+        offsets_ptr,
+        rows_ptr,
+        grows_ptr,
+        gscale_ptr,
+        sdst_ptr,
+        sxr,
+        sxi,
+        sgr,
+        sgo,
+        e,
+        ii,
+        oo,
+        i_ok,
+        o_ok,
+        GATHER: tl.constexpr,
+        GGATHER: tl.constexpr,
+        GSCALE: tl.constexpr,
+        FP32: tl.constexpr,
+        SCALE_AT_DST: tl.constexpr,
+        BK: tl.constexpr,
+        split,
+        n_split,
+    ):
         # acc += (one application's) sum over row range `split` of n_split of expert e's routed rows of
         # x_row^T g_row for this tile (ranges of whole BK blocks; the last ones may be empty)
         lo = tl.load(offsets_ptr + e)
@@ -96,12 +120,18 @@ if triton is not None:
                 gsrc = tl.load(grows_ptr + rows, mask=r_ok, other=0)
             else:
                 gsrc = rows
-            a = tl.load(x_ptr + src[None, :].to(tl.int64) * sxr + ii[:, None] * sxi,
-                        mask=i_ok[:, None] & r_ok[None, :], other=0.0)
-            b = tl.load(g_ptr + gsrc[:, None].to(tl.int64) * sgr + oo[None, :] * sgo,
-                        mask=r_ok[:, None] & o_ok[None, :], other=0.0)
+            a = tl.load(
+                x_ptr + src[None, :].to(tl.int64) * sxr + ii[:, None] * sxi,
+                mask=i_ok[:, None] & r_ok[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                g_ptr + gsrc[:, None].to(tl.int64) * sgr + oo[None, :] * sgo,
+                mask=r_ok[:, None] & o_ok[None, :],
+                other=0.0,
+            )
             if GSCALE:  # x's rows scaled in fp32 and rounded: as scaling them before the product
-                if SCALE_AT_DST:   # gates in (row, choice) order: routed row n's is at sdst[n]
+                if SCALE_AT_DST:  # gates in (row, choice) order: routed row n's is at sdst[n]
                     sat = tl.load(sdst_ptr + rows, mask=r_ok, other=0)
                 else:
                     sat = rows
@@ -110,17 +140,44 @@ if triton is not None:
             acc = dot_acc(a, b, acc, FP32)
         return acc
 
-    @triton.autotune(configs=_wgrad_configs(), key=["I", "O", "N_SEG", "GATHER", "GGATHER", "GSCALE", "FP32",
-                                                    "ACCUMULATE", "SCALE_AT_DST", "n_split"],
-                     prune_configs_by={"early_config_prune": _prune_wgrad_configs},
-                     restore_value=["out_ptr"])   # benchmark runs must not add into an accumulator twice
+    @triton.autotune(
+        configs=_wgrad_configs(),
+        key=["I", "O", "N_SEG", "GATHER", "GGATHER", "GSCALE", "FP32", "ACCUMULATE", "SCALE_AT_DST", "n_split"],
+        prune_configs_by={"early_config_prune": _prune_wgrad_configs},
+        restore_value=["out_ptr"],
+    )  # benchmark runs must not add into an accumulator twice
     @triton.jit
-    def _weight_grad_kernel(out_ptr, I, O, soe, soi, soo, E, n_split,
-                            xs, gs, offsets, rows, grows, gscales, sdsts, sxr, sxi, sgr, sgo,
-                            N_SEG: tl.constexpr, GATHER: tl.constexpr, GGATHER: tl.constexpr,
-                            GSCALE: tl.constexpr, FP32: tl.constexpr, ACCUMULATE: tl.constexpr,
-                            SCALE_AT_DST: tl.constexpr,
-                            BI: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr):
+    def _weight_grad_kernel(
+        out_ptr,
+        I,
+        O,
+        soe,
+        soi,
+        soo,
+        E,
+        n_split,
+        xs,
+        gs,
+        offsets,
+        rows,
+        grows,
+        gscales,
+        sdsts,
+        sxr,
+        sxi,
+        sgr,
+        sgo,
+        N_SEG: tl.constexpr,
+        GATHER: tl.constexpr,
+        GGATHER: tl.constexpr,
+        GSCALE: tl.constexpr,
+        FP32: tl.constexpr,
+        ACCUMULATE: tl.constexpr,
+        SCALE_AT_DST: tl.constexpr,
+        BI: tl.constexpr,
+        BO: tl.constexpr,
+        BK: tl.constexpr,
+    ):
         # N_SEG segments (applications of one shared weight, each with its own rows and routing: entry s
         # of each tuple argument) summed in one accumulator: the output tile is read and written once for
         # all of them. With n_split > 1 program (split, e, tile) sums row range `split` of every segment
@@ -135,7 +192,7 @@ if triton is not None:
         i_ok = ii < I
         o_ok = oo < O
         acc = tl.zeros((BI, BO), dtype=tl.float32)
-        for s in range(N_SEG):   # one loop body for any count: segment s's arguments picked by selects
+        for s in range(N_SEG):  # one loop body for any count: segment s's arguments picked by selects
             x_ptr, g_ptr, off_ptr, rows_ptr = xs[0], gs[0], offsets[0], rows[0]
             grows_ptr, gs_ptr, sdst_ptr = grows[0], gscales[0], sdsts[0]
             sxr_s, sxi_s, sgr_s, sgo_s = sxr[0], sxi[0], sgr[0], sgo[0]
@@ -147,9 +204,33 @@ if triton is not None:
                 sdst_ptr = tl.where(here, sdsts[j], sdst_ptr)
                 sxr_s, sxi_s = tl.where(here, sxr[j], sxr_s), tl.where(here, sxi[j], sxi_s)
                 sgr_s, sgo_s = tl.where(here, sgr[j], sgr_s), tl.where(here, sgo[j], sgo_s)
-            acc = _wgrad_segment(acc, x_ptr, g_ptr, off_ptr, rows_ptr, grows_ptr, gs_ptr, sdst_ptr, sxr_s, sxi_s,
-                                 sgr_s, sgo_s, e, ii, oo, i_ok, o_ok, GATHER, GGATHER, GSCALE, FP32, SCALE_AT_DST,
-                                 BK, split, n_split)
+            acc = _wgrad_segment(
+                acc,
+                x_ptr,
+                g_ptr,
+                off_ptr,
+                rows_ptr,
+                grows_ptr,
+                gs_ptr,
+                sdst_ptr,
+                sxr_s,
+                sxi_s,
+                sgr_s,
+                sgo_s,
+                e,
+                ii,
+                oo,
+                i_ok,
+                o_ok,
+                GATHER,
+                GGATHER,
+                GSCALE,
+                FP32,
+                SCALE_AT_DST,
+                BK,
+                split,
+                n_split,
+            )
         o_ptrs = out_ptr + (split * E + e).to(tl.int64) * soe + ii[:, None] * soi + oo[None, :] * soo
         if ACCUMULATE:  # out += this tile: one rounding, as a separate add would do
             acc += tl.load(o_ptrs, mask=i_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
@@ -174,20 +255,27 @@ if triton is not None:
 MAX_SEGMENTS = 9
 
 
-def grouped_mm_weight_grad_triton(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
-                                  grad_rows_N: Optional[Tensor] = None,
-                                  grad_scale_N: Optional[Tensor] = None,
-                                  out_dtype: Optional[torch.dtype] = None,
-                                  accumulate_into: Optional[Tensor] = None,
-                                  scale_dst_N: Optional[Tensor] = None) -> Tensor:
+def grouped_mm_weight_grad_triton(
+    x_RI: Tensor,
+    grad_MO: Tensor,
+    offsets_E1: Tensor,
+    rows_N: Optional[Tensor],
+    grad_rows_N: Optional[Tensor] = None,
+    grad_scale_N: Optional[Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    accumulate_into: Optional[Tensor] = None,
+    scale_dst_N: Optional[Tensor] = None,
+) -> Tensor:
     """The weight gradient [E, I, O], or (accumulate_into) that tensor with the gradient added to it.
     scale_dst_N: routed row n's scale is grad_scale[scale_dst_N[n]]."""
-    return weight_grad_segments_triton([(x_RI, grad_MO, offsets_E1, rows_N, grad_rows_N, grad_scale_N, scale_dst_N)],
-                                       out_dtype, accumulate_into)
+    return weight_grad_segments_triton(
+        [(x_RI, grad_MO, offsets_E1, rows_N, grad_rows_N, grad_scale_N, scale_dst_N)], out_dtype, accumulate_into
+    )
 
 
-def weight_grad_segments_triton(segments, out_dtype: Optional[torch.dtype] = None,
-                                accumulate_into: Optional[Tensor] = None) -> Tensor:
+def weight_grad_segments_triton(
+    segments, out_dtype: Optional[torch.dtype] = None, accumulate_into: Optional[Tensor] = None
+) -> Tensor:
     """The sum of several weight gradients of one weight in one launch (at most MAX_SEGMENTS): each
     segment is (x, grad, offsets, rows, grad_rows, grad_scale, scale_dst) as in
     `grouped_mm_weight_grad_triton`, with the same layout flags (which operands are gathered or scaled).
@@ -198,18 +286,38 @@ def weight_grad_segments_triton(segments, out_dtype: Optional[torch.dtype] = Non
     E = off0.numel() - 1
     I, O = x0.shape[1], g0.shape[1]
     flags = _segment_flags(segments[0])
-    columns = []   # one tuple per kernel argument, entry s for segment s
+    columns = []  # one tuple per kernel argument, entry s for segment s
     for seg in segments:
         x_RI, grad_MO, offsets_E1, rows_N, grad_rows_N, grad_scale_N, scale_dst_N = seg
-        if (x_RI.shape[1], grad_MO.shape[1], offsets_E1.numel() - 1, x_RI.dtype, grad_MO.dtype) != \
-                (I, O, E, x0.dtype, g0.dtype) or _segment_flags(seg) != flags:
-            raise ValueError("weight_grad_segments_triton: segments of one launch must share shapes, dtypes and "
-                             "which operands are gathered or scaled")
+        if (x_RI.shape[1], grad_MO.shape[1], offsets_E1.numel() - 1, x_RI.dtype, grad_MO.dtype) != (
+            I,
+            O,
+            E,
+            x0.dtype,
+            g0.dtype,
+        ) or _segment_flags(seg) != flags:
+            raise ValueError(
+                "weight_grad_segments_triton: segments of one launch must share shapes, dtypes and "
+                "which operands are gathered or scaled"
+            )
         x_RI, grad_MO = aligned(x_RI), aligned(grad_MO)
         unused = offsets_E1
-        scale = grad_scale_N.contiguous() if grad_scale_N is not None else None   # any float dtype: read as fp32
-        columns.append((x_RI, grad_MO, offsets_E1, or_default(rows_N, unused), or_default(grad_rows_N, unused), or_default(scale, unused),
-                        or_default(scale_dst_N, unused), x_RI.stride(0), x_RI.stride(1), grad_MO.stride(0), grad_MO.stride(1)))
+        scale = grad_scale_N.contiguous() if grad_scale_N is not None else None  # any float dtype: read as fp32
+        columns.append(
+            (
+                x_RI,
+                grad_MO,
+                offsets_E1,
+                or_default(rows_N, unused),
+                or_default(grad_rows_N, unused),
+                or_default(scale, unused),
+                or_default(scale_dst_N, unused),
+                x_RI.stride(0),
+                x_RI.stride(1),
+                grad_MO.stride(0),
+                grad_MO.stride(1),
+            )
+        )
     args = [tuple(column) for column in zip(*columns)]
     out_EIO = accumulate_into
     if out_EIO is None:
@@ -223,16 +331,29 @@ def weight_grad_segments_triton(segments, out_dtype: Optional[torch.dtype] = Non
         return (n_split * E * triton.cdiv(I, meta["BI"]) * triton.cdiv(O, meta["BO"]),)
 
     gather, ggather, gscale, scale_at_dst = flags
-    _weight_grad_kernel[grid](dest, I, O, dest.stride(0), dest.stride(1), dest.stride(2), E, n_split, *args,
-                              N_SEG=len(segments), GATHER=gather, GGATHER=ggather, GSCALE=gscale,
-                              FP32=x0.dtype == torch.float32,
-                              ACCUMULATE=accumulate_into is not None and n_split == 1,
-                              SCALE_AT_DST=scale_at_dst)
+    _weight_grad_kernel[grid](
+        dest,
+        I,
+        O,
+        dest.stride(0),
+        dest.stride(1),
+        dest.stride(2),
+        E,
+        n_split,
+        *args,
+        N_SEG=len(segments),
+        GATHER=gather,
+        GGATHER=ggather,
+        GSCALE=gscale,
+        FP32=x0.dtype == torch.float32,
+        ACCUMULATE=accumulate_into is not None and n_split == 1,
+        SCALE_AT_DST=scale_at_dst,
+    )
     if n_split > 1:
         BLOCK = 1024
-        _sum_splits_kernel[(triton.cdiv(out_EIO.numel(), BLOCK),)](dest, out_EIO, out_EIO.numel(), n_split,
-                                                                    ACCUMULATE=accumulate_into is not None,
-                                                                    BLOCK=BLOCK, num_warps=4)
+        _sum_splits_kernel[(triton.cdiv(out_EIO.numel(), BLOCK),)](
+            dest, out_EIO, out_EIO.numel(), n_split, ACCUMULATE=accumulate_into is not None, BLOCK=BLOCK, num_warps=4
+        )
     return out_EIO
 
 
@@ -251,6 +372,7 @@ def autotune_choices(kernels=None) -> list:
     rows = []
     if kernels is None:
         from moeut.kernels.expert_mm import AUTOTUNED_MM_KERNEL
+
         kernels = (AUTOTUNED_MM_KERNEL, _weight_grad_kernel)
     for tuner in kernels:
         name = getattr(tuner.fn, "__name__", str(tuner.fn))
@@ -258,6 +380,6 @@ def autotune_choices(kernels=None) -> list:
             rows.append((name, None, str(tuner.configs[0])))
             continue
         names = list(tuner.keys)
-        for key, config in tuner.cache.items():   # key: the key arguments' values, then tensor dtypes
+        for key, config in tuner.cache.items():  # key: the key arguments' values, then tensor dtypes
             rows.append((name, dict(zip(names, key)), str(config)))
     return rows

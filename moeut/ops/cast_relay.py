@@ -19,6 +19,7 @@ Each copy is taken at most once. Up to MAX_OFFERS copies wait per device, the ol
 recomputing forward (activation checkpointing) offers its inputs' copies while a gradient's copy
 still waits for the backward that triggered the recompute.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
@@ -43,9 +44,13 @@ def offer(source: Tensor, copy: Tensor) -> None:
 
 
 def _same_data(a: Tensor, b: Tensor) -> bool:
-    return (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-            and a.storage_offset() == b.storage_offset() and a.numel() == b.numel()
-            and a.is_contiguous() and b.is_contiguous())
+    return (
+        a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and a.storage_offset() == b.storage_offset()
+        and a.numel() == b.numel()
+        and a.is_contiguous()
+        and b.is_contiguous()
+    )
 
 
 def take(t: Tensor, dtype: torch.dtype) -> Optional[Tensor]:

@@ -3,6 +3,7 @@ importable, `settings.triton` is on and the operator is not in `settings.pytorch
 
 Kept apart from the kernel modules so that importing the model never imports Triton.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -16,4 +17,5 @@ def use_fused(t: Tensor, op: Optional[str] = None) -> bool:
     if t.device.type != "cuda" or not settings.triton or (op is not None and op in settings.pytorch_ops):
         return False
     from moeut.kernels import expert_mm as triton_expert_mm
+
     return triton_expert_mm.triton is not None

@@ -22,6 +22,7 @@ Inference only (no autograd). On CUDA it is one Triton kernel (`kernels/expert_g
 PyTorch form below (gathers the chosen weights) is the reference its tests compare with.
 `MOEUT_PYTORCH_OPS=expert_gemv` turns the path off (the sorted path then runs for decoding too).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -35,9 +36,9 @@ from moeut.ops.dispatch import use_fused
 # expert picked several times; that is cheap while all experts' weights fit in L2 (50 MB on the H200),
 # as SwitchHead's do (10 MB at 244M), and costs memory traffic once they do not, so experts whose
 # weights exceed L2 take this path only at up to 2 choices each; the sorted path serves the rest.
-MAX_CHOICES_PER_EXPERT = 8            # experts whose weights fit in L2
-MAX_CHOICES_PER_EXPERT_PAST_L2 = 2    # larger expert sets
-L2_BYTES = 32 * 2 ** 20
+MAX_CHOICES_PER_EXPERT = 8  # experts whose weights fit in L2
+MAX_CHOICES_PER_EXPERT_PAST_L2 = 2  # larger expert sets
+L2_BYTES = 32 * 2**20
 
 
 def gemv_applies(x: Tensor, n_choices: int, w_EIO: Tensor) -> bool:
@@ -54,9 +55,18 @@ def _expert_ids(expert_S: Tensor, head_k: int, n_heads: int, head_experts: int) 
     return expert_S.reshape(-1) + (c // head_k) % n_heads * head_experts
 
 
-def expert_gemv_reference(x_RI: Tensor, w_EIO: Tensor, expert_S: Tensor, gate_S: Optional[Tensor], per_x: int,
-                          per_out: int, head_k: int = 1, n_heads: int = 1, head_experts: int = 0,
-                          relu: bool = False) -> Tensor:
+def expert_gemv_reference(
+    x_RI: Tensor,
+    w_EIO: Tensor,
+    expert_S: Tensor,
+    gate_S: Optional[Tensor],
+    per_x: int,
+    per_out: int,
+    head_k: int = 1,
+    n_heads: int = 1,
+    head_experts: int = 0,
+    relu: bool = False,
+) -> Tensor:
     """The contract above in plain PyTorch, accumulated in fp32 (fp64 for fp64 inputs), rounded to x's dtype."""
     S = expert_S.numel()
     acc = torch.promote_types(x_RI.dtype, torch.float32)
@@ -71,21 +81,36 @@ def expert_gemv_reference(x_RI: Tensor, w_EIO: Tensor, expert_S: Tensor, gate_S:
 
 def _check(x_RI: Tensor, w_EIO: Tensor, expert_S: Tensor, gate_S: Optional[Tensor], per_x: int, per_out: int) -> None:
     S = expert_S.numel()
-    torch._check(x_RI.dim() == 2 and w_EIO.dim() == 3 and x_RI.shape[1] == w_EIO.shape[1],
-                 lambda: f"expert_gemv: x {tuple(x_RI.shape)} does not fit weight {tuple(w_EIO.shape)}")
+    torch._check(
+        x_RI.dim() == 2 and w_EIO.dim() == 3 and x_RI.shape[1] == w_EIO.shape[1],
+        lambda: f"expert_gemv: x {tuple(x_RI.shape)} does not fit weight {tuple(w_EIO.shape)}",
+    )
     torch._check(x_RI.dtype == w_EIO.dtype, lambda: f"expert_gemv: x is {x_RI.dtype} but weight is {w_EIO.dtype}")
-    torch._check(S % per_out == 0 and S == x_RI.shape[0] * per_x,
-                 lambda: f"expert_gemv: {S} choices do not match {x_RI.shape[0]} rows x {per_x} / groups of {per_out}")
+    torch._check(
+        S % per_out == 0 and S == x_RI.shape[0] * per_x,
+        lambda: f"expert_gemv: {S} choices do not match {x_RI.shape[0]} rows x {per_x} / groups of {per_out}",
+    )
     torch._check(gate_S is None or gate_S.numel() == S, lambda: "expert_gemv: one gate per choice")
 
 
 @torch.library.custom_op("moeut::expert_gemv", mutates_args=())
-def expert_gemv(x: Tensor, weight: Tensor, expert: Tensor, gate: Optional[Tensor], per_x: int, per_out: int,
-                head_k: int = 1, n_heads: int = 1, head_experts: int = 0, relu: bool = False) -> Tensor:
+def expert_gemv(
+    x: Tensor,
+    weight: Tensor,
+    expert: Tensor,
+    gate: Optional[Tensor],
+    per_x: int,
+    per_out: int,
+    head_k: int = 1,
+    n_heads: int = 1,
+    head_experts: int = 0,
+    relu: bool = False,
+) -> Tensor:
     """[S / per_out, O]: see the module docstring. No autograd."""
     _check(x, weight, expert, gate, per_x, per_out)
     if use_fused(x):
         from moeut.kernels.expert_gemv import expert_gemv_triton
+
         return expert_gemv_triton(x, weight, expert, gate, per_x, per_out, head_k, n_heads, head_experts, relu)
     return expert_gemv_reference(x, weight, expert, gate, per_x, per_out, head_k, n_heads, head_experts, relu)
 
@@ -95,13 +120,24 @@ def _(x, weight, expert, gate, per_x, per_out, head_k=1, n_heads=1, head_experts
     return x.new_empty(expert.numel() // per_out, weight.shape[2])
 
 
-def project(x_RI: Tensor, w_EIO: Tensor, expert: Tensor, gate: Optional[Tensor], per_x: int, per_out: int,
-            head_k: int = 1, n_heads: int = 1, head_experts: int = 0, relu: bool = False) -> Tensor:
+def project(
+    x_RI: Tensor,
+    w_EIO: Tensor,
+    expert: Tensor,
+    gate: Optional[Tensor],
+    per_x: int,
+    per_out: int,
+    head_k: int = 1,
+    n_heads: int = 1,
+    head_experts: int = 0,
+    relu: bool = False,
+) -> Tensor:
     """`expert_gemv` in the autocast dtype when autocast is on (like `F.linear`), else in x's dtype."""
     dtype = x_RI.dtype
     if torch.is_autocast_enabled(x_RI.device.type):
         dtype = torch.get_autocast_dtype(x_RI.device.type)
     elif w_EIO.dtype != dtype:
         raise TypeError(f"expert_gemv: input dtype {x_RI.dtype} differs from weight dtype {w_EIO.dtype}")
-    return expert_gemv(x_RI.to(dtype), w_EIO.to(dtype), expert.reshape(-1), gate, per_x, per_out,
-                       head_k, n_heads, head_experts, relu)
+    return expert_gemv(
+        x_RI.to(dtype), w_EIO.to(dtype), expert.reshape(-1), gate, per_x, per_out, head_k, n_heads, head_experts, relu
+    )

@@ -21,6 +21,7 @@ in `kernels/expert_mm.py` and `kernels/weight_grad.py`; this file composes them 
 `expert_mm_combine` with their backward passes (the FFN's whole expert MLP is `ops/expert_mlp.py`). The
 naive ground truths tests compare both implementations with are in `reference.py`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,13 +41,14 @@ __all__ = ["Routing", "route", "expert_mm", "expert_mm_combine", "combine", "row
 @dataclass
 class Routing:
     """Where each top-k choice goes once choices are sorted by expert."""
-    offsets_E1: Tensor   # int64 [E+1]: expert e owns routed rows offsets[e]:offsets[e+1]
-    rows_N: Tensor       # int64 [N]: the input row each routed row reads (= slot_N // K)
-    slot_N: Tensor       # int64 [N]: flat (row, choice) index r*K + k of each routed row (the sort order)
+
+    offsets_E1: Tensor  # int64 [E+1]: expert e owns routed rows offsets[e]:offsets[e+1]
+    rows_N: Tensor  # int64 [N]: the input row each routed row reads (= slot_N // K)
+    slot_N: Tensor  # int64 [N]: flat (row, choice) index r*K + k of each routed row (the sort order)
     # int64 [R, K]: routed position of choice k of row r (the inverse of slot_N). Only references and
     # tests read it, so the sort path computes it on first use (two launches fewer per routing).
     _choice_RK: Optional[Tensor] = None
-    k: int = 0           # choices per row (for computing choice_RK)
+    k: int = 0  # choices per row (for computing choice_RK)
 
     @property
     def choice_RK(self) -> Tensor:
@@ -61,6 +63,7 @@ def _route_kernel_applies(expert_RK: Tensor, n_experts: int) -> bool:
     if not use_fused(expert_RK, "route"):
         return False
     from moeut.kernels.route import MAX_EXPERTS, MAX_N
+
     return expert_RK.numel() <= MAX_N and n_experts <= MAX_EXPERTS
 
 
@@ -68,13 +71,14 @@ def _route_kernel_applies(expert_RK: Tensor, n_experts: int) -> bool:
 def route_small(expert_RK: Tensor, n_experts: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """`route` in one Triton kernel (CUDA, small inputs): (offsets, rows, slot, choice)."""
     from moeut.kernels.route import route_small_triton
+
     return route_small_triton(expert_RK, n_experts)
 
 
 @route_small.register_fake
 def _(expert_RK, n_experts):
     N = expert_RK.numel()
-    new = lambda *shape: expert_RK.new_empty(*shape, dtype=torch.long)  # noqa: E731
+    new = lambda *shape: expert_RK.new_empty(*shape, dtype=torch.long)
     return new(n_experts + 1), new(N), new(N), new(*expert_RK.shape)
 
 
@@ -89,7 +93,7 @@ def route(expert_RK: Tensor, n_experts: int) -> Routing:
         return Routing(*route_small(expert_RK, n_experts))
     # The narrowest key type that holds every id: a GPU radix sort makes one pass per key byte
     # (2 for int16, 8 for int64).
-    key_dtype = torch.int16 if n_experts < 2 ** 15 else torch.int32
+    key_dtype = torch.int16 if n_experts < 2**15 else torch.int32
     flat_N = expert_RK.reshape(-1).to(key_dtype)
     sorted_N, slot_N = torch.sort(flat_N, stable=True)
     # Expert e's rows start at the number of choices below e. A fixed output size (E + 1) keeps
@@ -107,20 +111,19 @@ def combine(y_NO: Tensor, choice_XC: Tensor, gate_XC: Tensor) -> Tensor:
     return (gate_XC.to(y_XCO.dtype).unsqueeze(1) @ y_XCO).squeeze(1)
 
 
-
-
 def kernel_operand(t: Tensor, dtype: torch.dtype, weight: bool = False) -> Tensor:
     """An input or weight as the kernels take it: in `dtype` (a shared MoEUT layer's fp32 weights are
     cast at each application, forward and backward), cast straight into a padded buffer when its rows
     are misaligned for the kernels (MoEUT_44M: one copy instead of a cast and a padded copy). Weights
     are cast before the kernels, never inside them: an fp32 operand breaks their bf16 pipelining."""
     if t.dtype != dtype and not weight:
-        copy = cast_relay.take(t, dtype)   # written by the LayerNorm that read t (MoEUT's residual)
+        copy = cast_relay.take(t, dtype)  # written by the LayerNorm that read t (MoEUT's residual)
         if copy is not None:
             return copy
-    if t.dtype == dtype or not use_fused(t) or torch.compiler.is_compiling():   # (no data_ptr under compile)
+    if t.dtype == dtype or not use_fused(t) or torch.compiler.is_compiling():  # (no data_ptr under compile)
         return t.to(dtype)
     from moeut.kernels.expert_mm import aligned
+
     return aligned(t, copy_dtype=dtype, always_copy=True)
 
 
@@ -146,8 +149,9 @@ class _ExpertMM(torch.autograd.Function):
     def forward(ctx, x_RI, w_master, offsets_E1, rows_N, slot_N, dtype, sink):
         ctx.save_for_backward(x_RI, w_master, offsets_E1, rows_N, slot_N)
         ctx.dtype, ctx.sink = dtype, sink
-        return grouped_mm(kernel_operand(x_RI, dtype), kernel_operand(w_master, dtype, weight=True), offsets_E1, rows_N,
-                          None, None)
+        return grouped_mm(
+            kernel_operand(x_RI, dtype), kernel_operand(w_master, dtype, weight=True), offsets_E1, rows_N, None, None
+        )
 
     @staticmethod
     def backward(ctx, grad_NO):
@@ -159,8 +163,11 @@ class _ExpertMM(torch.autograd.Function):
             if rows_N is None:
                 grad_x = grouped_mm(grad_NO, w_EIO.transpose(1, 2), offsets_E1, None, None, None)
             else:  # written in (row, choice) order, so summing a row's K copies is contiguous
-                grad_x = sum_choices_in(grouped_mm(grad_NO, w_EIO.transpose(1, 2), offsets_E1, None, None, slot_N),
-                                      x_RI.shape[0], x_master.dtype)
+                grad_x = sum_choices_in(
+                    grouped_mm(grad_NO, w_EIO.transpose(1, 2), offsets_E1, None, None, slot_N),
+                    x_RI.shape[0],
+                    x_master.dtype,
+                )
             grad_x = grad_x.to(x_master.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = weight_grad(ctx.sink, x_RI, grad_NO, offsets_E1, rows_N, None, None, w_master.dtype)
@@ -184,8 +191,10 @@ class ResidualGradRelay:
     def take(self) -> Tensor:
         grad, self._grad = self._grad, None
         if grad is None:
-            raise RuntimeError("ResidualGradRelay: the receiving combine's backward ran before the sending "
-                               "one's; the residual must feed the receiver and come after it")
+            raise RuntimeError(
+                "ResidualGradRelay: the receiving combine's backward ran before the sending "
+                "one's; the residual must feed the receiver and come after it"
+            )
         return grad
 
 
@@ -200,14 +209,33 @@ class _ExpertMMCombine(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_RI, w_master, gate_XC, offsets_E1, rows_N, slot_N, dtype, sink, residual_XO,
-                send_grad: Optional[ResidualGradRelay], receive_grad: Optional[ResidualGradRelay]):
+    def forward(
+        ctx,
+        x_RI,
+        w_master,
+        gate_XC,
+        offsets_E1,
+        rows_N,
+        slot_N,
+        dtype,
+        sink,
+        residual_XO,
+        send_grad: Optional[ResidualGradRelay],
+        receive_grad: Optional[ResidualGradRelay],
+    ):
         # The gates are read in (group, choice) order at each row's destination: no permuted copy.
-        out_SO = grouped_mm(kernel_operand(x_RI, dtype), kernel_operand(w_master, dtype, weight=True), offsets_E1, rows_N,
-                            gate_XC.reshape(-1), slot_N, scale_at_dst=True)
+        out_SO = grouped_mm(
+            kernel_operand(x_RI, dtype),
+            kernel_operand(w_master, dtype, weight=True),
+            offsets_E1,
+            rows_N,
+            gate_XC.reshape(-1),
+            slot_N,
+            scale_at_dst=True,
+        )
         ctx.save_for_backward(x_RI, w_master, gate_XC, offsets_E1, rows_N, slot_N)
         ctx.dtype, ctx.sink, ctx.send_grad, ctx.receive_grad = dtype, sink, send_grad, receive_grad
-        if residual_XO is not None:   # residual + the sums, in the residual's dtype, rounded once
+        if residual_XO is not None:  # residual + the sums, in the residual's dtype, rounded once
             return sum_choices_in(out_SO, gate_XC.shape[0], residual_XO.dtype, init_XO=residual_XO)
         return sum_choices_in(out_SO, gate_XC.shape[0])
 
@@ -216,14 +244,14 @@ class _ExpertMMCombine(torch.autograd.Function):
         x_master, w_master, gate_XC, offsets_E1, rows_N, slot_N = ctx.saved_tensors
         grad_residual = grad_XO if ctx.needs_input_grad[8] else None
         if grad_residual is not None and ctx.send_grad is not None:
-            ctx.send_grad.put(grad_residual)   # summed into the receiving combine's input gradient instead
+            ctx.send_grad.put(grad_residual)  # summed into the receiving combine's input gradient instead
             grad_residual = None
         received = ctx.receive_grad.take() if ctx.receive_grad is not None and ctx.needs_input_grad[0] else None
         x_RI, w_EIO = kernel_operand(x_master, ctx.dtype), kernel_operand(w_master, ctx.dtype, weight=True)
         X, C = gate_XC.shape
         I, O = w_EIO.shape[1], w_EIO.shape[2]
-        grad_XO = cast_relay.cast(grad_XO, x_RI.dtype).contiguous()   # (the LayerNorm's copy, when it wrote one)
-        group_N = slot_N // C                      # the output row each routed row adds into
+        grad_XO = cast_relay.cast(grad_XO, x_RI.dtype).contiguous()  # (the LayerNorm's copy, when it wrote one)
+        group_N = slot_N // C  # the output row each routed row adds into
         # The kernels that compute the gate gradient read the gates, and write their gradient, at slot[n]:
         # (group, choice) order, with no permuting copy.
         dot_gate, dot_dst = gate_XC.reshape(-1), slot_N
@@ -239,22 +267,32 @@ class _ExpertMMCombine(torch.autograd.Function):
             grad_in_NI = grouped_mm(grad_XO, w_T, offsets_E1, group_N, None, None)
             # the scaled rows (d x per choice) go straight to (row, choice) order when they are to be summed
             grad_gate_S, grad_x_NI, gated = row_dot(
-                grad_in_NI, x_RI, rows_N, dot_gate if ctx.needs_input_grad[0] or gate_w else None, dot_dst,
-                scaled_dst=slot_N if rows_N is not None else None, gate_b=gate_w)
-            if gate_w:   # x_n * gate_n, routed order
+                grad_in_NI,
+                x_RI,
+                rows_N,
+                dot_gate if ctx.needs_input_grad[0] or gate_w else None,
+                dot_dst,
+                scaled_dst=slot_N if rows_N is not None else None,
+                gate_b=gate_w,
+            )
+            if gate_w:  # x_n * gate_n, routed order
                 wgrad_x, wgrad_rows, wgrad_gated = gated, None, True
             if ctx.needs_input_grad[0]:
-                grad_x = grad_x_NI if rows_N is None else sum_choices_in(grad_x_NI, x_RI.shape[0], x_master.dtype,
-                                                                       init_XO=received)
+                grad_x = (
+                    grad_x_NI
+                    if rows_N is None
+                    else sum_choices_in(grad_x_NI, x_RI.shape[0], x_master.dtype, init_XO=received)
+                )
         elif ctx.needs_input_grad[0] and rows_N is not None:
             # the gate gradient <d out, x W> as <d out W^T, x>, from the input gradient's product
             gate, at_dst = (dot_gate, True) if gate_w else (routed_gates(dot_gate, slot_N), False)
-            grad_x_SI, grad_gate_S, gated = grouped_mm_dot(grad_XO, w_T, offsets_E1, group_N, gate, slot_N, at_dst,
-                                                           x_RI, rows_N, dot_dst, gate_x=gate_w)
-            if gate_w:   # d out_n * gate_n, routed order
+            grad_x_SI, grad_gate_S, gated = grouped_mm_dot(
+                grad_XO, w_T, offsets_E1, group_N, gate, slot_N, at_dst, x_RI, rows_N, dot_dst, gate_x=gate_w
+            )
+            if gate_w:  # d out_n * gate_n, routed order
                 wgrad_grad, wgrad_grad_rows, wgrad_gated = gated, None, True
             grad_x = sum_choices_in(grad_x_SI, x_RI.shape[0], x_master.dtype, init_XO=received)
-        else:   # the gate gradient from the recomputed forward product (routed input rows, or no dx)
+        else:  # the gate gradient from the recomputed forward product (routed input rows, or no dx)
             gate_n = routed_gates(gate_XC.reshape(-1), slot_N)
             y_NO = grouped_mm(x_RI, w_EIO, offsets_E1, rows_N, None, None)
             grad_gate_S = row_dot(y_NO, grad_XO, group_N, None, dot_dst)[0]
@@ -262,19 +300,32 @@ class _ExpertMMCombine(torch.autograd.Function):
                 if rows_N is None:
                     grad_x = grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_n, None)
                 else:
-                    grad_x = sum_choices_in(grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_n, slot_N),
-                                          x_RI.shape[0], x_master.dtype, init_XO=received)
+                    grad_x = sum_choices_in(
+                        grouped_mm(grad_XO, w_T, offsets_E1, group_N, gate_n, slot_N),
+                        x_RI.shape[0],
+                        x_master.dtype,
+                        init_XO=received,
+                    )
         grad_gate = grad_gate_S.view(X, C).to(gate_XC.dtype)
         grad_w = None
         if ctx.needs_input_grad[1] and wgrad_gated:
-            grad_w = weight_grad(ctx.sink, wgrad_x, wgrad_grad, offsets_E1, wgrad_rows, wgrad_grad_rows, None,
-                                 w_master.dtype)
+            grad_w = weight_grad(
+                ctx.sink, wgrad_x, wgrad_grad, offsets_E1, wgrad_rows, wgrad_grad_rows, None, w_master.dtype
+            )
         elif ctx.needs_input_grad[1]:
-            grad_w = weight_grad(ctx.sink, x_RI, grad_XO, offsets_E1, rows_N, group_N,
-                                 routed_gates(gate_XC.reshape(-1), slot_N), w_master.dtype)
+            grad_w = weight_grad(
+                ctx.sink,
+                x_RI,
+                grad_XO,
+                offsets_E1,
+                rows_N,
+                group_N,
+                routed_gates(gate_XC.reshape(-1), slot_N),
+                w_master.dtype,
+            )
         if grad_x is not None:
             grad_x = grad_x.to(x_master.dtype)
-            if received is not None and rows_N is None:   # (routed inputs got it inside their top-k sum)
+            if received is not None and rows_N is None:  # (routed inputs got it inside their top-k sum)
                 grad_x = grad_x + received
         return grad_x, grad_w, grad_gate, None, None, None, None, None, grad_residual, None, None
 
@@ -306,9 +357,16 @@ def expert_mm(x_RI: Tensor, w_EIO: Tensor, routing: Routing, gather: bool = True
     return _ExpertMM.apply(x_RI.contiguous(), w_EIO, routing.offsets_E1, rows, routing.slot_N, dtype, sink)
 
 
-def expert_mm_combine(x_RI: Tensor, w_EIO: Tensor, routing: Routing, gate_XC: Tensor, gather: bool = True,
-                      residual_XO: Optional[Tensor] = None, send_residual_grad: Optional[ResidualGradRelay] = None,
-                      receive_grad: Optional[ResidualGradRelay] = None) -> Tensor:
+def expert_mm_combine(
+    x_RI: Tensor,
+    w_EIO: Tensor,
+    routing: Routing,
+    gate_XC: Tensor,
+    gather: bool = True,
+    residual_XO: Optional[Tensor] = None,
+    send_residual_grad: Optional[ResidualGradRelay] = None,
+    receive_grad: Optional[ResidualGradRelay] = None,
+) -> Tensor:
     """`combine(expert_mm(x, w, routing, gather), choice, gate)`, fused: [X, O] with the grouping of
     the choices given by `gate_XC`'s shape (group x holds flat choices x*C .. x*C + C-1). With
     `residual_XO` it returns residual + that, in the residual's dtype: the add happens inside the top-k
@@ -321,11 +379,24 @@ def expert_mm_combine(x_RI: Tensor, w_EIO: Tensor, routing: Routing, gate_XC: Te
     if gate_XC.numel() != routing.slot_N.numel():
         raise ValueError(f"expert_mm_combine: {gate_XC.numel()} gates for {routing.slot_N.numel()} routed rows")
     if residual_XO is not None and tuple(residual_XO.shape) != (gate_XC.shape[0], w_EIO.shape[2]):
-        raise ValueError(f"expert_mm_combine: residual of shape {tuple(residual_XO.shape)} for an output of shape "
-                         f"{(gate_XC.shape[0], w_EIO.shape[2])}")
+        raise ValueError(
+            f"expert_mm_combine: residual of shape {tuple(residual_XO.shape)} for an output of shape "
+            f"{(gate_XC.shape[0], w_EIO.shape[2])}"
+        )
     if send_residual_grad is not None and residual_XO is None:
         raise ValueError("expert_mm_combine: send_residual_grad needs residual_XO")
     w_EIO, sink = shared_weight_operand(w_EIO, dtype)
     rows = routing.rows_N if gather else None
-    return _ExpertMMCombine.apply(x_RI.contiguous(), w_EIO, gate_XC, routing.offsets_E1, rows, routing.slot_N, dtype,
-                                  sink, residual_XO, send_residual_grad, receive_grad)
+    return _ExpertMMCombine.apply(
+        x_RI.contiguous(),
+        w_EIO,
+        gate_XC,
+        routing.offsets_E1,
+        rows,
+        routing.slot_N,
+        dtype,
+        sink,
+        residual_XO,
+        send_residual_grad,
+        receive_grad,
+    )

@@ -13,6 +13,7 @@ Two implementations sit behind each operator: the plain-PyTorch one here (one ma
 segment; CPU, and the reference) and the Triton one in `kernels/expert_mm.py` and
 `kernels/weight_grad.py` (CUDA, `use_fused`).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -26,11 +27,14 @@ from moeut.ops.dispatch import use_fused
 def _check(x: Tensor, w: Tensor, offsets: Tensor) -> None:
     torch._check(x.dim() == 2, lambda: f"expert_mm: x must be 2-D [rows, in], got {tuple(x.shape)}")
     torch._check(w.dim() == 3, lambda: f"expert_mm: weight must be 3-D [experts, in, out], got {tuple(w.shape)}")
-    torch._check(x.shape[1] == w.shape[1], lambda: f"expert_mm: x has {x.shape[1]} columns, weight expects {w.shape[1]}")
+    torch._check(
+        x.shape[1] == w.shape[1], lambda: f"expert_mm: x has {x.shape[1]} columns, weight expects {w.shape[1]}"
+    )
     torch._check(offsets.numel() == w.shape[0] + 1, lambda: "expert_mm: offsets must have n_experts + 1 entries")
-    torch._check(x.dtype == w.dtype or (w.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)),
-                 lambda: f"expert_mm: x is {x.dtype} but weight is {w.dtype} (a weight may only be fp32 "
-                         f"for bf16 / fp16 inputs)")
+    torch._check(
+        x.dtype == w.dtype or (w.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)),
+        lambda: f"expert_mm: x is {x.dtype} but weight is {w.dtype} (a weight may only be fp32 for bf16 / fp16 inputs)",
+    )
 
 
 def in_accumulation_dtype(t: Tensor) -> Tensor:
@@ -46,10 +50,10 @@ def _routed_count(x: Tensor, rows: Optional[Tensor]) -> int:
     return x.shape[0] if rows is None else rows.shape[0]
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Plain-PyTorch implementation (CPU and any device without Triton).
 # ---------------------------------------------------------------------------------------------
+
 
 def _segments(offsets_E1: Tensor):
     bounds = offsets_E1.tolist()
@@ -58,9 +62,16 @@ def _segments(offsets_E1: Tensor):
             yield e, bounds[e], bounds[e + 1]
 
 
-def grouped_mm_reference(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
-                      scale_N: Optional[Tensor] = None, dst_N: Optional[Tensor] = None,
-                      scale_at_dst: bool = False, relu: bool = False) -> Tensor:
+def grouped_mm_reference(
+    x_RI: Tensor,
+    w_EIO: Tensor,
+    offsets_E1: Tensor,
+    rows_N: Optional[Tensor],
+    scale_N: Optional[Tensor] = None,
+    dst_N: Optional[Tensor] = None,
+    scale_at_dst: bool = False,
+    relu: bool = False,
+) -> Tensor:
     x_NI = x_RI if rows_N is None else x_RI.index_select(0, rows_N)
     w_EIO = w_EIO.to(x_NI.dtype)
     out_NO = x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
@@ -80,9 +91,16 @@ def grouped_mm_reference(x_RI: Tensor, w_EIO: Tensor, offsets_E1: Tensor, rows_N
 # right one is staged in shared memory, so scaling x costs no extra pass through shared memory.
 
 
-def weight_grad_reference(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Tensor, rows_N: Optional[Tensor],
-                       grad_rows_N: Optional[Tensor] = None, grad_scale_N: Optional[Tensor] = None,
-                       out_dtype: Optional[torch.dtype] = None, scale_dst_N: Optional[Tensor] = None) -> Tensor:
+def weight_grad_reference(
+    x_RI: Tensor,
+    grad_MO: Tensor,
+    offsets_E1: Tensor,
+    rows_N: Optional[Tensor],
+    grad_rows_N: Optional[Tensor] = None,
+    grad_scale_N: Optional[Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    scale_dst_N: Optional[Tensor] = None,
+) -> Tensor:
     x_NI = x_RI if rows_N is None else x_RI.index_select(0, rows_N)
     g_NO = grad_MO if grad_rows_N is None else grad_MO.index_select(0, grad_rows_N)
     if grad_scale_N is not None and scale_dst_N is not None:
@@ -104,9 +122,18 @@ def weight_grad_reference(x_RI: Tensor, grad_MO: Tensor, offsets_E1: Tensor, row
 # nodes with known output shapes. Autograd is defined by the two Functions below.
 # ---------------------------------------------------------------------------------------------
 
+
 @torch.library.custom_op("moeut::grouped_mm", mutates_args=())
-def grouped_mm(x: Tensor, weight: Tensor, offsets: Tensor, rows: Optional[Tensor], scale: Optional[Tensor],
-               dst: Optional[Tensor], scale_at_dst: bool = False, relu: bool = False) -> Tensor:
+def grouped_mm(
+    x: Tensor,
+    weight: Tensor,
+    offsets: Tensor,
+    rows: Optional[Tensor],
+    scale: Optional[Tensor],
+    dst: Optional[Tensor],
+    scale_at_dst: bool = False,
+    relu: bool = False,
+) -> Tensor:
     """[N, O]: out[dst[n]] = scale[n] * act(x[rows[n]] @ weight[expert of n]); None skips a step, act is
     ReLU with `relu`, else the identity. scale_at_dst: the scale of routed row n is scale[dst[n]] (needs
     dst). An fp32 weight with bf16 / fp16 x is rounded to x's dtype first (the Triton kernel rounds
@@ -115,6 +142,7 @@ def grouped_mm(x: Tensor, weight: Tensor, offsets: Tensor, rows: Optional[Tensor
     torch._check(not scale_at_dst or dst is not None, lambda: "grouped_mm: scale_at_dst needs dst")
     if use_fused(x):
         from moeut.kernels.expert_mm import grouped_mm_triton
+
         return grouped_mm_triton(x, weight, offsets, rows, scale, dst, scale_at_dst, relu)
     return grouped_mm_reference(x, weight, offsets, rows, scale, dst, scale_at_dst, relu)
 
@@ -125,9 +153,19 @@ def _(x, weight, offsets, rows, scale, dst, scale_at_dst=False, relu=False):
 
 
 @torch.library.custom_op("moeut::grouped_mm_dot", mutates_args=())
-def grouped_mm_dot(x: Tensor, weight: Tensor, offsets: Tensor, rows: Optional[Tensor], scale: Optional[Tensor],
-                   dst: Optional[Tensor], scale_at_dst: bool, dot_x: Tensor, dot_rows: Tensor,
-                   dot_dst: Optional[Tensor], gate_x: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+def grouped_mm_dot(
+    x: Tensor,
+    weight: Tensor,
+    offsets: Tensor,
+    rows: Optional[Tensor],
+    scale: Optional[Tensor],
+    dst: Optional[Tensor],
+    scale_at_dst: bool,
+    dot_x: Tensor,
+    dot_rows: Tensor,
+    dot_dst: Optional[Tensor],
+    gate_x: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor]:
     """(grouped_mm(x, weight, offsets, rows, scale, dst, scale_at_dst), dot [N] fp32, gated_x) where dot[n]
     is <x[rows[n]] @ weight[expert of n], dot_x[dot_rows[n]]>, the product taken before the scale and, on
     the kernel path, before rounding; written at dot_dst[n] if given, else at n. gate_x (needs scale):
@@ -141,14 +179,27 @@ def grouped_mm_dot(x: Tensor, weight: Tensor, offsets: Tensor, rows: Optional[Te
     _check(x, weight, offsets)
     torch._check(not gate_x or scale is not None, lambda: "grouped_mm_dot: gate_x needs a scale")
 
-    def routed_scale():   # scale[n] of routed row n (the loop-over-N kernel reads it at dst itself)
+    def routed_scale():  # scale[n] of routed row n (the loop-over-N kernel reads it at dst itself)
         return scale.index_select(0, dst) if scale_at_dst else scale
+
     if use_fused(x):
         from moeut.kernels.expert_mm import grouped_mm_triton, row_dot_triton, use_loop_n
+
         N, (E, I, O) = _routed_count(x, rows), weight.shape
         if use_loop_n(I, O, N, E):
-            return grouped_mm_triton(x, weight, offsets, rows, scale, dst, scale_at_dst, dot_x_MO=dot_x,
-                                     dot_rows_N=dot_rows, dot_dst_N=dot_dst, gate_x=gate_x)
+            return grouped_mm_triton(
+                x,
+                weight,
+                offsets,
+                rows,
+                scale,
+                dst,
+                scale_at_dst,
+                dot_x_MO=dot_x,
+                dot_rows_N=dot_rows,
+                dot_dst_N=dot_dst,
+                gate_x=gate_x,
+            )
         out = grouped_mm_triton(x, weight, offsets, rows, scale, dst, scale_at_dst)
         y = grouped_mm_triton(dot_x, weight.transpose(1, 2), offsets, dot_rows)
         gated = _gated_rows(x, rows, routed_scale()) if gate_x else x.new_empty(0, x.shape[1])
@@ -171,22 +222,34 @@ def _gated_rows(x: Tensor, rows: Optional[Tensor], scale_N: Tensor) -> Tensor:
 @grouped_mm_dot.register_fake
 def _(x, weight, offsets, rows, scale, dst, scale_at_dst, dot_x, dot_rows, dot_dst, gate_x=False):
     N = _routed_count(x, rows)
-    return (x.new_empty(N, weight.shape[2]), x.new_empty(N, dtype=torch.promote_types(x.dtype, torch.float32)),
-            x.new_empty(N if gate_x else 0, x.shape[1]))
+    return (
+        x.new_empty(N, weight.shape[2]),
+        x.new_empty(N, dtype=torch.promote_types(x.dtype, torch.float32)),
+        x.new_empty(N if gate_x else 0, x.shape[1]),
+    )
 
 
 @torch.library.custom_op("moeut::grouped_mm_weight_grad", mutates_args=())
-def grouped_mm_weight_grad(x: Tensor, grad: Tensor, offsets: Tensor, rows: Optional[Tensor],
-                           grad_rows: Optional[Tensor], grad_scale: Optional[Tensor], out_dtype: torch.dtype,
-                           scale_dst: Optional[Tensor] = None) -> Tensor:
+def grouped_mm_weight_grad(
+    x: Tensor,
+    grad: Tensor,
+    offsets: Tensor,
+    rows: Optional[Tensor],
+    grad_rows: Optional[Tensor],
+    grad_scale: Optional[Tensor],
+    out_dtype: torch.dtype,
+    scale_dst: Optional[Tensor] = None,
+) -> Tensor:
     """[E, I, O] in `out_dtype`: out[e] = sum over e's routed rows n of
     (grad_scale[n] * x[rows[n]])^T grad[grad_rows[n]], accumulated in fp32 (fp64 for fp64 inputs); the
     scaled row is rounded to x's dtype.
     scale_dst: the scale of routed row n is grad_scale[scale_dst[n]] (gates in (row, choice) order)."""
     if use_fused(x):
         from moeut.kernels.weight_grad import grouped_mm_weight_grad_triton
-        return grouped_mm_weight_grad_triton(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype,
-                                             scale_dst_N=scale_dst)
+
+        return grouped_mm_weight_grad_triton(
+            x, grad, offsets, rows, grad_rows, grad_scale, out_dtype, scale_dst_N=scale_dst
+        )
     return weight_grad_reference(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype, scale_dst)
 
 
@@ -196,25 +259,43 @@ def _(x, grad, offsets, rows, grad_rows, grad_scale, out_dtype, scale_dst=None):
 
 
 @torch.library.custom_op("moeut::grouped_mm_weight_grad_add", mutates_args=("acc",))
-def grouped_mm_weight_grad_add(acc: Tensor, x: Tensor, grad: Tensor, offsets: Tensor, rows: Optional[Tensor],
-                               grad_rows: Optional[Tensor], grad_scale: Optional[Tensor],
-                               scale_dst: Optional[Tensor] = None) -> None:
+def grouped_mm_weight_grad_add(
+    acc: Tensor,
+    x: Tensor,
+    grad: Tensor,
+    offsets: Tensor,
+    rows: Optional[Tensor],
+    grad_rows: Optional[Tensor],
+    grad_scale: Optional[Tensor],
+    scale_dst: Optional[Tensor] = None,
+) -> None:
     """acc += grouped_mm_weight_grad(x, grad, ..., acc.dtype, scale_dst): the Triton kernel adds its fp32
     tile to acc's in its epilogue (one pass over acc instead of a separate add); the same rounding."""
-    torch._check(acc.shape == (offsets.shape[0] - 1, x.shape[1], grad.shape[1]),
-                 lambda: f"grouped_mm_weight_grad_add: accumulator of shape {tuple(acc.shape)}")
+    torch._check(
+        acc.shape == (offsets.shape[0] - 1, x.shape[1], grad.shape[1]),
+        lambda: f"grouped_mm_weight_grad_add: accumulator of shape {tuple(acc.shape)}",
+    )
     if use_fused(x):
         from moeut.kernels.weight_grad import grouped_mm_weight_grad_triton
-        grouped_mm_weight_grad_triton(x, grad, offsets, rows, grad_rows, grad_scale, acc.dtype, accumulate_into=acc,
-                                      scale_dst_N=scale_dst)
+
+        grouped_mm_weight_grad_triton(
+            x, grad, offsets, rows, grad_rows, grad_scale, acc.dtype, accumulate_into=acc, scale_dst_N=scale_dst
+        )
     else:
         acc.add_(weight_grad_reference(x, grad, offsets, rows, grad_rows, grad_scale, acc.dtype, scale_dst))
 
 
 @torch.library.custom_op("moeut::row_dot", mutates_args=())
-def row_dot(a: Tensor, b: Tensor, b_rows: Optional[Tensor], scale: Optional[Tensor],
-            dst: Optional[Tensor] = None, relu_mask: bool = False,
-            scaled_dst: Optional[Tensor] = None, gate_b: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+def row_dot(
+    a: Tensor,
+    b: Tensor,
+    b_rows: Optional[Tensor],
+    scale: Optional[Tensor],
+    dst: Optional[Tensor] = None,
+    relu_mask: bool = False,
+    scaled_dst: Optional[Tensor] = None,
+    gate_b: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor]:
     """(dot [N] fp32, scaled [N, I] or [0, I], gated_b [N, I] or [0, I]): dot[n] = <a[n], b[b_rows[n]]>
     accumulated in fp32 (fp64 for fp64 inputs); scaled[n] = scale[n] * a[n] rounded to a's dtype (empty
     when scale is None). The gate gradient of a combine and the gate-scaled input gradient in one pass
@@ -229,6 +310,7 @@ def row_dot(a: Tensor, b: Tensor, b_rows: Optional[Tensor], scale: Optional[Tens
     torch._check(not gate_b or scale is not None, lambda: "row_dot: gate_b needs a scale")
     if a.dtype != torch.float64 and use_fused(a, "row_dot"):
         from moeut.kernels.expert_mm import row_dot_triton
+
         return row_dot_triton(a, b, b_rows, scale, dst, relu_mask, scaled_dst, gate_b)
     b_NI = b if b_rows is None else b.index_select(0, b_rows)
     dot = (in_accumulation_dtype(a) * in_accumulation_dtype(b_NI)).sum(-1)
@@ -247,8 +329,11 @@ def row_dot(a: Tensor, b: Tensor, b_rows: Optional[Tensor], scale: Optional[Tens
 @row_dot.register_fake
 def _(a, b, b_rows, scale, dst=None, relu_mask=False, scaled_dst=None, gate_b=False):
     acc = torch.promote_types(a.dtype, torch.float32)
-    return (a.new_empty(a.shape[0], dtype=acc), a.new_empty(a.shape[0] if scale is not None else 0, a.shape[1]),
-            b.new_empty(a.shape[0] if gate_b else 0, b.shape[1]))
+    return (
+        a.new_empty(a.shape[0], dtype=acc),
+        a.new_empty(a.shape[0] if scale is not None else 0, a.shape[1]),
+        b.new_empty(a.shape[0] if gate_b else 0, b.shape[1]),
+    )
 
 
 def _sum_choices_torch(y_SO: Tensor, n_groups: int, out_dtype: torch.dtype, init_XO: Optional[Tensor] = None) -> Tensor:
@@ -265,12 +350,17 @@ def _sum_choices_torch(y_SO: Tensor, n_groups: int, out_dtype: torch.dtype, init
 def sum_choices(y: Tensor, n_groups: int, out_dtype: torch.dtype, init: Optional[Tensor] = None) -> Tensor:
     """[X*C, O] rows in (group, choice) order -> [X, O] sums in `out_dtype`, accumulated in fp32 (fp64
     for fp64 inputs), plus `init` [X, O] if given, and rounded once (`kernels/sum_choices.py` on CUDA)."""
-    torch._check(y.dim() == 2 and (n_groups == 0 or y.shape[0] % n_groups == 0),
-                 lambda: f"sum_choices: {tuple(y.shape)} rows do not split into {n_groups} groups")
-    torch._check(init is None or tuple(init.shape) == (n_groups, y.shape[1]),
-                 lambda: f"sum_choices: init of shape {tuple(init.shape)} for {n_groups} sums of width {y.shape[1]}")
+    torch._check(
+        y.dim() == 2 and (n_groups == 0 or y.shape[0] % n_groups == 0),
+        lambda: f"sum_choices: {tuple(y.shape)} rows do not split into {n_groups} groups",
+    )
+    torch._check(
+        init is None or tuple(init.shape) == (n_groups, y.shape[1]),
+        lambda: f"sum_choices: init of shape {tuple(init.shape)} for {n_groups} sums of width {y.shape[1]}",
+    )
     if y.dtype != torch.float64 and (init is None or init.dtype != torch.float64) and use_fused(y, "topk_sum"):
         from moeut.kernels.sum_choices import sum_choices_triton
+
         return sum_choices_triton(y, n_groups, out_dtype, init)
     return _sum_choices_torch(y, n_groups, out_dtype, init)
 
@@ -280,6 +370,7 @@ def _(y, n_groups, out_dtype, init=None):
     return y.new_empty(n_groups, y.shape[1], dtype=out_dtype)
 
 
-def sum_choices_in(y_SO: Tensor, n_groups: int, out_dtype: Optional[torch.dtype] = None,
-                 init_XO: Optional[Tensor] = None) -> Tensor:
+def sum_choices_in(
+    y_SO: Tensor, n_groups: int, out_dtype: Optional[torch.dtype] = None, init_XO: Optional[Tensor] = None
+) -> Tensor:
     return sum_choices(y_SO, n_groups, out_dtype or y_SO.dtype, init_XO)

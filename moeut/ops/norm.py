@@ -15,6 +15,7 @@ runs on CUDA for a 1-D `normalized_shape` with weight and bias, outside torch.co
 LayerNorm itself); everything else, and `MOEUT_PYTORCH_OPS=norm`, is torch's. Without autocast the output
 keeps x's dtype, as torch's does.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -26,8 +27,7 @@ from torch import Tensor
 from moeut.ops import cast_relay
 from moeut.ops.dispatch import use_fused
 
-MAX_WIDTH = 16384   # the kernels hold a row in registers; wider rows take torch's LayerNorm
-
+MAX_WIDTH = 16384  # the kernels hold a row in registers; wider rows take torch's LayerNorm
 
 
 class _LayerNormFunction(torch.autograd.Function):
@@ -35,34 +35,54 @@ class _LayerNormFunction(torch.autograd.Function):
     (its other uses) is added inside this backward's kernel, not by autograd's [R, D] add."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype,
-                pass_through: bool, input_copy: bool = False, grad_copy: bool = False):
+    def forward(
+        ctx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        eps: float,
+        out_dtype: torch.dtype,
+        pass_through: bool,
+        input_copy: bool = False,
+        grad_copy: bool = False,
+    ):
         from moeut.kernels.norm import layer_norm_fwd
+
         copies = out_dtype != x.dtype and x.is_contiguous()
-        y, mean, rstd, x_copy = layer_norm_fwd(x, weight, bias, eps, out_dtype,
-                                               copy_dtype=out_dtype if copies and input_copy else None)
+        y, mean, rstd, x_copy = layer_norm_fwd(
+            x, weight, bias, eps, out_dtype, copy_dtype=out_dtype if copies and input_copy else None
+        )
         if x_copy is not None:
             cast_relay.offer(x, x_copy)
         ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.set_materialize_grads(False)   # an unused output's gradient stays None: nothing to add
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: nothing to add
         ctx.grad_copy_dtype = out_dtype if copies and grad_copy else None
-        return (y, x) if pass_through else y   # x as is: autograd makes it a view whose gradient comes here
+        return (y, x) if pass_through else y  # x as is: autograd makes it a view whose gradient comes here
 
     @staticmethod
     def backward(ctx, grad_y: Optional[Tensor], grad_x_out: Optional[Tensor] = None):
         from moeut.kernels.norm import layer_norm_bwd
+
         if grad_y is None:
             return grad_x_out, None, None, None, None, None, None, None
         x, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db, dx_copy = layer_norm_bwd(grad_y, x, weight, mean, rstd, grad_add=grad_x_out,
-                                             copy_dtype=ctx.grad_copy_dtype)
+        dx, dw, db, dx_copy = layer_norm_bwd(
+            grad_y, x, weight, mean, rstd, grad_add=grad_x_out, copy_dtype=ctx.grad_copy_dtype
+        )
         if dx_copy is not None:
             cast_relay.offer(dx, dx_copy)
         return dx, dw, db, None, None, None, None, None
 
 
-def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, pass_through: bool = False,
-               input_copy: bool = False, grad_copy: bool = False):
+def layer_norm(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float = 1e-5,
+    pass_through: bool = False,
+    input_copy: bool = False,
+    grad_copy: bool = False,
+):
     """F.layer_norm over the last dim with the Triton kernels; the output in the autocast dtype when
     autocast is on for x's device, else in x's dtype. With pass_through, (output, x): see
     `LayerNorm.normalize_and_pass`. With input_copy / grad_copy, and an output dtype other than x's,
@@ -75,9 +95,15 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, pass_
 
 
 def _fused_applies(norm: torch.nn.LayerNorm, x: Tensor) -> bool:
-    return (use_fused(x, "norm") and not torch.compiler.is_compiling()
-            and len(norm.normalized_shape) == 1 and norm.weight is not None and norm.bias is not None
-            and x.dim() > 0 and x.shape[-1] == norm.normalized_shape[0] <= MAX_WIDTH)
+    return (
+        use_fused(x, "norm")
+        and not torch.compiler.is_compiling()
+        and len(norm.normalized_shape) == 1
+        and norm.weight is not None
+        and norm.bias is not None
+        and x.dim() > 0
+        and x.shape[-1] == norm.normalized_shape[0] <= MAX_WIDTH
+    )
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -90,15 +116,21 @@ class LayerNorm(torch.nn.LayerNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         if _fused_applies(self, x):
-            return layer_norm(x, self.weight, self.bias, self.eps, input_copy=self.input_copy,
-                              grad_copy=self.grad_copy)
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)   # (its shape errors too)
+            return layer_norm(x, self.weight, self.bias, self.eps, input_copy=self.input_copy, grad_copy=self.grad_copy)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)  # (its shape errors too)
 
     def normalize_and_pass(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         """(LayerNorm(x), x), for a residual stream x that other ops read too: give them the second
         output. With the kernels, x's gradient through them is then added inside this LayerNorm's
         backward, one kernel instead of LayerNorm's dx and autograd's [R, D] fp32 add of x's gradients."""
         if _fused_applies(self, x):
-            return layer_norm(x, self.weight, self.bias, self.eps, pass_through=True, input_copy=self.input_copy,
-                              grad_copy=self.grad_copy)
+            return layer_norm(
+                x,
+                self.weight,
+                self.bias,
+                self.eps,
+                pass_through=True,
+                input_copy=self.input_copy,
+                grad_copy=self.grad_copy,
+            )
         return self(x), x

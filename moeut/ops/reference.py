@@ -6,6 +6,7 @@ point is that a reader can check them against the paper's equations at a glance.
 
 Shape suffixes follow the package legend (`moeut/__init__.py`).
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -22,8 +23,7 @@ def reference_expert_mm(x_RI: Tensor, w_EIO: Tensor, expert_RK: Tensor) -> Tenso
     return torch.einsum("ri,rkio->rko", x_RI, w_EIO[expert_RK])
 
 
-def sigma_moe_mlp_reference(x_RD: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, expert_RK: Tensor,
-                            gate_RK: Tensor) -> Tensor:
+def sigma_moe_mlp_reference(x_RD: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, expert_RK: Tensor, gate_RK: Tensor) -> Tensor:
     """[R, D]: the σ-MoE feed-forward block after routing, y_r = sum_k gate[r, k] ReLU(x_r W1[e]) W2[e] with
     e = expert_RK[r, k]. Differentiable in x, both weights and the gates (autograd gives the backward
     ground truth)."""

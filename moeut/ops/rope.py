@@ -9,6 +9,7 @@ elementwise kernels with fp32 intermediates; its backward is the same kernel rot
 Both write in the layout of a head view input (see `_Rope`). `MOEUT_PYTORCH_OPS=rope` turns
 the kernel off.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -79,6 +80,7 @@ def is_time_major(x: Tensor) -> bool:
 def _rope_op(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool, scale: float, time_major: bool) -> Tensor:
     if use_fused(x, "rope"):
         from moeut.kernels.rope import rope_triton
+
         return rope_triton(x, cos, sin, inverse, scale, time_major)
     return empty_rope_output(x, time_major).copy_(rotate_reference(x, cos, -sin if inverse else sin, scale))
 

@@ -20,6 +20,7 @@ the reference the tests compare the kernel with. `MOEUT_PYTORCH_OPS=router` turn
 Shape suffixes follow the package legend (`moeut/__init__.py`); the operator sees the R rows as
 [R0, G, E] (R = R0 * G, e.g. tokens x heads) so that strided slices need no copy.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -41,6 +42,7 @@ def _sigmoid_topk_op(logits: Tensor, k: int, fp32: bool = False) -> Tuple[Tensor
     r = r0 * G + g."""
     if use_fused(logits, "router"):
         from moeut.kernels.router import sigmoid_topk_triton
+
         return sigmoid_topk_triton(logits, k, fp32)
     with torch.no_grad():
         flat = logits.reshape(-1, logits.shape[-1])
@@ -50,13 +52,16 @@ def _sigmoid_topk_op(logits: Tensor, k: int, fp32: bool = False) -> Tuple[Tensor
 @_sigmoid_topk_op.register_fake
 def _(logits, k, fp32=False):
     R = logits.shape[0] * logits.shape[1]
-    return (logits.new_empty(R, k, dtype=torch.float32 if fp32 else logits.dtype),
-            logits.new_empty(R, k, dtype=torch.long))
+    return (
+        logits.new_empty(R, k, dtype=torch.float32 if fp32 else logits.dtype),
+        logits.new_empty(R, k, dtype=torch.long),
+    )
 
 
 @torch.library.custom_op("moeut::sigmoid_topk_backward", mutates_args=())
-def _sigmoid_topk_backward_op(grad_gate: Tensor, gate: Tensor, expert: Tensor, n_experts: int,
-                              dtype: torch.dtype) -> Tensor:
+def _sigmoid_topk_backward_op(
+    grad_gate: Tensor, gate: Tensor, expert: Tensor, n_experts: int, dtype: torch.dtype
+) -> Tensor:
     """[R, E] gradient of the logits: d gate * s * (1 - s) (in fp32, rounded to `dtype`) scattered
     to the chosen experts' columns, zeros elsewhere. (In training the gradient kernel of
     `select_with_prob_sum` computes this term; these PyTorch ops serve the other paths.)"""
@@ -77,7 +82,7 @@ class _SigmoidTopK(torch.autograd.Function):
         ctx.save_for_backward(gate_RK, expert_RK)
         ctx.shape, ctx.logits_dtype = logits_RE.shape, logits_RE.dtype
         ctx.mark_non_differentiable(expert_RK)
-        ctx.set_materialize_grads(False)   # no zero tensor for the expert ids' (absent) gradient
+        ctx.set_materialize_grads(False)  # no zero tensor for the expert ids' (absent) gradient
         return gate_RK, expert_RK
 
     @staticmethod
@@ -116,9 +121,13 @@ def sigmoid_topk(logits: Tensor, k: int, fp32: bool = False) -> Tuple[Tensor, Te
 
 def joint_selection_applies(logits: Tensor) -> bool:
     """Whether `select_with_prob_sum` runs here (CUDA with Triton, gradients wanted, outside torch.compile)."""
-    return (logits.requires_grad and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and use_fused(logits, "router")
-            and use_fused(logits, "entropy"))
+    return (
+        logits.requires_grad
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and use_fused(logits, "router")
+        and use_fused(logits, "entropy")
+    )
 
 
 class _SelectWithProbSum(torch.autograd.Function):
@@ -133,6 +142,7 @@ class _SelectWithProbSum(torch.autograd.Function):
     def forward(ctx, logits, k, fp32, n_valid):
         from moeut.kernels.entropy import prob_sum_triton
         from moeut.kernels.router import sigmoid_topk_triton
+
         valid = logits[..., :n_valid]
         gate_RK, expert_RK = sigmoid_topk_triton(_as_rows_GE(valid), k, fp32)
         prob_sum = prob_sum_triton(valid)
@@ -145,6 +155,7 @@ class _SelectWithProbSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_gate_RK, _grad_expert, grad_prob_sum):
         from moeut.kernels.entropy import router_backward_triton
+
         logits, gate_RK, expert_RK = ctx.saved_tensors
         if grad_gate_RK is None and grad_prob_sum is None:
             return None, None, None, None
@@ -152,8 +163,9 @@ class _SelectWithProbSum(torch.autograd.Function):
         return grad, None, None, None
 
 
-def select_with_prob_sum(logits: Tensor, k: int, fp32: bool = False,
-                         n_valid: int = None) -> Tuple[Tensor, Tensor, Tensor]:
+def select_with_prob_sum(
+    logits: Tensor, k: int, fp32: bool = False, n_valid: int = None
+) -> Tuple[Tensor, Tensor, Tensor]:
     """(gate [..., K], expert [..., K], prob_sum) where gate, expert = sigmoid_topk(logits[..., :n_valid], k, fp32)
     and prob_sum = softmax(logits[..., :n_valid] in fp32).sum(1) ([B, T, W] -> [B, E], [B, T, G, W] ->
     [B, G, E]): the values of the separate operators, with one gradient kernel for both (see
@@ -162,8 +174,10 @@ def select_with_prob_sum(logits: Tensor, k: int, fp32: bool = False,
     W = logits.shape[-1]
     n_valid = W if n_valid is None else n_valid
     if logits.dim() not in (3, 4) or not 0 < n_valid <= W:
-        raise ValueError(f"select_with_prob_sum: logits must be [B, T, (G,) W] with 0 < n_valid <= W, got "
-                         f"{tuple(logits.shape)} and n_valid={n_valid}")
+        raise ValueError(
+            f"select_with_prob_sum: logits must be [B, T, (G,) W] with 0 < n_valid <= W, got "
+            f"{tuple(logits.shape)} and n_valid={n_valid}"
+        )
     if not 0 < k <= n_valid:
         raise ValueError(f"select_with_prob_sum: k={k} must be in 1..{n_valid} (the number of experts)")
     gate_RK, expert_RK, prob_sum = _SelectWithProbSum.apply(logits, k, fp32, n_valid)

@@ -26,6 +26,7 @@ Not used under torch.compile (the sink is Python state the compiler cannot trace
 checkpointing (the recomputed forward runs after the scope has closed); those take the per-application
 path. `MOEUT_WGRAD_DEFER=0` turns it off (the per-application path is what it is tested against).
 """
+
 from __future__ import annotations
 
 import threading
@@ -51,7 +52,7 @@ class GradSink:
     """The fp32 gradient of one master weight, summed over the applications of one forward pass."""
 
     def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype             # the master weight's dtype: the gradient's
+        self.dtype = dtype  # the master weight's dtype: the gradient's
         self.grad: Optional[Tensor] = None
         # applications whose weight gradients are still to be computed (`weight_grad`)
         self.pending: List[tuple] = []
@@ -64,6 +65,7 @@ class GradSink:
             return
         if len(segments) > 1:
             from moeut.kernels.weight_grad import weight_grad_segments_triton
+
             self.grad = weight_grad_segments_triton(segments, self.dtype, accumulate_into=self.grad)
             return
         x, grad, offsets, rows, grad_rows, grad_scale, scale_dst = segments[0]
@@ -78,9 +80,17 @@ class GradSink:
         return g
 
 
-def weight_grad(sink: Optional[GradSink], x: Tensor, grad: Tensor, offsets: Tensor, rows: Optional[Tensor],
-                grad_rows: Optional[Tensor], grad_scale: Optional[Tensor], out_dtype: torch.dtype,
-                scale_dst: Optional[Tensor] = None) -> Optional[Tensor]:
+def weight_grad(
+    sink: Optional[GradSink],
+    x: Tensor,
+    grad: Tensor,
+    offsets: Tensor,
+    rows: Optional[Tensor],
+    grad_rows: Optional[Tensor],
+    grad_scale: Optional[Tensor],
+    out_dtype: torch.dtype,
+    scale_dst: Optional[Tensor] = None,
+) -> Optional[Tensor]:
     """The weight gradient of one expert projection's application (`grouped_mm.grouped_mm_weight_grad`):
     returned, or, for a weight shared within the forward pass, added into its sink and None returned.
     With `settings.wgrad_defer` > 1 on CUDA the sink keeps the application's operands and computes the
@@ -94,10 +104,12 @@ def weight_grad(sink: Optional[GradSink], x: Tensor, grad: Tensor, offsets: Tens
 
 
 def _defer_count(x: Tensor) -> int:
-    from moeut.ops.dispatch import use_fused   # (looked up at call time: tests switch the kernels on in `fused`)
+    from moeut.ops.dispatch import use_fused  # (looked up at call time: tests switch the kernels on in `fused`)
+
     if settings.wgrad_defer <= 1 or not use_fused(x):
         return 1
     from moeut.kernels.weight_grad import MAX_SEGMENTS
+
     return min(settings.wgrad_defer, MAX_SEGMENTS)
 
 
@@ -122,8 +134,10 @@ class _CastOnce(torch.autograd.Function):
 
 def _cast_copy(w: Tensor, dtype: torch.dtype) -> Tensor:
     from moeut.ops.dispatch import use_fused
+
     if use_fused(w):
         from moeut.kernels.expert_mm import aligned
+
         return aligned(w, copy_dtype=dtype, always_copy=True)
     return w.to(dtype)
 
@@ -170,7 +184,7 @@ def shared_operand(w: Tensor, dtype: torch.dtype) -> Tuple[Optional[Tensor], Opt
     grad = w.requires_grad and torch.is_grad_enabled()
     key = (id(w), grad)
     entry = scope.copies.get(key)
-    if entry is None or entry[0] is not w:   # (the master is kept in the entry, so its id stays unique)
+    if entry is None or entry[0] is not w:  # (the master is kept in the entry, so its id stays unique)
         if grad:
             sink = GradSink(w.dtype)
             entry = (w, _CastOnce.apply(w, dtype, sink), sink)

@@ -15,6 +15,7 @@ Layout of one checkpoint, a directory `<run>/checkpoints/step_00001000/`:
                            {"$tensor": name} into training.safetensors
     manifest.json          format tag, layout, step, byte size and SHA-256 of each file above; written last
 """
+
 from __future__ import annotations
 
 import math
@@ -33,14 +34,14 @@ MANIFEST_FILE = "manifest.json"
 TRAINING_FILES = (TRAINING_TENSORS_FILE, TRAINING_JSON_FILE)
 CHECKPOINT_FILES = (MODEL_FILE, *TRAINING_FILES)
 TRAINING_KEYS = ("optimizer", "scheduler", "rng", "data_position", "config")
-OPTIONAL_TRAINING_KEYS = ("optimizer_keys", "clock")   # optimizer_keys: "names" (FSDP runs) or "positions"
-                                                      # (absent: positions); clock: the trainer's StepClock
-SINGLE, SHARDED = "single", "sharded"           # layouts (see the module docstring)
+OPTIONAL_TRAINING_KEYS = ("optimizer_keys", "clock")  # optimizer_keys: "names" (FSDP runs) or "positions"
+# (absent: positions); clock: the trainer's StepClock
+SINGLE, SHARDED = "single", "sharded"  # layouts (see the module docstring)
 MODEL_PREFIX, OPTIM_PREFIX = "model.", "optim."  # tensor names in the shard files
 MOMENTS = ("exp_avg", "exp_avg_sq")
 SHARD_DIR = "shards"
 SHARD_NAME = re.compile(r"^shard-(\d{5})-model-00001-of-00001\.safetensors$")
-MAX_SHARDS = 4096                               # shard files in one checkpoint, written or read
+MAX_SHARDS = 4096  # shard files in one checkpoint, written or read
 
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_TRAINING_JSON_BYTES = 256 << 20
@@ -92,12 +93,14 @@ def legacy_refusal(path: Path, run_dir: Path) -> CheckpointError:
     return CheckpointError(
         f"{path} is a checkpoint in moeut's earlier pickle format, which can run arbitrary code when loaded, "
         f"so it is not loaded. If this run is your own, convert its checkpoints once with: "
-        f"moeut migrate {run_dir}")
+        f"moeut migrate {run_dir}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # Plain-data encoding of nested training state (optimizer and scheduler state dicts, RNG states).
 # ------------------------------------------------------------------------------------------------
+
 
 def encode_tree(obj: Any, tensors: Dict[str, torch.Tensor], path: str = "t") -> Any:
     """JSON-able form of `obj`; its tensors are moved into `tensors` under generated names.
@@ -118,8 +121,12 @@ def encode_tree(obj: Any, tensors: Dict[str, torch.Tensor], path: str = "t") -> 
     if isinstance(obj, dict):
         if all(isinstance(k, str) and not k.startswith("$") for k in obj):
             return {k: encode_tree(v, tensors, f"{path}.{k}") for k, v in obj.items()}
-        return {"$items": [[encode_tree(k, tensors, f"{path}.k{i}"), encode_tree(v, tensors, f"{path}.{i}")]
-                           for i, (k, v) in enumerate(obj.items())]}
+        return {
+            "$items": [
+                [encode_tree(k, tensors, f"{path}.k{i}"), encode_tree(v, tensors, f"{path}.{i}")]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
     raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint ({path}): only tensors and plain data")
 
 
@@ -158,6 +165,7 @@ def decode_tree(obj: Any, tensors: Dict[str, torch.Tensor], where: str = "traini
 # Schemas: every field of a manifest and a training state, checked before it is used.
 # ------------------------------------------------------------------------------------------------
 
+
 def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -177,34 +185,60 @@ def check_manifest(manifest: Any, source: str) -> Dict[str, Any]:
     where = f"checkpoint {source}: {MANIFEST_FILE}"
     _need(isinstance(manifest, dict), where, "a JSON object", manifest)
     if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {source} is not a {FORMAT} checkpoint ({MANIFEST_FILE} has no such format tag)")
+        raise CheckpointError(
+            f"checkpoint {source} is not a {FORMAT} checkpoint ({MANIFEST_FILE} has no such format tag)"
+        )
     layout = manifest.setdefault("layout", SINGLE)
     if layout not in (SINGLE, SHARDED):
         raise CheckpointError(f"checkpoint {source} has the unknown layout {layout!r} (expected {SINGLE} or {SHARDED})")
-    _need(is_int(manifest.get("step")) and manifest["step"] >= 0, f"{where}: step", "a non-negative integer",
-          manifest.get("step"))
+    _need(
+        is_int(manifest.get("step")) and manifest["step"] >= 0,
+        f"{where}: step",
+        "a non-negative integer",
+        manifest.get("step"),
+    )
     loss = manifest.get("loss")
     _need(loss is None or is_number(loss), f"{where}: loss", "a finite number or null", loss)
     files = manifest.get("files")
-    _need(isinstance(files, dict) and 0 < len(files) <= MAX_SHARDS + 2, f"{where}: files",
-          f"an object of 1 to {MAX_SHARDS + 2} files", type(files).__name__ if not isinstance(files, dict) else files)
+    _need(
+        isinstance(files, dict) and 0 < len(files) <= MAX_SHARDS + 2,
+        f"{where}: files",
+        f"an object of 1 to {MAX_SHARDS + 2} files",
+        type(files).__name__ if not isinstance(files, dict) else files,
+    )
     for name, rec in files.items():
-        _need(isinstance(rec, dict) and set(rec) == {"bytes", "sha256"}, f"{where}: files[{name!r}]",
-              "an object of bytes and sha256", rec)
-        _need(is_int(rec["bytes"]) and 0 <= rec["bytes"] < 1 << 50, f"{where}: files[{name!r}].bytes",
-              "a file size", rec["bytes"])
-        _need(isinstance(rec["sha256"], str) and bool(_HEX64.match(rec["sha256"])),
-              f"{where}: files[{name!r}].sha256", "64 hexadecimal digits", rec["sha256"])
+        _need(
+            isinstance(rec, dict) and set(rec) == {"bytes", "sha256"},
+            f"{where}: files[{name!r}]",
+            "an object of bytes and sha256",
+            rec,
+        )
+        _need(
+            is_int(rec["bytes"]) and 0 <= rec["bytes"] < 1 << 50,
+            f"{where}: files[{name!r}].bytes",
+            "a file size",
+            rec["bytes"],
+        )
+        _need(
+            isinstance(rec["sha256"], str) and bool(_HEX64.match(rec["sha256"])),
+            f"{where}: files[{name!r}].sha256",
+            "64 hexadecimal digits",
+            rec["sha256"],
+        )
     if layout == SINGLE:
         ok, expected = set(files) == set(CHECKPOINT_FILES), list(CHECKPOINT_FILES)
     else:
         shard_names = [n for n in files if n.startswith(SHARD_DIR + "/")]
-        ok = (bool(shard_names) and set(files) == {*TRAINING_FILES, *shard_names}
-              and all(SHARD_NAME.match(n.split("/", 1)[1]) for n in shard_names))
+        ok = (
+            bool(shard_names)
+            and set(files) == {*TRAINING_FILES, *shard_names}
+            and all(SHARD_NAME.match(n.split("/", 1)[1]) for n in shard_names)
+        )
         expected = [*TRAINING_FILES, "shards/shard-NNNNN-model-00001-of-00001.safetensors ..."]
     if not ok:
-        raise CheckpointError(f"checkpoint {source} is damaged: its manifest lists {sorted(files)[:6]}, "
-                              f"expected {expected}")
+        raise CheckpointError(
+            f"checkpoint {source} is damaged: its manifest lists {sorted(files)[:6]}, expected {expected}"
+        )
     return manifest
 
 
@@ -225,28 +259,52 @@ def check_training(state: Any, source: str, step: int) -> Dict[str, Any]:
     _need(is_int(state["step"]), f"{where}: step", "an integer", state["step"])
     if state["step"] != step:
         raise CheckpointError(f"{where}: step {state['step']} is not the step of its directory and manifest ({step})")
-    _need(is_int(state["data_position"]) and state["data_position"] >= 0, f"{where}: data_position",
-          "a non-negative integer", state["data_position"])
+    _need(
+        is_int(state["data_position"]) and state["data_position"] >= 0,
+        f"{where}: data_position",
+        "a non-negative integer",
+        state["data_position"],
+    )
     _need(isinstance(state["config"], dict), f"{where}: config", "an object", state["config"])
     _need(isinstance(state["scheduler"], dict), f"{where}: scheduler", "an object", state["scheduler"])
     keys = state.get("optimizer_keys", "positions")
     _need(keys in ("positions", "names"), f"{where}: optimizer_keys", "'positions' or 'names'", keys)
     opt = state["optimizer"]
-    _need(isinstance(opt, dict) and isinstance(opt.get("param_groups"), list), f"{where}: optimizer",
-          "an object with param_groups", type(opt).__name__)
+    _need(
+        isinstance(opt, dict) and isinstance(opt.get("param_groups"), list),
+        f"{where}: optimizer",
+        "an object with param_groups",
+        type(opt).__name__,
+    )
     for i, g in enumerate(opt["param_groups"]):
-        _need(isinstance(g, dict) and isinstance(g.get("params"), list), f"{where}: optimizer.param_groups[{i}]",
-              "an object with a params list", g)
+        _need(
+            isinstance(g, dict) and isinstance(g.get("params"), list),
+            f"{where}: optimizer.param_groups[{i}]",
+            "an object with a params list",
+            g,
+        )
         for k in ("lr", "weight_decay", "eps"):
             if k in g:
-                _need(is_number(g[k]) and g[k] >= 0, f"{where}: optimizer.param_groups[{i}].{k}",
-                      "a non-negative, finite number", g[k])
-    if "steps" in opt:   # the sharded layout's record: step counts by name
-        _need(isinstance(opt["steps"], dict) and all(is_number(v) and v >= 0 for v in opt["steps"].values()),
-              f"{where}: optimizer.steps", "an object of step counts", opt["steps"])
+                _need(
+                    is_number(g[k]) and g[k] >= 0,
+                    f"{where}: optimizer.param_groups[{i}].{k}",
+                    "a non-negative, finite number",
+                    g[k],
+                )
+    if "steps" in opt:  # the sharded layout's record: step counts by name
+        _need(
+            isinstance(opt["steps"], dict) and all(is_number(v) and v >= 0 for v in opt["steps"].values()),
+            f"{where}: optimizer.steps",
+            "an object of step counts",
+            opt["steps"],
+        )
     else:
         _need(isinstance(opt.get("state"), dict), f"{where}: optimizer.state", "an object", opt.get("state"))
     rng = state["rng"]
-    _need(isinstance(rng, dict) or (isinstance(rng, list) and rng and all(isinstance(r, dict) for r in rng)),
-          f"{where}: rng", "an object (or a list of them, one per process)", type(rng).__name__)
+    _need(
+        isinstance(rng, dict) or (isinstance(rng, list) and rng and all(isinstance(r, dict) for r in rng)),
+        f"{where}: rng",
+        "an object (or a list of them, one per process)",
+        type(rng).__name__,
+    )
     return state

@@ -16,6 +16,7 @@ this order, the cheap checks first:
 `newest_usable_checkpoint` walks from the newest checkpoint down, names each one it skips and why,
 and lists the run again when a checkpoint vanishes while it reads (another process rotating).
 """
+
 from __future__ import annotations
 
 import os
@@ -26,12 +27,30 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from moeut.files import FileProblem, hash_fd, open_dir, open_file, parse_json, read_fd
-from moeut.train.checkpoint_format import (MANIFEST_FILE, MAX_MANIFEST_BYTES, MAX_TRAINING_JSON_BYTES, MODEL_FILE,
-                                           MODEL_PREFIX, MOMENTS, OPTIM_PREFIX, SHARD_DIR, SHARDED,
-                                           TRAINING_JSON_FILE, TRAINING_TENSORS_FILE, CheckpointError,
-                                           check_manifest, check_training, checkpoint_step, decode_tree, is_int,
-                                           is_number, legacy_refusal, list_checkpoints, list_legacy_checkpoints,
-                                           shard_names)
+from moeut.train.checkpoint_format import (
+    MANIFEST_FILE,
+    MAX_MANIFEST_BYTES,
+    MAX_TRAINING_JSON_BYTES,
+    MODEL_FILE,
+    MODEL_PREFIX,
+    MOMENTS,
+    OPTIM_PREFIX,
+    SHARD_DIR,
+    SHARDED,
+    TRAINING_JSON_FILE,
+    TRAINING_TENSORS_FILE,
+    CheckpointError,
+    check_manifest,
+    check_training,
+    checkpoint_step,
+    decode_tree,
+    is_int,
+    is_number,
+    legacy_refusal,
+    list_checkpoints,
+    list_legacy_checkpoints,
+    shard_names,
+)
 from moeut.train.shards import ShardError, ShardSet, listed_files, open_shard_set
 from moeut.train.tensor_file import read_header, read_tensor
 
@@ -52,6 +71,7 @@ class CheckpointVanished(CheckpointError):
 class ModelSpec:
     """What a checkpoint must hold for a model: its state dict's names, shapes and dtypes, and (to check
     an optimizer state) the parameter names in the optimizer's order."""
+
     tensors: Shapes
     parameters: Optional[List[str]] = None
 
@@ -65,7 +85,7 @@ class Checkpoint:
     path: Path
     step: int
     manifest: Dict[str, Any]
-    shapes: Optional[Shapes] = None          # the model tensors' names, shapes and dtypes (headers)
+    shapes: Optional[Shapes] = None  # the model tensors' names, shapes and dtypes (headers)
     model: Optional[Dict[str, torch.Tensor]] = None
     training: Optional[Dict[str, Any]] = None
 
@@ -121,9 +141,10 @@ def check_optimizer(training: Dict[str, Any], spec: ModelSpec, source: str) -> N
     grouped = [p for g in opt["param_groups"] for p in g["params"]]
     want = list(names) if by_name else list(range(len(names)))
     if sorted(grouped, key=str) != sorted(want, key=str):
-        raise CheckpointError(f"{where}: its parameter groups list {len(grouped)} parameters, not this model's "
-                              f"{len(names)} (each once)")
-    if "steps" in opt:   # sharded record: the moments are in the shard files, checked with their headers
+        raise CheckpointError(
+            f"{where}: its parameter groups list {len(grouped)} parameters, not this model's {len(names)} (each once)"
+        )
+    if "steps" in opt:  # sharded record: the moments are in the shard files, checked with their headers
         unknown = sorted(set(opt["steps"]) - set(names))
         if unknown:
             raise CheckpointError(f"{where}: step counts for parameters this model does not have: {unknown[:3]}")
@@ -139,8 +160,10 @@ def check_optimizer(training: Dict[str, Any], spec: ModelSpec, source: str) -> N
         for m in MOMENTS:
             t = entry[m]
             if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                raise CheckpointError(f"{where}: {name}.{m} is {str(t.dtype)} {tuple(t.shape)}, the parameter is "
-                                      f"{str(dtype)} {tuple(shape)}")
+                raise CheckpointError(
+                    f"{where}: {name}.{m} is {str(t.dtype)} {tuple(t.shape)}, the parameter is "
+                    f"{str(dtype)} {tuple(shape)}"
+                )
         step = entry.get("step")
         value = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
         if not is_number(value) or value < 0:
@@ -209,18 +232,23 @@ class _Reader:
         rec = self.recorded[name]
         size = os.fstat(fd).st_size
         if size != rec["bytes"]:
-            raise CheckpointError(f"checkpoint {self.path} is damaged: {name} has {size} bytes, its manifest says "
-                                  f"{rec['bytes']} (truncated or overwritten)")
+            raise CheckpointError(
+                f"checkpoint {self.path} is damaged: {name} has {size} bytes, its manifest says "
+                f"{rec['bytes']} (truncated or overwritten)"
+            )
         if hash_fd(fd) != rec["sha256"]:
-            raise CheckpointError(f"checkpoint {self.path} is damaged: {name} does not match its SHA-256 in the manifest")
+            raise CheckpointError(
+                f"checkpoint {self.path} is damaged: {name} does not match its SHA-256 in the manifest"
+            )
 
     def verified(self, name: str) -> int:
         fd = self._open(name)
         self.check(name, fd)
         return fd
 
-    def tensors(self, name: str, read: bool = True, spec: Optional[ModelSpec] = None
-                ) -> Tuple[Shapes, Dict[str, torch.Tensor]]:
+    def tensors(
+        self, name: str, read: bool = True, spec: Optional[ModelSpec] = None
+    ) -> Tuple[Shapes, Dict[str, torch.Tensor]]:
         """(names, shapes and dtypes; the tensors if `read`) of verified safetensors file `name`, its
         header checked against `spec` before a tensor is read."""
         fd = self.verified(name)
@@ -237,10 +265,12 @@ class _Reader:
     def shard_set(self, manifest: Dict[str, Any]) -> ShardSet:
         names = shard_names(manifest)
         found = listed_files(self.fd)
-        if found != names:   # nothing in shards/ but the manifest's files (DCP's reader would take any)
+        if found != names:  # nothing in shards/ but the manifest's files (DCP's reader would take any)
             extra, lacking = sorted(set(found or []) - set(names)), sorted(set(names) - set(found or []))
-            raise CheckpointError(f"checkpoint {self.path} is damaged: {SHARD_DIR}/ holds {extra or 'no'} files beyond "
-                                  f"its manifest and lacks {lacking or 'none'}")
+            raise CheckpointError(
+                f"checkpoint {self.path} is damaged: {SHARD_DIR}/ holds {extra or 'no'} files beyond "
+                f"its manifest and lacks {lacking or 'none'}"
+            )
         try:
             self.shards = open_shard_set(self.fd, names, str(self.path))
         except ShardError as e:
@@ -253,11 +283,15 @@ class _Reader:
         _, tensors = self.tensors(TRAINING_TENSORS_FILE)
         fd = self.verified(TRAINING_JSON_FILE)
         if os.fstat(fd).st_size > MAX_TRAINING_JSON_BYTES:
-            raise CheckpointError(f"checkpoint {self.path}: {TRAINING_JSON_FILE} is larger than "
-                                  f"{MAX_TRAINING_JSON_BYTES:,} bytes")
+            raise CheckpointError(
+                f"checkpoint {self.path}: {TRAINING_JSON_FILE} is larger than {MAX_TRAINING_JSON_BYTES:,} bytes"
+            )
         try:
-            tree = parse_json(bytes(read_fd(fd, os.fstat(fd).st_size, 0, TRAINING_JSON_FILE)),
-                              f"checkpoint {self.path}: {TRAINING_JSON_FILE}", MAX_TRAINING_JSON_BYTES)
+            tree = parse_json(
+                bytes(read_fd(fd, os.fstat(fd).st_size, 0, TRAINING_JSON_FILE)),
+                f"checkpoint {self.path}: {TRAINING_JSON_FILE}",
+                MAX_TRAINING_JSON_BYTES,
+            )
         except FileProblem as e:
             raise CheckpointError(str(e)) from None
         where = f"checkpoint {self.path}: {TRAINING_JSON_FILE}"
@@ -283,7 +317,7 @@ def read_checkpoint(path: Path, part: str = "model", spec: Optional[ModelSpec] =
                 _check_moment_headers(shards, spec, str(path))
             if want_model:
                 out.model = shards.whole(MODEL_PREFIX)
-            elif part == "training":   # every piece checked finite, one tensor at a time, none kept
+            elif part == "training":  # every piece checked finite, one tensor at a time, none kept
                 for name in shards.names():
                     shape = shards.shapes[name]
                     check_finite({name: shards.rows(name, 0, shape[0] if shape else 0)}, str(path))
@@ -297,8 +331,9 @@ def read_checkpoint(path: Path, part: str = "model", spec: Optional[ModelSpec] =
         if part in ("all", "training"):
             out.training = reader.training(manifest)
             if manifest["layout"] == SHARDED and part == "all":
-                out.training["optimizer"] = whole_optimizer_state(out.training["optimizer"],
-                                                                  reader.shards.whole(OPTIM_PREFIX), str(path))
+                out.training["optimizer"] = whole_optimizer_state(
+                    out.training["optimizer"], reader.shards.whole(OPTIM_PREFIX), str(path)
+                )
             if spec is not None:
                 check_optimizer(out.training, spec, str(path))
             check_finite(out.training, str(path))
@@ -315,10 +350,16 @@ def _check_moment_headers(shards: ShardSet, spec: ModelSpec, source: str) -> Non
     moments = shards.whole_shapes(OPTIM_PREFIX)
     for name, (shape, dtype) in moments.items():
         param, _, m = name.rpartition(".")
-        if m not in MOMENTS or param not in spec.tensors or tuple(spec.tensors[param][0]) != tuple(shape) \
-                or spec.tensors[param][1] != dtype:
-            raise CheckpointError(f"checkpoint {source}: the shard files' {OPTIM_PREFIX}{name} ({str(dtype)} "
-                                  f"{tuple(shape)}) is no moment of a parameter of this model")
+        if (
+            m not in MOMENTS
+            or param not in spec.tensors
+            or tuple(spec.tensors[param][0]) != tuple(shape)
+            or spec.tensors[param][1] != dtype
+        ):
+            raise CheckpointError(
+                f"checkpoint {source}: the shard files' {OPTIM_PREFIX}{name} ({str(dtype)} "
+                f"{tuple(shape)}) is no moment of a parameter of this model"
+            )
 
 
 def whole_optimizer_state(record: Dict[str, Any], moments: Dict[str, torch.Tensor], source: str) -> Dict[str, Any]:
@@ -353,8 +394,12 @@ def read_rows(path: Path, requests: Dict[str, Tuple[int, int]]) -> Dict[str, tor
         unknown = sorted(set(requests) - set(shards.pieces))
         if unknown:
             raise CheckpointError(f"checkpoint {path}: the shard files hold no {unknown[:3]}")
-        touched = {p.file for t, (a, b) in requests.items() for p in shards.pieces[t]
-                   if not shards.shapes[t] or (p.start < b and a < p.start + p.entry.shape[0])}
+        touched = {
+            p.file
+            for t, (a, b) in requests.items()
+            for p in shards.pieces[t]
+            if not shards.shapes[t] or (p.start < b and a < p.start + p.entry.shape[0])
+        }
         for f in sorted(touched):
             reader.check(f"{SHARD_DIR}/{f}", shards.fds[f])
         return {t: shards.rows(t, a, b) for t, (a, b) in requests.items()}
@@ -364,8 +409,9 @@ def read_rows(path: Path, requests: Dict[str, Tuple[int, int]]) -> Dict[str, tor
         reader.close()
 
 
-def newest_usable_checkpoint(run_dir: Path, part: str = "model", spec: Optional[ModelSpec] = None,
-                             warn: Callable[[str], None] = print) -> Optional[Checkpoint]:
+def newest_usable_checkpoint(
+    run_dir: Path, part: str = "model", spec: Optional[ModelSpec] = None, warn: Callable[[str], None] = print
+) -> Optional[Checkpoint]:
     """The newest checkpoint of the run that `read_checkpoint` accepts, read; each newer one is named
     through `warn` with the reason it was skipped. None when the run has no checkpoint; CheckpointError
     when none is usable, or when the run has only checkpoints of the refused pickle format."""
@@ -381,11 +427,12 @@ def newest_usable_checkpoint(run_dir: Path, part: str = "model", spec: Optional[
             try:
                 return read_checkpoint(path, part, spec)
             except CheckpointVanished:
-                break   # rotated away while read: list again
+                break  # rotated away while read: list again
             except CheckpointError as e:
                 problems.append(f"{path.name}: {e}")
                 warn(f"warning: skipping checkpoint {path.name}: {e}; trying an older checkpoint")
         else:
             raise CheckpointError(f"run {run_dir} has no usable checkpoint: " + "; ".join(problems))
-    raise CheckpointError(f"run {run_dir}: its checkpoints kept disappearing while read (another process is rotating "
-                          "them); try again")
+    raise CheckpointError(
+        f"run {run_dir}: its checkpoints kept disappearing while read (another process is rotating them); try again"
+    )

@@ -8,6 +8,7 @@ field holding 0 or -1 means "the default": `resolve_defaults` fills it once the 
 `validate_config` then checks every resolved setting (a run.json may come from anyone) and names the
 flag of the first one out of range.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List
 
-MAX_VOCAB = 65535   # token ids are cached as uint16
-MAX_LR = 10.0       # AdamW's step is about lr per weight: far above any useful value, far below float overflow
+MAX_VOCAB = 65535  # token ids are cached as uint16
+MAX_LR = 10.0  # AdamW's step is about lr per weight: far above any useful value, far below float overflow
 
 # (on a GPU, on a CPU) for the settings whose field holds 0 (or -1 for eval_windows).
 ON_DEVICE: Dict[str, tuple] = {
@@ -25,13 +26,15 @@ ON_DEVICE: Dict[str, tuple] = {
     "batch_size": (64, 16),
     "context": (1024, 256),
     "lr": (2.5e-4, 1e-3),
-    "eval_windows": (64, 32),   # measured on CPU: 32 windows every steps/10 cost 3.1% of a default run (64: 5.6%)
+    "eval_windows": (64, 32),  # measured on CPU: 32 windows every steps/10 cost 3.1% of a default run (64: 5.6%)
 }
-SMALL_MODELS = ("-44M", "-tiny")   # the suffixes of the models trained with the small recipe
-WARMUP = (0, 4000)                 # small models, larger ones (capped at a tenth of the run)
-CLIP = (0.1, 0.25)                 # small models, larger ones
+SMALL_MODELS = ("-44M", "-tiny")  # the suffixes of the models trained with the small recipe
+WARMUP = (0, 4000)  # small models, larger ones (capped at a tenth of the run)
+CLIP = (0.1, 0.25)  # small models, larger ones
 
 
+# The fields and their comments are a table, kept aligned.
+# fmt: off
 @dataclass
 class TrainConfig:
     model: str = "moeut-tiny"            # moeut-<44M|126M|244M|318M|727M|1B|tiny> or dense-<...>
@@ -83,6 +86,7 @@ class TrainConfig:
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     text_field: str = "text"             # the column / JSON field holding the text of a document
     stop_after: int = 0                  # testing aid: pretend a SIGTERM arrived after this many steps
+# fmt: on
 
 
 def default_cache_dir() -> str:
@@ -130,10 +134,12 @@ def recipe_text() -> str:
     """The recipe `moeut train --help` opens with, from the defaults."""
     gpu = {k: v[0] for k, v in ON_DEVICE.items()}
     cpu = {k: v[1] for k, v in ON_DEVICE.items()}
-    return (f"Train a language model with the paper's recipe: AdamW {_number(gpu['lr'])}, weight decay "
-            f"{fields_default('weight_decay'):g}, cosine to {fields_default('min_lr_ratio'):.0%}, warmup, clipping, "
-            f"batch {gpu['batch_size']} x {gpu['context']}, bf16 on GPU. On a CPU the defaults shrink (batch "
-            f"{cpu['batch_size']} x {cpu['context']}, {cpu['steps']} steps, lr {_number(cpu['lr'])}).")
+    return (
+        f"Train a language model with the paper's recipe: AdamW {_number(gpu['lr'])}, weight decay "
+        f"{fields_default('weight_decay'):g}, cosine to {fields_default('min_lr_ratio'):.0%}, warmup, clipping, "
+        f"batch {gpu['batch_size']} x {gpu['context']}, bf16 on GPU. On a CPU the defaults shrink (batch "
+        f"{cpu['batch_size']} x {cpu['context']}, {cpu['steps']} steps, lr {_number(cpu['lr'])})."
+    )
 
 
 def _small_names() -> str:
@@ -173,7 +179,7 @@ _RANGES: Dict[str, tuple] = {
     "log_interval": (int, lambda v: v >= 1, "a positive integer"),
     "print_interval": (int, lambda v: v >= 0, "a non-negative integer (0: ten log intervals)"),
     "eval_interval": (int, lambda v: v >= 1, "a positive integer"),
-    "eval_windows": (int, lambda v: v >= 0, "a non-negative integer (0: all)"),   # (-1 resolved before)
+    "eval_windows": (int, lambda v: v >= 0, "a non-negative integer (0: all)"),  # (-1 resolved before)
     "ckpt_interval": (int, lambda v: v >= 1, "a positive integer"),
     "keep_checkpoints": (int, lambda v: v >= 1, "a positive integer"),
     "valid_fraction": (float, lambda v: 0 <= v <= 0.5, "a number from 0 to 0.5"),
@@ -196,6 +202,7 @@ def check_types(cfg: TrainConfig) -> None:
 def validate_config(cfg: TrainConfig, world: int = 1) -> None:
     """Every resolved setting in range and of its type (a run.json may come from anyone), and the
     batch divisible among processes and micro-batches; ValueError naming the flag."""
+
     def flag(name):
         return "--" + name.replace("_", "-")
 
@@ -212,12 +219,23 @@ def validate_config(cfg: TrainConfig, world: int = 1) -> None:
     if cfg.parallel == "fsdp" and cfg.compile is True:
         raise ValueError("--compile is not combined with --parallel fsdp (the FSDP step runs eagerly)")
     if cfg.parallel == "fsdp" and cfg.sample_tokens:
-        raise ValueError("--sample-tokens needs the whole model in one process: not with --parallel fsdp "
-                         "(sample the run with moeut generate)")
+        raise ValueError(
+            "--sample-tokens needs the whole model in one process: not with --parallel fsdp "
+            "(sample the run with moeut generate)"
+        )
     if cfg.fsdp_keep_gathered is True and cfg.parallel != "fsdp":
         raise ValueError("--fsdp-keep-gathered applies to --parallel fsdp only")
-    for name in ("compile", "activation_checkpointing", "deterministic", "strict_data", "tensorboard", "progress",
-                 "fsdp_keep_gathered", "wandb", "decay_vectors"):
+    for name in (
+        "compile",
+        "activation_checkpointing",
+        "deterministic",
+        "strict_data",
+        "tensorboard",
+        "progress",
+        "fsdp_keep_gathered",
+        "wandb",
+        "decay_vectors",
+    ):
         if not isinstance(getattr(cfg, name), bool):
             raise ValueError(f"{flag(name)} must be true or false, got {getattr(cfg, name)!r}")
     for name in ("model", "out", "cache_dir", "sample_prompt", "tokenizer", "wandb_project", "init_from"):
@@ -245,9 +263,11 @@ def lr_lambda(cfg: TrainConfig):
     """The learning rate's factor at a step, as the training code schedules it (`Task.create_lr_scheduler`
     and `Task.set_lr` in framework/task/task.py): a linear warmup, then a cosine annealed over the whole
     run's length to min_lr_ratio, read at step - warmup (so a run with warmup ends just above the floor)."""
+
     def f(step: int) -> float:
         if step < cfg.warmup:
             return (step + 1) / cfg.warmup
         t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
     return f

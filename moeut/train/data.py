@@ -13,6 +13,7 @@ Sources (`--data`, repeatable; `sources.py`): text files (also .gz / .zst), dire
 .gz / .zst), Parquet, Arrow and Hugging Face `save_to_disk` directories. Default: the Python standard
 library source of the running interpreter, a real code corpus on every machine.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,11 +25,21 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from moeut.train.sources import (VALIDATION_SPLITS, Decoding, NotText, data_format, default_corpus_paths,  # noqa: F401
-                                 hf_arrow_files, hf_splits, is_hf_dataset_dir, read_source, split_text, stdlib_root)
+from moeut.train.sources import (
+    VALIDATION_SPLITS,
+    Decoding,
+    NotText,
+    data_format,
+    default_corpus_paths,  # noqa: F401
+    hf_arrow_files,
+    hf_splits,
+    is_hf_dataset_dir,
+    read_source,
+    stdlib_root,
+)
 
 VALID_FRACTION = 0.02
-PIECE_CHARS = 16384   # the validation split's unit: longer documents are held out in pieces of about this size
+PIECE_CHARS = 16384  # the validation split's unit: longer documents are held out in pieces of about this size
 
 
 def _piece_spans(text: str) -> List[Tuple[int, int]]:
@@ -36,7 +47,7 @@ def _piece_spans(text: str) -> List[Tuple[int, int]]:
     a line break, else anywhere), which together are exactly the text."""
     spans, start, n = [], 0, len(text)
     while n - start > PIECE_CHARS:
-        window = text[start:start + PIECE_CHARS]
+        window = text[start : start + PIECE_CHARS]
         cut = window.rfind("\n\n")
         cut = cut + 2 if cut > 0 else (window.rfind("\n") + 1 if window.rfind("\n") > 0 else PIECE_CHARS)
         spans.append((start, start + cut))
@@ -55,13 +66,14 @@ class CorpusScan:
     """What one pass over a corpus learns: the validation split (every piece whose key is at most
     `threshold`; -1: none, the validation data are their own sources), the sizes of both sides, how
     the text was decoded, and a digest of everything that decides the tokenized data."""
-    n_train: int              # training documents (a document with a piece held out counts per part)
-    n_valid: int              # validation documents (held-out pieces, or the --valid-data documents)
+
+    n_train: int  # training documents (a document with a piece held out counts per part)
+    n_valid: int  # validation documents (held-out pieces, or the --valid-data documents)
     train_chars: int
     valid_chars: int
     threshold: int
     digest: bytes
-    replaced: int = 0         # characters that were not UTF-8, replaced by U+FFFD
+    replaced: int = 0  # characters that were not UTF-8, replaced by U+FFFD
     replaced_files: int = 0
     skipped_files: int = 0
 
@@ -75,18 +87,22 @@ class CorpusScan:
         """A line for the start summary: the split and what decoding met."""
         total = self.train_chars + self.valid_chars
         share = 100 * self.valid_chars / max(total, 1)
-        how = ("held out from the training data in pieces" if self.threshold >= 0 else "from --valid-data")
-        line = (f"validation: {self.n_valid:,} documents, {share:.1f}% of the characters, {how}; "
-                f"training: {self.n_train:,} documents")
+        how = "held out from the training data in pieces" if self.threshold >= 0 else "from --valid-data"
+        line = (
+            f"validation: {self.n_valid:,} documents, {share:.1f}% of the characters, {how}; "
+            f"training: {self.n_train:,} documents"
+        )
         if self.replaced:
-            line += (f"; {self.replaced:,} characters that were not UTF-8 replaced in {self.replaced_files} "
-                     f"file(s) (--decode-errors strict refuses them)")
+            line += (
+                f"; {self.replaced:,} characters that were not UTF-8 replaced in {self.replaced_files} "
+                f"file(s) (--decode-errors strict refuses them)"
+            )
         if self.skipped_files:
             line += f"; {self.skipped_files} file(s) skipped"
         return line
 
 
-CACHE_FORMAT = "moeut-tokens-3"   # 3: the validation split held out by characters, in pieces (2: by document name)
+CACHE_FORMAT = "moeut-tokens-3"  # 3: the validation split held out by characters, in pieces (2: by document name)
 
 
 def _files_of(sources: Sequence[str], what: str, split: Optional[str] = None) -> List[Tuple[Path, str, bool]]:
@@ -98,8 +114,10 @@ def _files_of(sources: Sequence[str], what: str, split: Optional[str] = None) ->
         if is_hf_dataset_dir(p):
             files += [(q, f"{p.name}/{q.relative_to(p).as_posix()}", True) for q in hf_arrow_files(p, split)]
         elif p.is_dir():
-            files += [(q, q.relative_to(p).as_posix(), False) for q in
-                      sorted(q for q in p.rglob("*") if q.is_file() and data_format(q) is not None)]
+            files += [
+                (q, q.relative_to(p).as_posix(), False)
+                for q in sorted(q for q in p.rglob("*") if q.is_file() and data_format(q) is not None)
+            ]
         elif p.is_file():
             files.append((p, p.name, True))
         else:
@@ -122,9 +140,15 @@ class Corpus:
     Sources: see `sources.py`; `decode_errors` says what bytes that are not UTF-8 do. Missing sources are
     refused here, before any reading."""
 
-    def __init__(self, sources: Optional[Sequence[str]], strict: bool = False, text_field: str = "text",
-                 valid_sources: Optional[Sequence[str]] = None, valid_fraction: float = VALID_FRACTION,
-                 decode_errors: str = "replace"):
+    def __init__(
+        self,
+        sources: Optional[Sequence[str]],
+        strict: bool = False,
+        text_field: str = "text",
+        valid_sources: Optional[Sequence[str]] = None,
+        valid_fraction: float = VALID_FRACTION,
+        decode_errors: str = "replace",
+    ):
         self.sources, self.text_field = sources, text_field
         self.decoding = Decoding("strict" if strict else decode_errors)
         if not 0 <= valid_fraction < 1:
@@ -135,7 +159,7 @@ class Corpus:
         else:
             self.files = _files_of(sources, "--data")
         self.valid_files = _files_of(valid_sources, "--valid-data") if valid_sources else []
-        if not valid_sources:   # a DatasetDict's own validation split
+        if not valid_sources:  # a DatasetDict's own validation split
             for s in sources or []:
                 p = Path(s)
                 if is_hf_dataset_dir(p) and (named := [v for v in VALIDATION_SPLITS if v in hf_splits(p)]):
@@ -153,8 +177,9 @@ class Corpus:
                         yield f"{name}#{j}", text
             except NotText as e:
                 if self.decoding.errors == "strict" or (given and self.decoding.errors == "replace"):
-                    raise ValueError(f"{e}" + (" (--decode-errors strict)" if self.decoding.errors == "strict"
-                                               else "")) from None
+                    raise ValueError(
+                        f"{e}" + (" (--decode-errors strict)" if self.decoding.errors == "strict" else "")
+                    ) from None
                 if warn is not None:
                     warn(f"warning: skipping {e}" + (f" (after its first {j} documents)" if j else ""))
                 self.skipped += 1
@@ -170,7 +195,8 @@ class Corpus:
     def scan(self, warn: Callable[[str], None] = print) -> CorpusScan:
         """One pass: every piece's key and size, then the split's threshold and a digest."""
         from array import array
-        self.decoding.replaced, self.decoding.files_with_replacements, self.skipped = 0, [], 0   # this pass's
+
+        self.decoding.replaced, self.decoding.files_with_replacements, self.skipped = 0, [], 0  # this pass's
         keys, sizes, per_doc, digest = array("Q"), array("Q"), array("I"), hashlib.sha256()
         for name, text in self.documents(warn):
             spans = _piece_spans(text)
@@ -188,25 +214,37 @@ class Corpus:
             for name, text in self._documents(self.valid_files, warn):
                 valid_docs += 1
                 valid_chars += len(text)
-                digest.update(b"valid" + hashlib.sha256(name.encode() + b"\0" + text.encode("utf-8", "replace")).digest())
+                digest.update(
+                    b"valid" + hashlib.sha256(name.encode() + b"\0" + text.encode("utf-8", "replace")).digest()
+                )
             if not valid_docs:
                 raise ValueError("the validation data hold no text")
         else:
             if len(keys) < 2:
-                raise ValueError("the corpus is too small: need at least two pieces of text (one for validation); "
-                                 "add data or give --valid-data")
+                raise ValueError(
+                    "the corpus is too small: need at least two pieces of text (one for validation); "
+                    "add data or give --valid-data"
+                )
             order = np.frombuffer(keys, dtype=np.uint64).argsort(kind="stable")
             want, threshold = self.valid_fraction * total, -1
-            for i in order[:-1].tolist():   # at least one piece held out, never all of them
+            for i in order[:-1].tolist():  # at least one piece held out, never all of them
                 threshold = keys[i]
                 valid_chars += sizes[i]
                 valid_docs += 1
                 if valid_chars >= want:
                     break
         n_train = _training_parts(keys, per_doc, threshold)
-        return CorpusScan(n_train, valid_docs, total - (0 if self.valid_files else valid_chars),
-                          valid_chars, threshold, digest.digest(), self.decoding.replaced,
-                          len(self.decoding.files_with_replacements), self.skipped)
+        return CorpusScan(
+            n_train,
+            valid_docs,
+            total - (0 if self.valid_files else valid_chars),
+            valid_chars,
+            threshold,
+            digest.digest(),
+            self.decoding.replaced,
+            len(self.decoding.files_with_replacements),
+            self.skipped,
+        )
 
     def split(self, scan: CorpusScan) -> Iterator[Tuple[bool, str]]:
         """(held out for validation?, text) of every document after the split, in reading order: the
@@ -242,8 +280,12 @@ def _training_parts(keys, per_doc, threshold: int) -> int:
     return parts
 
 
-def collect_documents(sources: Optional[Sequence[str]], strict: bool = False,
-                      warn: Callable[[str], None] = print, text_field: str = "text") -> List[Tuple[str, str]]:
+def collect_documents(
+    sources: Optional[Sequence[str]],
+    strict: bool = False,
+    warn: Callable[[str], None] = print,
+    text_field: str = "text",
+) -> List[Tuple[str, str]]:
     """Every (name, text) of `Corpus(sources)` in a list (small corpora: analysis, tests)."""
     corpus = Corpus(sources, strict, text_field)
     docs = list(corpus.documents(warn))
@@ -272,7 +314,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-TOKENIZE_BATCH_CHARS = 4 << 20   # text tokenized at once (the memory bound of tokenization, with its ids)
+TOKENIZE_BATCH_CHARS = 4 << 20  # text tokenized at once (the memory bound of tokenization, with its ids)
 TOKEN_FILES = ("train.bin", "valid.bin")
 
 
@@ -289,6 +331,7 @@ def tokenize_corpus(corpus: Corpus, scan: CorpusScan, tokenizer, cache: Path, pr
     for p in paths:
         _remove_dead_writers_files(p)
     from tqdm import tqdm
+
     tmps = [p.with_name(f"{p.name}.tmp-{os.getpid()}") for p in paths]
     bar = tqdm(total=scan.n_train + scan.n_valid, desc=f"tokenizing {cache.name}", disable=not progress, unit="doc")
     try:
@@ -301,6 +344,7 @@ def tokenize_corpus(corpus: Corpus, scan: CorpusScan, tokenizer, cache: Path, pr
                     np.asarray(ids, dtype=np.uint16).tofile(valid_f if valid else train_f)
                 bar.update(len(batch))
                 batch.clear()
+
             for valid, text in corpus.split(scan):
                 batch.append((valid, text))
                 chars += len(text)
@@ -324,6 +368,7 @@ class Batches:
     `step`, as [micro_batches, micro_batch_size, context + 1]; it depends on nothing else, so a run
     resumed at step s sees exactly the data the uninterrupted run saw.
     """
+
     tokens: np.ndarray
     context: int
     global_batch: int
@@ -332,7 +377,9 @@ class Batches:
     def __post_init__(self):
         self.n_windows = (len(self.tokens) - 1) // self.context
         if self.n_windows < 1:
-            raise ValueError(f"the training data has {len(self.tokens)} tokens, fewer than one context of {self.context}")
+            raise ValueError(
+                f"the training data has {len(self.tokens)} tokens, fewer than one context of {self.context}"
+            )
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if getattr(self, "_perm_epoch", None) != epoch:
@@ -350,6 +397,8 @@ class Batches:
     def batch(self, step: int, rank: int = 0, world: int = 1, micro_batches: int = 1) -> torch.Tensor:
         per_rank = self.global_batch // world
         ids = self._window_ids(step * self.global_batch + rank * per_rank, per_rank)
-        rows = [np.asarray(self.tokens[i * self.context: i * self.context + self.context + 1], dtype=np.int64) for i in ids]
+        rows = [
+            np.asarray(self.tokens[i * self.context : i * self.context + self.context + 1], dtype=np.int64) for i in ids
+        ]
         x = torch.from_numpy(np.stack(rows))
         return x.view(micro_batches, per_rank // micro_batches, self.context + 1)

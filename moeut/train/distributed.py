@@ -1,5 +1,6 @@
 """The process group of a run: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; one process without
 torchrun is rank 0 of 1 (FSDP2 still gets a group of one, since it shards over a process group)."""
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,9 @@ def setup_distributed(want: str = "auto", group_of_one: bool = False):
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     elif group_of_one and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                                world_size=1)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
+        )
     return rank, world, device
 
 
@@ -54,7 +56,7 @@ def on_rank0(fn: Callable[[], Any], rank: int, world: int, device) -> Any:
     if rank == 0:
         try:
             result = fn()
-        except BaseException as e:   # noqa: BLE001 (re-raised below, after the others are told)
+        except BaseException as e:  # re-raised below, after the others are told
             error = e
     if world > 1:
         failed = torch.tensor(int(error is not None), device=device)

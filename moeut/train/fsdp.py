@@ -22,6 +22,7 @@ How it is laid out:
     without FSDP through the assembled whole tensors.
 The eager step is `step.step_body`; CUDA graphs and torch.compile are not combined with FSDP here.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict
@@ -37,6 +38,7 @@ def shard_model(model: torch.nn.Module, amp: torch.dtype, reshard_after_forward:
     from the forward into the backward (`benchmarks/fsdp_reshard.py` measures both)."""
     import warnings
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
     # FSDP2 warns at every forward that a unit returned a view (an in-place op on it would skip the
     # gather). Our layers return views (cache, router logits) that nothing modifies in place; the CPU
     # tests compare FSDP's weights and losses with one process's.
@@ -53,11 +55,13 @@ def shard_model(model: torch.nn.Module, amp: torch.dtype, reshard_after_forward:
 
 def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
+
     return isinstance(model, FSDPModule)
 
 
 def _options(**kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
+
     return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
 
 
@@ -65,6 +69,7 @@ def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, opt
     """Load a full, name-keyed optimizer state into the optimizer of the sharded model: each rank keeps
     its own shards. (The model's weights are loaded into the full model before `shard_model`.)"""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
     set_optimizer_state_dict(model, opt, optimizer_state, options=_options())
 
 
@@ -73,8 +78,9 @@ def _flat_sharded_state(model: torch.nn.Module, opt: torch.optim.Optimizer):
     state dict, the optimizer state dict) of the sharded model; the dicts share the tensors."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     from moeut.train.checkpoint import MODEL_PREFIX, MOMENTS, OPTIM_PREFIX
+
     model_sd = get_model_state_dict(model)
-    opt_sd = get_optimizer_state_dict(model, opt)   # creates zero moments in a fresh optimizer
+    opt_sd = get_optimizer_state_dict(model, opt)  # creates zero moments in a fresh optimizer
     flat = {MODEL_PREFIX + k: v for k, v in model_sd.items()}
     flat.update({f"{OPTIM_PREFIX}{n}.{m}": s[m] for n, s in opt_sd["state"].items() for m in MOMENTS})
     return flat, model_sd, opt_sd
@@ -83,6 +89,7 @@ def _flat_sharded_state(model: torch.nn.Module, opt: torch.optim.Optimizer):
 def all_parameters_finite(model: torch.nn.Module) -> bool:
     """Whether every process's pieces of every parameter are finite (collective)."""
     import torch.distributed as dist
+
     bad = torch.zeros((), device=next(model.parameters()).device)
     for p in model.parameters():
         local = p.to_local() if hasattr(p, "to_local") else p
@@ -97,13 +104,15 @@ def save_sharded_state(model: torch.nn.Module, opt: torch.optim.Optimizer, shard
     Returns the name-keyed optimizer state without its moments' data (for `sharded_optimizer_record`)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
     flat, _, opt_sd = _flat_sharded_state(model, opt)
     dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(shard_dir), save_distributed=True))
     return opt_sd
 
 
-def load_sharded_state(model: torch.nn.Module, opt: torch.optim.Optimizer, checkpoint_path,
-                       record: Dict[str, Any]) -> None:
+def load_sharded_state(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, checkpoint_path, record: Dict[str, Any]
+) -> None:
     """Each process reads its own rows of the weights and moments from a sharded checkpoint written by
     any number of processes (collective: a fault on any process stops every process, each with a
     CheckpointError). `record`: the checkpoint's optimizer record (groups and step counts,
@@ -114,6 +123,7 @@ def load_sharded_state(model: torch.nn.Module, opt: torch.optim.Optimizer, check
     from moeut.train.checkpoint_format import CheckpointError
     from moeut.train.checkpoint_reader import check_finite, read_rows
     from moeut.train.shards import dim0_chunk
+
     flat, model_sd, opt_sd = _flat_sharded_state(model, opt)
     error = None
     try:
@@ -127,8 +137,10 @@ def load_sharded_state(model: torch.nn.Module, opt: torch.optim.Optimizer, check
                 world, rank = (mesh.size(), mesh.get_coordinate()[0]) if mesh is not None else (1, 0)
                 requests[name] = dim0_chunk(t.shape[0], world, rank)
                 if requests[name][1] - requests[name][0] != local.shape[0]:
-                    raise CheckpointError(f"{name}: this process holds {local.shape[0]} rows, not torch.chunk's "
-                                          f"{requests[name]} of {t.shape[0]} (an FSDP layout this reader does not know)")
+                    raise CheckpointError(
+                        f"{name}: this process holds {local.shape[0]} rows, not torch.chunk's "
+                        f"{requests[name]} of {t.shape[0]} (an FSDP layout this reader does not know)"
+                    )
             targets[name] = local
         rows = read_rows(checkpoint_path, requests)
         check_finite(rows, str(checkpoint_path))
@@ -143,8 +155,10 @@ def load_sharded_state(model: torch.nn.Module, opt: torch.optim.Optimizer, check
     if error is not None:
         raise error
     if failed.item():
-        raise CheckpointError(f"checkpoint {checkpoint_path}: another process could not read its part (its error "
-                              "is printed by that process)")
+        raise CheckpointError(
+            f"checkpoint {checkpoint_path}: another process could not read its part (its error "
+            "is printed by that process)"
+        )
     set_model_state_dict(model, model_sd)
     for name, entry in opt_sd["state"].items():
         entry["step"] = torch.tensor(float(record["steps"][name]))

@@ -11,6 +11,7 @@ must be at most 65535. A run keeps the tokenizer as `tokenizer.json` and the cho
 in `tokenizer_config.json` (`save`), which `moeut export` hands on, so that `AutoTokenizer` loads the
 same tokenizer, fast, with transformers alone.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,9 +45,11 @@ class HFTokenizer:
 
     kind = "hf"
 
-    def __init__(self, path: Optional[str | Path] = None, json_bytes: Optional[bytes] = None,
-                 eos_token: Optional[str] = None):
+    def __init__(
+        self, path: Optional[str | Path] = None, json_bytes: Optional[bytes] = None, eos_token: Optional[str] = None
+    ):
         from tokenizers import Tokenizer as Backend
+
         if (path is None) == (json_bytes is None):
             raise ValueError("give exactly one of path and json_bytes")
         where = str(path) if path is not None else "tokenizer.json"
@@ -58,23 +61,27 @@ class HFTokenizer:
                 config = path / CONFIG_FILE if path.is_dir() else path.with_name(CONFIG_FILE)
                 if eos_token is None and config.is_file():
                     eos_token = _eos_of_config(parse_json(read_bytes(config, 1 << 20), str(config), 1 << 20) or {})
-            parse_json(json_bytes, where, MAX_BYTES, max_depth=32)   # bounded before the Rust parser sees it
+            parse_json(json_bytes, where, MAX_BYTES, max_depth=32)  # bounded before the Rust parser sees it
             self.backend = Backend.from_str(json_bytes.decode("utf-8"))
-            self.backend.encode_special_tokens = True   # a document's literal "</s>" is text, not a separator
+            self.backend.encode_special_tokens = True  # a document's literal "</s>" is text, not a separator
         except FileProblem as e:
             raise ValueError(str(e)) from None
-        except Exception as e:   # the library's parse errors
+        except Exception as e:  # the library's parse errors
             raise ValueError(f"{where} is not a Hugging Face tokenizer.json ({str(e)[:200]})") from None
         self.json_bytes = json_bytes
         self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
         if self.vocab_size > MAX_VOCAB:
-            raise ValueError(f"{where} has {self.vocab_size} tokens; moeut caches token ids as 16-bit numbers, so at "
-                             f"most {MAX_VOCAB} (train a smaller tokenizer, or use --tokenizer code)")
+            raise ValueError(
+                f"{where} has {self.vocab_size} tokens; moeut caches token ids as 16-bit numbers, so at "
+                f"most {MAX_VOCAB} (train a smaller tokenizer, or use --tokenizer code)"
+            )
         vocab = self.backend.get_vocab(with_added_tokens=True)
         names = [eos_token] if eos_token else [n for n in EOS_NAMES if n in vocab]
         if not names or names[0] not in vocab:
-            raise ValueError(f"{where}: no end-of-text token to separate documents (no eos_token in its "
-                             f"{CONFIG_FILE}, none of {', '.join(EOS_NAMES)} in its vocabulary)")
+            raise ValueError(
+                f"{where}: no end-of-text token to separate documents (no eos_token in its "
+                f"{CONFIG_FILE}, none of {', '.join(EOS_NAMES)} in its vocabulary)"
+            )
         self.eos_token = names[0]
         self.eot_id = vocab[self.eos_token]
         self.lossless = self.decode(self.encode(_PROBE)) == _PROBE
@@ -99,6 +106,17 @@ class HFTokenizer:
     def save(self, run_dir: Path) -> None:
         """tokenizer.json and a tokenizer_config.json naming the end-of-text token, into a run directory."""
         write_file_atomic(Path(run_dir) / JSON_FILE, self.json_bytes)
-        write_file_atomic(Path(run_dir) / CONFIG_FILE, json.dumps(
-            {"eos_token": self.eos_token, "pad_token": self.eos_token, "tokenizer_class": "PreTrainedTokenizerFast",
-             "clean_up_tokenization_spaces": False, "split_special_tokens": True}, indent=2).encode() + b"\n")
+        write_file_atomic(
+            Path(run_dir) / CONFIG_FILE,
+            json.dumps(
+                {
+                    "eos_token": self.eos_token,
+                    "pad_token": self.eos_token,
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "clean_up_tokenization_spaces": False,
+                    "split_special_tokens": True,
+                },
+                indent=2,
+            ).encode()
+            + b"\n",
+        )

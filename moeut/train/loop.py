@@ -8,6 +8,7 @@ step, one host sync for the stop and divergence flags every rank must agree on, 
 evaluation and checkpoint that fall on that step. `save_state` checks the updated state finite on
 every rank before anything is written, so a poisoned optimizer never rotates a good checkpoint out.
 """
+
 from __future__ import annotations
 
 import random
@@ -25,16 +26,27 @@ import torch.distributed as dist
 
 from moeut.models import build_model, peak_bf16_flops, training_flops_per_token
 from moeut.train import checkpoint as ckpt_lib
-from moeut.train.checkpoint import (ModelSpec, optimizer_state_by_name, optimizer_state_by_position,
-                                    sharded_optimizer_record)
+from moeut.train.checkpoint import (
+    ModelSpec,
+    optimizer_state_by_name,
+    optimizer_state_by_position,
+    sharded_optimizer_record,
+)
 from moeut.train.config import TrainConfig, lr_lambda
 from moeut.train.data import Batches
 from moeut.train.distributed import barrier
 from moeut.train.fsdp import load_optimizer_state, load_sharded_state, save_sharded_state, shard_model
-from moeut.train.monitor import (Reporter, StepClock, expert_statistics, progress_line, router_stats, sample_text,
-                                 unigram_perplexity, validation_perplexity)
-from moeut.train.step import (FlatGradientStep, GraphedTrainStep, collect_router_logits, set_optimizer_mode,
-                              step_body)
+from moeut.train.monitor import (
+    Reporter,
+    StepClock,
+    expert_statistics,
+    progress_line,
+    router_stats,
+    sample_text,
+    unigram_perplexity,
+    validation_perplexity,
+)
+from moeut.train.step import FlatGradientStep, GraphedTrainStep, collect_router_logits, set_optimizer_mode, step_body
 
 
 class _StopFlag:
@@ -48,10 +60,12 @@ class _StopFlag:
 def _rng_state() -> Dict[str, Any]:
     """The RNG states as tensors and plain data (no NumPy objects: checkpoints hold no pickles)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (str(name), keys.astype(np.int64).tolist(), int(pos),
-                                                    int(has_gauss), float(cached)),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "python": random.getstate(),
+        "numpy": (str(name), keys.astype(np.int64).tolist(), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def _set_rng_state(s: Dict[str, Any], source: str) -> None:
@@ -110,8 +124,10 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float, decay_vectors:
     `decay_vectors=False` the vectors do not. (A checkpoint keeps its groups' settings: runs saved with
     undecayed vectors resume that way.)"""
     decay, vectors = _split_for_weight_decay(model)
-    return [{"params": [p for _, p in decay], "weight_decay": weight_decay},
-            {"params": [p for _, p in vectors], "weight_decay": weight_decay if decay_vectors else 0.0}]
+    return [
+        {"params": [p for _, p in decay], "weight_decay": weight_decay},
+        {"params": [p for _, p in vectors], "weight_decay": weight_decay if decay_vectors else 0.0},
+    ]
 
 
 def optimizer_parameter_names(model: torch.nn.Module) -> List[str]:
@@ -122,27 +138,29 @@ def optimizer_parameter_names(model: torch.nn.Module) -> List[str]:
 
 def step_graph_blockers(cfg: TrainConfig, device) -> List[str]:
     """Why the step cannot be replayed from CUDA graphs (empty: it can)."""
-    reasons = {"a CUDA device (this is CPU)": device.type != "cuda",
-               "no --compile (torch.compile makes its own graphs)": cfg.compile,
-               "no --activation-checkpointing (its recomputation runs outside the captured forward)":
-                   cfg.activation_checkpointing,
-               "no --parallel fsdp (its gathers and reduce-scatters run eagerly)": cfg.parallel == "fsdp"}
+    reasons = {
+        "a CUDA device (this is CPU)": device.type != "cuda",
+        "no --compile (torch.compile makes its own graphs)": cfg.compile,
+        "no --activation-checkpointing (its recomputation runs outside the captured forward)": cfg.activation_checkpointing,
+        "no --parallel fsdp (its gathers and reduce-scatters run eagerly)": cfg.parallel == "fsdp",
+    }
     return [need for need, blocked in reasons.items() if blocked]
 
 
 @dataclass
 class Trainee:
     """The model of one process and everything that updates it."""
+
     model: torch.nn.Module
-    backbone: torch.nn.Module      # the transformer (MoEUTLM.transformer), or the model itself
+    backbone: torch.nn.Module  # the transformer (MoEUTLM.transformer), or the model itself
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
-    amp: torch.dtype               # the autocast dtype (float32: none)
+    amp: torch.dtype  # the autocast dtype (float32: none)
     fsdp: bool
-    graphed_steps: bool            # each step replayed from CUDA graphs
+    graphed_steps: bool  # each step replayed from CUDA graphs
     start_step: int = 0
-    clock: Optional[Dict[str, Any]] = None   # the resumed run's StepClock state
-    resumed_from: Optional[Path] = None      # the checkpoint it resumed from
+    clock: Optional[Dict[str, Any]] = None  # the resumed run's StepClock state
+    resumed_from: Optional[Path] = None  # the checkpoint it resumed from
 
 
 def load_weights(model: torch.nn.Module, resume_from, source, fsdp: bool, say):
@@ -152,19 +170,23 @@ def load_weights(model: torch.nn.Module, resume_from, source, fsdp: bool, say):
     model's rows are still to be read from its shards after sharding."""
     if resume_from is not None:
         spec = ModelSpec.of(model, optimizer_parameter_names(model))
-        if not isinstance(resume_from, ckpt_lib.Checkpoint):   # ranks other than 0 read it themselves
+        if not isinstance(resume_from, ckpt_lib.Checkpoint):  # ranks other than 0 read it themselves
             resume_from = ckpt_lib.read_checkpoint(resume_from, "training" if fsdp else "all", spec)
         if resume_from.model is None and resume_from.layout == ckpt_lib.SINGLE:
             resume_from.model = ckpt_lib.read_checkpoint(resume_from.path, "model", spec).model
-    if source is not None:   # --init-from: the source's weights, read and checked now
+    if source is not None:  # --init-from: the source's weights, read and checked now
         model.load_state_dict(source.weights(ModelSpec.of(model)))
-        say(f"initialised from {source.path} ({source.kind}{f', step {source.step}' if source.step is not None else ''})")
+        say(
+            f"initialised from {source.path} ({source.kind}{f', step {source.step}' if source.step is not None else ''})"
+        )
     read_own_shards = resume_from is not None and resume_from.model is None
     if resume_from is not None and not read_own_shards:
         try:
             model.load_state_dict(resume_from.model)
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
-            raise ckpt_lib.CheckpointError(f"checkpoint {resume_from.path} does not fit this run: {str(e)[:300]}") from None
+            raise ckpt_lib.CheckpointError(
+                f"checkpoint {resume_from.path} does not fit this run: {str(e)[:300]}"
+            ) from None
         resume_from.model = None
     return resume_from, read_own_shards
 
@@ -184,7 +206,7 @@ def restore_training_state(t: Trainee, resume_from, read_own_shards: bool, rank:
         t.sched.load_state_dict(training["scheduler"])
     except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
         raise ckpt_lib.CheckpointError(f"checkpoint {resume_from.path} does not fit this run: {str(e)[:300]}") from None
-    set_optimizer_mode(t.opt, fused=fused_adamw, capturable=t.graphed_steps)   # not the saving run's
+    set_optimizer_mode(t.opt, fused=fused_adamw, capturable=t.graphed_steps)  # not the saving run's
     rng = training["rng"]
     _set_rng_state(rng[rank % len(rng)] if isinstance(rng, list) else rng, str(resume_from.path))
     t.start_step = int(training["step"])
@@ -192,8 +214,9 @@ def restore_training_state(t: Trainee, resume_from, read_own_shards: bool, rank:
     t.resumed_from = Path(resume_from.path)
 
 
-def set_up(cfg: TrainConfig, vocab: int, kwargs: Dict[str, Any], rank: int, device, resume_from, source,
-           say) -> Trainee:
+def set_up(
+    cfg: TrainConfig, vocab: int, kwargs: Dict[str, Any], rank: int, device, resume_from, source, say
+) -> Trainee:
     """The model (seeded), its weights, FSDP sharding, AdamW and the schedule; on a resume, their state."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -207,10 +230,22 @@ def set_up(cfg: TrainConfig, vocab: int, kwargs: Dict[str, Any], rank: int, devi
         shard_model(model, amp_dtype(cfg), reshard_after_forward=not cfg.fsdp_keep_gathered)
     graphed_steps = cfg.cuda_graph != "off" and not step_graph_blockers(cfg, device)
     fused_adamw = device.type == "cuda" and not fsdp
-    opt = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay, cfg.decay_vectors), lr=cfg.lr, betas=(0.9, 0.999),
-                            fused=fused_adamw, capturable=graphed_steps)
-    t = Trainee(model, backbone, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)), amp_dtype(cfg), fsdp,
-                graphed_steps)
+    opt = torch.optim.AdamW(
+        optimizer_groups(model, cfg.weight_decay, cfg.decay_vectors),
+        lr=cfg.lr,
+        betas=(0.9, 0.999),
+        fused=fused_adamw,
+        capturable=graphed_steps,
+    )
+    t = Trainee(
+        model,
+        backbone,
+        opt,
+        torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+        amp_dtype(cfg),
+        fsdp,
+        graphed_steps,
+    )
     if resume_from is not None:
         restore_training_state(t, resume_from, read_own_shards, rank, fused_adamw)
     return t
@@ -220,31 +255,74 @@ def amp_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
 
 
-def save_state(cfg: TrainConfig, t: Trainee, run_dir: Path, step: int, loss: torch.Tensor, clock: StepClock,
-               rank: int, world: int, device) -> None:
+def save_state(
+    cfg: TrainConfig,
+    t: Trainee,
+    run_dir: Path,
+    step: int,
+    loss: torch.Tensor,
+    clock: StepClock,
+    rank: int,
+    world: int,
+    device,
+) -> None:
     """The state after step `step`'s update, checked finite on every rank before anything is written
     (a poisoned optimizer state makes NaN weights from a finite loss), then saved."""
     if not state_is_finite(t.model, t.opt, world):
-        raise Diverged(f"the weights or the optimizer state became non-finite at step {step} (the loss before "
-                       f"that update was {float(loss.item()):.4g}); training stopped and nothing was saved. "
-                       + last_good_checkpoint(run_dir) + " Try a lower --lr or a stronger --clip in a new run.")
+        raise Diverged(
+            f"the weights or the optimizer state became non-finite at step {step} (the loss before "
+            f"that update was {float(loss.item()):.4g}); training stopped and nothing was saved. "
+            + last_good_checkpoint(run_dir)
+            + " Try a lower --lr or a stronger --clip in a new run."
+        )
 
     def training_state(opt_state, keys):
-        return {"optimizer": opt_state, "optimizer_keys": keys, "scheduler": t.sched.state_dict(),
-                "rng": _rng_state(), "data_position": step * cfg.batch_size, "config": asdict(cfg),
-                "clock": clock.state()}
+        return {
+            "optimizer": opt_state,
+            "optimizer_keys": keys,
+            "scheduler": t.sched.state_dict(),
+            "rng": _rng_state(),
+            "data_position": step * cfg.batch_size,
+            "config": asdict(cfg),
+            "clock": clock.state(),
+        }
+
     if t.fsdp:
         ckpt_lib.save_sharded_checkpoint(
-            run_dir, step, lambda shard_dir: save_sharded_state(t.model, t.opt, shard_dir),
+            run_dir,
+            step,
+            lambda shard_dir: save_sharded_state(t.model, t.opt, shard_dir),
             lambda opt_state: training_state(sharded_optimizer_record(opt_state), "names"),
-            keep=cfg.keep_checkpoints, loss=float(loss.item()), rank=rank, world=world, device=device)
+            keep=cfg.keep_checkpoints,
+            loss=float(loss.item()),
+            rank=rank,
+            world=world,
+            device=device,
+        )
     elif rank == 0:
-        ckpt_lib.save_checkpoint(run_dir, step, t.model.state_dict(), training_state(t.opt.state_dict(), "positions"),
-                                 keep=cfg.keep_checkpoints, loss=float(loss.item()))
+        ckpt_lib.save_checkpoint(
+            run_dir,
+            step,
+            t.model.state_dict(),
+            training_state(t.opt.state_dict(), "positions"),
+            keep=cfg.keep_checkpoints,
+            loss=float(loss.item()),
+        )
 
 
-def evaluate_and_report(cfg: TrainConfig, t: Trainee, step: int, valid_tokens, tok, sample_prompt: str,
-                        reporter: Reporter, clock: StepClock, tokens_per_step: int, bar, rank: int) -> None:
+def evaluate_and_report(
+    cfg: TrainConfig,
+    t: Trainee,
+    step: int,
+    valid_tokens,
+    tok,
+    sample_prompt: str,
+    reporter: Reporter,
+    clock: StepClock,
+    tokens_per_step: int,
+    bar,
+    rank: int,
+) -> None:
     """Validation perplexity (every rank of a sharded model runs it; rank 0 reports), then on rank 0 of
     an unsharded model the expert statistics and, with --sample-tokens, a sample."""
     if rank == 0 or t.fsdp:
@@ -253,7 +331,7 @@ def evaluate_and_report(cfg: TrainConfig, t: Trainee, step: int, valid_tokens, t
         return
     reporter.log({"step": step, "val_ppl": round(ppl, 4), **clock.record(step * tokens_per_step)})
     bar.write(f"step {step}: validation perplexity {ppl:.2f}")
-    if t.fsdp:   # statistics and samples need the whole model in one process
+    if t.fsdp:  # statistics and samples need the whole model in one process
         return
     stats = expert_statistics(t.model, valid_tokens, cfg.context, t.amp)
     image = stats.pop("ffn_usage_image", None)
@@ -267,15 +345,31 @@ def evaluate_and_report(cfg: TrainConfig, t: Trainee, step: int, valid_tokens, t
         reporter.text("sample", text, step)
 
 
-def train_steps(cfg: TrainConfig, t: Trainee, run_dir: Path, train_tokens, valid_tokens, tok, vocab_kwargs,
-                rank: int, world: int, device, accum: int, launched: float, say) -> Dict[str, Any]:
+def train_steps(
+    cfg: TrainConfig,
+    t: Trainee,
+    run_dir: Path,
+    train_tokens,
+    valid_tokens,
+    tok,
+    vocab_kwargs,
+    rank: int,
+    world: int,
+    device,
+    accum: int,
+    launched: float,
+    say,
+) -> Dict[str, Any]:
     """The loop from `t.start_step` to cfg.steps (or a stop). Returns how it ended."""
     model, backbone, sched = t.model, t.backbone, t.sched
     fwd = torch.compile(model) if cfg.compile else model
     # Several processes average one flat gradient buffer with one all-reduce per step (train_step).
-    graphed = GraphedTrainStep(fwd, model, t.opt, t.amp, cfg.clip, flat_gradients=world > 1) if t.graphed_steps else None
-    flat_step = FlatGradientStep(fwd, model, t.opt, t.amp, cfg.clip) \
-        if world > 1 and graphed is None and not t.fsdp else None
+    graphed = (
+        GraphedTrainStep(fwd, model, t.opt, t.amp, cfg.clip, flat_gradients=world > 1) if t.graphed_steps else None
+    )
+    flat_step = (
+        FlatGradientStep(fwd, model, t.opt, t.amp, cfg.clip) if world > 1 and graphed is None and not t.fsdp else None
+    )
     batches = Batches(train_tokens, cfg.context, cfg.batch_size, cfg.seed)
     has_router = hasattr(backbone, "collect_router_logits")  # MoEUT; the dense baseline has none
     k_ffn = getattr(getattr(getattr(backbone, "layers", [None])[0], "ffn", None), "n_heads", 0) if has_router else 0
@@ -287,11 +381,21 @@ def train_steps(cfg: TrainConfig, t: Trainee, run_dir: Path, train_tokens, valid
     reporter = Reporter(cfg, run_dir, rank, say)
     stop = _StopFlag()
     # Signal handlers can only be installed from the main thread (a notebook or test runner may not be).
-    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} \
-        if threading.current_thread() is threading.main_thread() else {}
+    old_handlers = (
+        {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        if threading.current_thread() is threading.main_thread()
+        else {}
+    )
     from tqdm import tqdm
-    bar = tqdm(total=cfg.steps, initial=t.start_step, disable=rank != 0 or not cfg.progress, dynamic_ncols=True,
-               unit="step", file=sys.stdout)
+
+    bar = tqdm(
+        total=cfg.steps,
+        initial=t.start_step,
+        disable=rank != 0 or not cfg.progress,
+        dynamic_ncols=True,
+        unit="step",
+        file=sys.stdout,
+    )
     model.train()
     clock = StepClock(t.clock, launched, startup_steps=GraphedTrainStep.WARMUP + 1 if graphed is not None else 1)
     steps_since = 0
@@ -313,8 +417,9 @@ def train_steps(cfg: TrainConfig, t: Trainee, run_dir: Path, train_tokens, valid
                 if flat_step is not None:
                     loss_sum, reg_sum, gnorm, router_logits = flat_step(batch)
                 else:
-                    loss_sum, reg_sum, gnorm, router_logits = step_body(fwd, model, t.opt, batch, t.amp, cfg.clip,
-                                                                        world)
+                    loss_sum, reg_sum, gnorm, router_logits = step_body(
+                        fwd, model, t.opt, batch, t.amp, cfg.clip, world
+                    )
             sched.step()
             step += 1
             steps_since += 1
@@ -330,30 +435,42 @@ def train_steps(cfg: TrainConfig, t: Trainee, run_dir: Path, train_tokens, valid
                 raise Diverged(
                     f"the loss or gradient norm became non-finite at step {step} (loss {loss_sum.item():.4g}, "
                     f"gradient norm {float(gnorm):.4g}); training stopped and nothing was saved after it. "
-                    + last_good_checkpoint(run_dir) + " Try a lower --lr or a stronger --clip in a new run.")
+                    + last_good_checkpoint(run_dir)
+                    + " Try a lower --lr or a stronger --clip in a new run."
+                )
             if step % cfg.log_interval == 0 or step == cfg.steps:
                 if world > 1:
                     dist.all_reduce(loss_sum)
                     loss_sum /= world
                 tokens_per_s = tokens_per_step * steps_since / max(clock.interval(), 1e-9)
-                rec = {"step": step, "loss": round(loss_sum.item(), 6), "reg_loss": round(reg_sum.item(), 6),
-                       "lr": sched.get_last_lr()[0], "grad_norm": round(float(gnorm), 5),
-                       "tokens_per_s": round(tokens_per_s, 1), **clock.record(step * tokens_per_step)}
+                rec = {
+                    "step": step,
+                    "loss": round(loss_sum.item(), 6),
+                    "reg_loss": round(reg_sum.item(), 6),
+                    "lr": sched.get_last_lr()[0],
+                    "grad_norm": round(float(gnorm), 5),
+                    "tokens_per_s": round(tokens_per_s, 1),
+                    **clock.record(step * tokens_per_step),
+                }
                 if peak:
                     rec["mfu"] = round(flops_per_token * tokens_per_s * world / peak, 4)
                 if router_logits and k_ffn:
                     rec.update(router_stats(router_logits, k_ffn))
                 reporter.log(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                                **({"mfu": f"{100 * rec['mfu']:.1f}%"} if "mfu" in rec else {}))
+                bar.set_postfix(
+                    loss=f"{rec['loss']:.3f}",
+                    tok_s=f"{rec['tokens_per_s']:.0f}",
+                    **({"mfu": f"{100 * rec['mfu']:.1f}%"} if "mfu" in rec else {}),
+                )
                 if rank == 0 and (step % print_every < cfg.log_interval or step == cfg.steps):
                     bar.write(progress_line(rec, cfg.steps, (step - t.start_step) / max(clock.wall_here(), 1e-9)))
                 steps_since = 0
             bar.update(1)
             if step % cfg.eval_interval == 0 or step == cfg.steps:
                 eval_started = time.perf_counter()
-                evaluate_and_report(cfg, t, step, valid_tokens, tok, sample_prompt, reporter, clock, tokens_per_step,
-                                    bar, rank)
+                evaluate_and_report(
+                    cfg, t, step, valid_tokens, tok, sample_prompt, reporter, clock, tokens_per_step, bar, rank
+                )
                 barrier(world)
                 clock.evaluating += time.perf_counter() - eval_started
             if step % cfg.ckpt_interval == 0 or step == cfg.steps:
@@ -363,11 +480,17 @@ def train_steps(cfg: TrainConfig, t: Trainee, run_dir: Path, train_tokens, valid
                 if step % cfg.ckpt_interval != 0 and step != cfg.steps:
                     save_state(cfg, t, run_dir, step, loss_sum, clock, rank, world, device)
                 if rank == 0:
-                    bar.write(f"stopped by signal at step {step}; checkpoint written. Continue with: "
-                              f"moeut train --resume {run_dir}")
+                    bar.write(
+                        f"stopped by signal at step {step}; checkpoint written. Continue with: "
+                        f"moeut train --resume {run_dir}"
+                    )
                 # a real signal's number (the command exits 128 + it); the testing aid's stop is none
-                return {"stopped": True, "step": step, "run_dir": str(run_dir),
-                        "signal": int(stop.signal) if stop.signal is not None and not asked_to_stop else None}
+                return {
+                    "stopped": True,
+                    "step": step,
+                    "run_dir": str(run_dir),
+                    "signal": int(stop.signal) if stop.signal is not None and not asked_to_stop else None,
+                }
     finally:
         bar.close()
         for s, h in old_handlers.items():

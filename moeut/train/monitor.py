@@ -2,6 +2,7 @@
 at evaluations, router statistics at log steps, the step clock behind time-to-quality, and the sinks
 every record goes to (`Reporter`: metrics.jsonl always, TensorBoard and Weights & Biases when asked).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,6 +34,7 @@ def expert_statistics(model, tokens: np.ndarray, context: int, amp) -> Dict[str,
     """`analyze.training_summary` on two validation windows: expert usage entropy, experts never
     selected, same-token expert overlap per shared layer, residual norms. Runs at evaluations only."""
     from moeut.analyze import training_summary
+
     windows = list(eval_windows(tokens, context, 2))
     if not windows:
         return {}
@@ -47,11 +49,19 @@ def sample_text(model, tok, prompt: str, n_tokens: int) -> str:
     """The prompt and its greedy continuation, decoded eagerly in eval mode (no decoding graphs kept, so
     nothing stays allocated beside the training step)."""
     from moeut.generate import generate
+
     was_training = model.training
     model.eval()
     try:
-        ids = generate(model, [tok.encode(prompt)], max_new_tokens=n_tokens, temperature=0.0, eos_id=tok.eot_id,
-                       cuda_graph=False, reuse_graph=False)[0]
+        ids = generate(
+            model,
+            [tok.encode(prompt)],
+            max_new_tokens=n_tokens,
+            temperature=0.0,
+            eos_id=tok.eot_id,
+            cuda_graph=False,
+            reuse_graph=False,
+        )[0]
     finally:
         model.train(was_training)
     return prompt + tok.decode(ids)
@@ -82,25 +92,33 @@ def startup_summary(cfg: TrainConfig, model: torch.nn.Module, n_train: int, n_va
     """What the run will do, in a few lines: the model, the data, the token budget and how many passes
     over the training split it makes, where and in what precision, and the schedule."""
     params = sum(p.numel() for p in model.parameters())
-    windows = max(n_train // (cfg.context + 1), 1)   # `Batches` draws non-overlapping windows
+    windows = max(n_train // (cfg.context + 1), 1)  # `Batches` draws non-overlapping windows
     tokens = cfg.steps * cfg.batch_size * cfg.context
     epochs = cfg.steps * cfg.batch_size / windows
     warm = f"warmup {cfg.warmup} steps, " if cfg.warmup else ""
-    return (f"model: {cfg.model}, {params / 1e6:.1f}M parameters\n"
-            f"data: {n_train:,} training tokens, {n_valid:,} validation tokens\n"
-            f"budget: {cfg.steps:,} steps x {cfg.batch_size} x {cfg.context} = {tokens:,} tokens "
-            f"({epochs:.2f} epochs of the training split)\n"
-            f"device: {device}{f' x {world} processes' if world > 1 else ''}, precision {cfg.precision}; "
-            f"AdamW lr {cfg.lr:g}, {warm}cosine to {cfg.min_lr_ratio:g} x lr, clip {cfg.clip:g}")
+    return (
+        f"model: {cfg.model}, {params / 1e6:.1f}M parameters\n"
+        f"data: {n_train:,} training tokens, {n_valid:,} validation tokens\n"
+        f"budget: {cfg.steps:,} steps x {cfg.batch_size} x {cfg.context} = {tokens:,} tokens "
+        f"({epochs:.2f} epochs of the training split)\n"
+        f"device: {device}{f' x {world} processes' if world > 1 else ''}, precision {cfg.precision}; "
+        f"AdamW lr {cfg.lr:g}, {warm}cosine to {cfg.min_lr_ratio:g} x lr, clip {cfg.clip:g}"
+    )
 
 
 def progress_line(rec: Dict[str, Any], steps: int, steps_per_second: float) -> str:
     """One plain line for logs (a cluster's, or --no-progress): step, loss, throughput, MFU, ETA."""
     left = (steps - rec["step"]) / max(steps_per_second, 1e-9)
-    eta = f"{int(left // 3600)}h{int(left % 3600 // 60):02d}m" if left >= 3600 else f"{int(left // 60)}m{int(left % 60):02d}s"
+    eta = (
+        f"{int(left // 3600)}h{int(left % 3600 // 60):02d}m"
+        if left >= 3600
+        else f"{int(left // 60)}m{int(left % 60):02d}s"
+    )
     mfu = f" | MFU {100 * rec['mfu']:.1f}%" if "mfu" in rec else ""
-    return (f"step {rec['step']}/{steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.3g} | "
-            f"{rec['tokens_per_s'] / 1e3:.1f}k tok/s{mfu} | ETA {eta}")
+    return (
+        f"step {rec['step']}/{steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.3g} | "
+        f"{rec['tokens_per_s'] / 1e3:.1f}k tok/s{mfu} | ETA {eta}"
+    )
 
 
 def start_wandb(cfg: TrainConfig, run_dir: Path, say):
@@ -110,8 +128,14 @@ def start_wandb(cfg: TrainConfig, run_dir: Path, say):
         import wandb
     except ImportError:
         raise ValueError("--wandb needs the wandb package: pip install wandb") from None
-    run = wandb.init(project=cfg.wandb_project, name=Path(cfg.out).name, dir=str(run_dir), config=asdict(cfg),
-                     resume="allow", id=_wandb_id(run_dir))
+    run = wandb.init(
+        project=cfg.wandb_project,
+        name=Path(cfg.out).name,
+        dir=str(run_dir),
+        config=asdict(cfg),
+        resume="allow",
+        id=_wandb_id(run_dir),
+    )
     say(f"Weights & Biases: {getattr(run, 'url', None) or 'offline, in ' + str(run_dir / 'wandb')}")
     return run
 
@@ -119,6 +143,7 @@ def start_wandb(cfg: TrainConfig, run_dir: Path, say):
 def _wandb_id(run_dir: Path) -> str:
     """A W&B run id from the run directory's path, so a resumed run continues the same W&B run."""
     import hashlib
+
     return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
 
 
@@ -132,11 +157,11 @@ class StepClock:
 
     def __init__(self, saved: Optional[Dict[str, Any]], launched: float, startup_steps: int):
         saved = saved if isinstance(saved, dict) else {}
-        get = lambda k: float(saved[k]) if isinstance(saved.get(k), (int, float)) and saved[k] >= 0 else 0.0  # noqa: E731
+        get = lambda k: float(saved[k]) if isinstance(saved.get(k), (int, float)) and saved[k] >= 0 else 0.0
         self.train, self.startup, self.wall_before = get("train_seconds"), get("startup_seconds"), get("wall_seconds")
         self.launched, self.startup_steps = launched, startup_steps
         self.steps, self.pending, self.since_record, self.t0 = 0, 0.0, 0.0, 0.0
-        self.evaluating = get("eval_seconds")   # validation, expert statistics and samples
+        self.evaluating = get("eval_seconds")  # validation, expert statistics and samples
 
     def start(self) -> None:
         self.t0 = time.perf_counter()
@@ -147,7 +172,7 @@ class StepClock:
         if self.steps <= self.startup_steps:
             self.pending += dt
             return
-        if self.steps == self.startup_steps + 1:   # the start-up steps, charged at this steady step's time
+        if self.steps == self.startup_steps + 1:  # the start-up steps, charged at this steady step's time
             self.train += self.startup_steps * dt
             self.since_record += self.startup_steps * dt
             self.startup += max(0.0, self.pending - self.startup_steps * dt)
@@ -167,12 +192,21 @@ class StepClock:
 
     def record(self, tokens: int) -> Dict[str, float]:
         self.since_record = 0.0
-        return {"tokens": tokens, "train_seconds": round(self.train, 3), "wall_seconds": round(self.wall(), 3),
-                "startup_seconds": round(self.startup, 3), "eval_seconds": round(self.evaluating, 3)}
+        return {
+            "tokens": tokens,
+            "train_seconds": round(self.train, 3),
+            "wall_seconds": round(self.wall(), 3),
+            "startup_seconds": round(self.startup, 3),
+            "eval_seconds": round(self.evaluating, 3),
+        }
 
     def state(self) -> Dict[str, float]:
-        return {"train_seconds": self.train, "wall_seconds": self.wall(), "startup_seconds": self.startup,
-                "eval_seconds": self.evaluating}
+        return {
+            "train_seconds": self.train,
+            "wall_seconds": self.wall(),
+            "startup_seconds": self.startup,
+            "eval_seconds": self.evaluating,
+        }
 
 
 class Reporter:
@@ -186,6 +220,7 @@ class Reporter:
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
+
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError:
                 pass
@@ -197,8 +232,9 @@ class Reporter:
             return
         self.metrics.write(json.dumps(rec) + "\n")
         self.metrics.flush()
-        scalars = {k: v for k, v in rec.items() if k != "step" and isinstance(v, (int, float))
-                   and not isinstance(v, bool)}
+        scalars = {
+            k: v for k, v in rec.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         if self.writer is not None:
             for k, v in scalars.items():
                 self.writer.add_scalar(k, v, rec["step"])

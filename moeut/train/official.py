@@ -30,6 +30,7 @@ dropped the optimizer). It is read through PyTorch's restricted unpickler with o
 allow-list: the name `framework.data_structures.dotdict.DotDict` maps to a dict subclass of ours, so
 that class's instances load as dicts; every other global is still refused, unexecuted.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,23 +54,53 @@ DROPPED = re.compile(r"unique_layers\.\d+\.pkm\.(iter|kv_sel_counts_100|kv_sel_c
 # Settings the conversion needs at exactly these values (the architecture this library implements);
 # a setting absent from an older checkpoint counts as its default in the training code.
 MOEUT_FIXED = {
-    "transformer.variant": "preln_moe_universal", "moe.nonorm": True, "moe.att.enable": True,
-    "moe.att.q_expert": False, "moe.att.k_expert": False, "moe.att.v_expert": True, "moe.att.o_expert": True,
-    "moe.selection_mode": "sigmoid", "moe.att.selection_mode": "sigmoid", "moe.bias": False, "moe.sel_bias": False,
-    "moe.activation_after_topk": False, "moe.att.same_sel": False, "moe.att.v_size": None,
-    "transformer.universal.group_type": "abab", "transformer.activation": "relu",
-    "rope.rotate_fraction": 0.5, "rope.base": 10000.0, "embedding_size": None, "lm.trafo.context_blocks": 0,
-    "lm.trafo.norm_input": False, "moe.layer_encoding": "none",
+    "transformer.variant": "preln_moe_universal",
+    "moe.nonorm": True,
+    "moe.att.enable": True,
+    "moe.att.q_expert": False,
+    "moe.att.k_expert": False,
+    "moe.att.v_expert": True,
+    "moe.att.o_expert": True,
+    "moe.selection_mode": "sigmoid",
+    "moe.att.selection_mode": "sigmoid",
+    "moe.bias": False,
+    "moe.sel_bias": False,
+    "moe.activation_after_topk": False,
+    "moe.att.same_sel": False,
+    "moe.att.v_size": None,
+    "transformer.universal.group_type": "abab",
+    "transformer.activation": "relu",
+    "rope.rotate_fraction": 0.5,
+    "rope.base": 10000.0,
+    "embedding_size": None,
+    "lm.trafo.context_blocks": 0,
+    "lm.trafo.norm_input": False,
+    "moe.layer_encoding": "none",
 }
 DENSE_FIXED = {
-    "transformer.variant": "preln_rope", "transformer.activation": "relu", "rope.rotate_fraction": 0.5,
-    "rope.base": 10000.0, "embedding_size": None, "lm.trafo.context_blocks": 0, "lm.trafo.norm_input": False,
+    "transformer.variant": "preln_rope",
+    "transformer.activation": "relu",
+    "rope.rotate_fraction": 0.5,
+    "rope.base": 10000.0,
+    "embedding_size": None,
+    "lm.trafo.context_blocks": 0,
+    "lm.trafo.norm_input": False,
 }
-DEFAULTS = {"moe.att.same_sel": False, "moe.att.v_size": None, "transformer.universal.group_type": "abab",
-            "moe.activation_after_topk": False, "moe.bias": False, "moe.sel_bias": False,
-            "rope.rotate_fraction": 0.5, "rope.base": 10000.0, "embedding_size": None,
-            "lm.trafo.norm_input": False, "transformer.activation": "relu", "moe.att.selection_mode": "sigmoid",
-            "moe.layer_encoding": "none"}
+DEFAULTS = {
+    "moe.att.same_sel": False,
+    "moe.att.v_size": None,
+    "transformer.universal.group_type": "abab",
+    "moe.activation_after_topk": False,
+    "moe.bias": False,
+    "moe.sel_bias": False,
+    "rope.rotate_fraction": 0.5,
+    "rope.base": 10000.0,
+    "embedding_size": None,
+    "lm.trafo.norm_input": False,
+    "transformer.activation": "relu",
+    "moe.att.selection_mode": "sigmoid",
+    "moe.layer_encoding": "none",
+}
 
 
 def _setting(args: Dict[str, Any], name: str, source: str) -> Any:
@@ -92,28 +123,44 @@ def model_of_args(args: Dict[str, Any], source: str = "checkpoint") -> Tuple[str
     """("moeut" or "dense", our constructor arguments) for the training code's arguments."""
     variant = args.get("transformer.variant")
     if variant not in (MOEUT_FIXED["transformer.variant"], DENSE_FIXED["transformer.variant"]):
-        raise CheckpointError(f"{source}: transformer.variant {variant!r} is not supported; moeut imports "
-                              f"'preln_moe_universal' (MoEUT) and 'preln_rope' (the dense baseline)")
+        raise CheckpointError(
+            f"{source}: transformer.variant {variant!r} is not supported; moeut imports "
+            f"'preln_moe_universal' (MoEUT) and 'preln_rope' (the dense baseline)"
+        )
     kind = "moeut" if variant == "preln_moe_universal" else "dense"
     for name, want in (MOEUT_FIXED if kind == "moeut" else DENSE_FIXED).items():
         got = _setting(args, name, source)
         if not _same(got, want):
-            raise CheckpointError(f"{source}: {name} = {got!r} has no counterpart in moeut's {kind} model "
-                                  f"(it needs {want!r})")
-    g = lambda name: _setting(args, name, source)  # noqa: E731
+            raise CheckpointError(
+                f"{source}: {name} = {got!r} has no counterpart in moeut's {kind} model (it needs {want!r})"
+            )
+    g = lambda name: _setting(args, name, source)
     d_model, n_layers = int(g("state_size")), int(g("transformer.encoder_n_layers"))
     if kind == "dense":
         d_head = g("transformer.head_projection_size")
-        return kind, dict(d_model=d_model, n_layers=n_layers, n_heads=int(g("transformer.n_heads")),
-                          d_ff=int(d_model * float(g("transformer.ff_multiplier"))),
-                          d_head=int(d_head) if d_head is not None else None, scale_embedding=False)
+        return kind, dict(
+            d_model=d_model,
+            n_layers=n_layers,
+            n_heads=int(g("transformer.n_heads")),
+            d_ff=int(d_model * float(g("transformer.ff_multiplier"))),
+            d_head=int(d_head) if d_head is not None else None,
+            scale_embedding=False,
+        )
     d_head = g("transformer.head_projection_size")
-    return kind, dict(d_model=d_model, n_layers=n_layers, n_heads=int(g("transformer.n_heads")),
-                      ff_n_experts=int(g("moe.n_experts")), ff_expert_size=int(g("moe.expert_size")),
-                      ff_k=int(g("pkm.n_heads")), att_n_experts=int(g("moe.att.n_experts")), att_k=int(g("moe.att.k")),
-                      d_head=int(d_head) if d_head is not None else d_model // int(g("transformer.n_heads")),
-                      group_size=int(g("transformer.universal.group_size")),
-                      entropy_reg=float(g("moe.perplexity_reg")), att_entropy_reg=float(g("moe.att.perplexity_reg")))
+    return kind, dict(
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=int(g("transformer.n_heads")),
+        ff_n_experts=int(g("moe.n_experts")),
+        ff_expert_size=int(g("moe.expert_size")),
+        ff_k=int(g("pkm.n_heads")),
+        att_n_experts=int(g("moe.att.n_experts")),
+        att_k=int(g("moe.att.k")),
+        d_head=int(d_head) if d_head is not None else d_model // int(g("transformer.n_heads")),
+        group_size=int(g("transformer.universal.group_size")),
+        entropy_reg=float(g("moe.perplexity_reg")),
+        att_entropy_reg=float(g("moe.att.perplexity_reg")),
+    )
 
 
 def embedding_scale(args: Dict[str, Any], d_model: int) -> float:
@@ -127,29 +174,47 @@ def embedding_scale(args: Dict[str, Any], d_model: int) -> float:
     return 1.0 if "preln" in str(args.get("transformer.variant", "")) else math.sqrt(d_model)
 
 
-def convert_state(kind: str, state: Dict[str, torch.Tensor], scale: float, source: str = "checkpoint"
-                  ) -> Dict[str, torch.Tensor]:
+def convert_state(
+    kind: str, state: Dict[str, torch.Tensor], scale: float, source: str = "checkpoint"
+) -> Dict[str, torch.Tensor]:
     """The training code's model state dict as ours (see the module docstring); `scale`: its embedding
     scale (`embedding_scale`), folded into our embedding weights."""
     out: Dict[str, torch.Tensor] = {}
     unknown = []
     qkv: Dict[str, Dict[str, torch.Tensor]] = {}
-    moeut_names = {"self_attn.projections.q": "attention.q.weight", "self_attn.projections.k": "attention.k.weight",
-                   "self_attn.projections.v": "attention.v", "self_attn.projections.o": "attention.o",
-                   "self_attn.selections.v": "attention.sel_v", "self_attn.selections.o": "attention.sel_o",
-                   "self_attn.norm.weight": "ln1.weight", "self_attn.norm.bias": "ln1.bias",
-                   "pkm.keys": "ffn.keys", "pkm.values": "ffn.values", "pkm.expert_sel": "ffn.expert_sel",
-                   "pkm.norm.weight": "ln2.weight", "pkm.norm.bias": "ln2.bias"}
-    dense_names = {"self_attn.out_proj.weight": "o.weight", "linear1.weight": "ff1.weight", "linear1.bias": "ff1.bias",
-                   "linear2.weight": "ff2.weight", "linear2.bias": "ff2.bias", "norm1.weight": "ln1.weight",
-                   "norm1.bias": "ln1.bias", "norm2.weight": "ln2.weight", "norm2.bias": "ln2.bias"}
+    moeut_names = {
+        "self_attn.projections.q": "attention.q.weight",
+        "self_attn.projections.k": "attention.k.weight",
+        "self_attn.projections.v": "attention.v",
+        "self_attn.projections.o": "attention.o",
+        "self_attn.selections.v": "attention.sel_v",
+        "self_attn.selections.o": "attention.sel_o",
+        "self_attn.norm.weight": "ln1.weight",
+        "self_attn.norm.bias": "ln1.bias",
+        "pkm.keys": "ffn.keys",
+        "pkm.values": "ffn.values",
+        "pkm.expert_sel": "ffn.expert_sel",
+        "pkm.norm.weight": "ln2.weight",
+        "pkm.norm.bias": "ln2.bias",
+    }
+    dense_names = {
+        "self_attn.out_proj.weight": "o.weight",
+        "linear1.weight": "ff1.weight",
+        "linear1.bias": "ff1.bias",
+        "linear2.weight": "ff2.weight",
+        "linear2.bias": "ff2.bias",
+        "norm1.weight": "ln1.weight",
+        "norm1.bias": "ln1.bias",
+        "norm2.weight": "ln2.weight",
+        "norm2.bias": "ln2.bias",
+    }
     prefix = "transformer.layers" if kind == "moeut" else "layers"
     for key, value in state.items():
         if not torch.is_tensor(value):
             unknown.append(key)
             continue
         value = value.detach().float() if value.is_floating_point() else value
-        if key == "embedding.weight":   # our models multiply by nothing: the scale goes into the weights
+        if key == "embedding.weight":  # our models multiply by nothing: the scale goes into the weights
             out[key] = value * scale if scale != 1.0 else value
         elif key in ("output.weight", "output.bias"):
             out["lm_head." + key.split(".")[1]] = value
@@ -174,28 +239,38 @@ def convert_state(kind: str, state: Dict[str, torch.Tensor], scale: float, sourc
             continue
         out[f"{prefix}.{i}.qkv.weight"] = torch.cat([parts["data_to_q"], parts["data_to_kv"]], 0)
     if unknown:
-        raise CheckpointError(f"{source}: keys moeut cannot place: {', '.join(sorted(unknown)[:8])}"
-                              + (f" (and {len(unknown) - 8} more)" if len(unknown) > 8 else ""))
+        raise CheckpointError(
+            f"{source}: keys moeut cannot place: {', '.join(sorted(unknown)[:8])}"
+            + (f" (and {len(unknown) - 8} more)" if len(unknown) > 8 else "")
+        )
     return out
 
 
-DOTDICT = "framework.data_structures.dotdict.DotDict"   # the training code's only non-builtin class in a checkpoint
+DOTDICT = "framework.data_structures.dotdict.DotDict"  # the training code's only non-builtin class in a checkpoint
 # The dataset class each of the paper's tasks trains its tokenizer in (the `dataset.C4(...)` etc. of its
 # tasks/*_transformer.py); the tokenizer's cache directory, which SentencePiece records in the model
 # as its `model_prefix`, is named after it: ./cache/<class>/<class>[-<variant>]-<pieces>/tokenizer.model.
-TASK_DATASETS = {"c4_transformer": "C4", "slimpajama_transformer": "SlimPajama", "pes2o_transformer": "PES2O",
-                 "thestack_transformer": "TheStack"}
+TASK_DATASETS = {
+    "c4_transformer": "C4",
+    "slimpajama_transformer": "SlimPajama",
+    "pes2o_transformer": "PES2O",
+    "thestack_transformer": "TheStack",
+}
 
 
 def read_training_checkpoint(path: Path) -> Dict[str, Any]:
     """The dict the training code's `Saver.save` wrote (see the module docstring), read with nothing
     executed; its structure checked."""
     data = load_pickle_safely(path, extra_globals=((dict, DOTDICT),))
-    args = data.get("run_invariants", {}).get("args") if isinstance(data, dict) and \
-        isinstance(data.get("run_invariants"), dict) else None
+    args = (
+        data.get("run_invariants", {}).get("args")
+        if isinstance(data, dict) and isinstance(data.get("run_invariants"), dict)
+        else None
+    )
     if not isinstance(args, dict) or not isinstance(data.get("model"), dict):
-        raise CheckpointError(f"{path} is not a checkpoint of the training code (no 'model' and "
-                              f"'run_invariants'/'args')")
+        raise CheckpointError(
+            f"{path} is not a checkpoint of the training code (no 'model' and 'run_invariants'/'args')"
+        )
     if not all(isinstance(k, str) for k in args):
         raise CheckpointError(f"{path}: run_invariants.args has keys that are not names")
     return data
@@ -208,26 +283,35 @@ def check_tokenizer(model_bytes: bytes, args: Dict[str, Any], vocab: int, tokeni
     recorded `model_prefix`). Checked from the model file's own training record, not its piece count
     alone."""
     from moeut.train.tokenizer import trainer_record
+
     try:
         record = trainer_record(model_bytes)
     except ValueError as e:
         raise CheckpointError(f"{tokenizer}: {e}") from None
     if record["model_type"] != "BPE" or not record["split_digits"]:
-        raise CheckpointError(f"{tokenizer} was trained as {record['model_type']} with split_digits "
-                              f"{record['split_digits']}; the training code trains BPE with split digits")
+        raise CheckpointError(
+            f"{tokenizer} was trained as {record['model_type']} with split_digits "
+            f"{record['split_digits']}; the training code trains BPE with split digits"
+        )
     if record["vocab_size"] != vocab:
-        raise CheckpointError(f"{tokenizer} has {record['vocab_size']} pieces but the checkpoint's embedding has "
-                              f"{vocab} rows: give the tokenizer the model was trained with (the repository's cache/)")
+        raise CheckpointError(
+            f"{tokenizer} has {record['vocab_size']} pieces but the checkpoint's embedding has "
+            f"{vocab} rows: give the tokenizer the model was trained with (the repository's cache/)"
+        )
     task = args.get("task")
     dataset = TASK_DATASETS.get(task)
     if dataset is None:
-        raise CheckpointError(f"{source}: task {task!r} is none of the paper's language-modelling tasks "
-                              f"({', '.join(TASK_DATASETS)}), so its tokenizer cannot be checked")
+        raise CheckpointError(
+            f"{source}: task {task!r} is none of the paper's language-modelling tasks "
+            f"({', '.join(TASK_DATASETS)}), so its tokenizer cannot be checked"
+        )
     prefix = record["model_prefix"].replace("\\", "/")
     if f"/{dataset}/{dataset}-" not in f"/{prefix}":
-        raise CheckpointError(f"{tokenizer} was trained as {prefix or 'an unnamed model'}, not in the cache of the "
-                              f"{dataset} dataset that task {task} trains on: give that task's tokenizer "
-                              f"(cache/{dataset}/{dataset}-...-{vocab}/tokenizer.model.model)")
+        raise CheckpointError(
+            f"{tokenizer} was trained as {prefix or 'an unnamed model'}, not in the cache of the "
+            f"{dataset} dataset that task {task} trains on: give that task's tokenizer "
+            f"(cache/{dataset}/{dataset}-...-{vocab}/tokenizer.model.model)"
+        )
 
 
 def model_name_for(kind: str, kwargs: Dict[str, Any]) -> str:
@@ -240,8 +324,7 @@ def model_name_for(kind: str, kwargs: Dict[str, Any]) -> str:
     return f"{kind}-tiny"
 
 
-def import_official(checkpoint: str | Path, tokenizer: str | Path, out: str | Path,
-                    say=print) -> Path:
+def import_official(checkpoint: str | Path, tokenizer: str | Path, out: str | Path, say=print) -> Path:
     """Convert one of the training code's checkpoints, with its SentencePiece tokenizer, into a new run
     directory at `out`; everything is checked (and the converted weights loaded into the model) before
     the directory is created."""
@@ -263,8 +346,11 @@ def import_official(checkpoint: str | Path, tokenizer: str | Path, out: str | Pa
     missing = sorted(set(own) - set(converted))
     if missing:
         raise CheckpointError(f"{checkpoint}: no weights for {', '.join(missing[:8])}")
-    ckpt_lib.check_compatible({k: (tuple(v.shape), v.dtype) for k, v in own.items()},
-                              {k: (tuple(v.shape), v.dtype) for k, v in converted.items()}, str(checkpoint))
+    ckpt_lib.check_compatible(
+        {k: (tuple(v.shape), v.dtype) for k, v in own.items()},
+        {k: (tuple(v.shape), v.dtype) for k, v in converted.items()},
+        str(checkpoint),
+    )
     ckpt_lib.check_finite(converted, str(checkpoint))
     model.load_state_dict(converted)
     iteration = data.get("state", {}).get("iter") if isinstance(data.get("state"), dict) else None
@@ -272,16 +358,27 @@ def import_official(checkpoint: str | Path, tokenizer: str | Path, out: str | Pa
     out.mkdir(parents=True)
     try:
         save_tokenizer(tok, out)
-        source = {"checkpoint": str(checkpoint.resolve()), "tokenizer": str(Path(tokenizer).resolve()),
-                  "variant": args.get("transformer.variant"), "task": args.get("task")}
-        write_json_atomic(out / "run.json", {"model": name, "model_kwargs": kwargs, "vocab_size": vocab,
-                                                      "config": {}, "imported_from": source})
+        source = {
+            "checkpoint": str(checkpoint.resolve()),
+            "tokenizer": str(Path(tokenizer).resolve()),
+            "variant": args.get("transformer.variant"),
+            "task": args.get("task"),
+        }
+        write_json_atomic(
+            out / "run.json",
+            {"model": name, "model_kwargs": kwargs, "vocab_size": vocab, "config": {}, "imported_from": source},
+        )
         training = {"optimizer": None, "scheduler": None, "rng": None, "data_position": None, "config": {}}
-        ckpt_lib.save_checkpoint(out, step, {k: v.contiguous() for k, v in model.state_dict().items()}, training, keep=1)
+        ckpt_lib.save_checkpoint(
+            out, step, {k: v.contiguous() for k, v in model.state_dict().items()}, training, keep=1
+        )
     except BaseException:
         import shutil
+
         shutil.rmtree(out, ignore_errors=True)
         raise
-    say(f"imported {checkpoint.name} ({kind}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) "
-        f"into {out}")
+    say(
+        f"imported {checkpoint.name} ({kind}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) "
+        f"into {out}"
+    )
     return out

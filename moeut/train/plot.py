@@ -1,20 +1,29 @@
 """`moeut plot RUN... --out PNG`: training loss and validation perplexity of one or several runs, against
 training tokens and against time, from their metrics.jsonl (no TensorBoard needed)."""
+
 from __future__ import annotations
 
 import math
 from pathlib import Path
 from typing import List, Sequence
 
-X_AXES = {"tokens": ("tokens", 1e6, "training tokens (millions)"),
-          "time": ("train_seconds", 1.0, "training time: step seconds"),
-          "wall": ("wall_seconds", 1.0, "wall-clock seconds since launch"),
-          "step": ("step", 1.0, "optimizer step")}
+X_AXES = {
+    "tokens": ("tokens", 1e6, "training tokens (millions)"),
+    "time": ("train_seconds", 1.0, "training time: step seconds"),
+    "wall": ("wall_seconds", 1.0, "wall-clock seconds since launch"),
+    "step": ("step", 1.0, "optimizer step"),
+}
 
 
 def _series(records: List[dict], key: str, x: str):
-    pts = [(r[x], r[key]) for r in records if isinstance(r.get(key), (int, float)) and isinstance(r.get(x), (int, float))
-           and not isinstance(r.get(key), bool) and math.isfinite(r[key])]
+    pts = [
+        (r[x], r[key])
+        for r in records
+        if isinstance(r.get(key), (int, float))
+        and isinstance(r.get(x), (int, float))
+        and not isinstance(r.get(key), bool)
+        and math.isfinite(r[key])
+    ]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -23,6 +32,7 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, x_axes: Sequence[str]
     on the right, one line per run; records without the axis (runs from before the trainer logged its
     clock) are left out of that row. ValueError naming a run without metrics or an unknown axis."""
     from moeut.train.run_dir import check_existing_run_dir, metric_records
+
     unknown = [a for a in x_axes if a not in X_AXES]
     if unknown or not x_axes:
         raise ValueError(f"--x takes {', '.join(X_AXES)}, got {', '.join(unknown) or 'nothing'}")
@@ -39,6 +49,7 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, x_axes: Sequence[str]
         raise ValueError("plotting needs matplotlib: pip install 'moeut[train]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(len(x_axes), 2, figsize=(10, 3.4 * len(x_axes)), squeeze=False)
     for row, axis in enumerate(x_axes):
         key, scale, label = X_AXES[axis]
@@ -46,8 +57,14 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, x_axes: Sequence[str]
             for col, metric in enumerate(("loss", "val_ppl")):
                 xs, ys = _series(records, metric, key)
                 if xs:
-                    axes[row][col].plot([v / scale for v in xs], ys, color=f"C{i}", lw=1.2,
-                                        marker="." if metric == "val_ppl" else None, label=name)
+                    axes[row][col].plot(
+                        [v / scale for v in xs],
+                        ys,
+                        color=f"C{i}",
+                        lw=1.2,
+                        marker="." if metric == "val_ppl" else None,
+                        label=name,
+                    )
         for col, title in enumerate(("training loss", "validation perplexity")):
             ax = axes[row][col]
             ax.set_xlabel(label)

@@ -17,6 +17,7 @@ only files it created itself. A run directory may come from someone else: nothin
 entries above must be plain files and directories, not symbolic links that would send our writes
 elsewhere.
 """
+
 from __future__ import annotations
 
 import errno
@@ -27,8 +28,17 @@ from pathlib import Path
 from moeut.files import FileProblem, parse_json, read_bytes, read_json, write_file_atomic
 from moeut.train.checkpoint_format import MAX_RUN_JSON_BYTES, CheckpointError
 
-RUN_ENTRIES = ("run.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "data.json", "metrics.jsonl",
-               "checkpoints", "tensorboard", ".lock")
+RUN_ENTRIES = (
+    "run.json",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "data.json",
+    "metrics.jsonl",
+    "checkpoints",
+    "tensorboard",
+    ".lock",
+)
 LOCK_FILE = ".lock"
 
 
@@ -54,10 +64,12 @@ class RunLock:
                 try:
                     self.fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
                 except FileNotFoundError:
-                    continue   # removed between the two opens: try again
+                    continue  # removed between the two opens: try again
                 except OSError as e:
                     if e.errno == errno.ELOOP:
-                        raise CheckpointError(f"{path} is a symbolic link; refusing to use this run directory") from None
+                        raise CheckpointError(
+                            f"{path} is a symbolic link; refusing to use this run directory"
+                        ) from None
                     raise
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -66,10 +78,12 @@ class RunLock:
                 os.close(self.fd)
                 self.fd = None
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise RunInUse(f"run directory {self.run_dir} is in use by another trainer ({holder}); "
-                                   "wait for it to finish or stop it first") from None
+                    raise RunInUse(
+                        f"run directory {self.run_dir} is in use by another trainer ({holder}); "
+                        "wait for it to finish or stop it first"
+                    ) from None
                 raise
-            if os.fstat(self.fd).st_nlink > 1:   # shared with another run (a `cp -al` copy): make our own
+            if os.fstat(self.fd).st_nlink > 1:  # shared with another run (a `cp -al` copy): make our own
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
                 os.close(self.fd)
                 self.fd = None
@@ -77,7 +91,7 @@ class RunLock:
                 continue
             if self._still_the_lock_file(path):
                 break
-            os.close(self.fd)   # we locked a file a failed start had removed: lock the current one
+            os.close(self.fd)  # we locked a file a failed start had removed: lock the current one
             self.fd = None
         else:
             raise CheckpointError(f"{path} keeps being replaced; another process is interfering with this run")
@@ -150,11 +164,14 @@ def check_new_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"--out {run_dir} is a file, not a directory")
     if (run_dir / "run.json").exists():
-        raise CheckpointError(f"--out {run_dir} already holds a run; continue it with --resume {run_dir} "
-                              "or choose another --out")
+        raise CheckpointError(
+            f"--out {run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out"
+        )
     if not is_fresh(run_dir):
-        raise CheckpointError(f"--out {run_dir} is a directory with other files in it (not a moeut run); "
-                              "refusing to write into it: choose a new or empty directory")
+        raise CheckpointError(
+            f"--out {run_dir} is a directory with other files in it (not a moeut run); "
+            "refusing to write into it: choose a new or empty directory"
+        )
     _probe_writable(_nearest_existing(run_dir), "--out: the directory")
 
 
@@ -167,10 +184,19 @@ def check_existing_run_dir(run_dir: Path, writable: bool) -> None:
     for name in RUN_ENTRIES:
         p = run_dir / name
         if p.is_symlink():
-            raise CheckpointError(f"{p} is a symbolic link; a run directory's own files must be real files, "
-                                  "so that nothing is read or written outside it")
-    for name in ("run.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "data.json", "metrics.jsonl",
-                 LOCK_FILE):
+            raise CheckpointError(
+                f"{p} is a symbolic link; a run directory's own files must be real files, "
+                "so that nothing is read or written outside it"
+            )
+    for name in (
+        "run.json",
+        "tokenizer.model",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "data.json",
+        "metrics.jsonl",
+        LOCK_FILE,
+    ):
         p = run_dir / name
         if p.exists() and not p.is_file():
             raise CheckpointError(f"{p} is not a regular file")
@@ -188,8 +214,12 @@ def read_run_json(run_dir: Path) -> dict:
         meta = read_json(path, MAX_RUN_JSON_BYTES)
     except FileProblem as e:
         raise CheckpointError(str(e)) from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("model"), str) \
-            or not isinstance(meta.get("model_kwargs"), dict) or not isinstance(meta.get("config", {}), dict):
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(meta.get("model"), str)
+        or not isinstance(meta.get("model_kwargs"), dict)
+        or not isinstance(meta.get("config", {}), dict)
+    ):
         raise CheckpointError(f"{path} lacks its model name, model_kwargs or config")
     vocab = meta.get("vocab_size")
     if vocab is not None and (isinstance(vocab, bool) or not isinstance(vocab, int) or not 2 <= vocab <= 65535):

@@ -14,6 +14,7 @@ part), always read from the files into fresh memory.
 
 Only tensors go into these files. Safetensors headers are JSON, so reading them runs no code.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,10 +26,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from moeut.files import FileProblem, hash_fd, open_file
-from moeut.train.checkpoint_format import MAX_SHARDS, SHARD_DIR, SHARD_NAME  # noqa: F401 (re-exported names)
+from moeut.train.checkpoint_format import MAX_SHARDS, SHARD_DIR, SHARD_NAME
 from moeut.train.tensor_file import Entry, read_header, read_rows, read_tensor
 
-SHARDING_INFO_KEY = "DCP_SHARDING_INFO"     # the key DCP's safetensors writer and reader use
+SHARDING_INFO_KEY = "DCP_SHARDING_INFO"  # the key DCP's safetensors writer and reader use
 
 
 class ShardError(ValueError):
@@ -43,6 +44,7 @@ def shard_file_name(index: int) -> str:
 def write_shard(path: Path, pieces: Dict[str, Tuple[torch.Tensor, List[int]]]) -> None:
     """One shard file: {name: (piece, its offsets in the whole tensor)}."""
     from safetensors.torch import save_file
+
     tensors = {k: t.detach().to("cpu").contiguous() for k, (t, _) in pieces.items()}
     info = {k: {"saved_offsets": [int(o) for o in offsets]} for k, (_, offsets) in pieces.items()}
     save_file(tensors, str(path), metadata={SHARDING_INFO_KEY: json.dumps(info), "format": "pt"})
@@ -101,9 +103,14 @@ class ShardSet:
                 info = _sharding_info(header.metadata, label)
                 for tensor, entry in header.entries.items():
                     offsets = info.get(tensor, {}).get("saved_offsets", [0] * len(entry.shape))
-                    if not isinstance(offsets, list) or len(offsets) != len(entry.shape) or \
-                            not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets):
-                        raise ShardError(f"{label}: the offsets of {tensor} ({offsets}) do not fit its shape {entry.shape}")
+                    if (
+                        not isinstance(offsets, list)
+                        or len(offsets) != len(entry.shape)
+                        or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+                    ):
+                        raise ShardError(
+                            f"{label}: the offsets of {tensor} ({offsets}) do not fit its shape {entry.shape}"
+                        )
                     if any(offsets[1:]):
                         raise ShardError(f"{label}: the piece of {tensor} at {offsets} is not a slab of whole rows")
                     pieces.setdefault(tensor, []).append(Piece(name, entry, offsets[0] if offsets else 0))
@@ -147,21 +154,23 @@ class ShardSet:
         for p in sorted(self.pieces[tensor], key=lambda p: p.start):
             lo, hi = max(start, p.start), min(stop, p.start + p.entry.shape[0])
             if lo < hi:
-                out[lo - start:hi - start] = read_rows(self.fds[p.file], p.entry, lo - p.start, hi - p.start,
-                                                       f"{self.what}/{p.file}")
+                out[lo - start : hi - start] = read_rows(
+                    self.fds[p.file], p.entry, lo - p.start, hi - p.start, f"{self.what}/{p.file}"
+                )
                 filled += hi - lo
-        if filled != stop - start:   # the tiling check makes this impossible; never hand out unfilled memory
+        if filled != stop - start:  # the tiling check makes this impossible; never hand out unfilled memory
             raise ShardError(f"{self.what}: rows [{start}, {stop}) of {tensor} are not all in the shard files")
         return out
 
     def whole(self, prefix: str = "") -> Dict[str, torch.Tensor]:
         """{name without `prefix`: whole tensor on the CPU} of the tensors named `prefix...`."""
-        return {t[len(prefix):]: self.rows(t, 0, self.shapes[t][0] if self.shapes[t] else 0)
-                for t in self.names(prefix)}
+        return {
+            t[len(prefix) :]: self.rows(t, 0, self.shapes[t][0] if self.shapes[t] else 0) for t in self.names(prefix)
+        }
 
     def whole_shapes(self, prefix: str = "") -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
         """{name without `prefix`: (whole shape, dtype)} of the tensors named `prefix...`, from headers."""
-        return {t[len(prefix):]: (self.shapes[t], self.dtype(t)) for t in self.names(prefix)}
+        return {t[len(prefix) :]: (self.shapes[t], self.dtype(t)) for t in self.names(prefix)}
 
 
 def _sharding_info(metadata: Dict[str, str], what: str) -> dict:
@@ -180,8 +189,10 @@ def _sharding_info(metadata: Dict[str, str], what: str) -> dict:
 def _tiled_shape(tensor: str, pieces: List[Piece]) -> Tuple[int, ...]:
     """The whole shape the row slabs `pieces` make up; ShardError unless they tile it exactly."""
     first = pieces[0].entry
-    if any(p.entry.dtype != first.dtype or len(p.entry.shape) != len(first.shape) or
-           p.entry.shape[1:] != first.shape[1:] for p in pieces):
+    if any(
+        p.entry.dtype != first.dtype or len(p.entry.shape) != len(first.shape) or p.entry.shape[1:] != first.shape[1:]
+        for p in pieces
+    ):
         kinds = sorted({(str(p.entry.dtype), p.entry.shape[1:]) for p in pieces})
         raise ShardError(f"the pieces of {tensor} disagree in dtype or row shape: {kinds[:4]}")
     if not first.shape:
@@ -192,11 +203,16 @@ def _tiled_shape(tensor: str, pieces: List[Piece]) -> Tuple[int, ...]:
     at = 0
     for start, stop, file in spans:
         if start != at:
-            raise ShardError(f"the pieces of {tensor} do not tile one tensor: "
-                             + (f"rows [{at}, {start}) are in no shard file" if start > at else
-                                f"rows [{start}, {min(stop, at)}) of {file} overlap another piece"))
+            raise ShardError(
+                f"the pieces of {tensor} do not tile one tensor: "
+                + (
+                    f"rows [{at}, {start}) are in no shard file"
+                    if start > at
+                    else f"rows [{start}, {min(stop, at)}) of {file} overlap another piece"
+                )
+            )
         at = stop
-    rows = at   # (a piece of no rows, as a process with nothing of a tensor may write, adds nothing)
+    rows = at  # (a piece of no rows, as a process with nothing of a tensor may write, adds nothing)
     if math.prod((rows, *first.shape[1:])) > 1 << 40:
         raise ShardError(f"the pieces of {tensor} claim a tensor of {rows} rows")
     return (rows, *first.shape[1:])
@@ -205,6 +221,7 @@ def _tiled_shape(tensor: str, pieces: List[Piece]) -> Tuple[int, ...]:
 def open_shard_set(checkpoint_dir_fd: int, names: List[str], what: str) -> ShardSet:
     """`ShardSet` of `names` in the `shards/` directory of the checkpoint open as `checkpoint_dir_fd`."""
     from moeut.files import open_dir
+
     try:
         fd = open_dir(SHARD_DIR, checkpoint_dir_fd)
     except (FileProblem, OSError) as e:
@@ -219,6 +236,7 @@ def open_directory(directory: Path) -> ShardSet:
     """A `ShardSet` of every shard file in `directory` (tools and tests; a checkpoint is read through
     `checkpoint_reader`, which also checks each file against its manifest)."""
     from moeut.files import open_dir
+
     fd = open_dir(directory)
     try:
         return ShardSet(sorted(n for n in os.listdir(fd) if SHARD_NAME.match(n)), fd, str(directory))

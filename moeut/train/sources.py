@@ -12,6 +12,7 @@ Bytes that are not UTF-8 (`Decoding`): "replace" (the default) reads the file wi
 place and counts them for the start summary; "strict" refuses the file by name; "skip" leaves the file
 out with a warning. A NUL byte makes a file binary, never text.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -22,14 +23,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, List, Optional
 
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".java", ".js", ".ts",
-                 ".go", ".rs", ".sh", ".toml", ".cfg", ".ini", ".yaml", ".yml", ".html", ".css", ".tex", ".json"}
+TEXT_SUFFIXES = {
+    ".txt",
+    ".md",
+    ".rst",
+    ".py",
+    ".pyi",
+    ".c",
+    ".h",
+    ".cc",
+    ".cpp",
+    ".hpp",
+    ".java",
+    ".js",
+    ".ts",
+    ".go",
+    ".rs",
+    ".sh",
+    ".toml",
+    ".cfg",
+    ".ini",
+    ".yaml",
+    ".yml",
+    ".html",
+    ".css",
+    ".tex",
+    ".json",
+}
 COMPRESSED = (".gz", ".zst")
 DATA_FORMATS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".arrow")
 DECODE_ERRORS = ("replace", "strict", "skip")
-CHUNK_CHARS = 8192              # a text file named by itself is cut at paragraph breaks into documents of about this size
-TEXT_BLOCK_BYTES = 4 << 20      # ... and read in blocks of this size
-MAX_DOCUMENT_BYTES = 64 << 20   # one JSONL line or table cell: a book is a few MB; more is refused, unread
+CHUNK_CHARS = 8192  # a text file named by itself is cut at paragraph breaks into documents of about this size
+TEXT_BLOCK_BYTES = 4 << 20  # ... and read in blocks of this size
+MAX_DOCUMENT_BYTES = 64 << 20  # one JSONL line or table cell: a book is a few MB; more is refused, unread
 
 
 def stdlib_root() -> Path:
@@ -50,8 +76,9 @@ class NotText(ValueError):
 @dataclass
 class Decoding:
     """How bytes that are not UTF-8 are met (see the module docstring), and what was met."""
+
     errors: str = "replace"
-    replaced: int = 0                                   # characters replaced by U+FFFD
+    replaced: int = 0  # characters replaced by U+FFFD
     files_with_replacements: List[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -85,12 +112,14 @@ class _CountingDecoder:
             return text
         except UnicodeDecodeError as e:
             if self.decoding.errors != "replace":
-                raise NotText(f"{self.path}{where} is not valid UTF-8 text (byte {offset + e.start}: "
-                              f"{raw[e.start:e.start + 1]!r})") from None
+                raise NotText(
+                    f"{self.path}{where} is not valid UTF-8 text (byte {offset + e.start}: "
+                    f"{raw[e.start : e.start + 1]!r})"
+                ) from None
         self.lenient.setstate(state)
         text = self.lenient.decode(raw, final=final)
         self.strict.setstate(self.lenient.getstate())
-        before = codecs.decode(raw, "utf-8", "ignore").count("\ufffd")   # U+FFFD the file itself holds
+        before = codecs.decode(raw, "utf-8", "ignore").count("\ufffd")  # U+FFFD the file itself holds
         added = max(text.count("\ufffd") - before, 1)
         self.decoding.replaced += added
         name = str(self.path)
@@ -107,7 +136,7 @@ def data_format(path: Path) -> Optional[str]:
         if name.endswith(fmt):
             return fmt
     for c in COMPRESSED:
-        if name.endswith(c) and Path(name[:-len(c)]).suffix in TEXT_SUFFIXES:
+        if name.endswith(c) and Path(name[: -len(c)]).suffix in TEXT_SUFFIXES:
             return "text" + c
     return "text" if path.suffix.lower() in TEXT_SUFFIXES else None
 
@@ -126,6 +155,7 @@ def hf_splits(root: Path) -> List[str]:
     if not record.is_file():
         return []
     from moeut.files import read_json
+
     splits = read_json(record, 1 << 20).get("splits", [])
     return [s for s in splits if isinstance(s, str) and "/" not in s and not s.startswith(".")]
 
@@ -145,9 +175,13 @@ def hf_arrow_files(root: Path, split: Optional[str] = None) -> List[Path]:
     state = root / "state.json"
     if state.is_file():
         from moeut.files import read_json
+
         entries = read_json(state, 1 << 24).get("_data_files", [])
-        files = [root / d["filename"] for d in entries if isinstance(d, dict) and isinstance(d.get("filename"), str)
-                 and "/" not in d["filename"]]
+        files = [
+            root / d["filename"]
+            for d in entries
+            if isinstance(d, dict) and isinstance(d.get("filename"), str) and "/" not in d["filename"]
+        ]
         if files:
             return files
     return sorted(root.glob("*.arrow"))
@@ -155,10 +189,13 @@ def hf_arrow_files(root: Path, split: Optional[str] = None) -> List[Path]:
 
 def _optional(module: str, what: str):
     import importlib
+
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ValueError(f"reading {what} needs the {module.split('.')[0]} package: pip install 'moeut[data]'") from None
+        raise ValueError(
+            f"reading {what} needs the {module.split('.')[0]} package: pip install 'moeut[data]'"
+        ) from None
 
 
 def _field_values(values: list, where: str, field: str) -> List[str]:
@@ -205,6 +242,7 @@ def _open_binary(path: Path, compression: str):
     """A binary stream of the file's content, decompressed (".gz", ".zst") or as it is ("")."""
     if compression == ".gz":
         import gzip
+
         return gzip.open(path, "rb")
     if compression == ".zst":
         zstd = _optional("zstandard", ".zst files")
@@ -223,13 +261,15 @@ def _bounded_lines(f, path: Path) -> Iterator[bytes]:
             return
         i += 1
         if len(line) > MAX_DOCUMENT_BYTES:
-            raise ValueError(f"{path}:{i}: a line longer than {MAX_DOCUMENT_BYTES >> 20} MiB (one document); "
-                             "split it, or check that the file is what you meant")
+            raise ValueError(
+                f"{path}:{i}: a line longer than {MAX_DOCUMENT_BYTES >> 20} MiB (one document); "
+                "split it, or check that the file is what you meant"
+            )
         yield line
 
 
 def _read_jsonl(path: Path, fmt: str, text_field: str, decoding: Decoding) -> Iterator[str]:
-    with _open_binary(path, fmt[len(".jsonl"):]) as f:
+    with _open_binary(path, fmt[len(".jsonl") :]) as f:
         for i, raw in enumerate(_bounded_lines(f, path), 1):
             line = decoding.text(path, raw, where=f":{i}")
             if not line.strip():
@@ -282,17 +322,18 @@ def _text_blocks(path: Path, compression: str, decoding: Decoding) -> Iterator[s
                 break
             cut = text.rfind("\n\n")
             if cut < 0 and len(text) < 4 * TEXT_BLOCK_BYTES:
-                carry = text   # no paragraph break yet: read on
+                carry = text  # no paragraph break yet: read on
                 continue
             cut = cut if cut >= 0 else len(text)
             yield text[:cut]
-            carry = text[cut + 2:]
+            carry = text[cut + 2 :]
     if text:
         yield text
 
 
-def read_source(path: Path, text_field: str = "text", given: bool = False,
-                decoding: Optional[Decoding] = None) -> Iterator[str]:
+def read_source(
+    path: Path, text_field: str = "text", given: bool = False, decoding: Optional[Decoding] = None
+) -> Iterator[str]:
     """The documents of one file, one at a time. `given`: named by itself on the command line (a text
     file is then cut into documents; an unknown format is refused rather than skipped)."""
     decoding = decoding or Decoding()
@@ -304,17 +345,21 @@ def read_source(path: Path, text_field: str = "text", given: bool = False,
     elif fmt == ".arrow":
         yield from _column_values(_arrow_batches(path), path, text_field)
     elif fmt is None and path.suffix:
-        raise NotText(f"{path}: unknown data format {path.suffix!r} (text files, also .gz or .zst, "
-                      f".jsonl[.gz|.zst], .parquet, .arrow and Hugging Face dataset directories are read)")
+        raise NotText(
+            f"{path}: unknown data format {path.suffix!r} (text files, also .gz or .zst, "
+            f".jsonl[.gz|.zst], .parquet, .arrow and Hugging Face dataset directories are read)"
+        )
     else:
-        compression = fmt[len("text"):] if fmt else ""
+        compression = fmt[len("text") :] if fmt else ""
         if given:
             for block in _text_blocks(path, compression, decoding):
                 yield from split_text(block)
-        else:   # one document: the whole file (bounded like a JSONL line)
+        else:  # one document: the whole file (bounded like a JSONL line)
             with _open_binary(path, compression) as f:
                 raw = f.read(MAX_DOCUMENT_BYTES + 1)
             if len(raw) > MAX_DOCUMENT_BYTES:
-                raise ValueError(f"{path}: more than {MAX_DOCUMENT_BYTES >> 20} MiB of text in one file of a "
-                                 "directory; name it by itself to have it cut into documents")
+                raise ValueError(
+                    f"{path}: more than {MAX_DOCUMENT_BYTES >> 20} MiB of text in one file of a "
+                    "directory; name it by itself to have it cut into documents"
+                )
             yield decoding.text(path, raw)

@@ -18,6 +18,7 @@ forward and backward of all micro-batches accumulate into it (one graph), one al
 it, and clipping and AdamW run on the result (a second graph). Without CUDA the same three phases
 run eagerly, which is how the CPU tests check this path against one process.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -29,8 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def forward_backward(fwd, batch_AMT: Tensor, amp: torch.dtype, cast_cache: bool = True, world: int = 1
-                     ) -> Tuple[Tensor, Tensor, Optional[List[Tensor]]]:
+def forward_backward(
+    fwd, batch_AMT: Tensor, amp: torch.dtype, cast_cache: bool = True, world: int = 1
+) -> Tuple[Tensor, Tensor, Optional[List[Tensor]]]:
     """Accumulate the gradients of batch [accum, micro, T+1] (inputs [:, :-1], targets [:, 1:]) into
     the parameters' `.grad`; returns device tensors (mean loss, mean reg loss) and any collected
     router logits. Under torch's DDP wrapper only the last micro-batch all-reduces."""
@@ -42,7 +44,7 @@ def forward_backward(fwd, batch_AMT: Tensor, amp: torch.dtype, cast_cache: bool 
     for m in range(accum):
         x = batch_AMT[m]
         sync_ctx = fwd.no_sync() if (world > 1 and m < accum - 1 and hasattr(fwd, "no_sync")) else nullcontext()
-        if hasattr(fwd, "set_requires_gradient_sync"):   # FSDP2: reduce-scatter after the last micro-batch only
+        if hasattr(fwd, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter after the last micro-batch only
             fwd.set_requires_gradient_sync(m == accum - 1)
         with sync_ctx:
             with torch.autocast(device.type, amp, enabled=amp != torch.float32, cache_enabled=cast_cache):
@@ -59,7 +61,7 @@ def clip_and_step(model, opt, clip: float) -> Tensor:
     """Clip the gradient norm (none when clip <= 0) and take the optimizer step; returns the norm
     before clipping."""
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
-    if hasattr(gnorm, "full_tensor"):   # FSDP2: a DTensor over the process group's shards
+    if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor over the process group's shards
         gnorm = gnorm.full_tensor()
     opt.step()
     return gnorm
@@ -80,8 +82,9 @@ def set_optimizer_mode(opt: torch.optim.Optimizer, fused: bool, capturable: bool
             state["step"] = state["step"].to(device=device, dtype=torch.float32)
 
 
-def step_body(fwd, model, opt, batch_AMT: Tensor, amp: torch.dtype, clip: float, world: int,
-              cast_cache: bool = True) -> Tuple[Tensor, Tensor, Tensor, Optional[List[Tensor]]]:
+def step_body(
+    fwd, model, opt, batch_AMT: Tensor, amp: torch.dtype, clip: float, world: int, cast_cache: bool = True
+) -> Tuple[Tensor, Tensor, Tensor, Optional[List[Tensor]]]:
     """One whole step with `.grad` freed afterwards: (mean loss, mean reg loss, gradient norm before
     clipping, router logits or None)."""
     loss_sum, reg_sum, router_logits = forward_backward(fwd, batch_AMT, amp, cast_cache, world)
@@ -104,7 +107,7 @@ class FlatGradients:
         self.buffer = torch.zeros(sum(p.numel() for p in self.params), dtype=torch.float32, device=device)
         offset = 0
         for p in self.params:
-            p.grad = self.buffer[offset:offset + p.numel()].view_as(p)
+            p.grad = self.buffer[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
 
     def check_views(self) -> None:
@@ -147,10 +150,11 @@ class GraphedTrainStep:
     gradient buffer runs between replays, clipping and AdamW are a second graph. No torch.compile
     (the trainer checks)."""
 
-    WARMUP = 2   # eager steps before the capture
+    WARMUP = 2  # eager steps before the capture
 
-    def __init__(self, fwd, model, opt, amp: torch.dtype, clip: float, warmup: int = WARMUP,
-                 flat_gradients: bool = False):
+    def __init__(
+        self, fwd, model, opt, amp: torch.dtype, clip: float, warmup: int = WARMUP, flat_gradients: bool = False
+    ):
         self.fwd, self.model, self.opt, self.amp, self.clip = fwd, model, opt, amp, clip
         self.warmup = warmup
         self.steps_run = 0
@@ -163,7 +167,9 @@ class GraphedTrainStep:
         set_optimizer_mode(opt, fused=bool(opt.defaults.get("fused")), capturable=True)
 
     def _whole_step(self):
-        return step_body(self.fwd, self.model, self.opt, self.static_batch, self.amp, self.clip, 1, cast_cache=False)[:3]
+        return step_body(self.fwd, self.model, self.opt, self.static_batch, self.amp, self.clip, 1, cast_cache=False)[
+            :3
+        ]
 
     def _forward_backward(self):
         self.flat.buffer.zero_()
@@ -178,7 +184,7 @@ class GraphedTrainStep:
             g["lr"] = t
         try:
             return fn()
-        finally:   # the scheduler keeps working on floats
+        finally:  # the scheduler keeps working on floats
             for g, f in zip(self.opt.param_groups, floats):
                 g["lr"] = f
 
@@ -196,7 +202,7 @@ class GraphedTrainStep:
                 raise ValueError("GraphedTrainStep: the batch shape changed after capture")
             self.static_batch = torch.empty(batch_AMT.shape, dtype=batch_AMT.dtype, device=self.lr[0].device)
         self.static_batch.copy_(batch_AMT, non_blocking=True)
-        if self.steps_run < self.warmup:   # real steps, off the capture stream
+        if self.steps_run < self.warmup:  # real steps, off the capture stream
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             results = []
@@ -217,7 +223,7 @@ class GraphedTrainStep:
                     self.graphs.append(None)
                     continue
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):   # recorded, not run: the replays below run it
+                with torch.cuda.graph(graph):  # recorded, not run: the replays below run it
                     results.append(phase())
                 self.graphs.append(graph)
             self.outputs = self._outputs_of(results)

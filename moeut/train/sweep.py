@@ -21,6 +21,7 @@ seconds and wall-clock seconds (`quality.py`), and the table says per group how 
 target against the baseline. Interrupted, the sweep continues where it stopped: a finished run is not
 trained again, an unfinished one is resumed (`moeut train --resume`).
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,11 @@ def read_sweep(path: str | Path) -> Dict[str, Any]:
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown} (a sweep has name, [train], [eval], [compare] and [[runs]])")
     runs = spec.get("runs")
-    if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) and isinstance(r.get("name"), str)
-                                                          for r in runs):
+    if (
+        not isinstance(runs, list)
+        or not runs
+        or not all(isinstance(r, dict) and isinstance(r.get("name"), str) for r in runs)
+    ):
         raise ValueError(f"{path}: needs [[runs]] tables, each with a name")
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names) or any(not n or "/" in n or n.startswith(".") for n in names):
@@ -89,12 +93,14 @@ def _config_file(settings: Dict[str, Any], path: Path) -> None:
 
 def _last_val_ppl(run_dir: Path) -> float | None:
     from moeut.train.run_dir import metric_records
+
     vals = [r["val_ppl"] for r in metric_records(run_dir) if _positive_number(r.get("val_ppl"))]
     return vals[-1] if vals else None
 
 
 def _positive_number(v) -> bool:
     import math
+
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
@@ -118,21 +124,28 @@ def run_sweep(path: str | Path, out: str | Path, main: Callable[[List[str]], int
         if (run_dir / "run.json").is_file():
             say(f"{name}: resuming")
             extra = [a for d in settings.get("data", []) for a in ("--data", str(d))]
-            if settings.get("cache-dir") or settings.get("cache_dir"):   # a resume follows no recorded path
+            if settings.get("cache-dir") or settings.get("cache_dir"):  # a resume follows no recorded path
                 extra += ["--cache-dir", str(settings.get("cache-dir") or settings.get("cache_dir"))]
             code = main(["train", "--resume", str(run_dir), "--no-progress", *extra])
         else:
             say(f"{name}: training")
             code = main(["train", "--config", str(config), "--out", str(run_dir)])
-        if code in (130, 143):   # the run was stopped by a signal, after its checkpoint
+        if code in (130, 143):  # the run was stopped by a signal, after its checkpoint
             say(f"sweep {spec.get('name')}: stopped during {name}; run the sweep again to continue it")
             raise KeyboardInterrupt
         if code != 0:
-            raise ValueError(f"sweep {spec.get('name')}: run {name} failed (exit status {code}); "
-                               f"fix it and run the sweep again: finished runs are kept")
-        result = {"settings": settings, "val_ppl": _last_val_ppl(run_dir), "group": run.get("group", name),
-                  "model": settings.get("model", "moeut-tiny"), "seed": settings.get("seed", 0),
-                  "curve": read_curve(run_dir)}
+            raise ValueError(
+                f"sweep {spec.get('name')}: run {name} failed (exit status {code}); "
+                f"fix it and run the sweep again: finished runs are kept"
+            )
+        result = {
+            "settings": settings,
+            "val_ppl": _last_val_ppl(run_dir),
+            "group": run.get("group", name),
+            "model": settings.get("model", "moeut-tiny"),
+            "seed": settings.get("seed", 0),
+            "curve": read_curve(run_dir),
+        }
         if spec.get("eval"):
             ev = spec["eval"]
             args = ["eval", "--checkpoint", str(run_dir), "--json", str(run_dir / "eval.json")]
@@ -141,15 +154,19 @@ def run_sweep(path: str | Path, out: str | Path, main: Callable[[List[str]], int
             if main(args) != 0:
                 raise ValueError(f"sweep {spec.get('name')}: evaluating {name} failed")
             scores = json.loads((run_dir / "eval.json").read_text())["results"]
-            result["eval"] = {t: r.get("accuracy", r.get("perplexity")) for t, r in scores.items()
-                              if isinstance(r, dict) and ("accuracy" in r or "perplexity" in r)}
+            result["eval"] = {
+                t: r.get("accuracy", r.get("perplexity"))
+                for t, r in scores.items()
+                if isinstance(r, dict) and ("accuracy" in r or "perplexity" in r)
+            }
         record["runs"][name] = result
         write_json_atomic(record_path, record)
     compare = spec.get("compare", {})
     record["time_to_quality"] = summarize(record["runs"], compare.get("baseline"), compare.get("target_ppl"))
     write_json_atomic(record_path, record)
-    table = "\n\n".join(t for t in (markdown_table(record), group_eval_table(record),
-                                     quality_markdown(record["time_to_quality"])) if t)
+    table = "\n\n".join(
+        t for t in (markdown_table(record), group_eval_table(record), quality_markdown(record["time_to_quality"])) if t
+    )
     (out / "sweep.md").write_text(table + "\n")
     say(table)
     if not quality_plot(record["runs"], record["time_to_quality"], out / "sweep.png"):
@@ -170,6 +187,7 @@ def markdown_table(record: Dict[str, Any]) -> str:
 def group_eval_table(record: Dict[str, Any]) -> str:
     """The zero-shot scores per group of runs (mean ± std over its seeds), when groups have several runs."""
     import statistics
+
     groups: Dict[str, List[Dict[str, float]]] = {}
     for name, r in record["runs"].items():
         groups.setdefault(r.get("group", name), []).append(r.get("eval", {}))
@@ -181,7 +199,8 @@ def group_eval_table(record: Dict[str, Any]) -> str:
         cells = []
         for t in tasks:
             v = [e[t] for e in evals if isinstance(e.get(t), (int, float))]
-            cells.append(f"{statistics.mean(v):.4f}" + (f" ± {statistics.stdev(v):.4f}" if len(v) > 1 else "")
-                         if v else "-")
+            cells.append(
+                f"{statistics.mean(v):.4f}" + (f" ± {statistics.stdev(v):.4f}" if len(v) > 1 else "") if v else "-"
+            )
         rows.append(f"| {g} ({len(evals)}) |" + "".join(f" {c} |" for c in cells))
     return "\n".join(rows)

@@ -8,6 +8,7 @@ every range inside the data, and no two ranges overlap; `read_tensor` and `read_
 exactly those bytes through the same handle (see `moeut.files`), into fresh memory: nothing a file
 says can make a read go elsewhere, or hand out memory that no file byte filled.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,18 +21,27 @@ import torch
 
 from moeut.files import FileProblem, parse_json, read_fd
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-MAX_HEADER_BYTES = 100 << 20   # the limit the safetensors library itself sets
+MAX_HEADER_BYTES = 100 << 20  # the limit the safetensors library itself sets
 
 
 @dataclass(frozen=True)
 class Entry:
     dtype: torch.dtype
     shape: Tuple[int, ...]
-    begin: int            # absolute byte offsets in the file
+    begin: int  # absolute byte offsets in the file
     end: int
 
 
@@ -54,7 +64,9 @@ def read_header(fd: int, what: str) -> Header:
         raise FileProblem(f"{what}: its safetensors header is not a JSON object")
     data_start, data_size = 8 + n, size - 8 - n
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise FileProblem(f"{what}: its __metadata__ is not a map of strings")
     entries: Dict[str, Entry] = {}
     for name, e in header.items():
@@ -63,17 +75,25 @@ def read_header(fd: int, what: str) -> Header:
         dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
         if dtype not in DTYPES:
             raise FileProblem(f"{what}: tensor {name!r} has the unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or len(shape) > 8 or \
-                not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        if (
+            not isinstance(shape, list)
+            or len(shape) > 8
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+        ):
             raise FileProblem(f"{what}: tensor {name!r} has the shape {shape!r}, not a list of sizes")
-        if not isinstance(offsets, list) or len(offsets) != 2 or \
-                not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets):
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
             raise FileProblem(f"{what}: tensor {name!r} has the data_offsets {offsets!r}")
         begin, end = offsets
         nbytes = math.prod(shape) * DTYPES[dtype].itemsize
         if not 0 <= begin <= end <= data_size or end - begin != nbytes:
-            raise FileProblem(f"{what}: tensor {name!r} ({dtype} {shape}) has the data range [{begin}, {end}) "
-                              f"in {data_size} bytes of data; it needs {nbytes} bytes inside them")
+            raise FileProblem(
+                f"{what}: tensor {name!r} ({dtype} {shape}) has the data range [{begin}, {end}) "
+                f"in {data_size} bytes of data; it needs {nbytes} bytes inside them"
+            )
         entries[name] = Entry(DTYPES[dtype], tuple(shape), data_start + begin, data_start + end)
     spans = sorted((e.begin, e.end, n) for n, e in entries.items() if e.end > e.begin)
     for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):

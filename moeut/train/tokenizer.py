@@ -11,6 +11,7 @@
   end-of-text id in the data.
 A model loaded from a file is of the kind its behaviour shows: lossless means "code".
 """
+
 from __future__ import annotations
 
 import io
@@ -22,7 +23,7 @@ from typing import Iterable, List, Optional, Sequence
 import sentencepiece as spm
 
 NEWLINE = "\n"
-DOCUMENT_SEPARATOR_TEXT = "<STORY_SEP>"   # what the training code appends to every document
+DOCUMENT_SEPARATOR_TEXT = "<STORY_SEP>"  # what the training code appends to every document
 KINDS = ("code", "paper")
 MAX_MODEL_BYTES = 64 << 20
 _LOSSLESS_PROBE = " a  b\n\tc 12 \ufb01"
@@ -36,15 +37,16 @@ class Tokenizer:
             raise ValueError("give exactly one of model_path and model_proto")
         if model_path is not None:
             from moeut.files import read_bytes
+
             path = Path(model_path)
             if not path.exists() and not path.is_symlink():
                 raise FileNotFoundError(f"tokenizer model not found: {path}")
-            model_proto = read_bytes(path, MAX_MODEL_BYTES, what=f"tokenizer {path}")   # once, no link followed
+            model_proto = read_bytes(path, MAX_MODEL_BYTES, what=f"tokenizer {path}")  # once, no link followed
         self.proto = model_proto
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.LoadFromSerializedProto(model_proto)
-        except Exception as e:   # a parse error of the protobuf: data, never code
+        except Exception as e:  # a parse error of the protobuf: data, never code
             raise ValueError(f"{model_path or 'tokenizer'} is not a SentencePiece model ({e})") from None
         self.vocab_size = self.sp.get_piece_size()
         self.eot_id = self.sp.eos_id()
@@ -71,8 +73,8 @@ class Tokenizer:
         return self.proto
 
 
-TOKENIZER_MAX_LINES = 300_000            # the code tokenizer learns from a random sample of this many lines
-PAPER_TOKENIZER_MAX_CHARS = 1 << 30       # the paper tokenizer learns from the corpus's first GiB of text
+TOKENIZER_MAX_LINES = 300_000  # the code tokenizer learns from a random sample of this many lines
+PAPER_TOKENIZER_MAX_CHARS = 1 << 30  # the paper tokenizer learns from the corpus's first GiB of text
 
 
 def sample_lines(documents: Iterable[str], max_lines: int, seed: int) -> List[str]:
@@ -96,24 +98,41 @@ def sample_lines(documents: Iterable[str], max_lines: int, seed: int) -> List[st
     return lines
 
 
-def train_tokenizer(documents: Iterable[str], vocab_size: int = 8000, max_lines: int = TOKENIZER_MAX_LINES,
-                    seed: int = 0) -> Tokenizer:
+def train_tokenizer(
+    documents: Iterable[str], vocab_size: int = 8000, max_lines: int = TOKENIZER_MAX_LINES, seed: int = 0
+) -> Tokenizer:
     """Train a BPE model, in memory, on (a random sample of up to `max_lines` lines of) the documents,
     which may be a stream. A vocabulary the corpus cannot fill, or too small for its characters, is a
     ValueError naming --vocab-size and the bound."""
     lines = sample_lines(documents, max_lines, seed)
     if not lines:
         raise ValueError("cannot train a tokenizer: the training data has no text")
-    return _train(iter(lines), model_type="bpe", vocab_size=vocab_size,
-                  split_digits=True, byte_fallback=True, normalization_rule_name="identity",
-                  remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True,
-                  split_by_whitespace=True, user_defined_symbols=[NEWLINE], character_coverage=0.9999,
-                  max_sentence_length=1 << 16, bos_id=-1, eos_id=1, unk_id=0, pad_id=-1,
-                  train_extremely_large_corpus=False, num_threads=2)
+    return _train(
+        iter(lines),
+        model_type="bpe",
+        vocab_size=vocab_size,
+        split_digits=True,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        split_by_whitespace=True,
+        user_defined_symbols=[NEWLINE],
+        character_coverage=0.9999,
+        max_sentence_length=1 << 16,
+        bos_id=-1,
+        eos_id=1,
+        unk_id=0,
+        pad_id=-1,
+        train_extremely_large_corpus=False,
+        num_threads=2,
+    )
 
 
-def train_paper_tokenizer(documents: Iterable[str], vocab_size: int = 8000,
-                          max_chars: int = PAPER_TOKENIZER_MAX_CHARS) -> Tokenizer:
+def train_paper_tokenizer(
+    documents: Iterable[str], vocab_size: int = 8000, max_chars: int = PAPER_TOKENIZER_MAX_CHARS
+) -> Tokenizer:
     """The training code's tokenizer: every document + "<STORY_SEP>" is one training sentence; BPE,
     split digits, the rest SentencePiece's defaults. Like the training code, which trains it on the
     first shards of the corpus (`ChunkedSentencepieceLMDataset.get_tokenizer_train_sentences`, 10 of
@@ -127,8 +146,9 @@ def train_paper_tokenizer(documents: Iterable[str], vocab_size: int = 8000,
             chars += len(d)
     if not docs:
         raise ValueError("cannot train a tokenizer: the training data has no text")
-    return _train(iter(d + DOCUMENT_SEPARATOR_TEXT for d in docs), vocab_size=vocab_size, split_digits=True,
-                  model_type="bpe")
+    return _train(
+        iter(d + DOCUMENT_SEPARATOR_TEXT for d in docs), vocab_size=vocab_size, split_digits=True, model_type="bpe"
+    )
 
 
 def _train(sentences: Iterable[str], **options) -> Tokenizer:
@@ -139,11 +159,15 @@ def _train(sentences: Iterable[str], **options) -> Tokenizer:
     except RuntimeError as e:
         msg = str(e)
         if m := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg):
-            raise ValueError(f"--vocab-size {m.group(1)} is too large for this corpus: SentencePiece can make at "
-                             f"most {m.group(2)} pieces from it") from None
+            raise ValueError(
+                f"--vocab-size {m.group(1)} is too large for this corpus: SentencePiece can make at "
+                f"most {m.group(2)} pieces from it"
+            ) from None
         if m := re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg):
-            raise ValueError(f"--vocab-size {m.group(1)} is too small for this corpus: it needs at least "
-                             f"{m.group(2)} pieces (its characters and the special pieces)") from None
+            raise ValueError(
+                f"--vocab-size {m.group(1)} is too small for this corpus: it needs at least "
+                f"{m.group(2)} pieces (its characters and the special pieces)"
+            ) from None
         raise ValueError(f"SentencePiece could not train a tokenizer: {msg[:300]}") from None
     return Tokenizer(model_proto=model.getvalue())
 
@@ -168,6 +192,7 @@ def _protobuf_fields(data: bytes):
             shift += 7
             if not b & 0x80:
                 return value
+
     while i < n:
         key = varint()
         field, wire = key >> 3, key & 7
@@ -177,7 +202,7 @@ def _protobuf_fields(data: bytes):
             size = varint()
             if i + size > n:
                 raise ValueError("a malformed SentencePiece model")
-            yield field, data[i:i + size]
+            yield field, data[i : i + size]
             i += size
         elif wire in (1, 5):
             i += 8 if wire == 1 else 4
@@ -191,18 +216,22 @@ def trainer_record(model_bytes: bytes) -> dict:
     spec = next((v for f, v in _protobuf_fields(model_bytes) if f == 2 and isinstance(v, bytes)), b"")
     fields = dict(_protobuf_fields(spec))
     prefix = fields.get(2, b"")
-    return {"model_prefix": prefix.decode("utf-8", errors="replace") if isinstance(prefix, bytes) else "",
-            "model_type": _MODEL_TYPES.get(fields.get(3, 1), str(fields.get(3))),
-            "vocab_size": fields.get(4, 8000), "split_digits": bool(fields.get(25, 0))}
+    return {
+        "model_prefix": prefix.decode("utf-8", errors="replace") if isinstance(prefix, bytes) else "",
+        "model_type": _MODEL_TYPES.get(fields.get(3, 1), str(fields.get(3))),
+        "vocab_size": fields.get(4, 8000),
+        "split_digits": bool(fields.get(25, 0)),
+    }
 
 
-RUN_FILE = "tokenizer.model"   # a run's SentencePiece model; a Hugging Face tokenizer is kept as tokenizer.json
+RUN_FILE = "tokenizer.model"  # a run's SentencePiece model; a Hugging Face tokenizer is kept as tokenizer.json
 
 
 def load_tokenizer(path: str | Path):
     """--tokenizer PATH: a SentencePiece model file, or a Hugging Face tokenizer.json or a directory
     holding one (`hf_tokenizer`)."""
     from moeut.train.hf_tokenizer import HFTokenizer, is_hf_tokenizer
+
     return HFTokenizer(path) if is_hf_tokenizer(path) else Tokenizer(path)
 
 
@@ -210,6 +239,7 @@ def run_tokenizer(run_dir: str | Path):
     """The tokenizer a run (or an exported model directory) keeps: tokenizer.json (with its
     tokenizer_config.json) when it has one, else its SentencePiece tokenizer.model."""
     from moeut.train.hf_tokenizer import JSON_FILE, HFTokenizer
+
     run_dir = Path(run_dir)
     if (run_dir / JSON_FILE).exists() and not (run_dir / RUN_FILE).exists():
         return HFTokenizer(run_dir)
@@ -220,6 +250,7 @@ def save_tokenizer(tok, target: str | Path) -> None:
     """Keep `tok` in a run directory `target` (see `run_tokenizer`), or, when `target` is not a directory,
     write a SentencePiece model to that file."""
     from moeut.files import write_file_atomic
+
     target = Path(target)
     if not target.is_dir():
         if getattr(tok, "kind", None) == "hf":

@@ -19,6 +19,7 @@ This module starts and reopens runs; the settings and their defaults are `config
 `distributed.py`, the loop itself (set up, resume, steps, saves) `loop.py`, and what a run measures
 and logs `monitor.py`.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,10 +41,23 @@ from moeut.train.data import CACHE_FORMAT, Batches, Corpus, tokenize_corpus
 from moeut.train.distributed import barrier, on_rank0, setup_distributed
 from moeut.train.loop import optimizer_parameter_names, set_up, step_graph_blockers, train_steps
 from moeut.train.monitor import startup_summary
-from moeut.train.run_dir import (RunLock, check_existing_run_dir, check_new_run_dir, read_json_record, read_run_json,
-                                 truncate_metrics)
-from moeut.train.tokenizer import (KINDS, Tokenizer, load_tokenizer, run_tokenizer, save_tokenizer,
-                                   train_paper_tokenizer, train_tokenizer)
+from moeut.train.run_dir import (
+    RunLock,
+    check_existing_run_dir,
+    check_new_run_dir,
+    read_json_record,
+    read_run_json,
+    truncate_metrics,
+)
+from moeut.train.tokenizer import (
+    KINDS,
+    Tokenizer,
+    load_tokenizer,
+    run_tokenizer,
+    save_tokenizer,
+    train_paper_tokenizer,
+    train_tokenizer,
+)
 
 # ------------------------------------------------------------------------------------------------
 # Data: a new run's (built before its directory exists) and a resumed run's (from the cache).
@@ -56,8 +70,14 @@ def build_data(cfg: TrainConfig, tok: Optional[Tokenizer], say: Callable[[str], 
     """(tokenizer, cache key, train docs count, valid docs count) for --data; the tokenizer is trained
     in memory when `tok` is None. The tokenized data land in the shared cache under their key. The
     corpus streams through (see `data`): memory does not grow with its size."""
-    corpus = Corpus(cfg.data, strict=cfg.strict_data, text_field=cfg.text_field, valid_sources=cfg.valid_data,
-                    valid_fraction=cfg.valid_fraction, decode_errors=cfg.decode_errors)
+    corpus = Corpus(
+        cfg.data,
+        strict=cfg.strict_data,
+        text_field=cfg.text_field,
+        valid_sources=cfg.valid_data,
+        valid_fraction=cfg.valid_fraction,
+        decode_errors=cfg.decode_errors,
+    )
     scan = corpus.scan(warn=say)
     say(scan.describe())
     if tok is None:
@@ -70,10 +90,13 @@ def build_data(cfg: TrainConfig, tok: Optional[Tokenizer], say: Callable[[str], 
                 for t in texts:
                     long[0] += len(t.encode("utf-8")) + len("<STORY_SEP>") > 4192
                     yield t
+
             tok = train_paper_tokenizer(counted(corpus.train_texts(scan)), cfg.vocab_size)
             if long[0]:
-                say(f"the paper tokenizer learns from documents of at most 4192 bytes (SentencePiece's default, "
-                    f"as in the training code): {long[0]} of {scan.n_train} are longer and are only tokenized")
+                say(
+                    f"the paper tokenizer learns from documents of at most 4192 bytes (SentencePiece's default, "
+                    f"as in the training code): {long[0]} of {scan.n_train} are longer and are only tokenized"
+                )
         else:
             tok = train_tokenizer(corpus.train_texts(scan), cfg.vocab_size, seed=cfg.seed)
     key = scan.cache_key(tok.model_bytes())
@@ -89,15 +112,20 @@ def open_tokens(cache_dir: str, key: str):
 
 
 def check_tokens(cfg: TrainConfig, train_tokens, valid_tokens, vocab: int) -> None:
-    Batches(train_tokens, cfg.context, cfg.batch_size, cfg.seed)   # raises if not one window fits
+    Batches(train_tokens, cfg.context, cfg.batch_size, cfg.seed)  # raises if not one window fits
     if len(valid_tokens) < 2:
         raise ValueError("the validation split has fewer than 2 tokens: add data")
     if len(train_tokens) and int(np.max(train_tokens)) >= vocab:
         raise ValueError(f"the cached tokens do not fit the tokenizer's {vocab} pieces (a damaged cache?)")
 
 
-def resume_data(cfg: TrainConfig, run_dir: Path, user_data: Optional[List[str]], say: Callable[[str], None],
-                user_valid_data: Optional[List[str]] = None):
+def resume_data(
+    cfg: TrainConfig,
+    run_dir: Path,
+    user_data: Optional[List[str]],
+    say: Callable[[str], None],
+    user_valid_data: Optional[List[str]] = None,
+):
     """A resumed run's tokens: from the cache (the user's --cache-dir or the default, never a path
     read from the run) under the key the run recorded; else rebuilt from the user's --data, or from
     the default corpus if the run used it. Paths recorded in the run are not followed."""
@@ -108,15 +136,22 @@ def resume_data(cfg: TrainConfig, run_dir: Path, user_data: Optional[List[str]],
     except (OSError, ckpt_lib.CheckpointError, AttributeError):
         key = recorded_format = None
     tok = run_tokenizer(run_dir)
-    if isinstance(key, str) and _KEY.match(key) and all((Path(cfg.cache_dir) / key / f).is_file()
-                                                       for f in ("train.bin", "valid.bin")):
+    if (
+        isinstance(key, str)
+        and _KEY.match(key)
+        and all((Path(cfg.cache_dir) / key / f).is_file() for f in ("train.bin", "valid.bin"))
+    ):
         return tok, key
     if user_data is None and cfg.data:
-        raise ValueError(f"the tokenized data of {run_dir} are not in the cache {cfg.cache_dir}; pass --cache-dir "
-                         f"where they are, or --data with the run's sources (it recorded {cfg.data}) to rebuild them")
+        raise ValueError(
+            f"the tokenized data of {run_dir} are not in the cache {cfg.cache_dir}; pass --cache-dir "
+            f"where they are, or --data with the run's sources (it recorded {cfg.data}) to rebuild them"
+        )
     if cfg.valid_data and not user_valid_data:
-        raise ValueError(f"the tokenized data of {run_dir} are not in the cache {cfg.cache_dir}; to rebuild them pass "
-                         f"--valid-data with the run's validation sources too (it recorded {cfg.valid_data})")
+        raise ValueError(
+            f"the tokenized data of {run_dir} are not in the cache {cfg.cache_dir}; to rebuild them pass "
+            f"--valid-data with the run's validation sources too (it recorded {cfg.valid_data})"
+        )
     if user_data is not None:
         cfg.data = list(user_data)
     if user_valid_data:
@@ -124,19 +159,25 @@ def resume_data(cfg: TrainConfig, run_dir: Path, user_data: Optional[List[str]],
     _, new_key, n_train, n_valid = build_data(cfg, tok, say)
     if key is not None and new_key != key:
         if recorded_format == CACHE_FORMAT:
-            say("warning: the data under --data are not those this run started on (their cache is gone): "
-                "resuming on the new data")
+            say(
+                "warning: the data under --data are not those this run started on (their cache is gone): "
+                "resuming on the new data"
+            )
         else:
-            say("the token cache was rebuilt in the current format (the run's cache predates it); if --data "
-                "changed too, the run continues on the new data")
-    write_json_atomic(record, {"key": new_key, "format": CACHE_FORMAT, "train_documents": n_train,
-                               "valid_documents": n_valid})
+            say(
+                "the token cache was rebuilt in the current format (the run's cache predates it); if --data "
+                "changed too, the run continues on the new data"
+            )
+    write_json_atomic(
+        record, {"key": new_key, "format": CACHE_FORMAT, "train_documents": n_train, "valid_documents": n_valid}
+    )
     return tok, new_key
 
 
 # ------------------------------------------------------------------------------------------------
 # The run.
 # ------------------------------------------------------------------------------------------------
+
 
 def config_of_run(run_dir: str | Path) -> TrainConfig:
     """The TrainConfig a run was started with (what `--resume` continues). Read as data: unknown keys
@@ -146,12 +187,14 @@ def config_of_run(run_dir: str | Path) -> TrainConfig:
     check_existing_run_dir(Path(run_dir), writable=False)
     meta = read_run_json(Path(run_dir))
     if "imported_from" in meta:
-        raise ValueError(f"{run_dir} was imported from {meta['imported_from'].get('checkpoint')}: it has no optimizer "
-                         f"state or training data to resume from; use it with `moeut eval` and `moeut generate`")
+        raise ValueError(
+            f"{run_dir} was imported from {meta['imported_from'].get('checkpoint')}: it has no optimizer "
+            f"state or training data to resume from; use it with `moeut eval` and `moeut generate`"
+        )
     saved = meta.get("config", {})
     known = {f.name for f in fields(TrainConfig)}
     saved = dict(saved)
-    if isinstance(saved.get("cuda_graph"), bool):   # runs written before the setting had an "auto"
+    if isinstance(saved.get("cuda_graph"), bool):  # runs written before the setting had an "auto"
         saved["cuda_graph"] = "on" if saved["cuda_graph"] else "auto"
     cfg = TrainConfig(**{k: v for k, v in saved.items() if k in known})
     cfg.overrides = {**model_kwargs_of_run(meta), **(cfg.overrides or {})}
@@ -172,8 +215,10 @@ def _start_new_run(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any], devi
         cfg.vocab_size = given.vocab_size
     elif source is not None:
         if cfg.tokenizer:
-            raise ValueError(f"--init-from: --tokenizer {cfg.tokenizer} would train a new tokenizer, whose pieces "
-                             "the weights do not know; give a tokenizer file of the same vocabulary, or none")
+            raise ValueError(
+                f"--init-from: --tokenizer {cfg.tokenizer} would train a new tokenizer, whose pieces "
+                "the weights do not know; give a tokenizer file of the same vocabulary, or none"
+            )
         given = source.tokenizer
         cfg.vocab_size = given.vocab_size
     check_model_size(cfg.model, cfg.vocab_size, kwargs)
@@ -196,16 +241,29 @@ def _start_new_run(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any], devi
     lock, written = None, []
     try:
         lock = RunLock(run_dir, record=False)
-        check_new_run_dir(run_dir)   # again, under the lock: another start may have won the race
+        check_new_run_dir(run_dir)  # again, under the lock: another start may have won the race
         lock.record_holder()
-        meta = {"model": cfg.model, "model_kwargs": kwargs, "vocab_size": tok.vocab_size, "config": asdict(cfg),
-                "moeut_version": _version(), **({"init_from": source.describe()} if source is not None else {})}
-        written += [run_dir / "run.json", run_dir / "tokenizer.model", run_dir / "tokenizer.json",
-                    run_dir / "tokenizer_config.json", run_dir / "data.json"]
+        meta = {
+            "model": cfg.model,
+            "model_kwargs": kwargs,
+            "vocab_size": tok.vocab_size,
+            "config": asdict(cfg),
+            "moeut_version": _version(),
+            **({"init_from": source.describe()} if source is not None else {}),
+        }
+        written += [
+            run_dir / "run.json",
+            run_dir / "tokenizer.model",
+            run_dir / "tokenizer.json",
+            run_dir / "tokenizer_config.json",
+            run_dir / "data.json",
+        ]
         write_json_atomic(run_dir / "run.json", meta)
         save_tokenizer(tok, run_dir)
-        write_json_atomic(run_dir / "data.json", {"key": key, "format": CACHE_FORMAT, "train_documents": n_train,
-                                                  "valid_documents": n_valid})
+        write_json_atomic(
+            run_dir / "data.json",
+            {"key": key, "format": CACHE_FORMAT, "train_documents": n_train, "valid_documents": n_valid},
+        )
         return lock
     except BaseException:
         for path in written:
@@ -214,7 +272,7 @@ def _start_new_run(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any], devi
             lock.remove_and_release()
         if created_dir:
             try:
-                run_dir.rmdir()   # only if nothing else is in it
+                run_dir.rmdir()  # only if nothing else is in it
             except OSError:
                 pass
         raise
@@ -223,14 +281,16 @@ def _start_new_run(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any], devi
 def _version() -> str:
     """The installed moeut's version (recorded in run.json)."""
     from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("moeut")
     except PackageNotFoundError:
         return "unknown"
 
 
-def _open_run_for_resume(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any], user_data, device, say,
-                         user_valid_data=None):
+def _open_run_for_resume(
+    cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any], user_data, device, say, user_valid_data=None
+):
     """(lock, checkpoint or None, run.json to write once the checkpoint loaded or None): the run locked,
     leftovers removed, the newest usable checkpoint read (`checkpoint_reader`: every newer one named
     with its fault and set aside), the data found, metrics cut back to its step. Nothing the run holds
@@ -251,8 +311,9 @@ def _open_run_for_resume(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any]
         spec = ModelSpec.of(meta_model, optimizer_parameter_names(meta_model))
         tok, _ = resume_data(cfg, run_dir, user_data, say, user_valid_data)
         if tok.vocab_size != vocab:
-            raise ckpt_lib.CheckpointError(f"{run_dir}: its tokenizer has {tok.vocab_size} pieces, run.json "
-                                           f"says {vocab}")
+            raise ckpt_lib.CheckpointError(
+                f"{run_dir}: its tokenizer has {tok.vocab_size} pieces, run.json says {vocab}"
+            )
         part = "training" if cfg.parallel == "fsdp" else "all"
         found = ckpt_lib.newest_usable_checkpoint(run_dir, part, spec, warn=say)
         step = found.step if found is not None else 0
@@ -263,8 +324,10 @@ def _open_run_for_resume(cfg: TrainConfig, run_dir: Path, kwargs: Dict[str, Any]
         if dropped:
             say(f"metrics.jsonl: dropped {dropped} records after step {step} (they are logged again)")
         if found is None and meta.get("init_from"):
-            raise ValueError(f"{run_dir} started from {meta['init_from'].get('path')} and has no checkpoint yet: "
-                             "start it again (--init-from) rather than resume it from random weights")
+            raise ValueError(
+                f"{run_dir} started from {meta['init_from'].get('path')} and has no checkpoint yet: "
+                "start it again (--init-from) rather than resume it from random weights"
+            )
         if found is None:
             say(f"{run_dir} has no checkpoint yet: starting it from step 0")
         return lock, found, new_meta
@@ -285,13 +348,19 @@ def _extended_schedule(cfg: TrainConfig, meta: Dict[str, Any], step: int, say) -
         raise ValueError(f"--steps {cfg.steps}: the run is already at step {step}; give more steps to extend it")
     before = lr_lambda(replace(cfg, steps=started))(step) * cfg.lr
     after = lr_lambda(cfg)(step) * cfg.lr
-    say(f"extending the run from {started} to {cfg.steps} steps: the cosine schedule now spans {cfg.steps} steps, "
-        f"so the learning rate at step {step} goes from {before:.3g} to {after:.3g}")
+    say(
+        f"extending the run from {started} to {cfg.steps} steps: the cosine schedule now spans {cfg.steps} steps, "
+        f"so the learning rate at step {step} goes from {before:.3g} to {after:.3g}"
+    )
     return {**meta, "config": {**meta["config"], "steps": cfg.steps}}
 
 
-def train(cfg: TrainConfig, resume: bool = False, user_data: Optional[List[str]] = None,
-          user_valid_data: Optional[List[str]] = None) -> Dict[str, Any]:
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    user_data: Optional[List[str]] = None,
+    user_valid_data: Optional[List[str]] = None,
+) -> Dict[str, Any]:
     """Train (or, with resume=True, continue the run in cfg.out). Returns final metrics for rank 0.
     `user_data`, `user_valid_data`: --data and --valid-data given with --resume (used only if the run's
     tokenized data are not cached)."""
@@ -301,8 +370,9 @@ def train(cfg: TrainConfig, resume: bool = False, user_data: Optional[List[str]]
     say = (lambda m: print(m, flush=True)) if rank == 0 else (lambda m: None)
     check_types(cfg)
     source = None
-    if cfg.init_from and not resume:   # the model, its arguments and the tokenizer come from the source
+    if cfg.init_from and not resume:  # the model, its arguments and the tokenizer come from the source
         from moeut.train.init_from import open_source
+
         source = open_source(cfg.init_from, say)
         cfg.model, cfg.overrides = source.model, {**source.kwargs, **(cfg.overrides or {})}
     cfg = resolve_defaults(cfg, device.type == "cuda")
@@ -317,11 +387,16 @@ def train(cfg: TrainConfig, resume: bool = False, user_data: Optional[List[str]]
     if cfg.cuda_graph != "off" and not graph_blockers:
         mode = "CUDA graphs (each step replayed whole; --no-cuda-graph runs it eagerly)"
     else:
-        mode = "eager (" + ("--no-cuda-graph" if cfg.cuda_graph == "off" else "CUDA graphs need " +
-                            "; ".join(graph_blockers)) + ")"
+        mode = (
+            "eager ("
+            + ("--no-cuda-graph" if cfg.cuda_graph == "off" else "CUDA graphs need " + "; ".join(graph_blockers))
+            + ")"
+        )
     if cfg.parallel == "fsdp":
-        mode += (f", FSDP2 over {world} process{'es' if world > 1 else ''} (parameters, gradients and AdamW state "
-                 f"sharded; checkpoints one file per process{', layers kept gathered in the forward' if cfg.fsdp_keep_gathered else ''})")
+        mode += (
+            f", FSDP2 over {world} process{'es' if world > 1 else ''} (parameters, gradients and AdamW state "
+            f"sharded; checkpoints one file per process{', layers kept gathered in the forward' if cfg.fsdp_keep_gathered else ''})"
+        )
     elif world > 1:
         mode += f", {world} processes averaging one flat gradient buffer per step"
     say(f"step mode: {mode}")
@@ -330,18 +405,23 @@ def train(cfg: TrainConfig, resume: bool = False, user_data: Optional[List[str]]
     new_meta = None
     if resume:
         lock, resume_from, new_meta = on_rank0(
-            lambda: _open_run_for_resume(cfg, run_dir, kwargs, user_data, device, say, user_valid_data), rank, world,
-            device) \
-            or (None, None, None)
+            lambda: _open_run_for_resume(cfg, run_dir, kwargs, user_data, device, say, user_valid_data),
+            rank,
+            world,
+            device,
+        ) or (None, None, None)
     else:
-        lock, resume_from = on_rank0(lambda: _start_new_run(cfg, run_dir, kwargs, device, say, source),
-                                     rank, world, device), None
+        lock, resume_from = (
+            on_rank0(lambda: _start_new_run(cfg, run_dir, kwargs, device, say, source), rank, world, device),
+            None,
+        )
     barrier(world)
-    if resume and rank != 0:   # rank 0 found it usable and set aside every newer one; each rank reads it
+    if resume and rank != 0:  # rank 0 found it usable and set aside every newer one; each rank reads it
         resume_from = (ckpt_lib.list_checkpoints(run_dir) or [None])[-1]
     try:
-        return _train_locked(cfg, run_dir, kwargs, rank, world, device, accum, resume_from, new_meta, say, launched,
-                             source)
+        return _train_locked(
+            cfg, run_dir, kwargs, rank, world, device, accum, resume_from, new_meta, say, launched, source
+        )
     finally:
         if lock is not None:
             lock.release()
@@ -358,8 +438,20 @@ def check_device_name(name: str) -> None:
             raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
-def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int, device, accum: int,
-                  resume_from, new_meta: Optional[Dict[str, Any]], say, launched: float, source=None) -> Dict[str, Any]:
+def _train_locked(
+    cfg: TrainConfig,
+    run_dir: Path,
+    kwargs,
+    rank: int,
+    world: int,
+    device,
+    accum: int,
+    resume_from,
+    new_meta: Optional[Dict[str, Any]],
+    say,
+    launched: float,
+    source=None,
+) -> Dict[str, Any]:
     """The run, its directory locked: the data, the trainee set up (and resumed), then the loop.
     `resume_from`: the checkpoint rank 0 read (`Checkpoint`), its path on the other ranks, or None.
     `new_meta`: a run.json to write once the checkpoint has loaded (a resume that extends the run)."""
@@ -372,10 +464,11 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, kwargs, rank: int, world: int
     trainee = set_up(cfg, tok.vocab_size, kwargs, rank, device, resume_from, source, say)
     say(startup_summary(cfg, trainee.model, len(train_tokens), len(valid_tokens), device, world))
     if trainee.resumed_from is not None:
-        if new_meta is not None and rank == 0:   # the extended length, recorded only now that the run goes on
+        if new_meta is not None and rank == 0:  # the extended length, recorded only now that the run goes on
             write_json_atomic(run_dir / "run.json", new_meta)
         say(f"resumed {run_dir} from {trainee.resumed_from.name} at step {trainee.start_step}")
         if trainee.start_step >= cfg.steps:
             say(f"the run is complete ({trainee.start_step} of {cfg.steps} steps): nothing to train")
-    return train_steps(cfg, trainee, run_dir, train_tokens, valid_tokens, tok, kwargs, rank, world, device, accum,
-                       launched, say)
+    return train_steps(
+        cfg, trainee, run_dir, train_tokens, valid_tokens, tok, kwargs, rank, world, device, accum, launched, say
+    )

@@ -1,5 +1,6 @@
 """GPU checks of each fused kernel against its reference, forward and backward (run on the H200 via the device
 tool; skipped where there is no CUDA). Whole-model checks are in test_models.py."""
+
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ def test_triton_expert_mm_matches_reference(dtype, tol, D, E, K):
     torch.manual_seed(0)
     T = 2048 + 37
     x = torch.randn(T, D, device="cuda", dtype=dtype, requires_grad=True)
-    w = (torch.randn(E, D, 128, device="cuda", dtype=dtype) / D ** 0.5).requires_grad_()
+    w = (torch.randn(E, D, 128, device="cuda", dtype=dtype) / D**0.5).requires_grad_()
     expert = torch.randint(0, E, (T, K), device="cuda")
     expert[expert == 1] = 0  # expert 1 gets no rows
     r = route(expert, E)
@@ -39,15 +40,15 @@ def test_triton_combine_matches_torch_path(dtype, tol, I, O, gather, loop_n, mon
     """Fused projection + gated sum (scale/scatter epilogue, gathered and scaled gradient rows) on the
     Triton path against the per-expert PyTorch path in fp64, values and all gradients; I = 128 runs
     the "loop over N" grouped GEMM by default, `column_blocks` forces the other form."""
-    from moeut.kernels import expert_mm as triton_expert_mm
     from moeut.ops.expert_mm import expert_mm_combine
+
     force_loop_n(monkeypatch, loop_n)
     torch.manual_seed(1)
     R, K, E = 1500, 4, 10
     expert = torch.randint(0, E - 1, (R, K), device="cuda")  # the last expert gets no rows
     r = route(expert, E)
     x = torch.randn(R if gather else R * K, I, device="cuda", dtype=dtype, requires_grad=True)
-    w = (torch.randn(E, I, O, device="cuda", dtype=dtype) / I ** 0.5).requires_grad_()
+    w = (torch.randn(E, I, O, device="cuda", dtype=dtype) / I**0.5).requires_grad_()
     gate = torch.rand(R, K, device="cuda", dtype=dtype, requires_grad=True)
     out = expert_mm_combine(x, w, r, gate, gather=gather)
     g = torch.randn_like(out)
@@ -69,13 +70,14 @@ def test_triton_expert_mlp_matches_torch_path(dtype, tol, D, E, K, monkeypatch):
     bit-identical to the composed operators on the GPU too."""
     from moeut.ops.expert_mlp import expert_mlp
     from moeut.ops.expert_mm import expert_mm, expert_mm_combine
+
     torch.manual_seed(5)
     R = 2048
     expert = torch.randint(0, E - 1, (R, K), device="cuda")  # the last expert gets no rows
     r = route(expert, E)
     x = torch.randn(R, D, device="cuda", dtype=dtype, requires_grad=True)
-    w1 = (torch.randn(E, D, 128, device="cuda", dtype=dtype) / D ** 0.5).requires_grad_()
-    w2 = (torch.randn(E, 128, D, device="cuda", dtype=dtype) / 128 ** 0.5).requires_grad_()
+    w1 = (torch.randn(E, D, 128, device="cuda", dtype=dtype) / D**0.5).requires_grad_()
+    w2 = (torch.randn(E, 128, D, device="cuda", dtype=dtype) / 128**0.5).requires_grad_()
     gate = torch.rand(R, K, device="cuda", dtype=dtype, requires_grad=True)
     leaves = (x, w1, w2, gate)
     out = expert_mlp(x, w1, w2, r, gate)
@@ -100,19 +102,23 @@ def test_gated_weight_gradient_operand_matches_fp64(case, monkeypatch):
     gradient."""
     from moeut.ops import expert_mm as em
     from moeut.ops.expert_mlp import expert_mlp
+
     torch.manual_seed(8)
-    R, K, E, (I, O) = (2048, 16, 387, (1024, 128)) if case == "ffn" else (4096, 2, 10, {"value": (1024, 128),
-                                                                                        "output": (128, 1024)}[case])
+    R, K, E, (I, O) = (
+        (2048, 16, 387, (1024, 128))
+        if case == "ffn"
+        else (4096, 2, 10, {"value": (1024, 128), "output": (128, 1024)}[case])
+    )
     expert = torch.randint(0, E - 1, (R, K), device="cuda")  # the last expert gets no rows
     r = route(expert, E)
     x = torch.randn(R, I, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     gate = torch.rand(R, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    ws = [(torch.randn(E, I, O, device="cuda", dtype=torch.bfloat16) / I ** 0.5).requires_grad_()]
+    ws = [(torch.randn(E, I, O, device="cuda", dtype=torch.bfloat16) / I**0.5).requires_grad_()]
     if case == "ffn":
-        ws.append((torch.randn(E, O, I, device="cuda", dtype=torch.bfloat16) / O ** 0.5).requires_grad_())
-        run = lambda x, ws, gate: expert_mlp(x, *ws, r, gate)   # noqa: E731
+        ws.append((torch.randn(E, O, I, device="cuda", dtype=torch.bfloat16) / O**0.5).requires_grad_())
+        run = lambda x, ws, gate: expert_mlp(x, *ws, r, gate)
     else:
-        run = lambda x, ws, gate: em.expert_mm_combine(x, ws[0], r, gate)   # noqa: E731
+        run = lambda x, ws, gate: em.expert_mm_combine(x, ws[0], r, gate)
     leaves = (x, *ws, gate)
     g = torch.randn(R, I if case == "ffn" else O, device="cuda", dtype=torch.bfloat16)
     out = run(x, ws, gate)
@@ -136,6 +142,7 @@ def test_triton_weight_grad_segments_match_sum_of_applications(dtype, tol, n_seg
     added to the accumulator; an expert no application routes to keeps its values."""
     from moeut.ops.grouped_mm import weight_grad_reference
     from moeut.kernels.weight_grad import weight_grad_segments_triton
+
     torch.manual_seed(n_seg)
     E, K, T = 387, 16, 4096
     segments, want = [], torch.zeros(E, I, O, device="cuda", dtype=torch.float64)
@@ -145,8 +152,15 @@ def test_triton_weight_grad_segments_match_sum_of_applications(dtype, tol, n_seg
         r = route(expert, E)
         x = torch.randn(T, I, device="cuda").to(dtype)
         if gated:
-            seg = (x, torch.randn(T, O, device="cuda").to(dtype), r.offsets_E1, r.rows_N, r.rows_N,
-                   torch.rand(T * K, device="cuda"), r.slot_N)
+            seg = (
+                x,
+                torch.randn(T, O, device="cuda").to(dtype),
+                r.offsets_E1,
+                r.rows_N,
+                r.rows_N,
+                torch.rand(T * K, device="cuda"),
+                r.slot_N,
+            )
         else:
             seg = (x, torch.randn(T * K, O, device="cuda").to(dtype), r.offsets_E1, r.rows_N, None, None, None)
         segments.append(seg)
@@ -165,6 +179,7 @@ def test_triton_weight_grad_split_over_rows_at_switchhead_shapes(I, O, monkeypat
     rows exact. (The model routes SwitchHead over heads x experts: 40 at 244M, 2 ranges.)"""
     from moeut.kernels import weight_grad as twg
     from moeut.ops.grouped_mm import weight_grad_reference
+
     torch.manual_seed(3)
     E, T, H = 10, 16384, 4
     segments, want = [], torch.zeros(E, I, O, device="cuda", dtype=torch.float64)
@@ -191,14 +206,19 @@ def test_triton_weight_grad_split_over_rows_at_switchhead_shapes(I, O, monkeypat
 def test_sum_choices_kernel_matches_torch(out_dtype, X, C, O):
     from moeut.ops.grouped_mm import _sum_choices_torch
     from moeut.kernels.sum_choices import sum_choices_triton
+
     y = torch.randn(X * C, O, device="cuda", dtype=torch.bfloat16)
     got = sum_choices_triton(y, X, out_dtype)
     want = _sum_choices_torch(y, X, out_dtype)
     assert got.dtype == out_dtype and got.shape == (X, O)
     torch.testing.assert_close(got, want, rtol=1e-5 if out_dtype == torch.float32 else 8e-3, atol=1e-4)
-    init = torch.randn(X, O, device="cuda")   # the residual stream, added before the one rounding
-    torch.testing.assert_close(sum_choices_triton(y, X, out_dtype, init), _sum_choices_torch(y, X, out_dtype, init),
-                               rtol=1e-5 if out_dtype == torch.float32 else 8e-3, atol=1e-4)
+    init = torch.randn(X, O, device="cuda")  # the residual stream, added before the one rounding
+    torch.testing.assert_close(
+        sum_choices_triton(y, X, out_dtype, init),
+        _sum_choices_torch(y, X, out_dtype, init),
+        rtol=1e-5 if out_dtype == torch.float32 else 8e-3,
+        atol=1e-4,
+    )
 
 
 def test_aligned_router_and_dense_ffn_match_unpadded():
@@ -209,6 +229,7 @@ def test_aligned_router_and_dense_ffn_match_unpadded():
     round their gradient reductions differently: ~1% apart on an H200)."""
     from moeut import moe
     from moeut.dense import DenseLayer
+
     torch.manual_seed(0)
     sel = moe.SigmaMoE(1024, 387, 128, 16).cuda()
     sel.reset_parameters(1.0)
@@ -218,7 +239,7 @@ def test_aligned_router_and_dense_ffn_match_unpadded():
         y32 = fn(x)
         g32 = torch.autograd.grad(y32.square().sum(), weight)[0]
         errors = []
-        for chunk in (x.shape[0], 512):   # all rows at once: padded; 512 at a time: unpadded
+        for chunk in (x.shape[0], 512):  # all rows at once: padded; 512 at a time: unpadded
             assert (chunk >= moe.PADDING_MIN_ROWS) == (chunk == x.shape[0])
             ys, g = [], 0
             for xc in x.split(chunk):
@@ -240,13 +261,14 @@ def test_router_kernel_matches_sigmoid_topk(dtype, R, E, K):
     """The fused Triton router against sigmoid + topk: same gates, experts whose scores are the gates,
     and the gradient of the logits."""
     from moeut.ops.router import sigmoid_topk, sigmoid_topk_reference
+
     torch.manual_seed(2)
     logits = (2 * torch.randn(R, E, device="cuda")).to(dtype).requires_grad_()
     gate, expert = sigmoid_topk(logits, K)
     ref_logits = logits.detach().clone().requires_grad_()
     ref_gate, _ = sigmoid_topk_reference(ref_logits, K)
     # The kernel's fp32 sigmoid may differ from torch's by an ulp, which can flip a bf16 rounding.
-    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -8, atol=0)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-8, atol=0)
     torch.testing.assert_close(gate, ref_gate, **tol)
     torch.testing.assert_close(torch.sigmoid(logits.detach()).gather(1, expert), gate, **tol)
     # Gradient: autograd through sigmoid + gather at the kernel's choices (bf16 scores tie often, and
@@ -257,7 +279,7 @@ def test_router_kernel_matches_sigmoid_topk(dtype, R, E, K):
     # bf16: the kernel's s (its gate) can be one ulp off torch's sigmoid, and s * (1 - s) is then
     # rounded in another order: on the H200 the gradients differed by about 2 bf16 ulps at most
     # (relative difference <= 0.009 on 0.5-4% of the elements).
-    gtol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -6, atol=1e-5)
+    gtol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-6, atol=1e-5)
     torch.testing.assert_close(logits.grad, ref_logits.grad, **gtol)
 
 
@@ -270,6 +292,7 @@ def test_joint_router_gradient_matches_separate_nodes(router_kind):
     columns get an exact zero gradient; SwitchHead's are a strided slice, ranked in fp32."""
     from moeut.ops import router
     from moeut.router import _ProbabilitySum
+
     torch.manual_seed(5)
     if router_kind == "ffn_padded":
         wide = (3 * torch.randn(16, 1024, 392, device="cuda")).to(torch.bfloat16).requires_grad_()
@@ -280,8 +303,10 @@ def test_joint_router_gradient_matches_separate_nodes(router_kind):
 
     def logits_of(t):
         return t[..., :n_valid] if router_kind == "ffn_padded" else t[..., 3:43].view(*t.shape[:2], 4, 10)
-    gate, expert, p_sum = router.select_with_prob_sum(wide if router_kind == "ffn_padded" else logits_of(wide),
-                                                      K, fp32=fp32, n_valid=n_valid)
+
+    gate, expert, p_sum = router.select_with_prob_sum(
+        wide if router_kind == "ffn_padded" else logits_of(wide), K, fp32=fp32, n_valid=n_valid
+    )
     g_gate, g_sum = torch.randn_like(gate, dtype=torch.float32), torch.randn_like(p_sum)
     (got,) = torch.autograd.grad((gate.float() * g_gate).sum() + (p_sum * g_sum).sum(), wide)
     want_gate, want_expert = router.sigmoid_topk(logits_of(wide), K, fp32=fp32)
@@ -297,7 +322,7 @@ def test_joint_router_gradient_matches_separate_nodes(router_kind):
     if router_kind == "ffn_padded":
         assert (got[..., n_valid:] == 0).all()
     err = (got.float() - ref).abs()
-    assert (err <= 2 ** -8 * ref.abs() + 1e-6).all(), (err - 2 ** -8 * ref.abs()).max()
+    assert (err <= 2**-8 * ref.abs() + 1e-6).all(), (err - 2**-8 * ref.abs()).max()
 
 
 @pytest.mark.parametrize("shape", [(16, 1024, 387), (16, 1024, 4, 10), "sliced"])
@@ -309,6 +334,7 @@ def test_probability_sum_on_cuda_matches_autograd(shape, dtype, fused, monkeypat
     returns fp16 but not bf16 from fp32 gradients), against autograd through the fp32 softmax of a
     float copy. "sliced": SwitchHead's selector logits, a strided view of a wider projection."""
     from moeut.router import _ProbabilitySum
+
     monkeypatch.setattr(settings, "pytorch_ops", frozenset() if fused == "1" else frozenset({"entropy"}))
     torch.manual_seed(4)
     if shape == "sliced":
@@ -323,20 +349,21 @@ def test_probability_sum_on_cuda_matches_autograd(shape, dtype, fused, monkeypat
     (g_want,) = torch.autograd.grad(want, logits, grad_out)
     assert g_got.dtype == dtype
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(g_got.float(), g_want.float(), rtol=2 ** -7, atol=1e-5)
-    assert torch.equal(_ProbabilitySum.apply(logits), got)   # reproducible: no atomics
+    torch.testing.assert_close(g_got.float(), g_want.float(), rtol=2**-7, atol=1e-5)
+    assert torch.equal(_ProbabilitySum.apply(logits), got)  # reproducible: no atomics
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("D,n_rot", [(128, 64), (82, 40)])
 def test_fused_rope_matches_reference(dtype, D, n_rot):
     from moeut.ops.rope import rope_tables, rotate, rotate_reference
+
     torch.manual_seed(3)
     B, T, H = 4, 1000, 4
     x = torch.randn(B, T, H, D, device="cuda").to(dtype).transpose(1, 2).requires_grad_()
     cos, sin = rope_tables(n_rot, 17, T, 10000.0, "cuda")
     arriving = []
-    x.register_hook(lambda grad: arriving.append(grad))   # the gradient as RoPE's backward wrote it
+    x.register_hook(lambda grad: arriving.append(grad))  # the gradient as RoPE's backward wrote it
     y = rotate(x, cos, sin, 0.3)
     ref_x = x.detach().clone().requires_grad_()
     ref = rotate_reference(ref_x, cos, sin, 0.3)
@@ -358,6 +385,7 @@ def test_layer_norm_kernels_match_torch(D, autocast, x_dtype):
     bf16 copy of torch's fp32 result (rounded once), the gradients agree to fp32 rounding, and the
     weight gradient is the same bits when the backward runs again."""
     from moeut.ops.norm import LayerNorm
+
     torch.manual_seed(D)
     ours = LayerNorm(D).cuda().to(x_dtype)
     with torch.no_grad():
@@ -371,21 +399,22 @@ def test_layer_norm_kernels_match_torch(D, autocast, x_dtype):
         y, ref = ours(x), theirs(xr)
     out_dtype = torch.bfloat16 if autocast else x_dtype
     assert y.dtype == out_dtype and ref.to(out_dtype).dtype == out_dtype
-    ref = ref.to(out_dtype)   # the copy autocast's next matmul makes
+    ref = ref.to(out_dtype)  # the copy autocast's next matmul makes
     if out_dtype == torch.bfloat16:
-        assert (y == ref).float().mean() > 0.99   # the same rounding but where fp32 sums differ in order
-        torch.testing.assert_close(y.float(), ref.float(), rtol=2 ** -7, atol=1e-6)
+        assert (y == ref).float().mean() > 0.99  # the same rounding but where fp32 sums differ in order
+        torch.testing.assert_close(y.float(), ref.float(), rtol=2**-7, atol=1e-6)
     else:
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(y)
     y.backward(g)
     ref.backward(g)
-    tol = dict(rtol=1e-4, atol=1e-4) if x_dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-2)
+    tol = dict(rtol=1e-4, atol=1e-4) if x_dtype == torch.float32 else dict(rtol=2**-7, atol=1e-2)
     torch.testing.assert_close(x.grad, xr.grad, **tol)
-    for a, b in ((ours.weight, theirs.weight), (ours.bias, theirs.bias)):   # bf16 parameters: 1 ulp
+    for a, b in ((ours.weight, theirs.weight), (ours.bias, theirs.bias)):  # bf16 parameters: 1 ulp
         scale = b.grad.float().abs().max().item()
-        torch.testing.assert_close(a.grad.float(), b.grad.float(), rtol=1e-3 if x_dtype == torch.float32
-                                   else 2 ** -7, atol=1e-4 * scale)
+        torch.testing.assert_close(
+            a.grad.float(), b.grad.float(), rtol=1e-3 if x_dtype == torch.float32 else 2**-7, atol=1e-4 * scale
+        )
     first = ours.weight.grad.clone()
     ours.weight.grad = None
     with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
@@ -397,6 +426,7 @@ def test_layer_norm_pass_through_matches_autograd_sum():
     """x's gradient through normalize_and_pass's second output is added inside the LayerNorm backward:
     the same as autograd adding x's two gradients (bf16 autocast, the 244M width)."""
     from moeut.ops.norm import LayerNorm
+
     torch.manual_seed(5)
     norm = LayerNorm(1024).cuda()
     x = torch.randn(8, 1000, 1024, device="cuda", requires_grad=True)
@@ -418,6 +448,7 @@ def test_layer_norm_copies_are_the_casts_bits(D):
     """The LayerNorm kernels' bf16 copies of x (forward) and dx (backward) for `cast_relay`: the same bits
     as x.to(bf16) and dx.to(bf16) (round to nearest even), the other outputs unchanged."""
     from moeut.kernels import norm as triton_norm
+
     torch.manual_seed(D)
     x = 3 + 2 * torch.randn(4097, D, device="cuda")
     w, b = 1 + 0.2 * torch.randn(D, device="cuda"), 0.2 * torch.randn(D, device="cuda")
@@ -434,13 +465,16 @@ def test_layer_norm_copies_are_the_casts_bits(D):
 def test_small_route_kernel_matches_sort(R, K, E, monkeypatch):
     """Decoding's one-kernel routing equals the torch sort path exactly."""
     from moeut.ops.expert_mm import route
+
     torch.manual_seed(R + E)
     expert = torch.randint(0, E, (R, K), device="cuda")
     got = route(expert, E)
     monkeypatch.setattr(settings, "pytorch_ops", frozenset({"route"}))
     want = route(expert, E)
-    for a, b in zip((got.offsets_E1, got.rows_N, got.slot_N, got.choice_RK),
-                    (want.offsets_E1, want.rows_N, want.slot_N, want.choice_RK)):
+    for a, b in zip(
+        (got.offsets_E1, got.rows_N, got.slot_N, got.choice_RK),
+        (want.offsets_E1, want.rows_N, want.slot_N, want.choice_RK),
+    ):
         assert torch.equal(a, b)
 
 
@@ -451,13 +485,16 @@ def test_expert_gemv_kernel_matches_reference(dtype, tol, R, layout):
     """Decoding's per-choice expert projection at the 244M shapes (batch 1 and 32)."""
     from moeut.ops.expert_gemv import expert_gemv_reference
     from moeut.kernels.expert_gemv import expert_gemv_triton
+
     torch.manual_seed(R)
     D, S, E, K, H, EH, KH, Dh = 1024, 128, 387, 16, 4, 10, 2, 128
     heads = dict(head_k=KH, n_heads=H, head_experts=EH)
-    shapes = {"ffn_up": ((R, D), (E, D, S), R * K, False, dict(per_x=K, per_out=1, relu=True)),
-              "ffn_down": ((R * K, S), (E, S, D), R * K, True, dict(per_x=1, per_out=K)),
-              "value": ((R, D), (H * EH, D, Dh), R * H * KH, True, dict(per_x=H * KH, per_out=KH, **heads)),
-              "output": ((R * H, Dh), (H * EH, Dh, D), R * H * KH, True, dict(per_x=KH, per_out=H * KH, **heads))}
+    shapes = {
+        "ffn_up": ((R, D), (E, D, S), R * K, False, dict(per_x=K, per_out=1, relu=True)),
+        "ffn_down": ((R * K, S), (E, S, D), R * K, True, dict(per_x=1, per_out=K)),
+        "value": ((R, D), (H * EH, D, Dh), R * H * KH, True, dict(per_x=H * KH, per_out=KH, **heads)),
+        "output": ((R * H, Dh), (H * EH, Dh, D), R * H * KH, True, dict(per_x=KH, per_out=H * KH, **heads)),
+    }
     x_shape, w_shape, C, gated, kw = shapes[layout]
     n_experts = EH if "head_k" in kw else E
     x = torch.randn(x_shape, device="cuda", dtype=dtype)

@@ -1,6 +1,7 @@
 """GPU checks of whole models: CUDA against CPU, caches and decoding graphs, torch.compile, training steps
 (deterministic, graphed, resumed), on the H200 via the device tool; skipped where there is no CUDA.
 Each kernel's own parity tests are in test_kernels.py."""
+
 import copy
 
 import pytest
@@ -37,6 +38,7 @@ def test_cuda_model_matches_cpu(att_n_experts):
 def test_analysis_on_cuda_equals_cpu():
     """The trainer's expert statistics run on the model's device: the same numbers as on the CPU."""
     from moeut.analyze import analyze
+
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = False
     cpu = moeut.MoEUTLM(300, **profiles.MoEUT_tiny).eval()
@@ -46,7 +48,9 @@ def test_analysis_on_cuda_equals_cpu():
     for layer, table in want["overlap"].items():
         assert torch.allclose(torch.tensor(got["overlap"][layer]), torch.tensor(table), atol=1e-6), layer
     assert got["diversity"] == want["diversity"]
-    assert [u["entropy"] for u in got["ffn_usage"]] == pytest.approx([u["entropy"] for u in want["ffn_usage"]], abs=1e-5)
+    assert [u["entropy"] for u in got["ffn_usage"]] == pytest.approx(
+        [u["entropy"] for u in want["ffn_usage"]], abs=1e-5
+    )
 
 
 @pytest.mark.parametrize("B", [1, 32])
@@ -66,6 +70,7 @@ def test_inference_projection_matches_gradient_path(B):
         with torch.no_grad():
             fast = m(x).outputs.float()
         return fast, m(x).outputs.detach().float()
+
     fast32, ref32 = no_grad_and_grad_paths()
     assert rel(fast32, ref32) < 1e-5
     m.to(torch.bfloat16)
@@ -83,7 +88,7 @@ def test_cuda_kv_cache_matches_full_forward():
         full = m(x).outputs
         cache, outs = {}, []
         for t in range(0, 50, 7):
-            o = m(x[:, t:t + 7], kv_cache=cache)
+            o = m(x[:, t : t + 7], kv_cache=cache)
             cache = o.cache
             outs.append(o.outputs)
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-4, atol=1e-4)
@@ -93,8 +98,9 @@ def test_cuda_kv_cache_matches_full_forward():
 def test_cuda_graph_generation_equals_recomputation(kind):
     """Static cache + CUDA-graph decoding gives the tokens of full recomputation (greedy, fp32)."""
     from moeut.generate import generate
+
     torch.manual_seed(0)
-    m = (moeut.MoEUTLM(300, **profiles.MoEUT_tiny) if kind == "moeut" else moeut.DenseLM(300, **profiles.Dense_tiny))
+    m = moeut.MoEUTLM(300, **profiles.MoEUT_tiny) if kind == "moeut" else moeut.DenseLM(300, **profiles.Dense_tiny)
     m = m.cuda().eval()
     prompts = [[1, 2, 3], list(range(5, 30)), [7]]
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -112,11 +118,12 @@ def test_kept_decoding_graph_is_reused_only_while_valid():
     import gc
     import weakref
     from moeut import generate as gen_module
+
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = False
     m = moeut.MoEUTLM(300, **profiles.MoEUT_tiny).cuda().eval()
     first = [[1, 2, 3], list(range(5, 15))]
-    second = [list(range(20, 30)), [9, 8]]          # same longest prompt (10): same cache size
+    second = [list(range(20, 30)), [9, 8]]  # same longest prompt (10): same cache size
     out = gen_module.generate(m, first, 12, cuda_graph=True)
     assert out == gen_module.generate(m, first, 12, cache="none")
     kept = gen_module._KEPT_STEPS[m][1]
@@ -192,11 +199,12 @@ def test_shared_weight_copies_match_per_application_casts(cfg, defer, monkeypatc
     order, equal to fp32 rounding, and bit-identical between two runs. Autotuning is off in tests/gpu,
     so all runs use the same kernel configs."""
     from tests.helpers import shared_and_per_application_grads
+
     monkeypatch.setattr(settings, "wgrad_defer", defer)
     torch.manual_seed(0)
     m = moeut.MoEUTLM(8000, **{**getattr(profiles, cfg), "n_layers": 8}).cuda().train()
     x = torch.randint(0, 8000, (2, 512), device="cuda")
-    torch.use_deterministic_algorithms(True)   # (cuDNN's attention backward is otherwise not)
+    torch.use_deterministic_algorithms(True)  # (cuDNN's attention backward is otherwise not)
     try:
         grads = [g for _, g in shared_and_per_application_grads(m, x, monkeypatch, "cuda")]
         again = shared_and_per_application_grads(m, x, monkeypatch, "cuda")[1][1]
@@ -218,6 +226,7 @@ def test_norms_copies_give_the_same_step_as_casts(cfg, checkpointing, monkeypatc
     gradient are bit-identical to the step that casts (44M: misaligned rows, padded after the copy)."""
     from moeut.ops import cast_relay
     from tests.helpers import autocast_step_grads
+
     torch.manual_seed(0)
     m = moeut.MoEUTLM(8000, **{**getattr(profiles, cfg), "n_layers": 4}).cuda().train()
     m.transformer.activation_checkpointing = checkpointing
@@ -226,13 +235,14 @@ def test_norms_copies_give_the_same_step_as_casts(cfg, checkpointing, monkeypatc
 
     def spy(t, dtype):
         if not enabled[0]:
-            return None   # every projection casts for itself: the reference
+            return None  # every projection casts for itself: the reference
         copy = take(t, dtype)
         if copy is not None:
             exact.append(torch.equal(copy, t.to(dtype)))
         return copy
+
     monkeypatch.setattr(cast_relay, "take", spy)
-    torch.use_deterministic_algorithms(True)   # (cuDNN's attention backward is otherwise not)
+    torch.use_deterministic_algorithms(True)  # (cuDNN's attention backward is otherwise not)
     try:
         runs = []
         for on in (False, True):
@@ -269,12 +279,16 @@ def test_training_step_with_joint_router_gradient_matches(monkeypatch):
     from moeut import router as routing
     from moeut.ops import router
     from tests.helpers import step_loss_grads
+
     torch.manual_seed(0)
     model = MoEUTLM(1000, **profiles.MoEUT_44M).cuda().train()
     x = torch.randint(0, 1000, (4, 512), device="cuda")
     used = []
-    monkeypatch.setattr(router._SelectWithProbSum, "forward",
-                        staticmethod(lambda ctx, *a, f=router._SelectWithProbSum.forward: used.append(1) or f(ctx, *a)))
+    monkeypatch.setattr(
+        router._SelectWithProbSum,
+        "forward",
+        staticmethod(lambda ctx, *a, f=router._SelectWithProbSum.forward: used.append(1) or f(ctx, *a)),
+    )
 
     monkeypatch.setattr(routing, "joint_selection_applies", lambda logits: False)
     want_loss, want = step_loss_grads(model, x)
@@ -294,6 +308,7 @@ def test_decoding_step_gemv_matches_sorted_path(dtype, tol, monkeypatch):
     of the sorted (grouped GEMM) path. (bf16: 18 layers of rounding in two summation orders; a wrong
     expert or gate would be off by O(1).)"""
     from moeut.attention import AttentionMask, new_static_cache
+
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = False
     m = moeut.MoEUTLM(8000, **profiles.MoEUT_244M).cuda().to(dtype).eval()
@@ -306,6 +321,7 @@ def test_decoding_step_gemv_matches_sorted_path(dtype, tol, monkeypatch):
         with torch.no_grad():
             m(prompt, mask, kv_cache=kv)
             return m(nxt, mask, kv_cache=kv).outputs.float()
+
     fast = step()
     monkeypatch.setattr(settings, "pytorch_ops", frozenset({"expert_gemv"}))
     err = rel(fast, step())
@@ -317,6 +333,7 @@ def nccl_group_of_one():
     """A one-process NCCL group, so the multi-process step's all-reduce runs for real."""
     import os
     import torch.distributed as dist
+
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29655")
     dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
@@ -331,6 +348,7 @@ def test_graphed_train_step_matches_eager(accum, flat, request):
     trains like the eager step: as one graph (one process), and as the multi-process form (flat
     gradient buffer, NCCL all-reduce between a forward/backward graph and an optimizer graph)."""
     from moeut.train.step import GraphedTrainStep, step_body
+
     torch.backends.cuda.matmul.allow_tf32 = False
     if flat:
         request.getfixturevalue("nccl_group_of_one")
@@ -339,7 +357,7 @@ def test_graphed_train_step_matches_eager(accum, flat, request):
         torch.manual_seed(0)
         m = moeut.MoEUTLM(300, **profiles.MoEUT_tiny).cuda().train()
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True, capturable=graphed)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))   # the lr changes every step
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))  # the lr changes every step
         step = GraphedTrainStep(m, m, opt, torch.bfloat16, 0.1, flat_gradients=flat) if graphed else None
         gen = torch.Generator().manual_seed(1)
         losses = []
@@ -352,6 +370,7 @@ def test_graphed_train_step_matches_eager(accum, flat, request):
             sched.step()
             losses.append((loss.item(), gnorm.item()))
         return losses, [p.detach().clone() for p in m.parameters()]
+
     eager_losses, eager_params = run(False)
     graph_losses, graph_params = run(True)
     assert len(graph_losses) == 6
@@ -365,17 +384,31 @@ def _tiny_run_settings(tmp_path, **overrides):
     """TrainConfig arguments of a tiny MoEUT run on 30 standard-library files copied into tmp_path."""
     import shutil
     from moeut.train.data import default_corpus_paths
+
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for p in default_corpus_paths()[:30]:
         shutil.copy(p, corpus / p.name)
-    return dict(model="moeut-tiny", data=[str(corpus)], batch_size=4, context=64, vocab_size=1000, log_interval=1,
-                eval_interval=100, eval_windows=2, ckpt_interval=100, cache_dir=str(tmp_path / "cache"),
-                tensorboard=False, progress=False, **overrides)
+    return dict(
+        model="moeut-tiny",
+        data=[str(corpus)],
+        batch_size=4,
+        context=64,
+        vocab_size=1000,
+        log_interval=1,
+        eval_interval=100,
+        eval_windows=2,
+        ckpt_interval=100,
+        cache_dir=str(tmp_path / "cache"),
+        tensorboard=False,
+        progress=False,
+        **overrides,
+    )
 
 
 def _logged_losses(run_dir):
     import json
+
     return {r["step"]: r["loss"] for r in map(json.loads, open(run_dir / "metrics.jsonl")) if "loss" in r}
 
 
@@ -384,13 +417,14 @@ def test_train_with_cuda_graph_stops_and_resumes_to_the_same_losses(tmp_path):
     capture), and the losses of an uninterrupted run."""
     from moeut.train.config import TrainConfig
     from moeut.train.trainer import config_of_run, train
+
     common = _tiny_run_settings(tmp_path, steps=8, cuda_graph="on")
     train(TrainConfig(out=str(tmp_path / "full"), **common))
     cut = train(TrainConfig(out=str(tmp_path / "cut"), stop_after=3, **common))
     assert cut["stopped"] and cut["step"] == 3
     cfg = config_of_run(tmp_path / "cut")
     cfg.stop_after = 0
-    cfg.cache_dir = str(tmp_path / "cache")   # a run's recorded paths are not followed
+    cfg.cache_dir = str(tmp_path / "cache")  # a run's recorded paths are not followed
     assert train(cfg, resume=True)["step"] == 8
     full, resumed = _logged_losses(tmp_path / "full"), _logged_losses(tmp_path / "cut")
     assert sorted(resumed) == sorted(full) == list(range(1, 9))
@@ -407,6 +441,7 @@ def test_fsdp_sharded_checkpoint_on_cuda_resumes_with_and_without_fsdp(tmp_path)
     from moeut.train import checkpoint as ckpt_lib
     from moeut.train.config import TrainConfig
     from moeut.train.trainer import config_of_run, train
+
     common = _tiny_run_settings(tmp_path, steps=6, parallel="fsdp")
     train(TrainConfig(out=str(tmp_path / "full"), **common))
     train(TrainConfig(out=str(tmp_path / "cut"), stop_after=3, **common))
@@ -429,6 +464,7 @@ def test_graphed_checkpoint_resumes_under_fsdp_with_this_runs_optimizer_mode(tmp
     losses within the bf16 difference between the two step modes."""
     from moeut.train.config import TrainConfig
     from moeut.train.trainer import config_of_run, train
+
     common = _tiny_run_settings(tmp_path, steps=6)
     train(TrainConfig(out=str(tmp_path / "full"), **common))
     train(TrainConfig(out=str(tmp_path / "cut"), stop_after=3, **common))
@@ -448,9 +484,10 @@ def test_relayed_residual_gradient_matches_autograd_sum_at_244M_shapes(monkeypat
     close to the fp64 gradients as bf16 allows (H200: x 2.8%, V and O 9.5%, equal for both)."""
     from moeut.attention import switchhead as attention_module
     from moeut.model import MoEUTLayer
+
     torch.manual_seed(5)
     layer = MoEUTLayer(1024, 4, 128, 387, att_n_experts=10, d_head=128, ff_k=16).cuda().train()
-    for mod in (layer.attention, layer.ffn):   # (a layer on its own: its model would initialise these)
+    for mod in (layer.attention, layer.ffn):  # (a layer on its own: its model would initialise these)
         mod.reset_parameters(1.0)
     x = torch.randn(4, 512, 1024, device="cuda", requires_grad=True)
     gy = torch.randn_like(x)
@@ -461,13 +498,13 @@ def test_relayed_residual_gradient_matches_autograd_sum_at_244M_shapes(monkeypat
         with torch.autocast("cuda", torch.bfloat16):
             y = layer(x)[0]
         got[relay] = torch.autograd.grad(y, [x, layer.attention.v, layer.attention.o], gy)
-    monkeypatch.setattr(settings, "triton", False)   # the fp64 reference through the PyTorch paths
+    monkeypatch.setattr(settings, "triton", False)  # the fp64 reference through the PyTorch paths
     layer64 = copy.deepcopy(layer).double()
     x64 = x.detach().double().requires_grad_()
     want = torch.autograd.grad(layer64(x64)[0], [x64, layer64.attention.v, layer64.attention.o], gy.double())
     same = [rel(on, off) for on, off in zip(got[True], got[False])]
     to_fp64 = [(rel(on, w), rel(off, w)) for on, off, w in zip(got[True], got[False], want)]
     print("relay vs autograd sum:", same, "against fp64 (relay, autograd):", to_fp64)
-    assert max(same) < 3e-5   # (5.6e-6 measured: x's gradient; the weights' are bit-identical)
-    for (a, b), tol in zip(to_fp64, (5e-2, 0.2, 0.2)):   # bf16 end to end through the layer
+    assert max(same) < 3e-5  # (5.6e-6 measured: x's gradient; the weights' are bit-identical)
+    for (a, b), tol in zip(to_fp64, (5e-2, 0.2, 0.2)):  # bf16 end to end through the layer
         assert a < tol and b < tol

@@ -1,6 +1,7 @@
 """An attention class of one's own, registered by name, reaches every place a model goes: `--set
 attention=NAME` in training, run.json, `load_run`, generation with the preallocated static cache
 (asked of the class by capability, not by type), and the Hugging Face export."""
+
 import json
 
 import pytest
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.slow
 class PlainRopeAttention(torch.nn.Module):
     """Dense multi-head attention with RoPE through `attention.attend`, the official interface only;
     `attend` fills both cache kinds, so it declares the static-cache capability."""
+
     supports_static_cache = True
 
     def __init__(self, state_size, n_heads, n_experts, projection_size=None, moe_k=2, expert_dropout=0.0):
@@ -30,7 +32,7 @@ class PlainRopeAttention(torch.nn.Module):
     def forward(self, q_src, k_src, v_src, mask, kv_cache=None):
         B, T, _ = q_src.shape
         q, k, v = self.qkv(q_src).view(B, T, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
-        out, kv_cache = attention.attend(q, k, v, mask, kv_cache, self.d_head, 10000.0, self.d_head ** -0.5)
+        out, kv_cache = attention.attend(q, k, v, mask, kv_cache, self.d_head, 10000.0, self.d_head**-0.5)
         return self.out(out.transpose(1, 2).reshape(B, T, -1)), kv_cache
 
 
@@ -46,10 +48,11 @@ def test_a_registered_attention_trains_loads_generates_and_exports(corpus, tmp_p
     assert all(type(layer.attention) is PlainRopeAttention for layer in layers)
     assert attention.supports_static_cache(layers[0].attention) and not attention.adds_residual(layers[0].attention)
     prompts = [tok.encode("def f(x):"), tok.encode("import os\n")]
-    static = generate(model, prompts, 8)                      # the static cache (the default), by capability
+    static = generate(model, prompts, 8)  # the static cache (the default), by capability
     assert static == generate(model, prompts, 8, cache="none") == generate(model, prompts, 8, cache="dynamic")
     pytest.importorskip("transformers")
     from transformers import AutoModelForCausalLM
+
     assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["model_kwargs"]["attention"] == "test_plain_rope"

@@ -1,4 +1,5 @@
 """The `moeut` command: help texts, and generate / eval on a freshly trained tiny run."""
+
 import json
 import subprocess
 
@@ -12,14 +13,48 @@ from .conftest import PY, train_args
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("cmd,flags", [
-    ("train", ["--model", "--data", "--steps", "--out", "--seed", "--resume", "--batch-size", "--context", "--lr",
-               "--warmup", "--clip", "--precision", "--eval-interval", "--ckpt-interval", "--compile",
-               "--activation-checkpointing", "--micro-batch-size", "--set"]),
-    ("generate", ["--checkpoint", "--prompt", "--prompt-file", "--max-new-tokens", "--seed", "--temperature",
-                  "--top-k", "--top-p"]),
-    ("eval", ["--checkpoint", "--tasks", "--data-dir", "--limit", "--json", "--text"]),
-])
+@pytest.mark.parametrize(
+    "cmd,flags",
+    [
+        (
+            "train",
+            [
+                "--model",
+                "--data",
+                "--steps",
+                "--out",
+                "--seed",
+                "--resume",
+                "--batch-size",
+                "--context",
+                "--lr",
+                "--warmup",
+                "--clip",
+                "--precision",
+                "--eval-interval",
+                "--ckpt-interval",
+                "--compile",
+                "--activation-checkpointing",
+                "--micro-batch-size",
+                "--set",
+            ],
+        ),
+        (
+            "generate",
+            [
+                "--checkpoint",
+                "--prompt",
+                "--prompt-file",
+                "--max-new-tokens",
+                "--seed",
+                "--temperature",
+                "--top-k",
+                "--top-p",
+            ],
+        ),
+        ("eval", ["--checkpoint", "--tasks", "--data-dir", "--limit", "--json", "--text"]),
+    ],
+)
 def test_help_explains_every_flag(cmd, flags, capsys):
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])
@@ -49,8 +84,19 @@ def run_dir(corpus, tmp_path_factory):
 
 
 def test_generate_is_reproducible_and_batched(run_dir, capsys, tmp_path):
-    args = ["generate", "--checkpoint", str(run_dir), "--prompt", "def ", "--max-new-tokens", "8",
-            "--temperature", "1.0", "--seed", "7"]
+    args = [
+        "generate",
+        "--checkpoint",
+        str(run_dir),
+        "--prompt",
+        "def ",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "7",
+    ]
     assert main(args) == 0
     first = capsys.readouterr().out
     assert main(args) == 0
@@ -66,11 +112,29 @@ def test_eval_text_and_tasks_write_json(run_dir, tmp_path, capsys):
     text = tmp_path / "held.txt"
     text.write_text("def f(x):\n    return x + 1\n" * 20)
     (tmp_path / "piqa").mkdir()
-    (tmp_path / "piqa" / "valid.jsonl").write_text(json.dumps({"goal": "open a door", "sol1": "push it", "sol2": "eat it"}) + "\n")
+    (tmp_path / "piqa" / "valid.jsonl").write_text(
+        json.dumps({"goal": "open a door", "sol1": "push it", "sol2": "eat it"}) + "\n"
+    )
     (tmp_path / "piqa" / "valid-labels.lst").write_text("0\n")
     out_json = tmp_path / "scores.json"
-    assert main(["eval", "--checkpoint", str(run_dir), "--text", str(text), "--tasks", "piqa", "--data-dir",
-                 str(tmp_path), "--json", str(out_json)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(run_dir),
+                "--text",
+                str(text),
+                "--tasks",
+                "piqa",
+                "--data-dir",
+                str(tmp_path),
+                "--json",
+                str(out_json),
+            ]
+        )
+        == 0
+    )
     saved = json.loads(out_json.read_text())
     res = saved["results"]
     assert res["text"]["perplexity"] > 1 and res["text"]["tokens"] > 100
@@ -90,14 +154,17 @@ def test_eval_text_and_tasks_write_json(run_dir, tmp_path, capsys):
 
 def test_train_reads_a_toml_config_and_the_command_line_wins(corpus, tmp_path, capsys):
     from tests.integration.conftest import train_args
+
     config = tmp_path / "run.toml"
-    config.write_text(f'steps = 5\nseed = 7\ndata = ["{corpus}"]\nno-tensorboard = true\ncuda-graph = false\n'
-                      f'device = "cpu"\nsample-prompt = "def hello_world"\n[set]\nd_model = 32\nn_layers = 2\n')
+    config.write_text(
+        f'steps = 5\nseed = 7\ndata = ["{corpus}"]\nno-tensorboard = true\ncuda-graph = false\n'
+        f'device = "cpu"\nsample-prompt = "def hello_world"\n[set]\nd_model = 32\nn_layers = 2\n'
+    )
     base = train_args(corpus, tmp_path / "run", tmp_path / "cache", steps=3)
     base = [a for a in base if a not in ("--data", str(corpus))]
     assert main(base + ["--config", str(config)]) == 0
     saved = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert saved["config"]["steps"] == 3 and saved["config"]["seed"] == 7            # the flag won over the file
+    assert saved["config"]["steps"] == 3 and saved["config"]["seed"] == 7  # the flag won over the file
     assert saved["config"]["data"] == [str(corpus)] and saved["config"]["device"] == "cpu"
     assert saved["model_kwargs"]["d_model"] == 32 and saved["config"]["cuda_graph"] == "off"
     assert "def hello_world" in capsys.readouterr().out
@@ -121,20 +188,26 @@ def test_train_device_is_checked(tmp_path, capsys):
 def test_every_option_of_every_command_explains_itself():
     import argparse
     from moeut.cli import build_parser
+
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    missing = [f"{name} {a.option_strings or a.dest}" for name, p in sub.choices.items() for a in p._actions
-               if not isinstance(a, argparse._HelpAction) and a.help != argparse.SUPPRESS and not (a.help or "").strip()]
+    missing = [
+        f"{name} {a.option_strings or a.dest}"
+        for name, p in sub.choices.items()
+        for a in p._actions
+        if not isinstance(a, argparse._HelpAction) and a.help != argparse.SUPPRESS and not (a.help or "").strip()
+    ]
     assert not missing, missing
     assert all((sub._choices_actions[i].help or "").strip() for i in range(len(sub._choices_actions)))
 
 
 def test_version_closed_pipe_and_the_run_as_first_argument(tmp_path):
     import subprocess
+
     r = subprocess.run([PY, "-m", "moeut", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("moeut ")
     r = subprocess.run(f"{PY} -m moeut models | head -2", shell=True, capture_output=True, text=True)
-    assert r.stdout.splitlines()[1].startswith("moeut-") and r.stderr == ""   # no "Broken pipe" when the reader leaves
+    assert r.stdout.splitlines()[1].startswith("moeut-") and r.stderr == ""  # no "Broken pipe" when the reader leaves
     assert main(["generate", "--prompt", "x"]) == 2
     assert main(["generate", str(tmp_path / "a"), "--checkpoint", str(tmp_path / "b"), "--prompt", "x"]) == 2
 
@@ -142,13 +215,18 @@ def test_version_closed_pipe_and_the_run_as_first_argument(tmp_path):
 def test_the_router_activation_is_one_setting_from_train_to_load(corpus, tmp_path, capsys):
     from moeut.runs import load_run
     from .conftest import train_args
+
     run = tmp_path / "run"
     assert main(train_args(corpus, run, tmp_path / "cache", steps=2, extra=["--set", "router_activation=softmax"])) == 0
     model, _, meta = load_run(run)
     assert meta["model_kwargs"]["router_activation"] == "softmax"
     assert {m.router_activation for m in model.modules() if hasattr(m, "router_activation")} == {"softmax"}
     capsys.readouterr()
-    assert main(train_args(corpus, tmp_path / "bad", tmp_path / "cache", steps=2,
-                           extra=["--set", "router_activation=relu"])) == 2
+    assert (
+        main(
+            train_args(corpus, tmp_path / "bad", tmp_path / "cache", steps=2, extra=["--set", "router_activation=relu"])
+        )
+        == 2
+    )
     assert "router_activation must be one of sigmoid, softmax" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

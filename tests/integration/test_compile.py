@@ -2,6 +2,7 @@
 fused expert MLP, row dot, top-k sum, router) and the joint Q/K/selector projection trace without a
 graph break, and the compiled step gives the eager loss and gradients. (The GPU suite runs the
 same check at the tiny and 244M shapes; this one keeps it in CI.)"""
+
 import shutil
 
 import pytest
@@ -10,8 +11,9 @@ import torch.nn.functional as F
 
 from moeut import MoEUTLM
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                                reason="torch.compile on CPU needs a C++ compiler")
+pytestmark = pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler"
+)
 
 
 def _step(model, x, run=None):
@@ -24,8 +26,18 @@ def _step(model, x, run=None):
 
 def test_compiled_training_step_matches_eager():
     torch.manual_seed(0)
-    model = MoEUTLM(40, d_model=32, n_layers=4, n_heads=2, ff_n_experts=6, att_n_experts=3, d_head=8,
-                    ff_k=2, group_size=2, ff_expert_size=16).train()
+    model = MoEUTLM(
+        40,
+        d_model=32,
+        n_layers=4,
+        n_heads=2,
+        ff_n_experts=6,
+        att_n_experts=3,
+        d_head=8,
+        ff_k=2,
+        group_size=2,
+        ff_expert_size=16,
+    ).train()
     x = torch.randint(0, 40, (2, 8))
     loss_eager, grads_eager = _step(model, x)
     torch._dynamo.reset()

@@ -1,5 +1,6 @@
 """DDP (two CPU processes, gloo) sees the gradients of shared expert weights like any other: under
 bf16 autocast the averaged gradients of a DDP backward equal one process's gradients on the whole batch."""
+
 import os
 import socket
 
@@ -11,8 +12,17 @@ import torch.nn.functional as F
 
 from moeut import MoEUTLM
 
-CFG = dict(d_model=32, n_layers=6, n_heads=2, ff_n_experts=13, att_n_experts=3, d_head=8, ff_k=3,
-           group_size=2, ff_expert_size=16)
+CFG = dict(
+    d_model=32,
+    n_layers=6,
+    n_heads=2,
+    ff_n_experts=13,
+    att_n_experts=3,
+    d_head=8,
+    ff_k=3,
+    group_size=2,
+    ff_expert_size=16,
+)
 
 
 def _grads(model, x):
@@ -48,7 +58,7 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("share", [True, False], ids=["shared_weights", "per_application"])
 def test_ddp_gradients_of_shared_weights_equal_whole_batch(share, tmp_path, monkeypatch):
-    monkeypatch.setenv("MOEUT_WGRAD_DEFER", "9" if share else "0")   # read by the spawned processes
+    monkeypatch.setenv("MOEUT_WGRAD_DEFER", "9" if share else "0")  # read by the spawned processes
     x = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(1))
     mp.spawn(_worker, args=(_free_port(), x, tmp_path / "ddp.pt"), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp.pt")
@@ -63,4 +73,4 @@ def test_ddp_gradients_of_shared_weights_equal_whole_batch(share, tmp_path, monk
         # summing them (measured: up to 1% of the largest element).
         tol = 1e-5 if p.dim() == 3 else 3e-2
         assert (g - p.grad).abs().max() <= tol * p.grad.abs().max() + 1e-7, n
-        assert (g - p.grad).abs().max() <= 0.1 * (g - 0.5 * p.grad).abs().max()   # not half of it, not none
+        assert (g - p.grad).abs().max() <= 0.1 * (g - 0.5 * p.grad).abs().max()  # not half of it, not none

@@ -4,6 +4,7 @@ Each test asserts three things where they apply: nothing was lost (intact checkp
 reproduces the uninterrupted losses), nothing ran (a pickle payload leaves no trace), and the
 message names the problem (the flag, the file).
 """
+
 import hashlib
 import json
 import os
@@ -47,15 +48,18 @@ def leftovers(run: Path):
 
 def payload_checkpoint(path: Path, marker: Path) -> None:
     """A torch.save'd dict whose unpickling would create `marker` (the classic __reduce__ payload)."""
+
     class Payload:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
+
     torch.save({"format": "moeut-checkpoint-v1", "step": 3, "model": Payload()}, path)
 
 
 # ------------------------------------------------------------------------------------------------
 # Nothing we load can execute code.
 # ------------------------------------------------------------------------------------------------
+
 
 def test_pickle_payload_is_never_executed(finished, tmp_path, capsys):
     run, cache, _ = finished
@@ -64,10 +68,12 @@ def test_pickle_payload_is_never_executed(finished, tmp_path, capsys):
     (run / "checkpoints").mkdir()
     evil = run / "checkpoints" / "step_00000003.pt"
     payload_checkpoint(evil, marker)
-    for argv in (["generate", "--checkpoint", str(run), "--prompt", "x", "--max-new-tokens", "2"],
-                 ["eval", "--checkpoint", str(run), "--text", str(evil.parent.parent / "run.json")],
-                 ["generate", "--checkpoint", str(evil), "--prompt", "x"],
-                 resume(run, cache)):
+    for argv in (
+        ["generate", "--checkpoint", str(run), "--prompt", "x", "--max-new-tokens", "2"],
+        ["eval", "--checkpoint", str(run), "--text", str(evil.parent.parent / "run.json")],
+        ["generate", "--checkpoint", str(evil), "--prompt", "x"],
+        resume(run, cache),
+    ):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert str(evil) in err and "pickle" in err and "moeut migrate" in err, err
@@ -89,16 +95,22 @@ def test_legacy_checkpoint_migrates_and_resumes_exactly(reference, tmp_path, cap
     step3 = copy / "checkpoints" / "step_00000003"
     training = ckpt_lib.load_training_state(step3)
     name, keys, pos, has_gauss, cached = training["rng"]["numpy"]
-    legacy = {"format": "moeut-checkpoint-v1", "step": 3, "model": ckpt_lib.load_model_state(step3),
-              "optimizer": training["optimizer"], "scheduler": training["scheduler"],
-              "rng": {**training["rng"], "numpy": (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)},
-              "data_position": training["data_position"], "config": training["config"]}
+    legacy = {
+        "format": "moeut-checkpoint-v1",
+        "step": 3,
+        "model": ckpt_lib.load_model_state(step3),
+        "optimizer": training["optimizer"],
+        "scheduler": training["scheduler"],
+        "rng": {**training["rng"], "numpy": (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)},
+        "data_position": training["data_position"],
+        "config": training["config"],
+    }
     shutil.rmtree(copy / "checkpoints")
     (copy / "checkpoints").mkdir()
     torch.save(legacy, copy / "checkpoints" / "step_00000003.pt")
     data = json.loads((copy / "data.json").read_text())
-    (copy / "data.json").write_text(json.dumps({"cache": str(cache / data["key"])}))   # the earlier record
-    assert main(resume(copy, cache)) == 2                     # refused until migrated
+    (copy / "data.json").write_text(json.dumps({"cache": str(cache / data["key"])}))  # the earlier record
+    assert main(resume(copy, cache)) == 2  # refused until migrated
     assert main(["migrate", str(copy)]) == 0
     assert (copy / "checkpoints" / "legacy" / "step_00000003.pt").exists()
     assert [p.name for p in ckpt_lib.list_checkpoints(copy)] == ["step_00000003"]
@@ -110,10 +122,11 @@ def test_legacy_checkpoint_migrates_and_resumes_exactly(reference, tmp_path, cap
 # Verified checkpoints: damage is found, reported, and never spreads.
 # ------------------------------------------------------------------------------------------------
 
+
 def _damage_random_bytes(path: Path, n: int = 4096) -> None:
     data = bytearray(path.read_bytes())
     start = len(data) // 2 - n // 2
-    data[start:start + n] = random.Random(0).randbytes(n)
+    data[start : start + n] = random.Random(0).randbytes(n)
     path.write_bytes(bytes(data))
 
 
@@ -127,26 +140,29 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-@pytest.mark.parametrize("damage,file,expect", [
-    (_damage_random_bytes, "model.safetensors", "does not match its SHA-256"),
-    (_flip_bit, "model.safetensors", "does not match its SHA-256"),
-    (_flip_bit, "training.safetensors", "does not match its SHA-256"),
-    (_truncate, "training.safetensors", "truncated"),
-    (lambda p: p.write_text("{}"), "training.json", "bytes"),
-    (lambda p: p.unlink(), "manifest.json", "no manifest.json"),
-])
+@pytest.mark.parametrize(
+    "damage,file,expect",
+    [
+        (_damage_random_bytes, "model.safetensors", "does not match its SHA-256"),
+        (_flip_bit, "model.safetensors", "does not match its SHA-256"),
+        (_flip_bit, "training.safetensors", "does not match its SHA-256"),
+        (_truncate, "training.safetensors", "truncated"),
+        (lambda p: p.write_text("{}"), "training.json", "bytes"),
+        (lambda p: p.unlink(), "manifest.json", "no manifest.json"),
+    ],
+)
 def test_damaged_latest_checkpoint_falls_back_loudly_and_resumes_exactly(finished, capsys, damage, file, expect):
     run, cache, want = finished
     latest = run / "checkpoints" / "step_00000009"
     damage(latest / file)
-    shutil.rmtree(run / "checkpoints" / "step_00000003")   # keep the test short: 6 is the fallback
+    shutil.rmtree(run / "checkpoints" / "step_00000003")  # keep the test short: 6 is the fallback
     assert main(resume(run, cache)) == 0
     out = capsys.readouterr().out
     assert "step_00000009" in out and expect in out and "trying an older checkpoint" in out
     assert "resumed" in out and "step_00000006" in out
-    assert (run / "checkpoints" / "step_00000009.damaged").is_dir()   # set aside, not deleted
+    assert (run / "checkpoints" / "step_00000009.damaged").is_dir()  # set aside, not deleted
     assert losses(run) == want and loss_steps(run) == list(range(1, STEPS + 1))
-    ckpt_lib.verify_checkpoint(run / "checkpoints" / "step_00000009")   # rewritten, intact
+    ckpt_lib.verify_checkpoint(run / "checkpoints" / "step_00000009")  # rewritten, intact
 
 
 def test_generate_and_eval_report_a_damaged_checkpoint_and_use_an_older_one(finished, capsys):
@@ -185,9 +201,11 @@ def test_checkpoint_without_optimizer_state_is_refused_by_name(finished, capsys)
     tree = json.loads((ckpt / "training.json").read_text())
     tree["optimizer"] = None
     (ckpt / "training.json").write_text(json.dumps(tree))
-    manifest = json.loads((ckpt / "manifest.json").read_text())   # a consistent manifest: not damage
-    manifest["files"]["training.json"] = {"bytes": (ckpt / "training.json").stat().st_size,
-                                          "sha256": hashlib.sha256((ckpt / "training.json").read_bytes()).hexdigest()}
+    manifest = json.loads((ckpt / "manifest.json").read_text())  # a consistent manifest: not damage
+    manifest["files"]["training.json"] = {
+        "bytes": (ckpt / "training.json").stat().st_size,
+        "sha256": hashlib.sha256((ckpt / "training.json").read_bytes()).hexdigest(),
+    }
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
     shutil.rmtree(run / "checkpoints" / "step_00000006")
     shutil.rmtree(run / "checkpoints" / "step_00000003")
@@ -205,6 +223,7 @@ def test_rotation_keeps_the_newest_intact_checkpoint_when_a_save_fails(finished,
         if Path(path).name == "step_00000010":
             raise ckpt_lib.CheckpointError(f"checkpoint {path} is damaged: simulated")
         return real(path, part, spec)
+
     monkeypatch.setattr(ckpt_lib, "read_checkpoint", lying_disk)
     state = ckpt_lib.load_model_state(run / "checkpoints" / "step_00000009")
     training = ckpt_lib.load_training_state(run / "checkpoints" / "step_00000009")
@@ -217,29 +236,38 @@ def test_rotation_keeps_the_newest_intact_checkpoint_when_a_save_fails(finished,
 
 def test_non_finite_loss_stops_the_run_and_keeps_every_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):
     import moeut.train.loop as train_mod
+
     real, calls = train_mod.step_body, []
 
     def diverging(fwd, model, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 8:   # step 8: the weights blow up
+        if len(calls) == 8:  # step 8: the weights blow up
             with torch.no_grad():
                 next(model.parameters()).fill_(float("nan"))
         return real(fwd, model, *args, **kwargs)
+
     monkeypatch.setattr(train_mod, "step_body", diverging)
     run = tmp_path / "run"
-    assert main(train_args(corpus, run, tmp_path / "cache", steps=12, extra=["--ckpt-interval", "2",
-                                                                             "--keep-checkpoints", "2"])) == 3
+    assert (
+        main(
+            train_args(
+                corpus, run, tmp_path / "cache", steps=12, extra=["--ckpt-interval", "2", "--keep-checkpoints", "2"]
+            )
+        )
+        == 3
+    )
     err = capsys.readouterr().err
     assert "non-finite at step 8" in err and "step_00000006" in err
     assert [p.name for p in ckpt_lib.list_checkpoints(run)] == ["step_00000004", "step_00000006"]
     for p in ckpt_lib.list_checkpoints(run):
         ckpt_lib.check_finite(ckpt_lib.load_model_state(p), str(p))
-    assert max(loss_steps(run)) == 7   # the non-finite step is not logged as a loss
+    assert max(loss_steps(run)) == 7  # the non-finite step is not logged as a loss
 
 
 # ------------------------------------------------------------------------------------------------
 # Crashes: kill -9 anywhere, a file-size limit mid-write.
 # ------------------------------------------------------------------------------------------------
+
 
 def test_kill_9_at_random_points_then_resume_reproduces_the_losses(corpus, reference, tmp_path):
     """Five kill -9s, each at a random moment after the trainer logged a new step (so inside steps,
@@ -254,11 +282,15 @@ def test_kill_9_at_random_points_then_resume_reproduces_the_losses(corpus, refer
     rng = random.Random(1234)
     kills = 0
     for _ in range(5):
-        argv = resume(run, cache) if (run / "run.json").exists() else train_args(corpus, run, cache, steps=steps,
-                                                                                  extra=extra)
+        argv = (
+            resume(run, cache)
+            if (run / "run.json").exists()
+            else train_args(corpus, run, cache, steps=steps, extra=extra)
+        )
         logged = len(loss_steps(run)) if (run / "metrics.jsonl").exists() else 0
-        proc = subprocess.Popen([PY, "-m", "moeut", *argv], env=ENV, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [PY, "-m", "moeut", *argv], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.time() + 120
         while proc.poll() is None and time.time() < deadline:
             if (run / "metrics.jsonl").exists() and len(loss_steps(run)) > logged:
@@ -272,13 +304,14 @@ def test_kill_9_at_random_points_then_resume_reproduces_the_losses(corpus, refer
     assert kills >= 4
     assert main(resume(run, cache)) == 0
     assert losses(run) == losses(full)
-    assert loss_steps(run) == list(range(1, steps + 1))   # each step once
+    assert loss_steps(run) == list(range(1, steps + 1))  # each step once
     assert leftovers(run) == []
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE semantics")
 def test_file_size_limit_during_a_checkpoint_write_loses_nothing(corpus, reference, tmp_path):
     import resource
+
     _, cache, want = reference
     run = tmp_path / "run"
     assert main(train_args(corpus, run, cache, steps=STEPS, extra=["--stop-after", "3"])) == 0
@@ -287,8 +320,15 @@ def test_file_size_limit_during_a_checkpoint_write_loses_nothing(corpus, referen
 
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    proc = subprocess.run([PY, "-m", "moeut", *resume(run, cache)], env=ENV, preexec_fn=small_files,
-                          capture_output=True, text=True, timeout=300)
+
+    proc = subprocess.run(
+        [PY, "-m", "moeut", *resume(run, cache)],
+        env=ENV,
+        preexec_fn=small_files,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "File too large" in proc.stderr and "Traceback" not in proc.stderr
     assert {p.name: {f.name: f.read_bytes() for f in p.iterdir()} for p in ckpt_lib.list_checkpoints(run)} == good
@@ -301,6 +341,7 @@ def test_file_size_limit_during_a_checkpoint_write_loses_nothing(corpus, referen
 # One writer per run.
 # ------------------------------------------------------------------------------------------------
 
+
 def test_a_second_trainer_on_a_run_is_refused_naming_the_holder(finished, corpus, tmp_path, capsys):
     run, cache, _ = finished
     with RunLock(run):
@@ -308,15 +349,19 @@ def test_a_second_trainer_on_a_run_is_refused_naming_the_holder(finished, corpus
         err = capsys.readouterr().err
         assert "in use by another trainer" in err and f"PID {os.getpid()}" in err
     # a live trainer in another process
-    proc = subprocess.Popen([PY, "-m", "moeut", *train_args(corpus, tmp_path / "busy", cache, steps=10_000)],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [PY, "-m", "moeut", *train_args(corpus, tmp_path / "busy", cache, steps=10_000)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 120
         while not (tmp_path / "busy" / "metrics.jsonl").exists() and time.time() < deadline:
             time.sleep(0.1)
         assert main(resume(tmp_path / "busy", cache)) == 2
         assert f"PID {proc.pid}" in capsys.readouterr().err
-        assert main(train_args(corpus, tmp_path / "busy", cache, steps=5)) == 2   # a second start
+        assert main(train_args(corpus, tmp_path / "busy", cache, steps=5)) == 2  # a second start
         assert "already holds a run" in capsys.readouterr().err
     finally:
         proc.kill()
@@ -329,6 +374,7 @@ def test_a_second_trainer_on_a_run_is_refused_naming_the_holder(finished, corpus
 # ------------------------------------------------------------------------------------------------
 # Untrusted run directories.
 # ------------------------------------------------------------------------------------------------
+
 
 def test_paths_recorded_in_a_run_are_not_followed(finished, tmp_path, capsys):
     run, _, _ = finished
@@ -361,13 +407,13 @@ def test_a_huge_model_in_run_json_is_refused_before_allocation(finished, capsys)
     (run / "run.json").write_text(json.dumps(meta))
     t0 = time.time()
     assert main(["generate", "--checkpoint", str(run), "--prompt", "x"]) == 2
-    assert "d_model must be from 0 to 1048576" in capsys.readouterr().err     # named before anything is built
-    meta["model_kwargs"]["d_model"] = 1_000_000            # in range: then the memory bound or the shapes
+    assert "d_model must be from 0 to 1048576" in capsys.readouterr().err  # named before anything is built
+    meta["model_kwargs"]["d_model"] = 1_000_000  # in range: then the memory bound or the shapes
     (run / "run.json").write_text(json.dumps(meta))
     assert main(["generate", "--checkpoint", str(run), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "GiB" in err or "does not fit this model" in err
-    shutil.rmtree(run / "checkpoints")   # no checkpoint: the memory bound catches it
+    shutil.rmtree(run / "checkpoints")  # no checkpoint: the memory bound catches it
     meta["config"]["overrides"]["d_model"] = 1_000_000
     (run / "run.json").write_text(json.dumps(meta))
     assert main(resume(run, cache)) == 2
@@ -378,6 +424,7 @@ def test_a_huge_model_in_run_json_is_refused_before_allocation(finished, capsys)
 # ------------------------------------------------------------------------------------------------
 # Every input checked before any work and before anything is written.
 # ------------------------------------------------------------------------------------------------
+
 
 def _train_fails(argv, capsys, out: Path, *names, needs_data: bool = False):
     """Exit status 2, the names in the message, no traceback; unless the check `needs_data` (the
@@ -390,32 +437,51 @@ def _train_fails(argv, capsys, out: Path, *names, needs_data: bool = False):
     assert needs_data or "tokenizer" not in captured.out
 
 
-@pytest.mark.parametrize("extra,names,needs_data", [
-    (["--set", "foo=1"], ["foo"], False),
-    (["--set", "d_model=-4"], ["d_model"], False),
-    (["--micro-batch-size", "3"], ["--micro-batch-size"], False),
-    (["--context", "1000000"], ["fewer than one context"], True),
-])
+@pytest.mark.parametrize(
+    "extra,names,needs_data",
+    [
+        (["--set", "foo=1"], ["foo"], False),
+        (["--set", "d_model=-4"], ["d_model"], False),
+        (["--micro-batch-size", "3"], ["--micro-batch-size"], False),
+        (["--context", "1000000"], ["fewer than one context"], True),
+    ],
+)
 def test_bad_train_settings_fail_first_and_leave_nothing(corpus, tmp_path, capsys, extra, names, needs_data):
     out = tmp_path / "run"
-    _train_fails(train_args(corpus, out, tmp_path / "cache", extra=extra), capsys, out, *names,
-                 needs_data=needs_data)
+    _train_fails(train_args(corpus, out, tmp_path / "cache", extra=extra), capsys, out, *names, needs_data=needs_data)
     assert not out.exists()
 
 
 def test_too_large_a_vocabulary_fails_before_the_run_exists(corpus, tmp_path, capsys):
     out = tmp_path / "run"
-    _train_fails(train_args(corpus, out, tmp_path / "cache", extra=["--vocab-size", "60000"]), capsys, out,
-                 "--vocab-size 60000", "at most", needs_data=True)
+    _train_fails(
+        train_args(corpus, out, tmp_path / "cache", extra=["--vocab-size", "60000"]),
+        capsys,
+        out,
+        "--vocab-size 60000",
+        "at most",
+        needs_data=True,
+    )
     assert not out.exists()
     # a re-run into the same place with a valid vocabulary starts cleanly with its own tokenizer
     assert main(train_args(corpus, out, tmp_path / "cache", steps=1)) == 0
     assert json.loads((out / "run.json").read_text())["vocab_size"] == 400
 
 
-@pytest.mark.parametrize("flag,value", [("--steps", "-5"), ("--steps", "0"), ("--batch-size", "0"),
-                                        ("--lr", "-1"), ("--lr", "nan"), ("--context", "0"), ("--clip", "-1"),
-                                        ("--keep-checkpoints", "0"), ("--vocab-size", "70000")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--steps", "-5"),
+        ("--steps", "0"),
+        ("--batch-size", "0"),
+        ("--lr", "-1"),
+        ("--lr", "nan"),
+        ("--context", "0"),
+        ("--clip", "-1"),
+        ("--keep-checkpoints", "0"),
+        ("--vocab-size", "70000"),
+    ],
+)
 def test_out_of_range_train_flags_are_refused_by_name(corpus, tmp_path, capsys, flag, value):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
@@ -435,15 +501,17 @@ def test_out_at_a_file_or_a_foreign_directory_is_refused(corpus, tmp_path, capsy
     (d / "run.txt").write_text("notes")
     (d / "metrics.jsonl").write_text("my metrics\n")
     _train_fails(train_args(corpus, d, tmp_path / "cache"), capsys, d, "other files")
-    assert (d / "metrics.jsonl").read_text() == "my metrics\n" and sorted(p.name for p in d.iterdir()) == \
-        ["metrics.jsonl", "run.txt"]
+    assert (d / "metrics.jsonl").read_text() == "my metrics\n" and sorted(p.name for p in d.iterdir()) == [
+        "metrics.jsonl",
+        "run.txt",
+    ]
 
 
 def test_flags_that_would_change_a_resumed_run_are_refused(finished, capsys):
     run, cache, _ = finished
     assert main(resume(run, cache, "--steps", "60", "--lr", "0.1")) == 2
     err = capsys.readouterr().err
-    assert "--lr" in err and "--steps" not in err   # --steps may change (it extends the run); --lr may not
+    assert "--lr" in err and "--steps" not in err  # --steps may change (it extends the run); --lr may not
 
 
 def test_resume_with_more_steps_extends_the_run_and_says_how(finished, capsys):
@@ -465,8 +533,9 @@ def test_read_only_run_directory_is_a_clear_error(finished):
     run, cache, _ = finished
     if shutil.which("unshare") is None:
         pytest.skip("no unshare(1)")
-    script = (f"mount --bind {run} {run} && mount -o remount,ro,bind {run} && "
-              f"exec {PY} -m moeut " + " ".join(resume(run, cache)))
+    script = f"mount --bind {run} {run} && mount -o remount,ro,bind {run} && exec {PY} -m moeut " + " ".join(
+        resume(run, cache)
+    )
     proc = subprocess.run(["unshare", "-m", "sh", "-c", script], env=ENV, capture_output=True, text=True, timeout=300)
     if "mount:" in proc.stderr or "unshare:" in proc.stderr:
         pytest.skip(f"cannot make a read-only mount here: {proc.stderr.strip()[:200]}")
@@ -479,11 +548,17 @@ def trained(reference):
     return reference[0]
 
 
-@pytest.mark.parametrize("extra,names", [
-    (["--temperature", "-1"], ["--temperature"]), (["--top-p", "2"], ["--top-p"]), (["--top-p", "0"], ["--top-p"]),
-    (["--top-k", "-5"], ["--top-k"]), (["--max-new-tokens", "1e9"], ["--max-new-tokens"]),
-    (["--max-new-tokens", "-1"], ["--max-new-tokens"]),
-])
+@pytest.mark.parametrize(
+    "extra,names",
+    [
+        (["--temperature", "-1"], ["--temperature"]),
+        (["--top-p", "2"], ["--top-p"]),
+        (["--top-p", "0"], ["--top-p"]),
+        (["--top-k", "-5"], ["--top-k"]),
+        (["--max-new-tokens", "1e9"], ["--max-new-tokens"]),
+        (["--max-new-tokens", "-1"], ["--max-new-tokens"]),
+    ],
+)
 def test_bad_generate_flags_are_refused_by_name(trained, capsys, extra, names):
     with pytest.raises(SystemExit) as e:
         main(["generate", "--checkpoint", str(trained), "--prompt", "x", *extra])
@@ -512,9 +587,13 @@ def test_bad_prompt_files_are_refused_naming_the_file(trained, tmp_path, capsys)
 def test_bad_eval_inputs_are_refused_by_name(trained, tmp_path, capsys):
     latin = tmp_path / "latin.txt"
     latin.write_bytes("café\n".encode("latin-1"))
-    for argv, what in ((["--text", str(latin)], str(latin)), (["--text", str(tmp_path / "nope")], "no such file"),
-                       (["--tasks", "lambada"], "--data-dir"), (["--tasks", "bogus"], "bogus"),
-                       (["--text", str(trained / "run.json"), "--json", str(tmp_path)], "--json")):
+    for argv, what in (
+        (["--text", str(latin)], str(latin)),
+        (["--text", str(tmp_path / "nope")], "no such file"),
+        (["--tasks", "lambada"], "--data-dir"),
+        (["--tasks", "bogus"], "bogus"),
+        (["--text", str(trained / "run.json"), "--json", str(tmp_path)], "--json"),
+    ):
         assert main(["eval", "--checkpoint", str(trained), *argv]) == 2
         err = capsys.readouterr().err
         assert what in err and "Traceback" not in err, err
@@ -530,6 +609,7 @@ def test_debug_shows_the_traceback(trained, capsys):
 # ------------------------------------------------------------------------------------------------
 # Data hygiene.
 # ------------------------------------------------------------------------------------------------
+
 
 def test_non_utf8_and_binary_data_files_are_replaced_skipped_or_refused(corpus, tmp_path, capsys):
     """--decode-errors: replace (the default: read with U+FFFD, counted in the summary), skip (the file
@@ -548,6 +628,7 @@ def test_non_utf8_and_binary_data_files_are_replaced_skipped_or_refused(corpus, 
     printed = capsys.readouterr().out
     assert "skipping" in printed and "latin1.txt is not valid UTF-8" in printed
     from moeut.train.tokenizer import Tokenizer
+
     tok = Tokenizer(skip / "tokenizer.model")
     assert not any("\ufffd" in tok.sp.id_to_piece(i) for i in range(tok.vocab_size))
     strict = tmp_path / "strict"

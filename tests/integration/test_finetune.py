@@ -1,6 +1,7 @@
 """`moeut train --init-from`: a new run from a trained run, from an export, and from an imported authors'
 checkpoint, with its own data and learning rate; shapes that do not fit are refused before anything is
 written."""
+
 import json
 
 import pytest
@@ -14,10 +15,36 @@ pytestmark = pytest.mark.slow
 
 
 def finetune_args(source, corpus, out, cache, extra=()):
-    return ["train", "--init-from", str(source), "--data", str(corpus), "--out", str(out), "--steps", "2",
-            "--batch-size", "2", "--context", "32", "--lr", "1e-12", "--weight-decay", "0", "--eval-interval", "2",
-            "--eval-windows", "2", "--log-interval", "1", "--cache-dir", str(cache), "--no-progress", "--no-tensorboard",
-            *extra]
+    return [
+        "train",
+        "--init-from",
+        str(source),
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--context",
+        "32",
+        "--lr",
+        "1e-12",
+        "--weight-decay",
+        "0",
+        "--eval-interval",
+        "2",
+        "--eval-windows",
+        "2",
+        "--log-interval",
+        "1",
+        "--cache-dir",
+        str(cache),
+        "--no-progress",
+        "--no-tensorboard",
+        *extra,
+    ]
 
 
 def assert_starts_from(run, source_state):
@@ -52,9 +79,14 @@ def test_from_a_run_and_from_its_export(reference, corpus, tmp_path, capsys):
 def test_from_an_imported_authors_checkpoint(corpus, tmp_path):
     from tests.unit.test_official_import import MOEUT_ARGS, moeut_state, training_code_tokenizer, write_checkpoint
     from moeut.train.official import import_official
+
     tok = training_code_tokenizer(tmp_path)
-    imported = import_official(write_checkpoint(tmp_path / "c.ckpt", moeut_state(MOEUT_ARGS), MOEUT_ARGS), tok,
-                               tmp_path / "imported", say=lambda m: None)
+    imported = import_official(
+        write_checkpoint(tmp_path / "c.ckpt", moeut_state(MOEUT_ARGS), MOEUT_ARGS),
+        tok,
+        tmp_path / "imported",
+        say=lambda m: None,
+    )
     want = load_run(imported)[0].state_dict()
     out = tmp_path / "ft"
     assert main(finetune_args(imported, corpus, out, tmp_path / "cache")) == 0
@@ -85,5 +117,5 @@ def test_a_new_learning_rate_for_continued_pretraining_is_just_a_new_run(referen
     args[args.index("--lr") + 1] = "3e-4"
     assert main(args) == 0
     lrs = [json.loads(line)["lr"] for line in open(out / "metrics.jsonl") if '"lr"' in line]
-    assert lrs == pytest.approx([3e-4 * 0.55, 3e-4 * 0.1])   # its own cosine over its 2 steps, no warmup (tiny)
+    assert lrs == pytest.approx([3e-4 * 0.55, 3e-4 * 0.1])  # its own cosine over its 2 steps, no warmup (tiny)
     assert {p.name: p.stat().st_mtime_ns for p in src.rglob("*")} == before

@@ -2,6 +2,7 @@
 as DDP for the same global batch; sharded checkpoints (Distributed Checkpoint) that resume on another
 number of processes, in the other mode and after conversion, continuing the data from the same global
 position; a failed sharded save that loses nothing; SIGTERM and resume."""
+
 import os
 import signal
 import socket
@@ -29,8 +30,7 @@ def _port() -> str:
 
 
 def torchrun(n: int, args, timeout: int = 600, **popen):
-    cmd = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={_port()}", "-m", "moeut",
-           *args]
+    cmd = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={_port()}", "-m", "moeut", *args]
     if popen:
         return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
@@ -44,7 +44,7 @@ def test_fsdp_trains_as_one_process_and_as_ddp(corpus, tmp_path):
     gathers the layer again, and with layers kept gathered through the forward), DDP over 2 and one
     process agree to float tolerance."""
     cache = tmp_path / "cache"
-    args = lambda out, *extra: train_args(corpus, out, cache, steps=3, extra=["--micro-batch-size", "1", *extra])  # noqa: E731
+    args = lambda out, *extra: train_args(corpus, out, cache, steps=3, extra=["--micro-batch-size", "1", *extra])
     assert main(args(tmp_path / "single")) == 0
     torchrun(2, args(tmp_path / "fsdp", "--parallel", "fsdp"))
     torchrun(2, args(tmp_path / "fsdp_ac", "--parallel", "fsdp", "--activation-checkpointing"))
@@ -68,13 +68,15 @@ def test_saved_with_4_processes_resumes_with_2_and_with_1(corpus, tmp_path):
     3 shard files resumed by FSDP on 2, it continues the run from the same global data position, and
     all continuations agree."""
     from moeut.train import shards as shard_lib
+
     cache = tmp_path / "cache"
     run4 = tmp_path / "run4"
     torchrun(4, train_args(corpus, run4, cache, steps=3, extra=["--parallel", "fsdp"]))
     newest = ckpt_lib.list_checkpoints(run4)[-1]
     assert ckpt_lib.checkpoint_layout(newest) == "sharded"
-    assert sorted(p.name for p in (newest / shard_lib.SHARD_DIR).iterdir()) == \
-        [shard_lib.shard_file_name(i) for i in (1, 2, 3, 4)]
+    assert sorted(p.name for p in (newest / shard_lib.SHARD_DIR).iterdir()) == [
+        shard_lib.shard_file_name(i) for i in (1, 2, 3, 4)
+    ]
     state = _training_state(run4)
     assert state["optimizer_keys"] == "names" and state["step"] == 3 and state["data_position"] == 3 * 4
     assert all(isinstance(k, str) for k in state["optimizer"]["state"])
@@ -104,6 +106,7 @@ def test_a_failed_sharded_save_leaves_the_earlier_checkpoints_and_no_temporary(c
     with the error named; the step's checkpoint does not appear, its temporary directory is gone, and
     the earlier checkpoint still verifies and resumes."""
     import moeut.train.loop as train_mod
+
     real, calls = train_mod.save_sharded_state, []
 
     def failing(model, opt, shard_dir):
@@ -113,6 +116,7 @@ def test_a_failed_sharded_save_leaves_the_earlier_checkpoints_and_no_temporary(c
             (Path(shard_dir) / "shard-00001-model-00001-of-00001.safetensors").write_bytes(b"partial")
             raise OSError(28, "No space left on device")
         return real(model, opt, shard_dir)
+
     monkeypatch.setattr(train_mod, "save_sharded_state", failing)
     run, cache = tmp_path / "run", tmp_path / "cache"
     code = main(train_args(corpus, run, cache, steps=6, extra=["--parallel", "fsdp", "--ckpt-interval", "3"]))
@@ -134,21 +138,26 @@ def test_a_one_process_checkpoint_resumes_under_fsdp(corpus, tmp_path):
     assert main(train_args(corpus, base, cache, steps=3)) == 0
     for name in ("plain", "sharded"):
         subprocess.run(["cp", "-r", str(base), str(tmp_path / name)], check=True)
-    resume = lambda run: ["train", "--resume", str(run), "--steps", "5", "--cache-dir", str(cache), "--no-progress"]  # noqa: E731
+    resume = lambda run: ["train", "--resume", str(run), "--steps", "5", "--cache-dir", str(cache), "--no-progress"]
     assert main(resume(tmp_path / "plain")) == 0
     torchrun(2, resume(tmp_path / "sharded") + ["--parallel", "fsdp"])
-    assert_same_training(load_run(tmp_path / "sharded")[0].state_dict(), load_run(tmp_path / "plain")[0].state_dict(),
-                         rtol=1e-4, atol=1e-5, steps=2)
+    assert_same_training(
+        load_run(tmp_path / "sharded")[0].state_dict(),
+        load_run(tmp_path / "plain")[0].state_dict(),
+        rtol=1e-4,
+        atol=1e-5,
+        steps=2,
+    )
 
 
 def test_sigterm_under_fsdp_checkpoints_and_resumes_to_the_same_losses(corpus, tmp_path):
     cache = tmp_path / "cache"
     ref, run = tmp_path / "ref", tmp_path / "run"
-    args = lambda out: train_args(corpus, out, cache, steps=8, extra=["--parallel", "fsdp", "--ckpt-interval", "100"])  # noqa: E731
+    args = lambda out: train_args(corpus, out, cache, steps=8, extra=["--parallel", "fsdp", "--ckpt-interval", "100"])
     torchrun(2, args(ref))
     proc = torchrun(2, args(run), popen=True)
     wait_for_logged_steps(run, 3, proc, timeout=300)
-    proc.send_signal(signal.SIGTERM)   # torchrun forwards it to both workers
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
     out, _ = proc.communicate(timeout=300)
     assert "stopped by signal at step" in out, out[-3000:]
     stopped = int(out.split("stopped by signal at step ")[1].split(";")[0])
@@ -179,13 +188,16 @@ def test_a_sharded_checkpoint_with_non_finite_weights_is_refused_by_name(corpus,
     import hashlib
     import json
     from moeut.train import shards as shard_lib
+
     run, cache = tmp_path / "run", tmp_path / "cache"
     assert main(train_args(corpus, run, cache, steps=2, extra=["--parallel", "fsdp", "--ckpt-interval", "2"])) == 0
     path = ckpt_lib.list_checkpoints(run)[-1]
     shard = path / shard_lib.SHARD_DIR / shard_lib.shard_file_name(1)
     with shard_lib.open_directory(shard.parent) as shards:
-        pieces = {t: (shards.rows(t, 0, shards.shapes[t][0] if shards.shapes[t] else 0),
-                      [0] * len(shards.shapes[t])) for t in shards.pieces}
+        pieces = {
+            t: (shards.rows(t, 0, shards.shapes[t][0] if shards.shapes[t] else 0), [0] * len(shards.shapes[t]))
+            for t in shards.pieces
+        }
     name = next(t for t, (v, _) in pieces.items() if t.startswith("model.") and v.is_floating_point())
     pieces[name][0].view(-1)[0] = float("nan")
     shard_lib.write_shard(shard, pieces)

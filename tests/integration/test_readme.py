@@ -1,5 +1,6 @@
 """The README's Python blocks run as written (on this CPU): the quick start, and loading a trained run
 with our classes and with transformers (its run and export paths pointed at a fresh tiny run)."""
+
 import re
 from pathlib import Path
 
@@ -35,4 +36,4 @@ def test_your_data_then_python_and_transformers_runs(corpus, tmp_path, capsys):
     capsys.readouterr()
     exec(compile(code, "README your data", "exec"), {})
     printed = capsys.readouterr().out
-    assert "['def main():" in printed and "'import os" in printed   # the batch, prompts included
+    assert "['def main():" in printed and "'import os" in printed  # the batch, prompts included

@@ -10,13 +10,13 @@ user found in the first round's guarantees, numbered as they were reported:
 Each asserts what must hold afterwards: nothing lost or overwritten, a one-line error naming the
 file, the field or the flag, and (where a checkpoint is at fault) the next usable one taken.
 """
+
 import gzip
 import hashlib
 import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -84,23 +84,27 @@ def poison_weight(state):
 # 1. A start race never deletes what another process wrote.
 # ------------------------------------------------------------------------------------------------
 
-def test_1_a_start_that_loses_the_race_leaves_the_winners_run_byte_identical(reference, corpus, tmp_path,
-                                                                              monkeypatch, capsys):
+
+def test_1_a_start_that_loses_the_race_leaves_the_winners_run_byte_identical(
+    reference, corpus, tmp_path, monkeypatch, capsys
+):
     """The second start passes its first check (the directory is empty), then the winner's complete run
     appears before the loser takes the lock: the loser must refuse and delete nothing of it."""
     from moeut.train import trainer
+
     winner, cache, _ = reference
     out = tmp_path / "out"
     real = trainer.check_tokens
 
     def winner_finishes_meanwhile(*args, **kwargs):
         real(*args, **kwargs)
-        shutil.copytree(winner, out, dirs_exist_ok=True)   # its run.json, tokenizer, data.json, .lock, ...
+        shutil.copytree(winner, out, dirs_exist_ok=True)  # its run.json, tokenizer, data.json, .lock, ...
+
     monkeypatch.setattr(trainer, "check_tokens", winner_finishes_meanwhile)
     before = tree_digest(winner)
     code = main(train_args(corpus, out, cache))
     assert code == 2 and "already holds a run" in capsys.readouterr().err
-    assert tree_digest(out) == before                    # every file of the winner's run, as it was
+    assert tree_digest(out) == before  # every file of the winner's run, as it was
     model, _, meta = load_run(out)
     assert meta["loaded_checkpoint"]["step"] == 9
 
@@ -108,8 +112,9 @@ def test_1_a_start_that_loses_the_race_leaves_the_winners_run_byte_identical(ref
 def test_1_two_starts_on_one_out_give_one_run_and_one_clear_refusal(corpus, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     cmd = [PY, "-m", "moeut", *train_args(corpus, out, cache, steps=4)]
-    procs = [subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)
     assert codes == [0, 2], results
@@ -123,11 +128,13 @@ def test_1_two_starts_on_one_out_give_one_run_and_one_clear_refusal(corpus, tmp_
 # 2. Shard pieces must tile every tensor exactly, checked before any read.
 # ------------------------------------------------------------------------------------------------
 
+
 def _sharded_copy(finished):
     run, cache, _ = finished
     meta = json.loads((run / "run.json").read_text())
     from moeut.models import build_model, model_kwargs_of_run
     from moeut.train.loop import optimizer_parameter_names
+
     with torch.device("meta"):
         model = build_model(meta["model"], meta["vocab_size"], model_kwargs_of_run(meta))
     spec = ckpt_lib.ModelSpec.of(model, optimizer_parameter_names(model))
@@ -151,7 +158,8 @@ def _overwrite_piece(shard_file: Path, tensor: str, offset0: int) -> None:
 
 @pytest.mark.parametrize("shift", [-1, 1], ids=["overlap", "gap"])
 def test_2_overlapping_or_gapped_pieces_are_refused_before_any_read_and_the_older_checkpoint_used(
-        finished, shift, tmp_path, capsys):
+    finished, shift, tmp_path, capsys
+):
     run, _, spec = _sharded_copy(finished)
     ckpt = step_dir(run, 9)
     second = ckpt / "shards" / shard_lib.shard_file_name(2)
@@ -168,6 +176,7 @@ def test_2_overlapping_or_gapped_pieces_are_refused_before_any_read_and_the_olde
     pytest.importorskip("transformers")
     assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
     from safetensors.torch import load_file
+
     exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
     older = ckpt_lib.load_model_state(step_dir(run, 6))
     assert all(torch.equal(exported["lm." + k], v) for k, v in older.items())
@@ -177,8 +186,8 @@ def test_2_overlapping_or_gapped_pieces_are_refused_before_any_read_and_the_olde
 # 3. The state is checked finite after the update, before it is saved.
 # ------------------------------------------------------------------------------------------------
 
-def test_3_a_poisoned_optimizer_state_stops_the_run_without_saving_and_names_the_last_good_checkpoint(
-        finished, capsys):
+
+def test_3_a_poisoned_optimizer_state_stops_the_run_without_saving_and_names_the_last_good_checkpoint(finished, capsys):
     """A negative second moment is finite, so the checkpoint is usable, but its update makes every
     weight NaN from a finite loss: nothing may be saved, the good checkpoints stay, and the message
     names one that really is usable."""
@@ -187,6 +196,7 @@ def test_3_a_poisoned_optimizer_state_stops_the_run_without_saving_and_names_the
     def negative_moments(training):
         for entry in training["optimizer"]["state"].values():
             entry["exp_avg_sq"].fill_(-1.0)
+
     resave(run, 6, training_edit=negative_moments)
     shutil.rmtree(step_dir(run, 9))
     before = {p.name: tree_digest(p) for p in ckpt_lib.list_checkpoints(run)}
@@ -207,6 +217,7 @@ def test_3_a_poisoned_optimizer_state_stops_the_run_without_saving_and_names_the
 # 4. Every reader falls back past a checkpoint that is intact (hashes match) but unusable.
 # ------------------------------------------------------------------------------------------------
 
+
 def _wrong_shape(state):
     name = next(k for k in state if state[k].dim() == 2)
     state[name] = torch.zeros(state[name].shape[0] + 1, state[name].shape[1])
@@ -216,7 +227,7 @@ def _bad_header(run):
     f = step_dir(run, 9) / ckpt_lib.MODEL_FILE
     data = bytearray(f.read_bytes())
     n = int.from_bytes(data[:8], "little")
-    data[8:8 + n] = b"{" + b" " * (n - 1)           # a header that is not JSON, same length
+    data[8 : 8 + n] = b"{" + b" " * (n - 1)  # a header that is not JSON, same length
     f.write_bytes(bytes(data))
     rehash(step_dir(run, 9))
 
@@ -231,7 +242,7 @@ def test_4_eval_generate_and_resume_take_the_previous_checkpoint_past_an_unusabl
     else:
         _bad_header(run)
     manifest = json.loads((step_dir(run, 9) / ckpt_lib.MANIFEST_FILE).read_text())
-    for name, rec in manifest["files"].items():          # its hashes all match: only the content is wrong
+    for name, rec in manifest["files"].items():  # its hashes all match: only the content is wrong
         assert hashlib.sha256((step_dir(run, 9) / name).read_bytes()).hexdigest() == rec["sha256"]
     reason = {"nan weight": "non-finite", "wrong shape": "shape mismatch", "bad header": "not valid JSON"}[fault]
     _, _, meta = load_run(run)
@@ -242,7 +253,7 @@ def test_4_eval_generate_and_resume_take_the_previous_checkpoint_past_an_unusabl
     out = capsys.readouterr().out
     assert "step_00000009" in out and reason in out and "moved the unusable checkpoint" in out
     got = {r["step"]: r["loss"] for r in map(json.loads, open(run / "metrics.jsonl")) if "loss" in r}
-    assert got == want                                   # the resumed run reproduces the uninterrupted one
+    assert got == want  # the resumed run reproduces the uninterrupted one
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,7 +263,7 @@ def test_4_eval_generate_and_resume_take_the_previous_checkpoint_past_an_unusabl
 MANIFEST_FAULTS = {
     "an entry that is a number": (lambda m: m["files"].__setitem__("training.json", 7), "files['training.json']"),
     "files that is a list": (lambda m: m.__setitem__("files", ["model.safetensors"]), "files"),
-    "a huge integer": (lambda m: m.__setitem__("step", 10 ** 5000), "not valid JSON"),
+    "a huge integer": (lambda m: m.__setitem__("step", 10**5000), "not valid JSON"),
     "deep nesting": (lambda m: m.__setitem__("loss", json.loads("[" * 200 + "]" * 200)), "nests deeper"),
     "a negative step": (lambda m: m.__setitem__("step", -9), "step"),
 }
@@ -311,12 +322,14 @@ def test_5_moments_of_the_wrong_shape_are_refused_with_the_parameter_named(finis
     meta = json.loads((run / "run.json").read_text())
     from moeut.models import build_model, model_kwargs_of_run
     from moeut.train.loop import optimizer_parameter_names
+
     with torch.device("meta"):
         model = build_model(meta["model"], meta["vocab_size"], model_kwargs_of_run(meta))
     spec = ckpt_lib.ModelSpec.of(model, optimizer_parameter_names(model))
 
     def squash(training):
         training["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)
+
     resave(run, 9, training_edit=squash)
     with pytest.raises(ckpt_lib.CheckpointError, match=f"{spec.parameters[0]}.exp_avg is torch.float32 \\(3,\\)"):
         ckpt_lib.read_checkpoint(step_dir(run, 9), "all", spec)
@@ -325,6 +338,7 @@ def test_5_moments_of_the_wrong_shape_are_refused_with_the_parameter_named(finis
 # ------------------------------------------------------------------------------------------------
 # 6. A file is opened once, following no link; temporaries are unpredictable; appends break hard links.
 # ------------------------------------------------------------------------------------------------
+
 
 def test_6_a_file_swapped_for_a_link_after_its_check_is_never_read(finished, tmp_path, monkeypatch):
     """Between hashing and parsing, the model file is replaced by a link to another valid checkpoint's
@@ -345,19 +359,25 @@ def test_6_a_file_swapped_for_a_link_after_its_check_is_never_read(finished, tmp
             os.symlink(outside, target)
             swapped.append(True)
         return digest
+
     monkeypatch.setattr(checkpoint_reader, "hash_fd", hash_then_swap)
     got = ckpt_lib.load_model_state(ckpt)
     assert swapped and all(torch.equal(got[k], v) for k, v in want.items())
     monkeypatch.setattr(checkpoint_reader, "hash_fd", real)
-    with pytest.raises(ckpt_lib.CheckpointError, match="symbolic link"):   # and the link itself is refused
+    with pytest.raises(ckpt_lib.CheckpointError, match="symbolic link"):  # and the link itself is refused
         ckpt_lib.load_model_state(ckpt)
 
 
 def test_6_migrate_refuses_a_linked_legacy_directory_and_moves_nothing_out(finished, tmp_path, capsys):
     run, _, _ = finished
     ck = ckpt_lib.read_checkpoint(step_dir(run, 3), "all")
-    legacy = {"format": "moeut-checkpoint-v1", "step": 3, "model": ck.model, **{k: ck.training[k] for k in
-              ("optimizer", "scheduler", "data_position", "config")}, "rng": ck.training["rng"]}
+    legacy = {
+        "format": "moeut-checkpoint-v1",
+        "step": 3,
+        "model": ck.model,
+        **{k: ck.training[k] for k in ("optimizer", "scheduler", "data_position", "config")},
+        "rng": ck.training["rng"],
+    }
     shutil.rmtree(run / "checkpoints")
     (run / "checkpoints").mkdir()
     torch.save(legacy, run / "checkpoints" / "step_00000003.pt")
@@ -371,10 +391,11 @@ def test_6_migrate_refuses_a_linked_legacy_directory_and_moves_nothing_out(finis
 
 def test_6_atomic_writes_use_fresh_exclusive_temporaries_and_never_follow_a_planted_link(tmp_path):
     from moeut.files import write_file_atomic
+
     victim = tmp_path / "victim"
     victim.write_text("keep me")
     target = tmp_path / "run.json"
-    for guess in (f"run.json.tmp-{os.getpid()}", ".run.json.tmp", "run.json.tmp"):   # the old names, planted
+    for guess in (f"run.json.tmp-{os.getpid()}", ".run.json.tmp", "run.json.tmp"):  # the old names, planted
         os.symlink(victim, tmp_path / guess)
     seen = set()
     real_replace = os.replace
@@ -382,6 +403,7 @@ def test_6_atomic_writes_use_fresh_exclusive_temporaries_and_never_follow_a_plan
     def spy(src, dst):
         seen.add(Path(src).name)
         return real_replace(src, dst)
+
     os.replace = spy
     try:
         for i in range(3):
@@ -404,7 +426,7 @@ def test_6_resuming_a_hard_linked_copy_never_writes_into_the_original(reference,
     original = tmp_path / "original"
     shutil.copytree(run, original)
     copy = tmp_path / "copy"
-    subprocess.run(["cp", "-al", str(original), str(copy)], check=True)   # `cp -al`: every file shared
+    subprocess.run(["cp", "-al", str(original), str(copy)], check=True)  # `cp -al`: every file shared
     before = tree_digest(original)
     assert main(resume(copy, cache, "--steps", "12")) == 0
     assert "hard links" in capsys.readouterr().out
@@ -416,25 +438,41 @@ def test_6_resuming_a_hard_linked_copy_never_writes_into_the_original(reference,
 # 7. Bounds on everything a small input can multiply.
 # ------------------------------------------------------------------------------------------------
 
+
 def test_7_a_huge_shard_count_is_refused_at_once(finished, capsys):
     run, _, _ = finished
     before = tree_digest(run)
-    with pytest.raises(SystemExit) as e:   # argparse's own one-line refusal
+    with pytest.raises(SystemExit) as e:  # argparse's own one-line refusal
         main(["convert-checkpoint", str(run), "--layout", "sharded", "--shards", "1000000000"])
     assert e.value.code == 2
     assert "--shards: must be an integer from 1 to 4096" in capsys.readouterr().err and tree_digest(run) == before
-    with pytest.raises(ckpt_lib.CheckpointError, match="from 1 to 4096"):   # and the library function too
-        ckpt_lib.convert_checkpoint(run, step_dir(run, 9), "sharded", ckpt_lib.ModelSpec({}), shards=10 ** 9)
+    with pytest.raises(ckpt_lib.CheckpointError, match="from 1 to 4096"):  # and the library function too
+        ckpt_lib.convert_checkpoint(run, step_dir(run, 9), "sharded", ckpt_lib.ModelSpec({}), shards=10**9)
 
 
 def test_7_a_compressed_line_that_inflates_past_the_document_limit_is_refused(tmp_path, capsys):
     from moeut.train.sources import MAX_DOCUMENT_BYTES
+
     bomb = tmp_path / "bomb.jsonl.gz"
     with gzip.open(bomb, "wb", compresslevel=9) as f:
         f.write(b'{"text": "' + b"a" * (MAX_DOCUMENT_BYTES + 10) + b'"}\n')
     assert bomb.stat().st_size < 1 << 20
-    assert main(["train", "--data", str(bomb), "--out", str(tmp_path / "run"), "--steps", "1",
-                 "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(bomb),
+                "--out",
+                str(tmp_path / "run"),
+                "--steps",
+                "1",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 2
+    )
     assert "bomb.jsonl.gz:1: a line longer than 64 MiB" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
@@ -443,7 +481,7 @@ def test_7_eval_text_refuses_binary_and_oversized_files_without_reading_them(ref
     run, _, _ = reference
     sparse = tmp_path / "sparse.txt"
     with open(sparse, "wb") as f:
-        f.truncate(5 << 30)                               # 5 GB of NULs that take no disk
+        f.truncate(5 << 30)  # 5 GB of NULs that take no disk
     nuls = tmp_path / "nuls.txt"
     nuls.write_bytes(b"some text\n" + b"\0" * 100)
     for path, named in ((sparse, "more than"), (nuls, "binary")):
@@ -454,8 +492,10 @@ def test_7_eval_text_refuses_binary_and_oversized_files_without_reading_them(ref
 def test_7_a_run_json_with_absurd_sizes_is_refused_before_anything_is_built(finished, capsys):
     run, _, _ = finished
     meta = json.loads((run / "run.json").read_text())
-    for kwargs, named in (({"n_layers": 400000}, "n_layers"), ({"ff_n_experts": 1 << 20, "d_model": 1 << 20},
-                                                               "parameters")):
+    for kwargs, named in (
+        ({"n_layers": 400000}, "n_layers"),
+        ({"ff_n_experts": 1 << 20, "d_model": 1 << 20}, "parameters"),
+    ):
         (run / "run.json").write_text(json.dumps({**meta, "model_kwargs": {**meta["model_kwargs"], **kwargs}}))
         assert main(["generate", "--checkpoint", str(run), "--prompt", "x"]) == 2
         assert named in capsys.readouterr().err
@@ -465,13 +505,17 @@ def test_7_a_run_json_with_absurd_sizes_is_refused_before_anything_is_built(fini
 # 8. Every flag and every value from a run's files range-checked, with a one-line error naming it.
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("argv,named", [
-    (["train", "--lr", "1e39"], "--lr"),
-    (["train", "--device", "meta"], "--device"),
-    (["train", "--set", "d_model=true"], "d_model"),
-    (["train", "--set", "d_model=[[1]]"], "d_model"),
-    (["train", "--set", "dropout=1e999"], "dropout"),
-])
+
+@pytest.mark.parametrize(
+    "argv,named",
+    [
+        (["train", "--lr", "1e39"], "--lr"),
+        (["train", "--device", "meta"], "--device"),
+        (["train", "--set", "d_model=true"], "d_model"),
+        (["train", "--set", "d_model=[[1]]"], "d_model"),
+        (["train", "--set", "dropout=1e999"], "dropout"),
+    ],
+)
 def test_8_bad_flags_are_named_in_one_line(argv, named, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err.strip()
@@ -482,9 +526,11 @@ def test_8_bad_flags_are_named_in_one_line(argv, named, tmp_path, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_8_cuda_without_cuda_is_named(reference, capsys):
     run, _, _ = reference
-    for argv in (["generate", "--checkpoint", str(run), "--prompt", "x", "--device", "cuda"],
-                 ["eval", "--checkpoint", str(run), "--text", str(run / "run.json"), "--device", "cuda:0"],
-                 ["generate", "--checkpoint", str(run), "--prompt", "x", "--device", "meta"]):
+    for argv in (
+        ["generate", "--checkpoint", str(run), "--prompt", "x", "--device", "cuda"],
+        ["eval", "--checkpoint", str(run), "--text", str(run / "run.json"), "--device", "cuda:0"],
+        ["generate", "--checkpoint", str(run), "--prompt", "x", "--device", "meta"],
+    ):
         assert main(argv) == 2
         assert "--device" in capsys.readouterr().err
 
@@ -508,6 +554,7 @@ def test_8_hostile_values_in_run_json_and_metrics_are_named(finished, tmp_path, 
     assert main(["generate", "--checkpoint", str(run), "--prompt", "x"]) == 2
     assert "vocab_size" in capsys.readouterr().err
     from moeut.train.sweep import _last_val_ppl
+
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 10, "val_ppl": -1}\n{"step": 11, "val_ppl": "NaN"}\n' + "[" * 10000 + "\n")
     assert _last_val_ppl(run) > 1
@@ -516,6 +563,7 @@ def test_8_hostile_values_in_run_json_and_metrics_are_named(finished, tmp_path, 
 # ------------------------------------------------------------------------------------------------
 # 9. The smaller faults seen in the code.
 # ------------------------------------------------------------------------------------------------
+
 
 def test_9_a_step_written_again_keeps_the_old_one_until_the_new_one_verifies(finished, monkeypatch):
     run, _, _ = finished
@@ -526,6 +574,7 @@ def test_9_a_step_written_again_keeps_the_old_one_until_the_new_one_verifies(fin
         if part == "verify" and Path(path).name == "step_00000009":
             raise ckpt_lib.CheckpointError("simulated: the new files do not read back")
         return real(path, part, spec)
+
     monkeypatch.setattr(ckpt_lib, "read_checkpoint", failing_read_back)
     with pytest.raises(ckpt_lib.CheckpointError, match="simulated"):
         resave(run, 9, model_edit=lambda m: None)
@@ -548,7 +597,7 @@ def test_9_newer_unusable_checkpoints_are_set_aside_by_step_number_not_by_name(f
     assert [p.name for p in ckpt_lib.list_checkpoints(run)][-2:] == ["step_99999999", "step_100000000"]
     assert main(resume(run, cache)) == 0
     out = capsys.readouterr().out
-    assert out.index("step_100000000") < out.index("step_99999999")   # newest first, by number
+    assert out.index("step_100000000") < out.index("step_99999999")  # newest first, by number
     assert "is not the step of its directory" in out
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "step_100000000.damaged" in names and "step_99999999.damaged" in names
@@ -570,6 +619,7 @@ def test_9_a_tensor_of_another_dtype_is_refused_not_cast(finished, capsys):
     def to_double(state):
         name = next(k for k in state if state[k].is_floating_point())
         state[name] = state[name].double()
+
     resave(run, 9, model_edit=to_double)
     _, _, meta = load_run(run)
     assert meta["loaded_checkpoint"]["step"] == 6 and "dtype mismatch" in capsys.readouterr().err
@@ -585,6 +635,7 @@ def test_9_a_checkpoint_rotated_away_while_read_makes_the_reader_take_the_next(f
             shutil.rmtree(path)
             removed.append(Path(path).name)
         return real(path, part, spec)
+
     monkeypatch.setattr(checkpoint_reader, "read_checkpoint", rotate_first)
     _, _, meta = load_run(run)
     assert removed == ["step_00000009"] and meta["loaded_checkpoint"]["step"] == 6

@@ -1,4 +1,5 @@
 """The trainer end to end on CPU: metrics, checkpoints, resume after SIGTERM, bad checkpoints, DDP."""
+
 import json
 import math
 import os
@@ -13,7 +14,6 @@ import torch
 
 from moeut.train import checkpoint as ckpt_lib
 from moeut.cli import main
-from moeut.runs import load_run
 from moeut.runs import load_run
 
 from .conftest import PY, train_args
@@ -53,6 +53,7 @@ def test_tensorboard_logs_are_written(corpus, tmp_path):
     events = list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(out / "tensorboard")).Reload()
     assert "ffn_expert_usage" in acc.Tags()["images"] and "expert_usage_entropy" in acc.Tags()["scalars"]
 
@@ -77,10 +78,24 @@ def test_wandb_offline_run_holds_the_metrics(corpus, tmp_path, monkeypatch):
     loss = [r for r in records if "loss" in r][-1]["loss"]
     ppl = [r for r in records if "val_ppl" in r][-1]["val_ppl"]
     assert b"val_ppl" in log and json.dumps(loss).encode() in log and json.dumps(ppl).encode() in log
-    assert b"moeut-tiny" in log   # the configuration
+    assert b"moeut-tiny" in log  # the configuration
     run_id = runs[0].name.rsplit("-", 1)[-1]
-    assert main(["train", "--resume", str(out), "--steps", "6", "--wandb", "--no-progress", "--cache-dir",
-                 str(tmp_path / "cache")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                str(out),
+                "--steps",
+                "6",
+                "--wandb",
+                "--no-progress",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
     assert {p.name.rsplit("-", 1)[-1] for p in (out / "wandb").glob("offline-run-*")} == {run_id}
 
 
@@ -90,8 +105,13 @@ def test_sigterm_then_resume_logs_the_same_losses(corpus, tmp_path):
     assert main(train_args(corpus, full, cache, steps=10)) == 0
 
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([PY, "-m", "moeut", *train_args(corpus, cut, cache, steps=10)], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [PY, "-m", "moeut", *train_args(corpus, cut, cache, steps=10)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
         if (cut / "metrics.jsonl").exists() and len(losses(cut)) >= 4:
@@ -99,7 +119,7 @@ def test_sigterm_then_resume_logs_the_same_losses(corpus, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM, output   # after its checkpoint
+    assert proc.returncode == 128 + signal.SIGTERM, output  # after its checkpoint
     assert "stopped by signal" in output
     stopped_at = max(losses(cut))
     assert stopped_at < 10
@@ -112,6 +132,7 @@ def test_resume_reads_the_data_the_run_started_on(corpus, tmp_path, capsys):
     data it started on are still cached). With that cache gone, the run's recorded paths are not
     followed: --data must be given again, and the trainer says when it gives other data."""
     import shutil
+
     data, cache, run = tmp_path / "data", tmp_path / "cache", tmp_path / "run"
     shutil.copytree(corpus, data)
     args = train_args(data, run, cache, steps=6)
@@ -119,7 +140,7 @@ def test_resume_reads_the_data_the_run_started_on(corpus, tmp_path, capsys):
     want = losses(run)
     for path in (data / sorted(p.name for p in data.iterdir())[0], data / "extra.py"):
         path.write_text("changed = True\n" * 200)
-    shutil.rmtree(run / "checkpoints" / "step_00000006")   # resume from step 3
+    shutil.rmtree(run / "checkpoints" / "step_00000006")  # resume from step 3
     capsys.readouterr()
     resume = ["train", "--resume", str(run), "--no-progress", "--cache-dir", str(cache)]
     assert main(resume) == 0
@@ -137,8 +158,14 @@ def test_resume_reads_the_data_the_run_started_on(corpus, tmp_path, capsys):
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     import safetensors.torch
-    training = {"optimizer": {"state": {}, "param_groups": [{"params": []}]}, "scheduler": {"last_epoch": 1},
-                "rng": {"torch": torch.ones(2)}, "data_position": 4, "config": {}}
+
+    training = {
+        "optimizer": {"state": {}, "param_groups": [{"params": []}]},
+        "scheduler": {"last_epoch": 1},
+        "rng": {"torch": torch.ones(2)},
+        "data_position": 4,
+        "config": {},
+    }
     good = ckpt_lib.save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, training)
     before = {p.name: p.read_bytes() for p in good.iterdir()}
 
@@ -146,6 +173,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         with open(filename, "wb") as f:
             f.write(b"partial")
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
     with pytest.raises(OSError):
         ckpt_lib.save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, training, keep=1)
@@ -203,12 +231,17 @@ def test_two_process_ddp_matches_single_process(corpus, tmp_path, precision, tol
     3.0e-3); `test_ddp.py` compares the gradients themselves."""
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     cache = tmp_path / "cache"
-    args = lambda out: train_args(corpus, out, cache, steps=3, extra=["--precision", precision])  # noqa: E731
+    args = lambda out: train_args(corpus, out, cache, steps=3, extra=["--precision", precision])
     assert main(args(single)) == 0
     env = {**ENV, "OMP_NUM_THREADS": "1"}
     port = {"fp32": "29631", "bf16": "29632"}[precision]
-    r = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m",
-                        "moeut", *args(ddp)], env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [PY, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "moeut", *args(ddp)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ws = load_run(single)[0].state_dict()
     wd = load_run(ddp)[0].state_dict()
@@ -239,6 +272,7 @@ def test_paper_tokenizer_on_a_c4_style_jsonl_corpus_end_to_end(tmp_path, capsys)
     import json
     from moeut.train.tokenizer import Tokenizer
     from tests.unit.test_tokenizer import english_documents
+
     data = tmp_path / "c4"
     data.mkdir()
     with open(data / "c4-train.00000-of-01024.jsonl", "w") as f:
@@ -275,10 +309,16 @@ def test_the_dense_baseline_trains_through_the_trainer(corpus, tmp_path, capsys)
 
 def test_samples_at_every_evaluation(corpus, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(train_args(corpus, out, tmp_path / "cache", steps=8, extra=["--sample-tokens", "5",
-                                                                          "--sample-prompt", "def main("])) == 0
+    assert (
+        main(
+            train_args(
+                corpus, out, tmp_path / "cache", steps=8, extra=["--sample-tokens", "5", "--sample-prompt", "def main("]
+            )
+        )
+        == 0
+    )
     samples = [json.loads(line) for line in open(out / "metrics.jsonl") if '"sample"' in line]
-    assert [s["step"] for s in samples] == [4, 8]   # --eval-interval 4
+    assert [s["step"] for s in samples] == [4, 8]  # --eval-interval 4
     # and the expert statistics of `moeut analyze`, at the same evaluations
     stats = [json.loads(line) for line in open(out / "metrics.jsonl") if "expert_usage_entropy" in line]
     assert [s["step"] for s in stats] == [4, 8]
@@ -291,12 +331,15 @@ def test_one_text_file_and_a_parquet_file_train_end_to_end(corpus, tmp_path):
     """The nanoGPT habit (`--data input.txt`) and a Parquet file with its own column name."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     texts = [p.read_text() for p in sorted(corpus.iterdir())]
     single = tmp_path / "input.txt"
     single.write_text("\n\n".join(texts))
     assert main(train_args(single, tmp_path / "txt", tmp_path / "cache", steps=2)) == 0
     pq.write_table(pa.table({"content": texts}), tmp_path / "code.parquet")
-    args = train_args(tmp_path / "code.parquet", tmp_path / "pq", tmp_path / "cache", steps=2, extra=["--text-field", "content"])
+    args = train_args(
+        tmp_path / "code.parquet", tmp_path / "pq", tmp_path / "cache", steps=2, extra=["--text-field", "content"]
+    )
     assert main(args) == 0
     data = json.loads((tmp_path / "pq" / "data.json").read_text())
     # documents with a piece held out train as their parts around it: at least as many documents as texts

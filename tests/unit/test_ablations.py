@@ -2,6 +2,7 @@
 group order (ABAB, the default; AABB), each against a hand-wired reference of the training code's
 computation (RelativeMoeTransformerEncoderLayer with and without `moe.nonorm`, preln on or off;
 `transformer.universal.group_type`)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,8 +11,18 @@ import moeut
 from moeut.attention import AttentionMask
 from moeut.generate import generate
 
-CFG = dict(d_model=32, n_layers=6, n_heads=2, ff_n_experts=6, att_n_experts=3, d_head=8, group_size=2, ff_k=2,
-           att_k=2, ff_expert_size=8)
+CFG = dict(
+    d_model=32,
+    n_layers=6,
+    n_heads=2,
+    ff_n_experts=6,
+    att_n_experts=3,
+    d_head=8,
+    group_size=2,
+    ff_k=2,
+    att_k=2,
+    ff_expert_size=8,
+)
 
 
 def ln(x, norm):
@@ -24,16 +35,16 @@ def reference(m, x, order, placement):
     h = m.embedding(x)
     for li in order:
         L = m.transformer.layers[li]
-        if placement == "peri":     # nonorm: routers, queries and keys read ln1(h); values the raw h
+        if placement == "peri":  # nonorm: routers, queries and keys read ln1(h); values the raw h
             n = ln(h, L.ln1)
             h = h + L.attention(n, n, h, mask)[0]
             h = h + L.ffn(h, ln(h, L.ln2))
-        elif placement == "pre":    # preln: every input of a sublayer is normalised
+        elif placement == "pre":  # preln: every input of a sublayer is normalised
             n = ln(h, L.ln1)
             h = h + L.attention(n, n, n, mask)[0]
             n = ln(h, L.ln2)
             h = h + L.ffn(n, n)
-        else:                       # post: normalise after each residual addition
+        else:  # post: normalise after each residual addition
             h = ln(h + L.attention(h, h, h, mask)[0], L.ln1)
             h = ln(h + L.ffn(h, h), L.ln2)
     if placement != "post":
@@ -46,7 +57,7 @@ def reference(m, x, order, placement):
 def test_each_variant_computes_its_reference(layer_norm, group_type):
     torch.manual_seed(0)
     m = moeut.MoEUTLM(40, **CFG, group_type=group_type, layer_norm=layer_norm).eval()
-    with torch.no_grad():   # LayerNorms away from 1 / 0, so that a misplaced one shows
+    with torch.no_grad():  # LayerNorms away from 1 / 0, so that a misplaced one shows
         for L in m.transformer.layers:
             for norm in (L.ln1, L.ln2):
                 norm.weight.uniform_(0.5, 1.5)
@@ -57,7 +68,7 @@ def test_each_variant_computes_its_reference(layer_norm, group_type):
     with torch.no_grad():
         got = m(x).outputs
         torch.testing.assert_close(got, reference(m, x, order, layer_norm), rtol=1e-5, atol=1e-5)
-        for other in {"peri", "pre", "post"} - {layer_norm}:            # and not another variant's computation
+        for other in {"peri", "pre", "post"} - {layer_norm}:  # and not another variant's computation
             assert (got - reference(m, x, order, other)).abs().max() > 1e-2
         other_order = [0, 0, 0, 1, 1, 1] if group_type == "abab" else [0, 1, 0, 1, 0, 1]
         assert (got - reference(m, x, other_order, layer_norm)).abs().max() > 1e-2
@@ -71,8 +82,9 @@ def test_variants_train_and_decode_with_the_cache(layer_norm, group_type):
     out = m(x)
     loss = F.cross_entropy(out.outputs.flatten(0, 1), x.flatten()) + out.reg_loss
     loss.backward()
-    assert out.reg_loss != 0 and all(p.grad is not None for p in m.parameters() if p is not m.out_norm.weight
-                                    and p is not m.out_norm.bias)
+    assert out.reg_loss != 0 and all(
+        p.grad is not None for p in m.parameters() if p is not m.out_norm.weight and p is not m.out_norm.bias
+    )
     m.eval()
     prompt = [x[0, :5].tolist()]
     cached = generate(m, prompt, 6, cache="static")
@@ -86,7 +98,7 @@ def test_post_ln_initialises_without_the_depth_scale():
     torch.manual_seed(0)
     post = moeut.MoEUTLM(40, **CFG, layer_norm="post")
     ratio = post.transformer.layers[0].ffn.keys.std() / peri.transformer.layers[0].ffn.keys.std()
-    assert ratio.item() == pytest.approx((6 / 2) ** 0.5, rel=0.05)    # sqrt(2 / n_layers) left out
+    assert ratio.item() == pytest.approx((6 / 2) ** 0.5, rel=0.05)  # sqrt(2 / n_layers) left out
 
 
 def test_bad_values_are_named():

@@ -1,4 +1,5 @@
 """`moeut analyze`: its numbers against direct computations on a small model, and the command's files."""
+
 import json
 import math
 
@@ -12,8 +13,19 @@ from moeut.attention import AttentionMask
 
 def tiny():
     torch.manual_seed(0)
-    return moeut.MoEUTLM(50, d_model=32, n_layers=4, n_heads=2, ff_n_experts=6, att_n_experts=3, d_head=8,
-                         group_size=2, ff_k=2, att_k=2, ff_expert_size=8).eval()
+    return moeut.MoEUTLM(
+        50,
+        d_model=32,
+        n_layers=4,
+        n_heads=2,
+        ff_n_experts=6,
+        att_n_experts=3,
+        d_head=8,
+        group_size=2,
+        ff_k=2,
+        att_k=2,
+        ff_expert_size=8,
+    ).eval()
 
 
 def test_the_trace_follows_the_models_own_forward():
@@ -55,7 +67,9 @@ def test_analyze_reports_per_application_and_same_layer_overlaps():
     assert res["applications"] == 4 and len(res["ffn_usage"]) == 4
     assert set(res["overlap"]) == {"0", "1"} and all(len(v) == 2 for v in res["overlap"].values())
     assert all(res["overlap"][k][i][i] == pytest.approx(1.0) for k in ("0", "1") for i in range(2))
-    assert len(res["attention_usage"][0]["att_o"]) == 2     # one entry per head
-    json.dumps(res)                                          # plain data
-    dense = analyze(moeut.DenseLM(50, d_model=32, n_layers=3, n_heads=4, d_ff=40).eval(), torch.zeros(1, 8, dtype=torch.long))
+    assert len(res["attention_usage"][0]["att_o"]) == 2  # one entry per head
+    json.dumps(res)  # plain data
+    dense = analyze(
+        moeut.DenseLM(50, d_model=32, n_layers=3, n_heads=4, d_ff=40).eval(), torch.zeros(1, 8, dtype=torch.long)
+    )
     assert dense["applications"] == 3 and "ffn_usage" not in dense

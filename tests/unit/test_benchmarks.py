@@ -1,6 +1,7 @@
 """The GPU benchmark `benchmarks/kernel_bench.py` can only run on a GPU; what it computes from its rows can be
 checked here: every pass its whole-FFN roofline sums is a row the script produces, and the sum is right.
 Also the other benchmark scripts' CPU-side logic (profile_step.py's tables, plot_throughput.py's lines)."""
+
 import json
 import re
 import sys
@@ -16,7 +17,7 @@ import kernel_bench as kernels  # noqa: E402
 
 def test_roofline_passes_are_rows_of_time_shape():
     source = (BENCHMARKS / "kernel_bench.py").read_text()
-    labels = set(re.findall(r'add\(f?"([^"]+)"', source)) | set(re.findall(r'\("(top-k sum, [^"]+)"', source))
+    labels = set(re.findall(r'add\(\s*f?"([^"]+)"', source)) | set(re.findall(r'\(\s*"(top-k sum, [^"]+)"', source))
     missing = [p for p in kernels.FFN_FWD_PASSES + kernels.FFN_BWD_PASSES if p not in labels]
     assert not missing, missing
 
@@ -25,7 +26,7 @@ def test_ffn_roofline_sums_its_passes_of_one_shape():
     passes = kernels.FFN_FWD_PASSES + kernels.FFN_BWD_PASSES
     rows = [dict(shape="244M", pass_=p, roofline_ms=float(i + 1)) for i, p in enumerate(passes)]
     rows += [dict(shape="1B", pass_=p, roofline_ms=100.0) for p in passes]
-    rows += [dict(shape="244M", pass_="down fwd [column blocks]", roofline_ms=1000.0)]   # not summed
+    rows += [dict(shape="244M", pass_="down fwd [column blocks]", roofline_ms=1000.0)]  # not summed
     fwd, fwd_bwd = kernels.ffn_roofline_ms(rows, "244M")
     n = len(kernels.FFN_FWD_PASSES)
     assert fwd == sum(range(1, n + 1))
@@ -36,6 +37,7 @@ def test_profile_categories_cover_a_real_step_and_keep_its_total():
     """Kernel names as a 244M step's profile printed them (RESULTS I): each lands in the category
     the journal reasons with, and the categories' times add up to the kernels'."""
     import profile_step
+
     names = {
         "_expert_mm_kernel": "expert GEMMs",
         "_weight_grad_kernel": "expert weight gradients",
@@ -74,21 +76,29 @@ def test_profile_launches_split_the_expert_kernels_by_launch_shape(capsys):
     the GPU) grouped by (name, grid, block), so the FFN's passes and SwitchHead's are separate rows;
     other kernels and CPU events are left out, and every kept launch is counted once."""
     import profile_step
-    kernel = lambda name, grid, dur, block=(256, 1, 1): dict(cat="kernel", name=name, dur=dur,  # noqa: E731
-                                                              args=dict(grid=list(grid), block=list(block)))
-    events = [kernel("_expert_mm_kernel", (24768, 1, 1), 180.0), kernel("_expert_mm_kernel", (24768, 1, 1), 184.0),
-              kernel("_expert_mm_kernel", (1060, 1, 1), 70.0),
-              kernel("_expert_mm_kernel", (1060, 1, 1), 72.0, (128, 1, 1)),
-              kernel("_weight_grad_kernel", (3096, 1, 1), 1500.0), kernel("nvjet_sm90_tst_256x128", (132, 1, 1), 90.0),
-              dict(cat="cpu_op", name="_expert_mm_kernel", dur=5.0)]
+
+    kernel = lambda name, grid, dur, block=(256, 1, 1): dict(
+        cat="kernel", name=name, dur=dur, args=dict(grid=list(grid), block=list(block))
+    )
+    events = [
+        kernel("_expert_mm_kernel", (24768, 1, 1), 180.0),
+        kernel("_expert_mm_kernel", (24768, 1, 1), 184.0),
+        kernel("_expert_mm_kernel", (1060, 1, 1), 70.0),
+        kernel("_expert_mm_kernel", (1060, 1, 1), 72.0, (128, 1, 1)),
+        kernel("_weight_grad_kernel", (3096, 1, 1), 1500.0),
+        kernel("nvjet_sm90_tst_256x128", (132, 1, 1), 90.0),
+        dict(cat="cpu_op", name="_expert_mm_kernel", dur=5.0),
+    ]
     per_launch = profile_step.launch_times(events)
-    assert per_launch == {("_expert_mm_kernel", (24768, 1, 1), (256, 1, 1)): [364.0, 2],
-                          ("_expert_mm_kernel", (1060, 1, 1), (256, 1, 1)): [70.0, 1],
-                          ("_expert_mm_kernel", (1060, 1, 1), (128, 1, 1)): [72.0, 1],
-                          ("_weight_grad_kernel", (3096, 1, 1), (256, 1, 1)): [1500.0, 1]}
+    assert per_launch == {
+        ("_expert_mm_kernel", (24768, 1, 1), (256, 1, 1)): [364.0, 2],
+        ("_expert_mm_kernel", (1060, 1, 1), (256, 1, 1)): [70.0, 1],
+        ("_expert_mm_kernel", (1060, 1, 1), (128, 1, 1)): [72.0, 1],
+        ("_weight_grad_kernel", (3096, 1, 1), (256, 1, 1)): [1500.0, 1],
+    }
     profile_step.print_launches(per_launch, iters=1, top=2)
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 3 and "_weight_grad_kernel" in lines[1] and "182.0" in lines[2]   # costliest first
+    assert len(lines) == 3 and "_weight_grad_kernel" in lines[1] and "182.0" in lines[2]  # costliest first
 
 
 def test_profile_sites_name_the_moeut_function_and_the_backward_node():
@@ -98,6 +108,7 @@ def test_profile_sites_name_the_moeut_function_and_the_backward_node():
     import profile_step
     import moeut
     from moeut import profiles
+
     torch.manual_seed(0)
     model = moeut.MoEUTLM(64, **profiles.MOEUT_PROFILES["tiny"])
     tokens = torch.randint(0, 64, (2, 16))
@@ -117,17 +128,22 @@ def test_throughput_series_by_size_and_by_batch(tmp_path):
     """plot_throughput.py: one line per family and mode against parameters; with by_batch, one line per
     model size against the batch (a 244M and a 1B run of one family are not joined)."""
     import plot_throughput
-    rows = [dict(model="moeut-244M", batch=16, tokens_per_s=180e3, params_m=243.3, cuda_graph=True),
-            dict(model="moeut-244M", batch=64, tokens_per_s=200e3, params_m=243.3, cuda_graph=True),
-            dict(model="moeut-1B", batch=8, tokens_per_s=44e3, params_m=1040.3, cuda_graph=True),
-            dict(model="dense-1B", batch=8, tokens_per_s=60e3, params_m=1044.3, cuda_graph=True),
-            dict(model="dense-1B", batch=16, error="OutOfMemoryError")]
+
+    rows = [
+        dict(model="moeut-244M", batch=16, tokens_per_s=180e3, params_m=243.3, cuda_graph=True),
+        dict(model="moeut-244M", batch=64, tokens_per_s=200e3, params_m=243.3, cuda_graph=True),
+        dict(model="moeut-1B", batch=8, tokens_per_s=44e3, params_m=1040.3, cuda_graph=True),
+        dict(model="dense-1B", batch=8, tokens_per_s=60e3, params_m=1044.3, cuda_graph=True),
+        dict(model="dense-1B", batch=16, error="OutOfMemoryError"),
+    ]
     path = tmp_path / "train.json"
     path.write_text(json.dumps(dict(results=rows)))
     by_batch = plot_throughput.series([path], by_batch=True)
-    assert by_batch == {("moeut", "CUDA graph", "244M"): [(16, 180.0), (64, 200.0)],
-                        ("moeut", "CUDA graph", "1B"): [(8, 44.0)],
-                        ("dense", "CUDA graph", "1B"): [(8, 60.0)]}
+    assert by_batch == {
+        ("moeut", "CUDA graph", "244M"): [(16, 180.0), (64, 200.0)],
+        ("moeut", "CUDA graph", "1B"): [(8, 44.0)],
+        ("dense", "CUDA graph", "1B"): [(8, 60.0)],
+    }
     by_size = plot_throughput.series([path])
     assert by_size[("moeut", "CUDA graph")] == [(243.3, 180.0), (243.3, 200.0), (1040.3, 44.0)]
 
@@ -137,6 +153,7 @@ def test_profile_diff_names_the_kernels_a_change_moved(tmp_path, capsys):
     dots (18 calls) into the expert GEMMs and made them slower by more than it saved: the busy time,
     the categories and the kernels that moved, largest change first, with the calls that moved."""
     import profile_diff
+
     a = json.loads((BENCHMARKS / "results" / "profile_244m.json").read_text())
     b = json.loads(json.dumps(a))
     row_dot, gemm = b["kernels"]["_row_dot_kernel"], b["kernels"]["_expert_mm_kernel"]
@@ -159,11 +176,15 @@ def test_profile_diff_names_the_kernels_a_change_moved(tmp_path, capsys):
     assert category_rows[0].endswith("expert GEMMs") and category_rows[1].endswith("row dots")
     # the autotuning choices: a key only in B (a new kernel variant) and a key whose config changed
     mm = "BM: 128, BN: 128, BK: 32, num_warps: 8, num_stages: 5"
-    a["autotune"] = [dict(kernel="_expert_mm_kernel", key={"I": 1024, "O": 128, "ROW_DOT": False}, config=mm),
-                     dict(kernel="_weight_grad_kernel", key={"I": 1024, "O": 128}, config="BI: 128")]
-    b["autotune"] = [dict(kernel="_expert_mm_kernel", key={"I": 1024, "O": 128, "ROW_DOT": False}, config=mm),
-                     dict(kernel="_expert_mm_kernel", key={"I": 1024, "O": 128, "ROW_DOT": True}, config=mm),
-                     dict(kernel="_weight_grad_kernel", key={"I": 1024, "O": 128}, config="BI: 64")]
+    a["autotune"] = [
+        dict(kernel="_expert_mm_kernel", key={"I": 1024, "O": 128, "ROW_DOT": False}, config=mm),
+        dict(kernel="_weight_grad_kernel", key={"I": 1024, "O": 128}, config="BI: 128"),
+    ]
+    b["autotune"] = [
+        dict(kernel="_expert_mm_kernel", key={"I": 1024, "O": 128, "ROW_DOT": False}, config=mm),
+        dict(kernel="_expert_mm_kernel", key={"I": 1024, "O": 128, "ROW_DOT": True}, config=mm),
+        dict(kernel="_weight_grad_kernel", key={"I": 1024, "O": 128}, config="BI: 64"),
+    ]
     (tmp_path / "a.json").write_text(json.dumps(a))
     (tmp_path / "b.json").write_text(json.dumps(b))
     profile_diff.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--top", "1"])
@@ -184,16 +205,26 @@ def test_autotune_choices_report_each_key_and_its_config():
     pytest.importorskip("triton")
     from types import SimpleNamespace
     from moeut.kernels.weight_grad import autotune_choices
-    tuned = SimpleNamespace(fn=SimpleNamespace(__name__="_expert_mm_kernel"), configs=["c1", "c2"], keys=["I", "O"],
-                            cache={(1024, 128, "torch.bfloat16"): "c2", (128, 1024, "torch.bfloat16"): "c1"})
+
+    tuned = SimpleNamespace(
+        fn=SimpleNamespace(__name__="_expert_mm_kernel"),
+        configs=["c1", "c2"],
+        keys=["I", "O"],
+        cache={(1024, 128, "torch.bfloat16"): "c2", (128, 1024, "torch.bfloat16"): "c1"},
+    )
     single = SimpleNamespace(fn=SimpleNamespace(__name__="_weight_grad_kernel"), configs=["c0"], keys=["I"], cache={})
-    assert autotune_choices([tuned, single]) == [("_expert_mm_kernel", {"I": 1024, "O": 128}, "c2"),
-                                                 ("_expert_mm_kernel", {"I": 128, "O": 1024}, "c1"),
-                                                 ("_weight_grad_kernel", None, "c0")]
+    assert autotune_choices([tuned, single]) == [
+        ("_expert_mm_kernel", {"I": 1024, "O": 128}, "c2"),
+        ("_expert_mm_kernel", {"I": 128, "O": 1024}, "c1"),
+        ("_weight_grad_kernel", None, "c0"),
+    ]
     from moeut.kernels import expert_mm as triton_expert_mm
-    if triton_expert_mm.INTERPRET:   # the real kernels: one config each in the interpreter
-        assert [(name, key) for name, key, _ in autotune_choices()] == [("_expert_mm_kernel", None),
-                                                                      ("_weight_grad_kernel", None)]
+
+    if triton_expert_mm.INTERPRET:  # the real kernels: one config each in the interpreter
+        assert [(name, key) for name, key, _ in autotune_choices()] == [
+            ("_expert_mm_kernel", None),
+            ("_weight_grad_kernel", None),
+        ]
 
 
 def test_every_ffn_pass_compiles_to_hopper_wgmma_without_a_gpu(tmp_path):
@@ -205,11 +236,17 @@ def test_every_ffn_pass_compiles_to_hopper_wgmma_without_a_gpu(tmp_path):
     costs device time. (A subprocess: the tests run the kernels' interpreter, which compiles nothing.)"""
     import os
     import subprocess
+
     pytest.importorskip("triton.backends.nvidia.driver")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "sm90.json"
-    run = subprocess.run([sys.executable, str(BENCHMARKS / "compile_sm90.py"), "--first-config", "--glue",
-                          "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "compile_sm90.py"), "--first-config", "--glue", "--json", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
     assert {r["pass_"] for r in report["rows"]} == {"up fwd", "down fwd", "down dx", "up dx", "up dW", "down dW"}
@@ -217,11 +254,15 @@ def test_every_ffn_pass_compiles_to_hopper_wgmma_without_a_gpu(tmp_path):
         assert r["wgmma"] and not r["mma_sync"], r
         assert r["async_copies"] + r["tma_copies"] > 0, r
         assert 0 < r["shared_bytes"] <= report["shared_limit"], r
-        assert f"{r['pass_']:9s} {r['config']:28s} wgmma" in run.stdout   # and the table says so
+        assert f"{r['pass_']:9s} {r['config']:28s} wgmma" in run.stdout  # and the table says so
     # the LayerNorm and router-statistics kernels compile for sm_90 too, within shared memory
     assert [r["pass_"] for r in report["glue"]] == [
-        "_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_layer_norm_sum_partials_kernel",
-        "_prob_sum_kernel", "_router_backward_kernel"]
+        "_layer_norm_fwd_kernel",
+        "_layer_norm_bwd_kernel",
+        "_layer_norm_sum_partials_kernel",
+        "_prob_sum_kernel",
+        "_router_backward_kernel",
+    ]
     for r in report["glue"]:
         assert 0 < r["shared_bytes"] <= report["shared_limit"], r
 
@@ -230,8 +271,14 @@ def test_the_device_scripts_parse_and_refuse_an_unknown_stage(tmp_path):
     """gpu.sh and quality.sh are valid bash; gpu.sh names the stages it knows when given another."""
     import os
     import subprocess
+
     for script in ("gpu.sh", "quality.sh"):
         subprocess.run(["bash", "-n", str(BENCHMARKS / script)], check=True)
-    r = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), "nonsense"], capture_output=True, text=True,
-                       env=dict(os.environ, OUT=str(tmp_path)), cwd=BENCHMARKS.parent)
+    r = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu.sh"), "nonsense"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OUT=str(tmp_path)),
+        cwd=BENCHMARKS.parent,
+    )
     assert r.returncode == 2 and "unknown stage nonsense" in r.stderr

@@ -1,5 +1,6 @@
 """`cast_relay`: an offered low-precision copy goes only to a cast of the very data it was made from,
 unmodified, and only once; everything else is an ordinary cast."""
+
 import pytest
 import torch
 
@@ -24,15 +25,16 @@ def test_the_offered_tensor_and_its_reshapes_get_the_copy_once():
     x = torch.randn(4, 6)
     copy = _offer_marked(x)
     taken = cast_relay.taken
-    got = cast_relay.cast(x.view(2, 12), torch.bfloat16)   # a reshape of the same data
+    got = cast_relay.cast(x.view(2, 12), torch.bfloat16)  # a reshape of the same data
     assert got.shape == (2, 12) and torch.equal(got, copy.view(2, 12))
     assert cast_relay.taken == taken + 1
-    again = cast_relay.cast(x, torch.bfloat16)   # taken already: an ordinary cast
+    again = cast_relay.cast(x, torch.bfloat16)  # taken already: an ordinary cast
     assert torch.equal(again, x.to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("case", ["other tensor", "modified in place", "other dtype", "offset view", "transposed",
-                                  "cleared"])
+@pytest.mark.parametrize(
+    "case", ["other tensor", "modified in place", "other dtype", "offset view", "transposed", "cleared"]
+)
 def test_anything_else_gets_an_ordinary_cast(case):
     x = torch.randn(4, 6)
     _offer_marked(x)

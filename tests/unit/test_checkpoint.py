@@ -1,4 +1,5 @@
 """The checkpoint format: plain-data encoding, manifest verification, rotation, the legacy format."""
+
 import json
 import os
 import random
@@ -19,19 +20,28 @@ def training_state():
     opt.step()
     sched.step()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    rng = {"python": random.getstate(), "numpy": (name, keys.astype(np.int64).tolist(), pos, has_gauss, cached),
-           "torch": torch.get_rng_state(), "cuda": None}
-    return model, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng,
-                   "data_position": 12, "config": {"lr": 1e-3, "data": ["a"]}}
+    rng = {
+        "python": random.getstate(),
+        "numpy": (name, keys.astype(np.int64).tolist(), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+        "cuda": None,
+    }
+    return model, {
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "rng": rng,
+        "data_position": 12,
+        "config": {"lr": 1e-3, "data": ["a"]},
+    }
 
 
 def test_encode_decode_gives_back_the_same_types_and_values():
     _, training = training_state()
     tensors = {}
-    tree = json.loads(json.dumps(ckpt_lib.encode_tree(training, tensors)))   # through real JSON
+    tree = json.loads(json.dumps(ckpt_lib.encode_tree(training, tensors)))  # through real JSON
     back = ckpt_lib.decode_tree(tree, tensors)
-    assert back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)           # a tuple again
-    assert set(back["optimizer"]["state"]) == {0, 1}                               # int keys again
+    assert back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)  # a tuple again
+    assert set(back["optimizer"]["state"]) == {0, 1}  # int keys again
     assert torch.equal(back["optimizer"]["state"][0]["exp_avg"], training["optimizer"]["state"][0]["exp_avg"])
     assert back["rng"]["python"] == training["rng"]["python"]
     assert torch.equal(back["rng"]["torch"], training["rng"]["torch"])
@@ -98,6 +108,7 @@ def test_legacy_reader_refuses_code_and_reads_data(tmp_path):
     class Payload:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
+
     evil = tmp_path / "evil.pt"
     torch.save({"format": "moeut-checkpoint-v1", "x": Payload()}, evil)
     with pytest.raises(ckpt_lib.CheckpointError, match="nothing in it was run"):

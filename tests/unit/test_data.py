@@ -1,4 +1,5 @@
 """Tokenizer, corpus reading and batching."""
+
 import json
 
 import numpy as np
@@ -14,8 +15,16 @@ def tokenizer(tmp_path_factory):
     return train_tokenizer(docs, vocab_size=500)
 
 
-@pytest.mark.parametrize("text", ["def f(x):\n\tif x:\n        return 12345\n\n\n", "  leading spaces\r\nand CRLF",
-                                  "ünïcødé 😀 ∑ 中文", "", "trailing   \n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "def f(x):\n\tif x:\n        return 12345\n\n\n",
+        "  leading spaces\r\nand CRLF",
+        "ünïcødé 😀 ∑ 中文",
+        "",
+        "trailing   \n",
+    ],
+)
 def test_tokenizer_is_lossless(tokenizer, text):
     assert tokenizer.decode(tokenizer.encode(text)) == text
 
@@ -100,14 +109,15 @@ DOCS = [f"document {i}: " + " ".join(f"word{j}" for j in range(i + 3)) for i in 
 
 
 def test_a_single_text_file_is_cut_into_documents_at_paragraphs(tmp_path):
-    from moeut.train.data import split_text
+    from moeut.train.sources import split_text
+
     paras = [f"paragraph {i} " + "x" * 3000 for i in range(10)]
     f = tmp_path / "input.txt"
     f.write_text("\n\n".join(paras))
     docs = [t for _, t in collect_documents([str(f)])]
     assert len(docs) == 5 and all(len(d) <= 8192 for d in docs)
-    assert "\n\n".join(docs) == f.read_text()                        # nothing lost, nothing added
-    train, valid = split_of([f])                                       # and a validation split exists
+    assert "\n\n".join(docs) == f.read_text()  # nothing lost, nothing added
+    train, valid = split_of([f])  # and a validation split exists
     assert train and valid
     long_line = split_text("y" * 20000, chunk=8192)
     assert [len(d) for d in long_line] == [8192, 8192, 3616]
@@ -116,6 +126,7 @@ def test_a_single_text_file_is_cut_into_documents_at_paragraphs(tmp_path):
 def test_jsonl_gz_and_zst_with_a_text_field(tmp_path):
     import gzip
     import zstandard
+
     lines = "".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(DOCS)).encode()
     (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(lines))
     (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
@@ -128,6 +139,7 @@ def test_jsonl_gz_and_zst_with_a_text_field(tmp_path):
 def test_parquet_and_arrow_and_a_hugging_face_dataset_directory(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     table = pa.table({"text": DOCS, "n": list(range(len(DOCS)))})
     pq.write_table(table, tmp_path / "c.parquet")
     assert [t for _, t in collect_documents([str(tmp_path / "c.parquet")])] == DOCS
@@ -140,8 +152,11 @@ def test_parquet_and_arrow_and_a_hugging_face_dataset_directory(tmp_path):
         with pa.OSFile(str(ds / f"data-0000{k}-of-00002.arrow"), "wb") as sink:
             with pa.ipc.new_stream(sink, pa.schema([("text", pa.string())])) as w:
                 w.write_table(pa.table({"text": part}))
-    (ds / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00002.arrow"},
-                                                               {"filename": "data-00001-of-00002.arrow"}]}))
+    (ds / "state.json").write_text(
+        json.dumps(
+            {"_data_files": [{"filename": "data-00000-of-00002.arrow"}, {"filename": "data-00001-of-00002.arrow"}]}
+        )
+    )
     (ds / "dataset_info.json").write_text("{}")
     got = collect_documents([str(ds)])
     assert [t for _, t in got] == DOCS and not any("json" in n for n, _ in got)
@@ -162,7 +177,7 @@ def test_binary_and_unknown_formats_are_refused_by_name(tmp_path):
     for name in ("model.bin", "paper.pdf"):
         with pytest.raises(ValueError, match=f"{name}: unknown data format"):
             collect_documents([str(tmp_path / name)])
-    (tmp_path / "notes").write_bytes(b"\x00\x01binary")     # no suffix: read only if it is text
+    (tmp_path / "notes").write_bytes(b"\x00\x01binary")  # no suffix: read only if it is text
     with pytest.raises(ValueError, match="binary file"):
         collect_documents([str(tmp_path / "notes")])
     # in a directory, files of unknown formats are not data: ignored, the text is read
@@ -172,9 +187,11 @@ def test_binary_and_unknown_formats_are_refused_by_name(tmp_path):
 
 # ---- corpora larger than memory ---------------------------------------------------------------------
 
+
 def _streaming_corpus(tmp_path, n_docs: int):
     import gzip
     import random
+
     rng = random.Random(0)
     words = ["alpha", "beta", "gamma", "delta", "kernel", "memory", "stream", "token", "data", "file", "42", "é"]
     path = tmp_path / "big.jsonl.gz"
@@ -193,6 +210,7 @@ def test_tokenization_streams_in_bounded_memory(tmp_path, monkeypatch):
     import numpy as np
     from moeut.train import data
     from moeut.train.tokenizer import train_tokenizer
+
     monkeypatch.setattr(data, "TOKENIZE_BATCH_CHARS", 128 << 10)
     peaks, sizes = [], []
     for n_docs in (300, 1200):
@@ -210,7 +228,7 @@ def test_tokenization_streams_in_bounded_memory(tmp_path, monkeypatch):
         sizes.append(sum(len(t) for _, t in docs))
     assert sizes[1] > 3.5 * sizes[0] and sizes[1] > 32 * (128 << 10)
     assert peaks[1] < 1.25 * peaks[0] + (256 << 10), (peaks, sizes)
-    assert peaks[1] < sizes[1], (peaks, sizes)   # less than the text itself would take
+    assert peaks[1] < sizes[1], (peaks, sizes)  # less than the text itself would take
     train, valid = split_of([path])
     assert (scan.n_train, scan.n_valid) == (len(train), len(valid))
     for name, texts in (("train.bin", train), ("valid.bin", valid)):
@@ -224,7 +242,7 @@ def test_the_cache_key_follows_the_texts_and_a_tiny_corpus_still_validates(tmp_p
         (tmp_path / f"{i}.txt").write_text(text)
     scan = Corpus([str(tmp_path)]).scan()
     train, valid = split_of([tmp_path])
-    assert (scan.n_train, scan.n_valid) == (len(train), len(valid)) == (2, 1)   # one piece held out, never all
+    assert (scan.n_train, scan.n_valid) == (len(train), len(valid)) == (2, 1)  # one piece held out, never all
     key = scan.cache_key(b"tok")
     assert key != scan.cache_key(b"other tokenizer")
     (tmp_path / "1.txt").write_text("changed")
@@ -234,19 +252,21 @@ def test_the_cache_key_follows_the_texts_and_a_tiny_corpus_still_validates(tmp_p
 def test_tokenizer_samples_lines_in_bounded_memory():
     import random
     from moeut.train.tokenizer import sample_lines
+
     few = [f"line {i}" for i in range(50)]
     expected = list(few)
     random.Random(3).shuffle(expected)
-    assert sample_lines(["\n".join(few)], 100, seed=3) == expected      # all lines, shuffled by the seed
+    assert sample_lines(["\n".join(few)], 100, seed=3) == expected  # all lines, shuffled by the seed
     stream = (f"doc {i}\nline {i}\n\n" for i in range(100_000))
     got = sample_lines(stream, 1000, seed=3)
     assert len(got) == 1000 and len(set(got)) == 1000 and all(g.startswith(("doc ", "line ")) for g in got)
     late = sum(int(g.split()[1]) >= 50_000 for g in got)
-    assert 400 < late < 600   # a uniform sample, not the first lines
+    assert 400 < late < 600  # a uniform sample, not the first lines
 
 
 def test_a_text_file_larger_than_a_block_is_cut_the_same_way(tmp_path, monkeypatch):
     from moeut.train import sources as data
+
     monkeypatch.setattr(data, "TEXT_BLOCK_BYTES", 4096)
     paras = [f"paragraph {i} " + "word " * (i % 50) + "é" * (i % 7) for i in range(400)]
     f = tmp_path / "book.txt"
@@ -258,10 +278,12 @@ def test_a_text_file_larger_than_a_block_is_cut_the_same_way(tmp_path, monkeypat
 
 # ---- the validation split, and the user's choice of it --------------------------------------------
 
+
 def test_a_few_large_files_lose_only_the_validation_fraction_of_their_text(tmp_path):
     """40 Markdown files of ~50 KB each: about 2% of the characters go to validation (by name hash they
     lost 43% of the tokens before), cut from inside the files, and every character is somewhere."""
     import random
+
     rng = random.Random(0)
     texts = {}
     for i in range(40):
@@ -273,14 +295,15 @@ def test_a_few_large_files_lose_only_the_validation_fraction_of_their_text(tmp_p
     share = sum(map(len, valid)) / total
     assert 0.02 <= share < 0.02 + 16384 / total + 1e-9, share
     assert sum(map(len, train)) + sum(map(len, valid)) == total
-    assert len(train) > 40   # files with a piece held out train as their parts around it
+    assert len(train) > 40  # files with a piece held out train as their parts around it
     train10, valid10 = split_of([tmp_path], valid_fraction=0.1)
     assert 0.1 <= sum(map(len, valid10)) / total < 0.1 + 16384 / total + 1e-9
-    assert set(valid) <= set(valid10)   # a larger fraction holds out more of the same order
+    assert set(valid) <= set(valid10)  # a larger fraction holds out more of the same order
 
 
 def test_valid_data_and_a_dataset_dicts_own_validation_split(tmp_path):
     import pyarrow as pa
+
     (tmp_path / "train").mkdir()
     for i in range(5):
         (tmp_path / "train" / f"{i}.txt").write_text(f"training text {i}")
@@ -308,7 +331,7 @@ def test_decode_errors_replace_strict_and_skip(tmp_path):
     (tmp_path / "dir").mkdir()
     (tmp_path / "dir" / "a.txt").write_bytes(b"plain")
     (tmp_path / "dir" / "b.txt").write_bytes(cp1252)
-    corpus = Corpus([str(big), str(tmp_path / "dir")])          # default: replace, and count
+    corpus = Corpus([str(big), str(tmp_path / "dir")])  # default: replace, and count
     texts = [t for _, t in corpus.documents()]
     scan = corpus.scan(warn=lambda m: None)
     assert any("caf\ufffd \ufffd ok" in t for t in texts) and "plain" in texts
@@ -319,7 +342,7 @@ def test_decode_errors_replace_strict_and_skip(tmp_path):
     skipped = Corpus([str(big), str(tmp_path / "dir")], decode_errors="skip")
     assert [t for _, t in skipped.documents(warned.append)] == ["plain"]
     assert len(warned) == 2 and skipped.skipped == 2
-    (tmp_path / "dir" / "c.txt").write_bytes(b"text\x00with a NUL")   # binary: never text, in any mode
+    (tmp_path / "dir" / "c.txt").write_bytes(b"text\x00with a NUL")  # binary: never text, in any mode
     warned = []
     assert "plain" in [t for _, t in Corpus([str(tmp_path / "dir")]).documents(warned.append)]
     assert any("c.txt is a binary file" in w for w in warned)
@@ -328,11 +351,12 @@ def test_decode_errors_replace_strict_and_skip(tmp_path):
 def test_compressed_text_files(tmp_path):
     import gzip
     import zstandard
+
     text = "\n\n".join(f"paragraph {i} " + "w" * 500 for i in range(40))
     (tmp_path / "book.txt.gz").write_bytes(gzip.compress(text.encode()))
     (tmp_path / "notes.md.zst").write_bytes(zstandard.ZstdCompressor().compress(b"# notes\n\nhello"))
     (tmp_path / "data.bin.gz").write_bytes(gzip.compress(b"\x00\x01"))
-    assert "\n\n".join(t for _, t in collect_documents([str(tmp_path / "book.txt.gz")])) == text   # cut, all kept
+    assert "\n\n".join(t for _, t in collect_documents([str(tmp_path / "book.txt.gz")])) == text  # cut, all kept
     assert [t for _, t in collect_documents([str(tmp_path / "notes.md.zst")])] == ["# notes\n\nhello"]
     in_dir = [n for n, _ in collect_documents([str(tmp_path)])]
-    assert in_dir == ["book.txt.gz#0", "notes.md.zst#0"]   # one document each; the .bin.gz is not data
+    assert in_dir == ["book.txt.gz#0", "notes.md.zst#0"]  # one document each; the .bin.gz is not data

@@ -2,6 +2,7 @@
 `benchmarks/quality.sh`), dotted moeut names (`moeut.runs.load_run`), and `module.attribute` where the
 module is one of the package's (`grouped_mm.grouped_mm_dot`). A rename that leaves a stale name fails
 here."""
+
 import ast
 import importlib
 import re
@@ -9,8 +10,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "moeut"
-MODULES = {p.stem: ".".join(("moeut",) + p.relative_to(PACKAGE).with_suffix("").parts)
-           for p in PACKAGE.rglob("*.py") if p.stem != "__init__"}
+MODULES = {
+    p.stem: ".".join(("moeut",) + p.relative_to(PACKAGE).with_suffix("").parts)
+    for p in PACKAGE.rglob("*.py")
+    if p.stem != "__init__"
+}
 BASES = [ROOT, PACKAGE, PACKAGE / "train", ROOT / "benchmarks", ROOT / "docs", ROOT / "tests"]
 
 
@@ -41,7 +45,7 @@ for p in PACKAGE.rglob("*.py"):
 def _has(stem: str, attr: str) -> bool:
     for name in MODULE_OBJECTS[stem]:
         module = importlib.import_module(name)
-        if hasattr(module, attr) or hasattr(getattr(module, stem, None), attr):   # `settings.autotune`
+        if hasattr(module, attr) or hasattr(getattr(module, stem, None), attr):  # `settings.autotune`
             return True
     return False
 
@@ -79,12 +83,18 @@ def broken(token: str, where: str = "") -> bool:
 
 
 def test_every_named_path_exists():
-    bad = [(where, token) for where, text in texts() for token in re.findall(r"`([^`\s]+)`", text)
-           if broken(token, where)]
+    bad = [
+        (where, token) for where, text in texts() for token in re.findall(r"`([^`\s]+)`", text) if broken(token, where)
+    ]
     assert not bad, bad
 
 
 def test_the_checker_catches_a_stale_name():
     assert broken("ops/expert_ops.py") and broken("moeut.triton_expert_mm") and broken("grouped_mm.nonesuch")
     assert broken("saved_activations.py")
-    assert not broken("model.safetensors") and not broken("train/checkpoint.py") and not broken("moeut.runs.load_run") and not broken("grouped_mm.grouped_mm")
+    assert (
+        not broken("model.safetensors")
+        and not broken("train/checkpoint.py")
+        and not broken("moeut.runs.load_run")
+        and not broken("grouped_mm.grouped_mm")
+    )

@@ -1,5 +1,6 @@
 """Zero-shot scoring on hand-made fixtures with a model whose log-probabilities the test controls; each
 rule of the official code (RobertCsordas/moeut_training_code) pinned on an item computed by hand."""
+
 import bz2
 import json
 import math
@@ -16,6 +17,7 @@ V = 16
 
 class CharTokenizer:
     """One token per character: ' ' -> 0, a..m -> 1..13, anything else -> 14; eot = 15."""
+
     eot_id = 15
     vocab_size = V
 
@@ -81,8 +83,15 @@ def lp(t, prev, nxt):
 def test_scores_sum_and_greedy():
     m = TableModel(table(a=dist(b=0.5)))
     tok = CharTokenizer()
-    s = score_requests(m, [Request(tok.encode("a"), tok.encode("b")), Request(tok.encode("a"), tok.encode("c")),
-                           Request(tok.encode("ka"), tok.encode("bb"))], batch_size=2)
+    s = score_requests(
+        m,
+        [
+            Request(tok.encode("a"), tok.encode("b")),
+            Request(tok.encode("a"), tok.encode("c")),
+            Request(tok.encode("ka"), tok.encode("bb")),
+        ],
+        batch_size=2,
+    )
     assert s[0].logprob == pytest.approx(math.log(0.5)) and s[0].greedy and s[0].n_tokens == 1
     assert s[1].logprob == pytest.approx(math.log(0.5 / 15), rel=1e-5) and not s[1].greedy
     assert s[2].logprob == pytest.approx(math.log(0.5) - math.log(V), rel=1e-5) and s[2].n_tokens == 2
@@ -114,8 +123,9 @@ def test_long_sequences_are_scored_whole_as_the_training_code_scores_them():
         def forward(self, x, mask=None, kv_cache=None):
             seen.append(x.shape[1])
             return super().forward(x, mask, kv_cache)
+
     score_requests(Recording(t), [long])
-    assert seen == [1502]                      # all 1503 tokens but the last went through the model
+    assert seen == [1502]  # all 1503 tokens but the last went through the model
 
 
 def test_ties_count_as_wrong():
@@ -124,11 +134,13 @@ def test_ties_count_as_wrong():
 
 
 def fixture_table():
-    return table(default=dist(space=0.4),
-                 space=dist(b=0.5, c=0.2, d=0.1, e=0.1),
-                 a=dist(space=0.4, b=0.3, c=0.2),
-                 b=dist(c=0.45, b=0.35, space=0.1),   # after 'b', 'c' is the argmax: ' bc' is fully greedy
-                 eot=dist(a=0.5))
+    return table(
+        default=dist(space=0.4),
+        space=dist(b=0.5, c=0.2, d=0.1, e=0.1),
+        a=dist(space=0.4, b=0.3, c=0.2),
+        b=dist(c=0.45, b=0.35, space=0.1),  # after 'b', 'c' is the argmax: ' bc' is fully greedy
+        eot=dist(a=0.5),
+    )
 
 
 def test_lambada_by_the_official_rules(tmp_path):
@@ -151,8 +163,11 @@ def test_lambada_by_the_official_rules(tmp_path):
 
 def test_blimp_sums_each_sentence_alone_and_averages_paradigms(tmp_path):
     (tmp_path / "blimp").mkdir()
-    rows = {"p1": [("ab", "ac", "syntax"), ("ac", "ab", "syntax")], "p2": [("ab", "ac", "syntax/semantics")],
-            "p3": [("ac", "ab", "syntax_semantics")]}
+    rows = {
+        "p1": [("ab", "ac", "syntax"), ("ac", "ab", "syntax")],
+        "p2": [("ab", "ac", "syntax/semantics")],
+        "p3": [("ac", "ab", "syntax_semantics")],
+    }
     for name, pairs in rows.items():
         with open(tmp_path / "blimp" / f"{name}.jsonl", "w") as f:
             for good, bad, field in pairs:
@@ -172,19 +187,29 @@ def test_piqa_and_arc_build_the_official_strings(tmp_path):
         f.write(json.dumps({"goal": "  g \n", "sol1": "b", "sol2": "c "}) + "\n")
     (tmp_path / "piqa" / "valid-labels.lst").write_text("0\n")
     (tmp_path / "arc").mkdir()
-    ai2 = lambda stem, texts, key: {"question": {"stem": stem, "choices": [  # noqa: E731
-        {"label": lab, "text": x} for lab, x in zip("ABCDE", texts)]}, "answerKey": key}
+    ai2 = lambda stem, texts, key: {
+        "question": {"stem": stem, "choices": [{"label": lab, "text": x} for lab, x in zip("ABCDE", texts)]},
+        "answerKey": key,
+    }
     with open(tmp_path / "arc" / "ARC-Easy-Test.jsonl", "w") as f:
         # per-token mean: ' bbbb' (gold, long) vs ' c' (short): the sum would prefer ' c', the mean ' bbbb'
         f.write(json.dumps(ai2("a", ["c", "bbbb", "d", "e"], "B")) + "\n")
-        f.write(json.dumps(ai2("a", ["d", "e", "f"], "A")) + "\n")               # 3 options: dropped
-        f.write(json.dumps(ai2("a", ["d", "e", "f", "g", "h"], "A")) + "\n")     # 5 options: dropped
-    with open(tmp_path / "arc" / "arc_challenge.jsonl", "w") as f:   # llm-foundry's copy, 3 options dropped too
+        f.write(json.dumps(ai2("a", ["d", "e", "f"], "A")) + "\n")  # 3 options: dropped
+        f.write(json.dumps(ai2("a", ["d", "e", "f", "g", "h"], "A")) + "\n")  # 5 options: dropped
+    with open(tmp_path / "arc" / "arc_challenge.jsonl", "w") as f:  # llm-foundry's copy, 3 options dropped too
         f.write(json.dumps({"query": "Question: a", "choices": ["d", "e", "f", "f"], "gold": 0}) + "\n")
         f.write(json.dumps({"query": "Question: a", "choices": ["b", "e", "f"], "gold": 0}) + "\n")
     tok = RecordingTokenizer()
-    r = run_eval(TableModel(fixture_table()), tok, ["piqa", "arc_easy", "arc_challenge"], str(tmp_path), [], None, 4,
-                 printer=lambda *a: None)
+    r = run_eval(
+        TableModel(fixture_table()),
+        tok,
+        ["piqa", "arc_easy", "arc_challenge"],
+        str(tmp_path),
+        [],
+        None,
+        4,
+        printer=lambda *a: None,
+    )
     assert tok.texts[:3] == ["Question: g\nAnswer:", " b", " c "]
     assert "Question: a\nAnswer:" in tok.texts and " bbbb" in tok.texts and " h" not in tok.texts
     assert r["piqa"]["accuracy"] == 1.0
@@ -195,16 +220,26 @@ def test_piqa_and_arc_build_the_official_strings(tmp_path):
 
 def test_hellaswag_builds_the_official_context_and_keeps_its_regex(tmp_path):
     assert hellaswag_preprocess(" Roof: A man [header] sits.  [title] He ") == "Roof: A man [header] sits. . He"
-    assert hellaswag_preprocess("a \\. b") == "a b"   # what the regex does remove: a backslash and a '.'
+    assert hellaswag_preprocess("a \\. b") == "a b"  # what the regex does remove: a backslash and a '.'
 
     (tmp_path / "hellaswag").mkdir()
     with open(tmp_path / "hellaswag" / "hellaswag_val.jsonl", "w") as f:
-        f.write(json.dumps({"activity_label": "Roof", "ctx_a": "A man [header] sits.", "ctx_b": "he IS",
-                            "endings": ["c", "b ", "d", "e"], "label": 1}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "activity_label": "Roof",
+                    "ctx_a": "A man [header] sits.",
+                    "ctx_b": "he IS",
+                    "endings": ["c", "b ", "d", "e"],
+                    "label": 1,
+                }
+            )
+            + "\n"
+        )
     tok = RecordingTokenizer()
     r = run_eval(TableModel(fixture_table()), tok, ["hellaswag"], str(tmp_path), [], None, 4, printer=lambda *a: None)
     assert tok.texts == ["Roof: A man [header] sits. He is", " c", " b", " d", " e"]
-    assert r["hellaswag"]["accuracy"] == 1.0   # ' b' is the likeliest ending, gold index 1
+    assert r["hellaswag"]["accuracy"] == 1.0  # ' b' is the likeliest ending, gold index 1
     # the preprocessed copy: the same steps on its joined context
     (tmp_path / "hellaswag" / "hellaswag_val.jsonl").unlink()
     with bz2.open(tmp_path / "hellaswag" / "hellaswag_val_full.txt.bz2", "wt") as f:
@@ -231,9 +266,9 @@ def test_cbt_follows_the_official_reader(tmp_path):
     (tmp_path / "cbt").mkdir()
     ten = "|".join("bcdefghijk")
     for kind in ("CN", "NE", "P", "V"):
-        text = cbt_story("b", ten) + cbt_story("c", ten) + cbt_story("b", "b|c|d")   # the last: 3 options
+        text = cbt_story("b", ten) + cbt_story("c", ten) + cbt_story("b", "b|c|d")  # the last: 3 options
         (tmp_path / "cbt" / f"cbtest_{kind}_test_2500ex.txt").write_text(text)
-    (tmp_path / "cbt" / "cbtest_CN_train.txt").write_text(cbt_story("b", ten))     # not a test file
+    (tmp_path / "cbt" / "cbtest_CN_train.txt").write_text(cbt_story("b", ten))  # not a test file
     tok = RecordingTokenizer()
     res = run_eval(TableModel(fixture_table()), tok, ["cbt"], str(tmp_path), [], None, 4, printer=lambda *a: None)
     sentence = 'a "a", b.'
@@ -244,21 +279,40 @@ def test_cbt_follows_the_official_reader(tmp_path):
 
 
 def test_paper_average_needs_all_six_columns(tmp_path, monkeypatch):
-    fake = {name: (lambda acc: lambda *a: {"accuracy": acc, "items": 1})(acc)
-            for name, acc in zip(evaluate.TASKS, (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7))}
+    fake = {
+        name: (lambda acc: lambda *a: {"accuracy": acc, "items": 1})(acc)
+        for name, acc in zip(evaluate.TASKS, (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7))
+    }
     monkeypatch.setattr(evaluate, "TASK_FNS", fake)
-    r = run_eval(TableModel(uniform_table()), CharTokenizer(), list(evaluate.TASKS), str(tmp_path), [], None, 4,
-                 printer=lambda *a: None)
+    r = run_eval(
+        TableModel(uniform_table()),
+        CharTokenizer(),
+        list(evaluate.TASKS),
+        str(tmp_path),
+        [],
+        None,
+        4,
+        printer=lambda *a: None,
+    )
     acc = {name: v["accuracy"] for name, v in r.items() if name in evaluate.TASKS}
     want = (acc["lambada"] + acc["blimp"] + acc["cbt"] + acc["hellaswag"] + acc["piqa"] + acc["arc_easy"]) / 6
     assert r["paper_table"]["average"] == pytest.approx(want)
-    r = run_eval(TableModel(uniform_table()), CharTokenizer(), ["lambada", "blimp"], str(tmp_path), [], None, 4,
-                 printer=lambda *a: None)
+    r = run_eval(
+        TableModel(uniform_table()),
+        CharTokenizer(),
+        ["lambada", "blimp"],
+        str(tmp_path),
+        [],
+        None,
+        4,
+        printer=lambda *a: None,
+    )
     assert "paper_table" not in r
 
 
 def test_standard_errors_of_group_means():
     from moeut.evaluate import mean_of_groups_stderr
+
     # one group of n items: the usual sqrt(p (1 - p) / (n - 1))
     assert mean_of_groups_stderr({"a": [True, False, True, True]}) == pytest.approx(math.sqrt(0.75 * 0.25 / 3))
     # G independent groups: sqrt(sum of their variances) / G

@@ -1,4 +1,5 @@
 """The fused σ-MoE expert MLP (`ops/expert_mlp.py`) against the two operators and a ReLU it replaces."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,6 +99,7 @@ def test_sigma_moe_uses_the_fused_mlp_with_identical_gradients(monkeypatch):
     composed operators that any other activation takes (here ReLU itself under another name)."""
     from moeut import moe
     from moeut.moe import SigmaMoE
+
     torch.manual_seed(0)
     m = SigmaMoE(16, 9, 8, 3)
     m.reset_parameters(1.0)
@@ -122,6 +124,7 @@ def test_residual_folded_into_the_sums_matches_a_separate_add(dtype, monkeypatch
     and a separate add: outputs and gradients of x, both weights and the selector; under bf16 autocast
     the folded sum skips one rounding, so it is the closer one to fp64."""
     from moeut.moe import SigmaMoE
+
     torch.manual_seed(0)
     m = SigmaMoE(16, 9, 8, 3)
     m.reset_parameters(1.0)
@@ -142,11 +145,11 @@ def test_residual_folded_into_the_sums_matches_a_separate_add(dtype, monkeypatch
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
         else:
             torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=name)
-    if dtype == torch.bfloat16:   # the fold is the more accurate: no bf16 rounding of the sum before x is added
+    if dtype == torch.bfloat16:  # the fold is the more accurate: no bf16 rounding of the sum before x is added
         m64 = SigmaMoE(16, 9, 8, 3).double()
         m64.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
         want = m64.forward_with_logits(x.detach().double(), add_input=True)[0]
-        err = lambda t: (t.double() - want).norm().item()  # noqa: E731
+        err = lambda t: (t.double() - want).norm().item()
         assert err(folded[0]) <= err(separate[0])
     with pytest.raises(ValueError, match="v_dim"):
         SigmaMoE(16, 9, 8, 3, v_dim=12).forward_with_logits(x, add_input=True)
@@ -161,6 +164,7 @@ def test_expert_mlp_through_the_kernels_matches_the_torch_path(dtype, monkeypatc
     from moeut.ops import expert_mlp as mlp_module
     from tests.helpers import switch_kernels
     from tests.unit.test_expert_mlp import mlp_case
+
     r, x, w1, w2, gate, gy = mlp_case(dtype, seed=11)
     runs = []
     for kernels in (False, True):
@@ -182,6 +186,7 @@ def _expert_mlp_or_combine_case(case: str, seed: int):
     from moeut.ops import expert_mlp as mlp_module, expert_mm as em
     from tests.helpers import combine_case
     from tests.unit.test_expert_mlp import mlp_case
+
     if case.startswith("mlp"):
         dtype = torch.bfloat16 if case == "mlp_bf16" else torch.float32
         r, x, w1, w2, gate, gy = mlp_case(dtype, seed=seed)
@@ -194,21 +199,24 @@ def _expert_mlp_or_combine_case(case: str, seed: int):
 
 
 @interpreted
-@pytest.mark.parametrize("case", ["mlp_bf16", "mlp_fp32", "combine_narrow_out", "combine_wide_in",
-                                  "combine_routed_input"])
+@pytest.mark.parametrize(
+    "case", ["mlp_bf16", "mlp_fp32", "combine_narrow_out", "combine_wide_in", "combine_routed_input"]
+)
 def test_gate_gradient_is_written_in_choice_order_with_no_permuting_copy(case, monkeypatch):
     """The row dots (and the value projection's epilogue dot) read the gates and write their gradient in
     (row, choice) order: the interpreted kernels' backward runs no index_copy, and every gradient (and
     the output) matches the PyTorch path (an expert that gets no row included)."""
     from tests.helpers import switch_kernels
+
     dtype, leaves, run, gy = _expert_mlp_or_combine_case(case, seed=5)
     results = []
     for kernels in (True, False):
         switch_kernels(monkeypatch, lambda t, switch=None, kernels=kernels: kernels)
         index_copies = []
         real_index_copy = torch.Tensor.index_copy_
-        monkeypatch.setattr(torch.Tensor, "index_copy_",
-                            lambda self, *a: index_copies.append(1) or real_index_copy(self, *a))
+        monkeypatch.setattr(
+            torch.Tensor, "index_copy_", lambda self, *a: index_copies.append(1) or real_index_copy(self, *a)
+        )
         out = run()
         results.append((out, *torch.autograd.grad(out, leaves, gy)))
         monkeypatch.setattr(torch.Tensor, "index_copy_", real_index_copy)
@@ -229,7 +237,8 @@ def test_weight_gradients_read_a_gated_operand_and_gather_no_gates(case, monkeyp
     PyTorch path; an expert that gets no row included."""
     from moeut.ops import expert_mlp as mlp_module, expert_mm as em
     from tests.helpers import switch_kernels
-    force_loop_n(monkeypatch, True)   # (the tiny shapes would not pick it)
+
+    force_loop_n(monkeypatch, True)  # (the tiny shapes would not pick it)
     dtype, leaves, run, gy = _expert_mlp_or_combine_case(case, seed=7)
     scales = []
     real = {m: m.weight_grad for m in (em, mlp_module)}
@@ -242,8 +251,9 @@ def test_weight_gradients_read_a_gated_operand_and_gather_no_gates(case, monkeyp
         out = run()
         gathers = []
         real_index_select = torch.Tensor.index_select
-        monkeypatch.setattr(torch.Tensor, "index_select",
-                            lambda self, *a: gathers.append(1) or real_index_select(self, *a))
+        monkeypatch.setattr(
+            torch.Tensor, "index_select", lambda self, *a: gathers.append(1) or real_index_select(self, *a)
+        )
         results[kernels] = (out, *torch.autograd.grad(out, leaves, gy))
         monkeypatch.setattr(torch.Tensor, "index_select", real_index_select)
         assert scales and not any(scales), scales

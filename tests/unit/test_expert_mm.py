@@ -1,4 +1,5 @@
 """moeut::expert_mm against the gather + einsum reference: forward and backward, fp32 and bf16."""
+
 import pytest
 import torch
 
@@ -33,7 +34,7 @@ def test_route_is_consistent():
     sorted_experts = flat[torch.argsort(flat, stable=True)]
     assert torch.equal(sorted_experts[r.choice_RK], e)
     assert torch.equal(r.rows_N[r.choice_RK], torch.arange(50)[:, None].expand(50, 3))
-    assert torch.equal(r.slot_N[r.choice_RK].view(-1), torch.arange(150))   # slot is the inverse of choice
+    assert torch.equal(r.slot_N[r.choice_RK].view(-1), torch.arange(150))  # slot is the inverse of choice
 
 
 @pytest.mark.parametrize("kind", ["random", "one_expert", "empty_experts"])
@@ -63,7 +64,7 @@ def test_expert_mm_no_gather_and_combine():
     R, K, E, I, O = 20, 2, 5, 8, 6
     expert = torch.randint(0, E, (R, K), generator=gen)
     r = route(expert, E)
-    h = torch.randn(R * K, I, generator=gen, requires_grad=True)   # already in routed order
+    h = torch.randn(R * K, I, generator=gen, requires_grad=True)  # already in routed order
     w = torch.randn(E, I, O, generator=gen, requires_grad=True)
     gate = torch.rand(R, K, generator=gen, requires_grad=True)
     out = combine(expert_mm(h, w, r, gather=False), r.choice_RK, gate)
@@ -97,6 +98,7 @@ def test_expert_mm_bf16_autocast():
 
     def rel(a, b):
         return ((a.double() - b).norm() / b.norm()).item()
+
     assert rel(y[r.choice_RK], ref) < 1e-2
     assert rel(x.grad, xd.grad) < 1e-2
     assert rel(w.grad, wd.grad) < 1e-2
@@ -110,6 +112,7 @@ def test_expert_mm_rejects_mismatched_dtypes():
 
 def test_opcheck():
     from moeut.ops.grouped_mm import grouped_mm, grouped_mm_weight_grad
+
     gen = torch.Generator().manual_seed(5)
     expert = torch.randint(0, 4, (10, 2), generator=gen)
     r = route(expert, 4)
@@ -123,27 +126,34 @@ def test_opcheck():
     torch.library.opcheck(grouped_mm_weight_grad, (x, g, r.offsets_E1, r.rows_N, None, None, torch.float32))
     g_rows = torch.randn(10, 5, generator=gen)
     torch.library.opcheck(grouped_mm_weight_grad, (x, g_rows, r.offsets_E1, r.rows_N, r.rows_N, scale, torch.float32))
-    torch.library.opcheck(grouped_mm_weight_grad, (x.bfloat16(), g.bfloat16(), r.offsets_E1, r.rows_N, None, None, torch.float32))
+    torch.library.opcheck(
+        grouped_mm_weight_grad, (x.bfloat16(), g.bfloat16(), r.offsets_E1, r.rows_N, None, None, torch.float32)
+    )
     from moeut.ops.grouped_mm import grouped_mm_weight_grad_add, sum_choices
+
     acc = torch.randn(4, 6, 5, generator=gen)
     torch.library.opcheck(grouped_mm_weight_grad_add, (acc, x, g_rows, r.offsets_E1, r.rows_N, r.rows_N, scale))
     want = acc + grouped_mm_weight_grad(x, g, r.offsets_E1, r.rows_N, None, None, torch.float32)
     grouped_mm_weight_grad_add(acc, x, g, r.offsets_E1, r.rows_N, None, None)
     assert torch.equal(acc, want)
-    torch.library.opcheck(grouped_mm_weight_grad, (x, g_rows, r.offsets_E1, r.rows_N, r.rows_N, scale,
-                                                   torch.float32, r.slot_N))
-    torch.library.opcheck(grouped_mm_weight_grad_add, (acc, x, g_rows, r.offsets_E1, r.rows_N, r.rows_N, scale, r.slot_N))
+    torch.library.opcheck(
+        grouped_mm_weight_grad, (x, g_rows, r.offsets_E1, r.rows_N, r.rows_N, scale, torch.float32, r.slot_N)
+    )
+    torch.library.opcheck(
+        grouped_mm_weight_grad_add, (acc, x, g_rows, r.offsets_E1, r.rows_N, r.rows_N, scale, r.slot_N)
+    )
     from moeut.ops.grouped_mm import row_dot
+
     a20 = torch.randn(20, 6, generator=gen)
     torch.library.opcheck(row_dot, (a20, x, r.rows_N, scale, r.slot_N))
     dot = row_dot(a20, x, r.rows_N, None, r.slot_N)[0]
     assert torch.equal(dot[r.slot_N], row_dot(a20, x, r.rows_N, None)[0])
     torch.library.opcheck(row_dot, (a20, x, r.rows_N, scale, None, False, r.slot_N))
-    dot_s, scaled_s, _ = row_dot(a20, x, r.rows_N, scale, None, False, r.slot_N)   # scaled rows written at slot[n]
+    dot_s, scaled_s, _ = row_dot(a20, x, r.rows_N, scale, None, False, r.slot_N)  # scaled rows written at slot[n]
     dot_p, scaled_p, _ = row_dot(a20, x, r.rows_N, scale)
     assert torch.equal(dot_s, dot_p) and torch.equal(scaled_s[r.slot_N], scaled_p)
     torch.library.opcheck(row_dot, (a20, x, r.rows_N, scale, r.slot_N, True, r.slot_N, True))
-    gated = row_dot(a20, x, r.rows_N, scale, r.slot_N, gate_b=True)[2]   # gate * b, routed order, scale read at dst
+    gated = row_dot(a20, x, r.rows_N, scale, r.slot_N, gate_b=True)[2]  # gate * b, routed order, scale read at dst
     assert torch.equal(gated, (x[r.rows_N] * scale[r.slot_N, None]).to(x.dtype))
     y = torch.randn(20, 5, generator=gen)
     for dtype in (torch.float32, torch.bfloat16):
@@ -156,39 +166,81 @@ def test_grouped_mm_dot_matches_reference():
     unscaled product with a gathered row of another tensor, written at dot_dst or in routed order.
     This is how SwitchHead's value projection gets its gate gradient <d v, x W> as <d v W^T, x>."""
     from moeut.ops.grouped_mm import grouped_mm, grouped_mm_dot
+
     gen = torch.Generator().manual_seed(9)
     R, K, E, I, O = 13, 2, 5, 7, 9
-    expert = 2 * torch.randint(0, 3, (R, K), generator=gen)   # odd experts stay empty
+    expert = 2 * torch.randint(0, 3, (R, K), generator=gen)  # odd experts stay empty
     r = route(expert, E)
-    g = torch.randn(R, I, generator=gen, dtype=torch.float64)     # d out, one row per output row
+    g = torch.randn(R, I, generator=gen, dtype=torch.float64)  # d out, one row per output row
     w = torch.randn(E, I, O, generator=gen, dtype=torch.float64)  # (the transposed projection weight)
-    x = torch.randn(R, O, generator=gen, dtype=torch.float64)     # the projection's input
+    x = torch.randn(R, O, generator=gen, dtype=torch.float64)  # the projection's input
     gate = torch.rand(R * K, generator=gen, dtype=torch.float64)
     for dot_dst in (None, r.slot_N):
-        out, dot, gated = grouped_mm_dot(g, w, r.offsets_E1, r.rows_N, gate[r.slot_N], r.slot_N, False, x, r.rows_N,
-                                         dot_dst, gate_x=dot_dst is not None)
+        out, dot, gated = grouped_mm_dot(
+            g,
+            w,
+            r.offsets_E1,
+            r.rows_N,
+            gate[r.slot_N],
+            r.slot_N,
+            False,
+            x,
+            r.rows_N,
+            dot_dst,
+            gate_x=dot_dst is not None,
+        )
         assert torch.equal(out, grouped_mm(g, w, r.offsets_E1, r.rows_N, gate[r.slot_N], r.slot_N))
         if dot_dst is None:
             assert gated.shape == (0, I)
-        else:   # routed row n's input row times its gate, in routed order
+        else:  # routed row n's input row times its gate, in routed order
             assert torch.equal(gated, g[r.rows_N] * gate[r.slot_N, None])
-        ref_RK = torch.einsum("ri,rkio,ro->rk", g, w[expert], x)   # <g_r W[e_rk], x_r>
+        ref_RK = torch.einsum("ri,rkio,ro->rk", g, w[expert], x)  # <g_r W[e_rk], x_r>
         dot_slot = dot if dot_dst is not None else torch.empty_like(dot).index_copy_(0, r.slot_N, dot)
         torch.testing.assert_close(dot_slot.view(R, K), ref_RK)
-    torch.library.opcheck(grouped_mm_dot, (g.float(), w.float(), r.offsets_E1, r.rows_N, gate[r.slot_N].float(),
-                                           r.slot_N, False, x.float(), r.rows_N, None))
-    torch.library.opcheck(grouped_mm_dot, (g.float(), w.float(), r.offsets_E1, r.rows_N, gate.float(), r.slot_N, True,
-                                           x.float(), r.rows_N, r.slot_N))
-    torch.library.opcheck(grouped_mm_dot, (g.float(), w.float(), r.offsets_E1, r.rows_N, gate.float(), r.slot_N, True,
-                                           x.float(), r.rows_N, r.slot_N, True))
+    torch.library.opcheck(
+        grouped_mm_dot,
+        (
+            g.float(),
+            w.float(),
+            r.offsets_E1,
+            r.rows_N,
+            gate[r.slot_N].float(),
+            r.slot_N,
+            False,
+            x.float(),
+            r.rows_N,
+            None,
+        ),
+    )
+    torch.library.opcheck(
+        grouped_mm_dot,
+        (g.float(), w.float(), r.offsets_E1, r.rows_N, gate.float(), r.slot_N, True, x.float(), r.rows_N, r.slot_N),
+    )
+    torch.library.opcheck(
+        grouped_mm_dot,
+        (
+            g.float(),
+            w.float(),
+            r.offsets_E1,
+            r.rows_N,
+            gate.float(),
+            r.slot_N,
+            True,
+            x.float(),
+            r.rows_N,
+            r.slot_N,
+            True,
+        ),
+    )
 
 
 def test_grouped_mm_scale_and_scatter_match_reference():
     """out[dst[n]] = scale[n] * x[rows[n]] @ w[e(n)]: with dst = slot, row r*K+k holds choice (r, k)."""
     from moeut.ops.grouped_mm import grouped_mm, grouped_mm_weight_grad
+
     gen = torch.Generator().manual_seed(8)
     R, K, E, I, O = 30, 3, 7, 9, 11
-    expert = 2 * torch.randint(0, 3, (R, K), generator=gen)   # odd experts stay empty
+    expert = 2 * torch.randint(0, 3, (R, K), generator=gen)  # odd experts stay empty
     r = route(expert, E)
     x = torch.randn(R, I, generator=gen, dtype=torch.float64)
     w = torch.randn(E, I, O, generator=gen, dtype=torch.float64)
@@ -209,11 +261,12 @@ def test_grouped_mm_scale_and_scatter_match_reference():
 
 @pytest.mark.parametrize("gather", [True, False])
 @pytest.mark.parametrize("groups", [1, 2])
-@pytest.mark.parametrize("I,O", [(10, 7), (5, 12)])   # both ways of getting the gate gradient
+@pytest.mark.parametrize("I,O", [(10, 7), (5, 12)])  # both ways of getting the gate gradient
 def test_expert_mm_combine_matches_unfused(gather, groups, I, O):
     """The fused projection+combine equals combine(expert_mm(...)) in value and gradients."""
     from moeut.ops.expert_mm import expert_mm_combine
     from tests.helpers import combine_case
+
     r, x, w, gate = combine_case(gather, groups, I, O, seed=6 + I)
     gen = torch.Generator().manual_seed(7)
     fused = expert_mm_combine(x, w, r, gate, gather=gather)
@@ -228,6 +281,7 @@ def test_expert_mm_combine_matches_unfused(gather, groups, I, O):
 def test_expert_mm_combine_bf16_autocast(I, O):
     """Under bf16 autocast the fused combine stays close to the fp64 reference, values and gradients."""
     from moeut.ops.expert_mm import expert_mm_combine
+
     gen = torch.Generator().manual_seed(9)
     R, K, E = 40, 4, 6
     expert = torch.randint(0, E, (R, K), generator=gen)
@@ -245,6 +299,7 @@ def test_expert_mm_combine_bf16_autocast(I, O):
 
     def rel(a, b):
         return ((a.double() - b).norm() / b.norm()).item()
+
     assert out.dtype == torch.bfloat16 and rel(out, ref) < 1e-2
     for a, b in zip(got, want):
         assert rel(a, b) < 2e-2
@@ -254,8 +309,9 @@ def test_operand_cast_traces_without_graph_breaks(monkeypatch):
     """The autograd Functions' operand cast runs inside torch.compile's trace (fullgraph): on the
     fused path it must not touch data pointers (it leaves the padding to the operator there)."""
     from moeut.ops import expert_mm as expert_mm_module
+
     monkeypatch.setattr(expert_mm_module, "use_fused", lambda t, switch=None: True)
-    w = torch.randn(3, 128, 82)   # misaligned rows: eagerly a padded copy
+    w = torch.randn(3, 128, 82)  # misaligned rows: eagerly a padded copy
     eager = expert_mm_module.kernel_operand(w, torch.bfloat16, weight=True)
     assert eager.dtype == torch.bfloat16 and eager.stride(1) % 16 == 0
     torch._dynamo.reset()
@@ -266,24 +322,29 @@ def test_operand_cast_traces_without_graph_breaks(monkeypatch):
 
 def test_combine_residual_of_the_wrong_shape_is_rejected():
     from moeut.ops.expert_mm import expert_mm_combine
+
     r = route(torch.tensor([[0, 1], [1, 2]]), 3)
     x, w, gate = torch.randn(2, 4), torch.randn(3, 4, 5), torch.rand(2, 2)
     with pytest.raises(ValueError, match="residual of shape"):
         expert_mm_combine(x, w, r, gate, residual_XO=torch.randn(2, 4))
     out = expert_mm_combine(x, w, r, gate, residual_XO=torch.zeros(2, 5, dtype=torch.float64))
-    assert out.dtype == torch.float64   # the residual's dtype
+    assert out.dtype == torch.float64  # the residual's dtype
 
 
 def test_settings_come_from_the_environment_and_bad_values_are_named():
     from moeut.settings import Settings
+
     assert Settings.from_env({}) == Settings()
-    s = Settings.from_env({"MOEUT_TRITON": "0", "MOEUT_AUTOTUNE": "0", "MOEUT_PYTORCH_OPS": "rope, norm",
-                           "MOEUT_WGRAD_DEFER": "2"})
+    s = Settings.from_env(
+        {"MOEUT_TRITON": "0", "MOEUT_AUTOTUNE": "0", "MOEUT_PYTORCH_OPS": "rope, norm", "MOEUT_WGRAD_DEFER": "2"}
+    )
     assert (s.triton, s.autotune, s.pytorch_ops, s.wgrad_defer) == (False, False, {"rope", "norm"}, 2)
-    for env, message in (({"MOEUT_WGRAD_DEFER": "three"}, "MOEUT_WGRAD_DEFER must be a whole number.*'three'"),
-                         ({"MOEUT_WGRAD_DEFER": "12"}, "from 0 to 9"),
-                         ({"MOEUT_TRITON": "no"}, "MOEUT_TRITON must be 0 or 1"),
-                         ({"MOEUT_PYTORCH_OPS": "rope,gemm"}, r"unknown operators \['gemm'\]")):
+    for env, message in (
+        ({"MOEUT_WGRAD_DEFER": "three"}, "MOEUT_WGRAD_DEFER must be a whole number.*'three'"),
+        ({"MOEUT_WGRAD_DEFER": "12"}, "from 0 to 9"),
+        ({"MOEUT_TRITON": "no"}, "MOEUT_TRITON must be 0 or 1"),
+        ({"MOEUT_PYTORCH_OPS": "rope,gemm"}, r"unknown operators \['gemm'\]"),
+    ):
         with pytest.raises(ValueError, match=message):
             Settings.from_env(env)
 
@@ -293,6 +354,7 @@ def test_pytorch_ops_send_one_operator_back_to_pytorch(monkeypatch):
     `settings.triton` off (decided before Triton is looked at: a CPU tensor never qualifies)."""
     from moeut.ops import dispatch as fused
     from moeut.settings import settings
+
     if triton_expert_mm.triton is None:
         pytest.skip("needs Triton importable")
     cuda_like = type("T", (), {"device": torch.device("cuda")})()
@@ -313,10 +375,12 @@ def test_by_default_one_launch_sums_every_application_of_a_weight():
     import sys
     from moeut import profiles
     from moeut.kernels.weight_grad import MAX_SEGMENTS
+
     env = {k: v for k, v in os.environ.items() if k != "MOEUT_WGRAD_DEFER"}
     code = "from moeut.settings import settings; print(settings.wgrad_defer)"
-    default = int(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                                 check=True).stdout)
+    default = int(
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    )
     most = max(p["n_layers"] // p["group_size"] for p in profiles.MOEUT_PROFILES.values())
     assert min(default, MAX_SEGMENTS) >= most == 9
 
@@ -349,23 +413,35 @@ def test_triton_matches_reference(kind, R, K, E, I, O, dtype, loop_n, monkeypatc
     # ReLU in the epilogue (before rounding; rounding keeps signs, so it equals a ReLU after it)
     assert torch.equal(grouped_mm_triton(x, w, r.offsets_E1, r.rows_N, relu=True), out.relu())
 
-    if dtype == torch.bfloat16:   # an fp32 master weight, rounded tile by tile as the kernel loads it
+    if dtype == torch.bfloat16:  # an fp32 master weight, rounded tile by tile as the kernel loads it
         gen32 = torch.Generator().manual_seed(R * E)
-        w32 = torch.randn(E, I, O, generator=gen32)   # (the interpreter truncates: one more bf16 ulp of slack)
+        w32 = torch.randn(E, I, O, generator=gen32)  # (the interpreter truncates: one more bf16 ulp of slack)
         tol32 = dict(rtol=2e-2, atol=6e-2)
-        torch.testing.assert_close(grouped_mm_triton(x, w32, r.offsets_E1, r.rows_N)[r.choice_RK].float(),
-                                   reference_expert_mm(x.float(), w32.to(dtype).float(), expert), **tol32)
+        torch.testing.assert_close(
+            grouped_mm_triton(x, w32, r.offsets_E1, r.rows_N)[r.choice_RK].float(),
+            reference_expert_mm(x.float(), w32.to(dtype).float(), expert),
+            **tol32,
+        )
         g32 = torch.randn(R * K, O, generator=gen32).to(dtype)
-        torch.testing.assert_close(grouped_mm_triton(g32, w32.transpose(1, 2), r.offsets_E1, None).float(),
-                                   grouped_mm_reference(g32, w32.transpose(1, 2), r.offsets_E1, None).float(), **tol32)
+        torch.testing.assert_close(
+            grouped_mm_triton(g32, w32.transpose(1, 2), r.offsets_E1, None).float(),
+            grouped_mm_reference(g32, w32.transpose(1, 2), r.offsets_E1, None).float(),
+            **tol32,
+        )
 
-    h = torch.randn(R * K, I, generator=gen).to(dtype)   # no gather: rows already routed
-    torch.testing.assert_close(grouped_mm_triton(h, w, r.offsets_E1, None).float(),
-                               grouped_mm_reference(h.float(), w.float(), r.offsets_E1, None), **tol)
+    h = torch.randn(R * K, I, generator=gen).to(dtype)  # no gather: rows already routed
+    torch.testing.assert_close(
+        grouped_mm_triton(h, w, r.offsets_E1, None).float(),
+        grouped_mm_reference(h.float(), w.float(), r.offsets_E1, None),
+        **tol,
+    )
     # input-gradient form: a transposed (non-contiguous) weight view
     g = torch.randn(R * K, O, generator=gen).to(dtype)
-    torch.testing.assert_close(grouped_mm_triton(g, w.transpose(1, 2), r.offsets_E1, None).float(),
-                               grouped_mm_reference(g.float(), w.float().transpose(1, 2), r.offsets_E1, None), **tol)
+    torch.testing.assert_close(
+        grouped_mm_triton(g, w.transpose(1, 2), r.offsets_E1, None).float(),
+        grouped_mm_reference(g.float(), w.float().transpose(1, 2), r.offsets_E1, None),
+        **tol,
+    )
     # weight gradient, with and without gather; unused experts get exact zeros
     for rows, inp in ((r.rows_N, x), (None, h)):
         got = grouped_mm_weight_grad_triton(inp, g, r.offsets_E1, rows)
@@ -397,6 +473,7 @@ def test_triton_row_dot_matches_reference(gather, scale, dtype):
     """Row dot products (the combine's gate gradient) with optional gathered rows of b and a gate-scaled
     copy of a, against the plain form."""
     from moeut.kernels.expert_mm import row_dot_triton
+
     gen = torch.Generator().manual_seed(3)
     N, M, I = 23, 9, 40
     a = torch.randn(N, I, generator=gen).to(dtype)
@@ -408,7 +485,12 @@ def test_triton_row_dot_matches_reference(gather, scale, dtype):
     b_N = b[rows] if gather else b
     torch.testing.assert_close(dot, (a.float() * b_N.float()).sum(-1), rtol=1e-5, atol=1e-5)
     if scale:
-        torch.testing.assert_close(scaled.float(), (a.float() * s[:, None]), rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-2 if dtype != torch.float32 else 1e-6)
+        torch.testing.assert_close(
+            scaled.float(),
+            (a.float() * s[:, None]),
+            rtol=1e-2 if dtype != torch.float32 else 1e-6,
+            atol=1e-2 if dtype != torch.float32 else 1e-6,
+        )
         # b a ReLU's output: the scaled rows are zero where b is (the gradient of the ReLU's input)
         b_relu = b.relu()
         dot_r, scaled_r, _ = row_dot_triton(a, b_relu, rows, s, relu_mask=True)
@@ -428,8 +510,12 @@ def test_triton_row_dot_matches_reference(gather, scale, dtype):
         # gate_b: b's (gathered) rows times the gate read at dst[n], rounded once, in routed order
         dot_g, scaled_g, gated = row_dot_triton(a, b, rows, s_dst, dst, gate_b=True)
         assert torch.equal(dot_g, dot2) and torch.equal(scaled_g, scaled2)
-        torch.testing.assert_close(gated, (b_N.float() * s_dst.float()[dst][:, None]).to(dtype),
-                                   rtol=0 if dtype == torch.float32 else 1e-2, atol=0)
+        torch.testing.assert_close(
+            gated,
+            (b_N.float() * s_dst.float()[dst][:, None]).to(dtype),
+            rtol=0 if dtype == torch.float32 else 1e-2,
+            atol=0,
+        )
         # scaled_dst: the scaled rows written at scaled_dst[n] (a permutation), the dot unchanged
         perm = torch.randperm(N, generator=gen)
         dot3, scaled3, _ = row_dot_triton(a, b, rows, s, scaled_dst_N=perm)
@@ -442,6 +528,7 @@ def test_triton_route_small_matches_route(R, K, E):
     """The one-kernel routing of small inputs (decoding) against the torch sort path, exactly."""
     from moeut.ops.expert_mm import route
     from moeut.kernels.route import route_small_triton
+
     gen = torch.Generator().manual_seed(R * K + E)
     expert = torch.randint(0, E, (R, K), generator=gen)
     expert[0, 0] = E - 1
@@ -456,13 +543,14 @@ def test_triton_route_small_matches_route(R, K, E):
 @interpreted
 @pytest.mark.parametrize("gather", [True, False])
 @pytest.mark.parametrize("groups", [1, 2])
-@pytest.mark.parametrize("I,O", [(10, 7), (5, 12)])   # both ways of getting the gate gradient
+@pytest.mark.parametrize("I,O", [(10, 7), (5, 12)])  # both ways of getting the gate gradient
 def test_combine_through_the_kernels_matches_the_torch_path(gather, groups, I, O, monkeypatch):
     """`expert_mm` and the fused `expert_mm_combine`, forward and backward, with every kernel on
     (grouped GEMM, weight gradient, row dot, top-k sum) against the same autograd Functions on the
     PyTorch path: values and the gradients of x, w and the gates."""
     from moeut.ops import expert_mm as em
     from tests.helpers import combine_case, switch_kernels
+
     r, x, w, gate = combine_case(gather, groups, I, O, seed=6 + I + groups)
     gen = torch.Generator().manual_seed(1)
     gy = torch.randn(gate.shape[0], O, generator=gen)
@@ -485,6 +573,7 @@ def test_combine_with_residual_through_the_kernels_matches_the_torch_path(I, O, 
     through, against the PyTorch path and against a separate add."""
     from moeut.ops import expert_mm as em
     from tests.helpers import combine_case, switch_kernels
+
     r, x, w, gate = combine_case(True, 1, I, O, seed=3 + I)
     gen = torch.Generator().manual_seed(2)
     res = torch.randn(gate.shape[0], O, generator=gen, requires_grad=True)
@@ -497,4 +586,4 @@ def test_combine_with_residual_through_the_kernels_matches_the_torch_path(I, O, 
         torch.testing.assert_close(out, res + em.expert_mm_combine(x, w, r, gate), rtol=1e-5, atol=1e-5)
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert torch.equal(runs[1][-1], gy)   # the residual's gradient is the output's
+    assert torch.equal(runs[1][-1], gy)  # the residual's gradient is the output's

@@ -1,4 +1,5 @@
 """Generation: the KV-cached path produces exactly the tokens of full recomputation."""
+
 import shutil
 
 import pytest
@@ -37,7 +38,7 @@ def test_overlapped_step_launch_changes_no_token(model, overlap, monkeypatch):
     assert generate(model, PROMPTS, 0) == [[], [], []]
     eos = full[0][3]
     stopped = generate(model, PROMPTS, 9, temperature=1.0, seed=2, eos_id=eos)
-    assert stopped == [t[:t.index(eos)] if eos in t else t for t in full]
+    assert stopped == [t[: t.index(eos)] if eos in t else t for t in full]
 
 
 def test_kept_step_is_reused_only_while_valid():
@@ -49,29 +50,30 @@ def test_kept_step_is_reused_only_while_valid():
     import gc
     import weakref
     from moeut import generate as gen_module
+
     torch.manual_seed(1)
     m = moeut.MoEUTLM(64, **moeut.profiles.MoEUT_tiny).eval()
-    first, second = [[1, 2, 3], list(range(5, 15))], [list(range(20, 30)), [9, 8]]   # both: longest 10
+    first, second = [[1, 2, 3], list(range(5, 15))], [list(range(20, 30)), [9, 8]]  # both: longest 10
     assert generate(m, first, 8) == generate(m, first, 8, cache="none")
     kept = gen_module._KEPT_STEPS[m][1]
     nested = []
-    inner = lambda row, t: nested or nested.append(generate(m, first, 8))   # noqa: E731
+    inner = lambda row, t: nested or nested.append(generate(m, first, 8))  # noqa: F821 (m is deleted only at the end)
     assert generate(m, second, 8, on_token=inner) == generate(m, second, 8, cache="none")
     assert nested == [generate(m, first, 8, cache="none")]
-    assert gen_module._KEPT_STEPS[m][1] is kept   # the outer call's (reused) step is kept again
+    assert gen_module._KEPT_STEPS[m][1] is kept  # the outer call's (reused) step is kept again
     assert generate(m, second, 8) == generate(m, second, 8, cache="none")
     assert gen_module._KEPT_STEPS[m][1] is kept
     att = m.transformer.layers[0].attention
     with torch.no_grad():
         att.q.weight.mul_(3.0)
-    att.sel_o.data.mul_(-2.0)   # unseen by version counters
+    att.sel_o.data.mul_(-2.0)  # unseen by version counters
     assert generate(m, second, 8) == generate(m, second, 8, cache="none")
     assert gen_module._KEPT_STEPS[m][1] is kept
-    assert torch.equal(att._inference_weight, torch.cat(att._inference_parts()))   # refreshed per call
-    att.k.weight.data = att.k.weight.data * 2   # replaced: another address
+    assert torch.equal(att._inference_weight, torch.cat(att._inference_parts()))  # refreshed per call
+    att.k.weight.data = att.k.weight.data * 2  # replaced: another address
     assert generate(m, second, 8) == generate(m, second, 8, cache="none")
     assert gen_module._KEPT_STEPS[m][1] is not kept
-    assert generate(m, second, 9) == generate(m, second, 9, cache="none")   # another cache size
+    assert generate(m, second, 9) == generate(m, second, 9, cache="none")  # another cache size
     assert generate(m, second, 0) == [[], []]
     copy.deepcopy(m)
     gen_module.release_decode_graphs(m)
@@ -86,24 +88,30 @@ def test_kept_step_is_reused_only_while_valid():
 def test_static_cache_logits_match_full_forward():
     """Prefill + steps through a preallocated cache give the logits of one full causal forward."""
     from moeut.attention import new_static_cache
+
     torch.manual_seed(1)
-    for m in (moeut.MoEUTLM(64, **moeut.profiles.MoEUT_tiny).eval(), moeut.DenseLM(64, **moeut.profiles.Dense_tiny).eval()):
+    for m in (
+        moeut.MoEUTLM(64, **moeut.profiles.MoEUT_tiny).eval(),
+        moeut.DenseLM(64, **moeut.profiles.Dense_tiny).eval(),
+    ):
         x = torch.randint(0, 64, (2, 9))
         full = m(x).outputs
         kv = {i: new_static_cache(12) for i in range(m.n_layers)}
-        parts = [m(x[:, :5], kv_cache=kv).outputs] + [m(x[:, t:t + 1], kv_cache=kv).outputs for t in range(5, 9)]
+        parts = [m(x[:, :5], kv_cache=kv).outputs] + [m(x[:, t : t + 1], kv_cache=kv).outputs for t in range(5, 9)]
         torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-4)
         assert int(kv[0]["pos"]) == 9
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                    reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler"
+)
 def test_compiled_decoding_equals_recomputation(model):
     """The torch.compile'd decoding step (one graph, no breaks) gives the tokens of recomputation."""
     assert generate(model, PROMPTS, 6, compile=True) == generate(model, PROMPTS, 6, cache="none")
     # Another output length in the same cache-size bucket reuses the compiled step (no recompilation,
     # which took the whole timed run in the first GPU decode benchmark).
     from torch._dynamo.utils import counters
+
     graphs = counters["stats"]["unique_graphs"]
     assert generate(model, PROMPTS, 9, compile=True) == generate(model, PROMPTS, 9, cache="none")
     assert counters["stats"]["unique_graphs"] == graphs
@@ -111,13 +119,14 @@ def test_compiled_decoding_equals_recomputation(model):
 
 def test_static_cache_rejects_position_masks_before_writing():
     from moeut.attention import new_static_cache
+
     m = moeut.MoEUTLM(64, **moeut.profiles.MoEUT_tiny).eval()
     kv = {i: new_static_cache(8) for i in range(m.n_layers)}
     m(torch.randint(0, 64, (1, 3)), kv_cache=kv)
     bad = moeut.AttentionMask(None, torch.zeros(1, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="src_length_mask only"):
         m(torch.randint(0, 64, (1, 1)), bad, kv_cache=kv)
-    assert int(kv[0]["pos"]) == 3   # the failed call left the cache as it was
+    assert int(kv[0]["pos"]) == 3  # the failed call left the cache as it was
 
 
 def test_bad_generation_options(model):
@@ -142,7 +151,7 @@ def test_same_seed_same_text_and_eos_stops(model):
     greedy = generate(model, [PROMPTS[0]], 12)[0]
     eos = greedy[4]
     stopped = generate(model, [PROMPTS[0]], 12, eos_id=eos)[0]
-    assert stopped == greedy[:greedy.index(eos)]
+    assert stopped == greedy[: greedy.index(eos)]
 
 
 def test_streaming_callback_sees_every_token(model):
@@ -164,11 +173,12 @@ class _OfficialInterfaceAttention(torch.nn.Module):
 
     def __init__(self, state_size, n_heads, n_experts, projection_size=None, moe_k=2, expert_dropout=0.0):
         super().__init__()
-        self.inner = moeut.SwitchHeadRope(state_size, n_heads, n_experts, projection_size=projection_size,
-                                          moe_k=moe_k, expert_dropout=expert_dropout)
+        self.inner = moeut.SwitchHeadRope(
+            state_size, n_heads, n_experts, projection_size=projection_size, moe_k=moe_k, expert_dropout=expert_dropout
+        )
 
     def forward(self, q_src, k_src, v_src, mask, kv_cache=None):
-        if kv_cache and set(kv_cache) != {"k", "v"}:   # knows only the official growing dict
+        if kv_cache and set(kv_cache) != {"k", "v"}:  # knows only the official growing dict
             raise RuntimeError(f"unknown cache entry {sorted(kv_cache)}")
         return self.inner(q_src, k_src, v_src, mask, kv_cache)
 
@@ -184,6 +194,7 @@ def test_user_attention_class_falls_back_to_the_dict_cache():
 def test_dense_generation_with_padded_ffn_equals_recomputation():
     """The dense baseline decodes with its FFN padded to an aligned width (prepared once per call)."""
     from moeut.dense import DenseLM
+
     torch.manual_seed(0)
     dense = DenseLM(64, d_model=32, n_layers=2, n_heads=4, d_ff=37).eval()
     for sampling in (dict(temperature=0.0), dict(temperature=1.0, top_k=8, seed=3)):

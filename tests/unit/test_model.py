@@ -1,4 +1,5 @@
 """The model: official API, exact computation, KV cache, masks, configuration and input checks."""
+
 import inspect
 
 import pytest
@@ -13,32 +14,77 @@ from tests.helpers import shared_and_per_application_grads
 
 
 def small(**over):
-    cfg = dict(d_model=32, n_layers=4, n_heads=2, ff_n_experts=8, att_n_experts=3, d_head=12, ff_k=2,
-               group_size=2, ff_expert_size=8)
+    cfg = dict(
+        d_model=32,
+        n_layers=4,
+        n_heads=2,
+        ff_n_experts=8,
+        att_n_experts=3,
+        d_head=12,
+        ff_k=2,
+        group_size=2,
+        ff_expert_size=8,
+    )
     cfg.update(over)
     return cfg
 
 
 def test_public_api_and_signatures_match_official():
-    for name in ["MoEUTLM", "MoEUT", "AttentionMask", "MoEUTOutput", "KVCache", "MultilayerKVCache",
-                 "SwitchHeadRope", "profiles"]:
+    for name in [
+        "MoEUTLM",
+        "MoEUT",
+        "AttentionMask",
+        "MoEUTOutput",
+        "KVCache",
+        "MultilayerKVCache",
+        "SwitchHeadRope",
+        "profiles",
+    ]:
         assert hasattr(moeut, name), name
     sig = inspect.signature(MoEUTLM.__init__).parameters
     params = [k for k, v in sig.items() if v.kind != inspect.Parameter.KEYWORD_ONLY]
     # ours, after the official ones and keyword-only: the paper's ablation axes, defaulting to the paper's model
-    assert {k: v.default for k, v in sig.items() if v.kind == inspect.Parameter.KEYWORD_ONLY} == \
-        {"group_type": "abab", "layer_norm": "peri", "router_activation": "sigmoid"}
-    assert params == ["self", "n_tokens", "d_model", "n_layers", "n_heads", "ff_n_experts", "att_n_experts",
-                      "d_head", "group_size", "ff_k", "att_k", "ff_expert_dropout", "att_expert_dropout",
-                      "ff_expert_size", "dropout", "entropy_reg", "att_entropy_reg", "attention"]
+    assert {k: v.default for k, v in sig.items() if v.kind == inspect.Parameter.KEYWORD_ONLY} == {
+        "group_type": "abab",
+        "layer_norm": "peri",
+        "router_activation": "sigmoid",
+    }
+    assert params == [
+        "self",
+        "n_tokens",
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "ff_n_experts",
+        "att_n_experts",
+        "d_head",
+        "group_size",
+        "ff_k",
+        "att_k",
+        "ff_expert_dropout",
+        "att_expert_dropout",
+        "ff_expert_size",
+        "dropout",
+        "entropy_reg",
+        "att_entropy_reg",
+        "attention",
+    ]
     defaults = {k: v.default for k, v in inspect.signature(MoEUTLM.__init__).parameters.items()}
     assert defaults["group_size"] == 2 and defaults["ff_k"] == 8 and defaults["att_k"] == 2
-    assert defaults["ff_expert_size"] == 128 and defaults["entropy_reg"] == 0.01 and defaults["att_entropy_reg"] == 0.001
+    assert (
+        defaults["ff_expert_size"] == 128 and defaults["entropy_reg"] == 0.01 and defaults["att_entropy_reg"] == 0.001
+    )
     assert defaults["attention"] is moeut.SwitchHeadRope
     assert list(inspect.signature(MoEUTLM.forward).parameters) == ["self", "x", "mask", "kv_cache"]
-    assert list(inspect.signature(MoEUT.__init__).parameters)[1:6] == ["d_model", "n_layers", "n_heads",
-                                                                       "ff_expert_size", "ff_n_experts"]
+    assert list(inspect.signature(MoEUT.__init__).parameters)[1:6] == [
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "ff_expert_size",
+        "ff_n_experts",
+    ]
     import profiles as root_profiles  # the official example does `import profiles`
+
     assert root_profiles.MoEUT_244M == profiles.MoEUT_244M
 
 
@@ -46,22 +92,40 @@ def test_state_dict_names_and_shapes_are_the_official_ones():
     m = MoEUTLM(50, **small())
     sd = m.state_dict()
     H, E, D, Dh = 2, 3, 32, 12
-    expected = {"embedding.weight": (50, D), "lm_head.weight": (50, D), "lm_head.bias": (50,),
-                "out_norm.weight": (D,), "out_norm.bias": (D,)}
+    expected = {
+        "embedding.weight": (50, D),
+        "lm_head.weight": (50, D),
+        "lm_head.bias": (50,),
+        "out_norm.weight": (D,),
+        "out_norm.bias": (D,),
+    }
     for i in range(2):
         p = f"transformer.layers.{i}."
-        expected.update({p + "attention.q.weight": (H * Dh, D), p + "attention.k.weight": (H * Dh, D),
-                         p + "attention.v": (H * E, D, Dh), p + "attention.o": (H * E, Dh, D),
-                         p + "attention.sel_v": (H * E, D), p + "attention.sel_o": (H * E, D),
-                         p + "ffn.keys": (8, D, 8), p + "ffn.values": (8, 8, D), p + "ffn.expert_sel": (8, D),
-                         p + "ln1.weight": (D,), p + "ln1.bias": (D,), p + "ln2.weight": (D,), p + "ln2.bias": (D,)})
+        expected.update(
+            {
+                p + "attention.q.weight": (H * Dh, D),
+                p + "attention.k.weight": (H * Dh, D),
+                p + "attention.v": (H * E, D, Dh),
+                p + "attention.o": (H * E, Dh, D),
+                p + "attention.sel_v": (H * E, D),
+                p + "attention.sel_o": (H * E, D),
+                p + "ffn.keys": (8, D, 8),
+                p + "ffn.values": (8, 8, D),
+                p + "ffn.expert_sel": (8, D),
+                p + "ln1.weight": (D,),
+                p + "ln1.bias": (D,),
+                p + "ln2.weight": (D,),
+                p + "ln2.bias": (D,),
+            }
+        )
     assert {k: tuple(v.shape) for k, v in sd.items()} == expected
     m2 = MoEUTLM(50, **small())
     m2.load_state_dict(sd, strict=True)
 
 
-@pytest.mark.parametrize("name,count", [("44M", 44.3), ("126M", 125.7), ("244M", 243.3), ("318M", 318.1),
-                                        ("727M", 727.4), ("1B", 1040.3)])
+@pytest.mark.parametrize(
+    "name,count", [("44M", 44.3), ("126M", 125.7), ("244M", 243.3), ("318M", 318.1), ("727M", 727.4), ("1B", 1040.3)]
+)
 def test_profiles_construct_with_paper_parameter_counts(name, count):
     with torch.device("meta"):
         m = MoEUTLM(8000, **profiles.MOEUT_PROFILES[name])
@@ -85,7 +149,7 @@ def test_kv_cache_decoding_equals_full_forward(cfg, chunk):
         full = m(x).outputs
         cache, outs = {}, []
         for t in range(0, 17, chunk):
-            o = m(x[:, t:t + chunk], kv_cache=cache)
+            o = m(x[:, t : t + chunk], kv_cache=cache)
             cache = o.cache
             outs.append(o.outputs)
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-4, atol=1e-5)
@@ -96,14 +160,22 @@ def separate_projections(monkeypatch, separate: bool = True) -> None:
     """SwitchHead's joint Q/K/selector product replaced by its definition, four separate products
     (`separate=False` restores the joint one): the reference the joint projection is tested against."""
     from moeut.attention import SwitchHeadRope
+
     if not hasattr(separate_projections, "joint"):
         separate_projections.joint = SwitchHeadRope._project_joint
     if not separate:
         monkeypatch.setattr(SwitchHeadRope, "_project_joint", separate_projections.joint)
         return
-    monkeypatch.setattr(SwitchHeadRope, "_project_joint", lambda self, x: (
-        self.q(x), self.k(x), F.linear(x, self.sel_v) if self.n_experts > 1 else None, F.linear(x, self.sel_o)))
-
+    monkeypatch.setattr(
+        SwitchHeadRope,
+        "_project_joint",
+        lambda self, x: (
+            self.q(x),
+            self.k(x),
+            F.linear(x, self.sel_v) if self.n_experts > 1 else None,
+            F.linear(x, self.sel_o),
+        ),
+    )
 
 
 @pytest.mark.parametrize("cfg", [small(), small(att_n_experts=1), small(d_head=9)])
@@ -117,16 +189,17 @@ def test_inference_projection_equals_training_path_and_follows_weight_updates(cf
     x = torch.randint(0, 50, (2, 11))
     att = m.transformer.layers[0].attention
     import moeut.attention.cache as attention
+
     calls = []
     monkeypatch.setattr(attention, "rotate", lambda x, *a: calls.append(x.shape[1]) or real_rotate(x, *a))
     real_rotate = moeut.ops.rope.rotate
-    for update in range(2):
+    for _ in range(2):
         calls.clear()
         with torch.no_grad():
             fast = m(x).outputs
-        assert calls == [2 * cfg["n_heads"]] * cfg["n_layers"]   # q and k rotated in one call per layer
+        assert calls == [2 * cfg["n_heads"]] * cfg["n_layers"]  # q and k rotated in one call per layer
         separate_projections(monkeypatch)
-        ref = m(x).outputs          # the four separate projections
+        ref = m(x).outputs  # the four separate projections
         separate_projections(monkeypatch, separate=False)
         torch.testing.assert_close(fast, ref.detach(), rtol=1e-5, atol=1e-5)
         with torch.no_grad():
@@ -136,7 +209,8 @@ def test_inference_projection_equals_training_path_and_follows_weight_updates(cf
     # inside `frozen_inference_weights` the concatenation is made once on entry, and again on the
     # next entry after any update
     from moeut.attention import frozen_inference_weights
-    for update in range(2):
+
+    for _ in range(2):
         with torch.no_grad(), frozen_inference_weights(m):
             frozen = m(x).outputs
             assert att._inference_weight_frozen
@@ -154,7 +228,7 @@ def test_inference_projection_equals_training_path_and_follows_weight_updates(cf
 
 @pytest.mark.parametrize("att_n_experts", [1, 3])
 @pytest.mark.parametrize("autocast", [False, True])
-@pytest.mark.parametrize("T", [13, 520])   # 1040 rows: the joint width is padded to a multiple of 8
+@pytest.mark.parametrize("T", [13, 520])  # 1040 rows: the joint width is padded to a multiple of 8
 def test_joint_projection_trains_like_four_matmuls(monkeypatch, att_n_experts, autocast, T):
     """Training with Q, K and both selectors as one matmul on their concatenated weights: the same
     loss and gradients (every parameter, the input embedding) as the four separate matmuls, fp32
@@ -163,7 +237,7 @@ def test_joint_projection_trains_like_four_matmuls(monkeypatch, att_n_experts, a
     m = MoEUTLM(50, **small(att_n_experts=att_n_experts))
     x = torch.randint(0, 50, (2, T))
     width = sum(p.shape[0] for p in m.transformer.layers[0].attention._inference_parts())
-    assert width % 8   # misaligned: with 1040 rows the joint weight is zero-padded for the product
+    assert width % 8  # misaligned: with 1040 rows the joint weight is zero-padded for the product
 
     def loss_and_grads(joint):
         separate_projections(monkeypatch, separate=not joint)
@@ -177,7 +251,7 @@ def test_joint_projection_trains_like_four_matmuls(monkeypatch, att_n_experts, a
     loss_joint, g_joint = loss_and_grads(True)
     loss_sep, g_sep = loss_and_grads(False)
     assert g_joint.keys() == g_sep.keys() and any(".q." in n for n in g_joint)
-    tol = 2e-2 if autocast else 1e-5   # relative (norm) error; bf16 rounds at 4e-3
+    tol = 2e-2 if autocast else 1e-5  # relative (norm) error; bf16 rounds at 4e-3
     torch.testing.assert_close(loss_joint, loss_sep, rtol=tol, atol=0)
     for n in g_sep:
         err = ((g_joint[n] - g_sep[n]).norm() / g_sep[n].norm().clamp_min(1e-30)).item()
@@ -200,7 +274,7 @@ def test_attention_mask_none_none_disables_masking():
         open_a, open_b = m(x, AttentionMask(None, None)).outputs, m(x2, AttentionMask(None, None)).outputs
     # the future is invisible (up to float rounding: the batch's GEMMs may sum in another order)...
     torch.testing.assert_close(causal_a[:, :-1], causal_b[:, :-1], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(open_a[:, 0], open_b[:, 0], atol=1e-6)      # ...unless masking is off
+    assert not torch.allclose(open_a[:, 0], open_b[:, 0], atol=1e-6)  # ...unless masking is off
     explicit = AttentionMask(None, m.generate_causal_attention_mask(8))
     with torch.no_grad():
         torch.testing.assert_close(m(x, explicit).outputs, causal_a)
@@ -231,8 +305,8 @@ def test_reg_loss_is_a_scalar_and_zero_in_eval():
 
 def test_selection_entropy_loss_formula():
     logits = torch.randn(3, 5, 7)
-    p = logits.softmax(-1).mean(1)             # mean distribution per sequence
-    expected = (p * p.log()).sum(-1).mean()    # negative entropy, batch mean
+    p = logits.softmax(-1).mean(1)  # mean distribution per sequence
+    expected = (p * p.log()).sum(-1).mean()  # negative entropy, batch mean
     torch.testing.assert_close(selection_entropy_loss([logits[:, :2], logits[:, 2:]]), expected)
 
 
@@ -258,19 +332,21 @@ def test_shared_weight_copies_give_the_per_application_gradients(checkpointing, 
     autograd sum did: same outputs, bit-identical fp32 gradients, and every parameter's gradient
     delivered once, as an ordinary `.grad` (what DDP's hooks and clipping see)."""
     torch.manual_seed(0)
-    m = MoEUTLM(30, **small(n_layers=6)).train()    # each layer applied 3 times
+    m = MoEUTLM(30, **small(n_layers=6)).train()  # each layer applied 3 times
     m.transformer.activation_checkpointing = checkpointing
     x = torch.randint(0, 30, (2, 9))
     hook_calls = {}
-    handles = [p.register_post_accumulate_grad_hook(lambda p, n=n: hook_calls.__setitem__(n, hook_calls.get(n, 0) + 1))
-               for n, p in m.named_parameters()]
+    handles = [
+        p.register_post_accumulate_grad_hook(lambda p, n=n: hook_calls.__setitem__(n, hook_calls.get(n, 0) + 1))
+        for n, p in m.named_parameters()
+    ]
     (out_ref, ref), (out, got) = shared_and_per_application_grads(m, x, monkeypatch)
     for h in handles:
         h.remove()
     assert torch.equal(out, out_ref)
     for n in ref:
         assert got[n].dtype == torch.float32 and torch.equal(got[n], ref[n]), n
-    assert hook_calls == {n: 2 for n in ref}   # one gradient per parameter and backward pass
+    assert hook_calls == {n: 2 for n in ref}  # one gradient per parameter and backward pass
     # gradients accumulate across backward passes (micro-batches) as usual
     with torch.autocast("cpu", torch.bfloat16):
         out2 = m(x)
@@ -286,10 +362,10 @@ def test_shared_weight_copy_with_another_consumer():
         copy, sink = shared_weights.shared_operand(w, torch.bfloat16)
         again, _ = shared_weights.shared_operand(w, torch.bfloat16)
         assert again is copy and copy.dtype == torch.bfloat16 and torch.equal(copy, w.detach().bfloat16())
-        sink.grad = torch.full((3, 4, 5), 2.0)           # what an expert projection's backward adds
-        (copy.float() * 3).sum().backward()              # an ordinary consumer
+        sink.grad = torch.full((3, 4, 5), 2.0)  # what an expert projection's backward adds
+        (copy.float() * 3).sum().backward()  # an ordinary consumer
     assert torch.equal(w.grad, torch.full((3, 4, 5), 5.0))
-    assert shared_weights.shared_operand(w, torch.bfloat16) == (None, None)   # scope closed
+    assert shared_weights.shared_operand(w, torch.bfloat16) == (None, None)  # scope closed
     with shared_weights.share_weights(torch.bfloat16), torch.no_grad():
         copy, sink = shared_weights.shared_operand(w, torch.bfloat16)
         assert sink is None and not copy.requires_grad
@@ -320,10 +396,18 @@ def test_moeut_backbone_and_n_layers_grouping():
     assert m(h).outputs.shape == (2, 5, 32)
 
 
-@pytest.mark.parametrize("over,word", [
-    (dict(n_layers=5), "n_layers"), (dict(ff_k=9), "ff_k"), (dict(att_k=4), "att_k"),
-    (dict(d_head=None, d_model=30, n_heads=4), "n_heads"), (dict(d_model=0), "d_model"),
-    (dict(ff_expert_size=-1), "ff_expert_size"), (dict(dropout=1.5), "dropout")])
+@pytest.mark.parametrize(
+    "over,word",
+    [
+        (dict(n_layers=5), "n_layers"),
+        (dict(ff_k=9), "ff_k"),
+        (dict(att_k=4), "att_k"),
+        (dict(d_head=None, d_model=30, n_heads=4), "n_heads"),
+        (dict(d_model=0), "d_model"),
+        (dict(ff_expert_size=-1), "ff_expert_size"),
+        (dict(dropout=1.5), "dropout"),
+    ],
+)
 def test_inconsistent_configuration_is_rejected(over, word):
     with pytest.raises(ValueError, match=word):
         MoEUTLM(10, **small(**over))
@@ -359,7 +443,7 @@ def test_dense_baseline_interface_and_cache():
         assert full.reg_loss.dim() == 0 and full.outputs.shape == (2, 11, 40)
         cache, outs = {}, []
         for t in range(0, 11, 4):
-            o = d(x[:, t:t + 4], kv_cache=cache)
+            o = d(x[:, t : t + 4], kv_cache=cache)
             cache = o.cache
             outs.append(o.outputs)
     torch.testing.assert_close(torch.cat(outs, 1), full.outputs, rtol=1e-4, atol=1e-5)
@@ -369,13 +453,16 @@ def test_runs_without_triton_installed():
     """Importing and running on a CPU needs neither CUDA nor Triton."""
     import subprocess
     import sys
-    code = ("import sys; sys.modules['triton'] = None\n"
-            "import torch, moeut\n"
-            "m = moeut.MoEUTLM(50, **moeut.profiles.MoEUT_tiny)\n"
-            "out = m(torch.randint(0, 50, (2, 7)))\n"
-            "(out.outputs.mean() + out.reg_loss).backward()\n"
-            "assert 'moeut.kernels.expert_mm' not in sys.modules\n"
-            "print('ok')\n")
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, moeut\n"
+        "m = moeut.MoEUTLM(50, **moeut.profiles.MoEUT_tiny)\n"
+        "out = m(torch.randint(0, 50, (2, 7)))\n"
+        "(out.outputs.mean() + out.reg_loss).backward()\n"
+        "assert 'moeut.kernels.expert_mm' not in sys.modules\n"
+        "print('ok')\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
@@ -387,9 +474,10 @@ def test_no_per_application_weight_copies_saved(share, monkeypatch):
     of inputs that are saved in fp32 anyway: only parameters, needed activations and (shared weights,
     `ops/shared_weights.py`) one bf16 copy of each expert weight for all applications are saved."""
     from moeut.settings import settings
+
     monkeypatch.setattr(settings, "wgrad_defer", 9 if share else 0)
     torch.manual_seed(0)
-    cfg = {**profiles.MoEUT_tiny, "n_layers": 8}   # each of the 2 layers applied 4 times
+    cfg = {**profiles.MoEUT_tiny, "n_layers": 8}  # each of the 2 layers applied 4 times
     m = moeut.MoEUTLM(100, **cfg).train()
     weight_shapes = {tuple(p.shape) for n, p in m.named_parameters() if p.dim() == 3}
     saved, rows_D, weight_copies = [], set(), set()
@@ -422,6 +510,7 @@ def test_probability_sum_recomputing_backward_matches_autograd(shape):
     """The entropy regulariser's softmax sum saves bf16 logits and recomputes the probabilities in
     backward: the same value and gradient as autograd through the fp32 softmax."""
     from moeut.router import _ProbabilitySum
+
     logits = (3 * torch.randn(shape)).bfloat16().requires_grad_()
     grad_out = torch.randn(shape[0], *shape[2:])
     got = _ProbabilitySum.apply(logits)
@@ -440,9 +529,13 @@ def test_aligned_matmul_padding_keeps_outputs_and_gradients():
     the threshold, unpadded). The loss is the summed token cross-entropy, additive over sequences."""
     from moeut import moe
     from moeut.dense import DenseLM
+
     torch.manual_seed(0)
-    models = [MoEUTLM(50, **small(ff_n_experts=13, d_model=24)), DenseLM(50, d_model=24, n_layers=2, n_heads=2, d_ff=37)]
-    x = torch.randint(0, 50, (2, 600))   # 1200 rows together: over the threshold
+    models = [
+        MoEUTLM(50, **small(ff_n_experts=13, d_model=24)),
+        DenseLM(50, d_model=24, n_layers=2, n_heads=2, d_ff=37),
+    ]
+    x = torch.randint(0, 50, (2, 600))  # 1200 rows together: over the threshold
     assert 600 < moe.PADDING_MIN_ROWS <= 1200
     for m in models:
         runs = []
@@ -459,7 +552,7 @@ def test_aligned_matmul_padding_keeps_outputs_and_gradients():
             torch.testing.assert_close(runs[0][1][n], runs[1][1][n], rtol=1e-4, atol=1e-5)
     assert moe.aligned_width_padding(13, torch.zeros(1200, 4)) == 3
     assert moe.aligned_width_padding(16, torch.zeros(1200, 4)) == 0
-    assert moe.aligned_width_padding(13, torch.zeros(8, 4)) == 0     # decoding: no copy
+    assert moe.aligned_width_padding(13, torch.zeros(8, 4)) == 0  # decoding: no copy
 
 
 def test_dense_frozen_padded_ffn_follows_weight_updates_and_is_released():
@@ -469,6 +562,7 @@ def test_dense_frozen_padded_ffn_follows_weight_updates_and_is_released():
     from moeut.attention import frozen_inference_weights
     from moeut.dense import DenseLM
     from moeut.generate import release_decode_graphs
+
     torch.manual_seed(0)
     m = DenseLM(40, d_model=16, n_layers=2, n_heads=2, d_ff=37).eval()
     x = torch.randint(0, 40, (2, 5))
@@ -481,10 +575,10 @@ def test_dense_frozen_padded_ffn_follows_weight_updates_and_is_released():
             assert not w1[37:].any() and not b1[37:].any() and not w2[:, 37:].any()
             torch.testing.assert_close(m(x).outputs, want, rtol=1e-5, atol=1e-6)
         assert not layer._inference_weight_frozen
-        layer.ff2.weight.data.mul_(2)                 # an update no version counter sees
+        layer.ff2.weight.data.mul_(2)  # an update no version counter sees
         want2 = m(x).outputs
         with frozen_inference_weights(m):
-            assert layer._inference_weight[2] is w2   # refreshed in place
+            assert layer._inference_weight[2] is w2  # refreshed in place
             torch.testing.assert_close(m(x).outputs, want2, rtol=1e-5, atol=1e-6)
     release_decode_graphs(m)
     assert layer._inference_weight is None
@@ -494,6 +588,7 @@ def _small_switchhead_layer(seed: int):
     """(layer, x, gy, [x] + parameters): a MoEUTLayer with SwitchHead of 3 experts, initialised at unit
     scale (alone, a layer's experts are not initialised: its model does that), input and output gradient."""
     from moeut.model import MoEUTLayer
+
     torch.manual_seed(seed)
     layer = MoEUTLayer(32, 2, 8, 6, att_n_experts=3, d_head=8, ff_k=2).train()
     for mod in (layer.attention, layer.ffn):
@@ -510,18 +605,25 @@ def test_attention_residual_folded_into_the_output_sum_matches_a_separate_add(dt
     it is the closer one to fp64. With dropout in training the add stays separate."""
     from moeut.ops import expert_mm
     from moeut.model import MoEUTLayer
+
     layer, x, gy, params = _small_switchhead_layer(0)
     switchhead = layer.attention
 
-    class NotSwitchHead(torch.nn.Module):   # the same attention, behind a type the layer does not fold for
+    class NotSwitchHead(torch.nn.Module):  # the same attention, behind a type the layer does not fold for
         def forward_with_logits(self, *a, **kw):
             return switchhead.forward_with_logits(*a, **kw)
+
     residuals = []
     combine = expert_mm.expert_mm_combine
     from moeut.attention import switchhead as attention_module
-    monkeypatch.setattr(attention_module, "expert_mm_combine",
-                        lambda *a, residual_XO=None, **kw: residuals.append(residual_XO is not None) or
-                        combine(*a, residual_XO=residual_XO, **kw))
+
+    monkeypatch.setattr(
+        attention_module,
+        "expert_mm_combine",
+        lambda *a, residual_XO=None, **kw: (
+            residuals.append(residual_XO is not None) or combine(*a, residual_XO=residual_XO, **kw)
+        ),
+    )
 
     def run(fold, module=layer):
         module.attention = switchhead if fold else NotSwitchHead()
@@ -529,7 +631,7 @@ def test_attention_residual_folded_into_the_output_sum_matches_a_separate_add(dt
         with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
             y = module(x)[0]
         module.attention = switchhead
-        folded_here = residuals[-1]   # (V's combine first, O's last)
+        folded_here = residuals[-1]  # (V's combine first, O's last)
         return folded_here, (y, *torch.autograd.grad(y, params, gy))
 
     (on, folded), (off, separate) = run(True), run(False)
@@ -543,9 +645,9 @@ def test_attention_residual_folded_into_the_output_sum_matches_a_separate_add(dt
         layer64 = MoEUTLayer(32, 2, 8, 6, att_n_experts=3, d_head=8, ff_k=2).double().train()
         layer64.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
         want = layer64(x.detach().double())[0]
-        err = lambda t: (t.double() - want).norm().item()  # noqa: E731
+        err = lambda t: (t.double() - want).norm().item()
         assert err(folded[0]) <= err(separate[0])
-    layer.drop.p = 0.1   # dropout on the attention output: the add cannot go inside the sum
+    layer.drop.p = 0.1  # dropout on the attention output: the add cannot go inside the sum
     assert run(True)[0] is False
 
 
@@ -559,18 +661,23 @@ def test_residual_gradient_relayed_into_the_value_projection_matches_autograd_su
     from torch.utils._python_dispatch import TorchDispatchMode
     from moeut.attention import switchhead as attention_module
     from tests.helpers import switch_kernels
+
     if kernels:
         pytest.importorskip("triton")
         switch_kernels(monkeypatch, lambda t, switch=None: switch is None)
     layer, x, gy, params = _small_switchhead_layer(1)
 
-    class CountAdds(TorchDispatchMode):   # fp32 adds of x's shape ([B*T, D] or [B, T, D])
+    class CountAdds(TorchDispatchMode):  # fp32 adds of x's shape ([B*T, D] or [B, T, D])
         n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if func.__name__.startswith("add") and torch.is_tensor(out) and out.dtype == torch.float32 \
-                    and out.numel() == x.numel():
+            if (
+                func.__name__.startswith("add")
+                and torch.is_tensor(out)
+                and out.dtype == torch.float32
+                and out.numel() == x.numel()
+            ):
                 CountAdds.n += 1
             return out
 
@@ -590,12 +697,13 @@ def test_residual_gradient_relayed_into_the_value_projection_matches_autograd_su
     for a, b in zip(on, off):
         if dtype == torch.float32:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        else:   # the same sums in another order
+        else:  # the same sums in another order
             torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
 
 
 def test_residual_grad_relay_refuses_a_gradient_it_was_not_given():
     from moeut.ops.expert_mm import ResidualGradRelay, expert_mm_combine, route
+
     relay = ResidualGradRelay()
     r = route(torch.randint(0, 3, (4, 2)), 3)
     with pytest.raises(ValueError, match="send_residual_grad needs residual_XO"):
@@ -614,9 +722,13 @@ def test_partial_or_inconsistent_kv_caches_are_refused_by_name(model_cls):
     """A cache holding only some layers would attend to no history in the others (logits silently
     wrong); k and v of different lengths, or junk entries, would attend to a wrong one."""
     from moeut import DenseLM
+
     torch.manual_seed(0)
-    m = MoEUTLM(40, **small()).eval() if model_cls == "moeut" else \
-        DenseLM(40, d_model=32, n_layers=4, n_heads=2, d_ff=64, d_head=16).eval()
+    m = (
+        MoEUTLM(40, **small()).eval()
+        if model_cls == "moeut"
+        else DenseLM(40, d_model=32, n_layers=4, n_heads=2, d_ff=64, d_head=16).eval()
+    )
     x = torch.randint(0, 40, (1, 5))
     with torch.no_grad():
         full = m(x, kv_cache={}).cache

@@ -2,6 +2,7 @@
 interpreter against F.layer_norm, forward and backward (fp32 and bf16 inputs, outputs in the autocast
 dtype, strided rows, odd widths, rows that leave a program's last tile partial, no rows at all), with
 weight and bias gradients that are bitwise reproducible."""
+
 import os
 
 import pytest
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.skipif(not interpreted, reason="the interpreter tests a
 
 def _case(R, D, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
-    x = (3 + 2 * torch.randn(R, D + 5, generator=gen))[:, 2:D + 2].to(dtype)   # rows with a stride > D
+    x = (3 + 2 * torch.randn(R, D + 5, generator=gen))[:, 2 : D + 2].to(dtype)  # rows with a stride > D
     w = 1 + 0.3 * torch.randn(D, generator=gen)
     b = 0.5 * torch.randn(D, generator=gen)
     g = torch.randn(R, D, generator=gen)
@@ -42,8 +43,9 @@ def _case(R, D, dtype, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("R,D,programs", [(37, 82, 512), (37, 1000, 3), (300, 1000, 512), (1, 16, 512),
-                                         (300, 20, 2), (0, 24, 512)])
+@pytest.mark.parametrize(
+    "R,D,programs", [(37, 82, 512), (37, 1000, 3), (300, 1000, 512), (1, 16, 512), (300, 20, 2), (0, 24, 512)]
+)
 def test_kernels_match_layer_norm(dtype, out_dtype, R, D, programs, monkeypatch):
     """`programs` caps the backward's programs: 3 at D = 1000 gives each one several 2-row tiles and the
     last a partial one; 2 at D = 20 gives 64-row tiles, the last one partial; 300 rows of 1000 give
@@ -51,6 +53,7 @@ def test_kernels_match_layer_norm(dtype, out_dtype, R, D, programs, monkeypatch)
     from 512) and columns of 8 (the last one partial at D = 82 and 20)."""
     from moeut.kernels import norm as triton_norm
     from moeut.ops.norm import _LayerNormFunction
+
     monkeypatch.setattr(triton_norm, "BACKWARD_PROGRAMS", programs)
     monkeypatch.setattr(triton_norm, "SUM_ROWS", 32)
     x, w, b, g = _case(R, D, dtype, seed=R * 7 + D)
@@ -62,14 +65,16 @@ def test_kernels_match_layer_norm(dtype, out_dtype, R, D, programs, monkeypatch)
     y.backward(g.to(out_dtype))
     ref.backward(g.to(out_dtype).float())
     # one rounding of the fp32 result to the output dtype (the interpreter truncates to bf16: 1 ulp)
-    torch.testing.assert_close(y.float(), ref.to(out_dtype).float(), rtol=1e-5 if out_dtype == torch.float32
-                               else 2 ** -7, atol=1e-5)
+    torch.testing.assert_close(
+        y.float(), ref.to(out_dtype).float(), rtol=1e-5 if out_dtype == torch.float32 else 2**-7, atol=1e-5
+    )
     assert x.grad.dtype == dtype and w.grad.dtype == w.dtype
-    torch.testing.assert_close(x.grad.float(), xr.grad.to(dtype).float(), rtol=1e-5 if dtype == torch.float32
-                               else 2 ** -7, atol=1e-5)
+    torch.testing.assert_close(
+        x.grad.float(), xr.grad.to(dtype).float(), rtol=1e-5 if dtype == torch.float32 else 2**-7, atol=1e-5
+    )
     torch.testing.assert_close(w.grad, wr.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b.grad, br.grad, rtol=1e-5, atol=1e-5)
-    if R:   # the sums against fp64: the kernels' error is fp32 rounding, not a wrong formula
+    if R:  # the sums against fp64: the kernels' error is fp32 rounding, not a wrong formula
         x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
         ref64 = F.layer_norm(x64, (D,), w64, b64, 1e-5)
         ref64.backward(g.to(out_dtype).double())
@@ -84,6 +89,7 @@ def test_pass_through_adds_the_other_gradient_inside_the_backward(dtype, use, mo
     the LayerNorm backward, equal to autograd summing x's two gradients; an unused output adds nothing."""
     from moeut.ops.norm import LayerNorm
     from tests.helpers import switch_kernels
+
     torch.manual_seed(2)
     norm = LayerNorm(40).to(dtype)
     with torch.no_grad():
@@ -105,9 +111,10 @@ def test_pass_through_adds_the_other_gradient_inside_the_backward(dtype, use, mo
     got = torch.autograd.grad(loss_of(y, x_out, gy, gx), (x, norm.weight, norm.bias))
     # autograd summing x's two gradients, in fp64
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, norm.weight, norm.bias))
-    want = torch.autograd.grad(loss_of(F.layer_norm(x64, (40,), w64, b64), x64, gy.double(), gx.double()),
-                               (x64, w64, b64))
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2e-2)
+    want = torch.autograd.grad(
+        loss_of(F.layer_norm(x64, (40,), w64, b64), x64, gy.double(), gx.double()), (x64, w64, b64)
+    )
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=2e-2)
     for a, b in zip(got, want):
         assert a.dtype == dtype
         torch.testing.assert_close(a.double(), b, **tol)
@@ -115,6 +122,7 @@ def test_pass_through_adds_the_other_gradient_inside_the_backward(dtype, use, mo
 
 def test_weight_gradient_is_bitwise_reproducible(monkeypatch):
     from moeut.kernels import norm as triton_norm
+
     monkeypatch.setattr(triton_norm, "BACKWARD_PROGRAMS", 5)
     x, w, b, g = _case(203, 40, torch.float32, seed=3)
     mean_rstd = triton_norm.layer_norm_fwd(x, w, b, 1e-5, torch.float32)[1:3]
@@ -125,13 +133,15 @@ def test_weight_gradient_is_bitwise_reproducible(monkeypatch):
 
 def test_output_dtype_follows_autocast():
     from moeut.ops.norm import layer_norm
+
     x, w, b, _ = _case(6, 24, torch.float32, seed=1)
     assert layer_norm(x, w, b).dtype == torch.float32
     with torch.autocast("cpu", torch.bfloat16):
         y = layer_norm(x.view(2, 3, 24), w, b)
     assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 24)
-    torch.testing.assert_close(y.float(), F.layer_norm(x, (24,), w, b).to(torch.bfloat16).float().view(2, 3, 24),
-                               rtol=2 ** -7, atol=1e-5)
+    torch.testing.assert_close(
+        y.float(), F.layer_norm(x, (24,), w, b).to(torch.bfloat16).float().view(2, 3, 24), rtol=2**-7, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -144,13 +154,14 @@ def test_model_step_with_the_norm_kernel_matches_torchs(kind, checkpointing, mon
     and a flipped bf16 router input can change an expert choice."""
     from moeut.kernels import norm as triton_norm
     from tests.helpers import step_loss_grads, switch_kernels, tiny_lm
+
     torch.manual_seed(0)
     model = tiny_lm(kind)
     backbone = model.transformer if kind == "moeut" else model
     model.train()
     backbone.activation_checkpointing = checkpointing
     norms = [n for n, m in model.named_modules() if isinstance(m, LayerNorm)]
-    assert len(norms) == (2 * 2 if kind == "moeut" else 4 * 2) + 1   # ln1, ln2 of each distinct layer; out_norm
+    assert len(norms) == (2 * 2 if kind == "moeut" else 4 * 2) + 1  # ln1, ln2 of each distinct layer; out_norm
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.rsplit(".", 1)[0] in norms:
@@ -176,18 +187,19 @@ def test_kernels_write_the_low_precision_copies_of_x_and_dx(R, D):
     (the interpreter truncates where the GPU rounds to nearest even: 1 ulp; the GPU tests ask for the
     bits). Strided rows in, contiguous copies out; the other outputs unchanged."""
     from moeut.kernels import norm as triton_norm
+
     x, w, b, g = _case(R, D, torch.float32, seed=R + D)
     y, mean, rstd, x_copy = triton_norm.layer_norm_fwd(x, w, b, 1e-5, torch.bfloat16, copy_dtype=torch.bfloat16)
     y0, mean0, rstd0, none = triton_norm.layer_norm_fwd(x, w, b, 1e-5, torch.bfloat16)
     assert none is None and all(torch.equal(a, b) for a, b in ((y, y0), (mean, mean0), (rstd, rstd0)))
     assert x_copy.dtype == torch.bfloat16 and x_copy.shape == x.shape and x_copy.is_contiguous()
-    torch.testing.assert_close(x_copy.float(), x.to(torch.bfloat16).float(), rtol=2 ** -7, atol=0)
+    torch.testing.assert_close(x_copy.float(), x.to(torch.bfloat16).float(), rtol=2**-7, atol=0)
     gy = g.to(torch.bfloat16)
     dx, dw, db, dx_copy = triton_norm.layer_norm_bwd(gy, x, w, mean, rstd, grad_add=g, copy_dtype=torch.bfloat16)
     dx0, dw0, db0, none = triton_norm.layer_norm_bwd(gy, x, w, mean, rstd, grad_add=g)
     assert none is None and all(torch.equal(a, b) for a, b in ((dx, dx0), (dw, dw0), (db, db0)))
     assert dx_copy.dtype == torch.bfloat16 and dx_copy.shape == x.shape
-    torch.testing.assert_close(dx_copy.float(), dx.to(torch.bfloat16).float(), rtol=2 ** -7, atol=0)
+    torch.testing.assert_close(dx_copy.float(), dx.to(torch.bfloat16).float(), rtol=2**-7, atol=0)
 
 
 def _rounded_or_truncated(copy, t):
@@ -208,6 +220,7 @@ def test_moeut_step_takes_the_norms_copies_instead_of_casting(checkpointing, mon
     offers up to what that truncation moves (~1e-2), with no offer taken there."""
     from moeut.ops import cast_relay
     from tests.helpers import autocast_step_grads, rel, switch_kernels, tiny_lm
+
     torch.manual_seed(0)
     model = tiny_lm("moeut")
     model.train()
@@ -218,11 +231,12 @@ def test_moeut_step_takes_the_norms_copies_instead_of_casting(checkpointing, mon
 
     def spy(t, dtype):
         if not enabled[0]:
-            return None   # every projection casts for itself: the reference
+            return None  # every projection casts for itself: the reference
         copy = take(t, dtype)
         if copy is not None:
             taken.append(_rounded_or_truncated(copy, t))
         return copy
+
     monkeypatch.setattr(cast_relay, "take", spy)
     runs = []
     for on in (False, True):

@@ -2,6 +2,7 @@
 (`Task.create_lr_scheduler` and `Task.set_lr`, framework/task/task.py: CosineAnnealingLR over the whole
 run, read at iteration - warmup, times a linear warmup) and its weight decay on every parameter
 (`SimpleTask.create_optimizer`: AdamW(model.parameters(), weight_decay=wd))."""
+
 import math
 
 import pytest
@@ -15,11 +16,11 @@ def training_code_lr(base: float, steps: int, warmup: int, min_mult: float, iter
     """What set_lr leaves in the optimizer at `iteration`, written from its code."""
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=min_mult * base)
-    with pytest.warns(UserWarning):   # its `step(epoch)` form, deprecated in PyTorch but what it calls
+    with pytest.warns(UserWarning):  # its `step(epoch)` form, deprecated in PyTorch but what it calls
         sched.step(max(0, iteration - warmup))
     lr = opt.param_groups[0]["lr"]
     if warmup > iteration:
-        lr = lr / warmup * (iteration + 1)   # set_linear_warmup
+        lr = lr / warmup * (iteration + 1)  # set_linear_warmup
     return lr
 
 
@@ -30,7 +31,7 @@ def test_the_schedule_is_the_training_codes(steps, warmup):
     for i in sorted({0, 1, warmup - 1, warmup, warmup + 1, steps // 2, steps - 1} - {-1}):
         assert f(i) * cfg.lr == pytest.approx(training_code_lr(cfg.lr, steps, warmup, 0.1, i), rel=1e-9), i
     if warmup:
-        assert f(steps - 1) > cfg.min_lr_ratio + 1e-4   # with warmup the cosine ends just above its floor
+        assert f(steps - 1) > cfg.min_lr_ratio + 1e-4  # with warmup the cosine ends just above its floor
 
 
 def test_weight_decay_reaches_every_parameter_unless_exempted():
@@ -49,6 +50,7 @@ def test_the_help_states_the_defaults_the_trainer_resolves(on_gpu, capsys):
     import re
     from moeut.cli import main
     from moeut.train.config import default_text, resolve_defaults
+
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     helped = " ".join(capsys.readouterr().out.split())
@@ -58,8 +60,9 @@ def test_the_help_states_the_defaults_the_trainer_resolves(on_gpu, capsys):
         assert float(gpu if on_gpu else cpu) == getattr(large, name) == getattr(small, name), name
         assert default_text(name) in helped, name
     for name, cap in (("warmup", large.steps // 10), ("clip", None)):
-        first, second = map(float, re.fullmatch(r"(\S+) for \S+, else (\S+)(?: capped at steps/10)?",
-                                                default_text(name)).groups())
+        first, second = map(
+            float, re.fullmatch(r"(\S+) for \S+, else (\S+)(?: capped at steps/10)?", default_text(name)).groups()
+        )
         assert getattr(small, name) == first, name
         assert getattr(large, name) == (min(second, cap) if cap is not None else second), name
         assert default_text(name) in helped, name

@@ -1,5 +1,6 @@
 """RoPE: the fused operator (its backward rotates by -angle) against autograd through the plain form,
 and the Triton kernel through the interpreter on CPU (strided inputs, odd widths, unrotated rest)."""
+
 import os
 
 import pytest
@@ -13,7 +14,7 @@ from moeut.ops.rope import _Rope, rope_tables, rotate_reference
 def test_rope_function_backward_is_the_adjoint(dtype, scale):
     torch.manual_seed(0)
     B, T, H, D, n_rot = 2, 7, 3, 20, 10
-    x = torch.randn(B, T, H, D).to(dtype).transpose(1, 2).requires_grad_()   # [B, H, T, D], strided
+    x = torch.randn(B, T, H, D).to(dtype).transpose(1, 2).requires_grad_()  # [B, H, T, D], strided
     cos, sin = rope_tables(n_rot, 3, T, 10000.0, "cpu")
     y = _Rope.apply(x, cos, sin, scale)
     ref_x = x.detach().clone().requires_grad_()
@@ -24,11 +25,11 @@ def test_rope_function_backward_is_the_adjoint(dtype, scale):
     ref.backward(g)
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(x.grad, ref_x.grad, **tol)
-    assert y.transpose(1, 2).is_contiguous()   # x's layout (a head view); its gradient: the tests below
+    assert y.transpose(1, 2).is_contiguous()  # x's layout (a head view); its gradient: the tests below
     x2 = x.detach().contiguous().requires_grad_()
     y2 = _Rope.apply(x2, cos, sin, scale)
     y2.backward(g)
-    assert y2.is_contiguous()   # a contiguous input keeps the contiguous layout
+    assert y2.is_contiguous()  # a contiguous input keeps the contiguous layout
     torch.testing.assert_close(y2, ref, rtol=0, atol=0)
     torch.testing.assert_close(x2.grad, ref_x.grad, **tol)
 
@@ -46,7 +47,7 @@ def _head_view_grad(B=2, T=6, H=3, D=16, scale=0.7):
     g = torch.randn(B, H, T, D)
     y.backward(g)
     ref = rotate_reference(proj.view(B, T, H, D).transpose(1, 2), cos, sin, scale)
-    want_grad, = torch.autograd.grad(ref, proj, g)
+    (want_grad,) = torch.autograd.grad(ref, proj, g)
     return y, seen[0], proj.grad, ref, want_grad
 
 
@@ -70,9 +71,10 @@ interpreted = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_rope_kernel_matches_reference(D, n_rot, dtype):
     from moeut.kernels.rope import rope_triton
+
     torch.manual_seed(D)
     B, T, H = 2, 19, 3
-    x = torch.randn(B, T, H, D).to(dtype).transpose(1, 2)       # the layout attention passes
+    x = torch.randn(B, T, H, D).to(dtype).transpose(1, 2)  # the layout attention passes
     positions = torch.arange(5, 5 + T)
     cos, sin = rope_tables(n_rot, positions, T, 10000.0, "cpu")
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
@@ -93,8 +95,9 @@ def test_scaled_rope_equals_scaling_before_rotation():
     torch.manual_seed(1)
     x = torch.randn(2, 3, 11, 24, dtype=torch.float64)
     cos, sin = rope_tables(16, 0, 11, 10000.0, "cpu")
-    torch.testing.assert_close(rotate_reference(x, cos.double(), sin.double(), 0.25),
-                               rotate_reference(x * 0.25, cos.double(), sin.double()))
+    torch.testing.assert_close(
+        rotate_reference(x, cos.double(), sin.double(), 0.25), rotate_reference(x * 0.25, cos.double(), sin.double())
+    )
 
 
 @pytest.mark.skipif(not interpreted, reason="the interpreter test is for CPU-only machines")
@@ -105,6 +108,7 @@ def test_training_step_through_the_rope_kernel_matches_pytorch(monkeypatch, mode
     loss and every gradient of the plain PyTorch RoPE."""
     from moeut.ops import rope
     from tests.helpers import step_loss_grads, tiny_lm
+
     torch.manual_seed(0)
     model = tiny_lm(model_kind)
     x = torch.randint(0, 40, (2, 9))
@@ -112,7 +116,7 @@ def test_training_step_through_the_rope_kernel_matches_pytorch(monkeypatch, mode
     kernel_calls = []
     monkeypatch.setattr(rope, "use_fused", lambda t, switch=None: kernel_calls.append(switch) or True)
     got_loss, got = step_loss_grads(model, x)
-    assert kernel_calls   # the kernel ran, forward and backward
+    assert kernel_calls  # the kernel ran, forward and backward
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)

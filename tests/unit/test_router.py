@@ -45,7 +45,7 @@ def test_strided_head_slices_route_like_their_contiguous_copy(fp32):
     torch.manual_seed(3)
     B, T, H, E, K = 2, 5, 3, 7, 2
     wide = torch.randn(B, T, 4 + H * E + 6, requires_grad=True)
-    sliced = wide[..., 4:4 + H * E].view(B, T, H, E)
+    sliced = wide[..., 4 : 4 + H * E].view(B, T, H, E)
     gate, expert = sigmoid_topk(sliced, K, fp32=fp32)
     copy = sliced.detach().clone().requires_grad_()
     ref_gate, ref_expert = sigmoid_topk(copy, K, fp32=fp32)
@@ -54,8 +54,8 @@ def test_strided_head_slices_route_like_their_contiguous_copy(fp32):
     weights = torch.randn_like(gate)
     (gate * weights).sum().backward()
     (ref_gate * weights).sum().backward()
-    torch.testing.assert_close(wide.grad[..., 4:4 + H * E].view(B, T, H, E), copy.grad)
-    assert wide.grad[..., :4].abs().sum() == 0 and wide.grad[..., 4 + H * E:].abs().sum() == 0
+    torch.testing.assert_close(wide.grad[..., 4 : 4 + H * E].view(B, T, H, E), copy.grad)
+    assert wide.grad[..., :4].abs().sum() == 0 and wide.grad[..., 4 + H * E :].abs().sum() == 0
 
 
 def test_sigmoid_topk_rejects_bad_k():
@@ -70,6 +70,7 @@ triton = pytest.importorskip("triton")
 
 def test_router_backward_opcheck():
     from moeut.ops.router import _sigmoid_topk_backward_op
+
     gen = torch.Generator().manual_seed(0)
     expert = torch.rand(6, 9, generator=gen).argsort(1)[:, :3].contiguous()
     gate, grad = torch.rand(6, 3, generator=gen), torch.randn(6, 3, generator=gen)
@@ -81,6 +82,7 @@ def test_router_backward_opcheck():
 @interpreted
 def test_router_launch_shapes_a_benchmark_passes_compute_the_same():
     from moeut.kernels.router import sigmoid_topk_triton
+
     logits = torch.randn(37, 11, generator=torch.Generator().manual_seed(3))
     gate, expert = sigmoid_topk_triton(logits, 3)
     for launch in ((1, 1), (8, 4)):

@@ -1,6 +1,7 @@
 """`moeut.router`: one routing for the σ-MoE and SwitchHead with the activation as an argument. The
 sigmoid goes through the `sigmoid_topk` operator; softmax takes the plain PyTorch reference path, and a
 tiny model with a softmax router trains on it."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ def test_softmax_selection_is_the_reference_form_with_gradients(fp32, monkeypatc
     ref = F.softmax(logits.float() if fp32 else logits, dim=-1).topk(2, dim=-1)
     assert torch.equal(expert, ref.indices) and torch.equal(gate, ref.values) and rl.logits is not None
     assert gate.dtype == (torch.float32 if fp32 else torch.bfloat16)
-    assert (gate.float().sum(-1) <= 1 + 1e-3).all()       # softmax gates of the k chosen out of E
+    assert (gate.float().sum(-1) <= 1 + 1e-3).all()  # softmax gates of the k chosen out of E
     (g,) = torch.autograd.grad(gate.float().square().sum(), logits)
     (want,) = torch.autograd.grad(ref.values.float().square().sum(), logits)
     torch.testing.assert_close(g, want)
@@ -35,7 +36,7 @@ def test_sigmoid_goes_through_the_operator(monkeypatch):
 
 def test_padded_columns_and_dropout_choose_valid_experts_only():
     logits = torch.randn(3, 4, 10)
-    logits[..., 8:] = 100.0                                  # alignment padding: never chosen
+    logits[..., 8:] = 100.0  # alignment padding: never chosen
     for activation in router.ACTIVATIONS:
         rl, _, expert = router.select_experts(logits, 3, activation, n_valid=8)
         assert rl.logits.shape[-1] == 8 and expert.max() < 8
@@ -53,13 +54,23 @@ def test_chosen_experts_agree_with_every_activation():
 
 def test_a_tiny_model_with_a_softmax_router_trains():
     torch.manual_seed(0)
-    kwargs = model_kwargs("moeut-tiny", {"router_activation": "softmax", "d_model": 32, "n_layers": 2,
-                                         "n_heads": 2, "ff_n_experts": 8, "att_n_experts": 3, "ff_k": 2})
+    kwargs = model_kwargs(
+        "moeut-tiny",
+        {
+            "router_activation": "softmax",
+            "d_model": 32,
+            "n_layers": 2,
+            "n_heads": 2,
+            "ff_n_experts": 8,
+            "att_n_experts": 3,
+            "ff_k": 2,
+        },
+    )
     model = MoEUTLM(50, **kwargs).train()
     assert {m.router_activation for m in model.modules() if hasattr(m, "router_activation")} == {"softmax"}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     x = torch.randint(0, 50, (4, 17))
-    x[:, 1::2] = x[:, 0::2][:, :8] % 7                    # something to learn
+    x[:, 1::2] = x[:, 0::2][:, :8] % 7  # something to learn
     losses = []
     for _ in range(30):
         out = model(x[:, :-1])

@@ -1,6 +1,7 @@
 """The sharded checkpoint layout without processes: shard files (the layout PyTorch Distributed
 Checkpoint writes through its safetensors writer), whole tensors and shapes from them, conversion
 between the layouts, and damage or tampering named before anything is used."""
+
 import json
 
 import pytest
@@ -15,6 +16,7 @@ from .test_checkpoint import training_state
 def test_our_shard_files_are_named_and_tagged_as_pytorch_writes_them():
     """A torch release that renames its files or metadata key fails here, not in a user's resume."""
     from torch.distributed.checkpoint import _hf_utils
+
     assert shard_lib.SHARDING_INFO_KEY == _hf_utils.CUSTOM_METADATA_KEY
     for i in (1, 2, 17):
         assert shard_lib.shard_file_name(i) == _hf_utils._gen_file_name(1, 1, i)
@@ -23,8 +25,13 @@ def test_our_shard_files_are_named_and_tagged_as_pytorch_writes_them():
 @pytest.mark.parametrize("n", [1, 3, 7])
 def test_split_and_assemble_give_back_every_tensor(tmp_path, n):
     """Uneven pieces, more shards than rows (empty pieces are not written), 0-d tensors, bf16 and ints."""
-    state = {"w": torch.randn(5, 3), "b": torch.randn(2), "scalar": torch.tensor(3.5),
-             "half": torch.randn(4, 2).bfloat16(), "ids": torch.arange(6)}
+    state = {
+        "w": torch.randn(5, 3),
+        "b": torch.randn(2),
+        "scalar": torch.tensor(3.5),
+        "half": torch.randn(4, 2).bfloat16(),
+        "ids": torch.arange(6),
+    }
     for i, part in enumerate(shard_lib.split_dim0(state, n), start=1):
         shard_lib.write_shard(tmp_path / shard_lib.shard_file_name(i), part)
     with shard_lib.open_directory(tmp_path) as shards:
@@ -39,7 +46,7 @@ def test_split_and_assemble_give_back_every_tensor(tmp_path, n):
 def test_pieces_that_do_not_tile_a_tensor_are_named(tmp_path):
     w = torch.randn(4, 2)
     shard_lib.write_shard(tmp_path / shard_lib.shard_file_name(1), {"w": (w[:2], [0, 0])})
-    shard_lib.write_shard(tmp_path / shard_lib.shard_file_name(2), {"w": (w[2:3], [3, 0])})   # row 2 missing
+    shard_lib.write_shard(tmp_path / shard_lib.shard_file_name(2), {"w": (w[2:3], [3, 0])})  # row 2 missing
     with pytest.raises(shard_lib.ShardError, match=r"pieces of w do not tile one tensor: rows \[2, 3\) are in no"):
         shard_lib.open_directory(tmp_path)
 
@@ -47,7 +54,7 @@ def test_pieces_that_do_not_tile_a_tensor_are_named(tmp_path):
 def _single_checkpoint(run):
     model, training = training_state()
     path = ckpt_lib.save_checkpoint(run, 4, model.state_dict(), training)
-    names = [n for n, _ in model.named_parameters()]     # one group, in order
+    names = [n for n, _ in model.named_parameters()]  # one group, in order
     return model, training, path, ckpt_lib.ModelSpec.of(model, names)
 
 
@@ -100,8 +107,9 @@ def test_a_damaged_shard_is_named_and_an_older_checkpoint_used(tmp_path):
     assert "step_00000008" in warnings[0] and "shard-00002" in warnings[0]
 
 
-@pytest.mark.parametrize("name", ["../model.safetensors", "shards/../../x.safetensors", "/etc/passwd",
-                                  "shards/extra.bin"])
+@pytest.mark.parametrize(
+    "name", ["../model.safetensors", "shards/../../x.safetensors", "/etc/passwd", "shards/extra.bin"]
+)
 def test_a_manifest_naming_other_files_is_refused(tmp_path, name):
     """The files of a sharded checkpoint are its training files and shard files named as DCP names
     them, inside `shards/`: a manifest pointing anywhere else is refused before anything is read."""
@@ -138,6 +146,7 @@ def test_a_file_added_to_shards_or_a_linked_checkpoint_is_refused(tmp_path):
     the manifest does not list makes the checkpoint damaged; a checkpoint directory that is a
     symbolic link is not followed."""
     import os
+
     _, _, path, names = _single_checkpoint(tmp_path)
     ckpt_lib.convert_checkpoint(tmp_path, path, "sharded", names, shards=1, report=lambda m: None)
     link = path.parent / "step_00000099"

@@ -1,5 +1,6 @@
 """The multi-process step's gradient path (flat buffer, in-place accumulation) against the plain step, and
 an optimizer resumed from another step mode's state."""
+
 import copy
 
 import pytest
@@ -8,8 +9,17 @@ import torch
 from moeut import MoEUTLM
 from moeut.train.step import FlatGradients, FlatGradientStep, set_optimizer_mode, step_body
 
-CFG = dict(d_model=32, n_layers=4, n_heads=2, ff_n_experts=8, att_n_experts=2, d_head=16, ff_k=2,
-           group_size=2, ff_expert_size=16)
+CFG = dict(
+    d_model=32,
+    n_layers=4,
+    n_heads=2,
+    ff_n_experts=8,
+    att_n_experts=2,
+    d_head=16,
+    ff_k=2,
+    group_size=2,
+    ff_expert_size=16,
+)
 
 
 def make(seed=0):
@@ -57,7 +67,7 @@ def test_resumed_optimizer_runs_in_this_runs_mode_not_the_saving_runs():
     batches = torch.randint(0, 50, (2, 1, 4, 9), generator=torch.Generator().manual_seed(2))
     a, opt_a = make()
     step_body(a, a, opt_a, batches[0], torch.float32, 0.1, 1)
-    saved = copy.deepcopy(opt_a.state_dict())   # not opt_a's live tensors
+    saved = copy.deepcopy(opt_a.state_dict())  # not opt_a's live tensors
     saved["param_groups"][0]["capturable"] = True
     b, opt_b = make()
     b.load_state_dict(a.state_dict())
@@ -65,7 +75,7 @@ def test_resumed_optimizer_runs_in_this_runs_mode_not_the_saving_runs():
     assert opt_b.param_groups[0]["capturable"]
     with pytest.raises(AssertionError, match="capturable"):
         step_body(b, b, opt_b, batches[1], torch.float32, 0.1, 1)
-    b, opt_b = make()   # the refused step left its gradients behind
+    b, opt_b = make()  # the refused step left its gradients behind
     b.load_state_dict(a.state_dict())
     opt_b.load_state_dict(saved)
     set_optimizer_mode(opt_b, fused=False, capturable=False)
