@@ -377,6 +377,8 @@ def train(
         cfg.model, cfg.overrides = source.model, {**source.kwargs, **(cfg.overrides or {})}
     cfg = resolve_defaults(cfg, device.type == "cuda")
     validate_config(cfg, world)
+    if cfg.wandb and rank == 0:  # before anything is read or written, not when the loop starts
+        check_wandb_installed()
     kwargs = model_kwargs(cfg.model, cfg.overrides)
     run_dir = Path(cfg.out)
     per_rank = cfg.batch_size // world
@@ -425,6 +427,13 @@ def train(
     finally:
         if lock is not None:
             lock.release()
+
+
+def check_wandb_installed() -> None:
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ValueError("--wandb needs the wandb package: pip install wandb (or leave --wandb out)") from None
 
 
 def check_device_name(name: str) -> None:

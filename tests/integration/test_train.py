@@ -5,6 +5,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -56,6 +57,14 @@ def test_tensorboard_logs_are_written(corpus, tmp_path):
 
     acc = EventAccumulator(str(out / "tensorboard")).Reload()
     assert "ffn_expert_usage" in acc.Tags()["images"] and "expert_usage_entropy" in acc.Tags()["scalars"]
+
+
+def test_wandb_without_the_package_fails_before_the_run_exists(corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    out = tmp_path / "run"
+    assert main(train_args(corpus, out, tmp_path / "cache", steps=2) + ["--wandb"]) == 2
+    assert "--wandb needs the wandb package" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "cache").exists()
 
 
 def test_wandb_offline_run_holds_the_metrics(corpus, tmp_path, monkeypatch):
