@@ -222,8 +222,8 @@ class Reporter:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                pass
+            except ImportError:  # an optional dependency: say so once, the run goes on
+                say("TensorBoard is not installed (pip install tensorboard): metrics go to metrics.jsonl only")
         self.metrics = open_append(run_dir / "metrics.jsonl", say)
         self.wandb_run = start_wandb(cfg, run_dir, say) if cfg.wandb else None
 
