@@ -20,24 +20,27 @@ def autocast_step_grads(model, x, device_type: str = "cpu"):
     return out.outputs.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def tiny_lm(kind: str):
+TINY_MOEUT = dict(
+    d_model=32,
+    n_layers=4,
+    n_heads=2,
+    ff_n_experts=6,
+    att_n_experts=3,
+    d_head=8,
+    ff_k=2,
+    group_size=2,
+    ff_expert_size=16,
+)
+
+
+def tiny_lm(kind: str, **over):
     """A 4-layer MoEUT (two layers shared twice, 6 FFN experts, 3 attention experts per head) or dense
-    LM over 40 tokens, d_model 32: small enough for whole training steps through the interpreter."""
+    LM over 40 tokens, d_model 32: small enough for whole training steps through the interpreter.
+    `over` replaces MoEUT arguments."""
     from moeut import DenseLM, MoEUTLM
 
     if kind == "moeut":
-        return MoEUTLM(
-            40,
-            d_model=32,
-            n_layers=4,
-            n_heads=2,
-            ff_n_experts=6,
-            att_n_experts=3,
-            d_head=8,
-            ff_k=2,
-            group_size=2,
-            ff_expert_size=16,
-        )
+        return MoEUTLM(40, **{**TINY_MOEUT, **over})
     return DenseLM(40, d_model=32, n_layers=4, n_heads=2, d_ff=64)
 
 

@@ -191,7 +191,7 @@ def check_types(cfg: TrainConfig) -> None:
     """Each setting of the type of its default (a run.json is read as untrusted data)."""
     for f in fields(TrainConfig):
         v = getattr(cfg, f.name)
-        want = type(f.default) if f.default_factory is MISSING else type(f.default_factory())
+        want = type(fields_default(f.name))
         ok = isinstance(v, want) and not (want is int and isinstance(v, bool))
         if want is float:
             ok = isinstance(v, (int, float)) and not isinstance(v, bool)

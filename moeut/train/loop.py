@@ -224,10 +224,10 @@ def set_up(
     model = build_model(cfg.model, vocab, kwargs).to(device)
     backbone = getattr(model, "transformer", model)
     backbone.activation_checkpointing = cfg.activation_checkpointing
-    fsdp = cfg.parallel == "fsdp"
+    fsdp, amp = cfg.parallel == "fsdp", amp_dtype(cfg)
     resume_from, read_own_shards = load_weights(model, resume_from, source, fsdp, say)
     if fsdp:
-        shard_model(model, amp_dtype(cfg), reshard_after_forward=not cfg.fsdp_keep_gathered)
+        shard_model(model, amp, reshard_after_forward=not cfg.fsdp_keep_gathered)
     graphed_steps = cfg.cuda_graph != "off" and not step_graph_blockers(cfg, device)
     fused_adamw = device.type == "cuda" and not fsdp
     opt = torch.optim.AdamW(
@@ -242,7 +242,7 @@ def set_up(
         backbone,
         opt,
         torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
-        amp_dtype(cfg),
+        amp,
         fsdp,
         graphed_steps,
     )
@@ -500,7 +500,7 @@ def train_steps(
             backbone.collect_router_logits = False
     result = {"stopped": False, "step": step, "run_dir": str(run_dir)}
     if rank == 0 or t.fsdp:
-        ppl = validation_perplexity(model, valid_tokens, cfg.context, cfg.eval_windows, cfg.precision == "bf16")
+        ppl = validation_perplexity(model, valid_tokens, cfg.context, cfg.eval_windows, t.amp == torch.bfloat16)
     if rank == 0:
         result["val_ppl"] = ppl
         result["unigram_ppl"] = unigram_perplexity(train_tokens, valid_tokens, tok.vocab_size)

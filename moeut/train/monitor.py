@@ -121,14 +121,19 @@ def progress_line(rec: Dict[str, Any], steps: int, steps_per_second: float) -> s
     )
 
 
-def start_wandb(cfg: TrainConfig, run_dir: Path, say):
-    """A Weights & Biases run for --wandb (its files under the run directory; WANDB_MODE=offline logs
-    without network, `wandb sync` uploads later)."""
+def import_wandb():
+    """The wandb module, or a ValueError naming --wandb (the trainer asks before anything is written)."""
     try:
         import wandb
     except ImportError:
-        raise ValueError("--wandb needs the wandb package: pip install wandb") from None
-    run = wandb.init(
+        raise ValueError("--wandb needs the wandb package: pip install wandb (or leave --wandb out)") from None
+    return wandb
+
+
+def start_wandb(cfg: TrainConfig, run_dir: Path, say):
+    """A Weights & Biases run for --wandb (its files under the run directory; WANDB_MODE=offline logs
+    without network, `wandb sync` uploads later)."""
+    run = import_wandb().init(
         project=cfg.wandb_project,
         name=Path(cfg.out).name,
         dir=str(run_dir),

@@ -40,7 +40,7 @@ from moeut.train.config import MAX_VOCAB, TrainConfig, check_types, lr_lambda, r
 from moeut.train.data import CACHE_FORMAT, Batches, Corpus, tokenize_corpus
 from moeut.train.distributed import barrier, on_rank0, setup_distributed
 from moeut.train.loop import optimizer_parameter_names, set_up, step_graph_blockers, train_steps
-from moeut.train.monitor import startup_summary
+from moeut.train.monitor import import_wandb, startup_summary
 from moeut.train.run_dir import (
     RunLock,
     check_existing_run_dir,
@@ -378,7 +378,7 @@ def train(
     cfg = resolve_defaults(cfg, device.type == "cuda")
     validate_config(cfg, world)
     if cfg.wandb and rank == 0:  # before anything is read or written, not when the loop starts
-        check_wandb_installed()
+        import_wandb()
     kwargs = model_kwargs(cfg.model, cfg.overrides)
     run_dir = Path(cfg.out)
     per_rank = cfg.batch_size // world
@@ -427,13 +427,6 @@ def train(
     finally:
         if lock is not None:
             lock.release()
-
-
-def check_wandb_installed() -> None:
-    try:
-        import wandb  # noqa: F401
-    except ImportError:
-        raise ValueError("--wandb needs the wandb package: pip install wandb (or leave --wandb out)") from None
 
 
 def check_device_name(name: str) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeut import MoEUTLM
+from tests.helpers import tiny_lm
 
 pytestmark = pytest.mark.skipif(
     shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler"
@@ -26,18 +26,7 @@ def _step(model, x, run=None):
 
 def test_compiled_training_step_matches_eager():
     torch.manual_seed(0)
-    model = MoEUTLM(
-        40,
-        d_model=32,
-        n_layers=4,
-        n_heads=2,
-        ff_n_experts=6,
-        att_n_experts=3,
-        d_head=8,
-        ff_k=2,
-        group_size=2,
-        ff_expert_size=16,
-    ).train()
+    model = tiny_lm("moeut").train()
     x = torch.randint(0, 40, (2, 8))
     loss_eager, grads_eager = _step(model, x)
     torch._dynamo.reset()

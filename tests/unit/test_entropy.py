@@ -69,24 +69,10 @@ def test_prob_sum_uses_many_programs_and_sums_them_in_a_fixed_order():
 def test_regularised_step_through_the_kernels_matches_pytorch(monkeypatch):
     """A MoEUT training step under bf16 autocast with the regulariser's kernels (interpreted) gives the
     reg loss and every gradient of the PyTorch form."""
-    from moeut import MoEUTLM
-    from tests.helpers import autocast_step_grads
+    from tests.helpers import autocast_step_grads, tiny_lm
 
     torch.manual_seed(0)
-    model = MoEUTLM(
-        40,
-        d_model=32,
-        n_layers=4,
-        n_heads=2,
-        ff_n_experts=6,
-        att_n_experts=3,
-        d_head=8,
-        ff_k=2,
-        group_size=2,
-        ff_expert_size=16,
-        entropy_reg=0.5,
-        att_entropy_reg=0.3,
-    ).train()
+    model = tiny_lm("moeut", entropy_reg=0.5, att_entropy_reg=0.3).train()
     x = torch.randint(0, 40, (2, 8))
     calls = []
     monkeypatch.setattr(routing, "use_fused", lambda t, switch=None: False)

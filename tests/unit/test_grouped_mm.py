@@ -249,24 +249,12 @@ def test_shared_weights_through_the_kernels_match_per_application(monkeypatch):
     kernel, against casting per application and summing with autograd. One application per launch
     (defer 1) gives the same fp32 sums bit for bit; deferred applications (three per weight here)
     are summed in one launch, in a different order: equal to fp32 rounding."""
-    from moeut import MoEUTLM
     from moeut.settings import settings
-    from tests.helpers import autocast_step_grads, switch_kernels
+    from tests.helpers import autocast_step_grads, switch_kernels, tiny_lm
 
     switch_kernels(monkeypatch, lambda t, switch=None: switch is None)  # kernels, interpreted
     torch.manual_seed(0)
-    model = MoEUTLM(
-        40,
-        d_model=32,
-        n_layers=6,
-        n_heads=2,
-        ff_n_experts=6,
-        att_n_experts=3,
-        d_head=8,
-        ff_k=2,
-        group_size=2,
-        ff_expert_size=16,
-    ).train()
+    model = tiny_lm("moeut", n_layers=6).train()
     x = torch.randint(0, 40, (2, 8))
     monkeypatch.setattr(settings, "wgrad_defer", 0)
     _, want = autocast_step_grads(model, x)
