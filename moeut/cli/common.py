@@ -94,3 +94,12 @@ def read_prompts(path: str):
     if not prompts:
         raise ValueError(f"--prompt-file {path} holds no prompt (one per non-empty line)")
     return prompts
+
+
+def add_device_argument(p) -> None:
+    p.add_argument(
+        "--device",
+        default="auto",
+        metavar="auto|cpu|cuda|cuda:N",
+        help="where to run (default auto: the GPU when there is one)",
+    )

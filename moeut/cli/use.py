@@ -9,6 +9,7 @@ from moeut.cli.common import (
     NON_NEGATIVE,
     POSITIVE,
     add_debug,
+    add_device_argument,
     add_run_argument,
     device_argument,
     float_range,
@@ -38,12 +39,7 @@ def add_generate(sub):
         help="nucleus sampling threshold in (0, 1] (default 1: off)",
     )
     p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="sampling seed: the same seed repeats its text")
-    p.add_argument(
-        "--device",
-        default="auto",
-        metavar="auto|cpu|cuda|cuda:N",
-        help="where to run (default auto: the GPU when there is one)",
-    )
+    add_device_argument(p)
     p.add_argument(
         "--compile",
         action="store_true",
@@ -132,12 +128,7 @@ def add_eval(sub):
         help="write the scores (with standard errors), item counts, the checkpoint and its "
         "step, --limit and the protocol here",
     )
-    p.add_argument(
-        "--device",
-        default="auto",
-        metavar="auto|cpu|cuda|cuda:N",
-        help="where to run (default auto: the GPU when there is one)",
-    )
+    add_device_argument(p)
     add_debug(p)
     p.set_defaults(func=cmd_eval)
 
@@ -262,12 +253,7 @@ def add_analyze(sub):
         "--compare", default=None, metavar="RUN", help="a second run (e.g. the dense baseline) to draw beside"
     )
     p.add_argument("--out", required=True, metavar="DIR", help="where the figures and analysis.json go")
-    p.add_argument(
-        "--device",
-        default="auto",
-        metavar="auto|cpu|cuda|cuda:N",
-        help="where to run (default auto: the GPU when there is one)",
-    )
+    add_device_argument(p)
     add_debug(p)
     p.set_defaults(func=cmd_analyze)
 
